@@ -1,0 +1,427 @@
+//! [`Group`]: a communicator over a subset of a link's ranks.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
+
+use crate::reduce;
+
+/// How long a rank that gave up waits for the other ranks' failure reports before it
+/// names a culprit. Every failure is reported at most this long after its deadline.
+pub const BLAME_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A communicator: a set of the link's ranks (the world, or a `split` of it) that run
+/// collectives together. Errors name peers by their rank in the link's world.
+pub struct Group {
+    link: Arc<dyn Link>,
+    /// Group rank -> link rank.
+    members: Arc<[usize]>,
+    rank: usize,
+    context: u32,
+    splits: AtomicU32,
+    poisoned: Mutex<Option<String>>,
+    /// The link rank of the last receive's peer, for [`Group::blame`].
+    waiting_on: AtomicUsize,
+}
+
+impl Group {
+    /// The whole world of `link`.
+    pub fn world(link: Arc<dyn Link>) -> Group {
+        let members: Arc<[usize]> = (0..link.world_size()).collect();
+        let rank = link.rank();
+        Group::new(link, members, rank, 0)
+    }
+
+    fn new(link: Arc<dyn Link>, members: Arc<[usize]>, rank: usize, context: u32) -> Group {
+        Group {
+            link,
+            members,
+            rank,
+            context,
+            splits: AtomicU32::new(0),
+            poisoned: Mutex::new(None),
+            waiting_on: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// The link this group talks over.
+    pub fn link(&self) -> &Arc<dyn Link> {
+        &self.link
+    }
+
+    /// This group's members as link ranks, in group-rank order.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn tag(&self, class: TagClass, value: u32) -> Tag {
+        Tag::new(self.context, class, value)
+    }
+
+    fn send_to(
+        &self,
+        peer: usize,
+        class: TagClass,
+        value: u32,
+        data: &[u8],
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        self.link.send(self.members[peer], self.tag(class, value), data, dl)
+    }
+
+    fn recv_from(
+        &self,
+        peer: usize,
+        class: TagClass,
+        value: u32,
+        dl: Deadline,
+    ) -> Result<Vec<u8>, CommError> {
+        self.waiting_on.store(self.members[peer], Ordering::Relaxed);
+        self.link.recv(self.members[peer], self.tag(class, value), dl)
+    }
+
+    /// Receive exactly `len` bytes, or fail naming the sender.
+    fn recv_exact(
+        &self,
+        peer: usize,
+        class: TagClass,
+        value: u32,
+        len: usize,
+        dl: Deadline,
+    ) -> Result<Vec<u8>, CommError> {
+        let msg = self.recv_from(peer, class, value, dl)?;
+        if msg.len() != len {
+            return Err(CommError::Protocol {
+                op: Op::Recv,
+                peer: self.members[peer],
+                detail: format!("expected {len} bytes, got {}", msg.len()),
+            });
+        }
+        Ok(msg)
+    }
+
+    /// Runs one operation: refuses when poisoned, and on failure poisons the group and
+    /// tells the world whom to blame, so that no other rank waits for its deadline on a
+    /// collective that can no longer complete.
+    fn guarded<T>(&self, op: Op, f: impl FnOnce() -> Result<T, CommError>) -> Result<T, CommError> {
+        if let Some(cause) = self.poisoned.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Err(CommError::Poisoned { op, cause });
+        }
+        f().map_err(|e| {
+            let e = e.within(op);
+            if matches!(e, CommError::InvalidArgument { .. } | CommError::Unsupported { .. }) {
+                return e; // caller's mistake, made the same on every rank: nothing sent
+            }
+            let e = self.blame(e);
+            *self.poisoned.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            e
+        })
+    }
+
+    /// Finds the rank at the root of a failure. A timeout blames the peer waited on,
+    /// but that peer may itself be waiting on a silent rank. So every rank that gives
+    /// up reports whom it was waiting on ([`Link::abort`], which also wakes every
+    /// other rank), waits [`BLAME_GRACE`] for the others' reports, then follows the
+    /// chain of reports to a rank that reported nothing: the one that stopped. A death
+    /// the transport saw is taken as it is. In a cycle of waits (a lost message) the
+    /// direct blame stands.
+    fn blame(&self, e: CommError) -> CommError {
+        let waited = self.waiting_on.load(Ordering::Relaxed);
+        let direct = match &e {
+            CommError::Timeout { peer, .. } | CommError::PeerFailed { peer, .. } => *peer,
+            CommError::Aborted { .. } if waited != usize::MAX => waited,
+            CommError::Aborted { peer, .. } => *peer,
+            CommError::Protocol { peer, .. } => {
+                self.link.abort(*peer, &e.to_string());
+                return e;
+            }
+            _ => return e,
+        };
+        self.link.abort(direct, &e.to_string());
+        if matches!(e, CommError::PeerFailed { .. }) {
+            return e;
+        }
+        std::thread::sleep(BLAME_GRACE);
+        let reports = self.link.failure_reports();
+        let me = self.link.rank();
+        let mut culprit = direct;
+        let mut seen = vec![me];
+        while let Some(&(_, next)) = reports.iter().find(|(reporter, _)| *reporter == culprit) {
+            seen.push(culprit);
+            if seen.contains(&next) {
+                culprit = direct;
+                break;
+            }
+            culprit = next;
+        }
+        match e {
+            CommError::Timeout { op, waited, .. } if culprit == direct => CommError::Timeout { op, peer: culprit, waited },
+            CommError::Timeout { op, waited, .. } => CommError::PeerFailed {
+                op,
+                peer: culprit,
+                reason: format!("stopped answering (this rank timed out after {waited:?} waiting on rank {direct}, which waited on it)"),
+            },
+            CommError::Aborted { op, .. } => CommError::PeerFailed {
+                op,
+                peer: culprit,
+                reason: format!("stopped answering (found by following the ranks' waits from rank {direct})"),
+            },
+            other => other,
+        }
+    }
+
+    fn check_peer(&self, peer: usize, op: Op) -> Result<(), CommError> {
+        if peer >= self.size() || peer == self.rank {
+            return Err(CommError::InvalidArgument {
+                op,
+                detail: format!("peer {peer} is not another rank of a group of {}", self.size()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Ring reduce-scatter in place: afterwards this rank's block holds the reduction
+    /// of that block over all ranks. `blocks` are byte ranges, one per rank.
+    fn ring_reduce_scatter(
+        &self,
+        buf: &mut [u8],
+        blocks: &[Range<usize>],
+        dtype: DType,
+        op: ReduceOp,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        let n = self.size();
+        let (r, right, left) = (self.rank, (self.rank + 1) % n, (self.rank + n - 1) % n);
+        for s in 0..n - 1 {
+            let send = blocks[(r + 2 * n - s - 1) % n].clone();
+            let recv = blocks[(r + 2 * n - s - 2) % n].clone();
+            self.send_to(right, TagClass::ReduceScatter, s as u32, &buf[send], dl)?;
+            let msg = self.recv_exact(left, TagClass::ReduceScatter, s as u32, recv.len(), dl)?;
+            reduce::combine(&mut buf[recv], &msg, dtype, op);
+        }
+        Ok(())
+    }
+
+    /// Ring allgather in place: each rank starts with its own block filled and ends
+    /// with every block.
+    fn ring_allgather(&self, buf: &mut [u8], blocks: &[Range<usize>], dl: Deadline) -> Result<(), CommError> {
+        let n = self.size();
+        let (r, right, left) = (self.rank, (self.rank + 1) % n, (self.rank + n - 1) % n);
+        for s in 0..n - 1 {
+            let send = blocks[(r + n - s) % n].clone();
+            let recv = blocks[(r + 2 * n - s - 1) % n].clone();
+            self.send_to(right, TagClass::Allgather, s as u32, &buf[send], dl)?;
+            let msg = self.recv_exact(left, TagClass::Allgather, s as u32, recv.len(), dl)?;
+            buf[recv].copy_from_slice(&msg);
+        }
+        Ok(())
+    }
+
+    fn byte_blocks(&self, elems: usize, dtype: DType) -> Vec<Range<usize>> {
+        let sz = dtype.size();
+        (0..self.size())
+            .map(|i| {
+                let c = chunk_range(elems, self.size(), i);
+                c.start * sz..c.end * sz
+            })
+            .collect()
+    }
+
+    fn is_whole_world(&self) -> bool {
+        self.size() == self.link.world_size() && self.members.iter().enumerate().all(|(i, &m)| i == m)
+    }
+}
+
+fn whole_elems(len: usize, dtype: DType, op: Op) -> Result<usize, CommError> {
+    if len % dtype.size() != 0 {
+        return Err(CommError::InvalidArgument {
+            op,
+            detail: format!("{len} bytes is not a whole number of {dtype} elements"),
+        });
+    }
+    Ok(len / dtype.size())
+}
+
+/// A sub-communicator's context: a mix of the parent's and the split's sequence
+/// number, never 0 (the world's). Sibling groups of one split share it safely: their
+/// members are disjoint.
+fn child_context(parent: u32, seq: u32) -> u32 {
+    let mut h = (u64::from(parent) << 32 | u64::from(seq)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 29;
+    let ctx = (h as u32) & ((1 << Tag::CONTEXT_BITS) - 1);
+    if ctx == 0 {
+        1
+    } else {
+        ctx
+    }
+}
+
+impl Communicator for Group {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size()
+    }
+
+    fn send(&self, peer: usize, tag: u32, data: &[u8], dl: Deadline) -> Result<(), CommError> {
+        self.check_peer(peer, Op::Send)?;
+        self.guarded(Op::Send, || self.send_to(peer, TagClass::User, tag, data, dl))
+    }
+
+    fn recv(&self, peer: usize, tag: u32, dl: Deadline) -> Result<Vec<u8>, CommError> {
+        self.check_peer(peer, Op::Recv)?;
+        self.guarded(Op::Recv, || self.recv_from(peer, TagClass::User, tag, dl))
+    }
+
+    fn allreduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, dl: Deadline) -> Result<(), CommError> {
+        let elems = whole_elems(buf.len(), dtype, Op::Allreduce)?;
+        self.guarded(Op::Allreduce, || {
+            let n = self.size();
+            if n == 1 {
+                return Ok(());
+            }
+            if self.is_whole_world() {
+                match self.link.native_allreduce(buf, dtype, op, dl) {
+                    Err(CommError::Unsupported { .. }) => {}
+                    other => return other,
+                }
+            }
+            let blocks = self.byte_blocks(elems, dtype);
+            self.ring_reduce_scatter(buf, &blocks, dtype, op, dl)?;
+            reduce::finish_avg(&mut buf[blocks[self.rank].clone()], dtype, op, n);
+            self.ring_allgather(buf, &blocks, dl)
+        })
+    }
+
+    fn broadcast(&self, buf: &mut [u8], root: usize, dl: Deadline) -> Result<(), CommError> {
+        let n = self.size();
+        if root >= n {
+            return Err(CommError::InvalidArgument {
+                op: Op::Broadcast,
+                detail: format!("root {root} outside a group of {n}"),
+            });
+        }
+        self.guarded(Op::Broadcast, || {
+            // Binomial tree over ranks relative to the root.
+            let v = (self.rank + n - root) % n;
+            let mut mask = 1;
+            while mask < n {
+                if v & mask != 0 {
+                    let parent = (v - mask + root) % n;
+                    let msg = self.recv_exact(parent, TagClass::Broadcast, 0, buf.len(), dl)?;
+                    buf.copy_from_slice(&msg);
+                    break;
+                }
+                mask <<= 1;
+            }
+            mask >>= 1;
+            while mask > 0 {
+                if v + mask < n {
+                    self.send_to((v + mask + root) % n, TagClass::Broadcast, 0, buf, dl)?;
+                }
+                mask >>= 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn allgather(&self, input: &[u8], output: &mut [u8], dl: Deadline) -> Result<(), CommError> {
+        let n = self.size();
+        let len = input.len();
+        if output.len() != len * n {
+            return Err(CommError::InvalidArgument {
+                op: Op::Allgather,
+                detail: format!("output is {} bytes, expected {n} x {len}", output.len()),
+            });
+        }
+        self.guarded(Op::Allgather, || {
+            output[self.rank * len..(self.rank + 1) * len].copy_from_slice(input);
+            let blocks: Vec<_> = (0..n).map(|i| i * len..(i + 1) * len).collect();
+            self.ring_allgather(output, &blocks, dl)
+        })
+    }
+
+    fn reduce_scatter(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        let elems = whole_elems(input.len(), dtype, Op::ReduceScatter)?;
+        let blocks = self.byte_blocks(elems, dtype);
+        let mine = blocks[self.rank].clone();
+        if output.len() != mine.len() {
+            return Err(CommError::InvalidArgument {
+                op: Op::ReduceScatter,
+                detail: format!("output is {} bytes, this rank's chunk is {}", output.len(), mine.len()),
+            });
+        }
+        self.guarded(Op::ReduceScatter, || {
+            let mut work = input.to_vec();
+            self.ring_reduce_scatter(&mut work, &blocks, dtype, op, dl)?;
+            reduce::finish_avg(&mut work[mine.clone()], dtype, op, self.size());
+            output.copy_from_slice(&work[mine]);
+            Ok(())
+        })
+    }
+
+    fn barrier(&self, dl: Deadline) -> Result<(), CommError> {
+        self.guarded(Op::Barrier, || {
+            let n = self.size();
+            let mut dist = 1;
+            let mut round = 0;
+            while dist < n {
+                self.send_to((self.rank + dist) % n, TagClass::Barrier, round, &[], dl)?;
+                self.recv_exact((self.rank + n - dist) % n, TagClass::Barrier, round, 0, dl)?;
+                dist <<= 1;
+                round += 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn split(
+        &self,
+        color: Option<u32>,
+        key: u32,
+        dl: Deadline,
+    ) -> Result<Option<Box<dyn Communicator>>, CommError> {
+        self.guarded(Op::Split, || {
+            let seq = self.splits.fetch_add(1, Ordering::Relaxed);
+            // Everyone learns everyone's (color, key): 1 flag byte, color, key.
+            let mut mine = [0u8; 9];
+            if let Some(c) = color {
+                mine[0] = 1;
+                mine[1..5].copy_from_slice(&c.to_le_bytes());
+            }
+            mine[5..9].copy_from_slice(&key.to_le_bytes());
+            let n = self.size();
+            let mut all = vec![0u8; 9 * n];
+            all[self.rank * 9..(self.rank + 1) * 9].copy_from_slice(&mine);
+            let blocks: Vec<_> = (0..n).map(|i| i * 9..(i + 1) * 9).collect();
+            self.ring_allgather(&mut all, &blocks, dl)?;
+            let Some(color) = color else { return Ok(None) };
+            let mut same: Vec<(u32, usize)> = all
+                .chunks_exact(9)
+                .enumerate()
+                .filter(|(_, e)| e[0] == 1 && e[1..5] == color.to_le_bytes())
+                .map(|(r, e)| (u32::from_le_bytes(e[5..9].try_into().expect("4 bytes")), r))
+                .collect();
+            same.sort_unstable();
+            let members: Arc<[usize]> = same.iter().map(|&(_, r)| self.members[r]).collect();
+            let rank = same.iter().position(|&(_, r)| r == self.rank).expect("own entry present");
+            let ctx = child_context(self.context, seq);
+            Ok(Some(Box::new(Group::new(self.link.clone(), members, rank, ctx)) as Box<dyn Communicator>))
+        })
+    }
+}

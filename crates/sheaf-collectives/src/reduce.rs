@@ -1,0 +1,143 @@
+//! Reduction kernels: combine one buffer of elements into another.
+//!
+//! Buffers are bytes; when they are aligned for the element type (the usual case: they
+//! come from a `Vec<f32>`) the kernel runs over typed slices the compiler vectorises,
+//! otherwise it falls back to unaligned loads.
+
+use bytemuck::Pod;
+use half::{bf16, f16};
+use sheaf_core::{DType, ReduceOp};
+
+trait Elem: Pod {
+    fn combine(self, other: Self, op: ReduceOp) -> Self;
+    fn scale(self, by: f64) -> Self;
+}
+
+macro_rules! float_elem {
+    ($t:ty) => {
+        impl Elem for $t {
+            #[inline(always)]
+            fn combine(self, other: Self, op: ReduceOp) -> Self {
+                match op {
+                    ReduceOp::Max => self.max(other),
+                    ReduceOp::Min => self.min(other),
+                    // Avg sums here and is divided once at the end.
+                    _ => self + other,
+                }
+            }
+            #[inline(always)]
+            fn scale(self, by: f64) -> Self {
+                (f64::from(self) * by) as $t
+            }
+        }
+    };
+}
+float_elem!(f32);
+float_elem!(f64);
+
+macro_rules! half_elem {
+    ($t:ty) => {
+        impl Elem for $t {
+            #[inline(always)]
+            fn combine(self, other: Self, op: ReduceOp) -> Self {
+                <$t>::from_f32(self.to_f32().combine(other.to_f32(), op))
+            }
+            #[inline(always)]
+            fn scale(self, by: f64) -> Self {
+                <$t>::from_f64(self.to_f64() * by)
+            }
+        }
+    };
+}
+half_elem!(bf16);
+half_elem!(f16);
+
+fn combine_typed<T: Elem>(acc: &mut [u8], src: &[u8], op: ReduceOp) {
+    match (bytemuck::try_cast_slice_mut::<u8, T>(acc), bytemuck::try_cast_slice::<u8, T>(src)) {
+        (Ok(a), Ok(s)) => match op {
+            // Spelled out per op so each loop is a straight-line vectorisable body.
+            ReduceOp::Sum | ReduceOp::Avg => {
+                a.iter_mut().zip(s).for_each(|(x, y)| *x = x.combine(*y, ReduceOp::Sum))
+            }
+            ReduceOp::Max => a.iter_mut().zip(s).for_each(|(x, y)| *x = x.combine(*y, ReduceOp::Max)),
+            _ => a.iter_mut().zip(s).for_each(|(x, y)| *x = x.combine(*y, op)),
+        },
+        _ => {
+            let n = std::mem::size_of::<T>();
+            for (x, y) in acc.chunks_exact_mut(n).zip(src.chunks_exact(n)) {
+                let v = bytemuck::pod_read_unaligned::<T>(x).combine(bytemuck::pod_read_unaligned(y), op);
+                x.copy_from_slice(bytemuck::bytes_of(&v));
+            }
+        }
+    }
+}
+
+fn scale_typed<T: Elem>(buf: &mut [u8], by: f64) {
+    match bytemuck::try_cast_slice_mut::<u8, T>(buf) {
+        Ok(b) => b.iter_mut().for_each(|x| *x = x.scale(by)),
+        Err(_) => {
+            let n = std::mem::size_of::<T>();
+            for x in buf.chunks_exact_mut(n) {
+                let v = bytemuck::pod_read_unaligned::<T>(x).scale(by);
+                x.copy_from_slice(bytemuck::bytes_of(&v));
+            }
+        }
+    }
+}
+
+/// `acc[i] = op(acc[i], src[i])` for every element. `Avg` sums; finish it with
+/// [`finish_avg`]. Lengths must be equal and whole elements.
+pub fn combine(acc: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {
+    debug_assert_eq!(acc.len(), src.len());
+    match dtype {
+        DType::F32 => combine_typed::<f32>(acc, src, op),
+        DType::F64 => combine_typed::<f64>(acc, src, op),
+        DType::BF16 => combine_typed::<bf16>(acc, src, op),
+        DType::F16 => combine_typed::<f16>(acc, src, op),
+        other => unreachable!("dtype {other} has no reduction kernel"),
+    }
+}
+
+/// Turn a sum over `world` ranks into the average, when `op` is `Avg`.
+pub fn finish_avg(buf: &mut [u8], dtype: DType, op: ReduceOp, world: usize) {
+    if op != ReduceOp::Avg || world == 1 {
+        return;
+    }
+    let by = 1.0 / world as f64;
+    match dtype {
+        DType::F32 => scale_typed::<f32>(buf, by),
+        DType::F64 => scale_typed::<f64>(buf, by),
+        DType::BF16 => scale_typed::<bf16>(buf, by),
+        DType::F16 => scale_typed::<f16>(buf, by),
+        other => unreachable!("dtype {other} has no reduction kernel"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unaligned_and_aligned_agree() {
+        let a: Vec<f32> = (0..33).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..33).map(|i| 10.0 - i as f32).collect();
+        for op in ReduceOp::ALL {
+            let mut aligned = bytemuck::cast_slice::<f32, u8>(&a).to_vec();
+            combine(&mut aligned, bytemuck::cast_slice(&b), DType::F32, op);
+            // Same bytes shifted by one so the f32 view is misaligned.
+            let mut shifted = vec![0u8; aligned.len() + 1];
+            shifted[1..].copy_from_slice(bytemuck::cast_slice(&a));
+            let mut src = vec![0u8; aligned.len() + 1];
+            src[1..].copy_from_slice(bytemuck::cast_slice(&b));
+            combine(&mut shifted[1..], &src[1..], DType::F32, op);
+            assert_eq!(&shifted[1..], &aligned[..], "{op}");
+        }
+    }
+
+    #[test]
+    fn avg_divides_once() {
+        let mut buf = bytemuck::cast_slice::<f32, u8>(&[6.0f32, 9.0]).to_vec();
+        finish_avg(&mut buf, DType::F32, ReduceOp::Avg, 3);
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&buf), &[2.0, 3.0]);
+    }
+}

@@ -1,0 +1,145 @@
+//! Compute: models described as data, built by a backend, trained through a flat
+//! parameter buffer.
+//!
+//! Parameters and gradients cross this interface as one flat `f32` buffer in
+//! [`ParamLayout`] order: a data-parallel strategy allreduces it (or buckets of it)
+//! without knowing the model, a sharded optimizer slices it, and a checkpoint names its
+//! pieces. A backend keeps its own tensors (on a GPU, say) and copies at the boundary.
+
+use std::ops::Range;
+
+use crate::{Error, Result};
+
+/// Nonlinearity between hidden layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Activation {
+    Relu,
+    Tanh,
+}
+
+/// A multilayer perceptron: `layers[0]` inputs, `layers.last()` classes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub layers: Vec<usize>,
+    pub activation: Activation,
+}
+
+impl ModelSpec {
+    pub fn mlp(layers: Vec<usize>) -> ModelSpec {
+        ModelSpec { layers, activation: Activation::Relu }
+    }
+
+    /// Checks the spec: at least an input and an output width, none of them zero.
+    pub fn validate(&self) -> Result<()> {
+        if self.layers.len() < 2 {
+            return Err(Error::config("model.layers", "needs at least an input and an output width"));
+        }
+        if let Some(i) = self.layers.iter().position(|&w| w == 0) {
+            return Err(Error::config("model.layers", format!("width {i} is zero")));
+        }
+        Ok(())
+    }
+
+    /// `layers.{i}.weight` (`[out, in]`) then `layers.{i}.bias` (`[out]`) per layer.
+    pub fn layout(&self) -> ParamLayout {
+        let specs = self
+            .layers
+            .windows(2)
+            .enumerate()
+            .flat_map(|(i, w)| {
+                [
+                    ParamSpec { name: format!("layers.{i}.weight"), shape: vec![w[1], w[0]] },
+                    ParamSpec { name: format!("layers.{i}.bias"), shape: vec![w[1]] },
+                ]
+            })
+            .collect();
+        ParamLayout::new(specs)
+    }
+}
+
+/// A named parameter and its shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Where each named parameter sits in the flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamLayout {
+    specs: Vec<ParamSpec>,
+    offsets: Vec<usize>,
+    total: usize,
+}
+
+impl ParamLayout {
+    pub fn new(specs: Vec<ParamSpec>) -> ParamLayout {
+        let mut offsets = Vec::with_capacity(specs.len());
+        let mut total = 0;
+        for s in &specs {
+            offsets.push(total);
+            total += s.numel();
+        }
+        ParamLayout { specs, offsets, total }
+    }
+
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    /// Total number of elements.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// The elements of parameter `i` in the flat buffer.
+    pub fn range(&self, i: usize) -> Range<usize> {
+        self.offsets[i]..self.offsets[i] + self.specs[i].numel()
+    }
+}
+
+/// A batch of samples: `inputs` is row-major `[labels.len(), input_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    pub inputs: &'a [f32],
+    pub labels: &'a [u32],
+    pub input_dim: usize,
+}
+
+impl Batch<'_> {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// A model instance on some device.
+pub trait Model: Send {
+    fn layout(&self) -> &ParamLayout;
+    /// Copy the parameters into `out` (length `layout().total()`).
+    fn read_params(&self, out: &mut [f32]) -> Result<()>;
+    /// Replace the parameters with `src` (length `layout().total()`).
+    fn write_params(&mut self, src: &[f32]) -> Result<()>;
+    /// Forward and backward on `batch`: returns the mean loss and writes its gradient
+    /// with respect to every parameter into `grads`.
+    fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32>;
+    /// Summed loss and number of correct predictions on `batch`, without gradients.
+    fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)>;
+}
+
+/// Builds models on a device (`"cpu"`, `"cuda:0"`).
+pub trait ComputeBackend: Send + Sync {
+    fn device(&self) -> &str;
+    /// A model with parameters initialised deterministically from `seed`.
+    fn build_model(&self, spec: &ModelSpec, seed: u64) -> Result<Box<dyn Model>>;
+}

@@ -1,0 +1,27 @@
+//! Sheaf's vocabulary: the traits and plain data that every other crate speaks.
+//!
+//! The key design decision is what this crate does *not* contain: no I/O, no async
+//! runtime, no candle, no ZeroMQ, no abi_stable. Transports, compute backends and
+//! strategies live in plugins; the FFI-safe mirror of these traits lives in `sheaf-abi`.
+//! Everything that can block takes a [`Deadline`] and fails with a typed [`CommError`]
+//! naming the operation and the peer rank.
+
+mod comm;
+mod compute;
+mod deadline;
+mod dtype;
+mod error;
+mod optim;
+mod partition;
+mod plugin;
+mod strategy;
+
+pub use comm::{chunk_range, Communicator, Link, Tag, TagClass, MAX_USER_TAG};
+pub use compute::{Activation, Batch, ComputeBackend, Model, ModelSpec, ParamLayout, ParamSpec};
+pub use deadline::Deadline;
+pub use dtype::{DType, ReduceOp};
+pub use error::{CommError, Error, Op, Result};
+pub use optim::{OptimState, Optimizer, Param};
+pub use partition::{DataPartitioner, ModelPartitioner};
+pub use plugin::{PluginKind, Provided};
+pub use strategy::{MetricsSink, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary};

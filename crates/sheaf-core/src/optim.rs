@@ -1,0 +1,44 @@
+//! Optimizers: a step over named parameter buffers, with state that can be saved.
+
+use crate::Result;
+
+/// One parameter buffer and its gradient, by name. The name keys the optimizer's
+/// state, so the same parameter must keep the same name from step to step. A
+/// ZeRO-style sharded optimizer passes the shard it owns under a name of its own.
+#[derive(Debug)]
+pub struct Param<'a> {
+    pub name: &'a str,
+    pub value: &'a mut [f32],
+    pub grad: &'a [f32],
+}
+
+/// Optimizer state: a step count and named buffers (`"<param>.<slot>"`, for example
+/// `"layers.0.weight.exp_avg"`), enough to resume bit-for-bit.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OptimState {
+    pub step: u64,
+    pub buffers: Vec<(String, Vec<f32>)>,
+}
+
+impl OptimState {
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        self.buffers.iter().find(|(n, _)| n == name).map(|(_, b)| b.as_slice())
+    }
+}
+
+/// Updates parameters from gradients.
+pub trait Optimizer: Send {
+    /// Apply one update to every parameter. `value` and `grad` of each have equal
+    /// lengths; a parameter seen before must keep its length.
+    fn step(&mut self, params: &mut [Param<'_>]) -> Result<()>;
+
+    fn learning_rate(&self) -> f64;
+
+    /// Change the learning rate (schedules call this between steps).
+    fn set_learning_rate(&mut self, lr: f64);
+
+    fn state(&self) -> OptimState;
+
+    /// Restore state saved by [`Optimizer::state`] of the same kind of optimizer.
+    fn load_state(&mut self, state: &OptimState) -> Result<()>;
+}

@@ -1,0 +1,52 @@
+//! Test support for Sheaf: an in-process transport, fault injection, and the
+//! conformance suite.
+//!
+//! The in-process transport ([`InProcWorld`]) runs every rank as a thread over shared
+//! queues. It is for unit and property tests, beside (never instead of) the real
+//! transports. The conformance suite ([`conformance`]) states the laws every
+//! communicator, optimizer and partitioner must obey as functions a test can call on
+//! any implementation, including one loaded from a third party's `.so`; collective
+//! checks derive every rank's input from a seed so each rank can verify its own
+//! result, which is what lets them run across real processes too.
+
+pub mod conformance;
+mod fault;
+mod inproc;
+
+pub use fault::{Fault, FaultyLink, Kill};
+pub use inproc::{InProcLink, InProcWorld};
+
+use std::sync::Arc;
+
+use sheaf_collectives::Group;
+use sheaf_core::Link;
+
+/// Runs `f` on every rank of a fresh in-process world of `n`, one thread per rank, and
+/// returns each rank's result in rank order.
+pub fn run_world<T: Send>(n: usize, f: impl Fn(Group) -> T + Sync) -> Vec<T> {
+    run_links(InProcWorld::new(n).links().into_iter().map(|l| Arc::new(l) as Arc<dyn Link>).collect(), f)
+}
+
+/// Runs `f` on a world communicator over each of `links`, one thread per rank.
+pub fn run_links<T: Send>(links: Vec<Arc<dyn Link>>, f: impl Fn(Group) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = links
+            .into_iter()
+            .map(|link| {
+                let f = &f;
+                s.spawn(move || f(Group::world(link)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    })
+}
+
+/// Views `f32`s as bytes, for calling byte-level collectives from tests.
+pub fn f32_bytes(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+/// Copies bytes into `f32`s, whatever their alignment.
+pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect()
+}

@@ -1,0 +1,170 @@
+//! Fault injection: a rank that dies or stops answering mid-collective makes every
+//! other rank return an error naming it, before its deadline; no rank hangs and no
+//! rank returns wrong data.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use sheaf_collectives::BLAME_GRACE;
+use sheaf_core::{CommError, Communicator, DType, Deadline, Link, ReduceOp};
+use sheaf_testkit::conformance::collectives::{self as laws, Case};
+use sheaf_testkit::{run_links, Fault, FaultyLink, InProcWorld};
+
+#[derive(Clone, Copy, Debug)]
+enum Coll {
+    Allreduce,
+    Allgather,
+    Broadcast,
+    Barrier,
+}
+
+fn run_coll(c: &dyn Communicator, coll: Coll, case: &Case, dl: Deadline) -> Result<(), String> {
+    match coll {
+        Coll::Allreduce => laws::check_allreduce(c, case, dl),
+        Coll::Allgather => laws::check_allgather(c, case, dl),
+        Coll::Broadcast => laws::check_broadcast(c, case, dl),
+        Coll::Barrier => laws::check_barrier(c, dl),
+    }
+}
+
+/// Runs `coll` with `fault` on `victim`; returns each survivor's outcome and time.
+fn with_fault(
+    n: usize,
+    victim: usize,
+    fault: Fault,
+    coll: Coll,
+    case: &Case,
+    timeout: Duration,
+) -> Vec<(usize, Result<(), String>, Duration)> {
+    let links: Vec<Arc<dyn Link>> = InProcWorld::new(n)
+        .links()
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let faults = if r == victim { vec![fault.clone()] } else { vec![] };
+            Arc::new(FaultyLink::new(l, faults)) as Arc<dyn Link>
+        })
+        .collect();
+    let results = run_links(links, |g| {
+        let start = Instant::now();
+        let res = run_coll(&g, coll, case, Deadline::after(timeout));
+        (g.rank(), res, start.elapsed())
+    });
+    results.into_iter().filter(|(r, _, _)| *r != victim).collect()
+}
+
+fn coll() -> impl Strategy<Value = Coll> {
+    prop::sample::select(vec![Coll::Allreduce, Coll::Allgather, Coll::Broadcast, Coll::Barrier])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// A rank that dies at any of its sends: every survivor either finished with the
+    /// correct result (it needed nothing more from the victim) or fails naming the
+    /// victim, well before its deadline; at least one survivor fails unless the victim
+    /// had nothing left to send.
+    #[test]
+    fn killed_rank_is_named_by_every_failing_survivor(n in 2usize..=8, victim_seed in any::<usize>(), at in 0usize..16, coll in coll(), len in 0usize..2000, seed in any::<u64>()) {
+        let victim = victim_seed % n;
+        let case = Case { seed, len, dtype: DType::F32, op: ReduceOp::Sum, root: seed as usize };
+        let timeout = Duration::from_secs(20);
+        let outcomes = with_fault(n, victim, Fault::KillAtSend(at), coll, &case, timeout);
+        for (rank, res, took) in &outcomes {
+            prop_assert!(*took < timeout, "rank {rank} took {took:?}");
+            if let Err(e) = res {
+                prop_assert!(e.contains(&format!("rank {victim} ")), "rank {rank} blamed the wrong rank: {e}");
+            }
+        }
+    }
+}
+
+/// A rank that stops answering: the ranks that wait on it time out at their deadline
+/// and name it; the others learn of it through the abort and name it too.
+#[test]
+fn stalled_rank_is_named_within_the_deadline() {
+    for n in [2, 3, 5, 8] {
+        for victim in [0, n - 1] {
+            let case = Case { seed: 3, len: 1000, dtype: DType::F32, op: ReduceOp::Sum, root: 0 };
+            let timeout = Duration::from_millis(300);
+            let outcomes = with_fault(
+                n,
+                victim,
+                Fault::StallAtSend(1, Duration::from_secs(2)),
+                Coll::Allreduce,
+                &case,
+                timeout,
+            );
+            for (rank, res, took) in outcomes {
+                let e = res.expect_err("a survivor completed an allreduce its victim never finished");
+                assert!(e.contains(&format!("rank {victim}")), "n={n} rank {rank}: {e}");
+                assert!(
+                    took < timeout + BLAME_GRACE + Duration::from_millis(200),
+                    "n={n} rank {rank} took {took:?}"
+                );
+            }
+        }
+    }
+}
+
+/// A killed rank in an allreduce: all-to-all dependence means every survivor fails.
+#[test]
+fn killed_rank_fails_every_allreduce_survivor() {
+    for n in 2..=8 {
+        let case = Case { seed: 9, len: 4096, dtype: DType::F32, op: ReduceOp::Sum, root: 0 };
+        let outcomes =
+            with_fault(n, 1, Fault::KillAtSend(0), Coll::Allreduce, &case, Duration::from_secs(20));
+        for (rank, res, took) in outcomes {
+            let e = res.expect_err("survivor completed");
+            assert!(e.contains("rank 1 failed"), "rank {rank}: {e}");
+            assert!(took < Duration::from_secs(1), "rank {rank} took {took:?}");
+        }
+    }
+}
+
+/// Delays slow things down but never change the result.
+#[test]
+fn delayed_sends_give_the_same_result() {
+    let case = Case { seed: 4, len: 777, dtype: DType::BF16, op: ReduceOp::Avg, root: 2 };
+    let outcomes = with_fault(
+        4,
+        2,
+        Fault::DelaySends(Duration::from_millis(5)),
+        Coll::Allreduce,
+        &case,
+        Duration::from_secs(20),
+    );
+    assert!(outcomes.iter().all(|(_, r, _)| r.is_ok()), "{outcomes:?}");
+}
+
+/// A lost message is never silently papered over: the receiver times out naming the
+/// sender, every rank fails, and the group refuses further work. (The other ranks wait
+/// on each other in a cycle, so which rank they name is not pinned down.)
+#[test]
+fn dropped_message_is_a_timeout_naming_the_sender_then_poisoned() {
+    let links: Vec<Arc<dyn Link>> = InProcWorld::new(3)
+        .links()
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            Arc::new(FaultyLink::new(l, if r == 0 { vec![Fault::DropSend(0)] } else { vec![] }))
+                as Arc<dyn Link>
+        })
+        .collect();
+    let results = run_links(links, |g| {
+        let mut buf = vec![0u8; 64];
+        let first =
+            g.allreduce(&mut buf, DType::F32, ReduceOp::Sum, Deadline::after(Duration::from_millis(300)));
+        let second = g.barrier(Deadline::after(Duration::from_millis(300)));
+        (first, second)
+    });
+    // Rank 1 receives from rank 0 first in the ring: it must name rank 0.
+    let (first, second) = &results[1];
+    assert_eq!(first.as_ref().err().and_then(CommError::peer), Some(0), "{first:?}");
+    assert!(matches!(second, Err(CommError::Poisoned { .. })), "{second:?}");
+    for (rank, (first, second)) in results.iter().enumerate() {
+        assert!(first.as_ref().err().and_then(CommError::peer).is_some(), "rank {rank}: {first:?}");
+        assert!(matches!(second, Err(CommError::Poisoned { .. })), "rank {rank}: {second:?}");
+    }
+}

@@ -1,0 +1,146 @@
+//! Property tests of the collectives over the in-process transport: every collective
+//! equals its naive definition, allreduce equals reduce-scatter then allgather, a
+//! sub-communicator behaves like a world of its size, and a rank that dies or stalls
+//! mid-collective makes every other rank fail in time, naming it.
+
+mod faults;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use sheaf_core::{DType, Deadline, ReduceOp};
+use sheaf_testkit::conformance::collectives::{self as laws, Case};
+use sheaf_testkit::run_world;
+
+fn dtype() -> impl Strategy<Value = DType> {
+    prop::sample::select(DType::ALL.to_vec())
+}
+
+fn reduce_op() -> impl Strategy<Value = ReduceOp> {
+    prop::sample::select(ReduceOp::ALL.to_vec())
+}
+
+/// Lengths 0 to 10,000, weighted towards the edge cases below the world size.
+fn length() -> impl Strategy<Value = usize> {
+    prop_oneof![0usize..10, 10usize..300, 300usize..=10_000]
+}
+
+fn case() -> impl Strategy<Value = (usize, Case)> {
+    (1usize..=8, any::<u64>(), length(), dtype(), reduce_op(), 0usize..8)
+        .prop_map(|(n, seed, len, dtype, op, root)| (n, Case { seed, len, dtype, op, root }))
+}
+
+fn deadline() -> Deadline {
+    Deadline::after(Duration::from_secs(30))
+}
+
+/// Runs a law on every rank of an in-process world and fails with every rank's error.
+fn on_world(
+    n: usize,
+    law: impl Fn(&dyn sheaf_core::Communicator) -> Result<(), String> + Sync,
+) -> Result<(), TestCaseError> {
+    let results = run_world(n, |g| law(&g));
+    let errors: Vec<String> = results
+        .into_iter()
+        .enumerate()
+        .filter_map(|(r, res)| res.err().map(|e| format!("rank {r}: {e}")))
+        .collect();
+    prop_assert!(errors.is_empty(), "{}", errors.join("\n"));
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn allreduce_equals_naive((n, case) in case()) {
+        on_world(n, |c| laws::check_allreduce(c, &case, deadline()))?;
+    }
+
+    #[test]
+    fn broadcast_from_any_root_equals_naive((n, case) in case()) {
+        on_world(n, |c| laws::check_broadcast(c, &case, deadline()))?;
+    }
+
+    #[test]
+    fn allgather_equals_naive((n, case) in case()) {
+        on_world(n, |c| laws::check_allgather(c, &case, deadline()))?;
+    }
+
+    #[test]
+    fn reduce_scatter_equals_naive((n, case) in case()) {
+        on_world(n, |c| laws::check_reduce_scatter(c, &case, deadline()))?;
+    }
+
+    #[test]
+    fn allreduce_is_reduce_scatter_then_allgather((n, case) in case()) {
+        on_world(n, |c| laws::check_allreduce_is_reduce_scatter_then_allgather(c, &case, deadline()))?;
+    }
+
+    #[test]
+    fn send_recv_keeps_order_per_tag((n, case) in case()) {
+        on_world(n, |c| laws::check_send_recv(c, &case, deadline()))?;
+    }
+
+    #[test]
+    fn sub_communicator_equals_world_of_its_size((n, case) in case()) {
+        on_world(n, |c| laws::check_split(c, &case, deadline()))?;
+    }
+
+    /// No rank leaves the barrier before every rank has entered it.
+    #[test]
+    fn barrier_waits_for_everyone(n in 1usize..=8, rounds in 1usize..4) {
+        let entered = AtomicUsize::new(0);
+        on_world(n, |c| {
+            for round in 0..rounds {
+                entered.fetch_add(1, Ordering::SeqCst);
+                c.barrier(deadline()).map_err(|e| e.to_string())?;
+                let seen = entered.load(Ordering::SeqCst);
+                if seen < (round + 1) * n {
+                    return Err(format!("left barrier {round} after only {seen} entries"));
+                }
+                c.barrier(deadline()).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })?;
+    }
+}
+
+/// Arbitrary (non-integer) floats: ring order differs from the naive order, so f32
+/// agrees within rounding, and every rank gets identical bytes.
+#[test]
+fn allreduce_of_arbitrary_floats_is_close_and_identical_on_all_ranks() {
+    use sheaf_testkit::conformance::SplitMix;
+    for n in 1..=8 {
+        let len = 1000 + n;
+        let inputs: Vec<Vec<f32>> = (0..n)
+            .map(|r| {
+                let mut g = SplitMix::new(r as u64);
+                (0..len).map(|_| g.next_f32() * 1e3).collect()
+            })
+            .collect();
+        let results = run_world(n, |g| {
+            let mut buf = sheaf_testkit::f32_bytes(&inputs[sheaf_core::Communicator::rank(&g)]).to_vec();
+            sheaf_core::Communicator::allreduce(&g, &mut buf, DType::F32, ReduceOp::Sum, deadline()).unwrap();
+            buf
+        });
+        for r in &results {
+            assert_eq!(r, &results[0], "ranks disagree at world {n}");
+        }
+        let got = sheaf_testkit::bytes_f32(&results[0]);
+        for i in 0..len {
+            let want: f64 = inputs.iter().map(|v| f64::from(v[i])).sum();
+            assert!((f64::from(got[i]) - want).abs() <= 1e-3, "element {i}: {} vs {want}", got[i]);
+        }
+    }
+}
+
+#[test]
+fn world_of_one_and_empty_buffers() {
+    let case = Case { seed: 1, len: 0, dtype: DType::F32, op: ReduceOp::Avg, root: 0 };
+    for n in [1, 3] {
+        let results = run_world(n, |g| laws::check_all(&g, &case, deadline()));
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+}
