@@ -89,7 +89,9 @@ impl From<Error> for AbiError {
         match e {
             Error::Comm(c) => c.into(),
             Error::InvalidArgument(m) => simple(INVALID_ARGUMENT, m),
-            Error::InvalidConfig { key, detail } => AbiError { extra: key.into(), ..simple(INVALID_CONFIG, detail) },
+            Error::InvalidConfig { key, detail } => {
+                AbiError { extra: key.into(), ..simple(INVALID_CONFIG, detail) }
+            }
             Error::Unsupported(m) => simple(UNSUPPORTED, m),
             Error::BadState(m) => simple(BAD_STATE, m),
             Error::Plugin { plugin, detail } => AbiError { extra: plugin.into(), ..simple(PLUGIN, detail) },
@@ -105,7 +107,9 @@ impl AbiError {
         let peer = self.peer.into_option().map(|p| p as usize);
         let message = self.message.into_string();
         match (self.code, peer) {
-            (TIMEOUT, Some(peer)) => CommError::Timeout { op, peer, waited: Duration::from_nanos(self.waited_ns) },
+            (TIMEOUT, Some(peer)) => {
+                CommError::Timeout { op, peer, waited: Duration::from_nanos(self.waited_ns) }
+            }
             (PEER_FAILED, Some(peer)) => CommError::PeerFailed { op, peer, reason: message },
             (PROTOCOL, Some(peer)) => CommError::Protocol { op, peer, detail: message },
             (ABORTED, Some(peer)) => CommError::Aborted { op, peer, reason: message },
@@ -127,7 +131,9 @@ impl From<AbiError> for Error {
     fn from(e: AbiError) -> Error {
         match e.code {
             INVALID_ARGUMENT => Error::InvalidArgument(e.message.into_string()),
-            INVALID_CONFIG => Error::InvalidConfig { key: e.extra.into_string(), detail: e.message.into_string() },
+            INVALID_CONFIG => {
+                Error::InvalidConfig { key: e.extra.into_string(), detail: e.message.into_string() }
+            }
             UNSUPPORTED => Error::Unsupported(e.message.into_string()),
             BAD_STATE => Error::BadState(e.message.into_string()),
             PLUGIN => Error::Plugin { plugin: e.extra.into_string(), detail: e.message.into_string() },

@@ -19,11 +19,11 @@ mod traits;
 pub use adapters::{from_abi, to_abi};
 pub use error::AbiError;
 pub use module::{
-    abi_version_compatible, root_module, AbiProvided, Manifest, Plugin, PluginMod, PluginMod_Ref,
+    abi_version_compatible, root_module, AbiProvided, Manifest, Plugin, PluginMod, PluginModRef,
 };
 pub use traits::{
-    AbiBuf, AbiOptimState, AbiParam, AbiRange, DataPartitionerAbi, DataPartitionerBox, LinkAbi,
-    LinkBox, ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox,
+    AbiBuf, AbiOptimState, AbiParam, AbiRange, DataPartitionerAbi, DataPartitionerBox, LinkAbi, LinkBox,
+    ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox,
 };
 
 #[doc(hidden)]
@@ -42,7 +42,7 @@ pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");
 macro_rules! export_plugin {
     ($plugin:ty) => {
         #[::abi_stable::export_root_module]
-        pub fn sheaf_plugin_root_module() -> $crate::PluginMod_Ref {
+        pub fn sheaf_plugin_root_module() -> $crate::PluginModRef {
             $crate::root_module::<$plugin>()
         }
     };

@@ -2,6 +2,9 @@
 //! panic caught inside the plugin has somewhere to go. Append-only: a new method goes
 //! after the last, and bumps the ABI version.
 
+// The `#[sabi_trait]` expansion implements traits inside a generated const block.
+#![allow(non_local_definitions)]
+
 use abi_stable::sabi_trait;
 use abi_stable::std_types::{RBox, RResult, RSlice, RSliceMut, RStr, RString, RVec};
 use abi_stable::StableAbi;
@@ -72,6 +75,8 @@ pub trait LinkAbi: Send + Sync {
     fn send(&self, peer: u64, tag: u64, data: RSlice<'_, u8>, timeout_ns: u64) -> RResult<(), AbiError>;
     fn recv(&self, peer: u64, tag: u64, timeout_ns: u64) -> RResult<RVec<u8>, AbiError>;
     fn abort(&self, culprit: u64, reason: RStr<'_>) -> RResult<(), AbiError>;
+    /// `(reporter, blamed)` pairs, as `start`/`end` of an [`AbiRange`].
+    fn failure_reports(&self) -> RResult<RVec<AbiRange>, AbiError>;
     fn close(&self, timeout_ns: u64) -> RResult<(), AbiError>;
     #[sabi(last_prefix_field)]
     fn native_allreduce(&self, buf: AbiBuf<'_>, op: u8, timeout_ns: u64) -> RResult<(), AbiError>;

@@ -1,0 +1,144 @@
+//! The optimizers against straightforward f64 references of their update formulas,
+//! over random parameters and gradients, with state saved and restored mid-way; and
+//! the conformance suite, directly and through the plugin ABI adapters.
+
+use proptest::prelude::*;
+use sheaf_core::Optimizer;
+use sheaf_testkit::conformance::optimizer::{self as laws, Problem};
+
+use crate::{new_optimizer, AdamW, AdamWConfig, Sgd, SgdConfig};
+
+/// `torch.optim.SGD`, one parameter, written out plainly.
+fn sgd_reference(c: &SgdConfig, p0: &[f32], grads: &[Vec<f32>]) -> Vec<f64> {
+    let mut p: Vec<f64> = p0.iter().map(|&x| f64::from(x)).collect();
+    let mut buf: Option<Vec<f64>> = None;
+    for g in grads {
+        let g: Vec<f64> = g.iter().zip(&p).map(|(&g, &w)| f64::from(g) + c.weight_decay * w).collect();
+        let d = if c.momentum != 0.0 {
+            let b = match buf.take() {
+                None => g.clone(),
+                Some(b) => b.iter().zip(&g).map(|(b, g)| c.momentum * b + (1.0 - c.dampening) * g).collect(),
+            };
+            let d = if c.nesterov {
+                g.iter().zip(&b).map(|(g, b)| g + c.momentum * b).collect()
+            } else {
+                b.clone()
+            };
+            buf = Some(b);
+            d
+        } else {
+            g
+        };
+        p.iter_mut().zip(&d).for_each(|(w, d)| *w -= c.lr * d);
+    }
+    p
+}
+
+/// `torch.optim.AdamW`, one parameter, written out plainly.
+fn adamw_reference(c: &AdamWConfig, p0: &[f32], grads: &[Vec<f32>]) -> Vec<f64> {
+    let mut p: Vec<f64> = p0.iter().map(|&x| f64::from(x)).collect();
+    let mut m = vec![0.0; p.len()];
+    let mut v = vec![0.0; p.len()];
+    for (t, g) in grads.iter().enumerate() {
+        let t = (t + 1) as i32;
+        for i in 0..p.len() {
+            let g = f64::from(g[i]);
+            p[i] *= 1.0 - c.lr * c.weight_decay;
+            m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * g;
+            v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * g * g;
+            let mhat = m[i] / (1.0 - c.beta1.powi(t));
+            let vhat = v[i] / (1.0 - c.beta2.powi(t));
+            p[i] -= c.lr * mhat / (vhat.sqrt() + c.eps);
+        }
+    }
+    p
+}
+
+/// Runs `steps` steps, saving the state after `split` and continuing in a fresh
+/// optimizer from it, on a single-parameter problem.
+fn run_with_resume(make: &dyn Fn() -> Box<dyn Optimizer>, problem: &Problem, split: usize) -> Vec<f32> {
+    let mut values = problem.values.clone();
+    let mut first = make();
+    laws::run_steps(first.as_mut(), problem, &mut values, 0..split).unwrap();
+    let mut second = make();
+    second.load_state(&first.state()).unwrap();
+    laws::run_steps(second.as_mut(), problem, &mut values, split..problem.grads.len()).unwrap();
+    values.remove(0)
+}
+
+fn assert_close(got: &[f32], want: &[f64]) -> Result<(), TestCaseError> {
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let tol = 1e-4 * (1.0 + w.abs());
+        prop_assert!((f64::from(g) - w).abs() <= tol, "element {i}: {g} vs reference {w}");
+    }
+    Ok(())
+}
+
+proptest! {
+    #[test]
+    fn sgd_matches_reference(seed in any::<u64>(), len in 1usize..64, steps in 1usize..8, split_at in 0usize..8,
+                             lr in 0.001f64..0.5, momentum in prop::sample::select(vec![0.0, 0.5, 0.9]),
+                             nesterov in any::<bool>(), weight_decay in prop::sample::select(vec![0.0, 1e-4, 0.1]),
+                             dampening in prop::sample::select(vec![0.0, 0.1])) {
+        let nesterov = nesterov && momentum > 0.0;
+        let dampening = if nesterov { 0.0 } else { dampening };
+        let c = SgdConfig { lr, momentum, dampening, nesterov, weight_decay };
+        let problem = Problem::generate(seed, &[len], steps);
+        let got = run_with_resume(&|| Box::new(Sgd::new(c.clone()).unwrap()), &problem, split_at.min(steps));
+        let grads: Vec<Vec<f32>> = problem.grads.iter().map(|g| g[0].clone()).collect();
+        assert_close(&got, &sgd_reference(&c, &problem.values[0], &grads))?;
+    }
+
+    #[test]
+    fn adamw_matches_reference(seed in any::<u64>(), len in 1usize..64, steps in 1usize..8, split_at in 0usize..8,
+                               lr in 0.0001f64..0.1, beta1 in 0.0f64..0.99, beta2 in 0.9f64..0.9999,
+                               weight_decay in prop::sample::select(vec![0.0, 0.01, 0.1])) {
+        let c = AdamWConfig { lr, beta1, beta2, eps: 1e-8, weight_decay };
+        let problem = Problem::generate(seed, &[len], steps);
+        let got = run_with_resume(&|| Box::new(AdamW::new(c.clone()).unwrap()), &problem, split_at.min(steps));
+        let grads: Vec<Vec<f32>> = problem.grads.iter().map(|g| g[0].clone()).collect();
+        assert_close(&got, &adamw_reference(&c, &problem.values[0], &grads))?;
+    }
+
+    #[test]
+    fn conformance(seed in any::<u64>()) {
+        for (name, config) in [("sgd", r#"{"lr":0.1,"momentum":0.9,"nesterov":true}"#), ("adamw", "{}")] {
+            let direct = || new_optimizer(name, config).unwrap();
+            laws::check_all(&direct, seed).map_err(TestCaseError::fail)?;
+            // The same through both ABI adapters, as the host sees a loaded plugin.
+            let via_abi = || {
+                let exported = sheaf_abi::to_abi::optimizer("sheaf-optim", new_optimizer(name, config).unwrap());
+                sheaf_abi::from_abi::optimizer(exported).unwrap()
+            };
+            laws::check_all(&via_abi, seed).map_err(TestCaseError::fail)?;
+        }
+    }
+}
+
+#[test]
+fn bad_configs_are_errors_naming_the_key() {
+    for (name, config, needle) in [
+        ("sgd", r#"{"lr": -1}"#, "lr"),
+        ("sgd", r#"{"momentum": 0.9, "nesterov": true, "dampening": 0.5}"#, "nesterov"),
+        ("sgd", r#"{"lrr": 0.1}"#, "lrr"),
+        ("adamw", r#"{"beta1": 1.5}"#, "beta1"),
+        ("adamw", "not json", "adamw"),
+        ("lion", "{}", "lion"),
+    ] {
+        let err = new_optimizer(name, config)
+            .err()
+            .unwrap_or_else(|| panic!("{name} {config} accepted"))
+            .to_string();
+        assert!(err.contains(needle), "{name} {config}: {err}");
+    }
+}
+
+#[test]
+fn wrong_state_is_an_error() {
+    let mut opt = new_optimizer("adamw", "{}").unwrap();
+    let state = sheaf_core::OptimState { step: 3, buffers: vec![("w.exp_avg".into(), vec![0.0; 4])] };
+    assert!(opt.load_state(&state).is_err());
+    let mut sgd = new_optimizer("sgd", r#"{"momentum":0.9}"#).unwrap();
+    let state = sheaf_core::OptimState { step: 1, buffers: vec![("w.exp_avg".into(), vec![0.0; 4])] };
+    assert!(sgd.load_state(&state).is_err());
+}
