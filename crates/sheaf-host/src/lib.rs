@@ -1,1 +1,17 @@
-//! placeholder
+//! The host: finds plugin libraries, loads them safely, and hands out core trait
+//! objects built by them. The `sheaf` binary is a thin layer over this library.
+//!
+//! Key decisions: libraries are loaded with `lib_header_from_path` (never
+//! `RootModule::load_from_*`, which caches one module per type per process), the ABI
+//! version is checked by us before abi_stable's layout check so the error is short and
+//! names both versions, a library that fails to load never stops the others, and no
+//! library is ever unloaded.
+
+pub mod cli;
+mod discover;
+mod loader;
+mod registry;
+
+pub use discover::{candidates, search_dirs, Origin, SearchDir, PLUGIN_PATH_ENV};
+pub use loader::{load_plugin, LoadError, LoadedPlugin, PluginManifest};
+pub use registry::{HostError, PluginInfo, Registry};
