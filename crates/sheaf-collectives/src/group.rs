@@ -239,7 +239,7 @@ impl Group {
 }
 
 fn whole_elems(len: usize, dtype: DType, op: Op) -> Result<usize, CommError> {
-    if len % dtype.size() != 0 {
+    if !len.is_multiple_of(dtype.size()) {
         return Err(CommError::InvalidArgument {
             op,
             detail: format!("{len} bytes is not a whole number of {dtype} elements"),

@@ -41,6 +41,12 @@ pub fn run_links<T: Send>(links: Vec<Arc<dyn Link>>, f: impl Fn(Group) -> T + Sy
     })
 }
 
+/// The number of cases a property test runs: `PROPTEST_CASES` when set (the long runs
+/// quoted in closing notes), else `default` (sized for a 2-core CI machine).
+pub fn proptest_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// Views `f32`s as bytes, for calling byte-level collectives from tests.
 pub fn f32_bytes(v: &[f32]) -> &[u8] {
     bytemuck::cast_slice(v)

@@ -92,7 +92,8 @@ impl Optimizer for AdamW {
     }
 
     fn load_state(&mut self, state: &OptimState) -> Result<()> {
-        let mut moments: BTreeMap<String, (Option<Vec<f32>>, Option<Vec<f32>>)> = BTreeMap::new();
+        type Partial = (Option<Vec<f32>>, Option<Vec<f32>>);
+        let mut moments: BTreeMap<String, Partial> = BTreeMap::new();
         for (name, buf) in &state.buffers {
             if let Some(p) = name.strip_suffix(V) {
                 moments.entry(p.to_owned()).or_default().1 = Some(buf.clone());

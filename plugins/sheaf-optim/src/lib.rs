@@ -44,7 +44,12 @@ pub fn new_optimizer(name: &str, config: &str) -> Result<Box<dyn Optimizer>> {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(name: &str, config: &str) -> Result<T> {
-    serde_json::from_str(config).map_err(|e| Error::config(format!("optimizer {name}"), e))
+    let de = &mut serde_json::Deserializer::from_str(config);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." { format!("optimizer {name}") } else { format!("optimizer {name}: {path}") };
+        Error::config(key, e.into_inner())
+    })
 }
 
 /// Checks that every parameter's gradient matches it, and its state buffers if any,

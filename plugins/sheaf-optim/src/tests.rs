@@ -75,6 +75,8 @@ fn assert_close(got: &[f32], want: &[f64]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(sheaf_testkit::proptest_cases(256)))]
+
     #[test]
     fn sgd_matches_reference(seed in any::<u64>(), len in 1usize..64, steps in 1usize..8, split_at in 0usize..8,
                              lr in 0.001f64..0.5, momentum in prop::sample::select(vec![0.0, 0.5, 0.9]),

@@ -48,7 +48,13 @@ struct NoConfig {}
 
 fn parse<T: serde::de::DeserializeOwned>(name: &str, config: &str) -> Result<T> {
     let config = if config.trim().is_empty() { "{}" } else { config };
-    serde_json::from_str(config).map_err(|e| Error::config(format!("partitioner {name}"), e))
+    let de = &mut serde_json::Deserializer::from_str(config);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let key =
+            if path == "." { format!("partitioner {name}") } else { format!("partitioner {name}: {path}") };
+        Error::config(key, e.into_inner())
+    })
 }
 
 pub fn new_data_partitioner(name: &str, config: &str) -> Result<Box<dyn DataPartitioner>> {

@@ -26,6 +26,8 @@ fn all_cuts(layers: usize, stages: usize) -> Vec<Vec<usize>> {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(sheaf_testkit::proptest_cases(256)))]
+
     #[test]
     fn every_index_to_exactly_one_rank(n in 0usize..2000, world in 1usize..=16, epoch in 0u64..50, seed in any::<u64>()) {
         let shuffle = format!(r#"{{"seed":{seed}}}"#);

@@ -59,7 +59,7 @@ fn coll() -> impl Strategy<Value = Coll> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(sheaf_testkit::proptest_cases(48)))]
 
     /// A rank that dies at any of its sends: every survivor either finished with the
     /// correct result (it needed nothing more from the victim) or fails naming the

@@ -51,7 +51,7 @@ fn on_world(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig::with_cases(sheaf_testkit::proptest_cases(64)))]
 
     #[test]
     fn allreduce_equals_naive((n, case) in case()) {

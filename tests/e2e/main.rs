@@ -1,0 +1,3 @@
+//! End-to-end tests of the real `sheaf` binary and real plugin libraries.
+
+mod plugins;

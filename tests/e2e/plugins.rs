@@ -1,0 +1,197 @@
+//! `sheaf plugins`, the loader's errors, panics inside plugins, and the conformance
+//! suite run against the shipped `.so` files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+use sheaf_host::{search_dirs, Registry};
+use sheaf_testkit::conformance;
+use sheaf_tests::{library, sheaf_bin};
+
+fn plugins_json(extra_dir: Option<&Path>) -> Vec<Value> {
+    let mut cmd = Command::new(sheaf_bin());
+    cmd.args(["plugins", "--json"]).env_remove("SHEAF_PLUGIN_PATH");
+    if let Some(d) = extra_dir {
+        cmd.arg("--plugin-dir").arg(d);
+    }
+    let out = cmd.output().expect("run sheaf");
+    assert!(out.status.success(), "sheaf plugins failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).expect("JSON").as_array().expect("array").clone()
+}
+
+fn row<'a>(rows: &'a [Value], file_suffix: &str) -> &'a Value {
+    rows.iter()
+        .find(|r| r["file"].as_str().is_some_and(|f| f.ends_with(file_suffix)))
+        .unwrap_or_else(|| panic!("no row for {file_suffix} in {rows:#?}"))
+}
+
+#[test]
+fn lists_the_shipped_plugins_as_loaded() {
+    let rows = plugins_json(None);
+    for (file, name, kinds) in [
+        ("libsheaf_optim.so", "sheaf-optim", vec!["optimizer"]),
+        ("libsheaf_partition.so", "sheaf-partition", vec!["data-partitioner", "model-partitioner"]),
+    ] {
+        let r = row(&rows, file);
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["name"], name);
+        assert_eq!(r["kinds"], serde_json::json!(kinds));
+        assert_eq!(r["abi_version"], sheaf_abi_version());
+        assert!(r["version"].is_string() && r["error"].is_null(), "{r}");
+    }
+    // Fixtures sit in the same directory but are not `libsheaf_*`: not listed.
+    assert!(rows.iter().all(|r| !r["file"].as_str().unwrap().contains("fixture")), "{rows:#?}");
+}
+
+fn sheaf_abi_version() -> &'static str {
+    // The host reports the ABI its plugins were built against; they are built
+    // together, so it is the workspace's sheaf-abi version.
+    "0.1.0"
+}
+
+/// A directory with each kind of bad library beside a good one.
+fn bad_plugin_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["fixture-not-a-plugin", "fixture-old-abi", "fixture-bad-layout", "fixture-panicky"] {
+        let src = library(name);
+        std::fs::copy(&src, dir.path().join(src.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.path().join("libgarbage.so"), b"\x7fELF but not really a library").unwrap();
+    dir
+}
+
+#[test]
+fn bad_libraries_get_short_errors_and_do_not_stop_the_listing() {
+    let dir = bad_plugin_dir();
+    let rows = plugins_json(Some(dir.path()));
+
+    let not_plugin = row(&rows, "libfixture_not_a_plugin.so");
+    assert_eq!(not_plugin["ok"], false);
+    let e = not_plugin["error"].as_str().unwrap();
+    assert!(e.contains("libfixture_not_a_plugin.so") && e.contains("not a Sheaf plugin"), "{e}");
+
+    let old = row(&rows, "libfixture_old_abi.so");
+    assert_eq!(old["ok"], false);
+    let e = old["error"].as_str().unwrap();
+    assert!(e.contains("libfixture_old_abi.so") && e.contains("0.0.7") && e.contains("0.1.0"), "{e}");
+    assert!(e.len() < 300, "error not summarised: {} bytes", e.len());
+
+    let skewed = row(&rows, "libfixture_bad_layout.so");
+    let e = skewed["error"].as_str().unwrap();
+    assert!(e.contains("libfixture_bad_layout.so") && e.contains("expected PluginMod"), "{e}");
+    assert!(e.len() < 300, "layout report not summarised: {} bytes", e.len());
+
+    let garbage = row(&rows, "libgarbage.so");
+    assert!(garbage["error"].as_str().unwrap().contains("libgarbage.so"), "{garbage}");
+
+    // The good ones still load: the fixture from the named directory, the shipped
+    // plugins from the executable's.
+    assert_eq!(row(&rows, "libfixture_panicky.so")["ok"], true);
+    assert_eq!(row(&rows, "libsheaf_optim.so")["ok"], true);
+    assert_eq!(row(&rows, "libsheaf_partition.so")["ok"], true);
+}
+
+#[test]
+fn table_output_names_every_file_and_error() {
+    let dir = bad_plugin_dir();
+    let out = Command::new(sheaf_bin())
+        .args(["plugins", "--plugin-dir"])
+        .arg(dir.path())
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.contains("optimizer(sgd,adamw)"), "{text}");
+    assert!(text.contains("built against Sheaf plugin ABI 0.0.7"), "{text}");
+    assert!(text.lines().count() < 40, "{text}");
+}
+
+#[test]
+fn plugin_path_env_is_searched() {
+    let dir = bad_plugin_dir();
+    let out = Command::new(sheaf_bin())
+        .args(["plugins", "--json"])
+        .env("SHEAF_PLUGIN_PATH", format!("/nonexistent:{}", dir.path().display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(row(&rows, "libfixture_panicky.so")["ok"], true);
+}
+
+fn registry_with(dirs: &[PathBuf]) -> Registry {
+    Registry::load(&search_dirs(dirs, None, None))
+}
+
+fn shipped() -> Registry {
+    registry_with(&[library("sheaf-optim").parent().unwrap().to_path_buf()])
+}
+
+#[test]
+fn panics_inside_a_plugin_become_errors_naming_it() {
+    let dir = bad_plugin_dir();
+    let registry = registry_with(&[dir.path().to_path_buf()]);
+    let mut opt = registry.optimizer("panicky", "{}").expect("building the optimizer does not panic");
+    let mut value = vec![1.0f32; 3];
+    let grad = vec![0.5f32; 3];
+    let err = opt
+        .step(&mut [sheaf_core::Param { name: "w", value: &mut value, grad: &grad }])
+        .expect_err("a panicking step is an error");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("fixture-panicky") && msg.contains("panicked") && msg.contains("always panics"),
+        "{msg}"
+    );
+
+    let err = registry
+        .data_partitioner("panicky", "")
+        .err()
+        .expect("a panicking constructor is an error")
+        .to_string();
+    assert!(err.contains("fixture-panicky") && err.contains("panicked"), "{err}");
+    // The process is still fine and the plugin still answers.
+    assert!(registry.optimizer("panicky", "{}").is_ok());
+}
+
+#[test]
+fn missing_component_names_what_is_available() {
+    let err = shipped().optimizer("lion", "{}").err().unwrap().to_string();
+    assert!(err.contains("optimizer `lion`") && err.contains("sgd") && err.contains("adamw"), "{err}");
+}
+
+/// The conformance suite against the real `.so` files, as a vendor would run it.
+#[test]
+fn shipped_optimizer_plugins_pass_the_conformance_suite() {
+    let registry = shipped();
+    for (name, config) in [
+        ("sgd", "{}"),
+        ("sgd", r#"{"lr":0.05,"momentum":0.9,"nesterov":true,"weight_decay":1e-4}"#),
+        ("adamw", "{}"),
+    ] {
+        let make = || registry.optimizer(name, config).unwrap();
+        for seed in 0..20 {
+            conformance::optimizer::check_all(&make, seed).unwrap_or_else(|e| panic!("{name} {config}: {e}"));
+        }
+    }
+    let err = registry.optimizer("sgd", r#"{"momentum": "fast"}"#).err().unwrap().to_string();
+    assert!(err.contains("sheaf-optim") && err.contains("momentum"), "{err}");
+}
+
+#[test]
+fn shipped_partitioner_plugins_pass_the_conformance_suite() {
+    let registry = shipped();
+    for name in ["contiguous", "strided", "shuffle"] {
+        let p = registry.data_partitioner(name, "").unwrap();
+        for (n, world, epoch) in [(0, 1, 0), (5, 8, 1), (1797, 2, 3), (1000, 7, 9)] {
+            conformance::partitioner::check_data_partitioner(p.as_ref(), n, world, epoch)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+    let balanced = registry.model_partitioner("balanced", "").unwrap();
+    for stages in 0..6 {
+        conformance::partitioner::check_model_partitioner(balanced.as_ref(), &[5, 1, 9, 2], stages).unwrap();
+    }
+}

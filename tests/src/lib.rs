@@ -1,0 +1,59 @@
+//! Support for the end-to-end tests: where the built `sheaf` binary and plugin
+//! libraries are, and making sure they are fresh before a test uses them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// cargo's output directory for this profile (`target/debug`), found from the test
+/// executable's own path (`target/debug/deps/e2e-…`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+/// Builds the whole workspace (binary, plugins, fixtures) once per test process, so
+/// the tests never run a stale `.so`. Cheap when nothing changed.
+pub fn ensure_built() -> &'static Result<(), String> {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--workspace", "--quiet"]);
+        let profile = target_dir().file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_owned();
+        if profile != "debug" {
+            cmd.args(["--profile", if profile == "release" { "release" } else { &profile }]);
+        }
+        let status = cmd.current_dir(env!("CARGO_MANIFEST_DIR")).status().map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("`cargo build --workspace` failed ({status})"))
+        }
+    })
+}
+
+/// A built artifact in the target directory, after [`ensure_built`].
+pub fn artifact(name: &str) -> PathBuf {
+    if let Err(e) = ensure_built() {
+        panic!("cannot build the workspace for end-to-end tests: {e}");
+    }
+    let path = target_dir().join(name);
+    assert!(path.exists(), "{} missing after building the workspace", path.display());
+    path
+}
+
+/// The `sheaf` executable.
+pub fn sheaf_bin() -> PathBuf {
+    artifact("sheaf")
+}
+
+/// A plugin or fixture library by crate name (`sheaf-optim` -> `libsheaf_optim.so`).
+pub fn library(crate_name: &str) -> PathBuf {
+    artifact(&format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        crate_name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    ))
+}
