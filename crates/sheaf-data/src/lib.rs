@@ -1,0 +1,169 @@
+//! Datasets for Sheaf jobs, as dense `f32` inputs and `u32` labels.
+//!
+//! - `digits`: the 8x8 handwritten digits (1,797 images, 10 classes; UCI, E. Alpaydin
+//!   and C. Kaynak, CC BY 4.0), compiled into the binary, so the default job needs no
+//!   files and no network. Pixels are scaled to `[0, 1]`; a seeded permutation splits
+//!   it 80/20 into train and test, the same on every machine.
+//! - IDX files (the MNIST / Fashion-MNIST format), gzipped or not.
+//! - `synthetic`: random inputs labelled by a fixed random "teacher" network, seeded.
+//!
+//! Every malformed input is an error naming the file and what was wrong.
+
+mod idx;
+mod synthetic;
+
+use std::io::Read;
+use std::path::PathBuf;
+
+pub use idx::{labels_path_for, load_idx_pair, read_idx, IdxArray};
+pub use synthetic::teacher;
+
+/// Why a dataset could not be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{what}: {detail}")]
+    Corrupt { what: String, detail: String },
+    #[error("dataset `{name}` has {found} {what} per sample but the model needs {expected}")]
+    Shape { name: String, what: &'static str, found: usize, expected: usize },
+}
+
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+/// Samples as rows: `inputs` is `[len, input_dim]`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub name: String,
+    pub inputs: Vec<f32>,
+    pub labels: Vec<u32>,
+    pub input_dim: usize,
+    pub num_classes: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Checks the dataset fits a model with `inputs` input features and `classes`
+    /// outputs.
+    pub fn check_shape(&self, inputs: usize, classes: usize) -> Result<()> {
+        if self.input_dim != inputs {
+            return Err(DataError::Shape {
+                name: self.name.clone(),
+                what: "inputs",
+                found: self.input_dim,
+                expected: inputs,
+            });
+        }
+        if self.num_classes > classes {
+            return Err(DataError::Shape {
+                name: self.name.clone(),
+                what: "classes",
+                found: self.num_classes,
+                expected: classes,
+            });
+        }
+        Ok(())
+    }
+
+    /// The samples at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> Dataset {
+        let d = self.input_dim;
+        let mut inputs = Vec::with_capacity(indices.len() * d);
+        for &i in indices {
+            inputs.extend_from_slice(&self.inputs[i * d..(i + 1) * d]);
+        }
+        Dataset {
+            name: self.name.clone(),
+            inputs,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            input_dim: d,
+            num_classes: self.num_classes,
+        }
+    }
+
+    /// A seeded split: a fraction `test_fraction` of the samples (rounded down) for
+    /// test, the rest for training, both in a shuffled but fixed order.
+    pub fn split(&self, test_fraction: f64, seed: u64) -> (Dataset, Dataset) {
+        let perm = permutation(self.len(), seed);
+        let n_test = (self.len() as f64 * test_fraction) as usize;
+        let (test, train) = perm.split_at(n_test);
+        (self.select(train), self.select(test))
+    }
+}
+
+/// A seeded permutation of `0..n` (Fisher-Yates over SplitMix64).
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = SplitMix(seed);
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        perm.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+    }
+    perm
+}
+
+pub(crate) struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+static DIGITS_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");
+
+/// The bundled digits set, all 1,797 samples, pixels scaled to `[0, 1]`.
+pub fn digits() -> Result<Dataset> {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(DIGITS_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| DataError::Corrupt { what: "bundled digits.csv.gz".into(), detail: e.to_string() })?;
+    parse_csv("digits", &text, 64, 10)
+}
+
+/// Rows of `dim` numbers then a label below `classes`.
+fn parse_csv(name: &str, text: &str, dim: usize, classes: usize) -> Result<Dataset> {
+    let corrupt =
+        |line: usize, detail: String| DataError::Corrupt { what: format!("{name} line {line}"), detail };
+    let mut inputs = Vec::new();
+    let mut labels = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        if fields.len() != dim + 1 {
+            return Err(corrupt(i + 1, format!("{} fields, expected {}", fields.len(), dim + 1)));
+        }
+        for f in &fields[..dim] {
+            let v: f32 = f.parse().map_err(|_| corrupt(i + 1, format!("`{f}` is not a number")))?;
+            inputs.push(v / 16.0);
+        }
+        let label: u32 = fields[dim]
+            .parse::<f64>()
+            .ok()
+            .filter(|l| l.fract() == 0.0 && *l >= 0.0 && (*l as usize) < classes)
+            .map(|l| l as u32)
+            .ok_or_else(|| {
+                corrupt(i + 1, format!("label `{}` is not a class below {classes}", fields[dim]))
+            })?;
+        labels.push(label);
+    }
+    Ok(Dataset { name: name.into(), inputs, labels, input_dim: dim, num_classes: classes })
+}
+
+#[cfg(test)]
+mod tests;
