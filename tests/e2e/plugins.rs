@@ -37,17 +37,11 @@ fn lists_the_shipped_plugins_as_loaded() {
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["name"], name);
         assert_eq!(r["kinds"], serde_json::json!(kinds));
-        assert_eq!(r["abi_version"], sheaf_abi_version());
+        assert_eq!(r["abi_version"], sheaf_abi::ABI_VERSION);
         assert!(r["version"].is_string() && r["error"].is_null(), "{r}");
     }
     // Fixtures sit in the same directory but are not `libsheaf_*`: not listed.
     assert!(rows.iter().all(|r| !r["file"].as_str().unwrap().contains("fixture")), "{rows:#?}");
-}
-
-fn sheaf_abi_version() -> &'static str {
-    // The host reports the ABI its plugins were built against; they are built
-    // together, so it is the workspace's sheaf-abi version.
-    "0.1.0"
 }
 
 /// A directory with each kind of bad library beside a good one.
@@ -74,7 +68,10 @@ fn bad_libraries_get_short_errors_and_do_not_stop_the_listing() {
     let old = row(&rows, "libfixture_old_abi.so");
     assert_eq!(old["ok"], false);
     let e = old["error"].as_str().unwrap();
-    assert!(e.contains("libfixture_old_abi.so") && e.contains("0.0.7") && e.contains("0.1.0"), "{e}");
+    assert!(
+        e.contains("libfixture_old_abi.so") && e.contains("0.0.7") && e.contains(sheaf_abi::ABI_VERSION),
+        "{e}"
+    );
     assert!(e.len() < 300, "error not summarised: {} bytes", e.len());
 
     let skewed = row(&rows, "libfixture_bad_layout.so");

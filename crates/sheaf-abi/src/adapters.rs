@@ -1,12 +1,20 @@
-//! Adapters between the two layers: [`to_abi`] wraps core trait objects for export
-//! (catching panics at every entry), [`from_abi`] wraps loaded objects back into core
-//! traits for the host.
+//! Adapters between the two layers. [`to_abi`] wraps core trait objects (owned, or
+//! borrowed for one call) as ABI objects, running every call inside `catch_unwind`;
+//! [`from_abi`] wraps ABI objects back into core traits. Plugins export through
+//! `to_abi` and the host lends its communicator, model, optimizer, partitioner and
+//! metrics sink to strategy plugins through it too, so a panic on either side of the
+//! boundary becomes an error.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::Duration;
 
 use abi_stable::std_types::{RResult, RString, RVec};
+use sheaf_core::{
+    Activation, Deadline, ModelSpec, OptimState, ParamLayout, ParamSpec, StepMetrics, TrainSummary,
+};
 
-use crate::AbiError;
+use crate::traits::{AbiModelSpec, AbiParamSpec, AbiStepMetrics, AbiSummary};
+use crate::{AbiError, AbiOptimState};
 
 /// Runs `f`, turning a panic into an [`AbiError`] naming `plugin` and `what`.
 pub(crate) fn guard<T>(
@@ -20,51 +28,165 @@ pub(crate) fn guard<T>(
     }
 }
 
-fn state_to_abi(s: sheaf_core::OptimState) -> crate::AbiOptimState {
-    let (names, buffers): (Vec<_>, Vec<_>) =
-        s.buffers.into_iter().map(|(n, b)| (RString::from(n), RVec::from(b))).unzip();
-    crate::AbiOptimState { step: s.step, names: names.into(), buffers: buffers.into() }
+fn deadline(timeout_ns: u64) -> Deadline {
+    Deadline::after(Duration::from_nanos(timeout_ns))
 }
 
-fn state_from_abi(s: &crate::AbiOptimState) -> sheaf_core::OptimState {
-    sheaf_core::OptimState {
+fn timeout_ns(d: Deadline) -> u64 {
+    d.remaining().as_nanos().min(u128::from(u64::MAX)) as u64
+}
+
+fn state_to_abi(s: OptimState) -> AbiOptimState {
+    let (names, buffers): (Vec<_>, Vec<_>) =
+        s.buffers.into_iter().map(|(n, b)| (RString::from(n), RVec::from(b))).unzip();
+    AbiOptimState { step: s.step, names: names.into(), buffers: buffers.into() }
+}
+
+fn state_from_abi(s: &AbiOptimState) -> OptimState {
+    OptimState {
         step: s.step,
         buffers: s.names.iter().zip(s.buffers.iter()).map(|(n, b)| (n.to_string(), b.to_vec())).collect(),
     }
 }
 
-/// Plugin side: core objects into ABI objects.
+fn layout_to_abi(l: &ParamLayout) -> RVec<AbiParamSpec> {
+    l.specs()
+        .iter()
+        .map(|s| AbiParamSpec {
+            name: s.name.as_str().into(),
+            shape: s.shape.iter().map(|&d| d as u64).collect(),
+        })
+        .collect()
+}
+
+fn layout_from_abi(l: &[AbiParamSpec]) -> ParamLayout {
+    ParamLayout::new(
+        l.iter()
+            .map(|s| ParamSpec {
+                name: s.name.to_string(),
+                shape: s.shape.iter().map(|&d| d as usize).collect(),
+            })
+            .collect(),
+    )
+}
+
+fn spec_to_abi(s: &ModelSpec) -> AbiModelSpec {
+    AbiModelSpec {
+        layers: s.layers.iter().map(|&w| w as u64).collect(),
+        activation: match s.activation {
+            Activation::Tanh => 1,
+            _ => 0,
+        },
+    }
+}
+
+fn spec_from_abi(s: &AbiModelSpec) -> Result<ModelSpec, AbiError> {
+    let activation = match s.activation {
+        0 => Activation::Relu,
+        1 => Activation::Tanh,
+        other => return Err(sheaf_core::Error::invalid(format!("unknown activation code {other}")).into()),
+    };
+    Ok(ModelSpec { layers: s.layers.iter().map(|&w| w as usize).collect(), activation })
+}
+
+fn metrics_to_abi(m: &StepMetrics) -> AbiStepMetrics {
+    AbiStepMetrics {
+        step: m.step,
+        epoch: m.epoch,
+        loss: m.loss,
+        lr: m.lr,
+        samples_per_sec: m.samples_per_sec,
+    }
+}
+
+fn metrics_from_abi(m: &AbiStepMetrics) -> StepMetrics {
+    StepMetrics { step: m.step, epoch: m.epoch, loss: m.loss, lr: m.lr, samples_per_sec: m.samples_per_sec }
+}
+
+fn summary_to_abi(s: &TrainSummary) -> AbiSummary {
+    AbiSummary {
+        epochs: s.epochs,
+        steps: s.steps,
+        final_loss: s.final_loss,
+        test_accuracy: s.test_accuracy,
+        samples_per_sec: s.samples_per_sec,
+        wall_seconds: s.wall_seconds,
+    }
+}
+
+fn summary_from_abi(s: &AbiSummary) -> TrainSummary {
+    TrainSummary {
+        epochs: s.epochs,
+        steps: s.steps,
+        final_loss: s.final_loss,
+        test_accuracy: s.test_accuracy,
+        samples_per_sec: s.samples_per_sec,
+        wall_seconds: s.wall_seconds,
+    }
+}
+
+/// Core objects into ABI objects.
 pub mod to_abi {
+    use std::ops::{Deref, DerefMut};
+
     use abi_stable::sabi_trait::TD_Opaque;
-    use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr, RVec};
+    use abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
     use sheaf_core::{
-        DType, DataPartitioner, Deadline, Link, ModelPartitioner, Optimizer, Param, ReduceOp, Tag,
-    };
-    use std::time::Duration;
-
-    use super::{guard, state_from_abi, state_to_abi};
-    use crate::traits::{DataPartitionerAbi, LinkAbi, ModelPartitionerAbi, OptimizerAbi};
-    use crate::traits::{DataPartitionerAbi_TO, LinkAbi_TO, ModelPartitionerAbi_TO, OptimizerAbi_TO};
-    use crate::{
-        AbiBuf, AbiError, AbiOptimState, AbiParam, AbiRange, DataPartitionerBox, LinkBox,
-        ModelPartitionerBox, OptimizerBox,
+        Batch, Communicator, ComputeBackend, DType, DataPartitioner, Link, MetricsSink, Model,
+        ModelPartitioner, Optimizer, Param, ReduceOp, Strategy, Tag, TrainConfig, TrainContext,
     };
 
-    /// A core object exported by plugin `plugin`.
-    struct Exported<T: ?Sized> {
+    use super::*;
+    use crate::traits::*;
+    use crate::{AbiParam, AbiRange};
+
+    /// A core object (behind any pointer: a `Box`, a `&`, a `&mut`) exported by
+    /// `plugin`. Every ABI method it implements catches panics.
+    pub struct Exported<P> {
         plugin: &'static str,
-        inner: Box<T>,
+        inner: P,
+    }
+
+    impl<P> Exported<P> {
+        pub fn new(plugin: &'static str, inner: P) -> Exported<P> {
+            Exported { plugin, inner }
+        }
     }
 
     fn usize_arg(v: u64, what: &str) -> Result<usize, AbiError> {
         usize::try_from(v).map_err(|_| sheaf_core::Error::invalid(format!("{what} {v} too large")).into())
     }
 
-    fn deadline(timeout_ns: u64) -> Deadline {
-        Deadline::after(Duration::from_nanos(timeout_ns))
+    fn dtype_op(dtype: u8, op: u8, which: sheaf_core::Op) -> Result<(DType, ReduceOp), AbiError> {
+        let bad = |what: &str, code: u8| {
+            AbiError::from(sheaf_core::CommError::InvalidArgument {
+                op: which,
+                detail: format!("unknown {what} code {code}"),
+            })
+        };
+        Ok((
+            DType::from_code(dtype).ok_or_else(|| bad("dtype", dtype))?,
+            ReduceOp::from_code(op).ok_or_else(|| bad("reduce op", op))?,
+        ))
     }
 
-    impl OptimizerAbi for Exported<dyn Optimizer> {
+    pub(crate) fn batch_from_abi<'a>(b: &AbiBatch<'a>) -> Batch<'a> {
+        Batch { inputs: b.inputs.as_slice(), labels: b.labels.as_slice(), input_dim: b.input_dim as usize }
+    }
+
+    pub(crate) fn batch_to_abi<'a>(b: &Batch<'a>) -> AbiBatch<'a> {
+        AbiBatch {
+            inputs: RSlice::from_slice(b.inputs),
+            labels: RSlice::from_slice(b.labels),
+            input_dim: b.input_dim as u64,
+        }
+    }
+
+    impl<P, T> OptimizerAbi for Exported<P>
+    where
+        P: DerefMut<Target = T> + Send,
+        T: Optimizer + ?Sized,
+    {
         fn step(&mut self, mut params: RSliceMut<'_, AbiParam<'_>>) -> RResult<(), AbiError> {
             guard(self.plugin, "optimizer step", || {
                 let mut core: Vec<Param<'_>> = params
@@ -93,7 +215,11 @@ pub mod to_abi {
         }
     }
 
-    impl DataPartitionerAbi for Exported<dyn DataPartitioner> {
+    impl<P, T> DataPartitionerAbi for Exported<P>
+    where
+        P: Deref<Target = T> + Send + Sync,
+        T: DataPartitioner + ?Sized,
+    {
         fn shard(&self, epoch: u64, num_samples: u64, rank: u64, world: u64) -> RResult<RVec<u64>, AbiError> {
             guard(self.plugin, "data partitioner shard", || {
                 let shard = self.inner.shard(
@@ -107,7 +233,11 @@ pub mod to_abi {
         }
     }
 
-    impl ModelPartitionerAbi for Exported<dyn ModelPartitioner> {
+    impl<P, T> ModelPartitionerAbi for Exported<P>
+    where
+        P: Deref<Target = T> + Send + Sync,
+        T: ModelPartitioner + ?Sized,
+    {
         fn cut(&self, layer_costs: RSlice<'_, u64>, stages: u64) -> RResult<RVec<AbiRange>, AbiError> {
             guard(self.plugin, "model partitioner cut", || {
                 let ranges = self.inner.cut(&layer_costs, usize_arg(stages, "stages")?)?;
@@ -119,7 +249,11 @@ pub mod to_abi {
         }
     }
 
-    impl LinkAbi for Exported<dyn Link> {
+    impl<P, T> LinkAbi for Exported<P>
+    where
+        P: Deref<Target = T> + Send + Sync,
+        T: Link + ?Sized,
+    {
         fn rank(&self) -> RResult<u64, AbiError> {
             guard(self.plugin, "link rank", || Ok(self.inner.rank() as u64))
         }
@@ -142,7 +276,7 @@ pub mod to_abi {
                 Ok(())
             })
         }
-        fn failure_reports(&self) -> RResult<RVec<crate::AbiRange>, AbiError> {
+        fn failure_reports(&self) -> RResult<RVec<AbiRange>, AbiError> {
             guard(self.plugin, "link failure_reports", || {
                 Ok(self
                     .inner
@@ -157,15 +291,157 @@ pub mod to_abi {
         }
         fn native_allreduce(&self, mut buf: AbiBuf<'_>, op: u8, timeout_ns: u64) -> RResult<(), AbiError> {
             guard(self.plugin, "link native_allreduce", || {
-                let bad = |what: &str, code: u8| {
-                    AbiError::from(sheaf_core::CommError::InvalidArgument {
-                        op: sheaf_core::Op::Allreduce,
-                        detail: format!("unknown {what} code {code}"),
-                    })
-                };
-                let dtype = DType::from_code(buf.dtype).ok_or_else(|| bad("dtype", buf.dtype))?;
-                let op = ReduceOp::from_code(op).ok_or_else(|| bad("reduce op", op))?;
+                let (dtype, op) = dtype_op(buf.dtype, op, sheaf_core::Op::Allreduce)?;
                 Ok(self.inner.native_allreduce(&mut buf.bytes, dtype, op, deadline(timeout_ns))?)
+            })
+        }
+    }
+
+    impl<P, T> CommunicatorAbi for Exported<P>
+    where
+        P: Deref<Target = T> + Send + Sync,
+        T: Communicator + ?Sized,
+    {
+        fn rank(&self) -> RResult<u64, AbiError> {
+            guard(self.plugin, "communicator rank", || Ok(self.inner.rank() as u64))
+        }
+        fn world_size(&self) -> RResult<u64, AbiError> {
+            guard(self.plugin, "communicator world_size", || Ok(self.inner.world_size() as u64))
+        }
+        fn send(&self, peer: u64, tag: u32, data: RSlice<'_, u8>, timeout_ns: u64) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator send", || {
+                Ok(self.inner.send(usize_arg(peer, "peer")?, tag, &data, deadline(timeout_ns))?)
+            })
+        }
+        fn recv(&self, peer: u64, tag: u32, timeout_ns: u64) -> RResult<RVec<u8>, AbiError> {
+            guard(self.plugin, "communicator recv", || {
+                Ok(self.inner.recv(usize_arg(peer, "peer")?, tag, deadline(timeout_ns))?.into())
+            })
+        }
+        fn allreduce(&self, mut buf: AbiBuf<'_>, op: u8, timeout_ns: u64) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator allreduce", || {
+                let (dtype, op) = dtype_op(buf.dtype, op, sheaf_core::Op::Allreduce)?;
+                Ok(self.inner.allreduce(&mut buf.bytes, dtype, op, deadline(timeout_ns))?)
+            })
+        }
+        fn broadcast(&self, mut buf: RSliceMut<'_, u8>, root: u64, timeout_ns: u64) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator broadcast", || {
+                Ok(self.inner.broadcast(&mut buf, usize_arg(root, "root")?, deadline(timeout_ns))?)
+            })
+        }
+        fn allgather(
+            &self,
+            input: RSlice<'_, u8>,
+            mut output: RSliceMut<'_, u8>,
+            timeout_ns: u64,
+        ) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator allgather", || {
+                Ok(self.inner.allgather(&input, &mut output, deadline(timeout_ns))?)
+            })
+        }
+        fn reduce_scatter(
+            &self,
+            input: RSlice<'_, u8>,
+            mut output: AbiBuf<'_>,
+            op: u8,
+            timeout_ns: u64,
+        ) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator reduce_scatter", || {
+                let (dtype, op) = dtype_op(output.dtype, op, sheaf_core::Op::ReduceScatter)?;
+                Ok(self.inner.reduce_scatter(&input, &mut output.bytes, dtype, op, deadline(timeout_ns))?)
+            })
+        }
+        fn barrier(&self, timeout_ns: u64) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator barrier", || Ok(self.inner.barrier(deadline(timeout_ns))?))
+        }
+        fn split(
+            &self,
+            color: ROption<u32>,
+            key: u32,
+            timeout_ns: u64,
+        ) -> RResult<ROption<CommunicatorBox>, AbiError> {
+            let plugin = self.plugin;
+            guard(plugin, "communicator split", || {
+                let sub = self.inner.split(color.into_option(), key, deadline(timeout_ns))?;
+                Ok(sub.map(|s| communicator(plugin, s)).into())
+            })
+        }
+    }
+
+    impl<P, T> ModelAbi for Exported<P>
+    where
+        P: DerefMut<Target = T> + Send,
+        T: Model + ?Sized,
+    {
+        fn layout(&self) -> RResult<RVec<AbiParamSpec>, AbiError> {
+            guard(self.plugin, "model layout", || Ok(layout_to_abi(self.inner.layout())))
+        }
+        fn read_params(&self, mut out: RSliceMut<'_, f32>) -> RResult<(), AbiError> {
+            guard(self.plugin, "model read_params", || Ok(self.inner.read_params(&mut out)?))
+        }
+        fn write_params(&mut self, src: RSlice<'_, f32>) -> RResult<(), AbiError> {
+            guard(self.plugin, "model write_params", || Ok(self.inner.write_params(&src)?))
+        }
+        fn forward_backward(
+            &mut self,
+            batch: AbiBatch<'_>,
+            mut grads: RSliceMut<'_, f32>,
+        ) -> RResult<f32, AbiError> {
+            guard(self.plugin, "model forward_backward", || {
+                Ok(self.inner.forward_backward(&batch_from_abi(&batch), &mut grads)?)
+            })
+        }
+        fn evaluate(&mut self, batch: AbiBatch<'_>) -> RResult<AbiEval, AbiError> {
+            guard(self.plugin, "model evaluate", || {
+                let (loss_sum, correct) = self.inner.evaluate(&batch_from_abi(&batch))?;
+                Ok(AbiEval { loss_sum, correct: correct as u64 })
+            })
+        }
+    }
+
+    impl<P, T> ComputeAbi for Exported<P>
+    where
+        P: Deref<Target = T> + Send + Sync,
+        T: ComputeBackend + ?Sized,
+    {
+        fn device(&self) -> RResult<RString, AbiError> {
+            guard(self.plugin, "compute device", || Ok(self.inner.device().into()))
+        }
+        fn build_model(&self, spec: AbiModelSpec, seed: u64) -> RResult<ModelBox, AbiError> {
+            let plugin = self.plugin;
+            guard(plugin, "compute build_model", || {
+                Ok(model(plugin, self.inner.build_model(&spec_from_abi(&spec)?, seed)?))
+            })
+        }
+    }
+
+    impl<P, T> MetricsSinkAbi for Exported<P>
+    where
+        P: DerefMut<Target = T>,
+        T: MetricsSink + ?Sized,
+    {
+        fn record(&mut self, metrics: AbiStepMetrics) -> RResult<(), AbiError> {
+            guard(self.plugin, "metrics record", || {
+                self.inner.record(&metrics_from_abi(&metrics));
+                Ok(())
+            })
+        }
+    }
+
+    impl<P, T> StrategyAbi for Exported<P>
+    where
+        P: DerefMut<Target = T> + Send,
+        T: Strategy + ?Sized,
+    {
+        fn name(&self) -> RResult<RString, AbiError> {
+            guard(self.plugin, "strategy name", || Ok(self.inner.name().into()))
+        }
+        fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<AbiSummary, AbiError> {
+            let plugin = self.plugin;
+            let inner = &mut self.inner;
+            guard(plugin, "strategy train", || {
+                super::from_abi::train_context(ctx, |core| inner.train(core).map(|s| summary_to_abi(&s)))
+                    .map_err(AbiError::from)
             })
         }
     }
@@ -185,31 +461,86 @@ pub mod to_abi {
     pub fn link(plugin: &'static str, inner: Box<dyn Link>) -> LinkBox {
         LinkAbi_TO::from_value(Exported { plugin, inner }, TD_Opaque)
     }
+
+    pub fn communicator(plugin: &'static str, inner: Box<dyn Communicator>) -> CommunicatorBox {
+        CommunicatorAbi_TO::from_value(Exported { plugin, inner }, TD_Opaque)
+    }
+
+    pub fn model(plugin: &'static str, inner: Box<dyn Model>) -> ModelBox {
+        ModelAbi_TO::from_value(Exported { plugin, inner }, TD_Opaque)
+    }
+
+    pub fn compute(plugin: &'static str, inner: Box<dyn ComputeBackend>) -> ComputeBox {
+        ComputeAbi_TO::from_value(Exported { plugin, inner }, TD_Opaque)
+    }
+
+    pub fn strategy(plugin: &'static str, inner: Box<dyn Strategy>) -> StrategyBox {
+        StrategyAbi_TO::from_value(Exported { plugin, inner }, TD_Opaque)
+    }
+
+    fn config_to_abi(c: &TrainConfig) -> AbiTrainConfig {
+        AbiTrainConfig {
+            seed: c.seed,
+            epochs: c.epochs,
+            batch_size: c.batch_size as u64,
+            max_steps: c.max_steps.unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Lends the parts of `ctx` across the boundary for the duration of `f`: the
+    /// host's side of a strategy plugin's `train`. Calls back into the host catch
+    /// panics as `plugin` (the host's name).
+    pub fn with_train_context<R>(
+        plugin: &'static str,
+        ctx: TrainContext<'_>,
+        f: impl FnOnce(AbiTrainContext<'_>) -> R,
+    ) -> R {
+        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        let comm = Exported { plugin, inner: comm };
+        let mut model = Exported { plugin, inner: model };
+        let mut optimizer = Exported { plugin, inner: optimizer };
+        let partitioner = Exported { plugin, inner: partitioner };
+        let mut metrics = Exported { plugin, inner: metrics };
+        f(AbiTrainContext {
+            config: config_to_abi(&config),
+            comm: CommunicatorAbi_TO::from_ptr(&comm, TD_Opaque),
+            model: ModelAbi_TO::from_ptr(&mut model, TD_Opaque),
+            optimizer: OptimizerAbi_TO::from_ptr(&mut optimizer, TD_Opaque),
+            partitioner: DataPartitionerAbi_TO::from_ptr(&partitioner, TD_Opaque),
+            train: batch_to_abi(&train),
+            test: batch_to_abi(&test),
+            metrics: MetricsSinkAbi_TO::from_ptr(&mut metrics, TD_Opaque),
+        })
+    }
 }
 
-/// Host side: ABI objects into core trait objects.
+/// ABI objects into core trait objects.
 pub mod from_abi {
     use std::ops::Range;
 
-    use abi_stable::std_types::{RSlice, RSliceMut, RStr};
+    use abi_stable::pointer_trait::{AsMutPtr, AsPtr, GetPointerKind};
+    use abi_stable::std_types::{ROption, RSlice, RSliceMut, RStr};
     use sheaf_core::{
-        CommError, DType, DataPartitioner, Deadline, Error, Link, ModelPartitioner, OptimState, Optimizer,
-        Param, ReduceOp, Result, Tag,
+        Batch, CommError, Communicator, ComputeBackend, DType, DataPartitioner, Error, Link, MetricsSink,
+        Model, ModelPartitioner, ModelSpec, OptimState, Optimizer, Param, ParamLayout, ReduceOp, Result,
+        StepMetrics, Strategy, Tag, TrainConfig, TrainContext, TrainSummary,
     };
 
-    use super::{state_from_abi, state_to_abi};
-    use crate::{AbiBuf, AbiParam, DataPartitionerBox, LinkBox, ModelPartitionerBox, OptimizerBox};
+    use super::to_abi::{batch_from_abi, batch_to_abi};
+    use super::*;
+    use crate::traits::*;
+    use crate::AbiParam;
 
-    fn timeout_ns(d: Deadline) -> u64 {
-        d.remaining().as_nanos().min(u128::from(u64::MAX)) as u64
+    fn comm_err(e: AbiError) -> CommError {
+        e.into_comm()
     }
 
-    struct LoadedOptimizer {
-        inner: OptimizerBox,
+    struct LoadedOptimizer<'a, P: GetPointerKind> {
+        inner: OptimizerAbi_TO<'a, P>,
         lr: f64,
     }
 
-    impl Optimizer for LoadedOptimizer {
+    impl<P: AsMutPtr<PtrTarget = ()> + Send> Optimizer for LoadedOptimizer<'_, P> {
         fn step(&mut self, params: &mut [Param<'_>]) -> Result<()> {
             let mut abi: Vec<AbiParam<'_>> = params
                 .iter_mut()
@@ -238,9 +569,9 @@ pub mod from_abi {
         }
     }
 
-    struct LoadedDataPartitioner(DataPartitionerBox);
+    struct LoadedDataPartitioner<'a, P: GetPointerKind>(DataPartitionerAbi_TO<'a, P>);
 
-    impl DataPartitioner for LoadedDataPartitioner {
+    impl<P: AsPtr<PtrTarget = ()> + Send + Sync> DataPartitioner for LoadedDataPartitioner<'_, P> {
         fn shard(&self, epoch: u64, num_samples: usize, rank: usize, world: usize) -> Result<Vec<usize>> {
             let v = self.0.shard(epoch, num_samples as u64, rank as u64, world as u64).into_result()?;
             Ok(v.into_iter().map(|i| i as usize).collect())
@@ -269,18 +600,18 @@ pub mod from_abi {
         fn world_size(&self) -> usize {
             self.world
         }
-        fn send(&self, peer: usize, tag: Tag, data: &[u8], deadline: Deadline) -> Result<(), CommError> {
+        fn send(&self, peer: usize, tag: Tag, data: &[u8], dl: Deadline) -> Result<(), CommError> {
             self.inner
-                .send(peer as u64, tag.0, RSlice::from_slice(data), timeout_ns(deadline))
+                .send(peer as u64, tag.0, RSlice::from_slice(data), timeout_ns(dl))
                 .into_result()
-                .map_err(|e| e.into_comm())
+                .map_err(comm_err)
         }
-        fn recv(&self, peer: usize, tag: Tag, deadline: Deadline) -> Result<Vec<u8>, CommError> {
+        fn recv(&self, peer: usize, tag: Tag, dl: Deadline) -> Result<Vec<u8>, CommError> {
             self.inner
-                .recv(peer as u64, tag.0, timeout_ns(deadline))
+                .recv(peer as u64, tag.0, timeout_ns(dl))
                 .into_result()
                 .map(|v| v.into_vec())
-                .map_err(|e| e.into_comm())
+                .map_err(comm_err)
         }
         fn abort(&self, culprit: usize, reason: &str) {
             let _ = self.inner.abort(culprit as u64, RStr::from_str(reason));
@@ -292,21 +623,175 @@ pub mod from_abi {
                 .map(|v| v.into_iter().map(|r| (r.start as usize, r.end as usize)).collect())
                 .unwrap_or_default()
         }
-        fn close(&self, deadline: Deadline) -> Result<(), CommError> {
-            self.inner.close(timeout_ns(deadline)).into_result().map_err(|e| e.into_comm())
+        fn close(&self, dl: Deadline) -> Result<(), CommError> {
+            self.inner.close(timeout_ns(dl)).into_result().map_err(comm_err)
         }
         fn native_allreduce(
             &self,
             buf: &mut [u8],
             dtype: DType,
             op: ReduceOp,
-            deadline: Deadline,
+            dl: Deadline,
         ) -> Result<(), CommError> {
             let buf = AbiBuf { bytes: RSliceMut::from_mut_slice(buf), dtype: dtype.code() };
+            self.inner.native_allreduce(buf, op.code(), timeout_ns(dl)).into_result().map_err(comm_err)
+        }
+    }
+
+    struct LoadedCommunicator<'a, P: GetPointerKind> {
+        inner: CommunicatorAbi_TO<'a, P>,
+        rank: usize,
+        world: usize,
+    }
+
+    impl<P: AsPtr<PtrTarget = ()> + Send + Sync> Communicator for LoadedCommunicator<'_, P> {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.world
+        }
+        fn send(&self, peer: usize, tag: u32, data: &[u8], dl: Deadline) -> Result<(), CommError> {
             self.inner
-                .native_allreduce(buf, op.code(), timeout_ns(deadline))
+                .send(peer as u64, tag, RSlice::from_slice(data), timeout_ns(dl))
                 .into_result()
-                .map_err(|e| e.into_comm())
+                .map_err(comm_err)
+        }
+        fn recv(&self, peer: usize, tag: u32, dl: Deadline) -> Result<Vec<u8>, CommError> {
+            self.inner
+                .recv(peer as u64, tag, timeout_ns(dl))
+                .into_result()
+                .map(|v| v.into_vec())
+                .map_err(comm_err)
+        }
+        fn allreduce(
+            &self,
+            buf: &mut [u8],
+            dtype: DType,
+            op: ReduceOp,
+            dl: Deadline,
+        ) -> Result<(), CommError> {
+            let buf = AbiBuf { bytes: RSliceMut::from_mut_slice(buf), dtype: dtype.code() };
+            self.inner.allreduce(buf, op.code(), timeout_ns(dl)).into_result().map_err(comm_err)
+        }
+        fn broadcast(&self, buf: &mut [u8], root: usize, dl: Deadline) -> Result<(), CommError> {
+            self.inner
+                .broadcast(RSliceMut::from_mut_slice(buf), root as u64, timeout_ns(dl))
+                .into_result()
+                .map_err(comm_err)
+        }
+        fn allgather(&self, input: &[u8], output: &mut [u8], dl: Deadline) -> Result<(), CommError> {
+            self.inner
+                .allgather(RSlice::from_slice(input), RSliceMut::from_mut_slice(output), timeout_ns(dl))
+                .into_result()
+                .map_err(comm_err)
+        }
+        fn reduce_scatter(
+            &self,
+            input: &[u8],
+            output: &mut [u8],
+            dtype: DType,
+            op: ReduceOp,
+            dl: Deadline,
+        ) -> Result<(), CommError> {
+            let out = AbiBuf { bytes: RSliceMut::from_mut_slice(output), dtype: dtype.code() };
+            self.inner
+                .reduce_scatter(RSlice::from_slice(input), out, op.code(), timeout_ns(dl))
+                .into_result()
+                .map_err(comm_err)
+        }
+        fn barrier(&self, dl: Deadline) -> Result<(), CommError> {
+            self.inner.barrier(timeout_ns(dl)).into_result().map_err(comm_err)
+        }
+        fn split(
+            &self,
+            color: Option<u32>,
+            key: u32,
+            dl: Deadline,
+        ) -> Result<Option<Box<dyn Communicator>>, CommError> {
+            let sub = self
+                .inner
+                .split(ROption::from(color), key, timeout_ns(dl))
+                .into_result()
+                .map_err(comm_err)?;
+            match sub.into_option() {
+                None => Ok(None),
+                Some(b) => Ok(Some(communicator(b)?)),
+            }
+        }
+    }
+
+    struct LoadedModel<'a, P: GetPointerKind> {
+        inner: ModelAbi_TO<'a, P>,
+        layout: ParamLayout,
+    }
+
+    impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
+        fn layout(&self) -> &ParamLayout {
+            &self.layout
+        }
+        fn read_params(&self, out: &mut [f32]) -> Result<()> {
+            self.inner.read_params(RSliceMut::from_mut_slice(out)).into_result().map_err(Error::from)
+        }
+        fn write_params(&mut self, src: &[f32]) -> Result<()> {
+            self.inner.write_params(RSlice::from_slice(src)).into_result().map_err(Error::from)
+        }
+        fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
+            self.inner
+                .forward_backward(batch_to_abi(batch), RSliceMut::from_mut_slice(grads))
+                .into_result()
+                .map_err(Error::from)
+        }
+        fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
+            let e = self.inner.evaluate(batch_to_abi(batch)).into_result()?;
+            Ok((e.loss_sum, e.correct as usize))
+        }
+    }
+
+    struct LoadedCompute {
+        inner: ComputeBox,
+        device: String,
+    }
+
+    impl ComputeBackend for LoadedCompute {
+        fn device(&self) -> &str {
+            &self.device
+        }
+        fn build_model(&self, spec: &ModelSpec, seed: u64) -> Result<Box<dyn Model>> {
+            model(self.inner.build_model(spec_to_abi(spec), seed).into_result()?)
+        }
+    }
+
+    struct LoadedMetrics<'a, P: GetPointerKind>(MetricsSinkAbi_TO<'a, P>);
+
+    impl<P: AsMutPtr<PtrTarget = ()>> MetricsSink for LoadedMetrics<'_, P> {
+        fn record(&mut self, metrics: &StepMetrics) {
+            if let Err(e) = self.0.record(metrics_to_abi(metrics)).into_result() {
+                tracing_free_warn(&Error::from(e));
+            }
+        }
+    }
+
+    /// The ABI crate logs nothing (no `tracing` dependency); a failing metrics sink is
+    /// the host's own bug, reported on stderr once per failure.
+    fn tracing_free_warn(e: &Error) {
+        eprintln!("warning: metrics sink failed: {e}");
+    }
+
+    struct LoadedStrategy {
+        inner: StrategyBox,
+        name: String,
+    }
+
+    impl Strategy for LoadedStrategy {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
+            let inner = &mut self.inner;
+            super::to_abi::with_train_context("sheaf-host", ctx, |abi| inner.train(abi).into_result())
+                .map(|s| summary_from_abi(&s))
+                .map_err(Error::from)
         }
     }
 
@@ -330,5 +815,59 @@ pub mod from_abi {
         let rank = inner.rank().into_result()? as usize;
         let world = inner.world_size().into_result()? as usize;
         Ok(Box::new(LoadedLink { inner, rank, world }))
+    }
+
+    pub fn communicator(inner: CommunicatorBox) -> Result<Box<dyn Communicator>, CommError> {
+        let rank = inner.rank().into_result().map_err(comm_err)? as usize;
+        let world = inner.world_size().into_result().map_err(comm_err)? as usize;
+        Ok(Box::new(LoadedCommunicator { inner, rank, world }))
+    }
+
+    pub fn model(inner: ModelBox) -> Result<Box<dyn Model>> {
+        let layout = layout_from_abi(&inner.layout().into_result()?);
+        Ok(Box::new(LoadedModel { inner, layout }))
+    }
+
+    pub fn compute(inner: ComputeBox) -> Result<Box<dyn ComputeBackend>> {
+        let device = inner.device().into_result()?.into_string();
+        Ok(Box::new(LoadedCompute { inner, device }))
+    }
+
+    pub fn strategy(inner: StrategyBox) -> Result<Box<dyn Strategy>> {
+        let name = inner.name().into_result()?.into_string();
+        Ok(Box::new(LoadedStrategy { inner, name }))
+    }
+
+    /// The plugin's side of `train`: turns the lent ABI context back into a core
+    /// [`TrainContext`] for the duration of `f`.
+    pub fn train_context<R>(
+        ctx: AbiTrainContext<'_>,
+        f: impl FnOnce(TrainContext<'_>) -> Result<R>,
+    ) -> Result<R> {
+        let AbiTrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        let rank = comm.rank().into_result()? as usize;
+        let world = comm.world_size().into_result()? as usize;
+        let comm = LoadedCommunicator { inner: comm, rank, world };
+        let layout = layout_from_abi(&model.layout().into_result()?);
+        let mut model = LoadedModel { inner: model, layout };
+        let lr = optimizer.learning_rate().into_result()?;
+        let mut optimizer = LoadedOptimizer { inner: optimizer, lr };
+        let partitioner = LoadedDataPartitioner(partitioner);
+        let mut metrics = LoadedMetrics(metrics);
+        f(TrainContext {
+            config: TrainConfig {
+                seed: config.seed,
+                epochs: config.epochs,
+                batch_size: config.batch_size as usize,
+                max_steps: (config.max_steps != u64::MAX).then_some(config.max_steps),
+            },
+            comm: &comm,
+            model: &mut model,
+            optimizer: &mut optimizer,
+            partitioner: &partitioner,
+            train: batch_from_abi(&train),
+            test: batch_from_abi(&test),
+            metrics: &mut metrics,
+        })
     }
 }

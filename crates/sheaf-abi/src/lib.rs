@@ -22,8 +22,10 @@ pub use module::{
     abi_version_compatible, root_module, AbiProvided, Manifest, Plugin, PluginMod, PluginModRef,
 };
 pub use traits::{
-    AbiBuf, AbiOptimState, AbiParam, AbiRange, DataPartitionerAbi, DataPartitionerBox, LinkAbi, LinkBox,
-    ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox,
+    AbiBatch, AbiBuf, AbiEval, AbiModelSpec, AbiOptimState, AbiParam, AbiParamSpec, AbiRange, AbiStepMetrics,
+    AbiSummary, AbiTrainConfig, AbiTrainContext, CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox,
+    DataPartitionerAbi, DataPartitionerBox, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox,
+    ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox,
 };
 
 #[doc(hidden)]

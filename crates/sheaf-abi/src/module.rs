@@ -6,10 +6,15 @@ use abi_stable::prefix_type::PrefixTypeTrait;
 use abi_stable::sabi_types::VersionStrings;
 use abi_stable::std_types::{RResult, RStr, RString, RVec};
 use abi_stable::StableAbi;
-use sheaf_core::{DataPartitioner, Error, Link, ModelPartitioner, Optimizer, PluginKind, Provided, Result};
+use sheaf_core::{
+    ComputeBackend, DataPartitioner, Error, Link, ModelPartitioner, Optimizer, PluginKind, Provided, Result,
+    Strategy,
+};
 
 use crate::adapters::{guard, to_abi};
-use crate::{AbiError, DataPartitionerBox, LinkBox, ModelPartitionerBox, OptimizerBox};
+use crate::{
+    AbiError, ComputeBox, DataPartitionerBox, LinkBox, ModelPartitionerBox, OptimizerBox, StrategyBox,
+};
 
 /// What a plugin library says about itself.
 #[repr(C)]
@@ -41,8 +46,10 @@ pub struct PluginMod {
     pub new_optimizer: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<OptimizerBox, AbiError>,
     pub new_data_partitioner: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<DataPartitionerBox, AbiError>,
     pub new_model_partitioner: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<ModelPartitionerBox, AbiError>,
-    #[sabi(last_prefix_field)]
     pub new_link: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<LinkBox, AbiError>,
+    pub new_compute: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<ComputeBox, AbiError>,
+    #[sabi(last_prefix_field)]
+    pub new_strategy: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<StrategyBox, AbiError>,
 }
 
 impl RootModule for PluginModRef {
@@ -89,9 +96,21 @@ pub trait Plugin: 'static {
         Err(unsupported::<Self>(PluginKind::ModelPartitioner, name))
     }
 
+    /// A transport's link for this process; `config` carries the rank, the world
+    /// size and the rendezvous address.
     fn link(name: &str, config: &str) -> Result<Box<dyn Link>> {
         let _ = config;
         Err(unsupported::<Self>(PluginKind::Transport, name))
+    }
+
+    fn compute(name: &str, config: &str) -> Result<Box<dyn ComputeBackend>> {
+        let _ = config;
+        Err(unsupported::<Self>(PluginKind::Compute, name))
+    }
+
+    fn strategy(name: &str, config: &str) -> Result<Box<dyn Strategy>> {
+        let _ = config;
+        Err(unsupported::<Self>(PluginKind::Strategy, name))
     }
 }
 
@@ -141,6 +160,18 @@ extern "C" fn new_link<P: Plugin>(name: RStr<'_>, config: RStr<'_>) -> RResult<L
     guard(P::NAME, "new_link", || Ok(to_abi::link(P::NAME, P::link(name.as_str(), config.as_str())?)))
 }
 
+extern "C" fn new_compute<P: Plugin>(name: RStr<'_>, config: RStr<'_>) -> RResult<ComputeBox, AbiError> {
+    guard(P::NAME, "new_compute", || {
+        Ok(to_abi::compute(P::NAME, P::compute(name.as_str(), config.as_str())?))
+    })
+}
+
+extern "C" fn new_strategy<P: Plugin>(name: RStr<'_>, config: RStr<'_>) -> RResult<StrategyBox, AbiError> {
+    guard(P::NAME, "new_strategy", || {
+        Ok(to_abi::strategy(P::NAME, P::strategy(name.as_str(), config.as_str())?))
+    })
+}
+
 /// The root module for plugin `P`; called by [`crate::export_plugin!`].
 pub fn root_module<P: Plugin>() -> PluginModRef {
     PluginMod {
@@ -149,6 +180,8 @@ pub fn root_module<P: Plugin>() -> PluginModRef {
         new_data_partitioner: new_data_partitioner::<P>,
         new_model_partitioner: new_model_partitioner::<P>,
         new_link: new_link::<P>,
+        new_compute: new_compute::<P>,
+        new_strategy: new_strategy::<P>,
     }
     .leak_into_prefix()
 }

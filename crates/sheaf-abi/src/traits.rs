@@ -6,8 +6,9 @@
 #![allow(non_local_definitions)]
 
 use abi_stable::sabi_trait;
-use abi_stable::std_types::{RBox, RResult, RSlice, RSliceMut, RStr, RString, RVec};
+use abi_stable::std_types::{RBox, ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
 use abi_stable::StableAbi;
+use abi_stable::{RMut, RRef};
 
 use crate::AbiError;
 
@@ -86,3 +87,148 @@ pub type OptimizerBox = OptimizerAbi_TO<'static, RBox<()>>;
 pub type DataPartitionerBox = DataPartitionerAbi_TO<'static, RBox<()>>;
 pub type ModelPartitionerBox = ModelPartitionerAbi_TO<'static, RBox<()>>;
 pub type LinkBox = LinkAbi_TO<'static, RBox<()>>;
+
+/// One named parameter's shape.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiParamSpec {
+    pub name: RString,
+    pub shape: RVec<u64>,
+}
+
+/// A batch lent for one call: `inputs` is `[labels.len(), input_dim]`.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy)]
+pub struct AbiBatch<'a> {
+    pub inputs: RSlice<'a, f32>,
+    pub labels: RSlice<'a, u32>,
+    pub input_dim: u64,
+}
+
+/// What `evaluate` returns.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq)]
+pub struct AbiEval {
+    pub loss_sum: f64,
+    pub correct: u64,
+}
+
+/// A model spec: layer widths and an activation code (0 relu, 1 tanh).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiModelSpec {
+    pub layers: RVec<u64>,
+    pub activation: u8,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiStepMetrics {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub samples_per_sec: f64,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiTrainConfig {
+    pub seed: u64,
+    pub epochs: u64,
+    pub batch_size: u64,
+    /// `u64::MAX` when unset.
+    pub max_steps: u64,
+}
+
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiSummary {
+    pub epochs: u64,
+    pub steps: u64,
+    pub final_loss: f64,
+    pub test_accuracy: f64,
+    pub samples_per_sec: f64,
+    pub wall_seconds: f64,
+}
+
+/// A communicator: the host's collectives, lent to strategy plugins.
+#[sabi_trait]
+pub trait CommunicatorAbi: Send + Sync {
+    fn rank(&self) -> RResult<u64, AbiError>;
+    fn world_size(&self) -> RResult<u64, AbiError>;
+    fn send(&self, peer: u64, tag: u32, data: RSlice<'_, u8>, timeout_ns: u64) -> RResult<(), AbiError>;
+    fn recv(&self, peer: u64, tag: u32, timeout_ns: u64) -> RResult<RVec<u8>, AbiError>;
+    fn allreduce(&self, buf: AbiBuf<'_>, op: u8, timeout_ns: u64) -> RResult<(), AbiError>;
+    fn broadcast(&self, buf: RSliceMut<'_, u8>, root: u64, timeout_ns: u64) -> RResult<(), AbiError>;
+    fn allgather(
+        &self,
+        input: RSlice<'_, u8>,
+        output: RSliceMut<'_, u8>,
+        timeout_ns: u64,
+    ) -> RResult<(), AbiError>;
+    fn reduce_scatter(
+        &self,
+        input: RSlice<'_, u8>,
+        output: AbiBuf<'_>,
+        op: u8,
+        timeout_ns: u64,
+    ) -> RResult<(), AbiError>;
+    fn barrier(&self, timeout_ns: u64) -> RResult<(), AbiError>;
+    #[sabi(last_prefix_field)]
+    fn split(
+        &self,
+        color: ROption<u32>,
+        key: u32,
+        timeout_ns: u64,
+    ) -> RResult<ROption<CommunicatorBox>, AbiError>;
+}
+
+#[sabi_trait]
+pub trait ModelAbi: Send {
+    fn layout(&self) -> RResult<RVec<AbiParamSpec>, AbiError>;
+    fn read_params(&self, out: RSliceMut<'_, f32>) -> RResult<(), AbiError>;
+    fn write_params(&mut self, src: RSlice<'_, f32>) -> RResult<(), AbiError>;
+    fn forward_backward(&mut self, batch: AbiBatch<'_>, grads: RSliceMut<'_, f32>) -> RResult<f32, AbiError>;
+    #[sabi(last_prefix_field)]
+    fn evaluate(&mut self, batch: AbiBatch<'_>) -> RResult<AbiEval, AbiError>;
+}
+
+#[sabi_trait]
+pub trait ComputeAbi: Send + Sync {
+    fn device(&self) -> RResult<RString, AbiError>;
+    #[sabi(last_prefix_field)]
+    fn build_model(&self, spec: AbiModelSpec, seed: u64) -> RResult<ModelBox, AbiError>;
+}
+
+#[sabi_trait]
+pub trait MetricsSinkAbi {
+    #[sabi(last_prefix_field)]
+    fn record(&mut self, metrics: AbiStepMetrics) -> RResult<(), AbiError>;
+}
+
+/// Everything a strategy trains with, lent by the host for one `train` call.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct AbiTrainContext<'a> {
+    pub config: AbiTrainConfig,
+    pub comm: CommunicatorAbi_TO<'a, RRef<'a, ()>>,
+    pub model: ModelAbi_TO<'a, RMut<'a, ()>>,
+    pub optimizer: OptimizerAbi_TO<'a, RMut<'a, ()>>,
+    pub partitioner: DataPartitionerAbi_TO<'a, RRef<'a, ()>>,
+    pub train: AbiBatch<'a>,
+    pub test: AbiBatch<'a>,
+    pub metrics: MetricsSinkAbi_TO<'a, RMut<'a, ()>>,
+}
+
+#[sabi_trait]
+pub trait StrategyAbi: Send {
+    fn name(&self) -> RResult<RString, AbiError>;
+    #[sabi(last_prefix_field)]
+    fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<AbiSummary, AbiError>;
+}
+
+pub type CommunicatorBox = CommunicatorAbi_TO<'static, RBox<()>>;
+pub type ModelBox = ModelAbi_TO<'static, RBox<()>>;
+pub type ComputeBox = ComputeAbi_TO<'static, RBox<()>>;
+pub type StrategyBox = StrategyAbi_TO<'static, RBox<()>>;

@@ -1,0 +1,88 @@
+//! The MLP's gradients against finite differences, its parameter round trip, and
+//! its errors.
+
+use sheaf_core::{Batch, ComputeBackend, Model, ModelSpec};
+
+use crate::CandleBackend;
+
+fn batch_data(n: usize, d: usize, classes: u32) -> (Vec<f32>, Vec<u32>) {
+    let inputs = (0..n * d).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+    let labels = (0..n as u32).map(|i| i % classes).collect();
+    (inputs, labels)
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    for spec in [
+        ModelSpec::mlp(vec![5, 7, 3]),
+        ModelSpec { layers: vec![4, 6, 6, 2], activation: sheaf_core::Activation::Tanh },
+    ] {
+        let mut m = CandleBackend::new("cpu").unwrap().build_model(&spec, 3).unwrap();
+        let (inputs, labels) = batch_data(9, spec.layers[0], *spec.layers.last().unwrap() as u32);
+        let batch = Batch { inputs: &inputs, labels: &labels, input_dim: spec.layers[0] };
+        let total = m.layout().total();
+        let mut grads = vec![0f32; total];
+        m.forward_backward(&batch, &mut grads).unwrap();
+        let mut params = vec![0f32; total];
+        m.read_params(&mut params).unwrap();
+        let loss_at = |m: &mut Box<dyn Model>, p: &[f32]| {
+            m.write_params(p).unwrap();
+            m.evaluate(&batch).unwrap().0 / labels.len() as f64
+        };
+        for i in (0..total).step_by(3) {
+            let h = 1e-2f32;
+            let mut plus = params.clone();
+            plus[i] += h;
+            let mut minus = params.clone();
+            minus[i] -= h;
+            let numeric = (loss_at(&mut m, &plus) - loss_at(&mut m, &minus)) / (2.0 * f64::from(h));
+            assert!(
+                (numeric - f64::from(grads[i])).abs() < 2e-3,
+                "param {i}: numeric {numeric} vs {}",
+                grads[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn params_round_trip_and_init_is_seeded() {
+    let spec = ModelSpec::mlp(vec![64, 32, 10]);
+    let backend = CandleBackend::new("cpu").unwrap();
+    let a = backend.build_model(&spec, 1).unwrap();
+    let mut b = backend.build_model(&spec, 2).unwrap();
+    let mut pa = vec![0f32; a.layout().total()];
+    let mut pb = pa.clone();
+    a.read_params(&mut pa).unwrap();
+    b.read_params(&mut pb).unwrap();
+    assert_ne!(pa, pb);
+    assert_eq!(pa, crate::init_params(&spec, 1));
+    b.write_params(&pa).unwrap();
+    b.read_params(&mut pb).unwrap();
+    assert_eq!(pa, pb);
+    // Layer 0 has fan-in 64, layer 1 fan-in 32.
+    let w0 = 64 * 32 + 32;
+    assert!(pa[..w0].iter().all(|v| v.abs() <= 1.0 / 8.0));
+    assert!(pa[w0..].iter().all(|v| v.abs() <= 1.0 / 32f32.sqrt()));
+}
+
+#[test]
+fn wrong_shapes_and_devices_are_errors() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    let mut m = backend.build_model(&ModelSpec::mlp(vec![4, 3]), 0).unwrap();
+    let mut grads = vec![0f32; m.layout().total()];
+    let (inputs, labels) = batch_data(2, 5, 3);
+    let e = m
+        .forward_backward(&Batch { inputs: &inputs, labels: &labels, input_dim: 5 }, &mut grads)
+        .unwrap_err();
+    assert!(e.to_string().contains("4 inputs"), "{e}");
+    let (inputs, _) = batch_data(2, 4, 3);
+    let e = m.evaluate(&Batch { inputs: &inputs, labels: &[0, 9], input_dim: 4 }).unwrap_err();
+    assert!(e.to_string().contains("label 9"), "{e}");
+    assert!(backend.build_model(&ModelSpec::mlp(vec![4]), 0).is_err());
+    if !cfg!(feature = "cuda") {
+        let e = CandleBackend::new("cuda:0").err().unwrap().to_string();
+        assert!(e.contains("built without CUDA support"), "{e}");
+    }
+    assert!(CandleBackend::new("tpu").is_err());
+}
