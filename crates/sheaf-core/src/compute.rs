@@ -103,6 +103,21 @@ impl ParamLayout {
     pub fn range(&self, i: usize) -> Range<usize> {
         self.offsets[i]..self.offsets[i] + self.specs[i].numel()
     }
+
+    /// Named views of flat `values` and `grads` (both `total()` long), one per
+    /// parameter, as an optimizer step takes them.
+    pub fn params<'a>(&'a self, values: &'a mut [f32], grads: &'a [f32]) -> Vec<crate::Param<'a>> {
+        assert_eq!(values.len(), self.total, "values do not match the layout");
+        assert_eq!(grads.len(), self.total, "grads do not match the layout");
+        let mut out = Vec::with_capacity(self.specs.len());
+        let mut rest = values;
+        for (i, spec) in self.specs.iter().enumerate() {
+            let (value, tail) = rest.split_at_mut(spec.numel());
+            rest = tail;
+            out.push(crate::Param { name: &spec.name, value, grad: &grads[self.range(i)] });
+        }
+        out
+    }
 }
 
 /// A batch of samples: `inputs` is row-major `[labels.len(), input_dim]`.

@@ -1,0 +1,226 @@
+//! Sheaf plugin: data-parallel training.
+//!
+//! Every rank holds the whole model. Rank 0's initial parameters are broadcast; each
+//! epoch's sample order is a permutation drawn from the seed (the same on every rank
+//! and at every world size); each global batch of `batch_size` samples is split among
+//! the ranks by the data partitioner; each rank's mean gradient is weighted by its
+//! share of the batch and the gradients (with the loss riding along) are summed with
+//! one allreduce, so every rank holds the gradient of the mean loss over the whole
+//! global batch: the same as one process training on that batch. Every rank then takes
+//! the same optimizer step. A parameter checksum compared across ranks every
+//! `checksum_every` steps and at the end turns any desync into an error.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sheaf_core::{
+    Batch, Communicator, DType, Deadline, Error, PluginKind, Provided, ReduceOp, Result, StepMetrics,
+    Strategy, TrainContext, TrainSummary,
+};
+
+/// The plugin as exported to the host.
+pub struct DataParallelPlugin;
+
+impl sheaf_abi::Plugin for DataParallelPlugin {
+    const NAME: &'static str = "sheaf-strategy-data-parallel";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    fn provides() -> Vec<Provided> {
+        vec![Provided { kind: PluginKind::Strategy, name: "data-parallel".into() }]
+    }
+
+    fn strategy(name: &str, config: &str) -> Result<Box<dyn Strategy>> {
+        if name != "data-parallel" {
+            return Err(Error::config(
+                "parallel.strategy",
+                format!("unknown strategy `{name}` (this plugin has data-parallel)"),
+            ));
+        }
+        Ok(Box::new(DataParallel::new(DataParallelConfig::parse(config)?)))
+    }
+}
+
+sheaf_abi::export_plugin!(DataParallelPlugin);
+
+/// Settings, as JSON.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataParallelConfig {
+    /// Deadline of each collective, in milliseconds.
+    pub timeout_ms: u64,
+    /// Compare parameter checksums across ranks every this many steps (0: only at the end).
+    pub checksum_every: u64,
+}
+
+impl Default for DataParallelConfig {
+    fn default() -> Self {
+        DataParallelConfig { timeout_ms: 60_000, checksum_every: 50 }
+    }
+}
+
+impl DataParallelConfig {
+    pub fn parse(json: &str) -> Result<DataParallelConfig> {
+        if json.trim().is_empty() {
+            return Ok(DataParallelConfig::default());
+        }
+        serde_json::from_str(json).map_err(|e| Error::config("parallel", e))
+    }
+}
+
+pub struct DataParallel {
+    config: DataParallelConfig,
+}
+
+impl DataParallel {
+    pub fn new(config: DataParallelConfig) -> DataParallel {
+        DataParallel { config }
+    }
+
+    fn deadline(&self) -> Deadline {
+        Deadline::after(Duration::from_millis(self.config.timeout_ms))
+    }
+}
+
+/// The sample order of one epoch: a permutation of `0..n` from `(seed, epoch)`.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut state = seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0xA5A5_5A5A;
+    let mut perm: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        perm.swap(i, (z % (i as u64 + 1)) as usize);
+    }
+    perm
+}
+
+/// The rows `indices` of `data`, gathered.
+fn gather(data: &Batch<'_>, indices: &[usize]) -> (Vec<f32>, Vec<u32>) {
+    let d = data.input_dim;
+    let mut inputs = Vec::with_capacity(indices.len() * d);
+    for &i in indices {
+        inputs.extend_from_slice(&data.inputs[i * d..(i + 1) * d]);
+    }
+    (inputs, indices.iter().map(|&i| data.labels[i]).collect())
+}
+
+fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(v)
+}
+
+/// Checks that every rank holds bit-identical parameters: each rank's checksum (an
+/// order-sensitive hash of the bits) must equal the maximum and the minimum over ranks.
+fn check_in_sync(comm: &dyn Communicator, params: &[f32], step: u64, dl: Deadline) -> Result<()> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in params {
+        h = (h ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
+    }
+    // Two halves as exact f64 values so max/min compare them bit for bit.
+    let mine = [(h >> 32) as f64, (h & 0xffff_ffff) as f64];
+    let mut max = mine;
+    let mut min = mine;
+    comm.allreduce(bytemuck::cast_slice_mut(&mut max), DType::F64, ReduceOp::Max, dl)?;
+    comm.allreduce(bytemuck::cast_slice_mut(&mut min), DType::F64, ReduceOp::Min, dl)?;
+    if max != mine || min != mine {
+        return Err(Error::BadState(format!(
+            "data-parallel ranks diverged by step {step}: rank {} has parameter checksum {h:016x}, others differ",
+            comm.rank()
+        )));
+    }
+    Ok(())
+}
+
+impl Strategy for DataParallel {
+    fn name(&self) -> &str {
+        "data-parallel"
+    }
+
+    fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
+        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        let (rank, world) = (comm.rank(), comm.world_size());
+        if config.batch_size == 0 {
+            return Err(Error::config("train.batch_size", "must be at least 1"));
+        }
+        if train.is_empty() {
+            return Err(Error::config("data.dataset", "the training set is empty"));
+        }
+        let layout = model.layout().clone();
+        let total = layout.total();
+        let mut params = vec![0f32; total];
+        model.read_params(&mut params)?;
+        comm.broadcast(f32_bytes_mut(&mut params), 0, self.deadline())?;
+        model.write_params(&params)?;
+
+        let start = Instant::now();
+        let mut grads = vec![0f32; total];
+        // Gradients then the batch loss, reduced together.
+        let mut reduced = vec![0f32; total + 1];
+        let mut step = 0u64;
+        let mut epochs_done = 0;
+        let mut last_loss = f64::NAN;
+        let mut samples = 0usize;
+        'epochs: for epoch in 0..config.epochs {
+            let order = epoch_order(train.len(), config.seed, epoch);
+            for global in order.chunks(config.batch_size) {
+                if config.max_steps.is_some_and(|m| step >= m) {
+                    break 'epochs;
+                }
+                let t0 = Instant::now();
+                let mine: Vec<usize> = partitioner
+                    .shard(step, global.len(), rank, world)?
+                    .into_iter()
+                    .map(|i| global[i])
+                    .collect();
+                let (inputs, labels) = gather(&train, &mine);
+                let local = Batch { inputs: &inputs, labels: &labels, input_dim: train.input_dim };
+                let loss = model.forward_backward(&local, &mut grads)?;
+                let share = mine.len() as f32 / global.len() as f32;
+                for (r, g) in reduced.iter_mut().zip(&grads) {
+                    *r = g * share;
+                }
+                reduced[total] = loss * share;
+                comm.allreduce(f32_bytes_mut(&mut reduced), DType::F32, ReduceOp::Sum, self.deadline())?;
+                optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
+                model.write_params(&params)?;
+                step += 1;
+                samples += global.len();
+                last_loss = f64::from(reduced[total]);
+                metrics.record(&StepMetrics {
+                    step,
+                    epoch,
+                    loss: last_loss,
+                    lr: optimizer.learning_rate(),
+                    samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                });
+                if self.config.checksum_every > 0 && step % self.config.checksum_every == 0 {
+                    check_in_sync(comm, &params, step, self.deadline())?;
+                }
+            }
+            epochs_done = epoch + 1;
+        }
+        let wall = start.elapsed().as_secs_f64();
+        check_in_sync(comm, &params, step, self.deadline())?;
+
+        // Test accuracy: each rank evaluates its share of the test set.
+        let shard = partitioner.shard(0, test.len(), rank, world)?;
+        let (inputs, labels) = gather(&test, &shard);
+        let (loss_sum, correct) =
+            model.evaluate(&Batch { inputs: &inputs, labels: &labels, input_dim: test.input_dim })?;
+        let mut totals = [loss_sum, correct as f64, shard.len() as f64];
+        comm.allreduce(bytemuck::cast_slice_mut(&mut totals), DType::F64, ReduceOp::Sum, self.deadline())?;
+        let test_accuracy = if totals[2] > 0.0 { totals[1] / totals[2] } else { f64::NAN };
+        Ok(TrainSummary {
+            epochs: epochs_done,
+            steps: step,
+            final_loss: last_loss,
+            test_accuracy,
+            samples_per_sec: samples as f64 / wall.max(1e-9),
+            wall_seconds: wall,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
