@@ -1,0 +1,50 @@
+//! Sheaf plugin: the ZeroMQ transport, over `tcp://` or `ipc://`.
+//!
+//! The plugin owns a small tokio runtime on its own threads (tokio's context does not
+//! cross `dlopen`) and exposes the blocking, deadline-bound [`sheaf_core::Link`]. Each
+//! rank binds one PULL inbox and connects one PUSH socket to every peer's inbox; ranks
+//! find each other the way torchrun's do: rank 0 listens on `MASTER_ADDR:MASTER_PORT`,
+//! the others connect, and rank 0 tells everyone everyone's inbox.
+//!
+//! ZeroMQ's `send` returns once a message is queued and has no byte-based
+//! backpressure, so the wire protocol adds what a trainer needs: messages are cut into
+//! chunks, every chunk is acknowledged, a sender waits for credit once a window of
+//! bytes is unacknowledged, `close` returns only once every peer has acknowledged
+//! everything sent (and said goodbye), heartbeats and connection monitoring detect a
+//! dead peer, and an abort frame tells every rank whom a failing rank blames.
+
+mod link;
+mod wire;
+
+pub use link::{Scheme, ZmqConfig, ZmqLink};
+
+use sheaf_core::{Error, Link, PluginKind, Provided, Result};
+
+/// The plugin as exported to the host.
+pub struct ZmqPlugin;
+
+impl sheaf_abi::Plugin for ZmqPlugin {
+    const NAME: &'static str = "sheaf-transport-zmq";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    fn provides() -> Vec<Provided> {
+        ["zmq-tcp", "zmq-ipc"].map(|n| Provided { kind: PluginKind::Transport, name: n.into() }).to_vec()
+    }
+
+    fn link(name: &str, config: &str) -> Result<Box<dyn Link>> {
+        let scheme = match name {
+            "zmq-tcp" => Scheme::Tcp,
+            "zmq-ipc" => Scheme::Ipc,
+            other => {
+                return Err(Error::config(
+                    "transport.plugin",
+                    format!("unknown transport `{other}` (this plugin has zmq-tcp, zmq-ipc)"),
+                ))
+            }
+        };
+        let config: ZmqConfig = serde_json::from_str(config).map_err(|e| Error::config("transport", e))?;
+        Ok(Box::new(ZmqLink::connect(scheme, config)?))
+    }
+}
+
+sheaf_abi::export_plugin!(ZmqPlugin);

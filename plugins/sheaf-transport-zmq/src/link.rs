@@ -1,0 +1,691 @@
+//! [`ZmqLink`]: the blocking side (host threads) and the async side (the plugin's
+//! runtime) of the ZeroMQ transport, sharing one state behind a mutex and condvar.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Deserialize;
+use sheaf_core::{CommError, Deadline, Link, Op, Tag};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use zeromq::{
+    util::PeerIdentity, DealerSocket, PullSocket, PushSocket, RouterSocket, Socket, SocketEvent,
+    SocketOptions, SocketRecv, SocketSend, ZmqMessage,
+};
+
+use crate::wire::{self, Kind};
+
+/// `tcp://` or `ipc://` for the data plane (rendezvous is always TCP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Tcp,
+    Ipc,
+}
+
+fn default_connect_ms() -> u64 {
+    60_000
+}
+fn default_peer_timeout_ms() -> u64 {
+    15_000
+}
+fn default_heartbeat_ms() -> u64 {
+    500
+}
+fn default_chunk() -> usize {
+    1 << 20
+}
+fn default_window() -> usize {
+    16 << 20
+}
+
+/// What the host passes to the transport (as JSON).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZmqConfig {
+    pub rank: usize,
+    pub world_size: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// The address peers reach this rank's inbox at. Defaults to `127.0.0.1` when the
+    /// master is on this host; required otherwise.
+    #[serde(default)]
+    pub advertise_addr: Option<String>,
+    /// Directory for `ipc://` socket files.
+    #[serde(default)]
+    pub ipc_dir: Option<String>,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// A peer silent (no message, no heartbeat) this long is declared dead.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub peer_timeout_ms: u64,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    #[serde(default = "default_chunk")]
+    pub chunk_bytes: usize,
+    /// Unacknowledged bytes allowed in flight to one peer.
+    #[serde(default = "default_window")]
+    pub window_bytes: usize,
+}
+
+/// Largest message a peer may announce: protects against a garbage length.
+const MAX_MESSAGE: u64 = 1 << 36;
+/// How often blocked calls re-check liveness.
+const POLL: Duration = Duration::from_millis(50);
+
+struct Partial {
+    total: u64,
+    buf: Vec<u8>,
+}
+
+struct State {
+    queues: HashMap<(usize, u64), VecDeque<Vec<u8>>>,
+    partial: HashMap<(usize, u64), Partial>,
+    inflight: Vec<u64>,
+    last_seen: Vec<Instant>,
+    hello: Vec<bool>,
+    dead: Vec<Option<String>>,
+    left: Vec<bool>,
+    bye_acked: Vec<bool>,
+    protocol: Vec<Option<String>>,
+    garbage: Option<String>,
+    abort: Option<(usize, String)>,
+    reports: Vec<(usize, usize)>,
+    closing: bool,
+    closed: bool,
+}
+
+struct Shared {
+    rank: usize,
+    world: usize,
+    peer_timeout: Duration,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, st: MutexGuard<'a, State>, deadline: Deadline) -> MutexGuard<'a, State> {
+        let t = deadline.remaining().min(POLL);
+        self.wake.wait_timeout(st, t).unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Marks peers silent for longer than the peer timeout as dead.
+    fn check_liveness(&self, st: &mut State) {
+        let now = Instant::now();
+        for p in (0..self.world).filter(|&p| p != self.rank) {
+            if st.dead[p].is_none() && !st.left[p] && now.duration_since(st.last_seen[p]) > self.peer_timeout
+            {
+                st.dead[p] = Some(format!("no message or heartbeat for {:?}", self.peer_timeout));
+            }
+        }
+    }
+
+    /// The error a blocked call on `peer` must return now, if any.
+    fn failure(&self, st: &mut State, peer: usize, op: Op) -> Option<CommError> {
+        self.check_liveness(st);
+        if st.closed {
+            return Some(CommError::Closed { op });
+        }
+        if let Some(detail) = &st.protocol[peer] {
+            return Some(CommError::Protocol { op, peer, detail: detail.clone() });
+        }
+        if let Some(detail) = &st.garbage {
+            return Some(CommError::Transport { op, detail: detail.clone() });
+        }
+        if let Some(reason) = &st.dead[peer] {
+            return Some(CommError::PeerFailed { op, peer, reason: reason.clone() });
+        }
+        if let Some((dead, reason)) = st.dead.iter().enumerate().find_map(|(r, d)| d.as_ref().map(|d| (r, d)))
+        {
+            return Some(CommError::PeerFailed { op, peer: dead, reason: reason.clone() });
+        }
+        if let Some((culprit, reason)) = &st.abort {
+            return Some(CommError::Aborted { op, peer: *culprit, reason: reason.clone() });
+        }
+        None
+    }
+
+    /// Handles one frame from the inbox; returns frames to send in reply.
+    fn handle(&self, bytes: &[u8]) -> Vec<(usize, Vec<u8>)> {
+        let mut replies = Vec::new();
+        let mut st = self.lock();
+        let frame = match wire::decode(bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                match wire::claimed_src(bytes)
+                    .map(|s| s as usize)
+                    .filter(|&s| s < self.world && s != self.rank)
+                {
+                    Some(src) => st.protocol[src] = Some(e),
+                    None => st.garbage = Some(format!("garbage message on the inbox: {e}")),
+                }
+                drop(st);
+                self.wake.notify_all();
+                return replies;
+            }
+        };
+        let src = frame.src as usize;
+        if src >= self.world || src == self.rank {
+            st.garbage = Some(format!("message claims to come from rank {src} in a world of {}", self.world));
+            drop(st);
+            self.wake.notify_all();
+            return replies;
+        }
+        st.last_seen[src] = Instant::now();
+        match frame.kind {
+            Kind::Data => {
+                let key = (src, frame.tag);
+                let (total, offset, len) = (frame.a, frame.b, frame.payload.len() as u64);
+                let ok = if offset == 0 && !st.partial.contains_key(&key) {
+                    if total > MAX_MESSAGE {
+                        Err(format!("announced message of {total} bytes"))
+                    } else {
+                        let cap = total.min(64 << 20) as usize;
+                        st.partial.insert(key, Partial { total, buf: Vec::with_capacity(cap) });
+                        Ok(())
+                    }
+                } else {
+                    match st.partial.get(&key) {
+                        Some(p) if p.total == total && p.buf.len() as u64 == offset => Ok(()),
+                        _ => Err(format!(
+                            "chunk at offset {offset} of a {total}-byte message arrived out of order"
+                        )),
+                    }
+                };
+                match ok.and_then(|()| {
+                    let p = st.partial.get_mut(&key).expect("inserted above");
+                    if p.buf.len() as u64 + len > p.total {
+                        return Err(format!("chunk overruns a {}-byte message", p.total));
+                    }
+                    p.buf.extend_from_slice(frame.payload);
+                    Ok(p.buf.len() as u64 == p.total)
+                }) {
+                    Ok(complete) => {
+                        if complete {
+                            let p = st.partial.remove(&key).expect("present");
+                            st.queues.entry(key).or_default().push_back(p.buf);
+                        }
+                        replies.push((src, wire::encode(Kind::Ack, self.rank as u32, 0, len, 0, &[])));
+                    }
+                    Err(e) => st.protocol[src] = Some(e),
+                }
+            }
+            Kind::Ack => {
+                if frame.a > st.inflight[src] {
+                    st.protocol[src] = Some(format!(
+                        "acknowledged {} bytes but only {} were in flight",
+                        frame.a, st.inflight[src]
+                    ));
+                } else {
+                    st.inflight[src] -= frame.a;
+                }
+            }
+            Kind::Hello => st.hello[src] = true,
+            Kind::Heartbeat => {}
+            Kind::Bye => {
+                st.left[src] = true;
+                replies.push((src, wire::encode(Kind::ByeAck, self.rank as u32, 0, 0, 0, &[])));
+            }
+            Kind::ByeAck => st.bye_acked[src] = true,
+            Kind::Abort => {
+                let culprit = frame.tag as usize;
+                let reason = String::from_utf8_lossy(frame.payload).into_owned();
+                st.reports.push((src, culprit));
+                if st.abort.is_none() {
+                    st.abort = Some((culprit, reason));
+                }
+            }
+        }
+        drop(st);
+        self.wake.notify_all();
+        replies
+    }
+}
+
+/// One rank's ZeroMQ link.
+pub struct ZmqLink {
+    shared: Arc<Shared>,
+    outboxes: Vec<Option<UnboundedSender<Vec<u8>>>>,
+    send_locks: Vec<Mutex<()>>,
+    chunk: usize,
+    window: u64,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn connect_err(detail: impl std::fmt::Display) -> CommError {
+    CommError::Transport { op: Op::Connect, detail: detail.to_string() }
+}
+
+fn is_loopback(addr: &str) -> bool {
+    addr == "localhost" || addr.starts_with("127.") || addr == "::1"
+}
+
+#[derive(serde::Serialize, Deserialize)]
+struct Join {
+    rank: usize,
+    world_size: usize,
+    endpoint: String,
+}
+
+impl ZmqLink {
+    /// Binds this rank's inbox, meets the other ranks through rank 0, connects to
+    /// every peer and checks every connection with a hello, all within the connect
+    /// timeout.
+    pub fn connect(scheme: Scheme, config: ZmqConfig) -> Result<ZmqLink, CommError> {
+        let (rank, world) = (config.rank, config.world_size);
+        if world == 0 || rank >= world {
+            return Err(connect_err(format!("rank {rank} outside a world of {world}")));
+        }
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            rank,
+            world,
+            peer_timeout: Duration::from_millis(config.peer_timeout_ms),
+            state: Mutex::new(State {
+                queues: HashMap::new(),
+                partial: HashMap::new(),
+                inflight: vec![0; world],
+                last_seen: vec![now; world],
+                hello: vec![false; world],
+                dead: vec![None; world],
+                left: vec![false; world],
+                bye_acked: vec![false; world],
+                protocol: vec![None; world],
+                garbage: None,
+                abort: None,
+                reports: Vec::new(),
+                closing: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+        });
+        let mut link = ZmqLink {
+            shared: shared.clone(),
+            outboxes: (0..world).map(|_| None).collect(),
+            send_locks: (0..world).map(|_| Mutex::new(())).collect(),
+            chunk: config.chunk_bytes.max(1),
+            window: config.window_bytes.max(1) as u64,
+            runtime: None,
+        };
+        if world == 1 {
+            return Ok(link);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("sheaf-zmq-{rank}"))
+            .enable_all()
+            .build()
+            .map_err(connect_err)?;
+        let deadline = Deadline::after(Duration::from_millis(config.connect_timeout_ms));
+        let setup = runtime.block_on(async {
+            tokio::time::timeout(deadline.remaining(), setup(scheme, &config, shared.clone())).await.map_err(
+                |_| {
+                    connect_err(format!(
+                        "rank {rank} could not meet the other ranks through {}:{} within {} ms",
+                        config.master_addr, config.master_port, config.connect_timeout_ms
+                    ))
+                },
+            )?
+        });
+        let (outboxes, rendezvous) = setup?;
+        link.outboxes = outboxes;
+        // Heartbeats keep peers from declaring this rank dead while it computes.
+        let beats: Vec<_> = link.outboxes.clone();
+        let every = Duration::from_millis(config.heartbeat_ms.max(10));
+        let me = rank as u32;
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                for tx in beats.iter().flatten() {
+                    let _ = tx.send(wire::encode(Kind::Heartbeat, me, 0, 0, 0, &[]));
+                }
+            }
+        });
+        link.runtime = Some(runtime);
+        // Every peer has our table entry once it says hello; wait for all of them.
+        for tx in link.outboxes.iter().flatten() {
+            let _ = tx.send(wire::encode(Kind::Hello, me, 0, 0, 0, &[]));
+        }
+        let mut st = shared.lock();
+        loop {
+            if let Some(p) = (0..world).find(|&p| p != rank && st.dead[p].is_some()) {
+                return Err(connect_err(format!(
+                    "rank {p} failed during rendezvous: {}",
+                    st.dead[p].clone().unwrap_or_default()
+                )));
+            }
+            let missing = (0..world).find(|&p| p != rank && !st.hello[p]);
+            let Some(p) = missing else { break };
+            if deadline.expired() {
+                return Err(CommError::Timeout { op: Op::Connect, peer: p, waited: now.elapsed() });
+            }
+            st = shared.wait(st, deadline);
+        }
+        drop(st);
+        drop(rendezvous);
+        Ok(link)
+    }
+
+    /// Puts raw bytes on the wire to `peer`, bypassing framing: for tests of how a
+    /// receiver handles a corrupt or hostile sender.
+    #[doc(hidden)]
+    pub fn send_raw_for_tests(&self, peer: usize, bytes: Vec<u8>) {
+        let _ = self.tx(peer).send(bytes);
+    }
+
+    fn tx(&self, peer: usize) -> &UnboundedSender<Vec<u8>> {
+        self.outboxes[peer].as_ref().expect("an outbox for every peer")
+    }
+
+    fn check_peer(&self, peer: usize, op: Op) -> Result<(), CommError> {
+        let (rank, world) = (self.shared.rank, self.shared.world);
+        if peer >= world || peer == rank {
+            return Err(CommError::InvalidArgument {
+                op,
+                detail: format!("no peer rank {peer} in a world of {world}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The async part of `connect`: inbox, rendezvous, outboxes and the receive loop.
+async fn setup(
+    scheme: Scheme,
+    config: &ZmqConfig,
+    shared: Arc<Shared>,
+) -> Result<(Vec<Option<UnboundedSender<Vec<u8>>>>, Option<RouterSocket>), CommError> {
+    let (rank, world) = (config.rank, config.world_size);
+    let mut inbox = PullSocket::new();
+    let endpoint = match scheme {
+        Scheme::Tcp => {
+            let host = match &config.advertise_addr {
+                Some(a) => a.clone(),
+                None if is_loopback(&config.master_addr) => "127.0.0.1".into(),
+                None => {
+                    return Err(connect_err(format!(
+                        "master {} is not on this host: set the advertise address (SHEAF_ADVERTISE_ADDR) peers reach rank {rank} at",
+                        config.master_addr
+                    )))
+                }
+            };
+            format!("tcp://{host}:0")
+        }
+        Scheme::Ipc => {
+            let dir = config.ipc_dir.clone().unwrap_or_else(|| std::env::temp_dir().display().to_string());
+            let path = format!("{dir}/sheaf-{}-{}-rank{rank}.ipc", config.master_port, std::process::id());
+            let _ = std::fs::remove_file(&path);
+            format!("ipc://{path}")
+        }
+    };
+    let bound = inbox.bind(&endpoint).await.map_err(|e| connect_err(format!("binding {endpoint}: {e}")))?;
+    let mine = bound.to_string();
+    let mut monitor = inbox.monitor();
+
+    let master = format!("tcp://{}:{}", config.master_addr, config.master_port);
+    let mut opts = SocketOptions::default();
+    opts.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+    let (table, router) = if rank == 0 {
+        let mut router = RouterSocket::new();
+        router.bind(&master).await.map_err(|e| connect_err(format!("rank 0 listening on {master}: {e}")))?;
+        let mut table = vec![String::new(); world];
+        table[0] = mine.clone();
+        let mut ids = Vec::new();
+        while ids.len() < world - 1 {
+            let msg = router.recv().await.map_err(connect_err)?;
+            let (Some(id), Some(body)) = (msg.get(0), msg.get(1)) else { continue };
+            let join: Join = match serde_json::from_slice(body) {
+                Ok(j) => j,
+                Err(e) => return Err(connect_err(format!("garbage on the rendezvous port: {e}"))),
+            };
+            if join.world_size != world
+                || join.rank == 0
+                || join.rank >= world
+                || !table[join.rank].is_empty()
+            {
+                return Err(connect_err(format!(
+                    "rank {} of a world of {} joined a world of {world} (duplicate or mismatched rank)",
+                    join.rank, join.world_size
+                )));
+            }
+            table[join.rank] = join.endpoint;
+            ids.push(id.clone());
+        }
+        let body = serde_json::to_vec(&table).expect("a table serialises");
+        for id in ids {
+            let mut reply = ZmqMessage::from(id);
+            reply.push_back(body.clone().into());
+            router.send(reply).await.map_err(connect_err)?;
+        }
+        (table, Some(router))
+    } else {
+        let mut dealer = DealerSocket::with_options(opts);
+        dealer
+            .connect(&master)
+            .await
+            .map_err(|e| connect_err(format!("rank {rank} reaching rank 0 at {master}: {e}")))?;
+        let join = serde_json::to_vec(&Join { rank, world_size: world, endpoint: mine.clone() })
+            .expect("serialises");
+        dealer.send(join.into()).await.map_err(connect_err)?;
+        let reply = dealer.recv().await.map_err(connect_err)?;
+        let table: Vec<String> = reply
+            .get(0)
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .filter(|t: &Vec<String>| t.len() == world)
+            .ok_or_else(|| connect_err("rank 0 answered the rendezvous with garbage"))?;
+        (table, None)
+    };
+
+    let mut outboxes: Vec<Option<UnboundedSender<Vec<u8>>>> = (0..world).map(|_| None).collect();
+    for (peer, endpoint) in table.iter().enumerate().filter(|(p, _)| *p != rank) {
+        let mut opts = SocketOptions::default();
+        opts.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+        opts.peer_identity(
+            PeerIdentity::try_from(format!("rank-{rank}").into_bytes()).expect("short identity"),
+        );
+        let mut push = PushSocket::with_options(opts);
+        push.connect(endpoint)
+            .await
+            .map_err(|e| connect_err(format!("connecting to rank {peer} at {endpoint}: {e}")))?;
+        let (tx, mut rx) = unbounded_channel::<Vec<u8>>();
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = rx.recv().await {
+                if let Err(e) = push.send(frame.into()).await {
+                    let mut st = shared.lock();
+                    if !st.left[peer] && st.dead[peer].is_none() {
+                        st.dead[peer] = Some(format!("sending failed: {e}"));
+                    }
+                    drop(st);
+                    shared.wake.notify_all();
+                    break;
+                }
+            }
+        });
+        outboxes[peer] = Some(tx);
+    }
+
+    // The receive loop: every frame updates the shared state; replies go out through
+    // the outboxes.
+    let replies_to = outboxes.clone();
+    let rx_shared = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            match inbox.recv().await {
+                Ok(msg) => {
+                    if msg.len() != 1 {
+                        let mut st = rx_shared.lock();
+                        st.garbage = Some(format!("garbage message on the inbox: {} frames", msg.len()));
+                        drop(st);
+                        rx_shared.wake.notify_all();
+                        continue;
+                    }
+                    let frame = msg.get(0).expect("one frame");
+                    for (peer, reply) in rx_shared.handle(frame) {
+                        if let Some(tx) = &replies_to[peer] {
+                            let _ = tx.send(reply);
+                        }
+                    }
+                }
+                Err(e) => {
+                    let mut st = rx_shared.lock();
+                    if !st.closing {
+                        st.garbage = Some(format!("inbox failed: {e}"));
+                    }
+                    drop(st);
+                    rx_shared.wake.notify_all();
+                    break;
+                }
+            }
+        }
+    });
+    // A peer whose connection drops before it said goodbye has died.
+    let mon_shared = shared.clone();
+    tokio::spawn(async move {
+        while let Some(event) = monitor.next().await {
+            if let SocketEvent::Disconnected(id) = event {
+                let name = String::from_utf8_lossy(id.as_ref()).into_owned();
+                if let Some(peer) = name.strip_prefix("rank-").and_then(|r| r.parse::<usize>().ok()) {
+                    let mut st = mon_shared.lock();
+                    if peer < st.dead.len() && !st.left[peer] && !st.closing && st.dead[peer].is_none() {
+                        st.dead[peer] = Some("connection lost (the process exited or crashed)".into());
+                    }
+                    drop(st);
+                    mon_shared.wake.notify_all();
+                }
+            }
+        }
+    });
+    Ok((outboxes, router))
+}
+
+impl Link for ZmqLink {
+    fn rank(&self) -> usize {
+        self.shared.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.shared.world
+    }
+
+    fn send(&self, peer: usize, tag: Tag, data: &[u8], deadline: Deadline) -> Result<(), CommError> {
+        self.check_peer(peer, Op::Send)?;
+        let start = Instant::now();
+        let _one_message_at_a_time = self.send_locks[peer].lock().unwrap_or_else(|e| e.into_inner());
+        let total = data.len() as u64;
+        let chunks: Vec<&[u8]> =
+            if data.is_empty() { vec![&[][..]] } else { data.chunks(self.chunk).collect() };
+        let mut offset = 0u64;
+        for chunk in chunks {
+            let mut st = self.shared.lock();
+            loop {
+                if let Some(e) = self.shared.failure(&mut st, peer, Op::Send) {
+                    return Err(e);
+                }
+                if st.inflight[peer] == 0 || st.inflight[peer] + chunk.len() as u64 <= self.window {
+                    break;
+                }
+                if deadline.expired() {
+                    return Err(CommError::Timeout { op: Op::Send, peer, waited: start.elapsed() });
+                }
+                st = self.shared.wait(st, deadline);
+            }
+            st.inflight[peer] += chunk.len() as u64;
+            drop(st);
+            let frame = wire::encode(Kind::Data, self.shared.rank as u32, tag.0, total, offset, chunk);
+            if self.tx(peer).send(frame).is_err() {
+                return Err(CommError::PeerFailed {
+                    op: Op::Send,
+                    peer,
+                    reason: "its connection is closed".into(),
+                });
+            }
+            offset += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn recv(&self, peer: usize, tag: Tag, deadline: Deadline) -> Result<Vec<u8>, CommError> {
+        self.check_peer(peer, Op::Recv)?;
+        let start = Instant::now();
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(msg) = st.queues.get_mut(&(peer, tag.0)).and_then(VecDeque::pop_front) {
+                return Ok(msg);
+            }
+            if let Some(e) = self.shared.failure(&mut st, peer, Op::Recv) {
+                return Err(e);
+            }
+            if st.left[peer] {
+                return Err(CommError::PeerFailed { op: Op::Recv, peer, reason: "left the world".into() });
+            }
+            if deadline.expired() {
+                return Err(CommError::Timeout { op: Op::Recv, peer, waited: start.elapsed() });
+            }
+            st = self.shared.wait(st, deadline);
+        }
+    }
+
+    fn abort(&self, culprit: usize, reason: &str) {
+        let me = self.shared.rank;
+        let mut st = self.shared.lock();
+        st.reports.push((me, culprit));
+        if st.abort.is_none() {
+            st.abort = Some((culprit, reason.to_owned()));
+        }
+        drop(st);
+        self.shared.wake.notify_all();
+        for tx in self.outboxes.iter().flatten() {
+            let _ = tx.send(wire::encode(Kind::Abort, me as u32, culprit as u64, 0, 0, reason.as_bytes()));
+        }
+    }
+
+    fn failure_reports(&self) -> Vec<(usize, usize)> {
+        self.shared.lock().reports.clone()
+    }
+
+    /// Says goodbye to every peer and returns once each has acknowledged everything
+    /// this rank sent and said goodbye itself (or is dead), so that exiting right
+    /// after loses nothing.
+    fn close(&self, deadline: Deadline) -> Result<(), CommError> {
+        let (me, world) = (self.shared.rank, self.shared.world);
+        if world == 1 {
+            return Ok(());
+        }
+        let start = Instant::now();
+        self.shared.lock().closing = true;
+        for tx in self.outboxes.iter().flatten() {
+            let _ = tx.send(wire::encode(Kind::Bye, me as u32, 0, 0, 0, &[]));
+        }
+        let mut st = self.shared.lock();
+        loop {
+            self.shared.check_liveness(&mut st);
+            let pending = (0..world).find(|&p| {
+                p != me && st.dead[p].is_none() && (st.inflight[p] > 0 || !st.bye_acked[p] || !st.left[p])
+            });
+            let Some(p) = pending else { break };
+            if deadline.expired() {
+                return Err(CommError::Timeout { op: Op::Close, peer: p, waited: start.elapsed() });
+            }
+            st = self.shared.wait(st, deadline);
+        }
+        st.closed = true;
+        drop(st);
+        // The last acknowledgements leave through the outboxes; give them a moment.
+        std::thread::sleep(Duration::from_millis(50));
+        Ok(())
+    }
+}
+
+impl Drop for ZmqLink {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The ZeroMQ link between threads of one process over real sockets (tcp and ipc):
+//! the collective laws hold, large messages are chunked and flow-controlled, close
+//! delivers everything, garbage and lost peers are typed errors naming the rank.
+//! The same laws across real processes are in the top-level end-to-end tests.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sheaf_core::{CommError, DType, Deadline, Link, ReduceOp, Tag};
+use sheaf_testkit::conformance::collectives::{check_all, Case};
+use sheaf_testkit::run_links;
+use sheaf_transport_zmq::{Scheme, ZmqConfig, ZmqLink};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn config(rank: usize, world: usize, port: u16) -> ZmqConfig {
+    serde_json::from_value(serde_json::json!({
+        "rank": rank, "world_size": world, "master_addr": "127.0.0.1", "master_port": port,
+        "connect_timeout_ms": 20000, "peer_timeout_ms": 5000, "chunk_bytes": 4096, "window_bytes": 65536
+    }))
+    .unwrap()
+}
+
+fn world(n: usize, scheme: Scheme) -> Vec<ZmqLink> {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..n).map(|r| s.spawn(move || ZmqLink::connect(scheme, config(r, n, port)))).collect();
+        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    })
+}
+
+fn dl() -> Deadline {
+    Deadline::after(Duration::from_secs(20))
+}
+
+#[test]
+fn collective_laws_hold_over_tcp_and_ipc() {
+    for scheme in [Scheme::Tcp, Scheme::Ipc] {
+        for n in [1, 2, 3, 4] {
+            for (seed, len) in [(1, 0), (2, 3), (3, 5000)] {
+                let case = Case { seed, len, dtype: DType::F32, op: ReduceOp::Sum, root: 1 };
+                let links = world(n, scheme).into_iter().map(|l| Arc::new(l) as Arc<dyn Link>).collect();
+                // Like a worker at exit, each rank closes its link: without that, ZeroMQ
+                // may drop what is still queued.
+                let results = run_links(links, |g| {
+                    check_all(&g, &case, dl()).and_then(|()| g.link().close(dl()).map_err(|e| e.to_string()))
+                });
+                assert!(results.iter().all(Result::is_ok), "{scheme:?} n={n} len={len}: {results:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn large_messages_cross_under_a_small_window_and_close_delivers_all() {
+    let links = world(2, Scheme::Tcp);
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::thread::scope(|s| {
+        let (a, b) = (&links[0], &links[1]);
+        let big = &big;
+        s.spawn(move || {
+            for i in 0..3u64 {
+                a.send(1, Tag(i), big, dl()).unwrap();
+            }
+            a.close(dl()).unwrap();
+        });
+        s.spawn(move || {
+            for i in 0..3u64 {
+                assert_eq!(&b.recv(0, Tag(i), dl()).unwrap(), big);
+            }
+            b.close(dl()).unwrap();
+        });
+    });
+}
+
+#[test]
+fn a_dropped_peer_is_named_quickly() {
+    let mut links = world(3, Scheme::Tcp);
+    let victim = links.remove(2);
+    drop(victim); // its sockets close without a goodbye, like a crashed process
+    let start = Instant::now();
+    let e = links[0].recv(1, Tag(7), Deadline::after(Duration::from_secs(30))).unwrap_err();
+    assert!(matches!(e, CommError::PeerFailed { peer: 2, .. }), "{e:?}");
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+}
+
+#[test]
+fn garbage_on_the_inbox_is_a_protocol_error_naming_the_sender() {
+    let links = world(2, Scheme::Tcp);
+    // Rank 1 sends a frame with a valid header naming itself but a chunk offset that
+    // makes no sense, as a corrupted peer would.
+    let bad = {
+        let mut f = Vec::new();
+        f.extend_from_slice(&0x5346u16.to_le_bytes());
+        f.push(1);
+        f.push(1); // data
+        f.extend_from_slice(&1u32.to_le_bytes());
+        f.extend_from_slice(&9u64.to_le_bytes());
+        f.extend_from_slice(&100u64.to_le_bytes());
+        f.extend_from_slice(&50u64.to_le_bytes()); // offset 50 of a message never started
+        f
+    };
+    links[1].send_raw_for_tests(0, bad);
+    let e = links[0].recv(1, Tag(9), dl()).unwrap_err();
+    assert!(matches!(&e, CommError::Protocol { peer: 1, .. }), "{e:?}");
+}
+
+#[test]
+fn rendezvous_times_out_naming_the_master() {
+    let port = free_port();
+    let mut c = config(1, 2, port);
+    c.connect_timeout_ms = 500;
+    let start = Instant::now();
+    let e = ZmqLink::connect(Scheme::Tcp, c).err().unwrap().to_string();
+    assert!(e.contains(&port.to_string()), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
