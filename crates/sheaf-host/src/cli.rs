@@ -22,8 +22,48 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Options shared by `run` and `launch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobArgs {
+    /// The job file (TOML). Without one, the built-in default job (examples/digits.toml).
+    pub job: Option<PathBuf>,
+    /// Override a job key with a TOML value, e.g. --set train.lr=0.1 --set 'train.optimizer="adamw"'.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Where the run's outputs go (default: runs/<timestamp>).
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Compute threads per worker (default: the cores divided among the workers).
+    #[arg(long, value_name = "T")]
+    pub threads_per_worker: Option<usize>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run one worker; rank and world come from RANK, WORLD_SIZE, MASTER_ADDR,
+    /// MASTER_PORT, LOCAL_RANK as torchrun sets them (a world of one when unset).
+    Run(JobArgs),
+    /// Start N local worker processes and wait for them.
+    Launch {
+        /// Number of workers.
+        #[arg(short = 'n', long = "nproc", value_name = "N")]
+        workers: usize,
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Run the collective conformance laws over a transport plugin in this process's
+    /// rank of a world set up as for `run` (used by the end-to-end tests).
+    #[command(hide = true)]
+    CheckCollectives {
+        #[arg(long, default_value = "zmq-tcp")]
+        transport: String,
+        #[arg(long, default_value_t = 20)]
+        cases: u64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        max_len: usize,
+    },
     /// List every plugin library found, with its kinds, versions and whether it loads.
     Plugins {
         /// Print a JSON array instead of a table.
@@ -44,6 +84,83 @@ impl Cli {
 /// Runs a parsed command line, writing results to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
     match &cli.command {
+        Command::Run(args) => {
+            if let Some(t) = args.threads_per_worker {
+                // Before the first tensor operation: candle reads these once.
+                std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+                std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
+            }
+            let job = crate::job::load_job(args.job.as_deref(), &args.overrides)?;
+            let env = crate::worker::WorkerEnv::from_env()?;
+            let opts = crate::worker::RunOptions {
+                run_dir: Some(args.run_dir.clone().unwrap_or_else(crate::launch::default_run_dir)),
+                env,
+                progress: crate::worker::RunOptions::progress_default(),
+            };
+            let summary = crate::worker::run_worker(&job, &cli.registry(), &opts)?;
+            if opts.env.rank == 0 {
+                let dir = opts.run_dir.as_ref().expect("set above");
+                writeln!(
+                    out,
+                    "test accuracy {:.4}, final loss {:.4}, {:.0} samples/s over {} steps; outputs in {}",
+                    summary.test_accuracy,
+                    summary.final_loss,
+                    summary.samples_per_sec,
+                    summary.steps,
+                    dir.display()
+                )
+                .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;
+            }
+            Ok(())
+        }
+        Command::Launch { workers, job } => {
+            // Check the job here, so a bad one fails once, before any worker starts.
+            crate::job::load_job(job.job.as_deref(), &job.overrides)?;
+            let mut worker_args: Vec<String> = Vec::new();
+            if let Some(j) = &job.job {
+                worker_args.push(j.display().to_string());
+            }
+            for o in &job.overrides {
+                worker_args.push("--set".into());
+                worker_args.push(o.clone());
+            }
+            for d in &cli.plugin_dirs {
+                worker_args.push("--plugin-dir".into());
+                worker_args.push(d.display().to_string());
+            }
+            let run_dir = job.run_dir.clone().unwrap_or_else(crate::launch::default_run_dir);
+            crate::launch::launch(&crate::launch::LaunchOptions {
+                workers: *workers,
+                worker_args,
+                run_dir: run_dir.clone(),
+                threads_per_worker: job.threads_per_worker,
+            })?;
+            let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
+            writeln!(
+                out,
+                "{} workers: test accuracy {}, final loss {}, {} samples/s; outputs in {}",
+                workers,
+                v["test_accuracy"],
+                v["final_loss"],
+                v["samples_per_sec"],
+                run_dir.display()
+            )
+            .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+        }
+        Command::CheckCollectives { transport, cases, seed, max_len } => {
+            let env = crate::worker::WorkerEnv::from_env()?;
+            let passed = crate::selftest::check_collectives(
+                &cli.registry(),
+                &env,
+                transport,
+                *cases,
+                *seed,
+                *max_len,
+            )?;
+            writeln!(out, "rank {}: {passed} cases passed", env.rank)
+                .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+        }
         Command::Plugins { json } => {
             let rows = cli.registry().listing();
             let text = if *json {

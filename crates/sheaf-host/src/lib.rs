@@ -9,8 +9,13 @@
 
 pub mod cli;
 mod discover;
+pub mod job;
+pub mod launch;
 mod loader;
+pub mod outputs;
 mod registry;
+pub mod selftest;
+pub mod worker;
 
 pub use discover::{candidates, search_dirs, Origin, SearchDir, PLUGIN_PATH_ENV};
 pub use loader::{load_plugin, LoadError, LoadedPlugin, PluginManifest};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use abi_stable::std_types::RStr;
 use serde::Serialize;
 use sheaf_abi::from_abi;
-use sheaf_core::{DataPartitioner, Link, ModelPartitioner, Optimizer, PluginKind};
+use sheaf_core::{ComputeBackend, DataPartitioner, Link, ModelPartitioner, Optimizer, PluginKind, Strategy};
 
 use crate::{candidates, load_plugin, LoadError, LoadedPlugin, SearchDir};
 
@@ -23,6 +23,28 @@ pub enum HostError {
     Load(#[from] LoadError),
     #[error("{0}")]
     Usage(String),
+    #[error("{0}")]
+    Job(String),
+    #[error("{0}")]
+    Data(String),
+    #[error("{0}")]
+    Output(String),
+    #[error("{0}")]
+    Core(String),
+    #[error("rank {rank}: {detail}")]
+    Train { rank: usize, detail: String },
+    #[error("{0}")]
+    Launch(String),
+}
+
+impl HostError {
+    /// The process exit code: 2 for a bad command line or job, 1 for anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            HostError::Usage(_) | HostError::Job(_) => 2,
+            _ => 1,
+        }
+    }
 }
 
 /// One row of `sheaf plugins`.
@@ -162,6 +184,22 @@ impl Registry {
             let b = (p.module.new_model_partitioner())(RStr::from_str(name), RStr::from_str(config_json))
                 .into_result()?;
             Ok(from_abi::model_partitioner(b))
+        })
+    }
+
+    pub fn compute(&self, name: &str, config_json: &str) -> Result<Box<dyn ComputeBackend>, HostError> {
+        self.component(PluginKind::Compute, name, |p| {
+            let b =
+                (p.module.new_compute())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
+            from_abi::compute(b)
+        })
+    }
+
+    pub fn strategy(&self, name: &str, config_json: &str) -> Result<Box<dyn Strategy>, HostError> {
+        self.component(PluginKind::Strategy, name, |p| {
+            let b =
+                (p.module.new_strategy())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
+            from_abi::strategy(b)
         })
     }
 

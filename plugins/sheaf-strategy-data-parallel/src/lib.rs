@@ -194,7 +194,7 @@ impl Strategy for DataParallel {
                     lr: optimizer.learning_rate(),
                     samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
                 });
-                if self.config.checksum_every > 0 && step % self.config.checksum_every == 0 {
+                if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
                     check_in_sync(comm, &params, step, self.deadline())?;
                 }
             }

@@ -13,11 +13,12 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("SHEAF_LOG").unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match run(cli, &mut std::io::stdout().lock()) {
+    // Not `stdout().lock()`: the launcher's forwarding threads write to stdout too.
+    match run(cli, &mut std::io::stdout()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

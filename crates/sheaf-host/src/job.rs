@@ -1,0 +1,313 @@
+//! Job files: TOML, with `--set key=value` overrides (the value is TOML too), checked
+//! against a typed model in which every table denies unknown keys.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::HostError;
+
+/// The built-in default job (`examples/digits.toml`).
+pub const DEFAULT_JOB: &str = include_str!("../../../examples/digits.toml");
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    #[serde(default)]
+    pub parallel: ParallelSection,
+    #[serde(default)]
+    pub transport: TransportSection,
+    #[serde(default)]
+    pub compute: ComputeSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub layers: Vec<usize>,
+    #[serde(default = "relu")]
+    pub activation: String,
+}
+
+fn relu() -> String {
+    "relu".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub dataset: String,
+    /// For an IDX images file: its labels file (default: by MNIST's naming).
+    #[serde(default)]
+    pub labels: Option<String>,
+    #[serde(default = "test_fraction")]
+    pub test_fraction: f64,
+    /// Samples of the synthetic set.
+    #[serde(default = "synthetic_samples")]
+    pub samples: usize,
+    #[serde(default = "contiguous")]
+    pub partitioner: String,
+}
+
+fn test_fraction() -> f64 {
+    0.2
+}
+fn synthetic_samples() -> usize {
+    8192
+}
+fn contiguous() -> String {
+    "contiguous".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub epochs: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    #[serde(default = "sgd")]
+    pub optimizer: String,
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    #[serde(default)]
+    pub momentum: Option<f64>,
+    #[serde(default)]
+    pub nesterov: Option<bool>,
+    #[serde(default)]
+    pub dampening: Option<f64>,
+    #[serde(default)]
+    pub weight_decay: Option<f64>,
+    #[serde(default)]
+    pub beta1: Option<f64>,
+    #[serde(default)]
+    pub beta2: Option<f64>,
+    #[serde(default)]
+    pub eps: Option<f64>,
+}
+
+fn sgd() -> String {
+    "sgd".into()
+}
+
+impl TrainSection {
+    /// The optimizer's settings as the optimizer plugin takes them: only the keys the
+    /// job set, so the plugin rejects one that does not apply (momentum for AdamW).
+    pub fn optimizer_config(&self) -> String {
+        let mut m = serde_json::Map::new();
+        m.insert("lr".into(), self.lr.into());
+        let opt = [
+            ("momentum", self.momentum),
+            ("dampening", self.dampening),
+            ("weight_decay", self.weight_decay),
+            ("beta1", self.beta1),
+            ("beta2", self.beta2),
+            ("eps", self.eps),
+        ];
+        for (k, v) in opt {
+            if let Some(v) = v {
+                m.insert(k.into(), v.into());
+            }
+        }
+        if let Some(n) = self.nesterov {
+            m.insert("nesterov".into(), n.into());
+        }
+        serde_json::Value::Object(m).to_string()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    #[serde(default = "data_parallel")]
+    pub strategy: String,
+    #[serde(default = "checksum_every")]
+    pub checksum_every: u64,
+}
+
+fn data_parallel() -> String {
+    "data-parallel".into()
+}
+fn checksum_every() -> u64 {
+    50
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        ParallelSection { strategy: data_parallel(), checksum_every: checksum_every() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransportSection {
+    #[serde(default = "zmq_tcp")]
+    pub plugin: String,
+    /// Deadline of every collective and of the rendezvous, in seconds.
+    #[serde(default = "timeout_s")]
+    pub timeout_s: f64,
+    /// A peer silent this long is declared dead.
+    #[serde(default = "peer_timeout_s")]
+    pub peer_timeout_s: f64,
+}
+
+fn zmq_tcp() -> String {
+    "zmq-tcp".into()
+}
+fn timeout_s() -> f64 {
+    60.0
+}
+fn peer_timeout_s() -> f64 {
+    15.0
+}
+
+impl Default for TransportSection {
+    fn default() -> Self {
+        TransportSection { plugin: zmq_tcp(), timeout_s: timeout_s(), peer_timeout_s: peer_timeout_s() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeSection {
+    #[serde(default = "candle")]
+    pub backend: String,
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn candle() -> String {
+    "candle".into()
+}
+fn cpu() -> String {
+    "cpu".into()
+}
+
+impl Default for ComputeSection {
+    fn default() -> Self {
+        ComputeSection { backend: candle(), device: cpu() }
+    }
+}
+
+/// Sets `key` (dotted, e.g. `train.lr`) to `value` (TOML, e.g. `0.1` or `"adamw"`).
+fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), HostError> {
+    let (key, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| HostError::Usage(format!("--set {assignment}: expected key=value")))?;
+    let key = key.trim();
+    let parsed: toml::Table = format!("v = {}", value.trim()).parse().map_err(|e: toml::de::Error| {
+        HostError::Usage(format!("--set {key}: `{}` is not a TOML value: {}", value.trim(), e.message()))
+    })?;
+    let value = parsed.get("v").cloned().expect("parsed one key");
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut table = doc;
+    for part in &parts[..parts.len() - 1] {
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| HostError::Usage(format!("--set {key}: `{part}` is not a table")))?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Reads a job: `source` is TOML text named `origin` in errors; overrides apply in order.
+pub fn parse_job(source: &str, origin: &str, overrides: &[String]) -> Result<Job, HostError> {
+    let mut doc: toml::Table = source.parse().map_err(|e: toml::de::Error| {
+        HostError::Job(format!("{origin}: malformed TOML: {}", e.to_string().trim()))
+    })?;
+    for o in overrides {
+        apply_override(&mut doc, o)?;
+    }
+    let job: Job = serde_path_to_error::deserialize(doc).map_err(|e| {
+        let path = e.path().to_string();
+        HostError::Job(format!("{origin}: key `{path}`: {}", e.into_inner().message()))
+    })?;
+    validate(&job).map_err(|e| HostError::Job(format!("{origin}: {e}")))?;
+    Ok(job)
+}
+
+fn validate(job: &Job) -> Result<(), String> {
+    if job.model.layers.len() < 2 || job.model.layers.contains(&0) {
+        return Err(format!("key `model.layers`: {:?} needs at least two non-zero widths", job.model.layers));
+    }
+    if !["relu", "tanh"].contains(&job.model.activation.as_str()) {
+        return Err(format!("key `model.activation`: `{}` (relu, tanh)", job.model.activation));
+    }
+    if job.train.batch_size == 0 {
+        return Err("key `train.batch_size`: must be at least 1".into());
+    }
+    if !(0.0..1.0).contains(&job.data.test_fraction) {
+        return Err(format!("key `data.test_fraction`: {} is not in [0, 1)", job.data.test_fraction));
+    }
+    if !(job.transport.timeout_s > 0.0 && job.transport.peer_timeout_s > 0.0) {
+        return Err("key `transport.timeout_s`/`peer_timeout_s`: must be positive".into());
+    }
+    Ok(())
+}
+
+/// Reads a job file, or the default job when `path` is `None`.
+pub fn load_job(path: Option<&Path>, overrides: &[String]) -> Result<Job, HostError> {
+    match path {
+        None => parse_job(DEFAULT_JOB, "default job", overrides),
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| HostError::Job(format!("{}: cannot read job file: {e}", p.display())))?;
+            parse_job(&text, &p.display().to_string(), overrides)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_job_parses() {
+        let job = parse_job(DEFAULT_JOB, "default", &[]).unwrap();
+        assert_eq!(job.model.layers, vec![64, 128, 10]);
+        assert_eq!(job.transport.plugin, "zmq-tcp");
+    }
+
+    #[test]
+    fn overrides_take_toml_values() {
+        let job = parse_job(
+            DEFAULT_JOB,
+            "default",
+            &[
+                "train.optimizer=\"adamw\"".into(),
+                "train.max_steps = 10".into(),
+                "model.layers=[64, 10]".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!((job.train.optimizer.as_str(), job.train.max_steps), ("adamw", Some(10)));
+        assert_eq!(job.model.layers, vec![64, 10]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse_job(DEFAULT_JOB, "job.toml", &["train.lrr=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("lrr") && e.contains("job.toml"), "{e}");
+        let e =
+            parse_job(DEFAULT_JOB, "job.toml", &["train.epochs=\"many\"".into()]).unwrap_err().to_string();
+        assert!(e.contains("train.epochs"), "{e}");
+        let e = parse_job("seed = [", "bad.toml", &[]).unwrap_err().to_string();
+        assert!(e.contains("bad.toml") && e.contains("malformed"), "{e}");
+        let e = parse_job(DEFAULT_JOB, "j", &["train.batch_size=0".into()]).unwrap_err().to_string();
+        assert!(e.contains("batch_size"), "{e}");
+        let e = parse_job(DEFAULT_JOB, "j", &["nokey".into()]).unwrap_err().to_string();
+        assert!(e.contains("key=value"), "{e}");
+    }
+
+    #[test]
+    fn optimizer_config_carries_only_what_was_set() {
+        let job = parse_job(DEFAULT_JOB, "d", &[]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&job.train.optimizer_config()).unwrap();
+        assert_eq!(v, serde_json::json!({"lr": 0.05, "momentum": 0.9}));
+    }
+}

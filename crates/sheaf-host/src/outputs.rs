@@ -1,0 +1,158 @@
+//! What a run leaves in its run directory: `metrics.jsonl` (a line per step),
+//! `summary.json`, and `checkpoint.safetensors` with the final parameters under stable
+//! names. Files are written to a temporary name and renamed, so a crash never leaves a
+//! half-written checkpoint or summary.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sheaf_core::{MetricsSink, ParamLayout, StepMetrics};
+
+use crate::HostError;
+
+fn io_err(path: &Path, e: std::io::Error) -> HostError {
+    HostError::Output(format!("{}: {e}", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync,
+/// rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
+    let tmp = path.with_extension(format!("{}.partial", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| io_err(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+/// The run-level results.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub world_size: usize,
+    pub strategy: String,
+    pub transport: String,
+    pub device: String,
+    pub epochs: u64,
+    pub steps: u64,
+    pub final_loss: f64,
+    pub test_accuracy: f64,
+    pub samples_per_sec: f64,
+    pub wall_seconds: f64,
+    pub params: usize,
+    pub job: serde_json::Value,
+}
+
+/// `safetensors` bytes of a flat parameter buffer: little-endian f32 tensors named by
+/// `layout`, in layout order.
+pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    for (i, spec) in layout.specs().iter().enumerate() {
+        let r = layout.range(i);
+        header.insert(
+            spec.name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": spec.shape, "data_offsets": [r.start * 4, r.end * 4]}),
+        );
+    }
+    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
+    while json.len() % 8 != 0 {
+        json.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + params.len() * 4);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for v in params {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Metrics of every step as JSON lines, and a progress display on stderr: a bar per
+/// epoch when stderr is a terminal, a plain line per epoch otherwise.
+pub struct Metrics {
+    file: Option<(PathBuf, BufWriter<std::fs::File>)>,
+    progress: bool,
+    steps_per_epoch: u64,
+    epochs: u64,
+    last_epoch: Option<u64>,
+    losses: Vec<f64>,
+    pub error: Option<HostError>,
+}
+
+impl Metrics {
+    pub fn new(
+        path: Option<&Path>,
+        progress: bool,
+        steps_per_epoch: u64,
+        epochs: u64,
+    ) -> Result<Metrics, HostError> {
+        let file = match path {
+            Some(p) => {
+                Some((p.to_path_buf(), BufWriter::new(std::fs::File::create(p).map_err(|e| io_err(p, e))?)))
+            }
+            None => None,
+        };
+        Ok(Metrics { file, progress, steps_per_epoch, epochs, last_epoch: None, losses: vec![], error: None })
+    }
+
+    fn end_epoch(&mut self, epoch: u64) {
+        let mean = self.losses.iter().sum::<f64>() / self.losses.len().max(1) as f64;
+        if self.progress {
+            eprintln!();
+        } else {
+            eprintln!(
+                "epoch {}/{}: mean loss {mean:.4} over {} steps",
+                epoch + 1,
+                self.epochs,
+                self.losses.len()
+            );
+        }
+        self.losses.clear();
+    }
+
+    pub fn finish(&mut self) -> Result<(), HostError> {
+        if let Some(e) = self.last_epoch {
+            self.end_epoch(e);
+            self.last_epoch = None;
+        }
+        if let Some((p, f)) = &mut self.file {
+            f.flush().map_err(|e| io_err(p, e))?;
+        }
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl MetricsSink for Metrics {
+    fn record(&mut self, m: &StepMetrics) {
+        if let Some((path, f)) = &mut self.file {
+            let line = serde_json::json!({
+                "step": m.step, "epoch": m.epoch, "loss": m.loss, "lr": m.lr, "samples_per_sec": m.samples_per_sec,
+            });
+            if let Err(e) = writeln!(f, "{line}") {
+                self.error.get_or_insert(io_err(path, e));
+            }
+        }
+        if let Some(prev) = self.last_epoch.filter(|&e| e != m.epoch) {
+            self.end_epoch(prev);
+        }
+        self.last_epoch = Some(m.epoch);
+        self.losses.push(m.loss);
+        if self.progress {
+            let done = self.losses.len() as u64;
+            let width = 30;
+            let filled = (done * width / self.steps_per_epoch.max(1)).min(width) as usize;
+            eprint!(
+                "\repoch {:>3}/{} [{}{}] {done}/{} loss {:.4} {:.0} samples/s",
+                m.epoch + 1,
+                self.epochs,
+                "#".repeat(filled),
+                "-".repeat(width as usize - filled),
+                self.steps_per_epoch,
+                m.loss,
+                m.samples_per_sec
+            );
+        }
+    }
+}

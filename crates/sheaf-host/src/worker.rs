@@ -1,0 +1,210 @@
+//! One worker process: assembles the job's plugins (transport, compute, strategy,
+//! optimizer, partitioner), loads the data, trains, and on rank 0 writes the run
+//! directory. Everything that can be checked before connecting to the other ranks is
+//! checked first, so bad input fails before any worker trains.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sheaf_collectives::Group;
+use sheaf_core::{Activation, Batch, Communicator, Deadline, Link, ModelSpec, TrainConfig, TrainContext};
+use sheaf_data::Dataset;
+
+use crate::job::Job;
+use crate::outputs::{safetensors_bytes, write_atomic, Metrics, Summary};
+use crate::{HostError, Registry};
+
+/// Where this worker sits in the world, as torchrun's variables say.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+}
+
+impl WorkerEnv {
+    /// From `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; a world
+    /// of one when unset.
+    pub fn from_env() -> Result<WorkerEnv, HostError> {
+        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T, HostError> {
+            match std::env::var(name) {
+                Ok(v) => v.trim().parse().map_err(|_| HostError::Usage(format!("{name}={v} is not valid"))),
+                Err(_) => Ok(default),
+            }
+        }
+        let env = WorkerEnv {
+            rank: var("RANK", 0)?,
+            world_size: var("WORLD_SIZE", 1)?,
+            local_rank: var("LOCAL_RANK", 0)?,
+            master_addr: var("MASTER_ADDR", "127.0.0.1".to_string())?,
+            master_port: var("MASTER_PORT", 29500)?,
+        };
+        if env.world_size == 0 || env.rank >= env.world_size {
+            return Err(HostError::Usage(format!("RANK={} outside WORLD_SIZE={}", env.rank, env.world_size)));
+        }
+        Ok(env)
+    }
+}
+
+/// The job's data, split into train and test, checked against the model.
+pub fn load_data(job: &Job) -> Result<(Dataset, Dataset), HostError> {
+    let data = &job.data;
+    let (inputs, classes) = (job.model.layers[0], *job.model.layers.last().expect("validated"));
+    let err = |e: sheaf_data::DataError| HostError::Data(e.to_string());
+    let (train, test) = match data.dataset.as_str() {
+        "digits" => sheaf_data::digits().map_err(err)?.split(data.test_fraction, job.seed),
+        "synthetic" => {
+            sheaf_data::teacher(data.samples, inputs, classes, job.seed).split(data.test_fraction, job.seed)
+        }
+        path => {
+            let images = PathBuf::from(path);
+            let labels = match &data.labels {
+                Some(l) => PathBuf::from(l),
+                None => sheaf_data::labels_path_for(&images).ok_or_else(|| {
+                    HostError::Data(format!(
+                        "data.dataset `{path}` is not `digits`, `synthetic` or an IDX images file named *-images-idx3-ubyte[.gz]; set data.labels for other names"
+                    ))
+                })?,
+            };
+            let all = sheaf_data::load_idx_pair(&images, &labels).map_err(err)?;
+            // MNIST ships its test set beside the training set.
+            let t10k =
+                |p: &Path| Some(p.with_file_name(p.file_name()?.to_str()?.replacen("train", "t10k", 1)));
+            match (t10k(&images), t10k(&labels)) {
+                (Some(ti), Some(tl)) if ti != images && ti.exists() && tl.exists() => {
+                    (all, sheaf_data::load_idx_pair(&ti, &tl).map_err(err)?)
+                }
+                _ => all.split(data.test_fraction, job.seed),
+            }
+        }
+    };
+    train.check_shape(inputs, classes).map_err(err)?;
+    Ok((train, test))
+}
+
+/// What `run_worker` needs besides the job.
+pub struct RunOptions {
+    pub env: WorkerEnv,
+    pub run_dir: Option<PathBuf>,
+    /// Show a progress bar (rank 0 only): stderr is a terminal, or the launcher's is.
+    pub progress: bool,
+}
+
+impl RunOptions {
+    pub fn progress_default() -> bool {
+        std::env::var_os("SHEAF_PROGRESS").is_some() || std::io::stderr().is_terminal()
+    }
+}
+
+/// Trains `job` as one rank; returns the summary (on every rank; rank 0 also writes it).
+pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<Summary, HostError> {
+    let env = &opts.env;
+    let (train, test) = load_data(job)?;
+    let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
+    let partitioner = registry.data_partitioner(&job.data.partitioner, "")?;
+    let compute_config = serde_json::json!({ "device": job.compute.device }).to_string();
+    let compute = registry.compute(&job.compute.backend, &compute_config)?;
+    let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
+    let strategy_config =
+        serde_json::json!({ "timeout_ms": timeout_ms, "checksum_every": job.parallel.checksum_every })
+            .to_string();
+    let mut strategy = registry.strategy(&job.parallel.strategy, &strategy_config)?;
+    let spec = ModelSpec {
+        layers: job.model.layers.clone(),
+        activation: if job.model.activation == "tanh" { Activation::Tanh } else { Activation::Relu },
+    };
+    let mut model = compute.build_model(&spec, job.seed).map_err(|e| HostError::Core(e.to_string()))?;
+    let run_dir = match (&opts.run_dir, env.rank) {
+        (Some(dir), 0) => {
+            std::fs::create_dir_all(dir).map_err(|e| HostError::Output(format!("{}: {e}", dir.display())))?;
+            Some(dir.clone())
+        }
+        _ => None,
+    };
+
+    let link_config = serde_json::json!({
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "master_addr": env.master_addr,
+        "master_port": env.master_port,
+        "connect_timeout_ms": timeout_ms,
+        "peer_timeout_ms": (job.transport.peer_timeout_s * 1000.0) as u64,
+        "advertise_addr": std::env::var("SHEAF_ADVERTISE_ADDR").ok(),
+    })
+    .to_string();
+    let link: Arc<dyn Link> = Arc::from(registry.link(&job.transport.plugin, &link_config)?);
+    let comm = Group::world(link.clone());
+    tracing::info!(
+        "rank {}/{}: {} on {}, {} parameters, {} training samples",
+        env.rank,
+        env.world_size,
+        job.parallel.strategy,
+        job.transport.plugin,
+        model.layout().total(),
+        train.len()
+    );
+
+    let steps_per_epoch = train.len().div_ceil(job.train.batch_size) as u64;
+    let mut metrics = Metrics::new(
+        run_dir.as_ref().map(|d| d.join("metrics.jsonl")).as_deref(),
+        opts.progress && env.rank == 0,
+        steps_per_epoch,
+        job.train.epochs,
+    )?;
+    let config = TrainConfig {
+        seed: job.seed,
+        epochs: job.train.epochs,
+        batch_size: job.train.batch_size,
+        max_steps: job.train.max_steps,
+    };
+    let result = strategy.train(TrainContext {
+        config,
+        comm: &comm,
+        model: model.as_mut(),
+        optimizer: optimizer.as_mut(),
+        partitioner: partitioner.as_ref(),
+        train: Batch { inputs: &train.inputs, labels: &train.labels, input_dim: train.input_dim },
+        test: Batch { inputs: &test.inputs, labels: &test.labels, input_dim: test.input_dim },
+        metrics: &mut metrics,
+    });
+    let trained = match result {
+        Ok(s) => s,
+        Err(e) => {
+            // Tell the other ranks at once instead of leaving them to time out.
+            link.abort(env.rank, &e.to_string());
+            return Err(HostError::Train { rank: env.rank, detail: e.to_string() });
+        }
+    };
+    metrics.finish()?;
+
+    let summary = Summary {
+        world_size: env.world_size,
+        strategy: job.parallel.strategy.clone(),
+        transport: job.transport.plugin.clone(),
+        device: job.compute.device.clone(),
+        epochs: trained.epochs,
+        steps: trained.steps,
+        final_loss: trained.final_loss,
+        test_accuracy: trained.test_accuracy,
+        samples_per_sec: trained.samples_per_sec,
+        wall_seconds: trained.wall_seconds,
+        params: model.layout().total(),
+        job: serde_json::to_value(job).unwrap_or_default(),
+    };
+    if let Some(dir) = &run_dir {
+        let mut params = vec![0f32; model.layout().total()];
+        model.read_params(&mut params).map_err(|e| HostError::Core(e.to_string()))?;
+        write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(model.layout(), &params))?;
+        let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
+        write_atomic(&dir.join("summary.json"), &json)?;
+    }
+    comm.barrier(Deadline::after(Duration::from_millis(timeout_ms)))
+        .map_err(|e| HostError::Train { rank: env.rank, detail: e.to_string() })?;
+    link.close(Deadline::after(Duration::from_millis(timeout_ms)))
+        .map_err(|e| HostError::Train { rank: env.rank, detail: e.to_string() })?;
+    Ok(summary)
+}
