@@ -1,3 +1,5 @@
 //! End-to-end tests of the real `sheaf` binary and real plugin libraries.
 
+mod collectives;
 mod plugins;
+mod training;

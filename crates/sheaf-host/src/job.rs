@@ -74,20 +74,11 @@ pub struct TrainSection {
     pub optimizer: String,
     #[serde(default)]
     pub max_steps: Option<u64>,
+    /// Settings of each optimizer, by name (`[train.options.sgd]`); only the chosen
+    /// optimizer's table is used, so `--set train.optimizer=...` switches cleanly. Its
+    /// plugin rejects keys it does not know.
     #[serde(default)]
-    pub momentum: Option<f64>,
-    #[serde(default)]
-    pub nesterov: Option<bool>,
-    #[serde(default)]
-    pub dampening: Option<f64>,
-    #[serde(default)]
-    pub weight_decay: Option<f64>,
-    #[serde(default)]
-    pub beta1: Option<f64>,
-    #[serde(default)]
-    pub beta2: Option<f64>,
-    #[serde(default)]
-    pub eps: Option<f64>,
+    pub options: std::collections::BTreeMap<String, toml::Table>,
 }
 
 fn sgd() -> String {
@@ -95,26 +86,15 @@ fn sgd() -> String {
 }
 
 impl TrainSection {
-    /// The optimizer's settings as the optimizer plugin takes them: only the keys the
-    /// job set, so the plugin rejects one that does not apply (momentum for AdamW).
+    /// The chosen optimizer's settings as its plugin takes them: `lr` and the keys of
+    /// `[train.options.<optimizer>]`.
     pub fn optimizer_config(&self) -> String {
         let mut m = serde_json::Map::new();
         m.insert("lr".into(), self.lr.into());
-        let opt = [
-            ("momentum", self.momentum),
-            ("dampening", self.dampening),
-            ("weight_decay", self.weight_decay),
-            ("beta1", self.beta1),
-            ("beta2", self.beta2),
-            ("eps", self.eps),
-        ];
-        for (k, v) in opt {
-            if let Some(v) = v {
-                m.insert(k.into(), v.into());
+        if let Some(table) = self.options.get(&self.optimizer) {
+            if let Ok(serde_json::Value::Object(extra)) = serde_json::to_value(table) {
+                m.extend(extra);
             }
-        }
-        if let Some(n) = self.nesterov {
-            m.insert("nesterov".into(), n.into());
         }
         serde_json::Value::Object(m).to_string()
     }
@@ -305,9 +285,12 @@ mod tests {
     }
 
     #[test]
-    fn optimizer_config_carries_only_what_was_set() {
+    fn optimizer_config_is_lr_and_the_chosen_table() {
         let job = parse_job(DEFAULT_JOB, "d", &[]).unwrap();
         let v: serde_json::Value = serde_json::from_str(&job.train.optimizer_config()).unwrap();
         assert_eq!(v, serde_json::json!({"lr": 0.05, "momentum": 0.9}));
+        let job = parse_job(DEFAULT_JOB, "d", &["train.optimizer=\"adamw\"".into()]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&job.train.optimizer_config()).unwrap();
+        assert_eq!(v, serde_json::json!({"lr": 0.05, "weight_decay": 0.01}));
     }
 }

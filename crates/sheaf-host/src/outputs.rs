@@ -54,7 +54,7 @@ pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Vec<u8> {
         );
     }
     let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + params.len() * 4);

@@ -16,7 +16,7 @@ use crate::{HostError, Registry};
 /// them below 16 (and so often below the world size).
 pub fn case(seed: u64, i: u64, max_len: usize) -> Case {
     let mut g = SplitMix::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(i));
-    let len = if g.next_u64() % 2 == 0 {
+    let len = if g.next_u64().is_multiple_of(2) {
         g.next_u64() as usize % 16
     } else {
         g.next_u64() as usize % (max_len + 1)
