@@ -1,6 +1,11 @@
 //! Sheaf's automation, run as `cargo xtask <command>` (aliased in `.cargo/config.toml`).
 //!
-//! - `ci`: formatting check, clippy with warnings denied, then `test`. What `.ci/run` runs.
+//! - `demo`: builds the workspace and runs the default job on 2 workers
+//!   (`sheaf launch -n 2`); extra arguments go to `sheaf launch`.
+//! - `ci`: formatting check, clippy with warnings denied, the CUDA feature's compile
+//!   check, then `test`. What `.ci/run` runs.
+//! - `check-cuda`: `cargo check` of the candle plugin with `--features cuda`, against
+//!   NVIDIA's compiler installed from PyPI into `target/cuda/venv` (no GPU needed).
 //! - `test`: builds the whole workspace (the `sheaf` binary, every plugin `.so`, the
 //!   test fixtures), then runs every test.
 //! - `tidy`: the repository conventions (also run as a test).
@@ -17,6 +22,8 @@ fn main() -> Result<()> {
     let root = workspace_root();
     match args.first().map(String::as_str) {
         Some("ci") => ci(&root),
+        Some("demo") => demo(&root, &args[1..]),
+        Some("check-cuda") => check_cuda(&root),
         Some("test") => test(&root, &args[1..]),
         Some("tidy") => {
             let problems = tidy::check(&root)?;
@@ -28,7 +35,9 @@ fn main() -> Result<()> {
             }
         }
         _ => {
-            eprintln!("usage: cargo xtask <ci | test [cargo test args] | tidy>");
+            eprintln!(
+                "usage: cargo xtask <demo [launch args] | ci | test [cargo test args] | check-cuda | tidy>"
+            );
             std::process::exit(2)
         }
     }
@@ -58,5 +67,72 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 fn ci(root: &Path) -> Result<()> {
     cargo(root, &["fmt", "--all", "--", "--check"])?;
     cargo(root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    test(root, &[])
+    test(root, &[])?;
+    check_cuda(root)
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+}
+
+fn demo(root: &Path, extra: &[String]) -> Result<()> {
+    cargo(root, &["build", "--workspace"])?;
+    let sheaf = target_dir(root).join("debug").join("sheaf");
+    let mut args = vec!["launch".to_string(), "-n".into(), "2".into()];
+    args.extend(extra.iter().cloned());
+    eprintln!("$ {} {}", sheaf.display(), args.join(" "));
+    let status = Command::new(&sheaf).args(&args).current_dir(root).status().context("running sheaf")?;
+    if !status.success() {
+        bail!("the demo failed ({status})");
+    }
+    Ok(())
+}
+
+/// NVIDIA's CUDA 13 compiler and runtime from PyPI, in a virtualenv under target/.
+const CUDA_WHEELS: &[&str] = &["nvidia-cuda-nvcc==13.5.*", "nvidia-cuda-runtime==13.5.*", "nvidia-cuda-cccl"];
+
+fn check_cuda(root: &Path) -> Result<()> {
+    let venv = target_dir(root).join("cuda").join("venv");
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        let status =
+            Command::new("python3").args(["-m", "venv"]).arg(&venv).status().context("python3 -m venv")?;
+        if !status.success() {
+            bail!("creating {} failed", venv.display());
+        }
+    }
+    let status = Command::new(&python)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(CUDA_WHEELS)
+        .status()
+        .context("pip install")?;
+    if !status.success() {
+        bail!("installing NVIDIA's CUDA compiler from PyPI failed");
+    }
+    let out = Command::new(&python)
+        .args(["-c", "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu13'))"])
+        .output()
+        .context("locating the CUDA install")?;
+    let cuda = PathBuf::from(String::from_utf8(out.stdout)?.trim());
+    if !cuda.join("bin").join("nvcc").exists() {
+        bail!("no nvcc under {}", cuda.display());
+    }
+    let path = format!("{}:{}", cuda.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    eprintln!("$ cargo check -p sheaf-compute-candle --features cuda  (CUDA at {})", cuda.display());
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["check", "-p", "sheaf-compute-candle", "--features", "cuda"])
+        .current_dir(root)
+        .env("PATH", path)
+        .env("CUDA_HOME", &cuda)
+        .env("CUDA_PATH", &cuda)
+        .env("CUDA_ROOT", &cuda)
+        // cudarc 0.19 knows CUDA only up to 13.4; with no GPU, name the architecture.
+        .env("CUDARC_CUDA_VERSION", "13040")
+        .env("CUDA_COMPUTE_CAP", "90")
+        .status()
+        .context("cargo check --features cuda")?;
+    if !status.success() {
+        bail!("the cuda feature does not compile");
+    }
+    Ok(())
 }
