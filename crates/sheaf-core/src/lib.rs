@@ -14,6 +14,7 @@ mod error;
 mod optim;
 mod partition;
 mod plugin;
+mod rng;
 mod strategy;
 
 pub use comm::{chunk_range, Communicator, Link, Tag, TagClass, MAX_USER_TAG};
@@ -24,4 +25,5 @@ pub use error::{CommError, Error, Op, Result};
 pub use optim::{OptimState, Optimizer, Param};
 pub use partition::{DataPartitioner, ModelPartitioner};
 pub use plugin::{PluginKind, Provided};
+pub use rng::SplitMix64;
 pub use strategy::{MetricsSink, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary};

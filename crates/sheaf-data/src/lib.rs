@@ -15,6 +15,8 @@ mod synthetic;
 use std::io::Read;
 use std::path::PathBuf;
 
+use sheaf_core::SplitMix64;
+
 pub use idx::{labels_path_for, load_idx_pair, read_idx, IdxArray};
 pub use synthetic::teacher;
 
@@ -99,31 +101,9 @@ impl Dataset {
     }
 }
 
-/// A seeded permutation of `0..n` (Fisher-Yates over SplitMix64).
+/// A seeded permutation of `0..n`.
 pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
-    let mut rng = SplitMix(seed);
-    let mut perm: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        perm.swap(i, (rng.next() % (i as u64 + 1)) as usize);
-    }
-    perm
-}
-
-pub(crate) struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-1, 1)`.
-    pub fn uniform(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
+    SplitMix64::new(seed).permutation(n)
 }
 
 static DIGITS_GZ: &[u8] = include_bytes!("../data/digits.csv.gz");

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use serde::Deserialize;
 use sheaf_core::{
     Activation, Batch, ComputeBackend, Error, Model, ModelSpec, ParamLayout, PluginKind, Provided, Result,
+    SplitMix64,
 };
 
 /// The plugin as exported to the host.
@@ -121,18 +122,12 @@ impl ComputeBackend for CandleBackend {
 pub fn init_params(spec: &ModelSpec, seed: u64) -> Vec<f32> {
     let layout = spec.layout();
     let mut out = vec![0f32; layout.total()];
-    let mut state = seed ^ 0x1F2E_3D4C_5B6A_7988;
+    let mut rng = SplitMix64::new(seed ^ 0x1F2E_3D4C_5B6A_7988);
     for (i, s) in layout.specs().iter().enumerate() {
         let fan_in = spec.layers[i / 2];
         let bound = 1.0 / (fan_in as f32).sqrt();
         for v in &mut out[layout.range(i)] {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = (z >> 40) as f32 / (1u64 << 24) as f32;
-            *v = (u * 2.0 - 1.0) * bound;
+            *v = rng.next_f32() * bound;
         }
         debug_assert_eq!(s.numel(), layout.range(i).len());
     }

@@ -9,7 +9,9 @@
 use std::ops::Range;
 
 use serde::Deserialize;
-use sheaf_core::{chunk_range, DataPartitioner, Error, ModelPartitioner, PluginKind, Provided, Result};
+use sheaf_core::{
+    chunk_range, DataPartitioner, Error, ModelPartitioner, PluginKind, Provided, Result, SplitMix64,
+};
 
 /// The plugin as exported to the host.
 pub struct PartitionPlugin;
@@ -116,22 +118,9 @@ pub struct Shuffle {
 }
 
 impl Shuffle {
-    /// The epoch's permutation (Fisher-Yates over SplitMix64).
+    /// The epoch's permutation.
     pub fn permutation(&self, epoch: u64, n: usize) -> Vec<usize> {
-        let mut state = self.seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F);
-        let mut next = move || {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        let mut perm: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            let j = (next() % (i as u64 + 1)) as usize;
-            perm.swap(i, j);
-        }
-        perm
+        SplitMix64::new(self.seed ^ epoch.wrapping_mul(0xA076_1D64_78BD_642F)).permutation(n)
     }
 }
 

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    Batch, Communicator, DType, Deadline, Error, PluginKind, Provided, ReduceOp, Result, StepMetrics,
-    Strategy, TrainContext, TrainSummary,
+    Batch, Communicator, DType, Deadline, Error, PluginKind, Provided, ReduceOp, Result, SplitMix64,
+    StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -83,17 +83,7 @@ impl DataParallel {
 
 /// The sample order of one epoch: a permutation of `0..n` from `(seed, epoch)`.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut state = seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0xA5A5_5A5A;
-    let mut perm: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        perm.swap(i, (z % (i as u64 + 1)) as usize);
-    }
-    perm
+    SplitMix64::new(seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0xA5A5_5A5A).permutation(n)
 }
 
 /// The rows `indices` of `data`, gathered.
