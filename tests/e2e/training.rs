@@ -250,3 +250,71 @@ fn a_worker_killed_mid_run_stops_the_launch_naming_it() {
     assert!(all.contains("rank 1 failed (killed by signal 9)"), "{all}");
     assert!(!dir.path().join("checkpoint.safetensors").exists());
 }
+
+fn idx(code_dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 8, code_dims.len() as u8];
+    code_dims.iter().for_each(|d| out.extend_from_slice(&d.to_be_bytes()));
+    out.extend_from_slice(data);
+    out
+}
+
+/// `n` images of `side` x `side` whose label is the brightest quadrant.
+fn write_idx_set(dir: &Path, prefix: &str, n: usize, side: usize) {
+    let mut rng = sheaf_core::SplitMix64::new(n as u64);
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for _ in 0..n {
+        let label = (rng.next_u64() % 4) as usize;
+        for y in 0..side {
+            for x in 0..side {
+                let q = usize::from(y >= side / 2) * 2 + usize::from(x >= side / 2);
+                let base = if q == label { 160 } else { 40 };
+                images.push((base + rng.next_u64() % 90) as u8);
+            }
+        }
+        labels.push(label as u8);
+    }
+    let gz = |bytes: Vec<u8>| {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let s = side as u32;
+    std::fs::write(dir.join(format!("{prefix}-images-idx3-ubyte.gz")), gz(idx(&[n as u32, s, s], &images)))
+        .unwrap();
+    std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), gz(idx(&[n as u32], &labels)))
+        .unwrap();
+}
+
+/// A user's own MNIST-format files: train and t10k sets found by name, gzipped.
+#[test]
+fn idx_datasets_train_and_a_wrong_shape_is_refused() {
+    let data = tempfile::tempdir().unwrap();
+    write_idx_set(data.path(), "train", 400, 8);
+    write_idx_set(data.path(), "t10k", 100, 8);
+    let images = data.path().join("train-images-idx3-ubyte.gz");
+    let set_data = format!("data.dataset=\"{}\"", images.display());
+    let dir = tempfile::tempdir().unwrap();
+    ok(&sheaf(
+        &[
+            "launch",
+            "-n",
+            "2",
+            "--set",
+            &set_data,
+            "--set",
+            "model.layers=[64, 32, 4]",
+            "--set",
+            "train.epochs=5",
+        ],
+        dir.path(),
+    ));
+    let s = summary(dir.path());
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.9, "{s}");
+
+    let wrong = tempfile::tempdir().unwrap();
+    write_idx_set(wrong.path(), "train", 50, 10);
+    let set_wrong = format!("data.dataset=\"{}\"", wrong.path().join("train-images-idx3-ubyte.gz").display());
+    fails_with(&["run", "--set", &set_wrong, "--set", "model.layers=[64, 32, 4]"], &["100", "64", "inputs"]);
+}
