@@ -118,7 +118,8 @@ fn killed_rank_fails_every_allreduce_survivor() {
         for (rank, res, took) in outcomes {
             let e = res.expect_err("survivor completed");
             assert!(e.contains("rank 1 failed"), "rank {rank}: {e}");
-            assert!(took < Duration::from_secs(1), "rank {rank} took {took:?}");
+            // Far inside the 20 s deadline: a death is seen at once, not timed out.
+            assert!(took < Duration::from_secs(5), "rank {rank} took {took:?}");
         }
     }
 }
