@@ -1,5 +1,6 @@
 //! End-to-end tests of the real `sheaf` binary and real plugin libraries.
 
+mod bench;
 mod collectives;
 mod plugins;
 mod training;

@@ -51,6 +51,14 @@ pub enum Command {
         #[command(flatten)]
         job: JobArgs,
     },
+    /// Measure collectives or point-to-point over a transport, in real processes.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+    /// One rank of `sheaf bench` (started by it).
+    #[command(hide = true)]
+    BenchWorker { spec: String },
     /// Run the collective conformance laws over a transport plugin in this process's
     /// rank of a world set up as for `run` (used by the end-to-end tests).
     #[command(hide = true)]
@@ -70,6 +78,39 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// nccl-tests-style rows for one collective over a range of sizes.
+    Collectives {
+        #[arg(long, default_value = "allreduce", value_parser = ["allreduce", "broadcast", "allgather", "reduce-scatter"])]
+        op: String,
+        #[arg(short = 'n', default_value_t = 2)]
+        workers: usize,
+        #[command(flatten)]
+        common: BenchArgs,
+    },
+    /// One-way bandwidth and round-trip latency between two ranks, and memcpy bandwidth.
+    P2p {
+        #[command(flatten)]
+        common: BenchArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "zmq-tcp")]
+    pub transport: String,
+    #[arg(long, default_value_t = 4096)]
+    pub min_bytes: usize,
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_bytes: usize,
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 impl Cli {
@@ -147,6 +188,42 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 run_dir.display()
             )
             .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+        }
+        Command::Bench { what } => {
+            let (op, workers, common) = match what {
+                BenchWhat::Collectives { op, workers, common } => (op.clone(), *workers, common),
+                BenchWhat::P2p { common } => ("p2p".to_string(), 2, common),
+            };
+            if common.min_bytes > common.max_bytes || common.iters == 0 {
+                return Err(HostError::Usage(
+                    "bench: need --min-bytes <= --max-bytes and --iters >= 1".into(),
+                ));
+            }
+            let spec = crate::bench::BenchSpec {
+                op,
+                transport: common.transport.clone(),
+                min_bytes: common.min_bytes,
+                max_bytes: common.max_bytes,
+                iters: common.iters,
+            };
+            let rows = crate::bench::bench(&spec, workers, &cli.plugin_dirs)?;
+            let written = if common.json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&rows).expect("rows serialise"))
+            } else {
+                crate::bench::render(&rows, out)
+            };
+            written.map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+        }
+        Command::BenchWorker { spec } => {
+            let spec: crate::bench::BenchSpec = serde_json::from_str(spec)
+                .map_err(|e| HostError::Usage(format!("bench-worker spec: {e}")))?;
+            let env = crate::worker::WorkerEnv::from_env()?;
+            let rows = crate::bench::bench_worker(&cli.registry(), &env, &spec)?;
+            if env.rank == 0 {
+                writeln!(out, "{}", serde_json::to_string(&rows).expect("rows serialise"))
+                    .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;
+            }
+            Ok(())
         }
         Command::CheckCollectives { transport, cases, seed, max_len } => {
             let env = crate::worker::WorkerEnv::from_env()?;

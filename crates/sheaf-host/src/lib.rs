@@ -7,6 +7,7 @@
 //! names both versions, a library that fails to load never stops the others, and no
 //! library is ever unloaded.
 
+pub mod bench;
 pub mod cli;
 mod discover;
 pub mod job;

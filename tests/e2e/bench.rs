@@ -1,0 +1,70 @@
+//! `sheaf bench`: real processes, nccl-tests-style rows with a correctness check each.
+
+use std::process::Command;
+
+use serde_json::Value;
+use sheaf_tests::sheaf_bin;
+
+fn bench(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(sheaf_bin()).arg("bench").args(args).arg("--json").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
+}
+
+#[test]
+fn collectives_rows_have_the_nccl_tests_fields_and_pass_their_check() {
+    for (op, n, factor) in [
+        ("allreduce", "3", 4.0 / 3.0),
+        ("allgather", "2", 0.5),
+        ("broadcast", "2", 1.0),
+        ("reduce-scatter", "3", 2.0 / 3.0),
+    ] {
+        let rows = bench(&[
+            "collectives",
+            "--op",
+            op,
+            "-n",
+            n,
+            "--min-bytes",
+            "4096",
+            "--max-bytes",
+            "65536",
+            "--iters",
+            "3",
+        ]);
+        assert_eq!(rows.len(), 5, "{op}: 4 KiB to 64 KiB doubling: {rows:#?}");
+        for r in &rows {
+            assert_eq!(r["op"], op);
+            assert_eq!(r["check"], "ok", "{r}");
+            assert_eq!(r["transport"], "zmq-tcp");
+            assert_eq!(r["world_size"], n.parse::<u64>().unwrap());
+            for k in ["size_bytes", "count", "time_us", "algbw_gbps", "busbw_gbps"] {
+                assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+            }
+            assert!(r["algorithm"].is_string());
+            let (alg, bus) = (r["algbw_gbps"].as_f64().unwrap(), r["busbw_gbps"].as_f64().unwrap());
+            assert!(
+                (bus - alg * factor).abs() <= 1e-9 * alg.max(1.0),
+                "{op}: busbw {bus} vs algbw {alg} x {factor}"
+            );
+        }
+    }
+}
+
+#[test]
+fn p2p_reports_latency_bandwidth_and_memcpy() {
+    let rows = bench(&[
+        "p2p",
+        "--transport",
+        "zmq-ipc",
+        "--min-bytes",
+        "4096",
+        "--max-bytes",
+        "16384",
+        "--iters",
+        "3",
+    ]);
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["p2p-rtt", "p2p-oneway", "p2p-oneway", "p2p-oneway", "memcpy"]);
+    assert!(rows.iter().all(|r| r["check"] == "ok"), "{rows:#?}");
+}
