@@ -80,12 +80,7 @@ fn sum(n: usize, i: usize) -> f32 {
 }
 
 fn bytes(v: &mut [f32]) -> &mut [u8] {
-    bytemuck_cast(v)
-}
-
-fn bytemuck_cast(v: &mut [f32]) -> &mut [u8] {
-    // SAFETY: u8 has no alignment requirement and every bit pattern is valid.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+    bytemuck::cast_slice_mut(v)
 }
 
 /// Runs `op` once on buffers sized for `size` bytes; returns whether the result is right.
@@ -182,8 +177,7 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
 }
 
 fn bytes_f64(v: &mut [f64]) -> &mut [u8] {
-    // SAFETY: as `bytemuck_cast`.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+    bytemuck::cast_slice_mut(v)
 }
 
 /// Two ranks: one-way bandwidth per size (a stream of messages, then one reply),

@@ -146,6 +146,16 @@ impl MetricsSink for Collect {
 }
 
 fn train(n: usize, batch: usize, steps: Option<u64>, via_abi: bool) -> Vec<(Vec<f32>, TrainSummary)> {
+    train_seeded(n, batch, steps, via_abi, 9)
+}
+
+fn train_seeded(
+    n: usize,
+    batch: usize,
+    steps: Option<u64>,
+    via_abi: bool,
+    seed: u64,
+) -> Vec<(Vec<f32>, TrainSummary)> {
     let data = sheaf_data::teacher(300, 8, 3, 5);
     let (train, test) = data.split(0.2, 1);
     run_world(n, |comm| {
@@ -159,7 +169,7 @@ fn train(n: usize, batch: usize, steps: Option<u64>, via_abi: bool) -> Vec<(Vec<
         }
         let summary = strategy
             .train(TrainContext {
-                config: TrainConfig { seed: 9, epochs: 3, batch_size: batch, max_steps: steps },
+                config: TrainConfig { seed, epochs: 3, batch_size: batch, max_steps: steps },
                 comm: &comm,
                 model: &mut model,
                 optimizer: &mut opt,
@@ -176,6 +186,24 @@ fn train(n: usize, batch: usize, steps: Option<u64>, via_abi: bool) -> Vec<(Vec<
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(sheaf_testkit::proptest_cases(24)))]
+
+    /// The law: world N with per-rank shards of a global batch B ends where one
+    /// process with batch B ends, for any world, batch (even below the world size),
+    /// step count and seed; and every rank holds identical parameters.
+    #[test]
+    fn data_parallel_equals_single_process(n in 2usize..=6, batch in 1usize..=48, steps in 1u64..=12, seed in proptest::prelude::any::<u64>()) {
+        let single = train_seeded(1, batch, Some(steps), false, seed);
+        let multi = train_seeded(n, batch, Some(steps), false, seed);
+        for (p, _) in &multi {
+            proptest::prop_assert_eq!(p, &multi[0].0);
+        }
+        let d = max_abs_diff(&multi[0].0, &single[0].0);
+        proptest::prop_assert!(d <= 1e-6, "world {} batch {} steps {}: max abs diff {}", n, batch, steps, d);
+    }
 }
 
 #[test]
