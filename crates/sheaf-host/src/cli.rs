@@ -178,13 +178,14 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             })?;
             let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
+            let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
             writeln!(
                 out,
-                "{} workers: test accuracy {}, final loss {}, {} samples/s; outputs in {}",
+                "{} workers: test accuracy {:.4}, final loss {:.4}, {:.0} samples/s; outputs in {}",
                 workers,
-                v["test_accuracy"],
-                v["final_loss"],
-                v["samples_per_sec"],
+                num("test_accuracy"),
+                num("final_loss"),
+                num("samples_per_sec"),
                 run_dir.display()
             )
             .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))

@@ -70,6 +70,8 @@ pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Vec<u8> {
 /// epoch when stderr is a terminal, a plain line per epoch otherwise.
 pub struct Metrics {
     file: Option<(PathBuf, BufWriter<std::fs::File>)>,
+    /// Print per-epoch lines (rank 0 only).
+    show: bool,
     progress: bool,
     steps_per_epoch: u64,
     epochs: u64,
@@ -79,8 +81,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// `show`: print per-epoch progress at all (rank 0); `progress`: as a bar.
     pub fn new(
         path: Option<&Path>,
+        show: bool,
         progress: bool,
         steps_per_epoch: u64,
         epochs: u64,
@@ -91,14 +95,24 @@ impl Metrics {
             }
             None => None,
         };
-        Ok(Metrics { file, progress, steps_per_epoch, epochs, last_epoch: None, losses: vec![], error: None })
+        let progress = show && progress;
+        Ok(Metrics {
+            file,
+            show,
+            progress,
+            steps_per_epoch,
+            epochs,
+            last_epoch: None,
+            losses: vec![],
+            error: None,
+        })
     }
 
     fn end_epoch(&mut self, epoch: u64) {
         let mean = self.losses.iter().sum::<f64>() / self.losses.len().max(1) as f64;
         if self.progress {
             eprintln!();
-        } else {
+        } else if self.show {
             eprintln!(
                 "epoch {}/{}: mean loss {mean:.4} over {} steps",
                 epoch + 1,

@@ -151,7 +151,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let steps_per_epoch = train.len().div_ceil(job.train.batch_size) as u64;
     let mut metrics = Metrics::new(
         run_dir.as_ref().map(|d| d.join("metrics.jsonl")).as_deref(),
-        opts.progress && env.rank == 0,
+        env.rank == 0,
+        opts.progress,
         steps_per_epoch,
         job.train.epochs,
     )?;
