@@ -51,6 +51,32 @@ fn collectives_rows_have_the_nccl_tests_fields_and_pass_their_check() {
     }
 }
 
+/// Every allreduce algorithm, chosen on the command line, is correct between real
+/// processes (3: not a power of two) and named in its rows.
+#[test]
+fn every_allreduce_algorithm_checks_out_between_processes() {
+    for alg in ["ring", "halving-doubling", "direct"] {
+        let rows = bench(&[
+            "collectives",
+            "-n",
+            "3",
+            "--algorithm",
+            alg,
+            "--min-bytes",
+            "4",
+            "--max-bytes",
+            "262144",
+            "--iters",
+            "2",
+        ]);
+        assert!(rows.iter().all(|r| r["check"] == "ok" && r["algorithm"] == alg), "{alg}: {rows:#?}");
+    }
+    let auto =
+        bench(&["collectives", "-n", "2", "--min-bytes", "4096", "--max-bytes", "1048576", "--iters", "2"]);
+    assert_eq!(auto.first().unwrap()["algorithm"], "direct");
+    assert_eq!(auto.last().unwrap()["algorithm"], "ring");
+}
+
 #[test]
 fn p2p_reports_latency_bandwidth_and_memcpy() {
     let rows = bench(&[

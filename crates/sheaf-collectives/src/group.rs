@@ -6,7 +6,15 @@ use std::sync::{Arc, Mutex};
 
 use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
 
-use crate::reduce;
+use crate::{reduce, Algorithm};
+
+// Tag values of the allreduce algorithms other than ring (which uses the
+// reduce-scatter and allgather classes).
+const DIRECT: u32 = 1 << 20;
+const FOLD: u32 = 2 << 20;
+const UNFOLD: u32 = 3 << 20;
+const HALVE: u32 = 4 << 20;
+const DOUBLE: u32 = 5 << 20;
 
 /// How long a rank that gave up waits for the other ranks' failure reports before it
 /// names a culprit. Every failure is reported at most this long after its deadline.
@@ -24,6 +32,7 @@ pub struct Group {
     poisoned: Mutex<Option<String>>,
     /// The link rank of the last receive's peer, for [`Group::blame`].
     waiting_on: AtomicUsize,
+    algorithm: Algorithm,
 }
 
 impl Group {
@@ -43,7 +52,19 @@ impl Group {
             splits: AtomicU32::new(0),
             poisoned: Mutex::new(None),
             waiting_on: AtomicUsize::new(usize::MAX),
+            algorithm: Algorithm::Auto,
         }
+    }
+
+    /// The same group, running `algorithm` for allreduce (sub-communicators split from
+    /// it inherit the choice). Every rank must choose the same.
+    pub fn with_algorithm(mut self, algorithm: Algorithm) -> Group {
+        self.algorithm = algorithm;
+        self
+    }
+
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
     }
 
     /// The link this group talks over.
@@ -223,6 +244,134 @@ impl Group {
         Ok(())
     }
 
+    /// Every rank sends its buffer to every other, then each reduces all of them in
+    /// rank order, so the result is the naive left-to-right reduction.
+    fn direct_allreduce(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        let (n, me) = (self.size(), self.rank);
+        for peer in (0..n).filter(|&p| p != me) {
+            self.send_to(peer, TagClass::Allreduce, DIRECT, buf, dl)?;
+        }
+        let mine = buf.to_vec();
+        for q in 0..n {
+            let contribution = if q == me {
+                mine.clone()
+            } else {
+                self.recv_exact(q, TagClass::Allreduce, DIRECT, buf.len(), dl)?
+            };
+            if q == 0 {
+                buf.copy_from_slice(&contribution);
+            } else {
+                reduce::combine(buf, &contribution, dtype, op);
+            }
+        }
+        reduce::finish_avg(buf, dtype, op, n);
+        Ok(())
+    }
+
+    /// Rabenseifner's allreduce: recursive halving leaves each of the `p` (a power of
+    /// two) active ranks one reduced block, recursive doubling gathers the blocks. With
+    /// `n = p + rem`, ranks `0..2 rem` first pair up: each even rank hands its buffer
+    /// to the odd one above it, sits out, and gets the result back at the end.
+    fn halving_doubling_allreduce(
+        &self,
+        buf: &mut [u8],
+        elems: usize,
+        dtype: DType,
+        op: ReduceOp,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        let (n, me, sz) = (self.size(), self.rank, dtype.size());
+        let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let rem = n - p;
+        // Fold the extra ranks in.
+        let virtual_rank = if me < 2 * rem {
+            if me % 2 == 0 {
+                self.send_to(me + 1, TagClass::Allreduce, FOLD, buf, dl)?;
+                let result = self.recv_exact(me + 1, TagClass::Allreduce, UNFOLD, buf.len(), dl)?;
+                buf.copy_from_slice(&result);
+                return Ok(());
+            }
+            let lower = self.recv_exact(me - 1, TagClass::Allreduce, FOLD, buf.len(), dl)?;
+            let mut acc = lower;
+            reduce::combine(&mut acc, buf, dtype, op);
+            buf.copy_from_slice(&acc);
+            me / 2
+        } else {
+            me - rem
+        };
+        let real = |v: usize| if v < rem { 2 * v + 1 } else { v + rem };
+        // Recursive halving: the range this rank is responsible for shrinks by half
+        // each step; the partner keeps the other half.
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::with_capacity(1 + p.trailing_zeros() as usize);
+        ranges.push(0..elems);
+        let mut dist = p / 2;
+        let mut step = 0;
+        while dist > 0 {
+            let range = ranges.last().expect("non-empty").clone();
+            let mid = range.start + range.len() / 2;
+            let partner = virtual_rank ^ dist;
+            let (keep, give) = if virtual_rank & dist == 0 {
+                (range.start..mid, mid..range.end)
+            } else {
+                (mid..range.end, range.start..mid)
+            };
+            self.send_to(
+                real(partner),
+                TagClass::Allreduce,
+                HALVE + step,
+                &buf[give.start * sz..give.end * sz],
+                dl,
+            )?;
+            let theirs =
+                self.recv_exact(real(partner), TagClass::Allreduce, HALVE + step, keep.len() * sz, dl)?;
+            let mine = &mut buf[keep.start * sz..keep.end * sz];
+            // Lower virtual rank first, so both partners reduce in the same order.
+            if virtual_rank & dist == 0 {
+                reduce::combine(mine, &theirs, dtype, op);
+            } else {
+                let mut acc = theirs;
+                reduce::combine(&mut acc, mine, dtype, op);
+                mine.copy_from_slice(&acc);
+            }
+            ranges.push(keep);
+            dist /= 2;
+            step += 1;
+        }
+        let done = ranges.last().expect("non-empty").clone();
+        reduce::finish_avg(&mut buf[done.start * sz..done.end * sz], dtype, op, n);
+        // Recursive doubling: swap the finished halves back up the same tree.
+        let mut dist = 1;
+        while dist < p {
+            let mine = ranges.pop().expect("one range per step");
+            let parent = ranges.last().expect("the whole buffer at the bottom").clone();
+            let theirs =
+                if mine.start == parent.start { mine.end..parent.end } else { parent.start..mine.start };
+            let partner = virtual_rank ^ dist;
+            self.send_to(
+                real(partner),
+                TagClass::Allreduce,
+                DOUBLE + step,
+                &buf[mine.start * sz..mine.end * sz],
+                dl,
+            )?;
+            let got =
+                self.recv_exact(real(partner), TagClass::Allreduce, DOUBLE + step, theirs.len() * sz, dl)?;
+            buf[theirs.start * sz..theirs.end * sz].copy_from_slice(&got);
+            dist *= 2;
+            step += 1;
+        }
+        if me < 2 * rem {
+            self.send_to(me - 1, TagClass::Allreduce, UNFOLD, buf, dl)?;
+        }
+        Ok(())
+    }
+
     fn byte_blocks(&self, elems: usize, dtype: DType) -> Vec<Range<usize>> {
         let sz = dtype.size();
         (0..self.size())
@@ -294,10 +443,16 @@ impl Communicator for Group {
                     other => return other,
                 }
             }
-            let blocks = self.byte_blocks(elems, dtype);
-            self.ring_reduce_scatter(buf, &blocks, dtype, op, dl)?;
-            reduce::finish_avg(&mut buf[blocks[self.rank].clone()], dtype, op, n);
-            self.ring_allgather(buf, &blocks, dl)
+            match self.algorithm.choose(buf.len(), n) {
+                Algorithm::Direct => self.direct_allreduce(buf, dtype, op, dl),
+                Algorithm::HalvingDoubling => self.halving_doubling_allreduce(buf, elems, dtype, op, dl),
+                _ => {
+                    let blocks = self.byte_blocks(elems, dtype);
+                    self.ring_reduce_scatter(buf, &blocks, dtype, op, dl)?;
+                    reduce::finish_avg(&mut buf[blocks[self.rank].clone()], dtype, op, n);
+                    self.ring_allgather(buf, &blocks, dl)
+                }
+            }
         })
     }
 
@@ -421,7 +576,8 @@ impl Communicator for Group {
             let members: Arc<[usize]> = same.iter().map(|&(_, r)| self.members[r]).collect();
             let rank = same.iter().position(|&(_, r)| r == self.rank).expect("own entry present");
             let ctx = child_context(self.context, seq);
-            Ok(Some(Box::new(Group::new(self.link.clone(), members, rank, ctx)) as Box<dyn Communicator>))
+            let sub = Group::new(self.link.clone(), members, rank, ctx).with_algorithm(self.algorithm);
+            Ok(Some(Box::new(sub) as Box<dyn Communicator>))
         })
     }
 }

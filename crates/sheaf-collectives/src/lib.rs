@@ -1,8 +1,9 @@
 //! Collective algorithms over any point-to-point [`Link`].
 //!
 //! A transport plugin only has to move tagged bytes; [`Group`] turns that into a full
-//! [`Communicator`]: ring allreduce (reduce-scatter then allgather over the same
-//! balanced chunks), ring allgather and reduce-scatter, binomial-tree broadcast,
+//! [`Communicator`]: allreduce by ring (reduce-scatter then allgather over the same
+//! balanced chunks), recursive halving-doubling or a direct exchange ([`Algorithm`],
+//! chosen by size unless a job fixes it), ring allgather and reduce-scatter, binomial-tree broadcast,
 //! dissemination barrier, and `split` into sub-communicators that share the link under
 //! their own tag context. A transport that reduces natively is asked first.
 //!
@@ -10,8 +11,10 @@
 //! reduction order of each algorithm is fixed, so results are reproducible run to run;
 //! after any failure the group is poisoned and the world is told who failed.
 
+mod algorithm;
 mod group;
 pub mod reduce;
 
+pub use algorithm::Algorithm;
 pub use group::{Group, BLAME_GRACE};
 pub use sheaf_core::Link;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use sheaf_collectives::Group;
+use sheaf_collectives::{Algorithm, Group};
 use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, Link, ReduceOp};
 
 use crate::worker::WorkerEnv;
@@ -39,6 +39,8 @@ pub struct BenchSpec {
     pub min_bytes: usize,
     pub max_bytes: usize,
     pub iters: usize,
+    /// Allreduce algorithm (`auto`, `ring`, `halving-doubling`, `direct`).
+    pub algorithm: String,
 }
 
 /// nccl-tests' bus bandwidth factor.
@@ -130,7 +132,8 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
     })
     .to_string();
     let link: Arc<dyn Link> = Arc::from(registry.link(&spec.transport, &config)?);
-    let g = Group::world(link.clone());
+    let algorithm: Algorithm = spec.algorithm.parse().map_err(HostError::Usage)?;
+    let g = Group::world(link.clone()).with_algorithm(algorithm);
     let err = comm_err(env.rank);
     let dl = || Deadline::after(Duration::from_secs(120));
     let n = g.world_size();
@@ -167,7 +170,11 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
                 busbw_gbps: algbw * bus_factor(&spec.op, n),
                 check: if all_ok[0] == 1.0 { "ok".into() } else { "bad".into() },
                 transport: spec.transport.clone(),
-                algorithm: "ring".into(),
+                algorithm: if spec.op == "allreduce" {
+                    algorithm.choose(size, n).name().into()
+                } else {
+                    "ring".into()
+                },
                 world_size: n,
             });
         }

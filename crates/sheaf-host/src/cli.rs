@@ -108,6 +108,9 @@ pub struct BenchArgs {
     pub max_bytes: usize,
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// Allreduce algorithm: auto (by size), ring, halving-doubling, direct.
+    #[arg(long, default_value = "auto")]
+    pub algorithm: String,
     /// Print a JSON array instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -195,6 +198,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 BenchWhat::Collectives { op, workers, common } => (op.clone(), *workers, common),
                 BenchWhat::P2p { common } => ("p2p".to_string(), 2, common),
             };
+            common.algorithm.parse::<sheaf_collectives::Algorithm>().map_err(HostError::Usage)?;
             if common.min_bytes > common.max_bytes || common.iters == 0 {
                 return Err(HostError::Usage(
                     "bench: need --min-bytes <= --max-bytes and --iters >= 1".into(),
@@ -206,6 +210,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 min_bytes: common.min_bytes,
                 max_bytes: common.max_bytes,
                 iters: common.iters,
+                algorithm: common.algorithm.clone(),
             };
             let rows = crate::bench::bench(&spec, workers, &cli.plugin_dirs)?;
             let written = if common.json {

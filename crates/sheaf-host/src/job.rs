@@ -24,6 +24,22 @@ pub struct Job {
     pub transport: TransportSection,
     #[serde(default)]
     pub compute: ComputeSection,
+    #[serde(default)]
+    pub collectives: CollectivesSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectivesSection {
+    /// `auto` (by message size), `ring`, `halving-doubling` or `direct`.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+}
+
+impl CollectivesSection {
+    pub fn algorithm(&self) -> Result<sheaf_collectives::Algorithm, String> {
+        self.algorithm.as_deref().unwrap_or("auto").parse()
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -224,6 +240,7 @@ fn validate(job: &Job) -> Result<(), String> {
     if !(0.0..1.0).contains(&job.data.test_fraction) {
         return Err(format!("key `data.test_fraction`: {} is not in [0, 1)", job.data.test_fraction));
     }
+    job.collectives.algorithm().map_err(|e| format!("key `collectives.algorithm`: {e}"))?;
     if !(job.transport.timeout_s > 0.0 && job.transport.peer_timeout_s > 0.0) {
         return Err("key `transport.timeout_s`/`peer_timeout_s`: must be positive".into());
     }

@@ -137,7 +137,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     })
     .to_string();
     let link: Arc<dyn Link> = Arc::from(registry.link(&job.transport.plugin, &link_config)?);
-    let comm = Group::world(link.clone());
+    let algorithm = job.collectives.algorithm().map_err(HostError::Job)?;
+    let comm = Group::world(link.clone()).with_algorithm(algorithm);
     tracing::info!(
         "rank {}/{}: {} on {}, {} parameters, {} training samples",
         env.rank,

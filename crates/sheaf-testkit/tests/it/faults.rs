@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use sheaf_collectives::BLAME_GRACE;
+use sheaf_collectives::{Algorithm, BLAME_GRACE};
 use sheaf_core::{CommError, Communicator, DType, Deadline, Link, ReduceOp};
 use sheaf_testkit::conformance::collectives::{self as laws, Case};
 use sheaf_testkit::{run_links, Fault, FaultyLink, InProcWorld};
@@ -37,6 +37,20 @@ fn with_fault(
     case: &Case,
     timeout: Duration,
 ) -> Vec<(usize, Result<(), String>, Duration)> {
+    with_fault_using(Algorithm::Auto, n, victim, fault, coll, case, timeout)
+}
+
+/// `with_fault` with allreduce pinned to `alg` (the stall and drop scenarios count
+/// sends, which differ between algorithms).
+fn with_fault_using(
+    alg: Algorithm,
+    n: usize,
+    victim: usize,
+    fault: Fault,
+    coll: Coll,
+    case: &Case,
+    timeout: Duration,
+) -> Vec<(usize, Result<(), String>, Duration)> {
     let links: Vec<Arc<dyn Link>> = InProcWorld::new(n)
         .links()
         .into_iter()
@@ -47,6 +61,7 @@ fn with_fault(
         })
         .collect();
     let results = run_links(links, |g| {
+        let g = g.with_algorithm(alg);
         let start = Instant::now();
         let res = run_coll(&g, coll, case, Deadline::after(timeout));
         (g.rank(), res, start.elapsed())
@@ -88,7 +103,8 @@ fn stalled_rank_is_named_within_the_deadline() {
         for victim in [0, n - 1] {
             let case = Case { seed: 3, len: 1000, dtype: DType::F32, op: ReduceOp::Sum, root: 0 };
             let timeout = Duration::from_millis(300);
-            let outcomes = with_fault(
+            let outcomes = with_fault_using(
+                Algorithm::Ring,
                 n,
                 victim,
                 Fault::StallAtSend(1, Duration::from_secs(2)),
@@ -154,6 +170,7 @@ fn dropped_message_is_a_timeout_naming_the_sender_then_poisoned() {
         })
         .collect();
     let results = run_links(links, |g| {
+        let g = g.with_algorithm(Algorithm::Ring);
         let mut buf = vec![0u8; 64];
         let first =
             g.allreduce(&mut buf, DType::F32, ReduceOp::Sum, Deadline::after(Duration::from_millis(300)));

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proptest::prelude::*;
+use sheaf_collectives::Algorithm;
 use sheaf_core::{DType, Deadline, ReduceOp};
 use sheaf_testkit::conformance::collectives::{self as laws, Case};
 use sheaf_testkit::run_world;
@@ -56,6 +57,20 @@ proptest! {
     #[test]
     fn allreduce_equals_naive((n, case) in case()) {
         on_world(n, |c| laws::check_allreduce(c, &case, deadline()))?;
+    }
+
+    /// Every algorithm (and the automatic choice) equals the naive definition, for
+    /// every world size, power of two or not, and lengths below the world size.
+    #[test]
+    fn every_allreduce_algorithm_equals_naive((n, case) in case(), alg in prop::sample::select(vec![Algorithm::Auto, Algorithm::Ring, Algorithm::HalvingDoubling, Algorithm::Direct])) {
+        let results = run_world(n, |g| {
+            let g = g.with_algorithm(alg);
+            laws::check_allreduce(&g, &case, deadline())
+                .and_then(|()| laws::check_allreduce_is_reduce_scatter_then_allgather(&g, &case, deadline()))
+                .and_then(|()| laws::check_split(&g, &case, deadline()))
+        });
+        let errors: Vec<String> = results.into_iter().enumerate().filter_map(|(r, res)| res.err().map(|e| format!("{alg} rank {r}: {e}"))).collect();
+        prop_assert!(errors.is_empty(), "{}", errors.join("\n"));
     }
 
     #[test]
@@ -134,6 +149,41 @@ fn allreduce_of_arbitrary_floats_is_close_and_identical_on_all_ranks() {
             assert!((f64::from(got[i]) - want).abs() <= 1e-3, "element {i}: {} vs {want}", got[i]);
         }
     }
+}
+
+/// Arbitrary floats: each algorithm's reduction order is fixed, so every rank gets
+/// the same bytes and a second run the same bytes again. (The algorithms reduce in
+/// different orders, so they agree with each other only up to rounding.)
+#[test]
+fn each_algorithm_is_bitwise_reproducible_on_arbitrary_floats() {
+    use sheaf_testkit::conformance::SplitMix;
+    for alg in Algorithm::ALL {
+        for n in [2, 3, 5, 8] {
+            let run = || {
+                run_world(n, |g| {
+                    let g = g.with_algorithm(alg);
+                    let mut rng = SplitMix::new(sheaf_core::Communicator::rank(&g) as u64);
+                    let v: Vec<f32> = (0..1001).map(|_| rng.next_f32() * 1e3).collect();
+                    let mut buf = sheaf_testkit::f32_bytes(&v).to_vec();
+                    sheaf_core::Communicator::allreduce(&g, &mut buf, DType::F32, ReduceOp::Avg, deadline())
+                        .unwrap();
+                    buf
+                })
+            };
+            let (a, b) = (run(), run());
+            assert!(a.iter().all(|r| r == &a[0]), "{alg} world {n}: ranks differ");
+            assert_eq!(a, b, "{alg} world {n}: two runs differ");
+        }
+    }
+}
+
+#[test]
+fn auto_picks_direct_for_tiny_messages_and_ring_for_large() {
+    assert_eq!(Algorithm::Auto.choose(1024, 8), Algorithm::Direct);
+    assert_eq!(Algorithm::Auto.choose(1 << 20, 2), Algorithm::Ring);
+    assert_eq!(Algorithm::HalvingDoubling.choose(16, 2), Algorithm::HalvingDoubling);
+    assert_eq!("halving-doubling".parse::<Algorithm>(), Ok(Algorithm::HalvingDoubling));
+    assert!("tree".parse::<Algorithm>().is_err());
 }
 
 #[test]
