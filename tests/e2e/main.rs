@@ -2,5 +2,6 @@
 
 mod bench;
 mod collectives;
+mod plugin_check;
 mod plugins;
 mod training;

@@ -18,6 +18,9 @@ pub struct Cli {
     /// Also look for plugins in DIR (before SHEAF_PLUGIN_PATH and the executable's directory).
     #[arg(long = "plugin-dir", value_name = "DIR", global = true)]
     pub plugin_dirs: Vec<PathBuf>,
+    /// Load only this plugin library (used by `sheaf plugin check` for its workers).
+    #[arg(long = "plugin-file", value_name = "FILE", global = true, hide = true)]
+    pub plugin_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -56,6 +59,11 @@ pub enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+    /// Tools for plugin authors.
+    Plugin {
+        #[command(subcommand)]
+        what: PluginWhat,
+    },
     /// One rank of `sheaf bench` (started by it).
     #[command(hide = true)]
     BenchWorker { spec: String },
@@ -74,6 +82,28 @@ pub enum Command {
     },
     /// List every plugin library found, with its kinds, versions and whether it loads.
     Plugins {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginWhat {
+    /// Run the conformance suite against a plugin library: transports in real
+    /// processes at several world sizes, optimizers and partitioners in-process.
+    /// Prints a pass/fail table; exits non-zero if anything fails.
+    Check {
+        /// The plugin library (`.so`).
+        file: PathBuf,
+        /// Generated collective cases per world size.
+        #[arg(long, default_value_t = 12)]
+        cases: u64,
+        /// World sizes to run transports at.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3,4")]
+        worlds: Vec<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -119,6 +149,13 @@ pub struct BenchArgs {
 impl Cli {
     /// The plugins on this invocation's search path.
     pub fn registry(&self) -> Registry {
+        if let Some(file) = &self.plugin_file {
+            let dir = file.parent().map(|d| d.to_path_buf()).unwrap_or_default();
+            return Registry::load_files(
+                vec![file.clone()],
+                &[crate::SearchDir { path: dir, origin: crate::Origin::Flag }],
+            );
+        }
         let env = std::env::var(PLUGIN_PATH_ENV).ok();
         let exe = std::env::current_exe().ok();
         Registry::load(&search_dirs(&self.plugin_dirs, env.as_deref(), exe.as_deref()))
@@ -219,6 +256,24 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 crate::bench::render(&rows, out)
             };
             written.map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+        }
+        Command::Plugin { what: PluginWhat::Check { file, cases, worlds, seed, json } } => {
+            let rows = crate::plugin_check::check(file, *cases, worlds, *seed)?;
+            let text = if *json {
+                serde_json::to_string_pretty(&rows).expect("rows serialise") + "\n"
+            } else {
+                crate::plugin_check::render(&rows)
+            };
+            out.write_all(text.as_bytes())
+                .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;
+            let failed = rows.iter().filter(|r| !r.passed).count();
+            if failed > 0 {
+                return Err(HostError::Check(format!(
+                    "{failed} of {} conformance checks failed",
+                    rows.len()
+                )));
+            }
+            Ok(())
         }
         Command::BenchWorker { spec } => {
             let spec: crate::bench::BenchSpec = serde_json::from_str(spec)

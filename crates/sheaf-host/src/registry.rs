@@ -35,6 +35,8 @@ pub enum HostError {
     Train { rank: usize, detail: String },
     #[error("{0}")]
     Launch(String),
+    #[error("{0}")]
+    Check(String),
 }
 
 impl HostError {
@@ -71,8 +73,13 @@ pub struct Registry {
 impl Registry {
     /// Loads every candidate library in `dirs`; one that fails is recorded, never fatal.
     pub fn load(dirs: &[SearchDir]) -> Registry {
-        let mut registry = Registry { searched: dirs.to_vec(), ..Registry::default() };
-        for file in candidates(dirs) {
+        Registry::load_files(candidates(dirs), dirs)
+    }
+
+    /// Loads exactly `files` (`searched` only names where they came from in errors).
+    pub fn load_files(files: Vec<PathBuf>, searched: &[SearchDir]) -> Registry {
+        let mut registry = Registry { searched: searched.to_vec(), ..Registry::default() };
+        for file in files {
             match load_plugin(&file) {
                 Ok(p) => {
                     tracing::debug!("loaded plugin {} from {}", p.manifest.name, file.display());

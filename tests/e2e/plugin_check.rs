@@ -1,0 +1,54 @@
+//! `sheaf plugin check PATH.so`: the vendor's tool, run on every shipped plugin (it
+//! must pass) and on broken ones (it must fail, saying why).
+
+use std::process::Command;
+
+use serde_json::Value;
+use sheaf_tests::{library, sheaf_bin};
+
+fn check(crate_name: &str, extra: &[&str]) -> (bool, Vec<Value>, String) {
+    let out = Command::new(sheaf_bin())
+        .args(["plugin", "check"])
+        .arg(library(crate_name))
+        .args(extra)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let rows = serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    (out.status.success(), rows, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn every_shipped_plugin_passes_its_conformance_suite() {
+    for (name, kinds) in [
+        ("sheaf-transport-zmq", vec!["transport"]),
+        ("sheaf-optim", vec!["optimizer"]),
+        ("sheaf-partition", vec!["data-partitioner", "model-partitioner"]),
+    ] {
+        let (ok, rows, stderr) = check(name, &["--cases", "6", "--worlds", "1,2,3"]);
+        assert!(ok, "{name}: {stderr}\n{rows:#?}");
+        assert!(rows.iter().all(|r| r["passed"] == true), "{name}: {rows:#?}");
+        for k in kinds {
+            assert!(rows.iter().any(|r| r["kind"] == k), "{name}: no {k} rows in {rows:#?}");
+        }
+    }
+    let (_, rows, _) = check("sheaf-transport-zmq", &["--cases", "2", "--worlds", "2,4"]);
+    let tcp: Vec<&str> =
+        rows.iter().filter(|r| r["name"] == "zmq-tcp").map(|r| r["check"].as_str().unwrap()).collect();
+    assert_eq!(tcp, ["collective laws, 2 processes, 2 cases", "collective laws, 4 processes, 2 cases"]);
+}
+
+#[test]
+fn a_broken_plugin_fails_the_check_and_says_why() {
+    let (ok, rows, stderr) = check("fixture-panicky", &[]);
+    assert!(!ok);
+    assert!(stderr.contains("conformance checks failed"), "{stderr}");
+    assert!(rows.iter().all(|r| r["passed"] == false), "{rows:#?}");
+    assert!(rows.iter().any(|r| r["detail"].as_str().unwrap().contains("panicked")), "{rows:#?}");
+
+    let (ok, _, stderr) = check("fixture-old-abi", &[]);
+    assert!(!ok && stderr.contains("0.0.7"), "{stderr}");
+}
