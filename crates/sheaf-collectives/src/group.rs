@@ -15,6 +15,21 @@ const FOLD: u32 = 2 << 20;
 const UNFOLD: u32 = 3 << 20;
 const HALVE: u32 = 4 << 20;
 const DOUBLE: u32 = 5 << 20;
+const CHAIN: u32 = 1 << 20;
+
+/// Broadcasts of at least this many bytes over 3 or more ranks use the pipelined
+/// chain; smaller ones the binomial tree.
+const CHAIN_MIN_BYTES: usize = 64 << 10;
+
+/// The broadcast algorithm a group uses for `bytes` over `world` ranks: `"chain"`
+/// (pipelined) or `"binomial"`.
+pub fn broadcast_algorithm(bytes: usize, world: usize) -> &'static str {
+    if world >= 3 && bytes >= CHAIN_MIN_BYTES {
+        "chain"
+    } else {
+        "binomial"
+    }
+}
 
 /// How long a rank that gave up waits for the other ranks' failure reports before it
 /// names a culprit. Every failure is reported at most this long after its deadline.
@@ -244,6 +259,26 @@ impl Group {
         Ok(())
     }
 
+    /// Pipelined chain broadcast for large buffers: the buffer moves down the chain
+    /// root, root+1, ... in chunks, each rank forwarding a chunk as soon as it has it,
+    /// so the time is about one buffer's transfer plus a chunk per hop.
+    fn chain_broadcast(&self, buf: &mut [u8], v: usize, root: usize, dl: Deadline) -> Result<(), CommError> {
+        let n = self.size();
+        let chunk = (buf.len() / 8).clamp(16 << 10, 1 << 20);
+        let (prev, next) = ((v + n - 1 + root) % n, (v + 1 + root) % n);
+        for (i, piece) in buf.chunks_mut(chunk).enumerate() {
+            let tag = CHAIN + i as u32;
+            if v > 0 {
+                let got = self.recv_exact(prev, TagClass::Broadcast, tag, piece.len(), dl)?;
+                piece.copy_from_slice(&got);
+            }
+            if v + 1 < n {
+                self.send_to(next, TagClass::Broadcast, tag, piece, dl)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every rank sends its buffer to every other, then each reduces all of them in
     /// rank order, so the result is the naive left-to-right reduction.
     fn direct_allreduce(
@@ -465,8 +500,11 @@ impl Communicator for Group {
             });
         }
         self.guarded(Op::Broadcast, || {
-            // Binomial tree over ranks relative to the root.
             let v = (self.rank + n - root) % n;
+            if broadcast_algorithm(buf.len(), n) == "chain" {
+                return self.chain_broadcast(buf, v, root, dl);
+            }
+            // Binomial tree over ranks relative to the root: log2(n) rounds.
             let mut mask = 1;
             while mask < n {
                 if v & mask != 0 {

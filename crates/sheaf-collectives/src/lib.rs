@@ -16,5 +16,5 @@ mod group;
 pub mod reduce;
 
 pub use algorithm::Algorithm;
-pub use group::{Group, BLAME_GRACE};
+pub use group::{broadcast_algorithm, Group, BLAME_GRACE};
 pub use sheaf_core::Link;

@@ -170,10 +170,10 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
                 busbw_gbps: algbw * bus_factor(&spec.op, n),
                 check: if all_ok[0] == 1.0 { "ok".into() } else { "bad".into() },
                 transport: spec.transport.clone(),
-                algorithm: if spec.op == "allreduce" {
-                    algorithm.choose(size, n).name().into()
-                } else {
-                    "ring".into()
+                algorithm: match spec.op.as_str() {
+                    "allreduce" => algorithm.choose(size, n).name().into(),
+                    "broadcast" => sheaf_collectives::broadcast_algorithm(size, n).into(),
+                    _ => "ring".into(),
                 },
                 world_size: n,
             });

@@ -78,6 +78,14 @@ proptest! {
         on_world(n, |c| laws::check_broadcast(c, &case, deadline()))?;
     }
 
+    /// Large broadcasts take the pipelined chain (64 KiB and up, 3 or more ranks),
+    /// including buffers that do not divide into whole chunks.
+    #[test]
+    fn large_broadcast_from_any_root_equals_naive(n in 1usize..=8, seed in any::<u64>(), len in 16_384usize..=300_000, root in 0usize..8) {
+        let case = Case { seed, len, dtype: DType::F32, op: ReduceOp::Sum, root };
+        on_world(n, |c| laws::check_broadcast(c, &case, deadline()))?;
+    }
+
     #[test]
     fn allgather_equals_naive((n, case) in case()) {
         on_world(n, |c| laws::check_allgather(c, &case, deadline()))?;
