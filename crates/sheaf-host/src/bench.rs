@@ -4,7 +4,7 @@
 //! correctness check, and every figure is measured in the same run as its baseline.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -266,27 +266,16 @@ pub fn bench(
     plugin_dirs: &[std::path::PathBuf],
 ) -> Result<Vec<Row>, HostError> {
     let exe = std::env::current_exe().map_err(|e| HostError::Launch(e.to_string()))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| HostError::Launch(format!("no free port: {e}")))?
-        .port();
+    let port = crate::launch::free_port()?;
     let spec_json = serde_json::to_string(spec).expect("spec serialises");
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = crate::launch::threads_per_worker(workers);
     let mut children = Vec::new();
     for rank in 0..workers {
-        let mut cmd = Command::new(&exe);
+        let mut cmd = crate::launch::local_worker(&exe, rank, workers, port, threads);
         for d in plugin_dirs {
             cmd.arg("--plugin-dir").arg(d);
         }
-        cmd.args(["bench-worker", &spec_json])
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", workers.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("RAYON_NUM_THREADS", (cores / workers).max(1).to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(["bench-worker", &spec_json]).stdout(Stdio::piped()).stderr(Stdio::inherit());
         children.push(cmd.spawn().map_err(|e| HostError::Launch(format!("cannot start rank {rank}: {e}")))?);
     }
     let mut rows = Vec::new();

@@ -43,10 +43,39 @@ pub fn default_run_dir() -> PathBuf {
     ))
 }
 
-fn free_port() -> Result<u16, HostError> {
+/// A free TCP port on loopback, for a local world's rendezvous.
+pub(crate) fn free_port() -> Result<u16, HostError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| HostError::Launch(format!("cannot find a free port for the rendezvous: {e}")))?;
     Ok(l.local_addr().map_err(|e| HostError::Launch(e.to_string()))?.port())
+}
+
+/// This executable as rank `rank` of a local world of `world` ranks meeting at
+/// `127.0.0.1:port`: torchrun's variables, `threads` compute threads, no stdin. The
+/// caller adds the arguments and where the output goes.
+pub(crate) fn local_worker(
+    exe: &std::path::Path,
+    rank: usize,
+    world: usize,
+    port: u16,
+    threads: usize,
+) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("CANDLE_NUM_THREADS", threads.to_string())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Compute threads per worker when `workers` share this machine.
+pub(crate) fn threads_per_worker(workers: usize) -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    (cores / workers.max(1)).max(1)
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -135,8 +164,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
         Some(p) => p,
         None => free_port()?,
     };
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let threads = opts.threads_per_worker.unwrap_or((cores / opts.workers).max(1));
+    let threads = opts.threads_per_worker.unwrap_or_else(|| threads_per_worker(opts.workers));
     let progress = std::io::stderr().is_terminal();
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| HostError::Output(format!("{}: {e}", opts.run_dir.display())))?;
@@ -144,19 +172,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut forwarders = Vec::new();
     for rank in 0..opts.workers {
-        let mut cmd = Command::new(&exe);
+        let mut cmd = local_worker(&exe, rank, opts.workers, port, threads);
         cmd.arg("run")
             .args(&opts.worker_args)
             .arg("--run-dir")
             .arg(&opts.run_dir)
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("WORLD_SIZE", opts.workers.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("RAYON_NUM_THREADS", threads.to_string())
-            .env("CANDLE_NUM_THREADS", threads.to_string())
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if progress && rank == 0 {

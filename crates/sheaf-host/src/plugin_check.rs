@@ -4,7 +4,7 @@
 //! optimizers and partitioners run their laws in this process.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -26,21 +26,15 @@ pub struct CheckRow {
 
 fn transport_world(file: &Path, transport: &str, n: usize, cases: u64, seed: u64) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port();
+    let port = crate::launch::free_port().map_err(|e| e.to_string())?;
+    let threads = crate::launch::threads_per_worker(n);
     let children: Vec<_> = (0..n)
         .map(|rank| {
-            Command::new(&exe)
+            crate::launch::local_worker(&exe, rank, n, port, threads)
                 .arg("--plugin-file")
                 .arg(file)
                 .args(["check-collectives", "--transport", transport])
                 .args(["--cases", &cases.to_string(), "--seed", &seed.to_string()])
-                .env("RANK", rank.to_string())
-                .env("WORLD_SIZE", n.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", port.to_string())
                 .env("SHEAF_LOG", "warn")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
