@@ -18,6 +18,7 @@ fn collectives_rows_have_the_nccl_tests_fields_and_pass_their_check() {
         ("allgather", "2", 0.5),
         ("broadcast", "2", 1.0),
         ("reduce-scatter", "3", 2.0 / 3.0),
+        ("all-to-all", "3", 2.0 / 3.0),
     ] {
         let rows = bench(&[
             "collectives",

@@ -354,6 +354,50 @@ pub mod to_abi {
         fn barrier(&self, timeout_ns: u64) -> RResult<(), AbiError> {
             guard(self.plugin, "communicator barrier", || Ok(self.inner.barrier(deadline(timeout_ns))?))
         }
+        fn reduce(&self, mut buf: AbiBuf<'_>, op: u8, root: u64, timeout_ns: u64) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator reduce", || {
+                let (dtype, op) = dtype_op(buf.dtype, op, sheaf_core::Op::Reduce)?;
+                Ok(self.inner.reduce(
+                    &mut buf.bytes,
+                    dtype,
+                    op,
+                    usize_arg(root, "root")?,
+                    deadline(timeout_ns),
+                )?)
+            })
+        }
+        fn gather(
+            &self,
+            input: RSlice<'_, u8>,
+            mut output: RSliceMut<'_, u8>,
+            root: u64,
+            timeout_ns: u64,
+        ) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator gather", || {
+                Ok(self.inner.gather(&input, &mut output, usize_arg(root, "root")?, deadline(timeout_ns))?)
+            })
+        }
+        fn scatter(
+            &self,
+            input: RSlice<'_, u8>,
+            mut output: RSliceMut<'_, u8>,
+            root: u64,
+            timeout_ns: u64,
+        ) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator scatter", || {
+                Ok(self.inner.scatter(&input, &mut output, usize_arg(root, "root")?, deadline(timeout_ns))?)
+            })
+        }
+        fn all_to_all(
+            &self,
+            input: RSlice<'_, u8>,
+            mut output: RSliceMut<'_, u8>,
+            timeout_ns: u64,
+        ) -> RResult<(), AbiError> {
+            guard(self.plugin, "communicator all_to_all", || {
+                Ok(self.inner.all_to_all(&input, &mut output, deadline(timeout_ns))?)
+            })
+        }
         fn split(
             &self,
             color: ROption<u32>,
@@ -702,6 +746,57 @@ pub mod from_abi {
         }
         fn barrier(&self, dl: Deadline) -> Result<(), CommError> {
             self.inner.barrier(timeout_ns(dl)).into_result().map_err(comm_err)
+        }
+        fn reduce(
+            &self,
+            buf: &mut [u8],
+            dtype: DType,
+            op: ReduceOp,
+            root: usize,
+            dl: Deadline,
+        ) -> Result<(), CommError> {
+            let buf = AbiBuf { bytes: RSliceMut::from_mut_slice(buf), dtype: dtype.code() };
+            self.inner.reduce(buf, op.code(), root as u64, timeout_ns(dl)).into_result().map_err(comm_err)
+        }
+        fn gather(
+            &self,
+            input: &[u8],
+            output: &mut [u8],
+            root: usize,
+            dl: Deadline,
+        ) -> Result<(), CommError> {
+            self.inner
+                .gather(
+                    RSlice::from_slice(input),
+                    RSliceMut::from_mut_slice(output),
+                    root as u64,
+                    timeout_ns(dl),
+                )
+                .into_result()
+                .map_err(comm_err)
+        }
+        fn scatter(
+            &self,
+            input: &[u8],
+            output: &mut [u8],
+            root: usize,
+            dl: Deadline,
+        ) -> Result<(), CommError> {
+            self.inner
+                .scatter(
+                    RSlice::from_slice(input),
+                    RSliceMut::from_mut_slice(output),
+                    root as u64,
+                    timeout_ns(dl),
+                )
+                .into_result()
+                .map_err(comm_err)
+        }
+        fn all_to_all(&self, input: &[u8], output: &mut [u8], dl: Deadline) -> Result<(), CommError> {
+            self.inner
+                .all_to_all(RSlice::from_slice(input), RSliceMut::from_mut_slice(output), timeout_ns(dl))
+                .into_result()
+                .map_err(comm_err)
         }
         fn split(
             &self,

@@ -182,6 +182,28 @@ pub trait CommunicatorAbi: Send + Sync {
         key: u32,
         timeout_ns: u64,
     ) -> RResult<ROption<CommunicatorBox>, AbiError>;
+    // Appended in ABI 0.3.
+    fn reduce(&self, buf: AbiBuf<'_>, op: u8, root: u64, timeout_ns: u64) -> RResult<(), AbiError>;
+    fn gather(
+        &self,
+        input: RSlice<'_, u8>,
+        output: RSliceMut<'_, u8>,
+        root: u64,
+        timeout_ns: u64,
+    ) -> RResult<(), AbiError>;
+    fn scatter(
+        &self,
+        input: RSlice<'_, u8>,
+        output: RSliceMut<'_, u8>,
+        root: u64,
+        timeout_ns: u64,
+    ) -> RResult<(), AbiError>;
+    fn all_to_all(
+        &self,
+        input: RSlice<'_, u8>,
+        output: RSliceMut<'_, u8>,
+        timeout_ns: u64,
+    ) -> RResult<(), AbiError>;
 }
 
 #[sabi_trait]

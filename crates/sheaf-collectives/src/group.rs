@@ -212,6 +212,16 @@ impl Group {
         }
     }
 
+    fn check_root(&self, root: usize, op: Op) -> Result<(), CommError> {
+        if root >= self.size() {
+            return Err(CommError::InvalidArgument {
+                op,
+                detail: format!("root {root} outside a group of {}", self.size()),
+            });
+        }
+        Ok(())
+    }
+
     fn check_peer(&self, peer: usize, op: Op) -> Result<(), CommError> {
         if peer >= self.size() || peer == self.rank {
             return Err(CommError::InvalidArgument {
@@ -578,6 +588,112 @@ impl Communicator for Group {
                 self.recv_exact((self.rank + n - dist) % n, TagClass::Barrier, round, 0, dl)?;
                 dist <<= 1;
                 round += 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn reduce(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        whole_elems(buf.len(), dtype, Op::Reduce)?;
+        let n = self.size();
+        self.check_root(root, Op::Reduce)?;
+        self.guarded(Op::Reduce, || {
+            // Binomial tree towards the root: the mirror of broadcast.
+            let v = (self.rank + n - root) % n;
+            let mut mask = 1;
+            while mask < n {
+                if v & mask != 0 {
+                    self.send_to((v - mask + root) % n, TagClass::Reduce, mask as u32, buf, dl)?;
+                    break;
+                }
+                if v + mask < n {
+                    let child =
+                        self.recv_exact((v + mask + root) % n, TagClass::Reduce, mask as u32, buf.len(), dl)?;
+                    reduce::combine(buf, &child, dtype, op);
+                }
+                mask <<= 1;
+            }
+            if v == 0 {
+                reduce::finish_avg(buf, dtype, op, n);
+            }
+            Ok(())
+        })
+    }
+
+    fn gather(&self, input: &[u8], output: &mut [u8], root: usize, dl: Deadline) -> Result<(), CommError> {
+        let (n, len) = (self.size(), input.len());
+        self.check_root(root, Op::Gather)?;
+        if self.rank == root && output.len() != n * len {
+            return Err(CommError::InvalidArgument {
+                op: Op::Gather,
+                detail: format!("root's output is {} bytes, expected {n} x {len}", output.len()),
+            });
+        }
+        self.guarded(Op::Gather, || {
+            if self.rank != root {
+                return self.send_to(root, TagClass::Gather, 0, input, dl);
+            }
+            output[root * len..(root + 1) * len].copy_from_slice(input);
+            for q in (0..n).filter(|&q| q != root) {
+                let got = self.recv_exact(q, TagClass::Gather, 0, len, dl)?;
+                output[q * len..(q + 1) * len].copy_from_slice(&got);
+            }
+            Ok(())
+        })
+    }
+
+    fn scatter(&self, input: &[u8], output: &mut [u8], root: usize, dl: Deadline) -> Result<(), CommError> {
+        let (n, len) = (self.size(), output.len());
+        self.check_root(root, Op::Scatter)?;
+        if self.rank == root && input.len() != n * len {
+            return Err(CommError::InvalidArgument {
+                op: Op::Scatter,
+                detail: format!("root's input is {} bytes, expected {n} x {len}", input.len()),
+            });
+        }
+        self.guarded(Op::Scatter, || {
+            if self.rank != root {
+                let got = self.recv_exact(root, TagClass::Scatter, 0, len, dl)?;
+                output.copy_from_slice(&got);
+                return Ok(());
+            }
+            for q in (0..n).filter(|&q| q != root) {
+                self.send_to(q, TagClass::Scatter, 0, &input[q * len..(q + 1) * len], dl)?;
+            }
+            output.copy_from_slice(&input[root * len..(root + 1) * len]);
+            Ok(())
+        })
+    }
+
+    fn all_to_all(&self, input: &[u8], output: &mut [u8], dl: Deadline) -> Result<(), CommError> {
+        let n = self.size();
+        if input.len() != output.len() || !input.len().is_multiple_of(n) {
+            return Err(CommError::InvalidArgument {
+                op: Op::AllToAll,
+                detail: format!(
+                    "input {} and output {} bytes must be equal and {n} equal blocks",
+                    input.len(),
+                    output.len()
+                ),
+            });
+        }
+        let len = input.len() / n;
+        self.guarded(Op::AllToAll, || {
+            let me = self.rank;
+            for q in (0..n).filter(|&q| q != me) {
+                self.send_to(q, TagClass::AllToAll, 0, &input[q * len..(q + 1) * len], dl)?;
+            }
+            output[me * len..(me + 1) * len].copy_from_slice(&input[me * len..(me + 1) * len]);
+            for q in (0..n).filter(|&q| q != me) {
+                let got = self.recv_exact(q, TagClass::AllToAll, 0, len, dl)?;
+                output[q * len..(q + 1) * len].copy_from_slice(&got);
             }
             Ok(())
         })

@@ -23,6 +23,9 @@ pub enum TagClass {
     Barrier = 5,
     Split = 6,
     Gather = 7,
+    Scatter = 8,
+    AllToAll = 9,
+    Reduce = 10,
     Control = 255,
 }
 
@@ -158,6 +161,53 @@ pub trait Communicator: Send + Sync {
 
     /// Return once every rank has entered the barrier.
     fn barrier(&self, deadline: Deadline) -> Result<(), CommError>;
+
+    /// Reduce every rank's `buf` into `root`'s `buf`; the others' buffers are left
+    /// unspecified.
+    fn reduce(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+        deadline: Deadline,
+    ) -> Result<(), CommError> {
+        let _ = (buf, dtype, op, root, deadline);
+        Err(CommError::Unsupported { op: crate::Op::Reduce })
+    }
+
+    /// Concatenate every rank's `input` (all the same length) in rank order into
+    /// `root`'s `output` (`world_size` times as long); other ranks pass an empty output.
+    fn gather(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+        root: usize,
+        deadline: Deadline,
+    ) -> Result<(), CommError> {
+        let _ = (input, output, root, deadline);
+        Err(CommError::Unsupported { op: crate::Op::Gather })
+    }
+
+    /// Give rank `i` block `i` of `root`'s `input` (`world_size` equal blocks) in its
+    /// `output`; other ranks pass an empty input.
+    fn scatter(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+        root: usize,
+        deadline: Deadline,
+    ) -> Result<(), CommError> {
+        let _ = (input, output, root, deadline);
+        Err(CommError::Unsupported { op: crate::Op::Scatter })
+    }
+
+    /// Block `j` of every rank's `input` goes to rank `j`; block `i` of `output` comes
+    /// from rank `i`. Both are `world_size` equal blocks.
+    fn all_to_all(&self, input: &[u8], output: &mut [u8], deadline: Deadline) -> Result<(), CommError> {
+        let _ = (input, output, deadline);
+        Err(CommError::Unsupported { op: crate::Op::AllToAll })
+    }
 
     /// Split into sub-communicators, like `MPI_Comm_split`: ranks passing the same
     /// `color` form a group ordered by `(key, rank)`; `None` takes part in the call but

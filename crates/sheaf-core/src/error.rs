@@ -20,10 +20,14 @@ pub enum Op {
     Barrier,
     Split,
     Close,
+    Reduce,
+    Gather,
+    Scatter,
+    AllToAll,
 }
 
 impl Op {
-    pub const ALL: [Op; 10] = [
+    pub const ALL: [Op; 14] = [
         Op::Connect,
         Op::Send,
         Op::Recv,
@@ -34,6 +38,10 @@ impl Op {
         Op::Barrier,
         Op::Split,
         Op::Close,
+        Op::Reduce,
+        Op::Gather,
+        Op::Scatter,
+        Op::AllToAll,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +56,10 @@ impl Op {
             Op::Barrier => "barrier",
             Op::Split => "split",
             Op::Close => "close",
+            Op::Reduce => "reduce",
+            Op::Gather => "gather",
+            Op::Scatter => "scatter",
+            Op::AllToAll => "all-to-all",
         }
     }
 

@@ -48,7 +48,7 @@ pub fn bus_factor(op: &str, n: usize) -> f64 {
     let n = n as f64;
     match op {
         "allreduce" => 2.0 * (n - 1.0) / n,
-        "allgather" | "reduce-scatter" => (n - 1.0) / n,
+        "allgather" | "reduce-scatter" | "all-to-all" => (n - 1.0) / n,
         _ => 1.0,
     }
 }
@@ -115,6 +115,15 @@ fn run_once(g: &Group, op: &str, size: usize, dl: Deadline, check: bool) -> Resu
             let mut out = vec![0f32; range.len()];
             g.reduce_scatter(bytes(&mut input), bytes(&mut out), DType::F32, ReduceOp::Sum, dl)?;
             Ok(!check || range.clone().zip(&out).all(|(i, &v)| v == sum(n, i)))
+        }
+        "all-to-all" => {
+            let per = size / 4 / n;
+            // Block j of rank r's input carries (r, j) so the check can tell blocks apart.
+            let mut input: Vec<f32> =
+                (0..n).flat_map(|j| (0..per).map(move |i| value(r * n + j, i))).collect();
+            let mut out = vec![0f32; per * n];
+            g.all_to_all(bytes(&mut input), bytes(&mut out), dl)?;
+            Ok(!check || (0..n).all(|q| (0..per).all(|i| out[q * per + i] == value(q * n + r, i))))
         }
         other => Err(CommError::InvalidArgument {
             op: sheaf_core::Op::Allreduce,

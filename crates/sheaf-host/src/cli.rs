@@ -114,7 +114,7 @@ pub enum PluginWhat {
 pub enum BenchWhat {
     /// nccl-tests-style rows for one collective over a range of sizes.
     Collectives {
-        #[arg(long, default_value = "allreduce", value_parser = ["allreduce", "broadcast", "allgather", "reduce-scatter"])]
+        #[arg(long, default_value = "allreduce", value_parser = ["allreduce", "broadcast", "allgather", "reduce-scatter", "all-to-all"])]
         op: String,
         #[arg(short = 'n', default_value_t = 2)]
         workers: usize,

@@ -28,6 +28,26 @@ fn collective_laws_hold_over_a_link_that_crossed_the_abi() {
     }
 }
 
+/// The host's communicator as a strategy plugin sees it (exported, then loaded):
+/// every collective law holds through the adapters, sub-communicators included.
+#[test]
+fn collective_laws_hold_over_a_communicator_that_crossed_the_abi() {
+    for n in [1, 2, 3, 5] {
+        let case = Case {
+            seed: 11,
+            len: 777,
+            dtype: sheaf_core::DType::BF16,
+            op: sheaf_core::ReduceOp::Max,
+            root: 2,
+        };
+        let results = sheaf_testkit::run_world(n, |g| {
+            let loaded = from_abi::communicator(to_abi::communicator("sheaf-host", Box::new(g))).unwrap();
+            check_all(loaded.as_ref(), &case, Deadline::after(Duration::from_secs(20)))
+        });
+        assert!(results.iter().all(Result::is_ok), "world {n}: {results:?}");
+    }
+}
+
 #[test]
 fn a_killed_rank_is_still_named_through_the_abi() {
     let links = InProcWorld::new(4)

@@ -209,6 +209,55 @@ pub fn check_split(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check 
     check_allreduce(comm, case, dl).map_err(|e| format!("parent after split: {e}"))
 }
 
+pub fn check_reduce(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check {
+    let root = case.root % comm.world_size();
+    let mut buf = input(case, comm.rank());
+    comm.reduce(&mut buf, case.dtype, case.op, root, dl).map_err(|e| e.to_string())?;
+    if comm.rank() == root {
+        compare(&format!("reduce to {root}"), &buf, &naive_reduce(case, comm.world_size()))?;
+    }
+    Ok(())
+}
+
+pub fn check_gather(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check {
+    let (n, root) = (comm.world_size(), case.root % comm.world_size());
+    let mine = input(case, comm.rank());
+    let mut out = if comm.rank() == root { vec![0u8; mine.len() * n] } else { Vec::new() };
+    comm.gather(&mine, &mut out, root, dl).map_err(|e| e.to_string())?;
+    if comm.rank() == root {
+        let want: Vec<u8> = (0..n).flat_map(|r| input(case, r)).collect();
+        compare(&format!("gather to {root}"), &out, &want)?;
+    }
+    Ok(())
+}
+
+pub fn check_scatter(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check {
+    let (n, root) = (comm.world_size(), case.root % comm.world_size());
+    let all: Vec<u8> =
+        if comm.rank() == root { (0..n).flat_map(|r| input(case, r)).collect() } else { Vec::new() };
+    let mut out = vec![0u8; input(case, comm.rank()).len()];
+    comm.scatter(&all, &mut out, root, dl).map_err(|e| e.to_string())?;
+    compare(&format!("scatter from {root}"), &out, &input(case, comm.rank()))
+}
+
+/// The block rank `from` sends rank `to` in an all-to-all.
+fn block(case: &Case, from: usize, to: usize) -> Vec<u8> {
+    let c = Case {
+        seed: case.seed ^ ((from as u64) << 32 | to as u64).wrapping_mul(0x2545_F491_4F6C_DD1D),
+        ..case.clone()
+    };
+    input(&c, from)
+}
+
+pub fn check_all_to_all(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check {
+    let (n, r) = (comm.world_size(), comm.rank());
+    let send: Vec<u8> = (0..n).flat_map(|to| block(case, r, to)).collect();
+    let mut out = vec![0u8; send.len()];
+    comm.all_to_all(&send, &mut out, dl).map_err(|e| e.to_string())?;
+    let want: Vec<u8> = (0..n).flat_map(|from| block(case, from, r)).collect();
+    compare("all-to-all", &out, &want)
+}
+
 /// Every law above, in an order all ranks follow.
 pub fn check_all(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check {
     check_allreduce(comm, case, dl)?;
@@ -216,6 +265,10 @@ pub fn check_all(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check {
     check_allgather(comm, case, dl)?;
     check_reduce_scatter(comm, case, dl)?;
     check_allreduce_is_reduce_scatter_then_allgather(comm, case, dl)?;
+    check_reduce(comm, case, dl)?;
+    check_gather(comm, case, dl)?;
+    check_scatter(comm, case, dl)?;
+    check_all_to_all(comm, case, dl)?;
     check_send_recv(comm, case, dl)?;
     check_barrier(comm, dl)?;
     check_split(comm, case, dl)

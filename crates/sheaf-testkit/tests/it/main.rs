@@ -102,6 +102,21 @@ proptest! {
     }
 
     #[test]
+    fn reduce_to_any_root_equals_naive((n, case) in case()) {
+        on_world(n, |c| laws::check_reduce(c, &case, deadline()))?;
+    }
+
+    #[test]
+    fn gather_and_scatter_equal_naive((n, case) in case()) {
+        on_world(n, |c| laws::check_gather(c, &case, deadline()).and_then(|()| laws::check_scatter(c, &case, deadline())))?;
+    }
+
+    #[test]
+    fn all_to_all_equals_naive((n, case) in case()) {
+        on_world(n, |c| laws::check_all_to_all(c, &case, deadline()))?;
+    }
+
+    #[test]
     fn send_recv_keeps_order_per_tag((n, case) in case()) {
         on_world(n, |c| laws::check_send_recv(c, &case, deadline()))?;
     }
