@@ -5,12 +5,11 @@
 
 use std::io::Write;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sheaf_collectives::{Algorithm, Group};
-use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, Link, ReduceOp};
+use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, ReduceOp};
 
 use crate::worker::WorkerEnv;
 use crate::{HostError, Registry};
@@ -134,13 +133,7 @@ fn run_once(g: &Group, op: &str, size: usize, dl: Deadline, check: bool) -> Resu
 
 /// The worker side: measures every size and returns rank 0's rows.
 pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> Result<Vec<Row>, HostError> {
-    let config = serde_json::json!({
-        "rank": env.rank, "world_size": env.world_size,
-        "master_addr": env.master_addr, "master_port": env.master_port,
-        "connect_timeout_ms": 60_000, "peer_timeout_ms": 30_000,
-    })
-    .to_string();
-    let link: Arc<dyn Link> = Arc::from(registry.link(&spec.transport, &config)?);
+    let link = env.connect(registry, &spec.transport, Duration::from_secs(60), Duration::from_secs(30))?;
     let algorithm: Algorithm = spec.algorithm.parse().map_err(HostError::Usage)?;
     let g = Group::world(link.clone()).with_algorithm(algorithm);
     let err = comm_err(env.rank);
@@ -148,7 +141,7 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
     let n = g.world_size();
     let mut rows = Vec::new();
     if spec.op == "p2p" {
-        rows = p2p(&g, link.as_ref(), spec, env.rank)?;
+        rows = p2p(&g, spec, env.rank)?;
     } else {
         for size in sizes(spec.min_bytes, spec.max_bytes) {
             // Round so every rank's share is whole f32s.
@@ -198,7 +191,7 @@ fn bytes_f64(v: &mut [f64]) -> &mut [u8] {
 
 /// Two ranks: one-way bandwidth per size (a stream of messages, then one reply),
 /// round-trip latency of a 4-byte ping-pong, and single-thread memcpy bandwidth.
-fn p2p(g: &Group, _link: &dyn Link, spec: &BenchSpec, rank: usize) -> Result<Vec<Row>, HostError> {
+fn p2p(g: &Group, spec: &BenchSpec, rank: usize) -> Result<Vec<Row>, HostError> {
     let err = comm_err(rank);
     let dl = || Deadline::after(Duration::from_secs(120));
     if g.world_size() != 2 {

@@ -1,11 +1,10 @@
 //! The collective conformance laws run over a transport plugin, one process per rank.
 //! Every rank derives the same cases from the seed and checks its own results.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use sheaf_collectives::Group;
-use sheaf_core::{DType, Deadline, Link, ReduceOp};
+use sheaf_core::{DType, Deadline, ReduceOp};
 use sheaf_testkit::conformance::collectives::{check_all, Case};
 use sheaf_testkit::conformance::SplitMix;
 
@@ -40,13 +39,7 @@ pub fn check_collectives(
     seed: u64,
     max_len: usize,
 ) -> Result<u64, HostError> {
-    let config = serde_json::json!({
-        "rank": env.rank, "world_size": env.world_size,
-        "master_addr": env.master_addr, "master_port": env.master_port,
-        "connect_timeout_ms": 30_000, "peer_timeout_ms": 10_000,
-    })
-    .to_string();
-    let link: Arc<dyn Link> = Arc::from(registry.link(transport, &config)?);
+    let link = env.connect(registry, transport, Duration::from_secs(30), Duration::from_secs(10))?;
     let group = Group::world(link.clone());
     let dl = || Deadline::after(Duration::from_secs(30));
     for i in 0..cases {

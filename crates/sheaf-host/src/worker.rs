@@ -50,6 +50,31 @@ impl WorkerEnv {
     }
 }
 
+impl WorkerEnv {
+    /// This rank's link from `transport`, after meeting the other ranks: the one place
+    /// the transport's connection settings are written (rank, world, master, timeouts,
+    /// and `SHEAF_ADVERTISE_ADDR` when set).
+    pub fn connect(
+        &self,
+        registry: &Registry,
+        transport: &str,
+        connect_timeout: Duration,
+        peer_timeout: Duration,
+    ) -> Result<Arc<dyn Link>, HostError> {
+        let config = serde_json::json!({
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "master_addr": self.master_addr,
+            "master_port": self.master_port,
+            "connect_timeout_ms": connect_timeout.as_millis() as u64,
+            "peer_timeout_ms": peer_timeout.as_millis() as u64,
+            "advertise_addr": std::env::var("SHEAF_ADVERTISE_ADDR").ok(),
+        })
+        .to_string();
+        Ok(Arc::from(registry.link(transport, &config)?))
+    }
+}
+
 /// The job's data, split into train and test, checked against the model.
 pub fn load_data(job: &Job) -> Result<(Dataset, Dataset), HostError> {
     let data = &job.data;
@@ -126,17 +151,12 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         _ => None,
     };
 
-    let link_config = serde_json::json!({
-        "rank": env.rank,
-        "world_size": env.world_size,
-        "master_addr": env.master_addr,
-        "master_port": env.master_port,
-        "connect_timeout_ms": timeout_ms,
-        "peer_timeout_ms": (job.transport.peer_timeout_s * 1000.0) as u64,
-        "advertise_addr": std::env::var("SHEAF_ADVERTISE_ADDR").ok(),
-    })
-    .to_string();
-    let link: Arc<dyn Link> = Arc::from(registry.link(&job.transport.plugin, &link_config)?);
+    let link = env.connect(
+        registry,
+        &job.transport.plugin,
+        Duration::from_millis(timeout_ms),
+        Duration::from_secs_f64(job.transport.peer_timeout_s),
+    )?;
     let algorithm = job.collectives.algorithm().map_err(HostError::Job)?;
     let comm = Group::world(link.clone()).with_algorithm(algorithm);
     tracing::info!(
