@@ -31,6 +31,19 @@ pub fn broadcast_algorithm(bytes: usize, world: usize) -> &'static str {
     }
 }
 
+/// The segment size the ring algorithms cut blocks into: a quarter of the largest
+/// block, between 64 KiB and 1 MiB, in whole elements. Every rank computes the same
+/// from the same block sizes.
+fn segment_bytes(largest_block: usize, elem: usize) -> usize {
+    let seg = (largest_block / 4).clamp(64 << 10, 1 << 20);
+    (seg / elem).max(1) * elem
+}
+
+/// `range` cut into consecutive pieces of at most `seg` bytes (none when empty).
+fn segments(range: Range<usize>, seg: usize) -> impl Iterator<Item = Range<usize>> {
+    range.clone().step_by(seg).map(move |start| start..(start + seg).min(range.end))
+}
+
 /// How long a rank that gave up waits for the other ranks' failure reports before it
 /// names a culprit. Every failure is reported at most this long after its deadline.
 pub const BLAME_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -234,6 +247,10 @@ impl Group {
 
     /// Ring reduce-scatter in place: afterwards this rank's block holds the reduction
     /// of that block over all ranks. `blocks` are byte ranges, one per rank.
+    ///
+    /// Pipelined: every block moves in segments, and a segment is forwarded to the
+    /// right as soon as it is reduced, so sending, receiving and reducing overlap
+    /// instead of each step waiting for a whole block.
     fn ring_reduce_scatter(
         &self,
         buf: &mut [u8],
@@ -244,27 +261,47 @@ impl Group {
     ) -> Result<(), CommError> {
         let n = self.size();
         let (r, right, left) = (self.rank, (self.rank + 1) % n, (self.rank + n - 1) % n);
+        if n == 1 {
+            return Ok(());
+        }
+        let seg = segment_bytes(blocks[0].len(), dtype.size());
+        for piece in segments(blocks[(r + n - 1) % n].clone(), seg) {
+            self.send_to(right, TagClass::ReduceScatter, 0, &buf[piece], dl)?;
+        }
         for s in 0..n - 1 {
-            let send = blocks[(r + 2 * n - s - 1) % n].clone();
-            let recv = blocks[(r + 2 * n - s - 2) % n].clone();
-            self.send_to(right, TagClass::ReduceScatter, s as u32, &buf[send], dl)?;
-            let msg = self.recv_exact(left, TagClass::ReduceScatter, s as u32, recv.len(), dl)?;
-            reduce::combine(&mut buf[recv], &msg, dtype, op);
+            let block = blocks[(r + 2 * n - s - 2) % n].clone();
+            for piece in segments(block, seg) {
+                let msg = self.recv_exact(left, TagClass::ReduceScatter, s as u32, piece.len(), dl)?;
+                reduce::combine(&mut buf[piece.clone()], &msg, dtype, op);
+                if s + 2 < n {
+                    self.send_to(right, TagClass::ReduceScatter, s as u32 + 1, &buf[piece], dl)?;
+                }
+            }
         }
         Ok(())
     }
 
     /// Ring allgather in place: each rank starts with its own block filled and ends
-    /// with every block.
+    /// with every block. Pipelined in segments like [`Group::ring_reduce_scatter`].
     fn ring_allgather(&self, buf: &mut [u8], blocks: &[Range<usize>], dl: Deadline) -> Result<(), CommError> {
         let n = self.size();
         let (r, right, left) = (self.rank, (self.rank + 1) % n, (self.rank + n - 1) % n);
+        if n == 1 {
+            return Ok(());
+        }
+        let seg = segment_bytes(blocks[0].len(), 1);
+        for piece in segments(blocks[r].clone(), seg) {
+            self.send_to(right, TagClass::Allgather, 0, &buf[piece], dl)?;
+        }
         for s in 0..n - 1 {
-            let send = blocks[(r + n - s) % n].clone();
-            let recv = blocks[(r + 2 * n - s - 1) % n].clone();
-            self.send_to(right, TagClass::Allgather, s as u32, &buf[send], dl)?;
-            let msg = self.recv_exact(left, TagClass::Allgather, s as u32, recv.len(), dl)?;
-            buf[recv].copy_from_slice(&msg);
+            let block = blocks[(r + 2 * n - s - 1) % n].clone();
+            for piece in segments(block, seg) {
+                let msg = self.recv_exact(left, TagClass::Allgather, s as u32, piece.len(), dl)?;
+                buf[piece.clone()].copy_from_slice(&msg);
+                if s + 2 < n {
+                    self.send_to(right, TagClass::Allgather, s as u32 + 1, &buf[piece], dl)?;
+                }
+            }
         }
         Ok(())
     }
