@@ -50,18 +50,21 @@ fn run_world(n: usize, transport: &str, seed: u64, cases: u64) -> Result<(), Str
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(sheaf_testkit::proptest_cases(4)))]
 
-    /// Worlds of 1 to 4 processes, tcp and ipc; every law of the conformance suite,
+    /// Worlds of 1 to 4 processes, over tcp, ipc and shared memory; every law of the conformance suite,
     /// on 12 generated cases per world (lengths 0 to 10,000, every dtype and op).
     #[test]
-    fn collective_laws_hold_between_processes(n in 1usize..=4, seed in any::<u64>(), ipc in any::<bool>()) {
-        let transport = if ipc { "zmq-ipc" } else { "zmq-tcp" };
+    fn collective_laws_hold_between_processes(
+        n in 1usize..=4,
+        seed in any::<u64>(),
+        transport in prop::sample::select(vec!["zmq-tcp", "zmq-ipc", "shm"]),
+    ) {
         run_world(n, transport, seed, 12).map_err(TestCaseError::fail)?;
     }
 }
 
 #[test]
-fn both_transports_between_three_processes() {
-    for transport in ["zmq-tcp", "zmq-ipc"] {
+fn every_transport_between_three_processes() {
+    for transport in ["zmq-tcp", "zmq-ipc", "shm"] {
         run_world(3, transport, 42, 12).unwrap();
     }
 }

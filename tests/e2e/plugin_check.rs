@@ -25,6 +25,7 @@ fn check(crate_name: &str, extra: &[&str]) -> (bool, Vec<Value>, String) {
 fn every_shipped_plugin_passes_its_conformance_suite() {
     for (name, kinds) in [
         ("sheaf-transport-zmq", vec!["transport"]),
+        ("sheaf-transport-shm", vec!["transport"]),
         ("sheaf-optim", vec!["optimizer"]),
         ("sheaf-partition", vec!["data-partitioner", "model-partitioner"]),
     ] {

@@ -104,7 +104,7 @@ fn default_job_on_two_workers_reaches_95_percent_and_writes_its_run_directory() 
 }
 
 /// World 2 with global batch B against world 1 with batch B, after 10 steps, over
-/// ZeroMQ between real processes (tcp and ipc), with SGD and with AdamW.
+/// ZeroMQ (tcp and ipc) and shared memory between real processes, with SGD and AdamW.
 ///
 /// AdamW divides by the root of its second moment, so a gradient component that is
 /// pure cancellation noise (1e-11, say) is amplified towards `lr`: measured here, the
@@ -112,7 +112,9 @@ fn default_job_on_two_workers_reaches_95_percent_and_writes_its_run_directory() 
 /// 7.4e-7. The law is checked at the usual AdamW rate, 0.001.
 #[test]
 fn data_parallel_equals_one_process_after_ten_steps() {
-    for (optimizer, lr, transport) in [("sgd", "0.05", "zmq-tcp"), ("adamw", "0.001", "zmq-ipc")] {
+    for (optimizer, lr, transport) in
+        [("sgd", "0.05", "zmq-tcp"), ("adamw", "0.001", "zmq-ipc"), ("sgd", "0.05", "shm")]
+    {
         let sets = [
             format!("train.optimizer=\"{optimizer}\""),
             format!("train.lr={lr}"),

@@ -295,6 +295,23 @@ pub mod to_abi {
                 Ok(self.inner.native_allreduce(&mut buf.bytes, dtype, op, deadline(timeout_ns))?)
             })
         }
+        fn recv_into(
+            &self,
+            peer: u64,
+            tag: u64,
+            mut dst: AbiBuf<'_>,
+            op: u8,
+            timeout_ns: u64,
+        ) -> RResult<(), AbiError> {
+            guard(self.plugin, "link recv_into", || {
+                let reduce = match op {
+                    RECV_COPY => None,
+                    op => Some(dtype_op(dst.dtype, op, sheaf_core::Op::Recv)?),
+                };
+                let peer = usize_arg(peer, "peer")?;
+                Ok(self.inner.recv_into(peer, Tag(tag), &mut dst.bytes, reduce, deadline(timeout_ns))?)
+            })
+        }
     }
 
     impl<P, T> CommunicatorAbi for Exported<P>
@@ -679,6 +696,18 @@ pub mod from_abi {
         ) -> Result<(), CommError> {
             let buf = AbiBuf { bytes: RSliceMut::from_mut_slice(buf), dtype: dtype.code() };
             self.inner.native_allreduce(buf, op.code(), timeout_ns(dl)).into_result().map_err(comm_err)
+        }
+        fn recv_into(
+            &self,
+            peer: usize,
+            tag: Tag,
+            dst: &mut [u8],
+            reduce: Option<(DType, ReduceOp)>,
+            dl: Deadline,
+        ) -> Result<(), CommError> {
+            let (dtype, op) = reduce.map_or((DType::F32.code(), RECV_COPY), |(d, o)| (d.code(), o.code()));
+            let dst = AbiBuf { bytes: RSliceMut::from_mut_slice(dst), dtype };
+            self.inner.recv_into(peer as u64, tag.0, dst, op, timeout_ns(dl)).into_result().map_err(comm_err)
         }
     }
 

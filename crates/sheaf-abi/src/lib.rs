@@ -26,6 +26,7 @@ pub use traits::{
     AbiSummary, AbiTrainConfig, AbiTrainContext, CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox,
     DataPartitionerAbi, DataPartitionerBox, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox,
     ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox,
+    RECV_COPY,
 };
 
 #[doc(hidden)]

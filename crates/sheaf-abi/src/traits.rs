@@ -81,7 +81,19 @@ pub trait LinkAbi: Send + Sync {
     fn close(&self, timeout_ns: u64) -> RResult<(), AbiError>;
     #[sabi(last_prefix_field)]
     fn native_allreduce(&self, buf: AbiBuf<'_>, op: u8, timeout_ns: u64) -> RResult<(), AbiError>;
+    /// `op` is [`RECV_COPY`] to copy, else a reduce-op code. (ABI 0.4.)
+    fn recv_into(
+        &self,
+        peer: u64,
+        tag: u64,
+        dst: AbiBuf<'_>,
+        op: u8,
+        timeout_ns: u64,
+    ) -> RResult<(), AbiError>;
 }
+
+/// The `op` of [`LinkAbi::recv_into`] that asks for a plain copy.
+pub const RECV_COPY: u8 = u8::MAX;
 
 pub type OptimizerBox = OptimizerAbi_TO<'static, RBox<()>>;
 pub type DataPartitionerBox = DataPartitionerAbi_TO<'static, RBox<()>>;

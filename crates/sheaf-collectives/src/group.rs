@@ -1,7 +1,7 @@
 //! [`Group`]: a communicator over a subset of a link's ranks.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
@@ -39,6 +39,13 @@ fn segment_bytes(largest_block: usize, elem: usize) -> usize {
     (seg / elem).max(1) * elem
 }
 
+/// Segments of its own first block a rank sends before it has received any: the
+/// rest go out one per segment received, so a ring never holds more than this many
+/// of one rank's segments unread (with 1 MiB segments, within a 4 MiB transport ring)
+/// and nothing waits on a segment that was not sent. Blocks differ by at most one
+/// element, so a rank receives at most one segment fewer than it sends first.
+const AHEAD: usize = 3;
+
 /// `range` cut into consecutive pieces of at most `seg` bytes (none when empty).
 fn segments(range: Range<usize>, seg: usize) -> impl Iterator<Item = Range<usize>> {
     range.clone().step_by(seg).map(move |start| start..(start + seg).min(range.end))
@@ -60,6 +67,8 @@ pub struct Group {
     poisoned: Mutex<Option<String>>,
     /// The link rank of the last receive's peer, for [`Group::blame`].
     waiting_on: AtomicUsize,
+    /// The link said it cannot receive into a buffer; stop asking.
+    no_recv_into: AtomicBool,
     algorithm: Algorithm,
 }
 
@@ -80,6 +89,7 @@ impl Group {
             splits: AtomicU32::new(0),
             poisoned: Mutex::new(None),
             waiting_on: AtomicUsize::new(usize::MAX),
+            no_recv_into: AtomicBool::new(false),
             algorithm: Algorithm::Auto,
         }
     }
@@ -133,6 +143,33 @@ impl Group {
     ) -> Result<Vec<u8>, CommError> {
         self.waiting_on.store(self.members[peer], Ordering::Relaxed);
         self.link.recv(self.members[peer], self.tag(class, value), dl)
+    }
+
+    /// Receive exactly `dst.len()` bytes into `dst`, copying or (with `reduce`)
+    /// combining: straight out of the transport's buffers when it can
+    /// ([`Link::recv_into`]), else through [`Link::recv`].
+    fn recv_to(
+        &self,
+        peer: usize,
+        class: TagClass,
+        value: u32,
+        dst: &mut [u8],
+        reduce: Option<(DType, ReduceOp)>,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        if !self.no_recv_into.load(Ordering::Relaxed) {
+            self.waiting_on.store(self.members[peer], Ordering::Relaxed);
+            match self.link.recv_into(self.members[peer], self.tag(class, value), dst, reduce, dl) {
+                Err(CommError::Unsupported { .. }) => self.no_recv_into.store(true, Ordering::Relaxed),
+                other => return other,
+            }
+        }
+        let msg = self.recv_exact(peer, class, value, dst.len(), dl)?;
+        match reduce {
+            Some((dtype, op)) => reduce::combine(dst, &msg, dtype, op),
+            None => dst.copy_from_slice(&msg),
+        }
+        Ok(())
     }
 
     /// Receive exactly `len` bytes, or fail naming the sender.
@@ -265,19 +302,24 @@ impl Group {
             return Ok(());
         }
         let seg = segment_bytes(blocks[0].len(), dtype.size());
-        for piece in segments(blocks[(r + n - 1) % n].clone(), seg) {
+        let mut first = segments(blocks[(r + n - 1) % n].clone(), seg).peekable();
+        for piece in first.by_ref().take(AHEAD) {
             self.send_to(right, TagClass::ReduceScatter, 0, &buf[piece], dl)?;
         }
         for s in 0..n - 1 {
             let block = blocks[(r + 2 * n - s - 2) % n].clone();
             for piece in segments(block, seg) {
-                let msg = self.recv_exact(left, TagClass::ReduceScatter, s as u32, piece.len(), dl)?;
-                reduce::combine(&mut buf[piece.clone()], &msg, dtype, op);
+                let dst = &mut buf[piece.clone()];
+                self.recv_to(left, TagClass::ReduceScatter, s as u32, dst, Some((dtype, op)), dl)?;
                 if s + 2 < n {
                     self.send_to(right, TagClass::ReduceScatter, s as u32 + 1, &buf[piece], dl)?;
                 }
+                if let Some(next) = first.next() {
+                    self.send_to(right, TagClass::ReduceScatter, 0, &buf[next], dl)?;
+                }
             }
         }
+        debug_assert!(first.peek().is_none());
         Ok(())
     }
 
@@ -290,19 +332,23 @@ impl Group {
             return Ok(());
         }
         let seg = segment_bytes(blocks[0].len(), 1);
-        for piece in segments(blocks[r].clone(), seg) {
+        let mut first = segments(blocks[r].clone(), seg).peekable();
+        for piece in first.by_ref().take(AHEAD) {
             self.send_to(right, TagClass::Allgather, 0, &buf[piece], dl)?;
         }
         for s in 0..n - 1 {
             let block = blocks[(r + 2 * n - s - 1) % n].clone();
             for piece in segments(block, seg) {
-                let msg = self.recv_exact(left, TagClass::Allgather, s as u32, piece.len(), dl)?;
-                buf[piece.clone()].copy_from_slice(&msg);
+                self.recv_to(left, TagClass::Allgather, s as u32, &mut buf[piece.clone()], None, dl)?;
                 if s + 2 < n {
                     self.send_to(right, TagClass::Allgather, s as u32 + 1, &buf[piece], dl)?;
                 }
+                if let Some(next) = first.next() {
+                    self.send_to(right, TagClass::Allgather, 0, &buf[next], dl)?;
+                }
             }
         }
+        debug_assert!(first.peek().is_none());
         Ok(())
     }
 
@@ -316,8 +362,7 @@ impl Group {
         for (i, piece) in buf.chunks_mut(chunk).enumerate() {
             let tag = CHAIN + i as u32;
             if v > 0 {
-                let got = self.recv_exact(prev, TagClass::Broadcast, tag, piece.len(), dl)?;
-                piece.copy_from_slice(&got);
+                self.recv_to(prev, TagClass::Broadcast, tag, piece, None, dl)?;
             }
             if v + 1 < n {
                 self.send_to(next, TagClass::Broadcast, tag, piece, dl)?;
@@ -339,17 +384,14 @@ impl Group {
         for peer in (0..n).filter(|&p| p != me) {
             self.send_to(peer, TagClass::Allreduce, DIRECT, buf, dl)?;
         }
-        let mine = buf.to_vec();
+        // Fold in rank order, the same on every rank: x0, then x1, ...
+        let mine = (me > 0).then(|| buf.to_vec());
         for q in 0..n {
-            let contribution = if q == me {
-                mine.clone()
-            } else {
-                self.recv_exact(q, TagClass::Allreduce, DIRECT, buf.len(), dl)?
-            };
-            if q == 0 {
-                buf.copy_from_slice(&contribution);
-            } else {
-                reduce::combine(buf, &contribution, dtype, op);
+            match (&mine, q) {
+                (_, q) if q == me && q == 0 => {} // `buf` holds x0 already
+                (Some(mine), q) if q == me => reduce::combine(buf, mine, dtype, op),
+                (_, 0) => self.recv_to(0, TagClass::Allreduce, DIRECT, buf, None, dl)?,
+                (_, q) => self.recv_to(q, TagClass::Allreduce, DIRECT, buf, Some((dtype, op)), dl)?,
             }
         }
         reduce::finish_avg(buf, dtype, op, n);
@@ -375,9 +417,7 @@ impl Group {
         let virtual_rank = if me < 2 * rem {
             if me % 2 == 0 {
                 self.send_to(me + 1, TagClass::Allreduce, FOLD, buf, dl)?;
-                let result = self.recv_exact(me + 1, TagClass::Allreduce, UNFOLD, buf.len(), dl)?;
-                buf.copy_from_slice(&result);
-                return Ok(());
+                return self.recv_to(me + 1, TagClass::Allreduce, UNFOLD, buf, None, dl);
             }
             let lower = self.recv_exact(me - 1, TagClass::Allreduce, FOLD, buf.len(), dl)?;
             let mut acc = lower;
@@ -410,13 +450,13 @@ impl Group {
                 &buf[give.start * sz..give.end * sz],
                 dl,
             )?;
-            let theirs =
-                self.recv_exact(real(partner), TagClass::Allreduce, HALVE + step, keep.len() * sz, dl)?;
             let mine = &mut buf[keep.start * sz..keep.end * sz];
             // Lower virtual rank first, so both partners reduce in the same order.
             if virtual_rank & dist == 0 {
-                reduce::combine(mine, &theirs, dtype, op);
+                self.recv_to(real(partner), TagClass::Allreduce, HALVE + step, mine, Some((dtype, op)), dl)?;
             } else {
+                let theirs =
+                    self.recv_exact(real(partner), TagClass::Allreduce, HALVE + step, mine.len(), dl)?;
                 let mut acc = theirs;
                 reduce::combine(&mut acc, mine, dtype, op);
                 mine.copy_from_slice(&acc);
@@ -442,9 +482,8 @@ impl Group {
                 &buf[mine.start * sz..mine.end * sz],
                 dl,
             )?;
-            let got =
-                self.recv_exact(real(partner), TagClass::Allreduce, DOUBLE + step, theirs.len() * sz, dl)?;
-            buf[theirs.start * sz..theirs.end * sz].copy_from_slice(&got);
+            let dst = &mut buf[theirs.start * sz..theirs.end * sz];
+            self.recv_to(real(partner), TagClass::Allreduce, DOUBLE + step, dst, None, dl)?;
             dist *= 2;
             step += 1;
         }

@@ -84,6 +84,23 @@ pub trait Link: Send + Sync {
     fn send(&self, peer: usize, tag: Tag, data: &[u8], deadline: Deadline) -> Result<(), CommError>;
     fn recv(&self, peer: usize, tag: Tag, deadline: Deadline) -> Result<Vec<u8>, CommError>;
 
+    /// Receive a message of exactly `dst.len()` bytes straight into `dst`: copied when
+    /// `reduce` is `None`, combined element-wise (`dst = dst op message`, a sum for
+    /// `Avg`) when it is `Some`. A transport that can read out of its own buffers
+    /// overrides this to save a copy and an allocation per message; the default says
+    /// it does not, and the caller falls back to [`Link::recv`].
+    fn recv_into(
+        &self,
+        peer: usize,
+        tag: Tag,
+        dst: &mut [u8],
+        reduce: Option<(DType, ReduceOp)>,
+        deadline: Deadline,
+    ) -> Result<(), CommError> {
+        let _ = (peer, tag, dst, reduce, deadline);
+        Err(CommError::Unsupported { op: crate::Op::Recv })
+    }
+
     /// Declare the world failed because of `culprit`, so that no rank waits on a
     /// collective that can no longer complete. Best effort, never blocks for long.
     fn abort(&self, culprit: usize, reason: &str) {

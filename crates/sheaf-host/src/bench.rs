@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sheaf_collectives::{Algorithm, Group};
-use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, ReduceOp};
+use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, ReduceOp, Tag, TagClass};
 
 use crate::worker::WorkerEnv;
 use crate::{HostError, Registry};
@@ -84,50 +84,55 @@ fn bytes(v: &mut [f32]) -> &mut [u8] {
     bytemuck::cast_slice_mut(v)
 }
 
-/// Runs `op` once on buffers sized for `size` bytes; returns whether the result is right.
-fn run_once(g: &Group, op: &str, size: usize, dl: Deadline, check: bool) -> Result<bool, CommError> {
-    let (n, r) = (g.world_size(), g.rank());
-    match op {
-        "allreduce" => {
-            let elems = size / 4;
-            let mut buf = fill(r, elems);
-            g.allreduce(bytes(&mut buf), DType::F32, ReduceOp::Sum, dl)?;
-            Ok(!check || buf.iter().enumerate().all(|(i, &v)| v == sum(n, i)))
-        }
-        "broadcast" => {
-            let elems = size / 4;
-            let mut buf = if r == 0 { fill(0, elems) } else { vec![0.0; elems] };
-            g.broadcast(bytes(&mut buf), 0, dl)?;
-            Ok(!check || buf == fill(0, elems))
-        }
-        "allgather" => {
-            let per = size / 4 / n;
-            let mut mine = fill(r, per);
-            let mut out = vec![0f32; per * n];
-            g.allgather(bytes(&mut mine), bytes(&mut out), dl)?;
-            Ok(!check || (0..n).all(|q| out[q * per..(q + 1) * per] == fill(q, per)[..]))
-        }
-        "reduce-scatter" => {
-            let elems = size / 4;
-            let mut input = fill(r, elems);
-            let range = chunk_range(elems, n, r);
-            let mut out = vec![0f32; range.len()];
-            g.reduce_scatter(bytes(&mut input), bytes(&mut out), DType::F32, ReduceOp::Sum, dl)?;
-            Ok(!check || range.clone().zip(&out).all(|(i, &v)| v == sum(n, i)))
-        }
+/// One rank's buffers for `op` on `size` bytes, filled once: the timed runs reuse
+/// them, as nccl-tests does, so allocation and page faults stay out of the timing.
+struct Buffers {
+    input: Vec<f32>,
+    out: Vec<f32>,
+}
+
+fn buffers(op: &str, size: usize, n: usize, r: usize) -> Buffers {
+    let (elems, per) = (size / 4, size / 4 / n);
+    let (input, out) = match op {
+        "broadcast" if r != 0 => (vec![0.0; elems], Vec::new()),
+        "allgather" => (fill(r, per), vec![0f32; per * n]),
+        "reduce-scatter" => (fill(r, elems), vec![0f32; chunk_range(elems, n, r).len()]),
+        // Block j of rank r's input carries (r, j) so the check can tell blocks apart.
         "all-to-all" => {
-            let per = size / 4 / n;
-            // Block j of rank r's input carries (r, j) so the check can tell blocks apart.
-            let mut input: Vec<f32> =
-                (0..n).flat_map(|j| (0..per).map(move |i| value(r * n + j, i))).collect();
-            let mut out = vec![0f32; per * n];
-            g.all_to_all(bytes(&mut input), bytes(&mut out), dl)?;
-            Ok(!check || (0..n).all(|q| (0..per).all(|i| out[q * per + i] == value(q * n + r, i))))
+            ((0..n).flat_map(|j| (0..per).map(move |i| value(r * n + j, i))).collect(), vec![0f32; per * n])
         }
+        _ => (fill(r, elems), Vec::new()),
+    };
+    Buffers { input, out }
+}
+
+/// Runs `op` once on `b`.
+fn run_once(g: &Group, op: &str, b: &mut Buffers, dl: Deadline) -> Result<(), CommError> {
+    match op {
+        "allreduce" => g.allreduce(bytes(&mut b.input), DType::F32, ReduceOp::Sum, dl),
+        "broadcast" => g.broadcast(bytes(&mut b.input), 0, dl),
+        "allgather" => g.allgather(bytes(&mut b.input), bytes(&mut b.out), dl),
+        "reduce-scatter" => {
+            g.reduce_scatter(bytes(&mut b.input), bytes(&mut b.out), DType::F32, ReduceOp::Sum, dl)
+        }
+        "all-to-all" => g.all_to_all(bytes(&mut b.input), bytes(&mut b.out), dl),
         other => Err(CommError::InvalidArgument {
             op: sheaf_core::Op::Allreduce,
             detail: format!("unknown op {other}"),
         }),
+    }
+}
+
+/// Whether `b` holds the right result after one run of `op` on fresh buffers.
+fn correct(op: &str, b: &Buffers, n: usize, r: usize) -> bool {
+    let (elems, per) = (b.input.len(), b.out.len() / n.max(1));
+    match op {
+        "allreduce" => b.input.iter().enumerate().all(|(i, &v)| v == sum(n, i)),
+        "broadcast" => b.input == fill(0, elems),
+        "allgather" => (0..n).all(|q| b.out[q * per..(q + 1) * per] == fill(q, per)[..]),
+        "reduce-scatter" => chunk_range(elems, n, r).zip(&b.out).all(|(i, &v)| v == sum(n, i)),
+        "all-to-all" => (0..n).all(|q| (0..per).all(|i| b.out[q * per + i] == value(q * n + r, i))),
+        _ => false,
     }
 }
 
@@ -149,13 +154,18 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
             if size == 0 {
                 continue;
             }
-            let ok = run_once(&g, &spec.op, size, dl(), true).map_err(&err)?;
+            let mut b = buffers(&spec.op, size, n, env.rank);
+            run_once(&g, &spec.op, &mut b, dl()).map_err(&err)?;
+            let ok = correct(&spec.op, &b, n, env.rank);
+            let warm = Instant::now();
+            run_once(&g, &spec.op, &mut b, dl()).map_err(&err)?;
+            let iters = iterations(&g, warm.elapsed(), spec.iters).map_err(&err)?;
             g.barrier(dl()).map_err(&err)?;
             let start = Instant::now();
-            for _ in 0..spec.iters {
-                run_once(&g, &spec.op, size, dl(), false).map_err(&err)?;
+            for _ in 0..iters {
+                run_once(&g, &spec.op, &mut b, dl()).map_err(&err)?;
             }
-            let mut t = [start.elapsed().as_secs_f64() / spec.iters as f64, if ok { 1.0 } else { 0.0 }];
+            let mut t = [start.elapsed().as_secs_f64() / iters as f64, if ok { 1.0 } else { 0.0 }];
             // The slowest rank's time; every rank's check.
             let mut slowest = [t[0]];
             g.allreduce(bytes_f64(&mut slowest), DType::F64, ReduceOp::Max, dl()).map_err(&err)?;
@@ -185,6 +195,19 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
     Ok(rows)
 }
 
+/// Timed runs for one size: at least `min`, and enough that the size runs for about
+/// [`MIN_TIMED`] judging by one warm run, so that a scheduler hiccup of a few tens of
+/// microseconds cannot dominate a small size. Every rank takes the largest count.
+fn iterations(g: &Group, warm: Duration, min: usize) -> Result<usize, CommError> {
+    let want = (MIN_TIMED.as_secs_f64() / warm.as_secs_f64().max(1e-7)).ceil() as usize;
+    let mut count = [want.clamp(min, MAX_ITERS.max(min)) as f64];
+    g.allreduce(bytes_f64(&mut count), DType::F64, ReduceOp::Max, Deadline::after(Duration::from_secs(60)))?;
+    Ok(count[0] as usize)
+}
+
+const MIN_TIMED: Duration = Duration::from_millis(30);
+const MAX_ITERS: usize = 20_000;
+
 fn bytes_f64(v: &mut [f64]) -> &mut [u8] {
     bytemuck::cast_slice_mut(v)
 }
@@ -198,6 +221,7 @@ fn p2p(g: &Group, spec: &BenchSpec, rank: usize) -> Result<Vec<Row>, HostError> 
         return Err(HostError::Usage("bench p2p needs exactly 2 ranks".into()));
     }
     let peer = 1 - g.rank();
+    let (link, data_tag) = (g.link(), Tag::new(0, TagClass::User, 3));
     let mut rows = Vec::new();
     let row = |op: &str, size: usize, secs: f64, check: bool| Row {
         op: op.into(),
@@ -228,21 +252,34 @@ fn p2p(g: &Group, spec: &BenchSpec, rank: usize) -> Result<Vec<Row>, HostError> 
     rows.push(row("p2p-rtt", 4, rtts[rtts.len() / 2], true));
     for size in sizes(spec.min_bytes, spec.max_bytes) {
         let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        // The receiver reuses one buffer, straight from the transport's buffers when
+        // it can, as the collectives do.
+        let mut got = vec![0u8; size];
+        let warm = Instant::now();
+        g.send(peer, 5, &payload, dl()).map_err(&err)?;
+        g.recv(peer, 5, dl()).map_err(&err)?;
+        let iters = iterations(g, warm.elapsed(), spec.iters).map_err(&err)?;
         g.barrier(dl()).map_err(&err)?;
         let start = Instant::now();
         let mut ok = true;
         if g.rank() == 0 {
-            for _ in 0..spec.iters {
-                g.send(peer, 3, &payload, dl()).map_err(&err)?;
+            for _ in 0..iters {
+                link.send(peer, data_tag, &payload, dl()).map_err(&err)?;
             }
             g.recv(peer, 4, dl()).map_err(&err)?;
         } else {
-            for _ in 0..spec.iters {
-                ok &= g.recv(peer, 3, dl()).map_err(&err)? == payload;
+            for _ in 0..iters {
+                match link.recv_into(peer, data_tag, &mut got, None, dl()) {
+                    Err(CommError::Unsupported { .. }) => {
+                        got = link.recv(peer, data_tag, dl()).map_err(&err)?;
+                    }
+                    other => other.map_err(&err)?,
+                }
             }
+            ok = got == payload;
             g.send(peer, 4, &[], dl()).map_err(&err)?;
         }
-        let secs = start.elapsed().as_secs_f64() / spec.iters as f64;
+        let secs = start.elapsed().as_secs_f64() / iters as f64;
         rows.push(row("p2p-oneway", size, secs, ok));
     }
     // memcpy: the bound every transport on this host is measured against.

@@ -136,6 +136,7 @@ pub struct BenchArgs {
     pub min_bytes: usize,
     #[arg(long, default_value_t = 64 << 20)]
     pub max_bytes: usize,
+    /// Timed runs per size, at least; small sizes run more, about 30 ms each.
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
     /// Allreduce algorithm: auto (by size), ring, halving-doubling, direct.

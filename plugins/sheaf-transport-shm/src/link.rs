@@ -16,7 +16,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use sheaf_core::{CommError, Deadline, Link, Op, Tag};
+use sheaf_collectives::reduce;
+use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag};
 
 use crate::segment::{self, Segment};
 
@@ -58,6 +59,7 @@ const NO_CULPRIT: u64 = u64::MAX;
 /// A writer publishes at most this much at a time, so the reader starts copying out
 /// while the rest is still being copied in.
 const PUBLISH_MAX: usize = 256 << 10;
+const _: () = assert!(PUBLISH_MAX.is_multiple_of(8) && RECORD.is_multiple_of(8));
 /// How often blocked calls look for peers that died.
 const LIVENESS_EVERY: Duration = Duration::from_millis(20);
 
@@ -124,28 +126,30 @@ impl Rx {
 /// Spin, then yield, then sleep on the doorbell: cheap when the other side answers
 /// within microseconds, and no burnt core when it computes for seconds.
 struct Waiter {
-    rounds: u32,
+    since: Option<Instant>,
 }
 
 impl Waiter {
-    const SPIN: u32 = 64;
-    const YIELD: u32 = 32;
+    /// Busy-wait this long first: a futex wake-up costs tens of microseconds.
+    const SPIN: Duration = Duration::from_micros(50);
+    /// Then yield the core this long before sleeping.
+    const YIELD: Duration = Duration::from_micros(500);
 
     fn new() -> Waiter {
-        Waiter { rounds: 0 }
+        Waiter { since: None }
     }
 
     fn reset(&mut self) {
-        self.rounds = 0;
+        self.since = None;
     }
 
     fn wait(&mut self, bell: &AtomicU32, sleepers: &AtomicU32, seen: u32, deadline: Deadline) {
-        self.rounds += 1;
-        if self.rounds <= Self::SPIN {
-            for _ in 0..32 {
+        let waited = self.since.get_or_insert_with(Instant::now).elapsed();
+        if waited < Self::SPIN {
+            for _ in 0..16 {
                 std::hint::spin_loop();
             }
-        } else if self.rounds <= Self::SPIN + Self::YIELD {
+        } else if waited < Self::SPIN + Self::YIELD {
             std::thread::yield_now();
         } else {
             sleepers.fetch_add(1, SeqCst);
@@ -201,6 +205,12 @@ impl ShmLink {
             abort_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
         };
+        // The rings this rank writes and reads, and nothing else.
+        for peer in (0..world).filter(|&p| p != rank) {
+            for ring in [link.ring(rank, peer), link.ring(peer, rank)] {
+                link.seg.prefault(ring..ring + RING_HDR + link.cap);
+            }
+        }
         link.u32_at(link.ctrl(rank) + C_PID).store(std::process::id(), SeqCst);
         link.u32_at(H_ATTACHED).fetch_add(1, SeqCst);
         while link.u32_at(H_ATTACHED).load(SeqCst) < world as u32 {
@@ -376,6 +386,41 @@ impl ShmLink {
         }
     }
 
+    /// The record header at stream position `r` of `ring`, `avail` bytes being
+    /// published from there: `(tag, payload length)`.
+    fn read_header(&self, ring: usize, r: u64, avail: usize) -> Result<(u64, usize), String> {
+        let mut head = Vec::with_capacity(RECORD);
+        self.copy_out(ring, r, RECORD, &mut head);
+        let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+        let (magic, tag, len) = (word(0) as u32, word(8), word(16));
+        if magic != RECORD_MAGIC || avail > self.cap || !r.is_multiple_of(8) {
+            Err("garbage in its ring (bad record header)".to_string())
+        } else if len > MAX_MESSAGE {
+            Err(format!("announced a message of {len} bytes"))
+        } else {
+            Ok((tag, len as usize))
+        }
+    }
+
+    /// Copies or reduces `dst.len()` bytes of `ring` from stream position `pos` into
+    /// `dst`, in place in shared memory.
+    fn apply_from_ring(&self, ring: usize, pos: u64, dst: &mut [u8], reduce: Option<(DType, ReduceOp)>) {
+        let off = (pos as usize) & (self.cap - 1);
+        let first = dst.len().min(self.cap - off);
+        // SAFETY: as in `copy_out`: the published range, which only this reader
+        // (holding the peer's rx lock) consumes.
+        let (a, b) = unsafe {
+            let data = self.seg.base().add(ring + RING_HDR);
+            (
+                std::slice::from_raw_parts(data.add(off), first),
+                std::slice::from_raw_parts(data, dst.len() - first),
+            )
+        };
+        let (d1, d2) = dst.split_at_mut(first);
+        apply(d1, a, reduce);
+        apply(d2, b, reduce);
+    }
+
     /// Reads whatever `peer` has published to this rank into `rx`, without blocking.
     /// Returns whether anything was read.
     fn pump(&self, peer: usize, rx: &mut Rx) -> Result<bool, CommError> {
@@ -394,23 +439,15 @@ impl ShmLink {
                     if avail < RECORD {
                         break;
                     }
-                    let mut head = Vec::with_capacity(RECORD);
-                    self.copy_out(ring, r, RECORD, &mut head);
-                    r += RECORD as u64;
-                    let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
-                    let (magic, tag, len) = (word(0) as u32, word(8), word(16));
-                    let problem = if magic != RECORD_MAGIC || avail as u64 > self.cap as u64 {
-                        Some("garbage in its ring (bad record header)".to_string())
-                    } else if len > MAX_MESSAGE {
-                        Some(format!("announced a message of {len} bytes"))
-                    } else {
-                        None
+                    let (tag, len) = match self.read_header(ring, r, avail) {
+                        Ok(h) => h,
+                        Err(detail) => {
+                            rx.broken = Some(detail.clone());
+                            return Err(CommError::Protocol { op: Op::Recv, peer, detail });
+                        }
                     };
-                    if let Some(detail) = problem {
-                        rx.broken = Some(detail.clone());
-                        return Err(CommError::Protocol { op: Op::Recv, peer, detail });
-                    }
-                    let want = len as usize;
+                    r += RECORD as u64;
+                    let want = len;
                     rx.partial = Some(Partial { tag, want, buf: Vec::with_capacity(want.min(64 << 20)) });
                 }
                 Some(p) => {
@@ -423,6 +460,7 @@ impl ShmLink {
                 }
             }
             if let Some(p) = rx.partial.take_if(|p| p.buf.len() == p.want) {
+                r += padding(p.want) as u64;
                 rx.stash.entry(p.tag).or_default().push_back(p.buf);
                 completed = true;
             } else if w == r {
@@ -569,6 +607,18 @@ impl ShmLink {
     }
 }
 
+fn apply(dst: &mut [u8], src: &[u8], reduce: Option<(DType, ReduceOp)>) {
+    match reduce {
+        Some((dtype, op)) => reduce::combine(dst, src, dtype, op),
+        None => dst.copy_from_slice(src),
+    }
+}
+
+/// Bytes after a payload of `len` bytes up to the next multiple of 8.
+fn padding(len: usize) -> usize {
+    len.next_multiple_of(8) - len
+}
+
 fn seg_u64(seg: &Segment, off: usize) -> u64 {
     // SAFETY: in bounds and aligned; written before the segment was shared.
     unsafe { AtomicU64::from_ptr(seg.base().add(off).cast()).load(SeqCst) }
@@ -607,8 +657,10 @@ impl Link for ShmLink {
             let free = self.cap - w.wrapping_sub(self.u64_at(ring + R_READ).load(Acquire)) as usize;
             let take = free.min(data.len() - off).min(PUBLISH_MAX);
             self.copy_in(ring, w, &data[off..off + take]);
-            w += take as u64;
             off += take;
+            // Positions stay 8-byte aligned: the last piece carries the padding (free
+            // space is a multiple of 8, so it fits), so no element straddles a piece.
+            w += if off == data.len() { take + padding(data.len()) } else { take } as u64;
             write.store(w, Release);
             self.ring_bell(peer);
             if off == data.len() {
@@ -653,6 +705,112 @@ impl Link for ShmLink {
             }
             if dl.expired() {
                 return Err(CommError::Timeout { op: Op::Recv, peer, waited: start.elapsed() });
+            }
+            waiter.wait(bell, sleepers, seen, dl);
+        }
+    }
+
+    /// Streams a message whose record is at the head of the ring straight into `dst`
+    /// (copying or reducing out of shared memory); one that was already drained into
+    /// the stash comes from there.
+    fn recv_into(
+        &self,
+        peer: usize,
+        tag: Tag,
+        dst: &mut [u8],
+        reduce: Option<(DType, ReduceOp)>,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        self.check_peer(peer, Op::Recv)?;
+        let start = Instant::now();
+        let (bell, sleepers) = self.my_bell();
+        let mut waiter = Waiter::new();
+        let mut rx = lock(&self.rx[peer]);
+        let ring = self.ring(peer, self.rank);
+        let (read, write) = (self.u64_at(ring + R_READ), self.u64_at(ring + R_WRITE));
+        let elem = reduce.map_or(1, |(d, _)| d.size());
+        let want = dst.len();
+        let wrong_len = |got: usize| CommError::Protocol {
+            op: Op::Recv,
+            peer,
+            detail: format!("expected {want} bytes, got {got}"),
+        };
+        // Bytes of `dst` filled, once this message's record header is consumed.
+        let mut filled: Option<usize> = None;
+        loop {
+            let seen = bell.load(SeqCst);
+            let left = self.peer_left(peer);
+            if filled.is_none() {
+                if let Some(msg) = rx.take(tag.0) {
+                    if msg.len() != dst.len() {
+                        return Err(wrong_len(msg.len()));
+                    }
+                    apply(dst, &msg, reduce);
+                    return Ok(());
+                }
+                if let Some(detail) = &rx.broken {
+                    return Err(CommError::Protocol { op: Op::Recv, peer, detail: detail.clone() });
+                }
+                let (r, w) = (read.load(Relaxed), write.load(Acquire));
+                let avail = w.wrapping_sub(r) as usize;
+                if rx.partial.is_none() && avail >= RECORD {
+                    let (t, len) = self.read_header(ring, r, avail).map_err(|detail| {
+                        rx.broken = Some(detail.clone());
+                        CommError::Protocol { op: Op::Recv, peer, detail }
+                    })?;
+                    if t == tag.0 {
+                        if len != dst.len() {
+                            return Err(wrong_len(len));
+                        }
+                        read.store(r + RECORD as u64, Release);
+                        filled = Some(0);
+                    }
+                }
+            }
+            if let Some(off) = filled.as_mut() {
+                let (r, w) = (read.load(Relaxed), write.load(Acquire));
+                let mut take = (w.wrapping_sub(r) as usize).min(dst.len() - *off);
+                if take < dst.len() - *off {
+                    take -= take % elem;
+                }
+                if take > 0 || *off == dst.len() {
+                    self.apply_from_ring(ring, r, &mut dst[*off..*off + take], reduce);
+                    *off += take;
+                    let done = *off == dst.len();
+                    read.store(r + (take + if done { padding(dst.len()) } else { 0 }) as u64, Release);
+                    self.ring_bell(peer);
+                    if done {
+                        return Ok(());
+                    }
+                    waiter.reset();
+                    continue;
+                }
+            } else {
+                let progress = self.pump(peer, &mut rx)?;
+                if progress {
+                    waiter.reset();
+                    continue;
+                }
+                if left {
+                    return Err(CommError::PeerFailed {
+                        op: Op::Recv,
+                        peer,
+                        reason: "left the world".into(),
+                    });
+                }
+            }
+            if self.pump_all() {
+                waiter.reset();
+                continue;
+            }
+            let failed = self.failure(peer, Op::Recv).map(Err).or_else(|| {
+                dl.expired().then(|| Err(CommError::Timeout { op: Op::Recv, peer, waited: start.elapsed() }))
+            });
+            if let Some(e) = failed {
+                if filled.is_some() {
+                    rx.broken = Some("a receive gave up in the middle of a message".into());
+                }
+                return e;
             }
             waiter.wait(bell, sleepers, seen, dl);
         }

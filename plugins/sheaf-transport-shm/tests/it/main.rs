@@ -170,3 +170,58 @@ fn a_mismatched_world_is_refused() {
     let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
     assert!(a.contains("world of 3") && b.contains("refused"), "{a} / {b}");
 }
+
+#[test]
+#[ignore = "timing probe, run by hand"]
+fn probe_rtt() {
+    let links = world_with_ring(2, 4 << 20);
+    let n = 2000;
+    std::thread::scope(|s| {
+        let (a, b) = (&links[0], &links[1]);
+        s.spawn(move || {
+            for i in 0..n {
+                let m = b.recv(0, Tag(i), dl()).unwrap();
+                b.send(0, Tag(i), &m, dl()).unwrap();
+            }
+        });
+        let mut times = Vec::new();
+        for i in 0..n {
+            let t = Instant::now();
+            a.send(1, Tag(i), &[1, 2, 3, 4], dl()).unwrap();
+            a.recv(1, Tag(i), dl()).unwrap();
+            times.push(t.elapsed());
+        }
+        times.sort();
+        eprintln!(
+            "rtt median {:?} p10 {:?} p90 {:?}",
+            times[n as usize / 2],
+            times[n as usize / 10],
+            times[n as usize * 9 / 10]
+        );
+    });
+}
+
+#[test]
+#[ignore = "timing probe, run by hand"]
+fn probe_stream() {
+    let links = world_with_ring(2, 4 << 20);
+    for size in [4096usize, 65536, 262144, 524288, 1 << 20] {
+        let n = 2000;
+        let payload = vec![7u8; size];
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            let (a, b) = (&links[0], &links[1]);
+            s.spawn(move || {
+                let mut got = vec![0u8; size];
+                for i in 0..n {
+                    b.recv_into(0, Tag(i), &mut got, None, dl()).unwrap();
+                }
+            });
+            for i in 0..n {
+                a.send(1, Tag(i), &payload, dl()).unwrap();
+            }
+        });
+        let per = t.elapsed() / n as u32;
+        eprintln!("{size}: {per:?} per message, {:.2} GB/s", size as f64 / per.as_secs_f64() / 1e9);
+    }
+}
