@@ -18,9 +18,28 @@ macro_rules! float_elem {
         impl Elem for $t {
             #[inline(always)]
             fn combine(self, other: Self, op: ReduceOp) -> Self {
+                // Max and min are IEEE 754-2019 `maximum`/`minimum`: a NaN wins, and
+                // +0 is above -0. Unlike `f32::max` (which drops NaNs and may return
+                // either zero), that is commutative and associative bit for bit, so
+                // every algorithm's reduction order gives the same bits.
                 match op {
-                    ReduceOp::Max => self.max(other),
-                    ReduceOp::Min => self.min(other),
+                    ReduceOp::Max | ReduceOp::Min if self.is_nan() || other.is_nan() => <$t>::NAN,
+                    ReduceOp::Max if self == other => <$t>::from_bits(self.to_bits() & other.to_bits()),
+                    ReduceOp::Min if self == other => <$t>::from_bits(self.to_bits() | other.to_bits()),
+                    ReduceOp::Max => {
+                        if self > other {
+                            self
+                        } else {
+                            other
+                        }
+                    }
+                    ReduceOp::Min => {
+                        if self < other {
+                            self
+                        } else {
+                            other
+                        }
+                    }
                     // Avg sums here and is divided once at the end.
                     _ => self + other,
                 }

@@ -1,8 +1,10 @@
 //! Property tests of the collectives over the in-process transport: every collective
 //! equals its naive definition, allreduce equals reduce-scatter then allgather, a
 //! sub-communicator behaves like a world of its size, and a rank that dies or stalls
-//! mid-collective makes every other rank fail in time, naming it.
+//! mid-collective makes every other rank fail in time, naming it; and the algorithms
+//! against each other on arbitrary floats (`agreement`).
 
+mod agreement;
 mod faults;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
