@@ -80,18 +80,45 @@ fn every_allreduce_algorithm_checks_out_between_processes() {
 
 #[test]
 fn p2p_reports_latency_bandwidth_and_memcpy() {
-    let rows = bench(&[
-        "p2p",
-        "--transport",
-        "zmq-ipc",
-        "--min-bytes",
-        "4096",
-        "--max-bytes",
-        "16384",
-        "--iters",
-        "3",
-    ]);
-    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
-    assert_eq!(ops, ["p2p-rtt", "p2p-oneway", "p2p-oneway", "p2p-oneway", "memcpy"]);
-    assert!(rows.iter().all(|r| r["check"] == "ok"), "{rows:#?}");
+    for transport in ["zmq-ipc", "shm"] {
+        let rows = bench(&[
+            "p2p",
+            "--transport",
+            transport,
+            "--min-bytes",
+            "4096",
+            "--max-bytes",
+            "16384",
+            "--iters",
+            "3",
+        ]);
+        let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+        assert_eq!(ops, ["p2p-rtt", "p2p-oneway", "p2p-oneway", "p2p-oneway", "memcpy"]);
+        assert!(rows.iter().all(|r| r["check"] == "ok" && r["transport"] == transport), "{rows:#?}");
+    }
+}
+
+/// The shared-memory transport under every op, across ring-sized buffers (its rings
+/// are 4 MiB: 8 MiB crosses them in pieces).
+#[test]
+fn every_op_checks_out_over_shared_memory() {
+    for op in ["allreduce", "allgather", "broadcast", "reduce-scatter", "all-to-all"] {
+        let rows = bench(&[
+            "collectives",
+            "--op",
+            op,
+            "-n",
+            "3",
+            "--transport",
+            "shm",
+            "--min-bytes",
+            "4096",
+            "--max-bytes",
+            "8388608",
+            "--iters",
+            "2",
+        ]);
+        assert_eq!(rows.len(), 12, "{op}: {rows:#?}");
+        assert!(rows.iter().all(|r| r["check"] == "ok" && r["transport"] == "shm"), "{op}: {rows:#?}");
+    }
 }
