@@ -17,12 +17,12 @@ const HALVE: u32 = 4 << 20;
 const DOUBLE: u32 = 5 << 20;
 const CHAIN: u32 = 1 << 20;
 
-/// Broadcasts of at least this many bytes over 3 or more ranks use the pipelined
-/// chain; smaller ones the binomial tree.
+/// Broadcasts and reduces of at least this many bytes over 3 or more ranks use the
+/// pipelined chain; smaller ones the binomial tree.
 const CHAIN_MIN_BYTES: usize = 64 << 10;
 
-/// The broadcast algorithm a group uses for `bytes` over `world` ranks: `"chain"`
-/// (pipelined) or `"binomial"`.
+/// The broadcast (and reduce) algorithm a group uses for `bytes` over `world` ranks:
+/// `"chain"` (pipelined) or `"binomial"`.
 pub fn broadcast_algorithm(bytes: usize, world: usize) -> &'static str {
     if world >= 3 && bytes >= CHAIN_MIN_BYTES {
         "chain"
@@ -349,6 +349,33 @@ impl Group {
             }
         }
         debug_assert!(first.peek().is_none());
+        Ok(())
+    }
+
+    /// Pipelined chain reduce for large buffers, the mirror of the chain broadcast:
+    /// partial results flow root+n-1, ..., root+1, root in chunks, each rank adding its
+    /// own to a chunk and passing it on as soon as it arrives.
+    fn chain_reduce(
+        &self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        v: usize,
+        root: usize,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        let n = self.size();
+        let chunk = (buf.len() / 8).clamp(16 << 10, 1 << 20) / dtype.size() * dtype.size();
+        let (towards_root, from) = ((v + n - 1 + root) % n, (v + 1 + root) % n);
+        for (i, piece) in buf.chunks_mut(chunk).enumerate() {
+            let tag = CHAIN + i as u32;
+            if v + 1 < n {
+                self.recv_to(from, TagClass::Reduce, tag, piece, Some((dtype, op)), dl)?;
+            }
+            if v > 0 {
+                self.send_to(towards_root, TagClass::Reduce, tag, piece, dl)?;
+            }
+        }
         Ok(())
     }
 
@@ -681,8 +708,15 @@ impl Communicator for Group {
         let n = self.size();
         self.check_root(root, Op::Reduce)?;
         self.guarded(Op::Reduce, || {
-            // Binomial tree towards the root: the mirror of broadcast.
             let v = (self.rank + n - root) % n;
+            if broadcast_algorithm(buf.len(), n) == "chain" {
+                self.chain_reduce(buf, dtype, op, v, root, dl)?;
+                if v == 0 {
+                    reduce::finish_avg(buf, dtype, op, n);
+                }
+                return Ok(());
+            }
+            // Binomial tree towards the root: the mirror of broadcast.
             let mut mask = 1;
             while mask < n {
                 if v & mask != 0 {

@@ -108,6 +108,14 @@ proptest! {
         on_world(n, |c| laws::check_reduce(c, &case, deadline()))?;
     }
 
+    /// Large reduces take the pipelined chain (64 KiB and up, 3 or more ranks), in every
+    /// dtype and op, including buffers that do not divide into whole chunks.
+    #[test]
+    fn large_reduce_to_any_root_equals_naive(n in 1usize..=8, seed in any::<u64>(), len in 8_192usize..=300_000, root in 0usize..8, dtype in dtype(), op in reduce_op()) {
+        let case = Case { seed, len, dtype, op, root };
+        on_world(n, |c| laws::check_reduce(c, &case, deadline()))?;
+    }
+
     #[test]
     fn gather_and_scatter_equal_naive((n, case) in case()) {
         on_world(n, |c| laws::check_gather(c, &case, deadline()).and_then(|()| laws::check_scatter(c, &case, deadline())))?;
