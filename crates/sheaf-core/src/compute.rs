@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use crate::{Error, Result};
+use crate::{Error, Piece, Result};
 
 /// Nonlinearity between hidden layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +150,55 @@ pub trait Model: Send {
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32>;
     /// Summed loss and number of correct predictions on `batch`, without gradients.
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)>;
+
+    // The stage interface, for model parallelism: a model built from a [`Piece`] runs
+    // its layers on activations that come from and go to other ranks, micro-batch by
+    // micro-batch. Backends that only train whole models keep the defaults.
+
+    /// The part of the model this instance holds.
+    fn piece(&self) -> Option<Piece> {
+        None
+    }
+
+    /// Forward of micro-batch `micro` through this piece: `input` is `[rows, width]`
+    /// row-major (the samples' features for the first stage, the previous stage's
+    /// output after it). Keeps what the backward pass needs until
+    /// [`Model::stage_backward`] (or [`Model::drop_saved`]). Returns `[rows, out]`.
+    fn stage_forward(&mut self, micro: u64, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let _ = (micro, input, rows);
+        Err(Error::Unsupported("this backend has no stage interface".into()))
+    }
+
+    /// Backward of micro-batch `micro`: adds its parameter gradients to the
+    /// accumulated ones, frees what its forward kept, and returns the gradient with
+    /// respect to its input (`[rows, width]`).
+    fn stage_backward(&mut self, micro: u64, grad_output: &[f32]) -> Result<Vec<f32>> {
+        let _ = (micro, grad_output);
+        Err(Error::Unsupported("this backend has no stage interface".into()))
+    }
+
+    /// The cross-entropy of `logits` (`[labels.len(), classes]`) against `labels`:
+    /// its sum, the number of correct predictions, and the gradient of `scale` times
+    /// the sum with respect to the logits.
+    fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
+        let _ = (logits, labels, scale);
+        Err(Error::Unsupported("this backend has no stage interface".into()))
+    }
+
+    /// Moves the accumulated gradients into `out` (`layout().total()` long) and
+    /// starts accumulating from zero.
+    fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
+        let _ = out;
+        Err(Error::Unsupported("this backend has no stage interface".into()))
+    }
+
+    /// Forgets everything forward passes kept (after an evaluation pass).
+    fn drop_saved(&mut self) {}
+
+    /// Bytes of activations kept for backward passes right now.
+    fn saved_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Builds models on a device (`"cpu"`, `"cuda:0"`).
@@ -157,4 +206,11 @@ pub trait ComputeBackend: Send + Sync {
     fn device(&self) -> &str;
     /// A model with parameters initialised deterministically from `seed`.
     fn build_model(&self, spec: &ModelSpec, seed: u64) -> Result<Box<dyn Model>>;
+
+    /// The part `piece` of the model, its parameters exactly those of
+    /// `build_model(spec, seed)` sliced by [`Piece::slice`].
+    fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
+        let _ = (spec, piece, seed);
+        Err(Error::Unsupported(format!("compute backend `{}` cannot build model pieces", self.device())))
+    }
 }

@@ -7,11 +7,13 @@
 //! starts from the same numbers. The loss is the mean cross-entropy of the batch.
 //! `cuda:N` needs the `cuda` feature; without it the error says so.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::Deserialize;
 use sheaf_core::{
-    Activation, Batch, ComputeBackend, Error, Model, ModelSpec, ParamLayout, PluginKind, Provided, Result,
-    SplitMix64,
+    Activation, Batch, ComputeBackend, Error, Model, ModelSpec, ParamLayout, Piece, PluginKind, Provided,
+    Result, SplitMix64,
 };
 
 /// The plugin as exported to the host.
@@ -115,6 +117,10 @@ impl ComputeBackend for CandleBackend {
         spec.validate()?;
         Ok(Box::new(Mlp::new(spec, seed, self.device.clone())?))
     }
+
+    fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
+        Ok(Box::new(Stage::new(spec, piece, seed, self.device.clone())?))
+    }
 }
 
 /// PyTorch's `nn.Linear` initialisation, drawn from a seeded SplitMix64: every
@@ -145,17 +151,7 @@ pub struct Mlp {
 impl Mlp {
     pub fn new(spec: &ModelSpec, seed: u64, device: Device) -> Result<Mlp> {
         let layout = spec.layout();
-        let init = init_params(spec, seed);
-        let vars = layout
-            .specs()
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let t = Tensor::from_slice(&init[layout.range(i)], s.shape.as_slice(), &device)
-                    .map_err(candle_err("creating a parameter"))?;
-                Var::from_tensor(&t).map_err(candle_err("creating a parameter"))
-            })
-            .collect::<Result<_>>()?;
+        let vars = vars_from(&layout, &init_params(spec, seed), &device)?;
         Ok(Mlp { spec: spec.clone(), layout, vars, device })
     }
 
@@ -192,15 +188,8 @@ impl Mlp {
                 };
             }
         }
-        let max = h.max_keepdim(D::Minus1)?;
-        let shifted = h.broadcast_sub(&max)?;
-        let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
         let classes = *self.spec.layers.last().expect("validated");
-        let mut one_hot = vec![0f32; n * classes];
-        for (i, &l) in batch.labels.iter().enumerate() {
-            one_hot[i * classes + l as usize] = 1.0;
-        }
-        let one_hot = Tensor::from_vec(one_hot, (n, classes), &self.device)?;
+        let (log_probs, one_hot) = log_softmax_one_hot(&h, batch.labels, classes, &self.device)?;
         Ok((h, log_probs, one_hot))
     }
 }
@@ -211,39 +200,11 @@ impl Model for Mlp {
     }
 
     fn read_params(&self, out: &mut [f32]) -> Result<()> {
-        if out.len() != self.layout.total() {
-            return Err(Error::invalid(format!(
-                "{} values for {} parameters",
-                out.len(),
-                self.layout.total()
-            )));
-        }
-        for (i, v) in self.vars.iter().enumerate() {
-            let values = v
-                .as_tensor()
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(candle_err("reading"))?;
-            out[self.layout.range(i)].copy_from_slice(&values);
-        }
-        Ok(())
+        read_vars(&self.layout, &self.vars, out)
     }
 
     fn write_params(&mut self, src: &[f32]) -> Result<()> {
-        if src.len() != self.layout.total() {
-            return Err(Error::invalid(format!(
-                "{} values for {} parameters",
-                src.len(),
-                self.layout.total()
-            )));
-        }
-        for (i, v) in self.vars.iter().enumerate() {
-            let shape = self.layout.specs()[i].shape.as_slice();
-            let t = Tensor::from_slice(&src[self.layout.range(i)], shape, &self.device)
-                .map_err(candle_err("writing"))?;
-            v.set(&t).map_err(candle_err("writing"))?;
-        }
-        Ok(())
+        write_vars(&self.layout, &self.vars, src, &self.device)
     }
 
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
@@ -291,3 +252,244 @@ impl Model for Mlp {
 
 #[cfg(test)]
 mod tests;
+
+/// One model piece for the stage interface (a pipeline stage): its layers as candle
+/// `Var`s, the activations each micro-batch's forward keeps, and accumulated gradients.
+pub struct Stage {
+    spec: ModelSpec,
+    piece: Piece,
+    layout: ParamLayout,
+    vars: Vec<Var>,
+    device: Device,
+    grads: Vec<f32>,
+    /// Per micro-batch: the input (a `Var`, for its gradient), the output, its bytes.
+    saved: HashMap<u64, (Var, Tensor, u64)>,
+    saved_bytes: u64,
+}
+
+impl Stage {
+    pub fn new(spec: &ModelSpec, piece: &Piece, seed: u64, device: Device) -> Result<Stage> {
+        spec.validate()?;
+        piece.validate(spec)?;
+        if piece.tensor_width > 1 {
+            return Err(Error::Unsupported(
+                "sheaf-compute-candle runs pipeline stages of whole layers; tensor-parallel slices are not supported yet".into(),
+            ));
+        }
+        let layout = piece.layout(spec);
+        let init = piece.slice(spec, &init_params(spec, seed));
+        let vars = vars_from(&layout, &init, &device)?;
+        Ok(Stage {
+            spec: spec.clone(),
+            piece: piece.clone(),
+            grads: vec![0.0; layout.total()],
+            layout,
+            vars,
+            device,
+            saved: HashMap::new(),
+            saved_bytes: 0,
+        })
+    }
+
+    fn input_width(&self) -> usize {
+        self.spec.layers[self.piece.layers.start]
+    }
+}
+
+/// One `Var` per parameter of `layout`, from flat `values`.
+fn vars_from(layout: &ParamLayout, values: &[f32], device: &Device) -> Result<Vec<Var>> {
+    layout
+        .specs()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let t = Tensor::from_slice(&values[layout.range(i)], s.shape.as_slice(), device)
+                .map_err(candle_err("creating a parameter"))?;
+            Var::from_tensor(&t).map_err(candle_err("creating a parameter"))
+        })
+        .collect()
+}
+
+fn read_vars(layout: &ParamLayout, vars: &[Var], out: &mut [f32]) -> Result<()> {
+    if out.len() != layout.total() {
+        return Err(Error::invalid(format!("{} values for {} parameters", out.len(), layout.total())));
+    }
+    for (i, v) in vars.iter().enumerate() {
+        let values =
+            v.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(candle_err("reading"))?;
+        out[layout.range(i)].copy_from_slice(&values);
+    }
+    Ok(())
+}
+
+fn write_vars(layout: &ParamLayout, vars: &[Var], src: &[f32], device: &Device) -> Result<()> {
+    if src.len() != layout.total() {
+        return Err(Error::invalid(format!("{} values for {} parameters", src.len(), layout.total())));
+    }
+    for (i, v) in vars.iter().enumerate() {
+        let shape = layout.specs()[i].shape.as_slice();
+        let t = Tensor::from_slice(&src[layout.range(i)], shape, device).map_err(candle_err("writing"))?;
+        v.set(&t).map_err(candle_err("writing"))?;
+    }
+    Ok(())
+}
+
+impl Model for Stage {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    fn read_params(&self, out: &mut [f32]) -> Result<()> {
+        read_vars(&self.layout, &self.vars, out)
+    }
+
+    fn write_params(&mut self, src: &[f32]) -> Result<()> {
+        write_vars(&self.layout, &self.vars, src, &self.device)
+    }
+
+    fn forward_backward(&mut self, _batch: &Batch<'_>, _grads: &mut [f32]) -> Result<f32> {
+        Err(Error::Unsupported(
+            "a model piece trains through the stage interface (a model-parallel strategy)".into(),
+        ))
+    }
+
+    fn evaluate(&mut self, _batch: &Batch<'_>) -> Result<(f64, usize)> {
+        Err(Error::Unsupported(
+            "a model piece evaluates through the stage interface (a model-parallel strategy)".into(),
+        ))
+    }
+
+    fn piece(&self) -> Option<Piece> {
+        Some(self.piece.clone())
+    }
+
+    fn stage_forward(&mut self, micro: u64, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let width = self.input_width();
+        if input.len() != rows * width {
+            return Err(Error::invalid(format!(
+                "stage input of {} values is not {rows} rows of {width} (layers {:?})",
+                input.len(),
+                self.piece.layers
+            )));
+        }
+        if self.saved.contains_key(&micro) {
+            return Err(Error::BadState(format!("micro-batch {micro} ran forward twice without a backward")));
+        }
+        let last = self.spec.layers.len() - 1;
+        let run = || -> candle_core::Result<(Var, Tensor, Vec<f32>)> {
+            let x = Var::from_tensor(&Tensor::from_slice(input, (rows, width), &self.device)?)?;
+            let mut h = x.as_tensor().clone();
+            for (k, l) in self.piece.layers.clone().enumerate() {
+                let (w, b) = (self.vars[2 * k].as_tensor(), self.vars[2 * k + 1].as_tensor());
+                h = h.matmul(&w.t()?)?.broadcast_add(b)?;
+                if l + 1 < last {
+                    h = match self.spec.activation {
+                        Activation::Tanh => h.tanh()?,
+                        _ => h.relu()?,
+                    };
+                }
+            }
+            let out = h.flatten_all()?.to_vec1::<f32>()?;
+            Ok((x, h, out))
+        };
+        let (x, h, out) = run().map_err(candle_err("stage forward"))?;
+        let bytes = self.piece.activation_bytes(&self.spec, rows);
+        self.saved.insert(micro, (x, h, bytes));
+        self.saved_bytes += bytes;
+        Ok(out)
+    }
+
+    fn stage_backward(&mut self, micro: u64, grad_output: &[f32]) -> Result<Vec<f32>> {
+        let (x, h, bytes) = self.saved.remove(&micro).ok_or_else(|| {
+            Error::BadState(format!("backward of micro-batch {micro}, which ran no forward"))
+        })?;
+        self.saved_bytes -= bytes;
+        if grad_output.len() != h.elem_count() {
+            return Err(Error::invalid(format!(
+                "gradient of {} values for an output of {}",
+                grad_output.len(),
+                h.elem_count()
+            )));
+        }
+        let mut run = || -> candle_core::Result<Vec<f32>> {
+            let g = Tensor::from_slice(grad_output, h.shape(), &self.device)?;
+            // d(sum(h * g))/dθ = J^T g: the vector-Jacobian product backward needs.
+            let store = (&h * &g)?.sum_all()?.backward()?;
+            for (i, v) in self.vars.iter().enumerate() {
+                let gv = store.get(v.as_tensor()).expect("every parameter takes part").flatten_all()?;
+                for (acc, d) in self.grads[self.layout.range(i)].iter_mut().zip(gv.to_vec1::<f32>()?) {
+                    *acc += d;
+                }
+            }
+            store.get(x.as_tensor()).expect("the input takes part").flatten_all()?.to_vec1::<f32>()
+        };
+        run().map_err(candle_err("stage backward"))
+    }
+
+    fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
+        let classes = *self.spec.layers.last().expect("validated");
+        let rows = labels.len();
+        if logits.len() != rows * classes {
+            return Err(Error::invalid(format!(
+                "{} logits for {rows} labels of {classes} classes",
+                logits.len()
+            )));
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+            return Err(Error::invalid(format!("label {bad} but the model has {classes} classes")));
+        }
+        if rows == 0 {
+            return Ok((0.0, 0, Vec::new()));
+        }
+        let run = || -> candle_core::Result<(f64, usize, Vec<f32>)> {
+            let z = Var::from_tensor(&Tensor::from_slice(logits, (rows, classes), &self.device)?)?;
+            let (log_probs, one_hot) = log_softmax_one_hot(z.as_tensor(), labels, classes, &self.device)?;
+            let sum = (log_probs * one_hot)?.sum_all()?.affine(-1.0, 0.0)?;
+            let store = sum.affine(f64::from(scale), 0.0)?.backward()?;
+            let grad = store.get(z.as_tensor()).expect("logits take part").flatten_all()?.to_vec1::<f32>()?;
+            let predicted = z.as_tensor().argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
+            Ok((f64::from(sum.to_scalar::<f32>()?), correct, grad))
+        };
+        run().map_err(candle_err("loss"))
+    }
+
+    fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
+        if out.len() != self.grads.len() {
+            return Err(Error::invalid(format!(
+                "{} gradient slots for {} parameters",
+                out.len(),
+                self.grads.len()
+            )));
+        }
+        out.copy_from_slice(&self.grads);
+        self.grads.fill(0.0);
+        Ok(())
+    }
+
+    fn drop_saved(&mut self) {
+        self.saved.clear();
+        self.saved_bytes = 0;
+    }
+
+    fn saved_bytes(&self) -> u64 {
+        self.saved_bytes
+    }
+}
+
+/// Log-probabilities of `logits` and the one-hot matrix of `labels`.
+fn log_softmax_one_hot(
+    logits: &Tensor,
+    labels: &[u32],
+    classes: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_probs = shifted.broadcast_sub(&shifted.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
+    let mut one_hot = vec![0f32; labels.len() * classes];
+    for (i, &l) in labels.iter().enumerate() {
+        one_hot[i * classes + l as usize] = 1.0;
+    }
+    Ok((log_probs, Tensor::from_vec(one_hot, (labels.len(), classes), device)?))
+}

@@ -86,3 +86,61 @@ fn wrong_shapes_and_devices_are_errors() {
     }
     assert!(CandleBackend::new("tpu").is_err());
 }
+
+/// Stages run micro-batch by micro-batch (forward through every stage, the loss at
+/// the last, backward in reverse) give the whole model's loss and gradients, for any
+/// cut and any number of micro-batches; their parameters are the whole model's slices.
+#[test]
+fn stages_over_micro_batches_equal_the_whole_model() {
+    let spec = ModelSpec::mlp(vec![6, 16, 12, 8, 4]);
+    let backend = CandleBackend::new("cpu").unwrap();
+    let (inputs, labels) = batch_data(12, 6, 4);
+    let batch = Batch { inputs: &inputs, labels: &labels, input_dim: 6 };
+    let mut whole = backend.build_model(&spec, 11).unwrap();
+    let total = whole.layout().total();
+    let (mut want, mut params) = (vec![0f32; total], vec![0f32; total]);
+    let loss = whole.forward_backward(&batch, &mut want).unwrap();
+    whole.read_params(&mut params).unwrap();
+    for cut in [vec![0..4], vec![0..1, 1..4], vec![0..2, 2..3, 3..4]] {
+        for micro in [1usize, 2, 3, 12] {
+            let mut stages: Vec<_> = cut
+                .iter()
+                .map(|r| {
+                    let p = sheaf_core::Piece { layers: r.clone(), tensor_rank: 0, tensor_width: 1 };
+                    backend.build_piece(&spec, &p, 11).unwrap()
+                })
+                .collect();
+            let rows = 12 / micro;
+            let mut loss_sum = 0.0;
+            for m in 0..micro {
+                let mut act = inputs[m * rows * 6..(m + 1) * rows * 6].to_vec();
+                for s in stages.iter_mut() {
+                    act = s.stage_forward(m as u64, &act, rows).unwrap();
+                }
+                let (l, _, mut grad) = stages
+                    .last_mut()
+                    .unwrap()
+                    .loss_grad(&act, &labels[m * rows..(m + 1) * rows], 1.0 / 12.0)
+                    .unwrap();
+                loss_sum += l;
+                for s in stages.iter_mut().rev() {
+                    grad = s.stage_backward(m as u64, &grad).unwrap();
+                }
+            }
+            assert!((loss_sum / 12.0 - f64::from(loss)).abs() < 1e-6, "{cut:?} x{micro}");
+            let mut got = vec![0f32; total];
+            for s in stages.iter_mut() {
+                let piece = s.piece().unwrap();
+                let mut g = vec![0f32; s.layout().total()];
+                s.take_grads(&mut g).unwrap();
+                piece.place(&spec, &g, &mut got);
+                let mut p = vec![0f32; s.layout().total()];
+                s.read_params(&mut p).unwrap();
+                assert_eq!(p, piece.slice(&spec, &params));
+                assert_eq!(s.saved_bytes(), 0);
+            }
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-6, "{cut:?} x{micro}: max abs diff {diff}");
+        }
+    }
+}
