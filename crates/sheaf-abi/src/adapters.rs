@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use abi_stable::std_types::{RResult, RString, RVec};
 use sheaf_core::{
-    Activation, Deadline, ModelSpec, OptimState, ParamLayout, ParamSpec, StepMetrics, TrainSummary,
+    Activation, Deadline, Error, ModelSpec, OptimState, ParamLayout, ParamSpec, Piece, Result, StepMetrics,
+    TrainSummary,
 };
 
-use crate::traits::{AbiModelSpec, AbiParamSpec, AbiStepMetrics, AbiSummary};
+use crate::traits::{AbiModelSpec, AbiParamSpec, AbiPiece, AbiStepMetrics, AbiSummary};
 use crate::{AbiError, AbiOptimState};
 
 /// Runs `f`, turning a panic into an [`AbiError`] naming `plugin` and `what`.
@@ -70,6 +71,25 @@ fn layout_from_abi(l: &[AbiParamSpec]) -> ParamLayout {
     )
 }
 
+fn piece_to_abi(p: &Piece) -> AbiPiece {
+    AbiPiece {
+        start: p.layers.start as u64,
+        end: p.layers.end as u64,
+        tensor_rank: p.tensor_rank as u64,
+        tensor_width: p.tensor_width as u64,
+    }
+}
+
+fn piece_from_abi(p: &AbiPiece) -> Result<Piece> {
+    let arg =
+        |v: u64, what: &str| usize::try_from(v).map_err(|_| Error::invalid(format!("piece {what} {v}")));
+    Ok(Piece {
+        layers: arg(p.start, "start")?..arg(p.end, "end")?,
+        tensor_rank: arg(p.tensor_rank, "tensor rank")?,
+        tensor_width: arg(p.tensor_width, "tensor width")?,
+    })
+}
+
 fn spec_to_abi(s: &ModelSpec) -> AbiModelSpec {
     AbiModelSpec {
         layers: s.layers.iter().map(|&w| w as u64).collect(),
@@ -111,6 +131,9 @@ fn summary_to_abi(s: &TrainSummary) -> AbiSummary {
         test_accuracy: s.test_accuracy,
         samples_per_sec: s.samples_per_sec,
         wall_seconds: s.wall_seconds,
+        peak_activation_bytes: s.peak_activation_bytes,
+        busy_seconds: s.busy_seconds,
+        idle_seconds: s.idle_seconds,
     }
 }
 
@@ -122,6 +145,9 @@ fn summary_from_abi(s: &AbiSummary) -> TrainSummary {
         test_accuracy: s.test_accuracy,
         samples_per_sec: s.samples_per_sec,
         wall_seconds: s.wall_seconds,
+        peak_activation_bytes: s.peak_activation_bytes,
+        busy_seconds: s.busy_seconds,
+        idle_seconds: s.idle_seconds,
     }
 }
 
@@ -458,6 +484,51 @@ pub mod to_abi {
                 Ok(AbiEval { loss_sum, correct: correct as u64 })
             })
         }
+        fn piece(&self) -> RResult<ROption<AbiPiece>, AbiError> {
+            guard(self.plugin, "model piece", || Ok(self.inner.piece().as_ref().map(piece_to_abi).into()))
+        }
+        fn stage_forward(
+            &mut self,
+            micro: u64,
+            input: RSlice<'_, f32>,
+            rows: u64,
+        ) -> RResult<RVec<f32>, AbiError> {
+            guard(self.plugin, "model stage_forward", || {
+                Ok(self.inner.stage_forward(micro, &input, usize_arg(rows, "rows")?)?.into())
+            })
+        }
+        fn stage_backward(
+            &mut self,
+            micro: u64,
+            grad_output: RSlice<'_, f32>,
+        ) -> RResult<RVec<f32>, AbiError> {
+            guard(self.plugin, "model stage_backward", || {
+                Ok(self.inner.stage_backward(micro, &grad_output)?.into())
+            })
+        }
+        fn loss_grad(
+            &mut self,
+            logits: RSlice<'_, f32>,
+            labels: RSlice<'_, u32>,
+            scale: f32,
+        ) -> RResult<AbiLossGrad, AbiError> {
+            guard(self.plugin, "model loss_grad", || {
+                let (loss_sum, correct, grad) = self.inner.loss_grad(&logits, &labels, scale)?;
+                Ok(AbiLossGrad { loss_sum, correct: correct as u64, grad: grad.into() })
+            })
+        }
+        fn take_grads(&mut self, mut out: RSliceMut<'_, f32>) -> RResult<(), AbiError> {
+            guard(self.plugin, "model take_grads", || Ok(self.inner.take_grads(&mut out)?))
+        }
+        fn drop_saved(&mut self) -> RResult<(), AbiError> {
+            guard(self.plugin, "model drop_saved", || {
+                self.inner.drop_saved();
+                Ok(())
+            })
+        }
+        fn saved_bytes(&self) -> RResult<u64, AbiError> {
+            guard(self.plugin, "model saved_bytes", || Ok(self.inner.saved_bytes()))
+        }
     }
 
     impl<P, T> ComputeAbi for Exported<P>
@@ -472,6 +543,13 @@ pub mod to_abi {
             let plugin = self.plugin;
             guard(plugin, "compute build_model", || {
                 Ok(model(plugin, self.inner.build_model(&spec_from_abi(&spec)?, seed)?))
+            })
+        }
+        fn build_piece(&self, spec: AbiModelSpec, piece: AbiPiece, seed: u64) -> RResult<ModelBox, AbiError> {
+            let plugin = self.plugin;
+            guard(plugin, "compute build_piece", || {
+                let piece = piece_from_abi(&piece)?;
+                Ok(model(plugin, self.inner.build_piece(&spec_from_abi(&spec)?, &piece, seed)?))
             })
         }
     }
@@ -870,6 +948,40 @@ pub mod from_abi {
             let e = self.inner.evaluate(batch_to_abi(batch)).into_result()?;
             Ok((e.loss_sum, e.correct as usize))
         }
+        fn piece(&self) -> Option<Piece> {
+            let p = self.inner.piece().into_result().ok()?.into_option()?;
+            piece_from_abi(&p).ok()
+        }
+        fn stage_forward(&mut self, micro: u64, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+            let out =
+                self.inner.stage_forward(micro, RSlice::from_slice(input), rows as u64).into_result()?;
+            Ok(out.into_vec())
+        }
+        fn stage_backward(&mut self, micro: u64, grad_output: &[f32]) -> Result<Vec<f32>> {
+            let out = self.inner.stage_backward(micro, RSlice::from_slice(grad_output)).into_result()?;
+            Ok(out.into_vec())
+        }
+        fn loss_grad(
+            &mut self,
+            logits: &[f32],
+            labels: &[u32],
+            scale: f32,
+        ) -> Result<(f64, usize, Vec<f32>)> {
+            let r = self
+                .inner
+                .loss_grad(RSlice::from_slice(logits), RSlice::from_slice(labels), scale)
+                .into_result()?;
+            Ok((r.loss_sum, r.correct as usize, r.grad.into_vec()))
+        }
+        fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
+            self.inner.take_grads(RSliceMut::from_mut_slice(out)).into_result().map_err(Error::from)
+        }
+        fn drop_saved(&mut self) {
+            let _ = self.inner.drop_saved();
+        }
+        fn saved_bytes(&self) -> u64 {
+            self.inner.saved_bytes().into_result().unwrap_or(0)
+        }
     }
 
     struct LoadedCompute {
@@ -883,6 +995,9 @@ pub mod from_abi {
         }
         fn build_model(&self, spec: &ModelSpec, seed: u64) -> Result<Box<dyn Model>> {
             model(self.inner.build_model(spec_to_abi(spec), seed).into_result()?)
+        }
+        fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
+            model(self.inner.build_piece(spec_to_abi(spec), piece_to_abi(piece), seed).into_result()?)
         }
     }
 

@@ -22,11 +22,11 @@ pub use module::{
     abi_version_compatible, root_module, AbiProvided, Manifest, Plugin, PluginMod, PluginModRef,
 };
 pub use traits::{
-    AbiBatch, AbiBuf, AbiEval, AbiModelSpec, AbiOptimState, AbiParam, AbiParamSpec, AbiRange, AbiStepMetrics,
-    AbiSummary, AbiTrainConfig, AbiTrainContext, CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox,
-    DataPartitionerAbi, DataPartitionerBox, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox,
-    ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox,
-    RECV_COPY,
+    AbiBatch, AbiBuf, AbiEval, AbiLossGrad, AbiModelSpec, AbiOptimState, AbiParam, AbiParamSpec, AbiPiece,
+    AbiRange, AbiStepMetrics, AbiSummary, AbiTrainConfig, AbiTrainContext, CommunicatorAbi, CommunicatorBox,
+    ComputeAbi, ComputeBox, DataPartitionerAbi, DataPartitionerBox, LinkAbi, LinkBox, MetricsSinkAbi,
+    ModelAbi, ModelBox, ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi,
+    StrategyBox, RECV_COPY,
 };
 
 #[doc(hidden)]

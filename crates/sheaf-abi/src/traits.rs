@@ -162,6 +162,9 @@ pub struct AbiSummary {
     pub test_accuracy: f64,
     pub samples_per_sec: f64,
     pub wall_seconds: f64,
+    pub peak_activation_bytes: u64,
+    pub busy_seconds: f64,
+    pub idle_seconds: f64,
 }
 
 /// A communicator: the host's collectives, lent to strategy plugins.
@@ -226,6 +229,43 @@ pub trait ModelAbi: Send {
     fn forward_backward(&mut self, batch: AbiBatch<'_>, grads: RSliceMut<'_, f32>) -> RResult<f32, AbiError>;
     #[sabi(last_prefix_field)]
     fn evaluate(&mut self, batch: AbiBatch<'_>) -> RResult<AbiEval, AbiError>;
+    // The stage interface (ABI 0.4).
+    fn piece(&self) -> RResult<ROption<AbiPiece>, AbiError>;
+    fn stage_forward(
+        &mut self,
+        micro: u64,
+        input: RSlice<'_, f32>,
+        rows: u64,
+    ) -> RResult<RVec<f32>, AbiError>;
+    fn stage_backward(&mut self, micro: u64, grad_output: RSlice<'_, f32>) -> RResult<RVec<f32>, AbiError>;
+    fn loss_grad(
+        &mut self,
+        logits: RSlice<'_, f32>,
+        labels: RSlice<'_, u32>,
+        scale: f32,
+    ) -> RResult<AbiLossGrad, AbiError>;
+    fn take_grads(&mut self, out: RSliceMut<'_, f32>) -> RResult<(), AbiError>;
+    fn drop_saved(&mut self) -> RResult<(), AbiError>;
+    fn saved_bytes(&self) -> RResult<u64, AbiError>;
+}
+
+/// A model piece: layers `start..end`, and a place in a tensor-parallel group.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq)]
+pub struct AbiPiece {
+    pub start: u64,
+    pub end: u64,
+    pub tensor_rank: u64,
+    pub tensor_width: u64,
+}
+
+/// What `loss_grad` returns.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiLossGrad {
+    pub loss_sum: f64,
+    pub correct: u64,
+    pub grad: RVec<f32>,
 }
 
 #[sabi_trait]
@@ -233,6 +273,8 @@ pub trait ComputeAbi: Send + Sync {
     fn device(&self) -> RResult<RString, AbiError>;
     #[sabi(last_prefix_field)]
     fn build_model(&self, spec: AbiModelSpec, seed: u64) -> RResult<ModelBox, AbiError>;
+    /// (ABI 0.4.)
+    fn build_piece(&self, spec: AbiModelSpec, piece: AbiPiece, seed: u64) -> RResult<ModelBox, AbiError>;
 }
 
 #[sabi_trait]

@@ -133,6 +133,16 @@ impl Batch<'_> {
         self.labels.len()
     }
 
+    /// The samples `indices`, gathered: their inputs (row-major) and labels.
+    pub fn gather(&self, indices: &[usize]) -> (Vec<f32>, Vec<u32>) {
+        let d = self.input_dim;
+        let mut inputs = Vec::with_capacity(indices.len() * d);
+        for &i in indices {
+            inputs.extend_from_slice(&self.inputs[i * d..(i + 1) * d]);
+        }
+        (inputs, indices.iter().map(|&i| self.labels[i]).collect())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }

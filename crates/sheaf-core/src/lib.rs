@@ -28,4 +28,6 @@ pub use partition::{DataPartitioner, ModelPartitioner};
 pub use piece::{LayerCut, Piece};
 pub use plugin::{PluginKind, Provided};
 pub use rng::SplitMix64;
-pub use strategy::{MetricsSink, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary};
+pub use strategy::{
+    epoch_order, MetricsSink, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary,
+};

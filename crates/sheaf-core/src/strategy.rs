@@ -1,6 +1,13 @@
 //! Training strategies: how a training run is spread over the ranks.
 
-use crate::{Batch, Communicator, DataPartitioner, Model, Optimizer, Result};
+use crate::{Batch, Communicator, DataPartitioner, Model, Optimizer, Result, SplitMix64};
+
+/// The sample order of one epoch: a permutation of `0..n` from `(seed, epoch)`, the
+/// same for every strategy, rank and world size, so that every strategy trains on the
+/// global batches one process would.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    SplitMix64::new(seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0xA5A5_5A5A).permutation(n)
+}
 
 /// What one optimizer step reports.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +55,13 @@ pub struct TrainSummary {
     pub test_accuracy: f64,
     pub samples_per_sec: f64,
     pub wall_seconds: f64,
+    /// Most bytes of activations this rank kept for backward passes at once (0: not
+    /// measured by the strategy).
+    pub peak_activation_bytes: u64,
+    /// Seconds this rank computed, and waited on other ranks, during training steps
+    /// (pipeline stages measure them; 0 when not measured).
+    pub busy_seconds: f64,
+    pub idle_seconds: f64,
 }
 
 /// Data-parallel, pipeline, tensor-parallel, ...

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    Batch, Communicator, DType, Deadline, Error, PluginKind, Provided, ReduceOp, Result, SplitMix64,
+    epoch_order, Batch, Communicator, DType, Deadline, Error, PluginKind, Provided, ReduceOp, Result,
     StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
@@ -79,21 +79,6 @@ impl DataParallel {
     fn deadline(&self) -> Deadline {
         Deadline::after(Duration::from_millis(self.config.timeout_ms))
     }
-}
-
-/// The sample order of one epoch: a permutation of `0..n` from `(seed, epoch)`.
-pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    SplitMix64::new(seed ^ epoch.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0xA5A5_5A5A).permutation(n)
-}
-
-/// The rows `indices` of `data`, gathered.
-fn gather(data: &Batch<'_>, indices: &[usize]) -> (Vec<f32>, Vec<u32>) {
-    let d = data.input_dim;
-    let mut inputs = Vec::with_capacity(indices.len() * d);
-    for &i in indices {
-        inputs.extend_from_slice(&data.inputs[i * d..(i + 1) * d]);
-    }
-    (inputs, indices.iter().map(|&i| data.labels[i]).collect())
 }
 
 fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
@@ -163,7 +148,7 @@ impl Strategy for DataParallel {
                     .into_iter()
                     .map(|i| global[i])
                     .collect();
-                let (inputs, labels) = gather(&train, &mine);
+                let (inputs, labels) = train.gather(&mine);
                 let local = Batch { inputs: &inputs, labels: &labels, input_dim: train.input_dim };
                 let loss = model.forward_backward(&local, &mut grads)?;
                 let share = mine.len() as f32 / global.len() as f32;
@@ -195,7 +180,7 @@ impl Strategy for DataParallel {
 
         // Test accuracy: each rank evaluates its share of the test set.
         let shard = partitioner.shard(0, test.len(), rank, world)?;
-        let (inputs, labels) = gather(&test, &shard);
+        let (inputs, labels) = test.gather(&shard);
         let (loss_sum, correct) =
             model.evaluate(&Batch { inputs: &inputs, labels: &labels, input_dim: test.input_dim })?;
         let mut totals = [loss_sum, correct as f64, shard.len() as f64];
@@ -208,6 +193,9 @@ impl Strategy for DataParallel {
             test_accuracy,
             samples_per_sec: samples as f64 / wall.max(1e-9),
             wall_seconds: wall,
+            peak_activation_bytes: 0,
+            busy_seconds: 0.0,
+            idle_seconds: 0.0,
         })
     }
 }

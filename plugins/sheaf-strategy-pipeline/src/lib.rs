@@ -1,0 +1,428 @@
+//! Sheaf plugin: pipeline-parallel training, optionally data-parallel across pipelines.
+//!
+//! The world of `D x P` ranks is `D` pipelines of `P` stages: rank `d * P + p` is
+//! stage `p` of pipeline `d`, and holds the model piece the host built for stage `p`
+//! (a contiguous range of layers). Every step takes the global batch one process
+//! would (the same seeded epoch order), gives pipeline `d` its share through the data
+//! partitioner, and cuts that share into `M` micro-batches. Activations flow forward
+//! and gradients backward between neighbouring stages with send/recv, in the order the
+//! schedule gives: GPipe (all forwards, then all backwards: a stage keeps `M`
+//! micro-batches of activations) or 1F1B (after a warm-up of `P - 1 - p` forwards,
+//! one forward then one backward: at most `P - p`). The last stage computes the loss,
+//! scaled by `1 / global batch`, so that the gradients accumulated over micro-batches
+//! (and summed over pipelines with an allreduce among the ranks holding the same
+//! stage) are those of the mean loss over the whole global batch: the same step one
+//! process takes.
+//!
+//! Each stage measures the time it computes and, between a barrier before and after
+//! each step's schedule, the time it waits: the pipeline bubble.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sheaf_core::{
+    chunk_range, epoch_order, Communicator, DType, Deadline, Error, Model, PluginKind, Provided, ReduceOp,
+    Result, StepMetrics, Strategy, TrainContext, TrainSummary,
+};
+
+/// The plugin as exported to the host.
+pub struct PipelinePlugin;
+
+impl sheaf_abi::Plugin for PipelinePlugin {
+    const NAME: &'static str = "sheaf-strategy-pipeline";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+
+    fn provides() -> Vec<Provided> {
+        vec![Provided { kind: PluginKind::Strategy, name: "pipeline".into() }]
+    }
+
+    fn strategy(name: &str, config: &str) -> Result<Box<dyn Strategy>> {
+        if name != "pipeline" {
+            return Err(Error::config(
+                "parallel.strategy",
+                format!("unknown strategy `{name}` (this plugin has pipeline)"),
+            ));
+        }
+        Ok(Box::new(Pipeline { config: PipelineConfig::parse(config)? }))
+    }
+}
+
+sheaf_abi::export_plugin!(PipelinePlugin);
+
+/// Fill-drain, or one-forward-one-backward.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Gpipe,
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+}
+
+/// Settings, as JSON.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Deadline of each receive and collective, in milliseconds.
+    pub timeout_ms: u64,
+    /// Stages per pipeline (`P`).
+    pub pipeline: usize,
+    /// Pipelines, each training on its share of every global batch (`D`).
+    pub data: usize,
+    /// Micro-batches per step and pipeline (`M`).
+    pub micro_batches: usize,
+    pub schedule: Schedule,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            timeout_ms: 60_000,
+            pipeline: 1,
+            data: 1,
+            micro_batches: 4,
+            schedule: Schedule::Gpipe,
+        }
+    }
+}
+
+impl PipelineConfig {
+    pub fn parse(json: &str) -> Result<PipelineConfig> {
+        if json.trim().is_empty() {
+            return Ok(PipelineConfig::default());
+        }
+        let c: PipelineConfig = serde_json::from_str(json).map_err(|e| Error::config("parallel", e))?;
+        if c.pipeline == 0 || c.data == 0 || c.micro_batches == 0 {
+            return Err(Error::config("parallel", "pipeline, data and micro_batches must be at least 1"));
+        }
+        Ok(c)
+    }
+}
+
+/// One pass of one micro-batch through one stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward(usize),
+    Backward(usize),
+}
+
+/// The order stage `stage` of `stages` runs the passes of `micro` micro-batches in.
+pub fn schedule(kind: Schedule, stages: usize, stage: usize, micro: usize) -> Vec<Pass> {
+    match kind {
+        Schedule::Gpipe => (0..micro).map(Pass::Forward).chain((0..micro).map(Pass::Backward)).collect(),
+        Schedule::OneFOneB => {
+            let warm = (stages - 1 - stage).min(micro);
+            let mut out: Vec<Pass> = (0..warm).map(Pass::Forward).collect();
+            for b in 0..micro {
+                if warm + b < micro {
+                    out.push(Pass::Forward(warm + b));
+                }
+                out.push(Pass::Backward(b));
+            }
+            out
+        }
+    }
+}
+
+struct Pipeline {
+    config: PipelineConfig,
+}
+
+/// What one stage measured.
+#[derive(Default)]
+struct StageClock {
+    busy: Duration,
+    idle: Duration,
+    peak: u64,
+}
+
+fn f32s(bytes: &[u8], want: usize, what: &str, peer: usize) -> Result<Vec<f32>> {
+    if bytes.len() != want * 4 {
+        return Err(Error::BadState(format!(
+            "{what} from rank {peer} of the pipeline: {} bytes, expected {}",
+            bytes.len(),
+            want * 4
+        )));
+    }
+    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+}
+
+fn bytes(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+/// The rows of micro-batch `m`: the samples `rows` of the share, with their inputs
+/// (row-major) and labels.
+struct Micro {
+    rows: usize,
+    inputs: Vec<f32>,
+    labels: Vec<u32>,
+}
+
+impl Pipeline {
+    fn deadline(&self) -> Deadline {
+        Deadline::after(Duration::from_millis(self.config.timeout_ms))
+    }
+
+    /// Runs `passes` for this stage over `micros` (inputs on the first stage, labels on
+    /// the last): returns the loss summed over the micro-batches (last stage, else 0)
+    /// and the number of correct predictions. `train: false` runs forwards only.
+    #[allow(clippy::too_many_arguments)]
+    fn run_passes(
+        &self,
+        pipe: &dyn Communicator,
+        model: &mut dyn Model,
+        passes: &[Pass],
+        micros: &[Micro],
+        widths: (usize, usize),
+        scale: f32,
+        first_micro_id: u64,
+        clock: &mut StageClock,
+    ) -> Result<(f64, usize)> {
+        let (p, stages) = (pipe.rank(), pipe.world_size());
+        let (first, last) = (p == 0, p + 1 == stages);
+        let (in_width, out_width) = widths;
+        let mut loss_grads: Vec<Option<Vec<f32>>> = vec![None; micros.len()];
+        let (mut loss_sum, mut correct) = (0.0, 0);
+        for &pass in passes {
+            match pass {
+                Pass::Forward(m) => {
+                    let rows = micros[m].rows;
+                    let input = if first {
+                        micros[m].inputs.clone()
+                    } else {
+                        let t = Instant::now();
+                        let got = pipe.recv(p - 1, 2 * m as u32, self.deadline())?;
+                        clock.idle += t.elapsed();
+                        f32s(&got, rows * in_width, "activations", p - 1)?
+                    };
+                    let t = Instant::now();
+                    let out = model.stage_forward(first_micro_id + m as u64, &input, rows)?;
+                    clock.peak = clock.peak.max(model.saved_bytes());
+                    if last {
+                        let (l, c, g) = model.loss_grad(&out, &micros[m].labels, scale)?;
+                        loss_sum += l;
+                        correct += c;
+                        loss_grads[m] = Some(g);
+                    }
+                    clock.busy += t.elapsed();
+                    if !last {
+                        if out.len() != rows * out_width {
+                            return Err(Error::BadState(format!(
+                                "stage {p} produced {} values for {rows} rows of {out_width}",
+                                out.len()
+                            )));
+                        }
+                        pipe.send(p + 1, 2 * m as u32, bytes(&out), self.deadline())?;
+                    }
+                }
+                Pass::Backward(m) => {
+                    let rows = micros[m].rows;
+                    let grad = if last {
+                        loss_grads[m].take().ok_or_else(|| {
+                            Error::BadState(format!("backward of micro-batch {m} before its forward"))
+                        })?
+                    } else {
+                        let t = Instant::now();
+                        let got = pipe.recv(p + 1, 2 * m as u32 + 1, self.deadline())?;
+                        clock.idle += t.elapsed();
+                        f32s(&got, rows * out_width, "gradients", p + 1)?
+                    };
+                    let t = Instant::now();
+                    let grad_in = model.stage_backward(first_micro_id + m as u64, &grad)?;
+                    clock.busy += t.elapsed();
+                    if !first {
+                        pipe.send(p - 1, 2 * m as u32 + 1, bytes(&grad_in), self.deadline())?;
+                    }
+                }
+            }
+        }
+        Ok((loss_sum, correct))
+    }
+}
+
+/// `share` (sample indices) cut into at most `m` micro-batches of nearly equal size,
+/// with the inputs and labels each stage needs.
+fn micro_batches(
+    data: &sheaf_core::Batch<'_>,
+    share: &[usize],
+    m: usize,
+    first: bool,
+    last: bool,
+) -> Vec<Micro> {
+    let count = m.min(share.len()).max(1);
+    (0..count)
+        .map(|k| {
+            let idx = &share[chunk_range(share.len(), count, k)];
+            let (inputs, labels) = data.gather(idx);
+            Micro {
+                rows: idx.len(),
+                inputs: if first { inputs } else { Vec::new() },
+                labels: if last { labels } else { Vec::new() },
+            }
+        })
+        .collect()
+}
+
+impl Strategy for Pipeline {
+    fn name(&self) -> &str {
+        "pipeline"
+    }
+
+    fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
+        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        let (stages, pipelines) = (self.config.pipeline, self.config.data);
+        let (rank, world) = (comm.rank(), comm.world_size());
+        if stages * pipelines != world {
+            return Err(Error::config(
+                "parallel",
+                format!(
+                    "{pipelines} pipelines of {stages} stages need {} ranks, not {world}",
+                    stages * pipelines
+                ),
+            ));
+        }
+        if config.batch_size == 0 || train.is_empty() {
+            return Err(Error::config(
+                "train.batch_size",
+                "needs a batch of at least 1 and training samples",
+            ));
+        }
+        let piece = model.piece().ok_or_else(|| {
+            Error::Unsupported(
+                "the pipeline strategy needs a model piece per stage (built by the host)".into(),
+            )
+        })?;
+        let (d, p) = (rank / stages, rank % stages);
+        let pipe = comm
+            .split(Some(d as u32), p as u32, self.deadline())?
+            .ok_or_else(|| Error::BadState("no pipeline group".into()))?;
+        let replicas = comm
+            .split(Some(p as u32), d as u32, self.deadline())?
+            .ok_or_else(|| Error::BadState("no data-parallel group".into()))?;
+        let (first, last) = (p == 0, p + 1 == stages);
+        if first != (piece.layers.start == 0) {
+            return Err(Error::BadState(format!(
+                "stage {p} holds layers {:?}: stage 0, and only stage 0, must hold layer 0",
+                piece.layers
+            )));
+        }
+        // Widths of this stage's input and output activations, from its parameters.
+        let layout = model.layout().clone();
+        let in_width = layout.specs()[0].shape[1];
+        let out_width = layout.specs()[layout.specs().len() - 1].shape[0];
+        let mut params = vec![0f32; layout.total()];
+        model.read_params(&mut params)?;
+        replicas.broadcast(bytemuck::cast_slice_mut(&mut params), 0, self.deadline())?;
+        model.write_params(&params)?;
+
+        let start = Instant::now();
+        let mut grads = vec![0f32; layout.total()];
+        let mut clock = StageClock::default();
+        let (mut step, mut epochs_done, mut last_loss, mut samples) = (0u64, 0, f64::NAN, 0usize);
+        'epochs: for epoch in 0..config.epochs {
+            let order = epoch_order(train.len(), config.seed, epoch);
+            for global in order.chunks(config.batch_size) {
+                if config.max_steps.is_some_and(|m| step >= m) {
+                    break 'epochs;
+                }
+                let t0 = Instant::now();
+                let share: Vec<usize> = partitioner
+                    .shard(step, global.len(), d, pipelines)?
+                    .into_iter()
+                    .map(|i| global[i])
+                    .collect();
+                let micros = micro_batches(&train, &share, self.config.micro_batches, first, last);
+                let passes = schedule(self.config.schedule, stages, p, micros.len());
+                pipe.barrier(self.deadline())?;
+                let t_sched = Instant::now();
+                let before = (clock.busy, clock.idle);
+                let scale = 1.0 / global.len() as f32;
+                let (loss_sum, _) = self.run_passes(
+                    pipe.as_ref(),
+                    model,
+                    &passes,
+                    &micros,
+                    (in_width, out_width),
+                    scale,
+                    step << 20,
+                    &mut clock,
+                )?;
+                pipe.barrier(self.deadline())?;
+                // Everything in the step's schedule that was not computing was waiting.
+                let spent = t_sched.elapsed();
+                clock.idle = before.1 + spent.saturating_sub(clock.busy - before.0);
+                model.take_grads(&mut grads)?;
+                if pipelines > 1 {
+                    replicas.allreduce(
+                        bytemuck::cast_slice_mut(&mut grads),
+                        DType::F32,
+                        ReduceOp::Sum,
+                        self.deadline(),
+                    )?;
+                }
+                optimizer.step(&mut layout.params(&mut params, &grads))?;
+                model.write_params(&params)?;
+                let mut loss = [loss_sum];
+                comm.allreduce(
+                    bytemuck::cast_slice_mut(&mut loss),
+                    DType::F64,
+                    ReduceOp::Sum,
+                    self.deadline(),
+                )?;
+                step += 1;
+                samples += global.len();
+                last_loss = loss[0] / global.len() as f64;
+                metrics.record(&StepMetrics {
+                    step,
+                    epoch,
+                    loss: last_loss,
+                    lr: optimizer.learning_rate(),
+                    samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                });
+            }
+            epochs_done = epoch + 1;
+        }
+        let wall = start.elapsed().as_secs_f64();
+
+        // Test accuracy: pipeline 0 runs the test set forward in batches.
+        let mut totals = [0.0f64; 3];
+        if d == 0 {
+            let all: Vec<usize> = (0..test.len()).collect();
+            for (k, chunk) in all.chunks(config.batch_size.max(1)).enumerate() {
+                let micros = micro_batches(&test, chunk, 1, first, last);
+                let (l, c) = self.run_passes(
+                    pipe.as_ref(),
+                    model,
+                    &[Pass::Forward(0)],
+                    &micros,
+                    (in_width, out_width),
+                    0.0,
+                    u64::MAX / 2 + k as u64,
+                    &mut StageClock::default(),
+                )?;
+                model.drop_saved();
+                if last {
+                    totals[0] += l;
+                    totals[1] += c as f64;
+                    totals[2] += chunk.len() as f64;
+                }
+            }
+        }
+        comm.allreduce(bytemuck::cast_slice_mut(&mut totals), DType::F64, ReduceOp::Sum, self.deadline())?;
+        let test_accuracy = if totals[2] > 0.0 { totals[1] / totals[2] } else { f64::NAN };
+        Ok(TrainSummary {
+            epochs: epochs_done,
+            steps: step,
+            final_loss: last_loss,
+            test_accuracy,
+            samples_per_sec: samples as f64 / wall.max(1e-9),
+            wall_seconds: wall,
+            peak_activation_bytes: clock.peak,
+            busy_seconds: clock.busy.as_secs_f64(),
+            idle_seconds: clock.idle.as_secs_f64(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,109 @@
+//! The schedules as laws: simulated on a pipeline where a forward takes one unit and a
+//! backward two, every schedule finishes (no stage waits on a pass that never comes),
+//! GPipe's step takes `(M + P - 1)` forward-backward times (its bubble is
+//! `(P - 1) / (M + P - 1)`), 1F1B's takes no longer, and a stage keeps at most `M`
+//! micro-batches of activations under GPipe and `min(P - p, M)` under 1F1B.
+
+use proptest::prelude::*;
+
+use super::*;
+
+struct Outcome {
+    makespan: usize,
+    /// Per stage: most micro-batches forwarded but not yet backwarded at once.
+    peak: Vec<usize>,
+}
+
+fn simulate(kind: Schedule, stages: usize, micro: usize) -> Outcome {
+    let lists: Vec<Vec<Pass>> = (0..stages).map(|p| schedule(kind, stages, p, micro)).collect();
+    // Completion time of every pass, once known.
+    let mut fwd = vec![vec![None::<usize>; micro]; stages];
+    let mut bwd = vec![vec![None::<usize>; micro]; stages];
+    let mut next = vec![0usize; stages];
+    let mut free_at = vec![0usize; stages];
+    let mut peak = vec![0usize; stages];
+    let mut in_flight = vec![0usize; stages];
+    loop {
+        let mut progressed = false;
+        for p in 0..stages {
+            let Some(&pass) = lists[p].get(next[p]) else { continue };
+            let ready = match pass {
+                Pass::Forward(m) => {
+                    if p == 0 {
+                        Some(0)
+                    } else {
+                        fwd[p - 1][m]
+                    }
+                }
+                Pass::Backward(m) => {
+                    if p + 1 == stages {
+                        fwd[p][m]
+                    } else {
+                        bwd[p + 1][m]
+                    }
+                }
+            };
+            let Some(ready) = ready else { continue };
+            let start = ready.max(free_at[p]);
+            match pass {
+                Pass::Forward(m) => {
+                    fwd[p][m] = Some(start + 1);
+                    free_at[p] = start + 1;
+                    in_flight[p] += 1;
+                    peak[p] = peak[p].max(in_flight[p]);
+                }
+                Pass::Backward(m) => {
+                    assert!(fwd[p][m].is_some(), "stage {p} backward {m} before its forward");
+                    bwd[p][m] = Some(start + 2);
+                    free_at[p] = start + 2;
+                    in_flight[p] -= 1;
+                }
+            }
+            next[p] += 1;
+            progressed = true;
+        }
+        if !progressed {
+            break;
+        }
+    }
+    for p in 0..stages {
+        assert_eq!(
+            next[p],
+            lists[p].len(),
+            "{kind:?} P={stages} M={micro}: stage {p} stuck at {:?}",
+            lists[p].get(next[p])
+        );
+    }
+    Outcome { makespan: free_at.into_iter().max().unwrap_or(0), peak }
+}
+
+proptest! {
+    #[test]
+    fn schedules_finish_with_their_bubble_and_memory(stages in 1usize..=8, micro in 1usize..=16) {
+        for kind in [Schedule::Gpipe, Schedule::OneFOneB] {
+            for p in 0..stages {
+                let list = schedule(kind, stages, p, micro);
+                for m in 0..micro {
+                    prop_assert_eq!(list.iter().filter(|&&x| x == Pass::Forward(m)).count(), 1);
+                    prop_assert_eq!(list.iter().filter(|&&x| x == Pass::Backward(m)).count(), 1);
+                }
+            }
+        }
+        let gpipe = simulate(Schedule::Gpipe, stages, micro);
+        prop_assert_eq!(gpipe.makespan, 3 * (micro + stages - 1));
+        prop_assert!(gpipe.peak.iter().all(|&k| k == micro));
+        let one = simulate(Schedule::OneFOneB, stages, micro);
+        prop_assert!(one.makespan <= gpipe.makespan, "1F1B {} vs GPipe {}", one.makespan, gpipe.makespan);
+        for (p, &k) in one.peak.iter().enumerate() {
+            prop_assert!(k <= (stages - p).min(micro), "stage {p} kept {k}");
+        }
+    }
+}
+
+#[test]
+fn config_parses_both_schedules_and_refuses_zeroes() {
+    let c = PipelineConfig::parse(r#"{"pipeline": 2, "micro_batches": 8, "schedule": "1f1b"}"#).unwrap();
+    assert_eq!((c.pipeline, c.micro_batches, c.schedule), (2, 8, Schedule::OneFOneB));
+    assert!(PipelineConfig::parse(r#"{"micro_batches": 0}"#).is_err());
+    assert!(PipelineConfig::parse(r#"{"schedule": "zigzag"}"#).is_err());
+}
