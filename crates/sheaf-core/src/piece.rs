@@ -69,7 +69,7 @@ impl Piece {
                     Some(false) => (spec.layers[l], "input"),
                     None => continue,
                 };
-                if width % self.tensor_width != 0 {
+                if !width.is_multiple_of(self.tensor_width) {
                     return Err(Error::config(
                         "parallel.tensor",
                         format!(
@@ -184,7 +184,7 @@ impl Piece {
 /// a pair (column-parallel), `Some(false)` for the second (row-parallel), `None` for an
 /// unpaired last layer.
 fn paired(l: usize, n: usize) -> Option<bool> {
-    if l % 2 == 0 {
+    if l.is_multiple_of(2) {
         (l + 1 < n).then_some(true)
     } else {
         Some(false)

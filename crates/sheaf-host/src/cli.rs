@@ -39,6 +39,10 @@ pub struct JobArgs {
     /// Compute threads per worker (default: the cores divided among the workers).
     #[arg(long, value_name = "T")]
     pub threads_per_worker: Option<usize>,
+    /// Start from this checkpoint (a checkpoint.safetensors any run wrote, under any
+    /// strategy or world size).
+    #[arg(long, value_name = "FILE")]
+    pub init_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +182,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 run_dir: Some(args.run_dir.clone().unwrap_or_else(crate::launch::default_run_dir)),
                 env,
                 progress: crate::worker::RunOptions::progress_default(),
+                init_from: args.init_from.clone(),
             };
             let summary = crate::worker::run_worker(&job, &cli.registry(), &opts)?;
             if opts.env.rank == 0 {
@@ -196,9 +201,18 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             Ok(())
         }
         Command::Launch { workers, job } => {
-            // Check the job here, so a bad one fails once, before any worker starts.
-            crate::job::load_job(job.job.as_deref(), &job.overrides)?;
+            // Check the job and its layout here, so a bad one fails once, before any
+            // worker starts.
+            let parsed = crate::job::load_job(job.job.as_deref(), &job.overrides)?;
+            crate::plan::plan(&parsed, *workers, &cli.registry())?;
             let mut worker_args: Vec<String> = Vec::new();
+            if let Some(f) = &job.init_from {
+                if !f.is_file() {
+                    return Err(HostError::Data(format!("--init-from {}: no such file", f.display())));
+                }
+                worker_args.push("--init-from".into());
+                worker_args.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).display().to_string());
+            }
             if let Some(j) = &job.job {
                 worker_args.push(j.display().to_string());
             }

@@ -119,10 +119,39 @@ impl TrainSection {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSection {
+    /// `data-parallel`, `pipeline` or `tensor-parallel`.
     #[serde(default = "data_parallel")]
     pub strategy: String,
     #[serde(default = "checksum_every")]
     pub checksum_every: u64,
+    /// Data-parallel replicas (default: every rank under data-parallel, else 1).
+    #[serde(default)]
+    pub data: Option<usize>,
+    /// Pipeline stages per replica (default: world / data).
+    #[serde(default)]
+    pub pipeline: Option<usize>,
+    /// Tensor-parallel ranks per replica (default: world / data).
+    #[serde(default)]
+    pub tensor: Option<usize>,
+    /// Micro-batches per step under the pipeline strategy.
+    #[serde(default = "micro_batches")]
+    pub micro_batches: usize,
+    /// `gpipe` or `1f1b`.
+    #[serde(default = "gpipe")]
+    pub schedule: String,
+    /// The model partitioner that cuts layers into stages (by parameter count).
+    #[serde(default = "balanced")]
+    pub partitioner: String,
+}
+
+fn micro_batches() -> usize {
+    4
+}
+fn gpipe() -> String {
+    "gpipe".into()
+}
+fn balanced() -> String {
+    "balanced".into()
 }
 
 fn data_parallel() -> String {
@@ -134,7 +163,16 @@ fn checksum_every() -> u64 {
 
 impl Default for ParallelSection {
     fn default() -> Self {
-        ParallelSection { strategy: data_parallel(), checksum_every: checksum_every() }
+        ParallelSection {
+            strategy: data_parallel(),
+            checksum_every: checksum_every(),
+            data: None,
+            pipeline: None,
+            tensor: None,
+            micro_batches: micro_batches(),
+            schedule: gpipe(),
+            partitioner: balanced(),
+        }
     }
 }
 
@@ -174,6 +212,10 @@ pub struct ComputeSection {
     pub backend: String,
     #[serde(default = "cpu")]
     pub device: String,
+    /// Per-worker budget for parameters, gradients, optimizer state and activations,
+    /// in MiB; a job that needs more fails before training.
+    #[serde(default)]
+    pub memory_limit_mb: Option<f64>,
 }
 
 fn candle() -> String {
@@ -185,7 +227,7 @@ fn cpu() -> String {
 
 impl Default for ComputeSection {
     fn default() -> Self {
-        ComputeSection { backend: candle(), device: cpu() }
+        ComputeSection { backend: candle(), device: cpu(), memory_limit_mb: None }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod job;
 pub mod launch;
 mod loader;
 pub mod outputs;
+pub mod plan;
 pub mod plugin_check;
 mod registry;
 pub mod selftest;

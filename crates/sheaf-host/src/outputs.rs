@@ -38,7 +38,20 @@ pub struct Summary {
     pub test_accuracy: f64,
     pub samples_per_sec: f64,
     pub wall_seconds: f64,
+    /// Parameters of the whole model.
     pub params: usize,
+    /// Parameters each rank holds (all of them under data parallelism).
+    pub params_per_rank: Vec<u64>,
+    /// Most bytes of activations each rank kept for backward passes at once (measured
+    /// by model-parallel strategies; estimated from the batch under data parallelism).
+    pub peak_activation_bytes_per_rank: Vec<u64>,
+    /// Seconds each rank computed and waited during training steps (pipeline stages).
+    pub busy_seconds_per_rank: Vec<f64>,
+    pub idle_seconds_per_rank: Vec<f64>,
+    /// The measured pipeline bubble: waiting over step time, averaged over the ranks
+    /// (pipeline only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bubble_fraction: Option<f64>,
     pub job: serde_json::Value,
 }
 
@@ -64,6 +77,42 @@ pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Vec<u8> {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out
+}
+
+/// Reads a checkpoint written by [`safetensors_bytes`] (or any safetensors file of f32
+/// tensors) into a flat buffer in `layout` order, checking that every tensor is there
+/// with its shape.
+pub fn read_safetensors(path: &Path, layout: &ParamLayout) -> Result<Vec<f32>, HostError> {
+    let bad = |detail: String| HostError::Data(format!("{}: {detail}", path.display()));
+    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let header = n
+        .and_then(|n| bytes.get(8..8usize.checked_add(n)?))
+        .ok_or_else(|| bad("not a safetensors file (truncated header)".into()))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let data = &bytes[8 + n.expect("checked")..];
+    let mut out = vec![0f32; layout.total()];
+    for (i, spec) in layout.specs().iter().enumerate() {
+        let t = header.get(&spec.name).ok_or_else(|| bad(format!("no tensor `{}`", spec.name)))?;
+        let shape: Vec<usize> = serde_json::from_value(t["shape"].clone()).unwrap_or_default();
+        if t["dtype"] != "F32" || shape != spec.shape {
+            return Err(bad(format!(
+                "`{}` is {} {:?}, the model needs F32 {:?}",
+                spec.name, t["dtype"], shape, spec.shape
+            )));
+        }
+        let offs: Vec<usize> = serde_json::from_value(t["data_offsets"].clone()).unwrap_or_default();
+        let raw = match offs[..] {
+            [a, b] if b >= a && b - a == spec.numel() * 4 => data.get(a..b),
+            _ => None,
+        }
+        .ok_or_else(|| bad(format!("`{}` has bad data offsets", spec.name)))?;
+        for (v, c) in out[layout.range(i)].iter_mut().zip(raw.chunks_exact(4)) {
+            *v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+        }
+    }
+    Ok(out)
 }
 
 /// Metrics of every step as JSON lines, and a progress display on stderr: a bar per

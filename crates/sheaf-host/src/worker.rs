@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sheaf_collectives::Group;
-use sheaf_core::{Activation, Batch, Communicator, Deadline, Link, ModelSpec, TrainConfig, TrainContext};
+use sheaf_core::{Batch, Communicator, Deadline, Link, TrainConfig, TrainContext};
 use sheaf_data::Dataset;
 
 use crate::job::Job;
-use crate::outputs::{safetensors_bytes, write_atomic, Metrics, Summary};
+use crate::outputs::{read_safetensors, safetensors_bytes, write_atomic, Metrics, Summary};
 use crate::{HostError, Registry};
 
 /// Where this worker sits in the world, as torchrun's variables say.
@@ -117,6 +117,8 @@ pub struct RunOptions {
     pub run_dir: Option<PathBuf>,
     /// Show a progress bar (rank 0 only): stderr is a terminal, or the launcher's is.
     pub progress: bool,
+    /// Start from this checkpoint (the whole model, as any run writes it).
+    pub init_from: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -134,15 +136,27 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let compute_config = serde_json::json!({ "device": job.compute.device }).to_string();
     let compute = registry.compute(&job.compute.backend, &compute_config)?;
     let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
-    let strategy_config =
-        serde_json::json!({ "timeout_ms": timeout_ms, "checksum_every": job.parallel.checksum_every })
-            .to_string();
+    let plan = crate::plan::plan(job, env.world_size, registry)?;
+    let piece = plan.pieces[env.rank].clone();
+    let mut strategy_config = serde_json::Map::new();
+    strategy_config.insert("timeout_ms".into(), timeout_ms.into());
+    if job.parallel.strategy == "data-parallel" {
+        strategy_config.insert("checksum_every".into(), job.parallel.checksum_every.into());
+    }
+    strategy_config.extend(plan.strategy.clone());
+    let strategy_config = serde_json::Value::Object(strategy_config).to_string();
     let mut strategy = registry.strategy(&job.parallel.strategy, &strategy_config)?;
-    let spec = ModelSpec {
-        layers: job.model.layers.clone(),
-        activation: if job.model.activation == "tanh" { Activation::Tanh } else { Activation::Relu },
+    let spec = plan.spec.clone();
+    let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
+    let mut model = if plan.is_model_parallel() {
+        compute.build_piece(&spec, &piece, job.seed).map_err(core)?
+    } else {
+        compute.build_model(&spec, job.seed).map_err(core)?
     };
-    let mut model = compute.build_model(&spec, job.seed).map_err(|e| HostError::Core(e.to_string()))?;
+    if let Some(path) = &opts.init_from {
+        let full = read_safetensors(path, &spec.layout())?;
+        model.write_params(&piece.slice(&spec, &full)).map_err(core)?;
+    }
     let run_dir = match (&opts.run_dir, env.rank) {
         (Some(dir), 0) => {
             std::fs::create_dir_all(dir).map_err(|e| HostError::Output(format!("{}: {e}", dir.display())))?;
@@ -203,6 +217,26 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     };
     metrics.finish()?;
 
+    let dl = || Deadline::after(Duration::from_millis(timeout_ms));
+    let train_err = |e: sheaf_core::CommError| HostError::Train { rank: env.rank, detail: e.to_string() };
+    // Every rank's parameter count, peak activations, busy and idle time.
+    let peak = match trained.peak_activation_bytes {
+        0 => crate::plan::need_bytes(job, &plan, env.rank).1,
+        measured => measured,
+    };
+    let mine = [model.layout().total() as f64, peak as f64, trained.busy_seconds, trained.idle_seconds];
+    let mut all = vec![0f64; 4 * env.world_size];
+    comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all), dl())
+        .map_err(train_err)?;
+    let column = |k: usize| all.chunks_exact(4).map(|r| r[k]).collect::<Vec<f64>>();
+    let (busy, idle) = (column(2), column(3));
+    let bubble = (job.parallel.strategy == "pipeline").then(|| {
+        let fractions: Vec<f64> =
+            busy.iter().zip(&idle).map(|(b, i)| if b + i > 0.0 { i / (b + i) } else { 0.0 }).collect();
+        fractions.iter().sum::<f64>() / fractions.len() as f64
+    });
+    let full = gather_full_params(&comm, model.as_ref(), &plan, dl).map_err(train_err)?;
+
     let summary = Summary {
         world_size: env.world_size,
         strategy: job.parallel.strategy.clone(),
@@ -214,19 +248,66 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         test_accuracy: trained.test_accuracy,
         samples_per_sec: trained.samples_per_sec,
         wall_seconds: trained.wall_seconds,
-        params: model.layout().total(),
+        params: spec.layout().total(),
+        params_per_rank: column(0).into_iter().map(|v| v as u64).collect(),
+        peak_activation_bytes_per_rank: column(1).into_iter().map(|v| v as u64).collect(),
+        busy_seconds_per_rank: busy,
+        idle_seconds_per_rank: idle,
+        bubble_fraction: bubble,
         job: serde_json::to_value(job).unwrap_or_default(),
     };
-    if let Some(dir) = &run_dir {
-        let mut params = vec![0f32; model.layout().total()];
-        model.read_params(&mut params).map_err(|e| HostError::Core(e.to_string()))?;
-        write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(model.layout(), &params))?;
+    if let (Some(dir), Some(full)) = (&run_dir, &full) {
+        write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(&spec.layout(), full))?;
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&dir.join("summary.json"), &json)?;
     }
-    comm.barrier(Deadline::after(Duration::from_millis(timeout_ms)))
-        .map_err(|e| HostError::Train { rank: env.rank, detail: e.to_string() })?;
-    link.close(Deadline::after(Duration::from_millis(timeout_ms)))
-        .map_err(|e| HostError::Train { rank: env.rank, detail: e.to_string() })?;
+    comm.barrier(dl()).map_err(train_err)?;
+    link.close(dl()).map_err(train_err)?;
     Ok(summary)
+}
+
+/// The whole model's parameters on rank 0 (`None` elsewhere): its own, or under model
+/// parallelism every piece of the first replica sent to rank 0 and put in place, so
+/// the checkpoint always holds the model one process would.
+fn gather_full_params(
+    comm: &Group,
+    model: &dyn sheaf_core::Model,
+    plan: &crate::plan::Plan,
+    dl: impl Fn() -> Deadline,
+) -> Result<Option<Vec<f32>>, sheaf_core::CommError> {
+    const PIECE_TAG: u32 = 0x5EAF_0001;
+    let mut mine = vec![0f32; model.layout().total()];
+    model.read_params(&mut mine).map_err(|e| sheaf_core::CommError::Protocol {
+        op: sheaf_core::Op::Gather,
+        peer: comm.rank(),
+        detail: e.to_string(),
+    })?;
+    let rank = comm.rank();
+    if !plan.is_model_parallel() {
+        return Ok((rank == 0).then_some(mine));
+    }
+    if rank != 0 {
+        if rank < plan.model_ranks {
+            comm.send(0, PIECE_TAG, bytemuck::cast_slice(&mine), dl())?;
+        }
+        return Ok(None);
+    }
+    let mut full = vec![0f32; plan.spec.layout().total()];
+    plan.pieces[0].place(&plan.spec, &mine, &mut full);
+    for r in 1..plan.model_ranks {
+        let piece = &plan.pieces[r];
+        let bytes = comm.recv(r, PIECE_TAG, dl())?;
+        let want = piece.layout(&plan.spec).total() * 4;
+        if bytes.len() != want {
+            return Err(sheaf_core::CommError::Protocol {
+                op: sheaf_core::Op::Gather,
+                peer: r,
+                detail: format!("sent {} bytes of parameters, its piece has {want}", bytes.len()),
+            });
+        }
+        let values: Vec<f32> =
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+        piece.place(&plan.spec, &values, &mut full);
+    }
+    Ok(Some(full))
 }

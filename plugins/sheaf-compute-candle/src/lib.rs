@@ -445,8 +445,17 @@ impl Model for Stage {
             let z = Var::from_tensor(&Tensor::from_slice(logits, (rows, classes), &self.device)?)?;
             let (log_probs, one_hot) = log_softmax_one_hot(z.as_tensor(), labels, classes, &self.device)?;
             let sum = (log_probs * one_hot)?.sum_all()?.affine(-1.0, 0.0)?;
-            let store = sum.affine(f64::from(scale), 0.0)?.backward()?;
-            let grad = store.get(z.as_tensor()).expect("logits take part").flatten_all()?.to_vec1::<f32>()?;
+            // A zero scale (an evaluation pass) needs no gradient: candle drops the
+            // graph of a product with zero.
+            let grad = if scale == 0.0 {
+                vec![0.0; logits.len()]
+            } else {
+                let store = sum.affine(f64::from(scale), 0.0)?.backward()?;
+                match store.get(z.as_tensor()) {
+                    Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+                    None => vec![0.0; logits.len()],
+                }
+            };
             let predicted = z.as_tensor().argmax(D::Minus1)?.to_vec1::<u32>()?;
             let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
             Ok((f64::from(sum.to_scalar::<f32>()?), correct, grad))

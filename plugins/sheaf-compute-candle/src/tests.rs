@@ -101,12 +101,14 @@ fn stages_over_micro_batches_equal_the_whole_model() {
     let (mut want, mut params) = (vec![0f32; total], vec![0f32; total]);
     let loss = whole.forward_backward(&batch, &mut want).unwrap();
     whole.read_params(&mut params).unwrap();
-    for cut in [vec![0..4], vec![0..1, 1..4], vec![0..2, 2..3, 3..4]] {
+    // Stage boundaries: one stage, two, three.
+    let cuts: [&[usize]; 3] = [&[0, 4], &[0, 1, 4], &[0, 2, 3, 4]];
+    for cut in cuts {
         for micro in [1usize, 2, 3, 12] {
             let mut stages: Vec<_> = cut
-                .iter()
-                .map(|r| {
-                    let p = sheaf_core::Piece { layers: r.clone(), tensor_rank: 0, tensor_width: 1 };
+                .windows(2)
+                .map(|w| {
+                    let p = sheaf_core::Piece { layers: w[0]..w[1], tensor_rank: 0, tensor_width: 1 };
                     backend.build_piece(&spec, &p, 11).unwrap()
                 })
                 .collect();

@@ -1,0 +1,163 @@
+//! The layout of a job over its world: which piece of the model each rank holds, what
+//! the strategy plugin is told, and whether every rank fits its memory budget. Worked
+//! out from the job alone (and the model partitioner), so `launch` checks it once
+//! before any worker starts and every worker derives the same plan.
+
+use sheaf_core::{Activation, ModelSpec, Piece};
+
+use crate::job::Job;
+use crate::{HostError, Registry};
+
+/// Which piece each rank holds, and the strategy's model-parallel settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub spec: ModelSpec,
+    /// Data-parallel replicas (`D`), and model-parallel ranks per replica (`P` or `T`).
+    pub data: usize,
+    pub model_ranks: usize,
+    /// Per rank (rank `d * model_ranks + m` is model rank `m` of replica `d`).
+    pub pieces: Vec<Piece>,
+    /// Settings for the strategy plugin beyond the host's own (JSON object).
+    pub strategy: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Plan {
+    /// Whether ranks hold pieces rather than the whole model.
+    pub fn is_model_parallel(&self) -> bool {
+        self.model_ranks > 1
+    }
+}
+
+pub fn model_spec(job: &Job) -> ModelSpec {
+    ModelSpec {
+        layers: job.model.layers.clone(),
+        activation: if job.model.activation == "tanh" { Activation::Tanh } else { Activation::Relu },
+    }
+}
+
+fn job_err(detail: String) -> HostError {
+    HostError::Job(detail)
+}
+
+/// The plan of `job` over `world` ranks; fails, naming the key, on a layout that
+/// cannot work or a rank that would not fit `compute.memory_limit_mb`.
+pub fn plan(job: &Job, world: usize, registry: &Registry) -> Result<Plan, HostError> {
+    let spec = model_spec(job);
+    let layers = spec.layers.len() - 1;
+    let par = &job.parallel;
+    let data = par.data.unwrap_or(if par.strategy == "data-parallel" { world } else { 1 });
+    if data == 0 || !world.is_multiple_of(data) {
+        return Err(job_err(format!("key `parallel.data`: a world of {world} ranks is not divisible into {data} data-parallel replicas")));
+    }
+    let per_replica = world / data;
+    let mut strategy = serde_json::Map::new();
+    let (model_ranks, piece_of): (usize, Box<dyn Fn(usize) -> Piece>) = match par.strategy.as_str() {
+        "pipeline" => {
+            let stages = par.pipeline.unwrap_or(per_replica);
+            if stages * data != world {
+                return Err(job_err(format!(
+                    "key `parallel.pipeline`: {data} replicas of {stages} stages need {} ranks, not {world}",
+                    stages * data
+                )));
+            }
+            if stages > layers {
+                return Err(job_err(format!(
+                    "key `parallel.pipeline`: {stages} stages, but the model has only {layers} layers (one stage holds at least one layer)"
+                )));
+            }
+            if !["gpipe", "1f1b"].contains(&par.schedule.as_str()) {
+                return Err(job_err(format!("key `parallel.schedule`: `{}` (gpipe, 1f1b)", par.schedule)));
+            }
+            if par.micro_batches == 0 {
+                return Err(job_err("key `parallel.micro_batches`: must be at least 1".into()));
+            }
+            let costs: Vec<u64> = spec.layers.windows(2).map(|w| (w[0] * w[1] + w[1]) as u64).collect();
+            let cut = registry
+                .model_partitioner(&par.partitioner, "")?
+                .cut(&costs, stages)
+                .map_err(|e| job_err(format!("key `parallel.partitioner`: {e}")))?;
+            strategy.insert("pipeline".into(), stages.into());
+            strategy.insert("data".into(), data.into());
+            strategy.insert("micro_batches".into(), par.micro_batches.into());
+            strategy.insert("schedule".into(), par.schedule.clone().into());
+            (stages, Box::new(move |m| Piece { layers: cut[m].clone(), tensor_rank: 0, tensor_width: 1 }))
+        }
+        "tensor-parallel" => {
+            let width = par.tensor.unwrap_or(per_replica);
+            if width * data != world {
+                return Err(job_err(format!(
+                    "key `parallel.tensor`: {data} replicas of {width} tensor-parallel ranks need {} ranks, not {world}",
+                    width * data
+                )));
+            }
+            strategy.insert("tensor".into(), width.into());
+            strategy.insert("data".into(), data.into());
+            (width, Box::new(move |m| Piece { layers: 0..layers, tensor_rank: m, tensor_width: width }))
+        }
+        _ => {
+            if data != world {
+                return Err(job_err(format!(
+                    "key `parallel.data`: {} replicas every rank holding the whole model need {data} ranks, not {world}",
+                    par.strategy
+                )));
+            }
+            (1, Box::new(move |_| Piece { layers: 0..layers, tensor_rank: 0, tensor_width: 1 }))
+        }
+    };
+    let pieces: Vec<Piece> = (0..world).map(|r| piece_of(r % model_ranks)).collect();
+    for p in &pieces {
+        p.validate(&spec).map_err(|e| job_err(e.to_string()))?;
+    }
+    let plan = Plan { spec, data, model_ranks, pieces, strategy };
+    check_memory(job, &plan)?;
+    Ok(plan)
+}
+
+/// Values of optimizer state per parameter.
+fn state_copies(optimizer: &str) -> usize {
+    match optimizer {
+        "adamw" => 2,
+        _ => 1,
+    }
+}
+
+/// Bytes rank `rank` needs at most: its parameters, their gradients and optimizer
+/// state, and the activations its schedule keeps at once.
+pub fn need_bytes(job: &Job, plan: &Plan, rank: usize) -> (u64, u64) {
+    let piece = &plan.pieces[rank];
+    let params = piece.param_bytes(&plan.spec, state_copies(&job.train.optimizer));
+    let share = job.train.batch_size.div_ceil(plan.data);
+    let par = &job.parallel;
+    let activations = if par.strategy == "pipeline" {
+        let micro = par.micro_batches.min(share).max(1);
+        let rows = share.div_ceil(micro);
+        let stage = rank % plan.model_ranks;
+        let kept = if par.schedule == "1f1b" { (plan.model_ranks - stage).min(micro) } else { micro };
+        kept as u64 * piece.activation_bytes(&plan.spec, rows)
+    } else {
+        piece.activation_bytes(&plan.spec, share)
+    };
+    (params, activations)
+}
+
+fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
+    let Some(limit_mb) = job.compute.memory_limit_mb else { return Ok(()) };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for rank in 0..plan.pieces.len() {
+        let (params, activations) = need_bytes(job, plan, rank);
+        if mib(params + activations) > limit_mb {
+            let hint = if plan.is_model_parallel() {
+                "use more workers"
+            } else {
+                "cut the model over several workers with parallel.strategy = \"pipeline\" or \"tensor-parallel\""
+            };
+            return Err(job_err(format!(
+                "key `compute.memory_limit_mb`: rank {rank} needs {:.2} MiB (parameters, gradients and optimizer state {:.2} MiB, activations {:.2} MiB) but the limit is {limit_mb} MiB; {hint}",
+                mib(params + activations),
+                mib(params),
+                mib(activations)
+            )));
+        }
+    }
+    Ok(())
+}
