@@ -2,6 +2,7 @@
 
 mod bench;
 mod collectives;
+mod model_parallel;
 mod plugin_check;
 mod plugins;
 mod training;

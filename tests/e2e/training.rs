@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sheaf_tests::sheaf_bin;
 
-fn sheaf(args: &[&str], run_dir: &Path) -> Output {
+pub(crate) fn sheaf(args: &[&str], run_dir: &Path) -> Output {
     Command::new(sheaf_bin())
         .args(args)
         .arg("--run-dir")
@@ -21,7 +21,7 @@ fn sheaf(args: &[&str], run_dir: &Path) -> Output {
         .expect("run sheaf")
 }
 
-fn ok(out: &Output) {
+pub(crate) fn ok(out: &Output) {
     assert!(
         out.status.success(),
         "sheaf failed ({}):\n{}\n{}",
@@ -31,13 +31,13 @@ fn ok(out: &Output) {
     );
 }
 
-fn summary(dir: &Path) -> Value {
+pub(crate) fn summary(dir: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(dir.join("summary.json")).expect("summary.json")).unwrap()
 }
 
 /// The checkpoint as (name, shape, values), read with the safetensors crate (the
 /// implementation Python's `safetensors` package wraps).
-fn checkpoint(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub(crate) fn checkpoint(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(dir.join("checkpoint.safetensors")).expect("checkpoint");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
     let mut out: Vec<_> = st
@@ -54,7 +54,10 @@ fn checkpoint(dir: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     out
 }
 
-fn max_abs_diff(a: &[(String, Vec<usize>, Vec<f32>)], b: &[(String, Vec<usize>, Vec<f32>)]) -> f32 {
+pub(crate) fn max_abs_diff(
+    a: &[(String, Vec<usize>, Vec<f32>)],
+    b: &[(String, Vec<usize>, Vec<f32>)],
+) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)

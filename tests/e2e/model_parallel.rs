@@ -1,0 +1,163 @@
+//! Model parallelism through the real binary: pipeline stages in real processes over
+//! ZeroMQ, each holding a piece of the model, train to the same parameters as one
+//! process; the checkpoint is always the whole model; bad layouts and budgets fail
+//! before any worker trains.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::training::{checkpoint, max_abs_diff, ok, sheaf, summary};
+
+/// `sheaf launch -n N` (or `run` for one) with `sets`; returns the run directory.
+fn launch(n: usize, sets: &[String]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let n_arg = n.to_string();
+    let mut args = if n == 1 { vec!["run"] } else { vec!["launch", "-n", &n_arg] };
+    for s in sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    ok(&sheaf(&args, dir.path()));
+    dir
+}
+
+fn sets(extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["train.max_steps=10", "train.lr=0.05", "model.layers=[64, 96, 80, 64, 10]"]
+        .map(String::from)
+        .to_vec();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn nums(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// Pipelines of 2 and 3 stages, GPipe and 1F1B, 1 to 5 micro-batches: after 10 steps
+/// the parameters equal one process's on the same global batches (and the hybrid of
+/// 2 pipelines x 2 stages on 4 processes).
+#[test]
+fn pipelines_end_with_the_parameters_of_one_process() {
+    let one = launch(1, &sets(&[]));
+    let reference = checkpoint(one.path());
+    for (n, extra) in [
+        (2, vec!["parallel.schedule=\"gpipe\"", "parallel.micro_batches=1"]),
+        (2, vec!["parallel.schedule=\"gpipe\"", "parallel.micro_batches=4"]),
+        (2, vec!["parallel.schedule=\"1f1b\"", "parallel.micro_batches=3"]),
+        (3, vec!["parallel.schedule=\"1f1b\"", "parallel.micro_batches=5"]),
+        (4, vec!["parallel.data=2", "parallel.schedule=\"1f1b\"", "parallel.micro_batches=2"]),
+    ] {
+        let mut s = vec!["parallel.strategy=\"pipeline\""];
+        s.extend(extra.iter().copied());
+        let dir = launch(n, &sets(&s));
+        let d = max_abs_diff(&reference, &checkpoint(dir.path()));
+        assert!(d <= 1e-6, "{n} ranks {extra:?}: max abs diff {d}");
+        let sum = summary(dir.path());
+        let per_rank = nums(&sum["params_per_rank"]);
+        assert_eq!(per_rank.len(), n);
+        let total = sum["params"].as_f64().unwrap();
+        assert!(per_rank.iter().all(|&p| p < total), "a rank holds the whole model: {per_rank:?}");
+    }
+}
+
+/// The default digits job as a 2-stage pipeline: 95% and more, within a point of one
+/// process, and no rank holds the whole model.
+#[test]
+fn pipeline_trains_the_default_job() {
+    let pipe = launch(2, &["parallel.strategy=\"pipeline\"".into()]);
+    let one = launch(1, &[]);
+    let s = summary(pipe.path());
+    let acc = s["test_accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.95, "{s}");
+    assert!((acc - summary(one.path())["test_accuracy"].as_f64().unwrap()).abs() <= 0.01);
+    let per_rank = nums(&s["params_per_rank"]);
+    assert_eq!(per_rank.iter().sum::<f64>(), s["params"].as_f64().unwrap());
+    assert!(per_rank.iter().all(|&p| p < s["params"].as_f64().unwrap()), "{per_rank:?}");
+}
+
+/// A checkpoint written by a pipeline starts a data-parallel run (and the other way
+/// round): with no training steps, the checkpoint comes back unchanged.
+#[test]
+fn checkpoints_cross_strategies_and_world_sizes() {
+    let pipe = launch(2, &sets(&["parallel.strategy=\"pipeline\""]));
+    let from = |n: usize, strategy: &str, init: &Path| {
+        let dir = tempfile::tempdir().unwrap();
+        let init = init.join("checkpoint.safetensors");
+        let n_arg = n.to_string();
+        let mut args = if n == 1 { vec!["run"] } else { vec!["launch", "-n", &n_arg] };
+        let s = [
+            "train.max_steps=0".to_string(),
+            "model.layers=[64, 96, 80, 64, 10]".into(),
+            format!("parallel.strategy=\"{strategy}\""),
+        ];
+        for x in &s {
+            args.extend(["--set", x.as_str()]);
+        }
+        args.extend(["--init-from", init.to_str().unwrap()]);
+        ok(&sheaf(&args, dir.path()));
+        dir
+    };
+    let dp = from(1, "data-parallel", pipe.path());
+    assert_eq!(max_abs_diff(&checkpoint(pipe.path()), &checkpoint(dp.path())), 0.0);
+    let back = from(3, "pipeline", dp.path());
+    assert_eq!(max_abs_diff(&checkpoint(dp.path()), &checkpoint(back.path())), 0.0);
+    // Same accuracy from the same parameters.
+    assert_eq!(summary(back.path())["test_accuracy"], summary(pipe.path())["test_accuracy"]);
+}
+
+/// GPipe keeps every micro-batch's activations until its backward pass; 1F1B at most
+/// `P - p` on stage `p`: measured on the first of 2 stages with 4 micro-batches.
+#[test]
+fn one_f_one_b_keeps_fewer_activations_than_gpipe() {
+    let peak = |schedule: &str| {
+        let dir = launch(
+            2,
+            &sets(&[
+                "parallel.strategy=\"pipeline\"",
+                "parallel.micro_batches=4",
+                &format!("parallel.schedule=\"{schedule}\""),
+            ]),
+        );
+        nums(&summary(dir.path())["peak_activation_bytes_per_rank"])
+    };
+    let (gpipe, one) = (peak("gpipe"), peak("1f1b"));
+    // 64 samples in 4 micro-batches of 16: stage 0 keeps 4 of them under GPipe, 2 under 1F1B.
+    assert_eq!(one[0] * 2.0, gpipe[0], "1F1B {one:?} vs GPipe {gpipe:?}");
+    assert_eq!(one[1], gpipe[1] / 4.0, "the last stage runs each backward at once under 1F1B");
+}
+
+/// Layouts that cannot work fail before any worker starts, naming the key.
+#[test]
+fn bad_layouts_fail_before_training() {
+    for (n, set, want) in [
+        (3, "parallel.strategy=\"pipeline\"", "3 stages, but the model has only 2 layers"),
+        (3, "parallel.data=2", "not divisible into 2 data-parallel replicas"),
+        (3, "parallel.strategy=\"tensor-parallel\"", "does not divide the 128 output features of layer 0"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let n = n.to_string();
+        let out = sheaf(&["launch", "-n", &n, "--set", set], dir.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{set}: {err}");
+        assert!(err.contains(want), "{set}: {err}");
+        assert!(!err.contains("[launch] rank"), "a worker started: {err}");
+    }
+}
+
+/// The example job: over its memory budget on one worker (an error naming the need and
+/// the limit, before training), trained as a 2-stage pipeline.
+#[test]
+fn a_model_over_the_memory_budget_trains_as_a_pipeline() {
+    let job = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipeline-memory.toml");
+    let job = job.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = sheaf(&["run", job, "--set", "parallel.strategy=\"data-parallel\""], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("needs 10.48 MiB") && err.contains("the limit is 8 MiB"), "{err}");
+    assert!(!dir.path().join("checkpoint.safetensors").exists());
+    let dir = tempfile::tempdir().unwrap();
+    ok(&sheaf(&["launch", "-n", "2", job], dir.path()));
+    let s = summary(dir.path());
+    assert!(s["test_accuracy"].as_f64().unwrap() >= 0.95, "{s}");
+}
