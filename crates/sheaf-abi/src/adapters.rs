@@ -487,23 +487,29 @@ pub mod to_abi {
         fn piece(&self) -> RResult<ROption<AbiPiece>, AbiError> {
             guard(self.plugin, "model piece", || Ok(self.inner.piece().as_ref().map(piece_to_abi).into()))
         }
+        fn segments(&self) -> RResult<u64, AbiError> {
+            guard(self.plugin, "model segments", || Ok(self.inner.segments() as u64))
+        }
         fn stage_forward(
             &mut self,
             micro: u64,
+            segment: u64,
             input: RSlice<'_, f32>,
             rows: u64,
         ) -> RResult<RVec<f32>, AbiError> {
             guard(self.plugin, "model stage_forward", || {
-                Ok(self.inner.stage_forward(micro, &input, usize_arg(rows, "rows")?)?.into())
+                let (segment, rows) = (usize_arg(segment, "segment")?, usize_arg(rows, "rows")?);
+                Ok(self.inner.stage_forward(micro, segment, &input, rows)?.into())
             })
         }
         fn stage_backward(
             &mut self,
             micro: u64,
+            segment: u64,
             grad_output: RSlice<'_, f32>,
         ) -> RResult<RVec<f32>, AbiError> {
             guard(self.plugin, "model stage_backward", || {
-                Ok(self.inner.stage_backward(micro, &grad_output)?.into())
+                Ok(self.inner.stage_backward(micro, usize_arg(segment, "segment")?, &grad_output)?.into())
             })
         }
         fn loss_grad(
@@ -952,13 +958,27 @@ pub mod from_abi {
             let p = self.inner.piece().into_result().ok()?.into_option()?;
             piece_from_abi(&p).ok()
         }
-        fn stage_forward(&mut self, micro: u64, input: &[f32], rows: usize) -> Result<Vec<f32>> {
-            let out =
-                self.inner.stage_forward(micro, RSlice::from_slice(input), rows as u64).into_result()?;
+        fn segments(&self) -> usize {
+            self.inner.segments().into_result().map_or(1, |s| s as usize)
+        }
+        fn stage_forward(
+            &mut self,
+            micro: u64,
+            segment: usize,
+            input: &[f32],
+            rows: usize,
+        ) -> Result<Vec<f32>> {
+            let out = self
+                .inner
+                .stage_forward(micro, segment as u64, RSlice::from_slice(input), rows as u64)
+                .into_result()?;
             Ok(out.into_vec())
         }
-        fn stage_backward(&mut self, micro: u64, grad_output: &[f32]) -> Result<Vec<f32>> {
-            let out = self.inner.stage_backward(micro, RSlice::from_slice(grad_output)).into_result()?;
+        fn stage_backward(&mut self, micro: u64, segment: usize, grad_output: &[f32]) -> Result<Vec<f32>> {
+            let out = self
+                .inner
+                .stage_backward(micro, segment as u64, RSlice::from_slice(grad_output))
+                .into_result()?;
             Ok(out.into_vec())
         }
         fn loss_grad(

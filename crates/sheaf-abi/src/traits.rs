@@ -231,13 +231,20 @@ pub trait ModelAbi: Send {
     fn evaluate(&mut self, batch: AbiBatch<'_>) -> RResult<AbiEval, AbiError>;
     // The stage interface (ABI 0.4).
     fn piece(&self) -> RResult<ROption<AbiPiece>, AbiError>;
+    fn segments(&self) -> RResult<u64, AbiError>;
     fn stage_forward(
         &mut self,
         micro: u64,
+        segment: u64,
         input: RSlice<'_, f32>,
         rows: u64,
     ) -> RResult<RVec<f32>, AbiError>;
-    fn stage_backward(&mut self, micro: u64, grad_output: RSlice<'_, f32>) -> RResult<RVec<f32>, AbiError>;
+    fn stage_backward(
+        &mut self,
+        micro: u64,
+        segment: u64,
+        grad_output: RSlice<'_, f32>,
+    ) -> RResult<RVec<f32>, AbiError>;
     fn loss_grad(
         &mut self,
         logits: RSlice<'_, f32>,

@@ -170,20 +170,33 @@ pub trait Model: Send {
         None
     }
 
-    /// Forward of micro-batch `micro` through this piece: `input` is `[rows, width]`
-    /// row-major (the samples' features for the first stage, the previous stage's
-    /// output after it). Keeps what the backward pass needs until
-    /// [`Model::stage_backward`] (or [`Model::drop_saved`]). Returns `[rows, out]`.
-    fn stage_forward(&mut self, micro: u64, input: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let _ = (micro, input, rows);
+    /// How many segments the piece runs in: 1 for whole layers. Under tensor
+    /// parallelism, pair `k` of layers (column-parallel then row-parallel) is segment
+    /// `2k`, whose output is this rank's part of a sum over the group (the row layer
+    /// without its bias), and segment `2k + 1` is replicated: the row layer's bias
+    /// added to the summed output, the nonlinearity, and after the last pair an
+    /// unpaired last layer. The strategy allreduces an even segment's output after its
+    /// forward and its input gradient after its backward.
+    fn segments(&self) -> usize {
+        1
+    }
+
+    /// Forward of micro-batch `micro` through segment `segment` of this piece:
+    /// `input` is `[rows, width]` row-major (the samples' features for the first
+    /// stage, the previous stage's output after it). Keeps what the backward pass
+    /// needs until [`Model::stage_backward`] (or [`Model::drop_saved`]). Returns
+    /// `[rows, out]`.
+    fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let _ = (micro, segment, input, rows);
         Err(Error::Unsupported("this backend has no stage interface".into()))
     }
 
-    /// Backward of micro-batch `micro`: adds its parameter gradients to the
-    /// accumulated ones, frees what its forward kept, and returns the gradient with
-    /// respect to its input (`[rows, width]`).
-    fn stage_backward(&mut self, micro: u64, grad_output: &[f32]) -> Result<Vec<f32>> {
-        let _ = (micro, grad_output);
+    /// Backward of micro-batch `micro` through segment `segment`: adds its parameter
+    /// gradients to the accumulated ones, frees what its forward kept, and returns the
+    /// gradient with respect to its input (`[rows, width]`; for an even segment under
+    /// tensor parallelism, this rank's part of a sum over the group).
+    fn stage_backward(&mut self, micro: u64, segment: usize, grad_output: &[f32]) -> Result<Vec<f32>> {
+        let _ = (micro, segment, grad_output);
         Err(Error::Unsupported("this backend has no stage interface".into()))
     }
 

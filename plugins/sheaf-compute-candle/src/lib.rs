@@ -262,8 +262,9 @@ pub struct Stage {
     vars: Vec<Var>,
     device: Device,
     grads: Vec<f32>,
-    /// Per micro-batch: the input (a `Var`, for its gradient), the output, its bytes.
-    saved: HashMap<u64, (Var, Tensor, u64)>,
+    /// Per micro-batch and segment: the input (a `Var`, for its gradient), the
+    /// output, and the bytes the graph between them keeps.
+    saved: HashMap<(u64, usize), (Var, Tensor, u64)>,
     saved_bytes: u64,
 }
 
@@ -271,9 +272,10 @@ impl Stage {
     pub fn new(spec: &ModelSpec, piece: &Piece, seed: u64, device: Device) -> Result<Stage> {
         spec.validate()?;
         piece.validate(spec)?;
-        if piece.tensor_width > 1 {
+        let n = spec.layers.len() - 1;
+        if piece.tensor_width > 1 && piece.layers != (0..n) {
             return Err(Error::Unsupported(
-                "sheaf-compute-candle runs pipeline stages of whole layers; tensor-parallel slices are not supported yet".into(),
+                "a tensor-parallel piece holds slices of every layer; pipeline stages of tensor-parallel slices are not supported".into(),
             ));
         }
         let layout = piece.layout(spec);
@@ -291,8 +293,85 @@ impl Stage {
         })
     }
 
-    fn input_width(&self) -> usize {
-        self.spec.layers[self.piece.layers.start]
+    fn layers(&self) -> usize {
+        self.spec.layers.len() - 1
+    }
+
+    fn tensor_parallel(&self) -> bool {
+        self.piece.tensor_width > 1
+    }
+
+    fn weight(&self, l: usize) -> &Tensor {
+        self.vars[2 * (l - self.piece.layers.start)].as_tensor()
+    }
+
+    fn bias(&self, l: usize) -> &Tensor {
+        self.vars[2 * (l - self.piece.layers.start) + 1].as_tensor()
+    }
+
+    fn activate(&self, h: Tensor) -> candle_core::Result<Tensor> {
+        match self.spec.activation {
+            Activation::Tanh => h.tanh(),
+            _ => h.relu(),
+        }
+    }
+
+    /// Column/row pairs of a tensor-parallel piece.
+    fn pairs(&self) -> usize {
+        if self.tensor_parallel() {
+            self.layers() / 2
+        } else {
+            0
+        }
+    }
+
+    /// Width of segment `seg`'s input.
+    fn input_width(&self, seg: usize) -> usize {
+        match (self.pairs(), seg) {
+            (0, _) | (_, 0) => self.spec.layers[self.piece.layers.start],
+            (_, s) => self.spec.layers[2 * s.div_ceil(2)],
+        }
+    }
+
+    /// Segment `seg` on `h`: the output, and how many values the autograd graph keeps.
+    /// Without tensor parallelism: every layer. With it, even segments are pair
+    /// `seg / 2`'s column layer and its row layer without bias (a partial sum); odd
+    /// segments are replicated: the row layer's bias (after the sum), the
+    /// nonlinearity, and after the last pair an unpaired last layer.
+    fn run_segment(&self, seg: usize, mut h: Tensor) -> candle_core::Result<(Tensor, usize)> {
+        let last = self.layers();
+        let mut kept = h.elem_count();
+        let mut keep = |t: &Tensor| kept += t.elem_count();
+        let whole = |l: usize, h: &Tensor| h.matmul(&self.weight(l).t()?)?.broadcast_add(self.bias(l));
+        if self.pairs() == 0 {
+            for l in self.piece.layers.clone() {
+                h = whole(l, &h)?;
+                keep(&h);
+                if l + 1 < last {
+                    h = self.activate(h)?;
+                    keep(&h);
+                }
+            }
+        } else if seg % 2 == 0 {
+            let l = seg;
+            h = self.activate(whole(l, &h)?)?;
+            keep(&h);
+            h = h.matmul(&self.weight(l + 1).t()?)?;
+            keep(&h);
+        } else {
+            let l = seg;
+            h = h.broadcast_add(self.bias(l))?;
+            keep(&h);
+            if l + 1 < last {
+                h = self.activate(h)?;
+                keep(&h);
+            }
+            if l + 2 == last {
+                h = whole(last - 1, &h)?;
+                keep(&h);
+            }
+        }
+        Ok((h, kept))
     }
 }
 
@@ -363,45 +442,43 @@ impl Model for Stage {
         Some(self.piece.clone())
     }
 
-    fn stage_forward(&mut self, micro: u64, input: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let width = self.input_width();
+    fn segments(&self) -> usize {
+        (2 * self.pairs()).max(1)
+    }
+
+    fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        if segment >= self.segments() {
+            return Err(Error::invalid(format!("segment {segment} of a piece of {}", self.segments())));
+        }
+        let width = self.input_width(segment);
         if input.len() != rows * width {
             return Err(Error::invalid(format!(
-                "stage input of {} values is not {rows} rows of {width} (layers {:?})",
+                "stage input of {} values is not {rows} rows of {width} (layers {:?}, segment {segment})",
                 input.len(),
                 self.piece.layers
             )));
         }
-        if self.saved.contains_key(&micro) {
+        if self.saved.contains_key(&(micro, segment)) {
             return Err(Error::BadState(format!("micro-batch {micro} ran forward twice without a backward")));
         }
-        let last = self.spec.layers.len() - 1;
-        let run = || -> candle_core::Result<(Var, Tensor, Vec<f32>)> {
+        let run = || -> candle_core::Result<(Var, Tensor, usize, Vec<f32>)> {
             let x = Var::from_tensor(&Tensor::from_slice(input, (rows, width), &self.device)?)?;
-            let mut h = x.as_tensor().clone();
-            for (k, l) in self.piece.layers.clone().enumerate() {
-                let (w, b) = (self.vars[2 * k].as_tensor(), self.vars[2 * k + 1].as_tensor());
-                h = h.matmul(&w.t()?)?.broadcast_add(b)?;
-                if l + 1 < last {
-                    h = match self.spec.activation {
-                        Activation::Tanh => h.tanh()?,
-                        _ => h.relu()?,
-                    };
-                }
-            }
+            let (h, kept) = self.run_segment(segment, x.as_tensor().clone())?;
             let out = h.flatten_all()?.to_vec1::<f32>()?;
-            Ok((x, h, out))
+            Ok((x, h, kept, out))
         };
-        let (x, h, out) = run().map_err(candle_err("stage forward"))?;
-        let bytes = self.piece.activation_bytes(&self.spec, rows);
-        self.saved.insert(micro, (x, h, bytes));
+        let (x, h, kept, out) = run().map_err(candle_err("stage forward"))?;
+        let bytes = 4 * kept as u64;
+        self.saved.insert((micro, segment), (x, h, bytes));
         self.saved_bytes += bytes;
         Ok(out)
     }
 
-    fn stage_backward(&mut self, micro: u64, grad_output: &[f32]) -> Result<Vec<f32>> {
-        let (x, h, bytes) = self.saved.remove(&micro).ok_or_else(|| {
-            Error::BadState(format!("backward of micro-batch {micro}, which ran no forward"))
+    fn stage_backward(&mut self, micro: u64, segment: usize, grad_output: &[f32]) -> Result<Vec<f32>> {
+        let (x, h, bytes) = self.saved.remove(&(micro, segment)).ok_or_else(|| {
+            Error::BadState(format!(
+                "backward of micro-batch {micro} segment {segment}, which ran no forward"
+            ))
         })?;
         self.saved_bytes -= bytes;
         if grad_output.len() != h.elem_count() {
@@ -416,12 +493,18 @@ impl Model for Stage {
             // d(sum(h * g))/dθ = J^T g: the vector-Jacobian product backward needs.
             let store = (&h * &g)?.sum_all()?.backward()?;
             for (i, v) in self.vars.iter().enumerate() {
-                let gv = store.get(v.as_tensor()).expect("every parameter takes part").flatten_all()?;
-                for (acc, d) in self.grads[self.layout.range(i)].iter_mut().zip(gv.to_vec1::<f32>()?) {
+                // A segment uses some of the piece's parameters only.
+                let Some(gv) = store.get(v.as_tensor()) else { continue };
+                for (acc, d) in
+                    self.grads[self.layout.range(i)].iter_mut().zip(gv.flatten_all()?.to_vec1::<f32>()?)
+                {
                     *acc += d;
                 }
             }
-            store.get(x.as_tensor()).expect("the input takes part").flatten_all()?.to_vec1::<f32>()
+            match store.get(x.as_tensor()) {
+                Some(gx) => gx.flatten_all()?.to_vec1::<f32>(),
+                None => Ok(vec![0.0; x.as_tensor().elem_count()]),
+            }
         };
         run().map_err(candle_err("stage backward"))
     }

@@ -117,7 +117,7 @@ fn stages_over_micro_batches_equal_the_whole_model() {
             for m in 0..micro {
                 let mut act = inputs[m * rows * 6..(m + 1) * rows * 6].to_vec();
                 for s in stages.iter_mut() {
-                    act = s.stage_forward(m as u64, &act, rows).unwrap();
+                    act = s.stage_forward(m as u64, 0, &act, rows).unwrap();
                 }
                 let (l, _, mut grad) = stages
                     .last_mut()
@@ -126,7 +126,7 @@ fn stages_over_micro_batches_equal_the_whole_model() {
                     .unwrap();
                 loss_sum += l;
                 for s in stages.iter_mut().rev() {
-                    grad = s.stage_backward(m as u64, &grad).unwrap();
+                    grad = s.stage_backward(m as u64, 0, &grad).unwrap();
                 }
             }
             assert!((loss_sum / 12.0 - f64::from(loss)).abs() < 1e-6, "{cut:?} x{micro}");
@@ -144,5 +144,87 @@ fn stages_over_micro_batches_equal_the_whole_model() {
             let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(diff <= 1e-6, "{cut:?} x{micro}: max abs diff {diff}");
         }
+    }
+}
+
+/// Tensor-parallel slices of every layer, run segment by segment with the row-parallel
+/// outputs (and the column layers' input gradients) summed over the group as the
+/// strategy's allreduce would, give the whole model's loss and gradients; replicated
+/// parameters get the same gradient on every rank.
+#[test]
+fn tensor_parallel_slices_equal_the_whole_model() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    for (layers, width) in
+        [(vec![6, 8, 4], 2), (vec![6, 8, 12, 4], 2), (vec![6, 8, 12, 10, 4], 2), (vec![6, 12, 9], 3)]
+    {
+        let spec = ModelSpec::mlp(layers.clone());
+        let (inputs, labels) = batch_data(10, 6, *layers.last().unwrap() as u32);
+        let batch = Batch { inputs: &inputs, labels: &labels, input_dim: 6 };
+        let mut whole = backend.build_model(&spec, 5).unwrap();
+        let total = whole.layout().total();
+        let mut want = vec![0f32; total];
+        let loss = whole.forward_backward(&batch, &mut want).unwrap();
+        let n = layers.len() - 1;
+        let mut ranks: Vec<_> = (0..width)
+            .map(|t| {
+                let p = sheaf_core::Piece { layers: 0..n, tensor_rank: t, tensor_width: width };
+                backend.build_piece(&spec, &p, 5).unwrap()
+            })
+            .collect();
+        let segments = ranks[0].segments();
+        assert_eq!(segments, 2 * (n / 2));
+        let sum = |parts: Vec<Vec<f32>>| -> Vec<f32> {
+            parts
+                .iter()
+                .skip(1)
+                .fold(parts[0].clone(), |acc, p| acc.iter().zip(p).map(|(a, b)| a + b).collect())
+        };
+        let mut act = inputs.clone();
+        for seg in 0..segments {
+            let outs: Vec<Vec<f32>> =
+                ranks.iter_mut().map(|r| r.stage_forward(0, seg, &act, 10).unwrap()).collect();
+            // Even segments end in a partial sum; odd ones are the same on every rank.
+            act = if seg % 2 == 0 {
+                sum(outs)
+            } else {
+                assert!(outs.iter().all(|o| *o == outs[0]), "segment {seg} differs between ranks");
+                outs[0].clone()
+            };
+        }
+        let mut grad = Vec::new();
+        let mut loss_sum = 0.0;
+        for r in ranks.iter_mut() {
+            let (l, _, g) = r.loss_grad(&act, &labels, 0.1).unwrap();
+            loss_sum = l;
+            grad = g;
+        }
+        assert!((loss_sum / 10.0 - f64::from(loss)).abs() < 1e-6);
+        for seg in (0..segments).rev() {
+            let gins: Vec<Vec<f32>> =
+                ranks.iter_mut().map(|r| r.stage_backward(0, seg, &grad).unwrap()).collect();
+            grad = if seg % 2 == 0 { sum(gins) } else { gins[0].clone() };
+        }
+        let mut got = vec![f32::NAN; total];
+        for (t, r) in ranks.iter_mut().enumerate() {
+            let piece = r.piece().unwrap();
+            let mut g = vec![0f32; r.layout().total()];
+            r.take_grads(&mut g).unwrap();
+            let mut mine = vec![f32::NAN; total];
+            piece.place(&spec, &g, &mut mine);
+            for i in 0..total {
+                if mine[i].is_nan() {
+                    continue;
+                }
+                assert!(
+                    got[i].is_nan() || got[i] == mine[i],
+                    "{layers:?}: rank {t} parameter {i}: {} vs {}",
+                    mine[i],
+                    got[i]
+                );
+                got[i] = mine[i];
+            }
+        }
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "{layers:?} over {width}: max abs diff {diff}");
     }
 }

@@ -196,7 +196,7 @@ impl Pipeline {
                         f32s(&got, rows * in_width, "activations", p - 1)?
                     };
                     let t = Instant::now();
-                    let out = model.stage_forward(first_micro_id + m as u64, &input, rows)?;
+                    let out = model.stage_forward(first_micro_id + m as u64, 0, &input, rows)?;
                     clock.peak = clock.peak.max(model.saved_bytes());
                     if last {
                         let (l, c, g) = model.loss_grad(&out, &micros[m].labels, scale)?;
@@ -228,7 +228,7 @@ impl Pipeline {
                         f32s(&got, rows * out_width, "gradients", p + 1)?
                     };
                     let t = Instant::now();
-                    let grad_in = model.stage_backward(first_micro_id + m as u64, &grad)?;
+                    let grad_in = model.stage_backward(first_micro_id + m as u64, 0, &grad)?;
                     clock.busy += t.elapsed();
                     if !first {
                         pipe.send(p - 1, 2 * m as u32 + 1, bytes(&grad_in), self.deadline())?;
@@ -292,6 +292,12 @@ impl Strategy for Pipeline {
                 "the pipeline strategy needs a model piece per stage (built by the host)".into(),
             )
         })?;
+        if model.segments() != 1 {
+            return Err(Error::Unsupported(
+                "pipeline stages hold whole layers; combining with tensor parallelism is not supported"
+                    .into(),
+            ));
+        }
         let (d, p) = (rank / stages, rank % stages);
         let pipe = comm
             .split(Some(d as u32), p as u32, self.deadline())?
