@@ -352,7 +352,7 @@ impl Stage {
                     keep(&h);
                 }
             }
-        } else if seg % 2 == 0 {
+        } else if seg.is_multiple_of(2) {
             let l = seg;
             h = self.activate(whole(l, &h)?)?;
             keep(&h);

@@ -184,7 +184,7 @@ fn tensor_parallel_slices_equal_the_whole_model() {
             let outs: Vec<Vec<f32>> =
                 ranks.iter_mut().map(|r| r.stage_forward(0, seg, &act, 10).unwrap()).collect();
             // Even segments end in a partial sum; odd ones are the same on every rank.
-            act = if seg % 2 == 0 {
+            act = if seg.is_multiple_of(2) {
                 sum(outs)
             } else {
                 assert!(outs.iter().all(|o| *o == outs[0]), "segment {seg} differs between ranks");
@@ -202,7 +202,7 @@ fn tensor_parallel_slices_equal_the_whole_model() {
         for seg in (0..segments).rev() {
             let gins: Vec<Vec<f32>> =
                 ranks.iter_mut().map(|r| r.stage_backward(0, seg, &grad).unwrap()).collect();
-            grad = if seg % 2 == 0 { sum(gins) } else { gins[0].clone() };
+            grad = if seg.is_multiple_of(2) { sum(gins) } else { gins[0].clone() };
         }
         let mut got = vec![f32::NAN; total];
         for (t, r) in ranks.iter_mut().enumerate() {

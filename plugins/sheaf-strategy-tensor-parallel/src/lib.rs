@@ -106,7 +106,7 @@ impl TensorParallel {
         let mut act = inputs.to_vec();
         for seg in 0..model.segments() {
             act = model.stage_forward(micro, seg, &act, rows)?;
-            if seg % 2 == 0 && model.segments() > 1 {
+            if seg.is_multiple_of(2) && model.segments() > 1 {
                 sum_over(group, &mut act, self.deadline())?;
             }
         }
@@ -126,7 +126,7 @@ impl TensorParallel {
         let segments = model.segments();
         for seg in (0..segments).rev() {
             grad = model.stage_backward(micro, seg, &grad)?;
-            if seg % 2 == 0 && seg > 0 && segments > 1 {
+            if seg.is_multiple_of(2) && seg > 0 && segments > 1 {
                 sum_over(group, &mut grad, self.deadline())?;
             }
         }
