@@ -180,3 +180,37 @@ fn a_model_over_the_memory_budget_trains_as_a_pipeline() {
     let s = summary(dir.path());
     assert!(s["test_accuracy"].as_f64().unwrap() >= 0.95, "{s}");
 }
+
+/// GPipe's measured bubble (each stage's waiting over its step time, averaged) is
+/// close to `(P - 1) / (M + P - 1)` on balanced stages: 2 stages of two 1024-wide
+/// layers each, 4 micro-batches, one compute thread per worker, shared memory. The
+/// bound is loose (0.05 absolute) for a noisy 2-core machine: what is left over is
+/// the transfers and copies between stages, which the formula leaves out.
+#[test]
+fn gpipe_bubble_matches_the_formula() {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = [
+        "transport.plugin=\"shm\"",
+        "parallel.strategy=\"pipeline\"",
+        "parallel.schedule=\"gpipe\"",
+        "parallel.micro_batches=4",
+        "data.dataset=\"synthetic\"",
+        "data.samples=2048",
+        "model.layers=[1024, 1024, 1024, 1024, 1024, 10]",
+        "train.batch_size=512",
+        "train.max_steps=6",
+    ];
+    let mut args = vec!["launch", "-n", "2", "--threads-per-worker", "1"];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    ok(&sheaf(&args, dir.path()));
+    let s = summary(dir.path());
+    let (busy, idle) = (nums(&s["busy_seconds_per_rank"]), nums(&s["idle_seconds_per_rank"]));
+    assert!(busy.iter().all(|&b| b > 0.0), "{s}");
+    let bubble = s["bubble_fraction"].as_f64().unwrap();
+    let mean: f64 = busy.iter().zip(&idle).map(|(b, i)| i / (b + i)).sum::<f64>() / 2.0;
+    assert!((bubble - mean).abs() < 1e-9);
+    let theory = 1.0 / 5.0;
+    assert!((bubble - theory).abs() <= 0.05, "measured bubble {bubble}, formula {theory}: {s}");
+}

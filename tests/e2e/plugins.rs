@@ -32,6 +32,12 @@ fn lists_the_shipped_plugins_as_loaded() {
     for (file, name, kinds) in [
         ("libsheaf_optim.so", "sheaf-optim", vec!["optimizer"]),
         ("libsheaf_partition.so", "sheaf-partition", vec!["data-partitioner", "model-partitioner"]),
+        ("libsheaf_transport_zmq.so", "sheaf-transport-zmq", vec!["transport"]),
+        ("libsheaf_transport_shm.so", "sheaf-transport-shm", vec!["transport"]),
+        ("libsheaf_compute_candle.so", "sheaf-compute-candle", vec!["compute"]),
+        ("libsheaf_strategy_data_parallel.so", "sheaf-strategy-data-parallel", vec!["strategy"]),
+        ("libsheaf_strategy_pipeline.so", "sheaf-strategy-pipeline", vec!["strategy"]),
+        ("libsheaf_strategy_tensor_parallel.so", "sheaf-strategy-tensor-parallel", vec!["strategy"]),
     ] {
         let r = row(&rows, file);
         assert_eq!(r["ok"], true, "{r}");

@@ -355,8 +355,12 @@ impl Strategy for Pipeline {
                 )?;
                 pipe.barrier(self.deadline())?;
                 // Everything in the step's schedule that was not computing was waiting.
+                // The first step (first touches of every buffer) is left out.
                 let spent = t_sched.elapsed();
                 clock.idle = before.1 + spent.saturating_sub(clock.busy - before.0);
+                if step == 0 {
+                    (clock.busy, clock.idle) = (Duration::ZERO, Duration::ZERO);
+                }
                 model.take_grads(&mut grads)?;
                 if pipelines > 1 {
                     replicas.allreduce(
