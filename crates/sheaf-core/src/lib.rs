@@ -29,5 +29,6 @@ pub use piece::{LayerCut, Piece};
 pub use plugin::{PluginKind, Provided};
 pub use rng::SplitMix64;
 pub use strategy::{
-    epoch_order, MetricsSink, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary,
+    epoch_order, epochs_done, global_batches, test_accuracy, Mesh, MetricsSink, StepMetrics, Strategy,
+    TrainConfig, TrainContext, TrainSummary,
 };

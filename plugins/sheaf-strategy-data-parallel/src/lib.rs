@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    epoch_order, Batch, Communicator, DType, Deadline, Error, PluginKind, Provided, ReduceOp, Result,
-    StepMetrics, Strategy, TrainContext, TrainSummary,
+    epochs_done, global_batches, test_accuracy, Batch, Communicator, DType, Deadline, Error, PluginKind,
+    Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -132,48 +132,35 @@ impl Strategy for DataParallel {
         let mut grads = vec![0f32; total];
         // Gradients then the batch loss, reduced together.
         let mut reduced = vec![0f32; total + 1];
-        let mut step = 0u64;
-        let mut epochs_done = 0;
-        let mut last_loss = f64::NAN;
-        let mut samples = 0usize;
-        'epochs: for epoch in 0..config.epochs {
-            let order = epoch_order(train.len(), config.seed, epoch);
-            for global in order.chunks(config.batch_size) {
-                if config.max_steps.is_some_and(|m| step >= m) {
-                    break 'epochs;
-                }
-                let t0 = Instant::now();
-                let mine: Vec<usize> = partitioner
-                    .shard(step, global.len(), rank, world)?
-                    .into_iter()
-                    .map(|i| global[i])
-                    .collect();
-                let (inputs, labels) = train.gather(&mine);
-                let local = Batch { inputs: &inputs, labels: &labels, input_dim: train.input_dim };
-                let loss = model.forward_backward(&local, &mut grads)?;
-                let share = mine.len() as f32 / global.len() as f32;
-                for (r, g) in reduced.iter_mut().zip(&grads) {
-                    *r = g * share;
-                }
-                reduced[total] = loss * share;
-                comm.allreduce(f32_bytes_mut(&mut reduced), DType::F32, ReduceOp::Sum, self.deadline())?;
-                optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
-                model.write_params(&params)?;
-                step += 1;
-                samples += global.len();
-                last_loss = f64::from(reduced[total]);
-                metrics.record(&StepMetrics {
-                    step,
-                    epoch,
-                    loss: last_loss,
-                    lr: optimizer.learning_rate(),
-                    samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                });
-                if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
-                    check_in_sync(comm, &params, step, self.deadline())?;
-                }
+        let (mut step, mut last_loss, mut samples) = (0u64, f64::NAN, 0usize);
+        for (epoch, global) in global_batches(train.len(), &config) {
+            let t0 = Instant::now();
+            let mine: Vec<usize> =
+                partitioner.shard(step, global.len(), rank, world)?.into_iter().map(|i| global[i]).collect();
+            let (inputs, labels) = train.gather(&mine);
+            let local = Batch { inputs: &inputs, labels: &labels, input_dim: train.input_dim };
+            let loss = model.forward_backward(&local, &mut grads)?;
+            let share = mine.len() as f32 / global.len() as f32;
+            for (r, g) in reduced.iter_mut().zip(&grads) {
+                *r = g * share;
             }
-            epochs_done = epoch + 1;
+            reduced[total] = loss * share;
+            comm.allreduce(f32_bytes_mut(&mut reduced), DType::F32, ReduceOp::Sum, self.deadline())?;
+            optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
+            model.write_params(&params)?;
+            step += 1;
+            samples += global.len();
+            last_loss = f64::from(reduced[total]);
+            metrics.record(&StepMetrics {
+                step,
+                epoch,
+                loss: last_loss,
+                lr: optimizer.learning_rate(),
+                samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            });
+            if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
+                check_in_sync(comm, &params, step, self.deadline())?;
+            }
         }
         let wall = start.elapsed().as_secs_f64();
         check_in_sync(comm, &params, step, self.deadline())?;
@@ -183,14 +170,15 @@ impl Strategy for DataParallel {
         let (inputs, labels) = test.gather(&shard);
         let (loss_sum, correct) =
             model.evaluate(&Batch { inputs: &inputs, labels: &labels, input_dim: test.input_dim })?;
-        let mut totals = [loss_sum, correct as f64, shard.len() as f64];
-        comm.allreduce(bytemuck::cast_slice_mut(&mut totals), DType::F64, ReduceOp::Sum, self.deadline())?;
-        let test_accuracy = if totals[2] > 0.0 { totals[1] / totals[2] } else { f64::NAN };
         Ok(TrainSummary {
-            epochs: epochs_done,
+            epochs: epochs_done(step, train.len(), &config),
             steps: step,
             final_loss: last_loss,
-            test_accuracy,
+            test_accuracy: test_accuracy(
+                comm,
+                [loss_sum, correct as f64, shard.len() as f64],
+                self.deadline(),
+            )?,
             samples_per_sec: samples as f64 / wall.max(1e-9),
             wall_seconds: wall,
             peak_activation_bytes: 0,

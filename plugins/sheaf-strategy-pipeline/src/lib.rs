@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    chunk_range, epoch_order, Communicator, DType, Deadline, Error, Model, PluginKind, Provided, ReduceOp,
-    Result, StepMetrics, Strategy, TrainContext, TrainSummary,
+    chunk_range, epochs_done, global_batches, test_accuracy, Communicator, DType, Deadline, Error, Mesh,
+    Model, PluginKind, Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -271,16 +271,6 @@ impl Strategy for Pipeline {
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
         let (stages, pipelines) = (self.config.pipeline, self.config.data);
-        let (rank, world) = (comm.rank(), comm.world_size());
-        if stages * pipelines != world {
-            return Err(Error::config(
-                "parallel",
-                format!(
-                    "{pipelines} pipelines of {stages} stages need {} ranks, not {world}",
-                    stages * pipelines
-                ),
-            ));
-        }
         if config.batch_size == 0 || train.is_empty() {
             return Err(Error::config(
                 "train.batch_size",
@@ -298,13 +288,8 @@ impl Strategy for Pipeline {
                     .into(),
             ));
         }
-        let (d, p) = (rank / stages, rank % stages);
-        let pipe = comm
-            .split(Some(d as u32), p as u32, self.deadline())?
-            .ok_or_else(|| Error::BadState("no pipeline group".into()))?;
-        let replicas = comm
-            .split(Some(p as u32), d as u32, self.deadline())?
-            .ok_or_else(|| Error::BadState("no data-parallel group".into()))?;
+        let mesh = Mesh::split(comm, pipelines, stages, "pipeline stages", self.deadline())?;
+        let (d, p, pipe) = (mesh.replica, mesh.model_rank, mesh.model.as_ref());
         let (first, last) = (p == 0, p + 1 == stages);
         if first != (piece.layers.start == 0) {
             return Err(Error::BadState(format!(
@@ -316,81 +301,49 @@ impl Strategy for Pipeline {
         let layout = model.layout().clone();
         let in_width = layout.specs()[0].shape[1];
         let out_width = layout.specs()[layout.specs().len() - 1].shape[0];
-        let mut params = vec![0f32; layout.total()];
-        model.read_params(&mut params)?;
-        replicas.broadcast(bytemuck::cast_slice_mut(&mut params), 0, self.deadline())?;
-        model.write_params(&params)?;
+        let mut params = mesh.sync_replicas(model, self.deadline())?;
 
         let start = Instant::now();
         let mut grads = vec![0f32; layout.total()];
         let mut clock = StageClock::default();
-        let (mut step, mut epochs_done, mut last_loss, mut samples) = (0u64, 0, f64::NAN, 0usize);
-        'epochs: for epoch in 0..config.epochs {
-            let order = epoch_order(train.len(), config.seed, epoch);
-            for global in order.chunks(config.batch_size) {
-                if config.max_steps.is_some_and(|m| step >= m) {
-                    break 'epochs;
-                }
-                let t0 = Instant::now();
-                let share: Vec<usize> = partitioner
-                    .shard(step, global.len(), d, pipelines)?
-                    .into_iter()
-                    .map(|i| global[i])
-                    .collect();
-                let micros = micro_batches(&train, &share, self.config.micro_batches, first, last);
-                let passes = schedule(self.config.schedule, stages, p, micros.len());
-                pipe.barrier(self.deadline())?;
-                let t_sched = Instant::now();
-                let before = (clock.busy, clock.idle);
-                let scale = 1.0 / global.len() as f32;
-                let (loss_sum, _) = self.run_passes(
-                    pipe.as_ref(),
-                    model,
-                    &passes,
-                    &micros,
-                    (in_width, out_width),
-                    scale,
-                    step << 20,
-                    &mut clock,
-                )?;
-                pipe.barrier(self.deadline())?;
-                // Everything in the step's schedule that was not computing was waiting.
-                // The first step (first touches of every buffer) is left out.
-                let spent = t_sched.elapsed();
-                clock.idle = before.1 + spent.saturating_sub(clock.busy - before.0);
-                if step == 0 {
-                    (clock.busy, clock.idle) = (Duration::ZERO, Duration::ZERO);
-                }
-                model.take_grads(&mut grads)?;
-                if pipelines > 1 {
-                    replicas.allreduce(
-                        bytemuck::cast_slice_mut(&mut grads),
-                        DType::F32,
-                        ReduceOp::Sum,
-                        self.deadline(),
-                    )?;
-                }
-                optimizer.step(&mut layout.params(&mut params, &grads))?;
-                model.write_params(&params)?;
-                let mut loss = [loss_sum];
-                comm.allreduce(
-                    bytemuck::cast_slice_mut(&mut loss),
-                    DType::F64,
-                    ReduceOp::Sum,
-                    self.deadline(),
-                )?;
-                step += 1;
-                samples += global.len();
-                last_loss = loss[0] / global.len() as f64;
-                metrics.record(&StepMetrics {
-                    step,
-                    epoch,
-                    loss: last_loss,
-                    lr: optimizer.learning_rate(),
-                    samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                });
+        let (mut step, mut last_loss, mut samples) = (0u64, f64::NAN, 0usize);
+        for (epoch, global) in global_batches(train.len(), &config) {
+            let t0 = Instant::now();
+            let share: Vec<usize> =
+                partitioner.shard(step, global.len(), d, pipelines)?.into_iter().map(|i| global[i]).collect();
+            let micros = micro_batches(&train, &share, self.config.micro_batches, first, last);
+            let passes = schedule(self.config.schedule, stages, p, micros.len());
+            pipe.barrier(self.deadline())?;
+            let t_sched = Instant::now();
+            let before = (clock.busy, clock.idle);
+            let scale = 1.0 / global.len() as f32;
+            let widths = (in_width, out_width);
+            let (loss_sum, _) =
+                self.run_passes(pipe, model, &passes, &micros, widths, scale, step << 20, &mut clock)?;
+            pipe.barrier(self.deadline())?;
+            // Everything in the step's schedule that was not computing was waiting.
+            // The first step (first touches of every buffer) is left out.
+            let spent = t_sched.elapsed();
+            clock.idle = before.1 + spent.saturating_sub(clock.busy - before.0);
+            if step == 0 {
+                (clock.busy, clock.idle) = (Duration::ZERO, Duration::ZERO);
             }
-            epochs_done = epoch + 1;
+            model.take_grads(&mut grads)?;
+            mesh.sum_over_replicas(&mut grads, self.deadline())?;
+            optimizer.step(&mut layout.params(&mut params, &grads))?;
+            model.write_params(&params)?;
+            let mut loss = [loss_sum];
+            comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
+            step += 1;
+            samples += global.len();
+            last_loss = loss[0] / global.len() as f64;
+            metrics.record(&StepMetrics {
+                step,
+                epoch,
+                loss: last_loss,
+                lr: optimizer.learning_rate(),
+                samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            });
         }
         let wall = start.elapsed().as_secs_f64();
 
@@ -400,31 +353,30 @@ impl Strategy for Pipeline {
             let all: Vec<usize> = (0..test.len()).collect();
             for (k, chunk) in all.chunks(config.batch_size.max(1)).enumerate() {
                 let micros = micro_batches(&test, chunk, 1, first, last);
+                let id = u64::MAX / 2 + k as u64;
+                let mut scratch = StageClock::default();
+                let widths = (in_width, out_width);
                 let (l, c) = self.run_passes(
-                    pipe.as_ref(),
+                    pipe,
                     model,
                     &[Pass::Forward(0)],
                     &micros,
-                    (in_width, out_width),
+                    widths,
                     0.0,
-                    u64::MAX / 2 + k as u64,
-                    &mut StageClock::default(),
+                    id,
+                    &mut scratch,
                 )?;
                 model.drop_saved();
                 if last {
-                    totals[0] += l;
-                    totals[1] += c as f64;
-                    totals[2] += chunk.len() as f64;
+                    totals = [totals[0] + l, totals[1] + c as f64, totals[2] + chunk.len() as f64];
                 }
             }
         }
-        comm.allreduce(bytemuck::cast_slice_mut(&mut totals), DType::F64, ReduceOp::Sum, self.deadline())?;
-        let test_accuracy = if totals[2] > 0.0 { totals[1] / totals[2] } else { f64::NAN };
         Ok(TrainSummary {
-            epochs: epochs_done,
+            epochs: epochs_done(step, train.len(), &config),
             steps: step,
             final_loss: last_loss,
-            test_accuracy,
+            test_accuracy: test_accuracy(comm, totals, self.deadline())?,
             samples_per_sec: samples as f64 / wall.max(1e-9),
             wall_seconds: wall,
             peak_activation_bytes: clock.peak,

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    epoch_order, Communicator, DType, Deadline, Error, Model, PluginKind, Provided, ReduceOp, Result,
-    StepMetrics, Strategy, TrainContext, TrainSummary,
+    epochs_done, global_batches, test_accuracy, Communicator, DType, Deadline, Error, Mesh, Model,
+    PluginKind, Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -142,16 +142,6 @@ impl Strategy for TensorParallel {
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
         let (width, groups) = (self.config.tensor, self.config.data);
-        let (rank, world) = (comm.rank(), comm.world_size());
-        if width * groups != world {
-            return Err(Error::config(
-                "parallel",
-                format!(
-                    "{groups} groups of {width} tensor-parallel ranks need {} ranks, not {world}",
-                    width * groups
-                ),
-            ));
-        }
         if config.batch_size == 0 || train.is_empty() {
             return Err(Error::config(
                 "train.batch_size",
@@ -163,76 +153,52 @@ impl Strategy for TensorParallel {
                 "the tensor-parallel strategy needs a model piece per rank (built by the host)".into(),
             )
         })?;
-        let (d, t) = (rank / width, rank % width);
+        let mesh = Mesh::split(comm, groups, width, "tensor-parallel ranks", self.deadline())?;
+        let (d, t, group) = (mesh.replica, mesh.model_rank, mesh.model.as_ref());
         if piece.tensor_width != width || piece.tensor_rank != t {
             return Err(Error::BadState(format!(
-                "rank {rank} holds tensor slice {} of {}, expected {t} of {width}",
-                piece.tensor_rank, piece.tensor_width
+                "rank {} holds tensor slice {} of {}, expected {t} of {width}",
+                comm.rank(),
+                piece.tensor_rank,
+                piece.tensor_width
             )));
         }
-        let group = comm
-            .split(Some(d as u32), t as u32, self.deadline())?
-            .ok_or_else(|| Error::BadState("no tensor-parallel group".into()))?;
-        let replicas = comm
-            .split(Some(t as u32), d as u32, self.deadline())?
-            .ok_or_else(|| Error::BadState("no data-parallel group".into()))?;
         let layout = model.layout().clone();
-        let mut params = vec![0f32; layout.total()];
-        model.read_params(&mut params)?;
-        replicas.broadcast(bytemuck::cast_slice_mut(&mut params), 0, self.deadline())?;
-        model.write_params(&params)?;
+        let mut params = mesh.sync_replicas(model, self.deadline())?;
 
         let start = Instant::now();
         let mut grads = vec![0f32; layout.total()];
-        let (mut step, mut epochs_done, mut last_loss, mut samples, mut peak) =
-            (0u64, 0, f64::NAN, 0usize, 0u64);
-        let mut busy = Duration::ZERO;
-        'epochs: for epoch in 0..config.epochs {
-            let order = epoch_order(train.len(), config.seed, epoch);
-            for global in order.chunks(config.batch_size) {
-                if config.max_steps.is_some_and(|m| step >= m) {
-                    break 'epochs;
+        let (mut step, mut last_loss, mut samples, mut peak) = (0u64, f64::NAN, 0usize, 0u64);
+        for (epoch, global) in global_batches(train.len(), &config) {
+            let t0 = Instant::now();
+            let share: Vec<usize> =
+                partitioner.shard(step, global.len(), d, groups)?.into_iter().map(|i| global[i]).collect();
+            let mut loss = [0.0f64];
+            if !share.is_empty() {
+                let (inputs, labels) = train.gather(&share);
+                let logits = self.forward(group, model, step, &inputs, share.len())?;
+                peak = peak.max(model.saved_bytes());
+                let (loss_sum, _, grad) = model.loss_grad(&logits, &labels, 1.0 / global.len() as f32)?;
+                self.backward(group, model, step, grad)?;
+                if t == 0 {
+                    loss[0] = loss_sum;
                 }
-                let t0 = Instant::now();
-                let share: Vec<usize> = partitioner
-                    .shard(step, global.len(), d, groups)?
-                    .into_iter()
-                    .map(|i| global[i])
-                    .collect();
-                let mut loss = [0.0f64];
-                if !share.is_empty() {
-                    let (inputs, labels) = train.gather(&share);
-                    let logits = self.forward(group.as_ref(), model, step, &inputs, share.len())?;
-                    peak = peak.max(model.saved_bytes());
-                    let (loss_sum, _, grad) = model.loss_grad(&logits, &labels, 1.0 / global.len() as f32)?;
-                    self.backward(group.as_ref(), model, step, grad)?;
-                    if t == 0 {
-                        loss[0] = loss_sum;
-                    }
-                }
-                model.take_grads(&mut grads)?;
-                sum_over(replicas.as_ref(), &mut grads, self.deadline())?;
-                optimizer.step(&mut layout.params(&mut params, &grads))?;
-                model.write_params(&params)?;
-                comm.allreduce(
-                    bytemuck::cast_slice_mut(&mut loss),
-                    DType::F64,
-                    ReduceOp::Sum,
-                    self.deadline(),
-                )?;
-                busy += t0.elapsed();
-                step += 1;
-                samples += global.len();
-                last_loss = loss[0] / global.len() as f64;
-                metrics.record(&StepMetrics {
-                    step,
-                    epoch,
-                    loss: last_loss,
-                    lr: optimizer.learning_rate(),
-                    samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                });
             }
-            epochs_done = epoch + 1;
+            model.take_grads(&mut grads)?;
+            mesh.sum_over_replicas(&mut grads, self.deadline())?;
+            optimizer.step(&mut layout.params(&mut params, &grads))?;
+            model.write_params(&params)?;
+            comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
+            step += 1;
+            samples += global.len();
+            last_loss = loss[0] / global.len() as f64;
+            metrics.record(&StepMetrics {
+                step,
+                epoch,
+                loss: last_loss,
+                lr: optimizer.learning_rate(),
+                samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+            });
         }
         let wall = start.elapsed().as_secs_f64();
 
@@ -242,8 +208,7 @@ impl Strategy for TensorParallel {
             let all: Vec<usize> = (0..test.len()).collect();
             for (k, chunk) in all.chunks(config.batch_size.max(1)).enumerate() {
                 let (inputs, labels) = test.gather(chunk);
-                let logits =
-                    self.forward(group.as_ref(), model, u64::MAX / 2 + k as u64, &inputs, chunk.len())?;
+                let logits = self.forward(group, model, u64::MAX / 2 + k as u64, &inputs, chunk.len())?;
                 model.drop_saved();
                 let (l, c, _) = model.loss_grad(&logits, &labels, 0.0)?;
                 if t == 0 {
@@ -251,17 +216,15 @@ impl Strategy for TensorParallel {
                 }
             }
         }
-        comm.allreduce(bytemuck::cast_slice_mut(&mut totals), DType::F64, ReduceOp::Sum, self.deadline())?;
-        let test_accuracy = if totals[2] > 0.0 { totals[1] / totals[2] } else { f64::NAN };
         Ok(TrainSummary {
-            epochs: epochs_done,
+            epochs: epochs_done(step, train.len(), &config),
             steps: step,
             final_loss: last_loss,
-            test_accuracy,
+            test_accuracy: test_accuracy(comm, totals, self.deadline())?,
             samples_per_sec: samples as f64 / wall.max(1e-9),
             wall_seconds: wall,
             peak_activation_bytes: peak,
-            busy_seconds: busy.as_secs_f64(),
+            busy_seconds: 0.0,
             idle_seconds: 0.0,
         })
     }
