@@ -26,6 +26,12 @@ impl Plan {
     pub fn is_model_parallel(&self) -> bool {
         self.model_ranks > 1
     }
+
+    /// Whether the strategy trains through the stage interface (a pipeline or
+    /// tensor-parallel strategy, even of a single rank holding the whole model).
+    pub fn uses_pieces(&self) -> bool {
+        self.strategy.contains_key("pipeline") || self.strategy.contains_key("tensor")
+    }
 }
 
 pub fn model_spec(job: &Job) -> ModelSpec {

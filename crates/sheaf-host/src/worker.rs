@@ -148,7 +148,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let mut strategy = registry.strategy(&job.parallel.strategy, &strategy_config)?;
     let spec = plan.spec.clone();
     let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
-    let mut model = if plan.is_model_parallel() {
+    let mut model = if plan.uses_pieces() {
         compute.build_piece(&spec, &piece, job.seed).map_err(core)?
     } else {
         compute.build_model(&spec, job.seed).map_err(core)?
