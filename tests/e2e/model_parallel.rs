@@ -217,3 +217,33 @@ fn gpipe_bubble_matches_the_formula() {
     let theory = 1.0 / 5.0;
     assert!((bubble - theory).abs() <= 0.05, "measured bubble {bubble}, formula {theory}: {s}");
 }
+
+/// `parallel.balance = "time"`: `launch` measures each layer's forward and backward
+/// once and every worker cuts by those costs; unknown balances are refused up front.
+#[test]
+fn stages_can_be_balanced_by_measured_time() {
+    let dir = launch(2, &sets(&["parallel.strategy=\"pipeline\"", "parallel.balance=\"time\""]));
+    let s = summary(dir.path());
+    let costs = s["job"]["parallel"]["layer_costs"].as_array().expect("costs recorded in the job");
+    assert_eq!(costs.len(), 4);
+    assert!(costs.iter().all(|c| c.as_u64().unwrap() > 0), "{costs:?}");
+    let per_rank = nums(&s["params_per_rank"]);
+    assert_eq!(per_rank.iter().sum::<f64>(), s["params"].as_f64().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = sheaf(
+        &[
+            "launch",
+            "-n",
+            "2",
+            "--set",
+            "parallel.strategy=\"pipeline\"",
+            "--set",
+            "parallel.balance=\"speed\"",
+        ],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`speed` (params, time)"), "{err}");
+}

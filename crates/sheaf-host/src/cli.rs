@@ -203,9 +203,21 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
         Command::Launch { workers, job } => {
             // Check the job and its layout here, so a bad one fails once, before any
             // worker starts.
-            let parsed = crate::job::load_job(job.job.as_deref(), &job.overrides)?;
-            crate::plan::plan(&parsed, *workers, &cli.registry())?;
+            let mut parsed = crate::job::load_job(job.job.as_deref(), &job.overrides)?;
+            let registry = cli.registry();
             let mut worker_args: Vec<String> = Vec::new();
+            if parsed.parallel.strategy == "pipeline"
+                && parsed.parallel.balance == "time"
+                && parsed.parallel.layer_costs.is_none()
+            {
+                // Measured once here, so that every worker cuts the model the same way.
+                let costs = crate::plan::measure_layer_costs(&parsed, &registry)?;
+                eprintln!("[launch] measured layer costs (ns): {costs:?}");
+                worker_args.push("--set".into());
+                worker_args.push(format!("parallel.layer_costs={costs:?}"));
+                parsed.parallel.layer_costs = Some(costs);
+            }
+            crate::plan::plan(&parsed, *workers, &registry)?;
             if let Some(f) = &job.init_from {
                 if !f.is_file() {
                     return Err(HostError::Data(format!("--init-from {}: no such file", f.display())));

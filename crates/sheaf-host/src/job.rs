@@ -139,9 +139,20 @@ pub struct ParallelSection {
     /// `gpipe` or `1f1b`.
     #[serde(default = "gpipe")]
     pub schedule: String,
-    /// The model partitioner that cuts layers into stages (by parameter count).
+    /// The model partitioner that cuts layers into stages.
     #[serde(default = "balanced")]
     pub partitioner: String,
+    /// What stages are balanced by: `params` (parameter count) or `time` (each
+    /// layer's measured forward and backward time, `layer_costs`).
+    #[serde(default = "params")]
+    pub balance: String,
+    /// Each layer's cost for `balance = "time"` (filled in by `sheaf launch`).
+    #[serde(default)]
+    pub layer_costs: Option<Vec<u64>>,
+}
+
+fn params() -> String {
+    "params".into()
 }
 
 fn micro_batches() -> usize {
@@ -172,6 +183,8 @@ impl Default for ParallelSection {
             micro_batches: micro_batches(),
             schedule: gpipe(),
             partitioner: balanced(),
+            balance: params(),
+            layer_costs: None,
         }
     }
 }

@@ -77,7 +77,22 @@ pub fn plan(job: &Job, world: usize, registry: &Registry) -> Result<Plan, HostEr
             if par.micro_batches == 0 {
                 return Err(job_err("key `parallel.micro_batches`: must be at least 1".into()));
             }
-            let costs: Vec<u64> = spec.layers.windows(2).map(|w| (w[0] * w[1] + w[1]) as u64).collect();
+            let costs = match (par.balance.as_str(), &par.layer_costs) {
+                (_, Some(c)) if c.len() != layers => {
+                    return Err(job_err(format!(
+                        "key `parallel.layer_costs`: {} costs for a model of {layers} layers",
+                        c.len()
+                    )))
+                }
+                ("time", Some(c)) => c.clone(),
+                ("time", None) => {
+                    return Err(job_err(
+                        "key `parallel.balance`: \"time\" needs the measured `parallel.layer_costs` (sheaf launch measures them; under another launcher, set them)".into(),
+                    ))
+                }
+                ("params", _) => spec.layers.windows(2).map(|w| (w[0] * w[1] + w[1]) as u64).collect(),
+                (other, _) => return Err(job_err(format!("key `parallel.balance`: `{other}` (params, time)"))),
+            };
             let cut = registry
                 .model_partitioner(&par.partitioner, "")?
                 .cut(&costs, stages)
@@ -166,4 +181,38 @@ fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
         }
     }
     Ok(())
+}
+
+/// Measures each layer's forward and backward time on one micro-batch of random data
+/// (median of 5, nanoseconds), one layer built at a time, for `parallel.balance =
+/// "time"`: `sheaf launch` measures once and hands the costs to every worker, so all
+/// cut the model the same way.
+pub fn measure_layer_costs(job: &Job, registry: &Registry) -> Result<Vec<u64>, HostError> {
+    let spec = model_spec(job);
+    let compute_config = serde_json::json!({ "device": job.compute.device }).to_string();
+    let compute = registry.compute(&job.compute.backend, &compute_config)?;
+    let par = &job.parallel;
+    let rows =
+        job.train.batch_size.div_ceil(par.data.unwrap_or(1).max(1)).div_ceil(par.micro_batches.max(1)).max(1);
+    let core = |e: sheaf_core::Error| HostError::Core(format!("measuring layer costs: {e}"));
+    let mut rng = sheaf_core::SplitMix64::new(job.seed);
+    let mut costs = Vec::with_capacity(spec.layers.len() - 1);
+    for l in 0..spec.layers.len() - 1 {
+        let piece = Piece { layers: l..l + 1, tensor_rank: 0, tensor_width: 1 };
+        let mut model = compute.build_piece(&spec, &piece, job.seed).map_err(core)?;
+        let input: Vec<f32> = (0..rows * spec.layers[l]).map(|_| rng.next_f32()).collect();
+        let grad: Vec<f32> = (0..rows * spec.layers[l + 1]).map(|_| rng.next_f32()).collect();
+        let mut times = Vec::new();
+        for micro in 0..6u64 {
+            let t = std::time::Instant::now();
+            model.stage_forward(micro, 0, &input, rows).map_err(core)?;
+            model.stage_backward(micro, 0, &grad).map_err(core)?;
+            if micro > 0 {
+                times.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        times.sort_unstable();
+        costs.push(times[times.len() / 2].max(1));
+    }
+    Ok(costs)
 }
