@@ -5,9 +5,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
-use sheaf_core::{CommError, Deadline, Link, Op, Tag};
+use sheaf_collectives::reduce;
+use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use zeromq::{
     util::PeerIdentity, DealerSocket, PullSocket, PushSocket, RouterSocket, Socket, SocketEvent,
@@ -73,13 +75,16 @@ const MAX_MESSAGE: u64 = 1 << 36;
 /// How often blocked calls re-check liveness.
 const POLL: Duration = Duration::from_millis(50);
 
+/// A message being assembled: its chunks' payloads, kept as the frames they arrived
+/// in (no copy until a receive puts them where they belong).
 struct Partial {
     total: u64,
-    buf: Vec<u8>,
+    got: u64,
+    chunks: Vec<Bytes>,
 }
 
 struct State {
-    queues: HashMap<(usize, u64), VecDeque<Vec<u8>>>,
+    queues: HashMap<(usize, u64), VecDeque<Vec<Bytes>>>,
     partial: HashMap<(usize, u64), Partial>,
     inflight: Vec<u64>,
     last_seen: Vec<Instant>,
@@ -150,7 +155,8 @@ impl Shared {
     }
 
     /// Handles one frame from the inbox; returns frames to send in reply.
-    fn handle(&self, bytes: &[u8]) -> Vec<(usize, Vec<u8>)> {
+    fn handle(&self, raw: &Bytes) -> Vec<(usize, Vec<u8>)> {
+        let bytes: &[u8] = raw;
         let mut replies = Vec::new();
         let mut st = self.lock();
         let frame = match wire::decode(bytes) {
@@ -184,13 +190,12 @@ impl Shared {
                     if total > MAX_MESSAGE {
                         Err(format!("announced message of {total} bytes"))
                     } else {
-                        let cap = total.min(64 << 20) as usize;
-                        st.partial.insert(key, Partial { total, buf: Vec::with_capacity(cap) });
+                        st.partial.insert(key, Partial { total, got: 0, chunks: Vec::new() });
                         Ok(())
                     }
                 } else {
                     match st.partial.get(&key) {
-                        Some(p) if p.total == total && p.buf.len() as u64 == offset => Ok(()),
+                        Some(p) if p.total == total && p.got == offset => Ok(()),
                         _ => Err(format!(
                             "chunk at offset {offset} of a {total}-byte message arrived out of order"
                         )),
@@ -198,16 +203,19 @@ impl Shared {
                 };
                 match ok.and_then(|()| {
                     let p = st.partial.get_mut(&key).expect("inserted above");
-                    if p.buf.len() as u64 + len > p.total {
+                    if p.got + len > p.total {
                         return Err(format!("chunk overruns a {}-byte message", p.total));
                     }
-                    p.buf.extend_from_slice(frame.payload);
-                    Ok(p.buf.len() as u64 == p.total)
+                    if len > 0 {
+                        p.chunks.push(raw.slice(wire::HEADER..));
+                    }
+                    p.got += len;
+                    Ok(p.got == p.total)
                 }) {
                     Ok(complete) => {
                         if complete {
                             let p = st.partial.remove(&key).expect("present");
-                            st.queues.entry(key).or_default().push_back(p.buf);
+                            st.queues.entry(key).or_default().push_back(p.chunks);
                         }
                         replies.push((src, wire::encode(Kind::Ack, self.rank as u32, 0, len, 0, &[])));
                     }
@@ -380,6 +388,28 @@ impl ZmqLink {
 
     fn tx(&self, peer: usize) -> &UnboundedSender<Vec<u8>> {
         self.outboxes[peer].as_ref().expect("an outbox for every peer")
+    }
+
+    /// The next complete message from `peer` under `tag`, as the chunks it came in.
+    fn next_message(&self, peer: usize, tag: Tag, deadline: Deadline) -> Result<Vec<Bytes>, CommError> {
+        self.check_peer(peer, Op::Recv)?;
+        let start = Instant::now();
+        let mut st = self.shared.lock();
+        loop {
+            if let Some(msg) = st.queues.get_mut(&(peer, tag.0)).and_then(VecDeque::pop_front) {
+                return Ok(msg);
+            }
+            if let Some(e) = self.shared.failure(&mut st, peer, Op::Recv) {
+                return Err(e);
+            }
+            if st.left[peer] {
+                return Err(CommError::PeerFailed { op: Op::Recv, peer, reason: "left the world".into() });
+            }
+            if deadline.expired() {
+                return Err(CommError::Timeout { op: Op::Recv, peer, waited: start.elapsed() });
+            }
+            st = self.shared.wait(st, deadline);
+        }
     }
 
     fn check_peer(&self, peer: usize, op: Op) -> Result<(), CommError> {
@@ -611,24 +641,48 @@ impl Link for ZmqLink {
     }
 
     fn recv(&self, peer: usize, tag: Tag, deadline: Deadline) -> Result<Vec<u8>, CommError> {
-        self.check_peer(peer, Op::Recv)?;
-        let start = Instant::now();
-        let mut st = self.shared.lock();
-        loop {
-            if let Some(msg) = st.queues.get_mut(&(peer, tag.0)).and_then(VecDeque::pop_front) {
-                return Ok(msg);
-            }
-            if let Some(e) = self.shared.failure(&mut st, peer, Op::Recv) {
-                return Err(e);
-            }
-            if st.left[peer] {
-                return Err(CommError::PeerFailed { op: Op::Recv, peer, reason: "left the world".into() });
-            }
-            if deadline.expired() {
-                return Err(CommError::Timeout { op: Op::Recv, peer, waited: start.elapsed() });
-            }
-            st = self.shared.wait(st, deadline);
+        let chunks = self.next_message(peer, tag, deadline)?;
+        if chunks.len() == 1 {
+            return Ok(Vec::from(chunks.into_iter().next().expect("one chunk")));
         }
+        Ok(chunks.concat())
+    }
+
+    /// Puts the message's chunks straight into `dst` (copying or reducing), saving the
+    /// copy that assembling them into one buffer would cost.
+    fn recv_into(
+        &self,
+        peer: usize,
+        tag: Tag,
+        dst: &mut [u8],
+        reduce: Option<(DType, ReduceOp)>,
+        deadline: Deadline,
+    ) -> Result<(), CommError> {
+        let chunks = self.next_message(peer, tag, deadline)?;
+        let total: usize = chunks.iter().map(Bytes::len).sum();
+        if total != dst.len() {
+            return Err(CommError::Protocol {
+                op: Op::Recv,
+                peer,
+                detail: format!("expected {} bytes, got {total}", dst.len()),
+            });
+        }
+        let elem = reduce.map_or(1, |(d, _)| d.size());
+        let apply = |dst: &mut [u8], src: &[u8]| match reduce {
+            Some((dtype, op)) => reduce::combine(dst, src, dtype, op),
+            None => dst.copy_from_slice(src),
+        };
+        if chunks.iter().all(|c| c.len() % elem == 0) {
+            let mut off = 0;
+            for c in &chunks {
+                apply(&mut dst[off..off + c.len()], c);
+                off += c.len();
+            }
+        } else {
+            // A sender whose chunks split elements: assemble first.
+            apply(dst, &chunks.concat());
+        }
+        Ok(())
     }
 
     fn abort(&self, culprit: usize, reason: &str) {
