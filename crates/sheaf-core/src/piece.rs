@@ -122,7 +122,7 @@ impl Piece {
     }
 
     /// For each of this piece's values, its index in the full model's flat buffer.
-    fn full_indices(&self, spec: &ModelSpec) -> Vec<usize> {
+    pub fn full_indices(&self, spec: &ModelSpec) -> Vec<usize> {
         let full = spec.layout();
         let mut out = Vec::with_capacity(self.layout(spec).total());
         for l in self.layers.clone() {

@@ -12,8 +12,16 @@ impl SplitMix64 {
         SplitMix64(seed)
     }
 
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// Skips `n` draws in constant time (the state only ever advances by a constant),
+    /// so a rank can draw the values of its own slice of a long stream.
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(Self::GAMMA));
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(Self::GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -52,5 +60,16 @@ mod tests {
         assert_eq!(sorted, (0..100).collect::<Vec<_>>());
         assert_eq!(p, SplitMix64::new(3).permutation(100));
         assert_ne!(p, SplitMix64::new(4).permutation(100));
+    }
+
+    #[test]
+    fn skip_lands_where_drawing_does() {
+        let mut drawn = SplitMix64::new(9);
+        for _ in 0..1000 {
+            drawn.next_u64();
+        }
+        let mut skipped = SplitMix64::new(9);
+        skipped.skip(1000);
+        assert_eq!(drawn.next_u64(), skipped.next_u64());
     }
 }

@@ -123,12 +123,37 @@ impl ComputeBackend for CandleBackend {
     }
 }
 
+/// The values of `piece` of [`init_params`]`(spec, seed)`, drawn without building the
+/// whole model's: each parameter value is the draw at its index in the whole model's
+/// stream, which SplitMix64 reaches by skipping. A piece of a model too big for one
+/// worker never holds more than its own parameters.
+pub fn init_piece(spec: &ModelSpec, piece: &Piece, seed: u64) -> Vec<f32> {
+    let layout = spec.layout();
+    let start = SplitMix64::new(seed ^ INIT_STREAM);
+    // Parameter `p` covers `layout.range(p)`; its bound comes from layer `p / 2`.
+    let mut p = 0;
+    piece
+        .full_indices(spec)
+        .into_iter()
+        .map(|i| {
+            if !layout.range(p).contains(&i) {
+                p = (0..layout.specs().len()).find(|&q| layout.range(q).contains(&i)).expect("in the layout");
+            }
+            let mut rng = start.clone();
+            rng.skip(i as u64);
+            rng.next_f32() * (1.0 / (spec.layers[p / 2] as f32).sqrt())
+        })
+        .collect()
+}
+
+const INIT_STREAM: u64 = 0x1F2E_3D4C_5B6A_7988;
+
 /// PyTorch's `nn.Linear` initialisation, drawn from a seeded SplitMix64: every
 /// parameter uniform in `[-1/sqrt(fan_in), 1/sqrt(fan_in))`.
 pub fn init_params(spec: &ModelSpec, seed: u64) -> Vec<f32> {
     let layout = spec.layout();
     let mut out = vec![0f32; layout.total()];
-    let mut rng = SplitMix64::new(seed ^ 0x1F2E_3D4C_5B6A_7988);
+    let mut rng = SplitMix64::new(seed ^ INIT_STREAM);
     for (i, s) in layout.specs().iter().enumerate() {
         let fan_in = spec.layers[i / 2];
         let bound = 1.0 / (fan_in as f32).sqrt();
@@ -279,7 +304,7 @@ impl Stage {
             ));
         }
         let layout = piece.layout(spec);
-        let init = piece.slice(spec, &init_params(spec, seed));
+        let init = init_piece(spec, piece, seed);
         let vars = vars_from(&layout, &init, &device)?;
         Ok(Stage {
             spec: spec.clone(),

@@ -228,3 +228,18 @@ fn tensor_parallel_slices_equal_the_whole_model() {
         assert!(diff <= 1e-6, "{layers:?} over {width}: max abs diff {diff}");
     }
 }
+
+/// A piece's initial values, drawn on their own, are exactly the whole model's
+/// initialisation sliced, for stages and tensor slices.
+#[test]
+fn piece_init_is_the_whole_init_sliced() {
+    let spec = ModelSpec::mlp(vec![6, 8, 12, 10, 4]);
+    let whole = crate::init_params(&spec, 21);
+    for piece in [
+        sheaf_core::Piece { layers: 1..3, tensor_rank: 0, tensor_width: 1 },
+        sheaf_core::Piece { layers: 0..4, tensor_rank: 1, tensor_width: 2 },
+        sheaf_core::Piece { layers: 3..4, tensor_rank: 0, tensor_width: 1 },
+    ] {
+        assert_eq!(crate::init_piece(&spec, &piece, 21), piece.slice(&spec, &whole), "{piece:?}");
+    }
+}
