@@ -187,16 +187,18 @@ impl Pipeline {
             match pass {
                 Pass::Forward(m) => {
                     let rows = micros[m].rows;
+                    let received;
                     let input = if first {
-                        micros[m].inputs.clone()
+                        &micros[m].inputs
                     } else {
                         let t = Instant::now();
                         let got = pipe.recv(p - 1, 2 * m as u32, self.deadline())?;
                         clock.idle += t.elapsed();
-                        f32s(&got, rows * in_width, "activations", p - 1)?
+                        received = f32s(&got, rows * in_width, "activations", p - 1)?;
+                        &received
                     };
                     let t = Instant::now();
-                    let out = model.stage_forward(first_micro_id + m as u64, 0, &input, rows)?;
+                    let out = model.stage_forward(first_micro_id + m as u64, 0, input, rows)?;
                     clock.peak = clock.peak.max(model.saved_bytes());
                     if last {
                         let (l, c, g) = model.loss_grad(&out, &micros[m].labels, scale)?;
