@@ -51,7 +51,8 @@ pub fn plan(job: &Job, world: usize, registry: &Registry) -> Result<Plan, HostEr
     let spec = model_spec(job);
     let layers = spec.layers.len() - 1;
     let par = &job.parallel;
-    let data = par.data.unwrap_or(if par.strategy == "data-parallel" { world } else { 1 });
+    let model_parallel = ["pipeline", "tensor-parallel"].contains(&par.strategy.as_str());
+    let data = par.data.unwrap_or(if model_parallel { 1 } else { world });
     if data == 0 || !world.is_multiple_of(data) {
         return Err(job_err(format!("key `parallel.data`: a world of {world} ranks is not divisible into {data} data-parallel replicas")));
     }
@@ -97,6 +98,19 @@ pub fn plan(job: &Job, world: usize, registry: &Registry) -> Result<Plan, HostEr
                 .model_partitioner(&par.partitioner, "")?
                 .cut(&costs, stages)
                 .map_err(|e| job_err(format!("key `parallel.partitioner`: {e}")))?;
+            // A vendor's partitioner is checked, not trusted: `stages` contiguous,
+            // non-empty ranges covering every layer.
+            let covers = cut.len() == stages
+                && cut.first().is_some_and(|r| r.start == 0)
+                && cut.last().is_some_and(|r| r.end == layers)
+                && cut.iter().all(|r| !r.is_empty())
+                && cut.windows(2).all(|w| w[0].end == w[1].start);
+            if !covers {
+                return Err(job_err(format!(
+                    "key `parallel.partitioner`: `{}` cut {layers} layers into {cut:?}, not {stages} contiguous non-empty stages",
+                    par.partitioner
+                )));
+            }
             strategy.insert("pipeline".into(), stages.into());
             strategy.insert("data".into(), data.into());
             strategy.insert("micro_batches".into(), par.micro_batches.into());
