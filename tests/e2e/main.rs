@@ -2,6 +2,7 @@
 
 mod bench;
 mod collectives;
+mod gpt;
 mod model_parallel;
 mod plugin_check;
 mod plugins;

@@ -152,7 +152,7 @@ fn one_f_one_b_keeps_fewer_activations_than_gpipe() {
 #[test]
 fn bad_layouts_fail_before_training() {
     for (n, set, want) in [
-        (3, "parallel.strategy=\"pipeline\"", "3 stages, but the model has only 2 layers"),
+        (3, "parallel.strategy=\"pipeline\"", "3 stages, but the model has only 2 blocks"),
         (3, "parallel.data=2", "not divisible into 2 data-parallel replicas"),
         (3, "parallel.strategy=\"tensor-parallel\"", "does not divide the 128 output features of layer 0"),
     ] {

@@ -34,7 +34,7 @@ fn lists_the_shipped_plugins_as_loaded() {
         ("libsheaf_partition.so", "sheaf-partition", vec!["data-partitioner", "model-partitioner"]),
         ("libsheaf_transport_zmq.so", "sheaf-transport-zmq", vec!["transport"]),
         ("libsheaf_transport_shm.so", "sheaf-transport-shm", vec!["transport"]),
-        ("libsheaf_compute_candle.so", "sheaf-compute-candle", vec!["compute"]),
+        ("libsheaf_compute_candle.so", "sheaf-compute-candle", vec!["compute", "model"]),
         ("libsheaf_strategy_data_parallel.so", "sheaf-strategy-data-parallel", vec!["strategy"]),
         ("libsheaf_strategy_pipeline.so", "sheaf-strategy-pipeline", vec!["strategy"]),
         ("libsheaf_strategy_tensor_parallel.so", "sheaf-strategy-tensor-parallel", vec!["strategy"]),
@@ -46,6 +46,9 @@ fn lists_the_shipped_plugins_as_loaded() {
         assert_eq!(r["abi_version"], sheaf_abi::ABI_VERSION);
         assert!(r["version"].is_string() && r["error"].is_null(), "{r}");
     }
+    // The compute plugin lists the model kinds it builds.
+    let provides = &row(&rows, "libsheaf_compute_candle.so")["provides"];
+    assert!(provides.as_array().unwrap().iter().any(|p| p == "model:gpt"), "{provides}");
     // Fixtures sit in the same directory but are not `libsheaf_*`: not listed.
     assert!(rows.iter().all(|r| !r["file"].as_str().unwrap().contains("fixture")), "{rows:#?}");
 }

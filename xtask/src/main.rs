@@ -1,7 +1,8 @@
 //! Sheaf's automation, run as `cargo xtask <command>` (aliased in `.cargo/config.toml`).
 //!
-//! - `demo`: builds the workspace and runs the default job on 2 workers
-//!   (`sheaf launch -n 2`); extra arguments go to `sheaf launch`.
+//! - `demo`: builds the workspace, trains the GPT example
+//!   (`examples/shakespeare-gpt.toml`) on 2 workers and prints a sample of its text;
+//!   extra arguments go to `sheaf launch` in place of the example.
 //! - `ci`: formatting check, clippy with warnings denied, the CUDA feature's compile
 //!   check, then `test`. What `.ci/run` runs.
 //! - `check-cuda`: `cargo check` of the candle plugin with `--features cuda`, against
@@ -75,15 +76,34 @@ fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
 }
 
+/// The README's first command: the GPT example on 2 workers, then a sample of what it
+/// learned. Extra arguments go to `sheaf launch` in place of the example job.
 fn demo(root: &Path, extra: &[String]) -> Result<()> {
     cargo(root, &["build", "--workspace"])?;
     let sheaf = target_dir(root).join("debug").join("sheaf");
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let run_dir = root.join("runs").join(format!("demo-{secs}"));
     let mut args = vec!["launch".to_string(), "-n".into(), "2".into()];
+    if extra.is_empty() {
+        args.push("examples/shakespeare-gpt.toml".into());
+    }
     args.extend(extra.iter().cloned());
+    args.extend(["--run-dir".into(), run_dir.display().to_string()]);
     eprintln!("$ {} {}", sheaf.display(), args.join(" "));
     let status = Command::new(&sheaf).args(&args).current_dir(root).status().context("running sheaf")?;
     if !status.success() {
         bail!("the demo failed ({status})");
+    }
+    if run_dir.join("vocab.json").exists() {
+        let checkpoint = run_dir.join("checkpoint.safetensors");
+        let sample = ["sample", &checkpoint.display().to_string(), "--prompt", "ROMEO:", "--tokens", "300"];
+        eprintln!("$ {} {}", sheaf.display(), sample.join(" "));
+        let status =
+            Command::new(&sheaf).args(sample).current_dir(root).status().context("running sheaf sample")?;
+        if !status.success() {
+            bail!("sampling failed ({status})");
+        }
     }
     Ok(())
 }

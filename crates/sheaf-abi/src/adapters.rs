@@ -10,11 +10,15 @@ use std::time::Duration;
 
 use abi_stable::std_types::{RResult, RString, RVec};
 use sheaf_core::{
-    Activation, Deadline, Error, ModelSpec, OptimState, ParamLayout, ParamSpec, Piece, Result, StepMetrics,
-    TrainSummary,
+    Block, Deadline, Error, ModelInfo, ModelInput, ModelSpec, OptimState, ParamLayout, ParamSpec, Piece,
+    PieceLayout, Result, Samples, ShardSource, StepMetrics, TrainSummary,
 };
 
-use crate::traits::{AbiModelSpec, AbiParamSpec, AbiPiece, AbiStepMetrics, AbiSummary};
+use crate::traits::{
+    AbiBlock, AbiModelInfo, AbiModelSpec, AbiParamSpec, AbiPiece, AbiPieceLayout, AbiSamples, AbiShardSource,
+    AbiStepMetrics, AbiSummary, BATCH_ROWS, BATCH_TOKENS,
+};
+use crate::AbiRange;
 use crate::{AbiError, AbiOptimState};
 
 /// Runs `f`, turning a panic into an [`AbiError`] naming `plugin` and `what`.
@@ -73,40 +77,143 @@ fn layout_from_abi(l: &[AbiParamSpec]) -> ParamLayout {
 
 fn piece_to_abi(p: &Piece) -> AbiPiece {
     AbiPiece {
-        start: p.layers.start as u64,
-        end: p.layers.end as u64,
+        start: p.blocks.start as u64,
+        end: p.blocks.end as u64,
         tensor_rank: p.tensor_rank as u64,
         tensor_width: p.tensor_width as u64,
     }
 }
 
+fn usize_of(v: u64, what: &str) -> Result<usize> {
+    usize::try_from(v).map_err(|_| Error::invalid(format!("{what} {v} too large")))
+}
+
 fn piece_from_abi(p: &AbiPiece) -> Result<Piece> {
-    let arg =
-        |v: u64, what: &str| usize::try_from(v).map_err(|_| Error::invalid(format!("piece {what} {v}")));
     Ok(Piece {
-        layers: arg(p.start, "start")?..arg(p.end, "end")?,
-        tensor_rank: arg(p.tensor_rank, "tensor rank")?,
-        tensor_width: arg(p.tensor_width, "tensor width")?,
+        blocks: usize_of(p.start, "piece start")?..usize_of(p.end, "piece end")?,
+        tensor_rank: usize_of(p.tensor_rank, "tensor rank")?,
+        tensor_width: usize_of(p.tensor_width, "tensor width")?,
     })
 }
 
 fn spec_to_abi(s: &ModelSpec) -> AbiModelSpec {
     AbiModelSpec {
-        layers: s.layers.iter().map(|&w| w as u64).collect(),
-        activation: match s.activation {
-            Activation::Tanh => 1,
-            _ => 0,
+        kind: s.kind.as_str().into(),
+        config: s.config.as_str().into(),
+        vocab_size: s.vocab_size.map_or(u64::MAX, |v| v as u64),
+    }
+}
+
+fn spec_from_abi(s: &AbiModelSpec) -> Result<ModelSpec> {
+    Ok(ModelSpec {
+        kind: s.kind.to_string(),
+        config: s.config.to_string(),
+        vocab_size: if s.vocab_size == u64::MAX { None } else { Some(usize_of(s.vocab_size, "vocab_size")?) },
+    })
+}
+
+fn info_to_abi(i: &ModelInfo) -> AbiModelInfo {
+    let (input_kind, a, b) = match i.input {
+        ModelInput::Rows { features, classes } => (BATCH_ROWS, features, classes),
+        ModelInput::Tokens { vocab_size, block_size } => (BATCH_TOKENS, vocab_size, block_size),
+    };
+    AbiModelInfo {
+        layout: layout_to_abi(&i.layout),
+        blocks: i
+            .blocks
+            .iter()
+            .map(|b| AbiBlock { name: b.name.as_str().into(), params: b.params })
+            .collect(),
+        input_kind,
+        input_a: a as u64,
+        input_b: b as u64,
+    }
+}
+
+fn info_from_abi(i: &AbiModelInfo) -> Result<ModelInfo> {
+    let (a, b) = (usize_of(i.input_a, "model input")?, usize_of(i.input_b, "model input")?);
+    let input = match i.input_kind {
+        BATCH_ROWS => ModelInput::Rows { features: a, classes: b },
+        BATCH_TOKENS => ModelInput::Tokens { vocab_size: a, block_size: b },
+        other => return Err(Error::invalid(format!("unknown model input kind {other}"))),
+    };
+    Ok(ModelInfo {
+        layout: layout_from_abi(&i.layout),
+        blocks: i.blocks.iter().map(|b| Block { name: b.name.to_string(), params: b.params }).collect(),
+        input,
+    })
+}
+
+fn piece_layout_to_abi(p: &PieceLayout) -> AbiPieceLayout {
+    AbiPieceLayout {
+        layout: layout_to_abi(&p.layout),
+        sources: p
+            .sources
+            .iter()
+            .map(|s| AbiShardSource {
+                param: s.param as u64,
+                by_columns: s.by_columns,
+                ranges: s
+                    .ranges
+                    .iter()
+                    .map(|r| AbiRange { start: r.start as u64, end: r.end as u64 })
+                    .collect(),
+            })
+            .collect(),
+        activation_bytes_per_sample: p.activation_bytes_per_sample,
+    }
+}
+
+fn piece_layout_from_abi(p: &AbiPieceLayout) -> Result<PieceLayout> {
+    let sources = p
+        .sources
+        .iter()
+        .map(|s| {
+            let ranges = s
+                .ranges
+                .iter()
+                .map(|r| Ok(usize_of(r.start, "range start")?..usize_of(r.end, "range end")?))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(ShardSource { param: usize_of(s.param, "parameter index")?, by_columns: s.by_columns, ranges })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(PieceLayout {
+        layout: layout_from_abi(&p.layout),
+        sources,
+        activation_bytes_per_sample: p.activation_bytes_per_sample,
+    })
+}
+
+fn samples_to_abi(s: Samples) -> AbiSamples {
+    match s {
+        Samples::Rows { inputs, labels, input_dim } => AbiSamples {
+            kind: BATCH_ROWS,
+            inputs: inputs.into(),
+            labels: labels.into(),
+            width: input_dim as u64,
+        },
+        Samples::Tokens { windows, window } => AbiSamples {
+            kind: BATCH_TOKENS,
+            inputs: RVec::new(),
+            labels: windows.into(),
+            width: window as u64,
         },
     }
 }
 
-fn spec_from_abi(s: &AbiModelSpec) -> Result<ModelSpec, AbiError> {
-    let activation = match s.activation {
-        0 => Activation::Relu,
-        1 => Activation::Tanh,
-        other => return Err(sheaf_core::Error::invalid(format!("unknown activation code {other}")).into()),
-    };
-    Ok(ModelSpec { layers: s.layers.iter().map(|&w| w as usize).collect(), activation })
+fn samples_from_abi(s: AbiSamples) -> Result<Samples> {
+    let width = usize_of(s.width, "sample width")?;
+    match s.kind {
+        BATCH_ROWS => {
+            Ok(Samples::Rows { inputs: s.inputs.into_vec(), labels: s.labels.into_vec(), input_dim: width })
+        }
+        BATCH_TOKENS => Ok(Samples::Tokens { windows: s.labels.into_vec(), window: width }),
+        other => Err(Error::invalid(format!("unknown sample kind {other}"))),
+    }
+}
+
+fn nan_none(v: f64) -> Option<f64> {
+    (!v.is_nan()).then_some(v)
 }
 
 fn metrics_to_abi(m: &StepMetrics) -> AbiStepMetrics {
@@ -116,11 +223,21 @@ fn metrics_to_abi(m: &StepMetrics) -> AbiStepMetrics {
         loss: m.loss,
         lr: m.lr,
         samples_per_sec: m.samples_per_sec,
+        grad_norm: m.grad_norm,
+        val_loss: m.val_loss.unwrap_or(f64::NAN),
     }
 }
 
 fn metrics_from_abi(m: &AbiStepMetrics) -> StepMetrics {
-    StepMetrics { step: m.step, epoch: m.epoch, loss: m.loss, lr: m.lr, samples_per_sec: m.samples_per_sec }
+    StepMetrics {
+        step: m.step,
+        epoch: m.epoch,
+        loss: m.loss,
+        lr: m.lr,
+        samples_per_sec: m.samples_per_sec,
+        grad_norm: m.grad_norm,
+        val_loss: nan_none(m.val_loss),
+    }
 }
 
 fn summary_to_abi(s: &TrainSummary) -> AbiSummary {
@@ -129,6 +246,7 @@ fn summary_to_abi(s: &TrainSummary) -> AbiSummary {
         steps: s.steps,
         final_loss: s.final_loss,
         test_accuracy: s.test_accuracy,
+        test_loss: s.test_loss,
         samples_per_sec: s.samples_per_sec,
         wall_seconds: s.wall_seconds,
         peak_activation_bytes: s.peak_activation_bytes,
@@ -143,6 +261,7 @@ fn summary_from_abi(s: &AbiSummary) -> TrainSummary {
         steps: s.steps,
         final_loss: s.final_loss,
         test_accuracy: s.test_accuracy,
+        test_loss: s.test_loss,
         samples_per_sec: s.samples_per_sec,
         wall_seconds: s.wall_seconds,
         peak_activation_bytes: s.peak_activation_bytes,
@@ -158,7 +277,7 @@ pub mod to_abi {
     use abi_stable::sabi_trait::TD_Opaque;
     use abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
     use sheaf_core::{
-        Batch, Communicator, ComputeBackend, DType, DataPartitioner, Link, MetricsSink, Model,
+        Batch, Communicator, ComputeBackend, DType, DataPartitioner, Dataset, Link, MetricsSink, Model,
         ModelPartitioner, Optimizer, Param, ReduceOp, Strategy, Tag, TrainConfig, TrainContext,
     };
 
@@ -196,15 +315,48 @@ pub mod to_abi {
         ))
     }
 
-    pub(crate) fn batch_from_abi<'a>(b: &AbiBatch<'a>) -> Batch<'a> {
-        Batch { inputs: b.inputs.as_slice(), labels: b.labels.as_slice(), input_dim: b.input_dim as usize }
+    pub(crate) fn batch_from_abi<'a>(b: &AbiBatch<'a>) -> Result<Batch<'a>> {
+        let width = usize_of(b.width, "batch width")?;
+        match b.kind {
+            BATCH_ROWS => {
+                Ok(Batch::Rows { inputs: b.inputs.as_slice(), labels: b.labels.as_slice(), input_dim: width })
+            }
+            BATCH_TOKENS => Ok(Batch::Tokens { windows: b.labels.as_slice(), window: width }),
+            other => Err(sheaf_core::Error::invalid(format!("unknown batch kind {other}"))),
+        }
     }
 
     pub(crate) fn batch_to_abi<'a>(b: &Batch<'a>) -> AbiBatch<'a> {
-        AbiBatch {
-            inputs: RSlice::from_slice(b.inputs),
-            labels: RSlice::from_slice(b.labels),
-            input_dim: b.input_dim as u64,
+        match *b {
+            Batch::Tokens { windows, window } => AbiBatch {
+                kind: BATCH_TOKENS,
+                inputs: RSlice::from_slice(&[]),
+                labels: RSlice::from_slice(windows),
+                width: window as u64,
+            },
+            Batch::Rows { inputs, labels, input_dim } => AbiBatch {
+                kind: BATCH_ROWS,
+                inputs: RSlice::from_slice(inputs),
+                labels: RSlice::from_slice(labels),
+                width: input_dim as u64,
+            },
+        }
+    }
+
+    impl<P, T> DatasetAbi for Exported<P>
+    where
+        P: Deref<Target = T> + Send + Sync,
+        T: Dataset + ?Sized,
+    {
+        fn len(&self) -> RResult<u64, AbiError> {
+            guard(self.plugin, "dataset len", || Ok(self.inner.len() as u64))
+        }
+        fn gather(&self, indices: RSlice<'_, u64>) -> RResult<AbiSamples, AbiError> {
+            guard(self.plugin, "dataset gather", || {
+                let idx =
+                    indices.iter().map(|&i| usize_arg(i, "sample index")).collect::<Result<Vec<_>, _>>()?;
+                Ok(samples_to_abi(self.inner.gather(&idx)?))
+            })
         }
     }
 
@@ -475,12 +627,12 @@ pub mod to_abi {
             mut grads: RSliceMut<'_, f32>,
         ) -> RResult<f32, AbiError> {
             guard(self.plugin, "model forward_backward", || {
-                Ok(self.inner.forward_backward(&batch_from_abi(&batch), &mut grads)?)
+                Ok(self.inner.forward_backward(&batch_from_abi(&batch)?, &mut grads)?)
             })
         }
         fn evaluate(&mut self, batch: AbiBatch<'_>) -> RResult<AbiEval, AbiError> {
             guard(self.plugin, "model evaluate", || {
-                let (loss_sum, correct) = self.inner.evaluate(&batch_from_abi(&batch))?;
+                let (loss_sum, correct) = self.inner.evaluate(&batch_from_abi(&batch)?)?;
                 Ok(AbiEval { loss_sum, correct: correct as u64 })
             })
         }
@@ -535,6 +687,9 @@ pub mod to_abi {
         fn saved_bytes(&self) -> RResult<u64, AbiError> {
             guard(self.plugin, "model saved_bytes", || Ok(self.inner.saved_bytes()))
         }
+        fn predict(&mut self, batch: AbiBatch<'_>) -> RResult<RVec<f32>, AbiError> {
+            guard(self.plugin, "model predict", || Ok(self.inner.predict(&batch_from_abi(&batch)?)?.into()))
+        }
     }
 
     impl<P, T> ComputeAbi for Exported<P>
@@ -556,6 +711,22 @@ pub mod to_abi {
             guard(plugin, "compute build_piece", || {
                 let piece = piece_from_abi(&piece)?;
                 Ok(model(plugin, self.inner.build_piece(&spec_from_abi(&spec)?, &piece, seed)?))
+            })
+        }
+        fn model_kinds(&self) -> RResult<RVec<RString>, AbiError> {
+            guard(self.plugin, "compute model_kinds", || {
+                Ok(self.inner.model_kinds().into_iter().map(RString::from).collect())
+            })
+        }
+        fn describe(&self, spec: AbiModelSpec) -> RResult<AbiModelInfo, AbiError> {
+            guard(self.plugin, "compute describe", || {
+                Ok(info_to_abi(&self.inner.describe(&spec_from_abi(&spec)?)?))
+            })
+        }
+        fn piece_layout(&self, spec: AbiModelSpec, piece: AbiPiece) -> RResult<AbiPieceLayout, AbiError> {
+            guard(self.plugin, "compute piece_layout", || {
+                let piece = piece_from_abi(&piece)?;
+                Ok(piece_layout_to_abi(&self.inner.piece_layout(&spec_from_abi(&spec)?, &piece)?))
             })
         }
     }
@@ -629,6 +800,13 @@ pub mod to_abi {
             epochs: c.epochs,
             batch_size: c.batch_size as u64,
             max_steps: c.max_steps.unwrap_or(u64::MAX),
+            lr: c.lr.base,
+            lr_cosine: c.lr.cosine,
+            warmup_steps: c.lr.warmup_steps,
+            min_lr: c.lr.min_lr,
+            grad_clip: c.grad_clip.unwrap_or(f64::NAN),
+            grad_accum: c.grad_accum as u64,
+            eval_every: c.eval_every.unwrap_or(0),
         }
     }
 
@@ -645,6 +823,7 @@ pub mod to_abi {
         let mut model = Exported { plugin, inner: model };
         let mut optimizer = Exported { plugin, inner: optimizer };
         let partitioner = Exported { plugin, inner: partitioner };
+        let (train, test) = (Exported { plugin, inner: train }, Exported { plugin, inner: test });
         let mut metrics = Exported { plugin, inner: metrics };
         f(AbiTrainContext {
             config: config_to_abi(&config),
@@ -652,8 +831,8 @@ pub mod to_abi {
             model: ModelAbi_TO::from_ptr(&mut model, TD_Opaque),
             optimizer: OptimizerAbi_TO::from_ptr(&mut optimizer, TD_Opaque),
             partitioner: DataPartitionerAbi_TO::from_ptr(&partitioner, TD_Opaque),
-            train: batch_to_abi(&train),
-            test: batch_to_abi(&test),
+            train: DatasetAbi_TO::from_ptr(&train, TD_Opaque),
+            test: DatasetAbi_TO::from_ptr(&test, TD_Opaque),
             metrics: MetricsSinkAbi_TO::from_ptr(&mut metrics, TD_Opaque),
         })
     }
@@ -666,12 +845,13 @@ pub mod from_abi {
     use abi_stable::pointer_trait::{AsMutPtr, AsPtr, GetPointerKind};
     use abi_stable::std_types::{ROption, RSlice, RSliceMut, RStr};
     use sheaf_core::{
-        Batch, CommError, Communicator, ComputeBackend, DType, DataPartitioner, Error, Link, MetricsSink,
-        Model, ModelPartitioner, ModelSpec, OptimState, Optimizer, Param, ParamLayout, ReduceOp, Result,
-        StepMetrics, Strategy, Tag, TrainConfig, TrainContext, TrainSummary,
+        Batch, CommError, Communicator, ComputeBackend, DType, DataPartitioner, Dataset, Error, Link,
+        LrSchedule, MetricsSink, Model, ModelInfo, ModelPartitioner, ModelSpec, OptimState, Optimizer, Param,
+        ParamLayout, PieceLayout, ReduceOp, Result, Samples, StepMetrics, Strategy, Tag, TrainConfig,
+        TrainContext, TrainSummary,
     };
 
-    use super::to_abi::{batch_from_abi, batch_to_abi};
+    use super::to_abi::batch_to_abi;
     use super::*;
     use crate::traits::*;
     use crate::AbiParam;
@@ -932,6 +1112,20 @@ pub mod from_abi {
     struct LoadedModel<'a, P: GetPointerKind> {
         inner: ModelAbi_TO<'a, P>,
         layout: ParamLayout,
+        piece: Option<Piece>,
+        segments: usize,
+    }
+
+    impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
+        fn new(inner: ModelAbi_TO<'a, P>) -> Result<LoadedModel<'a, P>> {
+            let layout = layout_from_abi(&inner.layout().into_result()?);
+            let piece = match inner.piece().into_result()?.into_option() {
+                Some(p) => Some(piece_from_abi(&p)?),
+                None => None,
+            };
+            let segments = usize_of(inner.segments().into_result()?, "segments")?;
+            Ok(LoadedModel { inner, layout, piece, segments })
+        }
     }
 
     impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
@@ -955,11 +1149,10 @@ pub mod from_abi {
             Ok((e.loss_sum, e.correct as usize))
         }
         fn piece(&self) -> Option<Piece> {
-            let p = self.inner.piece().into_result().ok()?.into_option()?;
-            piece_from_abi(&p).ok()
+            self.piece.clone()
         }
         fn segments(&self) -> usize {
-            self.inner.segments().into_result().map_or(1, |s| s as usize)
+            self.segments
         }
         fn stage_forward(
             &mut self,
@@ -997,16 +1190,40 @@ pub mod from_abi {
             self.inner.take_grads(RSliceMut::from_mut_slice(out)).into_result().map_err(Error::from)
         }
         fn drop_saved(&mut self) {
-            let _ = self.inner.drop_saved();
+            if let Err(e) = self.inner.drop_saved().into_result() {
+                tracing_free_warn("model drop_saved", &Error::from(e));
+            }
         }
         fn saved_bytes(&self) -> u64 {
-            self.inner.saved_bytes().into_result().unwrap_or(0)
+            match self.inner.saved_bytes().into_result() {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing_free_warn("model saved_bytes", &Error::from(e));
+                    0
+                }
+            }
+        }
+        fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
+            Ok(self.inner.predict(batch_to_abi(batch)).into_result()?.into_vec())
+        }
+    }
+
+    struct LoadedDataset<'a, P: GetPointerKind>(DatasetAbi_TO<'a, P>, usize);
+
+    impl<P: AsPtr<PtrTarget = ()> + Send + Sync> Dataset for LoadedDataset<'_, P> {
+        fn len(&self) -> usize {
+            self.1
+        }
+        fn gather(&self, indices: &[usize]) -> Result<Samples> {
+            let idx: Vec<u64> = indices.iter().map(|&i| i as u64).collect();
+            samples_from_abi(self.0.gather(RSlice::from_slice(&idx)).into_result()?)
         }
     }
 
     struct LoadedCompute {
         inner: ComputeBox,
         device: String,
+        kinds: Vec<String>,
     }
 
     impl ComputeBackend for LoadedCompute {
@@ -1019,6 +1236,17 @@ pub mod from_abi {
         fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
             model(self.inner.build_piece(spec_to_abi(spec), piece_to_abi(piece), seed).into_result()?)
         }
+        fn model_kinds(&self) -> Vec<String> {
+            self.kinds.clone()
+        }
+        fn describe(&self, spec: &ModelSpec) -> Result<ModelInfo> {
+            info_from_abi(&self.inner.describe(spec_to_abi(spec)).into_result()?)
+        }
+        fn piece_layout(&self, spec: &ModelSpec, piece: &Piece) -> Result<PieceLayout> {
+            piece_layout_from_abi(
+                &self.inner.piece_layout(spec_to_abi(spec), piece_to_abi(piece)).into_result()?,
+            )
+        }
     }
 
     struct LoadedMetrics<'a, P: GetPointerKind>(MetricsSinkAbi_TO<'a, P>);
@@ -1026,15 +1254,16 @@ pub mod from_abi {
     impl<P: AsMutPtr<PtrTarget = ()>> MetricsSink for LoadedMetrics<'_, P> {
         fn record(&mut self, metrics: &StepMetrics) {
             if let Err(e) = self.0.record(metrics_to_abi(metrics)).into_result() {
-                tracing_free_warn(&Error::from(e));
+                tracing_free_warn("metrics sink", &Error::from(e));
             }
         }
     }
 
-    /// The ABI crate logs nothing (no `tracing` dependency); a failing metrics sink is
-    /// the host's own bug, reported on stderr once per failure.
-    fn tracing_free_warn(e: &Error) {
-        eprintln!("warning: metrics sink failed: {e}");
+    /// The ABI crate logs nothing (no `tracing` dependency); a failure of a call whose
+    /// core signature has no error (a metrics sink, `drop_saved`, `saved_bytes`) is
+    /// reported on stderr, never dropped.
+    fn tracing_free_warn(what: &str, e: &Error) {
+        eprintln!("warning: {what} failed: {e}");
     }
 
     struct LoadedStrategy {
@@ -1082,14 +1311,16 @@ pub mod from_abi {
         Ok(Box::new(LoadedCommunicator { inner, rank, world }))
     }
 
+    /// A model loaded from a plugin: its layout, piece and segments are asked for once,
+    /// and a failure to answer is an error here rather than a default later.
     pub fn model(inner: ModelBox) -> Result<Box<dyn Model>> {
-        let layout = layout_from_abi(&inner.layout().into_result()?);
-        Ok(Box::new(LoadedModel { inner, layout }))
+        Ok(Box::new(LoadedModel::new(inner)?))
     }
 
     pub fn compute(inner: ComputeBox) -> Result<Box<dyn ComputeBackend>> {
         let device = inner.device().into_result()?.into_string();
-        Ok(Box::new(LoadedCompute { inner, device }))
+        let kinds = inner.model_kinds().into_result()?.into_iter().map(RString::into_string).collect();
+        Ok(Box::new(LoadedCompute { inner, device, kinds }))
     }
 
     pub fn strategy(inner: StrategyBox) -> Result<Box<dyn Strategy>> {
@@ -1107,8 +1338,10 @@ pub mod from_abi {
         let rank = comm.rank().into_result()? as usize;
         let world = comm.world_size().into_result()? as usize;
         let comm = LoadedCommunicator { inner: comm, rank, world };
-        let layout = layout_from_abi(&model.layout().into_result()?);
-        let mut model = LoadedModel { inner: model, layout };
+        let mut model = LoadedModel::new(model)?;
+        let train_len = usize_of(train.len().into_result()?, "training samples")?;
+        let test_len = usize_of(test.len().into_result()?, "test samples")?;
+        let (train, test) = (LoadedDataset(train, train_len), LoadedDataset(test, test_len));
         let lr = optimizer.learning_rate().into_result()?;
         let mut optimizer = LoadedOptimizer { inner: optimizer, lr };
         let partitioner = LoadedDataPartitioner(partitioner);
@@ -1117,15 +1350,24 @@ pub mod from_abi {
             config: TrainConfig {
                 seed: config.seed,
                 epochs: config.epochs,
-                batch_size: config.batch_size as usize,
+                batch_size: usize_of(config.batch_size, "batch size")?,
                 max_steps: (config.max_steps != u64::MAX).then_some(config.max_steps),
+                lr: LrSchedule {
+                    base: config.lr,
+                    cosine: config.lr_cosine,
+                    warmup_steps: config.warmup_steps,
+                    min_lr: config.min_lr,
+                },
+                grad_clip: nan_none(config.grad_clip),
+                grad_accum: usize_of(config.grad_accum, "grad_accum")?.max(1),
+                eval_every: (config.eval_every > 0).then_some(config.eval_every),
             },
             comm: &comm,
             model: &mut model,
             optimizer: &mut optimizer,
             partitioner: &partitioner,
-            train: batch_from_abi(&train),
-            test: batch_from_abi(&test),
+            train: &train,
+            test: &test,
             metrics: &mut metrics,
         })
     }

@@ -22,11 +22,12 @@ pub use module::{
     abi_version_compatible, root_module, AbiProvided, Manifest, Plugin, PluginMod, PluginModRef,
 };
 pub use traits::{
-    AbiBatch, AbiBuf, AbiEval, AbiLossGrad, AbiModelSpec, AbiOptimState, AbiParam, AbiParamSpec, AbiPiece,
-    AbiRange, AbiStepMetrics, AbiSummary, AbiTrainConfig, AbiTrainContext, CommunicatorAbi, CommunicatorBox,
-    ComputeAbi, ComputeBox, DataPartitionerAbi, DataPartitionerBox, LinkAbi, LinkBox, MetricsSinkAbi,
-    ModelAbi, ModelBox, ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi,
-    StrategyBox, RECV_COPY,
+    AbiBatch, AbiBlock, AbiBuf, AbiEval, AbiLossGrad, AbiModelInfo, AbiModelSpec, AbiOptimState, AbiParam,
+    AbiParamSpec, AbiPiece, AbiPieceLayout, AbiRange, AbiSamples, AbiShardSource, AbiStepMetrics, AbiSummary,
+    AbiTrainConfig, AbiTrainContext, CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox,
+    DataPartitionerAbi, DataPartitionerBox, DatasetAbi, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox,
+    ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox,
+    BATCH_ROWS, BATCH_TOKENS, RECV_COPY,
 };
 
 #[doc(hidden)]

@@ -108,13 +108,38 @@ pub struct AbiParamSpec {
     pub shape: RVec<u64>,
 }
 
-/// A batch lent for one call: `inputs` is `[labels.len(), input_dim]`.
+/// `AbiBatch::kind` and `AbiSamples::kind`: feature rows with labels.
+pub const BATCH_ROWS: u8 = 0;
+/// `AbiBatch::kind` and `AbiSamples::kind`: token windows (in `labels`).
+pub const BATCH_TOKENS: u8 = 1;
+
+/// A batch lent for one call: rows (`inputs` `[labels.len(), width]`) or token
+/// windows (`labels` `[n, width]`), by `kind`.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy)]
 pub struct AbiBatch<'a> {
+    pub kind: u8,
     pub inputs: RSlice<'a, f32>,
     pub labels: RSlice<'a, u32>,
-    pub input_dim: u64,
+    pub width: u64,
+}
+
+/// Samples gathered from a dataset, owned; laid out as [`AbiBatch`].
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiSamples {
+    pub kind: u8,
+    pub inputs: RVec<f32>,
+    pub labels: RVec<u32>,
+    pub width: u64,
+}
+
+/// A dataset split, lent to a strategy for one `train` call.
+#[sabi_trait]
+pub trait DatasetAbi: Send + Sync {
+    fn len(&self) -> RResult<u64, AbiError>;
+    #[sabi(last_prefix_field)]
+    fn gather(&self, indices: RSlice<'_, u64>) -> RResult<AbiSamples, AbiError>;
 }
 
 /// What `evaluate` returns.
@@ -125,12 +150,52 @@ pub struct AbiEval {
     pub correct: u64,
 }
 
-/// A model spec: layer widths and an activation code (0 relu, 1 tanh).
+/// A model spec: its kind, the kind's settings as JSON, and the dataset's vocabulary
+/// size (`u64::MAX`: none).
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
 pub struct AbiModelSpec {
-    pub layers: RVec<u64>,
-    pub activation: u8,
+    pub kind: RString,
+    pub config: RString,
+    pub vocab_size: u64,
+}
+
+/// One block a pipeline may cut between.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiBlock {
+    pub name: RString,
+    pub params: u64,
+}
+
+/// What `describe` reports. `input_kind` is [`BATCH_ROWS`] (`a` features, `b`
+/// classes) or [`BATCH_TOKENS`] (`a` vocabulary size, `b` block size).
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiModelInfo {
+    pub layout: RVec<AbiParamSpec>,
+    pub blocks: RVec<AbiBlock>,
+    pub input_kind: u8,
+    pub input_a: u64,
+    pub input_b: u64,
+}
+
+/// Where one parameter of a piece comes from.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiShardSource {
+    pub param: u64,
+    pub by_columns: bool,
+    pub ranges: RVec<AbiRange>,
+}
+
+/// What `piece_layout` reports.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiPieceLayout {
+    pub layout: RVec<AbiParamSpec>,
+    pub sources: RVec<AbiShardSource>,
+    pub activation_bytes_per_sample: u64,
 }
 
 #[repr(C)]
@@ -141,6 +206,9 @@ pub struct AbiStepMetrics {
     pub loss: f64,
     pub lr: f64,
     pub samples_per_sec: f64,
+    pub grad_norm: f64,
+    /// NaN when the step did not evaluate.
+    pub val_loss: f64,
 }
 
 #[repr(C)]
@@ -151,6 +219,15 @@ pub struct AbiTrainConfig {
     pub batch_size: u64,
     /// `u64::MAX` when unset.
     pub max_steps: u64,
+    pub lr: f64,
+    pub lr_cosine: bool,
+    pub warmup_steps: u64,
+    pub min_lr: f64,
+    /// NaN when unset.
+    pub grad_clip: f64,
+    pub grad_accum: u64,
+    /// 0 when unset.
+    pub eval_every: u64,
 }
 
 #[repr(C)]
@@ -160,6 +237,7 @@ pub struct AbiSummary {
     pub steps: u64,
     pub final_loss: f64,
     pub test_accuracy: f64,
+    pub test_loss: f64,
     pub samples_per_sec: f64,
     pub wall_seconds: f64,
     pub peak_activation_bytes: u64,
@@ -254,9 +332,11 @@ pub trait ModelAbi: Send {
     fn take_grads(&mut self, out: RSliceMut<'_, f32>) -> RResult<(), AbiError>;
     fn drop_saved(&mut self) -> RResult<(), AbiError>;
     fn saved_bytes(&self) -> RResult<u64, AbiError>;
+    /// (ABI 0.5.)
+    fn predict(&mut self, batch: AbiBatch<'_>) -> RResult<RVec<f32>, AbiError>;
 }
 
-/// A model piece: layers `start..end`, and a place in a tensor-parallel group.
+/// A model piece: blocks `start..end`, and a place in a tensor-parallel group.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq)]
 pub struct AbiPiece {
@@ -282,6 +362,10 @@ pub trait ComputeAbi: Send + Sync {
     fn build_model(&self, spec: AbiModelSpec, seed: u64) -> RResult<ModelBox, AbiError>;
     /// (ABI 0.4.)
     fn build_piece(&self, spec: AbiModelSpec, piece: AbiPiece, seed: u64) -> RResult<ModelBox, AbiError>;
+    /// (ABI 0.5.)
+    fn model_kinds(&self) -> RResult<RVec<RString>, AbiError>;
+    fn describe(&self, spec: AbiModelSpec) -> RResult<AbiModelInfo, AbiError>;
+    fn piece_layout(&self, spec: AbiModelSpec, piece: AbiPiece) -> RResult<AbiPieceLayout, AbiError>;
 }
 
 #[sabi_trait]
@@ -299,8 +383,8 @@ pub struct AbiTrainContext<'a> {
     pub model: ModelAbi_TO<'a, RMut<'a, ()>>,
     pub optimizer: OptimizerAbi_TO<'a, RMut<'a, ()>>,
     pub partitioner: DataPartitionerAbi_TO<'a, RRef<'a, ()>>,
-    pub train: AbiBatch<'a>,
-    pub test: AbiBatch<'a>,
+    pub train: DatasetAbi_TO<'a, RRef<'a, ()>>,
+    pub test: DatasetAbi_TO<'a, RRef<'a, ()>>,
     pub metrics: MetricsSinkAbi_TO<'a, RMut<'a, ()>>,
 }
 

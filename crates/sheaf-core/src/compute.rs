@@ -10,51 +10,137 @@ use std::ops::Range;
 
 use crate::{Error, Piece, Result};
 
-/// Nonlinearity between hidden layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Activation {
-    Relu,
-    Tanh,
-}
-
-/// A multilayer perceptron: `layers[0]` inputs, `layers.last()` classes.
+/// A model to build: its kind (`"mlp"`, `"gpt"`, ...) and the kind's own settings
+/// as a JSON object, which only the compute plugin providing the kind interprets (and
+/// validates, naming any key it does not know).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelSpec {
-    pub layers: Vec<usize>,
-    pub activation: Activation,
+    pub kind: String,
+    /// The `[model]` table less `kind`, as JSON text.
+    pub config: String,
+    /// The dataset's vocabulary size when it has one (a token dataset with a known
+    /// vocabulary); a kind that needs one takes it from here when its config has none.
+    pub vocab_size: Option<usize>,
 }
 
 impl ModelSpec {
+    pub fn new(kind: impl Into<String>, config: impl Into<String>) -> ModelSpec {
+        ModelSpec { kind: kind.into(), config: config.into(), vocab_size: None }
+    }
+
+    /// A ReLU multilayer perceptron: `layers[0]` inputs, `layers.last()` classes.
     pub fn mlp(layers: Vec<usize>) -> ModelSpec {
-        ModelSpec { layers, activation: Activation::Relu }
+        let widths: Vec<String> = layers.iter().map(usize::to_string).collect();
+        ModelSpec::new("mlp", format!("{{\"layers\":[{}]}}", widths.join(",")))
+    }
+}
+
+/// What a model consumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelInput {
+    /// Rows of `features` values, each labelled with one of `classes`.
+    Rows { features: usize, classes: usize },
+    /// Windows of `block_size + 1` token ids below `vocab_size`: the first
+    /// `block_size` are the input, each position predicts the next token.
+    Tokens { vocab_size: usize, block_size: usize },
+}
+
+/// One unit a pipeline may cut between: a layer, a transformer block, the embeddings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub name: String,
+    /// Parameters it holds (its share of the balance by parameter count).
+    pub params: u64,
+}
+
+/// What a compute backend reports of a model spec, without building the model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelInfo {
+    /// The whole model's parameters, in checkpoint order and with checkpoint names.
+    pub layout: ParamLayout,
+    /// The ordered blocks a pipeline may cut between.
+    pub blocks: Vec<Block>,
+    pub input: ModelInput,
+}
+
+/// One parameter of a piece: which parameter of the whole model it comes from, and
+/// which of its values (ranges of rows, or of columns, of its 2-D view
+/// `[shape[0], numel / shape[0]]`; one range covering everything for a whole
+/// parameter). Ranges concatenate in order, so a fused weight (q, k and v stacked)
+/// can give each tensor-parallel rank its heads of all three.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardSource {
+    pub param: usize,
+    pub by_columns: bool,
+    pub ranges: Vec<Range<usize>>,
+}
+
+/// The parameters of a piece and where each comes from in the whole model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PieceLayout {
+    pub layout: ParamLayout,
+    /// One per parameter of `layout`.
+    pub sources: Vec<ShardSource>,
+    /// Bytes of activations one sample (a row, a token window) keeps from the piece's
+    /// forward pass for its backward pass.
+    pub activation_bytes_per_sample: u64,
+}
+
+impl PieceLayout {
+    /// For each of the piece's values, its index in the whole model's flat buffer.
+    pub fn full_indices(&self, whole: &ParamLayout) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.layout.total());
+        for src in &self.sources {
+            let base = whole.range(src.param).start;
+            let shape = &whole.specs()[src.param].shape;
+            let rows = shape.first().copied().unwrap_or(1).max(1);
+            let cols = whole.specs()[src.param].numel() / rows;
+            if src.by_columns {
+                for row in 0..rows {
+                    for r in &src.ranges {
+                        out.extend(base + row * cols + r.start..base + row * cols + r.end);
+                    }
+                }
+            } else {
+                for r in &src.ranges {
+                    out.extend(base + r.start * cols..base + r.end * cols);
+                }
+            }
+        }
+        out
     }
 
-    /// Checks the spec: at least an input and an output width, none of them zero.
-    pub fn validate(&self) -> Result<()> {
-        if self.layers.len() < 2 {
-            return Err(Error::config("model.layers", "needs at least an input and an output width"));
-        }
-        if let Some(i) = self.layers.iter().position(|&w| w == 0) {
-            return Err(Error::config("model.layers", format!("width {i} is zero")));
-        }
-        Ok(())
+    /// This piece's values out of the whole model's flat buffer.
+    pub fn slice(&self, whole: &ParamLayout, full: &[f32]) -> Vec<f32> {
+        self.full_indices(whole).into_iter().map(|i| full[i]).collect()
     }
 
-    /// `layers.{i}.weight` (`[out, in]`) then `layers.{i}.bias` (`[out]`) per layer.
-    pub fn layout(&self) -> ParamLayout {
-        let specs = self
-            .layers
-            .windows(2)
+    /// Writes this piece's `values` into the whole model's flat buffer.
+    pub fn place(&self, whole: &ParamLayout, values: &[f32], full: &mut [f32]) {
+        for (i, v) in self.full_indices(whole).into_iter().zip(values) {
+            full[i] = *v;
+        }
+    }
+
+    /// Bytes of parameters, gradients and optimizer state (`state_copies` values per
+    /// parameter: 1 for SGD with momentum, 2 for AdamW).
+    pub fn param_bytes(&self, state_copies: usize) -> u64 {
+        self.layout.total() as u64 * 4 * (2 + state_copies as u64)
+    }
+
+    /// The whole model as one piece.
+    pub fn whole(layout: &ParamLayout, activation_bytes_per_sample: u64) -> PieceLayout {
+        let sources = layout
+            .specs()
+            .iter()
             .enumerate()
-            .flat_map(|(i, w)| {
-                [
-                    ParamSpec { name: format!("layers.{i}.weight"), shape: vec![w[1], w[0]] },
-                    ParamSpec { name: format!("layers.{i}.bias"), shape: vec![w[1]] },
-                ]
+            .map(|(i, s)| ShardSource {
+                param: i,
+                by_columns: false,
+                ranges: std::iter::once(0..s.shape.first().copied().unwrap_or(1).max(1)).collect(),
             })
             .collect();
-        ParamLayout::new(specs)
+        PieceLayout { layout: layout.clone(), sources, activation_bytes_per_sample }
     }
 }
 
@@ -120,32 +206,85 @@ impl ParamLayout {
     }
 }
 
-/// A batch of samples: `inputs` is row-major `[labels.len(), input_dim]`.
+/// A batch of samples, lent for one call.
 #[derive(Clone, Copy, Debug)]
-pub struct Batch<'a> {
-    pub inputs: &'a [f32],
-    pub labels: &'a [u32],
-    pub input_dim: usize,
+pub enum Batch<'a> {
+    /// `inputs` is row-major `[labels.len(), input_dim]`.
+    Rows { inputs: &'a [f32], labels: &'a [u32], input_dim: usize },
+    /// `windows` is row-major `[n, window]`: each window's first `window - 1` tokens
+    /// are the input and its last `window - 1` the targets (a window of one token is
+    /// a context to predict from, as generation asks).
+    Tokens { windows: &'a [u32], window: usize },
 }
 
-impl Batch<'_> {
+impl<'a> Batch<'a> {
+    /// Samples (rows or windows).
     pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
-    /// The samples `indices`, gathered: their inputs (row-major) and labels.
-    pub fn gather(&self, indices: &[usize]) -> (Vec<f32>, Vec<u32>) {
-        let d = self.input_dim;
-        let mut inputs = Vec::with_capacity(indices.len() * d);
-        for &i in indices {
-            inputs.extend_from_slice(&self.inputs[i * d..(i + 1) * d]);
+        match *self {
+            Batch::Rows { labels, .. } => labels.len(),
+            Batch::Tokens { windows, window } => windows.len().checked_div(window).unwrap_or(0),
         }
-        (inputs, indices.iter().map(|&i| self.labels[i]).collect())
     }
 
     pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
+        self.len() == 0
     }
+
+    /// Predictions the loss averages over: one per row, `window - 1` per window.
+    pub fn predictions(&self) -> usize {
+        match *self {
+            Batch::Rows { labels, .. } => labels.len(),
+            Batch::Tokens { window, .. } => self.len() * window.saturating_sub(1),
+        }
+    }
+}
+
+/// Samples gathered from a [`Dataset`], owned.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Samples {
+    Rows { inputs: Vec<f32>, labels: Vec<u32>, input_dim: usize },
+    Tokens { windows: Vec<u32>, window: usize },
+}
+
+impl Samples {
+    pub fn batch(&self) -> Batch<'_> {
+        match self {
+            Samples::Rows { inputs, labels, input_dim } => {
+                Batch::Rows { inputs, labels, input_dim: *input_dim }
+            }
+            Samples::Tokens { windows, window } => Batch::Tokens { windows, window: *window },
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.batch().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows of features and their labels, or an error naming `who` for token windows.
+    pub fn rows(&self, who: &str) -> Result<(&[f32], &[u32], usize)> {
+        match self {
+            Samples::Rows { inputs, labels, input_dim } => Ok((inputs, labels, *input_dim)),
+            Samples::Tokens { .. } => {
+                Err(Error::Unsupported(format!("{who} trains on feature rows, not token windows")))
+            }
+        }
+    }
+}
+
+/// A dataset split (train, or validation), read sample by sample: a rank gathers the
+/// samples of its batch and nothing else, so its memory does not grow with the data.
+pub trait Dataset: Send + Sync {
+    /// Samples in the split.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The samples at `indices`, in that order.
+    fn gather(&self, indices: &[usize]) -> Result<Samples>;
 }
 
 /// A model instance on some device.
@@ -158,8 +297,17 @@ pub trait Model: Send {
     /// Forward and backward on `batch`: returns the mean loss and writes its gradient
     /// with respect to every parameter into `grads`.
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32>;
-    /// Summed loss and number of correct predictions on `batch`, without gradients.
+    /// Summed loss and number of correct predictions on `batch`, without gradients
+    /// (over [`Batch::predictions`] predictions).
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)>;
+
+    /// The model's output for the last position of each sample, without gradients:
+    /// `[samples, classes]` logits (for token windows, the next token's logits after
+    /// the whole window, which is all context).
+    fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        let _ = batch;
+        Err(Error::Unsupported("this model cannot predict".into()))
+    }
 
     // The stage interface, for model parallelism: a model built from a [`Piece`] runs
     // its layers on activations that come from and go to other ranks, micro-batch by
@@ -227,11 +375,30 @@ pub trait Model: Send {
 /// Builds models on a device (`"cpu"`, `"cuda:0"`).
 pub trait ComputeBackend: Send + Sync {
     fn device(&self) -> &str;
+    /// The model kinds this backend builds.
+    fn model_kinds(&self) -> Vec<String>;
+    /// Checks `spec` (unknown keys are errors naming the key) and reports the model's
+    /// parameters, blocks and input, without building it.
+    fn describe(&self, spec: &ModelSpec) -> Result<ModelInfo>;
+
+    /// The parameters of `piece` and where they come from in the whole model; fails on
+    /// a piece the model cannot be cut into (a tensor width that does not divide it).
+    fn piece_layout(&self, spec: &ModelSpec, piece: &Piece) -> Result<PieceLayout> {
+        let info = self.describe(spec)?;
+        if *piece == Piece::whole(info.blocks.len()) {
+            return Ok(PieceLayout::whole(&info.layout, 0));
+        }
+        Err(Error::Unsupported(format!(
+            "compute backend `{}` cannot cut `{}` models",
+            self.device(),
+            spec.kind
+        )))
+    }
     /// A model with parameters initialised deterministically from `seed`.
     fn build_model(&self, spec: &ModelSpec, seed: u64) -> Result<Box<dyn Model>>;
 
     /// The part `piece` of the model, its parameters exactly those of
-    /// `build_model(spec, seed)` sliced by [`Piece::slice`].
+    /// `build_model(spec, seed)` sliced by [`ComputeBackend::piece_layout`].
     fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
         let _ = (spec, piece, seed);
         Err(Error::Unsupported(format!("compute backend `{}` cannot build model pieces", self.device())))

@@ -19,16 +19,20 @@ mod rng;
 mod strategy;
 
 pub use comm::{chunk_range, Communicator, Link, Tag, TagClass, MAX_USER_TAG};
-pub use compute::{Activation, Batch, ComputeBackend, Model, ModelSpec, ParamLayout, ParamSpec};
+pub use compute::{
+    Batch, Block, ComputeBackend, Dataset, Model, ModelInfo, ModelInput, ModelSpec, ParamLayout, ParamSpec,
+    PieceLayout, Samples, ShardSource,
+};
 pub use deadline::Deadline;
 pub use dtype::{DType, ReduceOp};
 pub use error::{CommError, Error, Op, Result};
 pub use optim::{OptimState, Optimizer, Param};
 pub use partition::{DataPartitioner, ModelPartitioner};
-pub use piece::{LayerCut, Piece};
+pub use piece::Piece;
 pub use plugin::{PluginKind, Provided};
 pub use rng::SplitMix64;
 pub use strategy::{
-    epoch_order, epochs_done, global_batches, test_accuracy, Mesh, MetricsSink, StepMetrics, Strategy,
-    TrainConfig, TrainContext, TrainSummary,
+    clip_factor, epoch_order, epochs_done, evaluate_indices, global_batches, optimizer_steps, sum_of_squares,
+    test_accuracy, test_totals, LrSchedule, Mesh, MetricsSink, StepMetrics, Strategy, TrainConfig,
+    TrainContext, TrainSummary,
 };

@@ -12,16 +12,19 @@ pub enum PluginKind {
     Transport,
     Compute,
     Strategy,
+    /// A model kind a compute plugin builds (`mlp`, `gpt`).
+    Model,
 }
 
 impl PluginKind {
-    pub const ALL: [PluginKind; 6] = [
+    pub const ALL: [PluginKind; 7] = [
         PluginKind::Optimizer,
         PluginKind::DataPartitioner,
         PluginKind::ModelPartitioner,
         PluginKind::Transport,
         PluginKind::Compute,
         PluginKind::Strategy,
+        PluginKind::Model,
     ];
 
     pub fn name(self) -> &'static str {
@@ -32,6 +35,7 @@ impl PluginKind {
             PluginKind::Transport => "transport",
             PluginKind::Compute => "compute",
             PluginKind::Strategy => "strategy",
+            PluginKind::Model => "model",
         }
     }
 

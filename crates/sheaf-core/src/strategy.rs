@@ -1,7 +1,7 @@
 //! Training strategies: how a training run is spread over the ranks.
 
 use crate::{
-    Batch, Communicator, DType, DataPartitioner, Deadline, Error, Model, Optimizer, ReduceOp, Result,
+    Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, Optimizer, ReduceOp, Result,
     SplitMix64,
 };
 
@@ -20,6 +20,10 @@ pub struct StepMetrics {
     pub loss: f64,
     pub lr: f64,
     pub samples_per_sec: f64,
+    /// The gradient's global norm before clipping (NaN: not measured).
+    pub grad_norm: f64,
+    /// The mean validation loss, on the steps that evaluate (`train.eval_every`).
+    pub val_loss: Option<f64>,
 }
 
 /// Receives per-step metrics (rank 0's are written to `metrics.jsonl`).
@@ -27,14 +31,96 @@ pub trait MetricsSink {
     fn record(&mut self, metrics: &StepMetrics);
 }
 
+/// The learning rate over a run: linear warmup over `warmup_steps`, then constant or
+/// cosine decay to `min_lr` at the last step (nanoGPT's `get_lr`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LrSchedule {
+    pub base: f64,
+    pub cosine: bool,
+    pub warmup_steps: u64,
+    pub min_lr: f64,
+}
+
+impl LrSchedule {
+    pub fn constant(base: f64) -> LrSchedule {
+        LrSchedule { base, cosine: false, warmup_steps: 0, min_lr: base }
+    }
+
+    /// The learning rate of optimizer step `step` (from 0) of `total`.
+    pub fn at(&self, step: u64, total: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.base * (step + 1) as f64 / (self.warmup_steps + 1) as f64;
+        }
+        if !self.cosine {
+            return self.base;
+        }
+        if step >= total {
+            return self.min_lr;
+        }
+        let ratio = (step - self.warmup_steps) as f64 / (total - self.warmup_steps).max(1) as f64;
+        let coeff = 0.5 * (1.0 + (std::f64::consts::PI * ratio).cos());
+        self.min_lr + coeff * (self.base - self.min_lr)
+    }
+}
+
 /// The run-level knobs every strategy honours.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainConfig {
     pub seed: u64,
     pub epochs: u64,
-    /// The global batch, summed over data-parallel ranks.
+    /// The global batch of one micro-step, summed over data-parallel ranks.
     pub batch_size: usize,
+    /// Optimizer steps at most.
     pub max_steps: Option<u64>,
+    pub lr: LrSchedule,
+    /// Clip the whole model's gradient to this global norm.
+    pub grad_clip: Option<f64>,
+    /// Micro-steps (global batches) per optimizer step.
+    pub grad_accum: usize,
+    /// Evaluate on the validation split every this many steps.
+    pub eval_every: Option<u64>,
+}
+
+impl TrainConfig {
+    /// A config with only the basics set: a constant learning rate `lr`, no clipping,
+    /// one micro-step per step, no evaluation during training.
+    pub fn basic(seed: u64, epochs: u64, batch_size: usize, max_steps: Option<u64>, lr: f64) -> TrainConfig {
+        TrainConfig {
+            seed,
+            epochs,
+            batch_size,
+            max_steps,
+            lr: LrSchedule::constant(lr),
+            grad_clip: None,
+            grad_accum: 1,
+            eval_every: None,
+        }
+    }
+
+    /// Fails naming the first setting beyond the basics (a learning-rate schedule is
+    /// basic), for a strategy that does not implement it.
+    pub fn refuse_beyond_basics(&self, strategy: &str) -> Result<()> {
+        let unsupported = if self.grad_clip.is_some() {
+            Some("train.grad_clip")
+        } else if self.grad_accum > 1 {
+            Some("train.grad_accum")
+        } else if self.eval_every.is_some() {
+            Some("train.eval_every")
+        } else {
+            None
+        };
+        match unsupported {
+            Some(key) => Err(Error::config(key, format!("not supported by the {strategy} strategy yet"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Optimizer steps a run over `n` samples takes.
+    pub fn total_steps(&self, n: usize) -> u64 {
+        let micro = n.div_ceil(self.batch_size.max(1)) as u64 * self.epochs;
+        let steps = micro.div_ceil(self.grad_accum.max(1) as u64);
+        self.max_steps.map_or(steps, |m| m.min(steps))
+    }
 }
 
 /// Everything a strategy trains with, lent by the host for one run.
@@ -44,8 +130,9 @@ pub struct TrainContext<'a> {
     pub model: &'a mut dyn Model,
     pub optimizer: &'a mut dyn Optimizer,
     pub partitioner: &'a dyn DataPartitioner,
-    pub train: Batch<'a>,
-    pub test: Batch<'a>,
+    pub train: &'a dyn Dataset,
+    /// The test (validation) split.
+    pub test: &'a dyn Dataset,
     pub metrics: &'a mut dyn MetricsSink,
 }
 
@@ -56,6 +143,8 @@ pub struct TrainSummary {
     pub steps: u64,
     pub final_loss: f64,
     pub test_accuracy: f64,
+    /// The mean loss per prediction on the test split.
+    pub test_loss: f64,
     pub samples_per_sec: f64,
     pub wall_seconds: f64,
     /// Most bytes of activations this rank kept for backward passes at once (0: not
@@ -73,26 +162,81 @@ pub trait Strategy: Send {
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary>;
 }
 
-/// Every step's global batch, in order: `(epoch, sample indices)` from
-/// [`epoch_order`], cut into `batch_size` batches, stopping after `max_steps`.
+/// Every micro-step's global batch, in order: `(epoch, sample indices)` from
+/// [`epoch_order`], cut into `batch_size` batches, stopping after `max_steps`
+/// optimizer steps of `grad_accum` micro-steps.
 pub fn global_batches(n: usize, config: &TrainConfig) -> impl Iterator<Item = (u64, Vec<usize>)> {
     let (seed, batch) = (config.seed, config.batch_size.max(1));
-    let limit = config.max_steps.map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+    let accum = config.grad_accum.max(1);
+    let limit = config
+        .max_steps
+        .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX).saturating_mul(accum));
     (0..config.epochs)
         .flat_map(move |e| epoch_order(n, seed, e).chunks(batch).map(|c| (e, c.to_vec())).collect::<Vec<_>>())
         .take(limit)
 }
 
-/// Whole epochs in `steps` steps over `n` samples.
-pub fn epochs_done(steps: u64, n: usize, config: &TrainConfig) -> u64 {
-    let per_epoch = n.div_ceil(config.batch_size.max(1)).max(1) as u64;
-    (steps / per_epoch).min(config.epochs)
+/// Every optimizer step's micro-steps: [`global_batches`] in groups of `grad_accum`.
+pub fn optimizer_steps(n: usize, config: &TrainConfig) -> impl Iterator<Item = Vec<(u64, Vec<usize>)>> {
+    let accum = config.grad_accum.max(1);
+    let mut batches = global_batches(n, config).peekable();
+    std::iter::from_fn(move || {
+        batches.peek()?;
+        Some(batches.by_ref().take(accum).collect())
+    })
 }
 
-/// Test accuracy from every rank's `[loss sum, correct, samples]`, summed over `comm`.
-pub fn test_accuracy(comm: &dyn Communicator, mut totals: [f64; 3], dl: Deadline) -> Result<f64> {
+/// Whole epochs in `steps` optimizer steps over `n` samples.
+pub fn epochs_done(steps: u64, n: usize, config: &TrainConfig) -> u64 {
+    let per_epoch = n.div_ceil(config.batch_size.max(1)).max(1) as u64;
+    (steps * config.grad_accum.max(1) as u64 / per_epoch).min(config.epochs)
+}
+
+/// Test accuracy from every rank's `[loss sum, correct, predictions]`, summed over
+/// `comm`.
+pub fn test_accuracy(comm: &dyn Communicator, totals: [f64; 3], dl: Deadline) -> Result<f64> {
+    Ok(test_totals(comm, totals, dl)?.0)
+}
+
+/// Accuracy and mean loss per prediction from every rank's `[loss sum, correct,
+/// predictions]`, summed over `comm`.
+pub fn test_totals(comm: &dyn Communicator, mut totals: [f64; 3], dl: Deadline) -> Result<(f64, f64)> {
     comm.allreduce(bytemuck::cast_slice_mut(&mut totals), DType::F64, ReduceOp::Sum, dl)?;
-    Ok(if totals[2] > 0.0 { totals[1] / totals[2] } else { f64::NAN })
+    Ok(if totals[2] > 0.0 { (totals[1] / totals[2], totals[0] / totals[2]) } else { (f64::NAN, f64::NAN) })
+}
+
+/// `[loss sum, correct, predictions]` of `model` on the samples `indices` of `data`,
+/// evaluated `chunk` samples at a time.
+pub fn evaluate_indices(
+    model: &mut dyn Model,
+    data: &dyn Dataset,
+    indices: &[usize],
+    chunk: usize,
+) -> Result<[f64; 3]> {
+    let mut totals = [0f64; 3];
+    for part in indices.chunks(chunk.max(1)) {
+        let samples = data.gather(part)?;
+        let batch = samples.batch();
+        let (loss, correct) = model.evaluate(&batch)?;
+        totals[0] += loss;
+        totals[1] += correct as f64;
+        totals[2] += batch.predictions() as f64;
+    }
+    Ok(totals)
+}
+
+/// PyTorch's `clip_grad_norm_` factor: what a gradient of global norm `norm` is
+/// multiplied by to be clipped to `max` (1 when it is within).
+pub fn clip_factor(norm: f64, max: Option<f64>) -> f32 {
+    match max {
+        Some(max) if norm.is_finite() => (max / (norm + 1e-6)).min(1.0) as f32,
+        _ => 1.0,
+    }
+}
+
+/// The sum of squares of `values`, in f64.
+pub fn sum_of_squares(values: &[f32]) -> f64 {
+    values.iter().map(|&v| f64::from(v) * f64::from(v)).sum()
 }
 
 /// A world of `replicas x width` ranks seen by a model-parallel strategy: rank

@@ -6,11 +6,15 @@
 //!   it 80/20 into train and test, the same on every machine.
 //! - IDX files (the MNIST / Fashion-MNIST format), gzipped or not.
 //! - `synthetic`: random inputs labelled by a fixed random "teacher" network, seeded.
+//! - Token data for language models ([`TokenFile`]): the bundled Shakespeare text,
+//!   `.txt` files (characters) and `.bin` files (nanoGPT's `u16` ids, memory-mapped),
+//!   split by position and read window by window ([`TokenWindows`]).
 //!
 //! Every malformed input is an error naming the file and what was wrong.
 
 mod idx;
 mod synthetic;
+mod tokens;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -19,6 +23,7 @@ use sheaf_core::SplitMix64;
 
 pub use idx::{labels_path_for, load_idx_pair, read_idx, IdxArray};
 pub use synthetic::teacher;
+pub use tokens::{token_split, TokenFile, TokenWindows};
 
 /// Why a dataset could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +103,23 @@ impl Dataset {
         let n_test = (self.len() as f64 * test_fraction) as usize;
         let (test, train) = perm.split_at(n_test);
         (self.select(train), self.select(test))
+    }
+}
+
+impl sheaf_core::Dataset for Dataset {
+    fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn gather(&self, indices: &[usize]) -> sheaf_core::Result<sheaf_core::Samples> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.labels.len()) {
+            return Err(sheaf_core::Error::invalid(format!(
+                "sample {bad} of a set of {}",
+                self.labels.len()
+            )));
+        }
+        let rows = self.select(indices);
+        Ok(sheaf_core::Samples::Rows { inputs: rows.inputs, labels: rows.labels, input_dim: self.input_dim })
     }
 }
 

@@ -42,16 +42,25 @@ impl CollectivesSection {
     }
 }
 
+/// `[model]`: a kind and the kind's own keys, which the host does not interpret: the
+/// compute plugin that provides the kind validates them (naming any unknown key).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    pub layers: Vec<usize>,
-    #[serde(default = "relu")]
-    pub activation: String,
+    #[serde(default = "mlp")]
+    pub kind: String,
+    #[serde(flatten)]
+    pub settings: toml::Table,
 }
 
-fn relu() -> String {
-    "relu".into()
+fn mlp() -> String {
+    "mlp".into()
+}
+
+impl ModelSection {
+    /// The kind's keys as the compute plugin takes them (JSON).
+    pub fn config_json(&self) -> String {
+        serde_json::to_value(&self.settings).map(|v| v.to_string()).unwrap_or_else(|_| "{}".into())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -61,8 +70,10 @@ pub struct DataSection {
     /// For an IDX images file: its labels file (default: by MNIST's naming).
     #[serde(default)]
     pub labels: Option<String>,
-    #[serde(default = "test_fraction")]
-    pub test_fraction: f64,
+    /// The fraction held out for test or validation (default 0.2 of rows, the last 0.1
+    /// of a token file).
+    #[serde(default)]
+    pub test_fraction: Option<f64>,
     /// Samples of the synthetic set.
     #[serde(default = "synthetic_samples")]
     pub samples: usize,
@@ -70,9 +81,6 @@ pub struct DataSection {
     pub partitioner: String,
 }
 
-fn test_fraction() -> f64 {
-    0.2
-}
 fn synthetic_samples() -> usize {
     8192
 }
@@ -88,8 +96,27 @@ pub struct TrainSection {
     pub lr: f64,
     #[serde(default = "sgd")]
     pub optimizer: String,
+    /// Optimizer steps at most.
     #[serde(default)]
     pub max_steps: Option<u64>,
+    /// `constant` or `cosine` (to `min_lr` at the last step), after `warmup_steps` of
+    /// linear warmup.
+    #[serde(default = "constant")]
+    pub lr_schedule: String,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Where a cosine schedule ends (default: lr / 10).
+    #[serde(default)]
+    pub min_lr: Option<f64>,
+    /// Clip the gradient to this global norm (the whole model's, across shards).
+    #[serde(default)]
+    pub grad_clip: Option<f64>,
+    /// Micro-steps of `batch_size` per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Evaluate on the validation split every this many steps (into metrics.jsonl).
+    #[serde(default)]
+    pub eval_every: Option<u64>,
     /// Settings of each optimizer, by name (`[train.options.sgd]`); only the chosen
     /// optimizer's table is used, so `--set train.optimizer=...` switches cleanly. Its
     /// plugin rejects keys it does not know.
@@ -100,8 +127,33 @@ pub struct TrainSection {
 fn sgd() -> String {
     "sgd".into()
 }
+fn constant() -> String {
+    "constant".into()
+}
+fn one() -> usize {
+    1
+}
 
 impl TrainSection {
+    /// The run-level settings every strategy honours.
+    pub fn config(&self, seed: u64) -> sheaf_core::TrainConfig {
+        sheaf_core::TrainConfig {
+            seed,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            max_steps: self.max_steps,
+            lr: sheaf_core::LrSchedule {
+                base: self.lr,
+                cosine: self.lr_schedule == "cosine",
+                warmup_steps: self.warmup_steps,
+                min_lr: self.min_lr.unwrap_or(self.lr / 10.0),
+            },
+            grad_clip: self.grad_clip,
+            grad_accum: self.grad_accum,
+            eval_every: self.eval_every.filter(|&e| e > 0),
+        }
+    }
+
     /// The chosen optimizer's settings as its plugin takes them: `lr` and the keys of
     /// `[train.options.<optimizer>]`.
     pub fn optimizer_config(&self) -> String {
@@ -283,17 +335,20 @@ pub fn parse_job(source: &str, origin: &str, overrides: &[String]) -> Result<Job
 }
 
 fn validate(job: &Job) -> Result<(), String> {
-    if job.model.layers.len() < 2 || job.model.layers.contains(&0) {
-        return Err(format!("key `model.layers`: {:?} needs at least two non-zero widths", job.model.layers));
-    }
-    if !["relu", "tanh"].contains(&job.model.activation.as_str()) {
-        return Err(format!("key `model.activation`: `{}` (relu, tanh)", job.model.activation));
-    }
     if job.train.batch_size == 0 {
         return Err("key `train.batch_size`: must be at least 1".into());
     }
-    if !(0.0..1.0).contains(&job.data.test_fraction) {
-        return Err(format!("key `data.test_fraction`: {} is not in [0, 1)", job.data.test_fraction));
+    if job.train.grad_accum == 0 {
+        return Err("key `train.grad_accum`: must be at least 1".into());
+    }
+    if !["constant", "cosine"].contains(&job.train.lr_schedule.as_str()) {
+        return Err(format!("key `train.lr_schedule`: `{}` (constant, cosine)", job.train.lr_schedule));
+    }
+    if let Some(c) = job.train.grad_clip.filter(|c| c.is_nan() || *c <= 0.0) {
+        return Err(format!("key `train.grad_clip`: {c} is not a positive norm"));
+    }
+    if let Some(f) = job.data.test_fraction.filter(|f| !(0.0..1.0).contains(f)) {
+        return Err(format!("key `data.test_fraction`: {f} is not in [0, 1)"));
     }
     job.collectives.algorithm().map_err(|e| format!("key `collectives.algorithm`: {e}"))?;
     if !(job.transport.timeout_s > 0.0 && job.transport.peer_timeout_s > 0.0) {
@@ -321,7 +376,9 @@ mod tests {
     #[test]
     fn default_job_parses() {
         let job = parse_job(DEFAULT_JOB, "default", &[]).unwrap();
-        assert_eq!(job.model.layers, vec![64, 128, 10]);
+        assert_eq!(job.model.kind, "mlp");
+        let config: serde_json::Value = serde_json::from_str(&job.model.config_json()).unwrap();
+        assert_eq!(config, serde_json::json!({"layers": [64, 128, 10], "activation": "relu"}));
         assert_eq!(job.transport.plugin, "zmq-tcp");
     }
 
@@ -338,7 +395,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!((job.train.optimizer.as_str(), job.train.max_steps), ("adamw", Some(10)));
-        assert_eq!(job.model.layers, vec![64, 10]);
+        let config: serde_json::Value = serde_json::from_str(&job.model.config_json()).unwrap();
+        assert_eq!(config["layers"], serde_json::json!([64, 10]));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod data;
 mod discover;
 pub mod job;
 pub mod launch;
@@ -17,6 +18,7 @@ pub mod outputs;
 pub mod plan;
 pub mod plugin_check;
 mod registry;
+pub mod sample;
 pub mod selftest;
 pub mod worker;
 

@@ -36,7 +36,16 @@ pub struct Summary {
     pub steps: u64,
     pub final_loss: f64,
     pub test_accuracy: f64,
+    /// The mean loss per prediction on the test split.
+    pub test_loss: f64,
+    /// For token data: the mean cross-entropy over every token of the validation
+    /// split's non-overlapping windows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
     pub samples_per_sec: f64,
+    /// For token data: tokens trained on per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_sec: Option<f64>,
     pub wall_seconds: f64,
     /// Parameters of the whole model.
     pub params: usize,
@@ -190,9 +199,15 @@ impl Metrics {
 impl MetricsSink for Metrics {
     fn record(&mut self, m: &StepMetrics) {
         if let Some((path, f)) = &mut self.file {
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": m.step, "epoch": m.epoch, "loss": m.loss, "lr": m.lr, "samples_per_sec": m.samples_per_sec,
             });
+            if m.grad_norm.is_finite() {
+                line["grad_norm"] = m.grad_norm.into();
+            }
+            if let Some(v) = m.val_loss {
+                line["val_loss"] = v.into();
+            }
             if let Err(e) = writeln!(f, "{line}") {
                 self.error.get_or_insert(io_err(path, e));
             }
@@ -202,6 +217,12 @@ impl MetricsSink for Metrics {
         }
         self.last_epoch = Some(m.epoch);
         self.losses.push(m.loss);
+        if let (Some(v), true) = (m.val_loss, self.show) {
+            if self.progress {
+                eprintln!();
+            }
+            eprintln!("step {}: loss {:.4}, val_loss {v:.4}", m.step, m.loss);
+        }
         if self.progress {
             let done = self.losses.len() as u64;
             let width = 30;

@@ -123,6 +123,11 @@ impl Registry {
         ok.chain(failed).collect()
     }
 
+    /// Everything the loaded plugins provide, in search order.
+    pub fn provided(&self) -> Vec<sheaf_core::Provided> {
+        self.loaded.iter().flat_map(|p| p.manifest.provides.iter().cloned()).collect()
+    }
+
     /// The first loaded plugin providing `kind` `name`.
     pub fn provider(&self, kind: PluginKind, name: &str) -> Result<&LoadedPlugin, HostError> {
         self.loaded.iter().find(|p| p.manifest.provides(kind, name)).ok_or_else(|| {

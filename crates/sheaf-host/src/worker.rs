@@ -4,13 +4,12 @@
 //! checked first, so bad input fails before any worker trains.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sheaf_collectives::Group;
-use sheaf_core::{Batch, Communicator, Deadline, Link, TrainConfig, TrainContext};
-use sheaf_data::Dataset;
+use sheaf_core::{Communicator, Deadline, Link, TrainContext};
 
 use crate::job::Job;
 use crate::outputs::{read_safetensors, safetensors_bytes, write_atomic, Metrics, Summary};
@@ -75,42 +74,6 @@ impl WorkerEnv {
     }
 }
 
-/// The job's data, split into train and test, checked against the model.
-pub fn load_data(job: &Job) -> Result<(Dataset, Dataset), HostError> {
-    let data = &job.data;
-    let (inputs, classes) = (job.model.layers[0], *job.model.layers.last().expect("validated"));
-    let err = |e: sheaf_data::DataError| HostError::Data(e.to_string());
-    let (train, test) = match data.dataset.as_str() {
-        "digits" => sheaf_data::digits().map_err(err)?.split(data.test_fraction, job.seed),
-        "synthetic" => {
-            sheaf_data::teacher(data.samples, inputs, classes, job.seed).split(data.test_fraction, job.seed)
-        }
-        path => {
-            let images = PathBuf::from(path);
-            let labels = match &data.labels {
-                Some(l) => PathBuf::from(l),
-                None => sheaf_data::labels_path_for(&images).ok_or_else(|| {
-                    HostError::Data(format!(
-                        "data.dataset `{path}` is not `digits`, `synthetic` or an IDX images file named *-images-idx3-ubyte[.gz]; set data.labels for other names"
-                    ))
-                })?,
-            };
-            let all = sheaf_data::load_idx_pair(&images, &labels).map_err(err)?;
-            // MNIST ships its test set beside the training set.
-            let t10k =
-                |p: &Path| Some(p.with_file_name(p.file_name()?.to_str()?.replacen("train", "t10k", 1)));
-            match (t10k(&images), t10k(&labels)) {
-                (Some(ti), Some(tl)) if ti != images && ti.exists() && tl.exists() => {
-                    (all, sheaf_data::load_idx_pair(&ti, &tl).map_err(err)?)
-                }
-                _ => all.split(data.test_fraction, job.seed),
-            }
-        }
-    };
-    train.check_shape(inputs, classes).map_err(err)?;
-    Ok((train, test))
-}
-
 /// What `run_worker` needs besides the job.
 pub struct RunOptions {
     pub env: WorkerEnv,
@@ -130,13 +93,14 @@ impl RunOptions {
 /// Trains `job` as one rank; returns the summary (on every rank; rank 0 also writes it).
 pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<Summary, HostError> {
     let env = &opts.env;
-    let (train, test) = load_data(job)?;
-    let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
-    let partitioner = registry.data_partitioner(&job.data.partitioner, "")?;
     let compute_config = serde_json::json!({ "device": job.compute.device }).to_string();
     let compute = registry.compute(&job.compute.backend, &compute_config)?;
+    let data = crate::data::load(job, registry, compute.as_ref())?;
+    let (train, test) = (data.train.as_ref(), data.test.as_ref());
+    let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
+    let partitioner = registry.data_partitioner(&job.data.partitioner, "")?;
     let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
-    let plan = crate::plan::plan(job, env.world_size, registry)?;
+    let plan = crate::plan::plan(job, env.world_size, registry, compute.as_ref(), &data.spec, &data.info)?;
     let piece = plan.pieces[env.rank].clone();
     let mut strategy_config = serde_json::Map::new();
     strategy_config.insert("timeout_ms".into(), timeout_ms.into());
@@ -147,6 +111,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let strategy_config = serde_json::Value::Object(strategy_config).to_string();
     let mut strategy = registry.strategy(&job.parallel.strategy, &strategy_config)?;
     let spec = plan.spec.clone();
+    let whole = plan.info.layout.clone();
     let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
     let mut model = if plan.uses_pieces() {
         compute.build_piece(&spec, &piece, job.seed).map_err(core)?
@@ -154,8 +119,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         compute.build_model(&spec, job.seed).map_err(core)?
     };
     if let Some(path) = &opts.init_from {
-        let full = read_safetensors(path, &spec.layout())?;
-        model.write_params(&piece.slice(&spec, &full)).map_err(core)?;
+        let full = read_safetensors(path, &whole)?;
+        model.write_params(&plan.layout_of(env.rank).slice(&whole, &full)).map_err(core)?;
     }
     let run_dir = match (&opts.run_dir, env.rank) {
         (Some(dir), 0) => {
@@ -183,7 +148,9 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         train.len()
     );
 
-    let steps_per_epoch = train.len().div_ceil(job.train.batch_size) as u64;
+    let config = job.train.config(job.seed);
+    let steps_per_epoch =
+        (train.len().div_ceil(job.train.batch_size) as u64).div_ceil(config.grad_accum as u64);
     let mut metrics = Metrics::new(
         run_dir.as_ref().map(|d| d.join("metrics.jsonl")).as_deref(),
         env.rank == 0,
@@ -191,20 +158,19 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         steps_per_epoch,
         job.train.epochs,
     )?;
-    let config = TrainConfig {
-        seed: job.seed,
-        epochs: job.train.epochs,
-        batch_size: job.train.batch_size,
-        max_steps: job.train.max_steps,
-    };
+    if let (Some(dir), Some(vocab)) = (&run_dir, &data.vocab) {
+        let tokens: Vec<String> = vocab.iter().map(char::to_string).collect();
+        let json = serde_json::json!({ "kind": "characters", "tokens": tokens });
+        write_atomic(&dir.join("vocab.json"), json.to_string().as_bytes())?;
+    }
     let result = strategy.train(TrainContext {
         config,
         comm: &comm,
         model: model.as_mut(),
         optimizer: optimizer.as_mut(),
         partitioner: partitioner.as_ref(),
-        train: Batch { inputs: &train.inputs, labels: &train.labels, input_dim: train.input_dim },
-        test: Batch { inputs: &test.inputs, labels: &test.labels, input_dim: test.input_dim },
+        train,
+        test,
         metrics: &mut metrics,
     });
     let trained = match result {
@@ -246,9 +212,12 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         steps: trained.steps,
         final_loss: trained.final_loss,
         test_accuracy: trained.test_accuracy,
+        test_loss: trained.test_loss,
+        val_loss: data.tokens_per_sample().map(|_| trained.test_loss),
         samples_per_sec: trained.samples_per_sec,
+        tokens_per_sec: data.tokens_per_sample().map(|t| trained.samples_per_sec * t as f64),
         wall_seconds: trained.wall_seconds,
-        params: spec.layout().total(),
+        params: whole.total(),
         params_per_rank: column(0).into_iter().map(|v| v as u64).collect(),
         peak_activation_bytes_per_rank: column(1).into_iter().map(|v| v as u64).collect(),
         busy_seconds_per_rank: busy,
@@ -257,7 +226,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         job: serde_json::to_value(job).unwrap_or_default(),
     };
     if let (Some(dir), Some(full)) = (&run_dir, &full) {
-        write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(&spec.layout(), full))?;
+        write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(&whole, full))?;
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&dir.join("summary.json"), &json)?;
     }
@@ -292,12 +261,13 @@ fn gather_full_params(
         }
         return Ok(None);
     }
-    let mut full = vec![0f32; plan.spec.layout().total()];
-    plan.pieces[0].place(&plan.spec, &mine, &mut full);
+    let whole = &plan.info.layout;
+    let mut full = vec![0f32; whole.total()];
+    plan.layouts[0].place(whole, &mine, &mut full);
     for r in 1..plan.model_ranks {
-        let piece = &plan.pieces[r];
+        let piece = &plan.layouts[r];
         let bytes = comm.recv(r, PIECE_TAG, dl())?;
-        let want = piece.layout(&plan.spec).total() * 4;
+        let want = piece.layout.total() * 4;
         if bytes.len() != want {
             return Err(sheaf_core::CommError::Protocol {
                 op: sheaf_core::Op::Gather,
@@ -307,7 +277,7 @@ fn gather_full_params(
         }
         let values: Vec<f32> =
             bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
-        piece.place(&plan.spec, &values, &mut full);
+        piece.place(whole, &values, &mut full);
     }
     Ok(Some(full))
 }

@@ -3,7 +3,11 @@
 
 use sheaf_core::{Batch, ComputeBackend, Model, ModelSpec};
 
-use crate::CandleBackend;
+use crate::{CandleBackend, MlpSpec};
+
+fn widths(spec: &ModelSpec) -> Vec<usize> {
+    MlpSpec::parse(spec).unwrap().layers
+}
 
 fn batch_data(n: usize, d: usize, classes: u32) -> (Vec<f32>, Vec<u32>) {
     let inputs = (0..n * d).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
@@ -15,11 +19,12 @@ fn batch_data(n: usize, d: usize, classes: u32) -> (Vec<f32>, Vec<u32>) {
 fn gradients_match_finite_differences() {
     for spec in [
         ModelSpec::mlp(vec![5, 7, 3]),
-        ModelSpec { layers: vec![4, 6, 6, 2], activation: sheaf_core::Activation::Tanh },
+        ModelSpec::new("mlp", r#"{"layers": [4, 6, 6, 2], "activation": "tanh"}"#),
     ] {
         let mut m = CandleBackend::new("cpu").unwrap().build_model(&spec, 3).unwrap();
-        let (inputs, labels) = batch_data(9, spec.layers[0], *spec.layers.last().unwrap() as u32);
-        let batch = Batch { inputs: &inputs, labels: &labels, input_dim: spec.layers[0] };
+        let w = widths(&spec);
+        let (inputs, labels) = batch_data(9, w[0], *w.last().unwrap() as u32);
+        let batch = Batch::Rows { inputs: &inputs, labels: &labels, input_dim: w[0] };
         let total = m.layout().total();
         let mut grads = vec![0f32; total];
         m.forward_backward(&batch, &mut grads).unwrap();
@@ -56,7 +61,7 @@ fn params_round_trip_and_init_is_seeded() {
     a.read_params(&mut pa).unwrap();
     b.read_params(&mut pb).unwrap();
     assert_ne!(pa, pb);
-    assert_eq!(pa, crate::init_params(&spec, 1));
+    assert_eq!(pa, crate::init_params(&MlpSpec::parse(&spec).unwrap(), 1));
     b.write_params(&pa).unwrap();
     b.read_params(&mut pb).unwrap();
     assert_eq!(pa, pb);
@@ -73,11 +78,11 @@ fn wrong_shapes_and_devices_are_errors() {
     let mut grads = vec![0f32; m.layout().total()];
     let (inputs, labels) = batch_data(2, 5, 3);
     let e = m
-        .forward_backward(&Batch { inputs: &inputs, labels: &labels, input_dim: 5 }, &mut grads)
+        .forward_backward(&Batch::Rows { inputs: &inputs, labels: &labels, input_dim: 5 }, &mut grads)
         .unwrap_err();
     assert!(e.to_string().contains("4 inputs"), "{e}");
     let (inputs, _) = batch_data(2, 4, 3);
-    let e = m.evaluate(&Batch { inputs: &inputs, labels: &[0, 9], input_dim: 4 }).unwrap_err();
+    let e = m.evaluate(&Batch::Rows { inputs: &inputs, labels: &[0, 9], input_dim: 4 }).unwrap_err();
     assert!(e.to_string().contains("label 9"), "{e}");
     assert!(backend.build_model(&ModelSpec::mlp(vec![4]), 0).is_err());
     if !cfg!(feature = "cuda") {
@@ -95,7 +100,7 @@ fn stages_over_micro_batches_equal_the_whole_model() {
     let spec = ModelSpec::mlp(vec![6, 16, 12, 8, 4]);
     let backend = CandleBackend::new("cpu").unwrap();
     let (inputs, labels) = batch_data(12, 6, 4);
-    let batch = Batch { inputs: &inputs, labels: &labels, input_dim: 6 };
+    let batch = Batch::Rows { inputs: &inputs, labels: &labels, input_dim: 6 };
     let mut whole = backend.build_model(&spec, 11).unwrap();
     let total = whole.layout().total();
     let (mut want, mut params) = (vec![0f32; total], vec![0f32; total]);
@@ -108,7 +113,7 @@ fn stages_over_micro_batches_equal_the_whole_model() {
             let mut stages: Vec<_> = cut
                 .windows(2)
                 .map(|w| {
-                    let p = sheaf_core::Piece { layers: w[0]..w[1], tensor_rank: 0, tensor_width: 1 };
+                    let p = sheaf_core::Piece { blocks: w[0]..w[1], tensor_rank: 0, tensor_width: 1 };
                     backend.build_piece(&spec, &p, 11).unwrap()
                 })
                 .collect();
@@ -132,13 +137,13 @@ fn stages_over_micro_batches_equal_the_whole_model() {
             assert!((loss_sum / 12.0 - f64::from(loss)).abs() < 1e-6, "{cut:?} x{micro}");
             let mut got = vec![0f32; total];
             for s in stages.iter_mut() {
-                let piece = s.piece().unwrap();
+                let piece = backend.piece_layout(&spec, &s.piece().unwrap()).unwrap();
                 let mut g = vec![0f32; s.layout().total()];
                 s.take_grads(&mut g).unwrap();
-                piece.place(&spec, &g, &mut got);
+                piece.place(whole.layout(), &g, &mut got);
                 let mut p = vec![0f32; s.layout().total()];
                 s.read_params(&mut p).unwrap();
-                assert_eq!(p, piece.slice(&spec, &params));
+                assert_eq!(p, piece.slice(whole.layout(), &params));
                 assert_eq!(s.saved_bytes(), 0);
             }
             let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -159,7 +164,7 @@ fn tensor_parallel_slices_equal_the_whole_model() {
     {
         let spec = ModelSpec::mlp(layers.clone());
         let (inputs, labels) = batch_data(10, 6, *layers.last().unwrap() as u32);
-        let batch = Batch { inputs: &inputs, labels: &labels, input_dim: 6 };
+        let batch = Batch::Rows { inputs: &inputs, labels: &labels, input_dim: 6 };
         let mut whole = backend.build_model(&spec, 5).unwrap();
         let total = whole.layout().total();
         let mut want = vec![0f32; total];
@@ -167,7 +172,7 @@ fn tensor_parallel_slices_equal_the_whole_model() {
         let n = layers.len() - 1;
         let mut ranks: Vec<_> = (0..width)
             .map(|t| {
-                let p = sheaf_core::Piece { layers: 0..n, tensor_rank: t, tensor_width: width };
+                let p = sheaf_core::Piece { blocks: 0..n, tensor_rank: t, tensor_width: width };
                 backend.build_piece(&spec, &p, 5).unwrap()
             })
             .collect();
@@ -206,11 +211,11 @@ fn tensor_parallel_slices_equal_the_whole_model() {
         }
         let mut got = vec![f32::NAN; total];
         for (t, r) in ranks.iter_mut().enumerate() {
-            let piece = r.piece().unwrap();
+            let piece = backend.piece_layout(&spec, &r.piece().unwrap()).unwrap();
             let mut g = vec![0f32; r.layout().total()];
             r.take_grads(&mut g).unwrap();
             let mut mine = vec![f32::NAN; total];
-            piece.place(&spec, &g, &mut mine);
+            piece.place(whole.layout(), &g, &mut mine);
             for i in 0..total {
                 if mine[i].is_nan() {
                     continue;
@@ -233,13 +238,78 @@ fn tensor_parallel_slices_equal_the_whole_model() {
 /// initialisation sliced, for stages and tensor slices.
 #[test]
 fn piece_init_is_the_whole_init_sliced() {
-    let spec = ModelSpec::mlp(vec![6, 8, 12, 10, 4]);
+    let spec = MlpSpec::parse(&ModelSpec::mlp(vec![6, 8, 12, 10, 4])).unwrap();
     let whole = crate::init_params(&spec, 21);
     for piece in [
-        sheaf_core::Piece { layers: 1..3, tensor_rank: 0, tensor_width: 1 },
-        sheaf_core::Piece { layers: 0..4, tensor_rank: 1, tensor_width: 2 },
-        sheaf_core::Piece { layers: 3..4, tensor_rank: 0, tensor_width: 1 },
+        sheaf_core::Piece { blocks: 1..3, tensor_rank: 0, tensor_width: 1 },
+        sheaf_core::Piece { blocks: 0..4, tensor_rank: 1, tensor_width: 2 },
+        sheaf_core::Piece { blocks: 3..4, tensor_rank: 0, tensor_width: 1 },
     ] {
-        assert_eq!(crate::init_piece(&spec, &piece, 21), piece.slice(&spec, &whole), "{piece:?}");
+        let sliced = spec.piece_layout(&piece).unwrap().slice(&spec.layout(), &whole);
+        assert_eq!(crate::init_piece(&spec, &piece, 21).unwrap(), sliced, "{piece:?}");
     }
 }
+
+/// Placing every piece of a cut puts back every value of the full buffer, and slicing
+/// gives each piece its own.
+#[test]
+fn pieces_tile_the_model() {
+    for layers in [&[4, 6, 2][..], &[3, 8, 4, 5, 2], &[5, 4]] {
+        let s = MlpSpec::parse(&ModelSpec::mlp(layers.to_vec())).unwrap();
+        let whole = s.layout();
+        let n = layers.len() - 1;
+        let full: Vec<f32> = (0..whole.total()).map(|i| i as f32).collect();
+        for stages in 1..=n {
+            let cuts: Vec<_> = (0..stages).map(|k| sheaf_core::chunk_range(n, stages, k)).collect();
+            for width in [1, 2] {
+                let mut rebuilt = vec![-1f32; full.len()];
+                let mut count = 0;
+                for c in &cuts {
+                    for t in 0..width {
+                        let p = sheaf_core::Piece { blocks: c.clone(), tensor_rank: t, tensor_width: width };
+                        let Ok(pl) = s.piece_layout(&p) else { continue };
+                        let mine = pl.slice(&whole, &full);
+                        assert_eq!(mine.len(), pl.layout.total());
+                        pl.place(&whole, &mine, &mut rebuilt);
+                        count += 1;
+                    }
+                }
+                if count == stages * width {
+                    assert_eq!(rebuilt, full, "{layers:?} stages {stages} width {width}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn megatron_pairs_split_columns_then_rows() {
+    let s = MlpSpec::parse(&ModelSpec::mlp(vec![64, 128, 10])).unwrap();
+    let p = sheaf_core::Piece { blocks: 0..2, tensor_rank: 1, tensor_width: 2 };
+    assert_eq!(s.cut(&p, 0), crate::LayerCut::Column { rows: 64..128 });
+    assert_eq!(s.cut(&p, 1), crate::LayerCut::Row { cols: 64..128 });
+    let pl = s.piece_layout(&p).unwrap();
+    let shapes: Vec<Vec<usize>> = pl.layout.specs().iter().map(|x| x.shape.clone()).collect();
+    assert_eq!(shapes, [vec![64, 64], vec![64], vec![10, 64], vec![10]]);
+    // About half the model each: 4,810 of 9,610.
+    assert_eq!(pl.layout.total(), 4810);
+    let odd = sheaf_core::Piece { blocks: 0..2, tensor_rank: 0, tensor_width: 3 };
+    let e = s.piece_layout(&odd).unwrap_err().to_string();
+    assert!(e.contains("does not divide the 128 output features of layer 0"), "{e}");
+}
+
+#[test]
+fn mlp_settings_are_checked_by_the_plugin() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    let e = backend.describe(&ModelSpec::new("mlp", r#"{"layers": [4, 2], "widht": 3}"#)).unwrap_err();
+    assert!(e.to_string().contains("unknown field `widht`"), "{e}");
+    let e = backend.describe(&ModelSpec::new("resnet", "{}")).unwrap_err();
+    assert!(
+        e.to_string().contains("unknown model kind `resnet`") && e.to_string().contains("mlp, gpt"),
+        "{e}"
+    );
+    let info = backend.describe(&ModelSpec::mlp(vec![4, 6, 2])).unwrap();
+    assert_eq!(info.blocks.iter().map(|b| b.params).collect::<Vec<_>>(), [30, 14]);
+}
+
+mod gpt;

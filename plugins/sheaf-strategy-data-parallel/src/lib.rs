@@ -9,13 +9,20 @@
 //! global batch: the same as one process training on that batch. Every rank then takes
 //! the same optimizer step. A parameter checksum compared across ranks every
 //! `checksum_every` steps and at the end turns any desync into an error.
+//!
+//! The training loop: `grad_accum` micro-steps (global batches) per optimizer step,
+//! their gradients weighted by their share of the step's samples and reduced once;
+//! the summed gradient clipped to `grad_clip` by its global norm (every rank holds the
+//! whole gradient, so the norm is local); the learning rate of the step from the
+//! schedule; validation every `eval_every` steps.
 
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    epochs_done, global_batches, test_accuracy, Batch, Communicator, DType, Deadline, Error, PluginKind,
-    Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
+    clip_factor, epochs_done, evaluate_indices, optimizer_steps, sum_of_squares, test_totals, Communicator,
+    DType, DataPartitioner, Dataset, Deadline, Error, Model, PluginKind, Provided, ReduceOp, Result,
+    StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -129,34 +136,59 @@ impl Strategy for DataParallel {
         model.write_params(&params)?;
 
         let start = Instant::now();
+        let total_steps = config.total_steps(train.len());
         let mut grads = vec![0f32; total];
         // Gradients then the batch loss, reduced together.
         let mut reduced = vec![0f32; total + 1];
-        let (mut step, mut last_loss, mut samples) = (0u64, f64::NAN, 0usize);
-        for (epoch, global) in global_batches(train.len(), &config) {
+        let (mut step, mut micro, mut last_loss, mut samples) = (0u64, 0u64, f64::NAN, 0usize);
+        for group in optimizer_steps(train.len(), &config) {
             let t0 = Instant::now();
-            let mine: Vec<usize> =
-                partitioner.shard(step, global.len(), rank, world)?.into_iter().map(|i| global[i]).collect();
-            let (inputs, labels) = train.gather(&mine);
-            let local = Batch { inputs: &inputs, labels: &labels, input_dim: train.input_dim };
-            let loss = model.forward_backward(&local, &mut grads)?;
-            let share = mine.len() as f32 / global.len() as f32;
-            for (r, g) in reduced.iter_mut().zip(&grads) {
-                *r = g * share;
+            // Every micro-step's mean gradient weighted by its share of the samples of
+            // the whole optimizer step: the gradient of the mean loss over all of them.
+            let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
+            reduced.fill(0.0);
+            for (_, global) in &group {
+                let mine: Vec<usize> = partitioner
+                    .shard(micro, global.len(), rank, world)?
+                    .into_iter()
+                    .map(|i| global[i])
+                    .collect();
+                micro += 1;
+                let local = train.gather(&mine)?;
+                let loss = model.forward_backward(&local.batch(), &mut grads)?;
+                let share = mine.len() as f32 / group_samples as f32;
+                for (r, g) in reduced.iter_mut().zip(&grads) {
+                    *r += g * share;
+                }
+                reduced[total] += loss * share;
             }
-            reduced[total] = loss * share;
             comm.allreduce(f32_bytes_mut(&mut reduced), DType::F32, ReduceOp::Sum, self.deadline())?;
+            // Every rank holds the same summed gradient, so its norm needs no talk.
+            let grad_norm = sum_of_squares(&reduced[..total]).sqrt();
+            let clip = clip_factor(grad_norm, config.grad_clip);
+            if clip < 1.0 {
+                reduced[..total].iter_mut().for_each(|g| *g *= clip);
+            }
+            optimizer.set_learning_rate(config.lr.at(step, total_steps));
             optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
             model.write_params(&params)?;
             step += 1;
-            samples += global.len();
+            samples += group_samples;
             last_loss = f64::from(reduced[total]);
+            let val_loss = match config.eval_every {
+                Some(every) if step.is_multiple_of(every) => {
+                    Some(self.evaluate(comm, model, partitioner, test, config.batch_size)?.1)
+                }
+                _ => None,
+            };
             metrics.record(&StepMetrics {
                 step,
-                epoch,
+                epoch: group.last().map_or(0, |(e, _)| *e),
                 loss: last_loss,
                 lr: optimizer.learning_rate(),
-                samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                samples_per_sec: group_samples as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                grad_norm,
+                val_loss,
             });
             if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
                 check_in_sync(comm, &params, step, self.deadline())?;
@@ -165,26 +197,36 @@ impl Strategy for DataParallel {
         let wall = start.elapsed().as_secs_f64();
         check_in_sync(comm, &params, step, self.deadline())?;
 
-        // Test accuracy: each rank evaluates its share of the test set.
-        let shard = partitioner.shard(0, test.len(), rank, world)?;
-        let (inputs, labels) = test.gather(&shard);
-        let (loss_sum, correct) =
-            model.evaluate(&Batch { inputs: &inputs, labels: &labels, input_dim: test.input_dim })?;
+        let (test_accuracy, test_loss) = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
         Ok(TrainSummary {
             epochs: epochs_done(step, train.len(), &config),
             steps: step,
             final_loss: last_loss,
-            test_accuracy: test_accuracy(
-                comm,
-                [loss_sum, correct as f64, shard.len() as f64],
-                self.deadline(),
-            )?,
+            test_accuracy,
+            test_loss,
             samples_per_sec: samples as f64 / wall.max(1e-9),
             wall_seconds: wall,
             peak_activation_bytes: 0,
             busy_seconds: 0.0,
             idle_seconds: 0.0,
         })
+    }
+}
+
+impl DataParallel {
+    /// Accuracy and mean loss per prediction on the test split: each rank evaluates
+    /// its share, `chunk` samples at a time.
+    fn evaluate(
+        &self,
+        comm: &dyn Communicator,
+        model: &mut dyn Model,
+        partitioner: &dyn DataPartitioner,
+        test: &dyn Dataset,
+        chunk: usize,
+    ) -> Result<(f64, f64)> {
+        let shard = partitioner.shard(0, test.len(), comm.rank(), comm.world_size())?;
+        let totals = evaluate_indices(model, test, &shard, chunk)?;
+        test_totals(comm, totals, self.deadline())
     }
 }
 

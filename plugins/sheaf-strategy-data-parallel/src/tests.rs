@@ -6,8 +6,8 @@
 //! tests repeat the law with the real candle, optimizer and partitioner plugins.
 
 use sheaf_core::{
-    Batch, DataPartitioner, MetricsSink, Model, OptimState, Optimizer, Param, ParamLayout, ParamSpec, Result,
-    StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary,
+    Batch, DataPartitioner, LrSchedule, MetricsSink, Model, OptimState, Optimizer, Param, ParamLayout,
+    ParamSpec, Result, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary,
 };
 use sheaf_testkit::run_world;
 
@@ -60,13 +60,14 @@ impl Model for Softmax {
         Ok(())
     }
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
+        let Batch::Rows { inputs, labels, .. } = *batch else { panic!("rows") };
         let n = batch.len();
         let mut g = vec![0f64; grads.len()];
         let mut loss = 0.0;
         for i in 0..n {
-            let x = &batch.inputs[i * self.d..(i + 1) * self.d];
+            let x = &inputs[i * self.d..(i + 1) * self.d];
             let p = self.probs(x);
-            let y = batch.labels[i] as usize;
+            let y = labels[i] as usize;
             loss -= p[y].ln();
             for c in 0..self.k {
                 let delta = p[c] - f64::from(u8::from(c == y));
@@ -81,11 +82,12 @@ impl Model for Softmax {
         Ok((loss * scale) as f32)
     }
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
+        let Batch::Rows { inputs, labels, .. } = *batch else { panic!("rows") };
         let mut loss = 0.0;
         let mut correct = 0;
         for i in 0..batch.len() {
-            let p = self.probs(&batch.inputs[i * self.d..(i + 1) * self.d]);
-            let y = batch.labels[i] as usize;
+            let p = self.probs(&inputs[i * self.d..(i + 1) * self.d]);
+            let y = labels[i] as usize;
             loss -= p[y].ln();
             let best = (0..self.k).max_by(|a, b| p[*a].total_cmp(&p[*b])).unwrap();
             correct += usize::from(best == y);
@@ -156,6 +158,16 @@ fn train_seeded(
     via_abi: bool,
     seed: u64,
 ) -> Vec<(Vec<f32>, TrainSummary)> {
+    let config = TrainConfig::basic(seed, 3, batch, steps, 0.5);
+    train_with(n, config, via_abi).into_iter().map(|(p, s, _)| (p, s)).collect()
+}
+
+/// Every rank's final parameters, summary and step metrics.
+fn train_with(
+    n: usize,
+    config: TrainConfig,
+    via_abi: bool,
+) -> Vec<(Vec<f32>, TrainSummary, Vec<StepMetrics>)> {
     let data = sheaf_data::teacher(300, 8, 3, 5);
     let (train, test) = data.split(0.2, 1);
     run_world(n, |comm| {
@@ -169,18 +181,18 @@ fn train_seeded(
         }
         let summary = strategy
             .train(TrainContext {
-                config: TrainConfig { seed, epochs: 3, batch_size: batch, max_steps: steps },
+                config: config.clone(),
                 comm: &comm,
                 model: &mut model,
                 optimizer: &mut opt,
                 partitioner: &Blocks,
-                train: Batch { inputs: &train.inputs, labels: &train.labels, input_dim: 8 },
-                test: Batch { inputs: &test.inputs, labels: &test.labels, input_dim: 8 },
+                train: &train,
+                test: &test,
                 metrics: &mut sink,
             })
             .unwrap();
         assert_eq!(sink.0.len() as u64, summary.steps);
-        (model.params.clone(), summary)
+        (model.params.clone(), summary, sink.0)
     })
 }
 
@@ -230,4 +242,69 @@ fn whole_run_learns_and_matches_one_process_accuracy() {
     assert_eq!((s3.epochs, s3.steps), (3, 3 * 240usize.div_ceil(16) as u64));
     assert!(s3.test_accuracy > 0.6, "{s3:?}");
     assert!((s1.test_accuracy - s3.test_accuracy).abs() <= 0.01, "{s1:?} vs {s3:?}");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(sheaf_testkit::proptest_cases(16)))]
+
+    /// The same law with the whole training loop: gradient accumulation, clipping by
+    /// the global norm (reported equal to one process's) and a cosine schedule with
+    /// warmup.
+    #[test]
+    fn the_training_loop_equals_single_process(
+        n in 2usize..=4,
+        batch in 1usize..=24,
+        accum in 1usize..=3,
+        clip in proptest::option::of(0.05f64..2.0),
+        steps in 1u64..=8,
+    ) {
+        let config = TrainConfig {
+            grad_accum: accum,
+            grad_clip: clip,
+            lr: LrSchedule { base: 0.5, cosine: true, warmup_steps: 2, min_lr: 0.05 },
+            eval_every: Some(3),
+            ..TrainConfig::basic(4, 3, batch, Some(steps), 0.5)
+        };
+        let single = train_with(1, config.clone(), false);
+        let multi = train_with(n, config, false);
+        let d = max_abs_diff(&multi[0].0, &single[0].0);
+        proptest::prop_assert!(d <= 1e-6, "max abs diff {}", d);
+        for (a, b) in multi[0].2.iter().zip(&single[0].2) {
+            proptest::prop_assert!((a.grad_norm - b.grad_norm).abs() <= 1e-5 * b.grad_norm.max(1.0), "{} vs {}", a.grad_norm, b.grad_norm);
+            proptest::prop_assert_eq!(a.lr, b.lr);
+            proptest::prop_assert_eq!(a.val_loss.is_some(), a.step % 3 == 0);
+        }
+    }
+}
+
+/// Three micro-steps of 8 samples are one step of 24: the same samples in the same
+/// optimizer steps, the same result up to summation order.
+#[test]
+fn accumulation_equals_the_larger_batch() {
+    let accumulated =
+        train_with(2, TrainConfig { grad_accum: 3, ..TrainConfig::basic(9, 1, 8, Some(6), 0.5) }, false);
+    let large = train_with(2, TrainConfig::basic(9, 1, 24, Some(6), 0.5), false);
+    assert_eq!(accumulated[0].1.steps, 6);
+    let d = max_abs_diff(&accumulated[0].0, &large[0].0);
+    assert!(d <= 1e-5, "max abs diff {d}");
+}
+
+/// Clipping scales the step to the norm asked for: the clipped run's parameters
+/// differ from the unclipped one's, and every reported norm is the unclipped norm.
+#[test]
+fn clipping_bounds_the_update() {
+    let free = train_with(1, TrainConfig::basic(9, 1, 16, Some(1), 0.5), false);
+    let clipped = train_with(
+        1,
+        TrainConfig { grad_clip: Some(1e-3), ..TrainConfig::basic(9, 1, 16, Some(1), 0.5) },
+        false,
+    );
+    let norm = free[0].2[0].grad_norm;
+    assert!(norm > 1e-3);
+    assert_eq!(clipped[0].2[0].grad_norm, norm);
+    let start = Softmax::new(8, 3, 100).params;
+    let moved = |p: &[f32]| p.iter().zip(&start).map(|(a, b)| f64::from(a - b).powi(2)).sum::<f64>().sqrt();
+    // One momentum-SGD step moves the parameters by lr times the (clipped) gradient.
+    assert!((moved(&clipped[0].0) - 0.5 * 1e-3).abs() < 1e-5, "{}", moved(&clipped[0].0));
+    assert!((moved(&free[0].0) - 0.5 * norm).abs() < 1e-4 * norm);
 }

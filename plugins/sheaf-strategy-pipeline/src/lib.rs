@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    chunk_range, epochs_done, global_batches, test_accuracy, Communicator, DType, Deadline, Error, Mesh,
-    Model, PluginKind, Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
+    chunk_range, epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model,
+    PluginKind, Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -245,22 +245,23 @@ impl Pipeline {
 /// `share` (sample indices) cut into at most `m` micro-batches of nearly equal size,
 /// with the inputs and labels each stage needs.
 fn micro_batches(
-    data: &sheaf_core::Batch<'_>,
+    data: &dyn sheaf_core::Dataset,
     share: &[usize],
     m: usize,
     first: bool,
     last: bool,
-) -> Vec<Micro> {
+) -> Result<Vec<Micro>> {
     let count = m.min(share.len()).max(1);
     (0..count)
         .map(|k| {
             let idx = &share[chunk_range(share.len(), count, k)];
-            let (inputs, labels) = data.gather(idx);
-            Micro {
+            let samples = data.gather(idx)?;
+            let (inputs, labels, _) = samples.rows("the pipeline strategy")?;
+            Ok(Micro {
                 rows: idx.len(),
-                inputs: if first { inputs } else { Vec::new() },
-                labels: if last { labels } else { Vec::new() },
-            }
+                inputs: if first { inputs.to_vec() } else { Vec::new() },
+                labels: if last { labels.to_vec() } else { Vec::new() },
+            })
         })
         .collect()
 }
@@ -272,6 +273,8 @@ impl Strategy for Pipeline {
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        config.refuse_beyond_basics("pipeline")?;
+        let total_steps = config.total_steps(train.len());
         let (stages, pipelines) = (self.config.pipeline, self.config.data);
         if config.batch_size == 0 || train.is_empty() {
             return Err(Error::config(
@@ -293,10 +296,10 @@ impl Strategy for Pipeline {
         let mesh = Mesh::split(comm, pipelines, stages, "pipeline stages", self.deadline())?;
         let (d, p, pipe) = (mesh.replica, mesh.model_rank, mesh.model.as_ref());
         let (first, last) = (p == 0, p + 1 == stages);
-        if first != (piece.layers.start == 0) {
+        if first != (piece.blocks.start == 0) {
             return Err(Error::BadState(format!(
                 "stage {p} holds layers {:?}: stage 0, and only stage 0, must hold layer 0",
-                piece.layers
+                piece.blocks
             )));
         }
         // Widths of this stage's input and output activations, from its parameters.
@@ -313,7 +316,7 @@ impl Strategy for Pipeline {
             let t0 = Instant::now();
             let share: Vec<usize> =
                 partitioner.shard(step, global.len(), d, pipelines)?.into_iter().map(|i| global[i]).collect();
-            let micros = micro_batches(&train, &share, self.config.micro_batches, first, last);
+            let micros = micro_batches(train, &share, self.config.micro_batches, first, last)?;
             let passes = schedule(self.config.schedule, stages, p, micros.len());
             pipe.barrier(self.deadline())?;
             let t_sched = Instant::now();
@@ -332,6 +335,7 @@ impl Strategy for Pipeline {
             }
             model.take_grads(&mut grads)?;
             mesh.sum_over_replicas(&mut grads, self.deadline())?;
+            optimizer.set_learning_rate(config.lr.at(step, total_steps));
             optimizer.step(&mut layout.params(&mut params, &grads))?;
             model.write_params(&params)?;
             let mut loss = [loss_sum];
@@ -345,6 +349,8 @@ impl Strategy for Pipeline {
                 loss: last_loss,
                 lr: optimizer.learning_rate(),
                 samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                grad_norm: f64::NAN,
+                val_loss: None,
             });
         }
         let wall = start.elapsed().as_secs_f64();
@@ -354,7 +360,7 @@ impl Strategy for Pipeline {
         if d == 0 {
             let all: Vec<usize> = (0..test.len()).collect();
             for (k, chunk) in all.chunks(config.batch_size.max(1)).enumerate() {
-                let micros = micro_batches(&test, chunk, 1, first, last);
+                let micros = micro_batches(test, chunk, 1, first, last)?;
                 let id = u64::MAX / 2 + k as u64;
                 let mut scratch = StageClock::default();
                 let widths = (in_width, out_width);
@@ -374,11 +380,13 @@ impl Strategy for Pipeline {
                 }
             }
         }
+        let (test_accuracy, test_loss) = test_totals(comm, totals, self.deadline())?;
         Ok(TrainSummary {
             epochs: epochs_done(step, train.len(), &config),
             steps: step,
             final_loss: last_loss,
-            test_accuracy: test_accuracy(comm, totals, self.deadline())?,
+            test_accuracy,
+            test_loss,
             samples_per_sec: samples as f64 / wall.max(1e-9),
             wall_seconds: wall,
             peak_activation_bytes: clock.peak,

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    epochs_done, global_batches, test_accuracy, Communicator, DType, Deadline, Error, Mesh, Model,
-    PluginKind, Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
+    epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model, PluginKind,
+    Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -141,6 +141,8 @@ impl Strategy for TensorParallel {
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        config.refuse_beyond_basics("tensor-parallel")?;
+        let total_steps = config.total_steps(train.len());
         let (width, groups) = (self.config.tensor, self.config.data);
         if config.batch_size == 0 || train.is_empty() {
             return Err(Error::config(
@@ -175,10 +177,11 @@ impl Strategy for TensorParallel {
                 partitioner.shard(step, global.len(), d, groups)?.into_iter().map(|i| global[i]).collect();
             let mut loss = [0.0f64];
             if !share.is_empty() {
-                let (inputs, labels) = train.gather(&share);
-                let logits = self.forward(group, model, step, &inputs, share.len())?;
+                let samples = train.gather(&share)?;
+                let (inputs, labels, _) = samples.rows("the tensor-parallel strategy")?;
+                let logits = self.forward(group, model, step, inputs, share.len())?;
                 peak = peak.max(model.saved_bytes());
-                let (loss_sum, _, grad) = model.loss_grad(&logits, &labels, 1.0 / global.len() as f32)?;
+                let (loss_sum, _, grad) = model.loss_grad(&logits, labels, 1.0 / global.len() as f32)?;
                 self.backward(group, model, step, grad)?;
                 if t == 0 {
                     loss[0] = loss_sum;
@@ -186,6 +189,7 @@ impl Strategy for TensorParallel {
             }
             model.take_grads(&mut grads)?;
             mesh.sum_over_replicas(&mut grads, self.deadline())?;
+            optimizer.set_learning_rate(config.lr.at(step, total_steps));
             optimizer.step(&mut layout.params(&mut params, &grads))?;
             model.write_params(&params)?;
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
@@ -198,6 +202,8 @@ impl Strategy for TensorParallel {
                 loss: last_loss,
                 lr: optimizer.learning_rate(),
                 samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                grad_norm: f64::NAN,
+                val_loss: None,
             });
         }
         let wall = start.elapsed().as_secs_f64();
@@ -207,20 +213,23 @@ impl Strategy for TensorParallel {
         if d == 0 {
             let all: Vec<usize> = (0..test.len()).collect();
             for (k, chunk) in all.chunks(config.batch_size.max(1)).enumerate() {
-                let (inputs, labels) = test.gather(chunk);
-                let logits = self.forward(group, model, u64::MAX / 2 + k as u64, &inputs, chunk.len())?;
+                let samples = test.gather(chunk)?;
+                let (inputs, labels, _) = samples.rows("the tensor-parallel strategy")?;
+                let logits = self.forward(group, model, u64::MAX / 2 + k as u64, inputs, chunk.len())?;
                 model.drop_saved();
-                let (l, c, _) = model.loss_grad(&logits, &labels, 0.0)?;
+                let (l, c, _) = model.loss_grad(&logits, labels, 0.0)?;
                 if t == 0 {
                     totals = [totals[0] + l, totals[1] + c as f64, totals[2] + chunk.len() as f64];
                 }
             }
         }
+        let (test_accuracy, test_loss) = test_totals(comm, totals, self.deadline())?;
         Ok(TrainSummary {
             epochs: epochs_done(step, train.len(), &config),
             steps: step,
             final_loss: last_loss,
-            test_accuracy: test_accuracy(comm, totals, self.deadline())?,
+            test_accuracy,
+            test_loss,
             samples_per_sec: samples as f64 / wall.max(1e-9),
             wall_seconds: wall,
             peak_activation_bytes: peak,

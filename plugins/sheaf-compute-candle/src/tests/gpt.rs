@@ -1,0 +1,296 @@
+//! The GPT: nanoGPT's names and shapes, its initialisation, gradients against finite
+//! differences, and the loss against a plain reference implementation written from
+//! the architecture's definition (f64 loops, no candle).
+
+use sheaf_core::{Batch, ComputeBackend, Model, ModelInput, ModelSpec};
+
+use crate::{CandleBackend, GptSpec};
+
+fn spec(extra: &str) -> ModelSpec {
+    let mut s = ModelSpec::new(
+        "gpt",
+        format!(r#"{{"n_layer": 2, "n_head": 2, "n_embd": 8, "block_size": 6{extra}}}"#),
+    );
+    s.vocab_size = Some(11);
+    s
+}
+
+fn windows(n: usize, window: usize, vocab: u32) -> Vec<u32> {
+    (0..n * window).map(|i| ((i * 7 + i / 3) as u32) % vocab).collect()
+}
+
+#[test]
+fn names_and_shapes_are_nanogpts() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    let info = backend.describe(&spec("")).unwrap();
+    let names: Vec<(String, Vec<usize>)> =
+        info.layout.specs().iter().map(|s| (s.name.clone(), s.shape.clone())).collect();
+    let h0: Vec<(String, Vec<usize>)> = [
+        ("ln_1.weight", vec![8]),
+        ("ln_1.bias", vec![8]),
+        ("attn.c_attn.weight", vec![24, 8]),
+        ("attn.c_attn.bias", vec![24]),
+        ("attn.c_proj.weight", vec![8, 8]),
+        ("attn.c_proj.bias", vec![8]),
+        ("ln_2.weight", vec![8]),
+        ("ln_2.bias", vec![8]),
+        ("mlp.c_fc.weight", vec![32, 8]),
+        ("mlp.c_fc.bias", vec![32]),
+        ("mlp.c_proj.weight", vec![8, 32]),
+        ("mlp.c_proj.bias", vec![8]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (format!("transformer.h.0.{n}"), s))
+    .collect();
+    assert_eq!(names[0], ("transformer.wte.weight".to_string(), vec![11, 8]));
+    assert_eq!(names[1], ("transformer.wpe.weight".to_string(), vec![6, 8]));
+    assert_eq!(names[2..14], h0[..]);
+    assert_eq!(names.len(), 2 + 2 * 12 + 2, "the tied head is not stored");
+    assert_eq!(names.last().unwrap().0, "transformer.ln_f.bias");
+    let blocks: Vec<&str> = info.blocks.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(blocks, ["embeddings", "h.0", "h.1", "head"]);
+    assert_eq!(info.blocks.iter().map(|b| b.params).sum::<u64>() as usize, info.layout.total());
+    assert_eq!(info.input, ModelInput::Tokens { vocab_size: 11, block_size: 6 });
+
+    let untied = backend.describe(&spec(r#", "bias": false, "tie_embeddings": false"#)).unwrap();
+    let names: Vec<&str> = untied.layout.specs().iter().map(|s| s.name.as_str()).collect();
+    assert!(!names.iter().any(|n| n.ends_with(".bias")), "{names:?}");
+    assert_eq!(*names.last().unwrap(), "lm_head.weight");
+}
+
+#[test]
+fn init_is_nanogpts() {
+    let mut wide = ModelSpec::new("gpt", r#"{"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 16}"#);
+    wide.vocab_size = Some(50);
+    let g = GptSpec::parse(&wide).unwrap();
+    let layout = g.layout();
+    let values = crate::gpt::init_params(&g, 3);
+    let std_of = |name: &str| {
+        let i = layout.specs().iter().position(|s| s.name == name).unwrap();
+        let v = &values[layout.range(i)];
+        let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+        (v.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+    };
+    let close = |got: f64, want: f64| (got - want).abs() < 0.1 * want;
+    assert!(close(std_of("transformer.wte.weight"), 0.02));
+    assert!(close(std_of("transformer.h.1.mlp.c_fc.weight"), 0.02));
+    // 0.02 / sqrt(2 n_layer) for both c_proj weights.
+    assert!(close(std_of("transformer.h.0.attn.c_proj.weight"), 0.01));
+    assert!(close(std_of("transformer.h.1.mlp.c_proj.weight"), 0.01));
+    for (i, s) in layout.specs().iter().enumerate() {
+        let v = &values[layout.range(i)];
+        if s.name.ends_with(".bias") {
+            assert!(v.iter().all(|&x| x == 0.0), "{}", s.name);
+        } else if s.name.contains(".ln_") {
+            assert!(v.iter().all(|&x| x == 1.0), "{}", s.name);
+        }
+    }
+    assert_eq!(values, crate::gpt::init_params(&g, 3));
+    assert_ne!(values, crate::gpt::init_params(&g, 4));
+}
+
+#[test]
+fn bad_settings_are_errors_naming_the_key() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    let mut odd = ModelSpec::new("gpt", r#"{"n_layer": 1, "n_head": 3, "n_embd": 8, "block_size": 4}"#);
+    odd.vocab_size = Some(5);
+    let e = backend.describe(&odd).unwrap_err().to_string();
+    assert!(e.contains("model.n_embd") && e.contains("not divisible by n_head = 3"), "{e}");
+    let no_vocab = ModelSpec::new("gpt", r#"{"n_layer": 1, "n_head": 2, "n_embd": 8, "block_size": 4}"#);
+    let e = backend.describe(&no_vocab).unwrap_err().to_string();
+    assert!(e.contains("model.vocab_size") && e.contains("required"), "{e}");
+    let e = backend.describe(&spec(r#", "dropout": 0.1"#)).unwrap_err().to_string();
+    assert!(e.contains("unknown field `dropout`"), "{e}");
+    let e = backend.describe(&spec(r#", "vocab_size": 4"#)).unwrap_err().to_string();
+    assert!(e.contains("vocabulary has 11"), "{e}");
+    let mut m = backend.build_model(&spec(""), 0).unwrap();
+    let mut grads = vec![0f32; m.layout().total()];
+    let e =
+        m.forward_backward(&Batch::Tokens { windows: &[1, 2, 11, 3], window: 4 }, &mut grads).unwrap_err();
+    assert!(e.to_string().contains("token id 11 (at 2"), "{e}");
+    let e = m.forward_backward(&Batch::Tokens { windows: &[1; 8], window: 8 }, &mut grads).unwrap_err();
+    assert!(e.to_string().contains("block_size 6"), "{e}");
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    for extra in ["", r#", "bias": false, "tie_embeddings": false"#] {
+        let spec = spec(extra);
+        let mut m = CandleBackend::new("cpu").unwrap().build_model(&spec, 7).unwrap();
+        let w = windows(3, 7, 11);
+        let batch = Batch::Tokens { windows: &w, window: 7 };
+        let total = m.layout().total();
+        let mut grads = vec![0f32; total];
+        let loss = m.forward_backward(&batch, &mut grads).unwrap();
+        let mut params = vec![0f32; total];
+        m.read_params(&mut params).unwrap();
+        // Larger values than the init's, so every path's gradient is well above noise.
+        let mut rng = sheaf_core::SplitMix64::new(1);
+        for p in params.iter_mut() {
+            *p += 0.3 * rng.next_f32();
+        }
+        m.write_params(&params).unwrap();
+        let loss2 = m.forward_backward(&batch, &mut grads).unwrap();
+        assert!(loss2 != loss);
+        let loss_at = |m: &mut Box<dyn Model>, p: &[f32]| {
+            m.write_params(p).unwrap();
+            m.evaluate(&batch).unwrap().0 / batch.predictions() as f64
+        };
+        let mut worst = 0f64;
+        for i in (0..total).step_by(7) {
+            let h = 1e-2f32;
+            let mut plus = params.clone();
+            plus[i] += h;
+            let mut minus = params.clone();
+            minus[i] -= h;
+            let numeric = (loss_at(&mut m, &plus) - loss_at(&mut m, &minus)) / (2.0 * f64::from(h));
+            worst = worst.max((numeric - f64::from(grads[i])).abs());
+            assert!(
+                (numeric - f64::from(grads[i])).abs() < 3e-3,
+                "{extra} param {i}: numeric {numeric} vs {}",
+                grads[i]
+            );
+        }
+        assert!(worst > 0.0);
+    }
+}
+
+/// The plain reference: GPT-2's forward written out in f64 loops.
+fn reference_loss(
+    spec: &GptSpec,
+    layout: &sheaf_core::ParamLayout,
+    params: &[f32],
+    windows: &[u32],
+    window: usize,
+) -> f64 {
+    let p = |name: &str| -> Option<Vec<f64>> {
+        let i = layout.specs().iter().position(|s| s.name == name)?;
+        Some(params[layout.range(i)].iter().map(|&v| f64::from(v)).collect())
+    };
+    let (c, nh, v) = (spec.n_embd, spec.n_head, spec.vocab_size);
+    let hs = c / nh;
+    let t = window - 1;
+    let linear = |x: &[f64], name: &str, out: usize| -> Vec<f64> {
+        let w = p(&format!("{name}.weight")).unwrap();
+        let b = p(&format!("{name}.bias"));
+        let inp = x.len();
+        (0..out)
+            .map(|o| (0..inp).map(|i| w[o * inp + i] * x[i]).sum::<f64>() + b.as_ref().map_or(0.0, |b| b[o]))
+            .collect()
+    };
+    let norm = |x: &[f64], name: &str| -> Vec<f64> {
+        let w = p(&format!("{name}.weight")).unwrap();
+        let b = p(&format!("{name}.bias"));
+        let mean = x.iter().sum::<f64>() / x.len() as f64;
+        let var = x.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / x.len() as f64;
+        x.iter()
+            .enumerate()
+            .map(|(i, a)| (a - mean) / (var + 1e-5).sqrt() * w[i] + b.as_ref().map_or(0.0, |b| b[i]))
+            .collect()
+    };
+    let gelu = |x: f64| 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2));
+    let (wte, wpe) = (p("transformer.wte.weight").unwrap(), p("transformer.wpe.weight").unwrap());
+    let head = if spec.tie_embeddings { wte.clone() } else { p("lm_head.weight").unwrap() };
+    let mut total = 0.0;
+    for w in windows.chunks_exact(window) {
+        let mut x: Vec<Vec<f64>> =
+            (0..t).map(|i| (0..c).map(|k| wte[w[i] as usize * c + k] + wpe[i * c + k]).collect()).collect();
+        for l in 0..spec.n_layer {
+            let h = format!("transformer.h.{l}");
+            let qkv: Vec<Vec<f64>> = x
+                .iter()
+                .map(|r| linear(&norm(r, &format!("{h}.ln_1")), &format!("{h}.attn.c_attn"), 3 * c))
+                .collect();
+            let mut y = vec![vec![0.0; c]; t];
+            for head_i in 0..nh {
+                for i in 0..t {
+                    let scores: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..hs)
+                                .map(|d| qkv[i][head_i * hs + d] * qkv[j][c + head_i * hs + d])
+                                .sum::<f64>()
+                                / (hs as f64).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for (j, ej) in e.iter().enumerate() {
+                        for d in 0..hs {
+                            y[i][head_i * hs + d] += ej / z * qkv[j][2 * c + head_i * hs + d];
+                        }
+                    }
+                }
+            }
+            for i in 0..t {
+                let a = linear(&y[i], &format!("{h}.attn.c_proj"), c);
+                x[i].iter_mut().zip(a).for_each(|(xi, ai)| *xi += ai);
+                let m: Vec<f64> = linear(&norm(&x[i], &format!("{h}.ln_2")), &format!("{h}.mlp.c_fc"), 4 * c)
+                    .into_iter()
+                    .map(gelu)
+                    .collect();
+                let m = linear(&m, &format!("{h}.mlp.c_proj"), c);
+                x[i].iter_mut().zip(m).for_each(|(xi, mi)| *xi += mi);
+            }
+        }
+        for i in 0..t {
+            let f = norm(&x[i], "transformer.ln_f");
+            let logits: Vec<f64> = (0..v).map(|o| (0..c).map(|k| head[o * c + k] * f[k]).sum()).collect();
+            let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+            total += lse - logits[w[i + 1] as usize];
+        }
+    }
+    total
+}
+
+/// erf by Abramowitz and Stegun 7.1.26 (|error| < 1.5e-7).
+fn erf(x: f64) -> f64 {
+    let s = x.signum();
+    let x = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * x);
+    let y = 1.0
+        - (((((1.061_405_429 * t - 1.453_152_027) * t) + 1.421_413_741) * t - 0.284_496_736) * t
+            + 0.254_829_592)
+            * t
+            * (-x * x).exp();
+    s * y
+}
+
+#[test]
+fn loss_equals_the_reference_definition() {
+    for extra in ["", r#", "bias": false, "tie_embeddings": false"#] {
+        let spec = spec(extra);
+        let g = GptSpec::parse(&spec).unwrap();
+        let mut m = CandleBackend::new("cpu").unwrap().build_model(&spec, 5).unwrap();
+        let total = m.layout().total();
+        let mut params = vec![0f32; total];
+        m.read_params(&mut params).unwrap();
+        let mut rng = sheaf_core::SplitMix64::new(2);
+        for p in params.iter_mut() {
+            *p += 0.5 * rng.next_f32();
+        }
+        m.write_params(&params).unwrap();
+        // Full windows and shorter ones (fewer positions than block_size).
+        for window in [7, 4] {
+            let w = windows(3, window, 11);
+            let (sum, _) = m.evaluate(&Batch::Tokens { windows: &w, window }).unwrap();
+            let want = reference_loss(&g, m.layout(), &params, &w, window);
+            assert!(
+                (sum - want).abs() < 1e-4 * want.abs().max(1.0),
+                "{extra} window {window}: {sum} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn predict_gives_the_last_positions_logits() {
+    let mut m = CandleBackend::new("cpu").unwrap().build_model(&spec(""), 1).unwrap();
+    let ctx = [3u32, 1, 4, 1, 5, 9, 2, 6, 5];
+    let logits = m.predict(&Batch::Tokens { windows: &ctx, window: ctx.len() }).unwrap();
+    assert_eq!(logits.len(), 11);
+    // Longer than block_size: the last 6 tokens are the context, as nanoGPT crops.
+    let cropped = m.predict(&Batch::Tokens { windows: &ctx[3..], window: 6 }).unwrap();
+    assert_eq!(logits, cropped);
+}

@@ -1,0 +1,209 @@
+//! The GPT language model through the real binary: token data from a text file and a
+//! `.bin` file, data-parallel runs over ZeroMQ and shared memory ending where one
+//! process ends, the training loop's metrics, `sheaf sample`, and bad input refused
+//! before any worker starts.
+
+use std::path::{Path, PathBuf};
+
+use crate::training::{checkpoint, max_abs_diff, ok, sheaf, summary};
+
+/// A small deterministic English-like text of about 24,000 characters.
+fn text() -> String {
+    let words = ["the", "king", "and", "queen", "of", "night", "shall", "speak", "to", "thee", "my", "lord"];
+    let mut rng = sheaf_core::SplitMix64::new(7);
+    let mut out = String::new();
+    while out.len() < 24_000 {
+        let n = 3 + (rng.next_u64() % 8) as usize;
+        let line: Vec<&str> = (0..n).map(|_| words[(rng.next_u64() % words.len() as u64) as usize]).collect();
+        out.push_str(&line.join(" "));
+        out.push_str(".\n");
+    }
+    out
+}
+
+/// A job file for a tiny GPT on `dataset`, with `extra` appended to `[train]`.
+fn job(dir: &Path, dataset: &Path, model_extra: &str, train_extra: &str) -> PathBuf {
+    let path = dir.join("gpt.toml");
+    let body = format!(
+        r#"seed = 3
+[model]
+kind = "gpt"
+n_layer = 2
+n_head = 2
+n_embd = 16
+block_size = 16
+{model_extra}
+[data]
+dataset = "{}"
+[train]
+epochs = 50
+max_steps = 10
+batch_size = 8
+optimizer = "adamw"
+lr = 3e-3
+{train_extra}
+[parallel]
+checksum_every = 5
+"#,
+        dataset.display()
+    );
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn text_file(dir: &Path) -> PathBuf {
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, text()).unwrap();
+    path
+}
+
+fn launch(n: usize, job: &Path, sets: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec!["launch".into(), "-n".into(), n.to_string(), job.display().to_string()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&sheaf(&args, dir.path()));
+    dir
+}
+
+/// Launches 2 workers expecting failure before any starts; returns stderr.
+fn launch_fails(job: &Path, sets: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec!["launch".into(), "-n".into(), "2".into(), job.display().to_string()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = sheaf(&args, dir.path());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(!err.contains("[rank"), "a worker started: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// After 10 AdamW steps of a 2-block GPT, data-parallel runs of 2 (ZeroMQ) and 4
+/// (shared memory) workers hold the parameters one process does.
+#[test]
+fn gpt_data_parallel_ends_where_one_process_ends() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "");
+    let one = launch(1, &job, &[]);
+    let reference = checkpoint(one.path());
+    assert!(reference.iter().any(|(n, s, _)| n == "transformer.h.1.attn.c_attn.weight" && s == &[48, 16]));
+    assert!(!reference.iter().any(|(n, _, _)| n == "lm_head.weight"), "the tied head is stored once");
+    for (n, transport) in [(2, "zmq-tcp"), (4, "shm")] {
+        let run = launch(n, &job, &[&format!("transport.plugin=\"{transport}\"")]);
+        let d = max_abs_diff(&checkpoint(run.path()), &reference);
+        assert!(d <= 1e-5, "world {n} over {transport}: max abs diff {d}");
+    }
+    let s = summary(one.path());
+    assert!(s["val_loss"].as_f64().unwrap().is_finite(), "{s}");
+    assert!(s["tokens_per_sec"].as_f64().unwrap() > 0.0, "{s}");
+    let vocab: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(one.path().join("vocab.json")).unwrap()).unwrap();
+    // The corpus's distinct characters: newline, space, the full stop and 19 letters.
+    assert_eq!(vocab["tokens"].as_array().unwrap().len(), 22, "{vocab}");
+}
+
+/// The training loop's settings reach the metrics: the warmup and cosine schedule,
+/// the gradient norm, validation every `eval_every` steps; accumulation and
+/// clipping keep world 2 equal to one process.
+#[test]
+fn the_training_loop_writes_its_metrics() {
+    let data = tempfile::tempdir().unwrap();
+    let loop_keys = "lr_schedule = \"cosine\"\nwarmup_steps = 3\nmin_lr = 3e-4\ngrad_clip = 0.5\ngrad_accum = 2\neval_every = 4";
+    let job = job(data.path(), &text_file(data.path()), "", loop_keys);
+    let one = launch(1, &job, &[]);
+    let two = launch(2, &job, &[]);
+    let d = max_abs_diff(&checkpoint(two.path()), &checkpoint(one.path()));
+    assert!(d <= 1e-5, "max abs diff {d}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(two.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 10);
+    let lr: Vec<f64> = lines.iter().map(|l| l["lr"].as_f64().unwrap()).collect();
+    assert!((lr[0] - 3e-3 / 4.0).abs() < 1e-12 && (lr[2] - 3e-3 * 3.0 / 4.0).abs() < 1e-12, "{lr:?}");
+    assert!((lr[3] - 3e-3).abs() < 1e-12, "{lr:?}");
+    assert!(lr.windows(2).skip(3).all(|w| w[1] < w[0]) && lr[9] > 3e-4, "{lr:?}");
+    let evaluated: Vec<u64> =
+        lines.iter().filter(|l| l["val_loss"].is_number()).map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(evaluated, [4, 8]);
+    assert!(lines.iter().all(|l| l["grad_norm"].as_f64().unwrap() > 0.0));
+}
+
+/// A `.bin` file of u16 ids (nanoGPT's format) trains; without `vocab_size`, or with
+/// an id at or above it, the launch fails before any worker starts, naming the cause.
+#[test]
+fn bin_token_files_train_and_are_checked() {
+    let data = tempfile::tempdir().unwrap();
+    let bin = data.path().join("train.bin");
+    let ids: Vec<u8> = text().bytes().flat_map(|b| u16::from(b % 50).to_le_bytes()).collect();
+    std::fs::write(&bin, &ids).unwrap();
+    let job_path = job(data.path(), &bin, "vocab_size = 50", "");
+    let run = launch(2, &job_path, &[]);
+    assert!(summary(run.path())["val_loss"].as_f64().unwrap().is_finite());
+    assert!(!run.path().join("vocab.json").exists());
+
+    let fail = launch_fails;
+    let no_vocab = job(data.path(), &bin, "", "");
+    let e = fail(&no_vocab, &[]);
+    assert!(e.contains("model.vocab_size") && e.contains("required"), "{e}");
+    let e = fail(&no_vocab, &["model.vocab_size=40"]);
+    assert!(e.contains("token id 4") && e.contains("offset") && e.contains("vocab_size 40"), "{e}");
+}
+
+#[test]
+fn bad_gpt_jobs_fail_before_any_worker_starts() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "");
+    let fail = |sets: &[&str]| launch_fails(&job, sets);
+    let e = fail(&["model.kind=\"mamba\""]);
+    assert!(e.contains("unknown model kind `mamba`") && e.contains("kinds loaded: gpt, mlp"), "{e}");
+    let e = fail(&["model.n_embd=30", "model.n_head=4"]);
+    assert!(e.contains("model.n_embd") && e.contains("not divisible by n_head = 4"), "{e}");
+    let e = fail(&["model.block_size=5000"]);
+    assert!(e.contains("block_size longer than the validation split"), "{e}");
+    let e = fail(&["model.n_layers=3"]);
+    assert!(e.contains("unknown field `n_layers`"), "{e}");
+    let e = fail(&[
+        "parallel.strategy=\"pipeline\"",
+        "parallel.pipeline=2",
+        "parallel.data=1",
+        "model.n_layer=1",
+    ]);
+    assert!(e.contains("2 stages") || e.contains("pipeline"), "{e}");
+    let e = fail(&["data.dataset=\"digits\""]);
+    assert!(e.contains("model.vocab_size") && e.contains("rows of features are not tokens"), "{e}");
+    let e = fail(&["data.dataset=\"digits\"", "model.vocab_size=16"]);
+    assert!(e.contains("do not fit") && e.contains("token windows"), "{e}");
+}
+
+/// `sheaf sample` continues a prompt with the trained model; greedy decoding is
+/// deterministic, and characters outside the vocabulary are refused.
+#[test]
+fn sample_prints_generated_text() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "");
+    let run = launch(2, &job, &["train.max_steps=30"]);
+    let ckpt = run.path().join("checkpoint.safetensors");
+    let sample = |prompt: &str, extra: &[&str]| {
+        let mut cmd = std::process::Command::new(sheaf_tests::sheaf_bin());
+        cmd.arg("sample").arg(&ckpt).args(["--prompt", prompt, "--tokens", "40"]).args(extra);
+        cmd.output().unwrap()
+    };
+    let a = sample("the king", &["--temperature", "0"]);
+    ok(&a);
+    let text = String::from_utf8_lossy(&a.stdout).to_string();
+    assert!(text.starts_with("the king") && text.trim_end().chars().count() >= 40, "{text}");
+    assert_eq!(a.stdout, sample("the king", &["--temperature", "0"]).stdout);
+    let b = sample("the king", &["--top-k", "5", "--seed", "4"]);
+    ok(&b);
+    let bad = sample("Zebra", &[]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not in the model's vocabulary"));
+}
