@@ -108,6 +108,45 @@ fn gpt_data_parallel_ends_where_one_process_ends() {
     assert_eq!(vocab["tokens"].as_array().unwrap().len(), 22, "{vocab}");
 }
 
+/// The GPT as pipeline stages of blocks (the embeddings on the first stage, the final
+/// LayerNorm and the tied head on the last, the tied embedding's gradient summed
+/// between them): 2 stages under GPipe and 1F1B, and 2 pipelines of 2, end where one
+/// process ends.
+#[test]
+fn gpt_pipelines_end_where_one_process_ends() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "");
+    let reference = checkpoint(launch(1, &job, &[]).path());
+    for (n, sets) in [
+        (
+            2,
+            vec!["parallel.strategy=\"pipeline\"", "parallel.schedule=\"gpipe\"", "parallel.micro_batches=3"],
+        ),
+        (2, vec!["parallel.strategy=\"pipeline\"", "parallel.schedule=\"1f1b\"", "parallel.micro_batches=4"]),
+        (4, vec!["parallel.strategy=\"pipeline\"", "parallel.data=2", "transport.plugin=\"shm\""]),
+    ] {
+        let run = launch(n, &job, &sets);
+        let d = max_abs_diff(&checkpoint(run.path()), &reference);
+        assert!(d <= 1e-5, "{n} workers {sets:?}: max abs diff {d}");
+        let s = summary(run.path());
+        let per_rank: Vec<u64> =
+            s["params_per_rank"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert!(per_rank.iter().all(|&p| p < s["params"].as_u64().unwrap()), "{s}");
+        assert!(s["val_loss"].as_f64().unwrap().is_finite(), "{s}");
+    }
+    // An untied head: no parameter is shared, the same law holds.
+    let untied = job_with(data.path(), "tie_embeddings = false");
+    let reference = checkpoint(launch(1, &untied, &[]).path());
+    let run = launch(2, &untied, &["parallel.strategy=\"pipeline\""]);
+    let d = max_abs_diff(&checkpoint(run.path()), &reference);
+    assert!(d <= 1e-5, "untied: max abs diff {d}");
+}
+
+fn job_with(dir: &Path, model_extra: &str) -> PathBuf {
+    let text = text_file(dir);
+    job(dir, &text, model_extra, "")
+}
+
 /// The training loop's settings reach the metrics: the warmup and cosine schedule,
 /// the gradient norm, validation every `eval_every` steps; accumulation and
 /// clipping keep world 2 equal to one process.

@@ -690,6 +690,27 @@ pub mod to_abi {
         fn predict(&mut self, batch: AbiBatch<'_>) -> RResult<RVec<f32>, AbiError> {
             guard(self.plugin, "model predict", || Ok(self.inner.predict(&batch_from_abi(&batch)?)?.into()))
         }
+        fn stage_forward_batch(
+            &mut self,
+            micro: u64,
+            segment: u64,
+            batch: AbiBatch<'_>,
+        ) -> RResult<RVec<f32>, AbiError> {
+            guard(self.plugin, "model stage_forward_batch", || {
+                let segment = usize_arg(segment, "segment")?;
+                Ok(self.inner.stage_forward_batch(micro, segment, &batch_from_abi(&batch)?)?.into())
+            })
+        }
+        fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError> {
+            guard(self.plugin, "model tied_params", || {
+                Ok(self
+                    .inner
+                    .tied_params()
+                    .into_iter()
+                    .map(|(p, w)| AbiRange { start: p as u64, end: w as u64 })
+                    .collect())
+            })
+        }
     }
 
     impl<P, T> ComputeAbi for Exported<P>
@@ -1114,6 +1135,7 @@ pub mod from_abi {
         layout: ParamLayout,
         piece: Option<Piece>,
         segments: usize,
+        tied: Vec<(usize, usize)>,
     }
 
     impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
@@ -1124,7 +1146,13 @@ pub mod from_abi {
                 None => None,
             };
             let segments = usize_of(inner.segments().into_result()?, "segments")?;
-            Ok(LoadedModel { inner, layout, piece, segments })
+            let tied = inner
+                .tied_params()
+                .into_result()?
+                .iter()
+                .map(|r| Ok((usize_of(r.start, "tied parameter")?, usize_of(r.end, "tied parameter")?)))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(LoadedModel { inner, layout, piece, segments, tied })
         }
     }
 
@@ -1205,6 +1233,14 @@ pub mod from_abi {
         }
         fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
             Ok(self.inner.predict(batch_to_abi(batch)).into_result()?.into_vec())
+        }
+        fn stage_forward_batch(&mut self, micro: u64, segment: usize, batch: &Batch<'_>) -> Result<Vec<f32>> {
+            let out =
+                self.inner.stage_forward_batch(micro, segment as u64, batch_to_abi(batch)).into_result()?;
+            Ok(out.into_vec())
+        }
+        fn tied_params(&self) -> Vec<(usize, usize)> {
+            self.tied.clone()
         }
     }
 

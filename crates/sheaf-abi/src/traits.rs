@@ -334,6 +334,14 @@ pub trait ModelAbi: Send {
     fn saved_bytes(&self) -> RResult<u64, AbiError>;
     /// (ABI 0.5.)
     fn predict(&mut self, batch: AbiBatch<'_>) -> RResult<RVec<f32>, AbiError>;
+    fn stage_forward_batch(
+        &mut self,
+        micro: u64,
+        segment: u64,
+        batch: AbiBatch<'_>,
+    ) -> RResult<RVec<f32>, AbiError>;
+    /// `(index in the piece, index in the whole model)` as `start`/`end`.
+    fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError>;
 }
 
 /// A model piece: blocks `start..end`, and a place in a tensor-parallel group.

@@ -75,6 +75,13 @@ pub struct ShardSource {
     pub ranges: Vec<Range<usize>>,
 }
 
+impl ShardSource {
+    /// All of parameter `param`, whose first dimension is `rows` long.
+    pub fn whole(param: usize, rows: usize) -> ShardSource {
+        ShardSource { param, by_columns: false, ranges: std::iter::once(0..rows).collect() }
+    }
+}
+
 /// The parameters of a piece and where each comes from in the whole model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PieceLayout {
@@ -134,11 +141,7 @@ impl PieceLayout {
             .specs()
             .iter()
             .enumerate()
-            .map(|(i, s)| ShardSource {
-                param: i,
-                by_columns: false,
-                ranges: std::iter::once(0..s.shape.first().copied().unwrap_or(1).max(1)).collect(),
-            })
+            .map(|(i, s)| ShardSource::whole(i, s.shape.first().copied().unwrap_or(1).max(1)))
             .collect();
         PieceLayout { layout: layout.clone(), sources, activation_bytes_per_sample }
     }
@@ -264,6 +267,17 @@ impl Samples {
         self.len() == 0
     }
 
+    /// What each prediction is scored against, in order: a row's label, or each
+    /// window's tokens after its first.
+    pub fn targets(&self) -> Vec<u32> {
+        match self {
+            Samples::Rows { labels, .. } => labels.clone(),
+            Samples::Tokens { windows, window } => {
+                windows.chunks_exact((*window).max(1)).flat_map(|w| w[1..].iter().copied()).collect()
+            }
+        }
+    }
+
     /// Rows of features and their labels, or an error naming `who` for token windows.
     pub fn rows(&self, who: &str) -> Result<(&[f32], &[u32], usize)> {
         match self {
@@ -337,6 +351,27 @@ pub trait Model: Send {
     fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
         let _ = (micro, segment, input, rows);
         Err(Error::Unsupported("this backend has no stage interface".into()))
+    }
+
+    /// The first stage's forward of micro-batch `micro` through segment `segment`,
+    /// from the samples themselves: rows of features (the default: their inputs
+    /// through [`Model::stage_forward`]) or token windows (for a model that embeds
+    /// them; each window's last token is only a target).
+    fn stage_forward_batch(&mut self, micro: u64, segment: usize, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        match *batch {
+            Batch::Rows { inputs, labels, .. } => self.stage_forward(micro, segment, inputs, labels.len()),
+            Batch::Tokens { .. } => {
+                Err(Error::Unsupported("this model's stages take rows of features".into()))
+            }
+        }
+    }
+
+    /// Parameters this piece holds that another piece holds too (a tied embedding on
+    /// the first and last pipeline stages): `(index in this piece's layout, index in
+    /// the whole model's)`. A strategy sums their gradients over the pieces holding
+    /// them, so the copies stay equal.
+    fn tied_params(&self) -> Vec<(usize, usize)> {
+        Vec::new()
     }
 
     /// Backward of micro-batch `micro` through segment `segment`: adds its parameter

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use serde::Deserialize;
 use sheaf_core::{
     Batch, Block, Error, Model, ModelInfo, ModelInput, ModelSpec, ParamLayout, ParamSpec, Piece, PieceLayout,
-    Result, SplitMix64,
+    Result, ShardSource, SplitMix64,
 };
 
 use crate::{candle_err, read_vars, vars_from, write_vars};
@@ -152,26 +152,37 @@ impl GptSpec {
         ParamLayout::new(self.params().into_iter().map(|(s, _)| s).collect())
     }
 
-    /// Blocks: the embeddings, each transformer block, then the final LayerNorm and
-    /// the head.
+    /// Blocks: 0 the embeddings, `1..=n_layer` the transformer blocks, `n_layer + 1`
+    /// the final LayerNorm and the head.
+    fn blocks(&self) -> usize {
+        self.n_layer + 2
+    }
+
+    /// The block a parameter belongs to.
+    fn block_of(&self, name: &str) -> usize {
+        if name.starts_with("transformer.wte") || name.starts_with("transformer.wpe") {
+            0
+        } else if let Some(rest) = name.strip_prefix("transformer.h.") {
+            1 + rest.split('.').next().and_then(|i| i.parse::<usize>().ok()).unwrap_or_default()
+        } else {
+            self.n_layer + 1
+        }
+    }
+
     pub fn info(&self) -> ModelInfo {
         let layout = self.layout();
-        let mut blocks: Vec<Block> = Vec::with_capacity(self.n_layer + 2);
-        let block_of = |name: &str| -> String {
-            if name.starts_with("transformer.wte") || name.starts_with("transformer.wpe") {
-                "embeddings".into()
-            } else if let Some(rest) = name.strip_prefix("transformer.h.") {
-                format!("h.{}", rest.split('.').next().unwrap_or_default())
-            } else {
-                "head".into()
-            }
-        };
+        let mut blocks: Vec<Block> = (0..self.blocks())
+            .map(|b| Block {
+                name: match b {
+                    0 => "embeddings".into(),
+                    b if b <= self.n_layer => format!("h.{}", b - 1),
+                    _ => "head".into(),
+                },
+                params: 0,
+            })
+            .collect();
         for s in layout.specs() {
-            let name = block_of(&s.name);
-            match blocks.last_mut() {
-                Some(b) if b.name == name => b.params += s.numel() as u64,
-                _ => blocks.push(Block { name, params: s.numel() as u64 }),
-            }
+            blocks[self.block_of(&s.name)].params += s.numel() as u64;
         }
         ModelInfo {
             layout,
@@ -190,38 +201,88 @@ impl GptSpec {
         4 * t * per_token
     }
 
+    /// Bytes one window keeps in blocks `blocks` (the share of
+    /// [`GptSpec::activation_bytes_per_window`] their work makes).
+    fn activation_bytes_in(&self, blocks: &std::ops::Range<usize>) -> u64 {
+        let (t, c) = (self.block_size as u64, self.n_embd as u64);
+        blocks
+            .clone()
+            .map(|b| match b {
+                0 => 4 * t * c,
+                b if b <= self.n_layer => 4 * t * (17 * c + 2 * self.n_head as u64 * t),
+                _ => 4 * t * (2 * self.vocab_size as u64 + 2 * c),
+            })
+            .sum()
+    }
+
+    /// A pipeline stage's parameters: those of its blocks, and on a last stage that
+    /// does not hold the embeddings, the tied token embedding it uses as its head
+    /// (the one parameter two pieces share).
     pub fn piece_layout(&self, piece: &Piece) -> Result<PieceLayout> {
-        let blocks = self.n_layer + 2;
-        piece.validate(blocks)?;
-        if *piece != Piece::whole(blocks) {
+        piece.validate(self.blocks())?;
+        if piece.tensor_width > 1 {
             return Err(Error::Unsupported(
-                "gpt models train whole (data-parallel) in this version; pipeline stages and tensor-parallel slices of a gpt are not built yet".into(),
+                "tensor-parallel slices of a gpt are not built yet (gpt trains data-parallel and as pipeline stages)".into(),
             ));
         }
-        Ok(PieceLayout::whole(&self.layout(), self.activation_bytes_per_window()))
+        let whole = self.layout();
+        let tied_head = self.tie_embeddings && piece.blocks.end == self.blocks() && piece.blocks.start > 0;
+        let (specs, sources): (Vec<ParamSpec>, Vec<ShardSource>) = whole
+            .specs()
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| piece.blocks.contains(&self.block_of(&s.name)) || (tied_head && *i == WTE))
+            .map(|(i, s)| (s.clone(), ShardSource::whole(i, s.shape[0])))
+            .unzip();
+        Ok(PieceLayout {
+            layout: ParamLayout::new(specs),
+            sources,
+            activation_bytes_per_sample: self.activation_bytes_in(&piece.blocks),
+        })
     }
 }
 
 const INIT_STREAM: u64 = 0x6A09_E667_F3BC_C908;
 
+/// `transformer.wte.weight`'s index in the whole layout.
+const WTE: usize = 0;
+
 /// The initial values of `spec`'s parameters from `seed`. Parameter `p`'s value `j`
 /// is a Box-Muller normal from draws `2j` and `2j + 1` of the stream of `(seed, p)`,
 /// so any slice of a parameter can be drawn without the rest.
+#[cfg(test)]
 pub fn init_params(spec: &GptSpec, seed: u64) -> Vec<f32> {
     let params = spec.params();
-    let mut out = Vec::with_capacity(params.iter().map(|(s, _)| s.numel()).sum());
-    for (p, (s, init)) in params.iter().enumerate() {
-        match *init {
-            Init::Zeros => out.extend(std::iter::repeat_n(0.0, s.numel())),
-            Init::Ones => out.extend(std::iter::repeat_n(1.0, s.numel())),
-            Init::Normal(std) => {
-                let mut rng =
-                    SplitMix64::new(seed ^ INIT_STREAM ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                for _ in 0..s.numel() {
-                    out.push(std * normal(&mut rng));
-                }
-            }
+    (0..params.len()).flat_map(|p| init_param(&params, p, seed)).collect()
+}
+
+fn init_param(params: &[(ParamSpec, Init)], p: usize, seed: u64) -> Vec<f32> {
+    let (s, init) = &params[p];
+    match *init {
+        Init::Zeros => vec![0.0; s.numel()],
+        Init::Ones => vec![1.0; s.numel()],
+        Init::Normal(std) => {
+            let mut rng =
+                SplitMix64::new(seed ^ INIT_STREAM ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            (0..s.numel()).map(|_| std * normal(&mut rng)).collect()
         }
+    }
+}
+
+/// The initial values of a piece: each of its parameters drawn on its own and sliced.
+fn init_piece(spec: &GptSpec, piece: &PieceLayout, seed: u64) -> Vec<f32> {
+    let params = spec.params();
+    let whole = spec.layout();
+    let mut out = Vec::with_capacity(piece.layout.total());
+    for src in &piece.sources {
+        let values = init_param(&params, src.param, seed);
+        let one = PieceLayout {
+            layout: ParamLayout::new(vec![params[src.param].0.clone()]),
+            sources: vec![ShardSource { param: 0, by_columns: src.by_columns, ranges: src.ranges.clone() }],
+            activation_bytes_per_sample: 0,
+        };
+        let single = ParamLayout::new(vec![whole.specs()[src.param].clone()]);
+        out.extend(one.slice(&single, &values));
     }
     out
 }
@@ -233,30 +294,76 @@ fn normal(rng: &mut SplitMix64) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
-/// A whole GPT held as candle `Var`s in layout order.
+/// A GPT, or a pipeline stage of one (a range of its blocks), held as candle `Var`s
+/// in its piece's layout order.
 pub struct Gpt {
     spec: GptSpec,
+    piece: Piece,
     layout: ParamLayout,
     vars: Vec<Var>,
     index: HashMap<String, usize>,
     device: Device,
+    /// `(index here, index in the whole model)` of a tied head's embedding.
+    tied: Vec<(usize, usize)>,
+    /// The stage interface: accumulated gradients, and per micro-batch what its
+    /// forward kept (the input as a `Var` for its gradient, the output, bytes).
+    grads: Vec<f32>,
+    saved: HashMap<u64, (Option<Var>, Tensor, u64)>,
+    saved_bytes: u64,
+    bytes_per_window: u64,
 }
 
 /// Windows evaluated at once by `evaluate`, bounding its memory.
 const EVAL_CHUNK: usize = 32;
 
+/// What a stage's first block receives.
+enum StageIn {
+    /// Token ids `[n, t]`.
+    Tokens(Tensor),
+    /// The residual stream `[n * t, n_embd]`.
+    Hidden(Tensor),
+}
+
 impl Gpt {
+    /// The whole model.
     pub fn new(spec: &GptSpec, seed: u64, device: Device) -> Result<Gpt> {
-        let layout = spec.layout();
-        let vars = vars_from(&layout, &init_params(spec, seed), &device)?;
-        let index = layout.specs().iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        Ok(Gpt { spec: spec.clone(), layout, vars, index, device })
+        Gpt::piece(spec, &Piece::whole(spec.blocks()), seed, device)
+    }
+
+    /// Blocks `piece.blocks` of the model, their values exactly the whole model's.
+    pub fn piece(spec: &GptSpec, piece: &Piece, seed: u64, device: Device) -> Result<Gpt> {
+        let pl = spec.piece_layout(piece)?;
+        let vars = vars_from(&pl.layout, &init_piece(spec, &pl, seed), &device)?;
+        let index = pl.layout.specs().iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
+        // The token embedding is the head too: held twice when the stage with the
+        // embeddings is not the stage with the head.
+        let head = spec.blocks() - 1;
+        let split = spec.tie_embeddings && !(piece.blocks.start == 0 && piece.blocks.end > head);
+        let holds = pl.sources.first().is_some_and(|s| s.param == WTE);
+        let tied = if split && holds { vec![(0, WTE)] } else { Vec::new() };
+        Ok(Gpt {
+            spec: spec.clone(),
+            piece: piece.clone(),
+            grads: vec![0.0; pl.layout.total()],
+            layout: pl.layout,
+            vars,
+            index,
+            device,
+            tied,
+            saved: HashMap::new(),
+            saved_bytes: 0,
+            bytes_per_window: pl.activation_bytes_per_sample,
+        })
+    }
+
+    fn is_whole(&self) -> bool {
+        self.piece == Piece::whole(self.spec.blocks())
     }
 
     fn p(&self, name: &str) -> candle_core::Result<&Tensor> {
         match self.index.get(name) {
             Some(&i) => Ok(self.vars[i].as_tensor()),
-            None => candle_core::bail!("no parameter `{name}`"),
+            None => candle_core::bail!("no parameter `{name}` in this piece"),
         }
     }
 
@@ -282,36 +389,52 @@ impl Gpt {
         }
     }
 
+    /// Transformer block `i` on the residual stream `x` (`[n * t, n_embd]`).
+    fn block(&self, x: Tensor, i: usize, n: usize, t: usize) -> candle_core::Result<Tensor> {
+        let (c, nh) = (self.spec.n_embd, self.spec.n_head);
+        let hs = c / nh;
+        let heads = |m: Tensor| m.reshape((n, t, nh, hs))?.transpose(1, 2)?.contiguous();
+        let h = format!("transformer.h.{i}");
+        let qkv = self.linear(&self.layer_norm(&x, &format!("{h}.ln_1"))?, &format!("{h}.attn.c_attn"))?;
+        let q = heads(qkv.narrow(1, 0, c)?)?;
+        let k = heads(qkv.narrow(1, c, c)?)?;
+        let v = heads(qkv.narrow(1, 2 * c, c)?)?;
+        let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n * t, c))?;
+        let x = (x + self.linear(&y, &format!("{h}.attn.c_proj"))?)?;
+        let m = self.linear(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?;
+        x + self.linear(&m.gelu_erf()?, &format!("{h}.mlp.c_proj"))?
+    }
+
+    /// This piece's blocks on `input` of `n` windows of `t` positions: the residual
+    /// stream after them, or after the head the logits `[n * t, vocab]`.
+    fn run(&self, input: StageIn, n: usize, t: usize) -> candle_core::Result<Tensor> {
+        let c = self.spec.n_embd;
+        let mut x = match input {
+            StageIn::Tokens(idx) => {
+                let tok = self.p("transformer.wte.weight")?.index_select(&idx.flatten_all()?, 0)?;
+                let pos = self.p("transformer.wpe.weight")?.narrow(0, 0, t)?;
+                tok.reshape((n, t, c))?.broadcast_add(&pos)?.reshape((n * t, c))?
+            }
+            StageIn::Hidden(x) => x,
+        };
+        for b in self.piece.blocks.clone() {
+            if (1..=self.spec.n_layer).contains(&b) {
+                x = self.block(x, b - 1, n, t)?;
+            }
+        }
+        if self.piece.blocks.end == self.spec.blocks() {
+            let x = self.layer_norm(&x, "transformer.ln_f")?;
+            let head = if self.spec.tie_embeddings { "transformer.wte.weight" } else { "lm_head.weight" };
+            return x.matmul(&self.p(head)?.t()?);
+        }
+        Ok(x)
+    }
+
     /// Logits `[n * t, vocab]` of the token ids `idx` (`[n, t]`, `t <= block_size`).
     fn logits(&self, idx: &Tensor) -> candle_core::Result<Tensor> {
         let (n, t) = idx.dims2()?;
-        let (c, nh) = (self.spec.n_embd, self.spec.n_head);
-        let hs = c / nh;
-        let tok = self.p("transformer.wte.weight")?.index_select(&idx.flatten_all()?, 0)?;
-        let pos = self.p("transformer.wpe.weight")?.narrow(0, 0, t)?;
-        let mut x = tok.reshape((n, t, c))?.broadcast_add(&pos)?.reshape((n * t, c))?;
-        let scale = 1.0 / (hs as f64).sqrt();
-        let heads = |m: Tensor| m.reshape((n, t, nh, hs))?.transpose(1, 2)?.contiguous();
-        for i in 0..self.spec.n_layer {
-            let h = format!("transformer.h.{i}");
-            let qkv =
-                self.linear(&self.layer_norm(&x, &format!("{h}.ln_1"))?, &format!("{h}.attn.c_attn"))?;
-            let q = heads(qkv.narrow(1, 0, c)?)?;
-            let k = heads(qkv.narrow(1, c, c)?)?;
-            let v = heads(qkv.narrow(1, 2 * c, c)?)?;
-            let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, scale)?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n * t, c))?;
-            x = (x + self.linear(&y, &format!("{h}.attn.c_proj"))?)?;
-            let m = self.linear(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?;
-            x = (x + self.linear(&m.gelu_erf()?, &format!("{h}.mlp.c_proj"))?)?;
-        }
-        let x = self.layer_norm(&x, "transformer.ln_f")?;
-        let head = if self.spec.tie_embeddings {
-            self.p("transformer.wte.weight")?
-        } else {
-            self.p("lm_head.weight")?
-        };
-        x.matmul(&head.t()?)
+        self.run(StageIn::Tokens(idx.clone()), n, t)
     }
 
     /// The windows of a batch, checked: `(windows, n, window)`.
@@ -338,7 +461,7 @@ impl Gpt {
 
     /// Inputs `[n, t]` and targets `[n * t]` of windows of `t + 1` tokens.
     fn inputs_targets(&self, windows: &[u32], n: usize, window: usize) -> Result<(Tensor, Tensor)> {
-        let t = window - 1;
+        let t = window.saturating_sub(1);
         if t == 0 || t > self.spec.block_size {
             return Err(Error::invalid(format!(
                 "windows of {window} tokens: a gpt with block_size {} trains on 2 to {} tokens per window",
@@ -356,6 +479,30 @@ impl Gpt {
             Ok((Tensor::from_vec(x, (n, t), &self.device)?, Tensor::from_vec(y, n * t, &self.device)?))
         };
         make().map_err(candle_err("building a batch"))
+    }
+
+    fn whole_only(&self, what: &str) -> Result<()> {
+        if self.is_whole() {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "a piece of a gpt (blocks {:?}) {what} through the stage interface (a model-parallel strategy)",
+                self.piece.blocks
+            )))
+        }
+    }
+
+    /// Keeps what micro-batch `micro`'s forward needs for its backward.
+    fn save(&mut self, micro: u64, input: Option<Var>, out: &Tensor, windows: usize) -> Result<Vec<f32>> {
+        if self.saved.contains_key(&micro) {
+            return Err(Error::BadState(format!("micro-batch {micro} ran forward twice without a backward")));
+        }
+        let values =
+            out.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(candle_err("stage forward"))?;
+        let bytes = self.bytes_per_window * windows as u64;
+        self.saved.insert(micro, (input, out.clone(), bytes));
+        self.saved_bytes += bytes;
+        Ok(values)
     }
 }
 
@@ -380,6 +527,7 @@ impl Model for Gpt {
     }
 
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
+        self.whole_only("trains")?;
         let (windows, n, window) = self.windows(batch, "trains on")?;
         if grads.len() != self.layout.total() {
             return Err(Error::invalid(format!(
@@ -411,7 +559,8 @@ impl Model for Gpt {
     }
 
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
-        let (windows, n, window) = self.windows(batch, "evaluates")?;
+        self.whole_only("evaluates")?;
+        let (windows, _, window) = self.windows(batch, "evaluates")?;
         let (mut loss, mut correct) = (0f64, 0usize);
         for chunk in windows.chunks(EVAL_CHUNK * window) {
             let rows = chunk.len() / window;
@@ -427,11 +576,11 @@ impl Model for Gpt {
             loss += l;
             correct += c;
         }
-        debug_assert!(n == 0 || loss.is_finite() || loss.is_nan());
         Ok((loss, correct))
     }
 
     fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        self.whole_only("predicts")?;
         let (windows, n, window) = self.windows(batch, "predicts from")?;
         // The context is the last block_size tokens of each window, as nanoGPT crops.
         let t = window.min(self.spec.block_size);
@@ -443,5 +592,139 @@ impl Model for Gpt {
             logits.narrow(1, t - 1, 1)?.flatten_all()?.to_vec1::<f32>()
         };
         run().map_err(candle_err("gpt predict"))
+    }
+
+    fn piece(&self) -> Option<Piece> {
+        Some(self.piece.clone())
+    }
+
+    fn stage_forward_batch(&mut self, micro: u64, segment: usize, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        if segment != 0 || self.piece.blocks.start != 0 {
+            return Err(Error::invalid(format!(
+                "only the stage holding the embeddings takes token windows (this one holds blocks {:?}, segment {segment})",
+                self.piece.blocks
+            )));
+        }
+        let (windows, n, window) = self.windows(batch, "takes")?;
+        let (x, _) = self.inputs_targets(windows, n, window)?;
+        let out = self.run(StageIn::Tokens(x), n, window - 1).map_err(candle_err("stage forward"))?;
+        self.save(micro, None, &out, n)
+    }
+
+    fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let c = self.spec.n_embd;
+        if segment != 0 || self.piece.blocks.start == 0 {
+            return Err(Error::invalid(format!(
+                "a gpt stage holding blocks {:?} takes {} (segment {segment})",
+                self.piece.blocks,
+                if self.piece.blocks.start == 0 { "token windows" } else { "the residual stream" }
+            )));
+        }
+        let t = input.len().checked_div(rows * c).unwrap_or(0);
+        if rows == 0 || t == 0 || t > self.spec.block_size || input.len() != rows * t * c {
+            return Err(Error::invalid(format!(
+                "stage input of {} values is not {rows} windows of up to {} positions of {c}",
+                input.len(),
+                self.spec.block_size
+            )));
+        }
+        let run = || -> candle_core::Result<(Var, Tensor)> {
+            let x = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
+            let out = self.run(StageIn::Hidden(x.as_tensor().clone()), rows, t)?;
+            Ok((x, out))
+        };
+        let (x, out) = run().map_err(candle_err("stage forward"))?;
+        self.save(micro, Some(x), &out, rows)
+    }
+
+    fn stage_backward(&mut self, micro: u64, segment: usize, grad_output: &[f32]) -> Result<Vec<f32>> {
+        let (x, out, bytes) = self.saved.remove(&micro).ok_or_else(|| {
+            Error::BadState(format!(
+                "backward of micro-batch {micro} segment {segment}, which ran no forward"
+            ))
+        })?;
+        self.saved_bytes -= bytes;
+        if grad_output.len() != out.elem_count() {
+            return Err(Error::invalid(format!(
+                "gradient of {} values for an output of {}",
+                grad_output.len(),
+                out.elem_count()
+            )));
+        }
+        let run = || -> candle_core::Result<Vec<f32>> {
+            let g = Tensor::from_slice(grad_output, out.shape(), &self.device)?;
+            // d(sum(out * g))/dθ = J^T g: the vector-Jacobian product backward needs.
+            let store = (&out * &g)?.sum_all()?.backward()?;
+            for (i, v) in self.vars.iter().enumerate() {
+                let Some(gv) = store.get(v.as_tensor()) else { continue };
+                for (acc, d) in
+                    self.grads[self.layout.range(i)].iter_mut().zip(gv.flatten_all()?.to_vec1::<f32>()?)
+                {
+                    *acc += d;
+                }
+            }
+            match x.as_ref().and_then(|x| store.get(x.as_tensor())) {
+                Some(gx) => gx.flatten_all()?.to_vec1::<f32>(),
+                None => Ok(x.map(|x| vec![0.0; x.as_tensor().elem_count()]).unwrap_or_default()),
+            }
+        };
+        run().map_err(candle_err("stage backward"))
+    }
+
+    fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
+        let (v, rows) = (self.spec.vocab_size, labels.len());
+        if logits.len() != rows * v {
+            return Err(Error::invalid(format!("{} logits for {rows} targets of {v} tokens", logits.len())));
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
+            return Err(Error::invalid(format!("target token {bad} is not below vocab_size {v}")));
+        }
+        if rows == 0 {
+            return Ok((0.0, 0, Vec::new()));
+        }
+        let run = || -> candle_core::Result<(f64, usize, Vec<f32>)> {
+            let z = Var::from_tensor(&Tensor::from_slice(logits, (rows, v), &self.device)?)?;
+            let y = Tensor::from_slice(labels, rows, &self.device)?;
+            let sum = cross_entropy_sum(z.as_tensor(), &y)?;
+            let grad = if scale == 0.0 {
+                vec![0.0; logits.len()]
+            } else {
+                let store = sum.affine(f64::from(scale), 0.0)?.backward()?;
+                match store.get(z.as_tensor()) {
+                    Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+                    None => vec![0.0; logits.len()],
+                }
+            };
+            let predicted = z.as_tensor().argmax(D::Minus1)?.to_vec1::<u32>()?;
+            let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
+            Ok((f64::from(sum.to_scalar::<f32>()?), correct, grad))
+        };
+        run().map_err(candle_err("loss"))
+    }
+
+    fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
+        if out.len() != self.grads.len() {
+            return Err(Error::invalid(format!(
+                "{} gradient slots for {} parameters",
+                out.len(),
+                self.grads.len()
+            )));
+        }
+        out.copy_from_slice(&self.grads);
+        self.grads.fill(0.0);
+        Ok(())
+    }
+
+    fn drop_saved(&mut self) {
+        self.saved.clear();
+        self.saved_bytes = 0;
+    }
+
+    fn saved_bytes(&self) -> u64 {
+        self.saved_bytes
+    }
+
+    fn tied_params(&self) -> Vec<(usize, usize)> {
+        self.tied.clone()
     }
 }

@@ -152,9 +152,7 @@ impl ComputeBackend for CandleBackend {
     fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
         match spec.kind.as_str() {
             "mlp" => Ok(Box::new(Stage::new(&MlpSpec::parse(spec)?, piece, seed, self.device.clone())?)),
-            "gpt" => Err(Error::Unsupported(
-                "gpt models train whole (data-parallel) in this version; pipeline and tensor-parallel pieces of a gpt are not built yet".into(),
-            )),
+            "gpt" => Ok(Box::new(Gpt::piece(&GptSpec::parse(spec)?, piece, seed, self.device.clone())?)),
             other => Err(unknown_kind(other)),
         }
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     chunk_range, epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model,
-    PluginKind, Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
+    PluginKind, Provided, ReduceOp, Result, Samples, StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -135,12 +135,13 @@ struct StageClock {
     peak: u64,
 }
 
-fn f32s(bytes: &[u8], want: usize, what: &str, peer: usize) -> Result<Vec<f32>> {
-    if bytes.len() != want * 4 {
+/// Values received from a neighbouring stage (whose size the stage receiving them
+/// checks against its own input).
+fn f32s(bytes: &[u8], what: &str, peer: usize) -> Result<Vec<f32>> {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
         return Err(Error::BadState(format!(
-            "{what} from rank {peer} of the pipeline: {} bytes, expected {}",
-            bytes.len(),
-            want * 4
+            "{what} from rank {peer} of the pipeline: {} bytes, not a whole number of f32 values",
+            bytes.len()
         )));
     }
     Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
@@ -150,12 +151,12 @@ fn bytes(v: &[f32]) -> &[u8] {
     bytemuck::cast_slice(v)
 }
 
-/// The rows of micro-batch `m`: the samples `rows` of the share, with their inputs
-/// (row-major) and labels.
+/// Micro-batch `m`: how many samples, the samples themselves (first stage) and what
+/// its predictions are scored against (last stage).
 struct Micro {
     rows: usize,
-    inputs: Vec<f32>,
-    labels: Vec<u32>,
+    samples: Option<Samples>,
+    targets: Vec<u32>,
 }
 
 impl Pipeline {
@@ -163,9 +164,11 @@ impl Pipeline {
         Deadline::after(Duration::from_millis(self.config.timeout_ms))
     }
 
-    /// Runs `passes` for this stage over `micros` (inputs on the first stage, labels on
-    /// the last): returns the loss summed over the micro-batches (last stage, else 0)
-    /// and the number of correct predictions. `train: false` runs forwards only.
+    /// Runs `passes` for this stage over `micros` (samples on the first stage, targets
+    /// on the last): returns the loss summed over the micro-batches (last stage, else
+    /// 0), the number of correct predictions and of predictions. The loss's gradient is
+    /// scaled by `1 / (global samples x predictions per sample)`; `global: None` runs
+    /// forwards only (an evaluation).
     #[allow(clippy::too_many_arguments)]
     fn run_passes(
         &self,
@@ -173,52 +176,55 @@ impl Pipeline {
         model: &mut dyn Model,
         passes: &[Pass],
         micros: &[Micro],
-        widths: (usize, usize),
-        scale: f32,
+        global: Option<usize>,
         first_micro_id: u64,
         clock: &mut StageClock,
-    ) -> Result<(f64, usize)> {
+    ) -> Result<(f64, usize, usize)> {
         let (p, stages) = (pipe.rank(), pipe.world_size());
         let (first, last) = (p == 0, p + 1 == stages);
-        let (in_width, out_width) = widths;
         let mut loss_grads: Vec<Option<Vec<f32>>> = vec![None; micros.len()];
-        let (mut loss_sum, mut correct) = (0.0, 0);
+        let (mut loss_sum, mut correct, mut predictions) = (0.0, 0, 0);
         for &pass in passes {
             match pass {
                 Pass::Forward(m) => {
-                    let rows = micros[m].rows;
-                    let received;
-                    let input = if first {
-                        &micros[m].inputs
+                    let (rows, id) = (micros[m].rows, first_micro_id + m as u64);
+                    let out = if first {
+                        let samples = micros[m].samples.as_ref().ok_or_else(|| {
+                            Error::BadState(format!("the first stage has no samples for micro-batch {m}"))
+                        })?;
+                        let t = Instant::now();
+                        let out = model.stage_forward_batch(id, 0, &samples.batch())?;
+                        clock.busy += t.elapsed();
+                        out
                     } else {
                         let t = Instant::now();
                         let got = pipe.recv(p - 1, 2 * m as u32, self.deadline())?;
                         clock.idle += t.elapsed();
-                        received = f32s(&got, rows * in_width, "activations", p - 1)?;
-                        &received
+                        let input = f32s(&got, "activations", p - 1)?;
+                        let t = Instant::now();
+                        let out = model.stage_forward(id, 0, &input, rows)?;
+                        clock.busy += t.elapsed();
+                        out
                     };
-                    let t = Instant::now();
-                    let out = model.stage_forward(first_micro_id + m as u64, 0, input, rows)?;
                     clock.peak = clock.peak.max(model.saved_bytes());
                     if last {
-                        let (l, c, g) = model.loss_grad(&out, &micros[m].labels, scale)?;
+                        let t = Instant::now();
+                        let targets = &micros[m].targets;
+                        let scale = match global {
+                            Some(g) => 1.0 / (g * targets.len() / rows.max(1)).max(1) as f32,
+                            None => 0.0,
+                        };
+                        let (l, c, g) = model.loss_grad(&out, targets, scale)?;
                         loss_sum += l;
                         correct += c;
+                        predictions += targets.len();
                         loss_grads[m] = Some(g);
-                    }
-                    clock.busy += t.elapsed();
-                    if !last {
-                        if out.len() != rows * out_width {
-                            return Err(Error::BadState(format!(
-                                "stage {p} produced {} values for {rows} rows of {out_width}",
-                                out.len()
-                            )));
-                        }
+                        clock.busy += t.elapsed();
+                    } else {
                         pipe.send(p + 1, 2 * m as u32, bytes(&out), self.deadline())?;
                     }
                 }
                 Pass::Backward(m) => {
-                    let rows = micros[m].rows;
                     let grad = if last {
                         loss_grads[m].take().ok_or_else(|| {
                             Error::BadState(format!("backward of micro-batch {m} before its forward"))
@@ -227,7 +233,7 @@ impl Pipeline {
                         let t = Instant::now();
                         let got = pipe.recv(p + 1, 2 * m as u32 + 1, self.deadline())?;
                         clock.idle += t.elapsed();
-                        f32s(&got, rows * out_width, "gradients", p + 1)?
+                        f32s(&got, "gradients", p + 1)?
                     };
                     let t = Instant::now();
                     let grad_in = model.stage_backward(first_micro_id + m as u64, 0, &grad)?;
@@ -238,7 +244,60 @@ impl Pipeline {
                 }
             }
         }
-        Ok((loss_sum, correct))
+        Ok((loss_sum, correct, predictions))
+    }
+}
+
+/// Parameters held by several stages (a tied embedding): their gradients are summed
+/// over the stages holding them, every step, so the copies stay equal.
+struct Ties {
+    group: Option<Box<dyn Communicator>>,
+    ranges: Vec<std::ops::Range<usize>>,
+}
+
+impl Ties {
+    fn new(
+        pipe: &dyn Communicator,
+        tied: Vec<(usize, usize)>,
+        layout: &sheaf_core::ParamLayout,
+        dl: Deadline,
+    ) -> Result<Ties> {
+        // Every stage holding a tied parameter must hold the same ones: their whole-model
+        // indices summed, and counted, agree across the group (checked below).
+        let color = (!tied.is_empty()).then_some(0);
+        let group = pipe.split(color, pipe.rank() as u32, dl)?;
+        if let Some(g) = &group {
+            let mine = [tied.len() as f64, tied.iter().map(|t| t.1 as f64).sum::<f64>()];
+            let (mut max, mut min) = (mine, mine);
+            g.allreduce(bytemuck::cast_slice_mut(&mut max), DType::F64, ReduceOp::Max, dl)?;
+            g.allreduce(bytemuck::cast_slice_mut(&mut min), DType::F64, ReduceOp::Min, dl)?;
+            if max != mine || min != mine {
+                return Err(Error::BadState(format!(
+                    "stage {} holds tied parameters {tied:?}, other stages hold others",
+                    pipe.rank()
+                )));
+            }
+        }
+        let mut tied = tied;
+        tied.sort_by_key(|t| t.1);
+        let ranges = tied.iter().map(|&(i, _)| layout.range(i)).collect();
+        Ok(Ties { group, ranges })
+    }
+
+    fn sum(&self, grads: &mut [f32], dl: Deadline) -> Result<()> {
+        if let Some(g) = &self.group {
+            if g.world_size() > 1 {
+                for r in &self.ranges {
+                    g.allreduce(
+                        bytemuck::cast_slice_mut(&mut grads[r.clone()]),
+                        DType::F32,
+                        ReduceOp::Sum,
+                        dl,
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -256,11 +315,10 @@ fn micro_batches(
         .map(|k| {
             let idx = &share[chunk_range(share.len(), count, k)];
             let samples = data.gather(idx)?;
-            let (inputs, labels, _) = samples.rows("the pipeline strategy")?;
             Ok(Micro {
                 rows: idx.len(),
-                inputs: if first { inputs.to_vec() } else { Vec::new() },
-                labels: if last { labels.to_vec() } else { Vec::new() },
+                targets: if last { samples.targets() } else { Vec::new() },
+                samples: first.then_some(samples),
             })
         })
         .collect()
@@ -298,15 +356,13 @@ impl Strategy for Pipeline {
         let (first, last) = (p == 0, p + 1 == stages);
         if first != (piece.blocks.start == 0) {
             return Err(Error::BadState(format!(
-                "stage {p} holds layers {:?}: stage 0, and only stage 0, must hold layer 0",
+                "stage {p} holds blocks {:?}: stage 0, and only stage 0, must hold block 0",
                 piece.blocks
             )));
         }
-        // Widths of this stage's input and output activations, from its parameters.
         let layout = model.layout().clone();
-        let in_width = layout.specs()[0].shape[1];
-        let out_width = layout.specs()[layout.specs().len() - 1].shape[0];
         let mut params = mesh.sync_replicas(model, self.deadline())?;
+        let ties = Ties::new(pipe, model.tied_params(), &layout, self.deadline())?;
 
         let start = Instant::now();
         let mut grads = vec![0f32; layout.total()];
@@ -321,10 +377,8 @@ impl Strategy for Pipeline {
             pipe.barrier(self.deadline())?;
             let t_sched = Instant::now();
             let before = (clock.busy, clock.idle);
-            let scale = 1.0 / global.len() as f32;
-            let widths = (in_width, out_width);
-            let (loss_sum, _) =
-                self.run_passes(pipe, model, &passes, &micros, widths, scale, step << 20, &mut clock)?;
+            let (loss_sum, _, predictions) =
+                self.run_passes(pipe, model, &passes, &micros, Some(global.len()), step << 20, &mut clock)?;
             pipe.barrier(self.deadline())?;
             // Everything in the step's schedule that was not computing was waiting.
             // The first step (first touches of every buffer) is left out.
@@ -334,15 +388,16 @@ impl Strategy for Pipeline {
                 (clock.busy, clock.idle) = (Duration::ZERO, Duration::ZERO);
             }
             model.take_grads(&mut grads)?;
+            ties.sum(&mut grads, self.deadline())?;
             mesh.sum_over_replicas(&mut grads, self.deadline())?;
             optimizer.set_learning_rate(config.lr.at(step, total_steps));
             optimizer.step(&mut layout.params(&mut params, &grads))?;
             model.write_params(&params)?;
-            let mut loss = [loss_sum];
+            let mut loss = [loss_sum, predictions as f64];
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
             step += 1;
             samples += global.len();
-            last_loss = loss[0] / global.len() as f64;
+            last_loss = loss[0] / loss[1].max(1.0);
             metrics.record(&StepMetrics {
                 step,
                 epoch,
@@ -363,20 +418,11 @@ impl Strategy for Pipeline {
                 let micros = micro_batches(test, chunk, 1, first, last)?;
                 let id = u64::MAX / 2 + k as u64;
                 let mut scratch = StageClock::default();
-                let widths = (in_width, out_width);
-                let (l, c) = self.run_passes(
-                    pipe,
-                    model,
-                    &[Pass::Forward(0)],
-                    &micros,
-                    widths,
-                    0.0,
-                    id,
-                    &mut scratch,
-                )?;
+                let (l, c, n) =
+                    self.run_passes(pipe, model, &[Pass::Forward(0)], &micros, None, id, &mut scratch)?;
                 model.drop_saved();
                 if last {
-                    totals = [totals[0] + l, totals[1] + c as f64, totals[2] + chunk.len() as f64];
+                    totals = [totals[0] + l, totals[1] + c as f64, totals[2] + n as f64];
                 }
             }
         }

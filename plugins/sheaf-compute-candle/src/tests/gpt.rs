@@ -294,3 +294,72 @@ fn predict_gives_the_last_positions_logits() {
     let cropped = m.predict(&Batch::Tokens { windows: &ctx[3..], window: 6 }).unwrap();
     assert_eq!(logits, cropped);
 }
+
+/// Pipeline stages of blocks, run micro-batch by micro-batch, give the whole model's
+/// loss and gradients for any cut, tied or untied head: the tied embedding's two
+/// copies (first and last stage) have gradients that sum to the whole model's.
+#[test]
+fn stages_over_micro_batches_equal_the_whole_model() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    for extra in ["", r#", "tie_embeddings": false"#] {
+        let spec = spec(extra);
+        let w = windows(6, 7, 11);
+        let batch = Batch::Tokens { windows: &w, window: 7 };
+        let mut whole = backend.build_model(&spec, 11).unwrap();
+        let total = whole.layout().total();
+        let (mut want, mut params) = (vec![0f32; total], vec![0f32; total]);
+        let loss = whole.forward_backward(&batch, &mut want).unwrap();
+        whole.read_params(&mut params).unwrap();
+        let targets = sheaf_core::Samples::Tokens { windows: w.clone(), window: 7 }.targets();
+        for cut in [&[0usize, 4][..], &[0, 1, 4], &[0, 2, 3, 4], &[0, 1, 2, 3, 4]] {
+            for micro in [1usize, 2, 3] {
+                let mut stages: Vec<_> = cut
+                    .windows(2)
+                    .map(|c| {
+                        let p = sheaf_core::Piece { blocks: c[0]..c[1], tensor_rank: 0, tensor_width: 1 };
+                        backend.build_piece(&spec, &p, 11).unwrap()
+                    })
+                    .collect();
+                let rows = 6 / micro;
+                let mut loss_sum = 0.0;
+                for m in 0..micro {
+                    let mine = &w[m * rows * 7..(m + 1) * rows * 7];
+                    let mut act = stages[0]
+                        .stage_forward_batch(m as u64, 0, &Batch::Tokens { windows: mine, window: 7 })
+                        .unwrap();
+                    for s in stages[1..].iter_mut() {
+                        act = s.stage_forward(m as u64, 0, &act, rows).unwrap();
+                    }
+                    let t = &targets[m * rows * 6..(m + 1) * rows * 6];
+                    let (l, _, mut grad) = stages.last_mut().unwrap().loss_grad(&act, t, 1.0 / 36.0).unwrap();
+                    loss_sum += l;
+                    for s in stages.iter_mut().rev() {
+                        grad = s.stage_backward(m as u64, 0, &grad).unwrap();
+                    }
+                }
+                assert!((loss_sum / 36.0 - f64::from(loss)).abs() < 1e-5, "{cut:?} x{micro}");
+                // Gradients summed into the whole model's positions (a tied copy adds).
+                let mut got = vec![0f32; total];
+                let mut tied = 0;
+                for s in stages.iter_mut() {
+                    let piece = backend.piece_layout(&spec, &s.piece().unwrap()).unwrap();
+                    tied += s.tied_params().len();
+                    let mut g = vec![0f32; s.layout().total()];
+                    s.take_grads(&mut g).unwrap();
+                    let mut mine = vec![0f32; total];
+                    piece.place(whole.layout(), &g, &mut mine);
+                    got.iter_mut().zip(&mine).for_each(|(a, b)| *a += b);
+                    let mut p = vec![0f32; s.layout().total()];
+                    s.read_params(&mut p).unwrap();
+                    assert_eq!(p, piece.slice(whole.layout(), &params));
+                    assert_eq!(s.saved_bytes(), 0);
+                }
+                // Both the first and the last stage report the tied embedding.
+                let tied_expected = if extra.is_empty() && cut.len() > 2 { 2 } else { 0 };
+                assert_eq!(tied, tied_expected, "{extra} {cut:?}");
+                let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff <= 1e-5, "{extra} {cut:?} x{micro}: max abs diff {diff}");
+            }
+        }
+    }
+}
