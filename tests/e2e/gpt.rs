@@ -142,6 +142,29 @@ fn gpt_pipelines_end_where_one_process_ends() {
     assert!(d <= 1e-5, "untied: max abs diff {d}");
 }
 
+/// The GPT tensor-parallel, Megatron's way (heads split across ranks; the
+/// embeddings, LayerNorms and head replicated): 2 ranks, and 2 groups of 2, end where
+/// one process ends; a width that does not divide the heads is refused up front.
+#[test]
+fn gpt_tensor_parallel_ends_where_one_process_ends() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "");
+    let reference = checkpoint(launch(1, &job, &[]).path());
+    for (n, sets) in [
+        (2, vec!["parallel.strategy=\"tensor-parallel\""]),
+        (4, vec!["parallel.strategy=\"tensor-parallel\"", "parallel.data=2", "transport.plugin=\"shm\""]),
+    ] {
+        let run = launch(n, &job, &sets);
+        let d = max_abs_diff(&checkpoint(run.path()), &reference);
+        assert!(d <= 1e-5, "{n} workers {sets:?}: max abs diff {d}");
+        let s = summary(run.path());
+        let per_rank = s["params_per_rank"][0].as_u64().unwrap();
+        assert!(per_rank < s["params"].as_u64().unwrap(), "{s}");
+    }
+    let e = launch_fails(&job, &["parallel.strategy=\"tensor-parallel\"", "model.n_head=1"]);
+    assert!(e.contains("does not divide n_head = 1"), "{e}");
+}
+
 fn job_with(dir: &Path, model_extra: &str) -> PathBuf {
     let text = text_file(dir);
     job(dir, &text, model_extra, "")

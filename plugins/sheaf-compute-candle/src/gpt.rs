@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde::Deserialize;
 use sheaf_core::{
-    Batch, Block, Error, Model, ModelInfo, ModelInput, ModelSpec, ParamLayout, ParamSpec, Piece, PieceLayout,
-    Result, ShardSource, SplitMix64,
+    chunk_range, Batch, Block, Error, Model, ModelInfo, ModelInput, ModelSpec, ParamLayout, ParamSpec, Piece,
+    PieceLayout, Result, ShardSource, SplitMix64,
 };
 
 use crate::{candle_err, read_vars, vars_from, write_vars};
@@ -221,9 +221,7 @@ impl GptSpec {
     pub fn piece_layout(&self, piece: &Piece) -> Result<PieceLayout> {
         piece.validate(self.blocks())?;
         if piece.tensor_width > 1 {
-            return Err(Error::Unsupported(
-                "tensor-parallel slices of a gpt are not built yet (gpt trains data-parallel and as pipeline stages)".into(),
-            ));
+            return self.tensor_piece_layout(piece);
         }
         let whole = self.layout();
         let tied_head = self.tie_embeddings && piece.blocks.end == self.blocks() && piece.blocks.start > 0;
@@ -239,6 +237,68 @@ impl GptSpec {
             sources,
             activation_bytes_per_sample: self.activation_bytes_in(&piece.blocks),
         })
+    }
+}
+
+impl GptSpec {
+    /// Slice `tensor_rank` of `tensor_width` of every block, Megatron's way: the heads
+    /// split across ranks (`c_attn` by rows of q, k and v for this rank's heads, the
+    /// attention `c_proj` by the matching columns), `c_fc` by rows and the MLP
+    /// `c_proj` by columns; everything else (embeddings, LayerNorms, the row-parallel
+    /// layers' biases) whole on every rank.
+    fn tensor_piece_layout(&self, piece: &Piece) -> Result<PieceLayout> {
+        let (t, width) = (piece.tensor_rank, piece.tensor_width);
+        if piece.blocks != (0..self.blocks()) {
+            return Err(Error::Unsupported(
+                "a tensor-parallel gpt piece holds slices of every block; pipeline stages of tensor-parallel slices are not built yet".into(),
+            ));
+        }
+        if !self.n_head.is_multiple_of(width) {
+            return Err(Error::config(
+                "parallel.tensor",
+                format!("a tensor-parallel width of {width} does not divide n_head = {}", self.n_head),
+            ));
+        }
+        let c = self.n_embd;
+        let mine = |len: usize| chunk_range(len, width, t);
+        let whole = self.layout();
+        let mut specs = Vec::new();
+        let mut sources = Vec::new();
+        for (i, s) in whole.specs().iter().enumerate() {
+            let name = s.name.as_str();
+            let (shape, source) =
+                if name.ends_with("attn.c_attn.weight") || name.ends_with("attn.c_attn.bias") {
+                    let r = mine(c);
+                    let ranges = vec![r.clone(), c + r.start..c + r.end, 2 * c + r.start..2 * c + r.end];
+                    let mut shape = s.shape.clone();
+                    shape[0] = 3 * r.len();
+                    (shape, ShardSource { param: i, by_columns: false, ranges })
+                } else if name.ends_with("mlp.c_fc.weight") || name.ends_with("mlp.c_fc.bias") {
+                    let r = mine(4 * c);
+                    let mut shape = s.shape.clone();
+                    shape[0] = r.len();
+                    (shape, ShardSource { param: i, by_columns: false, ranges: vec![r] })
+                } else if name.ends_with("c_proj.weight") {
+                    let r = mine(s.shape[1]);
+                    (vec![s.shape[0], r.len()], ShardSource { param: i, by_columns: true, ranges: vec![r] })
+                } else {
+                    (s.shape.clone(), ShardSource::whole(i, s.shape[0]))
+                };
+            specs.push(ParamSpec { name: s.name.clone(), shape });
+            sources.push(source);
+        }
+        Ok(PieceLayout {
+            layout: ParamLayout::new(specs),
+            sources,
+            activation_bytes_per_sample: self.activation_bytes_in(&piece.blocks) / width as u64,
+        })
+    }
+
+    /// Segments of a tensor-parallel piece: the embeddings (0), then per block the
+    /// replicated residual add and `ln_1`, the attention's partial sum, the residual
+    /// add and `ln_2`, the MLP's partial sum, and last the residual add and the head.
+    fn tensor_segments(&self) -> usize {
+        4 * self.n_layer + 2
     }
 }
 
@@ -308,9 +368,25 @@ pub struct Gpt {
     /// The stage interface: accumulated gradients, and per micro-batch what its
     /// forward kept (the input as a `Var` for its gradient, the output, bytes).
     grads: Vec<f32>,
-    saved: HashMap<u64, (Option<Var>, Tensor, u64)>,
+    saved: HashMap<(u64, usize), Saved>,
     saved_bytes: u64,
     bytes_per_window: u64,
+    /// Tensor parallelism: the residual stream after the last replicated segment's
+    /// forward, and the gradient a later segment sent back into it, per micro-batch.
+    residual: HashMap<u64, Tensor>,
+    residual_grad: HashMap<(u64, usize), Tensor>,
+}
+
+/// What a segment's forward keeps for its backward.
+struct Saved {
+    /// The segment's input, and under tensor parallelism the residual stream it adds
+    /// to (both as `Var`s, for their gradients).
+    input: Option<Var>,
+    prev: Option<Var>,
+    /// The residual stream it leaves (tensor parallelism's replicated segments).
+    x: Option<Tensor>,
+    out: Tensor,
+    bytes: u64,
 }
 
 /// Windows evaluated at once by `evaluate`, bounding its memory.
@@ -353,6 +429,8 @@ impl Gpt {
             saved: HashMap::new(),
             saved_bytes: 0,
             bytes_per_window: pl.activation_bytes_per_sample,
+            residual: HashMap::new(),
+            residual_grad: HashMap::new(),
         })
     }
 
@@ -492,17 +570,124 @@ impl Gpt {
         }
     }
 
-    /// Keeps what micro-batch `micro`'s forward needs for its backward.
-    fn save(&mut self, micro: u64, input: Option<Var>, out: &Tensor, windows: usize) -> Result<Vec<f32>> {
-        if self.saved.contains_key(&micro) {
-            return Err(Error::BadState(format!("micro-batch {micro} ran forward twice without a backward")));
+    /// Keeps what segment `seg` of micro-batch `micro` needs for its backward; returns
+    /// its output's values.
+    fn save(&mut self, key: (u64, usize), saved: Saved) -> Result<Vec<f32>> {
+        if self.saved.contains_key(&key) {
+            return Err(Error::BadState(format!(
+                "micro-batch {} segment {} ran forward twice without a backward",
+                key.0, key.1
+            )));
         }
         let values =
-            out.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(candle_err("stage forward"))?;
-        let bytes = self.bytes_per_window * windows as u64;
-        self.saved.insert(micro, (input, out.clone(), bytes));
-        self.saved_bytes += bytes;
+            saved.out.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(candle_err("stage forward"))?;
+        self.saved_bytes += saved.bytes;
+        self.saved.insert(key, saved);
         Ok(values)
+    }
+
+    fn tensor_parallel(&self) -> bool {
+        self.piece.tensor_width > 1
+    }
+
+    /// `x @ w^T` without the bias: a row-parallel layer's partial output.
+    fn matmul_weight(&self, x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
+        x.matmul(&self.p(&format!("{name}.weight"))?.t()?)
+    }
+
+    /// A tensor-parallel replicated segment `seg` (odd): the residual stream `x` is the
+    /// summed partial output `s`, plus the previous residual and the row-parallel
+    /// layer's bias; then `ln_1`, `ln_2`, or (last) `ln_f` and the head.
+    fn tensor_replicated(
+        &self,
+        seg: usize,
+        s: &Tensor,
+        prev: Option<&Tensor>,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (block, phase) = ((seg - 1) / 4, (seg - 1) % 4);
+        let bias = match (phase, block) {
+            (0, 0) => None,
+            (0, b) => Some(format!("transformer.h.{}.mlp.c_proj.bias", b - 1)),
+            _ => Some(format!("transformer.h.{block}.attn.c_proj.bias")),
+        };
+        let mut x = match prev {
+            Some(p) => (s + p)?,
+            None => s.clone(),
+        };
+        if let Some(b) = bias.as_deref().and_then(|b| self.opt(b)) {
+            x = x.broadcast_add(b)?;
+        }
+        let out = match phase {
+            0 if block == self.spec.n_layer => {
+                let f = self.layer_norm(&x, "transformer.ln_f")?;
+                let head = if self.spec.tie_embeddings { "transformer.wte.weight" } else { "lm_head.weight" };
+                f.matmul(&self.p(head)?.t()?)?
+            }
+            0 => self.layer_norm(&x, &format!("transformer.h.{block}.ln_1"))?,
+            _ => self.layer_norm(&x, &format!("transformer.h.{block}.ln_2"))?,
+        };
+        Ok((x, out))
+    }
+
+    /// A tensor-parallel partial segment `seg` (even, after 0): this rank's heads of
+    /// block `(seg - 2) / 4`'s attention, or its slice of the block's MLP, up to the
+    /// row-parallel `c_proj` without its bias.
+    fn tensor_partial(&self, seg: usize, h: &Tensor, n: usize, t: usize) -> candle_core::Result<Tensor> {
+        let (block, phase) = ((seg - 2) / 4, (seg - 2) % 4);
+        let name = format!("transformer.h.{block}");
+        if phase == 0 {
+            let width = self.piece.tensor_width;
+            let (c, nh) = (self.spec.n_embd / width, self.spec.n_head / width);
+            let hs = c / nh;
+            let heads = |m: Tensor| m.reshape((n, t, nh, hs))?.transpose(1, 2)?.contiguous();
+            let qkv = self.linear(h, &format!("{name}.attn.c_attn"))?;
+            let q = heads(qkv.narrow(1, 0, c)?)?;
+            let k = heads(qkv.narrow(1, c, c)?)?;
+            let v = heads(qkv.narrow(1, 2 * c, c)?)?;
+            let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
+            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n * t, c))?;
+            self.matmul_weight(&y, &format!("{name}.attn.c_proj"))
+        } else {
+            let m = self.linear(h, &format!("{name}.mlp.c_fc"))?.gelu_erf()?;
+            self.matmul_weight(&m, &format!("{name}.mlp.c_proj"))
+        }
+    }
+
+    /// Forward of tensor-parallel segment `seg > 0` on `input` (`rows` windows).
+    fn tensor_forward(&mut self, micro: u64, seg: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let c = self.spec.n_embd;
+        let t = input.len().checked_div(rows * c).unwrap_or(0);
+        if rows == 0 || t == 0 || t > self.spec.block_size || input.len() != rows * t * c {
+            return Err(Error::invalid(format!(
+                "segment {seg} input of {} values is not {rows} windows of up to {} positions of {c}",
+                input.len(),
+                self.spec.block_size
+            )));
+        }
+        let bytes = self.bytes_per_window * rows as u64 / self.spec.tensor_segments() as u64;
+        let saved = if seg % 2 == 1 {
+            let prev = self.residual.remove(&micro);
+            let run = || -> candle_core::Result<Saved> {
+                let s = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
+                let prev = prev.map(|p| Var::from_tensor(&p)).transpose()?;
+                let (x, out) =
+                    self.tensor_replicated(seg, s.as_tensor(), prev.as_ref().map(Var::as_tensor))?;
+                Ok(Saved { input: Some(s), prev, x: Some(x), out, bytes })
+            };
+            let saved = run().map_err(candle_err("stage forward"))?;
+            if let Some(x) = &saved.x {
+                self.residual.insert(micro, x.detach());
+            }
+            saved
+        } else {
+            let run = || -> candle_core::Result<Saved> {
+                let h = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
+                let out = self.tensor_partial(seg, h.as_tensor(), rows, t)?;
+                Ok(Saved { input: Some(h), prev: None, x: None, out, bytes })
+            };
+            run().map_err(candle_err("stage forward"))?
+        };
+        self.save((micro, seg), saved)
     }
 }
 
@@ -607,12 +792,31 @@ impl Model for Gpt {
         }
         let (windows, n, window) = self.windows(batch, "takes")?;
         let (x, _) = self.inputs_targets(windows, n, window)?;
+        let bytes = self.bytes_per_window * n as u64;
+        if self.tensor_parallel() {
+            // The embeddings, computed on every rank (so every rank's embedding
+            // gradient is whole) but emitted by rank 0 only: the strategy sums this
+            // segment's output over the group.
+            let (c, t) = (self.spec.n_embd, window - 1);
+            let run = || -> candle_core::Result<Tensor> {
+                let tok = self.p("transformer.wte.weight")?.index_select(&x.flatten_all()?, 0)?;
+                let pos = self.p("transformer.wpe.weight")?.narrow(0, 0, t)?;
+                tok.reshape((n, t, c))?.broadcast_add(&pos)?.reshape((n * t, c))
+            };
+            let out = run().map_err(candle_err("stage forward"))?;
+            let bytes = bytes / self.spec.tensor_segments() as u64;
+            let values = self.save((micro, 0), Saved { input: None, prev: None, x: None, out, bytes })?;
+            return Ok(if self.piece.tensor_rank == 0 { values } else { vec![0.0; values.len()] });
+        }
         let out = self.run(StageIn::Tokens(x), n, window - 1).map_err(candle_err("stage forward"))?;
-        self.save(micro, None, &out, n)
+        self.save((micro, 0), Saved { input: None, prev: None, x: None, out, bytes })
     }
 
     fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
         let c = self.spec.n_embd;
+        if self.tensor_parallel() && segment > 0 && segment < self.segments() {
+            return self.tensor_forward(micro, segment, input, rows);
+        }
         if segment != 0 || self.piece.blocks.start == 0 {
             return Err(Error::invalid(format!(
                 "a gpt stage holding blocks {:?} takes {} (segment {segment})",
@@ -634,16 +838,26 @@ impl Model for Gpt {
             Ok((x, out))
         };
         let (x, out) = run().map_err(candle_err("stage forward"))?;
-        self.save(micro, Some(x), &out, rows)
+        let bytes = self.bytes_per_window * rows as u64;
+        self.save((micro, 0), Saved { input: Some(x), prev: None, x: None, out, bytes })
+    }
+
+    fn segments(&self) -> usize {
+        if self.tensor_parallel() {
+            self.spec.tensor_segments()
+        } else {
+            1
+        }
     }
 
     fn stage_backward(&mut self, micro: u64, segment: usize, grad_output: &[f32]) -> Result<Vec<f32>> {
-        let (x, out, bytes) = self.saved.remove(&micro).ok_or_else(|| {
+        let saved = self.saved.remove(&(micro, segment)).ok_or_else(|| {
             Error::BadState(format!(
                 "backward of micro-batch {micro} segment {segment}, which ran no forward"
             ))
         })?;
-        self.saved_bytes -= bytes;
+        self.saved_bytes -= saved.bytes;
+        let out = &saved.out;
         if grad_output.len() != out.elem_count() {
             return Err(Error::invalid(format!(
                 "gradient of {} values for an output of {}",
@@ -651,10 +865,16 @@ impl Model for Gpt {
                 out.elem_count()
             )));
         }
-        let run = || -> candle_core::Result<Vec<f32>> {
+        let residual_grad = self.residual_grad.remove(&(micro, segment));
+        let mut run = || -> candle_core::Result<(Vec<f32>, Option<Tensor>)> {
             let g = Tensor::from_slice(grad_output, out.shape(), &self.device)?;
-            // d(sum(out * g))/dθ = J^T g: the vector-Jacobian product backward needs.
-            let store = (&out * &g)?.sum_all()?.backward()?;
+            // d(sum(out * g))/dθ = J^T g: the vector-Jacobian product backward needs;
+            // the residual stream's gradient from a later segment joins it.
+            let mut root = (out * &g)?.sum_all()?;
+            if let (Some(x), Some(gr)) = (&saved.x, &residual_grad) {
+                root = (root + (x * gr)?.sum_all()?)?;
+            }
+            let store = root.backward()?;
             for (i, v) in self.vars.iter().enumerate() {
                 let Some(gv) = store.get(v.as_tensor()) else { continue };
                 for (acc, d) in
@@ -663,12 +883,22 @@ impl Model for Gpt {
                     *acc += d;
                 }
             }
-            match x.as_ref().and_then(|x| store.get(x.as_tensor())) {
-                Some(gx) => gx.flatten_all()?.to_vec1::<f32>(),
-                None => Ok(x.map(|x| vec![0.0; x.as_tensor().elem_count()]).unwrap_or_default()),
-            }
+            let prev_grad = saved.prev.as_ref().and_then(|p| store.get(p.as_tensor())).cloned();
+            let input_grad = match saved.input.as_ref() {
+                Some(x) => match store.get(x.as_tensor()) {
+                    Some(gx) => gx.flatten_all()?.to_vec1::<f32>()?,
+                    None => vec![0.0; x.as_tensor().elem_count()],
+                },
+                None => Vec::new(),
+            };
+            Ok((input_grad, prev_grad))
         };
-        run().map_err(candle_err("stage backward"))
+        let (input_grad, prev_grad) = run().map_err(candle_err("stage backward"))?;
+        if let Some(pg) = prev_grad {
+            // The previous replicated segment's residual stream, two segments back.
+            self.residual_grad.insert((micro, segment - 2), pg);
+        }
+        Ok(input_grad)
     }
 
     fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
@@ -717,6 +947,8 @@ impl Model for Gpt {
 
     fn drop_saved(&mut self) {
         self.saved.clear();
+        self.residual.clear();
+        self.residual_grad.clear();
         self.saved_bytes = 0;
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model, PluginKind,
-    Provided, ReduceOp, Result, StepMetrics, Strategy, TrainContext, TrainSummary,
+    Provided, ReduceOp, Result, Samples, StepMetrics, Strategy, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -100,12 +100,14 @@ impl TensorParallel {
         group: &dyn Communicator,
         model: &mut dyn Model,
         micro: u64,
-        inputs: &[f32],
-        rows: usize,
+        samples: &Samples,
     ) -> Result<Vec<f32>> {
-        let mut act = inputs.to_vec();
+        let rows = samples.len();
+        let mut act = model.stage_forward_batch(micro, 0, &samples.batch())?;
         for seg in 0..model.segments() {
-            act = model.stage_forward(micro, seg, &act, rows)?;
+            if seg > 0 {
+                act = model.stage_forward(micro, seg, &act, rows)?;
+            }
             if seg.is_multiple_of(2) && model.segments() > 1 {
                 sum_over(group, &mut act, self.deadline())?;
             }
@@ -175,16 +177,19 @@ impl Strategy for TensorParallel {
             let t0 = Instant::now();
             let share: Vec<usize> =
                 partitioner.shard(step, global.len(), d, groups)?.into_iter().map(|i| global[i]).collect();
-            let mut loss = [0.0f64];
+            let mut loss = [0.0f64; 2];
             if !share.is_empty() {
                 let samples = train.gather(&share)?;
-                let (inputs, labels, _) = samples.rows("the tensor-parallel strategy")?;
-                let logits = self.forward(group, model, step, inputs, share.len())?;
+                let targets = samples.targets();
+                let logits = self.forward(group, model, step, &samples)?;
                 peak = peak.max(model.saved_bytes());
-                let (loss_sum, _, grad) = model.loss_grad(&logits, labels, 1.0 / global.len() as f32)?;
+                // Every sample makes the same number of predictions.
+                let per_sample = targets.len() / share.len();
+                let scale = 1.0 / (global.len() * per_sample).max(1) as f32;
+                let (loss_sum, _, grad) = model.loss_grad(&logits, &targets, scale)?;
                 self.backward(group, model, step, grad)?;
                 if t == 0 {
-                    loss[0] = loss_sum;
+                    loss = [loss_sum, targets.len() as f64];
                 }
             }
             model.take_grads(&mut grads)?;
@@ -195,7 +200,7 @@ impl Strategy for TensorParallel {
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
             step += 1;
             samples += global.len();
-            last_loss = loss[0] / global.len() as f64;
+            last_loss = loss[0] / loss[1].max(1.0);
             metrics.record(&StepMetrics {
                 step,
                 epoch,
@@ -214,12 +219,12 @@ impl Strategy for TensorParallel {
             let all: Vec<usize> = (0..test.len()).collect();
             for (k, chunk) in all.chunks(config.batch_size.max(1)).enumerate() {
                 let samples = test.gather(chunk)?;
-                let (inputs, labels, _) = samples.rows("the tensor-parallel strategy")?;
-                let logits = self.forward(group, model, u64::MAX / 2 + k as u64, inputs, chunk.len())?;
+                let targets = samples.targets();
+                let logits = self.forward(group, model, u64::MAX / 2 + k as u64, &samples)?;
                 model.drop_saved();
-                let (l, c, _) = model.loss_grad(&logits, labels, 0.0)?;
+                let (l, c, _) = model.loss_grad(&logits, &targets, 0.0)?;
                 if t == 0 {
-                    totals = [totals[0] + l, totals[1] + c as f64, totals[2] + chunk.len() as f64];
+                    totals = [totals[0] + l, totals[1] + c as f64, totals[2] + targets.len() as f64];
                 }
             }
         }

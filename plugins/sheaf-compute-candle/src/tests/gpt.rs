@@ -363,3 +363,97 @@ fn stages_over_micro_batches_equal_the_whole_model() {
         }
     }
 }
+
+/// Tensor-parallel slices (heads split across ranks), run segment by segment with
+/// the partial outputs and the partial input gradients summed over the group as the
+/// strategy's allreduce would, give the whole model's loss and gradients; replicated
+/// parameters get the same gradient on every rank.
+#[test]
+fn tensor_parallel_slices_equal_the_whole_model() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    for (extra, width) in [("", 2), (r#", "bias": false, "tie_embeddings": false"#, 2), ("", 1)] {
+        let spec = spec(extra);
+        let w = windows(4, 7, 11);
+        let batch = Batch::Tokens { windows: &w, window: 7 };
+        let mut whole = backend.build_model(&spec, 5).unwrap();
+        let total = whole.layout().total();
+        let mut want = vec![0f32; total];
+        let loss = whole.forward_backward(&batch, &mut want).unwrap();
+        if width == 1 {
+            continue;
+        }
+        let mut ranks: Vec<_> = (0..width)
+            .map(|t| {
+                let p = sheaf_core::Piece { blocks: 0..4, tensor_rank: t, tensor_width: width };
+                backend.build_piece(&spec, &p, 5).unwrap()
+            })
+            .collect();
+        let segments = ranks[0].segments();
+        assert_eq!(segments, 4 * 2 + 2);
+        let sum = |parts: Vec<Vec<f32>>| -> Vec<f32> {
+            parts
+                .iter()
+                .skip(1)
+                .fold(parts[0].clone(), |acc, p| acc.iter().zip(p).map(|(a, b)| a + b).collect())
+        };
+        let mut act = Vec::new();
+        for seg in 0..segments {
+            let outs: Vec<Vec<f32>> = ranks
+                .iter_mut()
+                .map(|r| {
+                    if seg == 0 {
+                        r.stage_forward_batch(0, 0, &batch).unwrap()
+                    } else {
+                        r.stage_forward(0, seg, &act, 4).unwrap()
+                    }
+                })
+                .collect();
+            act = if seg % 2 == 0 {
+                sum(outs)
+            } else {
+                assert!(outs.iter().all(|o| *o == outs[0]), "segment {seg} differs between ranks");
+                outs[0].clone()
+            };
+        }
+        let targets = sheaf_core::Samples::Tokens { windows: w.clone(), window: 7 }.targets();
+        let mut grad = Vec::new();
+        let mut loss_sum = 0.0;
+        for r in ranks.iter_mut() {
+            let (l, _, g) = r.loss_grad(&act, &targets, 1.0 / 24.0).unwrap();
+            loss_sum = l;
+            grad = g;
+        }
+        assert!((loss_sum / 24.0 - f64::from(loss)).abs() < 1e-5, "{loss_sum} vs {loss}");
+        for seg in (0..segments).rev() {
+            let gins: Vec<Vec<f32>> =
+                ranks.iter_mut().map(|r| r.stage_backward(0, seg, &grad).unwrap()).collect();
+            grad = if seg % 2 == 0 { sum(gins) } else { gins[0].clone() };
+        }
+        let mut got = vec![f32::NAN; total];
+        for (t, r) in ranks.iter_mut().enumerate() {
+            let piece = backend.piece_layout(&spec, &r.piece().unwrap()).unwrap();
+            let mut g = vec![0f32; r.layout().total()];
+            r.take_grads(&mut g).unwrap();
+            assert_eq!(r.saved_bytes(), 0);
+            let mut mine = vec![f32::NAN; total];
+            piece.place(whole.layout(), &g, &mut mine);
+            for i in 0..total {
+                if mine[i].is_nan() {
+                    continue;
+                }
+                assert!(
+                    got[i].is_nan() || (got[i] - mine[i]).abs() <= 1e-6,
+                    "{extra}: rank {t} parameter {i}: {} vs {}",
+                    mine[i],
+                    got[i]
+                );
+                got[i] = mine[i];
+            }
+        }
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "{extra} over {width}: max abs diff {diff}");
+    }
+    let p = sheaf_core::Piece { blocks: 0..4, tensor_rank: 0, tensor_width: 4 };
+    let e = backend.piece_layout(&spec(""), &p).unwrap_err().to_string();
+    assert!(e.contains("a tensor-parallel width of 4 does not divide n_head = 2"), "{e}");
+}
