@@ -43,6 +43,7 @@ optimizer = "adamw"
 lr = 3e-3
 {train_extra}
 [parallel]
+[parallel.options.data-parallel]
 checksum_every = 5
 "#,
         dataset.display()
@@ -68,10 +69,14 @@ fn launch(n: usize, job: &Path, sets: &[&str]) -> tempfile::TempDir {
     dir
 }
 
-/// Launches 2 workers expecting failure before any starts; returns stderr.
+/// Launches 2 (or `n`) workers expecting failure before any starts; returns stderr.
 fn launch_fails(job: &Path, sets: &[&str]) -> String {
+    launch_n_fails(2, job, sets)
+}
+
+fn launch_n_fails(n: usize, job: &Path, sets: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut args: Vec<String> = vec!["launch".into(), "-n".into(), "2".into(), job.display().to_string()];
+    let mut args: Vec<String> = vec!["launch".into(), "-n".into(), n.to_string(), job.display().to_string()];
     for s in sets {
         args.extend(["--set".to_string(), s.to_string()]);
     }
@@ -120,9 +125,20 @@ fn gpt_pipelines_end_where_one_process_ends() {
     for (n, sets) in [
         (
             2,
-            vec!["parallel.strategy=\"pipeline\"", "parallel.schedule=\"gpipe\"", "parallel.micro_batches=3"],
+            vec![
+                "parallel.strategy=\"pipeline\"",
+                "parallel.options.pipeline.schedule=\"gpipe\"",
+                "parallel.options.pipeline.micro_batches=3",
+            ],
         ),
-        (2, vec!["parallel.strategy=\"pipeline\"", "parallel.schedule=\"1f1b\"", "parallel.micro_batches=4"]),
+        (
+            2,
+            vec![
+                "parallel.strategy=\"pipeline\"",
+                "parallel.options.pipeline.schedule=\"1f1b\"",
+                "parallel.options.pipeline.micro_batches=4",
+            ],
+        ),
         (4, vec!["parallel.strategy=\"pipeline\"", "parallel.data=2", "transport.plugin=\"shm\""]),
     ] {
         let run = launch(n, &job, &sets);
@@ -232,13 +248,9 @@ fn bad_gpt_jobs_fail_before_any_worker_starts() {
     assert!(e.contains("block_size longer than the validation split"), "{e}");
     let e = fail(&["model.n_layers=3"]);
     assert!(e.contains("unknown field `n_layers`"), "{e}");
-    let e = fail(&[
-        "parallel.strategy=\"pipeline\"",
-        "parallel.pipeline=2",
-        "parallel.data=1",
-        "model.n_layer=1",
-    ]);
-    assert!(e.contains("2 stages") || e.contains("pipeline"), "{e}");
+    // One transformer block: three blocks in all (embeddings, h.0, head), not four stages.
+    let e = launch_n_fails(4, &job, &["parallel.strategy=\"pipeline\"", "model.n_layer=1"]);
+    assert!(e.contains("4 stages, but the model has only 3 blocks"), "{e}");
     let e = fail(&["data.dataset=\"digits\""]);
     assert!(e.contains("model.vocab_size") && e.contains("rows of features are not tokens"), "{e}");
     let e = fail(&["data.dataset=\"digits\"", "model.vocab_size=16"]);

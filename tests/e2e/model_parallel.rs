@@ -44,11 +44,47 @@ fn model_parallel_runs_end_with_the_parameters_of_one_process() {
     const PIPE: &str = "parallel.strategy=\"pipeline\"";
     const TENSOR: &str = "parallel.strategy=\"tensor-parallel\"";
     for (n, extra) in [
-        (2, vec![PIPE, "parallel.schedule=\"gpipe\"", "parallel.micro_batches=1"]),
-        (2, vec![PIPE, "parallel.schedule=\"gpipe\"", "parallel.micro_batches=4"]),
-        (2, vec![PIPE, "parallel.schedule=\"1f1b\"", "parallel.micro_batches=3"]),
-        (3, vec![PIPE, "parallel.schedule=\"1f1b\"", "parallel.micro_batches=5"]),
-        (4, vec![PIPE, "parallel.data=2", "parallel.schedule=\"1f1b\"", "parallel.micro_batches=2"]),
+        (
+            2,
+            vec![
+                PIPE,
+                "parallel.options.pipeline.schedule=\"gpipe\"",
+                "parallel.options.pipeline.micro_batches=1",
+            ],
+        ),
+        (
+            2,
+            vec![
+                PIPE,
+                "parallel.options.pipeline.schedule=\"gpipe\"",
+                "parallel.options.pipeline.micro_batches=4",
+            ],
+        ),
+        (
+            2,
+            vec![
+                PIPE,
+                "parallel.options.pipeline.schedule=\"1f1b\"",
+                "parallel.options.pipeline.micro_batches=3",
+            ],
+        ),
+        (
+            3,
+            vec![
+                PIPE,
+                "parallel.options.pipeline.schedule=\"1f1b\"",
+                "parallel.options.pipeline.micro_batches=5",
+            ],
+        ),
+        (
+            4,
+            vec![
+                PIPE,
+                "parallel.data=2",
+                "parallel.options.pipeline.schedule=\"1f1b\"",
+                "parallel.options.pipeline.micro_batches=2",
+            ],
+        ),
         (2, vec![TENSOR]),
         (4, vec![TENSOR, "parallel.data=2"]),
     ] {
@@ -136,8 +172,8 @@ fn one_f_one_b_keeps_fewer_activations_than_gpipe() {
             2,
             &sets(&[
                 "parallel.strategy=\"pipeline\"",
-                "parallel.micro_batches=4",
-                &format!("parallel.schedule=\"{schedule}\""),
+                "parallel.options.pipeline.micro_batches=4",
+                &format!("parallel.options.pipeline.schedule=\"{schedule}\""),
             ]),
         );
         nums(&summary(dir.path())["peak_activation_bytes_per_rank"])
@@ -153,7 +189,7 @@ fn one_f_one_b_keeps_fewer_activations_than_gpipe() {
 fn bad_layouts_fail_before_training() {
     for (n, set, want) in [
         (3, "parallel.strategy=\"pipeline\"", "3 stages, but the model has only 2 blocks"),
-        (3, "parallel.data=2", "not divisible into 2 data-parallel replicas"),
+        (3, "parallel.data=2", "2 replicas need 2 ranks, not 3"),
         (3, "parallel.strategy=\"tensor-parallel\"", "does not divide the 128 output features of layer 0"),
     ] {
         let dir = tempfile::tempdir().unwrap();
@@ -195,8 +231,8 @@ fn gpipe_bubble_matches_the_formula() {
     let sets = [
         "transport.plugin=\"shm\"",
         "parallel.strategy=\"pipeline\"",
-        "parallel.schedule=\"gpipe\"",
-        "parallel.micro_batches=4",
+        "parallel.options.pipeline.schedule=\"gpipe\"",
+        "parallel.options.pipeline.micro_batches=4",
         "data.dataset=\"synthetic\"",
         "data.samples=2048",
         "model.layers=[1024, 1024, 1024, 1024, 1024, 10]",

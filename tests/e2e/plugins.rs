@@ -201,3 +201,69 @@ fn shipped_partitioner_plugins_pass_the_conformance_suite() {
         conformance::partitioner::check_model_partitioner(balanced.as_ref(), &[5, 1, 9, 2], stages).unwrap();
     }
 }
+
+/// A strategy the host has never heard of (the `local-sgd` fixture: its own plan, its
+/// own settings under `[parallel.options.local-sgd]`) trains the default job end to
+/// end from a plugin directory; its unknown settings are refused naming the key.
+#[test]
+fn a_strategy_unknown_to_the_host_trains_end_to_end() {
+    let plugins = tempfile::tempdir().unwrap();
+    let src = library("fixture-local-sgd");
+    std::fs::copy(&src, plugins.path().join(src.file_name().unwrap())).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let out = crate::training::sheaf(
+        &[
+            "launch",
+            "-n",
+            "2",
+            "--plugin-dir",
+            plugins.path().to_str().unwrap(),
+            "--set",
+            "parallel.strategy=\"local-sgd\"",
+            "--set",
+            "parallel.options.local-sgd.sync_every=2",
+            "--set",
+            "train.epochs=10",
+        ],
+        run.path(),
+    );
+    crate::training::ok(&out);
+    let s = crate::training::summary(run.path());
+    assert_eq!(s["strategy"], "local-sgd");
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.9, "{s}");
+    let bad = tempfile::tempdir().unwrap();
+    let out = crate::training::sheaf(
+        &[
+            "launch",
+            "-n",
+            "2",
+            "--plugin-dir",
+            plugins.path().to_str().unwrap(),
+            "--set",
+            "parallel.strategy=\"local-sgd\"",
+            "--set",
+            "parallel.options.local-sgd.sync_evry=2",
+        ],
+        bad.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("parallel.options.local-sgd") && err.contains("sync_evry"), "{err}");
+    assert!(!err.contains("[launch] rank"), "{err}");
+}
+
+/// The host names no strategy: they are all plugins' business.
+#[test]
+fn the_host_names_no_strategy() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/sheaf-host/src");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for name in ["\"pipeline\"", "\"tensor-parallel\""] {
+            assert!(!text.contains(name), "{} names the strategy {name}", path.display());
+        }
+    }
+}

@@ -781,6 +781,16 @@ pub mod to_abi {
                     .map_err(AbiError::from)
             })
         }
+        fn plan(&self, input: AbiPlanInput<'_>) -> RResult<AbiStrategyPlan, AbiError> {
+            guard(self.plugin, "strategy plan", || {
+                let plan = super::from_abi::plan_input(input, |core| self.inner.plan(core))?;
+                Ok(AbiStrategyPlan {
+                    pieces: plan.ranks.iter().map(|r| piece_to_abi(&r.piece)).collect(),
+                    activation_samples: plan.ranks.iter().map(|r| r.activation_samples).collect(),
+                    stage_interface: plan.stage_interface,
+                })
+            })
+        }
     }
 
     pub fn optimizer(plugin: &'static str, inner: Box<dyn Optimizer>) -> OptimizerBox {
@@ -831,6 +841,28 @@ pub mod to_abi {
         }
     }
 
+    /// Lends `input` across the boundary for the duration of `f`: the host's side of
+    /// a strategy plugin's `plan`.
+    pub fn with_plan_input<R>(
+        plugin: &'static str,
+        input: &sheaf_core::PlanInput<'_>,
+        f: impl FnOnce(AbiPlanInput<'_>) -> R,
+    ) -> R {
+        let blocks: Vec<AbiBlock> = input
+            .blocks
+            .iter()
+            .map(|b| AbiBlock { name: b.name.as_str().into(), params: b.params })
+            .collect();
+        let partitioner = Exported { plugin, inner: input.partitioner };
+        f(AbiPlanInput {
+            world: input.world as u64,
+            blocks: RSlice::from_slice(&blocks),
+            costs: RSlice::from_slice(input.costs),
+            batch_size: input.batch_size as u64,
+            partitioner: ModelPartitionerAbi_TO::from_ptr(&partitioner, TD_Opaque),
+        })
+    }
+
     /// Lends the parts of `ctx` across the boundary for the duration of `f`: the
     /// host's side of a strategy plugin's `train`. Calls back into the host catch
     /// panics as `plugin` (the host's name).
@@ -868,8 +900,8 @@ pub mod from_abi {
     use sheaf_core::{
         Batch, CommError, Communicator, ComputeBackend, DType, DataPartitioner, Dataset, Error, Link,
         LrSchedule, MetricsSink, Model, ModelInfo, ModelPartitioner, ModelSpec, OptimState, Optimizer, Param,
-        ParamLayout, PieceLayout, ReduceOp, Result, Samples, StepMetrics, Strategy, Tag, TrainConfig,
-        TrainContext, TrainSummary,
+        ParamLayout, PieceLayout, PlanInput, RankPlan, ReduceOp, Result, Samples, StepMetrics, Strategy,
+        StrategyPlan, Tag, TrainConfig, TrainContext, TrainSummary,
     };
 
     use super::to_abi::batch_to_abi;
@@ -924,9 +956,9 @@ pub mod from_abi {
         }
     }
 
-    struct LoadedModelPartitioner(ModelPartitionerBox);
+    struct LoadedModelPartitioner<'a, P: GetPointerKind>(ModelPartitionerAbi_TO<'a, P>);
 
-    impl ModelPartitioner for LoadedModelPartitioner {
+    impl<P: AsPtr<PtrTarget = ()> + Send + Sync> ModelPartitioner for LoadedModelPartitioner<'_, P> {
         fn cut(&self, layer_costs: &[u64], stages: usize) -> Result<Vec<Range<usize>>> {
             let v = self.0.cut(RSlice::from_slice(layer_costs), stages as u64).into_result()?;
             Ok(v.into_iter().map(|r| r.start as usize..r.end as usize).collect())
@@ -1317,6 +1349,44 @@ pub mod from_abi {
                 .map(|s| summary_from_abi(&s))
                 .map_err(Error::from)
         }
+        fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
+            let plan = super::to_abi::with_plan_input("sheaf-host", input, |abi| {
+                self.inner.plan(abi).into_result()
+            })?;
+            if plan.pieces.len() != plan.activation_samples.len() {
+                return Err(Error::invalid(format!(
+                    "strategy `{}` planned {} pieces but {} activation counts",
+                    self.name,
+                    plan.pieces.len(),
+                    plan.activation_samples.len()
+                )));
+            }
+            let ranks = plan
+                .pieces
+                .iter()
+                .zip(plan.activation_samples.iter())
+                .map(|(p, &a)| Ok(RankPlan { piece: piece_from_abi(p)?, activation_samples: a }))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(StrategyPlan { ranks, stage_interface: plan.stage_interface })
+        }
+    }
+
+    /// The plugin's side of `plan`: turns the lent ABI input back into a core
+    /// [`PlanInput`] for the duration of `f`.
+    pub fn plan_input<R>(input: AbiPlanInput<'_>, f: impl FnOnce(&PlanInput<'_>) -> Result<R>) -> Result<R> {
+        let blocks: Vec<sheaf_core::Block> = input
+            .blocks
+            .iter()
+            .map(|b| sheaf_core::Block { name: b.name.to_string(), params: b.params })
+            .collect();
+        let partitioner = LoadedModelPartitioner(input.partitioner);
+        f(&PlanInput {
+            world: usize_of(input.world, "world size")?,
+            blocks: &blocks,
+            costs: input.costs.as_slice(),
+            batch_size: usize_of(input.batch_size, "batch size")?,
+            partitioner: &partitioner,
+        })
     }
 
     /// An optimizer loaded from a plugin. Fails if the plugin cannot even report its

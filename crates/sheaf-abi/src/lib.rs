@@ -23,11 +23,11 @@ pub use module::{
 };
 pub use traits::{
     AbiBatch, AbiBlock, AbiBuf, AbiEval, AbiLossGrad, AbiModelInfo, AbiModelSpec, AbiOptimState, AbiParam,
-    AbiParamSpec, AbiPiece, AbiPieceLayout, AbiRange, AbiSamples, AbiShardSource, AbiStepMetrics, AbiSummary,
-    AbiTrainConfig, AbiTrainContext, CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox,
-    DataPartitionerAbi, DataPartitionerBox, DatasetAbi, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox,
-    ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox,
-    BATCH_ROWS, BATCH_TOKENS, RECV_COPY,
+    AbiParamSpec, AbiPiece, AbiPieceLayout, AbiPlanInput, AbiRange, AbiSamples, AbiShardSource,
+    AbiStepMetrics, AbiStrategyPlan, AbiSummary, AbiTrainConfig, AbiTrainContext, CommunicatorAbi,
+    CommunicatorBox, ComputeAbi, ComputeBox, DataPartitionerAbi, DataPartitionerBox, DatasetAbi, LinkAbi,
+    LinkBox, MetricsSinkAbi, ModelAbi, ModelBox, ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi,
+    OptimizerBox, StrategyAbi, StrategyBox, BATCH_ROWS, BATCH_TOKENS, RECV_COPY,
 };
 
 #[doc(hidden)]

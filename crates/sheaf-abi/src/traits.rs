@@ -396,11 +396,33 @@ pub struct AbiTrainContext<'a> {
     pub metrics: MetricsSinkAbi_TO<'a, RMut<'a, ()>>,
 }
 
+/// What a strategy lays a job out from, lent for one `plan` call.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct AbiPlanInput<'a> {
+    pub world: u64,
+    pub blocks: RSlice<'a, AbiBlock>,
+    pub costs: RSlice<'a, u64>,
+    pub batch_size: u64,
+    pub partitioner: ModelPartitionerAbi_TO<'a, RRef<'a, ()>>,
+}
+
+/// A strategy's plan: per rank, its piece and the samples whose activations it keeps.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiStrategyPlan {
+    pub pieces: RVec<AbiPiece>,
+    pub activation_samples: RVec<u64>,
+    pub stage_interface: bool,
+}
+
 #[sabi_trait]
 pub trait StrategyAbi: Send {
     fn name(&self) -> RResult<RString, AbiError>;
     #[sabi(last_prefix_field)]
     fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<AbiSummary, AbiError>;
+    /// (ABI 0.5.)
+    fn plan(&self, input: AbiPlanInput<'_>) -> RResult<AbiStrategyPlan, AbiError>;
 }
 
 pub type CommunicatorBox = CommunicatorAbi_TO<'static, RBox<()>>;

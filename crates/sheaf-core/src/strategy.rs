@@ -1,8 +1,8 @@
 //! Training strategies: how a training run is spread over the ranks.
 
 use crate::{
-    Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, Optimizer, ReduceOp, Result,
-    SplitMix64,
+    Block, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, ModelPartitioner,
+    Optimizer, Piece, ReduceOp, Result, SplitMix64,
 };
 
 /// The sample order of one epoch: a permutation of `0..n` from `(seed, epoch)`, the
@@ -156,9 +156,63 @@ pub struct TrainSummary {
     pub idle_seconds: f64,
 }
 
+/// What a strategy lays a job out from.
+pub struct PlanInput<'a> {
+    pub world: usize,
+    /// The model's blocks, in order.
+    pub blocks: &'a [Block],
+    /// What each block weighs when blocks are cut into stages: its parameter count, or
+    /// its measured time (`parallel.balance = "time"`).
+    pub costs: &'a [u64],
+    /// The global batch of one micro-step.
+    pub batch_size: usize,
+    /// The job's model partitioner (`parallel.partitioner`), for cutting blocks.
+    pub partitioner: &'a dyn ModelPartitioner,
+}
+
+/// One rank's part in a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RankPlan {
+    pub piece: Piece,
+    /// Samples whose activations the rank keeps at once, at most (for the memory
+    /// budget: a pipeline stage keeps its schedule's micro-batches in flight).
+    pub activation_samples: u64,
+}
+
+/// How a strategy lays a job out over the world: every rank's piece. The host checks
+/// it (one entry per rank, every block placed whole or in every slice of its
+/// tensor-parallel group) and the memory budget, builds each rank's piece, and
+/// gathers the checkpoint from the pieces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StrategyPlan {
+    pub ranks: Vec<RankPlan>,
+    /// Whether ranks train through the stage interface (`build_piece`) rather than
+    /// `forward_backward` on a whole model.
+    pub stage_interface: bool,
+}
+
+impl StrategyPlan {
+    /// Every rank holds the whole model and takes `share` of each global batch:
+    /// data parallelism's layout.
+    pub fn replicas(world: usize, blocks: usize, batch_size: usize) -> StrategyPlan {
+        let share = batch_size.div_ceil(world.max(1)) as u64;
+        StrategyPlan {
+            ranks: (0..world)
+                .map(|_| RankPlan { piece: Piece::whole(blocks), activation_samples: share })
+                .collect(),
+            stage_interface: false,
+        }
+    }
+}
+
 /// Data-parallel, pipeline, tensor-parallel, ...
 pub trait Strategy: Send {
     fn name(&self) -> &str;
+    /// Each rank's piece of the model, from the world, the model's blocks and the
+    /// strategy's own settings. The default: data parallelism's whole model per rank.
+    fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
+        Ok(StrategyPlan::replicas(input.world, input.blocks.len(), input.batch_size))
+    }
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary>;
 }
 

@@ -226,10 +226,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             let mut parsed = crate::job::load_job(job.job.as_deref(), &job.overrides)?;
             let registry = cli.registry();
             let mut worker_args: Vec<String> = Vec::new();
-            if parsed.parallel.strategy == "pipeline"
-                && parsed.parallel.balance == "time"
-                && parsed.parallel.layer_costs.is_none()
-            {
+            if parsed.parallel.balance == "time" && parsed.parallel.layer_costs.is_none() {
                 // Measured once here, so that every worker cuts the model the same way.
                 let costs = crate::plan::measure_layer_costs(&parsed, &registry)?;
                 eprintln!("[launch] measured layer costs (ns): {costs:?}");
@@ -240,7 +237,18 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             let compute_config = serde_json::json!({ "device": parsed.compute.device }).to_string();
             let compute = registry.compute(&parsed.compute.backend, &compute_config)?;
             let data = crate::data::load(&parsed, &registry, compute.as_ref())?;
-            crate::plan::plan(&parsed, *workers, &registry, compute.as_ref(), &data.spec, &data.info)?;
+            let timeout_ms = (parsed.transport.timeout_s * 1000.0) as u64;
+            let strategy =
+                registry.strategy(&parsed.parallel.strategy, &parsed.parallel.strategy_config(timeout_ms))?;
+            crate::plan::plan(
+                &parsed,
+                *workers,
+                &registry,
+                compute.as_ref(),
+                strategy.as_ref(),
+                &data.spec,
+                &data.info,
+            )?;
             drop(data);
             if let Some(f) = &job.init_from {
                 if !f.is_file() {

@@ -168,76 +168,71 @@ impl TrainSection {
     }
 }
 
+/// `[parallel]`: which strategy, the keys every strategy may use, and each
+/// strategy's own settings under `[parallel.options.<strategy>]`, which the host
+/// passes on as JSON and the strategy plugin checks (naming any unknown key).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSection {
-    /// `data-parallel`, `pipeline` or `tensor-parallel`.
     #[serde(default = "data_parallel")]
     pub strategy: String,
-    #[serde(default = "checksum_every")]
-    pub checksum_every: u64,
-    /// Data-parallel replicas (default: every rank under data-parallel, else 1).
+    /// Data-parallel replicas, for a strategy that replicates its layout (default:
+    /// the strategy's own).
     #[serde(default)]
     pub data: Option<usize>,
-    /// Pipeline stages per replica (default: world / data).
-    #[serde(default)]
-    pub pipeline: Option<usize>,
-    /// Tensor-parallel ranks per replica (default: world / data).
-    #[serde(default)]
-    pub tensor: Option<usize>,
-    /// Micro-batches per step under the pipeline strategy.
-    #[serde(default = "micro_batches")]
-    pub micro_batches: usize,
-    /// `gpipe` or `1f1b`.
-    #[serde(default = "gpipe")]
-    pub schedule: String,
-    /// The model partitioner that cuts layers into stages.
+    /// The model partitioner a strategy cuts blocks with.
     #[serde(default = "balanced")]
     pub partitioner: String,
-    /// What stages are balanced by: `params` (parameter count) or `time` (each
-    /// layer's measured forward and backward time, `layer_costs`).
+    /// What blocks weigh when they are cut: `params` (parameter count) or `time`
+    /// (each block's measured forward and backward time, `layer_costs`).
     #[serde(default = "params")]
     pub balance: String,
-    /// Each layer's cost for `balance = "time"` (filled in by `sheaf launch`).
+    /// Each block's cost for `balance = "time"` (filled in by `sheaf launch`).
     #[serde(default)]
     pub layer_costs: Option<Vec<u64>>,
+    /// Settings of each strategy, by name; only the chosen strategy's are used.
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, toml::Table>,
 }
 
 fn params() -> String {
     "params".into()
 }
-
-fn micro_batches() -> usize {
-    4
-}
-fn gpipe() -> String {
-    "gpipe".into()
-}
 fn balanced() -> String {
     "balanced".into()
 }
-
 fn data_parallel() -> String {
     "data-parallel".into()
-}
-fn checksum_every() -> u64 {
-    50
 }
 
 impl Default for ParallelSection {
     fn default() -> Self {
         ParallelSection {
             strategy: data_parallel(),
-            checksum_every: checksum_every(),
             data: None,
-            pipeline: None,
-            tensor: None,
-            micro_batches: micro_batches(),
-            schedule: gpipe(),
             partitioner: balanced(),
             balance: params(),
             layer_costs: None,
+            options: Default::default(),
         }
+    }
+}
+
+impl ParallelSection {
+    /// The chosen strategy's settings as its plugin takes them: `timeout_ms`,
+    /// `data` when set, and the keys of `[parallel.options.<strategy>]`.
+    pub fn strategy_config(&self, timeout_ms: u64) -> String {
+        let mut m = serde_json::Map::new();
+        m.insert("timeout_ms".into(), timeout_ms.into());
+        if let Some(d) = self.data {
+            m.insert("data".into(), d.into());
+        }
+        if let Some(table) = self.options.get(&self.strategy) {
+            if let Ok(serde_json::Value::Object(extra)) = serde_json::to_value(table) {
+                m.extend(extra);
+            }
+        }
+        serde_json::Value::Object(m).to_string()
     }
 }
 

@@ -1,44 +1,54 @@
-//! The layout of a job over its world: which piece of the model each rank holds, what
-//! the strategy plugin is told, and whether every rank fits its memory budget. Worked
-//! out from the job alone (and the model partitioner), so `launch` checks it once
-//! before any worker starts and every worker derives the same plan.
+//! The layout of a job over its world: the strategy plugin plans which piece of the
+//! model each rank holds; the host checks the plan (every rank, every block) and that
+//! every rank fits its memory budget. Worked out from the job alone (and the model's
+//! blocks), so `launch` checks it once before any worker starts and every worker
+//! derives the same plan. No strategy is named here.
 
-use sheaf_core::{ComputeBackend, ModelInfo, ModelInput, ModelSpec, Piece, PieceLayout};
+use std::collections::BTreeMap;
+
+use sheaf_core::{
+    ComputeBackend, ModelInfo, ModelInput, ModelSpec, Piece, PieceLayout, PlanInput, RankPlan, Strategy,
+};
 
 use crate::job::Job;
 use crate::{HostError, Registry};
 
-/// Which piece each rank holds, and the strategy's model-parallel settings.
+/// Which piece each rank holds, as the strategy planned it and the host checked it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
     pub spec: ModelSpec,
     pub info: ModelInfo,
-    /// Data-parallel replicas (`D`), and model-parallel ranks per replica (`P` or `T`).
-    pub data: usize,
-    pub model_ranks: usize,
-    /// Per rank (rank `d * model_ranks + m` is model rank `m` of replica `d`).
-    pub pieces: Vec<Piece>,
-    /// Per model rank: the piece's parameters and where they come from.
+    /// Per rank.
+    pub ranks: Vec<RankPlan>,
+    /// Per rank: the piece's parameters and where they come from.
     pub layouts: Vec<PieceLayout>,
-    /// Settings for the strategy plugin beyond the host's own (JSON object).
-    pub strategy: serde_json::Map<String, serde_json::Value>,
+    /// Whether ranks train through the stage interface.
+    pub stage_interface: bool,
 }
 
 impl Plan {
-    /// Whether ranks hold pieces rather than the whole model.
+    /// Whether any rank holds less than the whole model.
     pub fn is_model_parallel(&self) -> bool {
-        self.model_ranks > 1
+        let whole = Piece::whole(self.info.blocks.len());
+        self.ranks.iter().any(|r| r.piece != whole)
     }
 
-    /// Whether the strategy trains through the stage interface (a pipeline or
-    /// tensor-parallel strategy, even of a single rank holding the whole model).
-    pub fn uses_pieces(&self) -> bool {
-        self.strategy.contains_key("pipeline") || self.strategy.contains_key("tensor")
-    }
-
-    /// The piece layout of `rank`.
     pub fn layout_of(&self, rank: usize) -> &PieceLayout {
-        &self.layouts[rank % self.model_ranks]
+        &self.layouts[rank]
+    }
+
+    /// The lowest rank holding each distinct piece, in rank order: together their
+    /// pieces hold every parameter (the plan is checked for that).
+    pub fn representatives(&self) -> Vec<usize> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for (r, rank) in self.ranks.iter().enumerate() {
+            if !seen.contains(&rank.piece) {
+                seen.push(rank.piece.clone());
+                out.push(r);
+            }
+        }
+        out
     }
 }
 
@@ -46,115 +56,90 @@ fn job_err(detail: String) -> HostError {
     HostError::Job(detail)
 }
 
-/// The plan of `job` over `world` ranks for the model `spec` (described as `info` by
-/// `compute`); fails, naming the key, on a layout that cannot work or a rank that
-/// would not fit `compute.memory_limit_mb`.
+/// What each block weighs when a strategy cuts blocks: its parameters, or its
+/// measured time.
+fn block_costs(job: &Job, info: &ModelInfo) -> Result<Vec<u64>, HostError> {
+    let par = &job.parallel;
+    let blocks = info.blocks.len();
+    match (par.balance.as_str(), &par.layer_costs) {
+        (_, Some(c)) if c.len() != blocks => Err(job_err(format!(
+            "key `parallel.layer_costs`: {} costs for a model of {blocks} blocks",
+            c.len()
+        ))),
+        ("time", Some(c)) => Ok(c.clone()),
+        ("time", None) => Err(job_err(
+            "key `parallel.balance`: \"time\" needs the measured `parallel.layer_costs` (sheaf launch measures them; under another launcher, set them)".into(),
+        )),
+        ("params", _) => Ok(info.blocks.iter().map(|b| b.params).collect()),
+        (other, _) => Err(job_err(format!("key `parallel.balance`: `{other}` (params, time)"))),
+    }
+}
+
+/// The plan of `job` over `world` ranks for the model `spec` (described as `info`):
+/// the strategy plans it; the host checks that it covers the world and places every
+/// block, that each piece can be cut, and that each rank fits
+/// `compute.memory_limit_mb`. Fails naming the key.
 pub fn plan(
     job: &Job,
     world: usize,
     registry: &Registry,
     compute: &dyn ComputeBackend,
+    strategy: &dyn Strategy,
     spec: &ModelSpec,
     info: &ModelInfo,
 ) -> Result<Plan, HostError> {
-    let blocks = info.blocks.len();
-    let par = &job.parallel;
-    let model_parallel = ["pipeline", "tensor-parallel"].contains(&par.strategy.as_str());
-    let data = par.data.unwrap_or(if model_parallel { 1 } else { world });
-    if data == 0 || !world.is_multiple_of(data) {
-        return Err(job_err(format!("key `parallel.data`: a world of {world} ranks is not divisible into {data} data-parallel replicas")));
-    }
-    let per_replica = world / data;
-    let mut strategy = serde_json::Map::new();
-    let (model_ranks, piece_of): (usize, Box<dyn Fn(usize) -> Piece>) = match par.strategy.as_str() {
-        "pipeline" => {
-            let stages = par.pipeline.unwrap_or(per_replica);
-            if stages * data != world {
-                return Err(job_err(format!(
-                    "key `parallel.pipeline`: {data} replicas of {stages} stages need {} ranks, not {world}",
-                    stages * data
-                )));
-            }
-            if stages > blocks {
-                return Err(job_err(format!(
-                    "key `parallel.pipeline`: {stages} stages, but the model has only {blocks} blocks (one stage holds at least one)"
-                )));
-            }
-            if !["gpipe", "1f1b"].contains(&par.schedule.as_str()) {
-                return Err(job_err(format!("key `parallel.schedule`: `{}` (gpipe, 1f1b)", par.schedule)));
-            }
-            if par.micro_batches == 0 {
-                return Err(job_err("key `parallel.micro_batches`: must be at least 1".into()));
-            }
-            let costs = match (par.balance.as_str(), &par.layer_costs) {
-                (_, Some(c)) if c.len() != blocks => {
-                    return Err(job_err(format!(
-                        "key `parallel.layer_costs`: {} costs for a model of {blocks} blocks",
-                        c.len()
-                    )))
-                }
-                ("time", Some(c)) => c.clone(),
-                ("time", None) => {
-                    return Err(job_err(
-                        "key `parallel.balance`: \"time\" needs the measured `parallel.layer_costs` (sheaf launch measures them; under another launcher, set them)".into(),
-                    ))
-                }
-                ("params", _) => info.blocks.iter().map(|b| b.params).collect(),
-                (other, _) => return Err(job_err(format!("key `parallel.balance`: `{other}` (params, time)"))),
-            };
-            let cut = registry
-                .model_partitioner(&par.partitioner, "")?
-                .cut(&costs, stages)
-                .map_err(|e| job_err(format!("key `parallel.partitioner`: {e}")))?;
-            // A vendor's partitioner is checked, not trusted: `stages` contiguous,
-            // non-empty ranges covering every block.
-            let covers = cut.len() == stages
-                && cut.first().is_some_and(|r| r.start == 0)
-                && cut.last().is_some_and(|r| r.end == blocks)
-                && cut.iter().all(|r| !r.is_empty())
-                && cut.windows(2).all(|w| w[0].end == w[1].start);
-            if !covers {
-                return Err(job_err(format!(
-                    "key `parallel.partitioner`: `{}` cut {blocks} blocks into {cut:?}, not {stages} contiguous non-empty stages",
-                    par.partitioner
-                )));
-            }
-            strategy.insert("pipeline".into(), stages.into());
-            strategy.insert("data".into(), data.into());
-            strategy.insert("micro_batches".into(), par.micro_batches.into());
-            strategy.insert("schedule".into(), par.schedule.clone().into());
-            (stages, Box::new(move |m| Piece { blocks: cut[m].clone(), tensor_rank: 0, tensor_width: 1 }))
-        }
-        "tensor-parallel" => {
-            let width = par.tensor.unwrap_or(per_replica);
-            if width * data != world {
-                return Err(job_err(format!(
-                    "key `parallel.tensor`: {data} replicas of {width} tensor-parallel ranks need {} ranks, not {world}",
-                    width * data
-                )));
-            }
-            strategy.insert("tensor".into(), width.into());
-            strategy.insert("data".into(), data.into());
-            (width, Box::new(move |m| Piece { blocks: 0..blocks, tensor_rank: m, tensor_width: width }))
-        }
-        _ => {
-            if data != world {
-                return Err(job_err(format!(
-                    "key `parallel.data`: {} replicas every rank holding the whole model need {data} ranks, not {world}",
-                    par.strategy
-                )));
-            }
-            (1, Box::new(move |_| Piece::whole(blocks)))
-        }
+    let costs = block_costs(job, info)?;
+    let partitioner = registry.model_partitioner(&job.parallel.partitioner, "")?;
+    let input = PlanInput {
+        world,
+        blocks: &info.blocks,
+        costs: &costs,
+        batch_size: job.train.batch_size,
+        partitioner: partitioner.as_ref(),
     };
-    let pieces: Vec<Piece> = (0..world).map(|r| piece_of(r % model_ranks)).collect();
-    let layouts = pieces[..model_ranks]
-        .iter()
-        .map(|p| compute.piece_layout(spec, p).map_err(|e| job_err(e.to_string())))
-        .collect::<Result<Vec<_>, _>>()?;
-    let plan = Plan { spec: spec.clone(), info: info.clone(), data, model_ranks, pieces, layouts, strategy };
+    let planned = strategy.plan(&input).map_err(|e| job_err(e.to_string()))?;
+    check_cover(&job.parallel.strategy, world, info.blocks.len(), &planned.ranks)?;
+    let mut layouts: BTreeMap<String, PieceLayout> = BTreeMap::new();
+    let key = |p: &Piece| format!("{p:?}");
+    for r in &planned.ranks {
+        if let std::collections::btree_map::Entry::Vacant(slot) = layouts.entry(key(&r.piece)) {
+            slot.insert(compute.piece_layout(spec, &r.piece).map_err(|e| job_err(e.to_string()))?);
+        }
+    }
+    let plan = Plan {
+        spec: spec.clone(),
+        info: info.clone(),
+        layouts: planned.ranks.iter().map(|r| layouts[&key(&r.piece)].clone()).collect(),
+        ranks: planned.ranks,
+        stage_interface: planned.stage_interface,
+    };
     check_memory(job, &plan)?;
     Ok(plan)
+}
+
+/// A strategy's plan is checked, not trusted: one piece per rank, each inside the
+/// model, and every block held whole by some rank or in every slice of a
+/// tensor-parallel group.
+fn check_cover(strategy: &str, world: usize, blocks: usize, ranks: &[RankPlan]) -> Result<(), HostError> {
+    let bad = |detail: String| job_err(format!("key `parallel.strategy`: `{strategy}` planned {detail}"));
+    if ranks.len() != world {
+        return Err(bad(format!("{} ranks for a world of {world}", ranks.len())));
+    }
+    for (r, rank) in ranks.iter().enumerate() {
+        rank.piece.validate(blocks).map_err(|e| bad(format!("rank {r}: {e}")))?;
+    }
+    for b in 0..blocks {
+        let holders: Vec<&Piece> = ranks.iter().map(|r| &r.piece).filter(|p| p.blocks.contains(&b)).collect();
+        let whole = holders.iter().any(|p| p.tensor_width == 1);
+        let sliced = holders.iter().any(|p| {
+            (0..p.tensor_width)
+                .all(|t| holders.iter().any(|q| q.tensor_width == p.tensor_width && q.tensor_rank == t))
+        });
+        if !whole && !sliced {
+            return Err(bad(format!("no rank holding all of block {b}")));
+        }
+    }
+    Ok(())
 }
 
 /// Values of optimizer state per parameter.
@@ -166,35 +151,23 @@ fn state_copies(optimizer: &str) -> usize {
 }
 
 /// Bytes rank `rank` needs at most: its parameters, their gradients and optimizer
-/// state, and the activations its schedule keeps at once.
+/// state, and the activations it keeps at once.
 pub fn need_bytes(job: &Job, plan: &Plan, rank: usize) -> (u64, u64) {
     let layout = plan.layout_of(rank);
     let params = layout.param_bytes(state_copies(&job.train.optimizer));
-    let per_sample = layout.activation_bytes_per_sample;
-    let share = job.train.batch_size.div_ceil(plan.data);
-    let par = &job.parallel;
-    let activations = if par.strategy == "pipeline" {
-        let micro = par.micro_batches.min(share).max(1);
-        let rows = share.div_ceil(micro);
-        let stage = rank % plan.model_ranks;
-        let kept = if par.schedule == "1f1b" { (plan.model_ranks - stage).min(micro) } else { micro };
-        kept as u64 * rows as u64 * per_sample
-    } else {
-        share as u64 * per_sample
-    };
-    (params, activations)
+    (params, plan.ranks[rank].activation_samples * layout.activation_bytes_per_sample)
 }
 
 fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
     let Some(limit_mb) = job.compute.memory_limit_mb else { return Ok(()) };
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    for rank in 0..plan.pieces.len() {
+    for rank in 0..plan.ranks.len() {
         let (params, activations) = need_bytes(job, plan, rank);
         if mib(params + activations) > limit_mb {
             let hint = if plan.is_model_parallel() {
                 "use more workers"
             } else {
-                "cut the model over several workers with parallel.strategy = \"pipeline\" or \"tensor-parallel\""
+                "cut the model over several workers with a model-parallel strategy (`sheaf plugins` lists the strategies)"
             };
             return Err(job_err(format!(
                 "key `compute.memory_limit_mb`: rank {rank} needs {:.2} MiB (parameters, gradients and optimizer state {:.2} MiB, activations {:.2} MiB) but the limit is {limit_mb} MiB; {hint}",
@@ -221,8 +194,9 @@ pub fn measure_layer_costs(job: &Job, registry: &Registry) -> Result<Vec<u64>, H
         ));
     };
     let par = &job.parallel;
-    let rows =
-        job.train.batch_size.div_ceil(par.data.unwrap_or(1).max(1)).div_ceil(par.micro_batches.max(1)).max(1);
+    // A replica's share of the global batch: what blocks weigh relative to each other
+    // hardly depends on the rows.
+    let rows = job.train.batch_size.div_ceil(par.data.unwrap_or(1).max(1)).max(1);
     let core = |e: sheaf_core::Error| HostError::Core(format!("measuring layer costs: {e}"));
     let mut rng = sheaf_core::SplitMix64::new(job.seed);
     let mut input: Vec<f32> = (0..rows * features).map(|_| rng.next_f32()).collect();

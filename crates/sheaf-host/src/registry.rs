@@ -40,10 +40,12 @@ pub enum HostError {
 }
 
 impl HostError {
-    /// The process exit code: 2 for a bad command line or job, 1 for anything else.
+    /// The process exit code: 2 for a bad command line or job (a plugin refusing its
+    /// settings included), 1 for anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
             HostError::Usage(_) | HostError::Job(_) => 2,
+            HostError::Component { source: sheaf_core::Error::InvalidConfig { .. }, .. } => 2,
             _ => 1,
         }
     }

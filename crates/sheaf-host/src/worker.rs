@@ -100,20 +100,22 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
     let partitioner = registry.data_partitioner(&job.data.partitioner, "")?;
     let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
-    let plan = crate::plan::plan(job, env.world_size, registry, compute.as_ref(), &data.spec, &data.info)?;
-    let piece = plan.pieces[env.rank].clone();
-    let mut strategy_config = serde_json::Map::new();
-    strategy_config.insert("timeout_ms".into(), timeout_ms.into());
-    if job.parallel.strategy == "data-parallel" {
-        strategy_config.insert("checksum_every".into(), job.parallel.checksum_every.into());
-    }
-    strategy_config.extend(plan.strategy.clone());
-    let strategy_config = serde_json::Value::Object(strategy_config).to_string();
-    let mut strategy = registry.strategy(&job.parallel.strategy, &strategy_config)?;
+    let mut strategy =
+        registry.strategy(&job.parallel.strategy, &job.parallel.strategy_config(timeout_ms))?;
+    let plan = crate::plan::plan(
+        job,
+        env.world_size,
+        registry,
+        compute.as_ref(),
+        strategy.as_ref(),
+        &data.spec,
+        &data.info,
+    )?;
+    let piece = plan.ranks[env.rank].piece.clone();
     let spec = plan.spec.clone();
     let whole = plan.info.layout.clone();
     let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
-    let mut model = if plan.uses_pieces() {
+    let mut model = if plan.stage_interface {
         compute.build_piece(&spec, &piece, job.seed).map_err(core)?
     } else {
         compute.build_model(&spec, job.seed).map_err(core)?
@@ -196,7 +198,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         .map_err(train_err)?;
     let column = |k: usize| all.chunks_exact(4).map(|r| r[k]).collect::<Vec<f64>>();
     let (busy, idle) = (column(2), column(3));
-    let bubble = (job.parallel.strategy == "pipeline").then(|| {
+    // Strategies that measure waiting (pipelines) report a bubble.
+    let bubble = idle.iter().any(|&i| i > 0.0).then(|| {
         let fractions: Vec<f64> =
             busy.iter().zip(&idle).map(|(b, i)| if b + i > 0.0 { i / (b + i) } else { 0.0 }).collect();
         fractions.iter().sum::<f64>() / fractions.len() as f64
@@ -236,8 +239,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
 }
 
 /// The whole model's parameters on rank 0 (`None` elsewhere): its own, or under model
-/// parallelism every piece of the first replica sent to rank 0 and put in place, so
-/// the checkpoint always holds the model one process would.
+/// parallelism each distinct piece sent to rank 0 by the lowest rank holding it and
+/// put in place, so the checkpoint always holds the model one process would.
 fn gather_full_params(
     comm: &Group,
     model: &dyn sheaf_core::Model,
@@ -255,8 +258,9 @@ fn gather_full_params(
     if !plan.is_model_parallel() {
         return Ok((rank == 0).then_some(mine));
     }
+    let senders = plan.representatives();
     if rank != 0 {
-        if rank < plan.model_ranks {
+        if senders.contains(&rank) {
             comm.send(0, PIECE_TAG, bytemuck::cast_slice(&mine), dl())?;
         }
         return Ok(None);
@@ -264,7 +268,7 @@ fn gather_full_params(
     let whole = &plan.info.layout;
     let mut full = vec![0f32; whole.total()];
     plan.layouts[0].place(whole, &mine, &mut full);
-    for r in 1..plan.model_ranks {
+    for &r in senders.iter().filter(|&&r| r != 0) {
         let piece = &plan.layouts[r];
         let bytes = comm.recv(r, PIECE_TAG, dl())?;
         let want = piece.layout.total() * 4;

@@ -255,7 +255,7 @@ impl GptSpec {
         }
         if !self.n_head.is_multiple_of(width) {
             return Err(Error::config(
-                "parallel.tensor",
+                "parallel.options.tensor-parallel.width",
                 format!("a tensor-parallel width of {width} does not divide n_head = {}", self.n_head),
             ));
         }

@@ -95,7 +95,7 @@ impl MlpSpec {
                 };
                 if !width.is_multiple_of(piece.tensor_width) {
                     return Err(Error::config(
-                        "parallel.tensor",
+                        "parallel.options.tensor-parallel.width",
                         format!(
                             "a tensor-parallel width of {} does not divide the {width} {what} features of layer {l}",
                             piece.tensor_width

@@ -139,11 +139,11 @@ impl ModelPartitioner for Balanced {
     fn cut(&self, costs: &[u64], stages: usize) -> Result<Vec<Range<usize>>> {
         let layers = costs.len();
         if stages == 0 {
-            return Err(Error::config("parallel.pipeline", "needs at least one stage"));
+            return Err(Error::config("parallel.options.pipeline.stages", "needs at least one stage"));
         }
         if stages > layers {
             return Err(Error::config(
-                "parallel.pipeline",
+                "parallel.options.pipeline.stages",
                 format!("{stages} stages but the model has only {layers} layers"),
             ));
         }

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     clip_factor, epochs_done, evaluate_indices, optimizer_steps, sum_of_squares, test_totals, Communicator,
-    DType, DataPartitioner, Dataset, Deadline, Error, Model, PluginKind, Provided, ReduceOp, Result,
-    StepMetrics, Strategy, TrainContext, TrainSummary,
+    DType, DataPartitioner, Dataset, Deadline, Error, Model, PlanInput, PluginKind, Provided, ReduceOp,
+    Result, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -57,11 +57,13 @@ pub struct DataParallelConfig {
     pub timeout_ms: u64,
     /// Compare parameter checksums across ranks every this many steps (0: only at the end).
     pub checksum_every: u64,
+    /// Replicas: every rank is one, so this must be the world size when set.
+    pub data: Option<usize>,
 }
 
 impl Default for DataParallelConfig {
     fn default() -> Self {
-        DataParallelConfig { timeout_ms: 60_000, checksum_every: 50 }
+        DataParallelConfig { timeout_ms: 60_000, checksum_every: 50, data: None }
     }
 }
 
@@ -70,7 +72,7 @@ impl DataParallelConfig {
         if json.trim().is_empty() {
             return Ok(DataParallelConfig::default());
         }
-        serde_json::from_str(json).map_err(|e| Error::config("parallel", e))
+        serde_json::from_str(json).map_err(|e| Error::config("parallel.options.data-parallel", e))
     }
 }
 
@@ -117,6 +119,19 @@ fn check_in_sync(comm: &dyn Communicator, params: &[f32], step: u64, dl: Deadlin
 impl Strategy for DataParallel {
     fn name(&self) -> &str {
         "data-parallel"
+    }
+
+    fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
+        if let Some(data) = self.config.data.filter(|&d| d != input.world) {
+            return Err(Error::config(
+                "parallel.data",
+                format!(
+                    "data-parallel keeps a replica per rank: {data} replicas need {data} ranks, not {}",
+                    input.world
+                ),
+            ));
+        }
+        Ok(StrategyPlan::replicas(input.world, input.blocks.len(), input.batch_size))
     }
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     chunk_range, epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model,
-    PluginKind, Provided, ReduceOp, Result, Samples, StepMetrics, Strategy, TrainContext, TrainSummary,
+    Piece, PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result, Samples, StepMetrics, Strategy,
+    StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -58,16 +59,17 @@ pub enum Schedule {
     OneFOneB,
 }
 
-/// Settings, as JSON.
+/// Settings, as JSON: `[parallel.options.pipeline]`, `parallel.data` and the host's
+/// deadline.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Deadline of each receive and collective, in milliseconds.
     pub timeout_ms: u64,
-    /// Stages per pipeline (`P`).
-    pub pipeline: usize,
-    /// Pipelines, each training on its share of every global batch (`D`).
-    pub data: usize,
+    /// Stages per pipeline (`P`; default: the world over `data`).
+    pub stages: Option<usize>,
+    /// Pipelines, each training on its share of every global batch (`D`; default 1).
+    pub data: Option<usize>,
     /// Micro-batches per step and pipeline (`M`).
     pub micro_batches: usize,
     pub schedule: Schedule,
@@ -77,8 +79,8 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             timeout_ms: 60_000,
-            pipeline: 1,
-            data: 1,
+            stages: None,
+            data: None,
             micro_batches: 4,
             schedule: Schedule::Gpipe,
         }
@@ -90,11 +92,28 @@ impl PipelineConfig {
         if json.trim().is_empty() {
             return Ok(PipelineConfig::default());
         }
-        let c: PipelineConfig = serde_json::from_str(json).map_err(|e| Error::config("parallel", e))?;
-        if c.pipeline == 0 || c.data == 0 || c.micro_batches == 0 {
-            return Err(Error::config("parallel", "pipeline, data and micro_batches must be at least 1"));
+        let c: PipelineConfig =
+            serde_json::from_str(json).map_err(|e| Error::config("parallel.options.pipeline", e))?;
+        if c.stages == Some(0) || c.data == Some(0) || c.micro_batches == 0 {
+            return Err(Error::config(
+                "parallel.options.pipeline",
+                "stages, data and micro_batches must be at least 1",
+            ));
         }
         Ok(c)
+    }
+
+    /// `(D, P)` over `world` ranks.
+    pub fn layout(&self, world: usize) -> Result<(usize, usize)> {
+        let data = self.data.unwrap_or(1);
+        let stages = self.stages.unwrap_or(world / data.max(1));
+        if data * stages != world || stages == 0 {
+            return Err(Error::config(
+                "parallel.options.pipeline.stages",
+                format!("{data} pipelines of {stages} stages need {} ranks, not {world}", data * stages),
+            ));
+        }
+        Ok((data, stages))
     }
 }
 
@@ -329,11 +348,57 @@ impl Strategy for Pipeline {
         "pipeline"
     }
 
+    /// `D` pipelines of `P` stages (rank `d * P + p` is stage `p`), the blocks cut into
+    /// `P` contiguous stages by the job's model partitioner on the blocks' costs; stage
+    /// `p` keeps `M` (GPipe) or `min(P - p, M)` (1F1B) micro-batches in flight.
+    fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
+        let (data, stages) = self.config.layout(input.world)?;
+        let blocks = input.blocks.len();
+        if stages > blocks {
+            return Err(Error::config(
+                "parallel.options.pipeline.stages",
+                format!(
+                    "{stages} stages, but the model has only {blocks} blocks (one stage holds at least one)"
+                ),
+            ));
+        }
+        let cut = input.partitioner.cut(input.costs, stages)?;
+        // A vendor's partitioner is checked, not trusted.
+        let covers = cut.len() == stages
+            && cut.first().is_some_and(|r| r.start == 0)
+            && cut.last().is_some_and(|r| r.end == blocks)
+            && cut.iter().all(|r| !r.is_empty())
+            && cut.windows(2).all(|w| w[0].end == w[1].start);
+        if !covers {
+            return Err(Error::config(
+                "parallel.partitioner",
+                format!("cut {blocks} blocks into {cut:?}, not {stages} contiguous non-empty stages"),
+            ));
+        }
+        let share = input.batch_size.div_ceil(data);
+        let micro = self.config.micro_batches.min(share).max(1);
+        let rows = share.div_ceil(micro) as u64;
+        let ranks = (0..input.world)
+            .map(|r| {
+                let p = r % stages;
+                let kept = match self.config.schedule {
+                    Schedule::OneFOneB => (stages - p).min(micro),
+                    Schedule::Gpipe => micro,
+                };
+                RankPlan {
+                    piece: Piece { blocks: cut[p].clone(), tensor_rank: 0, tensor_width: 1 },
+                    activation_samples: kept as u64 * rows,
+                }
+            })
+            .collect();
+        Ok(StrategyPlan { ranks, stage_interface: true })
+    }
+
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
         config.refuse_beyond_basics("pipeline")?;
         let total_steps = config.total_steps(train.len());
-        let (stages, pipelines) = (self.config.pipeline, self.config.data);
+        let (pipelines, stages) = self.config.layout(comm.world_size())?;
         if config.batch_size == 0 || train.is_empty() {
             return Err(Error::config(
                 "train.batch_size",

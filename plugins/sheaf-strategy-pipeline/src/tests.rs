@@ -102,8 +102,8 @@ proptest! {
 
 #[test]
 fn config_parses_both_schedules_and_refuses_zeroes() {
-    let c = PipelineConfig::parse(r#"{"pipeline": 2, "micro_batches": 8, "schedule": "1f1b"}"#).unwrap();
-    assert_eq!((c.pipeline, c.micro_batches, c.schedule), (2, 8, Schedule::OneFOneB));
+    let c = PipelineConfig::parse(r#"{"stages": 2, "micro_batches": 8, "schedule": "1f1b"}"#).unwrap();
+    assert_eq!((c.stages, c.micro_batches, c.schedule), (Some(2), 8, Schedule::OneFOneB));
     assert!(PipelineConfig::parse(r#"{"micro_batches": 0}"#).is_err());
     assert!(PipelineConfig::parse(r#"{"schedule": "zigzag"}"#).is_err());
 }

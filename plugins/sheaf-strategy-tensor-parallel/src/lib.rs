@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model, PluginKind,
-    Provided, ReduceOp, Result, Samples, StepMetrics, Strategy, TrainContext, TrainSummary,
+    epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model, Piece,
+    PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result, Samples, StepMetrics, Strategy,
+    StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -46,21 +47,22 @@ impl sheaf_abi::Plugin for TensorParallelPlugin {
 
 sheaf_abi::export_plugin!(TensorParallelPlugin);
 
-/// Settings, as JSON.
+/// Settings, as JSON: `[parallel.options.tensor-parallel]`, `parallel.data` and the
+/// host's deadline.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TensorParallelConfig {
     /// Deadline of each collective, in milliseconds.
     pub timeout_ms: u64,
-    /// Ranks per tensor-parallel group (`T`).
-    pub tensor: usize,
-    /// Groups, each training on its share of every global batch (`D`).
-    pub data: usize,
+    /// Ranks per tensor-parallel group (`T`; default: the world over `data`).
+    pub width: Option<usize>,
+    /// Groups, each training on its share of every global batch (`D`; default 1).
+    pub data: Option<usize>,
 }
 
 impl Default for TensorParallelConfig {
     fn default() -> Self {
-        TensorParallelConfig { timeout_ms: 60_000, tensor: 1, data: 1 }
+        TensorParallelConfig { timeout_ms: 60_000, width: None, data: None }
     }
 }
 
@@ -69,11 +71,31 @@ impl TensorParallelConfig {
         if json.trim().is_empty() {
             return Ok(TensorParallelConfig::default());
         }
-        let c: TensorParallelConfig = serde_json::from_str(json).map_err(|e| Error::config("parallel", e))?;
-        if c.tensor == 0 || c.data == 0 {
-            return Err(Error::config("parallel", "tensor and data must be at least 1"));
+        let c: TensorParallelConfig =
+            serde_json::from_str(json).map_err(|e| Error::config("parallel.options.tensor-parallel", e))?;
+        if c.width == Some(0) || c.data == Some(0) {
+            return Err(Error::config(
+                "parallel.options.tensor-parallel",
+                "width and data must be at least 1",
+            ));
         }
         Ok(c)
+    }
+
+    /// `(D, T)` over `world` ranks.
+    pub fn layout(&self, world: usize) -> Result<(usize, usize)> {
+        let data = self.data.unwrap_or(1);
+        let width = self.width.unwrap_or(world / data.max(1));
+        if data * width != world || width == 0 {
+            return Err(Error::config(
+                "parallel.options.tensor-parallel.width",
+                format!(
+                    "{data} groups of {width} tensor-parallel ranks need {} ranks, not {world}",
+                    data * width
+                ),
+            ));
+        }
+        Ok((data, width))
     }
 }
 
@@ -141,11 +163,25 @@ impl Strategy for TensorParallel {
         "tensor-parallel"
     }
 
+    /// `D` groups of `T` (rank `d * T + t` holds slice `t` of every block); every rank
+    /// keeps its group's share of the batch in flight.
+    fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
+        let (data, width) = self.config.layout(input.world)?;
+        let share = input.batch_size.div_ceil(data) as u64;
+        let ranks = (0..input.world)
+            .map(|r| RankPlan {
+                piece: Piece { blocks: 0..input.blocks.len(), tensor_rank: r % width, tensor_width: width },
+                activation_samples: share,
+            })
+            .collect();
+        Ok(StrategyPlan { ranks, stage_interface: true })
+    }
+
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
         config.refuse_beyond_basics("tensor-parallel")?;
         let total_steps = config.total_steps(train.len());
-        let (width, groups) = (self.config.tensor, self.config.data);
+        let (groups, width) = self.config.layout(comm.world_size())?;
         if config.batch_size == 0 || train.is_empty() {
             return Err(Error::config(
                 "train.batch_size",
