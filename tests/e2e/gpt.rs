@@ -214,6 +214,43 @@ fn the_training_loop_writes_its_metrics() {
     assert!(lines.iter().all(|l| l["grad_norm"].as_f64().unwrap() > 0.0));
 }
 
+fn metric(dir: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64().unwrap_or(f64::NAN))
+        .collect()
+}
+
+/// The whole training loop (accumulation, clipping by the global norm, validation)
+/// under pipeline and tensor parallelism: the global gradient norm each step is one
+/// process's (shards summed, replicated and tied parameters counted once), and so is
+/// where the run ends.
+#[test]
+fn the_global_norm_and_the_loop_hold_under_model_parallelism() {
+    let data = tempfile::tempdir().unwrap();
+    let loop_keys = "grad_clip = 0.5\ngrad_accum = 2\neval_every = 5";
+    let job = job(data.path(), &text_file(data.path()), "", loop_keys);
+    let one = launch(1, &job, &[]);
+    let norms = metric(one.path(), "grad_norm");
+    assert!(norms.iter().any(|&n| n > 0.5), "clipping should bite: {norms:?}");
+    for (n, sets) in [
+        (2, vec!["parallel.strategy=\"pipeline\""]),
+        (2, vec!["parallel.strategy=\"tensor-parallel\""]),
+        (4, vec!["parallel.strategy=\"pipeline\"", "parallel.data=2"]),
+    ] {
+        let run = launch(n, &job, &sets);
+        let got = metric(run.path(), "grad_norm");
+        for (a, b) in got.iter().zip(&norms) {
+            assert!((a - b).abs() <= 1e-5 * b.max(1.0), "{sets:?}: norm {a} vs one process's {b}");
+        }
+        let val = metric(run.path(), "val_loss");
+        assert!(val[4].is_finite() && val[9].is_finite() && val[0].is_nan(), "{sets:?}: {val:?}");
+        let d = max_abs_diff(&checkpoint(run.path()), &checkpoint(one.path()));
+        assert!(d <= 1e-5, "{sets:?}: max abs diff {d}");
+    }
+}
+
 /// A `.bin` file of u16 ids (nanoGPT's format) trains; without `vocab_size`, or with
 /// an id at or above it, the launch fails before any worker starts, naming the cause.
 #[test]

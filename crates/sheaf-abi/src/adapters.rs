@@ -701,6 +701,11 @@ pub mod to_abi {
                 Ok(self.inner.stage_forward_batch(micro, segment, &batch_from_abi(&batch)?)?.into())
             })
         }
+        fn replicated_params(&self) -> RResult<RVec<u8>, AbiError> {
+            guard(self.plugin, "model replicated_params", || {
+                Ok(self.inner.replicated_params().into_iter().map(u8::from).collect())
+            })
+        }
         fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError> {
             guard(self.plugin, "model tied_params", || {
                 Ok(self
@@ -1168,6 +1173,7 @@ pub mod from_abi {
         piece: Option<Piece>,
         segments: usize,
         tied: Vec<(usize, usize)>,
+        replicated: Vec<bool>,
     }
 
     impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
@@ -1184,7 +1190,16 @@ pub mod from_abi {
                 .iter()
                 .map(|r| Ok((usize_of(r.start, "tied parameter")?, usize_of(r.end, "tied parameter")?)))
                 .collect::<Result<Vec<_>>>()?;
-            Ok(LoadedModel { inner, layout, piece, segments, tied })
+            let replicated: Vec<bool> =
+                inner.replicated_params().into_result()?.iter().map(|&f| f != 0).collect();
+            if replicated.len() != layout.specs().len() {
+                return Err(Error::invalid(format!(
+                    "the model reports {} replicated flags for {} parameters",
+                    replicated.len(),
+                    layout.specs().len()
+                )));
+            }
+            Ok(LoadedModel { inner, layout, piece, segments, tied, replicated })
         }
     }
 
@@ -1273,6 +1288,9 @@ pub mod from_abi {
         }
         fn tied_params(&self) -> Vec<(usize, usize)> {
             self.tied.clone()
+        }
+        fn replicated_params(&self) -> Vec<bool> {
+            self.replicated.clone()
         }
     }
 

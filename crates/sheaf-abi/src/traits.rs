@@ -342,6 +342,8 @@ pub trait ModelAbi: Send {
     ) -> RResult<RVec<f32>, AbiError>;
     /// `(index in the piece, index in the whole model)` as `start`/`end`.
     fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError>;
+    /// One flag per parameter: 1 where the tensor-parallel group holds it whole.
+    fn replicated_params(&self) -> RResult<RVec<u8>, AbiError>;
 }
 
 /// A model piece: blocks `start..end`, and a place in a tensor-parallel group.

@@ -374,6 +374,13 @@ pub trait Model: Send {
         Vec::new()
     }
 
+    /// For each parameter of this piece, whether every rank of its tensor-parallel
+    /// group holds it whole (the same values, the same gradient), so that a norm over
+    /// the whole model counts it once. Whole pieces hold nothing sliced: all `false`.
+    fn replicated_params(&self) -> Vec<bool> {
+        vec![false; self.layout().specs().len()]
+    }
+
     /// Backward of micro-batch `micro` through segment `segment`: adds its parameter
     /// gradients to the accumulated ones, frees what its forward kept, and returns the
     /// gradient with respect to its input (`[rows, width]`; for an even segment under

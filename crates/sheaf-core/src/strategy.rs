@@ -288,6 +288,25 @@ pub fn clip_factor(norm: f64, max: Option<f64>) -> f32 {
     }
 }
 
+/// What this rank adds to the square of the whole model's gradient norm: the squares
+/// of every parameter it holds except those `skip` says another rank counts (a
+/// parameter replicated across a tensor-parallel group, counted by one rank of it; a
+/// tied copy, counted by the stage holding the original).
+pub fn norm_contribution(layout: &crate::ParamLayout, grads: &[f32], skip: impl Fn(usize) -> bool) -> f64 {
+    (0..layout.specs().len()).filter(|&i| !skip(i)).map(|i| sum_of_squares(&grads[layout.range(i)])).sum()
+}
+
+/// Clips `grads` to `max` by the global norm whose square is `squares` (already summed
+/// over the ranks that share the model); returns the norm.
+pub fn clip_to(grads: &mut [f32], squares: f64, max: Option<f64>) -> f64 {
+    let norm = squares.sqrt();
+    let factor = clip_factor(norm, max);
+    if factor < 1.0 {
+        grads.iter_mut().for_each(|g| *g *= factor);
+    }
+    norm
+}
+
 /// The sum of squares of `values`, in f64.
 pub fn sum_of_squares(values: &[f32]) -> f64 {
     values.iter().map(|&v| f64::from(v) * f64::from(v)).sum()

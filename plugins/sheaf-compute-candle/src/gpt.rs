@@ -365,6 +365,8 @@ pub struct Gpt {
     device: Device,
     /// `(index here, index in the whole model)` of a tied head's embedding.
     tied: Vec<(usize, usize)>,
+    /// Per parameter: held whole by every rank of a tensor-parallel group.
+    replicated: Vec<bool>,
     /// The stage interface: accumulated gradients, and per micro-batch what its
     /// forward kept (the input as a `Var` for its gradient, the output, bytes).
     grads: Vec<f32>,
@@ -417,6 +419,14 @@ impl Gpt {
         let split = spec.tie_embeddings && !(piece.blocks.start == 0 && piece.blocks.end > head);
         let holds = pl.sources.first().is_some_and(|s| s.param == WTE);
         let tied = if split && holds { vec![(0, WTE)] } else { Vec::new() };
+        let whole = spec.layout();
+        let replicated = pl
+            .sources
+            .iter()
+            .map(|s| {
+                piece.tensor_width > 1 && *s == ShardSource::whole(s.param, whole.specs()[s.param].shape[0])
+            })
+            .collect();
         Ok(Gpt {
             spec: spec.clone(),
             piece: piece.clone(),
@@ -426,6 +436,7 @@ impl Gpt {
             index,
             device,
             tied,
+            replicated,
             saved: HashMap::new(),
             saved_bytes: 0,
             bytes_per_window: pl.activation_bytes_per_sample,
@@ -958,5 +969,9 @@ impl Model for Gpt {
 
     fn tied_params(&self) -> Vec<(usize, usize)> {
         self.tied.clone()
+    }
+
+    fn replicated_params(&self) -> Vec<bool> {
+        self.replicated.clone()
     }
 }

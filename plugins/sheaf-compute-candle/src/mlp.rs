@@ -618,6 +618,20 @@ impl Model for Stage {
         self.saved_bytes = 0;
     }
 
+    fn replicated_params(&self) -> Vec<bool> {
+        // Under tensor parallelism: whole layers and the row layers' biases.
+        let tp = self.tensor_parallel();
+        self.piece
+            .blocks
+            .clone()
+            .flat_map(|l| match self.spec.cut(&self.piece, l) {
+                LayerCut::Whole => [tp, tp],
+                LayerCut::Column { .. } => [false, false],
+                LayerCut::Row { .. } => [false, tp],
+            })
+            .collect()
+    }
+
     fn saved_bytes(&self) -> u64 {
         self.saved_bytes
     }

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    chunk_range, epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model,
-    Piece, PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result, Samples, StepMetrics, Strategy,
-    StrategyPlan, TrainContext, TrainSummary,
+    chunk_range, clip_to, epochs_done, norm_contribution, optimizer_steps, test_totals, Communicator, DType,
+    Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result,
+    Samples, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -267,6 +267,44 @@ impl Pipeline {
     }
 }
 
+/// Who evaluates and how: pipeline 0 runs the test set forward in batches.
+struct Eval<'a> {
+    pipe: &'a dyn Communicator,
+    first: bool,
+    last: bool,
+    evaluating: bool,
+    batch: usize,
+}
+
+impl Pipeline {
+    /// `[loss sum, correct, predictions]` of this rank's part of an evaluation (the
+    /// last stage of pipeline 0 scores; every other rank reports zeros).
+    fn evaluate(
+        &self,
+        eval: &Eval<'_>,
+        model: &mut dyn Model,
+        test: &dyn sheaf_core::Dataset,
+    ) -> Result<[f64; 3]> {
+        let mut totals = [0.0f64; 3];
+        if !eval.evaluating {
+            return Ok(totals);
+        }
+        let all: Vec<usize> = (0..test.len()).collect();
+        for (k, chunk) in all.chunks(eval.batch).enumerate() {
+            let micros = micro_batches(test, chunk, 1, eval.first, eval.last)?;
+            let id = u64::MAX / 2 + k as u64;
+            let mut scratch = StageClock::default();
+            let (l, c, n) =
+                self.run_passes(eval.pipe, model, &[Pass::Forward(0)], &micros, None, id, &mut scratch)?;
+            model.drop_saved();
+            if eval.last {
+                totals = [totals[0] + l, totals[1] + c as f64, totals[2] + n as f64];
+            }
+        }
+        Ok(totals)
+    }
+}
+
 /// Parameters held by several stages (a tied embedding): their gradients are summed
 /// over the stages holding them, every step, so the copies stay equal.
 struct Ties {
@@ -396,7 +434,6 @@ impl Strategy for Pipeline {
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
-        config.refuse_beyond_basics("pipeline")?;
         let total_steps = config.total_steps(train.len());
         let (pipelines, stages) = self.config.layout(comm.world_size())?;
         if config.batch_size == 0 || train.is_empty() {
@@ -429,68 +466,82 @@ impl Strategy for Pipeline {
         let mut params = mesh.sync_replicas(model, self.deadline())?;
         let ties = Ties::new(pipe, model.tied_params(), &layout, self.deadline())?;
 
+        let tied: Vec<usize> = model.tied_params().iter().map(|t| t.0).collect();
+        let eval = Eval { pipe, first, last, evaluating: d == 0, batch: config.batch_size.max(1) };
+
         let start = Instant::now();
         let mut grads = vec![0f32; layout.total()];
         let mut clock = StageClock::default();
-        let (mut step, mut last_loss, mut samples) = (0u64, f64::NAN, 0usize);
-        for (epoch, global) in global_batches(train.len(), &config) {
+        let (mut step, mut last_loss, mut samples, mut micro_step) = (0u64, f64::NAN, 0usize, 0u64);
+        for group in optimizer_steps(train.len(), &config) {
             let t0 = Instant::now();
-            let share: Vec<usize> =
-                partitioner.shard(step, global.len(), d, pipelines)?.into_iter().map(|i| global[i]).collect();
-            let micros = micro_batches(train, &share, self.config.micro_batches, first, last)?;
-            let passes = schedule(self.config.schedule, stages, p, micros.len());
-            pipe.barrier(self.deadline())?;
-            let t_sched = Instant::now();
-            let before = (clock.busy, clock.idle);
-            let (loss_sum, _, predictions) =
-                self.run_passes(pipe, model, &passes, &micros, Some(global.len()), step << 20, &mut clock)?;
-            pipe.barrier(self.deadline())?;
-            // Everything in the step's schedule that was not computing was waiting.
-            // The first step (first touches of every buffer) is left out.
-            let spent = t_sched.elapsed();
-            clock.idle = before.1 + spent.saturating_sub(clock.busy - before.0);
-            if step == 0 {
-                (clock.busy, clock.idle) = (Duration::ZERO, Duration::ZERO);
+            let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
+            let (mut loss_sum, mut predictions) = (0.0, 0);
+            for (_, global) in &group {
+                let share: Vec<usize> = partitioner
+                    .shard(micro_step, global.len(), d, pipelines)?
+                    .into_iter()
+                    .map(|i| global[i])
+                    .collect();
+                let micros = micro_batches(train, &share, self.config.micro_batches, first, last)?;
+                let passes = schedule(self.config.schedule, stages, p, micros.len());
+                pipe.barrier(self.deadline())?;
+                let t_sched = Instant::now();
+                let before = (clock.busy, clock.idle);
+                let id = micro_step << 20;
+                let (l, _, n) =
+                    self.run_passes(pipe, model, &passes, &micros, Some(group_samples), id, &mut clock)?;
+                (loss_sum, predictions) = (loss_sum + l, predictions + n);
+                pipe.barrier(self.deadline())?;
+                // Everything in the step's schedule that was not computing was waiting.
+                // The first micro-step (first touches of every buffer) is left out.
+                let spent = t_sched.elapsed();
+                clock.idle = before.1 + spent.saturating_sub(clock.busy - before.0);
+                if micro_step == 0 {
+                    (clock.busy, clock.idle) = (Duration::ZERO, Duration::ZERO);
+                }
+                micro_step += 1;
             }
             model.take_grads(&mut grads)?;
             ties.sum(&mut grads, self.deadline())?;
             mesh.sum_over_replicas(&mut grads, self.deadline())?;
+            // The whole model's norm: every stage's squares, a tied copy counted once
+            // (by the first stage), summed over the pipeline.
+            let mut squares = [norm_contribution(&layout, &grads, |i| !first && tied.contains(&i))];
+            pipe.allreduce(
+                bytemuck::cast_slice_mut(&mut squares),
+                DType::F64,
+                ReduceOp::Sum,
+                self.deadline(),
+            )?;
+            let grad_norm = clip_to(&mut grads, squares[0], config.grad_clip);
             optimizer.set_learning_rate(config.lr.at(step, total_steps));
             optimizer.step(&mut layout.params(&mut params, &grads))?;
             model.write_params(&params)?;
             let mut loss = [loss_sum, predictions as f64];
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
             step += 1;
-            samples += global.len();
+            samples += group_samples;
             last_loss = loss[0] / loss[1].max(1.0);
+            let val_loss = match config.eval_every {
+                Some(every) if step.is_multiple_of(every) => {
+                    Some(test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())?.1)
+                }
+                _ => None,
+            };
             metrics.record(&StepMetrics {
                 step,
-                epoch,
+                epoch: group.last().map_or(0, |(e, _)| *e),
                 loss: last_loss,
                 lr: optimizer.learning_rate(),
-                samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                grad_norm: f64::NAN,
-                val_loss: None,
+                samples_per_sec: group_samples as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                grad_norm,
+                val_loss,
             });
         }
         let wall = start.elapsed().as_secs_f64();
 
-        // Test accuracy: pipeline 0 runs the test set forward in batches.
-        let mut totals = [0.0f64; 3];
-        if d == 0 {
-            let all: Vec<usize> = (0..test.len()).collect();
-            for (k, chunk) in all.chunks(config.batch_size.max(1)).enumerate() {
-                let micros = micro_batches(test, chunk, 1, first, last)?;
-                let id = u64::MAX / 2 + k as u64;
-                let mut scratch = StageClock::default();
-                let (l, c, n) =
-                    self.run_passes(pipe, model, &[Pass::Forward(0)], &micros, None, id, &mut scratch)?;
-                model.drop_saved();
-                if last {
-                    totals = [totals[0] + l, totals[1] + c as f64, totals[2] + n as f64];
-                }
-            }
-        }
+        let totals = self.evaluate(&eval, model, test)?;
         let (test_accuracy, test_loss) = test_totals(comm, totals, self.deadline())?;
         Ok(TrainSummary {
             epochs: epochs_done(step, train.len(), &config),

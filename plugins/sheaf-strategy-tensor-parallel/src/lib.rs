@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    epochs_done, global_batches, test_totals, Communicator, DType, Deadline, Error, Mesh, Model, Piece,
-    PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result, Samples, StepMetrics, Strategy,
-    StrategyPlan, TrainContext, TrainSummary,
+    clip_to, epochs_done, norm_contribution, optimizer_steps, test_totals, Communicator, DType, Deadline,
+    Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result, Samples,
+    StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -158,6 +158,42 @@ impl TensorParallel {
     }
 }
 
+/// Who evaluates and how: group 0 runs the test set forward in batches, its rank 0
+/// scores.
+struct Eval<'a> {
+    group: &'a dyn Communicator,
+    evaluating: bool,
+    scoring: bool,
+    batch: usize,
+}
+
+impl TensorParallel {
+    /// `[loss sum, correct, predictions]` of this rank's part of an evaluation.
+    fn evaluate(
+        &self,
+        eval: &Eval<'_>,
+        model: &mut dyn Model,
+        test: &dyn sheaf_core::Dataset,
+    ) -> Result<[f64; 3]> {
+        let mut totals = [0.0f64; 3];
+        if !eval.evaluating {
+            return Ok(totals);
+        }
+        let all: Vec<usize> = (0..test.len()).collect();
+        for (k, chunk) in all.chunks(eval.batch).enumerate() {
+            let samples = test.gather(chunk)?;
+            let targets = samples.targets();
+            let logits = self.forward(eval.group, model, u64::MAX / 2 + k as u64, &samples)?;
+            model.drop_saved();
+            let (l, c, _) = model.loss_grad(&logits, &targets, 0.0)?;
+            if eval.scoring {
+                totals = [totals[0] + l, totals[1] + c as f64, totals[2] + targets.len() as f64];
+            }
+        }
+        Ok(totals)
+    }
+}
+
 impl Strategy for TensorParallel {
     fn name(&self) -> &str {
         "tensor-parallel"
@@ -179,7 +215,6 @@ impl Strategy for TensorParallel {
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
-        config.refuse_beyond_basics("tensor-parallel")?;
         let total_steps = config.total_steps(train.len());
         let (groups, width) = self.config.layout(comm.world_size())?;
         if config.batch_size == 0 || train.is_empty() {
@@ -206,64 +241,77 @@ impl Strategy for TensorParallel {
         let layout = model.layout().clone();
         let mut params = mesh.sync_replicas(model, self.deadline())?;
 
+        let replicated = model.replicated_params();
+        let eval = Eval { group, evaluating: d == 0, scoring: t == 0, batch: config.batch_size.max(1) };
+
         let start = Instant::now();
         let mut grads = vec![0f32; layout.total()];
-        let (mut step, mut last_loss, mut samples, mut peak) = (0u64, f64::NAN, 0usize, 0u64);
-        for (epoch, global) in global_batches(train.len(), &config) {
+        let (mut step, mut last_loss, mut samples, mut peak, mut micro) =
+            (0u64, f64::NAN, 0usize, 0u64, 0u64);
+        for batches in optimizer_steps(train.len(), &config) {
             let t0 = Instant::now();
-            let share: Vec<usize> =
-                partitioner.shard(step, global.len(), d, groups)?.into_iter().map(|i| global[i]).collect();
+            let group_samples: usize = batches.iter().map(|(_, g)| g.len()).sum();
             let mut loss = [0.0f64; 2];
-            if !share.is_empty() {
-                let samples = train.gather(&share)?;
-                let targets = samples.targets();
-                let logits = self.forward(group, model, step, &samples)?;
-                peak = peak.max(model.saved_bytes());
-                // Every sample makes the same number of predictions.
-                let per_sample = targets.len() / share.len();
-                let scale = 1.0 / (global.len() * per_sample).max(1) as f32;
-                let (loss_sum, _, grad) = model.loss_grad(&logits, &targets, scale)?;
-                self.backward(group, model, step, grad)?;
-                if t == 0 {
-                    loss = [loss_sum, targets.len() as f64];
+            for (_, global) in &batches {
+                let share: Vec<usize> = partitioner
+                    .shard(micro, global.len(), d, groups)?
+                    .into_iter()
+                    .map(|i| global[i])
+                    .collect();
+                if !share.is_empty() {
+                    let samples = train.gather(&share)?;
+                    let targets = samples.targets();
+                    let logits = self.forward(group, model, micro, &samples)?;
+                    peak = peak.max(model.saved_bytes());
+                    // Every sample makes the same number of predictions.
+                    let per_sample = targets.len() / share.len();
+                    let scale = 1.0 / (group_samples * per_sample).max(1) as f32;
+                    let (loss_sum, _, grad) = model.loss_grad(&logits, &targets, scale)?;
+                    self.backward(group, model, micro, grad)?;
+                    if t == 0 {
+                        loss = [loss[0] + loss_sum, loss[1] + targets.len() as f64];
+                    }
                 }
+                micro += 1;
             }
             model.take_grads(&mut grads)?;
             mesh.sum_over_replicas(&mut grads, self.deadline())?;
+            // The whole model's norm: the group's slices, replicated parameters counted
+            // once (by tensor rank 0).
+            let mut squares = [norm_contribution(&layout, &grads, |i| t != 0 && replicated[i])];
+            group.allreduce(
+                bytemuck::cast_slice_mut(&mut squares),
+                DType::F64,
+                ReduceOp::Sum,
+                self.deadline(),
+            )?;
+            let grad_norm = clip_to(&mut grads, squares[0], config.grad_clip);
             optimizer.set_learning_rate(config.lr.at(step, total_steps));
             optimizer.step(&mut layout.params(&mut params, &grads))?;
             model.write_params(&params)?;
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
             step += 1;
-            samples += global.len();
+            samples += group_samples;
             last_loss = loss[0] / loss[1].max(1.0);
+            let val_loss = match config.eval_every {
+                Some(every) if step.is_multiple_of(every) => {
+                    Some(test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())?.1)
+                }
+                _ => None,
+            };
             metrics.record(&StepMetrics {
                 step,
-                epoch,
+                epoch: batches.last().map_or(0, |(e, _)| *e),
                 loss: last_loss,
                 lr: optimizer.learning_rate(),
-                samples_per_sec: global.len() as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                grad_norm: f64::NAN,
-                val_loss: None,
+                samples_per_sec: group_samples as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                grad_norm,
+                val_loss,
             });
         }
         let wall = start.elapsed().as_secs_f64();
 
-        // Test accuracy: group 0 runs the test set forward in batches.
-        let mut totals = [0.0f64; 3];
-        if d == 0 {
-            let all: Vec<usize> = (0..test.len()).collect();
-            for (k, chunk) in all.chunks(config.batch_size.max(1)).enumerate() {
-                let samples = test.gather(chunk)?;
-                let targets = samples.targets();
-                let logits = self.forward(group, model, u64::MAX / 2 + k as u64, &samples)?;
-                model.drop_saved();
-                let (l, c, _) = model.loss_grad(&logits, &targets, 0.0)?;
-                if t == 0 {
-                    totals = [totals[0] + l, totals[1] + c as f64, totals[2] + targets.len() as f64];
-                }
-            }
-        }
+        let totals = self.evaluate(&eval, model, test)?;
         let (test_accuracy, test_loss) = test_totals(comm, totals, self.deadline())?;
         Ok(TrainSummary {
             epochs: epochs_done(step, train.len(), &config),
