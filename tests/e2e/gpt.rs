@@ -181,6 +181,27 @@ fn gpt_tensor_parallel_ends_where_one_process_ends() {
     assert!(e.contains("does not divide n_head = 1"), "{e}");
 }
 
+/// Pipelines of tensor-parallel stages: P2 x T2 (4 processes) and D2 x P2 x T2 (8
+/// processes) end where one process ends.
+#[test]
+fn gpt_meshes_of_pipelines_and_slices_end_where_one_process_ends() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "grad_clip = 1.0");
+    let reference = checkpoint(launch(1, &job, &[]).path());
+    let mesh = ["parallel.strategy=\"pipeline\"", "parallel.options.pipeline.tensor=2"];
+    for (n, extra) in [(4, vec![]), (8, vec!["parallel.data=2", "transport.plugin=\"shm\""])] {
+        let sets: Vec<&str> = mesh.iter().copied().chain(extra).collect();
+        let run = launch(n, &job, &sets);
+        let d = max_abs_diff(&checkpoint(run.path()), &reference);
+        assert!(d <= 1e-5, "{n} workers {sets:?}: max abs diff {d}");
+        let s = summary(run.path());
+        let per_rank: Vec<u64> =
+            s["params_per_rank"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(per_rank.len(), n);
+        assert!(per_rank.iter().all(|&p| 3 * p < s["params"].as_u64().unwrap()), "{s}");
+    }
+}
+
 fn job_with(dir: &Path, model_extra: &str) -> PathBuf {
     let text = text_file(dir);
     job(dir, &text, model_extra, "")

@@ -384,7 +384,7 @@ pub mod to_abi {
             })
         }
         fn state(&self) -> RResult<AbiOptimState, AbiError> {
-            guard(self.plugin, "optimizer state", || Ok(state_to_abi(self.inner.state())))
+            guard(self.plugin, "optimizer state", || Ok(state_to_abi(self.inner.state()?)))
         }
         fn load_state(&mut self, state: &AbiOptimState) -> RResult<(), AbiError> {
             guard(self.plugin, "optimizer load_state", || {
@@ -944,8 +944,8 @@ pub mod from_abi {
                 self.lr = lr;
             }
         }
-        fn state(&self) -> OptimState {
-            self.inner.state().into_result().map(|s| state_from_abi(&s)).unwrap_or_default()
+        fn state(&self) -> Result<OptimState> {
+            Ok(state_from_abi(&self.inner.state().into_result()?))
         }
         fn load_state(&mut self, state: &OptimState) -> Result<()> {
             self.inner.load_state(&state_to_abi(state.clone())).into_result().map_err(Error::from)
@@ -997,14 +997,19 @@ pub mod from_abi {
                 .map_err(comm_err)
         }
         fn abort(&self, culprit: usize, reason: &str) {
-            let _ = self.inner.abort(culprit as u64, RStr::from_str(reason));
+            if let Err(e) = self.inner.abort(culprit as u64, RStr::from_str(reason)).into_result() {
+                tracing_free_warn("link abort", &Error::from(e));
+            }
         }
         fn failure_reports(&self) -> Vec<(usize, usize)> {
-            self.inner
-                .failure_reports()
-                .into_result()
-                .map(|v| v.into_iter().map(|r| (r.start as usize, r.end as usize)).collect())
-                .unwrap_or_default()
+            match self.inner.failure_reports().into_result() {
+                Ok(v) => v.into_iter().map(|r| (r.start as usize, r.end as usize)).collect(),
+                Err(e) => {
+                    // Blame falls back to the waits' chain; the failure is reported.
+                    tracing_free_warn("link failure_reports", &Error::from(e));
+                    Vec::new()
+                }
+            }
         }
         fn close(&self, dl: Deadline) -> Result<(), CommError> {
             self.inner.close(timeout_ns(dl)).into_result().map_err(comm_err)

@@ -37,7 +37,8 @@ pub trait Optimizer: Send {
     /// Change the learning rate (schedules call this between steps).
     fn set_learning_rate(&mut self, lr: f64);
 
-    fn state(&self) -> OptimState;
+    /// The state to resume from (an error when it cannot be had, never a default).
+    fn state(&self) -> Result<OptimState>;
 
     /// Restore state saved by [`Optimizer::state`] of the same kind of optimizer.
     fn load_state(&mut self, state: &OptimState) -> Result<()>;

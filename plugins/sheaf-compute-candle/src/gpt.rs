@@ -218,41 +218,16 @@ impl GptSpec {
     /// A pipeline stage's parameters: those of its blocks, and on a last stage that
     /// does not hold the embeddings, the tied token embedding it uses as its head
     /// (the one parameter two pieces share).
+    /// A piece's parameters: those of its blocks (on a last pipeline stage that does
+    /// not hold the embeddings, also the tied token embedding it uses as its head: the
+    /// one parameter two pieces share), each whole or, under tensor parallelism,
+    /// sliced Megatron's way: the heads split across ranks (`c_attn` by rows of q, k
+    /// and v for this rank's heads, the attention `c_proj` by the matching columns),
+    /// `c_fc` by rows and the MLP `c_proj` by columns; everything else (embeddings,
+    /// LayerNorms, the row-parallel layers' biases) whole on every rank.
     pub fn piece_layout(&self, piece: &Piece) -> Result<PieceLayout> {
         piece.validate(self.blocks())?;
-        if piece.tensor_width > 1 {
-            return self.tensor_piece_layout(piece);
-        }
-        let whole = self.layout();
-        let tied_head = self.tie_embeddings && piece.blocks.end == self.blocks() && piece.blocks.start > 0;
-        let (specs, sources): (Vec<ParamSpec>, Vec<ShardSource>) = whole
-            .specs()
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| piece.blocks.contains(&self.block_of(&s.name)) || (tied_head && *i == WTE))
-            .map(|(i, s)| (s.clone(), ShardSource::whole(i, s.shape[0])))
-            .unzip();
-        Ok(PieceLayout {
-            layout: ParamLayout::new(specs),
-            sources,
-            activation_bytes_per_sample: self.activation_bytes_in(&piece.blocks),
-        })
-    }
-}
-
-impl GptSpec {
-    /// Slice `tensor_rank` of `tensor_width` of every block, Megatron's way: the heads
-    /// split across ranks (`c_attn` by rows of q, k and v for this rank's heads, the
-    /// attention `c_proj` by the matching columns), `c_fc` by rows and the MLP
-    /// `c_proj` by columns; everything else (embeddings, LayerNorms, the row-parallel
-    /// layers' biases) whole on every rank.
-    fn tensor_piece_layout(&self, piece: &Piece) -> Result<PieceLayout> {
         let (t, width) = (piece.tensor_rank, piece.tensor_width);
-        if piece.blocks != (0..self.blocks()) {
-            return Err(Error::Unsupported(
-                "a tensor-parallel gpt piece holds slices of every block; pipeline stages of tensor-parallel slices are not built yet".into(),
-            ));
-        }
         if !self.n_head.is_multiple_of(width) {
             return Err(Error::config(
                 "parallel.options.tensor-parallel.width",
@@ -262,23 +237,28 @@ impl GptSpec {
         let c = self.n_embd;
         let mine = |len: usize| chunk_range(len, width, t);
         let whole = self.layout();
+        let tied_head = self.tie_embeddings && piece.blocks.end == self.blocks() && piece.blocks.start > 0;
         let mut specs = Vec::new();
         let mut sources = Vec::new();
         for (i, s) in whole.specs().iter().enumerate() {
+            if !(piece.blocks.contains(&self.block_of(&s.name)) || (tied_head && i == WTE)) {
+                continue;
+            }
             let name = s.name.as_str();
+            let sliced = width > 1;
             let (shape, source) =
-                if name.ends_with("attn.c_attn.weight") || name.ends_with("attn.c_attn.bias") {
+                if sliced && (name.ends_with("attn.c_attn.weight") || name.ends_with("attn.c_attn.bias")) {
                     let r = mine(c);
                     let ranges = vec![r.clone(), c + r.start..c + r.end, 2 * c + r.start..2 * c + r.end];
                     let mut shape = s.shape.clone();
                     shape[0] = 3 * r.len();
                     (shape, ShardSource { param: i, by_columns: false, ranges })
-                } else if name.ends_with("mlp.c_fc.weight") || name.ends_with("mlp.c_fc.bias") {
+                } else if sliced && (name.ends_with("mlp.c_fc.weight") || name.ends_with("mlp.c_fc.bias")) {
                     let r = mine(4 * c);
                     let mut shape = s.shape.clone();
                     shape[0] = r.len();
                     (shape, ShardSource { param: i, by_columns: false, ranges: vec![r] })
-                } else if name.ends_with("c_proj.weight") {
+                } else if sliced && name.ends_with("c_proj.weight") {
                     let r = mine(s.shape[1]);
                     (vec![s.shape[0], r.len()], ShardSource { param: i, by_columns: true, ranges: vec![r] })
                 } else {
@@ -294,12 +274,55 @@ impl GptSpec {
         })
     }
 
-    /// Segments of a tensor-parallel piece: the embeddings (0), then per block the
-    /// replicated residual add and `ln_1`, the attention's partial sum, the residual
-    /// add and `ln_2`, the MLP's partial sum, and last the residual add and the head.
-    fn tensor_segments(&self) -> usize {
-        4 * self.n_layer + 2
+    /// The segments of a tensor-parallel piece of blocks `blocks`: its entry (the
+    /// embeddings, or the residual stream from the previous stage), then per
+    /// transformer block the replicated residual add and `ln_1`, the attention's
+    /// partial sum, the residual add and `ln_2`, the MLP's partial sum, and last the
+    /// residual add and, on the last stage, the head.
+    fn tensor_segments(&self, blocks: &std::ops::Range<usize>) -> Vec<Segment> {
+        let layers = blocks.start.max(1) - 1..blocks.end.min(self.n_layer + 1).saturating_sub(1);
+        let mut segs = vec![Segment::Entry];
+        let mut pending = None;
+        for i in layers {
+            let h = format!("transformer.h.{i}");
+            segs.push(Segment::Replicated { bias: pending.take(), then: After::Norm(format!("{h}.ln_1")) });
+            segs.push(Segment::Attention(i));
+            segs.push(Segment::Replicated {
+                bias: Some(format!("{h}.attn.c_proj.bias")),
+                then: After::Norm(format!("{h}.ln_2")),
+            });
+            segs.push(Segment::Mlp(i));
+            pending = Some(format!("{h}.mlp.c_proj.bias"));
+        }
+        let then = if blocks.end == self.blocks() { After::Head } else { After::Output };
+        segs.push(Segment::Replicated { bias: pending, then });
+        segs
     }
+}
+
+/// One segment of a tensor-parallel GPT piece. Even positions end in a partial sum
+/// the strategy sums over the group; odd ones are replicated.
+#[derive(Clone, Debug, PartialEq)]
+enum Segment {
+    /// The embeddings (computed on every rank, emitted by rank 0), or on a later
+    /// pipeline stage the residual stream it receives (likewise).
+    Entry,
+    /// The residual stream: the summed partial output, plus the previous residual and
+    /// a row-parallel layer's bias; then what follows.
+    Replicated { bias: Option<String>, then: After },
+    /// This rank's heads of block `i`'s attention, up to the row-parallel `c_proj`.
+    Attention(usize),
+    /// This rank's slice of block `i`'s MLP, up to the row-parallel `c_proj`.
+    Mlp(usize),
+}
+
+/// What a replicated segment does with the residual stream.
+#[derive(Clone, Debug, PartialEq)]
+enum After {
+    Norm(String),
+    Head,
+    /// Hands it to the next pipeline stage.
+    Output,
 }
 
 const INIT_STREAM: u64 = 0x6A09_E667_F3BC_C908;
@@ -377,6 +400,8 @@ pub struct Gpt {
     /// forward, and the gradient a later segment sent back into it, per micro-batch.
     residual: HashMap<u64, Tensor>,
     residual_grad: HashMap<(u64, usize), Tensor>,
+    /// Under tensor parallelism, the piece's segments.
+    segs: Vec<Segment>,
 }
 
 /// What a segment's forward keeps for its backward.
@@ -442,6 +467,7 @@ impl Gpt {
             bytes_per_window: pl.activation_bytes_per_sample,
             residual: HashMap::new(),
             residual_grad: HashMap::new(),
+            segs: if piece.tensor_width > 1 { spec.tensor_segments(&piece.blocks) } else { Vec::new() },
         })
     }
 
@@ -606,65 +632,65 @@ impl Gpt {
         x.matmul(&self.p(&format!("{name}.weight"))?.t()?)
     }
 
-    /// A tensor-parallel replicated segment `seg` (odd): the residual stream `x` is the
-    /// summed partial output `s`, plus the previous residual and the row-parallel
-    /// layer's bias; then `ln_1`, `ln_2`, or (last) `ln_f` and the head.
+    /// A tensor-parallel replicated segment: the residual stream `x` is the summed
+    /// partial output `s`, plus the previous residual and a row-parallel layer's
+    /// bias; then a LayerNorm, `ln_f` and the head, or `x` itself for the next stage.
     fn tensor_replicated(
         &self,
-        seg: usize,
+        bias: Option<&str>,
+        then: &After,
         s: &Tensor,
         prev: Option<&Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (block, phase) = ((seg - 1) / 4, (seg - 1) % 4);
-        let bias = match (phase, block) {
-            (0, 0) => None,
-            (0, b) => Some(format!("transformer.h.{}.mlp.c_proj.bias", b - 1)),
-            _ => Some(format!("transformer.h.{block}.attn.c_proj.bias")),
-        };
         let mut x = match prev {
             Some(p) => (s + p)?,
             None => s.clone(),
         };
-        if let Some(b) = bias.as_deref().and_then(|b| self.opt(b)) {
+        if let Some(b) = bias.and_then(|b| self.opt(b)) {
             x = x.broadcast_add(b)?;
         }
-        let out = match phase {
-            0 if block == self.spec.n_layer => {
+        let out = match then {
+            After::Norm(name) => self.layer_norm(&x, name)?,
+            After::Head => {
                 let f = self.layer_norm(&x, "transformer.ln_f")?;
                 let head = if self.spec.tie_embeddings { "transformer.wte.weight" } else { "lm_head.weight" };
                 f.matmul(&self.p(head)?.t()?)?
             }
-            0 => self.layer_norm(&x, &format!("transformer.h.{block}.ln_1"))?,
-            _ => self.layer_norm(&x, &format!("transformer.h.{block}.ln_2"))?,
+            After::Output => x.clone(),
         };
         Ok((x, out))
     }
 
-    /// A tensor-parallel partial segment `seg` (even, after 0): this rank's heads of
-    /// block `(seg - 2) / 4`'s attention, or its slice of the block's MLP, up to the
-    /// row-parallel `c_proj` without its bias.
-    fn tensor_partial(&self, seg: usize, h: &Tensor, n: usize, t: usize) -> candle_core::Result<Tensor> {
-        let (block, phase) = ((seg - 2) / 4, (seg - 2) % 4);
-        let name = format!("transformer.h.{block}");
-        if phase == 0 {
-            let width = self.piece.tensor_width;
-            let (c, nh) = (self.spec.n_embd / width, self.spec.n_head / width);
-            let hs = c / nh;
-            let heads = |m: Tensor| m.reshape((n, t, nh, hs))?.transpose(1, 2)?.contiguous();
-            let qkv = self.linear(h, &format!("{name}.attn.c_attn"))?;
-            let q = heads(qkv.narrow(1, 0, c)?)?;
-            let k = heads(qkv.narrow(1, c, c)?)?;
-            let v = heads(qkv.narrow(1, 2 * c, c)?)?;
-            let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
-            let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n * t, c))?;
-            self.matmul_weight(&y, &format!("{name}.attn.c_proj"))
-        } else {
-            let m = self.linear(h, &format!("{name}.mlp.c_fc"))?.gelu_erf()?;
-            self.matmul_weight(&m, &format!("{name}.mlp.c_proj"))
+    /// A tensor-parallel partial segment: this rank's heads of block `i`'s attention,
+    /// or its slice of the block's MLP, up to the row-parallel `c_proj` without its
+    /// bias.
+    fn tensor_partial(&self, seg: &Segment, h: &Tensor, n: usize, t: usize) -> candle_core::Result<Tensor> {
+        match *seg {
+            Segment::Attention(i) => {
+                let name = format!("transformer.h.{i}");
+                let width = self.piece.tensor_width;
+                let (c, nh) = (self.spec.n_embd / width, self.spec.n_head / width);
+                let hs = c / nh;
+                let heads = |m: Tensor| m.reshape((n, t, nh, hs))?.transpose(1, 2)?.contiguous();
+                let qkv = self.linear(h, &format!("{name}.attn.c_attn"))?;
+                let q = heads(qkv.narrow(1, 0, c)?)?;
+                let k = heads(qkv.narrow(1, c, c)?)?;
+                let v = heads(qkv.narrow(1, 2 * c, c)?)?;
+                let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
+                let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n * t, c))?;
+                self.matmul_weight(&y, &format!("{name}.attn.c_proj"))
+            }
+            Segment::Mlp(i) => {
+                let name = format!("transformer.h.{i}");
+                let m = self.linear(h, &format!("{name}.mlp.c_fc"))?.gelu_erf()?;
+                self.matmul_weight(&m, &format!("{name}.mlp.c_proj"))
+            }
+            _ => candle_core::bail!("segment {seg:?} is not a partial one"),
         }
     }
 
-    /// Forward of tensor-parallel segment `seg > 0` on `input` (`rows` windows).
+    /// Forward of tensor-parallel segment `seg` on `input` (`rows` windows of the
+    /// residual stream or of a LayerNorm's output).
     fn tensor_forward(&mut self, micro: u64, seg: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
         let c = self.spec.n_embd;
         let t = input.len().checked_div(rows * c).unwrap_or(0);
@@ -675,28 +701,48 @@ impl Gpt {
                 self.spec.block_size
             )));
         }
-        let bytes = self.bytes_per_window * rows as u64 / self.spec.tensor_segments() as u64;
-        let saved = if seg % 2 == 1 {
-            let prev = self.residual.remove(&micro);
-            let run = || -> candle_core::Result<Saved> {
-                let s = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
-                let prev = prev.map(|p| Var::from_tensor(&p)).transpose()?;
-                let (x, out) =
-                    self.tensor_replicated(seg, s.as_tensor(), prev.as_ref().map(Var::as_tensor))?;
-                Ok(Saved { input: Some(s), prev, x: Some(x), out, bytes })
-            };
-            let saved = run().map_err(candle_err("stage forward"))?;
-            if let Some(x) = &saved.x {
-                self.residual.insert(micro, x.detach());
+        let bytes = self.bytes_per_window * rows as u64 / self.segs.len() as u64;
+        let kind = self.segs[seg].clone();
+        let saved = match &kind {
+            Segment::Entry => {
+                // The residual stream from the previous stage, the same on every rank,
+                // emitted by rank 0 so the group's sum is it once.
+                let run = || -> candle_core::Result<Saved> {
+                    let x = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
+                    let out = x.as_tensor().clone();
+                    Ok(Saved { input: Some(x), prev: None, x: None, out, bytes })
+                };
+                let saved = run().map_err(candle_err("stage forward"))?;
+                let values = self.save((micro, seg), saved)?;
+                return Ok(if self.piece.tensor_rank == 0 { values } else { vec![0.0; values.len()] });
             }
-            saved
-        } else {
-            let run = || -> candle_core::Result<Saved> {
-                let h = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
-                let out = self.tensor_partial(seg, h.as_tensor(), rows, t)?;
-                Ok(Saved { input: Some(h), prev: None, x: None, out, bytes })
-            };
-            run().map_err(candle_err("stage forward"))?
+            Segment::Replicated { bias, then } => {
+                let prev = self.residual.remove(&micro);
+                let run = || -> candle_core::Result<Saved> {
+                    let s = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
+                    let prev = prev.map(|p| Var::from_tensor(&p)).transpose()?;
+                    let (x, out) = self.tensor_replicated(
+                        bias.as_deref(),
+                        then,
+                        s.as_tensor(),
+                        prev.as_ref().map(Var::as_tensor),
+                    )?;
+                    Ok(Saved { input: Some(s), prev, x: Some(x), out, bytes })
+                };
+                let saved = run().map_err(candle_err("stage forward"))?;
+                if let (Some(x), false) = (&saved.x, matches!(then, After::Output | After::Head)) {
+                    self.residual.insert(micro, x.detach());
+                }
+                saved
+            }
+            partial => {
+                let run = || -> candle_core::Result<Saved> {
+                    let h = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
+                    let out = self.tensor_partial(partial, h.as_tensor(), rows, t)?;
+                    Ok(Saved { input: Some(h), prev: None, x: None, out, bytes })
+                };
+                run().map_err(candle_err("stage forward"))?
+            }
         };
         self.save((micro, seg), saved)
     }
@@ -815,7 +861,7 @@ impl Model for Gpt {
                 tok.reshape((n, t, c))?.broadcast_add(&pos)?.reshape((n * t, c))
             };
             let out = run().map_err(candle_err("stage forward"))?;
-            let bytes = bytes / self.spec.tensor_segments() as u64;
+            let bytes = bytes / self.segs.len() as u64;
             let values = self.save((micro, 0), Saved { input: None, prev: None, x: None, out, bytes })?;
             return Ok(if self.piece.tensor_rank == 0 { values } else { vec![0.0; values.len()] });
         }
@@ -825,7 +871,10 @@ impl Model for Gpt {
 
     fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
         let c = self.spec.n_embd;
-        if self.tensor_parallel() && segment > 0 && segment < self.segments() {
+        if self.tensor_parallel()
+            && segment < self.segments()
+            && !(segment == 0 && self.piece.blocks.start == 0)
+        {
             return self.tensor_forward(micro, segment, input, rows);
         }
         if segment != 0 || self.piece.blocks.start == 0 {
@@ -854,11 +903,7 @@ impl Model for Gpt {
     }
 
     fn segments(&self) -> usize {
-        if self.tensor_parallel() {
-            self.spec.tensor_segments()
-        } else {
-            1
-        }
+        self.segs.len().max(1)
     }
 
     fn stage_backward(&mut self, micro: u64, segment: usize, grad_output: &[f32]) -> Result<Vec<f32>> {

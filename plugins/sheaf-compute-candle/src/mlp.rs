@@ -124,6 +124,11 @@ impl MlpSpec {
     /// come from.
     pub fn piece_layout(&self, piece: &Piece) -> Result<PieceLayout> {
         self.validate_piece(piece)?;
+        if piece.tensor_width > 1 && piece.blocks != (0..self.n()) {
+            return Err(Error::Unsupported(
+                "an mlp's tensor-parallel piece holds slices of every layer; pipeline stages of mlp slices are not supported (a gpt's are)".into(),
+            ));
+        }
         let mut specs = Vec::new();
         let mut sources = Vec::new();
         for l in piece.blocks.clone() {

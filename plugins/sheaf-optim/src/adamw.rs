@@ -82,13 +82,13 @@ impl Optimizer for AdamW {
         self.config.lr = lr;
     }
 
-    fn state(&self) -> OptimState {
+    fn state(&self) -> Result<OptimState> {
         let buffers = self
             .moments
             .iter()
             .flat_map(|(n, (m, v))| [(format!("{n}{M}"), m.clone()), (format!("{n}{V}"), v.clone())])
             .collect();
-        OptimState { step: self.step, buffers }
+        Ok(OptimState { step: self.step, buffers })
     }
 
     fn load_state(&mut self, state: &OptimState) -> Result<()> {

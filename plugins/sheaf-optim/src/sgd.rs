@@ -89,11 +89,11 @@ impl Optimizer for Sgd {
         self.config.lr = lr;
     }
 
-    fn state(&self) -> OptimState {
-        OptimState {
+    fn state(&self) -> Result<OptimState> {
+        Ok(OptimState {
             step: self.step,
             buffers: self.momentum.iter().map(|(n, b)| (format!("{n}{SLOT}"), b.clone())).collect(),
-        }
+        })
     }
 
     fn load_state(&mut self, state: &OptimState) -> Result<()> {

@@ -61,7 +61,7 @@ fn run_with_resume(make: &dyn Fn() -> Box<dyn Optimizer>, problem: &Problem, spl
     let mut first = make();
     laws::run_steps(first.as_mut(), problem, &mut values, 0..split).unwrap();
     let mut second = make();
-    second.load_state(&first.state()).unwrap();
+    second.load_state(&first.state().unwrap()).unwrap();
     laws::run_steps(second.as_mut(), problem, &mut values, split..problem.grads.len()).unwrap();
     values.remove(0)
 }

@@ -122,8 +122,8 @@ impl Optimizer for Momentum {
     fn set_learning_rate(&mut self, lr: f64) {
         self.lr = lr;
     }
-    fn state(&self) -> OptimState {
-        OptimState::default()
+    fn state(&self) -> Result<OptimState> {
+        Ok(OptimState::default())
     }
     fn load_state(&mut self, _: &OptimState) -> Result<()> {
         Ok(())

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     chunk_range, clip_to, epochs_done, norm_contribution, optimizer_steps, test_totals, Communicator, DType,
-    Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result,
-    Samples, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    Deadline, Error, Model, Piece, PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result, Samples,
+    StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -70,6 +70,9 @@ pub struct PipelineConfig {
     pub stages: Option<usize>,
     /// Pipelines, each training on its share of every global batch (`D`; default 1).
     pub data: Option<usize>,
+    /// Tensor-parallel ranks per stage (`T`; default 1): each stage's blocks sliced
+    /// across a group, as the tensor-parallel strategy slices a whole model.
+    pub tensor: usize,
     /// Micro-batches per step and pipeline (`M`).
     pub micro_batches: usize,
     pub schedule: Schedule,
@@ -81,6 +84,7 @@ impl Default for PipelineConfig {
             timeout_ms: 60_000,
             stages: None,
             data: None,
+            tensor: 1,
             micro_batches: 4,
             schedule: Schedule::Gpipe,
         }
@@ -94,26 +98,29 @@ impl PipelineConfig {
         }
         let c: PipelineConfig =
             serde_json::from_str(json).map_err(|e| Error::config("parallel.options.pipeline", e))?;
-        if c.stages == Some(0) || c.data == Some(0) || c.micro_batches == 0 {
+        if c.stages == Some(0) || c.data == Some(0) || c.micro_batches == 0 || c.tensor == 0 {
             return Err(Error::config(
                 "parallel.options.pipeline",
-                "stages, data and micro_batches must be at least 1",
+                "stages, data, tensor and micro_batches must be at least 1",
             ));
         }
         Ok(c)
     }
 
-    /// `(D, P)` over `world` ranks.
-    pub fn layout(&self, world: usize) -> Result<(usize, usize)> {
-        let data = self.data.unwrap_or(1);
-        let stages = self.stages.unwrap_or(world / data.max(1));
-        if data * stages != world || stages == 0 {
+    /// `(D, P, T)` over `world` ranks.
+    pub fn layout(&self, world: usize) -> Result<(usize, usize, usize)> {
+        let (data, tensor) = (self.data.unwrap_or(1), self.tensor);
+        let stages = self.stages.unwrap_or(world / (data * tensor).max(1));
+        if data * stages * tensor != world || stages == 0 {
             return Err(Error::config(
                 "parallel.options.pipeline.stages",
-                format!("{data} pipelines of {stages} stages need {} ranks, not {world}", data * stages),
+                format!(
+                    "{data} pipelines of {stages} stages of {tensor} tensor-parallel ranks need {} ranks, not {world}",
+                    data * stages * tensor
+                ),
             ));
         }
-        Ok((data, stages))
+        Ok((data, stages, tensor))
     }
 }
 
@@ -192,6 +199,7 @@ impl Pipeline {
     fn run_passes(
         &self,
         pipe: &dyn Communicator,
+        tensor: &dyn Communicator,
         model: &mut dyn Model,
         passes: &[Pass],
         micros: &[Micro],
@@ -212,7 +220,8 @@ impl Pipeline {
                             Error::BadState(format!("the first stage has no samples for micro-batch {m}"))
                         })?;
                         let t = Instant::now();
-                        let out = model.stage_forward_batch(id, 0, &samples.batch())?;
+                        let out =
+                            self.forward_segments(tensor, model, id, StageInput::Samples(samples), rows)?;
                         clock.busy += t.elapsed();
                         out
                     } else {
@@ -221,7 +230,8 @@ impl Pipeline {
                         clock.idle += t.elapsed();
                         let input = f32s(&got, "activations", p - 1)?;
                         let t = Instant::now();
-                        let out = model.stage_forward(id, 0, &input, rows)?;
+                        let out =
+                            self.forward_segments(tensor, model, id, StageInput::Values(&input), rows)?;
                         clock.busy += t.elapsed();
                         out
                     };
@@ -255,7 +265,7 @@ impl Pipeline {
                         f32s(&got, "gradients", p + 1)?
                     };
                     let t = Instant::now();
-                    let grad_in = model.stage_backward(first_micro_id + m as u64, 0, &grad)?;
+                    let grad_in = self.backward_segments(tensor, model, first_micro_id + m as u64, grad)?;
                     clock.busy += t.elapsed();
                     if !first {
                         pipe.send(p - 1, 2 * m as u32 + 1, bytes(&grad_in), self.deadline())?;
@@ -267,12 +277,121 @@ impl Pipeline {
     }
 }
 
+/// What a stage's first segment takes.
+enum StageInput<'a> {
+    Samples(&'a Samples),
+    Values(&'a [f32]),
+}
+
+impl Pipeline {
+    /// Forward of one micro-batch through every segment of this stage: each even
+    /// segment's partial output summed over the tensor group (a stage of one slice
+    /// has one segment and no sum).
+    fn forward_segments(
+        &self,
+        tensor: &dyn Communicator,
+        model: &mut dyn Model,
+        id: u64,
+        input: StageInput<'_>,
+        rows: usize,
+    ) -> Result<Vec<f32>> {
+        let segments = model.segments();
+        let mut act = match input {
+            StageInput::Samples(s) => model.stage_forward_batch(id, 0, &s.batch())?,
+            StageInput::Values(v) => model.stage_forward(id, 0, v, rows)?,
+        };
+        for seg in 0..segments {
+            if seg > 0 {
+                act = model.stage_forward(id, seg, &act, rows)?;
+            }
+            if seg.is_multiple_of(2) && segments > 1 {
+                tensor.allreduce(
+                    bytemuck::cast_slice_mut(&mut act),
+                    DType::F32,
+                    ReduceOp::Sum,
+                    self.deadline(),
+                )?;
+            }
+        }
+        Ok(act)
+    }
+
+    /// Backward through every segment of this stage, summing partial input gradients
+    /// over the tensor group (not the stage's own input's: every slice holds it whole).
+    fn backward_segments(
+        &self,
+        tensor: &dyn Communicator,
+        model: &mut dyn Model,
+        id: u64,
+        grad: Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let segments = model.segments();
+        let mut grad = grad;
+        for seg in (0..segments).rev() {
+            grad = model.stage_backward(id, seg, &grad)?;
+            if seg.is_multiple_of(2) && seg > 0 && segments > 1 {
+                tensor.allreduce(
+                    bytemuck::cast_slice_mut(&mut grad),
+                    DType::F32,
+                    ReduceOp::Sum,
+                    self.deadline(),
+                )?;
+            }
+        }
+        Ok(grad)
+    }
+}
+
+/// `D x P x T` ranks split three ways: rank `(d * P + p) * T + t` is slice `t` of
+/// stage `p` of pipeline `d`.
+struct Mesh3 {
+    replica: usize,
+    stage: usize,
+    slice: usize,
+    /// Same pipeline and slice, by stage.
+    pipe: Box<dyn Communicator>,
+    /// Same pipeline and stage, by slice.
+    tensor: Box<dyn Communicator>,
+    /// Same stage and slice, by pipeline.
+    replicas: Box<dyn Communicator>,
+}
+
+impl Mesh3 {
+    fn split(
+        comm: &dyn Communicator,
+        data: usize,
+        stages: usize,
+        width: usize,
+        dl: Deadline,
+    ) -> Result<Mesh3> {
+        let world = comm.world_size();
+        if data * stages * width != world {
+            return Err(Error::config(
+                "parallel.options.pipeline",
+                format!("{data} x {stages} x {width} ranks do not make a world of {world}"),
+            ));
+        }
+        let r = comm.rank();
+        let (replica, stage, slice) = (r / (stages * width), r / width % stages, r % width);
+        let group = |color: usize, key: usize| -> Result<Box<dyn Communicator>> {
+            comm.split(Some(color as u32), key as u32, dl)?.ok_or_else(|| Error::BadState("no group".into()))
+        };
+        let pipe = group(replica * width + slice, stage)?;
+        let tensor = group(replica * stages + stage, slice)?;
+        let replicas = group(stage * width + slice, replica)?;
+        Ok(Mesh3 { replica, stage, slice, pipe, tensor, replicas })
+    }
+}
+
 /// Who evaluates and how: pipeline 0 runs the test set forward in batches.
 struct Eval<'a> {
     pipe: &'a dyn Communicator,
+    tensor: &'a dyn Communicator,
     first: bool,
     last: bool,
     evaluating: bool,
+    /// Tensor rank 0 scores (every slice holds the same logits).
+    scoring: bool,
     batch: usize,
 }
 
@@ -294,10 +413,11 @@ impl Pipeline {
             let micros = micro_batches(test, chunk, 1, eval.first, eval.last)?;
             let id = u64::MAX / 2 + k as u64;
             let mut scratch = StageClock::default();
+            let forward = [Pass::Forward(0)];
             let (l, c, n) =
-                self.run_passes(eval.pipe, model, &[Pass::Forward(0)], &micros, None, id, &mut scratch)?;
+                self.run_passes(eval.pipe, eval.tensor, model, &forward, &micros, None, id, &mut scratch)?;
             model.drop_saved();
-            if eval.last {
+            if eval.last && eval.scoring {
                 totals = [totals[0] + l, totals[1] + c as f64, totals[2] + n as f64];
             }
         }
@@ -386,11 +506,12 @@ impl Strategy for Pipeline {
         "pipeline"
     }
 
-    /// `D` pipelines of `P` stages (rank `d * P + p` is stage `p`), the blocks cut into
-    /// `P` contiguous stages by the job's model partitioner on the blocks' costs; stage
+    /// `D` pipelines of `P` stages of `T` tensor-parallel ranks (rank
+    /// `(d * P + p) * T + t` holds slice `t` of stage `p`), the blocks cut into `P`
+    /// contiguous stages by the job's model partitioner on the blocks' costs; stage
     /// `p` keeps `M` (GPipe) or `min(P - p, M)` (1F1B) micro-batches in flight.
     fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
-        let (data, stages) = self.config.layout(input.world)?;
+        let (data, stages, width) = self.config.layout(input.world)?;
         let blocks = input.blocks.len();
         if stages > blocks {
             return Err(Error::config(
@@ -418,13 +539,13 @@ impl Strategy for Pipeline {
         let rows = share.div_ceil(micro) as u64;
         let ranks = (0..input.world)
             .map(|r| {
-                let p = r % stages;
+                let (p, t) = (r / width % stages, r % width);
                 let kept = match self.config.schedule {
                     Schedule::OneFOneB => (stages - p).min(micro),
                     Schedule::Gpipe => micro,
                 };
                 RankPlan {
-                    piece: Piece { blocks: cut[p].clone(), tensor_rank: 0, tensor_width: 1 },
+                    piece: Piece { blocks: cut[p].clone(), tensor_rank: t, tensor_width: width },
                     activation_samples: kept as u64 * rows,
                 }
             })
@@ -435,7 +556,7 @@ impl Strategy for Pipeline {
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
         let total_steps = config.total_steps(train.len());
-        let (pipelines, stages) = self.config.layout(comm.world_size())?;
+        let (pipelines, stages, width) = self.config.layout(comm.world_size())?;
         if config.batch_size == 0 || train.is_empty() {
             return Err(Error::config(
                 "train.batch_size",
@@ -447,15 +568,17 @@ impl Strategy for Pipeline {
                 "the pipeline strategy needs a model piece per stage (built by the host)".into(),
             )
         })?;
-        if model.segments() != 1 {
-            return Err(Error::Unsupported(
-                "pipeline stages hold whole layers; combining with tensor parallelism is not supported"
-                    .into(),
-            ));
-        }
-        let mesh = Mesh::split(comm, pipelines, stages, "pipeline stages", self.deadline())?;
-        let (d, p, pipe) = (mesh.replica, mesh.model_rank, mesh.model.as_ref());
+        let mesh = Mesh3::split(comm, pipelines, stages, width, self.deadline())?;
+        let (d, p, t, pipe) = (mesh.replica, mesh.stage, mesh.slice, mesh.pipe.as_ref());
         let (first, last) = (p == 0, p + 1 == stages);
+        if piece.tensor_width != width || piece.tensor_rank != t {
+            return Err(Error::BadState(format!(
+                "rank {} holds tensor slice {} of {}, expected {t} of {width}",
+                comm.rank(),
+                piece.tensor_rank,
+                piece.tensor_width
+            )));
+        }
         if first != (piece.blocks.start == 0) {
             return Err(Error::BadState(format!(
                 "stage {p} holds blocks {:?}: stage 0, and only stage 0, must hold block 0",
@@ -463,11 +586,24 @@ impl Strategy for Pipeline {
             )));
         }
         let layout = model.layout().clone();
-        let mut params = mesh.sync_replicas(model, self.deadline())?;
+        let mut params = vec![0f32; layout.total()];
+        model.read_params(&mut params)?;
+        mesh.replicas.broadcast(bytemuck::cast_slice_mut(&mut params), 0, self.deadline())?;
+        model.write_params(&params)?;
         let ties = Ties::new(pipe, model.tied_params(), &layout, self.deadline())?;
 
         let tied: Vec<usize> = model.tied_params().iter().map(|t| t.0).collect();
-        let eval = Eval { pipe, first, last, evaluating: d == 0, batch: config.batch_size.max(1) };
+        let replicated = model.replicated_params();
+        let tensor = mesh.tensor.as_ref();
+        let eval = Eval {
+            pipe,
+            tensor,
+            first,
+            last,
+            evaluating: d == 0,
+            scoring: t == 0,
+            batch: config.batch_size.max(1),
+        };
 
         let start = Instant::now();
         let mut grads = vec![0f32; layout.total()];
@@ -489,9 +625,19 @@ impl Strategy for Pipeline {
                 let t_sched = Instant::now();
                 let before = (clock.busy, clock.idle);
                 let id = micro_step << 20;
-                let (l, _, n) =
-                    self.run_passes(pipe, model, &passes, &micros, Some(group_samples), id, &mut clock)?;
-                (loss_sum, predictions) = (loss_sum + l, predictions + n);
+                let (l, _, n) = self.run_passes(
+                    pipe,
+                    tensor,
+                    model,
+                    &passes,
+                    &micros,
+                    Some(group_samples),
+                    id,
+                    &mut clock,
+                )?;
+                if t == 0 {
+                    (loss_sum, predictions) = (loss_sum + l, predictions + n);
+                }
                 pipe.barrier(self.deadline())?;
                 // Everything in the step's schedule that was not computing was waiting.
                 // The first micro-step (first touches of every buffer) is left out.
@@ -504,16 +650,34 @@ impl Strategy for Pipeline {
             }
             model.take_grads(&mut grads)?;
             ties.sum(&mut grads, self.deadline())?;
-            mesh.sum_over_replicas(&mut grads, self.deadline())?;
-            // The whole model's norm: every stage's squares, a tied copy counted once
-            // (by the first stage), summed over the pipeline.
-            let mut squares = [norm_contribution(&layout, &grads, |i| !first && tied.contains(&i))];
+            if pipelines > 1 {
+                let dl = self.deadline();
+                mesh.replicas.allreduce(
+                    bytemuck::cast_slice_mut(&mut grads),
+                    DType::F32,
+                    ReduceOp::Sum,
+                    dl,
+                )?;
+            }
+            // The whole model's norm: every stage's and slice's squares, a tied copy
+            // counted once (by the first stage) and a replicated parameter once (by
+            // tensor rank 0), summed over the pipeline and the tensor group.
+            let skip = |i: usize| (!first && tied.contains(&i)) || (t != 0 && replicated[i]);
+            let mut squares = [norm_contribution(&layout, &grads, skip)];
             pipe.allreduce(
                 bytemuck::cast_slice_mut(&mut squares),
                 DType::F64,
                 ReduceOp::Sum,
                 self.deadline(),
             )?;
+            if width > 1 {
+                tensor.allreduce(
+                    bytemuck::cast_slice_mut(&mut squares),
+                    DType::F64,
+                    ReduceOp::Sum,
+                    self.deadline(),
+                )?;
+            }
             let grad_norm = clip_to(&mut grads, squares[0], config.grad_clip);
             optimizer.set_learning_rate(config.lr.at(step, total_steps));
             optimizer.step(&mut layout.params(&mut params, &grads))?;

@@ -57,10 +57,10 @@ pub fn check_resume(make: &dyn Fn() -> Box<dyn Optimizer>, problem: &Problem, sp
     let mut resumed = problem.values.clone();
     let mut first = make();
     run_steps(first.as_mut(), problem, &mut resumed, 0..split)?;
-    let saved = first.state();
+    let saved = first.state().map_err(|e| format!("state: {e}"))?;
     let mut second = make();
     second.load_state(&saved).map_err(|e| format!("load_state: {e}"))?;
-    if second.state() != saved {
+    if second.state().map_err(|e| format!("state: {e}"))? != saved {
         return Err("state() after load_state(s) differs from s".into());
     }
     run_steps(second.as_mut(), problem, &mut resumed, split..steps)?;

@@ -457,3 +457,79 @@ fn tensor_parallel_slices_equal_the_whole_model() {
     let e = backend.piece_layout(&spec(""), &p).unwrap_err().to_string();
     assert!(e.contains("a tensor-parallel width of 4 does not divide n_head = 2"), "{e}");
 }
+
+/// Pipeline stages of tensor-parallel slices (P2 x T2): each stage's slices run its
+/// segments with partial sums added over the group, stage outputs feed the next
+/// stage, and the loss and the gradients (tied embedding copies summed) are the whole
+/// model's.
+#[test]
+fn stages_of_tensor_slices_equal_the_whole_model() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    for cut in [&[0usize, 2, 4][..], &[0, 1, 4], &[0, 3, 4]] {
+        let spec = spec("");
+        let w = windows(4, 7, 11);
+        let batch = Batch::Tokens { windows: &w, window: 7 };
+        let mut whole = backend.build_model(&spec, 5).unwrap();
+        let total = whole.layout().total();
+        let mut want = vec![0f32; total];
+        let loss = whole.forward_backward(&batch, &mut want).unwrap();
+        let width = 2;
+        let mut stages: Vec<Vec<Box<dyn Model>>> = cut
+            .windows(2)
+            .map(|c| {
+                (0..width)
+                    .map(|t| {
+                        let p = sheaf_core::Piece { blocks: c[0]..c[1], tensor_rank: t, tensor_width: width };
+                        backend.build_piece(&spec, &p, 5).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        let sum = |parts: Vec<Vec<f32>>| -> Vec<f32> {
+            parts
+                .iter()
+                .skip(1)
+                .fold(parts[0].clone(), |acc, p| acc.iter().zip(p).map(|(a, b)| a + b).collect())
+        };
+        let mut act = Vec::new();
+        for (k, ranks) in stages.iter_mut().enumerate() {
+            for seg in 0..ranks[0].segments() {
+                let outs: Vec<Vec<f32>> = ranks
+                    .iter_mut()
+                    .map(|r| {
+                        if k == 0 && seg == 0 {
+                            r.stage_forward_batch(0, 0, &batch).unwrap()
+                        } else {
+                            r.stage_forward(0, seg, &act, 4).unwrap()
+                        }
+                    })
+                    .collect();
+                act = if seg % 2 == 0 { sum(outs) } else { outs[0].clone() };
+            }
+        }
+        let targets = sheaf_core::Samples::Tokens { windows: w.clone(), window: 7 }.targets();
+        let (l, _, mut grad) = stages.last_mut().unwrap()[0].loss_grad(&act, &targets, 1.0 / 24.0).unwrap();
+        assert!((l / 24.0 - f64::from(loss)).abs() < 1e-5, "{cut:?}: {l} vs {loss}");
+        for ranks in stages.iter_mut().rev() {
+            for seg in (0..ranks[0].segments()).rev() {
+                let gins: Vec<Vec<f32>> =
+                    ranks.iter_mut().map(|r| r.stage_backward(0, seg, &grad).unwrap()).collect();
+                grad = if seg % 2 == 0 && seg > 0 { sum(gins) } else { gins[0].clone() };
+            }
+        }
+        // Slices placed into the whole model; a tied copy on another stage adds.
+        let mut got = vec![0f32; total];
+        for ranks in stages.iter_mut() {
+            let mut stage = vec![f32::NAN; total];
+            for r in ranks.iter_mut() {
+                let piece = backend.piece_layout(&spec, &r.piece().unwrap()).unwrap();
+                let mut g = vec![0f32; r.layout().total()];
+                r.take_grads(&mut g).unwrap();
+                piece.place(whole.layout(), &g, &mut stage);
+            }
+            got.iter_mut().zip(&stage).filter(|(_, s)| !s.is_nan()).for_each(|(a, s)| *a += s);
+        }
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "{cut:?}: max abs diff {diff}");
+    }
+}
