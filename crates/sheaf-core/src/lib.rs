@@ -33,6 +33,6 @@ pub use plugin::{PluginKind, Provided};
 pub use rng::SplitMix64;
 pub use strategy::{
     clip_factor, clip_to, epoch_order, epochs_done, evaluate_indices, global_batches, norm_contribution,
-    optimizer_steps, sum_of_squares, test_accuracy, test_totals, LrSchedule, Mesh, MetricsSink, PlanInput,
-    RankPlan, StepMetrics, Strategy, StrategyPlan, TrainConfig, TrainContext, TrainSummary,
+    optimizer_steps, sum_of_squares, test_accuracy, test_totals, EpochOrder, LrSchedule, Mesh, MetricsSink,
+    PlanInput, RankPlan, StepMetrics, Strategy, StrategyPlan, TrainConfig, TrainContext, TrainSummary,
 };

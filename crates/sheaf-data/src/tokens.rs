@@ -123,14 +123,24 @@ impl TokenFile {
         self.vocab.as_ref().map(Vec::len)
     }
 
-    /// Appends tokens `start..start + len` to `out`.
+        /// Appends tokens `start..start + len` to `out`. From a mapped file, the pages read
+    /// are then dropped from this process's mapping (the kernel maps whole large
+    /// folios on a fault, up to 2 MiB around each window, so without this a rank's
+    /// resident memory grew by about 1.5 MiB per window read: measured 300 MiB after
+    /// 160 windows of a 2 GiB file); the page cache keeps them for the next read.
     fn read(&self, start: usize, len: usize, out: &mut Vec<u32>) {
         match &self.store {
-            Store::Mapped(m) => out.extend(
-                m[2 * start..2 * (start + len)]
-                    .chunks_exact(2)
-                    .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
-            ),
+            Store::Mapped(m) => {
+                let (a, b) = (2 * start, 2 * (start + len));
+                out.extend(m[a..b].chunks_exact(2).map(|w| u32::from(u16::from_le_bytes([w[0], w[1]]))));
+                const REGION: usize = 2 << 20;
+                let (lo, hi) = (a / REGION * REGION, b.div_ceil(REGION).saturating_mul(REGION).min(m.len()));
+                // SAFETY: the map is a read-only shared mapping of a file: dropping its
+                // pages only makes a later read fault them in again from the file, and
+                // no reference into the dropped range outlives this call.
+                // An error here only leaves the pages mapped (memory, not data).
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo) };
+            }
             Store::Owned(v) => out.extend(v[start..start + len].iter().map(|&t| u32::from(t))),
         }
     }
