@@ -123,7 +123,7 @@ impl TokenFile {
         self.vocab.as_ref().map(Vec::len)
     }
 
-        /// Appends tokens `start..start + len` to `out`. From a mapped file, the pages read
+    /// Appends tokens `start..start + len` to `out`. From a mapped file, the pages read
     /// are then dropped from this process's mapping (the kernel maps whole large
     /// folios on a fault, up to 2 MiB around each window, so without this a rank's
     /// resident memory grew by about 1.5 MiB per window read: measured 300 MiB after

@@ -156,6 +156,9 @@ impl Strategy for DataParallel {
         // Gradients then the batch loss, reduced together.
         let mut reduced = vec![0f32; total + 1];
         let (mut step, mut micro, mut last_loss, mut samples) = (0u64, 0u64, f64::NAN, 0usize);
+        // The last evaluation and its step: a run that ends on an evaluation step
+        // reports it rather than evaluating the same parameters again.
+        let mut last_eval: Option<(u64, (f64, f64))> = None;
         for group in optimizer_steps(train.len(), &config) {
             let t0 = Instant::now();
             // Every micro-step's mean gradient weighted by its share of the samples of
@@ -192,7 +195,9 @@ impl Strategy for DataParallel {
             last_loss = f64::from(reduced[total]);
             let val_loss = match config.eval_every {
                 Some(every) if step.is_multiple_of(every) => {
-                    Some(self.evaluate(comm, model, partitioner, test, config.batch_size)?.1)
+                    let eval = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
+                    last_eval = Some((step, eval));
+                    Some(eval.1)
                 }
                 _ => None,
             };
@@ -212,7 +217,10 @@ impl Strategy for DataParallel {
         let wall = start.elapsed().as_secs_f64();
         check_in_sync(comm, &params, step, self.deadline())?;
 
-        let (test_accuracy, test_loss) = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
+        let (test_accuracy, test_loss) = match last_eval {
+            Some((at, eval)) if at == step => eval,
+            _ => self.evaluate(comm, model, partitioner, test, config.batch_size)?,
+        };
         Ok(TrainSummary {
             epochs: epochs_done(step, train.len(), &config),
             steps: step,
