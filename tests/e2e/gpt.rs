@@ -43,6 +43,7 @@ optimizer = "adamw"
 lr = 3e-3
 {train_extra}
 [parallel]
+strategy = "data-parallel"
 [parallel.options.data-parallel]
 checksum_every = 5
 "#,
@@ -140,6 +141,8 @@ fn gpt_pipelines_end_where_one_process_ends() {
             ],
         ),
         (4, vec!["parallel.strategy=\"pipeline\"", "parallel.data=2", "transport.plugin=\"shm\""]),
+        // Stages cut by each block's measured time (sheaf launch measures them).
+        (2, vec!["parallel.strategy=\"pipeline\"", "parallel.balance=\"time\""]),
     ] {
         let run = launch(n, &job, &sets);
         let d = max_abs_diff(&checkpoint(run.path()), &reference);

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 
 use sheaf_core::SplitMix64;
 
-pub use idx::{labels_path_for, load_idx_pair, read_idx, IdxArray};
+pub use idx::{labels_path_for, load_idx_pair, open_idx_pair, read_idx, IdxArray, IdxRows};
 pub use synthetic::teacher;
 pub use tokens::{token_split, TokenFile, TokenWindows};
 

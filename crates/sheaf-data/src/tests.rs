@@ -85,3 +85,41 @@ fn teacher_is_seeded_and_uses_every_class() {
     a.labels.iter().for_each(|&l| seen[l as usize] = true);
     assert!(seen.iter().all(|&s| s), "{seen:?}");
 }
+
+/// Rows read by index from a mapped (or, gzipped, decompressed) IDX file are the
+/// rows the in-memory reader holds, split the same way; a short file is refused.
+#[test]
+fn idx_rows_read_by_index_equal_the_in_memory_rows() {
+    use sheaf_core::Dataset as _;
+    let dir = tempfile::tempdir().unwrap();
+    let n = 10u32;
+    let pixels: Vec<u8> = (0..n * 4).map(|i| (i * 7 % 256) as u8).collect();
+    let images = idx_bytes(8, &[n, 2, 2], &pixels);
+    let labels = idx_bytes(8, &[n], &(0..n).map(|i| (i % 3) as u8).collect::<Vec<_>>());
+    let (img, lab) = (dir.path().join("a-images-idx3-ubyte"), dir.path().join("a-labels-idx1-ubyte"));
+    std::fs::write(&img, &images).unwrap();
+    std::fs::write(&lab, &labels).unwrap();
+    let img_gz = dir.path().join("b-images-idx3-ubyte.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&images).unwrap();
+    std::fs::write(&img_gz, gz.finish().unwrap()).unwrap();
+    let whole = load_idx_pair(&img, &lab).unwrap();
+    for path in [&img, &img_gz] {
+        let rows = open_idx_pair(path, &lab).unwrap();
+        assert_eq!((rows.len(), rows.input_dim(), rows.num_classes()), (10, 4, 3));
+        let (train, test) = rows.split(0.3, 5);
+        let (want_train, want_test) = whole.split(0.3, 5);
+        for (got, want) in [(train, want_train), (test, want_test)] {
+            let all: Vec<usize> = (0..got.len()).collect();
+            match got.gather(&all).unwrap() {
+                sheaf_core::Samples::Rows { inputs, labels, input_dim } => {
+                    assert_eq!((inputs, labels, input_dim), (want.inputs, want.labels, 4));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    std::fs::write(&img, &images[..images.len() - 1]).unwrap();
+    let e = open_idx_pair(&img, &lab).unwrap_err().to_string();
+    assert!(e.contains("need 40 bytes of data, file has 39"), "{e}");
+}

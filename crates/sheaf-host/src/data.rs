@@ -115,12 +115,46 @@ pub fn load(job: &Job, registry: &Registry, compute: &dyn ComputeBackend) -> Res
         (_, ModelInput::Tokens { .. }) => {
             return Err(mismatch("rows of features, but the model takes token windows"))
         }
+        (Source::Idx(images), ModelInput::Rows { features, classes }) => {
+            let (train, test) = open_idx(job, &images, features, classes)?;
+            (Box::new(train), Box::new(test), None)
+        }
         (source, ModelInput::Rows { features, classes }) => {
             let (train, test) = load_rows(job, source, features, classes)?;
             (Box::new(train), Box::new(test), None)
         }
     };
     Ok(JobData { spec, info, train, test, vocab })
+}
+
+/// An IDX images file (and its labels) read by index: MNIST's `t10k` files as the
+/// test set when they sit beside it, else a seeded split.
+fn open_idx(
+    job: &Job,
+    images: &Path,
+    features: usize,
+    classes: usize,
+) -> Result<(sheaf_data::IdxRows, sheaf_data::IdxRows), HostError> {
+    let path = images.display().to_string();
+    let labels = match &job.data.labels {
+        Some(l) => PathBuf::from(l),
+        None => sheaf_data::labels_path_for(images).ok_or_else(|| {
+            HostError::Data(format!(
+                "data.dataset `{path}` is not `digits`, `synthetic`, `shakespeare`, a token file (.txt, .bin) or an IDX images file named *-images-idx3-ubyte[.gz]; set data.labels for other names"
+            ))
+        })?,
+    };
+    let all = sheaf_data::open_idx_pair(images, &labels).map_err(data_err)?;
+    // MNIST ships its test set beside the training set.
+    let t10k = |p: &Path| Some(p.with_file_name(p.file_name()?.to_str()?.replacen("train", "t10k", 1)));
+    let (train, test) = match (t10k(images), t10k(&labels)) {
+        (Some(ti), Some(tl)) if ti != images && ti.exists() && tl.exists() => {
+            (all, sheaf_data::open_idx_pair(&ti, &tl).map_err(data_err)?)
+        }
+        _ => all.split(job.data.test_fraction.unwrap_or(0.2), job.seed),
+    };
+    train.check_shape(features, classes).map_err(data_err)?;
+    Ok((train, test))
 }
 
 fn load_rows(
@@ -136,28 +170,9 @@ fn load_rows(
         Source::Synthetic => {
             sheaf_data::teacher(data.samples, features, classes, job.seed).split(fraction, job.seed)
         }
-        Source::Idx(images) => {
-            let path = images.display().to_string();
-            let labels = match &data.labels {
-                Some(l) => PathBuf::from(l),
-                None => sheaf_data::labels_path_for(&images).ok_or_else(|| {
-                    HostError::Data(format!(
-                        "data.dataset `{path}` is not `digits`, `synthetic`, `shakespeare`, a token file (.txt, .bin) or an IDX images file named *-images-idx3-ubyte[.gz]; set data.labels for other names"
-                    ))
-                })?,
-            };
-            let all = sheaf_data::load_idx_pair(&images, &labels).map_err(data_err)?;
-            // MNIST ships its test set beside the training set.
-            let t10k =
-                |p: &Path| Some(p.with_file_name(p.file_name()?.to_str()?.replacen("train", "t10k", 1)));
-            match (t10k(&images), t10k(&labels)) {
-                (Some(ti), Some(tl)) if ti != images && ti.exists() && tl.exists() => {
-                    (all, sheaf_data::load_idx_pair(&ti, &tl).map_err(data_err)?)
-                }
-                _ => all.split(fraction, job.seed),
-            }
+        Source::Idx(..) | Source::Tokens(..) => {
+            return Err(HostError::Data("IDX files and token data are not in-memory rows".into()))
         }
-        Source::Tokens(..) => return Err(HostError::Data("token data is not rows of features".into())),
     };
     train.check_shape(features, classes).map_err(data_err)?;
     Ok((train, test))

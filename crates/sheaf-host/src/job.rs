@@ -18,7 +18,6 @@ pub struct Job {
     pub model: ModelSection,
     pub data: DataSection,
     pub train: TrainSection,
-    #[serde(default)]
     pub parallel: ParallelSection,
     #[serde(default)]
     pub transport: TransportSection,
@@ -174,7 +173,7 @@ impl TrainSection {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSection {
-    #[serde(default = "data_parallel")]
+    /// The strategy plugin's name (`sheaf plugins` lists them; the host knows none).
     pub strategy: String,
     /// Data-parallel replicas, for a strategy that replicates its layout (default:
     /// the strategy's own).
@@ -200,22 +199,6 @@ fn params() -> String {
 }
 fn balanced() -> String {
     "balanced".into()
-}
-fn data_parallel() -> String {
-    "data-parallel".into()
-}
-
-impl Default for ParallelSection {
-    fn default() -> Self {
-        ParallelSection {
-            strategy: data_parallel(),
-            data: None,
-            partitioner: balanced(),
-            balance: params(),
-            layer_costs: None,
-            options: Default::default(),
-        }
-    }
 }
 
 impl ParallelSection {

@@ -6,9 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use sheaf_core::{
-    ComputeBackend, ModelInfo, ModelInput, ModelSpec, Piece, PieceLayout, PlanInput, RankPlan, Strategy,
-};
+use sheaf_core::{ComputeBackend, ModelInfo, ModelSpec, Piece, PieceLayout, PlanInput, RankPlan, Strategy};
 
 use crate::job::Job;
 use crate::{HostError, Registry};
@@ -188,18 +186,16 @@ pub fn measure_layer_costs(job: &Job, registry: &Registry) -> Result<Vec<u64>, H
     let compute_config = serde_json::json!({ "device": job.compute.device }).to_string();
     let compute = registry.compute(&job.compute.backend, &compute_config)?;
     let data = crate::data::load(job, registry, compute.as_ref())?;
-    let ModelInput::Rows { features, .. } = data.info.input else {
-        return Err(job_err(
-            "key `parallel.balance`: \"time\" measures models of feature rows only; use \"params\"".into(),
-        ));
-    };
     let par = &job.parallel;
     // A replica's share of the global batch: what blocks weigh relative to each other
     // hardly depends on the rows.
     let rows = job.train.batch_size.div_ceil(par.data.unwrap_or(1).max(1)).max(1);
     let core = |e: sheaf_core::Error| HostError::Core(format!("measuring layer costs: {e}"));
     let mut rng = sheaf_core::SplitMix64::new(job.seed);
-    let mut input: Vec<f32> = (0..rows * features).map(|_| rng.next_f32()).collect();
+    // The first block takes real samples; each later block its predecessor's output.
+    let first = data.train.gather(&(0..rows.min(data.train.len())).collect::<Vec<_>>()).map_err(core)?;
+    let rows = first.len();
+    let mut input: Vec<f32> = Vec::new();
     let mut costs = Vec::with_capacity(data.info.blocks.len());
     for b in 0..data.info.blocks.len() {
         let piece = Piece { blocks: b..b + 1, tensor_rank: 0, tensor_width: 1 };
@@ -208,7 +204,11 @@ pub fn measure_layer_costs(job: &Job, registry: &Registry) -> Result<Vec<u64>, H
         let mut output = Vec::new();
         for micro in 0..6u64 {
             let t = std::time::Instant::now();
-            output = model.stage_forward(micro, 0, &input, rows).map_err(core)?;
+            output = if b == 0 {
+                model.stage_forward_batch(micro, 0, &first.batch()).map_err(core)?
+            } else {
+                model.stage_forward(micro, 0, &input, rows).map_err(core)?
+            };
             let grad: Vec<f32> = output.iter().map(|_| rng.next_f32()).collect();
             model.stage_backward(micro, 0, &grad).map_err(core)?;
             if micro > 0 {
