@@ -22,12 +22,12 @@ pub use module::{
     abi_version_compatible, root_module, AbiProvided, Manifest, Plugin, PluginMod, PluginModRef,
 };
 pub use traits::{
-    AbiBatch, AbiBlock, AbiBuf, AbiEval, AbiLossGrad, AbiModelInfo, AbiModelSpec, AbiOptimState, AbiParam,
-    AbiParamSpec, AbiPiece, AbiPieceLayout, AbiPlanInput, AbiRange, AbiSamples, AbiShardSource,
-    AbiStepMetrics, AbiStrategyPlan, AbiSummary, AbiTrainConfig, AbiTrainContext, CommunicatorAbi,
-    CommunicatorBox, ComputeAbi, ComputeBox, DataPartitionerAbi, DataPartitionerBox, DatasetAbi, LinkAbi,
-    LinkBox, MetricsSinkAbi, ModelAbi, ModelBox, ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi,
-    OptimizerBox, StrategyAbi, StrategyBox, BATCH_ROWS, BATCH_TOKENS, RECV_COPY,
+    AbiBatch, AbiBlock, AbiBuf, AbiEval, AbiLossGrad, AbiModelInfo, AbiModelSpec, AbiNamedValue,
+    AbiOptimState, AbiParam, AbiParamSpec, AbiPiece, AbiPieceLayout, AbiPlanInput, AbiRange, AbiSamples,
+    AbiShardSource, AbiStrategyPlan, AbiTrainConfig, AbiTrainContext, CommunicatorAbi, CommunicatorBox,
+    ComputeAbi, ComputeBox, DataPartitionerAbi, DataPartitionerBox, DatasetAbi, LinkAbi, LinkBox,
+    MetricsSinkAbi, ModelAbi, ModelBox, ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox,
+    StrategyAbi, StrategyBox, BATCH_ROWS, BATCH_TOKENS, RECV_COPY,
 };
 
 #[doc(hidden)]

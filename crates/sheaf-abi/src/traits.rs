@@ -198,17 +198,13 @@ pub struct AbiPieceLayout {
     pub activation_bytes_per_sample: u64,
 }
 
+/// One named number of a report (step metrics, a run's summary): reports cross as lists
+/// of these, so a new field changes no ABI type.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
-pub struct AbiStepMetrics {
-    pub step: u64,
-    pub epoch: u64,
-    pub loss: f64,
-    pub lr: f64,
-    pub samples_per_sec: f64,
-    pub grad_norm: f64,
-    /// NaN when the step did not evaluate.
-    pub val_loss: f64,
+pub struct AbiNamedValue {
+    pub name: RString,
+    pub value: f64,
 }
 
 #[repr(C)]
@@ -228,21 +224,6 @@ pub struct AbiTrainConfig {
     pub grad_accum: u64,
     /// 0 when unset.
     pub eval_every: u64,
-}
-
-#[repr(C)]
-#[derive(StableAbi, Clone, Debug, PartialEq)]
-pub struct AbiSummary {
-    pub epochs: u64,
-    pub steps: u64,
-    pub final_loss: f64,
-    pub test_accuracy: f64,
-    pub test_loss: f64,
-    pub samples_per_sec: f64,
-    pub wall_seconds: f64,
-    pub peak_activation_bytes: u64,
-    pub busy_seconds: f64,
-    pub idle_seconds: f64,
 }
 
 /// A communicator: the host's collectives, lent to strategy plugins.
@@ -381,7 +362,7 @@ pub trait ComputeAbi: Send + Sync {
 #[sabi_trait]
 pub trait MetricsSinkAbi {
     #[sabi(last_prefix_field)]
-    fn record(&mut self, metrics: AbiStepMetrics) -> RResult<(), AbiError>;
+    fn record(&mut self, metrics: RVec<AbiNamedValue>) -> RResult<(), AbiError>;
 }
 
 /// Everything a strategy trains with, lent by the host for one `train` call.
@@ -422,7 +403,7 @@ pub struct AbiStrategyPlan {
 pub trait StrategyAbi: Send {
     fn name(&self) -> RResult<RString, AbiError>;
     #[sabi(last_prefix_field)]
-    fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<AbiSummary, AbiError>;
+    fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<RVec<AbiNamedValue>, AbiError>;
     /// (ABI 0.5.)
     fn plan(&self, input: AbiPlanInput<'_>) -> RResult<AbiStrategyPlan, AbiError>;
 }

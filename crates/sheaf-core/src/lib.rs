@@ -15,6 +15,7 @@ mod optim;
 mod partition;
 mod piece;
 mod plugin;
+mod report;
 mod rng;
 mod strategy;
 
@@ -30,6 +31,7 @@ pub use optim::{OptimState, Optimizer, Param};
 pub use partition::{DataPartitioner, ModelPartitioner};
 pub use piece::Piece;
 pub use plugin::{PluginKind, Provided};
+pub use report::NamedValue;
 pub use rng::SplitMix64;
 pub use strategy::{
     clip_factor, clip_to, epoch_order, epochs_done, evaluate_indices, global_batches, norm_contribution,

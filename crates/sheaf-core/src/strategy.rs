@@ -54,18 +54,19 @@ impl EpochOrder {
     }
 }
 
-/// What one optimizer step reports.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StepMetrics {
-    pub step: u64,
-    pub epoch: u64,
-    pub loss: f64,
-    pub lr: f64,
-    pub samples_per_sec: f64,
-    /// The gradient's global norm before clipping (NaN: not measured).
-    pub grad_norm: f64,
-    /// The mean validation loss, on the steps that evaluate (`train.eval_every`).
-    pub val_loss: Option<f64>,
+crate::report::report! {
+    /// What one optimizer step reports.
+    pub struct StepMetrics {
+        pub step: u64,
+        pub epoch: u64,
+        pub loss: f64,
+        pub lr: f64,
+        pub samples_per_sec: f64,
+        /// The gradient's global norm before clipping (NaN: not measured).
+        pub grad_norm: f64,
+        /// The mean validation loss, on the steps that evaluate (`train.eval_every`).
+        pub val_loss: Option<f64>,
+    }
 }
 
 /// Receives per-step metrics (rank 0's are written to `metrics.jsonl`).
@@ -178,24 +179,25 @@ pub struct TrainContext<'a> {
     pub metrics: &'a mut dyn MetricsSink,
 }
 
-/// What a run reports at its end.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TrainSummary {
-    pub epochs: u64,
-    pub steps: u64,
-    pub final_loss: f64,
-    pub test_accuracy: f64,
-    /// The mean loss per prediction on the test split.
-    pub test_loss: f64,
-    pub samples_per_sec: f64,
-    pub wall_seconds: f64,
-    /// Most bytes of activations this rank kept for backward passes at once (0: not
-    /// measured by the strategy).
-    pub peak_activation_bytes: u64,
-    /// Seconds this rank computed, and waited on other ranks, during training steps
-    /// (pipeline stages measure them; 0 when not measured).
-    pub busy_seconds: f64,
-    pub idle_seconds: f64,
+crate::report::report! {
+    /// What a run reports at its end.
+    pub struct TrainSummary {
+        pub epochs: u64,
+        pub steps: u64,
+        pub final_loss: f64,
+        pub test_accuracy: f64,
+        /// The mean loss per prediction on the test split.
+        pub test_loss: f64,
+        pub samples_per_sec: f64,
+        pub wall_seconds: f64,
+        /// Most bytes of activations this rank kept for backward passes at once (0: not
+        /// measured by the strategy).
+        pub peak_activation_bytes: u64,
+        /// Seconds this rank computed, and waited on other ranks, during training steps
+        /// (pipeline stages measure them; 0 when not measured).
+        pub busy_seconds: f64,
+        pub idle_seconds: f64,
+    }
 }
 
 /// What a strategy lays a job out from.

@@ -210,10 +210,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 writeln!(
                     out,
                     "test accuracy {:.4}, final loss {:.4}, {:.0} samples/s over {} steps; outputs in {}",
-                    summary.test_accuracy,
-                    summary.final_loss,
-                    summary.samples_per_sec,
-                    summary.steps,
+                    summary.trained.test_accuracy,
+                    summary.trained.final_loss,
+                    summary.trained.samples_per_sec,
+                    summary.trained.steps,
                     dir.display()
                 )
                 .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;

@@ -32,21 +32,20 @@ pub struct Summary {
     pub strategy: String,
     pub transport: String,
     pub device: String,
-    pub epochs: u64,
-    pub steps: u64,
-    pub final_loss: f64,
-    pub test_accuracy: f64,
-    /// The mean loss per prediction on the test split.
-    pub test_loss: f64,
+    /// What the strategy reported (rank 0's), written as its named values: `epochs`,
+    /// `steps`, `final_loss`, `test_accuracy`, `test_loss`, `samples_per_sec`,
+    /// `wall_seconds`, ...
+    #[serde(skip)]
+    pub trained: sheaf_core::TrainSummary,
+    #[serde(flatten)]
+    pub trained_values: std::collections::BTreeMap<String, serde_json::Value>,
     /// For token data: the mean cross-entropy over every token of the validation
     /// split's non-overlapping windows.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
-    pub samples_per_sec: f64,
     /// For token data: tokens trained on per second.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_sec: Option<f64>,
-    pub wall_seconds: f64,
     /// Parameters of the whole model.
     pub params: usize,
     /// Parameters each rank holds (all of them under data parallelism).
@@ -62,6 +61,15 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bubble_fraction: Option<f64>,
     pub job: serde_json::Value,
+}
+
+/// A report's named number as JSON: whole numbers (counts) as integers, NaN as null.
+pub fn json_number(v: f64) -> serde_json::Value {
+    if v.is_finite() && v.fract() == 0.0 && v.abs() < 9e15 {
+        (v as i64).into()
+    } else {
+        v.into()
+    }
 }
 
 /// `safetensors` bytes of a flat parameter buffer: little-endian f32 tensors named by

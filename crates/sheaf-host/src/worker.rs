@@ -12,7 +12,7 @@ use sheaf_collectives::Group;
 use sheaf_core::{Communicator, Deadline, Link, TrainContext};
 
 use crate::job::Job;
-use crate::outputs::{read_safetensors, safetensors_bytes, write_atomic, Metrics, Summary};
+use crate::outputs::{json_number, read_safetensors, safetensors_bytes, write_atomic, Metrics, Summary};
 use crate::{HostError, Registry};
 
 /// Where this worker sits in the world, as torchrun's variables say.
@@ -211,15 +211,10 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         strategy: job.parallel.strategy.clone(),
         transport: job.transport.plugin.clone(),
         device: job.compute.device.clone(),
-        epochs: trained.epochs,
-        steps: trained.steps,
-        final_loss: trained.final_loss,
-        test_accuracy: trained.test_accuracy,
-        test_loss: trained.test_loss,
+        trained_values: trained.to_values().into_iter().map(|(k, v)| (k, json_number(v))).collect(),
         val_loss: data.tokens_per_sample().map(|_| trained.test_loss),
-        samples_per_sec: trained.samples_per_sec,
         tokens_per_sec: data.tokens_per_sample().map(|t| trained.samples_per_sec * t as f64),
-        wall_seconds: trained.wall_seconds,
+        trained: trained.clone(),
         params: whole.total(),
         params_per_rank: column(0).into_iter().map(|v| v as u64).collect(),
         peak_activation_bytes_per_rank: column(1).into_iter().map(|v| v as u64).collect(),

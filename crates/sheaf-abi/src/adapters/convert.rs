@@ -170,58 +170,13 @@ pub(crate) fn samples_from_abi(s: AbiSamples) -> Result<Samples> {
     }
 }
 
-pub(crate) fn metrics_to_abi(m: &StepMetrics) -> AbiStepMetrics {
-    AbiStepMetrics {
-        step: m.step,
-        epoch: m.epoch,
-        loss: m.loss,
-        lr: m.lr,
-        samples_per_sec: m.samples_per_sec,
-        grad_norm: m.grad_norm,
-        val_loss: m.val_loss.unwrap_or(f64::NAN),
-    }
+/// A report's named numbers across the boundary.
+pub(crate) fn values_to_abi(values: Vec<(String, f64)>) -> RVec<AbiNamedValue> {
+    values.into_iter().map(|(name, value)| AbiNamedValue { name: name.into(), value }).collect()
 }
 
-pub(crate) fn metrics_from_abi(m: &AbiStepMetrics) -> StepMetrics {
-    StepMetrics {
-        step: m.step,
-        epoch: m.epoch,
-        loss: m.loss,
-        lr: m.lr,
-        samples_per_sec: m.samples_per_sec,
-        grad_norm: m.grad_norm,
-        val_loss: nan_none(m.val_loss),
-    }
-}
-
-pub(crate) fn summary_to_abi(s: &TrainSummary) -> AbiSummary {
-    AbiSummary {
-        epochs: s.epochs,
-        steps: s.steps,
-        final_loss: s.final_loss,
-        test_accuracy: s.test_accuracy,
-        test_loss: s.test_loss,
-        samples_per_sec: s.samples_per_sec,
-        wall_seconds: s.wall_seconds,
-        peak_activation_bytes: s.peak_activation_bytes,
-        busy_seconds: s.busy_seconds,
-        idle_seconds: s.idle_seconds,
-    }
-}
-
-pub(crate) fn summary_from_abi(s: &AbiSummary) -> TrainSummary {
-    TrainSummary {
-        epochs: s.epochs,
-        steps: s.steps,
-        final_loss: s.final_loss,
-        test_accuracy: s.test_accuracy,
-        test_loss: s.test_loss,
-        samples_per_sec: s.samples_per_sec,
-        wall_seconds: s.wall_seconds,
-        peak_activation_bytes: s.peak_activation_bytes,
-        busy_seconds: s.busy_seconds,
-        idle_seconds: s.idle_seconds,
-    }
+pub(crate) fn values_from_abi(values: &[AbiNamedValue]) -> Vec<(String, f64)> {
+    values.iter().map(|v| (v.name.to_string(), v.value)).collect()
 }
 
 pub(crate) fn batch_from_abi<'a>(b: &AbiBatch<'a>) -> Result<Batch<'a>> {

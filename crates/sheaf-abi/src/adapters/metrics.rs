@@ -7,9 +7,9 @@ where
     P: DerefMut<Target = T>,
     T: MetricsSink + ?Sized,
 {
-    fn record(&mut self, metrics: AbiStepMetrics) -> RResult<(), AbiError> {
+    fn record(&mut self, metrics: RVec<AbiNamedValue>) -> RResult<(), AbiError> {
         guard(self.plugin, "metrics record", || {
-            self.inner.record(&metrics_from_abi(&metrics));
+            self.inner.record(&StepMetrics::from_values(&values_from_abi(&metrics))?);
             Ok(())
         })
     }
@@ -19,7 +19,7 @@ pub(crate) struct LoadedMetrics<'a, P: GetPointerKind>(pub(crate) MetricsSinkAbi
 
 impl<P: AsMutPtr<PtrTarget = ()>> MetricsSink for LoadedMetrics<'_, P> {
     fn record(&mut self, metrics: &StepMetrics) {
-        if let Err(e) = self.0.record(metrics_to_abi(metrics)).into_result() {
+        if let Err(e) = self.0.record(values_to_abi(metrics.to_values())).into_result() {
             tracing_free_warn("metrics sink", &Error::from(e));
         }
     }

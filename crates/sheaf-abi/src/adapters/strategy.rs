@@ -10,11 +10,12 @@ where
     fn name(&self) -> RResult<RString, AbiError> {
         guard(self.plugin, "strategy name", || Ok(self.inner.name().into()))
     }
-    fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<AbiSummary, AbiError> {
+    fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<RVec<AbiNamedValue>, AbiError> {
         let plugin = self.plugin;
         let inner = &mut self.inner;
         guard(plugin, "strategy train", || {
-            train_context(ctx, |core| inner.train(core).map(|s| summary_to_abi(&s))).map_err(AbiError::from)
+            train_context(ctx, |core| inner.train(core).map(|s| values_to_abi(s.to_values())))
+                .map_err(AbiError::from)
         })
     }
     fn plan(&self, input: AbiPlanInput<'_>) -> RResult<AbiStrategyPlan, AbiError> {
@@ -90,9 +91,8 @@ impl Strategy for LoadedStrategy {
     }
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         let inner = &mut self.inner;
-        with_train_context("sheaf-host", ctx, |abi| inner.train(abi).into_result())
-            .map(|s| summary_from_abi(&s))
-            .map_err(Error::from)
+        let values = with_train_context("sheaf-host", ctx, |abi| inner.train(abi).into_result())?;
+        TrainSummary::from_values(&values_from_abi(&values))
     }
     fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
         let plan = with_plan_input("sheaf-host", input, |abi| self.inner.plan(abi).into_result())?;
