@@ -60,3 +60,23 @@ impl FromStr for Algorithm {
             .ok_or_else(|| format!("unknown algorithm `{s}` (auto, ring, halving-doubling, direct)"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Auto` picks direct while a rank receives at most 64 KiB in all, ring above; a
+    /// fixed choice is kept.
+    #[test]
+    fn auto_chooses_by_bytes_received() {
+        assert_eq!(Algorithm::Auto.choose(64 << 10, 2), Algorithm::Direct);
+        assert_eq!(Algorithm::Auto.choose((64 << 10) + 1, 2), Algorithm::Ring);
+        assert_eq!(Algorithm::Auto.choose(16 << 10, 5), Algorithm::Direct);
+        assert_eq!(Algorithm::Auto.choose((16 << 10) + 1, 5), Algorithm::Ring);
+        assert_eq!(Algorithm::Auto.choose(usize::MAX, 1), Algorithm::Direct);
+        for a in Algorithm::ALL {
+            assert_eq!(a.choose(1, 4), a);
+            assert_eq!(a.name().parse::<Algorithm>(), Ok(a));
+        }
+    }
+}

@@ -845,3 +845,45 @@ impl Communicator for Group {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sub-communicator contexts are never the world's (0), differ from their parent's
+    /// and from each other across a parent's splits, and fit the tag's context bits.
+    #[test]
+    fn child_contexts_are_distinct_and_in_range() {
+        for parent in [0u32, 1, 7, 0xABCDE] {
+            let mut seen = std::collections::HashSet::new();
+            for seq in 0..2000 {
+                let c = child_context(parent, seq);
+                assert!(c != 0 && c != parent, "parent {parent} seq {seq}: {c}");
+                assert!(c < 1 << Tag::CONTEXT_BITS, "{c:#x}");
+                assert!(seen.insert(c), "parent {parent}: seq {seq} repeats context {c:#x}");
+            }
+        }
+    }
+
+    /// The pipelined chain from 64 KiB on 3 or more ranks, the binomial tree otherwise.
+    #[test]
+    fn broadcast_algorithm_by_size_and_world() {
+        assert_eq!(broadcast_algorithm(CHAIN_MIN_BYTES, 3), "chain");
+        assert_eq!(broadcast_algorithm(CHAIN_MIN_BYTES - 1, 3), "binomial");
+        assert_eq!(broadcast_algorithm(1 << 30, 2), "binomial");
+        assert_eq!(broadcast_algorithm(1 << 30, 8), "chain");
+    }
+
+    /// Segments are a quarter block between 64 KiB and 1 MiB, in whole elements, and
+    /// cut a block into consecutive pieces that cover it.
+    #[test]
+    fn segments_cover_blocks() {
+        assert_eq!(segment_bytes(100, 4), 64 << 10);
+        assert_eq!(segment_bytes(1 << 20, 4), 256 << 10);
+        assert_eq!(segment_bytes(1 << 30, 4), 1 << 20);
+        assert_eq!(segment_bytes(3 << 20, 3) % 3, 0);
+        let pieces: Vec<_> = segments(10..1000, 300).collect();
+        assert_eq!(pieces, [10..310, 310..610, 610..910, 910..1000]);
+        assert_eq!(segments(5..5, 64).count(), 0);
+    }
+}

@@ -218,3 +218,62 @@ mod tests {
         assert_eq!(bytemuck::cast_slice::<u8, f32>(&buf), &[2.0, 3.0]);
     }
 }
+
+#[cfg(test)]
+mod rounding_and_signed_zero {
+    use super::*;
+
+    /// Ties round to even: exactly half an ulp of bf16 above an even mantissa rounds
+    /// down, above an odd one rounds up (as `half` does).
+    #[test]
+    fn bf16_ties_round_to_even() {
+        for upper in [0x3F80u32, 0x3F81, 0x4000, 0x4001, 0xBF80, 0xBF81, 0x0001, 0x7F7E] {
+            let x = f32::from_bits((upper << 16) | 0x8000);
+            let want = if upper & 1 == 0 { upper } else { upper + 1 } as u16;
+            assert_eq!(f32_to_bf16(x).to_bits(), want, "{x:?} ({:#x})", x.to_bits());
+            assert_eq!(bf16::from_f32(x).to_bits(), want);
+            // Just below and just above the tie.
+            let below = f32::from_bits((upper << 16) | 0x7FFF);
+            let above = f32::from_bits((upper << 16) | 0x8001);
+            assert_eq!(f32_to_bf16(below).to_bits(), upper as u16);
+            assert_eq!(f32_to_bf16(above).to_bits(), upper as u16 + 1);
+        }
+    }
+
+    fn reduce2<T: bytemuck::Pod>(a: T, b: T, dtype: DType, op: ReduceOp) -> T {
+        let mut acc = bytemuck::bytes_of(&a).to_vec();
+        combine(&mut acc, bytemuck::bytes_of(&b), dtype, op);
+        bytemuck::pod_read_unaligned(&acc)
+    }
+
+    /// Max and min follow IEEE 754-2019 `maximum`/`minimum` in every float type:
+    /// +0 is above -0 whichever comes first, and a NaN wins.
+    #[test]
+    fn max_min_order_signed_zeros_and_propagate_nan() {
+        for (a, b) in [(0.0f64, -0.0f64), (-0.0, 0.0)] {
+            let bits = |v: f64| v.to_bits();
+            assert_eq!(bits(reduce2(a, b, DType::F64, ReduceOp::Max)), bits(0.0));
+            assert_eq!(bits(reduce2(a, b, DType::F64, ReduceOp::Min)), bits(-0.0));
+            let (fa, fb) = (a as f32, b as f32);
+            assert_eq!(reduce2(fa, fb, DType::F32, ReduceOp::Max).to_bits(), 0.0f32.to_bits());
+            assert_eq!(reduce2(fa, fb, DType::F32, ReduceOp::Min).to_bits(), (-0.0f32).to_bits());
+            let (ha, hb) = (half::f16::from_f64(a), half::f16::from_f64(b));
+            assert_eq!(
+                reduce2(ha, hb, DType::F16, ReduceOp::Max).to_bits(),
+                half::f16::from_f64(0.0).to_bits()
+            );
+            assert_eq!(
+                reduce2(ha, hb, DType::F16, ReduceOp::Min).to_bits(),
+                half::f16::from_f64(-0.0).to_bits()
+            );
+            let (ba, bb) = (bf16::from_f64(a), bf16::from_f64(b));
+            assert_eq!(reduce2(ba, bb, DType::BF16, ReduceOp::Max).to_bits(), bf16::from_f64(0.0).to_bits());
+            assert_eq!(reduce2(ba, bb, DType::BF16, ReduceOp::Min).to_bits(), bf16::from_f64(-0.0).to_bits());
+        }
+        for op in [ReduceOp::Max, ReduceOp::Min] {
+            assert!(reduce2(f32::NAN, 1.0f32, DType::F32, op).is_nan());
+            assert!(reduce2(1.0f32, f32::NAN, DType::F32, op).is_nan());
+            assert!(reduce2(f64::NAN, -1.0f64, DType::F64, op).is_nan());
+        }
+    }
+}

@@ -55,6 +55,12 @@ impl InProcWorld {
     pub fn links(&self) -> Vec<InProcLink> {
         (0..self.n).map(|rank| InProcLink { rank, n: self.n, shared: self.shared.clone() }).collect()
     }
+
+    /// Messages sent and never received, over the whole world: a collective that
+    /// finished on every rank must leave none.
+    pub fn pending(&self) -> usize {
+        self.shared.lock().queues.values().map(VecDeque::len).sum()
+    }
 }
 
 /// One rank's end of an [`InProcWorld`].

@@ -5,6 +5,7 @@
 //! against each other on arbitrary floats (`agreement`).
 
 mod agreement;
+mod coverage;
 mod faults;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
