@@ -122,3 +122,27 @@ fn every_op_checks_out_over_shared_memory() {
         assert!(rows.iter().all(|r| r["check"] == "ok" && r["transport"] == "shm"), "{op}: {rows:#?}");
     }
 }
+
+/// `sheaf bench train` runs a job several times and reports each run's throughput and
+/// the median, keeping each run's directory.
+#[test]
+fn bench_train_reports_the_median_of_its_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(sheaf_bin())
+        .args(["bench", "train", "-n", "2", "--runs", "2", "--json", "--threads-per-worker", "1"])
+        .args(["--set", "train.max_steps=5", "--run-dir"])
+        .arg(dir.path())
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["unit"], "samples/s");
+    assert_eq!(r["runs"].as_array().unwrap().len(), 2);
+    let (min, median, max) =
+        (r["min"].as_f64().unwrap(), r["median"].as_f64().unwrap(), r["max"].as_f64().unwrap());
+    assert!(0.0 < min && min <= median && median <= max, "{r}");
+    assert!(dir.path().join("run-0/summary.json").exists() && dir.path().join("run-1/summary.json").exists());
+    let bad = Command::new(sheaf_bin()).args(["bench", "train", "--runs", "0"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}

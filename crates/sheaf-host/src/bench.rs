@@ -358,3 +358,70 @@ pub fn render(rows: &[Row], out: &mut dyn Write) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// `sheaf bench train`: each run's throughput and their median.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainReport {
+    pub workers: usize,
+    pub threads_per_worker: Option<usize>,
+    /// `tokens_per_sec` for token data, else `samples_per_sec`.
+    pub unit: &'static str,
+    pub runs: Vec<f64>,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// The last run's final loss and its validation loss or test accuracy.
+    pub final_loss: f64,
+    pub quality: f64,
+    pub run_dir: String,
+}
+
+/// The report of `summaries` (each run's `summary.json`).
+pub fn train_report(
+    summaries: &[serde_json::Value],
+    workers: usize,
+    threads_per_worker: Option<usize>,
+    base: &std::path::Path,
+) -> TrainReport {
+    let tokens = summaries.first().is_some_and(|s| s["tokens_per_sec"].is_number());
+    let key = if tokens { "tokens_per_sec" } else { "samples_per_sec" };
+    let runs: Vec<f64> = summaries.iter().map(|s| s[key].as_f64().unwrap_or(f64::NAN)).collect();
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let last = summaries.last().cloned().unwrap_or_default();
+    let quality = if tokens { &last["val_loss"] } else { &last["test_accuracy"] };
+    TrainReport {
+        workers,
+        threads_per_worker,
+        unit: if tokens { "tokens/s" } else { "samples/s" },
+        median: sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN),
+        min: sorted.first().copied().unwrap_or(f64::NAN),
+        max: sorted.last().copied().unwrap_or(f64::NAN),
+        runs,
+        final_loss: last["final_loss"].as_f64().unwrap_or(f64::NAN),
+        quality: quality.as_f64().unwrap_or(f64::NAN),
+        run_dir: base.display().to_string(),
+    }
+}
+
+/// The report as a few lines of text.
+pub fn render_train(r: &TrainReport, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let threads = r.threads_per_worker.map_or("default".to_string(), |t| t.to_string());
+    writeln!(out, "{} worker(s) x {threads} thread(s), {} runs", r.workers, r.runs.len())?;
+    let each: Vec<String> = r.runs.iter().map(|v| format!("{v:.0}")).collect();
+    writeln!(
+        out,
+        "{}: median {:.0} (min {:.0}, max {:.0}); runs {}",
+        r.unit,
+        r.median,
+        r.min,
+        r.max,
+        each.join(", ")
+    )?;
+    let what = if r.unit == "tokens/s" { "val_loss" } else { "test accuracy" };
+    writeln!(
+        out,
+        "last run: final loss {:.4}, {what} {:.4}; outputs under {}",
+        r.final_loss, r.quality, r.run_dir
+    )
+}

@@ -150,6 +150,20 @@ pub enum BenchWhat {
         #[command(flatten)]
         common: BenchArgs,
     },
+    /// Train a job several times and report the median samples/s (tokens/s for token
+    /// data) of the runs, each run's directory kept under --run-dir.
+    Train {
+        #[arg(short = 'n', long = "nproc", default_value_t = 1)]
+        workers: usize,
+        /// Runs to take the median of.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        job: JobArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -187,6 +201,69 @@ impl Cli {
     }
 }
 
+/// Checks `job` and its layout over `workers` ranks (so a bad one fails once, before
+/// any worker starts), then starts the workers writing to `run_dir` and waits.
+fn launch_job(
+    cli: &Cli,
+    workers: usize,
+    job: &JobArgs,
+    run_dir: &std::path::Path,
+    workers_to_stderr: bool,
+) -> Result<(), HostError> {
+    let mut parsed = crate::job::load_job(job.job.as_deref(), &job.overrides)?;
+    let registry = cli.registry();
+    let mut worker_args: Vec<String> = Vec::new();
+    if parsed.parallel.balance == "time" && parsed.parallel.layer_costs.is_none() {
+        // Measured once here, so that every worker cuts the model the same way.
+        let costs = crate::plan::measure_layer_costs(&parsed, &registry)?;
+        eprintln!("[launch] measured layer costs (ns): {costs:?}");
+        worker_args.push("--set".into());
+        worker_args.push(format!("parallel.layer_costs={costs:?}"));
+        parsed.parallel.layer_costs = Some(costs);
+    }
+    let compute_config = serde_json::json!({ "device": parsed.compute.device }).to_string();
+    let compute = registry.compute(&parsed.compute.backend, &compute_config)?;
+    let data = crate::data::load(&parsed, &registry, compute.as_ref())?;
+    let timeout_ms = (parsed.transport.timeout_s * 1000.0) as u64;
+    let strategy =
+        registry.strategy(&parsed.parallel.strategy, &parsed.parallel.strategy_config(timeout_ms))?;
+    crate::plan::plan(
+        &parsed,
+        workers,
+        &registry,
+        compute.as_ref(),
+        strategy.as_ref(),
+        &data.spec,
+        &data.info,
+    )?;
+    drop(data);
+    if let Some(f) = &job.init_from {
+        if !f.is_file() {
+            return Err(HostError::Data(format!("--init-from {}: no such file", f.display())));
+        }
+        worker_args.push("--init-from".into());
+        worker_args.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).display().to_string());
+    }
+    if let Some(j) = &job.job {
+        worker_args.push(j.display().to_string());
+    }
+    for o in &job.overrides {
+        worker_args.push("--set".into());
+        worker_args.push(o.clone());
+    }
+    for d in &cli.plugin_dirs {
+        worker_args.push("--plugin-dir".into());
+        worker_args.push(d.display().to_string());
+    }
+    crate::launch::launch(&crate::launch::LaunchOptions {
+        workers,
+        worker_args,
+        run_dir: run_dir.to_path_buf(),
+        threads_per_worker: job.threads_per_worker,
+        workers_to_stderr,
+    })
+}
+
 /// Runs a parsed command line, writing results to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
     match &cli.command {
@@ -221,60 +298,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             Ok(())
         }
         Command::Launch { workers, job } => {
-            // Check the job and its layout here, so a bad one fails once, before any
-            // worker starts.
-            let mut parsed = crate::job::load_job(job.job.as_deref(), &job.overrides)?;
-            let registry = cli.registry();
-            let mut worker_args: Vec<String> = Vec::new();
-            if parsed.parallel.balance == "time" && parsed.parallel.layer_costs.is_none() {
-                // Measured once here, so that every worker cuts the model the same way.
-                let costs = crate::plan::measure_layer_costs(&parsed, &registry)?;
-                eprintln!("[launch] measured layer costs (ns): {costs:?}");
-                worker_args.push("--set".into());
-                worker_args.push(format!("parallel.layer_costs={costs:?}"));
-                parsed.parallel.layer_costs = Some(costs);
-            }
-            let compute_config = serde_json::json!({ "device": parsed.compute.device }).to_string();
-            let compute = registry.compute(&parsed.compute.backend, &compute_config)?;
-            let data = crate::data::load(&parsed, &registry, compute.as_ref())?;
-            let timeout_ms = (parsed.transport.timeout_s * 1000.0) as u64;
-            let strategy =
-                registry.strategy(&parsed.parallel.strategy, &parsed.parallel.strategy_config(timeout_ms))?;
-            crate::plan::plan(
-                &parsed,
-                *workers,
-                &registry,
-                compute.as_ref(),
-                strategy.as_ref(),
-                &data.spec,
-                &data.info,
-            )?;
-            drop(data);
-            if let Some(f) = &job.init_from {
-                if !f.is_file() {
-                    return Err(HostError::Data(format!("--init-from {}: no such file", f.display())));
-                }
-                worker_args.push("--init-from".into());
-                worker_args.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).display().to_string());
-            }
-            if let Some(j) = &job.job {
-                worker_args.push(j.display().to_string());
-            }
-            for o in &job.overrides {
-                worker_args.push("--set".into());
-                worker_args.push(o.clone());
-            }
-            for d in &cli.plugin_dirs {
-                worker_args.push("--plugin-dir".into());
-                worker_args.push(d.display().to_string());
-            }
             let run_dir = job.run_dir.clone().unwrap_or_else(crate::launch::default_run_dir);
-            crate::launch::launch(&crate::launch::LaunchOptions {
-                workers: *workers,
-                worker_args,
-                run_dir: run_dir.clone(),
-                threads_per_worker: job.threads_per_worker,
-            })?;
+            launch_job(&cli, *workers, job, &run_dir, false)?;
             let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
             let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -313,10 +338,37 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             )?;
             writeln!(out, "{text}").map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
         }
+        Command::Bench { what: BenchWhat::Train { workers, runs, json, job } } => {
+            if *runs == 0 || *workers == 0 {
+                return Err(HostError::Usage("bench train: need --runs >= 1 and -n >= 1".into()));
+            }
+            let base = job.run_dir.clone().unwrap_or_else(crate::launch::default_run_dir);
+            let mut rows = Vec::new();
+            for k in 0..*runs {
+                let dir = base.join(format!("run-{k}"));
+                launch_job(&cli, *workers, job, &dir, true)?;
+                let path = dir.join("summary.json");
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;
+                rows.push(v);
+            }
+            let report = crate::bench::train_report(&rows, *workers, job.threads_per_worker, &base);
+            let written = if *json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&report).expect("report serialises"))
+            } else {
+                crate::bench::render_train(&report, out)
+            };
+            written.map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+        }
         Command::Bench { what } => {
             let (op, workers, common) = match what {
                 BenchWhat::Collectives { op, workers, common } => (op.clone(), *workers, common),
                 BenchWhat::P2p { common } => ("p2p".to_string(), 2, common),
+                BenchWhat::Train { .. } => {
+                    return Err(HostError::Usage("bench train is handled above".into()));
+                }
             };
             common.algorithm.parse::<sheaf_collectives::Algorithm>().map_err(HostError::Usage)?;
             if common.min_bytes > common.max_bytes || common.iters == 0 {

@@ -18,6 +18,9 @@ pub struct LaunchOptions {
     pub worker_args: Vec<String>,
     pub run_dir: PathBuf,
     pub threads_per_worker: Option<usize>,
+    /// Send the workers' standard output to our standard error (our standard output
+    /// then carries only what the caller prints, e.g. `--json`).
+    pub workers_to_stderr: bool,
 }
 
 /// `runs/<UTC date>-<time>-<pid>`.
@@ -192,7 +195,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
             }
         };
         eprintln!("[launch] rank {rank} pid {}", child.id());
-        forwarders.push(forward(rank, child.stdout.take().expect("piped"), false, false));
+        forwarders.push(forward(rank, child.stdout.take().expect("piped"), opts.workers_to_stderr, false));
         forwarders.push(forward(rank, child.stderr.take().expect("piped"), true, progress && rank == 0));
         children.push((rank, child));
     }
