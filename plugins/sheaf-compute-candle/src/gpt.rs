@@ -21,7 +21,9 @@ use sheaf_core::{
     PieceLayout, Result, ShardSource, SplitMix64,
 };
 
-use crate::{candle_err, read_vars, vars_from, write_vars};
+use crate::{
+    add_var_grads, candle_err, loss_sum_correct_grad, read_vars, take_accumulated, vars_from, write_vars,
+};
 
 /// `[model]` of kind `gpt`, as the job gives it.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -191,18 +193,10 @@ impl GptSpec {
         }
     }
 
-    /// Bytes one window keeps from the forward pass for the backward pass (an
-    /// estimate of what autograd holds: per token and layer about 17 activations of
-    /// `n_embd` and two attention rows, plus the logits and their softmax).
-    pub fn activation_bytes_per_window(&self) -> u64 {
-        let (t, c) = (self.block_size as u64, self.n_embd as u64);
-        let per_token =
-            self.n_layer as u64 * (17 * c + 2 * self.n_head as u64 * t) + 2 * self.vocab_size as u64 + 2 * c;
-        4 * t * per_token
-    }
-
-    /// Bytes one window keeps in blocks `blocks` (the share of
-    /// [`GptSpec::activation_bytes_per_window`] their work makes).
+    /// Bytes one window keeps in blocks `blocks` from the forward pass for the
+    /// backward pass (an estimate of what autograd holds: the embeddings; per token and
+    /// transformer block about 17 activations of `n_embd` and two attention rows; the
+    /// logits and their softmax).
     fn activation_bytes_in(&self, blocks: &std::ops::Range<usize>) -> u64 {
         let (t, c) = (self.block_size as u64, self.n_embd as u64);
         blocks
@@ -931,14 +925,7 @@ impl Model for Gpt {
                 root = (root + (x * gr)?.sum_all()?)?;
             }
             let store = root.backward()?;
-            for (i, v) in self.vars.iter().enumerate() {
-                let Some(gv) = store.get(v.as_tensor()) else { continue };
-                for (acc, d) in
-                    self.grads[self.layout.range(i)].iter_mut().zip(gv.flatten_all()?.to_vec1::<f32>()?)
-                {
-                    *acc += d;
-                }
-            }
+            add_var_grads(&self.layout, &self.vars, &store, &mut self.grads)?;
             let prev_grad = saved.prev.as_ref().and_then(|p| store.get(p.as_tensor())).cloned();
             let input_grad = match saved.input.as_ref() {
                 Some(x) => match store.get(x.as_tensor()) {
@@ -971,34 +958,13 @@ impl Model for Gpt {
         let run = || -> candle_core::Result<(f64, usize, Vec<f32>)> {
             let z = Var::from_tensor(&Tensor::from_slice(logits, (rows, v), &self.device)?)?;
             let y = Tensor::from_slice(labels, rows, &self.device)?;
-            let sum = cross_entropy_sum(z.as_tensor(), &y)?;
-            let grad = if scale == 0.0 {
-                vec![0.0; logits.len()]
-            } else {
-                let store = sum.affine(f64::from(scale), 0.0)?.backward()?;
-                match store.get(z.as_tensor()) {
-                    Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
-                    None => vec![0.0; logits.len()],
-                }
-            };
-            let predicted = z.as_tensor().argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
-            Ok((f64::from(sum.to_scalar::<f32>()?), correct, grad))
+            loss_sum_correct_grad(&z, &cross_entropy_sum(z.as_tensor(), &y)?, labels, scale)
         };
         run().map_err(candle_err("loss"))
     }
 
     fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
-        if out.len() != self.grads.len() {
-            return Err(Error::invalid(format!(
-                "{} gradient slots for {} parameters",
-                out.len(),
-                self.grads.len()
-            )));
-        }
-        out.copy_from_slice(&self.grads);
-        self.grads.fill(0.0);
-        Ok(())
+        take_accumulated(&mut self.grads, out)
     }
 
     fn drop_saved(&mut self) {

@@ -176,6 +176,57 @@ pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(kind: &str, json: &st
     T::deserialize(&mut de).map_err(|e| Error::config("model", format!("{kind}: {e}")))
 }
 
+/// Adds each parameter's gradient in `store` to its slots of `grads` (a segment of a
+/// piece uses some of its parameters only: the others are left as they are).
+pub(crate) fn add_var_grads(
+    layout: &ParamLayout,
+    vars: &[Var],
+    store: &candle_core::backprop::GradStore,
+    grads: &mut [f32],
+) -> candle_core::Result<()> {
+    for (i, v) in vars.iter().enumerate() {
+        let Some(g) = store.get(v.as_tensor()) else { continue };
+        for (acc, d) in grads[layout.range(i)].iter_mut().zip(g.flatten_all()?.to_vec1::<f32>()?) {
+            *acc += d;
+        }
+    }
+    Ok(())
+}
+
+/// Moves accumulated gradients into `out` and starts again from zero.
+pub(crate) fn take_accumulated(grads: &mut [f32], out: &mut [f32]) -> Result<()> {
+    if out.len() != grads.len() {
+        return Err(Error::invalid(format!("{} gradient slots for {} parameters", out.len(), grads.len())));
+    }
+    out.copy_from_slice(grads);
+    grads.fill(0.0);
+    Ok(())
+}
+
+/// The end of `loss_grad`: `sum` is the summed loss of the logits `z`; returns it, the
+/// correct predictions of `labels`, and the gradient of `scale` times it with respect
+/// to the logits (zeros for a zero scale, an evaluation, without a backward pass).
+pub(crate) fn loss_sum_correct_grad(
+    z: &Var,
+    sum: &Tensor,
+    labels: &[u32],
+    scale: f32,
+) -> candle_core::Result<(f64, usize, Vec<f32>)> {
+    let n = z.as_tensor().elem_count();
+    let grad = if scale == 0.0 {
+        vec![0.0; n]
+    } else {
+        let store = sum.affine(f64::from(scale), 0.0)?.backward()?;
+        match store.get(z.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0.0; n],
+        }
+    };
+    let predicted = z.as_tensor().argmax(D::Minus1)?.to_vec1::<u32>()?;
+    let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
+    Ok((f64::from(sum.to_scalar::<f32>()?), correct, grad))
+}
+
 /// One `Var` per parameter of `layout`, from flat `values`.
 pub(crate) fn vars_from(layout: &ParamLayout, values: &[f32], device: &Device) -> Result<Vec<Var>> {
     layout

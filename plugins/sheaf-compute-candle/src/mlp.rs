@@ -12,7 +12,10 @@ use sheaf_core::{
     PieceLayout, Result, ShardSource, SplitMix64,
 };
 
-use crate::{candle_err, log_softmax_one_hot, read_vars, vars_from, write_vars};
+use crate::{
+    add_var_grads, candle_err, log_softmax_one_hot, loss_sum_correct_grad, read_vars, take_accumulated,
+    vars_from, write_vars,
+};
 
 /// Nonlinearity between hidden layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -551,15 +554,7 @@ impl Model for Stage {
             let g = Tensor::from_slice(grad_output, h.shape(), &self.device)?;
             // d(sum(h * g))/dθ = J^T g: the vector-Jacobian product backward needs.
             let store = (&h * &g)?.sum_all()?.backward()?;
-            for (i, v) in self.vars.iter().enumerate() {
-                // A segment uses some of the piece's parameters only.
-                let Some(gv) = store.get(v.as_tensor()) else { continue };
-                for (acc, d) in
-                    self.grads[self.layout.range(i)].iter_mut().zip(gv.flatten_all()?.to_vec1::<f32>()?)
-                {
-                    *acc += d;
-                }
-            }
+            add_var_grads(&self.layout, &self.vars, &store, &mut self.grads)?;
             match store.get(x.as_tensor()) {
                 Some(gx) => gx.flatten_all()?.to_vec1::<f32>(),
                 None => Ok(vec![0.0; x.as_tensor().elem_count()]),
@@ -587,35 +582,13 @@ impl Model for Stage {
             let z = Var::from_tensor(&Tensor::from_slice(logits, (rows, classes), &self.device)?)?;
             let (log_probs, one_hot) = log_softmax_one_hot(z.as_tensor(), labels, classes, &self.device)?;
             let sum = (log_probs * one_hot)?.sum_all()?.affine(-1.0, 0.0)?;
-            // A zero scale (an evaluation pass) needs no gradient: candle drops the
-            // graph of a product with zero.
-            let grad = if scale == 0.0 {
-                vec![0.0; logits.len()]
-            } else {
-                let store = sum.affine(f64::from(scale), 0.0)?.backward()?;
-                match store.get(z.as_tensor()) {
-                    Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
-                    None => vec![0.0; logits.len()],
-                }
-            };
-            let predicted = z.as_tensor().argmax(D::Minus1)?.to_vec1::<u32>()?;
-            let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
-            Ok((f64::from(sum.to_scalar::<f32>()?), correct, grad))
+            loss_sum_correct_grad(&z, &sum, labels, scale)
         };
         run().map_err(candle_err("loss"))
     }
 
     fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
-        if out.len() != self.grads.len() {
-            return Err(Error::invalid(format!(
-                "{} gradient slots for {} parameters",
-                out.len(),
-                self.grads.len()
-            )));
-        }
-        out.copy_from_slice(&self.grads);
-        self.grads.fill(0.0);
-        Ok(())
+        take_accumulated(&mut self.grads, out)
     }
 
     fn drop_saved(&mut self) {
