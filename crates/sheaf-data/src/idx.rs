@@ -31,38 +31,9 @@ fn read_all(path: &Path) -> Result<Vec<u8>> {
 
 /// Reads an IDX file of unsigned bytes (type code 0x08).
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
-    let bytes = read_all(path)?;
-    let corrupt = |detail: String| DataError::Corrupt { what: path.display().to_string(), detail };
-    if bytes.len() < 4 || bytes[0] != 0 || bytes[1] != 0 {
-        return Err(corrupt("not an IDX file (bad magic number)".into()));
-    }
-    if bytes[2] != 0x08 {
-        return Err(corrupt(format!(
-            "IDX type code {:#04x}; only unsigned bytes (0x08) are supported",
-            bytes[2]
-        )));
-    }
-    let ndim = usize::from(bytes[3]);
-    let header = 4 + 4 * ndim;
-    if ndim == 0 || bytes.len() < header {
-        return Err(corrupt(format!("truncated header ({} dimensions)", ndim)));
-    }
-    let dims: Vec<usize> = bytes[4..header]
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")) as usize)
-        .collect();
-    let expected = dims
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| corrupt("size overflows".into()))?;
-    let data = bytes[header..].to_vec();
-    if data.len() != expected {
-        return Err(corrupt(format!(
-            "dimensions {dims:?} need {expected} bytes of data, file has {}",
-            data.len()
-        )));
-    }
-    Ok(IdxArray { dims, data })
+    let mut bytes = read_all(path)?;
+    let (dims, header) = idx_header(path, &bytes)?;
+    Ok(IdxArray { dims, data: bytes.split_off(header) })
 }
 
 /// The labels file that goes with an images file, by MNIST's naming
@@ -72,37 +43,15 @@ pub fn labels_path_for(images: &Path) -> Option<PathBuf> {
     name.contains("images-idx3").then(|| images.with_file_name(name.replace("images-idx3", "labels-idx1")))
 }
 
-/// An images file and its labels file as a dataset; pixels scaled to `[0, 1]`.
+/// An images file and its labels file as a dataset in memory; pixels scaled to
+/// `[0, 1]`.
 pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<Dataset> {
-    let img = read_idx(images)?;
-    let lab = read_idx(labels)?;
-    let corrupt = |detail: String| DataError::Corrupt { what: images.display().to_string(), detail };
-    if img.dims.len() < 2 {
-        return Err(corrupt(format!("images need at least 2 dimensions, found {:?}", img.dims)));
-    }
-    if lab.dims.len() != 1 {
-        return Err(DataError::Corrupt {
-            what: labels.display().to_string(),
-            detail: format!("labels need 1 dimension, found {:?}", lab.dims),
-        });
-    }
-    if lab.dims[0] != img.dims[0] {
-        return Err(corrupt(format!(
-            "{} images but {} labels in {}",
-            img.dims[0],
-            lab.dims[0],
-            labels.display()
-        )));
-    }
-    let input_dim = img.dims[1..].iter().product();
-    let num_classes = lab.data.iter().copied().max().map_or(0, |m| usize::from(m) + 1);
-    Ok(Dataset {
-        name: images.display().to_string(),
-        inputs: img.data.iter().map(|&p| f32::from(p) / 255.0).collect(),
-        labels: lab.data.iter().map(|&l| u32::from(l)).collect(),
-        input_dim,
-        num_classes,
-    })
+    let rows = open_idx_pair(images, labels)?;
+    let all: Vec<usize> = (0..rows.rows.len()).collect();
+    let (inputs, labels) = rows
+        .read(&all)
+        .map_err(|e| DataError::Corrupt { what: images.display().to_string(), detail: e.to_string() })?;
+    Ok(Dataset { name: rows.name, inputs, labels, input_dim: rows.input_dim, num_classes: rows.num_classes })
 }
 
 /// The bytes of an IDX file: memory-mapped when plain, decompressed into memory when
@@ -257,23 +206,7 @@ impl IdxRows {
 
     /// Checks the rows fit a model with `inputs` features and `classes` outputs.
     pub fn check_shape(&self, inputs: usize, classes: usize) -> Result<()> {
-        if self.input_dim != inputs {
-            return Err(DataError::Shape {
-                name: self.name.clone(),
-                what: "inputs",
-                found: self.input_dim,
-                expected: inputs,
-            });
-        }
-        if self.num_classes > classes {
-            return Err(DataError::Shape {
-                name: self.name.clone(),
-                what: "classes",
-                found: self.num_classes,
-                expected: classes,
-            });
-        }
-        Ok(())
+        crate::check_shape(&self.name, (self.input_dim, self.num_classes), (inputs, classes))
     }
 }
 
@@ -283,6 +216,14 @@ impl sheaf_core::Dataset for IdxRows {
     }
 
     fn gather(&self, indices: &[usize]) -> sheaf_core::Result<sheaf_core::Samples> {
+        let (inputs, labels) = self.read(indices)?;
+        Ok(sheaf_core::Samples::Rows { inputs, labels, input_dim: self.input_dim })
+    }
+}
+
+impl IdxRows {
+    /// The pixels (scaled to `[0, 1]`) and labels of this split's rows `indices`.
+    fn read(&self, indices: &[usize]) -> sheaf_core::Result<(Vec<f32>, Vec<u32>)> {
         let d = self.input_dim;
         let bytes = &self.images.bytes()[self.offset..];
         let mut inputs = Vec::with_capacity(indices.len() * d);
@@ -294,6 +235,6 @@ impl sheaf_core::Dataset for IdxRows {
             inputs.extend(bytes[row * d..(row + 1) * d].iter().map(|&p| f32::from(p) / 255.0));
             labels.push(self.labels[row]);
         }
-        Ok(sheaf_core::Samples::Rows { inputs, labels, input_dim: d })
+        Ok((inputs, labels))
     }
 }

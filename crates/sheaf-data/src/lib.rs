@@ -61,23 +61,7 @@ impl Dataset {
     /// Checks the dataset fits a model with `inputs` input features and `classes`
     /// outputs.
     pub fn check_shape(&self, inputs: usize, classes: usize) -> Result<()> {
-        if self.input_dim != inputs {
-            return Err(DataError::Shape {
-                name: self.name.clone(),
-                what: "inputs",
-                found: self.input_dim,
-                expected: inputs,
-            });
-        }
-        if self.num_classes > classes {
-            return Err(DataError::Shape {
-                name: self.name.clone(),
-                what: "classes",
-                found: self.num_classes,
-                expected: classes,
-            });
-        }
-        Ok(())
+        check_shape(&self.name, (self.input_dim, self.num_classes), (inputs, classes))
     }
 
     /// The samples at `indices`, in that order.
@@ -121,6 +105,27 @@ impl sheaf_core::Dataset for Dataset {
         let rows = self.select(indices);
         Ok(sheaf_core::Samples::Rows { inputs: rows.inputs, labels: rows.labels, input_dim: self.input_dim })
     }
+}
+
+/// Checks rows of `found` `(input features, classes)` fit a model of `expected` ones.
+pub(crate) fn check_shape(name: &str, found: (usize, usize), expected: (usize, usize)) -> Result<()> {
+    if found.0 != expected.0 {
+        return Err(DataError::Shape {
+            name: name.into(),
+            what: "inputs",
+            found: found.0,
+            expected: expected.0,
+        });
+    }
+    if found.1 > expected.1 {
+        return Err(DataError::Shape {
+            name: name.into(),
+            what: "classes",
+            found: found.1,
+            expected: expected.1,
+        });
+    }
+    Ok(())
 }
 
 /// A seeded permutation of `0..n`.
