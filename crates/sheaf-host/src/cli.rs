@@ -213,17 +213,16 @@ fn launch_job(
     let mut parsed = crate::job::load_job(job.job.as_deref(), &job.overrides)?;
     let registry = cli.registry();
     let mut worker_args: Vec<String> = Vec::new();
+    let compute = registry.compute(&parsed.compute.backend, &parsed.compute.config_json())?;
+    let data = crate::data::load(&parsed, &registry, compute.as_ref())?;
     if parsed.parallel.balance == "time" && parsed.parallel.layer_costs.is_none() {
         // Measured once here, so that every worker cuts the model the same way.
-        let costs = crate::plan::measure_layer_costs(&parsed, &registry)?;
+        let costs = crate::plan::measure_layer_costs(&parsed, compute.as_ref(), &data)?;
         eprintln!("[launch] measured layer costs (ns): {costs:?}");
         worker_args.push("--set".into());
         worker_args.push(format!("parallel.layer_costs={costs:?}"));
         parsed.parallel.layer_costs = Some(costs);
     }
-    let compute_config = serde_json::json!({ "device": parsed.compute.device }).to_string();
-    let compute = registry.compute(&parsed.compute.backend, &compute_config)?;
-    let data = crate::data::load(&parsed, &registry, compute.as_ref())?;
     let timeout_ms = (parsed.transport.timeout_s * 1000.0) as u64;
     let strategy =
         registry.strategy(&parsed.parallel.strategy, &parsed.parallel.strategy_config(timeout_ms))?;

@@ -268,6 +268,13 @@ fn cpu() -> String {
     "cpu".into()
 }
 
+impl ComputeSection {
+    /// The compute plugin's settings (JSON).
+    pub fn config_json(&self) -> String {
+        serde_json::json!({ "device": self.device }).to_string()
+    }
+}
+
 impl Default for ComputeSection {
     fn default() -> Self {
         ComputeSection { backend: candle(), device: cpu(), memory_limit_mb: None }

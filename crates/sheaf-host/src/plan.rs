@@ -182,10 +182,11 @@ fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
 /// (median of 5, nanoseconds), one block built at a time, each fed the previous
 /// block's output, for `parallel.balance = "time"`: `sheaf launch` measures once and
 /// hands the costs to every worker, so all cut the model the same way.
-pub fn measure_layer_costs(job: &Job, registry: &Registry) -> Result<Vec<u64>, HostError> {
-    let compute_config = serde_json::json!({ "device": job.compute.device }).to_string();
-    let compute = registry.compute(&job.compute.backend, &compute_config)?;
-    let data = crate::data::load(job, registry, compute.as_ref())?;
+pub fn measure_layer_costs(
+    job: &Job,
+    compute: &dyn ComputeBackend,
+    data: &crate::data::JobData,
+) -> Result<Vec<u64>, HostError> {
     let par = &job.parallel;
     // A replica's share of the global batch: what blocks weigh relative to each other
     // hardly depends on the rows.

@@ -93,8 +93,7 @@ impl RunOptions {
 /// Trains `job` as one rank; returns the summary (on every rank; rank 0 also writes it).
 pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<Summary, HostError> {
     let env = &opts.env;
-    let compute_config = serde_json::json!({ "device": job.compute.device }).to_string();
-    let compute = registry.compute(&job.compute.backend, &compute_config)?;
+    let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
     let data = crate::data::load(job, registry, compute.as_ref())?;
     let (train, test) = (data.train.as_ref(), data.test.as_ref());
     let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
