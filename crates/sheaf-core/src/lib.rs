@@ -34,7 +34,8 @@ pub use plugin::{PluginKind, Provided};
 pub use report::NamedValue;
 pub use rng::SplitMix64;
 pub use strategy::{
-    clip_factor, clip_to, epoch_order, epochs_done, evaluate_indices, global_batches, norm_contribution,
-    optimizer_steps, sum_of_squares, test_accuracy, test_totals, EpochOrder, LrSchedule, Mesh, MetricsSink,
-    PlanInput, RankPlan, StepMetrics, Strategy, StrategyPlan, TrainConfig, TrainContext, TrainSummary,
+    backward_segments, clip_factor, clip_to, epoch_order, epochs_done, evaluate_indices, forward_segments,
+    global_batches, norm_contribution, optimizer_steps, sum_of_squares, test_accuracy, test_totals,
+    EpochOrder, LrSchedule, Mesh, MetricsSink, PlanInput, RankPlan, StageInput, StepMetrics, Strategy,
+    StrategyPlan, TrainConfig, TrainContext, TrainSummary,
 };

@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    chunk_range, clip_to, epochs_done, norm_contribution, optimizer_steps, test_totals, Communicator, DType,
-    Deadline, Error, Model, Piece, PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result, Samples,
-    StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    backward_segments, chunk_range, clip_to, epochs_done, forward_segments, norm_contribution,
+    optimizer_steps, test_totals, Communicator, DType, Deadline, Error, Model, Piece, PlanInput, PluginKind,
+    Provided, RankPlan, ReduceOp, Result, Samples, StageInput, StepMetrics, Strategy, StrategyPlan,
+    TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -220,8 +221,14 @@ impl Pipeline {
                             Error::BadState(format!("the first stage has no samples for micro-batch {m}"))
                         })?;
                         let t = Instant::now();
-                        let out =
-                            self.forward_segments(tensor, model, id, StageInput::Samples(samples), rows)?;
+                        let out = forward_segments(
+                            tensor,
+                            model,
+                            id,
+                            StageInput::Samples(samples),
+                            rows,
+                            self.deadline(),
+                        )?;
                         clock.busy += t.elapsed();
                         out
                     } else {
@@ -230,8 +237,14 @@ impl Pipeline {
                         clock.idle += t.elapsed();
                         let input = f32s(&got, "activations", p - 1)?;
                         let t = Instant::now();
-                        let out =
-                            self.forward_segments(tensor, model, id, StageInput::Values(&input), rows)?;
+                        let out = forward_segments(
+                            tensor,
+                            model,
+                            id,
+                            StageInput::Values(&input),
+                            rows,
+                            self.deadline(),
+                        )?;
                         clock.busy += t.elapsed();
                         out
                     };
@@ -265,7 +278,8 @@ impl Pipeline {
                         f32s(&got, "gradients", p + 1)?
                     };
                     let t = Instant::now();
-                    let grad_in = self.backward_segments(tensor, model, first_micro_id + m as u64, grad)?;
+                    let grad_in =
+                        backward_segments(tensor, model, first_micro_id + m as u64, grad, self.deadline())?;
                     clock.busy += t.elapsed();
                     if !first {
                         pipe.send(p - 1, 2 * m as u32 + 1, bytes(&grad_in), self.deadline())?;
@@ -274,71 +288,6 @@ impl Pipeline {
             }
         }
         Ok((loss_sum, correct, predictions))
-    }
-}
-
-/// What a stage's first segment takes.
-enum StageInput<'a> {
-    Samples(&'a Samples),
-    Values(&'a [f32]),
-}
-
-impl Pipeline {
-    /// Forward of one micro-batch through every segment of this stage: each even
-    /// segment's partial output summed over the tensor group (a stage of one slice
-    /// has one segment and no sum).
-    fn forward_segments(
-        &self,
-        tensor: &dyn Communicator,
-        model: &mut dyn Model,
-        id: u64,
-        input: StageInput<'_>,
-        rows: usize,
-    ) -> Result<Vec<f32>> {
-        let segments = model.segments();
-        let mut act = match input {
-            StageInput::Samples(s) => model.stage_forward_batch(id, 0, &s.batch())?,
-            StageInput::Values(v) => model.stage_forward(id, 0, v, rows)?,
-        };
-        for seg in 0..segments {
-            if seg > 0 {
-                act = model.stage_forward(id, seg, &act, rows)?;
-            }
-            if seg.is_multiple_of(2) && segments > 1 {
-                tensor.allreduce(
-                    bytemuck::cast_slice_mut(&mut act),
-                    DType::F32,
-                    ReduceOp::Sum,
-                    self.deadline(),
-                )?;
-            }
-        }
-        Ok(act)
-    }
-
-    /// Backward through every segment of this stage, summing partial input gradients
-    /// over the tensor group (not the stage's own input's: every slice holds it whole).
-    fn backward_segments(
-        &self,
-        tensor: &dyn Communicator,
-        model: &mut dyn Model,
-        id: u64,
-        grad: Vec<f32>,
-    ) -> Result<Vec<f32>> {
-        let segments = model.segments();
-        let mut grad = grad;
-        for seg in (0..segments).rev() {
-            grad = model.stage_backward(id, seg, &grad)?;
-            if seg.is_multiple_of(2) && seg > 0 && segments > 1 {
-                tensor.allreduce(
-                    bytemuck::cast_slice_mut(&mut grad),
-                    DType::F32,
-                    ReduceOp::Sum,
-                    self.deadline(),
-                )?;
-            }
-        }
-        Ok(grad)
     }
 }
 

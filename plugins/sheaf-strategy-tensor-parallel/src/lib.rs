@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    clip_to, epochs_done, norm_contribution, optimizer_steps, test_totals, Communicator, DType, Deadline,
-    Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan, ReduceOp, Result, Samples,
-    StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    backward_segments, clip_to, epochs_done, forward_segments, norm_contribution, optimizer_steps,
+    test_totals, Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided,
+    RankPlan, ReduceOp, Result, StageInput, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -103,58 +103,9 @@ struct TensorParallel {
     config: TensorParallelConfig,
 }
 
-fn sum_over(group: &dyn Communicator, v: &mut [f32], dl: Deadline) -> Result<()> {
-    if group.world_size() > 1 {
-        group.allreduce(bytemuck::cast_slice_mut(v), DType::F32, ReduceOp::Sum, dl)?;
-    }
-    Ok(())
-}
-
 impl TensorParallel {
     fn deadline(&self) -> Deadline {
         Deadline::after(Duration::from_millis(self.config.timeout_ms))
-    }
-
-    /// Forward through every segment, summing partial outputs over the group; returns
-    /// the logits (the same on every rank of the group).
-    fn forward(
-        &self,
-        group: &dyn Communicator,
-        model: &mut dyn Model,
-        micro: u64,
-        samples: &Samples,
-    ) -> Result<Vec<f32>> {
-        let rows = samples.len();
-        let mut act = model.stage_forward_batch(micro, 0, &samples.batch())?;
-        for seg in 0..model.segments() {
-            if seg > 0 {
-                act = model.stage_forward(micro, seg, &act, rows)?;
-            }
-            if seg.is_multiple_of(2) && model.segments() > 1 {
-                sum_over(group, &mut act, self.deadline())?;
-            }
-        }
-        Ok(act)
-    }
-
-    /// Backward through every segment from the logits' gradient, summing partial input
-    /// gradients over the group (none needed for the samples themselves).
-    fn backward(
-        &self,
-        group: &dyn Communicator,
-        model: &mut dyn Model,
-        micro: u64,
-        grad: Vec<f32>,
-    ) -> Result<()> {
-        let mut grad = grad;
-        let segments = model.segments();
-        for seg in (0..segments).rev() {
-            grad = model.stage_backward(micro, seg, &grad)?;
-            if seg.is_multiple_of(2) && seg > 0 && segments > 1 {
-                sum_over(group, &mut grad, self.deadline())?;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -183,7 +134,15 @@ impl TensorParallel {
         for (k, chunk) in all.chunks(eval.batch).enumerate() {
             let samples = test.gather(chunk)?;
             let targets = samples.targets();
-            let logits = self.forward(eval.group, model, u64::MAX / 2 + k as u64, &samples)?;
+            let id = u64::MAX / 2 + k as u64;
+            let logits = forward_segments(
+                eval.group,
+                model,
+                id,
+                StageInput::Samples(&samples),
+                chunk.len(),
+                self.deadline(),
+            )?;
             model.drop_saved();
             let (l, c, _) = model.loss_grad(&logits, &targets, 0.0)?;
             if eval.scoring {
@@ -261,13 +220,20 @@ impl Strategy for TensorParallel {
                 if !share.is_empty() {
                     let samples = train.gather(&share)?;
                     let targets = samples.targets();
-                    let logits = self.forward(group, model, micro, &samples)?;
+                    let logits = forward_segments(
+                        group,
+                        model,
+                        micro,
+                        StageInput::Samples(&samples),
+                        share.len(),
+                        self.deadline(),
+                    )?;
                     peak = peak.max(model.saved_bytes());
                     // Every sample makes the same number of predictions.
                     let per_sample = targets.len() / share.len();
                     let scale = 1.0 / (group_samples * per_sample).max(1) as f32;
                     let (loss_sum, _, grad) = model.loss_grad(&logits, &targets, scale)?;
-                    self.backward(group, model, micro, grad)?;
+                    backward_segments(group, model, micro, grad, self.deadline())?;
                     if t == 0 {
                         loss = [loss[0] + loss_sum, loss[1] + targets.len() as f64];
                     }
