@@ -277,16 +277,6 @@ impl Samples {
             }
         }
     }
-
-    /// Rows of features and their labels, or an error naming `who` for token windows.
-    pub fn rows(&self, who: &str) -> Result<(&[f32], &[u32], usize)> {
-        match self {
-            Samples::Rows { inputs, labels, input_dim } => Ok((inputs, labels, *input_dim)),
-            Samples::Tokens { .. } => {
-                Err(Error::Unsupported(format!("{who} trains on feature rows, not token windows")))
-            }
-        }
-    }
 }
 
 /// A dataset split (train, or validation), read sample by sample: a rank gathers the

@@ -293,12 +293,6 @@ pub fn epochs_done(steps: u64, n: usize, config: &TrainConfig) -> u64 {
     (steps * config.grad_accum.max(1) as u64 / per_epoch).min(config.epochs)
 }
 
-/// Test accuracy from every rank's `[loss sum, correct, predictions]`, summed over
-/// `comm`.
-pub fn test_accuracy(comm: &dyn Communicator, totals: [f64; 3], dl: Deadline) -> Result<f64> {
-    Ok(test_totals(comm, totals, dl)?.0)
-}
-
 /// Accuracy and mean loss per prediction from every rank's `[loss sum, correct,
 /// predictions]`, summed over `comm`.
 pub fn test_totals(comm: &dyn Communicator, mut totals: [f64; 3], dl: Deadline) -> Result<(f64, f64)> {

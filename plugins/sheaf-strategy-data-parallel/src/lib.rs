@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    clip_factor, epochs_done, evaluate_indices, optimizer_steps, sum_of_squares, test_totals, Communicator,
+    clip_to, epochs_done, evaluate_indices, optimizer_steps, sum_of_squares, test_totals, Communicator,
     DType, DataPartitioner, Dataset, Deadline, Error, Model, PlanInput, PluginKind, Provided, ReduceOp,
     Result, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
@@ -182,11 +182,8 @@ impl Strategy for DataParallel {
             }
             comm.allreduce(f32_bytes_mut(&mut reduced), DType::F32, ReduceOp::Sum, self.deadline())?;
             // Every rank holds the same summed gradient, so its norm needs no talk.
-            let grad_norm = sum_of_squares(&reduced[..total]).sqrt();
-            let clip = clip_factor(grad_norm, config.grad_clip);
-            if clip < 1.0 {
-                reduced[..total].iter_mut().for_each(|g| *g *= clip);
-            }
+            let squares = sum_of_squares(&reduced[..total]);
+            let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
             optimizer.set_learning_rate(config.lr.at(step, total_steps));
             optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
             model.write_params(&params)?;
