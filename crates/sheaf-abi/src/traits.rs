@@ -325,6 +325,10 @@ pub trait ModelAbi: Send {
     fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError>;
     /// One flag per parameter: 1 where the tensor-parallel group holds it whole.
     fn replicated_params(&self) -> RResult<RVec<u8>, AbiError>;
+    /// The stepped backward pass (ABI 0.6).
+    fn backward_in_steps(&self) -> RResult<bool, AbiError>;
+    fn backward_begin(&mut self, batch: AbiBatch<'_>) -> RResult<f32, AbiError>;
+    fn backward_next(&mut self, pending: RSliceMut<'_, f32>) -> RResult<u64, AbiError>;
 }
 
 /// A model piece: blocks `start..end`, and a place in a tensor-parallel group.

@@ -301,6 +301,30 @@ pub trait Model: Send {
     /// Forward and backward on `batch`: returns the mean loss and writes its gradient
     /// with respect to every parameter into `grads`.
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32>;
+    /// Whether [`Model::backward_begin`] and [`Model::backward_next`] run the backward
+    /// pass in steps (a layer at a time), so a strategy can reduce the gradients a step
+    /// finished while the next steps run. Gradients are final in reverse layout order.
+    fn backward_in_steps(&self) -> bool {
+        false
+    }
+
+    /// The forward pass on `batch`, keeping what the backward pass needs; returns the
+    /// mean loss. [`Model::backward_next`] then runs the backward pass step by step.
+    fn backward_begin(&mut self, batch: &Batch<'_>) -> Result<f32> {
+        let _ = batch;
+        Err(Error::Unsupported("this model has no stepped backward pass".into()))
+    }
+
+    /// The next step of the backward pass [`Model::backward_begin`] began. `pending` is
+    /// the front of the flat gradient buffer whose values are not final yet (all of it
+    /// at first, then as long as the last call returned): the step writes its
+    /// gradients there and returns how many values at the front are still pending, so
+    /// `pending[returned..]` is final. 0: the pass is done, every gradient written.
+    fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
+        let _ = pending;
+        Err(Error::Unsupported("this model has no stepped backward pass".into()))
+    }
+
     /// Summed loss and number of correct predictions on `batch`, without gradients
     /// (over [`Batch::predictions`] predictions).
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)>;

@@ -1,13 +1,16 @@
-//! Sheaf plugin: compute on candle-core. Builds the MLPs a job describes and runs
-//! forward and backward with candle's autograd (`Var` + `backward`, measured faster
-//! here than candle-nn's layers for these sizes).
+//! Sheaf plugin: compute on candle-core. Builds the models a job describes (`mlp`,
+//! `gpt`) and runs forward and backward with candle's autograd (`Var` + `backward`),
+//! except a whole MLP on the CPU, whose forward and backward are written out over
+//! candle's own matrix products (`fused_mlp`).
 //!
 //! Parameters are initialised on the host from the seed, exactly as PyTorch's
 //! `nn.Linear` does (uniform in +-1/sqrt(fan_in)), so every device and every rank
 //! starts from the same numbers. The loss is the mean cross-entropy of the batch.
 //! `cuda:N` needs the `cuda` feature; without it the error says so.
 
+mod fused_mlp;
 mod gpt;
+mod kernels;
 mod mlp;
 mod ops;
 
@@ -18,6 +21,7 @@ use sheaf_core::{
     Provided, Result,
 };
 
+pub use fused_mlp::FusedMlp;
 pub use gpt::{Gpt, GptSpec};
 pub use mlp::{init_params, init_piece, Activation, LayerCut, Mlp, MlpSpec, Stage};
 
@@ -143,6 +147,7 @@ impl ComputeBackend for CandleBackend {
 
     fn build_model(&self, spec: &ModelSpec, seed: u64) -> Result<Box<dyn Model>> {
         match spec.kind.as_str() {
+            "mlp" if self.device.is_cpu() => Ok(Box::new(FusedMlp::new(&MlpSpec::parse(spec)?, seed))),
             "mlp" => Ok(Box::new(Mlp::new(&MlpSpec::parse(spec)?, seed, self.device.clone())?)),
             "gpt" => Ok(Box::new(Gpt::new(&GptSpec::parse(spec)?, seed, self.device.clone())?)),
             other => Err(unknown_kind(other)),

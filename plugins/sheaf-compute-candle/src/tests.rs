@@ -313,3 +313,57 @@ fn mlp_settings_are_checked_by_the_plugin() {
 }
 
 mod gpt;
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// The fused CPU MLP computes what candle's graph computes: the loss, every
+    /// gradient, the evaluation and the logits, for any widths, batch and activation;
+    /// and its stepped backward pass finishes gradients in reverse layout order, one
+    /// layer a step, ending with the same values as the whole pass.
+    #[test]
+    fn fused_mlp_equals_candle_graph(
+        widths in proptest::collection::vec(1usize..12, 2..5),
+        rows in 0usize..9,
+        tanh in proptest::bool::ANY,
+        seed in 0u64..1000,
+    ) {
+        use crate::{FusedMlp, Mlp};
+        let activation = if tanh { "tanh" } else { "relu" };
+        let spec = ModelSpec::new("mlp", format!(r#"{{"layers": {widths:?}, "activation": "{activation}"}}"#));
+        let parsed = MlpSpec::parse(&spec).unwrap();
+        let mut fused = FusedMlp::new(&parsed, seed);
+        let mut graph = Mlp::new(&parsed, seed, candle_core::Device::Cpu).unwrap();
+        let classes = *widths.last().unwrap() as u32;
+        let (inputs, labels) = batch_data(rows, widths[0], classes);
+        let batch = Batch::Rows { inputs: &inputs, labels: &labels, input_dim: widths[0] };
+        let total = fused.layout().total();
+        let (mut gf, mut gg) = (vec![f32::NAN; total], vec![f32::NAN; total]);
+        let lf = fused.forward_backward(&batch, &mut gf).unwrap();
+        let lg = graph.forward_backward(&batch, &mut gg).unwrap();
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+        proptest::prop_assert!(close(lf, lg), "loss {lf} vs {lg}");
+        for (i, (a, b)) in gf.iter().zip(&gg).enumerate() {
+            proptest::prop_assert!(close(*a, *b), "gradient {i}: {a} vs {b}");
+        }
+        let (ef, eg) = (fused.evaluate(&batch).unwrap(), graph.evaluate(&batch).unwrap());
+        proptest::prop_assert!((ef.0 - eg.0).abs() <= 1e-4 * (1.0 + eg.0.abs()) && ef.1 == eg.1, "{ef:?} vs {eg:?}");
+        let (pf, pg) = (fused.predict(&batch).unwrap(), graph.predict(&batch).unwrap());
+        proptest::prop_assert!(pf.iter().zip(&pg).all(|(a, b)| close(*a, *b)) && pf.len() == pg.len());
+
+        proptest::prop_assert!(fused.backward_in_steps());
+        let mut stepped = vec![f32::NAN; total];
+        proptest::prop_assert_eq!(fused.backward_begin(&batch).unwrap(), lf);
+        let mut pending = total;
+        let mut frontiers = Vec::new();
+        while pending > 0 {
+            pending = fused.backward_next(&mut stepped[..pending]).unwrap();
+            frontiers.push(pending);
+        }
+        let layout = fused.layout().clone();
+        let expected: Vec<usize> = (0..widths.len() - 1).rev().map(|l| layout.range(2 * l).start).collect();
+        proptest::prop_assert_eq!(frontiers, expected);
+        proptest::prop_assert_eq!(stepped, gf);
+        proptest::prop_assert!(fused.backward_next(&mut []).is_err(), "a step past the end is an error");
+    }
+}

@@ -101,6 +101,17 @@ where
             Ok(self.inner.replicated_params().into_iter().map(u8::from).collect())
         })
     }
+    fn backward_in_steps(&self) -> RResult<bool, AbiError> {
+        guard(self.plugin, "model backward_in_steps", || Ok(self.inner.backward_in_steps()))
+    }
+    fn backward_begin(&mut self, batch: AbiBatch<'_>) -> RResult<f32, AbiError> {
+        guard(self.plugin, "model backward_begin", || {
+            Ok(self.inner.backward_begin(&batch_from_abi(&batch)?)?)
+        })
+    }
+    fn backward_next(&mut self, mut pending: RSliceMut<'_, f32>) -> RResult<u64, AbiError> {
+        guard(self.plugin, "model backward_next", || Ok(self.inner.backward_next(&mut pending)? as u64))
+    }
     fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError> {
         guard(self.plugin, "model tied_params", || {
             Ok(self
@@ -124,6 +135,7 @@ pub(crate) struct LoadedModel<'a, P: GetPointerKind> {
     pub(crate) segments: usize,
     pub(crate) tied: Vec<(usize, usize)>,
     pub(crate) replicated: Vec<bool>,
+    pub(crate) in_steps: bool,
 }
 
 impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
@@ -149,7 +161,8 @@ impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
                 layout.specs().len()
             )));
         }
-        Ok(LoadedModel { inner, layout, piece, segments, tied, replicated })
+        let in_steps = inner.backward_in_steps().into_result()?;
+        Ok(LoadedModel { inner, layout, piece, segments, tied, replicated, in_steps })
     }
 }
 
@@ -223,6 +236,22 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
     fn stage_forward_batch(&mut self, micro: u64, segment: usize, batch: &Batch<'_>) -> Result<Vec<f32>> {
         let out = self.inner.stage_forward_batch(micro, segment as u64, batch_to_abi(batch)).into_result()?;
         Ok(out.into_vec())
+    }
+    fn backward_in_steps(&self) -> bool {
+        self.in_steps
+    }
+    fn backward_begin(&mut self, batch: &Batch<'_>) -> Result<f32> {
+        self.inner.backward_begin(batch_to_abi(batch)).into_result().map_err(Error::from)
+    }
+    fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
+        let len = pending.len();
+        let left = self.inner.backward_next(RSliceMut::from_mut_slice(pending)).into_result()?;
+        match usize::try_from(left) {
+            Ok(left) if left <= len => Ok(left),
+            _ => Err(Error::invalid(format!(
+                "the model's backward step left {left} of {len} gradient values pending"
+            ))),
+        }
     }
     fn tied_params(&self) -> Vec<(usize, usize)> {
         self.tied.clone()

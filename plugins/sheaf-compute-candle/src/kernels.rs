@@ -1,0 +1,191 @@
+//! CPU kernels for the fused training paths: a bounds-checked front to the `gemm`
+//! crate (the matrix products candle itself runs on, with its AVX-512 kernels turned
+//! on) and the few elementwise passes around it, written once over plain slices so a
+//! step allocates nothing after its first.
+
+use gemm::Parallelism;
+
+/// A matrix view of a slice: `rows x cols`, element `(i, j)` at `i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// Row-major `rows x cols`.
+    pub(crate) fn rows(data: &'a [f32], rows: usize, cols: usize) -> View<'a> {
+        View { data, rows, cols, rs: cols, cs: 1 }
+    }
+
+    /// The transpose: `cols x rows`.
+    pub(crate) fn t(self) -> View<'a> {
+        View { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+
+    fn check(&self) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.rs + (self.cols - 1) * self.cs;
+            assert!(last < self.data.len(), "matrix view past the end of its slice");
+        }
+    }
+}
+
+/// Compute threads of this process: the worker's share of the cores, as the launcher
+/// sets it (`RAYON_NUM_THREADS`).
+pub(crate) fn threads() -> usize {
+    candle_core::utils::get_num_threads().max(1)
+}
+
+/// Runs `f` (a whole forward or backward step) on this process's compute threads.
+///
+/// The caller's thread waits while `f` runs on the pool, its serial parts included:
+/// run from the caller, those parts raced the pool's threads (which spin a while
+/// after each product before they sleep) for the same cores, and two threads were
+/// no faster than one on a 2-core machine.
+pub(crate) fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let n = threads();
+        (n > 1)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("compute-{i}")).build()
+            })
+            .and_then(|built| built.ok())
+    });
+    match pool {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
+}
+
+/// `dst = a * b` (or `dst += a * b` when `accumulate`), `dst` row-major `a.rows x b.cols`.
+///
+/// With several threads, the columns of `dst` are split among them, each thread one
+/// single-threaded product over its columns: measured on the reference MLP's shapes,
+/// that scaled better on two cores (1.4x to 2.0x) than `gemm`'s own split (1.1x to 1.5x).
+pub(crate) fn matmul(dst: &mut [f32], accumulate: bool, a: View<'_>, b: View<'_>, threads: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(k, b.rows, "inner dimensions differ");
+    assert_eq!(dst.len(), m * n, "destination is not {m} x {n}");
+    a.check();
+    b.check();
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.fill(0.0);
+        }
+        return;
+    }
+    let parts = if m * n * k >= MIN_SPLIT_WORK { threads.min(n / MIN_SPLIT_COLUMNS).max(1) } else { 1 };
+    let dst = SendPtr(dst.as_mut_ptr());
+    // SAFETY: every view was checked to lie inside its slice and `dst` is exactly
+    // m x n row-major and uniquely borrowed, so no input aliases it; each part writes
+    // only its own columns `cols` of `dst` and reads the same columns of `b`.
+    let part = |cols: std::ops::Range<usize>| unsafe {
+        gemm::gemm(
+            m,
+            cols.len(),
+            k,
+            dst.get().add(cols.start),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr().add(cols.start * b.cs),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    };
+    if parts == 1 {
+        part(0..n);
+    } else {
+        rayon::scope(|s| {
+            for p in 0..parts {
+                let cols = sheaf_core::chunk_range(n, parts, p);
+                s.spawn(move |_| part(cols));
+            }
+        });
+    }
+}
+
+/// Products smaller than this run on one thread.
+const MIN_SPLIT_WORK: usize = 64 * 64 * 64;
+/// Columns each thread gets at least.
+const MIN_SPLIT_COLUMNS: usize = 32;
+
+/// A destination pointer the threads of one product share (each writes its own columns).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: the threads sharing one write disjoint elements, and `matmul` waits for all.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Every row of `dst` (rows of `bias.len()`) set to `bias`.
+pub(crate) fn fill_rows(dst: &mut [f32], bias: &[f32]) {
+    for row in dst.chunks_exact_mut(bias.len()) {
+        row.copy_from_slice(bias);
+    }
+}
+
+/// Column sums of row-major `src` (rows of `out.len()`) into `out`.
+pub(crate) fn column_sums(src: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    for row in src.chunks_exact(out.len()) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+}
+
+/// Softmax cross-entropy of row-major `logits` (rows of `classes`) against `labels`:
+/// the summed loss, the correct predictions (the first maximum, as argmax), and, when
+/// `grad` is given, `scale` times the gradient of the sum with respect to the logits.
+pub(crate) fn cross_entropy(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    scale: f32,
+    mut grad: Option<&mut [f32]>,
+) -> (f64, usize) {
+    let (mut loss, mut correct) = (0f64, 0usize);
+    for (i, (z, &label)) in logits.chunks_exact(classes).zip(labels).enumerate() {
+        let (mut best, mut max) = (0, f32::NEG_INFINITY);
+        for (j, &v) in z.iter().enumerate() {
+            if v > max {
+                (best, max) = (j, v);
+            }
+        }
+        correct += usize::from(best == label as usize);
+        let sum: f32 = z.iter().map(|v| (v - max).exp()).sum();
+        let lse = max + sum.ln();
+        loss += f64::from(lse - z[label as usize]);
+        if let Some(g) = grad.as_deref_mut() {
+            let g = &mut g[i * classes..(i + 1) * classes];
+            for (d, v) in g.iter_mut().zip(z) {
+                *d = (v - lse).exp() * scale;
+            }
+            g[label as usize] -= scale;
+        }
+    }
+    (loss, correct)
+}
