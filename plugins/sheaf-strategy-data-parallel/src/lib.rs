@@ -16,7 +16,12 @@
 //! whole gradient, so the norm is local); the learning rate of the step from the
 //! schedule; validation every `eval_every` steps.
 
+mod buckets;
+
 use std::time::{Duration, Instant};
+
+pub use buckets::{buckets, GradDType};
+use buckets::{Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
@@ -59,11 +64,22 @@ pub struct DataParallelConfig {
     pub checksum_every: u64,
     /// Replicas: every rank is one, so this must be the world size when set.
     pub data: Option<usize>,
+    /// Gradient bucket size in MiB: each bucket is allreduced as soon as the backward
+    /// pass has finished it, while the pass goes on (the first bucket 1 MiB at most).
+    pub bucket_mb: f64,
+    /// Gradients on the wire: `f32`, or `bf16` (half the bytes).
+    pub grad_dtype: GradDType,
 }
 
 impl Default for DataParallelConfig {
     fn default() -> Self {
-        DataParallelConfig { timeout_ms: 60_000, checksum_every: 50, data: None }
+        DataParallelConfig {
+            timeout_ms: 60_000,
+            checksum_every: 50,
+            data: None,
+            bucket_mb: 25.0,
+            grad_dtype: GradDType::F32,
+        }
     }
 }
 
@@ -72,7 +88,19 @@ impl DataParallelConfig {
         if json.trim().is_empty() {
             return Ok(DataParallelConfig::default());
         }
-        serde_json::from_str(json).map_err(|e| Error::config("parallel.options.data-parallel", e))
+        let config: DataParallelConfig =
+            serde_json::from_str(json).map_err(|e| Error::config("parallel.options.data-parallel", e))?;
+        if !(config.bucket_mb.is_finite() && config.bucket_mb > 0.0) {
+            return Err(Error::config(
+                "parallel.options.data-parallel.bucket_mb",
+                format!("must be a positive number of MiB, not {}", config.bucket_mb),
+            ));
+        }
+        Ok(config)
+    }
+
+    fn bucket_bytes(&self) -> usize {
+        (self.bucket_mb * 1024.0 * 1024.0) as usize
     }
 }
 
@@ -155,6 +183,14 @@ impl Strategy for DataParallel {
         let mut grads = vec![0f32; total];
         // Gradients then the batch loss, reduced together.
         let mut reduced = vec![0f32; total + 1];
+        let buckets = buckets(&layout, self.config.bucket_bytes());
+        let exchange = Exchange {
+            comm,
+            buckets: &buckets,
+            wire: self.config.grad_dtype,
+            timeout: Duration::from_millis(self.config.timeout_ms),
+        };
+        let stepped = model.backward_in_steps();
         let (mut step, mut micro, mut last_loss, mut samples) = (0u64, 0u64, f64::NAN, 0usize);
         // The last evaluation and its step: a run that ends on an evaluation step
         // reports it rather than evaluating the same parameters again.
@@ -165,7 +201,7 @@ impl Strategy for DataParallel {
             // the whole optimizer step: the gradient of the mean loss over all of them.
             let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
             reduced.fill(0.0);
-            for (_, global) in &group {
+            for (k, (_, global)) in group.iter().enumerate() {
                 let mine: Vec<usize> = partitioner
                     .shard(micro, global.len(), rank, world)?
                     .into_iter()
@@ -173,14 +209,21 @@ impl Strategy for DataParallel {
                     .collect();
                 micro += 1;
                 let local = train.gather(&mine)?;
-                let loss = model.forward_backward(&local.batch(), &mut grads)?;
                 let share = mine.len() as f32 / group_samples as f32;
-                for (r, g) in reduced.iter_mut().zip(&grads) {
-                    *r += g * share;
+                if k + 1 < group.len() {
+                    // An earlier micro-batch of the step: accumulate, nothing to send.
+                    let loss = model.forward_backward(&local.batch(), &mut grads)?;
+                    for (r, g) in reduced.iter_mut().zip(&grads) {
+                        *r += g * share;
+                    }
+                    reduced[total] += loss * share;
+                    continue;
                 }
-                reduced[total] += loss * share;
+                // The last: its backward pass overlaps the buckets' allreduces.
+                let batch = local.batch();
+                let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
+                exchange.run(model, &mut grads, &mut reduced, share, backward)?;
             }
-            comm.allreduce(f32_bytes_mut(&mut reduced), DType::F32, ReduceOp::Sum, self.deadline())?;
             // Every rank holds the same summed gradient, so its norm needs no talk.
             let squares = sum_of_squares(&reduced[..total]);
             let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);

@@ -19,6 +19,10 @@ struct Softmax {
     params: Vec<f32>,
     d: usize,
     k: usize,
+    /// Whether the backward pass runs in steps (the bias, then the weights).
+    stepped: bool,
+    /// The stepped pass's gradient, computed whole and handed out a step at a time.
+    pending: Vec<f32>,
 }
 
 impl Softmax {
@@ -29,7 +33,7 @@ impl Softmax {
         ]);
         let mut g = sheaf_testkit::conformance::SplitMix::new(seed);
         let params = (0..layout.total()).map(|_| g.next_f32() * 0.1).collect();
-        Softmax { layout, params, d, k }
+        Softmax { layout, params, d, k, stepped: false, pending: Vec::new() }
     }
 
     fn probs(&self, x: &[f32]) -> Vec<f64> {
@@ -80,6 +84,22 @@ impl Model for Softmax {
         let scale = if n == 0 { 0.0 } else { 1.0 / n as f64 };
         grads.iter_mut().zip(&g).for_each(|(o, g)| *o = (g * scale) as f32);
         Ok((loss * scale) as f32)
+    }
+    fn backward_in_steps(&self) -> bool {
+        self.stepped
+    }
+    fn backward_begin(&mut self, batch: &Batch<'_>) -> Result<f32> {
+        let mut g = vec![f32::NAN; self.layout.total()];
+        let loss = self.forward_backward(batch, &mut g)?;
+        self.pending = g;
+        Ok(loss)
+    }
+    fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
+        let weights = self.k * self.d;
+        let from = if pending.len() > weights { weights } else { 0 };
+        let to = pending.len();
+        pending[from..].copy_from_slice(&self.pending[from..to]);
+        Ok(from)
     }
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
         let Batch::Rows { inputs, labels, .. } = *batch else { panic!("rows") };
@@ -162,20 +182,43 @@ fn train_seeded(
     train_with(n, config, via_abi).into_iter().map(|(p, s, _)| (p, s)).collect()
 }
 
-/// Every rank's final parameters, summary and step metrics.
+/// How the replicas exchange gradients in a test run.
+#[derive(Clone, Debug)]
+struct Exchange {
+    stepped: bool,
+    config: DataParallelConfig,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange { stepped: false, config: DataParallelConfig::default() }
+    }
+}
+
 fn train_with(
     n: usize,
     config: TrainConfig,
     via_abi: bool,
+) -> Vec<(Vec<f32>, TrainSummary, Vec<StepMetrics>)> {
+    train_exchanging(n, config, via_abi, Exchange::default())
+}
+
+/// Every rank's final parameters, summary and step metrics.
+fn train_exchanging(
+    n: usize,
+    config: TrainConfig,
+    via_abi: bool,
+    exchange: Exchange,
 ) -> Vec<(Vec<f32>, TrainSummary, Vec<StepMetrics>)> {
     let data = sheaf_data::teacher(300, 8, 3, 5);
     let (train, test) = data.split(0.2, 1);
     run_world(n, |comm| {
         // Every rank starts from a different seed: the broadcast must fix that.
         let mut model = Softmax::new(8, 3, 100 + sheaf_core::Communicator::rank(&comm) as u64);
+        model.stepped = exchange.stepped;
         let mut opt = Momentum { lr: 0.5, buf: vec![] };
         let mut sink = Collect(Vec::new());
-        let mut strategy: Box<dyn Strategy> = Box::new(DataParallel::new(DataParallelConfig::default()));
+        let mut strategy: Box<dyn Strategy> = Box::new(DataParallel::new(exchange.config.clone()));
         if via_abi {
             strategy = sheaf_abi::from_abi::strategy(sheaf_abi::to_abi::strategy("dp", strategy)).unwrap();
         }
@@ -257,7 +300,14 @@ proptest::proptest! {
         accum in 1usize..=3,
         clip in proptest::option::of(0.05f64..2.0),
         steps in 1u64..=8,
+        stepped in proptest::bool::ANY,
+        bucket_bytes in 1usize..200,
     ) {
+        // Tiny buckets: one per parameter, or the two together.
+        let exchange = Exchange {
+            stepped,
+            config: DataParallelConfig { bucket_mb: bucket_bytes as f64 / 1048576.0, ..DataParallelConfig::default() },
+        };
         let config = TrainConfig {
             grad_accum: accum,
             grad_clip: clip,
@@ -266,7 +316,7 @@ proptest::proptest! {
             ..TrainConfig::basic(4, 3, batch, Some(steps), 0.5)
         };
         let single = train_with(1, config.clone(), false);
-        let multi = train_with(n, config, false);
+        let multi = train_exchanging(n, config, false, exchange);
         let d = max_abs_diff(&multi[0].0, &single[0].0);
         proptest::prop_assert!(d <= 1e-6, "max abs diff {}", d);
         for (a, b) in multi[0].2.iter().zip(&single[0].2) {
@@ -307,4 +357,38 @@ fn clipping_bounds_the_update() {
     // One momentum-SGD step moves the parameters by lr times the (clipped) gradient.
     assert!((moved(&clipped[0].0) - 0.5 * 1e-3).abs() < 1e-5, "{}", moved(&clipped[0].0));
     assert!((moved(&free[0].0) - 0.5 * norm).abs() < 1e-4 * norm);
+}
+
+/// Gradients through bfloat16 on the wire: every rank still holds the same parameters,
+/// the run still learns, and it ends near the f32 run (bf16 keeps 8 bits of mantissa,
+/// so the parameters drift apart by a little, not by their scale).
+#[test]
+fn bf16_gradients_stay_in_sync_and_near_f32() {
+    let config = TrainConfig::basic(9, 3, 16, None, 0.5);
+    let bf16 = Exchange {
+        stepped: true,
+        config: DataParallelConfig { grad_dtype: crate::GradDType::Bf16, ..DataParallelConfig::default() },
+    };
+    let narrow = train_exchanging(3, config.clone(), true, bf16);
+    let wide = train_with(3, config, false);
+    for (p, _, _) in &narrow {
+        assert_eq!(p, &narrow[0].0);
+    }
+    let (n, w) = (&narrow[0].1, &wide[0].1);
+    assert!(n.test_accuracy > 0.6 && (n.test_accuracy - w.test_accuracy).abs() <= 0.03, "{n:?} vs {w:?}");
+    assert!((n.test_loss - w.test_loss).abs() <= 0.01 * w.test_loss, "{} vs {}", n.test_loss, w.test_loss);
+    let d = max_abs_diff(&narrow[0].0, &wide[0].0);
+    assert!(d > 0.0 && d < 0.05, "max abs diff {d}");
+}
+
+#[test]
+fn bucket_and_wire_settings_are_checked() {
+    assert_eq!(
+        DataParallelConfig::parse(r#"{"grad_dtype": "bf16", "bucket_mb": 4}"#).unwrap().bucket_mb,
+        4.0
+    );
+    for bad in [r#"{"bucket_mb": 0}"#, r#"{"bucket_mb": -1}"#, r#"{"grad_dtype": "f16"}"#] {
+        let e = DataParallelConfig::parse(bad).unwrap_err().to_string();
+        assert!(e.contains("parallel.options.data-parallel"), "{bad}: {e}");
+    }
 }

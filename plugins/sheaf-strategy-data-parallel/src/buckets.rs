@@ -1,0 +1,252 @@
+//! Gradient buckets reduced while the backward pass runs.
+//!
+//! The flat gradient buffer is cut, at parameter boundaries, into buckets in reverse
+//! layout order (the order a backward pass finishes them): the first 1 MiB (or
+//! `bucket_mb`, when smaller) so that communication starts early, as PyTorch DDP does,
+//! then `bucket_mb` each. A communication thread allreduces each bucket as soon as the
+//! model's stepped backward pass ([`Model::backward_next`]) has finished every
+//! gradient in it, while the pass goes on with the layers below. A model without a
+//! stepped pass runs its whole backward first; its buckets go out the same way.
+//!
+//! Every rank cuts the same buckets from the same layout and sends them in the same
+//! order, so the collectives match. Each element is summed by the same algorithm
+//! whatever the bucket, so the result equals one allreduce of the whole buffer up to
+//! the order of additions that the algorithm chosen for a bucket's size uses.
+
+use std::ops::Range;
+use std::sync::mpsc;
+
+use half::bf16;
+use serde::Deserialize;
+use sheaf_core::{Communicator, DType, Deadline, Error, Model, ParamLayout, ReduceOp, Result};
+
+/// How gradients travel between replicas.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum GradDType {
+    /// As computed.
+    #[default]
+    F32,
+    /// Rounded to bfloat16 (half the bytes), summed in bfloat16, widened back.
+    Bf16,
+}
+
+/// The first bucket's size at most, as DDP's.
+const FIRST_BUCKET_BYTES: usize = 1 << 20;
+
+/// The buckets of `layout`: ranges of the flat buffer, the last parameters first,
+/// together covering all of it.
+pub fn buckets(layout: &ParamLayout, bucket_bytes: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut end = layout.total();
+    let mut cap = FIRST_BUCKET_BYTES.min(bucket_bytes).max(1);
+    for p in (0..layout.specs().len()).rev() {
+        let start = layout.range(p).start;
+        if (end - start) * 4 >= cap || p == 0 {
+            out.push(start..end);
+            end = start;
+            cap = bucket_bytes.max(1);
+        }
+    }
+    if out.is_empty() && layout.total() > 0 {
+        out.push(0..layout.total());
+    }
+    out
+}
+
+/// What one optimizer step's last micro-batch reduces.
+pub struct Exchange<'a> {
+    pub comm: &'a dyn Communicator,
+    pub buckets: &'a [Range<usize>],
+    pub wire: GradDType,
+    pub timeout: std::time::Duration,
+}
+
+impl Exchange<'_> {
+    /// Runs the backward pass of `model` on the batch it began (or the whole
+    /// forward/backward through `whole` for a model without a stepped pass), adds
+    /// `share` times each finished gradient into `reduced` (the step's gradients, with
+    /// the loss in its last slot, which `loss` is added to) and allreduces each bucket
+    /// of `reduced` on a communication thread as soon as it is complete.
+    pub fn run(
+        &self,
+        model: &mut dyn Model,
+        grads: &mut [f32],
+        reduced: &mut [f32],
+        share: f32,
+        backward: Backward<'_>,
+    ) -> Result<()> {
+        let total = grads.len();
+        debug_assert_eq!(reduced.len(), total + 1);
+        let deadline = || Deadline::after(self.timeout);
+        // The bucket slices of `reduced`, in the order they complete. The loss slot
+        // rides at the end of the first bucket on an f32 wire; through bf16 it would
+        // be rounded, so it travels alone in f32 after that bucket.
+        let (body, mut loss_alone) = match self.wire {
+            GradDType::F32 => (reduced, None),
+            GradDType::Bf16 => {
+                let (body, slot) = reduced.split_at_mut(total);
+                (body, Some(slot))
+            }
+        };
+        let mut slices: Vec<(usize, &mut [f32])> = Vec::with_capacity(self.buckets.len());
+        let mut rest = body;
+        for b in self.buckets {
+            let (lo, hi) = rest.split_at_mut(b.start);
+            slices.push((b.start, hi));
+            rest = lo;
+        }
+        let comm = self.comm;
+        let wire = self.wire;
+        let result = std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel::<(&mut [f32], Option<&mut [f32]>)>();
+            let reducer = s.spawn(move || -> Result<()> {
+                for (bucket, loss) in rx {
+                    reduce(comm, bucket, wire, deadline())?;
+                    if let Some(loss) = loss {
+                        comm.allreduce(
+                            bytemuck::cast_slice_mut(loss),
+                            DType::F32,
+                            ReduceOp::Sum,
+                            deadline(),
+                        )?;
+                    }
+                }
+                Ok(())
+            });
+            let produced = (|| -> Result<()> {
+                let mut pending = total;
+                let mut loss = match backward {
+                    Backward::Stepped(batch) => model.backward_begin(batch)?,
+                    Backward::Whole(batch) => {
+                        let loss = model.forward_backward(batch, grads)?;
+                        pending = 0;
+                        loss
+                    }
+                };
+                let mut sent = 0;
+                let mut done = total;
+                loop {
+                    if pending > 0 {
+                        let left = model.backward_next(&mut grads[..pending])?;
+                        if left >= pending {
+                            return Err(Error::BadState(format!(
+                                "the model's backward step finished nothing ({pending} values pending)"
+                            )));
+                        }
+                        pending = left;
+                    }
+                    for (start, slice) in slices.iter_mut() {
+                        let (lo, hi) = (pending.max(*start), done.min(*start + slice.len()));
+                        for i in lo..hi {
+                            slice[i - *start] += grads[i] * share;
+                        }
+                    }
+                    done = pending;
+                    while sent < slices.len() && slices[sent].0 >= pending {
+                        let slice = std::mem::take(&mut slices[sent].1);
+                        let mut alone = None;
+                        if sent == 0 {
+                            let share_of_loss = std::mem::take(&mut loss) * share;
+                            match loss_alone.take() {
+                                Some(slot) => {
+                                    slot[0] += share_of_loss;
+                                    alone = Some(slot);
+                                }
+                                None => {
+                                    if let Some(last) = slice.last_mut() {
+                                        *last += share_of_loss;
+                                    }
+                                }
+                            }
+                        }
+                        // A closed channel means the reducer failed: its error is
+                        // the one to report, after the join below.
+                        if tx.send((slice, alone)).is_err() {
+                            return Ok(());
+                        }
+                        sent += 1;
+                    }
+                    if pending == 0 {
+                        return Ok(());
+                    }
+                }
+            })();
+            drop(tx);
+            let reduced =
+                reducer.join().map_err(|_| Error::BadState("the gradient reducer panicked".into()))?;
+            reduced.and(produced)
+        });
+        result
+    }
+}
+
+/// How the last micro-batch's backward pass runs.
+pub enum Backward<'b> {
+    /// Layer by layer, through `backward_begin`/`backward_next`.
+    Stepped(&'b sheaf_core::Batch<'b>),
+    /// All at once, through `forward_backward`.
+    Whole(&'b sheaf_core::Batch<'b>),
+}
+
+/// Allreduces one bucket, in f32 or through bfloat16.
+fn reduce(comm: &dyn Communicator, bucket: &mut [f32], wire: GradDType, deadline: Deadline) -> Result<()> {
+    match wire {
+        GradDType::F32 => {
+            comm.allreduce(bytemuck::cast_slice_mut(bucket), DType::F32, ReduceOp::Sum, deadline)?
+        }
+        GradDType::Bf16 => {
+            let mut narrow: Vec<bf16> = bucket.iter().map(|&v| bf16::from_f32(v)).collect();
+            comm.allreduce(bytemuck::cast_slice_mut(&mut narrow), DType::BF16, ReduceOp::Sum, deadline)?;
+            for (v, n) in bucket.iter_mut().zip(narrow) {
+                *v = n.to_f32();
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sheaf_core::{ParamLayout, ParamSpec};
+
+    use super::buckets;
+
+    fn layout(sizes: &[usize]) -> ParamLayout {
+        ParamLayout::new(
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] })
+                .collect(),
+        )
+    }
+
+    proptest::proptest! {
+        /// Buckets tile the buffer from its end to its start at parameter boundaries,
+        /// each closed as soon as it reaches its size (the first at most 1 MiB).
+        #[test]
+        fn buckets_tile_the_buffer_backwards(
+            sizes in proptest::collection::vec(1usize..400_000, 1..12),
+            mb in 1usize..4,
+        ) {
+            let l = layout(&sizes);
+            let b = buckets(&l, mb << 20);
+            proptest::prop_assert_eq!(b.first().map(|r| r.end), Some(l.total()));
+            proptest::prop_assert_eq!(b.last().map(|r| r.start), Some(0));
+            for w in b.windows(2) {
+                proptest::prop_assert_eq!(w[0].start, w[1].end);
+            }
+            let starts: Vec<usize> = (0..sizes.len()).map(|p| l.range(p).start).collect();
+            for (i, r) in b.iter().enumerate() {
+                proptest::prop_assert!(starts.contains(&r.start));
+                let cap = if i == 0 { (1usize << 20).min(mb << 20) } else { mb << 20 };
+                // Closed at the first parameter boundary at or past the cap: less
+                // its first (lowest) parameter, it was still under the cap.
+                let first = starts.iter().position(|&s| s == r.start).unwrap();
+                let without_first = r.end - l.range(first).end;
+                proptest::prop_assert!(without_first * 4 < cap || r.start == 0, "{r:?} {cap}");
+            }
+        }
+    }
+}
