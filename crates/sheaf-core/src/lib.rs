@@ -35,7 +35,7 @@ pub use report::NamedValue;
 pub use rng::SplitMix64;
 pub use strategy::{
     backward_segments, clip_factor, clip_to, epoch_order, epochs_done, evaluate_indices, forward_segments,
-    global_batches, norm_contribution, optimizer_steps, sum_of_squares, test_totals, EpochOrder, LrSchedule,
-    Mesh, MetricsSink, PlanInput, RankPlan, StageInput, StepMetrics, Strategy, StrategyPlan, TrainConfig,
-    TrainContext, TrainSummary,
+    global_batches, norm_contribution, optimizer_state_bytes, optimizer_steps, sum_of_squares, test_totals,
+    EpochOrder, LrSchedule, Mesh, MetricsSink, PlanInput, RankPlan, StageInput, StepMetrics, Strategy,
+    StrategyPlan, TrainConfig, TrainContext, TrainSummary,
 };

@@ -197,7 +197,14 @@ crate::report::report! {
         /// (pipeline stages measure them; 0 when not measured).
         pub busy_seconds: f64,
         pub idle_seconds: f64,
+        /// Bytes of optimizer state this rank holds at the end (its shard under ZeRO).
+        pub optimizer_state_bytes_per_rank: u64,
     }
+}
+
+/// Bytes of the state `optimizer` holds now, measured from what it reports.
+pub fn optimizer_state_bytes(optimizer: &dyn crate::Optimizer) -> Result<u64> {
+    Ok(optimizer.state()?.buffers.iter().map(|(_, b)| b.len() as u64 * 4).sum())
 }
 
 /// What a strategy lays a job out from.

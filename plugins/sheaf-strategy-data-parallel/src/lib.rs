@@ -17,6 +17,7 @@
 //! schedule; validation every `eval_every` steps.
 
 mod buckets;
+mod zero;
 
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,10 @@ pub struct DataParallelConfig {
     pub bucket_mb: f64,
     /// Gradients on the wire: `f32`, or `bf16` (half the bytes).
     pub grad_dtype: GradDType,
+    /// ZeRO stage: 0 (every rank holds the whole optimizer state) or 1 (the optimizer
+    /// state sharded: gradients reduce-scattered, each rank steps its shard, the
+    /// parameters allgathered).
+    pub zero: u8,
 }
 
 impl Default for DataParallelConfig {
@@ -79,6 +84,7 @@ impl Default for DataParallelConfig {
             data: None,
             bucket_mb: 25.0,
             grad_dtype: GradDType::F32,
+            zero: 0,
         }
     }
 }
@@ -96,7 +102,17 @@ impl DataParallelConfig {
                 format!("must be a positive number of MiB, not {}", config.bucket_mb),
             ));
         }
-        Ok(config)
+        match config.zero {
+            0 | 1 => Ok(config),
+            2 => Err(Error::config(
+                "parallel.options.data-parallel.zero",
+                "ZeRO stage 2 (sharded gradients) is not built yet; stage 1 (sharded optimizer state) is",
+            )),
+            n => Err(Error::config(
+                "parallel.options.data-parallel.zero",
+                format!("no ZeRO stage {n} (0 or 1)"),
+            )),
+        }
     }
 
     fn bucket_bytes(&self) -> usize {
@@ -191,6 +207,8 @@ impl Strategy for DataParallel {
             timeout: Duration::from_millis(self.config.timeout_ms),
         };
         let stepped = model.backward_in_steps();
+        let shards = (self.config.zero >= 1).then(|| zero::Shards::new(&layout, &buckets, rank, world));
+        let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, zero::Shards::len)];
         let (mut step, mut micro, mut last_loss, mut samples) = (0u64, 0u64, f64::NAN, 0usize);
         // The last evaluation and its step: a run that ends on an evaluation step
         // reports it rather than evaluating the same parameters again.
@@ -210,8 +228,9 @@ impl Strategy for DataParallel {
                 micro += 1;
                 let local = train.gather(&mine)?;
                 let share = mine.len() as f32 / group_samples as f32;
-                if k + 1 < group.len() {
-                    // An earlier micro-batch of the step: accumulate, nothing to send.
+                if k + 1 < group.len() || shards.is_some() {
+                    // An earlier micro-batch of the step (or any under ZeRO, which
+                    // reduce-scatters after the pass): accumulate, nothing to send.
                     let loss = model.forward_backward(&local.batch(), &mut grads)?;
                     for (r, g) in reduced.iter_mut().zip(&grads) {
                         *r += g * share;
@@ -224,11 +243,36 @@ impl Strategy for DataParallel {
                 let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
                 exchange.run(model, &mut grads, &mut reduced, share, backward)?;
             }
-            // Every rank holds the same summed gradient, so its norm needs no talk.
-            let squares = sum_of_squares(&reduced[..total]);
-            let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
-            optimizer.set_learning_rate(config.lr.at(step, total_steps));
-            optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
+            let grad_norm = match &shards {
+                None => {
+                    // Every rank holds the same summed gradient, so its norm needs no talk.
+                    let squares = sum_of_squares(&reduced[..total]);
+                    let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
+                    optimizer.set_learning_rate(config.lr.at(step, total_steps));
+                    optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
+                    grad_norm
+                }
+                Some(shards) => {
+                    let wire = self.config.grad_dtype;
+                    shards.reduce_scatter(comm, &reduced[..total], &mut shard_grads, wire, || {
+                        self.deadline()
+                    })?;
+                    // The loss and the squares of every rank's chunks, summed.
+                    let mut sums = [f64::from(reduced[total]), sum_of_squares(&shard_grads)];
+                    comm.allreduce(
+                        bytemuck::cast_slice_mut(&mut sums),
+                        DType::F64,
+                        ReduceOp::Sum,
+                        self.deadline(),
+                    )?;
+                    reduced[total] = sums[0] as f32;
+                    let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
+                    optimizer.set_learning_rate(config.lr.at(step, total_steps));
+                    shards.step(optimizer, &mut params, &shard_grads)?;
+                    shards.allgather(comm, &mut params, || self.deadline())?;
+                    grad_norm
+                }
+            };
             model.write_params(&params)?;
             step += 1;
             samples += group_samples;
@@ -272,6 +316,7 @@ impl Strategy for DataParallel {
             peak_activation_bytes: 0,
             busy_seconds: 0.0,
             idle_seconds: 0.0,
+            optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
         })
     }
 }

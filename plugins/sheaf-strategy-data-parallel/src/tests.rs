@@ -143,7 +143,7 @@ impl Optimizer for Momentum {
         self.lr = lr;
     }
     fn state(&self) -> Result<OptimState> {
-        Ok(OptimState::default())
+        Ok(OptimState { step: 0, buffers: vec![("momentum".into(), self.buf.clone())] })
     }
     fn load_state(&mut self, _: &OptimState) -> Result<()> {
         Ok(())
@@ -183,16 +183,10 @@ fn train_seeded(
 }
 
 /// How the replicas exchange gradients in a test run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct Exchange {
     stepped: bool,
     config: DataParallelConfig,
-}
-
-impl Default for Exchange {
-    fn default() -> Self {
-        Exchange { stepped: false, config: DataParallelConfig::default() }
-    }
 }
 
 fn train_with(
@@ -302,11 +296,16 @@ proptest::proptest! {
         steps in 1u64..=8,
         stepped in proptest::bool::ANY,
         bucket_bytes in 1usize..200,
+        zero in 0u8..=1,
     ) {
         // Tiny buckets: one per parameter, or the two together.
         let exchange = Exchange {
             stepped,
-            config: DataParallelConfig { bucket_mb: bucket_bytes as f64 / 1048576.0, ..DataParallelConfig::default() },
+            config: DataParallelConfig {
+                bucket_mb: bucket_bytes as f64 / 1048576.0,
+                zero,
+                ..DataParallelConfig::default()
+            },
         };
         let config = TrainConfig {
             grad_accum: accum,
@@ -391,4 +390,46 @@ fn bucket_and_wire_settings_are_checked() {
         let e = DataParallelConfig::parse(bad).unwrap_err().to_string();
         assert!(e.contains("parallel.options.data-parallel"), "{bad}: {e}");
     }
+}
+
+/// ZeRO stage 1: after 10 steps the parameters equal plain data parallelism's (within
+/// 1e-6, the order of the gradient sums aside), every rank holds the same, and each
+/// holds 1/world of the optimizer state (measured from what the optimizer reports).
+#[test]
+fn zero_1_equals_plain_data_parallel_with_a_shard_of_the_state() {
+    let config = TrainConfig { grad_clip: Some(0.5), ..TrainConfig::basic(9, 3, 24, Some(10), 0.5) };
+    for world in [2, 3, 4] {
+        for bucket_mb in [25.0, 40.0 / 1048576.0] {
+            let plain = train_with(world, config.clone(), false);
+            let sharded = train_exchanging(
+                world,
+                config.clone(),
+                world == 2,
+                Exchange {
+                    stepped: true,
+                    config: DataParallelConfig { zero: 1, bucket_mb, ..DataParallelConfig::default() },
+                },
+            );
+            let whole = plain[0].1.optimizer_state_bytes_per_rank;
+            assert_eq!(whole, 27 * 4);
+            let mut held = 0;
+            for (p, s, _) in &sharded {
+                assert_eq!(p, &sharded[0].0);
+                let d = max_abs_diff(p, &plain[0].0);
+                assert!(d <= 1e-6, "world {world}, buckets of {bucket_mb} MiB: max abs diff {d}");
+                assert!(s.optimizer_state_bytes_per_rank <= whole.div_ceil(world as u64) + 4 * 2);
+                held += s.optimizer_state_bytes_per_rank;
+            }
+            assert_eq!(held, whole, "the shards together hold the whole state once");
+        }
+    }
+}
+
+#[test]
+fn zero_stages_are_checked() {
+    assert_eq!(DataParallelConfig::parse(r#"{"zero": 1}"#).unwrap().zero, 1);
+    let e = DataParallelConfig::parse(r#"{"zero": 2}"#).unwrap_err().to_string();
+    assert!(e.contains("not built yet"), "{e}");
+    let e = DataParallelConfig::parse(r#"{"zero": 3}"#).unwrap_err().to_string();
+    assert!(e.contains("no ZeRO stage 3"), "{e}");
 }

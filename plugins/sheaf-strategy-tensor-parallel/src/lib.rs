@@ -290,6 +290,7 @@ impl Strategy for TensorParallel {
             peak_activation_bytes: peak,
             busy_seconds: 0.0,
             idle_seconds: 0.0,
+            optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
         })
     }
 }
