@@ -13,7 +13,7 @@
 use sheaf_core::{Batch, Error, Model, ParamLayout, Result};
 
 use crate::kernels::{column_sums, cross_entropy, fill_rows, matmul, on_compute_threads, threads, View};
-use crate::mlp::{init_params, Activation, MlpSpec};
+use crate::mlp::{init_params, Activation, MlpSpec, Rows};
 
 pub struct FusedMlp {
     spec: MlpSpec,
@@ -60,21 +60,7 @@ impl FusedMlp {
 
     /// Copies in a batch of rows, checked against the model.
     fn load(&mut self, batch: &Batch<'_>) -> Result<()> {
-        let Batch::Rows { inputs, labels, input_dim } = *batch else {
-            return Err(Error::invalid("an mlp takes rows of features, not token windows"));
-        };
-        let d = self.spec.layers[0];
-        if input_dim != d || inputs.len() != labels.len() * d {
-            return Err(Error::invalid(format!(
-                "batch of {} samples with {input_dim} inputs each ({} values) does not fit a model with {d} inputs",
-                labels.len(),
-                inputs.len()
-            )));
-        }
-        let classes = *self.spec.layers.last().expect("validated");
-        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-            return Err(Error::invalid(format!("label {bad} but the model has {classes} classes")));
-        }
+        let Rows { inputs, labels } = self.spec.check_rows(batch)?;
         self.input.clear();
         self.input.extend_from_slice(inputs);
         self.labels.clear();

@@ -70,6 +70,26 @@ impl MlpSpec {
         self.layers.len() - 1
     }
 
+    /// The batch's rows, checked against the model.
+    pub(crate) fn check_rows<'b>(&self, batch: &Batch<'b>) -> Result<Rows<'b>> {
+        let Batch::Rows { inputs, labels, input_dim } = *batch else {
+            return Err(Error::invalid("an mlp takes rows of features, not token windows"));
+        };
+        let d = self.layers[0];
+        if input_dim != d || inputs.len() != labels.len() * d {
+            return Err(Error::invalid(format!(
+                "batch of {} samples with {input_dim} inputs each ({} values) does not fit a model with {d} inputs",
+                labels.len(),
+                inputs.len()
+            )));
+        }
+        let classes = *self.layers.last().expect("validated");
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
+            return Err(Error::invalid(format!("label {bad} but the model has {classes} classes")));
+        }
+        Ok(Rows { inputs, labels })
+    }
+
     pub fn info(&self) -> ModelInfo {
         ModelInfo {
             layout: self.layout(),
@@ -248,26 +268,6 @@ impl Mlp {
         Ok(Mlp { spec: spec.clone(), layout, vars, device })
     }
 
-    /// The batch's rows, checked against the model.
-    fn check_batch<'b>(&self, batch: &Batch<'b>) -> Result<Rows<'b>> {
-        let Batch::Rows { inputs, labels, input_dim } = *batch else {
-            return Err(Error::invalid("an mlp takes rows of features, not token windows"));
-        };
-        let d = self.spec.layers[0];
-        if input_dim != d || inputs.len() != labels.len() * d {
-            return Err(Error::invalid(format!(
-                "batch of {} samples with {input_dim} inputs each ({} values) does not fit a model with {d} inputs",
-                labels.len(),
-                inputs.len()
-            )));
-        }
-        let classes = *self.spec.layers.last().expect("validated");
-        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= classes) {
-            return Err(Error::invalid(format!("label {bad} but the model has {classes} classes")));
-        }
-        Ok(Rows { inputs, labels })
-    }
-
     /// Logits and log-probabilities of a batch, and the one-hot labels.
     fn forward(&self, batch: &Rows<'_>) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let n = batch.labels.len();
@@ -304,7 +304,7 @@ impl Model for Mlp {
     }
 
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
-        let rows = self.check_batch(batch)?;
+        let rows = self.spec.check_rows(batch)?;
         if grads.len() != self.layout.total() {
             return Err(Error::invalid(format!(
                 "{} gradient slots for {} parameters",
@@ -331,7 +331,7 @@ impl Model for Mlp {
     }
 
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
-        let rows = self.check_batch(batch)?;
+        let rows = self.spec.check_rows(batch)?;
         if batch.is_empty() {
             return Ok((0.0, 0));
         }
@@ -346,7 +346,7 @@ impl Model for Mlp {
     }
 
     fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
-        let rows = self.check_batch(batch)?;
+        let rows = self.spec.check_rows(batch)?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -616,7 +616,7 @@ impl Model for Stage {
 }
 
 /// A batch's rows, checked.
-struct Rows<'a> {
-    inputs: &'a [f32],
-    labels: &'a [u32],
+pub(crate) struct Rows<'a> {
+    pub(crate) inputs: &'a [f32],
+    pub(crate) labels: &'a [u32],
 }
