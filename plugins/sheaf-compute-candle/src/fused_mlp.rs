@@ -207,7 +207,7 @@ impl FusedMlp {
             let delta = View::rows(&self.delta, n, out);
             // dW = delta^T x, db = the column sums of delta.
             matmul(&mut pending[w.clone()], false, delta.t(), View::rows(x, n, inp), self.threads);
-            column_sums(&self.delta, &mut pending[b]);
+            column_sums(&self.delta, &mut pending[b], self.threads);
             if l > 0 {
                 // The gradient with respect to the layer's input, through the
                 // nonlinearity that made it.

@@ -154,6 +154,53 @@ impl GptSpec {
         ParamLayout::new(self.params().into_iter().map(|(s, _)| s).collect())
     }
 
+    /// The windows of a batch, checked against the model: `(windows, n, window)`.
+    pub(crate) fn windows<'b>(&self, batch: &Batch<'b>, what: &str) -> Result<(&'b [u32], usize, usize)> {
+        let Batch::Tokens { windows, window } = *batch else {
+            return Err(Error::invalid(format!("a gpt {what} token windows, not rows of features")));
+        };
+        if window == 0 || !windows.len().is_multiple_of(window) {
+            return Err(Error::invalid(format!(
+                "{} tokens are not whole windows of {window}",
+                windows.len()
+            )));
+        }
+        if let Some((at, &bad)) = windows.iter().enumerate().find(|(_, &t)| t as usize >= self.vocab_size) {
+            return Err(Error::invalid(format!(
+                "token id {bad} (at {at} in the batch) is not below vocab_size {}",
+                self.vocab_size
+            )));
+        }
+        Ok((windows, windows.len() / window, window))
+    }
+
+    /// Splits windows of `window` tokens into inputs (the first `window - 1` of each)
+    /// and targets (the last `window - 1`), replacing `x` and `y`; returns the
+    /// positions per window, `window - 1`, which must be 1 to `block_size`.
+    pub(crate) fn split_windows(
+        &self,
+        windows: &[u32],
+        window: usize,
+        x: &mut Vec<u32>,
+        y: &mut Vec<u32>,
+    ) -> Result<usize> {
+        let t = window.saturating_sub(1);
+        if t == 0 || t > self.block_size {
+            return Err(Error::invalid(format!(
+                "windows of {window} tokens: a gpt with block_size {} trains on 2 to {} tokens per window",
+                self.block_size,
+                self.block_size + 1
+            )));
+        }
+        x.clear();
+        y.clear();
+        for w in windows.chunks_exact(window) {
+            x.extend_from_slice(&w[..t]);
+            y.extend_from_slice(&w[1..]);
+        }
+        Ok(t)
+    }
+
     /// Blocks: 0 the embeddings, `1..=n_layer` the transformer blocks, `n_layer + 1`
     /// the final LayerNorm and the head.
     fn blocks(&self) -> usize {
@@ -327,7 +374,6 @@ const WTE: usize = 0;
 /// The initial values of `spec`'s parameters from `seed`. Parameter `p`'s value `j`
 /// is a Box-Muller normal from draws `2j` and `2j + 1` of the stream of `(seed, p)`,
 /// so any slice of a parameter can be drawn without the rest.
-#[cfg(test)]
 pub fn init_params(spec: &GptSpec, seed: u64) -> Vec<f32> {
     let params = spec.params();
     (0..params.len()).flat_map(|p| init_param(&params, p, seed)).collect()
@@ -548,42 +594,13 @@ impl Gpt {
 
     /// The windows of a batch, checked: `(windows, n, window)`.
     fn windows<'b>(&self, batch: &Batch<'b>, what: &str) -> Result<(&'b [u32], usize, usize)> {
-        let Batch::Tokens { windows, window } = *batch else {
-            return Err(Error::invalid(format!("a gpt {what} token windows, not rows of features")));
-        };
-        if window == 0 || !windows.len().is_multiple_of(window) {
-            return Err(Error::invalid(format!(
-                "{} tokens are not whole windows of {window}",
-                windows.len()
-            )));
-        }
-        if let Some((at, &bad)) =
-            windows.iter().enumerate().find(|(_, &t)| t as usize >= self.spec.vocab_size)
-        {
-            return Err(Error::invalid(format!(
-                "token id {bad} (at {at} in the batch) is not below vocab_size {}",
-                self.spec.vocab_size
-            )));
-        }
-        Ok((windows, windows.len() / window, window))
+        self.spec.windows(batch, what)
     }
 
     /// Inputs `[n, t]` and targets `[n * t]` of windows of `t + 1` tokens.
     fn inputs_targets(&self, windows: &[u32], n: usize, window: usize) -> Result<(Tensor, Tensor)> {
-        let t = window.saturating_sub(1);
-        if t == 0 || t > self.spec.block_size {
-            return Err(Error::invalid(format!(
-                "windows of {window} tokens: a gpt with block_size {} trains on 2 to {} tokens per window",
-                self.spec.block_size,
-                self.spec.block_size + 1
-            )));
-        }
-        let mut x = Vec::with_capacity(n * t);
-        let mut y = Vec::with_capacity(n * t);
-        for w in windows.chunks_exact(window) {
-            x.extend_from_slice(&w[..t]);
-            y.extend_from_slice(&w[1..]);
-        }
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        let t = self.spec.split_windows(windows, window, &mut x, &mut y)?;
         let make = || -> candle_core::Result<(Tensor, Tensor)> {
             Ok((Tensor::from_vec(x, (n, t), &self.device)?, Tensor::from_vec(y, n * t, &self.device)?))
         };
@@ -818,6 +835,10 @@ impl Model for Gpt {
     fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
         self.whole_only("predicts")?;
         let (windows, n, window) = self.windows(batch, "predicts from")?;
+        if n == 0 {
+            // candle panics on an empty gather.
+            return Ok(Vec::new());
+        }
         // The context is the last block_size tokens of each window, as nanoGPT crops.
         let t = window.min(self.spec.block_size);
         let ctx: Vec<u32> =

@@ -8,6 +8,7 @@
 //! starts from the same numbers. The loss is the mean cross-entropy of the batch.
 //! `cuda:N` needs the `cuda` feature; without it the error says so.
 
+mod fused_gpt;
 mod fused_mlp;
 mod gpt;
 mod kernels;
@@ -21,6 +22,7 @@ use sheaf_core::{
     Provided, Result,
 };
 
+pub use fused_gpt::FusedGpt;
 pub use fused_mlp::FusedMlp;
 pub use gpt::{Gpt, GptSpec};
 pub use mlp::{init_params, init_piece, Activation, LayerCut, Mlp, MlpSpec, Stage};
@@ -149,6 +151,7 @@ impl ComputeBackend for CandleBackend {
         match spec.kind.as_str() {
             "mlp" if self.device.is_cpu() => Ok(Box::new(FusedMlp::new(&MlpSpec::parse(spec)?, seed))),
             "mlp" => Ok(Box::new(Mlp::new(&MlpSpec::parse(spec)?, seed, self.device.clone())?)),
+            "gpt" if self.device.is_cpu() => Ok(Box::new(FusedGpt::new(&GptSpec::parse(spec)?, seed))),
             "gpt" => Ok(Box::new(Gpt::new(&GptSpec::parse(spec)?, seed, self.device.clone())?)),
             other => Err(unknown_kind(other)),
         }

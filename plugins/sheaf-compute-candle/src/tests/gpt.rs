@@ -533,3 +533,102 @@ fn stages_of_tensor_slices_equal_the_whole_model() {
         assert!(diff <= 1e-5, "{cut:?}: max abs diff {diff}");
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+    /// The fused CPU GPT computes what candle's graph computes, for any shape: the
+    /// loss, every gradient, the evaluation and the last position's logits; its
+    /// stepped backward pass finishes the head, then each block from the last, then
+    /// the embeddings, ending with the same values as the whole pass.
+    #[test]
+    fn fused_gpt_equals_candle_graph(
+        n_layer in 1usize..4,
+        n_head in 1usize..4,
+        head_size in 1usize..6,
+        block_size in 1usize..7,
+        vocab in 2usize..10,
+        bias in proptest::bool::ANY,
+        tied in proptest::bool::ANY,
+        n in 0usize..5,
+        positions in 1usize..7,
+        seed in 0u64..1000,
+    ) {
+        use crate::{FusedGpt, Gpt};
+        let t = positions.min(block_size);
+        let mut s = ModelSpec::new(
+            "gpt",
+            format!(
+                r#"{{"n_layer": {n_layer}, "n_head": {n_head}, "n_embd": {}, "block_size": {block_size}, "bias": {bias}, "tie_embeddings": {tied}}}"#,
+                n_head * head_size
+            ),
+        );
+        s.vocab_size = Some(vocab);
+        let parsed = GptSpec::parse(&s).unwrap();
+        let mut fused = FusedGpt::new(&parsed, seed);
+        let mut graph = Gpt::new(&parsed, seed, candle_core::Device::Cpu).unwrap();
+        // Weights well away from the init, so every path carries signal.
+        let total = fused.layout().total();
+        let mut rng = sheaf_core::SplitMix64::new(seed);
+        let params: Vec<f32> = (0..total).map(|_| rng.next_f32() - 0.5).collect();
+        fused.write_params(&params).unwrap();
+        graph.write_params(&params).unwrap();
+        let w: Vec<u32> = (0..n * (t + 1)).map(|i| ((i * 7 + seed as usize) % vocab) as u32).collect();
+        let batch = Batch::Tokens { windows: &w, window: t + 1 };
+        let (mut gf, mut gg) = (vec![f32::NAN; total], vec![f32::NAN; total]);
+        let lf = fused.forward_backward(&batch, &mut gf).unwrap();
+        let lg = graph.forward_backward(&batch, &mut gg).unwrap();
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + b.abs());
+        proptest::prop_assert!(close(lf, lg), "loss {lf} vs {lg}");
+        // Random weights make some LayerNorms ill-conditioned (rows of a few nearly
+        // equal values), where any two f32 orders of summation differ: each gradient
+        // may also differ by ten times what a relative change of 1e-6 in the weights
+        // does to the graph's own.
+        let mut moved = |eps: f32| {
+            let p: Vec<f32> = params.iter().enumerate().map(|(i, v)| v * (1.0 + eps * ((i % 3) as f32 - 1.0))).collect();
+            graph.write_params(&p).unwrap();
+            let mut g = vec![0.0; total];
+            graph.forward_backward(&batch, &mut g).unwrap();
+            g
+        };
+        let (up, down) = (moved(1e-6), moved(-1e-6));
+        graph.write_params(&params).unwrap();
+        for (i, (a, b)) in gf.iter().zip(&gg).enumerate() {
+            let sensitivity = 10.0 * (up[i] - down[i]).abs();
+            proptest::prop_assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()) + sensitivity,
+                "gradient {i}: {a} vs {b} (sensitivity {sensitivity})"
+            );
+        }
+        let (ef, eg) = (fused.evaluate(&batch).unwrap(), graph.evaluate(&batch).unwrap());
+        proptest::prop_assert!((ef.0 - eg.0).abs() <= 1e-4 * (1.0 + eg.0.abs()) && ef.1 == eg.1, "{ef:?} vs {eg:?}");
+        // Prediction crops windows longer than the block.
+        let long: Vec<u32> = (0..n * (block_size + 2)).map(|i| ((i * 5 + 1) % vocab) as u32).collect();
+        for window in [1, t, block_size + 2] {
+            let b = Batch::Tokens { windows: &long[..n * window], window };
+            let (pf, pg) = (fused.predict(&b).unwrap(), graph.predict(&b).unwrap());
+            proptest::prop_assert!(pf.len() == pg.len() && pf.iter().zip(&pg).all(|(a, b)| close(*a, *b)), "{pf:?} vs {pg:?}");
+        }
+
+        proptest::prop_assert!(fused.backward_in_steps());
+        let mut stepped = vec![f32::NAN; total];
+        proptest::prop_assert_eq!(fused.backward_begin(&batch).unwrap(), lf);
+        let mut pending = total;
+        let mut frontiers = Vec::new();
+        while pending > 0 {
+            pending = fused.backward_next(&mut stepped[..pending]).unwrap();
+            frontiers.push(pending);
+        }
+        let layout = fused.layout().clone();
+        let start = |name: &str| {
+            let i = layout.specs().iter().position(|s| s.name == name).unwrap();
+            layout.range(i).start
+        };
+        let mut expected = vec![start("transformer.ln_f.weight")];
+        expected.extend((0..n_layer).rev().map(|l| start(&format!("transformer.h.{l}.ln_1.weight"))));
+        expected.push(0);
+        proptest::prop_assert_eq!(frontiers, expected);
+        proptest::prop_assert_eq!(stepped, gf);
+        proptest::prop_assert!(fused.backward_next(&mut []).is_err(), "a step past the end is an error");
+    }
+}

@@ -1,0 +1,800 @@
+//! The whole GPT on the CPU without candle's graph, as llm.c writes GPT-2: forward and
+//! backward of every layer written out over the flat parameter buffer, each linear
+//! layer one product (`kernels::matmul`, split among the compute threads), the
+//! attention of each window and head as three small products, and LayerNorm, GELU,
+//! the causal softmax and the residual adds as single passes over rows split among
+//! the threads. Activations live in buffers reused from step to step; gradients go
+//! straight into the caller's buffer.
+//!
+//! The backward pass runs in steps ([`Model::backward_next`]): the head and the final
+//! LayerNorm, then each transformer block from the last, then the embeddings, so a
+//! data-parallel strategy reduces the last blocks' gradients while the first blocks'
+//! are computed. With a tied head the token embedding's gradient (first in the
+//! layout) collects the head's part in the first step and the embedding's in the
+//! last.
+//!
+//! Sums over rows (bias and LayerNorm gradients) are taken in pieces of fixed size
+//! and added in order, so the result does not depend on the number of threads.
+//! Profiled against candle's graph on the GPT example, the graph spent about 70% of a
+//! step in elementwise ops, copies and allocation; here the products are most of it.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+use sheaf_core::{Batch, Error, Model, ParamLayout, Result};
+
+use crate::gpt::{init_params, GptSpec};
+use crate::kernels::{
+    column_sums, cross_entropy, fill_rows, matmul, matmul_to, on_compute_threads, rows_per_thread, threads,
+    View,
+};
+
+/// LayerNorm's epsilon, as nanoGPT's.
+const EPS: f32 = 1e-5;
+/// Windows evaluated at once by `evaluate` and `predict`, bounding their memory.
+const EVAL_CHUNK: usize = 32;
+
+/// A weight and its bias (absent when the model has no biases).
+struct Affine {
+    w: Range<usize>,
+    b: Option<Range<usize>>,
+}
+
+/// Where one transformer block's parameters sit in the flat buffer.
+struct BlockAt {
+    ln_1: Affine,
+    c_attn: Affine,
+    attn_proj: Affine,
+    ln_2: Affine,
+    c_fc: Affine,
+    mlp_proj: Affine,
+}
+
+/// Where every parameter sits in the flat buffer.
+struct At {
+    wte: Range<usize>,
+    wpe: Range<usize>,
+    blocks: Vec<BlockAt>,
+    ln_f: Affine,
+    /// The head's weight: `wte` when tied.
+    head: Range<usize>,
+}
+
+impl At {
+    fn new(spec: &GptSpec, layout: &ParamLayout) -> At {
+        let find = |name: String| {
+            let i = layout.specs().iter().position(|s| s.name == name);
+            i.map(|i| layout.range(i))
+        };
+        let must = |name: String| find(name.clone()).unwrap_or_else(|| panic!("the gpt layout has `{name}`"));
+        let affine =
+            |name: &str| Affine { w: must(format!("{name}.weight")), b: find(format!("{name}.bias")) };
+        let blocks = (0..spec.n_layer)
+            .map(|i| {
+                let h = format!("transformer.h.{i}");
+                BlockAt {
+                    ln_1: affine(&format!("{h}.ln_1")),
+                    c_attn: affine(&format!("{h}.attn.c_attn")),
+                    attn_proj: affine(&format!("{h}.attn.c_proj")),
+                    ln_2: affine(&format!("{h}.ln_2")),
+                    c_fc: affine(&format!("{h}.mlp.c_fc")),
+                    mlp_proj: affine(&format!("{h}.mlp.c_proj")),
+                }
+            })
+            .collect();
+        let wte = must("transformer.wte.weight".into());
+        At {
+            head: if spec.tie_embeddings { wte.clone() } else { must("lm_head.weight".into()) },
+            wte,
+            wpe: must("transformer.wpe.weight".into()),
+            blocks,
+            ln_f: affine("transformer.ln_f"),
+        }
+    }
+
+    /// Where the gradients of block `l` and everything after it begin.
+    fn block_start(&self, l: usize) -> usize {
+        self.blocks.get(l).map_or(self.ln_f.w.start, |b| b.ln_1.w.start)
+    }
+}
+
+/// What one transformer block's forward keeps for its backward.
+#[derive(Default)]
+struct BlockActs {
+    ln_1: Vec<f32>,
+    ln_1_stats: Vec<(f32, f32)>,
+    qkv: Vec<f32>,
+    /// Attention probabilities, `[n, n_head, t, t]`, zero above the diagonal.
+    att: Vec<f32>,
+    /// The heads' outputs side by side, `[n * t, n_embd]`.
+    atty: Vec<f32>,
+    /// The residual stream after the attention.
+    res_2: Vec<f32>,
+    ln_2: Vec<f32>,
+    ln_2_stats: Vec<(f32, f32)>,
+    /// The MLP's hidden layer before and after GELU, `[n * t, 4 n_embd]`.
+    fc: Vec<f32>,
+    fc_gelu: Vec<f32>,
+}
+
+/// The step of the backward pass that runs next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Idle,
+    Head,
+    Block(usize),
+    Embeddings,
+}
+
+pub struct FusedGpt {
+    spec: GptSpec,
+    layout: ParamLayout,
+    params: Vec<f32>,
+    at: At,
+    threads: usize,
+    /// The pass in progress: `n` windows of `t` positions, their inputs and targets.
+    n: usize,
+    t: usize,
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+    /// The residual stream into each block and out of the last (`n_layer + 1`).
+    residual: Vec<Vec<f32>>,
+    blocks: Vec<BlockActs>,
+    ln_f: Vec<f32>,
+    ln_f_stats: Vec<(f32, f32)>,
+    logits: Vec<f32>,
+    /// Backward: the gradient of the loss with respect to the logits, then to the
+    /// residual stream at the step's point; scratch of the step's widths.
+    d_logits: Vec<f32>,
+    d_res: Vec<f32>,
+    d_narrow: Vec<f32>,
+    d_atty: Vec<f32>,
+    d_qkv: Vec<f32>,
+    d_wide: Vec<f32>,
+    step: Step,
+}
+
+impl FusedGpt {
+    pub fn new(spec: &GptSpec, seed: u64) -> FusedGpt {
+        let layout = spec.layout();
+        FusedGpt {
+            at: At::new(spec, &layout),
+            params: init_params(spec, seed),
+            spec: spec.clone(),
+            layout,
+            threads: threads(),
+            n: 0,
+            t: 0,
+            tokens: Vec::new(),
+            targets: Vec::new(),
+            residual: (0..=spec.n_layer).map(|_| Vec::new()).collect(),
+            blocks: (0..spec.n_layer).map(|_| BlockActs::default()).collect(),
+            ln_f: Vec::new(),
+            ln_f_stats: Vec::new(),
+            logits: Vec::new(),
+            d_logits: Vec::new(),
+            d_res: Vec::new(),
+            d_narrow: Vec::new(),
+            d_atty: Vec::new(),
+            d_qkv: Vec::new(),
+            d_wide: Vec::new(),
+            step: Step::Idle,
+        }
+    }
+
+    /// Copies in a batch of training windows, checked against the model.
+    fn load(&mut self, batch: &Batch<'_>, what: &str) -> Result<()> {
+        let (windows, n, window) = self.spec.windows(batch, what)?;
+        self.step = Step::Idle;
+        self.n = n;
+        self.t = if n == 0 {
+            0
+        } else {
+            self.spec.split_windows(windows, window, &mut self.tokens, &mut self.targets)?
+        };
+        if n == 0 {
+            self.tokens.clear();
+            self.targets.clear();
+        }
+        Ok(())
+    }
+
+    /// The forward pass of the loaded windows, up to the logits.
+    fn forward(&mut self) {
+        let FusedGpt {
+            spec,
+            params,
+            at,
+            threads,
+            n,
+            t,
+            tokens,
+            residual,
+            blocks,
+            ln_f,
+            ln_f_stats,
+            logits,
+            ..
+        } = self;
+        let (n, t, threads) = (*n, *t, *threads);
+        let (c, rows) = (spec.n_embd, n * t);
+        let p = &params[..];
+        let x0 = &mut residual[0];
+        x0.resize(rows * c, 0.0);
+        for ((row, &tok), pos) in x0.chunks_exact_mut(c).zip(tokens.iter()).zip((0..t).cycle()) {
+            let (e, q) = (&p[at.wte.clone()][tok as usize * c..][..c], &p[at.wpe.clone()][pos * c..][..c]);
+            row.iter_mut().zip(e.iter().zip(q)).for_each(|(o, (a, b))| *o = a + b);
+        }
+        for (l, (b, acts)) in at.blocks.iter().zip(blocks.iter_mut()).enumerate() {
+            let (before, after) = residual.split_at_mut(l + 1);
+            let (x, out) = (&before[l], &mut after[0]);
+            layer_norm(&mut acts.ln_1, &mut acts.ln_1_stats, x, p, &b.ln_1, c, threads);
+            linear(&mut acts.qkv, &acts.ln_1, p, &b.c_attn, rows, c, 3 * c, threads);
+            attention(&mut acts.att, &mut acts.atty, &acts.qkv, n, t, c, spec.n_head, threads);
+            linear(&mut acts.res_2, &acts.atty, p, &b.attn_proj, rows, c, c, threads);
+            add_into(&mut acts.res_2, x, threads);
+            layer_norm(&mut acts.ln_2, &mut acts.ln_2_stats, &acts.res_2, p, &b.ln_2, c, threads);
+            linear(&mut acts.fc, &acts.ln_2, p, &b.c_fc, rows, c, 4 * c, threads);
+            gelu(&mut acts.fc_gelu, &acts.fc, threads);
+            linear(out, &acts.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
+            add_into(out, &acts.res_2, threads);
+        }
+        let last = &residual[spec.n_layer];
+        layer_norm(ln_f, ln_f_stats, last, p, &at.ln_f, c, threads);
+        logits.resize(rows * spec.vocab_size, 0.0);
+        let head = View::rows(&p[at.head.clone()], spec.vocab_size, c);
+        matmul(logits, false, View::rows(ln_f, rows, c), head.t(), threads);
+    }
+
+    /// Forward passes over `windows` of `window` tokens, `EVAL_CHUNK` windows at a
+    /// time, calling `each` with every chunk's logits and targets.
+    fn forward_chunks(
+        &mut self,
+        windows: &[u32],
+        window: usize,
+        mut each: impl FnMut(&[f32], &[u32], usize),
+    ) -> Result<()> {
+        for chunk in windows.chunks(EVAL_CHUNK * window) {
+            let n = chunk.len() / window;
+            self.t = self.spec.split_windows(chunk, window, &mut self.tokens, &mut self.targets)?;
+            self.n = n;
+            on_compute_threads(|| self.forward());
+            each(&self.logits, &self.targets, self.t);
+        }
+        Ok(())
+    }
+
+    fn check_grads(&self, grads: &[f32]) -> Result<()> {
+        if grads.len() != self.layout.total() {
+            return Err(Error::invalid(format!(
+                "{} gradient slots for {} parameters",
+                grads.len(),
+                self.layout.total()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where the values still pending before `step` end.
+    fn pending_before(&self, step: Step) -> usize {
+        match step {
+            Step::Idle => 0,
+            Step::Head => self.layout.total(),
+            Step::Block(l) => self.at.block_start(l + 1),
+            Step::Embeddings => self.at.block_start(0),
+        }
+    }
+
+    /// Runs `step` of the backward pass into `pending`; returns the next step and
+    /// where the values still pending end.
+    fn backward_step(&mut self, step: Step, pending: &mut [f32]) -> (Step, usize) {
+        let (c, v, rows, threads) = (self.spec.n_embd, self.spec.vocab_size, self.n * self.t, self.threads);
+        let last = self.spec.n_layer.checked_sub(1);
+        match step {
+            Step::Idle => unreachable!("checked by the caller"),
+            Step::Head => {
+                let at = &self.at;
+                let frontier = at.ln_f.w.start;
+                if rows == 0 {
+                    pending[frontier..].fill(0.0);
+                } else {
+                    let p = &self.params[..];
+                    // The head: logits = ln_f(x) head^T.
+                    matmul(
+                        &mut pending[at.head.clone()],
+                        false,
+                        View::rows(&self.d_logits, rows, v).t(),
+                        View::rows(&self.ln_f, rows, c),
+                        threads,
+                    );
+                    self.d_narrow.resize(rows * c, 0.0);
+                    let head = View::rows(&p[at.head.clone()], v, c);
+                    matmul(&mut self.d_narrow, false, View::rows(&self.d_logits, rows, v), head, threads);
+                    self.d_res.clear();
+                    self.d_res.resize(rows * c, 0.0);
+                    let x = &self.residual[self.spec.n_layer];
+                    layer_norm_backward(
+                        &mut self.d_res,
+                        pending,
+                        &self.d_narrow,
+                        x,
+                        &self.ln_f_stats,
+                        p,
+                        &at.ln_f,
+                        c,
+                        threads,
+                    );
+                }
+                (last.map_or(Step::Embeddings, Step::Block), frontier)
+            }
+            Step::Block(l) => {
+                let frontier = self.at.block_start(l);
+                if rows == 0 {
+                    pending[frontier..].fill(0.0);
+                } else {
+                    self.block_backward(l, pending);
+                }
+                (if l == 0 { Step::Embeddings } else { Step::Block(l - 1) }, frontier)
+            }
+            Step::Embeddings => {
+                let at = &self.at;
+                let tied = self.spec.tie_embeddings;
+                // A tied head wrote its part of the token embedding's gradient first.
+                if !tied || rows == 0 {
+                    pending[at.wte.clone()].fill(0.0);
+                }
+                pending[at.wpe.clone()].fill(0.0);
+                let pos = (0..self.t).cycle();
+                for ((d, &tok), pos) in self.d_res.chunks_exact(c).zip(&self.tokens).zip(pos).take(rows) {
+                    let e = &mut pending[at.wte.clone()][tok as usize * c..][..c];
+                    e.iter_mut().zip(d).for_each(|(g, d)| *g += d);
+                    let q = &mut pending[at.wpe.clone()][pos * c..][..c];
+                    q.iter_mut().zip(d).for_each(|(g, d)| *g += d);
+                }
+                (Step::Idle, 0)
+            }
+        }
+    }
+
+    /// Backward of transformer block `l`: `d_res` holds the gradient with respect to
+    /// the block's output and leaves holding it with respect to its input.
+    fn block_backward(&mut self, l: usize, pending: &mut [f32]) {
+        let (c, nh, threads) = (self.spec.n_embd, self.spec.n_head, self.threads);
+        let (n, t) = (self.n, self.t);
+        let rows = n * t;
+        let FusedGpt { params, at, residual, blocks, d_res, d_narrow, d_atty, d_qkv, d_wide, .. } = self;
+        let (p, b, a, x) = (&params[..], &at.blocks[l], &blocks[l], &residual[l]);
+        // out = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2)))).
+        d_wide.resize(rows * 4 * c, 0.0);
+        linear_backward(pending, d_wide, d_res, &a.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
+        gelu_backward(d_wide, &a.fc, threads);
+        d_narrow.resize(rows * c, 0.0);
+        linear_backward(pending, d_narrow, d_wide, &a.ln_2, p, &b.c_fc, rows, c, 4 * c, threads);
+        layer_norm_backward(d_res, pending, d_narrow, &a.res_2, &a.ln_2_stats, p, &b.ln_2, c, threads);
+        // res_2 = x + attn_proj(attention(c_attn(ln_1(x)))).
+        d_atty.resize(rows * c, 0.0);
+        linear_backward(pending, d_atty, d_res, &a.atty, p, &b.attn_proj, rows, c, c, threads);
+        d_qkv.resize(rows * 3 * c, 0.0);
+        attention_backward(d_qkv, d_atty, &a.qkv, &a.att, n, t, c, nh, threads);
+        linear_backward(pending, d_narrow, d_qkv, &a.ln_1, p, &b.c_attn, rows, c, 3 * c, threads);
+        layer_norm_backward(d_res, pending, d_narrow, x, &a.ln_1_stats, p, &b.ln_1, c, threads);
+    }
+}
+
+impl Model for FusedGpt {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    fn read_params(&self, out: &mut [f32]) -> Result<()> {
+        if out.len() != self.params.len() {
+            return Err(Error::invalid(format!("{} values for {} parameters", out.len(), self.params.len())));
+        }
+        out.copy_from_slice(&self.params);
+        Ok(())
+    }
+
+    fn write_params(&mut self, src: &[f32]) -> Result<()> {
+        if src.len() != self.params.len() {
+            return Err(Error::invalid(format!("{} values for {} parameters", src.len(), self.params.len())));
+        }
+        self.params.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
+        self.check_grads(grads)?;
+        let loss = self.backward_begin(batch)?;
+        let mut pending = grads.len();
+        while pending > 0 {
+            pending = self.backward_next(&mut grads[..pending])?;
+        }
+        Ok(loss)
+    }
+
+    fn backward_in_steps(&self) -> bool {
+        true
+    }
+
+    fn backward_begin(&mut self, batch: &Batch<'_>) -> Result<f32> {
+        self.load(batch, "trains on")?;
+        let rows = self.n * self.t;
+        let loss = if rows == 0 {
+            0.0
+        } else {
+            on_compute_threads(|| {
+                self.forward();
+                let v = self.spec.vocab_size;
+                self.d_logits.resize(rows * v, 0.0);
+                let scale = 1.0 / rows as f32;
+                let (sum, _) = cross_entropy(&self.logits, &self.targets, v, scale, Some(&mut self.d_logits));
+                sum / rows as f64
+            })
+        };
+        self.step = Step::Head;
+        Ok(loss as f32)
+    }
+
+    fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
+        if self.step == Step::Idle {
+            return Err(Error::BadState("backward_next without a backward pass begun".into()));
+        }
+        let expected = self.pending_before(self.step);
+        if pending.len() != expected {
+            return Err(Error::invalid(format!(
+                "{} pending gradient values, but the backward pass has {expected} left",
+                pending.len()
+            )));
+        }
+        let (next, frontier) = on_compute_threads(|| self.backward_step(self.step, pending));
+        self.step = next;
+        Ok(frontier)
+    }
+
+    fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
+        let (windows, _, window) = self.spec.windows(batch, "evaluates")?;
+        self.step = Step::Idle;
+        let (mut loss, mut correct) = (0f64, 0usize);
+        let v = self.spec.vocab_size;
+        self.forward_chunks(windows, window, |logits, targets, _| {
+            let (l, k) = cross_entropy(logits, targets, v, 0.0, None);
+            loss += l;
+            correct += k;
+        })?;
+        Ok((loss, correct))
+    }
+
+    fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        let (windows, n, window) = self.spec.windows(batch, "predicts from")?;
+        self.step = Step::Idle;
+        // The context is the last block_size tokens of each window, as nanoGPT crops;
+        // a window of t + 1 tokens with a dummy target runs the forward pass.
+        let t = window.min(self.spec.block_size);
+        let mut ctx = Vec::with_capacity(n * (t + 1));
+        for w in windows.chunks_exact(window) {
+            ctx.extend_from_slice(&w[window - t..]);
+            ctx.push(0);
+        }
+        let v = self.spec.vocab_size;
+        let mut out = Vec::with_capacity(n * v);
+        self.forward_chunks(&ctx, t + 1, |logits, _, t| {
+            for row in logits.chunks_exact(t * v) {
+                out.extend_from_slice(&row[(t - 1) * v..]);
+            }
+        })?;
+        Ok(out)
+    }
+}
+
+/// `out = x @ w^T + b` for `rows` rows of `inp` values to `outp`.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    out: &mut Vec<f32>,
+    x: &[f32],
+    p: &[f32],
+    a: &Affine,
+    rows: usize,
+    inp: usize,
+    outp: usize,
+    threads: usize,
+) {
+    out.resize(rows * outp, 0.0);
+    if let Some(b) = &a.b {
+        fill_rows(out, &p[b.clone()]);
+    }
+    let w = View::rows(&p[a.w.clone()], outp, inp);
+    matmul(out, a.b.is_some(), View::rows(x, rows, inp), w.t(), threads);
+}
+
+/// The backward of [`linear`]: the weight's and bias's gradients into `grads`, the
+/// input's into `d_x`, from the output's `d_out`.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward(
+    grads: &mut [f32],
+    d_x: &mut [f32],
+    d_out: &[f32],
+    x: &[f32],
+    p: &[f32],
+    a: &Affine,
+    rows: usize,
+    inp: usize,
+    outp: usize,
+    threads: usize,
+) {
+    let dy = View::rows(d_out, rows, outp);
+    matmul(&mut grads[a.w.clone()], false, dy.t(), View::rows(x, rows, inp), threads);
+    if let Some(b) = &a.b {
+        column_sums(d_out, &mut grads[b.clone()], threads);
+    }
+    matmul(d_x, false, dy, View::rows(&p[a.w.clone()], outp, inp), threads);
+}
+
+/// `dst += src`, over the threads.
+fn add_into(dst: &mut [f32], src: &[f32], threads: usize) {
+    let add = |(d, s): (&mut [f32], &[f32])| d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+    if threads > 1 {
+        let chunk = dst.len().div_ceil(threads).max(1);
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(add);
+    } else {
+        add((dst, src));
+    }
+}
+
+/// LayerNorm of each row of `x` (rows of `c`) into `out`, keeping each row's mean
+/// and reciprocal standard deviation for the backward pass.
+fn layer_norm(
+    out: &mut Vec<f32>,
+    stats: &mut Vec<(f32, f32)>,
+    x: &[f32],
+    p: &[f32],
+    a: &Affine,
+    c: usize,
+    threads: usize,
+) {
+    let rows = x.len() / c;
+    out.resize(x.len(), 0.0);
+    stats.resize(rows, (0.0, 0.0));
+    let (w, b) = (&p[a.w.clone()], a.b.as_ref().map(|b| &p[b.clone()]));
+    let norm = |(out, (stats, x)): (&mut [f32], (&mut [(f32, f32)], &[f32]))| {
+        for ((o, s), x) in out.chunks_exact_mut(c).zip(stats).zip(x.chunks_exact(c)) {
+            let mean = x.iter().sum::<f32>() / c as f32;
+            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+            let rstd = 1.0 / (var + EPS).sqrt();
+            *s = (mean, rstd);
+            match b {
+                Some(b) => o
+                    .iter_mut()
+                    .zip(x)
+                    .zip(w.iter().zip(b))
+                    .for_each(|((o, x), (w, b))| *o = (x - mean) * rstd * w + b),
+                None => o.iter_mut().zip(x).zip(w).for_each(|((o, x), w)| *o = (x - mean) * rstd * w),
+            }
+        }
+    };
+    if threads > 1 {
+        let per = rows_per_thread(rows, threads);
+        out.par_chunks_mut(per * c).zip(stats.par_chunks_mut(per).zip(x.par_chunks(per * c))).for_each(norm);
+    } else {
+        norm((out, (stats, x)));
+    }
+}
+
+/// Rows in one piece of the LayerNorm weight's gradient (see `kernels::column_sums`).
+const NORM_ROWS: usize = 64;
+
+/// The backward of [`layer_norm`]: adds the input's gradient to `d_x` and writes the
+/// weight's and bias's into `grads`, from the output's `d_out`.
+#[allow(clippy::too_many_arguments)]
+fn layer_norm_backward(
+    d_x: &mut [f32],
+    grads: &mut [f32],
+    d_out: &[f32],
+    x: &[f32],
+    stats: &[(f32, f32)],
+    p: &[f32],
+    a: &Affine,
+    c: usize,
+    threads: usize,
+) {
+    let w = &p[a.w.clone()];
+    // Per piece of rows: the input's gradient, and the piece's partial sums of the
+    // weight's gradient (then the bias's).
+    let piece = |(d_x, (d_out, (x, stats))): (&mut [f32], (&[f32], (&[f32], &[(f32, f32)])))| {
+        let mut part = vec![0f32; 2 * c];
+        let (dw, db) = part.split_at_mut(c);
+        for (((dx, dy), x), &(mean, rstd)) in
+            d_x.chunks_exact_mut(c).zip(d_out.chunks_exact(c)).zip(x.chunks_exact(c)).zip(stats)
+        {
+            let (mut mean_dn, mut mean_dn_n) = (0f32, 0f32);
+            for ((dy, x), w) in dy.iter().zip(x).zip(w) {
+                let n = (x - mean) * rstd;
+                let dn = dy * w;
+                mean_dn += dn;
+                mean_dn_n += dn * n;
+            }
+            (mean_dn, mean_dn_n) = (mean_dn / c as f32, mean_dn_n / c as f32);
+            for (j, ((dx, dy), x)) in dx.iter_mut().zip(dy).zip(x).enumerate() {
+                let n = (x - mean) * rstd;
+                dw[j] += dy * n;
+                db[j] += dy;
+                *dx += (dy * w[j] - mean_dn - n * mean_dn_n) * rstd;
+            }
+        }
+        part
+    };
+    let len = NORM_ROWS * c;
+    let parts: Vec<Vec<f32>> = if threads > 1 {
+        d_x.par_chunks_mut(len)
+            .zip(d_out.par_chunks(len).zip(x.par_chunks(len).zip(stats.par_chunks(NORM_ROWS))))
+            .map(piece)
+            .collect()
+    } else {
+        d_x.chunks_mut(len)
+            .zip(d_out.chunks(len).zip(x.chunks(len).zip(stats.chunks(NORM_ROWS))))
+            .map(piece)
+            .collect()
+    };
+    grads[a.w.clone()].fill(0.0);
+    if let Some(b) = &a.b {
+        grads[b.clone()].fill(0.0);
+    }
+    for part in parts {
+        grads[a.w.clone()].iter_mut().zip(&part[..c]).for_each(|(g, v)| *g += v);
+        if let Some(b) = &a.b {
+            grads[b.clone()].iter_mut().zip(&part[c..]).for_each(|(g, v)| *g += v);
+        }
+    }
+}
+
+/// Exact (erf) GELU, as PyTorch's default and candle's `gelu_erf`.
+fn gelu(out: &mut Vec<f32>, x: &[f32], threads: usize) {
+    out.resize(x.len(), 0.0);
+    let f = |(o, x): (&mut [f32], &[f32])| {
+        o.iter_mut()
+            .zip(x)
+            .for_each(|(o, &x)| *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)))
+    };
+    if threads > 1 {
+        let chunk = x.len().div_ceil(threads).max(1);
+        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(f);
+    } else {
+        f((out, x));
+    }
+}
+
+/// `d *= gelu'(x)`, in place.
+fn gelu_backward(d: &mut [f32], x: &[f32], threads: usize) {
+    // 1 / sqrt(2 pi).
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let f = |(d, x): (&mut [f32], &[f32])| {
+        d.iter_mut().zip(x).for_each(|(d, &x)| {
+            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * x * x).exp() * INV_SQRT_2PI;
+            *d *= cdf + x * pdf;
+        })
+    };
+    if threads > 1 {
+        let chunk = x.len().div_ceil(threads).max(1);
+        d.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(f);
+    } else {
+        f((d, x));
+    }
+}
+
+fn erf(x: f32) -> f32 {
+    candle_core::cpu::erf::erf_f32(x)
+}
+
+/// Causal multi-head attention of `n` windows of `t` positions: from `qkv`
+/// (`[n * t, 3 c]`, q then k then v, heads side by side in each) the probabilities
+/// `att` (`[n, nh, t, t]`) and the heads' outputs `atty` (`[n * t, c]`). Windows are
+/// split among the threads; each head is three small single-threaded products.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    att: &mut Vec<f32>,
+    atty: &mut Vec<f32>,
+    qkv: &[f32],
+    n: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    threads: usize,
+) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    att.resize(n * nh * t * t, 0.0);
+    atty.resize(n * t * c, 0.0);
+    let window = |(att, (atty, qkv)): (&mut [f32], (&mut [f32], &[f32]))| {
+        for (att, (atty, qkv)) in att
+            .chunks_exact_mut(nh * t * t)
+            .zip(atty.chunks_exact_mut(t * c).zip(qkv.chunks_exact(t * 3 * c)))
+        {
+            for h in 0..nh {
+                let q = View::strided(&qkv[h * hs..], t, hs, 3 * c);
+                let k = View::strided(&qkv[c + h * hs..], t, hs, 3 * c);
+                let v = View::strided(&qkv[2 * c + h * hs..], t, hs, 3 * c);
+                let a = &mut att[h * t * t..][..t * t];
+                matmul(a, false, q, k.t(), 1);
+                for (i, row) in a.chunks_exact_mut(t).enumerate() {
+                    let (keep, masked) = row.split_at_mut(i + 1);
+                    let max = keep.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let mut sum = 0f32;
+                    keep.iter_mut().for_each(|v| {
+                        *v = ((*v - max) * scale).exp();
+                        sum += *v;
+                    });
+                    let inv = 1.0 / sum;
+                    keep.iter_mut().for_each(|v| *v *= inv);
+                    masked.fill(0.0);
+                }
+                matmul_to(&mut atty[h * hs..], c, false, View::rows(a, t, t), v, 1);
+            }
+        }
+    };
+    if threads > 1 {
+        let per = rows_per_thread(n, threads);
+        att.par_chunks_mut(per * nh * t * t)
+            .zip(atty.par_chunks_mut(per * t * c).zip(qkv.par_chunks(per * t * 3 * c)))
+            .for_each(window);
+    } else {
+        window((att, (atty, qkv)));
+    }
+}
+
+/// The backward of [`attention`]: `d_qkv` from the heads' outputs' gradient `d_atty`.
+#[allow(clippy::too_many_arguments)]
+fn attention_backward(
+    d_qkv: &mut [f32],
+    d_atty: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+    n: usize,
+    t: usize,
+    c: usize,
+    nh: usize,
+    threads: usize,
+) {
+    let hs = c / nh;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let window = |(d_qkv, (d_atty, (qkv, att))): (&mut [f32], (&[f32], (&[f32], &[f32])))| {
+        let mut d_att = vec![0f32; t * t];
+        for (d_qkv, (d_atty, (qkv, att))) in d_qkv.chunks_exact_mut(t * 3 * c).zip(
+            d_atty.chunks_exact(t * c).zip(qkv.chunks_exact(t * 3 * c).zip(att.chunks_exact(nh * t * t))),
+        ) {
+            for h in 0..nh {
+                let q = View::strided(&qkv[h * hs..], t, hs, 3 * c);
+                let k = View::strided(&qkv[c + h * hs..], t, hs, 3 * c);
+                let v = View::strided(&qkv[2 * c + h * hs..], t, hs, 3 * c);
+                let dy = View::strided(&d_atty[h * hs..], t, hs, c);
+                let a = &att[h * t * t..][..t * t];
+                // y = a v: d_a = dy v^T, d_v = a^T dy.
+                matmul(&mut d_att, false, dy, v.t(), 1);
+                matmul_to(&mut d_qkv[2 * c + h * hs..], 3 * c, false, View::rows(a, t, t).t(), dy, 1);
+                // Through the softmax (rows of a sum to one) and the scale.
+                for (i, (d, a)) in d_att.chunks_exact_mut(t).zip(a.chunks_exact(t)).enumerate() {
+                    let keep = i + 1;
+                    let dot: f32 = d[..keep].iter().zip(&a[..keep]).map(|(d, a)| d * a).sum();
+                    d[..keep].iter_mut().zip(&a[..keep]).for_each(|(d, a)| *d = scale * a * (*d - dot));
+                    d[keep..].fill(0.0);
+                }
+                // scores = q k^T: d_q = d_s k, d_k = d_s^T q.
+                let ds = View::rows(&d_att, t, t);
+                matmul_to(&mut d_qkv[h * hs..], 3 * c, false, ds, k, 1);
+                matmul_to(&mut d_qkv[c + h * hs..], 3 * c, false, ds.t(), q, 1);
+            }
+        }
+    };
+    if threads > 1 {
+        let per = rows_per_thread(n, threads);
+        d_qkv
+            .par_chunks_mut(per * t * 3 * c)
+            .zip(
+                d_atty
+                    .par_chunks(per * t * c)
+                    .zip(qkv.par_chunks(per * t * 3 * c).zip(att.par_chunks(per * nh * t * t))),
+            )
+            .for_each(window);
+    } else {
+        window((d_qkv, (d_atty, (qkv, att))));
+    }
+}
