@@ -20,13 +20,14 @@
 
 use std::ops::Range;
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 use sheaf_core::{Batch, Error, Model, ParamLayout, Result};
 
 use crate::gpt::{init_params, GptSpec};
 use crate::kernels::{
-    column_sums, cross_entropy, fill_rows, matmul, matmul_to, on_compute_threads, rows_per_thread, threads,
-    View,
+    column_sums, cross_entropy, dot, erf, exp, fill_rows, matmul, matmul_to, max, on_compute_threads,
+    rows_per_thread, sum, sum_sq_dev, threads, View,
 };
 
 /// LayerNorm's epsilon, as nanoGPT's.
@@ -531,13 +532,17 @@ fn linear_backward(
 
 /// `dst += src`, over the threads.
 fn add_into(dst: &mut [f32], src: &[f32], threads: usize) {
-    let add = |(d, s): (&mut [f32], &[f32])| d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
     if threads > 1 {
         let chunk = dst.len().div_ceil(threads).max(1);
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(add);
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| add(d, s));
     } else {
-        add((dst, src));
+        add(dst, src);
     }
+}
+
+#[multiversion(targets = "simd")]
+fn add(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
 }
 
 /// LayerNorm of each row of `x` (rows of `c`) into `out`, keeping each row's mean
@@ -555,27 +560,33 @@ fn layer_norm(
     out.resize(x.len(), 0.0);
     stats.resize(rows, (0.0, 0.0));
     let (w, b) = (&p[a.w.clone()], a.b.as_ref().map(|b| &p[b.clone()]));
-    let norm = |(out, (stats, x)): (&mut [f32], (&mut [(f32, f32)], &[f32]))| {
-        for ((o, s), x) in out.chunks_exact_mut(c).zip(stats).zip(x.chunks_exact(c)) {
-            let mean = x.iter().sum::<f32>() / c as f32;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
-            let rstd = 1.0 / (var + EPS).sqrt();
-            *s = (mean, rstd);
-            match b {
-                Some(b) => o
-                    .iter_mut()
-                    .zip(x)
-                    .zip(w.iter().zip(b))
-                    .for_each(|((o, x), (w, b))| *o = (x - mean) * rstd * w + b),
-                None => o.iter_mut().zip(x).zip(w).for_each(|((o, x), w)| *o = (x - mean) * rstd * w),
-            }
-        }
-    };
     if threads > 1 {
         let per = rows_per_thread(rows, threads);
-        out.par_chunks_mut(per * c).zip(stats.par_chunks_mut(per).zip(x.par_chunks(per * c))).for_each(norm);
+        out.par_chunks_mut(per * c)
+            .zip(stats.par_chunks_mut(per).zip(x.par_chunks(per * c)))
+            .for_each(|(out, (stats, x))| normalize(out, stats, x, w, b));
     } else {
-        norm((out, (stats, x)));
+        normalize(out, stats, x, w, b);
+    }
+}
+
+/// LayerNorm of each row of `x` (rows of `w.len()`): see [`layer_norm`].
+#[multiversion(targets = "simd")]
+fn normalize(out: &mut [f32], stats: &mut [(f32, f32)], x: &[f32], w: &[f32], b: Option<&[f32]>) {
+    let c = w.len();
+    for ((o, s), x) in out.chunks_exact_mut(c).zip(stats).zip(x.chunks_exact(c)) {
+        let mean = sum(x) / c as f32;
+        let var = sum_sq_dev(x, mean) / c as f32;
+        let rstd = 1.0 / (var + EPS).sqrt();
+        *s = (mean, rstd);
+        match b {
+            Some(b) => o
+                .iter_mut()
+                .zip(x)
+                .zip(w.iter().zip(b))
+                .for_each(|((o, x), (w, b))| *o = (x - mean) * rstd * w + b),
+            None => o.iter_mut().zip(x).zip(w).for_each(|((o, x), w)| *o = (x - mean) * rstd * w),
+        }
     }
 }
 
@@ -597,30 +608,8 @@ fn layer_norm_backward(
     threads: usize,
 ) {
     let w = &p[a.w.clone()];
-    // Per piece of rows: the input's gradient, and the piece's partial sums of the
-    // weight's gradient (then the bias's).
     let piece = |(d_x, (d_out, (x, stats))): (&mut [f32], (&[f32], (&[f32], &[(f32, f32)])))| {
-        let mut part = vec![0f32; 2 * c];
-        let (dw, db) = part.split_at_mut(c);
-        for (((dx, dy), x), &(mean, rstd)) in
-            d_x.chunks_exact_mut(c).zip(d_out.chunks_exact(c)).zip(x.chunks_exact(c)).zip(stats)
-        {
-            let (mut mean_dn, mut mean_dn_n) = (0f32, 0f32);
-            for ((dy, x), w) in dy.iter().zip(x).zip(w) {
-                let n = (x - mean) * rstd;
-                let dn = dy * w;
-                mean_dn += dn;
-                mean_dn_n += dn * n;
-            }
-            (mean_dn, mean_dn_n) = (mean_dn / c as f32, mean_dn_n / c as f32);
-            for (j, ((dx, dy), x)) in dx.iter_mut().zip(dy).zip(x).enumerate() {
-                let n = (x - mean) * rstd;
-                dw[j] += dy * n;
-                db[j] += dy;
-                *dx += (dy * w[j] - mean_dn - n * mean_dn_n) * rstd;
-            }
-        }
-        part
+        normalize_backward(d_x, d_out, x, stats, w)
     };
     let len = NORM_ROWS * c;
     let parts: Vec<Vec<f32>> = if threads > 1 {
@@ -646,43 +635,77 @@ fn layer_norm_backward(
     }
 }
 
+/// Per piece of rows of [`layer_norm_backward`]: adds the input's gradient to `d_x`
+/// and returns the piece's partial sums of the weight's gradient, then the bias's.
+#[multiversion(targets = "simd")]
+fn normalize_backward(
+    d_x: &mut [f32],
+    d_out: &[f32],
+    x: &[f32],
+    stats: &[(f32, f32)],
+    w: &[f32],
+) -> Vec<f32> {
+    let c = w.len();
+    let mut part = vec![0f32; 2 * c];
+    let (dw, db) = part.split_at_mut(c);
+    for (((dx, dy), x), &(mean, rstd)) in
+        d_x.chunks_exact_mut(c).zip(d_out.chunks_exact(c)).zip(x.chunks_exact(c)).zip(stats)
+    {
+        let (mut mean_dn, mut mean_dn_n) = (0f32, 0f32);
+        for ((dy, x), w) in dy.iter().zip(x).zip(w) {
+            let n = (x - mean) * rstd;
+            let dn = dy * w;
+            mean_dn += dn;
+            mean_dn_n += dn * n;
+        }
+        (mean_dn, mean_dn_n) = (mean_dn / c as f32, mean_dn_n / c as f32);
+        for ((((dx, dy), x), w), (dw, db)) in
+            dx.iter_mut().zip(dy).zip(x).zip(w).zip(dw.iter_mut().zip(db.iter_mut()))
+        {
+            let n = (x - mean) * rstd;
+            *dw += dy * n;
+            *db += dy;
+            *dx += (dy * w - mean_dn - n * mean_dn_n) * rstd;
+        }
+    }
+    part
+}
+
 /// Exact (erf) GELU, as PyTorch's default and candle's `gelu_erf`.
 fn gelu(out: &mut Vec<f32>, x: &[f32], threads: usize) {
     out.resize(x.len(), 0.0);
-    let f = |(o, x): (&mut [f32], &[f32])| {
-        o.iter_mut()
-            .zip(x)
-            .for_each(|(o, &x)| *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)))
-    };
     if threads > 1 {
         let chunk = x.len().div_ceil(threads).max(1);
-        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(f);
+        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| gelu_values(o, x));
     } else {
-        f((out, x));
+        gelu_values(out, x);
     }
+}
+
+#[multiversion(targets = "simd")]
+fn gelu_values(out: &mut [f32], x: &[f32]) {
+    out.iter_mut().zip(x).for_each(|(o, &x)| *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)))
 }
 
 /// `d *= gelu'(x)`, in place.
 fn gelu_backward(d: &mut [f32], x: &[f32], threads: usize) {
-    // 1 / sqrt(2 pi).
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
-    let f = |(d, x): (&mut [f32], &[f32])| {
-        d.iter_mut().zip(x).for_each(|(d, &x)| {
-            let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
-            let pdf = (-0.5 * x * x).exp() * INV_SQRT_2PI;
-            *d *= cdf + x * pdf;
-        })
-    };
     if threads > 1 {
         let chunk = x.len().div_ceil(threads).max(1);
-        d.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(f);
+        d.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(d, x)| gelu_backward_values(d, x));
     } else {
-        f((d, x));
+        gelu_backward_values(d, x);
     }
 }
 
-fn erf(x: f32) -> f32 {
-    candle_core::cpu::erf::erf_f32(x)
+#[multiversion(targets = "simd")]
+fn gelu_backward_values(d: &mut [f32], x: &[f32]) {
+    // 1 / sqrt(2 pi).
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    d.iter_mut().zip(x).for_each(|(d, &x)| {
+        let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = exp(-0.5 * x * x) * INV_SQRT_2PI;
+        *d *= cdf + x * pdf;
+    })
 }
 
 /// Causal multi-head attention of `n` windows of `t` positions: from `qkv`
@@ -715,18 +738,7 @@ fn attention(
                 let v = View::strided(&qkv[2 * c + h * hs..], t, hs, 3 * c);
                 let a = &mut att[h * t * t..][..t * t];
                 matmul(a, false, q, k.t(), 1);
-                for (i, row) in a.chunks_exact_mut(t).enumerate() {
-                    let (keep, masked) = row.split_at_mut(i + 1);
-                    let max = keep.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let mut sum = 0f32;
-                    keep.iter_mut().for_each(|v| {
-                        *v = ((*v - max) * scale).exp();
-                        sum += *v;
-                    });
-                    let inv = 1.0 / sum;
-                    keep.iter_mut().for_each(|v| *v *= inv);
-                    masked.fill(0.0);
-                }
+                causal_softmax(a, t, scale);
                 matmul_to(&mut atty[h * hs..], c, false, View::rows(a, t, t), v, 1);
             }
         }
@@ -771,12 +783,7 @@ fn attention_backward(
                 matmul(&mut d_att, false, dy, v.t(), 1);
                 matmul_to(&mut d_qkv[2 * c + h * hs..], 3 * c, false, View::rows(a, t, t).t(), dy, 1);
                 // Through the softmax (rows of a sum to one) and the scale.
-                for (i, (d, a)) in d_att.chunks_exact_mut(t).zip(a.chunks_exact(t)).enumerate() {
-                    let keep = i + 1;
-                    let dot: f32 = d[..keep].iter().zip(&a[..keep]).map(|(d, a)| d * a).sum();
-                    d[..keep].iter_mut().zip(&a[..keep]).for_each(|(d, a)| *d = scale * a * (*d - dot));
-                    d[keep..].fill(0.0);
-                }
+                causal_softmax_backward(&mut d_att, a, t, scale);
                 // scores = q k^T: d_q = d_s k, d_k = d_s^T q.
                 let ds = View::rows(&d_att, t, t);
                 matmul_to(&mut d_qkv[h * hs..], 3 * c, false, ds, k, 1);
@@ -796,5 +803,31 @@ fn attention_backward(
             .for_each(window);
     } else {
         window((d_qkv, (d_atty, (qkv, att))));
+    }
+}
+
+/// `softmax(scale * row)` of each row `i` of the `t x t` scores `a` over its first
+/// `i + 1` columns, in place; the rest (the future) zero.
+#[multiversion(targets = "simd")]
+fn causal_softmax(a: &mut [f32], t: usize, scale: f32) {
+    for (i, row) in a.chunks_exact_mut(t).enumerate() {
+        let (keep, masked) = row.split_at_mut(i + 1);
+        let max = max(keep);
+        keep.iter_mut().for_each(|v| *v = exp((*v - max) * scale));
+        let inv = 1.0 / sum(keep);
+        keep.iter_mut().for_each(|v| *v *= inv);
+        masked.fill(0.0);
+    }
+}
+
+/// The backward of [`causal_softmax`], in place: `d` the gradient with respect to the
+/// probabilities `a` becomes the one with respect to the scores.
+#[multiversion(targets = "simd")]
+fn causal_softmax_backward(d: &mut [f32], a: &[f32], t: usize, scale: f32) {
+    for (i, (d, a)) in d.chunks_exact_mut(t).zip(a.chunks_exact(t)).enumerate() {
+        let keep = i + 1;
+        let dot = dot(&d[..keep], &a[..keep]);
+        d[..keep].iter_mut().zip(&a[..keep]).for_each(|(d, a)| *d = scale * a * (*d - dot));
+        d[keep..].fill(0.0);
     }
 }
