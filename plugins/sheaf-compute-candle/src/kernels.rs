@@ -383,3 +383,53 @@ pub(crate) fn max(a: &[f32]) -> f32 {
     }
     acc.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
 }
+
+#[cfg(test)]
+mod matmul_tests {
+    use super::{matmul_to, View};
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// Any product, split among any number of threads (by rows or by columns,
+        /// sizes above and below the split threshold), into a column block of a wider
+        /// destination, from plain or transposed operands, equals its definition; the
+        /// destination's other columns are left alone.
+        #[test]
+        fn matmul_equals_its_definition(
+            m in 1usize..130,
+            k in 0usize..130,
+            n in 1usize..130,
+            pad in 0usize..3,
+            a_t in proptest::bool::ANY,
+            b_t in proptest::bool::ANY,
+            accumulate in proptest::bool::ANY,
+            threads in 1usize..4,
+        ) {
+            let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+            let a_data: Vec<f32> = (0..m * k).map(value).collect();
+            let b_data: Vec<f32> = (0..k * n).map(|i| value(i + 7)).collect();
+            // a as stored row-major m x k, or its transpose stored k x m.
+            let a = if a_t { View::rows(&a_data, k, m).t() } else { View::rows(&a_data, m, k) };
+            let b = if b_t { View::rows(&b_data, n, k).t() } else { View::rows(&b_data, k, n) };
+            let at = |i: usize, p: usize| if a_t { a_data[p * m + i] } else { a_data[i * k + p] };
+            let bt = |p: usize, j: usize| if b_t { b_data[j * k + p] } else { b_data[p * n + j] };
+            let ld = n + pad;
+            let before: Vec<f32> = (0..m * ld).map(|i| value(i + 3)).collect();
+            let mut dst = before.clone();
+            matmul_to(&mut dst, ld, accumulate, a, b, threads);
+            for i in 0..m {
+                for j in 0..ld {
+                    let got = dst[i * ld + j];
+                    if j >= n {
+                        proptest::prop_assert_eq!(got, before[i * ld + j]);
+                        continue;
+                    }
+                    let sum: f64 = (0..k).map(|p| f64::from(at(i, p)) * f64::from(bt(p, j))).sum();
+                    let want = sum + if accumulate { f64::from(before[i * ld + j]) } else { 0.0 };
+                    proptest::prop_assert!((f64::from(got) - want).abs() <= 1e-4 * (1.0 + want.abs()), "({i}, {j}): {got} vs {want}");
+                }
+            }
+        }
+    }
+}
