@@ -590,6 +590,12 @@ fn normalize(out: &mut [f32], stats: &mut [(f32, f32)], x: &[f32], w: &[f32], b:
     }
 }
 
+/// One piece of rows of [`layer_norm_backward`]: `d_x`, `d_out`, `x` and the stats.
+type NormPiece<'a> = (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [(f32, f32)])));
+
+/// Windows of [`attention_backward`]: `d_qkv`, `d_atty`, `qkv` and `att`.
+type AttentionPiece<'a> = (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [f32])));
+
 /// Rows in one piece of the LayerNorm weight's gradient (see `kernels::column_sums`).
 const NORM_ROWS: usize = 64;
 
@@ -608,7 +614,7 @@ fn layer_norm_backward(
     threads: usize,
 ) {
     let w = &p[a.w.clone()];
-    let piece = |(d_x, (d_out, (x, stats))): (&mut [f32], (&[f32], (&[f32], &[(f32, f32)])))| {
+    let piece = |(d_x, (d_out, (x, stats))): NormPiece<'_>| {
         normalize_backward(d_x, d_out, x, stats, w)
     };
     let len = NORM_ROWS * c;
@@ -768,7 +774,7 @@ fn attention_backward(
 ) {
     let hs = c / nh;
     let scale = 1.0 / (hs as f32).sqrt();
-    let window = |(d_qkv, (d_atty, (qkv, att))): (&mut [f32], (&[f32], (&[f32], &[f32])))| {
+    let window = |(d_qkv, (d_atty, (qkv, att))): AttentionPiece<'_>| {
         let mut d_att = vec![0f32; t * t];
         for (d_qkv, (d_atty, (qkv, att))) in d_qkv.chunks_exact_mut(t * 3 * c).zip(
             d_atty.chunks_exact(t * c).zip(qkv.chunks_exact(t * 3 * c).zip(att.chunks_exact(nh * t * t))),

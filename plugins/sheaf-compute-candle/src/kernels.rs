@@ -268,7 +268,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(rounded.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
@@ -278,7 +278,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// +-3.83, where erf is within an ulp of +-1.
 #[inline(always)]
 pub(crate) fn erf(x: f32) -> f32 {
-    let x = x.clamp(-3.832_506_9, 3.832_506_9);
+    let x = x.clamp(-3.832_507, 3.832_507);
     let x2 = x * x;
     let mut p = -2.726_142_3e-10f32;
     p = p * x2 + 2.770_681_4e-8;
