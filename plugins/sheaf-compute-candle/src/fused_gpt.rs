@@ -614,9 +614,7 @@ fn layer_norm_backward(
     threads: usize,
 ) {
     let w = &p[a.w.clone()];
-    let piece = |(d_x, (d_out, (x, stats))): NormPiece<'_>| {
-        normalize_backward(d_x, d_out, x, stats, w)
-    };
+    let piece = |(d_x, (d_out, (x, stats))): NormPiece<'_>| normalize_backward(d_x, d_out, x, stats, w);
     let len = NORM_ROWS * c;
     let parts: Vec<Vec<f32>> = if threads > 1 {
         d_x.par_chunks_mut(len)
