@@ -283,3 +283,54 @@ fn stages_can_be_balanced_by_measured_time() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("`speed` (params, time)"), "{err}");
 }
+
+/// ZeRO stage 1's sharded optimizer state counts in the memory budget: on two
+/// data-parallel workers with AdamW, the example model needs its parameters,
+/// gradients and two moments whole without ZeRO, and half the moments with it, so a
+/// budget between the two refuses the first before any worker starts and trains the
+/// second; a budget below the sharded need names the sharding.
+#[test]
+fn zero_state_shards_count_in_the_memory_budget() {
+    let job = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/pipeline-memory.toml");
+    let job = job.to_str().unwrap();
+    let run = |zero: u8, limit: f64| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = sheaf(
+            &[
+                "launch",
+                "-n",
+                "2",
+                job,
+                "--set",
+                "parallel.strategy=\"data-parallel\"",
+                "--set",
+                &format!("parallel.options.data-parallel.zero={zero}"),
+                "--set",
+                "train.optimizer=\"adamw\"",
+                "--set",
+                "train.lr=0.001",
+                "--set",
+                "train.epochs=1",
+                "--set",
+                &format!("compute.memory_limit_mb={limit}"),
+            ],
+            dir.path(),
+        );
+        (out, dir)
+    };
+    let (out, _dir) = run(0, 11.0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("needs 13.12 MiB") && !err.contains("sharded"), "{err}");
+    assert!(!err.contains("[launch] rank"), "a worker started: {err}");
+    let (out, _dir) = run(1, 9.5);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("needs 9.97 MiB") && err.contains("the state sharded over 2 ranks"), "{err}");
+    let (out, dir) = run(1, 11.0);
+    ok(&out);
+    let s = summary(dir.path());
+    let whole = 826_378 * 4 * 2;
+    let per_rank = s["optimizer_state_bytes_per_rank"].as_u64().unwrap();
+    assert!(per_rank <= whole / 2 + 4096 && per_rank >= whole / 2, "{s}");
+}

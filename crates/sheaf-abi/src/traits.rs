@@ -394,12 +394,14 @@ pub struct AbiPlanInput<'a> {
     pub partitioner: ModelPartitionerAbi_TO<'a, RRef<'a, ()>>,
 }
 
-/// A strategy's plan: per rank, its piece and the samples whose activations it keeps.
+/// A strategy's plan: per rank, its piece, the samples whose activations it keeps and
+/// the ranks its optimizer state is sharded over (ABI 0.7).
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
 pub struct AbiStrategyPlan {
     pub pieces: RVec<AbiPiece>,
     pub activation_samples: RVec<u64>,
+    pub state_shards: RVec<u64>,
     pub stage_interface: bool,
 }
 

@@ -129,12 +129,6 @@ impl PieceLayout {
         }
     }
 
-    /// Bytes of parameters, gradients and optimizer state (`state_copies` values per
-    /// parameter: 1 for SGD with momentum, 2 for AdamW).
-    pub fn param_bytes(&self, state_copies: usize) -> u64 {
-        self.layout.total() as u64 * 4 * (2 + state_copies as u64)
-    }
-
     /// The whole model as one piece.
     pub fn whole(layout: &ParamLayout, activation_bytes_per_sample: u64) -> PieceLayout {
         let sources = layout

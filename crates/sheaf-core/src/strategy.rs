@@ -228,6 +228,10 @@ pub struct RankPlan {
     /// Samples whose activations the rank keeps at once, at most (for the memory
     /// budget: a pipeline stage keeps its schedule's micro-batches in flight).
     pub activation_samples: u64,
+    /// Ranks this rank's optimizer state is sharded over (ZeRO stage 1: the
+    /// data-parallel replicas each keep `1 / state_shards` of it); 1 when the rank
+    /// keeps all of its piece's. For the memory budget.
+    pub state_shards: u64,
 }
 
 /// How a strategy lays a job out over the world: every rank's piece. The host checks
@@ -249,10 +253,16 @@ impl StrategyPlan {
         let share = batch_size.div_ceil(world.max(1)) as u64;
         StrategyPlan {
             ranks: (0..world)
-                .map(|_| RankPlan { piece: Piece::whole(blocks), activation_samples: share })
+                .map(|_| RankPlan { piece: Piece::whole(blocks), activation_samples: share, state_shards: 1 })
                 .collect(),
             stage_interface: false,
         }
+    }
+
+    /// The same plan with every rank's optimizer state sharded over `shards` ranks.
+    pub fn with_state_shards(mut self, shards: u64) -> StrategyPlan {
+        self.ranks.iter_mut().for_each(|r| r.state_shards = shards.max(1));
+        self
     }
 }
 

@@ -149,11 +149,16 @@ fn state_copies(optimizer: &str) -> usize {
 }
 
 /// Bytes rank `rank` needs at most: its parameters, their gradients and optimizer
-/// state, and the activations it keeps at once.
+/// state (its shard of it, where the strategy shards it), and the activations it
+/// keeps at once.
 pub fn need_bytes(job: &Job, plan: &Plan, rank: usize) -> (u64, u64) {
     let layout = plan.layout_of(rank);
-    let params = layout.param_bytes(state_copies(&job.train.optimizer));
-    (params, plan.ranks[rank].activation_samples * layout.activation_bytes_per_sample)
+    let r = &plan.ranks[rank];
+    let values = layout.layout.total() as u64;
+    // A shard of every bucket's state, rounded up as the strategy pads its chunks.
+    let state = (values * state_copies(&job.train.optimizer) as u64).div_ceil(r.state_shards.max(1));
+    let params = 4 * (2 * values + state);
+    (params, r.activation_samples * layout.activation_bytes_per_sample)
 }
 
 fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
@@ -167,8 +172,12 @@ fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
             } else {
                 "cut the model over several workers with a model-parallel strategy (`sheaf plugins` lists the strategies)"
             };
+            let shards = match plan.ranks[rank].state_shards {
+                1 => String::new(),
+                n => format!(", the state sharded over {n} ranks"),
+            };
             return Err(job_err(format!(
-                "key `compute.memory_limit_mb`: rank {rank} needs {:.2} MiB (parameters, gradients and optimizer state {:.2} MiB, activations {:.2} MiB) but the limit is {limit_mb} MiB; {hint}",
+                "key `compute.memory_limit_mb`: rank {rank} needs {:.2} MiB (parameters, gradients and optimizer state {:.2} MiB{shards}, activations {:.2} MiB) but the limit is {limit_mb} MiB; {hint}",
                 mib(params + activations),
                 mib(params),
                 mib(activations)

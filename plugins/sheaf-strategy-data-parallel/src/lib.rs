@@ -175,7 +175,9 @@ impl Strategy for DataParallel {
                 ),
             ));
         }
-        Ok(StrategyPlan::replicas(input.world, input.blocks.len(), input.batch_size))
+        let plan = StrategyPlan::replicas(input.world, input.blocks.len(), input.batch_size);
+        // ZeRO stage 1: each replica keeps its chunk of every bucket's optimizer state.
+        Ok(if self.config.zero >= 1 { plan.with_state_shards(input.world as u64) } else { plan })
     }
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {

@@ -496,6 +496,7 @@ impl Strategy for Pipeline {
                 RankPlan {
                     piece: Piece { blocks: cut[p].clone(), tensor_rank: t, tensor_width: width },
                     activation_samples: kept as u64 * rows,
+                    state_shards: 1,
                 }
             })
             .collect();

@@ -167,6 +167,7 @@ impl Strategy for TensorParallel {
             .map(|r| RankPlan {
                 piece: Piece { blocks: 0..input.blocks.len(), tensor_rank: r % width, tensor_width: width },
                 activation_samples: share,
+                state_shards: 1,
             })
             .collect();
         Ok(StrategyPlan { ranks, stage_interface: true })

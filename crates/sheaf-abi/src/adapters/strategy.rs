@@ -24,6 +24,7 @@ where
             Ok(AbiStrategyPlan {
                 pieces: plan.ranks.iter().map(|r| piece_to_abi(&r.piece)).collect(),
                 activation_samples: plan.ranks.iter().map(|r| r.activation_samples).collect(),
+                state_shards: plan.ranks.iter().map(|r| r.state_shards).collect(),
                 stage_interface: plan.stage_interface,
             })
         })
@@ -96,19 +97,28 @@ impl Strategy for LoadedStrategy {
     }
     fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
         let plan = with_plan_input("sheaf-host", input, |abi| self.inner.plan(abi).into_result())?;
-        if plan.pieces.len() != plan.activation_samples.len() {
+        let n = plan.pieces.len();
+        if plan.activation_samples.len() != n || plan.state_shards.len() != n {
             return Err(Error::invalid(format!(
-                "strategy `{}` planned {} pieces but {} activation counts",
+                "strategy `{}` planned {n} pieces but {} activation counts and {} state shard counts",
                 self.name,
-                plan.pieces.len(),
-                plan.activation_samples.len()
+                plan.activation_samples.len(),
+                plan.state_shards.len()
             )));
         }
         let ranks = plan
             .pieces
             .iter()
-            .zip(plan.activation_samples.iter())
-            .map(|(p, &a)| Ok(RankPlan { piece: piece_from_abi(p)?, activation_samples: a }))
+            .zip(plan.activation_samples.iter().zip(plan.state_shards.iter()))
+            .map(|(p, (&activation_samples, &state_shards))| {
+                if state_shards == 0 {
+                    return Err(Error::invalid(format!(
+                        "strategy `{}` planned optimizer state sharded over 0 ranks",
+                        self.name
+                    )));
+                }
+                Ok(RankPlan { piece: piece_from_abi(p)?, activation_samples, state_shards })
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(StrategyPlan { ranks, stage_interface: plan.stage_interface })
     }
