@@ -428,7 +428,14 @@ impl Model for FusedGpt {
                 let v = self.spec.vocab_size;
                 self.d_logits.resize(rows * v, 0.0);
                 let scale = 1.0 / rows as f32;
-                let (sum, _) = cross_entropy(&self.logits, &self.targets, v, scale, Some(&mut self.d_logits));
+                let (sum, _) = cross_entropy(
+                    &self.logits,
+                    &self.targets,
+                    v,
+                    scale,
+                    Some(&mut self.d_logits),
+                    self.threads,
+                );
                 sum / rows as f64
             })
         };
@@ -456,9 +463,9 @@ impl Model for FusedGpt {
         let (windows, _, window) = self.spec.windows(batch, "evaluates")?;
         self.step = Step::Idle;
         let (mut loss, mut correct) = (0f64, 0usize);
-        let v = self.spec.vocab_size;
+        let (v, threads) = (self.spec.vocab_size, self.threads);
         self.forward_chunks(windows, window, |logits, targets, _| {
-            let (l, k) = cross_entropy(logits, targets, v, 0.0, None);
+            let (l, k) = cross_entropy(logits, targets, v, 0.0, None, threads);
             loss += l;
             correct += k;
         })?;

@@ -152,7 +152,8 @@ impl Model for FusedMlp {
             let mut delta = std::mem::take(&mut self.delta);
             delta.resize(n * classes, 0.0);
             let scale = 1.0 / n as f32;
-            let (loss, _) = cross_entropy(self.logits(), &self.labels, classes, scale, Some(&mut delta));
+            let (loss, _) =
+                cross_entropy(self.logits(), &self.labels, classes, scale, Some(&mut delta), self.threads);
             self.delta = delta;
             loss
         });
@@ -170,7 +171,7 @@ impl Model for FusedMlp {
         }
         on_compute_threads(|| self.forward());
         let classes = *self.spec.layers.last().expect("validated");
-        Ok(cross_entropy(self.logits(), &self.labels, classes, 0.0, None))
+        Ok(cross_entropy(self.logits(), &self.labels, classes, 0.0, None, self.threads))
     }
 
     fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {

@@ -216,7 +216,49 @@ pub(crate) fn rows_per_thread(rows: usize, threads: usize) -> usize {
 /// Softmax cross-entropy of row-major `logits` (rows of `classes`) against `labels`:
 /// the summed loss, the correct predictions (the first maximum, as argmax), and, when
 /// `grad` is given, `scale` times the gradient of the sum with respect to the logits.
+/// Rows are taken in pieces of [`SUM_ROWS`] among the threads and the pieces' sums
+/// added in order, so the result does not depend on the thread count.
 pub(crate) fn cross_entropy(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    scale: f32,
+    grad: Option<&mut [f32]>,
+    threads: usize,
+) -> (f64, usize) {
+    use rayon::prelude::*;
+    if classes == 0 {
+        return (0.0, 0);
+    }
+    let len = SUM_ROWS * classes;
+    let parts: Vec<(f64, usize)> = match grad {
+        Some(grad) if threads > 1 => logits
+            .par_chunks(len)
+            .zip(labels.par_chunks(SUM_ROWS).zip(grad.par_chunks_mut(len)))
+            .map(|(z, (l, g))| cross_entropy_rows(z, l, classes, scale, Some(g)))
+            .collect(),
+        Some(grad) => logits
+            .chunks(len)
+            .zip(labels.chunks(SUM_ROWS).zip(grad.chunks_mut(len)))
+            .map(|(z, (l, g))| cross_entropy_rows(z, l, classes, scale, Some(g)))
+            .collect(),
+        None if threads > 1 => logits
+            .par_chunks(len)
+            .zip(labels.par_chunks(SUM_ROWS))
+            .map(|(z, l)| cross_entropy_rows(z, l, classes, scale, None))
+            .collect(),
+        None => logits
+            .chunks(len)
+            .zip(labels.chunks(SUM_ROWS))
+            .map(|(z, l)| cross_entropy_rows(z, l, classes, scale, None))
+            .collect(),
+    };
+    parts.into_iter().fold((0.0, 0), |(l, c), (pl, pc)| (l + pl, c + pc))
+}
+
+/// [`cross_entropy`] of one piece of rows.
+#[multiversion::multiversion(targets = "simd")]
+fn cross_entropy_rows(
     logits: &[f32],
     labels: &[u32],
     classes: usize,
@@ -232,13 +274,13 @@ pub(crate) fn cross_entropy(
             }
         }
         correct += usize::from(best == label as usize);
-        let sum: f32 = z.iter().map(|v| (v - max).exp()).sum();
+        let sum: f32 = z.iter().map(|v| exp(v - max)).sum();
         let lse = max + sum.ln();
         loss += f64::from(lse - z[label as usize]);
         if let Some(g) = grad.as_deref_mut() {
             let g = &mut g[i * classes..(i + 1) * classes];
             for (d, v) in g.iter_mut().zip(z) {
-                *d = (v - lse).exp() * scale;
+                *d = exp(v - lse) * scale;
             }
             g[label as usize] -= scale;
         }
