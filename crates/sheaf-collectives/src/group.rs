@@ -6,50 +6,13 @@ use std::sync::{Arc, Mutex};
 
 use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
 
-use crate::{reduce, Algorithm};
+use crate::{reduce, Algorithm, BroadcastAlgorithm};
 
-// Tag values of the allreduce algorithms other than ring (which uses the
-// reduce-scatter and allgather classes).
-const DIRECT: u32 = 1 << 20;
-const FOLD: u32 = 2 << 20;
-const UNFOLD: u32 = 3 << 20;
-const HALVE: u32 = 4 << 20;
-const DOUBLE: u32 = 5 << 20;
-const CHAIN: u32 = 1 << 20;
-
-/// Broadcasts and reduces of at least this many bytes over 3 or more ranks use the
-/// pipelined chain; smaller ones the binomial tree.
-const CHAIN_MIN_BYTES: usize = 64 << 10;
-
-/// The broadcast (and reduce) algorithm a group uses for `bytes` over `world` ranks:
-/// `"chain"` (pipelined) or `"binomial"`.
-pub fn broadcast_algorithm(bytes: usize, world: usize) -> &'static str {
-    if world >= 3 && bytes >= CHAIN_MIN_BYTES {
-        "chain"
-    } else {
-        "binomial"
-    }
-}
-
-/// The segment size the ring algorithms cut blocks into: a quarter of the largest
-/// block, between 64 KiB and 1 MiB, in whole elements. Every rank computes the same
-/// from the same block sizes.
-fn segment_bytes(largest_block: usize, elem: usize) -> usize {
-    let seg = (largest_block / 4).clamp(64 << 10, 1 << 20);
-    (seg / elem).max(1) * elem
-}
-
-/// Segments of its own first block a rank sends before it has received any: the
-/// rest go out one per segment received, so a ring never holds more than this many
-/// of one rank's segments unread (with 1 MiB segments, within a 4 MiB transport ring)
-/// and nothing waits on a segment that was not sent. Blocks differ by at most one
-/// element, so a rank receives at most one segment fewer than it sends first.
-const AHEAD: usize = 3;
-
-/// `range` cut into consecutive pieces of at most `seg` bytes (none when empty).
-fn segments(range: Range<usize>, seg: usize) -> impl Iterator<Item = Range<usize>> {
-    range.clone().step_by(seg).map(move |start| start..(start + seg).min(range.end))
-}
+mod chain;
+mod direct;
+mod halving_doubling;
+mod ring;
+mod tree;
 
 /// How long a rank that gave up waits for the other ranks' failure reports before it
 /// names a culprit. Every failure is reported at most this long after its deadline.
@@ -282,244 +245,6 @@ impl Group {
         Ok(())
     }
 
-    /// Ring reduce-scatter in place: afterwards this rank's block holds the reduction
-    /// of that block over all ranks. `blocks` are byte ranges, one per rank.
-    ///
-    /// Pipelined: every block moves in segments, and a segment is forwarded to the
-    /// right as soon as it is reduced, so sending, receiving and reducing overlap
-    /// instead of each step waiting for a whole block.
-    fn ring_reduce_scatter(
-        &self,
-        buf: &mut [u8],
-        blocks: &[Range<usize>],
-        dtype: DType,
-        op: ReduceOp,
-        dl: Deadline,
-    ) -> Result<(), CommError> {
-        let n = self.size();
-        let (r, right, left) = (self.rank, (self.rank + 1) % n, (self.rank + n - 1) % n);
-        if n == 1 {
-            return Ok(());
-        }
-        let seg = segment_bytes(blocks[0].len(), dtype.size());
-        let mut first = segments(blocks[(r + n - 1) % n].clone(), seg).peekable();
-        for piece in first.by_ref().take(AHEAD) {
-            self.send_to(right, TagClass::ReduceScatter, 0, &buf[piece], dl)?;
-        }
-        for s in 0..n - 1 {
-            let block = blocks[(r + 2 * n - s - 2) % n].clone();
-            for piece in segments(block, seg) {
-                let dst = &mut buf[piece.clone()];
-                self.recv_to(left, TagClass::ReduceScatter, s as u32, dst, Some((dtype, op)), dl)?;
-                if s + 2 < n {
-                    self.send_to(right, TagClass::ReduceScatter, s as u32 + 1, &buf[piece], dl)?;
-                }
-                if let Some(next) = first.next() {
-                    self.send_to(right, TagClass::ReduceScatter, 0, &buf[next], dl)?;
-                }
-            }
-        }
-        debug_assert!(first.peek().is_none());
-        Ok(())
-    }
-
-    /// Ring allgather in place: each rank starts with its own block filled and ends
-    /// with every block. Pipelined in segments like [`Group::ring_reduce_scatter`].
-    fn ring_allgather(&self, buf: &mut [u8], blocks: &[Range<usize>], dl: Deadline) -> Result<(), CommError> {
-        let n = self.size();
-        let (r, right, left) = (self.rank, (self.rank + 1) % n, (self.rank + n - 1) % n);
-        if n == 1 {
-            return Ok(());
-        }
-        let seg = segment_bytes(blocks[0].len(), 1);
-        let mut first = segments(blocks[r].clone(), seg).peekable();
-        for piece in first.by_ref().take(AHEAD) {
-            self.send_to(right, TagClass::Allgather, 0, &buf[piece], dl)?;
-        }
-        for s in 0..n - 1 {
-            let block = blocks[(r + 2 * n - s - 1) % n].clone();
-            for piece in segments(block, seg) {
-                self.recv_to(left, TagClass::Allgather, s as u32, &mut buf[piece.clone()], None, dl)?;
-                if s + 2 < n {
-                    self.send_to(right, TagClass::Allgather, s as u32 + 1, &buf[piece], dl)?;
-                }
-                if let Some(next) = first.next() {
-                    self.send_to(right, TagClass::Allgather, 0, &buf[next], dl)?;
-                }
-            }
-        }
-        debug_assert!(first.peek().is_none());
-        Ok(())
-    }
-
-    /// Pipelined chain reduce for large buffers, the mirror of the chain broadcast:
-    /// partial results flow root+n-1, ..., root+1, root in chunks, each rank adding its
-    /// own to a chunk and passing it on as soon as it arrives.
-    fn chain_reduce(
-        &self,
-        buf: &mut [u8],
-        dtype: DType,
-        op: ReduceOp,
-        v: usize,
-        root: usize,
-        dl: Deadline,
-    ) -> Result<(), CommError> {
-        let n = self.size();
-        let chunk = (buf.len() / 8).clamp(16 << 10, 1 << 20) / dtype.size() * dtype.size();
-        let (towards_root, from) = ((v + n - 1 + root) % n, (v + 1 + root) % n);
-        for (i, piece) in buf.chunks_mut(chunk).enumerate() {
-            let tag = CHAIN + i as u32;
-            if v + 1 < n {
-                self.recv_to(from, TagClass::Reduce, tag, piece, Some((dtype, op)), dl)?;
-            }
-            if v > 0 {
-                self.send_to(towards_root, TagClass::Reduce, tag, piece, dl)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Pipelined chain broadcast for large buffers: the buffer moves down the chain
-    /// root, root+1, ... in chunks, each rank forwarding a chunk as soon as it has it,
-    /// so the time is about one buffer's transfer plus a chunk per hop.
-    fn chain_broadcast(&self, buf: &mut [u8], v: usize, root: usize, dl: Deadline) -> Result<(), CommError> {
-        let n = self.size();
-        let chunk = (buf.len() / 8).clamp(16 << 10, 1 << 20);
-        let (prev, next) = ((v + n - 1 + root) % n, (v + 1 + root) % n);
-        for (i, piece) in buf.chunks_mut(chunk).enumerate() {
-            let tag = CHAIN + i as u32;
-            if v > 0 {
-                self.recv_to(prev, TagClass::Broadcast, tag, piece, None, dl)?;
-            }
-            if v + 1 < n {
-                self.send_to(next, TagClass::Broadcast, tag, piece, dl)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Every rank sends its buffer to every other, then each reduces all of them in
-    /// rank order, so the result is the naive left-to-right reduction.
-    fn direct_allreduce(
-        &self,
-        buf: &mut [u8],
-        dtype: DType,
-        op: ReduceOp,
-        dl: Deadline,
-    ) -> Result<(), CommError> {
-        let (n, me) = (self.size(), self.rank);
-        for peer in (0..n).filter(|&p| p != me) {
-            self.send_to(peer, TagClass::Allreduce, DIRECT, buf, dl)?;
-        }
-        // Fold in rank order, the same on every rank: x0, then x1, ...
-        let mine = (me > 0).then(|| buf.to_vec());
-        for q in 0..n {
-            match (&mine, q) {
-                (_, q) if q == me && q == 0 => {} // `buf` holds x0 already
-                (Some(mine), q) if q == me => reduce::combine(buf, mine, dtype, op),
-                (_, 0) => self.recv_to(0, TagClass::Allreduce, DIRECT, buf, None, dl)?,
-                (_, q) => self.recv_to(q, TagClass::Allreduce, DIRECT, buf, Some((dtype, op)), dl)?,
-            }
-        }
-        reduce::finish_avg(buf, dtype, op, n);
-        Ok(())
-    }
-
-    /// Rabenseifner's allreduce: recursive halving leaves each of the `p` (a power of
-    /// two) active ranks one reduced block, recursive doubling gathers the blocks. With
-    /// `n = p + rem`, ranks `0..2 rem` first pair up: each even rank hands its buffer
-    /// to the odd one above it, sits out, and gets the result back at the end.
-    fn halving_doubling_allreduce(
-        &self,
-        buf: &mut [u8],
-        elems: usize,
-        dtype: DType,
-        op: ReduceOp,
-        dl: Deadline,
-    ) -> Result<(), CommError> {
-        let (n, me, sz) = (self.size(), self.rank, dtype.size());
-        let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
-        let rem = n - p;
-        // Fold the extra ranks in.
-        let virtual_rank = if me < 2 * rem {
-            if me % 2 == 0 {
-                self.send_to(me + 1, TagClass::Allreduce, FOLD, buf, dl)?;
-                return self.recv_to(me + 1, TagClass::Allreduce, UNFOLD, buf, None, dl);
-            }
-            let lower = self.recv_exact(me - 1, TagClass::Allreduce, FOLD, buf.len(), dl)?;
-            let mut acc = lower;
-            reduce::combine(&mut acc, buf, dtype, op);
-            buf.copy_from_slice(&acc);
-            me / 2
-        } else {
-            me - rem
-        };
-        let real = |v: usize| if v < rem { 2 * v + 1 } else { v + rem };
-        // Recursive halving: the range this rank is responsible for shrinks by half
-        // each step; the partner keeps the other half.
-        let mut ranges: Vec<std::ops::Range<usize>> = Vec::with_capacity(1 + p.trailing_zeros() as usize);
-        ranges.push(0..elems);
-        let mut dist = p / 2;
-        let mut step = 0;
-        while dist > 0 {
-            let range = ranges.last().expect("non-empty").clone();
-            let mid = range.start + range.len() / 2;
-            let partner = virtual_rank ^ dist;
-            let (keep, give) = if virtual_rank & dist == 0 {
-                (range.start..mid, mid..range.end)
-            } else {
-                (mid..range.end, range.start..mid)
-            };
-            self.send_to(
-                real(partner),
-                TagClass::Allreduce,
-                HALVE + step,
-                &buf[give.start * sz..give.end * sz],
-                dl,
-            )?;
-            let mine = &mut buf[keep.start * sz..keep.end * sz];
-            // Lower virtual rank first, so both partners reduce in the same order.
-            if virtual_rank & dist == 0 {
-                self.recv_to(real(partner), TagClass::Allreduce, HALVE + step, mine, Some((dtype, op)), dl)?;
-            } else {
-                let theirs =
-                    self.recv_exact(real(partner), TagClass::Allreduce, HALVE + step, mine.len(), dl)?;
-                let mut acc = theirs;
-                reduce::combine(&mut acc, mine, dtype, op);
-                mine.copy_from_slice(&acc);
-            }
-            ranges.push(keep);
-            dist /= 2;
-            step += 1;
-        }
-        let done = ranges.last().expect("non-empty").clone();
-        reduce::finish_avg(&mut buf[done.start * sz..done.end * sz], dtype, op, n);
-        // Recursive doubling: swap the finished halves back up the same tree.
-        let mut dist = 1;
-        while dist < p {
-            let mine = ranges.pop().expect("one range per step");
-            let parent = ranges.last().expect("the whole buffer at the bottom").clone();
-            let theirs =
-                if mine.start == parent.start { mine.end..parent.end } else { parent.start..mine.start };
-            let partner = virtual_rank ^ dist;
-            self.send_to(
-                real(partner),
-                TagClass::Allreduce,
-                DOUBLE + step,
-                &buf[mine.start * sz..mine.end * sz],
-                dl,
-            )?;
-            let dst = &mut buf[theirs.start * sz..theirs.end * sz];
-            self.recv_to(real(partner), TagClass::Allreduce, DOUBLE + step, dst, None, dl)?;
-            dist *= 2;
-            step += 1;
-        }
-        if me < 2 * rem {
-            self.send_to(me - 1, TagClass::Allreduce, UNFOLD, buf, dl)?;
-        }
-        Ok(())
-    }
-
     fn byte_blocks(&self, elems: usize, dtype: DType) -> Vec<Range<usize>> {
         let sz = dtype.size();
         (0..self.size())
@@ -594,12 +319,7 @@ impl Communicator for Group {
             match self.algorithm.choose(buf.len(), n) {
                 Algorithm::Direct => self.direct_allreduce(buf, dtype, op, dl),
                 Algorithm::HalvingDoubling => self.halving_doubling_allreduce(buf, elems, dtype, op, dl),
-                _ => {
-                    let blocks = self.byte_blocks(elems, dtype);
-                    self.ring_reduce_scatter(buf, &blocks, dtype, op, dl)?;
-                    reduce::finish_avg(&mut buf[blocks[self.rank].clone()], dtype, op, n);
-                    self.ring_allgather(buf, &blocks, dl)
-                }
+                _ => self.ring_allreduce(buf, elems, dtype, op, dl),
             }
         })
     }
@@ -614,28 +334,10 @@ impl Communicator for Group {
         }
         self.guarded(Op::Broadcast, || {
             let v = (self.rank + n - root) % n;
-            if broadcast_algorithm(buf.len(), n) == "chain" {
-                return self.chain_broadcast(buf, v, root, dl);
+            match BroadcastAlgorithm::choose(buf.len(), n) {
+                BroadcastAlgorithm::Chain => self.chain_broadcast(buf, v, root, dl),
+                BroadcastAlgorithm::Binomial => self.binomial_broadcast(buf, v, root, dl),
             }
-            // Binomial tree over ranks relative to the root: log2(n) rounds.
-            let mut mask = 1;
-            while mask < n {
-                if v & mask != 0 {
-                    let parent = (v - mask + root) % n;
-                    let msg = self.recv_exact(parent, TagClass::Broadcast, 0, buf.len(), dl)?;
-                    buf.copy_from_slice(&msg);
-                    break;
-                }
-                mask <<= 1;
-            }
-            mask >>= 1;
-            while mask > 0 {
-                if v + mask < n {
-                    self.send_to((v + mask + root) % n, TagClass::Broadcast, 0, buf, dl)?;
-                }
-                mask >>= 1;
-            }
-            Ok(())
         })
     }
 
@@ -709,26 +411,9 @@ impl Communicator for Group {
         self.check_root(root, Op::Reduce)?;
         self.guarded(Op::Reduce, || {
             let v = (self.rank + n - root) % n;
-            if broadcast_algorithm(buf.len(), n) == "chain" {
-                self.chain_reduce(buf, dtype, op, v, root, dl)?;
-                if v == 0 {
-                    reduce::finish_avg(buf, dtype, op, n);
-                }
-                return Ok(());
-            }
-            // Binomial tree towards the root: the mirror of broadcast.
-            let mut mask = 1;
-            while mask < n {
-                if v & mask != 0 {
-                    self.send_to((v - mask + root) % n, TagClass::Reduce, mask as u32, buf, dl)?;
-                    break;
-                }
-                if v + mask < n {
-                    let child =
-                        self.recv_exact((v + mask + root) % n, TagClass::Reduce, mask as u32, buf.len(), dl)?;
-                    reduce::combine(buf, &child, dtype, op);
-                }
-                mask <<= 1;
+            match BroadcastAlgorithm::choose(buf.len(), n) {
+                BroadcastAlgorithm::Chain => self.chain_reduce(buf, dtype, op, v, root, dl)?,
+                BroadcastAlgorithm::Binomial => self.binomial_reduce(buf, dtype, op, v, root, dl)?,
             }
             if v == 0 {
                 reduce::finish_avg(buf, dtype, op, n);
@@ -863,27 +548,5 @@ mod tests {
                 assert!(seen.insert(c), "parent {parent}: seq {seq} repeats context {c:#x}");
             }
         }
-    }
-
-    /// The pipelined chain from 64 KiB on 3 or more ranks, the binomial tree otherwise.
-    #[test]
-    fn broadcast_algorithm_by_size_and_world() {
-        assert_eq!(broadcast_algorithm(CHAIN_MIN_BYTES, 3), "chain");
-        assert_eq!(broadcast_algorithm(CHAIN_MIN_BYTES - 1, 3), "binomial");
-        assert_eq!(broadcast_algorithm(1 << 30, 2), "binomial");
-        assert_eq!(broadcast_algorithm(1 << 30, 8), "chain");
-    }
-
-    /// Segments are a quarter block between 64 KiB and 1 MiB, in whole elements, and
-    /// cut a block into consecutive pieces that cover it.
-    #[test]
-    fn segments_cover_blocks() {
-        assert_eq!(segment_bytes(100, 4), 64 << 10);
-        assert_eq!(segment_bytes(1 << 20, 4), 256 << 10);
-        assert_eq!(segment_bytes(1 << 30, 4), 1 << 20);
-        assert_eq!(segment_bytes(3 << 20, 3) % 3, 0);
-        let pieces: Vec<_> = segments(10..1000, 300).collect();
-        assert_eq!(pieces, [10..310, 310..610, 610..910, 910..1000]);
-        assert_eq!(segments(5..5, 64).count(), 0);
     }
 }

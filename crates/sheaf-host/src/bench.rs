@@ -184,7 +184,7 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
                 transport: spec.transport.clone(),
                 algorithm: match spec.op.as_str() {
                     "allreduce" => algorithm.choose(size, n).name().into(),
-                    "broadcast" => sheaf_collectives::broadcast_algorithm(size, n).into(),
+                    "broadcast" => sheaf_collectives::BroadcastAlgorithm::choose(size, n).name().into(),
                     _ => "ring".into(),
                 },
                 world_size: n,

@@ -1,4 +1,6 @@
-//! Which allreduce algorithm a group runs, and the automatic choice.
+//! The policy: which algorithm a group runs for each collective, as typed choices,
+//! and the thresholds of the automatic ones. The algorithms themselves are the
+//! modules of `group`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -44,6 +46,38 @@ impl Algorithm {
     }
 }
 
+/// The broadcast (and reduce) algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BroadcastAlgorithm {
+    /// A binomial tree over ranks relative to the root: log2(n) rounds.
+    Binomial,
+    /// A pipelined chain root, root + 1, ... in chunks: about one buffer's transfer
+    /// plus a chunk per hop.
+    Chain,
+}
+
+/// Broadcasts and reduces of at least this many bytes over 3 or more ranks use the
+/// pipelined chain; smaller ones the binomial tree.
+pub const CHAIN_MIN_BYTES: usize = 64 << 10;
+
+impl BroadcastAlgorithm {
+    /// The algorithm for `bytes` over `world` ranks.
+    pub fn choose(bytes: usize, world: usize) -> BroadcastAlgorithm {
+        if world >= 3 && bytes >= CHAIN_MIN_BYTES {
+            BroadcastAlgorithm::Chain
+        } else {
+            BroadcastAlgorithm::Binomial
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BroadcastAlgorithm::Binomial => "binomial",
+            BroadcastAlgorithm::Chain => "chain",
+        }
+    }
+}
+
 impl fmt::Display for Algorithm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -77,6 +111,20 @@ mod tests {
         for a in Algorithm::ALL {
             assert_eq!(a.choose(1, 4), a);
             assert_eq!(a.name().parse::<Algorithm>(), Ok(a));
+            assert_eq!(a.to_string(), a.name());
         }
+        assert_eq!(Algorithm::Auto.to_string(), "auto");
+        assert!("rings".parse::<Algorithm>().unwrap_err().contains("unknown algorithm `rings`"));
+    }
+
+    /// The pipelined chain from 64 KiB on 3 or more ranks, the binomial tree otherwise.
+    #[test]
+    fn broadcast_chooses_by_size_and_world() {
+        use BroadcastAlgorithm::{Binomial, Chain};
+        assert_eq!(BroadcastAlgorithm::choose(CHAIN_MIN_BYTES, 3), Chain);
+        assert_eq!(BroadcastAlgorithm::choose(CHAIN_MIN_BYTES - 1, 3), Binomial);
+        assert_eq!(BroadcastAlgorithm::choose(1 << 30, 2), Binomial);
+        assert_eq!(BroadcastAlgorithm::choose(1 << 30, 8), Chain);
+        assert_eq!((Chain.name(), Binomial.name()), ("chain", "binomial"));
     }
 }
