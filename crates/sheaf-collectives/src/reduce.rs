@@ -130,6 +130,15 @@ fn scale_typed<T: Elem>(buf: &mut [u8], by: f64) {
     }
 }
 
+/// What a receive into a buffer does with the bytes that arrive (`Link::recv_into`):
+/// reduce them into `dst` when `reduce` is given, else copy them over it.
+pub fn copy_or_combine(dst: &mut [u8], src: &[u8], reduce: Option<(DType, ReduceOp)>) {
+    match reduce {
+        Some((dtype, op)) => combine(dst, src, dtype, op),
+        None => dst.copy_from_slice(src),
+    }
+}
+
 /// `acc[i] = op(acc[i], src[i])` for every element. `Avg` sums; finish it with
 /// [`finish_avg`]. Lengths must be equal and whole elements.
 pub fn combine(acc: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) {

@@ -136,6 +136,18 @@ pub trait Link: Send + Sync {
     }
 }
 
+/// The check every [`Link`] makes of a peer argument: a rank of the world other than
+/// `rank` itself, else [`CommError::InvalidArgument`] for `op`.
+pub fn check_link_peer(rank: usize, world: usize, peer: usize, op: crate::Op) -> Result<(), CommError> {
+    if peer >= world || peer == rank {
+        return Err(CommError::InvalidArgument {
+            op,
+            detail: format!("no peer rank {peer} in a world of {world}"),
+        });
+    }
+    Ok(())
+}
+
 /// Point-to-point messages and collectives over a group of ranks.
 ///
 /// Buffers are bytes plus a [`DType`], so new element types never change this trait.

@@ -19,7 +19,7 @@ mod report;
 mod rng;
 mod strategy;
 
-pub use comm::{chunk_range, Communicator, Link, Tag, TagClass, MAX_USER_TAG};
+pub use comm::{check_link_peer, chunk_range, Communicator, Link, Tag, TagClass, MAX_USER_TAG};
 pub use compute::{
     Batch, Block, ComputeBackend, Dataset, Model, ModelInfo, ModelInput, ModelSpec, ParamLayout, ParamSpec,
     PieceLayout, Samples, ShardSource,

@@ -79,13 +79,7 @@ impl InProcLink {
     }
 
     fn check_peer(&self, peer: usize, op: Op) -> Result<(), CommError> {
-        if peer >= self.n || peer == self.rank {
-            return Err(CommError::InvalidArgument {
-                op,
-                detail: format!("no peer rank {peer} in a world of {}", self.n),
-            });
-        }
-        Ok(())
+        sheaf_core::check_link_peer(self.rank, self.n, peer, op)
     }
 }
 

@@ -420,8 +420,8 @@ impl ShmLink {
             )
         };
         let (d1, d2) = dst.split_at_mut(first);
-        apply(d1, a, reduce);
-        apply(d2, b, reduce);
+        reduce::copy_or_combine(d1, a, reduce);
+        reduce::copy_or_combine(d2, b, reduce);
     }
 
     /// Reads whatever `peer` has published to this rank into `rx`, without blocking.
@@ -561,12 +561,7 @@ impl ShmLink {
     }
 
     fn check_peer(&self, peer: usize, op: Op) -> Result<(), CommError> {
-        if peer >= self.world || peer == self.rank {
-            return Err(CommError::InvalidArgument {
-                op,
-                detail: format!("no peer rank {peer} in a world of {}", self.world),
-            });
-        }
+        sheaf_core::check_link_peer(self.rank, self.world, peer, op)?;
         if self.closed.load(Relaxed) {
             return Err(CommError::Closed { op });
         }
@@ -607,13 +602,6 @@ impl ShmLink {
             }
             waiter.wait(bell, sleepers, seen, dl);
         }
-    }
-}
-
-fn apply(dst: &mut [u8], src: &[u8], reduce: Option<(DType, ReduceOp)>) {
-    match reduce {
-        Some((dtype, op)) => reduce::combine(dst, src, dtype, op),
-        None => dst.copy_from_slice(src),
     }
 }
 
@@ -748,7 +736,7 @@ impl Link for ShmLink {
                     if msg.len() != dst.len() {
                         return Err(wrong_len(msg.len()));
                     }
-                    apply(dst, &msg, reduce);
+                    reduce::copy_or_combine(dst, &msg, reduce);
                     return Ok(());
                 }
                 if let Some(detail) = &rx.broken {

@@ -413,14 +413,7 @@ impl ZmqLink {
     }
 
     fn check_peer(&self, peer: usize, op: Op) -> Result<(), CommError> {
-        let (rank, world) = (self.shared.rank, self.shared.world);
-        if peer >= world || peer == rank {
-            return Err(CommError::InvalidArgument {
-                op,
-                detail: format!("no peer rank {peer} in a world of {world}"),
-            });
-        }
-        Ok(())
+        sheaf_core::check_link_peer(self.shared.rank, self.shared.world, peer, op)
     }
 }
 
@@ -668,10 +661,7 @@ impl Link for ZmqLink {
             });
         }
         let elem = reduce.map_or(1, |(d, _)| d.size());
-        let apply = |dst: &mut [u8], src: &[u8]| match reduce {
-            Some((dtype, op)) => reduce::combine(dst, src, dtype, op),
-            None => dst.copy_from_slice(src),
-        };
+        let apply = |dst: &mut [u8], src: &[u8]| reduce::copy_or_combine(dst, src, reduce);
         if chunks.iter().all(|c| c.len() % elem == 0) {
             let mut off = 0;
             for c in &chunks {
