@@ -535,6 +535,40 @@ impl Communicator for Group {
 mod tests {
     use super::*;
 
+    /// A link of `world` ranks that carries nothing (for what needs no messages).
+    struct Silent(usize, usize);
+
+    impl Link for Silent {
+        fn rank(&self) -> usize {
+            self.0
+        }
+        fn world_size(&self) -> usize {
+            self.1
+        }
+        fn send(&self, _: usize, _: Tag, _: &[u8], _: Deadline) -> Result<(), CommError> {
+            Err(CommError::Closed { op: Op::Send })
+        }
+        fn recv(&self, _: usize, _: Tag, _: Deadline) -> Result<Vec<u8>, CommError> {
+            Err(CommError::Closed { op: Op::Recv })
+        }
+    }
+
+    /// The world group's members are the link's ranks in order; a sub-group's are the
+    /// link ranks it was made of, in its own rank order, and its rank and size follow.
+    #[test]
+    fn members_are_link_ranks_in_group_order() {
+        let link: Arc<dyn Link> = Arc::new(Silent(2, 4));
+        let world = Group::world(link.clone());
+        assert_eq!((world.members(), world.rank(), world.world_size()), (&[0, 1, 2, 3][..], 2, 4));
+        assert!(world.is_whole_world());
+        let sub = Group::new(link, Arc::from(vec![3, 2]), 1, 7);
+        assert_eq!((sub.members(), sub.rank(), sub.world_size()), (&[3, 2][..], 1, 2));
+        assert!(!sub.is_whole_world());
+        // A peer outside the group is refused before anything is sent.
+        let e = sub.send(2, 0, &[], Deadline::after(std::time::Duration::from_secs(1))).unwrap_err();
+        assert!(matches!(e, CommError::InvalidArgument { .. }), "{e}");
+    }
+
     /// Sub-communicator contexts are never the world's (0), differ from their parent's
     /// and from each other across a parent's splits, and fit the tag's context bits.
     #[test]
