@@ -127,6 +127,8 @@ enum Step {
     Embeddings,
 }
 
+/// A whole GPT on the CPU: its parameters as one flat buffer in the layout's order,
+/// and the activations of the pass in progress.
 pub struct FusedGpt {
     spec: GptSpec,
     layout: ParamLayout,
