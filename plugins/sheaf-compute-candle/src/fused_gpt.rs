@@ -29,6 +29,7 @@ use crate::kernels::{
     column_sums, cross_entropy, dot, erf, exp, fill_rows, matmul, matmul_to, max, on_compute_threads,
     rows_per_thread, sum, sum_sq_dev, threads, View,
 };
+use crate::{check_values, whole_backward};
 
 /// LayerNorm's epsilon, as nanoGPT's.
 const EPS: f32 = 1e-5;
@@ -267,17 +268,6 @@ impl FusedGpt {
         Ok(())
     }
 
-    fn check_grads(&self, grads: &[f32]) -> Result<()> {
-        if grads.len() != self.layout.total() {
-            return Err(Error::invalid(format!(
-                "{} gradient slots for {} parameters",
-                grads.len(),
-                self.layout.total()
-            )));
-        }
-        Ok(())
-    }
-
     /// Where the values still pending before `step` end.
     fn pending_before(&self, step: Step) -> usize {
         match step {
@@ -390,29 +380,19 @@ impl Model for FusedGpt {
     }
 
     fn read_params(&self, out: &mut [f32]) -> Result<()> {
-        if out.len() != self.params.len() {
-            return Err(Error::invalid(format!("{} values for {} parameters", out.len(), self.params.len())));
-        }
+        check_values(out.len(), self.params.len())?;
         out.copy_from_slice(&self.params);
         Ok(())
     }
 
     fn write_params(&mut self, src: &[f32]) -> Result<()> {
-        if src.len() != self.params.len() {
-            return Err(Error::invalid(format!("{} values for {} parameters", src.len(), self.params.len())));
-        }
+        check_values(src.len(), self.params.len())?;
         self.params.copy_from_slice(src);
         Ok(())
     }
 
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
-        self.check_grads(grads)?;
-        let loss = self.backward_begin(batch)?;
-        let mut pending = grads.len();
-        while pending > 0 {
-            pending = self.backward_next(&mut grads[..pending])?;
-        }
-        Ok(loss)
+        whole_backward(self, batch, grads)
     }
 
     fn backward_in_steps(&self) -> bool {
@@ -539,14 +519,19 @@ fn linear_backward(
     matmul(d_x, false, dy, View::rows(&p[a.w.clone()], outp, inp), threads);
 }
 
-/// `dst += src`, over the threads.
-fn add_into(dst: &mut [f32], src: &[f32], threads: usize) {
+/// `f` over equal pieces of `dst` and `src`, one piece per thread.
+fn elementwise(dst: &mut [f32], src: &[f32], threads: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
     if threads > 1 {
         let chunk = dst.len().div_ceil(threads).max(1);
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| add(d, s));
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| f(d, s));
     } else {
-        add(dst, src);
+        f(dst, src);
     }
+}
+
+/// `dst += src`, over the threads.
+fn add_into(dst: &mut [f32], src: &[f32], threads: usize) {
+    elementwise(dst, src, threads, add);
 }
 
 #[multiversion(targets = "simd")]
@@ -687,12 +672,7 @@ fn normalize_backward(
 /// Exact (erf) GELU, as PyTorch's default and candle's `gelu_erf`.
 fn gelu(out: &mut Vec<f32>, x: &[f32], threads: usize) {
     out.resize(x.len(), 0.0);
-    if threads > 1 {
-        let chunk = x.len().div_ceil(threads).max(1);
-        out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| gelu_values(o, x));
-    } else {
-        gelu_values(out, x);
-    }
+    elementwise(out, x, threads, gelu_values);
 }
 
 #[multiversion(targets = "simd")]
@@ -702,12 +682,7 @@ fn gelu_values(out: &mut [f32], x: &[f32]) {
 
 /// `d *= gelu'(x)`, in place.
 fn gelu_backward(d: &mut [f32], x: &[f32], threads: usize) {
-    if threads > 1 {
-        let chunk = x.len().div_ceil(threads).max(1);
-        d.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(d, x)| gelu_backward_values(d, x));
-    } else {
-        gelu_backward_values(d, x);
-    }
+    elementwise(d, x, threads, gelu_backward_values);
 }
 
 #[multiversion(targets = "simd")]

@@ -14,6 +14,7 @@ use sheaf_core::{Batch, Error, Model, ParamLayout, Result};
 
 use crate::kernels::{column_sums, cross_entropy, fill_rows, matmul, on_compute_threads, threads, View};
 use crate::mlp::{init_params, Activation, MlpSpec, Rows};
+use crate::{check_values, whole_backward};
 
 pub struct FusedMlp {
     spec: MlpSpec,
@@ -104,35 +105,19 @@ impl Model for FusedMlp {
     }
 
     fn read_params(&self, out: &mut [f32]) -> Result<()> {
-        if out.len() != self.params.len() {
-            return Err(Error::invalid(format!("{} values for {} parameters", out.len(), self.params.len())));
-        }
+        check_values(out.len(), self.params.len())?;
         out.copy_from_slice(&self.params);
         Ok(())
     }
 
     fn write_params(&mut self, src: &[f32]) -> Result<()> {
-        if src.len() != self.params.len() {
-            return Err(Error::invalid(format!("{} values for {} parameters", src.len(), self.params.len())));
-        }
+        check_values(src.len(), self.params.len())?;
         self.params.copy_from_slice(src);
         Ok(())
     }
 
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
-        if grads.len() != self.layout.total() {
-            return Err(Error::invalid(format!(
-                "{} gradient slots for {} parameters",
-                grads.len(),
-                self.layout.total()
-            )));
-        }
-        let loss = self.backward_begin(batch)?;
-        let mut pending = grads.len();
-        while pending > 0 {
-            pending = self.backward_next(&mut grads[..pending])?;
-        }
-        Ok(loss)
+        whole_backward(self, batch, grads)
     }
 
     fn backward_in_steps(&self) -> bool {

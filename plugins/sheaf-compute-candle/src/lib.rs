@@ -201,6 +201,37 @@ pub(crate) fn add_var_grads(
     Ok(())
 }
 
+/// Checks that `given` values match a model of `params` parameters (a read or write
+/// of its parameters).
+pub(crate) fn check_values(given: usize, params: usize) -> Result<()> {
+    if given != params {
+        return Err(Error::invalid(format!("{given} values for {params} parameters")));
+    }
+    Ok(())
+}
+
+/// `forward_backward` of a model with a stepped backward pass: its steps run one
+/// after the other into the whole of `grads`.
+pub(crate) fn whole_backward(
+    model: &mut dyn Model,
+    batch: &sheaf_core::Batch<'_>,
+    grads: &mut [f32],
+) -> Result<f32> {
+    if grads.len() != model.layout().total() {
+        return Err(Error::invalid(format!(
+            "{} gradient slots for {} parameters",
+            grads.len(),
+            model.layout().total()
+        )));
+    }
+    let loss = model.backward_begin(batch)?;
+    let mut pending = grads.len();
+    while pending > 0 {
+        pending = model.backward_next(&mut grads[..pending])?;
+    }
+    Ok(loss)
+}
+
 /// Moves accumulated gradients into `out` and starts again from zero.
 pub(crate) fn take_accumulated(grads: &mut [f32], out: &mut [f32]) -> Result<()> {
     if out.len() != grads.len() {
@@ -250,9 +281,7 @@ pub(crate) fn vars_from(layout: &ParamLayout, values: &[f32], device: &Device) -
 }
 
 pub(crate) fn read_vars(layout: &ParamLayout, vars: &[Var], out: &mut [f32]) -> Result<()> {
-    if out.len() != layout.total() {
-        return Err(Error::invalid(format!("{} values for {} parameters", out.len(), layout.total())));
-    }
+    check_values(out.len(), layout.total())?;
     for (i, v) in vars.iter().enumerate() {
         let values =
             v.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(candle_err("reading"))?;
@@ -262,9 +291,7 @@ pub(crate) fn read_vars(layout: &ParamLayout, vars: &[Var], out: &mut [f32]) -> 
 }
 
 pub(crate) fn write_vars(layout: &ParamLayout, vars: &[Var], src: &[f32], device: &Device) -> Result<()> {
-    if src.len() != layout.total() {
-        return Err(Error::invalid(format!("{} values for {} parameters", src.len(), layout.total())));
-    }
+    check_values(src.len(), layout.total())?;
     for (i, v) in vars.iter().enumerate() {
         let shape = layout.specs()[i].shape.as_slice();
         let t = Tensor::from_slice(&src[layout.range(i)], shape, device).map_err(candle_err("writing"))?;
