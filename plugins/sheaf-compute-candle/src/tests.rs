@@ -314,6 +314,20 @@ fn mlp_settings_are_checked_by_the_plugin() {
 
 mod gpt;
 
+/// A model's stepped backward pass over `batch` into a buffer of NaNs: the loss, the
+/// frontier each step returned, and the gradients.
+pub(crate) fn stepped_pass(model: &mut dyn Model, batch: &Batch<'_>) -> (f32, Vec<usize>, Vec<f32>) {
+    let mut grads = vec![f32::NAN; model.layout().total()];
+    let loss = model.backward_begin(batch).unwrap();
+    let mut pending = grads.len();
+    let mut frontiers = Vec::new();
+    while pending > 0 {
+        pending = model.backward_next(&mut grads[..pending]).unwrap();
+        frontiers.push(pending);
+    }
+    (loss, frontiers, grads)
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
 
@@ -352,14 +366,8 @@ proptest::proptest! {
         proptest::prop_assert!(pf.iter().zip(&pg).all(|(a, b)| close(*a, *b)) && pf.len() == pg.len());
 
         proptest::prop_assert!(fused.backward_in_steps());
-        let mut stepped = vec![f32::NAN; total];
-        proptest::prop_assert_eq!(fused.backward_begin(&batch).unwrap(), lf);
-        let mut pending = total;
-        let mut frontiers = Vec::new();
-        while pending > 0 {
-            pending = fused.backward_next(&mut stepped[..pending]).unwrap();
-            frontiers.push(pending);
-        }
+        let (loss, frontiers, stepped) = crate::tests::stepped_pass(&mut fused, &batch);
+        proptest::prop_assert_eq!(loss, lf);
         let layout = fused.layout().clone();
         let expected: Vec<usize> = (0..widths.len() - 1).rev().map(|l| layout.range(2 * l).start).collect();
         proptest::prop_assert_eq!(frontiers, expected);

@@ -611,14 +611,8 @@ proptest::proptest! {
         }
 
         proptest::prop_assert!(fused.backward_in_steps());
-        let mut stepped = vec![f32::NAN; total];
-        proptest::prop_assert_eq!(fused.backward_begin(&batch).unwrap(), lf);
-        let mut pending = total;
-        let mut frontiers = Vec::new();
-        while pending > 0 {
-            pending = fused.backward_next(&mut stepped[..pending]).unwrap();
-            frontiers.push(pending);
-        }
+        let (loss, frontiers, stepped) = crate::tests::stepped_pass(&mut fused, &batch);
+        proptest::prop_assert_eq!(loss, lf);
         let layout = fused.layout().clone();
         let start = |name: &str| {
             let i = layout.specs().iter().position(|s| s.name == name).unwrap();
