@@ -1,8 +1,19 @@
 //! [`ZmqLink`]: the blocking side (host threads) and the async side (the plugin's
-//! runtime) of the ZeroMQ transport, sharing one state behind a mutex and condvar.
+//! runtime) of the ZeroMQ transport, sharing one state behind a mutex.
+//!
+//! The runtime has no worker threads of its own. A host thread that must wait (for a
+//! message, for credit, for goodbyes) runs the runtime itself until what it waits for
+//! has happened, as MPI's progress engine runs inside its blocking calls: the frames
+//! it sends are written and the frames it waits for are read on its own thread, with
+//! no wakeup of another thread on the way. While no host thread is in the link (the
+//! trainer computing), an idle driver thread runs the runtime instead, so heartbeats,
+//! receipts and reads go on; it hands the runtime back as soon as a host thread asks.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,7 +21,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use sheaf_collectives::reduce;
 use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::Notify;
 use zeromq::{
     util::PeerIdentity, DealerSocket, PullSocket, PushSocket, RouterSocket, Socket, SocketEvent,
     SocketOptions, SocketRecv, SocketSend, ZmqMessage,
@@ -75,6 +86,23 @@ const MAX_MESSAGE: u64 = 1 << 36;
 /// How often blocked calls re-check liveness.
 const POLL: Duration = Duration::from_millis(50);
 
+/// The socket to one peer's inbox. Host threads put frames on it themselves (a
+/// queue push inside the crate, no hop through a task of ours), and so do the
+/// runtime's tasks for acknowledgements and heartbeats; the lock keeps each frame
+/// whole.
+type Outbox = Arc<tokio::sync::Mutex<PushSocket>>;
+
+/// Puts one frame on `outbox` from a host thread.
+fn post(outbox: &Outbox, frame: Vec<u8>) -> Result<(), String> {
+    let mut socket = outbox.blocking_lock();
+    futures::executor::block_on(socket.send(frame.into())).map_err(|e| e.to_string())
+}
+
+/// Puts one frame on `outbox` from the runtime.
+async fn post_async(outbox: &Outbox, frame: Vec<u8>) -> Result<(), String> {
+    outbox.lock().await.send(frame.into()).await.map_err(|e| e.to_string())
+}
+
 /// A message being assembled: its chunks' payloads, kept as the frames they arrived
 /// in (no copy until a receive puts them where they belong).
 struct Partial {
@@ -86,7 +114,12 @@ struct Partial {
 struct State {
     queues: HashMap<(usize, u64), VecDeque<Vec<Bytes>>>,
     partial: HashMap<(usize, u64), Partial>,
+    /// Bytes sent to each peer and not yet acknowledged.
     inflight: Vec<u64>,
+    /// Bytes sent to each peer since the last chunk that asked for a receipt.
+    since_sync: Vec<u64>,
+    /// Bytes received from each peer and not yet acknowledged.
+    unacked: Vec<u64>,
     last_seen: Vec<Instant>,
     hello: Vec<bool>,
     dead: Vec<Option<String>>,
@@ -105,17 +138,13 @@ struct Shared {
     world: usize,
     peer_timeout: Duration,
     state: Mutex<State>,
-    wake: Condvar,
+    /// Told after every change of `state` a waiting host thread may care about.
+    wake: Notify,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn wait<'a>(&self, st: MutexGuard<'a, State>, deadline: Deadline) -> MutexGuard<'a, State> {
-        let t = deadline.remaining().min(POLL);
-        self.wake.wait_timeout(st, t).unwrap_or_else(|e| e.into_inner()).0
     }
 
     /// Marks peers silent for longer than the peer timeout as dead.
@@ -154,6 +183,16 @@ impl Shared {
         None
     }
 
+    /// Records that frames to `peer` can no longer be sent.
+    fn sending_failed(&self, peer: usize, error: &str) {
+        let mut st = self.lock();
+        if !st.left[peer] && st.dead[peer].is_none() {
+            st.dead[peer] = Some(format!("sending failed: {error}"));
+        }
+        drop(st);
+        self.wake.notify_waiters();
+    }
+
     /// Handles one frame from the inbox; returns frames to send in reply.
     fn handle(&self, raw: &Bytes) -> Vec<(usize, Vec<u8>)> {
         let bytes: &[u8] = raw;
@@ -170,7 +209,7 @@ impl Shared {
                     None => st.garbage = Some(format!("garbage message on the inbox: {e}")),
                 }
                 drop(st);
-                self.wake.notify_all();
+                self.wake.notify_waiters();
                 return replies;
             }
         };
@@ -178,12 +217,12 @@ impl Shared {
         if src >= self.world || src == self.rank {
             st.garbage = Some(format!("message claims to come from rank {src} in a world of {}", self.world));
             drop(st);
-            self.wake.notify_all();
+            self.wake.notify_waiters();
             return replies;
         }
         st.last_seen[src] = Instant::now();
         match frame.kind {
-            Kind::Data => {
+            Kind::Data | Kind::DataSync => {
                 let key = (src, frame.tag);
                 let (total, offset, len) = (frame.a, frame.b, frame.payload.len() as u64);
                 let ok = if offset == 0 && !st.partial.contains_key(&key) {
@@ -217,7 +256,12 @@ impl Shared {
                             let p = st.partial.remove(&key).expect("present");
                             st.queues.entry(key).or_default().push_back(p.chunks);
                         }
-                        replies.push((src, wire::encode(Kind::Ack, self.rank as u32, 0, len, 0, &[])));
+                        // One cumulative receipt, only where the sender asked for it.
+                        st.unacked[src] += len;
+                        if frame.kind == Kind::DataSync {
+                            let bytes = std::mem::take(&mut st.unacked[src]);
+                            replies.push((src, wire::encode(Kind::Ack, self.rank as u32, 0, bytes, 0, &[])));
+                        }
                     }
                     Err(e) => st.protocol[src] = Some(e),
                 }
@@ -238,7 +282,11 @@ impl Shared {
                 st.left[src] = true;
                 replies.push((src, wire::encode(Kind::ByeAck, self.rank as u32, 0, 0, 0, &[])));
             }
-            Kind::ByeAck => st.bye_acked[src] = true,
+            Kind::ByeAck => {
+                // The peer answers `Bye` after every frame sent before it: all arrived.
+                st.bye_acked[src] = true;
+                st.inflight[src] = 0;
+            }
             Kind::Abort => {
                 let culprit = frame.tag as usize;
                 let reason = String::from_utf8_lossy(frame.payload).into_owned();
@@ -249,19 +297,101 @@ impl Shared {
             }
         }
         drop(st);
-        self.wake.notify_all();
+        self.wake.notify_waiters();
         replies
+    }
+}
+
+/// How long the link must have been left alone before the idle driver takes the
+/// runtime: long enough that a collective's calls in a row keep it on their thread.
+const IDLE: Duration = Duration::from_millis(2);
+/// The longest the idle driver holds the runtime before looking again.
+const IDLE_TURN: Duration = Duration::from_millis(100);
+
+/// The runtime and who runs it: host threads inside [`Progress::drive`], or the
+/// idle driver while none is.
+struct Progress {
+    runtime: tokio::runtime::Runtime,
+    /// Host threads inside `drive`.
+    active: AtomicUsize,
+    /// When the last `drive` ended, in nanoseconds since `epoch`.
+    last_end: AtomicU64,
+    epoch: Instant,
+    /// The idle driver holds (or is about to hold) the runtime.
+    idle_driving: AtomicBool,
+    /// A host thread wants the runtime back from the idle driver.
+    wanted: Notify,
+    stop: AtomicBool,
+}
+
+impl Progress {
+    fn new(runtime: tokio::runtime::Runtime) -> Progress {
+        Progress {
+            runtime,
+            active: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+            epoch: Instant::now(),
+            idle_driving: AtomicBool::new(false),
+            wanted: Notify::new(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Runs the runtime on this thread until `fut` is done (taking it from the idle
+    /// driver first, or sharing it with other host threads).
+    fn drive<T>(&self, fut: impl Future<Output = T>) -> T {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        // Either the idle driver sees `active` before it takes the runtime, or this
+        // thread sees it driving and asks for the runtime back.
+        if self.idle_driving.load(Ordering::SeqCst) {
+            self.wanted.notify_one();
+        }
+        let out = self.runtime.block_on(fut);
+        self.last_end.store(self.now_ns(), Ordering::SeqCst);
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+
+    /// Runs the tasks that are ready (the writers of frames just posted) and returns.
+    fn kick(&self) {
+        self.drive(tokio::task::yield_now());
+    }
+
+    /// The idle driver's loop: runs the runtime whenever no host thread has been in
+    /// the link for [`IDLE`], until the link is dropped.
+    fn idle_driver(&self) {
+        let idle_ns = u64::try_from(IDLE.as_nanos()).unwrap_or(u64::MAX);
+        while !self.stop.load(Ordering::SeqCst) {
+            let quiet = self.active.load(Ordering::SeqCst) == 0
+                && self.now_ns().saturating_sub(self.last_end.load(Ordering::SeqCst)) >= idle_ns;
+            if !quiet {
+                std::thread::sleep(IDLE);
+                continue;
+            }
+            self.idle_driving.store(true, Ordering::SeqCst);
+            if self.active.load(Ordering::SeqCst) == 0 {
+                self.runtime.block_on(async {
+                    let _ = tokio::time::timeout(IDLE_TURN, self.wanted.notified()).await;
+                });
+            }
+            self.idle_driving.store(false, Ordering::SeqCst);
+        }
     }
 }
 
 /// One rank's ZeroMQ link.
 pub struct ZmqLink {
     shared: Arc<Shared>,
-    outboxes: Vec<Option<UnboundedSender<Vec<u8>>>>,
+    outboxes: Vec<Option<Outbox>>,
     send_locks: Vec<Mutex<()>>,
     chunk: usize,
     window: u64,
-    runtime: Option<tokio::runtime::Runtime>,
+    progress: Arc<Progress>,
+    idle_driver: Option<JoinHandle<()>>,
 }
 
 fn connect_err(detail: impl std::fmt::Display) -> CommError {
@@ -297,6 +427,8 @@ impl ZmqLink {
                 queues: HashMap::new(),
                 partial: HashMap::new(),
                 inflight: vec![0; world],
+                since_sync: vec![0; world],
+                unacked: vec![0; world],
                 last_seen: vec![now; world],
                 hello: vec![false; world],
                 dead: vec![None; world],
@@ -309,27 +441,24 @@ impl ZmqLink {
                 closing: false,
                 closed: false,
             }),
-            wake: Condvar::new(),
+            wake: Notify::new(),
         });
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(connect_err)?;
         let mut link = ZmqLink {
             shared: shared.clone(),
             outboxes: (0..world).map(|_| None).collect(),
             send_locks: (0..world).map(|_| Mutex::new(())).collect(),
             chunk: config.chunk_bytes.max(1),
             window: config.window_bytes.max(1) as u64,
-            runtime: None,
+            progress: Arc::new(Progress::new(runtime)),
+            idle_driver: None,
         };
         if world == 1 {
             return Ok(link);
         }
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name(format!("sheaf-zmq-{rank}"))
-            .enable_all()
-            .build()
-            .map_err(connect_err)?;
         let deadline = Deadline::after(Duration::from_millis(config.connect_timeout_ms));
-        let setup = runtime.block_on(async {
+        let setup = link.progress.drive(async {
             tokio::time::timeout(deadline.remaining(), setup(scheme, &config, shared.clone())).await.map_err(
                 |_| {
                     connect_err(format!(
@@ -345,19 +474,25 @@ impl ZmqLink {
         let beats: Vec<_> = link.outboxes.clone();
         let every = Duration::from_millis(config.heartbeat_ms.max(10));
         let me = rank as u32;
-        runtime.spawn(async move {
+        link.progress.runtime.spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
-                for tx in beats.iter().flatten() {
-                    let _ = tx.send(wire::encode(Kind::Heartbeat, me, 0, 0, 0, &[]));
+                for outbox in beats.iter().flatten() {
+                    let _ = post_async(outbox, wire::encode(Kind::Heartbeat, me, 0, 0, 0, &[])).await;
                 }
             }
         });
-        link.runtime = Some(runtime);
+        let progress = link.progress.clone();
+        link.idle_driver = Some(
+            std::thread::Builder::new()
+                .name(format!("sheaf-zmq-{rank}"))
+                .spawn(move || progress.idle_driver())
+                .map_err(connect_err)?,
+        );
         // Every peer has our table entry once it says hello; wait for all of them.
-        for tx in link.outboxes.iter().flatten() {
-            let _ = tx.send(wire::encode(Kind::Hello, me, 0, 0, 0, &[]));
+        for outbox in link.outboxes.iter().flatten() {
+            let _ = post(outbox, wire::encode(Kind::Hello, me, 0, 0, 0, &[]));
         }
         let mut st = shared.lock();
         loop {
@@ -372,7 +507,7 @@ impl ZmqLink {
             if deadline.expired() {
                 return Err(CommError::Timeout { op: Op::Connect, peer: p, waited: now.elapsed() });
             }
-            st = shared.wait(st, deadline);
+            st = link.wait(st, deadline);
         }
         drop(st);
         drop(rendezvous);
@@ -383,10 +518,10 @@ impl ZmqLink {
     /// receiver handles a corrupt or hostile sender.
     #[doc(hidden)]
     pub fn send_raw_for_tests(&self, peer: usize, bytes: Vec<u8>) {
-        let _ = self.tx(peer).send(bytes);
+        let _ = post(self.outbox(peer), bytes);
     }
 
-    fn tx(&self, peer: usize) -> &UnboundedSender<Vec<u8>> {
+    fn outbox(&self, peer: usize) -> &Outbox {
         self.outboxes[peer].as_ref().expect("an outbox for every peer")
     }
 
@@ -408,12 +543,27 @@ impl ZmqLink {
             if deadline.expired() {
                 return Err(CommError::Timeout { op: Op::Recv, peer, waited: start.elapsed() });
             }
-            st = self.shared.wait(st, deadline);
+            st = self.wait(st, deadline);
         }
     }
 
     fn check_peer(&self, peer: usize, op: Op) -> Result<(), CommError> {
         sheaf_core::check_link_peer(self.shared.rank, self.shared.world, peer, op)
+    }
+
+    /// Releases `st` and runs the runtime until the state changes, or at most until
+    /// the deadline or [`POLL`] (for liveness checks), then takes the lock again.
+    fn wait<'a>(&'a self, st: MutexGuard<'a, State>, deadline: Deadline) -> MutexGuard<'a, State> {
+        let t = deadline.remaining().min(POLL);
+        let notified = self.shared.wake.notified();
+        let mut notified = std::pin::pin!(notified);
+        // Registered before the lock is released: a change made in between still wakes.
+        notified.as_mut().enable();
+        drop(st);
+        self.progress.drive(async {
+            let _ = tokio::time::timeout(t, notified).await;
+        });
+        self.shared.lock()
     }
 }
 
@@ -422,7 +572,7 @@ async fn setup(
     scheme: Scheme,
     config: &ZmqConfig,
     shared: Arc<Shared>,
-) -> Result<(Vec<Option<UnboundedSender<Vec<u8>>>>, Option<RouterSocket>), CommError> {
+) -> Result<(Vec<Option<Outbox>>, Option<RouterSocket>), CommError> {
     let (rank, world) = (config.rank, config.world_size);
     let mut inbox = PullSocket::new();
     let endpoint = match scheme {
@@ -504,7 +654,7 @@ async fn setup(
         (table, None)
     };
 
-    let mut outboxes: Vec<Option<UnboundedSender<Vec<u8>>>> = (0..world).map(|_| None).collect();
+    let mut outboxes: Vec<Option<Outbox>> = (0..world).map(|_| None).collect();
     for (peer, endpoint) in table.iter().enumerate().filter(|(p, _)| *p != rank) {
         let mut opts = SocketOptions::default();
         opts.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
@@ -515,22 +665,7 @@ async fn setup(
         push.connect(endpoint)
             .await
             .map_err(|e| connect_err(format!("connecting to rank {peer} at {endpoint}: {e}")))?;
-        let (tx, mut rx) = unbounded_channel::<Vec<u8>>();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                if let Err(e) = push.send(frame.into()).await {
-                    let mut st = shared.lock();
-                    if !st.left[peer] && st.dead[peer].is_none() {
-                        st.dead[peer] = Some(format!("sending failed: {e}"));
-                    }
-                    drop(st);
-                    shared.wake.notify_all();
-                    break;
-                }
-            }
-        });
-        outboxes[peer] = Some(tx);
+        outboxes[peer] = Some(Arc::new(tokio::sync::Mutex::new(push)));
     }
 
     // The receive loop: every frame updates the shared state; replies go out through
@@ -545,13 +680,15 @@ async fn setup(
                         let mut st = rx_shared.lock();
                         st.garbage = Some(format!("garbage message on the inbox: {} frames", msg.len()));
                         drop(st);
-                        rx_shared.wake.notify_all();
+                        rx_shared.wake.notify_waiters();
                         continue;
                     }
                     let frame = msg.get(0).expect("one frame");
                     for (peer, reply) in rx_shared.handle(frame) {
-                        if let Some(tx) = &replies_to[peer] {
-                            let _ = tx.send(reply);
+                        if let Some(outbox) = &replies_to[peer] {
+                            if let Err(e) = post_async(outbox, reply).await {
+                                rx_shared.sending_failed(peer, &e);
+                            }
                         }
                     }
                 }
@@ -561,7 +698,7 @@ async fn setup(
                         st.garbage = Some(format!("inbox failed: {e}"));
                     }
                     drop(st);
-                    rx_shared.wake.notify_all();
+                    rx_shared.wake.notify_waiters();
                     break;
                 }
             }
@@ -579,7 +716,7 @@ async fn setup(
                         st.dead[peer] = Some("connection lost (the process exited or crashed)".into());
                     }
                     drop(st);
-                    mon_shared.wake.notify_all();
+                    mon_shared.wake.notify_waiters();
                 }
             }
         }
@@ -616,20 +753,34 @@ impl Link for ZmqLink {
                 if deadline.expired() {
                     return Err(CommError::Timeout { op: Op::Send, peer, waited: start.elapsed() });
                 }
-                st = self.shared.wait(st, deadline);
+                st = self.wait(st, deadline);
             }
-            st.inflight[peer] += chunk.len() as u64;
+            // Ask for a receipt every quarter window, and whenever the next full chunk
+            // would not fit: a sender waiting for credit has always asked for the
+            // receipt that frees it.
+            let len = chunk.len() as u64;
+            st.inflight[peer] += len;
+            st.since_sync[peer] += len;
+            let sync =
+                st.since_sync[peer] >= self.window / 4 || st.inflight[peer] + self.chunk as u64 > self.window;
+            if sync {
+                st.since_sync[peer] = 0;
+            }
             drop(st);
-            let frame = wire::encode(Kind::Data, self.shared.rank as u32, tag.0, total, offset, chunk);
-            if self.tx(peer).send(frame).is_err() {
+            let kind = if sync { Kind::DataSync } else { Kind::Data };
+            let frame = wire::encode(kind, self.shared.rank as u32, tag.0, total, offset, chunk);
+            if let Err(e) = post(self.outbox(peer), frame) {
+                self.shared.sending_failed(peer, &e);
                 return Err(CommError::PeerFailed {
                     op: Op::Send,
                     peer,
-                    reason: "its connection is closed".into(),
+                    reason: format!("sending failed: {e}"),
                 });
             }
             offset += chunk.len() as u64;
         }
+        // Write what was posted now rather than at this rank's next wait.
+        self.progress.kick();
         Ok(())
     }
 
@@ -683,10 +834,12 @@ impl Link for ZmqLink {
             st.abort = Some((culprit, reason.to_owned()));
         }
         drop(st);
-        self.shared.wake.notify_all();
-        for tx in self.outboxes.iter().flatten() {
-            let _ = tx.send(wire::encode(Kind::Abort, me as u32, culprit as u64, 0, 0, reason.as_bytes()));
+        self.shared.wake.notify_waiters();
+        for outbox in self.outboxes.iter().flatten() {
+            let _ =
+                post(outbox, wire::encode(Kind::Abort, me as u32, culprit as u64, 0, 0, reason.as_bytes()));
         }
+        self.progress.kick();
     }
 
     fn failure_reports(&self) -> Vec<(usize, usize)> {
@@ -703,8 +856,8 @@ impl Link for ZmqLink {
         }
         let start = Instant::now();
         self.shared.lock().closing = true;
-        for tx in self.outboxes.iter().flatten() {
-            let _ = tx.send(wire::encode(Kind::Bye, me as u32, 0, 0, 0, &[]));
+        for outbox in self.outboxes.iter().flatten() {
+            let _ = post(outbox, wire::encode(Kind::Bye, me as u32, 0, 0, 0, &[]));
         }
         let mut st = self.shared.lock();
         loop {
@@ -716,20 +869,25 @@ impl Link for ZmqLink {
             if deadline.expired() {
                 return Err(CommError::Timeout { op: Op::Close, peer: p, waited: start.elapsed() });
             }
-            st = self.shared.wait(st, deadline);
+            st = self.wait(st, deadline);
         }
         st.closed = true;
         drop(st);
         // The last acknowledgements leave through the outboxes; give them a moment.
-        std::thread::sleep(Duration::from_millis(50));
+        self.progress.drive(async { tokio::time::sleep(Duration::from_millis(50)).await });
         Ok(())
     }
 }
 
 impl Drop for ZmqLink {
     fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        self.progress.stop.store(true, Ordering::SeqCst);
+        self.progress.wanted.notify_one();
+        if let Some(driver) = self.idle_driver.take() {
+            let _ = driver.join();
         }
+        // The runtime goes with the last reference to `progress`, now this one: its
+        // tasks hold the shared state, not the runtime, and are dropped with their
+        // sockets.
     }
 }

@@ -4,7 +4,7 @@
 
 /// `"SF"`: Sheaf frame.
 pub const MAGIC: u16 = 0x5346;
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const HEADER: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -12,7 +12,7 @@ pub const HEADER: usize = 32;
 pub enum Kind {
     /// A chunk of a message: `a` = total length, `b` = offset of this chunk.
     Data = 1,
-    /// Receipt of a data chunk: `a` = its payload bytes.
+    /// Receipt of every data chunk since the last receipt: `a` = their payload bytes.
     Ack = 2,
     /// Connection check after rendezvous.
     Hello = 3,
@@ -24,13 +24,24 @@ pub enum Kind {
     ByeAck = 6,
     /// The sender gave up: `tag` = the rank it blames, payload = reason.
     Abort = 7,
+    /// A chunk of a message, like `Data`, whose sender asks for a receipt.
+    DataSync = 8,
 }
 
 impl Kind {
     fn from_u8(v: u8) -> Option<Kind> {
-        [Kind::Data, Kind::Ack, Kind::Hello, Kind::Heartbeat, Kind::Bye, Kind::ByeAck, Kind::Abort]
-            .into_iter()
-            .find(|k| *k as u8 == v)
+        [
+            Kind::Data,
+            Kind::Ack,
+            Kind::Hello,
+            Kind::Heartbeat,
+            Kind::Bye,
+            Kind::ByeAck,
+            Kind::Abort,
+            Kind::DataSync,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == v)
     }
 }
 

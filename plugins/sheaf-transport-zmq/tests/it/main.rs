@@ -107,7 +107,7 @@ fn garbage_on_the_inbox_is_a_protocol_error_naming_the_sender() {
     let bad = {
         let mut f = Vec::new();
         f.extend_from_slice(&0x5346u16.to_le_bytes());
-        f.push(1);
+        f.push(2); // the wire version
         f.push(1); // data
         f.extend_from_slice(&1u32.to_le_bytes());
         f.extend_from_slice(&9u64.to_le_bytes());
