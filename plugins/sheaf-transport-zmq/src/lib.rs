@@ -1,17 +1,20 @@
 //! Sheaf plugin: the ZeroMQ transport, over `tcp://` or `ipc://`.
 //!
-//! The plugin owns a small tokio runtime on its own threads (tokio's context does not
-//! cross `dlopen`) and exposes the blocking, deadline-bound [`sheaf_core::Link`]. Each
-//! rank binds one PULL inbox and connects one PUSH socket to every peer's inbox; ranks
-//! find each other the way torchrun's do: rank 0 listens on `MASTER_ADDR:MASTER_PORT`,
-//! the others connect, and rank 0 tells everyone everyone's inbox.
+//! The plugin owns a current-thread tokio runtime (tokio's context does not cross
+//! `dlopen`), run by the host threads that wait on the link, as MPI's progress engine
+//! runs inside its blocking calls, and by an idle driver thread between calls; it
+//! exposes the blocking, deadline-bound [`sheaf_core::Link`]. Each rank binds one PULL
+//! inbox and connects one PUSH socket to every peer's inbox; ranks find each other the
+//! way torchrun's do: rank 0 listens on `MASTER_ADDR:MASTER_PORT`, the others connect,
+//! and rank 0 tells everyone everyone's inbox.
 //!
 //! ZeroMQ's `send` returns once a message is queued and has no byte-based
 //! backpressure, so the wire protocol adds what a trainer needs: messages are cut into
-//! chunks, every chunk is acknowledged, a sender waits for credit once a window of
-//! bytes is unacknowledged, `close` returns only once every peer has acknowledged
-//! everything sent (and said goodbye), heartbeats and connection monitoring detect a
-//! dead peer, and an abort frame tells every rank whom a failing rank blames.
+//! chunks, receipts are cumulative and asked for every quarter window, a sender waits
+//! for credit once a window of bytes is unacknowledged, `close` returns only once every
+//! peer has received everything sent (and said goodbye), heartbeats and connection
+//! monitoring detect a dead peer, and an abort frame tells every rank whom a failing
+//! rank blames.
 
 mod link;
 mod wire;

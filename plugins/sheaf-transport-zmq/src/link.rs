@@ -51,6 +51,11 @@ fn default_chunk() -> usize {
 fn default_window() -> usize {
     16 << 20
 }
+/// 200 µs, or `SHEAF_ZMQ_SPIN_US` (as NCCL and MPI take their progress knobs from the
+/// environment; the host does not pass transport tuning through the job).
+fn default_spin_us() -> u64 {
+    std::env::var("SHEAF_ZMQ_SPIN_US").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+}
 
 /// What the host passes to the transport (as JSON).
 #[derive(Clone, Debug, Deserialize)]
@@ -79,6 +84,10 @@ pub struct ZmqConfig {
     /// Unacknowledged bytes allowed in flight to one peer.
     #[serde(default = "default_window")]
     pub window_bytes: usize,
+    /// How long a waiting call polls the sockets before it sleeps in the kernel:
+    /// lower latency for CPU time (0: always sleep).
+    #[serde(default = "default_spin_us")]
+    pub spin_us: u64,
 }
 
 /// Largest message a peer may announce: protects against a garbage length.
@@ -390,6 +399,7 @@ pub struct ZmqLink {
     send_locks: Vec<Mutex<()>>,
     chunk: usize,
     window: u64,
+    spin: Duration,
     progress: Arc<Progress>,
     idle_driver: Option<JoinHandle<()>>,
 }
@@ -451,6 +461,7 @@ impl ZmqLink {
             send_locks: (0..world).map(|_| Mutex::new(())).collect(),
             chunk: config.chunk_bytes.max(1),
             window: config.window_bytes.max(1) as u64,
+            spin: Duration::from_micros(config.spin_us),
             progress: Arc::new(Progress::new(runtime)),
             idle_driver: None,
         };
@@ -561,6 +572,15 @@ impl ZmqLink {
         notified.as_mut().enable();
         drop(st);
         self.progress.drive(async {
+            // Poll first, as MPI does: a message that comes within the spin is read
+            // without the kernel putting this thread to sleep and waking it again.
+            let spin_until = Instant::now() + self.spin;
+            while Instant::now() < spin_until {
+                if futures::poll!(notified.as_mut()).is_ready() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
             let _ = tokio::time::timeout(t, notified).await;
         });
         self.shared.lock()

@@ -130,3 +130,28 @@ fn rendezvous_times_out_naming_the_master() {
     assert!(e.contains(&port.to_string()), "{e}");
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// A rank that leaves its link alone for longer than the peer timeout (a long
+/// computation) is not declared dead: the idle driver keeps its heartbeats, reads and
+/// receipts going while no caller runs the runtime, and hands it back to the next call.
+#[test]
+fn a_link_left_alone_past_the_peer_timeout_stays_alive() {
+    let links = world(2, Scheme::Tcp);
+    // The peer timeout in `config` is 5 s.
+    std::thread::sleep(Duration::from_secs(6));
+    std::thread::scope(|s| {
+        let (a, b) = (&links[0], &links[1]);
+        s.spawn(move || {
+            a.send(1, Tag(1), &[7; 100_000], dl()).unwrap();
+            // Sent and then left alone again: the message still goes out.
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(a.recv(1, Tag(2), dl()).unwrap(), [9; 10]);
+            a.close(dl()).unwrap();
+        });
+        s.spawn(move || {
+            assert_eq!(b.recv(0, Tag(1), dl()).unwrap(), vec![7; 100_000]);
+            b.send(0, Tag(2), &[9; 10], dl()).unwrap();
+            b.close(dl()).unwrap();
+        });
+    });
+}
