@@ -31,6 +31,18 @@ pub enum GradDType {
     Bf16,
 }
 
+/// `values` rounded to bfloat16 for the wire.
+pub(crate) fn narrow(values: &[f32]) -> Vec<bf16> {
+    values.iter().map(|&v| bf16::from_f32(v)).collect()
+}
+
+/// Bfloat16 values from the wire, widened into `dst`.
+pub(crate) fn widen(dst: &mut [f32], values: &[bf16]) {
+    for (d, v) in dst.iter_mut().zip(values) {
+        *d = v.to_f32();
+    }
+}
+
 /// The first bucket's size at most, as DDP's.
 const FIRST_BUCKET_BYTES: usize = 1 << 20;
 
@@ -196,11 +208,9 @@ fn reduce(comm: &dyn Communicator, bucket: &mut [f32], wire: GradDType, deadline
             comm.allreduce(bytemuck::cast_slice_mut(bucket), DType::F32, ReduceOp::Sum, deadline)?
         }
         GradDType::Bf16 => {
-            let mut narrow: Vec<bf16> = bucket.iter().map(|&v| bf16::from_f32(v)).collect();
-            comm.allreduce(bytemuck::cast_slice_mut(&mut narrow), DType::BF16, ReduceOp::Sum, deadline)?;
-            for (v, n) in bucket.iter_mut().zip(narrow) {
-                *v = n.to_f32();
-            }
+            let mut wire = narrow(bucket);
+            comm.allreduce(bytemuck::cast_slice_mut(&mut wire), DType::BF16, ReduceOp::Sum, deadline)?;
+            widen(bucket, &wire);
         }
     }
     Ok(())

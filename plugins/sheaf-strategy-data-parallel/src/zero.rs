@@ -16,6 +16,7 @@ use sheaf_core::{
     chunk_range, Communicator, DType, Deadline, Optimizer, Param, ParamLayout, ReduceOp, Result,
 };
 
+use crate::buckets::{narrow, widen};
 use crate::GradDType;
 
 /// What this rank owns of each bucket, and the optimizer's pieces of it.
@@ -82,18 +83,15 @@ impl Shards {
                     deadline(),
                 )?,
                 GradDType::Bf16 => {
-                    let narrow: Vec<bf16> = grads[b.clone()].iter().map(|&v| bf16::from_f32(v)).collect();
                     let mut got = vec![bf16::ZERO; out.len()];
                     comm.reduce_scatter(
-                        bytemuck::cast_slice(&narrow),
+                        bytemuck::cast_slice(&narrow(&grads[b.clone()])),
                         bytemuck::cast_slice_mut(&mut got),
                         DType::BF16,
                         ReduceOp::Sum,
                         deadline(),
                     )?;
-                    for (o, g) in out.iter_mut().zip(got) {
-                        *o = g.to_f32();
-                    }
+                    widen(out, &got);
                 }
             }
         }
