@@ -144,8 +144,10 @@ fn data_parallel_equals_one_process_after_ten_steps() {
 
 /// The same law with the data-parallel options that change how gradients travel,
 /// between real worker processes: gradient buckets of 64 KiB reduced during the backward
-/// pass and ZeRO stage 1 (3 workers, AdamW's state sharded, reported 1/3 per rank);
-/// and gradients through bf16 on the wire, which ends near the f32 run.
+/// pass and ZeRO stages 1 and 2 (3 workers, AdamW's state sharded, reported 1/3 per
+/// rank; under stage 2 no full-size reduced gradient either, so a rank's gradient
+/// buffers are the model's and a third); and gradients through bf16 on the wire, which
+/// ends near the f32 run.
 #[test]
 fn buckets_and_zero_keep_the_law_between_processes() {
     let run = |n: &str, extra: &[&str]| {
@@ -169,6 +171,22 @@ fn buckets_and_zero_keep_the_law_between_processes() {
     let whole = summary(single.path())["optimizer_state_bytes_per_rank"].as_u64().unwrap();
     let shard = summary(sharded.path())["optimizer_state_bytes_per_rank"].as_u64().unwrap();
     assert!(whole > 0 && shard.abs_diff(whole / 3) <= 64, "whole {whole}, a rank's shard {shard}");
+
+    let stage2 = run(
+        "3",
+        &["parallel.options.data-parallel.zero=2", "parallel.options.data-parallel.bucket_mb=0.0625"],
+    );
+    let d = max_abs_diff(&checkpoint(single.path()), &checkpoint(stage2.path()));
+    assert!(d <= 1e-6, "ZeRO 2 over 3 processes: max abs diff {d}");
+    let s2 = summary(stage2.path());
+    assert_eq!(s2["optimizer_state_bytes_per_rank"].as_u64().unwrap(), shard);
+    // AdamW keeps two values per parameter, so a third of its state is 2/3 of the
+    // parameters' bytes, and a third of the gradients a third.
+    let params = whole / 2;
+    let grads = |d: &tempfile::TempDir| summary(d.path())["gradient_bytes_per_rank"].as_u64().unwrap();
+    assert_eq!(grads(&single), 2 * params + 4, "the model's gradients and their sum, with the loss");
+    assert!(grads(&stage2).abs_diff(params + params / 3) <= 64, "ZeRO 2: {} of {params}", grads(&stage2));
+    assert!(grads(&sharded) > 2 * params, "ZeRO 1 still sums the whole gradient: {}", grads(&sharded));
 
     let narrow = run("2", &["parallel.options.data-parallel.grad_dtype=\"bf16\""]);
     let (f, b) = (

@@ -199,6 +199,10 @@ crate::report::report! {
         pub idle_seconds: f64,
         /// Bytes of optimizer state this rank holds at the end (its shard under ZeRO).
         pub optimizer_state_bytes_per_rank: u64,
+        /// Bytes of the gradient buffers the strategy holds on this rank: the model's
+        /// gradients, any full-size sum of them, and this rank's shard under ZeRO
+        /// (absent: not measured by the strategy).
+        pub gradient_bytes_per_rank: Option<f64>,
     }
 }
 

@@ -8,6 +8,9 @@
 //! gradient in it, while the pass goes on with the layers below. A model without a
 //! stepped pass runs its whole backward first; its buckets go out the same way.
 //!
+//! Under ZeRO stage 2 ([`Exchange::scatter`]) each finished bucket is reduce-scattered
+//! instead, into this rank's chunks only.
+//!
 //! Every rank cuts the same buckets from the same layout and sends them in the same
 //! order, so the collectives match. Each element is summed by the same algorithm
 //! whatever the bucket, so the result equals one allreduce of the whole buffer up to
@@ -19,6 +22,8 @@ use std::sync::mpsc;
 use half::bf16;
 use serde::Deserialize;
 use sheaf_core::{Communicator, DType, Deadline, Error, Model, ParamLayout, ReduceOp, Result};
+
+use crate::zero::Shards;
 
 /// How gradients travel between replicas.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -140,13 +145,7 @@ impl Exchange<'_> {
                 let mut done = total;
                 loop {
                     if pending > 0 {
-                        let left = model.backward_next(&mut grads[..pending])?;
-                        if left >= pending {
-                            return Err(Error::BadState(format!(
-                                "the model's backward step finished nothing ({pending} values pending)"
-                            )));
-                        }
-                        pending = left;
+                        pending = backward_step(model, &mut grads[..pending])?;
                     }
                     for (start, slice) in slices.iter_mut() {
                         let (lo, hi) = (pending.max(*start), done.min(*start + slice.len()));
@@ -191,6 +190,88 @@ impl Exchange<'_> {
         });
         result
     }
+
+    /// ZeRO stage 2: runs the backward pass like [`Exchange::run`], but each finished
+    /// bucket of `grads` goes to the communication thread, which scales it by `share`,
+    /// reduce-scatters it and adds this rank's chunk of the sum into `shard` (see
+    /// [`Shards::scatter_add`]). Nothing full-size is reduced or kept besides the
+    /// model's own gradient buffer. Returns the micro-batch's mean loss.
+    pub fn scatter(
+        &self,
+        model: &mut dyn Model,
+        grads: &mut [f32],
+        shards: &Shards,
+        shard: &mut [f32],
+        share: f32,
+        backward: Backward<'_>,
+    ) -> Result<f32> {
+        let total = grads.len();
+        let deadline = || Deadline::after(self.timeout);
+        let (comm, wire, buckets) = (self.comm, self.wire, self.buckets);
+        let outs = shards.split_shard(shard);
+        std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel::<(&mut [f32], &mut [f32])>();
+            let reducer = s.spawn(move || -> Result<()> {
+                let mut scratch = Vec::new();
+                for (bucket, out) in rx {
+                    Shards::scatter_add(comm, bucket, share, out, wire, deadline(), &mut scratch)?;
+                }
+                Ok(())
+            });
+            let produced = (|| -> Result<f32> {
+                // `rest` is the front of `grads` not yet handed over: it ends where the
+                // last bucket sent starts, and always covers what is still pending.
+                let mut rest: &mut [f32] = grads;
+                let mut pending = total;
+                let loss = match backward {
+                    Backward::Stepped(batch) => model.backward_begin(batch)?,
+                    Backward::Whole(batch) => {
+                        pending = 0;
+                        model.forward_backward(batch, rest)?
+                    }
+                };
+                let mut outs = outs.into_iter();
+                let mut sent = 0;
+                loop {
+                    if pending > 0 {
+                        pending = backward_step(model, &mut rest[..pending])?;
+                    }
+                    while sent < buckets.len() && buckets[sent].start >= pending {
+                        let (front, bucket) = std::mem::take(&mut rest).split_at_mut(buckets[sent].start);
+                        rest = front;
+                        let out = outs.next().expect("a chunk of the shard per bucket");
+                        // A closed channel means the reducer failed: its error is the
+                        // one to report, after the join below.
+                        if tx.send((bucket, out)).is_err() {
+                            return Ok(loss);
+                        }
+                        sent += 1;
+                    }
+                    if pending == 0 {
+                        return Ok(loss);
+                    }
+                }
+            })();
+            drop(tx);
+            let reduced =
+                reducer.join().map_err(|_| Error::BadState("the gradient reducer panicked".into()))?;
+            reduced.and(produced)
+        })
+    }
+}
+
+/// One step of `model`'s stepped backward pass over `pending`, the front of the
+/// gradient buffer not final yet; returns how much of it still is. A step that
+/// finishes nothing is an error rather than a loop without end.
+fn backward_step(model: &mut dyn Model, pending: &mut [f32]) -> Result<usize> {
+    let before = pending.len();
+    let left = model.backward_next(pending)?;
+    if left >= before {
+        return Err(Error::BadState(format!(
+            "the model's backward step finished nothing ({before} values pending)"
+        )));
+    }
+    Ok(left)
 }
 
 /// How the last micro-batch's backward pass runs.

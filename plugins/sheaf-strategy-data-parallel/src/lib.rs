@@ -15,6 +15,10 @@
 //! the summed gradient clipped to `grad_clip` by its global norm (every rank holds the
 //! whole gradient, so the norm is local); the learning rate of the step from the
 //! schedule; validation every `eval_every` steps.
+//!
+//! ZeRO (`zero = 1` or `2`, see `zero`): each rank keeps and steps only its chunks of
+//! every bucket; stage 2 also reduce-scatters each bucket as the backward pass finishes
+//! it, so no full-size sum of the gradients is held.
 
 mod buckets;
 mod zero;
@@ -70,9 +74,11 @@ pub struct DataParallelConfig {
     pub bucket_mb: f64,
     /// Gradients on the wire: `f32`, or `bf16` (half the bytes).
     pub grad_dtype: GradDType,
-    /// ZeRO stage: 0 (every rank holds the whole optimizer state) or 1 (the optimizer
+    /// ZeRO stage: 0 (every rank holds the whole optimizer state), 1 (the optimizer
     /// state sharded: gradients reduce-scattered, each rank steps its shard, the
-    /// parameters allgathered).
+    /// parameters allgathered) or 2 (the reduced gradients sharded too: each bucket is
+    /// reduce-scattered as the backward pass finishes it, and no full-size reduced
+    /// gradient is held).
     pub zero: u8,
 }
 
@@ -103,14 +109,10 @@ impl DataParallelConfig {
             ));
         }
         match config.zero {
-            0 | 1 => Ok(config),
-            2 => Err(Error::config(
-                "parallel.options.data-parallel.zero",
-                "ZeRO stage 2 (sharded gradients) is not built yet; stage 1 (sharded optimizer state) is",
-            )),
+            0..=2 => Ok(config),
             n => Err(Error::config(
                 "parallel.options.data-parallel.zero",
-                format!("no ZeRO stage {n} (0 or 1)"),
+                format!("no ZeRO stage {n} (0, 1 or 2; stage 3, sharded parameters, is not built)"),
             )),
         }
     }
@@ -176,7 +178,8 @@ impl Strategy for DataParallel {
             ));
         }
         let plan = StrategyPlan::replicas(input.world, input.blocks.len(), input.batch_size);
-        // ZeRO stage 1: each replica keeps its chunk of every bucket's optimizer state.
+        // ZeRO stages 1 and 2: each replica keeps its chunk of every bucket's optimizer
+        // state.
         Ok(if self.config.zero >= 1 { plan.with_state_shards(input.world as u64) } else { plan })
     }
 
@@ -198,9 +201,11 @@ impl Strategy for DataParallel {
 
         let start = Instant::now();
         let total_steps = config.total_steps(train.len());
+        let stage = self.config.zero;
         let mut grads = vec![0f32; total];
-        // Gradients then the batch loss, reduced together.
-        let mut reduced = vec![0f32; total + 1];
+        // Gradients then the batch loss, reduced together (none under ZeRO stage 2,
+        // which sums each rank's chunks straight into `shard_grads`).
+        let mut reduced = vec![0f32; if stage >= 2 { 0 } else { total + 1 }];
         let buckets = buckets(&layout, self.config.bucket_bytes());
         let exchange = Exchange {
             comm,
@@ -209,8 +214,9 @@ impl Strategy for DataParallel {
             timeout: Duration::from_millis(self.config.timeout_ms),
         };
         let stepped = model.backward_in_steps();
-        let shards = (self.config.zero >= 1).then(|| zero::Shards::new(&layout, &buckets, rank, world));
+        let shards = (stage >= 1).then(|| zero::Shards::new(&layout, &buckets, rank, world));
         let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, zero::Shards::len)];
+        let gradient_bytes = 4 * (grads.len() + reduced.len() + shard_grads.len()) as u64;
         let (mut step, mut micro, mut last_loss, mut samples) = (0u64, 0u64, f64::NAN, 0usize);
         // The last evaluation and its step: a run that ends on an evaluation step
         // reports it rather than evaluating the same parameters again.
@@ -221,6 +227,9 @@ impl Strategy for DataParallel {
             // the whole optimizer step: the gradient of the mean loss over all of them.
             let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
             reduced.fill(0.0);
+            shard_grads.fill(0.0);
+            // This rank's share of the step's loss, under ZeRO stage 2.
+            let mut scattered_loss = 0f32;
             for (k, (_, global)) in group.iter().enumerate() {
                 let mine: Vec<usize> = partitioner
                     .shard(micro, global.len(), rank, world)?
@@ -230,10 +239,19 @@ impl Strategy for DataParallel {
                 micro += 1;
                 let local = train.gather(&mine)?;
                 let share = mine.len() as f32 / group_samples as f32;
+                let batch = local.batch();
+                let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
+                if let (Some(shards), true) = (&shards, stage >= 2) {
+                    // Every micro-batch's buckets are reduce-scattered as they finish.
+                    let loss =
+                        exchange.scatter(model, &mut grads, shards, &mut shard_grads, share, backward)?;
+                    scattered_loss += loss * share;
+                    continue;
+                }
                 if k + 1 < group.len() || shards.is_some() {
-                    // An earlier micro-batch of the step (or any under ZeRO, which
-                    // reduce-scatters after the pass): accumulate, nothing to send.
-                    let loss = model.forward_backward(&local.batch(), &mut grads)?;
+                    // An earlier micro-batch of the step (or any under ZeRO stage 1,
+                    // which reduce-scatters after the pass): accumulate, nothing to send.
+                    let loss = model.forward_backward(&batch, &mut grads)?;
                     for (r, g) in reduced.iter_mut().zip(&grads) {
                         *r += g * share;
                     }
@@ -241,44 +259,47 @@ impl Strategy for DataParallel {
                     continue;
                 }
                 // The last: its backward pass overlaps the buckets' allreduces.
-                let batch = local.batch();
-                let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
                 exchange.run(model, &mut grads, &mut reduced, share, backward)?;
             }
-            let grad_norm = match &shards {
+            let (grad_norm, loss) = match &shards {
                 None => {
                     // Every rank holds the same summed gradient, so its norm needs no talk.
                     let squares = sum_of_squares(&reduced[..total]);
                     let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
                     optimizer.set_learning_rate(config.lr.at(step, total_steps));
                     optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
-                    grad_norm
+                    (grad_norm, f64::from(reduced[total]))
                 }
                 Some(shards) => {
-                    let wire = self.config.grad_dtype;
-                    shards.reduce_scatter(comm, &reduced[..total], &mut shard_grads, wire, || {
-                        self.deadline()
-                    })?;
+                    let local_loss = if stage >= 2 {
+                        scattered_loss
+                    } else {
+                        let wire = self.config.grad_dtype;
+                        shards.reduce_scatter(comm, &reduced[..total], &mut shard_grads, wire, || {
+                            self.deadline()
+                        })?;
+                        reduced[total]
+                    };
                     // The loss and the squares of every rank's chunks, summed.
-                    let mut sums = [f64::from(reduced[total]), sum_of_squares(&shard_grads)];
+                    let mut sums = [f64::from(local_loss), sum_of_squares(&shard_grads)];
                     comm.allreduce(
                         bytemuck::cast_slice_mut(&mut sums),
                         DType::F64,
                         ReduceOp::Sum,
                         self.deadline(),
                     )?;
-                    reduced[total] = sums[0] as f32;
                     let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
                     optimizer.set_learning_rate(config.lr.at(step, total_steps));
                     shards.step(optimizer, &mut params, &shard_grads)?;
                     shards.allgather(comm, &mut params, || self.deadline())?;
-                    grad_norm
+                    // As plain data parallelism reports it: rounded to f32.
+                    (grad_norm, f64::from(sums[0] as f32))
                 }
             };
             model.write_params(&params)?;
             step += 1;
             samples += group_samples;
-            last_loss = f64::from(reduced[total]);
+            last_loss = loss;
             let val_loss = match config.eval_every {
                 Some(every) if step.is_multiple_of(every) => {
                     let eval = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
@@ -319,6 +340,7 @@ impl Strategy for DataParallel {
             busy_seconds: 0.0,
             idle_seconds: 0.0,
             optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
+            gradient_bytes_per_rank: Some(gradient_bytes as f64),
         })
     }
 }

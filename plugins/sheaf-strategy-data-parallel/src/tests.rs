@@ -296,7 +296,7 @@ proptest::proptest! {
         steps in 1u64..=8,
         stepped in proptest::bool::ANY,
         bucket_bytes in 1usize..200,
-        zero in 0u8..=1,
+        zero in 0u8..=2,
     ) {
         // Tiny buckets: one per parameter, or the two together.
         let exchange = Exchange {
@@ -392,44 +392,98 @@ fn bucket_and_wire_settings_are_checked() {
     }
 }
 
-/// ZeRO stage 1: after 10 steps the parameters equal plain data parallelism's (within
-/// 1e-6, the order of the gradient sums aside), every rank holds the same, and each
-/// holds 1/world of the optimizer state (measured from what the optimizer reports).
+/// ZeRO stages 1 and 2: after 10 steps the parameters equal plain data parallelism's
+/// (within 1e-6, the order of the gradient sums aside), every rank holds the same, and
+/// each holds 1/world of the optimizer state (measured from what the optimizer
+/// reports). Stage 2 also holds no full-size reduced gradient: its gradient buffers are
+/// the model's plus its shard, where stages 0 and 1 keep a second full-size sum.
 #[test]
-fn zero_1_equals_plain_data_parallel_with_a_shard_of_the_state() {
+fn zero_equals_plain_data_parallel_with_a_shard_of_the_state() {
     let config = TrainConfig { grad_clip: Some(0.5), ..TrainConfig::basic(9, 3, 24, Some(10), 0.5) };
+    // The Softmax test model: 8 x 3 weights and 3 biases.
+    let total = 27u64;
     for world in [2, 3, 4] {
         for bucket_mb in [25.0, 40.0 / 1048576.0] {
-            let plain = train_with(world, config.clone(), false);
-            let sharded = train_exchanging(
-                world,
-                config.clone(),
-                world == 2,
-                Exchange {
-                    stepped: true,
-                    config: DataParallelConfig { zero: 1, bucket_mb, ..DataParallelConfig::default() },
-                },
-            );
-            let whole = plain[0].1.optimizer_state_bytes_per_rank;
-            assert_eq!(whole, 27 * 4);
-            let mut held = 0;
-            for (p, s, _) in &sharded {
-                assert_eq!(p, &sharded[0].0);
-                let d = max_abs_diff(p, &plain[0].0);
-                assert!(d <= 1e-6, "world {world}, buckets of {bucket_mb} MiB: max abs diff {d}");
-                assert!(s.optimizer_state_bytes_per_rank <= whole.div_ceil(world as u64) + 4 * 2);
-                held += s.optimizer_state_bytes_per_rank;
+            for (zero, stepped, accum) in [(1, true, 1), (2, true, 1), (2, false, 1), (2, true, 3)] {
+                let config = TrainConfig { grad_accum: accum, ..config.clone() };
+                let plain = train_with(world, config.clone(), false);
+                let sharded = train_exchanging(
+                    world,
+                    config.clone(),
+                    world == 2,
+                    Exchange {
+                        stepped,
+                        config: DataParallelConfig { zero, bucket_mb, ..DataParallelConfig::default() },
+                    },
+                );
+                let case = format!("world {world}, ZeRO {zero}, stepped {stepped}, accum {accum}, buckets of {bucket_mb} MiB");
+                let whole = plain[0].1.optimizer_state_bytes_per_rank;
+                assert_eq!(whole, total * 4);
+                assert_eq!(plain[0].1.gradient_bytes_per_rank, Some((4 * (2 * total + 1)) as f64));
+                let (mut held, mut shard_values) = (0, 0);
+                for (p, s, m) in &sharded {
+                    assert_eq!(p, &sharded[0].0, "{case}");
+                    let d = max_abs_diff(p, &plain[0].0);
+                    assert!(d <= 1e-6, "{case}: max abs diff {d}");
+                    for (a, b) in m.iter().zip(&plain[0].2) {
+                        assert!(
+                            (a.loss - b.loss).abs() <= 1e-6 * b.loss.abs().max(1.0),
+                            "{case}: loss {} vs {}",
+                            a.loss,
+                            b.loss
+                        );
+                    }
+                    assert!(
+                        s.optimizer_state_bytes_per_rank <= whole.div_ceil(world as u64) + 4 * 2,
+                        "{case}"
+                    );
+                    held += s.optimizer_state_bytes_per_rank;
+                    let bytes = s.gradient_bytes_per_rank.unwrap() as u64;
+                    let full_sums = if zero >= 2 { 0 } else { total + 1 };
+                    let shard = bytes / 4 - total - full_sums;
+                    assert!(shard <= total.div_ceil(world as u64) + 2, "{case}: a shard of {shard} values");
+                    shard_values += shard;
+                }
+                assert_eq!(held, whole, "{case}: the shards together hold the whole state once");
+                assert_eq!(shard_values, total, "{case}: the gradient shards together hold every value once");
             }
-            assert_eq!(held, whole, "the shards together hold the whole state once");
         }
     }
 }
 
+/// ZeRO stage 2 through bfloat16 on the wire: every rank holds the same parameters and
+/// the run ends near the f32 run, as plain data parallelism's bf16 run does.
+#[test]
+fn zero_2_over_bf16_stays_in_sync_and_near_f32() {
+    let config = TrainConfig::basic(9, 3, 16, None, 0.5);
+    let narrow = train_exchanging(
+        3,
+        config.clone(),
+        false,
+        Exchange {
+            stepped: true,
+            config: DataParallelConfig {
+                zero: 2,
+                grad_dtype: crate::GradDType::Bf16,
+                ..DataParallelConfig::default()
+            },
+        },
+    );
+    let wide = train_with(3, config, false);
+    for (p, _, _) in &narrow {
+        assert_eq!(p, &narrow[0].0);
+    }
+    let (n, w) = (&narrow[0].1, &wide[0].1);
+    assert!(n.test_accuracy > 0.6 && (n.test_accuracy - w.test_accuracy).abs() <= 0.03, "{n:?} vs {w:?}");
+    let d = max_abs_diff(&narrow[0].0, &wide[0].0);
+    assert!(d > 0.0 && d < 0.05, "max abs diff {d}");
+}
+
 #[test]
 fn zero_stages_are_checked() {
-    assert_eq!(DataParallelConfig::parse(r#"{"zero": 1}"#).unwrap().zero, 1);
-    let e = DataParallelConfig::parse(r#"{"zero": 2}"#).unwrap_err().to_string();
-    assert!(e.contains("not built yet"), "{e}");
+    for stage in 0..=2 {
+        assert_eq!(DataParallelConfig::parse(&format!(r#"{{"zero": {stage}}}"#)).unwrap().zero, stage);
+    }
     let e = DataParallelConfig::parse(r#"{"zero": 3}"#).unwrap_err().to_string();
     assert!(e.contains("no ZeRO stage 3"), "{e}");
 }

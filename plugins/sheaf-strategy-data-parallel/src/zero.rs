@@ -1,13 +1,19 @@
-//! ZeRO stage 1: the optimizer state sharded across the replicas.
+//! ZeRO stages 1 and 2: the optimizer state, and with stage 2 the reduced gradients,
+//! sharded across the replicas.
 //!
 //! Each gradient bucket (see `buckets`) is cut in `world` chunks ([`chunk_range`]);
-//! rank `r` owns chunk `r` of every bucket. After the backward pass the summed
-//! gradient is reduce-scattered bucket by bucket, so each rank receives the sum of
-//! its chunks only; it clips with the norm summed over all ranks' chunks, steps the
-//! optimizer on its chunks (so its optimizer state is 1/world of the model's) and the
-//! updated chunks are allgathered into every rank's full parameters. Elementwise
-//! optimizers (SGD with momentum, AdamW) step each element as plain data parallelism
-//! would, so the parameters are the same up to the order of the gradient sums.
+//! rank `r` owns chunk `r` of every bucket. Stage 1 sums a step's gradients over its
+//! micro-batches in a full-size buffer and reduce-scatters it bucket by bucket after
+//! the backward pass ([`Shards::reduce_scatter`]). Stage 2 holds no full-size reduced
+//! gradient: each micro-batch's buckets are reduce-scattered on the communication
+//! thread as the backward pass finishes them and summed into this rank's chunks
+//! ([`Shards::scatter_add`], driven by `Exchange::scatter`). Either way each rank ends
+//! with the sum of its chunks only; it clips with the norm summed over all ranks'
+//! chunks, steps the optimizer on its chunks (so its optimizer state is 1/world of the
+//! model's) and the updated chunks are allgathered into every rank's full parameters.
+//! Elementwise optimizers (SGD with momentum, AdamW) step each element as plain data
+//! parallelism would, so the parameters are the same up to the order of the gradient
+//! sums.
 
 use std::ops::Range;
 
@@ -60,6 +66,18 @@ impl Shards {
         b.start + own.start..b.start + own.end
     }
 
+    /// This rank's chunk of each bucket within `shard`, in bucket order.
+    pub fn split_shard<'s>(&self, mut shard: &'s mut [f32]) -> Vec<&'s mut [f32]> {
+        self.buckets
+            .iter()
+            .map(|b| {
+                let (mine, rest) = std::mem::take(&mut shard).split_at_mut(self.owned(b).len());
+                shard = rest;
+                mine
+            })
+            .collect()
+    }
+
     /// Reduce-scatters each bucket of `grads` (the whole model's, this rank's
     /// weighted share) into `shard`, this rank's chunks of the sum in bucket order.
     pub fn reduce_scatter(
@@ -70,30 +88,32 @@ impl Shards {
         wire: GradDType,
         deadline: impl Fn() -> Deadline,
     ) -> Result<()> {
-        let mut at = 0;
-        for b in &self.buckets {
-            let out = &mut shard[at..at + self.owned(b).len()];
-            at += out.len();
-            match wire {
-                GradDType::F32 => comm.reduce_scatter(
-                    bytemuck::cast_slice(&grads[b.clone()]),
-                    bytemuck::cast_slice_mut(out),
-                    DType::F32,
-                    ReduceOp::Sum,
-                    deadline(),
-                )?,
-                GradDType::Bf16 => {
-                    let mut got = vec![bf16::ZERO; out.len()];
-                    comm.reduce_scatter(
-                        bytemuck::cast_slice(&narrow(&grads[b.clone()])),
-                        bytemuck::cast_slice_mut(&mut got),
-                        DType::BF16,
-                        ReduceOp::Sum,
-                        deadline(),
-                    )?;
-                    widen(out, &got);
-                }
-            }
+        for (b, out) in self.buckets.iter().zip(self.split_shard(shard)) {
+            reduce_scatter_bucket(comm, &grads[b.clone()], out, wire, deadline())?;
+        }
+        Ok(())
+    }
+
+    /// Stage 2's step for one finished bucket: scales `bucket` (this rank's gradient
+    /// values of it, overwritten) by `share`, reduce-scatters it and adds the sum of
+    /// this rank's chunk into `out`. `scratch` is reused from bucket to bucket.
+    pub fn scatter_add(
+        comm: &dyn Communicator,
+        bucket: &mut [f32],
+        share: f32,
+        out: &mut [f32],
+        wire: GradDType,
+        deadline: Deadline,
+        scratch: &mut Vec<f32>,
+    ) -> Result<()> {
+        for v in bucket.iter_mut() {
+            *v *= share;
+        }
+        scratch.clear();
+        scratch.resize(out.len(), 0.0);
+        reduce_scatter_bucket(comm, bucket, scratch, wire, deadline)?;
+        for (o, s) in out.iter_mut().zip(scratch.iter()) {
+            *o += s;
         }
         Ok(())
     }
@@ -141,5 +161,40 @@ impl Shards {
             }
         }
         Ok(())
+    }
+}
+
+/// One bucket's reduce-scatter: `out` gets this rank's chunk of the sum of every rank's
+/// `input`, over an f32 or a bfloat16 wire.
+fn reduce_scatter_bucket(
+    comm: &dyn Communicator,
+    input: &[f32],
+    out: &mut [f32],
+    wire: GradDType,
+    deadline: Deadline,
+) -> Result<()> {
+    match wire {
+        GradDType::F32 => {
+            comm.reduce_scatter(
+                bytemuck::cast_slice(input),
+                bytemuck::cast_slice_mut(out),
+                DType::F32,
+                ReduceOp::Sum,
+                deadline,
+            )?;
+            Ok(())
+        }
+        GradDType::Bf16 => {
+            let mut got = vec![bf16::ZERO; out.len()];
+            comm.reduce_scatter(
+                bytemuck::cast_slice(&narrow(input)),
+                bytemuck::cast_slice_mut(&mut got),
+                DType::BF16,
+                ReduceOp::Sum,
+                deadline,
+            )?;
+            widen(out, &got);
+            Ok(())
+        }
     }
 }

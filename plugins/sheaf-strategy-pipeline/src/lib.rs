@@ -669,6 +669,7 @@ impl Strategy for Pipeline {
             busy_seconds: clock.busy.as_secs_f64(),
             idle_seconds: clock.idle.as_secs_f64(),
             optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
+            gradient_bytes_per_rank: None,
         })
     }
 }

@@ -292,6 +292,7 @@ impl Strategy for TensorParallel {
             busy_seconds: 0.0,
             idle_seconds: 0.0,
             optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
+            gradient_bytes_per_rank: None,
         })
     }
 }
