@@ -33,6 +33,40 @@ fn nums(v: &Value) -> Vec<f64> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
+/// ZeRO 1 across the replicas of hybrid meshes: 2 pipelines of 2 stages, and 2 groups
+/// of 2 tensor slices, on 4 processes. After 10 steps the parameters equal one
+/// process's, and each rank holds half the optimizer state the same mesh holds
+/// without ZeRO (momentum SGD: one value per parameter of its piece).
+#[test]
+fn zero_shards_the_state_across_the_replicas_of_hybrid_meshes() {
+    let reference = checkpoint(launch(1, &sets(&["train.optimizer=\"sgd\""])).path());
+    for (strategy, option) in [
+        ("pipeline", "parallel.options.pipeline.zero"),
+        ("tensor-parallel", "parallel.options.tensor-parallel.zero"),
+    ] {
+        let strategy = format!("parallel.strategy=\"{strategy}\"");
+        let base = [strategy.as_str(), "parallel.data=2", "train.optimizer=\"sgd\""];
+        let plain = launch(4, &sets(&base));
+        let zero = format!("{option}=1");
+        let sharded = launch(4, &sets(&[&base[..], &[zero.as_str()]].concat()));
+        let d = max_abs_diff(&reference, &checkpoint(sharded.path()));
+        assert!(d <= 1e-6, "{strategy} with ZeRO 1: max abs diff {d}");
+        let state =
+            |dir: &tempfile::TempDir| summary(dir.path())["optimizer_state_bytes_per_rank"].as_u64().unwrap();
+        let (whole, shard) = (state(&plain), state(&sharded));
+        assert!(
+            whole > 0 && shard.abs_diff(whole / 2) <= 8,
+            "{strategy}: {whole} bytes without ZeRO, {shard} with"
+        );
+        let grads = summary(sharded.path())["gradient_bytes_per_rank"].as_u64().unwrap();
+        assert_eq!(
+            grads,
+            whole + shard,
+            "{strategy}: the piece's gradients and this replica's chunk of them"
+        );
+    }
+}
+
 /// Pipelines of 2 and 3 stages (GPipe and 1F1B, 1 to 5 micro-batches), tensor
 /// parallelism over 2 ranks, and the hybrids of 2 replicas x 2 stages and 2 replicas x
 /// 2 tensor slices on 4 processes: after 10 steps the parameters equal one process's

@@ -17,6 +17,7 @@ mod piece;
 mod plugin;
 mod report;
 mod rng;
+mod shards;
 mod strategy;
 
 pub use comm::{check_link_peer, chunk_range, Communicator, Link, Tag, TagClass, MAX_USER_TAG};
@@ -33,6 +34,7 @@ pub use piece::Piece;
 pub use plugin::{PluginKind, Provided};
 pub use report::NamedValue;
 pub use rng::SplitMix64;
+pub use shards::{check_piece_zero_stage, ReplicaStep, Shards};
 pub use strategy::{
     backward_segments, clip_factor, clip_to, epoch_order, epochs_done, evaluate_indices, forward_segments,
     global_batches, norm_contribution, optimizer_state_bytes, optimizer_steps, sum_of_squares, test_totals,

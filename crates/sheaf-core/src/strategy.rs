@@ -483,14 +483,6 @@ impl Mesh {
         model.write_params(&params)?;
         Ok(params)
     }
-
-    /// Sums `grads` over the replicas (each already scaled by its share).
-    pub fn sum_over_replicas(&self, grads: &mut [f32], dl: Deadline) -> Result<()> {
-        if self.replicas.world_size() > 1 {
-            self.replicas.allreduce(bytemuck::cast_slice_mut(grads), DType::F32, ReduceOp::Sum, dl)?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

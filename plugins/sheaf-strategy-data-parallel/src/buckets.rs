@@ -21,9 +21,9 @@ use std::sync::mpsc;
 
 use half::bf16;
 use serde::Deserialize;
-use sheaf_core::{Communicator, DType, Deadline, Error, Model, ParamLayout, ReduceOp, Result};
+use sheaf_core::{Communicator, DType, Deadline, Error, Model, ParamLayout, ReduceOp, Result, Shards};
 
-use crate::zero::Shards;
+use crate::zero;
 
 /// How gradients travel between replicas.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -194,7 +194,7 @@ impl Exchange<'_> {
     /// ZeRO stage 2: runs the backward pass like [`Exchange::run`], but each finished
     /// bucket of `grads` goes to the communication thread, which scales it by `share`,
     /// reduce-scatters it and adds this rank's chunk of the sum into `shard` (see
-    /// [`Shards::scatter_add`]). Nothing full-size is reduced or kept besides the
+    /// [`zero::scatter_add`]). Nothing full-size is reduced or kept besides the
     /// model's own gradient buffer. Returns the micro-batch's mean loss.
     pub fn scatter(
         &self,
@@ -214,7 +214,7 @@ impl Exchange<'_> {
             let reducer = s.spawn(move || -> Result<()> {
                 let mut scratch = Vec::new();
                 for (bucket, out) in rx {
-                    Shards::scatter_add(comm, bucket, share, out, wire, deadline(), &mut scratch)?;
+                    zero::scatter_add(comm, bucket, share, out, wire, deadline(), &mut scratch)?;
                 }
                 Ok(())
             });

@@ -32,7 +32,7 @@ use serde::Deserialize;
 use sheaf_core::{
     clip_to, epochs_done, evaluate_indices, optimizer_steps, sum_of_squares, test_totals, Communicator,
     DType, DataPartitioner, Dataset, Deadline, Error, Model, PlanInput, PluginKind, Provided, ReduceOp,
-    Result, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    Result, Shards, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -214,8 +214,8 @@ impl Strategy for DataParallel {
             timeout: Duration::from_millis(self.config.timeout_ms),
         };
         let stepped = model.backward_in_steps();
-        let shards = (stage >= 1).then(|| zero::Shards::new(&layout, &buckets, rank, world));
-        let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, zero::Shards::len)];
+        let shards = (stage >= 1).then(|| Shards::new(&layout, &buckets, rank, world));
+        let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
         let gradient_bytes = 4 * (grads.len() + reduced.len() + shard_grads.len()) as u64;
         let (mut step, mut micro, mut last_loss, mut samples) = (0u64, 0u64, f64::NAN, 0usize);
         // The last evaluation and its step: a run that ends on an evaluation step
@@ -275,9 +275,14 @@ impl Strategy for DataParallel {
                         scattered_loss
                     } else {
                         let wire = self.config.grad_dtype;
-                        shards.reduce_scatter(comm, &reduced[..total], &mut shard_grads, wire, || {
-                            self.deadline()
-                        })?;
+                        zero::reduce_scatter(
+                            shards,
+                            comm,
+                            &reduced[..total],
+                            &mut shard_grads,
+                            wire,
+                            || self.deadline(),
+                        )?;
                         reduced[total]
                     };
                     // The loss and the squares of every rank's chunks, summed.

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, chunk_range, clip_to, epochs_done, forward_segments, norm_contribution,
-    optimizer_steps, test_totals, Communicator, DType, Deadline, Error, Model, Piece, PlanInput, PluginKind,
-    Provided, RankPlan, ReduceOp, Result, Samples, StageInput, StepMetrics, Strategy, StrategyPlan,
-    TrainContext, TrainSummary,
+    backward_segments, check_piece_zero_stage, chunk_range, epochs_done, forward_segments, optimizer_steps,
+    test_totals, Communicator, DType, Deadline, Error, Model, Piece, PlanInput, PluginKind, Provided,
+    RankPlan, ReduceOp, ReplicaStep, Result, Samples, Shards, StageInput, StepMetrics, Strategy,
+    StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -77,6 +77,10 @@ pub struct PipelineConfig {
     /// Micro-batches per step and pipeline (`M`).
     pub micro_batches: usize,
     pub schedule: Schedule,
+    /// ZeRO stage across the `D` pipelines: 0, or 1 (the ranks holding the same piece
+    /// in different pipelines shard its optimizer state: gradients reduce-scattered
+    /// among them, each steps its chunk, the parameters allgathered).
+    pub zero: u8,
 }
 
 impl Default for PipelineConfig {
@@ -88,6 +92,7 @@ impl Default for PipelineConfig {
             tensor: 1,
             micro_batches: 4,
             schedule: Schedule::Gpipe,
+            zero: 0,
         }
     }
 }
@@ -105,6 +110,7 @@ impl PipelineConfig {
                 "stages, data, tensor and micro_batches must be at least 1",
             ));
         }
+        check_piece_zero_stage("parallel.options.pipeline.zero", c.zero)?;
         Ok(c)
     }
 
@@ -496,7 +502,8 @@ impl Strategy for Pipeline {
                 RankPlan {
                     piece: Piece { blocks: cut[p].clone(), tensor_rank: t, tensor_width: width },
                     activation_samples: kept as u64 * rows,
-                    state_shards: 1,
+                    // ZeRO 1: the piece's optimizer state sharded over its D replicas.
+                    state_shards: if self.config.zero >= 1 { data as u64 } else { 1 },
                 }
             })
             .collect();
@@ -557,6 +564,10 @@ impl Strategy for Pipeline {
 
         let start = Instant::now();
         let mut grads = vec![0f32; layout.total()];
+        // ZeRO 1 across the pipelines: this replica's chunk of the piece, one bucket.
+        let shards = (self.config.zero >= 1)
+            .then(|| Shards::new(&layout, std::slice::from_ref(&(0..layout.total())), d, pipelines));
+        let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
         let mut clock = StageClock::default();
         let (mut step, mut last_loss, mut samples, mut micro_step) = (0u64, f64::NAN, 0usize, 0u64);
         for group in optimizer_steps(train.len(), &config) {
@@ -600,37 +611,22 @@ impl Strategy for Pipeline {
             }
             model.take_grads(&mut grads)?;
             ties.sum(&mut grads, self.deadline())?;
-            if pipelines > 1 {
-                let dl = self.deadline();
-                mesh.replicas.allreduce(
-                    bytemuck::cast_slice_mut(&mut grads),
-                    DType::F32,
-                    ReduceOp::Sum,
-                    dl,
-                )?;
-            }
             // The whole model's norm: every stage's and slice's squares, a tied copy
             // counted once (by the first stage) and a replicated parameter once (by
-            // tensor rank 0), summed over the pipeline and the tensor group.
+            // tensor rank 0), summed over the pipeline and the tensor group; the
+            // gradients summed over the pipelines (or, under ZeRO 1, reduce-scattered
+            // among them, each stepping its chunk).
             let skip = |i: usize| (!first && tied.contains(&i)) || (t != 0 && replicated[i]);
-            let mut squares = [norm_contribution(&layout, &grads, skip)];
-            pipe.allreduce(
-                bytemuck::cast_slice_mut(&mut squares),
-                DType::F64,
-                ReduceOp::Sum,
-                self.deadline(),
-            )?;
-            if width > 1 {
-                tensor.allreduce(
-                    bytemuck::cast_slice_mut(&mut squares),
-                    DType::F64,
-                    ReduceOp::Sum,
-                    self.deadline(),
-                )?;
-            }
-            let grad_norm = clip_to(&mut grads, squares[0], config.grad_clip);
             optimizer.set_learning_rate(config.lr.at(step, total_steps));
-            optimizer.step(&mut layout.params(&mut params, &grads))?;
+            let deadline = || self.deadline();
+            let replica_step = ReplicaStep {
+                replicas: mesh.replicas.as_ref(),
+                model_groups: &[pipe, tensor],
+                clip: config.grad_clip,
+                deadline: &deadline,
+            };
+            let sharded = shards.as_ref().map(|s| (s, &mut shard_grads[..]));
+            let grad_norm = replica_step.run(&layout, &mut grads, sharded, skip, optimizer, &mut params)?;
             model.write_params(&params)?;
             let mut loss = [loss_sum, predictions as f64];
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
@@ -669,7 +665,7 @@ impl Strategy for Pipeline {
             busy_seconds: clock.busy.as_secs_f64(),
             idle_seconds: clock.idle.as_secs_f64(),
             optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
-            gradient_bytes_per_rank: None,
+            gradient_bytes_per_rank: Some(4.0 * (grads.len() + shard_grads.len()) as f64),
         })
     }
 }

@@ -107,3 +107,14 @@ fn config_parses_both_schedules_and_refuses_zeroes() {
     assert!(PipelineConfig::parse(r#"{"micro_batches": 0}"#).is_err());
     assert!(PipelineConfig::parse(r#"{"schedule": "zigzag"}"#).is_err());
 }
+
+/// ZeRO across the pipelines: stage 1 is taken, stage 2 is refused with the reason
+/// (nothing to save), and no other stage exists.
+#[test]
+fn zero_stages_across_pipelines_are_checked() {
+    assert_eq!(PipelineConfig::parse(r#"{"zero": 1}"#).unwrap().zero, 1);
+    let e = PipelineConfig::parse(r#"{"zero": 2}"#).unwrap_err().to_string();
+    assert!(e.contains("parallel.options.pipeline.zero") && e.contains("saves nothing"), "{e}");
+    let e = PipelineConfig::parse(r#"{"zero": 3}"#).unwrap_err().to_string();
+    assert!(e.contains("no ZeRO stage 3"), "{e}");
+}

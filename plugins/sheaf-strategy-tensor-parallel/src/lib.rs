@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, clip_to, epochs_done, forward_segments, norm_contribution, optimizer_steps,
-    test_totals, Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided,
-    RankPlan, ReduceOp, Result, StageInput, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    backward_segments, check_piece_zero_stage, epochs_done, forward_segments, optimizer_steps, test_totals,
+    Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan,
+    ReduceOp, ReplicaStep, Result, Shards, StageInput, StepMetrics, Strategy, StrategyPlan, TrainContext,
+    TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -58,11 +59,15 @@ pub struct TensorParallelConfig {
     pub width: Option<usize>,
     /// Groups, each training on its share of every global batch (`D`; default 1).
     pub data: Option<usize>,
+    /// ZeRO stage across the `D` groups: 0, or 1 (the ranks holding the same slice in
+    /// different groups shard its optimizer state: gradients reduce-scattered among
+    /// them, each steps its chunk, the parameters allgathered).
+    pub zero: u8,
 }
 
 impl Default for TensorParallelConfig {
     fn default() -> Self {
-        TensorParallelConfig { timeout_ms: 60_000, width: None, data: None }
+        TensorParallelConfig { timeout_ms: 60_000, width: None, data: None, zero: 0 }
     }
 }
 
@@ -79,6 +84,7 @@ impl TensorParallelConfig {
                 "width and data must be at least 1",
             ));
         }
+        check_piece_zero_stage("parallel.options.tensor-parallel.zero", c.zero)?;
         Ok(c)
     }
 
@@ -167,7 +173,8 @@ impl Strategy for TensorParallel {
             .map(|r| RankPlan {
                 piece: Piece { blocks: 0..input.blocks.len(), tensor_rank: r % width, tensor_width: width },
                 activation_samples: share,
-                state_shards: 1,
+                // ZeRO 1: the slice's optimizer state sharded over its D replicas.
+                state_shards: if self.config.zero >= 1 { data as u64 } else { 1 },
             })
             .collect();
         Ok(StrategyPlan { ranks, stage_interface: true })
@@ -206,6 +213,10 @@ impl Strategy for TensorParallel {
 
         let start = Instant::now();
         let mut grads = vec![0f32; layout.total()];
+        // ZeRO 1 across the groups: this replica's chunk of the slice, one bucket.
+        let shards = (self.config.zero >= 1)
+            .then(|| Shards::new(&layout, std::slice::from_ref(&(0..layout.total())), d, groups));
+        let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
         let (mut step, mut last_loss, mut samples, mut peak, mut micro) =
             (0u64, f64::NAN, 0usize, 0u64, 0u64);
         for batches in optimizer_steps(train.len(), &config) {
@@ -242,19 +253,20 @@ impl Strategy for TensorParallel {
                 micro += 1;
             }
             model.take_grads(&mut grads)?;
-            mesh.sum_over_replicas(&mut grads, self.deadline())?;
             // The whole model's norm: the group's slices, replicated parameters counted
-            // once (by tensor rank 0).
-            let mut squares = [norm_contribution(&layout, &grads, |i| t != 0 && replicated[i])];
-            group.allreduce(
-                bytemuck::cast_slice_mut(&mut squares),
-                DType::F64,
-                ReduceOp::Sum,
-                self.deadline(),
-            )?;
-            let grad_norm = clip_to(&mut grads, squares[0], config.grad_clip);
+            // once (by tensor rank 0); the gradients summed over the groups (or, under
+            // ZeRO 1, reduce-scattered among them, each stepping its chunk).
             optimizer.set_learning_rate(config.lr.at(step, total_steps));
-            optimizer.step(&mut layout.params(&mut params, &grads))?;
+            let deadline = || self.deadline();
+            let replica_step = ReplicaStep {
+                replicas: mesh.replicas.as_ref(),
+                model_groups: &[group],
+                clip: config.grad_clip,
+                deadline: &deadline,
+            };
+            let sharded = shards.as_ref().map(|s| (s, &mut shard_grads[..]));
+            let skip = |i: usize| t != 0 && replicated[i];
+            let grad_norm = replica_step.run(&layout, &mut grads, sharded, skip, optimizer, &mut params)?;
             model.write_params(&params)?;
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
             step += 1;
@@ -292,7 +304,23 @@ impl Strategy for TensorParallel {
             busy_seconds: 0.0,
             idle_seconds: 0.0,
             optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
-            gradient_bytes_per_rank: None,
+            gradient_bytes_per_rank: Some(4.0 * (grads.len() + shard_grads.len()) as f64),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TensorParallelConfig;
+
+    /// ZeRO across the groups: stage 1 is taken, stage 2 is refused with the reason
+    /// (nothing to save), and no other stage exists.
+    #[test]
+    fn zero_stages_across_groups_are_checked() {
+        assert_eq!(TensorParallelConfig::parse(r#"{"zero": 1, "data": 2}"#).unwrap().zero, 1);
+        let e = TensorParallelConfig::parse(r#"{"zero": 2}"#).unwrap_err().to_string();
+        assert!(e.contains("parallel.options.tensor-parallel.zero") && e.contains("saves nothing"), "{e}");
+        let e = TensorParallelConfig::parse(r#"{"zero": 3}"#).unwrap_err().to_string();
+        assert!(e.contains("no ZeRO stage 3"), "{e}");
     }
 }

@@ -1,0 +1,296 @@
+//! ZeRO's sharding of a flat parameter buffer among `world` replicas, for any strategy
+//! that keeps replicas (data-parallel, and the replicas of a pipeline mesh).
+//!
+//! Each bucket of the buffer is cut in `world` chunks ([`chunk_range`]); replica `r`
+//! owns chunk `r` of every bucket. Its shard holds the summed gradient of its chunks
+//! (after a reduce-scatter), the optimizer steps those chunks only (so its state is
+//! 1/world of the model's), and the updated chunks are allgathered into every
+//! replica's full parameters. Elementwise optimizers step each element as an unsharded
+//! run would, so the parameters are the same up to the order of the gradient sums.
+
+use std::ops::Range;
+
+use crate::{
+    chunk_range, clip_to, norm_contribution, sum_of_squares, Communicator, DType, Deadline, Error, Optimizer,
+    Param, ParamLayout, ReduceOp, Result,
+};
+
+/// What this replica owns of each bucket, and the optimizer's pieces of it.
+pub struct Shards {
+    world: usize,
+    rank: usize,
+    buckets: Vec<Range<usize>>,
+    pieces: Vec<Piece>,
+    len: usize,
+}
+
+/// An owned piece of one parameter.
+struct Piece {
+    /// The name the optimizer keys its state by: `<param>@<first index in the param>`.
+    name: String,
+    param: usize,
+    /// Where it sits in the flat buffer, and where in the shard.
+    flat: Range<usize>,
+    at: Range<usize>,
+}
+
+impl Shards {
+    /// Replica `rank` of `world`'s chunks of `buckets` (ranges tiling `layout`'s buffer).
+    pub fn new(layout: &ParamLayout, buckets: &[Range<usize>], rank: usize, world: usize) -> Shards {
+        let mut pieces = Vec::new();
+        let mut len = 0;
+        for b in buckets {
+            let own = owned(b, world, rank);
+            for (p, spec) in layout.specs().iter().enumerate() {
+                let r = layout.range(p);
+                let (lo, hi) = (r.start.max(own.start), r.end.min(own.end));
+                if lo < hi {
+                    let name = format!("{}@{}", spec.name, lo - r.start);
+                    pieces.push(Piece { name, param: p, flat: lo..hi, at: len..len + hi - lo });
+                    len += hi - lo;
+                }
+            }
+        }
+        Shards { world, rank, buckets: buckets.to_vec(), pieces, len }
+    }
+
+    /// Values this replica owns.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// This replica's chunk of each bucket within `shard`, in bucket order.
+    pub fn split_shard<'s>(&self, mut shard: &'s mut [f32]) -> Vec<&'s mut [f32]> {
+        self.buckets
+            .iter()
+            .map(|b| {
+                let n = owned(b, self.world, self.rank).len();
+                let (mine, rest) = std::mem::take(&mut shard).split_at_mut(n);
+                shard = rest;
+                mine
+            })
+            .collect()
+    }
+
+    /// Reduce-scatters each bucket of `grads` (the whole buffer, this replica's
+    /// values) into `shard` with `each(bucket of grads, this replica's chunk of shard)`,
+    /// which runs the collective (over whatever wire the strategy uses).
+    pub fn reduce_scatter_with(
+        &self,
+        grads: &[f32],
+        shard: &mut [f32],
+        mut each: impl FnMut(&[f32], &mut [f32]) -> Result<()>,
+    ) -> Result<()> {
+        for (b, out) in self.buckets.iter().zip(self.split_shard(shard)) {
+            each(&grads[b.clone()], out)?;
+        }
+        Ok(())
+    }
+
+    /// The sum of squares of `shard`'s values, leaving out the parameters `skip` names
+    /// (as [`crate::norm_contribution`] does for a whole buffer).
+    pub fn norm_contribution(&self, shard: &[f32], skip: impl Fn(usize) -> bool) -> f64 {
+        self.pieces.iter().filter(|p| !skip(p.param)).map(|p| sum_of_squares(&shard[p.at.clone()])).sum()
+    }
+
+    /// One optimizer step on this replica's chunks of `params`, with `shard`'s
+    /// gradients.
+    pub fn step(&self, optimizer: &mut dyn Optimizer, params: &mut [f32], shard: &[f32]) -> Result<()> {
+        // Pieces lie in increasing flat order within a bucket and buckets may run from
+        // the end of the buffer down, so sort the views by flat position to split them.
+        let mut order: Vec<usize> = (0..self.pieces.len()).collect();
+        order.sort_by_key(|&i| self.pieces[i].flat.start);
+        let mut views: Vec<Option<Param<'_>>> = (0..self.pieces.len()).map(|_| None).collect();
+        let mut rest = params;
+        let mut base = 0;
+        for i in order {
+            let Piece { name, flat, at, .. } = &self.pieces[i];
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(flat.start - base);
+            let (value, tail) = tail.split_at_mut(flat.len());
+            rest = tail;
+            base = flat.end;
+            views[i] = Some(Param { name, value, grad: &shard[at.clone()] });
+        }
+        let mut views: Vec<Param<'_>> = views.into_iter().flatten().collect();
+        optimizer.step(&mut views)
+    }
+
+    /// Every replica's updated chunks into every replica's `params`, bucket by bucket,
+    /// over `comm` (the replicas' group).
+    pub fn allgather(
+        &self,
+        comm: &dyn Communicator,
+        params: &mut [f32],
+        deadline: impl Fn() -> Deadline,
+    ) -> Result<()> {
+        for b in &self.buckets {
+            // Chunks differ by one value at most: each travels padded to the longest.
+            let pad = b.len().div_ceil(self.world);
+            let mut mine = vec![0f32; pad];
+            let own = owned(b, self.world, self.rank);
+            mine[..own.len()].copy_from_slice(&params[own]);
+            let mut all = vec![0f32; pad * self.world];
+            comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all), deadline())?;
+            for q in 0..self.world {
+                let theirs = chunk_range(b.len(), self.world, q);
+                params[b.start + theirs.start..b.start + theirs.end]
+                    .copy_from_slice(&all[q * pad..q * pad + theirs.len()]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks the ZeRO stage `key` asks of a strategy whose pieces sum their micro-batches'
+/// gradients themselves (pipeline stages, tensor slices): 0 or 1. Stage 2 is refused
+/// with the reason: such a piece has no second full-size gradient buffer to shard.
+pub fn check_piece_zero_stage(key: &str, stage: u8) -> Result<()> {
+    match stage {
+        0 | 1 => Ok(()),
+        2 => Err(Error::config(
+            key,
+            "ZeRO stage 2 saves nothing here: each piece sums its micro-batches' gradients \
+             itself and reduces them once per step, with no second full-size buffer to shard; \
+             use zero = 1",
+        )),
+        n => Err(Error::config(key, format!("no ZeRO stage {n} (0 or 1)"))),
+    }
+}
+
+/// One optimizer step of a model piece held by several replicas, for strategies that
+/// cut the model (pipeline stages, tensor slices) and replicate the pieces.
+pub struct ReplicaStep<'a> {
+    /// The ranks holding the same piece, one per replica.
+    pub replicas: &'a dyn Communicator,
+    /// The groups holding the other pieces of one copy of the model (a pipeline, a
+    /// tensor-parallel group): the norm's squares are summed over each.
+    pub model_groups: &'a [&'a dyn Communicator],
+    /// Clip the whole model's gradient to this norm.
+    pub clip: Option<f64>,
+    pub deadline: &'a dyn Fn() -> Deadline,
+}
+
+impl ReplicaStep<'_> {
+    /// Sums `grads` (this rank's gradients of its piece) over the replicas, or, with
+    /// `sharded` (ZeRO 1: the replicas' [`Shards`] and this replica's shard buffer),
+    /// reduce-scatters them into this replica's chunk; clips by the whole model's norm
+    /// (the parameters `skip` names left out of this piece's squares: a copy another
+    /// piece counts); steps `optimizer` on `params` (its chunk under ZeRO, then
+    /// allgathered). Returns the norm before clipping.
+    pub fn run(
+        &self,
+        layout: &ParamLayout,
+        grads: &mut [f32],
+        sharded: Option<(&Shards, &mut [f32])>,
+        skip: impl Fn(usize) -> bool,
+        optimizer: &mut dyn Optimizer,
+        params: &mut [f32],
+    ) -> Result<f64> {
+        let (replicas, dl) = (self.replicas, self.deadline);
+        // The squares of this piece summed over the other pieces of the model.
+        let over_model = |mut squares: [f64; 1]| -> Result<f64> {
+            for group in self.model_groups.iter().filter(|g| g.world_size() > 1) {
+                group.allreduce(bytemuck::cast_slice_mut(&mut squares), DType::F64, ReduceOp::Sum, dl())?;
+            }
+            Ok(squares[0])
+        };
+        match sharded {
+            None => {
+                if replicas.world_size() > 1 {
+                    replicas.allreduce(bytemuck::cast_slice_mut(grads), DType::F32, ReduceOp::Sum, dl())?;
+                }
+                let squares = over_model([norm_contribution(layout, grads, &skip)])?;
+                let norm = clip_to(grads, squares, self.clip);
+                optimizer.step(&mut layout.params(params, grads))?;
+                Ok(norm)
+            }
+            Some((shards, shard)) => {
+                shards.reduce_scatter_with(grads, shard, |input, out| {
+                    replicas.reduce_scatter(
+                        bytemuck::cast_slice(input),
+                        bytemuck::cast_slice_mut(out),
+                        DType::F32,
+                        ReduceOp::Sum,
+                        dl(),
+                    )?;
+                    Ok(())
+                })?;
+                let mut squares = [shards.norm_contribution(shard, &skip)];
+                replicas.allreduce(
+                    bytemuck::cast_slice_mut(&mut squares),
+                    DType::F64,
+                    ReduceOp::Sum,
+                    dl(),
+                )?;
+                let squares = over_model(squares)?;
+                let norm = clip_to(shard, squares, self.clip);
+                shards.step(optimizer, params, shard)?;
+                shards.allgather(replicas, params, dl)?;
+                Ok(norm)
+            }
+        }
+    }
+}
+
+/// Replica `rank`'s chunk of bucket `b`, in the flat buffer.
+fn owned(b: &Range<usize>, world: usize, rank: usize) -> Range<usize> {
+    let own = chunk_range(b.len(), world, rank);
+    b.start + own.start..b.start + own.end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ParamSpec;
+
+    /// The shards of every replica tile the buffer once, each piece inside one
+    /// parameter; the norm over the pieces is the buffer's.
+    #[test]
+    fn shards_tile_the_buffer_once() {
+        let layout = ParamLayout::new(
+            [5, 3, 8]
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] })
+                .collect(),
+        );
+        let grads: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        for buckets in [std::iter::once(0..16).collect(), vec![8..16, 0..8], vec![13..16, 5..13, 0..5]] {
+            for world in 1..=5 {
+                let mut seen = vec![0; 16];
+                let mut norm = 0.0;
+                for rank in 0..world {
+                    let s = Shards::new(&layout, &buckets, rank, world);
+                    let mut shard = vec![0f32; s.len()];
+                    s.reduce_scatter_with(&grads, &mut shard, |g, out| {
+                        let own = chunk_range(g.len(), world, rank);
+                        out.copy_from_slice(&g[own]);
+                        Ok(())
+                    })
+                    .unwrap();
+                    for p in &s.pieces {
+                        assert!(
+                            layout.range(p.param).start <= p.flat.start
+                                && p.flat.end <= layout.range(p.param).end
+                        );
+                        assert_eq!(&shard[p.at.clone()], &grads[p.flat.clone()]);
+                        p.flat.clone().for_each(|i| seen[i] += 1);
+                    }
+                    norm += s.norm_contribution(&shard, |p| p == 1);
+                }
+                assert_eq!(seen, vec![1; 16], "{buckets:?} over {world}");
+                let want: f64 = grads
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !(5..8).contains(i))
+                    .map(|(_, &g)| f64::from(g * g))
+                    .sum();
+                assert_eq!(norm, want);
+            }
+        }
+    }
+}
