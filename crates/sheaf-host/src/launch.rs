@@ -47,7 +47,30 @@ pub fn default_run_dir() -> PathBuf {
 }
 
 /// A free TCP port on loopback, for a local world's rendezvous.
+///
+/// Picked at random below the kernel's ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), and checked free: a port the kernel
+/// hands out for `:0` can be handed out again to another process's outgoing
+/// connection or `:0` bind (a ZeroMQ inbox, say) between this check and rank 0's bind,
+/// which failed parallel launches on one host with "Address already in use". Below
+/// the range only another launcher's pick can collide, one chance in thousands.
 pub(crate) fn free_port() -> Result<u16, HostError> {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let low = ephemeral_low.saturating_sub(12_288).max(1024);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut rng = sheaf_core::SplitMix64::new(nanos as u64 ^ (u64::from(std::process::id()) << 32));
+    if ephemeral_low > low {
+        for _ in 0..64 {
+            let port = low + (rng.next_u64() % u64::from(ephemeral_low - low)) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return Ok(port);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| HostError::Launch(format!("cannot find a free port for the rendezvous: {e}")))?;
     Ok(l.local_addr().map_err(|e| HostError::Launch(e.to_string()))?.port())
@@ -243,4 +266,22 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
         let _ = f.join();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Rendezvous ports come from below the kernel's ephemeral range, where no `:0`
+    /// bind or outgoing connection can take them, and are free when handed out.
+    #[test]
+    fn rendezvous_ports_avoid_the_ephemeral_range() {
+        let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u16>().ok()))
+            .unwrap_or(32768);
+        for _ in 0..20 {
+            let port = super::free_port().unwrap();
+            assert!(port < low && port >= 1024, "{port} (ephemeral from {low})");
+            std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        }
+    }
 }

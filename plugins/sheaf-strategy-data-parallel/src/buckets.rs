@@ -81,24 +81,25 @@ pub struct Exchange<'a> {
 
 impl Exchange<'_> {
     /// Runs the backward pass of `model` on the batch it began (or the whole
-    /// forward/backward through `whole` for a model without a stepped pass), adds
-    /// `share` times each finished gradient into `reduced` (the step's gradients, with
-    /// the loss in its last slot, which `loss` is added to) and allreduces each bucket
-    /// of `reduced` on a communication thread as soon as it is complete.
+    /// forward/backward for a model without a stepped pass) and allreduces each bucket
+    /// on a communication thread as soon as the pass has finished it. `reduced` holds
+    /// the step's gradients with the loss in its last slot: with `grads`, the pass
+    /// writes there and `share` times each finished gradient (and the loss) is added
+    /// into `reduced` (an earlier micro-batch's sums are in it); without, the pass
+    /// writes straight into `reduced`, whose gradients are scaled by `share` in place
+    /// (the step's only micro-batch: the same values, one pass over memory fewer).
     pub fn run(
         &self,
         model: &mut dyn Model,
-        grads: &mut [f32],
+        grads: Option<&mut [f32]>,
         reduced: &mut [f32],
         share: f32,
         backward: Backward<'_>,
     ) -> Result<()> {
-        let total = grads.len();
-        debug_assert_eq!(reduced.len(), total + 1);
+        let total = reduced.len() - 1;
         let deadline = || Deadline::after(self.timeout);
-        // The bucket slices of `reduced`, in the order they complete. The loss slot
-        // rides at the end of the first bucket on an f32 wire; through bf16 it would
-        // be rounded, so it travels alone in f32 after that bucket.
+        // The loss slot rides at the end of the first bucket on an f32 wire; through
+        // bf16 it would be rounded, so it travels alone in f32 after that bucket.
         let (body, mut loss_alone) = match self.wire {
             GradDType::F32 => (reduced, None),
             GradDType::Bf16 => {
@@ -106,16 +107,8 @@ impl Exchange<'_> {
                 (body, Some(slot))
             }
         };
-        let mut slices: Vec<(usize, &mut [f32])> = Vec::with_capacity(self.buckets.len());
-        let mut rest = body;
-        for b in self.buckets {
-            let (lo, hi) = rest.split_at_mut(b.start);
-            slices.push((b.start, hi));
-            rest = lo;
-        }
-        let comm = self.comm;
-        let wire = self.wire;
-        let result = std::thread::scope(|s| {
+        let (comm, wire) = (self.comm, self.wire);
+        std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<(&mut [f32], Option<&mut [f32]>)>();
             let reducer = s.spawn(move || -> Result<()> {
                 for (bucket, loss) in rx {
@@ -131,64 +124,34 @@ impl Exchange<'_> {
                 }
                 Ok(())
             });
-            let produced = (|| -> Result<()> {
-                let mut pending = total;
-                let mut loss = match backward {
-                    Backward::Stepped(batch) => model.backward_begin(batch)?,
-                    Backward::Whole(batch) => {
-                        let loss = model.forward_backward(batch, grads)?;
-                        pending = 0;
-                        loss
+            let produced = match grads {
+                None => self.drive(model, backward, body, total, |i, slice, loss| {
+                    let n = self.buckets[i].len();
+                    slice[..n].iter_mut().for_each(|g| *g *= share);
+                    send_bucket(&tx, &mut loss_alone, i, slice, loss * share)
+                }),
+                Some(grads) => {
+                    // `reduced`'s bucket slices, in the order they complete.
+                    let mut slices: Vec<&mut [f32]> = Vec::with_capacity(self.buckets.len());
+                    let mut rest = body;
+                    for b in self.buckets {
+                        let (lo, hi) = std::mem::take(&mut rest).split_at_mut(b.start);
+                        slices.push(hi);
+                        rest = lo;
                     }
-                };
-                let mut sent = 0;
-                let mut done = total;
-                loop {
-                    if pending > 0 {
-                        pending = backward_step(model, &mut grads[..pending])?;
-                    }
-                    for (start, slice) in slices.iter_mut() {
-                        let (lo, hi) = (pending.max(*start), done.min(*start + slice.len()));
-                        for i in lo..hi {
-                            slice[i - *start] += grads[i] * share;
-                        }
-                    }
-                    done = pending;
-                    while sent < slices.len() && slices[sent].0 >= pending {
-                        let slice = std::mem::take(&mut slices[sent].1);
-                        let mut alone = None;
-                        if sent == 0 {
-                            let share_of_loss = std::mem::take(&mut loss) * share;
-                            match loss_alone.take() {
-                                Some(slot) => {
-                                    slot[0] += share_of_loss;
-                                    alone = Some(slot);
-                                }
-                                None => {
-                                    if let Some(last) = slice.last_mut() {
-                                        *last += share_of_loss;
-                                    }
-                                }
-                            }
-                        }
-                        // A closed channel means the reducer failed: its error is
-                        // the one to report, after the join below.
-                        if tx.send((slice, alone)).is_err() {
-                            return Ok(());
-                        }
-                        sent += 1;
-                    }
-                    if pending == 0 {
-                        return Ok(());
-                    }
+                    let mut slices = slices.into_iter();
+                    self.drive(model, backward, grads, total, |i, finished, loss| {
+                        let slice = slices.next().expect("a slice per bucket");
+                        slice.iter_mut().zip(finished.iter()).for_each(|(r, g)| *r += g * share);
+                        send_bucket(&tx, &mut loss_alone, i, slice, loss * share)
+                    })
                 }
-            })();
+            };
             drop(tx);
             let reduced =
                 reducer.join().map_err(|_| Error::BadState("the gradient reducer panicked".into()))?;
-            reduced.and(produced)
-        });
-        result
+            reduced.and(produced.map(|_| ()))
+        })
     }
 
     /// ZeRO stage 2: runs the backward pass like [`Exchange::run`], but each finished
@@ -207,8 +170,8 @@ impl Exchange<'_> {
     ) -> Result<f32> {
         let total = grads.len();
         let deadline = || Deadline::after(self.timeout);
-        let (comm, wire, buckets) = (self.comm, self.wire, self.buckets);
-        let outs = shards.split_shard(shard);
+        let (comm, wire) = (self.comm, self.wire);
+        let mut outs = shards.split_shard(shard).into_iter();
         std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<(&mut [f32], &mut [f32])>();
             let reducer = s.spawn(move || -> Result<()> {
@@ -218,46 +181,88 @@ impl Exchange<'_> {
                 }
                 Ok(())
             });
-            let produced = (|| -> Result<f32> {
-                // `rest` is the front of `grads` not yet handed over: it ends where the
-                // last bucket sent starts, and always covers what is still pending.
-                let mut rest: &mut [f32] = grads;
-                let mut pending = total;
-                let loss = match backward {
-                    Backward::Stepped(batch) => model.backward_begin(batch)?,
-                    Backward::Whole(batch) => {
-                        pending = 0;
-                        model.forward_backward(batch, rest)?
-                    }
-                };
-                let mut outs = outs.into_iter();
-                let mut sent = 0;
-                loop {
-                    if pending > 0 {
-                        pending = backward_step(model, &mut rest[..pending])?;
-                    }
-                    while sent < buckets.len() && buckets[sent].start >= pending {
-                        let (front, bucket) = std::mem::take(&mut rest).split_at_mut(buckets[sent].start);
-                        rest = front;
-                        let out = outs.next().expect("a chunk of the shard per bucket");
-                        // A closed channel means the reducer failed: its error is the
-                        // one to report, after the join below.
-                        if tx.send((bucket, out)).is_err() {
-                            return Ok(loss);
-                        }
-                        sent += 1;
-                    }
-                    if pending == 0 {
-                        return Ok(loss);
-                    }
-                }
-            })();
+            let produced = self.drive(model, backward, grads, total, |_, bucket, _| {
+                let out = outs.next().expect("a chunk of the shard per bucket");
+                // A closed channel: the reducer failed, and its error is reported.
+                tx.send((bucket, out)).is_ok()
+            });
             drop(tx);
             let reduced =
                 reducer.join().map_err(|_| Error::BadState("the gradient reducer panicked".into()))?;
             reduced.and(produced)
         })
     }
+
+    /// Runs `model`'s backward pass, whose gradients go into the first `total` values of
+    /// `buf`, and hands each bucket's slice of `buf` to `ready` (with the pass's loss)
+    /// as soon as the pass has finished it, the buckets in order; the first bucket's
+    /// slice runs to the end of `buf` (past `total`: a loss slot). `ready` returning
+    /// false stops handing out. Returns the loss.
+    fn drive<'g>(
+        &self,
+        model: &mut dyn Model,
+        backward: Backward<'_>,
+        buf: &'g mut [f32],
+        total: usize,
+        mut ready: impl FnMut(usize, &'g mut [f32], f32) -> bool,
+    ) -> Result<f32> {
+        // `rest` is the front of `buf` not yet handed out: it ends where the last bucket
+        // handed out starts, and always covers what is still pending.
+        let mut rest: &'g mut [f32] = buf;
+        let mut pending = total;
+        let loss = match backward {
+            Backward::Stepped(batch) => model.backward_begin(batch)?,
+            Backward::Whole(batch) => {
+                pending = 0;
+                model.forward_backward(batch, &mut rest[..total])?
+            }
+        };
+        let mut sent = 0;
+        loop {
+            if pending > 0 {
+                pending = backward_step(model, &mut rest[..pending])?;
+            }
+            while sent < self.buckets.len() && self.buckets[sent].start >= pending {
+                let (front, bucket) = std::mem::take(&mut rest).split_at_mut(self.buckets[sent].start);
+                rest = front;
+                if !ready(sent, bucket, loss) {
+                    return Ok(loss);
+                }
+                sent += 1;
+            }
+            if pending == 0 {
+                return Ok(loss);
+            }
+        }
+    }
+}
+
+/// Sends a finished bucket of the step's sums to the reducer, the micro-batch's share
+/// of the loss added to the first bucket: into the slot at its end on an f32 wire, or
+/// into the slot that travels alone after it (`loss_alone`, taken). False when the
+/// reducer has stopped (its error is the one to report, after the join).
+fn send_bucket<'b>(
+    tx: &mpsc::Sender<(&'b mut [f32], Option<&'b mut [f32]>)>,
+    loss_alone: &mut Option<&'b mut [f32]>,
+    i: usize,
+    slice: &'b mut [f32],
+    loss: f32,
+) -> bool {
+    let mut alone = None;
+    if i == 0 {
+        match loss_alone.take() {
+            Some(slot) => {
+                slot[0] += loss;
+                alone = Some(slot);
+            }
+            None => {
+                if let Some(last) = slice.last_mut() {
+                    *last += loss;
+                }
+            }
+        }
+    }
+    tx.send((slice, alone)).is_ok()
 }
 
 /// One step of `model`'s stepped backward pass over `pending`, the front of the

@@ -202,10 +202,12 @@ impl Strategy for DataParallel {
         let start = Instant::now();
         let total_steps = config.total_steps(train.len());
         let stage = self.config.zero;
-        let mut grads = vec![0f32; total];
-        // Gradients then the batch loss, reduced together (none under ZeRO stage 2,
-        // which sums each rank's chunks straight into `shard_grads`).
+        // The step's gradient sums then its loss, reduced together (none under ZeRO
+        // stage 2, which sums each rank's chunks straight into `shard_grads`); a step
+        // of one micro-batch writes its gradients into them directly, so a buffer for
+        // each micro-batch's own is needed only with accumulation or stage 2.
         let mut reduced = vec![0f32; if stage >= 2 { 0 } else { total + 1 }];
+        let mut grads = vec![0f32; if stage >= 2 || config.grad_accum > 1 { total } else { 0 }];
         let buckets = buckets(&layout, self.config.bucket_bytes());
         let exchange = Exchange {
             comm,
@@ -248,18 +250,26 @@ impl Strategy for DataParallel {
                     scattered_loss += loss * share;
                     continue;
                 }
+                let only = group.len() == 1;
                 if k + 1 < group.len() || shards.is_some() {
                     // An earlier micro-batch of the step (or any under ZeRO stage 1,
-                    // which reduce-scatters after the pass): accumulate, nothing to send.
-                    let loss = model.forward_backward(&batch, &mut grads)?;
-                    for (r, g) in reduced.iter_mut().zip(&grads) {
-                        *r += g * share;
+                    // which reduce-scatters after the pass): sum, nothing to send.
+                    if only {
+                        let loss = model.forward_backward(&batch, &mut reduced[..total])?;
+                        reduced[..total].iter_mut().for_each(|g| *g *= share);
+                        reduced[total] += loss * share;
+                    } else {
+                        let loss = model.forward_backward(&batch, &mut grads)?;
+                        for (r, g) in reduced.iter_mut().zip(&grads) {
+                            *r += g * share;
+                        }
+                        reduced[total] += loss * share;
                     }
-                    reduced[total] += loss * share;
                     continue;
                 }
                 // The last: its backward pass overlaps the buckets' allreduces.
-                exchange.run(model, &mut grads, &mut reduced, share, backward)?;
+                let grads = (!only).then_some(&mut grads[..]);
+                exchange.run(model, grads, &mut reduced, share, backward)?;
             }
             let (grad_norm, loss) = match &shards {
                 None => {
