@@ -41,6 +41,14 @@ pub fn run_links<T: Send>(links: Vec<Arc<dyn Link>>, f: impl Fn(Group) -> T + Sy
     })
 }
 
+/// The deadline of a test's collectives: `default`, or `SHEAF_TEST_DEADLINE_MS` when set.
+/// Mutation runs set it low, so that a mutant which leaves a rank waiting on a message
+/// that never comes fails in seconds rather than waiting out the usual deadline.
+pub fn test_deadline(default: std::time::Duration) -> sheaf_core::Deadline {
+    let ms = std::env::var("SHEAF_TEST_DEADLINE_MS").ok().and_then(|v| v.parse().ok());
+    sheaf_core::Deadline::after(ms.map_or(default, std::time::Duration::from_millis))
+}
+
 /// The number of cases a property test runs: `PROPTEST_CASES` when set (the long runs
 /// quoted in closing notes), else `default` (sized for a 2-core CI machine).
 pub fn proptest_cases(default: u32) -> u32 {

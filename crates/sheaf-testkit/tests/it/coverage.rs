@@ -11,7 +11,7 @@ use sheaf_testkit::conformance::collectives::{self as laws, Case};
 use sheaf_testkit::{run_links, run_world, InProcWorld};
 
 fn deadline() -> Deadline {
-    Deadline::after(Duration::from_secs(60))
+    sheaf_testkit::test_deadline(Duration::from_secs(60))
 }
 
 /// Ring allreduce and reduce-scatter of blocks of several segments (up to 4 x 1 MiB

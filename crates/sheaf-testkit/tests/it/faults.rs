@@ -159,7 +159,7 @@ proptest! {
             .into_iter()
             .map(|l| Arc::new(FaultyLink::new(l, vec![Fault::Reorder])) as Arc<dyn Link>)
             .collect();
-        let dl = || Deadline::after(Duration::from_secs(20));
+        let dl = || sheaf_testkit::test_deadline(Duration::from_secs(20));
         // Like a worker at exit, each rank closes its link, which sends what is held.
         let results = run_links(links, |g| {
             let g = g.with_algorithm(alg);
@@ -181,7 +181,7 @@ fn the_reorder_fault_reorders() {
         .map(|l| Arc::new(FaultyLink::new(l, vec![Fault::Reorder])))
         .collect();
     let links = faulty.iter().map(|l| l.clone() as Arc<dyn Link>).collect();
-    let dl = || Deadline::after(Duration::from_secs(20));
+    let dl = || sheaf_testkit::test_deadline(Duration::from_secs(20));
     let results = run_links(links, |g| {
         laws::check_all(&g, &case, dl()).and_then(|()| g.link().close(dl()).map_err(|e| e.to_string()))
     });

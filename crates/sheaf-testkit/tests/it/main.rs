@@ -36,7 +36,7 @@ fn case() -> impl Strategy<Value = (usize, Case)> {
 }
 
 fn deadline() -> Deadline {
-    Deadline::after(Duration::from_secs(30))
+    sheaf_testkit::test_deadline(Duration::from_secs(30))
 }
 
 /// Runs a law on every rank of an in-process world and fails with every rank's error.
