@@ -118,7 +118,7 @@ pub(crate) fn matmul_to(
     // n columns `ld` apart and is uniquely borrowed, so no input aliases it; each part
     // writes only its own block `rows x cols` of `dst`, reading the same rows of `a`
     // and columns of `b`.
-    let part = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| unsafe {
+    let part = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, parallelism: Parallelism| unsafe {
         gemm::gemm(
             rows.len(),
             cols.len(),
@@ -138,44 +138,21 @@ pub(crate) fn matmul_to(
             false,
             false,
             false,
-            Parallelism::None,
+            parallelism,
         )
     };
     if parts > 1 && !by_rows && m >= GEMM_SPLIT_ROWS {
-        // SAFETY: as for `part`, over the whole destination.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.get(),
-                1,
-                ld as isize,
-                accumulate,
-                a.data.as_ptr(),
-                a.cs as isize,
-                a.rs as isize,
-                b.data.as_ptr(),
-                b.cs as isize,
-                b.rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                Parallelism::Rayon(parts),
-            )
-        }
+        part(0..m, 0..n, Parallelism::Rayon(parts));
     } else if parts == 1 {
-        part(0..m, 0..n);
+        part(0..m, 0..n, Parallelism::None);
     } else {
         rayon::scope(|s| {
             for p in 0..parts {
                 let share = sheaf_core::chunk_range(long, parts, p);
                 if by_rows {
-                    s.spawn(move |_| part(share, 0..n));
+                    s.spawn(move |_| part(share, 0..n, Parallelism::None));
                 } else {
-                    s.spawn(move |_| part(0..m, share));
+                    s.spawn(move |_| part(0..m, share, Parallelism::None));
                 }
             }
         });

@@ -254,17 +254,18 @@ impl Strategy for DataParallel {
                 if k + 1 < group.len() || shards.is_some() {
                     // An earlier micro-batch of the step (or any under ZeRO stage 1,
                     // which reduce-scatters after the pass): sum, nothing to send.
-                    if only {
+                    let loss = if only {
                         let loss = model.forward_backward(&batch, &mut reduced[..total])?;
                         reduced[..total].iter_mut().for_each(|g| *g *= share);
-                        reduced[total] += loss * share;
+                        loss
                     } else {
                         let loss = model.forward_backward(&batch, &mut grads)?;
                         for (r, g) in reduced.iter_mut().zip(&grads) {
                             *r += g * share;
                         }
-                        reduced[total] += loss * share;
-                    }
+                        loss
+                    };
+                    reduced[total] += loss * share;
                     continue;
                 }
                 // The last: its backward pass overlaps the buckets' allreduces.
