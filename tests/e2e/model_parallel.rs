@@ -257,9 +257,15 @@ fn a_model_over_the_memory_budget_trains_as_a_pipeline() {
 /// GPipe's measured bubble (each stage's waiting over its step time, averaged) is
 /// close to `(P - 1) / (M + P - 1)` on balanced stages: 2 stages of two 1024-wide
 /// layers each, 4 micro-batches, one compute thread per worker, shared memory. The
-/// bound is loose (0.05 absolute) for a noisy 2-core machine: what is left over is
-/// the transfers and copies between stages, which the formula leaves out.
+/// formula is the schedule's own idle time; what the stages measure adds the
+/// transfers between stages and the last stage's loss, which it leaves out, so the
+/// band is 0.03 below it and 0.08 above (0.24 measured here alone).
+///
+/// Timing: two workers each need a core of their own, so this runs after the other
+/// tests, alone (`cargo xtask ci` runs the ignored e2e tests with one test thread);
+/// among the parallel tests of a 2-core CI machine it measured other tests' load.
 #[test]
+#[ignore = "timing: needs the machine alone; `cargo xtask ci` runs it after the others"]
 fn gpipe_bubble_matches_the_formula() {
     let dir = tempfile::tempdir().unwrap();
     let sets = [
@@ -285,7 +291,10 @@ fn gpipe_bubble_matches_the_formula() {
     let mean: f64 = busy.iter().zip(&idle).map(|(b, i)| i / (b + i)).sum::<f64>() / 2.0;
     assert!((bubble - mean).abs() < 1e-9);
     let theory = 1.0 / 5.0;
-    assert!((bubble - theory).abs() <= 0.05, "measured bubble {bubble}, formula {theory}: {s}");
+    assert!(
+        (theory - 0.03..=theory + 0.08).contains(&bubble),
+        "measured bubble {bubble}, formula {theory}: {s}"
+    );
 }
 
 /// `parallel.balance = "time"`: `launch` measures each layer's forward and backward

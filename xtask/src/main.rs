@@ -8,7 +8,8 @@
 //! - `check-cuda`: `cargo check` of the candle plugin with `--features cuda`, against
 //!   NVIDIA's compiler installed from PyPI into `target/cuda/venv` (no GPU needed).
 //! - `test`: builds the whole workspace (the `sheaf` binary, every plugin `.so`, the
-//!   test fixtures), then runs every test.
+//!   test fixtures), then runs every test: in parallel, then the e2e tests that
+//!   measure time (ignored in the parallel run) one at a time.
 //! - `tidy`: the repository conventions (also run as a test).
 
 mod tidy;
@@ -62,7 +63,13 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     cargo(root, &["build", "--workspace"])?;
     let mut args = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
-    cargo(root, &args)
+    cargo(root, &args)?;
+    // Tests that measure time need the machine to themselves: ignored in the parallel
+    // run above, run here one at a time.
+    if extra.is_empty() {
+        cargo(root, &["test", "-p", "sheaf-tests", "--test", "e2e", "--", "--ignored", "--test-threads=1"])?;
+    }
+    Ok(())
 }
 
 fn ci(root: &Path) -> Result<()> {
