@@ -224,6 +224,10 @@ pub struct AbiTrainConfig {
     pub grad_accum: u64,
     /// 0 when unset.
     pub eval_every: u64,
+    /// Optimizer steps a resumed run has done (ABI 0.8).
+    pub start_step: u64,
+    /// 0 when unset (ABI 0.8).
+    pub checkpoint_every: u64,
 }
 
 /// A communicator: the host's collectives, lent to strategy plugins.
@@ -369,6 +373,13 @@ pub trait MetricsSinkAbi {
     fn record(&mut self, metrics: RVec<AbiNamedValue>) -> RResult<(), AbiError>;
 }
 
+/// Where a strategy hands each rank's state at a checkpoint step (ABI 0.8).
+#[sabi_trait]
+pub trait CheckpointSinkAbi {
+    #[sabi(last_prefix_field)]
+    fn save(&mut self, step: u64, params: RSlice<'_, f32>, optimizer: AbiOptimState) -> RResult<(), AbiError>;
+}
+
 /// Everything a strategy trains with, lent by the host for one `train` call.
 #[repr(C)]
 #[derive(StableAbi)]
@@ -381,6 +392,7 @@ pub struct AbiTrainContext<'a> {
     pub train: DatasetAbi_TO<'a, RRef<'a, ()>>,
     pub test: DatasetAbi_TO<'a, RRef<'a, ()>>,
     pub metrics: MetricsSinkAbi_TO<'a, RMut<'a, ()>>,
+    pub checkpoints: CheckpointSinkAbi_TO<'a, RMut<'a, ()>>,
 }
 
 /// What a strategy lays a job out from, lent for one `plan` call.

@@ -2,7 +2,7 @@
 
 use crate::{
     Block, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, ModelPartitioner,
-    Optimizer, Piece, ReduceOp, Result, SplitMix64,
+    OptimState, Optimizer, Piece, ReduceOp, Result, SplitMix64,
 };
 
 /// The sample order of one epoch: a permutation of `0..n` from `(seed, epoch)`, the
@@ -74,6 +74,35 @@ pub trait MetricsSink {
     fn record(&mut self, metrics: &StepMetrics);
 }
 
+/// Where a strategy hands its state every `checkpoint_every` steps. Every rank calls
+/// [`CheckpointSink::save`] after the same optimizer step with what it holds: its
+/// piece's parameters (the whole model's under data parallelism) and its optimizer's
+/// state (its shard under ZeRO). The sink may talk to the other ranks (it gathers the
+/// whole model), so a strategy calls it on every rank or on none. See
+/// [`save_checkpoint_if_due`].
+pub trait CheckpointSink {
+    /// `step` optimizer steps are done; `params` are the rank's piece's, in its layout.
+    fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> Result<()>;
+}
+
+/// Checkpoints `model` and `optimizer` into `sink` when `step` (optimizer steps done)
+/// is a multiple of the job's `checkpoint_every`: what a strategy calls after each
+/// step, on every rank.
+pub fn save_checkpoint_if_due(
+    sink: &mut dyn CheckpointSink,
+    config: &TrainConfig,
+    step: u64,
+    model: &dyn Model,
+    optimizer: &dyn Optimizer,
+) -> Result<()> {
+    if !config.checkpoint_due(step) {
+        return Ok(());
+    }
+    let mut params = vec![0f32; model.layout().total()];
+    model.read_params(&mut params)?;
+    sink.save(step, &params, &optimizer.state()?)
+}
+
 /// The learning rate over a run: linear warmup over `warmup_steps`, then constant or
 /// cosine decay to `min_lr` at the last step (nanoGPT's `get_lr`).
 #[derive(Clone, Debug, PartialEq)]
@@ -122,6 +151,13 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// Evaluate on the validation split every this many steps.
     pub eval_every: Option<u64>,
+    /// Optimizer steps already done (a resumed run): the host has restored the
+    /// parameters and optimizer state they left, and [`global_batches`] and
+    /// [`optimizer_steps`] start after them, so the run goes on with the batches,
+    /// learning rates and step numbers it would have had uninterrupted.
+    pub start_step: u64,
+    /// Hand the state to the [`CheckpointSink`] every this many optimizer steps.
+    pub checkpoint_every: Option<u64>,
 }
 
 impl TrainConfig {
@@ -137,7 +173,19 @@ impl TrainConfig {
             grad_clip: None,
             grad_accum: 1,
             eval_every: None,
+            start_step: 0,
+            checkpoint_every: None,
         }
+    }
+
+    /// Whether a checkpoint is due after `step` optimizer steps.
+    pub fn checkpoint_due(&self, step: u64) -> bool {
+        self.checkpoint_every.is_some_and(|every| every > 0 && step > 0 && step.is_multiple_of(every))
+    }
+
+    /// Micro-steps (global batches) already taken by a resumed run.
+    pub fn start_micro_step(&self) -> u64 {
+        self.start_step * self.grad_accum.max(1) as u64
     }
 
     /// Fails naming the first setting beyond the basics (a learning-rate schedule is
@@ -149,6 +197,8 @@ impl TrainConfig {
             Some("train.grad_accum")
         } else if self.eval_every.is_some() {
             Some("train.eval_every")
+        } else if self.checkpoint_every.is_some() || self.start_step > 0 {
+            Some("train.checkpoint_every")
         } else {
             None
         };
@@ -177,6 +227,7 @@ pub struct TrainContext<'a> {
     /// The test (validation) split.
     pub test: &'a dyn Dataset,
     pub metrics: &'a mut dyn MetricsSink,
+    pub checkpoints: &'a mut dyn CheckpointSink,
 }
 
 crate::report::report! {
@@ -283,7 +334,8 @@ pub trait Strategy: Send {
 
 /// Every micro-step's global batch, in order: `(epoch, sample indices)` from
 /// [`epoch_order`], cut into `batch_size` batches, stopping after `max_steps`
-/// optimizer steps of `grad_accum` micro-steps.
+/// optimizer steps of `grad_accum` micro-steps, and starting after the
+/// `start_step` optimizer steps a resumed run has done.
 pub fn global_batches(n: usize, config: &TrainConfig) -> impl Iterator<Item = (u64, Vec<usize>)> {
     let (seed, batch) = (config.seed, config.batch_size.max(1));
     let accum = config.grad_accum.max(1);
@@ -296,6 +348,7 @@ pub fn global_batches(n: usize, config: &TrainConfig) -> impl Iterator<Item = (u
             (0..n).step_by(batch).map(move |s| (e, (s..(s + batch).min(n)).map(|i| order.at(i)).collect()))
         })
         .take(limit)
+        .skip(usize::try_from(config.start_micro_step()).unwrap_or(usize::MAX))
 }
 
 /// Every optimizer step's micro-steps: [`global_batches`] in groups of `grad_accum`.

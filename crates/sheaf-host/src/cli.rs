@@ -43,6 +43,42 @@ pub struct JobArgs {
     /// strategy or world size).
     #[arg(long, value_name = "FILE")]
     pub init_from: Option<PathBuf>,
+    /// Continue the run in RUN_DIR from its newest checkpoint (parameters, optimizer
+    /// state, step, data position), with its job (RUN_DIR/job.toml) unless a job file
+    /// is given; --set still applies. Same world size and strategy.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "init_from")]
+    pub resume: Option<PathBuf>,
+}
+
+impl JobArgs {
+    /// The job file, the run directory and whether the run is resumed.
+    pub fn resolve(&self) -> Result<(Option<PathBuf>, PathBuf, bool), HostError> {
+        let Some(dir) = &self.resume else {
+            let run_dir = self.run_dir.clone().unwrap_or_else(crate::launch::default_run_dir);
+            return Ok((self.job.clone(), run_dir, false));
+        };
+        if self.run_dir.as_ref().is_some_and(|r| r != dir) {
+            return Err(HostError::Usage(format!(
+                "--resume {} and --run-dir {}: a resumed run writes into the directory it resumes",
+                dir.display(),
+                self.run_dir.as_ref().expect("some").display()
+            )));
+        }
+        let job = match &self.job {
+            Some(j) => j.clone(),
+            None => {
+                let j = dir.join("job.toml");
+                if !j.is_file() {
+                    return Err(HostError::Usage(format!(
+                        "--resume {}: no job.toml there (not a run directory?)",
+                        dir.display()
+                    )));
+                }
+                j
+            }
+        };
+        Ok((Some(job), dir.clone(), true))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -210,7 +246,14 @@ fn launch_job(
     run_dir: &std::path::Path,
     workers_to_stderr: bool,
 ) -> Result<(), HostError> {
-    let mut parsed = crate::job::load_job(job.job.as_deref(), &job.overrides)?;
+    let (job_file, _, resume) = job.resolve()?;
+    if !resume && crate::checkpoint::holds_a_run(run_dir) {
+        return Err(HostError::Usage(format!(
+            "{} already holds a run: continue it with --resume {0}, or choose another --run-dir",
+            run_dir.display()
+        )));
+    }
+    let mut parsed = crate::job::load_job(job_file.as_deref(), &job.overrides)?;
     let registry = cli.registry();
     let mut worker_args: Vec<String> = Vec::new();
     let compute = registry.compute(&parsed.compute.backend, &parsed.compute.config_json())?;
@@ -243,8 +286,12 @@ fn launch_job(
         worker_args.push("--init-from".into());
         worker_args.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).display().to_string());
     }
-    if let Some(j) = &job.job {
+    if let Some(j) = &job_file {
         worker_args.push(j.display().to_string());
+    }
+    if resume {
+        worker_args.push("--resume".into());
+        worker_args.push(run_dir.display().to_string());
     }
     for o in &job.overrides {
         worker_args.push("--set".into());
@@ -272,13 +319,15 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 std::env::set_var("RAYON_NUM_THREADS", t.to_string());
                 std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
             }
-            let job = crate::job::load_job(args.job.as_deref(), &args.overrides)?;
+            let (job_file, run_dir, resume) = args.resolve()?;
+            let job = crate::job::load_job(job_file.as_deref(), &args.overrides)?;
             let env = crate::worker::WorkerEnv::from_env()?;
             let opts = crate::worker::RunOptions {
-                run_dir: Some(args.run_dir.clone().unwrap_or_else(crate::launch::default_run_dir)),
+                run_dir: Some(run_dir),
                 env,
                 progress: crate::worker::RunOptions::progress_default(),
                 init_from: args.init_from.clone(),
+                resume,
             };
             let summary = crate::worker::run_worker(&job, &cli.registry(), &opts)?;
             if opts.env.rank == 0 {
@@ -297,7 +346,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             Ok(())
         }
         Command::Launch { workers, job } => {
-            let run_dir = job.run_dir.clone().unwrap_or_else(crate::launch::default_run_dir);
+            let (_, run_dir, _) = job.resolve()?;
             launch_job(&cli, *workers, job, &run_dir, false)?;
             let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();

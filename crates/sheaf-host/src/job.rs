@@ -116,6 +116,14 @@ pub struct TrainSection {
     /// Evaluate on the validation split every this many steps (into metrics.jsonl).
     #[serde(default)]
     pub eval_every: Option<u64>,
+    /// Write a checkpoint to resume from every this many optimizer steps and at the
+    /// end (`RUN_DIR/checkpoints/step-N/`; `--resume RUN_DIR` continues from the
+    /// newest). Unset: only the final parameters (`checkpoint.safetensors`).
+    #[serde(default)]
+    pub checkpoint_every: Option<u64>,
+    /// Checkpoints kept, the newest.
+    #[serde(default = "two")]
+    pub keep_checkpoints: usize,
     /// Settings of each optimizer, by name (`[train.options.sgd]`); only the chosen
     /// optimizer's table is used, so `--set train.optimizer=...` switches cleanly. Its
     /// plugin rejects keys it does not know.
@@ -131,6 +139,9 @@ fn constant() -> String {
 }
 fn one() -> usize {
     1
+}
+fn two() -> usize {
+    2
 }
 
 impl TrainSection {
@@ -150,6 +161,8 @@ impl TrainSection {
             grad_clip: self.grad_clip,
             grad_accum: self.grad_accum,
             eval_every: self.eval_every.filter(|&e| e > 0),
+            start_step: 0,
+            checkpoint_every: self.checkpoint_every.filter(|&e| e > 0),
         }
     }
 
@@ -325,6 +338,12 @@ fn validate(job: &Job) -> Result<(), String> {
     }
     if job.train.grad_accum == 0 {
         return Err("key `train.grad_accum`: must be at least 1".into());
+    }
+    if job.train.checkpoint_every == Some(0) {
+        return Err("key `train.checkpoint_every`: must be at least 1 (leave it out for none)".into());
+    }
+    if job.train.keep_checkpoints == 0 {
+        return Err("key `train.keep_checkpoints`: must be at least 1".into());
     }
     if !["constant", "cosine"].contains(&job.train.lr_schedule.as_str()) {
         return Err(format!("key `train.lr_schedule`: `{}` (constant, cosine)", job.train.lr_schedule));

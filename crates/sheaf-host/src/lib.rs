@@ -8,6 +8,7 @@
 //! library is ever unloaded.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 mod discover;

@@ -3,8 +3,11 @@
 //! names. Files are written to a temporary name and renamed, so a crash never leaves a
 //! half-written checkpoint or summary.
 
-use std::io::{BufWriter, Write};
+use std::collections::HashMap;
+use std::io::{LineWriter, Write};
 use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use serde::Serialize;
 use sheaf_core::{MetricsSink, ParamLayout, StepMetrics};
@@ -72,70 +75,109 @@ pub fn json_number(v: f64) -> serde_json::Value {
     }
 }
 
-/// `safetensors` bytes of a flat parameter buffer: little-endian f32 tensors named by
-/// `layout`, in layout order.
-pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    for (i, spec) in layout.specs().iter().enumerate() {
-        let r = layout.range(i);
-        header.insert(
-            spec.name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": spec.shape, "data_offsets": [r.start * 4, r.end * 4]}),
-        );
+/// `safetensors` bytes of named f32 buffers (`(name, shape, values)`), with string
+/// metadata in the header's `__metadata__`; written by the `safetensors` crate.
+pub fn safetensors_of<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, Vec<usize>, &'a [f32])>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, HostError> {
+    let views = tensors
+        .into_iter()
+        .map(|(name, shape, values)| {
+            TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(values))
+                .map(|v| (name, v))
+                .map_err(|e| HostError::Output(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize(views, metadata).map_err(|e| HostError::Output(format!("safetensors: {e}")))
+}
+
+/// `safetensors` bytes of a flat parameter buffer: f32 tensors named and shaped by
+/// `layout`.
+pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Result<Vec<u8>, HostError> {
+    safetensors_of(
+        layout.specs().iter().enumerate().map(|(i, spec)| (spec.name.as_str(), spec.shape.clone(), &params[layout.range(i)])),
+        None,
+    )
+}
+
+/// A safetensors file read whole and parsed by the `safetensors` crate (which checks
+/// the header's length, offsets and shapes against the file before anything is
+/// allocated from them).
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl TensorFile {
+    pub fn read(path: &Path) -> Result<TensorFile, HostError> {
+        let bytes = std::fs::read(path).map_err(|e| HostError::Data(format!("{}: cannot read: {e}", path.display())))?;
+        let file = TensorFile { path: path.to_path_buf(), bytes };
+        file.parse()?;
+        Ok(file)
     }
-    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
-    while !json.len().is_multiple_of(8) {
-        json.push(b' ');
+
+    fn bad(&self, detail: impl std::fmt::Display) -> HostError {
+        HostError::Data(format!("{}: {detail}", self.path.display()))
     }
-    let mut out = Vec::with_capacity(8 + json.len() + params.len() * 4);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    out.extend_from_slice(&json);
-    for v in params {
-        out.extend_from_slice(&v.to_le_bytes());
+
+    fn parse(&self) -> Result<SafeTensors<'_>, HostError> {
+        SafeTensors::deserialize(&self.bytes).map_err(|e| self.bad(format!("not a safetensors file: {e}")))
     }
-    out
+
+    /// The header's `__metadata__` (empty when it has none).
+    pub fn metadata(&self) -> Result<HashMap<String, String>, HostError> {
+        let (_, meta) =
+            SafeTensors::read_metadata(&self.bytes).map_err(|e| self.bad(format!("not a safetensors file: {e}")))?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
+    /// Every tensor's name.
+    pub fn names(&self) -> Result<Vec<String>, HostError> {
+        Ok(self.parse()?.names().into_iter().map(str::to_owned).collect())
+    }
+
+    /// Tensor `name`'s values, which must be f32 of `shape` (any shape when `None`).
+    pub fn f32s(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<f32>, HostError> {
+        let tensors = self.parse()?;
+        let t = tensors.tensor(name).map_err(|_| self.bad(format!("no tensor `{name}`")))?;
+        if t.dtype() != Dtype::F32 || shape.is_some_and(|s| s != t.shape()) {
+            return Err(self.bad(format!(
+                "`{name}` is {:?} {:?}, {} needed",
+                t.dtype(),
+                t.shape(),
+                match shape {
+                    Some(s) => format!("F32 {s:?}"),
+                    None => "F32".into(),
+                }
+            )));
+        }
+        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+
+    /// The parameters `layout` names, as one flat buffer in its order, each tensor
+    /// checked for its shape.
+    pub fn params(&self, layout: &ParamLayout) -> Result<Vec<f32>, HostError> {
+        let mut out = vec![0f32; layout.total()];
+        for (i, spec) in layout.specs().iter().enumerate() {
+            out[layout.range(i)].copy_from_slice(&self.f32s(&spec.name, Some(&spec.shape))?);
+        }
+        Ok(out)
+    }
 }
 
 /// Reads a checkpoint written by [`safetensors_bytes`] (or any safetensors file of f32
 /// tensors) into a flat buffer in `layout` order, checking that every tensor is there
 /// with its shape.
 pub fn read_safetensors(path: &Path, layout: &ParamLayout) -> Result<Vec<f32>, HostError> {
-    let bad = |detail: String| HostError::Data(format!("{}: {detail}", path.display()));
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
-    let header = n
-        .and_then(|n| bytes.get(8..8usize.checked_add(n)?))
-        .ok_or_else(|| bad("not a safetensors file (truncated header)".into()))?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let data = &bytes[8 + n.expect("checked")..];
-    let mut out = vec![0f32; layout.total()];
-    for (i, spec) in layout.specs().iter().enumerate() {
-        let t = header.get(&spec.name).ok_or_else(|| bad(format!("no tensor `{}`", spec.name)))?;
-        let shape: Vec<usize> = serde_json::from_value(t["shape"].clone()).unwrap_or_default();
-        if t["dtype"] != "F32" || shape != spec.shape {
-            return Err(bad(format!(
-                "`{}` is {} {:?}, the model needs F32 {:?}",
-                spec.name, t["dtype"], shape, spec.shape
-            )));
-        }
-        let offs: Vec<usize> = serde_json::from_value(t["data_offsets"].clone()).unwrap_or_default();
-        let raw = match offs[..] {
-            [a, b] if b >= a && b - a == spec.numel() * 4 => data.get(a..b),
-            _ => None,
-        }
-        .ok_or_else(|| bad(format!("`{}` has bad data offsets", spec.name)))?;
-        for (v, c) in out[layout.range(i)].iter_mut().zip(raw.chunks_exact(4)) {
-            *v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-        }
-    }
-    Ok(out)
+    TensorFile::read(path)?.params(layout)
 }
 
-/// Metrics of every step as JSON lines, and a progress display on stderr: a bar per
+/// Metrics of every step as JSON lines (each written through as it ends, so a killed
+/// run's file ends on a whole line), and a progress display on stderr: a bar per
 /// epoch when stderr is a terminal, a plain line per epoch otherwise.
 pub struct Metrics {
-    file: Option<(PathBuf, BufWriter<std::fs::File>)>,
+    file: Option<(PathBuf, LineWriter<std::fs::File>)>,
     /// Print per-epoch lines (rank 0 only).
     show: bool,
     progress: bool,
@@ -148,16 +190,27 @@ pub struct Metrics {
 
 impl Metrics {
     /// `show`: print per-epoch progress at all (rank 0); `progress`: as a bar.
+    /// `resumed_at`: a run resumed after this many steps keeps the file's lines up to
+    /// that step (dropping those of steps it will take again) and appends.
     pub fn new(
         path: Option<&Path>,
         show: bool,
         progress: bool,
         steps_per_epoch: u64,
         epochs: u64,
+        resumed_at: Option<u64>,
     ) -> Result<Metrics, HostError> {
         let file = match path {
             Some(p) => {
-                Some((p.to_path_buf(), BufWriter::new(std::fs::File::create(p).map_err(|e| io_err(p, e))?)))
+                let mut open = std::fs::OpenOptions::new();
+                match resumed_at {
+                    Some(step) => {
+                        keep_lines_up_to(p, step)?;
+                        open.append(true).create(true)
+                    }
+                    None => open.write(true).create(true).truncate(true),
+                };
+                Some((p.to_path_buf(), LineWriter::new(open.open(p).map_err(|e| io_err(p, e))?)))
             }
             None => None,
         };
@@ -202,6 +255,27 @@ impl Metrics {
             None => Ok(()),
         }
     }
+}
+
+/// Rewrites `metrics.jsonl` (atomically) with only its whole lines of steps up to
+/// `step`: what a run resumed from that step's checkpoint keeps.
+fn keep_lines_up_to(path: &Path, step: u64) -> Result<(), HostError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path, e)),
+    };
+    let kept: String = text
+        .split_inclusive('\n')
+        .filter(|line| line.ends_with('\n'))
+        .filter(|line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    write_atomic(path, kept.as_bytes())
 }
 
 impl MetricsSink for Metrics {

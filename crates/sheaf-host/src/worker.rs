@@ -11,6 +11,7 @@ use std::time::Duration;
 use sheaf_collectives::Group;
 use sheaf_core::{Communicator, Deadline, Link, TrainContext};
 
+use crate::checkpoint::{gather_full, Checkpointer};
 use crate::job::Job;
 use crate::outputs::{json_number, read_safetensors, safetensors_bytes, write_atomic, Metrics, Summary};
 use crate::{HostError, Registry};
@@ -82,6 +83,9 @@ pub struct RunOptions {
     pub progress: bool,
     /// Start from this checkpoint (the whole model, as any run writes it).
     pub init_from: Option<PathBuf>,
+    /// Continue the run in `run_dir` from its newest checkpoint (from the start when
+    /// it has none yet); without it, a `run_dir` that holds a run is refused.
+    pub resume: bool,
 }
 
 impl RunOptions {
@@ -123,9 +127,35 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         let full = read_safetensors(path, &whole)?;
         model.write_params(&plan.layout_of(env.rank).slice(&whole, &full)).map_err(core)?;
     }
+    let mut config = job.train.config(job.seed);
+    let resumed = match (&opts.run_dir, opts.resume) {
+        (Some(dir), true) => match crate::checkpoint::latest(dir)? {
+            Some((_, at)) => {
+                let r = crate::checkpoint::read(&at, &plan, env.rank, &job.parallel.strategy)?;
+                model.write_params(&r.params).map_err(core)?;
+                optimizer.load_state(&r.optimizer).map_err(core)?;
+                config.start_step = r.state.step;
+                tracing::info!("rank {}: resuming from {} (step {})", env.rank, at.display(), r.state.step);
+                Some(r.state.step)
+            }
+            None => {
+                tracing::warn!("rank {}: {} has no checkpoint yet: starting from step 0", env.rank, dir.display());
+                Some(0)
+            }
+        },
+        (None, true) => return Err(HostError::Usage("--resume needs the run directory".into())),
+        _ => None,
+    };
     let run_dir = match (&opts.run_dir, env.rank) {
         (Some(dir), 0) => {
+            if resumed.is_none() && crate::checkpoint::holds_a_run(dir) {
+                return Err(HostError::Usage(format!(
+                    "{} already holds a run: continue it with --resume {0}, or choose another --run-dir",
+                    dir.display()
+                )));
+            }
             std::fs::create_dir_all(dir).map_err(|e| HostError::Output(format!("{}: {e}", dir.display())))?;
+            crate::checkpoint::write_job(dir, job)?;
             Some(dir.clone())
         }
         _ => None,
@@ -149,7 +179,6 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         train.len()
     );
 
-    let config = job.train.config(job.seed);
     let steps_per_epoch =
         (train.len().div_ceil(job.train.batch_size) as u64).div_ceil(config.grad_accum as u64);
     let mut metrics = Metrics::new(
@@ -158,12 +187,26 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         opts.progress,
         steps_per_epoch,
         job.train.epochs,
+        resumed,
     )?;
     if let (Some(dir), Some(vocab)) = (&run_dir, &data.vocab) {
         let tokens: Vec<String> = vocab.iter().map(char::to_string).collect();
         let json = serde_json::json!({ "kind": "characters", "tokens": tokens });
         write_atomic(&dir.join("vocab.json"), json.to_string().as_bytes())?;
     }
+    let mut checkpoints = Checkpointer {
+        comm: &comm,
+        plan: &plan,
+        run_dir: opts.run_dir.clone().filter(|_| config.checkpoint_every.is_some()),
+        keep: job.train.keep_checkpoints,
+        config: config.clone(),
+        train_len: train.len(),
+        world_size: env.world_size,
+        strategy: job.parallel.strategy.clone(),
+        job: serde_json::to_value(job).unwrap_or_default(),
+        timeout: Duration::from_millis(timeout_ms),
+        saved: resumed,
+    };
     let result = strategy.train(TrainContext {
         config,
         comm: &comm,
@@ -173,6 +216,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         train,
         test,
         metrics: &mut metrics,
+        checkpoints: &mut checkpoints,
     });
     let trained = match result {
         Ok(s) => s,
@@ -203,7 +247,11 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
             busy.iter().zip(&idle).map(|(b, i)| if b + i > 0.0 { i / (b + i) } else { 0.0 }).collect();
         fractions.iter().sum::<f64>() / fractions.len() as f64
     });
-    let full = gather_full_params(&comm, model.as_ref(), &plan, dl).map_err(train_err)?;
+    let mut mine = vec![0f32; model.layout().total()];
+    model.read_params(&mut mine).map_err(core)?;
+    // The last checkpoint to resume from, unless the strategy's last step wrote it.
+    checkpoints.write(trained.steps, &mine, &optimizer.state().map_err(core)?)?;
+    let full = gather_full(&comm, &mine, &plan, dl).map_err(train_err)?;
 
     let summary = Summary {
         world_size: env.world_size,
@@ -223,59 +271,11 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         job: serde_json::to_value(job).unwrap_or_default(),
     };
     if let (Some(dir), Some(full)) = (&run_dir, &full) {
-        write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(&whole, full))?;
+        write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(&whole, full)?)?;
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&dir.join("summary.json"), &json)?;
     }
     comm.barrier(dl()).map_err(train_err)?;
     link.close(dl()).map_err(train_err)?;
     Ok(summary)
-}
-
-/// The whole model's parameters on rank 0 (`None` elsewhere): its own, or under model
-/// parallelism each distinct piece sent to rank 0 by the lowest rank holding it and
-/// put in place, so the checkpoint always holds the model one process would.
-fn gather_full_params(
-    comm: &Group,
-    model: &dyn sheaf_core::Model,
-    plan: &crate::plan::Plan,
-    dl: impl Fn() -> Deadline,
-) -> Result<Option<Vec<f32>>, sheaf_core::CommError> {
-    const PIECE_TAG: u32 = 0x5EAF_0001;
-    let mut mine = vec![0f32; model.layout().total()];
-    model.read_params(&mut mine).map_err(|e| sheaf_core::CommError::Protocol {
-        op: sheaf_core::Op::Gather,
-        peer: comm.rank(),
-        detail: e.to_string(),
-    })?;
-    let rank = comm.rank();
-    if !plan.is_model_parallel() {
-        return Ok((rank == 0).then_some(mine));
-    }
-    let senders = plan.representatives();
-    if rank != 0 {
-        if senders.contains(&rank) {
-            comm.send(0, PIECE_TAG, bytemuck::cast_slice(&mine), dl())?;
-        }
-        return Ok(None);
-    }
-    let whole = &plan.info.layout;
-    let mut full = vec![0f32; whole.total()];
-    plan.layouts[0].place(whole, &mine, &mut full);
-    for &r in senders.iter().filter(|&&r| r != 0) {
-        let piece = &plan.layouts[r];
-        let bytes = comm.recv(r, PIECE_TAG, dl())?;
-        let want = piece.layout.total() * 4;
-        if bytes.len() != want {
-            return Err(sheaf_core::CommError::Protocol {
-                op: sheaf_core::Op::Gather,
-                peer: r,
-                detail: format!("sent {} bytes of parameters, its piece has {want}", bytes.len()),
-            });
-        }
-        let values: Vec<f32> =
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
-        piece.place(whole, &values, &mut full);
-    }
-    Ok(Some(full))
 }

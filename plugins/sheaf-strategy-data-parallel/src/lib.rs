@@ -30,7 +30,7 @@ use buckets::{Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
-    clip_to, epochs_done, evaluate_indices, optimizer_steps, sum_of_squares, test_totals, Communicator,
+    clip_to, epochs_done, evaluate_indices, optimizer_steps, save_checkpoint_if_due, sum_of_squares, test_totals, Communicator,
     DType, DataPartitioner, Dataset, Deadline, Error, Model, PlanInput, PluginKind, Provided, ReduceOp,
     Result, Shards, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
@@ -184,7 +184,8 @@ impl Strategy for DataParallel {
     }
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
-        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics, checkpoints } =
+            ctx;
         let (rank, world) = (comm.rank(), comm.world_size());
         if config.batch_size == 0 {
             return Err(Error::config("train.batch_size", "must be at least 1"));
@@ -219,7 +220,10 @@ impl Strategy for DataParallel {
         let shards = (stage >= 1).then(|| Shards::new(&layout, &buckets, rank, world));
         let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
         let gradient_bytes = 4 * (grads.len() + reduced.len() + shard_grads.len()) as u64;
-        let (mut step, mut micro, mut last_loss, mut samples) = (0u64, 0u64, f64::NAN, 0usize);
+        // A resumed run goes on from its checkpoint's step (the host restored the
+        // parameters and optimizer state; `optimizer_steps` starts after it).
+        let (mut step, mut micro) = (config.start_step, config.start_micro_step());
+        let (mut last_loss, mut samples) = (f64::NAN, 0usize);
         // The last evaluation and its step: a run that ends on an evaluation step
         // reports it rather than evaluating the same parameters again.
         let mut last_eval: Option<(u64, (f64, f64))> = None;
@@ -336,6 +340,7 @@ impl Strategy for DataParallel {
             if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
                 check_in_sync(comm, &params, step, self.deadline())?;
             }
+            save_checkpoint_if_due(checkpoints, &config, step, model, optimizer)?;
         }
         let wall = start.elapsed().as_secs_f64();
         check_in_sync(comm, &params, step, self.deadline())?;

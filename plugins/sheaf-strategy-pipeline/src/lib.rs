@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     backward_segments, check_piece_zero_stage, chunk_range, epochs_done, forward_segments, optimizer_steps,
+    save_checkpoint_if_due,
     test_totals, Communicator, DType, Deadline, Error, Model, Piece, PlanInput, PluginKind, Provided,
     RankPlan, ReduceOp, ReplicaStep, Result, Samples, Shards, StageInput, StepMetrics, Strategy,
     StrategyPlan, TrainContext, TrainSummary,
@@ -511,7 +512,8 @@ impl Strategy for Pipeline {
     }
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
-        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics, checkpoints } =
+            ctx;
         let total_steps = config.total_steps(train.len());
         let (pipelines, stages, width) = self.config.layout(comm.world_size())?;
         if config.batch_size == 0 || train.is_empty() {
@@ -569,7 +571,9 @@ impl Strategy for Pipeline {
             .then(|| Shards::new(&layout, std::slice::from_ref(&(0..layout.total())), d, pipelines));
         let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
         let mut clock = StageClock::default();
-        let (mut step, mut last_loss, mut samples, mut micro_step) = (0u64, f64::NAN, 0usize, 0u64);
+        // A resumed run goes on from its checkpoint's step.
+        let (mut step, mut micro_step) = (config.start_step, config.start_micro_step());
+        let (mut last_loss, mut samples) = (f64::NAN, 0usize);
         for group in optimizer_steps(train.len(), &config) {
             let t0 = Instant::now();
             let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
@@ -604,7 +608,7 @@ impl Strategy for Pipeline {
                 // The first micro-step (first touches of every buffer) is left out.
                 let spent = t_sched.elapsed();
                 clock.idle = before.1 + spent.saturating_sub(clock.busy - before.0);
-                if micro_step == 0 {
+                if micro_step == config.start_micro_step() {
                     (clock.busy, clock.idle) = (Duration::ZERO, Duration::ZERO);
                 }
                 micro_step += 1;
@@ -648,6 +652,7 @@ impl Strategy for Pipeline {
                 grad_norm,
                 val_loss,
             });
+            save_checkpoint_if_due(checkpoints, &config, step, model, optimizer)?;
         }
         let wall = start.elapsed().as_secs_f64();
 

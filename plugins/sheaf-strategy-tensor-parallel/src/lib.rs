@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, check_piece_zero_stage, epochs_done, forward_segments, optimizer_steps, test_totals,
+    backward_segments, check_piece_zero_stage, epochs_done, forward_segments, optimizer_steps,
+    save_checkpoint_if_due, test_totals,
     Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan,
     ReduceOp, ReplicaStep, Result, Shards, StageInput, StepMetrics, Strategy, StrategyPlan, TrainContext,
     TrainSummary,
@@ -181,7 +182,8 @@ impl Strategy for TensorParallel {
     }
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
-        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics, checkpoints } =
+            ctx;
         let total_steps = config.total_steps(train.len());
         let (groups, width) = self.config.layout(comm.world_size())?;
         if config.batch_size == 0 || train.is_empty() {
@@ -217,8 +219,9 @@ impl Strategy for TensorParallel {
         let shards = (self.config.zero >= 1)
             .then(|| Shards::new(&layout, std::slice::from_ref(&(0..layout.total())), d, groups));
         let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
-        let (mut step, mut last_loss, mut samples, mut peak, mut micro) =
-            (0u64, f64::NAN, 0usize, 0u64, 0u64);
+        // A resumed run goes on from its checkpoint's step.
+        let (mut step, mut micro) = (config.start_step, config.start_micro_step());
+        let (mut last_loss, mut samples, mut peak) = (f64::NAN, 0usize, 0u64);
         for batches in optimizer_steps(train.len(), &config) {
             let t0 = Instant::now();
             let group_samples: usize = batches.iter().map(|(_, g)| g.len()).sum();
@@ -287,6 +290,7 @@ impl Strategy for TensorParallel {
                 grad_norm,
                 val_loss,
             });
+            save_checkpoint_if_due(checkpoints, &config, step, model, optimizer)?;
         }
         let wall = start.elapsed().as_secs_f64();
 

@@ -220,5 +220,7 @@ pub(crate) fn config_to_abi(c: &TrainConfig) -> AbiTrainConfig {
         grad_clip: c.grad_clip.unwrap_or(f64::NAN),
         grad_accum: c.grad_accum as u64,
         eval_every: c.eval_every.unwrap_or(0),
+        start_step: c.start_step,
+        checkpoint_every: c.checkpoint_every.unwrap_or(0),
     }
 }

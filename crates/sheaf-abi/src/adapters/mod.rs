@@ -30,7 +30,7 @@ mod prelude {
     pub(crate) use abi_stable::sabi_trait::TD_Opaque;
     pub(crate) use abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
     pub(crate) use sheaf_core::{
-        Batch, Block, CommError, Communicator, ComputeBackend, DType, DataPartitioner, Dataset, Deadline,
+        Batch, Block, CheckpointSink, CommError, Communicator, ComputeBackend, DType, DataPartitioner, Dataset, Deadline,
         Error, Link, LrSchedule, MetricsSink, Model, ModelInfo, ModelInput, ModelPartitioner, ModelSpec,
         OptimState, Optimizer, Param, ParamLayout, ParamSpec, Piece, PieceLayout, PlanInput, RankPlan,
         ReduceOp, Result, Samples, ShardSource, StepMetrics, Strategy, StrategyPlan, Tag, TrainConfig,

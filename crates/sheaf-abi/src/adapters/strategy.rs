@@ -62,13 +62,14 @@ pub fn with_train_context<R>(
     ctx: TrainContext<'_>,
     f: impl FnOnce(AbiTrainContext<'_>) -> R,
 ) -> R {
-    let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+    let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics, checkpoints } = ctx;
     let comm = Exported { plugin, inner: comm };
     let mut model = Exported { plugin, inner: model };
     let mut optimizer = Exported { plugin, inner: optimizer };
     let partitioner = Exported { plugin, inner: partitioner };
     let (train, test) = (Exported { plugin, inner: train }, Exported { plugin, inner: test });
     let mut metrics = Exported { plugin, inner: metrics };
+    let mut checkpoints = Exported { plugin, inner: checkpoints };
     f(AbiTrainContext {
         config: config_to_abi(&config),
         comm: CommunicatorAbi_TO::from_ptr(&comm, TD_Opaque),
@@ -78,6 +79,7 @@ pub fn with_train_context<R>(
         train: DatasetAbi_TO::from_ptr(&train, TD_Opaque),
         test: DatasetAbi_TO::from_ptr(&test, TD_Opaque),
         metrics: MetricsSinkAbi_TO::from_ptr(&mut metrics, TD_Opaque),
+        checkpoints: CheckpointSinkAbi_TO::from_ptr(&mut checkpoints, TD_Opaque),
     })
 }
 
@@ -153,7 +155,8 @@ pub fn train_context<R>(
     ctx: AbiTrainContext<'_>,
     f: impl FnOnce(TrainContext<'_>) -> Result<R>,
 ) -> Result<R> {
-    let AbiTrainContext { config, comm, model, optimizer, partitioner, train, test, metrics } = ctx;
+    let AbiTrainContext { config, comm, model, optimizer, partitioner, train, test, metrics, checkpoints } =
+        ctx;
     let rank = comm.rank().into_result()? as usize;
     let world = comm.world_size().into_result()? as usize;
     let comm = LoadedCommunicator { inner: comm, rank, world };
@@ -165,6 +168,7 @@ pub fn train_context<R>(
     let mut optimizer = LoadedOptimizer { inner: optimizer, lr };
     let partitioner = LoadedDataPartitioner(partitioner);
     let mut metrics = LoadedMetrics(metrics);
+    let mut checkpoints = LoadedCheckpoints(checkpoints);
     f(TrainContext {
         config: TrainConfig {
             seed: config.seed,
@@ -180,6 +184,8 @@ pub fn train_context<R>(
             grad_clip: nan_none(config.grad_clip),
             grad_accum: usize_of(config.grad_accum, "grad_accum")?.max(1),
             eval_every: (config.eval_every > 0).then_some(config.eval_every),
+            start_step: config.start_step,
+            checkpoint_every: (config.checkpoint_every > 0).then_some(config.checkpoint_every),
         },
         comm: &comm,
         model: &mut model,
@@ -188,5 +194,6 @@ pub fn train_context<R>(
         train: &train,
         test: &test,
         metrics: &mut metrics,
+        checkpoints: &mut checkpoints,
     })
 }
