@@ -93,6 +93,14 @@ pub enum Command {
         workers: usize,
         #[command(flatten)]
         job: JobArgs,
+        /// When a worker dies, stop the others and start the world again from the
+        /// newest checkpoint (train.checkpoint_every), at most K times.
+        #[arg(long, value_name = "K", default_value_t = 0)]
+        max_restarts: usize,
+        /// Seconds workers get to stop after the launcher forwards SIGINT or SIGTERM,
+        /// before they are killed.
+        #[arg(long, value_name = "S", default_value_t = 10.0)]
+        grace_s: f64,
     },
     /// Measure collectives or point-to-point over a transport, in real processes.
     Bench {
@@ -245,7 +253,12 @@ fn launch_job(
     job: &JobArgs,
     run_dir: &std::path::Path,
     workers_to_stderr: bool,
+    supervision: (usize, f64),
 ) -> Result<(), HostError> {
+    let (max_restarts, grace_s) = supervision;
+    if !(grace_s.is_finite() && grace_s >= 0.0) {
+        return Err(HostError::Usage(format!("--grace-s {grace_s}: not a number of seconds")));
+    }
     let (job_file, _, resume) = job.resolve()?;
     if !resume && crate::checkpoint::holds_a_run(run_dir) {
         return Err(HostError::Usage(format!(
@@ -307,6 +320,9 @@ fn launch_job(
         run_dir: run_dir.to_path_buf(),
         threads_per_worker: job.threads_per_worker,
         workers_to_stderr,
+        resume: false,
+        max_restarts,
+        grace: std::time::Duration::from_secs_f64(grace_s),
     })
 }
 
@@ -345,9 +361,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             }
             Ok(())
         }
-        Command::Launch { workers, job } => {
+        Command::Launch { workers, job, max_restarts, grace_s } => {
             let (_, run_dir, _) = job.resolve()?;
-            launch_job(&cli, *workers, job, &run_dir, false)?;
+            launch_job(&cli, *workers, job, &run_dir, false, (*max_restarts, *grace_s))?;
             let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
             let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -394,7 +410,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             let mut rows = Vec::new();
             for k in 0..*runs {
                 let dir = base.join(format!("run-{k}"));
-                launch_job(&cli, *workers, job, &dir, true)?;
+                launch_job(&cli, *workers, job, &dir, true, (0, 10.0))?;
                 let path = dir.join("summary.json");
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;

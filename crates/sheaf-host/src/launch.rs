@@ -1,11 +1,18 @@
 //! `sheaf launch`: N local worker processes, like `torchrun --nproc-per-node N`. The
 //! launcher checks the job, picks a rendezvous port and a run directory, starts the
-//! workers with torchrun's environment, prefixes their output with the rank, and if
-//! one fails stops the others and reports which.
+//! workers with torchrun's environment, prefixes their output with the rank (and
+//! copies it to `RUN_DIR/logs/rank-N.log`), and if one fails stops the others and
+//! either reports which or, with `--max-restarts`, starts the world again from the
+//! newest checkpoint. Workers are supervised: each leads its own process group, gets
+//! the launcher's SIGINT and SIGTERM forwarded (then SIGKILL after the grace period),
+//! and is killed by the kernel when the launcher dies (`PR_SET_PDEATHSIG`).
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::HostError;
@@ -21,6 +28,13 @@ pub struct LaunchOptions {
     /// Send the workers' standard output to our standard error (our standard output
     /// then carries only what the caller prints, e.g. `--json`).
     pub workers_to_stderr: bool,
+    /// The workers resume the run in `run_dir` (`--resume`).
+    pub resume: bool,
+    /// Start the world again (from the newest checkpoint) this many times at most
+    /// when a worker fails.
+    pub max_restarts: usize,
+    /// How long workers get to stop after a forwarded SIGINT or SIGTERM.
+    pub grace: Duration,
 }
 
 /// `runs/<UTC date>-<time>-<pid>`.
@@ -118,21 +132,29 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Copies a worker's output to ours, each line prefixed with its rank; `raw` copies
-/// bytes as they come (rank 0's progress bar redraws one line with `\r`).
+/// A rank's log file (`RUN_DIR/logs/rank-N.log`), shared by its two output streams.
+type Log = Arc<Mutex<Option<std::fs::File>>>;
+
+/// Copies a worker's output to ours, each line prefixed with its rank, and to its log
+/// file; `raw` copies bytes as they come (rank 0's progress bar redraws one line with
+/// `\r`, so its log gets them as they are).
 fn forward(
     rank: usize,
     stream: impl Read + Send + 'static,
     to_stderr: bool,
     raw: bool,
+    log: Log,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
-        let write = |bytes: &[u8]| {
+        let write = |bytes: &[u8], line: &[u8]| {
             if to_stderr {
                 let _ = std::io::stderr().lock().write_all(bytes);
             } else {
                 let _ = std::io::stdout().lock().write_all(bytes);
+            }
+            if let Some(f) = log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                let _ = f.write_all(line);
             }
         };
         if raw {
@@ -141,93 +163,187 @@ fn forward(
                 if n == 0 {
                     break;
                 }
-                write(&buf[..n]);
+                write(&buf[..n], &buf[..n]);
             }
             return;
         }
         let mut line = Vec::new();
         while reader.read_until(b'\n', &mut line).map(|n| n > 0).unwrap_or(false) {
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
             let mut out = format!("[rank {rank}] ").into_bytes();
             out.extend_from_slice(&line);
-            if !out.ends_with(b"\n") {
-                out.push(b'\n');
-            }
-            write(&out);
+            write(&out, &line);
             line.clear();
         }
     })
 }
 
-fn terminate(children: &mut [(usize, Child)]) {
-    for (_, c) in children.iter_mut() {
-        if matches!(c.try_wait(), Ok(None)) {
-            #[cfg(unix)]
-            // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
+/// Sends `sig` to each worker's process group (a worker is the leader of its own).
+fn signal_all(children: &[(usize, Child)], sig: libc::c_int) {
+    for (_, c) in children {
+        // SAFETY: killpg(2) on the group of a child we spawned as its leader; a group
+        // already gone is ESRCH, which changes nothing.
+        unsafe {
+            libc::killpg(c.id() as libc::pid_t, sig);
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
+}
+
+/// Asks every worker still running to stop (SIGTERM), waits up to `grace` for them,
+/// then kills what is left (SIGKILL) and reaps them all.
+fn terminate(children: &mut [(usize, Child)], grace: Duration) {
+    signal_all(children, libc::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while children.iter_mut().any(|(_, c)| matches!(c.try_wait(), Ok(None))) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal_all(children, libc::SIGKILL);
     for (_, c) in children.iter_mut() {
-        while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let _ = c.kill();
         let _ = c.wait();
     }
 }
 
-/// Starts the workers and waits for them. Returns once all succeeded, or with an
-/// error naming the first rank that failed (the others are stopped).
-pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
-    if opts.workers == 0 {
-        return Err(HostError::Usage("launch -n must be at least 1".into()));
+/// How one world ended.
+enum Ended {
+    Done,
+    /// A rank failed: which, and the message naming every rank that failed.
+    Failed { rank: usize, message: String },
+    /// The launcher got SIGINT or SIGTERM.
+    Signalled(libc::c_int),
+}
+
+/// Signals the launcher forwards: the last one received (0: none).
+fn watch_signals() -> Result<Arc<AtomicUsize>, HostError> {
+    let got = Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_usize(sig, got.clone(), sig as usize)
+            .map_err(|e| HostError::Launch(format!("cannot watch signal {sig}: {e}")))?;
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| HostError::Launch(format!("cannot find the sheaf executable: {e}")))?;
+    Ok(got)
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis())
+}
+
+/// One restart, as `RUN_DIR/restarts.jsonl` records it (and `summary.json` lists).
+fn record_restart(
+    run_dir: &std::path::Path,
+    attempt: usize,
+    rank: usize,
+    why: &str,
+    detected_after_s: f64,
+) -> Result<(), HostError> {
+    let from = crate::checkpoint::latest(run_dir)?.map(|(s, _)| s);
+    let line = serde_json::json!({
+        "restart": attempt,
+        "at_unix_ms": unix_ms() as u64,
+        "rank": rank,
+        "why": why,
+        "world_ran_s": detected_after_s,
+        "resumed_from_step": from,
+    });
+    let path = run_dir.join(RESTARTS);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;
+    writeln!(f, "{line}").map_err(|e| HostError::Output(format!("{}: {e}", path.display())))
+}
+
+/// The launcher's record of restarts in a run directory.
+pub const RESTARTS: &str = "restarts.jsonl";
+
+/// Starts one world of workers and waits for it to end.
+fn run_world(
+    opts: &LaunchOptions,
+    exe: &std::path::Path,
+    attempt: usize,
+    resume: bool,
+    signals: &AtomicUsize,
+) -> Result<Ended, HostError> {
     let port = match std::env::var("MASTER_PORT").ok().and_then(|p| p.parse().ok()) {
         Some(p) => p,
         None => free_port()?,
     };
     let threads = opts.threads_per_worker.unwrap_or_else(|| threads_per_worker(opts.workers));
     let progress = std::io::stderr().is_terminal();
-    std::fs::create_dir_all(&opts.run_dir)
-        .map_err(|e| HostError::Output(format!("{}: {e}", opts.run_dir.display())))?;
-
+    let logs = opts.run_dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| HostError::Output(format!("{}: {e}", logs.display())))?;
+    let launcher = std::process::id();
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut forwarders = Vec::new();
     for rank in 0..opts.workers {
-        let mut cmd = local_worker(&exe, rank, opts.workers, port, threads);
-        cmd.arg("run")
-            .args(&opts.worker_args)
-            .arg("--run-dir")
-            .arg(&opts.run_dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        let mut cmd = local_worker(exe, rank, opts.workers, port, threads);
+        cmd.arg("run").args(&opts.worker_args).arg("--run-dir").arg(&opts.run_dir);
+        if resume && !opts.worker_args.iter().any(|a| a == "--resume") {
+            cmd.arg("--resume").arg(&opts.run_dir);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         if progress && rank == 0 {
             cmd.env("SHEAF_PROGRESS", "1");
         } else {
             cmd.env_remove("SHEAF_PROGRESS");
         }
+        // Each worker leads a process group of its own, so a terminal's Ctrl-C reaches
+        // the launcher alone (which forwards it), and dies with the launcher.
+        cmd.process_group(0);
+        // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The launcher died before the line above: nothing will kill us later.
+                if libc::getppid() as u32 != launcher {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                terminate(&mut children);
+                terminate(&mut children, opts.grace);
                 return Err(HostError::Launch(format!("cannot start rank {rank}: {e}")));
             }
         };
         eprintln!("[launch] rank {rank} pid {}", child.id());
-        forwarders.push(forward(rank, child.stdout.take().expect("piped"), opts.workers_to_stderr, false));
-        forwarders.push(forward(rank, child.stderr.take().expect("piped"), true, progress && rank == 0));
+        let path = logs.join(format!("rank-{rank}.log"));
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;
+        if attempt > 0 {
+            let _ = writeln!(file, "--- restart {attempt} ---");
+        }
+        let log: Log = Arc::new(Mutex::new(Some(file)));
+        let (out, err) = (child.stdout.take().expect("piped"), child.stderr.take().expect("piped"));
+        forwarders.push(forward(rank, out, opts.workers_to_stderr, false, log.clone()));
+        forwarders.push(forward(rank, err, true, progress && rank == 0, log));
         children.push((rank, child));
     }
 
     let mut done = vec![false; children.len()];
-    let failure = loop {
+    let ended = loop {
+        let sig = signals.swap(0, Ordering::SeqCst);
+        if sig != 0 {
+            let sig = sig as libc::c_int;
+            eprintln!(
+                "[launch] got signal {sig}: forwarding it to the workers, {} s before they are killed",
+                opts.grace.as_secs_f64()
+            );
+            signal_all(&children, sig);
+            break Ended::Signalled(sig);
+        }
         // Every rank that has failed by now; one killed by a signal is the likelier
         // cause of the others' errors, so it is named first.
-        let mut failed: Vec<(bool, String)> = Vec::new();
+        let mut failed: Vec<(bool, usize, String)> = Vec::new();
         for (i, (rank, child)) in children.iter_mut().enumerate() {
             if done[i] {
                 continue;
@@ -238,34 +354,75 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
                     if !status.success() {
                         failed.push((
                             status.code().is_some(),
+                            *rank,
                             format!("rank {rank} failed ({})", describe(status)),
                         ));
                     }
                 }
                 Ok(None) => {}
-                Err(e) => failed.push((true, format!("rank {rank}: cannot wait for it: {e}"))),
+                Err(e) => failed.push((true, *rank, format!("rank {rank}: cannot wait for it: {e}"))),
             }
         }
         if !failed.is_empty() {
-            failed.sort_by_key(|(exited, _)| *exited);
-            break Some(failed.into_iter().map(|(_, m)| m).collect::<Vec<_>>().join("; "));
+            failed.sort_by_key(|(exited, _, _)| *exited);
+            let rank = failed[0].1;
+            let message = failed.into_iter().map(|(_, _, m)| m).collect::<Vec<_>>().join("; ");
+            break Ended::Failed { rank, message };
         }
         if done.iter().all(|&d| d) {
-            break None;
+            break Ended::Done;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     };
-    if let Some(msg) = failure {
-        terminate(&mut children);
-        for f in forwarders {
-            let _ = f.join();
-        }
-        return Err(HostError::Launch(format!("{msg}; stopped the other workers")));
+    match ended {
+        Ended::Done => {}
+        Ended::Signalled(_) => terminate(&mut children, opts.grace),
+        // The others are waiting on the dead rank: no grace needed.
+        Ended::Failed { .. } => terminate(&mut children, Duration::from_millis(500)),
     }
     for f in forwarders {
         let _ = f.join();
     }
-    Ok(())
+    Ok(ended)
+}
+
+/// Starts the workers and waits for them. When one fails the others are stopped, and
+/// the world is started again from the run's newest checkpoint, up to `max_restarts`
+/// times (each recorded in `RUN_DIR/restarts.jsonl`); then the error names the rank
+/// that failed. SIGINT and SIGTERM are forwarded to the workers, which are killed
+/// after `grace`.
+pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
+    if opts.workers == 0 {
+        return Err(HostError::Usage("launch -n must be at least 1".into()));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| HostError::Launch(format!("cannot find the sheaf executable: {e}")))?;
+    std::fs::create_dir_all(&opts.run_dir)
+        .map_err(|e| HostError::Output(format!("{}: {e}", opts.run_dir.display())))?;
+    let signals = watch_signals()?;
+    let mut attempt = 0;
+    let mut resume = opts.resume;
+    loop {
+        let started = Instant::now();
+        match run_world(opts, &exe, attempt, resume, &signals)? {
+            Ended::Done => return Ok(()),
+            Ended::Signalled(sig) => {
+                return Err(HostError::Launch(format!("stopped by signal {sig}; the workers were stopped")))
+            }
+            Ended::Failed { rank, message } if attempt < opts.max_restarts => {
+                attempt += 1;
+                record_restart(&opts.run_dir, attempt, rank, &message, started.elapsed().as_secs_f64())?;
+                eprintln!(
+                    "[launch] {message}; restart {attempt} of {} from the newest checkpoint",
+                    opts.max_restarts
+                );
+                resume = true;
+            }
+            Ended::Failed { message, .. } => {
+                return Err(HostError::Launch(format!("{message}; stopped the other workers")))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

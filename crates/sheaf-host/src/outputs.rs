@@ -63,6 +63,13 @@ pub struct Summary {
     /// (pipeline only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bubble_fraction: Option<f64>,
+    /// The step of the checkpoint this run resumed from (absent: not resumed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_from_step: Option<u64>,
+    /// Each time the launcher started the world again after a worker died: when, which
+    /// rank, why, and the step it resumed from (`RUN_DIR/restarts.jsonl`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restarts: Vec<serde_json::Value>,
     pub job: serde_json::Value,
 }
 

@@ -268,6 +268,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         busy_seconds_per_rank: busy,
         idle_seconds_per_rank: idle,
         bubble_fraction: bubble,
+        resumed_from_step: resumed,
+        restarts: run_dir.as_ref().map(|d| restarts(d)).unwrap_or_default(),
         job: serde_json::to_value(job).unwrap_or_default(),
     };
     if let (Some(dir), Some(full)) = (&run_dir, &full) {
@@ -278,4 +280,13 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     comm.barrier(dl()).map_err(train_err)?;
     link.close(dl()).map_err(train_err)?;
     Ok(summary)
+}
+
+/// The launcher's record of restarts in `dir` (none when it has not restarted).
+fn restarts(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(crate::launch::RESTARTS))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
