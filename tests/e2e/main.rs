@@ -6,4 +6,5 @@ mod gpt;
 mod model_parallel;
 mod plugin_check;
 mod plugins;
+mod resilience;
 mod training;

@@ -201,7 +201,23 @@ fn buckets_and_zero_keep_the_law_between_processes() {
 fn whole_run_accuracy_matches_one_process() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     ok(&sheaf(&["run"], d1.path()));
-    ok(&sheaf(&["launch", "-n", "2", "--set", "transport.plugin=\"zmq-ipc\""], d2.path()));
+    let out = sheaf(&["launch", "-n", "2", "--set", "transport.plugin=\"zmq-ipc\""], d2.path());
+    ok(&out);
+    // The ipc sockets live in the abstract namespace: no file is left anywhere.
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| l.strip_prefix("[launch] rank ")?.split(" pid ").nth(1).map(str::to_owned))
+        .collect();
+    assert_eq!(pids.len(), 2);
+    let tmp = std::env::temp_dir();
+    for entry in std::fs::read_dir(&tmp).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert!(
+            !pids.iter().any(|p| name.contains(&format!("-{p}-rank"))),
+            "{name} left in {}",
+            tmp.display()
+        );
+    }
     let (a1, a2) = (
         summary(d1.path())["test_accuracy"].as_f64().unwrap(),
         summary(d2.path())["test_accuracy"].as_f64().unwrap(),

@@ -377,7 +377,8 @@ pub trait MetricsSinkAbi {
 #[sabi_trait]
 pub trait CheckpointSinkAbi {
     #[sabi(last_prefix_field)]
-    fn save(&mut self, step: u64, params: RSlice<'_, f32>, optimizer: AbiOptimState) -> RResult<(), AbiError>;
+    fn save(&mut self, step: u64, params: RSlice<'_, f32>, optimizer: AbiOptimState)
+        -> RResult<(), AbiError>;
 }
 
 /// Everything a strategy trains with, lent by the host for one `train` call.

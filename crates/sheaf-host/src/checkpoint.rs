@@ -85,7 +85,10 @@ fn sync_dir(dir: &Path) -> Result<(), HostError> {
 
 fn state_bytes(state: &OptimState) -> Result<Vec<u8>, HostError> {
     let meta = HashMap::from([("step".to_string(), state.step.to_string())]);
-    safetensors_of(state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice())), Some(meta))
+    safetensors_of(
+        state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice())),
+        Some(meta),
+    )
 }
 
 fn state_from_file(file: &TensorFile) -> Result<OptimState, HostError> {
@@ -151,7 +154,8 @@ impl Checkpointer<'_> {
             return Ok(());
         }
         let rank = self.comm.rank();
-        let comm_err = |e: CommError| HostError::Train { rank, detail: format!("checkpoint at step {step}: {e}") };
+        let comm_err =
+            |e: CommError| HostError::Train { rank, detail: format!("checkpoint at step {step}: {e}") };
         let full = gather_full(self.comm, params, self.plan, || self.deadline()).map_err(comm_err)?;
         let writers: Vec<usize> = (0..self.world_size).filter(|&r| state_source(self.plan, r) == r).collect();
         if rank != 0 {
@@ -270,7 +274,8 @@ pub fn read(dir: &Path, plan: &Plan, rank: usize, strategy: &str) -> Result<Resu
     }
     let whole = TensorFile::read(&dir.join("model.safetensors"))?.params(&plan.info.layout)?;
     let params = plan.layout_of(rank).slice(&plan.info.layout, &whole);
-    let file = state.optimizer_files.get(rank).ok_or_else(|| bad(format!("no optimizer file for rank {rank}")))?;
+    let file =
+        state.optimizer_files.get(rank).ok_or_else(|| bad(format!("no optimizer file for rank {rank}")))?;
     if file.contains('/') || file.contains("..") {
         return Err(bad(format!("optimizer file `{file}` is not a file name")));
     }
@@ -321,8 +326,11 @@ pub fn gather_full(
 }
 
 /// Whether `dir` already holds a run's outputs (which a new run must not overwrite).
+/// Its `job.toml` alone is not one: the launcher writes it before its workers start.
 pub fn holds_a_run(dir: &Path) -> bool {
-    ["metrics.jsonl", "summary.json", "job.toml", CHECKPOINTS].iter().any(|f| dir.join(f).exists())
+    ["metrics.jsonl", "summary.json", "checkpoint.safetensors", CHECKPOINTS]
+        .iter()
+        .any(|f| dir.join(f).exists())
 }
 
 /// Writes `job` as the run directory's `job.toml` (what `--resume` reads).

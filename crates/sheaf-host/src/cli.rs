@@ -45,8 +45,9 @@ pub struct JobArgs {
     pub init_from: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its newest checkpoint (parameters, optimizer
     /// state, step, data position), with its job (RUN_DIR/job.toml) unless a job file
-    /// is given; --set still applies. Same world size and strategy.
-    #[arg(long, value_name = "RUN_DIR", conflicts_with = "init_from")]
+    /// is given; --set still applies. Same world size and strategy. (--init-from then
+    /// counts only while the run has no checkpoint yet.)
+    #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
 }
 
@@ -275,8 +276,6 @@ fn launch_job(
         // Measured once here, so that every worker cuts the model the same way.
         let costs = crate::plan::measure_layer_costs(&parsed, compute.as_ref(), &data)?;
         eprintln!("[launch] measured layer costs (ns): {costs:?}");
-        worker_args.push("--set".into());
-        worker_args.push(format!("parallel.layer_costs={costs:?}"));
         parsed.parallel.layer_costs = Some(costs);
     }
     let timeout_ms = (parsed.transport.timeout_s * 1000.0) as u64;
@@ -299,16 +298,14 @@ fn launch_job(
         worker_args.push("--init-from".into());
         worker_args.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).display().to_string());
     }
-    if let Some(j) = &job_file {
-        worker_args.push(j.display().to_string());
-    }
+    // The resolved job (overrides and measured costs in it) is what every worker,
+    // and every restart of the world, reads.
+    std::fs::create_dir_all(run_dir).map_err(|e| HostError::Output(format!("{}: {e}", run_dir.display())))?;
+    crate::checkpoint::write_job(run_dir, &parsed)?;
+    worker_args.push(run_dir.join("job.toml").display().to_string());
     if resume {
         worker_args.push("--resume".into());
         worker_args.push(run_dir.display().to_string());
-    }
-    for o in &job.overrides {
-        worker_args.push("--set".into());
-        worker_args.push(o.clone());
     }
     for d in &cli.plugin_dirs {
         worker_args.push("--plugin-dir".into());

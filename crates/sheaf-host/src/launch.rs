@@ -210,7 +210,10 @@ fn terminate(children: &mut [(usize, Child)], grace: Duration) {
 enum Ended {
     Done,
     /// A rank failed: which, and the message naming every rank that failed.
-    Failed { rank: usize, message: String },
+    Failed {
+        rank: usize,
+        message: String,
+    },
     /// The launcher got SIGINT or SIGTERM.
     Signalled(libc::c_int),
 }

@@ -103,7 +103,11 @@ pub fn safetensors_of<'a>(
 /// `layout`.
 pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Result<Vec<u8>, HostError> {
     safetensors_of(
-        layout.specs().iter().enumerate().map(|(i, spec)| (spec.name.as_str(), spec.shape.clone(), &params[layout.range(i)])),
+        layout
+            .specs()
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| (spec.name.as_str(), spec.shape.clone(), &params[layout.range(i)])),
         None,
     )
 }
@@ -118,7 +122,8 @@ pub struct TensorFile {
 
 impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile, HostError> {
-        let bytes = std::fs::read(path).map_err(|e| HostError::Data(format!("{}: cannot read: {e}", path.display())))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| HostError::Data(format!("{}: cannot read: {e}", path.display())))?;
         let file = TensorFile { path: path.to_path_buf(), bytes };
         file.parse()?;
         Ok(file)
@@ -134,8 +139,8 @@ impl TensorFile {
 
     /// The header's `__metadata__` (empty when it has none).
     pub fn metadata(&self) -> Result<HashMap<String, String>, HostError> {
-        let (_, meta) =
-            SafeTensors::read_metadata(&self.bytes).map_err(|e| self.bad(format!("not a safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(&self.bytes)
+            .map_err(|e| self.bad(format!("not a safetensors file: {e}")))?;
         Ok(meta.metadata().clone().unwrap_or_default())
     }
 

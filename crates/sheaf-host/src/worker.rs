@@ -139,7 +139,11 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
                 Some(r.state.step)
             }
             None => {
-                tracing::warn!("rank {}: {} has no checkpoint yet: starting from step 0", env.rank, dir.display());
+                tracing::warn!(
+                    "rank {}: {} has no checkpoint yet: starting from step 0",
+                    env.rank,
+                    dir.display()
+                );
                 Some(0)
             }
         },

@@ -30,9 +30,10 @@ use buckets::{Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
-    clip_to, epochs_done, evaluate_indices, optimizer_steps, save_checkpoint_if_due, sum_of_squares, test_totals, Communicator,
-    DType, DataPartitioner, Dataset, Deadline, Error, Model, PlanInput, PluginKind, Provided, ReduceOp,
-    Result, Shards, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    clip_to, epochs_done, evaluate_indices, optimizer_steps, save_checkpoint_if_due, sum_of_squares,
+    test_totals, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, PlanInput,
+    PluginKind, Provided, ReduceOp, Result, Shards, StepMetrics, Strategy, StrategyPlan, TrainContext,
+    TrainSummary,
 };
 
 /// The plugin as exported to the host.

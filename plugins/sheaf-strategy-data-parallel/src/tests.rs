@@ -6,8 +6,8 @@
 //! tests repeat the law with the real candle, optimizer and partitioner plugins.
 
 use sheaf_core::{
-    Batch, DataPartitioner, LrSchedule, MetricsSink, Model, OptimState, Optimizer, Param, ParamLayout,
-    ParamSpec, Result, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary,
+    Batch, CheckpointSink, DataPartitioner, LrSchedule, MetricsSink, Model, OptimState, Optimizer, Param,
+    ParamLayout, ParamSpec, Result, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary,
 };
 use sheaf_testkit::run_world;
 
@@ -145,7 +145,8 @@ impl Optimizer for Momentum {
     fn state(&self) -> Result<OptimState> {
         Ok(OptimState { step: 0, buffers: vec![("momentum".into(), self.buf.clone())] })
     }
-    fn load_state(&mut self, _: &OptimState) -> Result<()> {
+    fn load_state(&mut self, state: &OptimState) -> Result<()> {
+        self.buf = state.get("momentum").unwrap_or_default().to_vec();
         Ok(())
     }
 }
@@ -160,6 +161,17 @@ impl DataPartitioner for Blocks {
 }
 
 struct Collect(Vec<StepMetrics>);
+
+/// Every checkpoint handed over: step, parameters, optimizer state.
+#[derive(Default)]
+struct Saved(Vec<(u64, Vec<f32>, OptimState)>);
+
+impl CheckpointSink for Saved {
+    fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> Result<()> {
+        self.0.push((step, params.to_vec(), optimizer.clone()));
+        Ok(())
+    }
+}
 
 impl MetricsSink for Collect {
     fn record(&mut self, m: &StepMetrics) {
@@ -212,6 +224,7 @@ fn train_exchanging(
         model.stepped = exchange.stepped;
         let mut opt = Momentum { lr: 0.5, buf: vec![] };
         let mut sink = Collect(Vec::new());
+        let mut saved = Saved::default();
         let mut strategy: Box<dyn Strategy> = Box::new(DataParallel::new(exchange.config.clone()));
         if via_abi {
             strategy = sheaf_abi::from_abi::strategy(sheaf_abi::to_abi::strategy("dp", strategy)).unwrap();
@@ -226,6 +239,7 @@ fn train_exchanging(
                 train: &train,
                 test: &test,
                 metrics: &mut sink,
+                checkpoints: &mut saved,
             })
             .unwrap();
         assert_eq!(sink.0.len() as u64, summary.steps);
@@ -489,4 +503,54 @@ fn zero_stages_are_checked() {
     }
     let e = DataParallelConfig::parse(r#"{"zero": 3}"#).unwrap_err().to_string();
     assert!(e.contains("no ZeRO stage 3"), "{e}");
+}
+
+/// A run resumed from the state a checkpoint handed over (parameters, optimizer
+/// state, `start_step`) ends where the uninterrupted run ends, bit for bit, through
+/// the ABI as well.
+#[test]
+fn resuming_from_a_checkpoint_equals_the_uninterrupted_run() {
+    let data = sheaf_data::teacher(300, 8, 3, 5);
+    let (train_set, test) = data.split(0.2, 1);
+    let mut config = TrainConfig::basic(3, 2, 32, Some(9), 0.5);
+    config.checkpoint_every = Some(4);
+    let run = |config: TrainConfig, from: Option<(Vec<f32>, OptimState)>| {
+        run_world(2, |comm| {
+            let mut model = Softmax::new(8, 3, 100);
+            let mut opt = Momentum { lr: 0.5, buf: vec![] };
+            if let Some((params, state)) = &from {
+                model.params = params.clone();
+                opt.load_state(state).unwrap();
+            }
+            let (mut sink, mut saved) = (Collect(Vec::new()), Saved::default());
+            let strategy = DataParallel::new(DataParallelConfig::default());
+            let mut strategy =
+                sheaf_abi::from_abi::strategy(sheaf_abi::to_abi::strategy("dp", Box::new(strategy))).unwrap();
+            let summary = strategy
+                .train(TrainContext {
+                    config: config.clone(),
+                    comm: &comm,
+                    model: &mut model,
+                    optimizer: &mut opt,
+                    partitioner: &Blocks,
+                    train: &train_set,
+                    test: &test,
+                    metrics: &mut sink,
+                    checkpoints: &mut saved,
+                })
+                .unwrap();
+            (model.params.clone(), summary.steps, saved.0, sink.0.first().map(|m| m.step))
+        })
+    };
+    let whole = run(config.clone(), None);
+    let saved = &whole[0].2;
+    assert_eq!(saved.iter().map(|s| s.0).collect::<Vec<_>>(), [4, 8]);
+    let (_, params, state) = saved[0].clone();
+    config.start_step = 4;
+    let resumed = run(config, Some((params, state)));
+    for (w, r) in whole.iter().zip(&resumed) {
+        assert_eq!(w.0, r.0, "final parameters");
+        assert_eq!((w.1, r.1), (9, 9), "steps");
+        assert_eq!(r.3, Some(5), "the resumed run's first step");
+    }
 }

@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     backward_segments, check_piece_zero_stage, epochs_done, forward_segments, optimizer_steps,
-    save_checkpoint_if_due, test_totals,
-    Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan,
-    ReduceOp, ReplicaStep, Result, Shards, StageInput, StepMetrics, Strategy, StrategyPlan, TrainContext,
-    TrainSummary,
+    save_checkpoint_if_due, test_totals, Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput,
+    PluginKind, Provided, RankPlan, ReduceOp, ReplicaStep, Result, Shards, StageInput, StepMetrics, Strategy,
+    StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.

@@ -69,7 +69,8 @@ pub struct ZmqConfig {
     /// master is on this host; required otherwise.
     #[serde(default)]
     pub advertise_addr: Option<String>,
-    /// Directory for `ipc://` socket files.
+    /// Directory for `ipc://` socket files; unset, the sockets live in Linux's abstract
+    /// namespace (no file, so nothing is left behind even when a rank is killed).
     #[serde(default)]
     pub ipc_dir: Option<String>,
     #[serde(default = "default_connect_ms")]
@@ -610,14 +611,24 @@ async fn setup(
             format!("tcp://{host}:0")
         }
         Scheme::Ipc => {
-            let dir = config.ipc_dir.clone().unwrap_or_else(|| std::env::temp_dir().display().to_string());
-            let path = format!("{dir}/sheaf-{}-{}-rank{rank}.ipc", config.master_port, std::process::id());
-            let _ = std::fs::remove_file(&path);
-            format!("ipc://{path}")
+            let name = format!("sheaf-{}-{}-rank{rank}.ipc", config.master_port, std::process::id());
+            match &config.ipc_dir {
+                Some(dir) => {
+                    let path = format!("{dir}/{name}");
+                    let _ = std::fs::remove_file(&path);
+                    format!("ipc://{path}")
+                }
+                // A leading NUL: tokio binds and connects it in the abstract namespace.
+                None => format!("ipc://\0{name}"),
+            }
         }
     };
-    let bound = inbox.bind(&endpoint).await.map_err(|e| connect_err(format!("binding {endpoint}: {e}")))?;
-    let mine = bound.to_string();
+    let bound = inbox.bind(&endpoint).await.map_err(|e| connect_err(format!("binding {endpoint:?}: {e}")))?;
+    // An abstract socket has no path for the crate to report: peers get the name bound.
+    let mine = match (scheme, &bound) {
+        (Scheme::Ipc, zeromq::Endpoint::Ipc(None)) => endpoint.clone(),
+        _ => bound.to_string(),
+    };
     let mut monitor = inbox.monitor();
 
     let master = format!("tcp://{}:{}", config.master_addr, config.master_port);

@@ -30,7 +30,12 @@ where
     P: DerefMut<Target = T>,
     T: CheckpointSink + ?Sized,
 {
-    fn save(&mut self, step: u64, params: RSlice<'_, f32>, optimizer: AbiOptimState) -> RResult<(), AbiError> {
+    fn save(
+        &mut self,
+        step: u64,
+        params: RSlice<'_, f32>,
+        optimizer: AbiOptimState,
+    ) -> RResult<(), AbiError> {
         guard(self.plugin, "checkpoint save", || {
             self.inner.save(step, params.as_slice(), &state_from_abi(&optimizer)).map_err(AbiError::from)
         })

@@ -30,11 +30,11 @@ mod prelude {
     pub(crate) use abi_stable::sabi_trait::TD_Opaque;
     pub(crate) use abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
     pub(crate) use sheaf_core::{
-        Batch, Block, CheckpointSink, CommError, Communicator, ComputeBackend, DType, DataPartitioner, Dataset, Deadline,
-        Error, Link, LrSchedule, MetricsSink, Model, ModelInfo, ModelInput, ModelPartitioner, ModelSpec,
-        OptimState, Optimizer, Param, ParamLayout, ParamSpec, Piece, PieceLayout, PlanInput, RankPlan,
-        ReduceOp, Result, Samples, ShardSource, StepMetrics, Strategy, StrategyPlan, Tag, TrainConfig,
-        TrainContext, TrainSummary,
+        Batch, Block, CheckpointSink, CommError, Communicator, ComputeBackend, DType, DataPartitioner,
+        Dataset, Deadline, Error, Link, LrSchedule, MetricsSink, Model, ModelInfo, ModelInput,
+        ModelPartitioner, ModelSpec, OptimState, Optimizer, Param, ParamLayout, ParamSpec, Piece,
+        PieceLayout, PlanInput, RankPlan, ReduceOp, Result, Samples, ShardSource, StepMetrics, Strategy,
+        StrategyPlan, Tag, TrainConfig, TrainContext, TrainSummary,
     };
 
     pub(crate) use super::{

@@ -1,0 +1,302 @@
+//! Runs that survive: checkpoints resumed bit for bit after a SIGKILL, elastic
+//! restarts after random kills, supervised workers, run directories never
+//! overwritten. Real processes throughout.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use sheaf_core::SplitMix64;
+use sheaf_tests::sheaf_bin;
+
+use crate::training::{ok, sheaf, summary};
+
+/// A launch running in the background: its child, and the worker pids it printed.
+struct Running {
+    child: Child,
+    pids: mpsc::Receiver<u32>,
+}
+
+fn launch_bg(args: &[&str], run_dir: &Path) -> Running {
+    let mut child = Command::new(sheaf_bin())
+        .args(args)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .env_remove("MASTER_PORT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sheaf launch");
+    let (tx, pids) = mpsc::channel();
+    let err = child.stderr.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            // "[launch] rank R pid P"
+            if let Some(pid) = line.strip_prefix("[launch] rank ").and_then(|r| r.split(" pid ").nth(1)) {
+                if let Ok(pid) = pid.trim().parse() {
+                    let _ = tx.send(pid);
+                }
+            }
+        }
+    });
+    Running { child, pids }
+}
+
+fn kill(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a pid this test saw started; a pid already gone is ESRCH.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit(") ").next().is_some_and(|rest| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Every file of the newest checkpoint and the final parameters, by name.
+fn final_state(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let checkpoints = dir.join("checkpoints");
+    let newest = std::fs::read_dir(&checkpoints)
+        .expect("checkpoints")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("step-"))
+        .filter(|p| !p.to_string_lossy().contains(".partial"))
+        .max()
+        .expect("a checkpoint");
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&newest)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    files.sort();
+    files.push(("checkpoint.safetensors".into(), std::fs::read(dir.join("checkpoint.safetensors")).unwrap()));
+    files
+}
+
+fn assert_same_state(a: &Path, b: &Path, what: &str) {
+    let (x, y) = (final_state(a), final_state(b));
+    let names = |v: &[(String, Vec<u8>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&x), names(&y), "{what}: different files");
+    for ((name, p), (_, q)) in x.iter().zip(&y) {
+        assert!(p == q, "{what}: {name} differs between the uninterrupted and the resumed run");
+    }
+}
+
+fn args<'a>(n: &'a str, sets: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["launch", "-n", n];
+    for s in sets {
+        v.extend(["--set", s]);
+    }
+    v
+}
+
+/// Steps slow enough (tens of milliseconds) that a kill lands mid-run.
+const SLOW: [&str; 4] = [
+    "data.dataset=\"synthetic\"",
+    "data.samples=2048",
+    "model.layers=[128, 512, 512, 10]",
+    "train.batch_size=256",
+];
+
+/// The resume law: a run of 2N steps, and the same run SIGKILLed (launcher and,
+/// through it, every worker) once its checkpoint at step N exists, then resumed,
+/// end with bit-identical parameters and optimizer state.
+fn resume_law(n: &str, sets: &[&str]) {
+    let mut sets: Vec<&str> = sets.to_vec();
+    sets.extend(SLOW);
+    sets.extend(["train.max_steps=16", "train.checkpoint_every=8"]);
+    let whole = tempfile::tempdir().unwrap();
+    ok(&sheaf(&args(n, &sets), whole.path()));
+
+    let cut = tempfile::tempdir().unwrap();
+    let mut run = launch_bg(&args(n, &sets), cut.path());
+    let at = cut.path().join("checkpoints/step-00000008");
+    wait_for("the checkpoint at step 8", Duration::from_secs(120), || {
+        at.exists() || matches!(run.child.try_wait(), Ok(Some(_)))
+    });
+    let finished_first = cut.path().join("summary.json").exists();
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    let workers: Vec<u32> = run.pids.try_iter().collect();
+    wait_for("the workers to die with their launcher", Duration::from_secs(10), || {
+        workers.iter().all(|&p| !alive(p))
+    });
+    assert!(!finished_first, "the run ended before it could be killed: make its steps slower");
+    assert!(!cut.path().join("checkpoints/step-00000016").exists());
+
+    let resumed = sheaf(&["launch", "-n", n, "--resume", &cut.path().display().to_string()], cut.path());
+    ok(&resumed);
+    let s = summary(cut.path());
+    assert_eq!(s["resumed_from_step"], 8, "{s}");
+    assert_eq!(s["steps"], 16, "{s}");
+    assert_same_state(whole.path(), cut.path(), &format!("{sets:?}"));
+    // The metrics of the steps taken twice appear once.
+    let steps: Vec<u64> = std::fs::read_to_string(cut.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=16).collect::<Vec<_>>());
+}
+
+#[test]
+fn resumed_data_parallel_runs_are_bit_identical() {
+    resume_law("2", &["train.optimizer=\"sgd\""]);
+    resume_law(
+        "2",
+        &[
+            "train.optimizer=\"adamw\"",
+            "train.lr_schedule=\"cosine\"",
+            "train.warmup_steps=3",
+            "train.grad_accum=2",
+            "parallel.options.data-parallel.zero=1",
+        ],
+    );
+    resume_law(
+        "2",
+        &["train.optimizer=\"adamw\"", "train.grad_clip=1.0", "parallel.options.data-parallel.zero=2"],
+    );
+}
+
+#[test]
+fn resumed_model_parallel_runs_are_bit_identical() {
+    resume_law(
+        "2",
+        &[
+            "parallel.strategy=\"pipeline\"",
+            "train.optimizer=\"adamw\"",
+            "train.lr_schedule=\"cosine\"",
+            "transport.plugin=\"shm\"",
+        ],
+    );
+    resume_law("2", &["parallel.strategy=\"tensor-parallel\"", "train.optimizer=\"sgd\""]);
+    // Two pipelines of two stages, their optimizer state sharded across the pipelines.
+    resume_law(
+        "4",
+        &[
+            "parallel.strategy=\"pipeline\"",
+            "parallel.data=2",
+            "parallel.options.pipeline.zero=1",
+            "train.optimizer=\"adamw\"",
+            "transport.plugin=\"shm\"",
+        ],
+    );
+}
+
+/// `--max-restarts`: 20 trials, each killing a random rank at a random moment of a
+/// run; every run ends with the parameters and optimizer state of the uninterrupted
+/// run, bit for bit, and records its restart.
+#[test]
+fn elastic_restarts_end_where_uninterrupted_runs_end() {
+    let trials: u64 = std::env::var("SHEAF_ELASTIC_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let mut sets: Vec<&str> = SLOW.to_vec();
+    sets.extend([
+        "train.max_steps=12",
+        "train.checkpoint_every=3",
+        "train.optimizer=\"adamw\"",
+        "train.lr_schedule=\"cosine\"",
+        "transport.plugin=\"shm\"",
+    ]);
+    let whole = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    ok(&sheaf(&args("2", &sets), whole.path()));
+    let span = t.elapsed();
+    let mut rng = SplitMix64::new(0x5EAF);
+    let mut killed_mid_run = 0;
+    for trial in 0..trials {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args("2", &sets);
+        a.extend(["--max-restarts", "3"]);
+        let mut run = launch_bg(&a, dir.path());
+        let pids: Vec<u32> =
+            (0..2).map(|_| run.pids.recv_timeout(Duration::from_secs(60)).unwrap()).collect();
+        let rank = (rng.next_u64() % 2) as usize;
+        let moment = span.mul_f64(0.05 + 0.9 * (rng.next_u64() % 1000) as f64 / 1000.0);
+        std::thread::sleep(moment);
+        let mid_run = alive(pids[rank]);
+        kill(pids[rank], libc::SIGKILL);
+        let status = run.child.wait().unwrap();
+        assert!(status.success(), "trial {trial}: rank {rank} killed after {moment:?}: {status}");
+        assert_same_state(whole.path(), dir.path(), &format!("trial {trial}"));
+        if mid_run {
+            let s = summary(dir.path());
+            let restarts = s["restarts"].as_array().cloned().unwrap_or_default();
+            assert_eq!(restarts.len(), 1, "trial {trial}: {s}");
+            assert_eq!(restarts[0]["rank"], rank, "trial {trial}: {s}");
+            killed_mid_run += 1;
+        }
+    }
+    // Most kills must land while the world runs, or this tests nothing.
+    assert!(killed_mid_run * 2 >= trials, "{killed_mid_run} of {trials} kills landed mid-run");
+}
+
+/// SIGTERM to the launcher (what `scancel` or a pod eviction sends) is forwarded;
+/// within 15 s no worker is left, and the launcher says why it stopped.
+#[test]
+fn a_terminated_launcher_leaves_no_worker_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sets: Vec<&str> = SLOW.to_vec();
+    sets.push("train.epochs=1000");
+    let mut a = args("2", &sets);
+    a.extend(["--grace-s", "5"]);
+    let mut run = launch_bg(&a, dir.path());
+    let pids: Vec<u32> = (0..2).map(|_| run.pids.recv_timeout(Duration::from_secs(60)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(pids.iter().all(|&p| alive(p)), "the workers should be training");
+    kill(run.child.id(), libc::SIGTERM);
+    let t = Instant::now();
+    let status = run.child.wait().unwrap();
+    assert!(!status.success());
+    wait_for("every worker to exit", Duration::from_secs(15).saturating_sub(t.elapsed()), || {
+        pids.iter().all(|&p| !alive(p))
+    });
+
+    // SIGKILL cannot be forwarded: the kernel kills the workers with their launcher.
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = launch_bg(&args("2", &sets), dir.path());
+    let pids: Vec<u32> = (0..2).map(|_| run.pids.recv_timeout(Duration::from_secs(60)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    wait_for("every worker to die with the launcher", Duration::from_secs(15), || {
+        pids.iter().all(|&p| !alive(p))
+    });
+}
+
+/// An existing run directory is never overwritten; `--resume` needs a run there.
+#[test]
+fn run_directories_are_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&sheaf(&["launch", "-n", "1", "--set", "train.max_steps=2"], dir.path()));
+    let before = std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap();
+    for cmd in [&["launch", "-n", "1"][..], &["run"][..]] {
+        let out = sheaf(cmd, dir.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("already holds a run") && err.contains("--resume"), "{err}");
+    }
+    assert_eq!(std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap(), before);
+
+    let empty = tempfile::tempdir().unwrap();
+    let out = sheaf(&["run", "--resume", &empty.path().display().to_string()], empty.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no job.toml"), "{err}");
+}
