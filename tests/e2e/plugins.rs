@@ -267,3 +267,34 @@ fn the_host_names_no_strategy() {
         }
     }
 }
+
+/// A strategy whose ranks take different code paths (the `local-sgd` fixture with a
+/// divergent rank: it broadcasts where the others allreduce) fails at its first
+/// mismatched collective with both calls named, not after the 60 s deadline.
+#[test]
+fn ranks_calling_different_collectives_fail_at_once_naming_both() {
+    let plugins = tempfile::tempdir().unwrap();
+    let src = library("fixture-local-sgd");
+    std::fs::copy(&src, plugins.path().join(src.file_name().unwrap())).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let start = std::time::Instant::now();
+    let out = crate::training::sheaf(
+        &[
+            "launch",
+            "-n",
+            "2",
+            "--plugin-dir",
+            plugins.path().to_str().unwrap(),
+            "--set",
+            "parallel.strategy=\"local-sgd\"",
+            "--set",
+            "parallel.options.local-sgd.divergent_rank=1",
+        ],
+        run.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(30), "took {:?}: {err}", start.elapsed());
+    assert!(err.contains("collectives out of step"), "{err}");
+    assert!(err.contains("allreduce #") && err.contains("broadcast #"), "{err}");
+}

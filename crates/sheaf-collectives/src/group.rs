@@ -1,7 +1,7 @@
 //! [`Group`]: a communicator over a subset of a link's ranks.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
@@ -12,7 +12,10 @@ mod chain;
 mod direct;
 mod halving_doubling;
 mod ring;
+mod signature;
 mod tree;
+
+use signature::Signature;
 
 /// How long a rank that gave up waits for the other ranks' failure reports before it
 /// names a culprit. Every failure is reported at most this long after its deadline.
@@ -33,6 +36,12 @@ pub struct Group {
     /// The link said it cannot receive into a buffer; stop asking.
     no_recv_into: AtomicBool,
     algorithm: Algorithm,
+    /// Collective calls made so far (the next one's sequence number, less one).
+    calls: AtomicU64,
+    /// A collective call is in progress (one inside it is part of it).
+    in_call: AtomicBool,
+    /// The call's signature while the left neighbour's is still to be checked.
+    unchecked: Mutex<Option<Signature>>,
 }
 
 impl Group {
@@ -54,6 +63,9 @@ impl Group {
             waiting_on: AtomicUsize::new(usize::MAX),
             no_recv_into: AtomicBool::new(false),
             algorithm: Algorithm::Auto,
+            calls: AtomicU64::new(0),
+            in_call: AtomicBool::new(false),
+            unchecked: Mutex::new(None),
         }
     }
 
@@ -104,8 +116,75 @@ impl Group {
         value: u32,
         dl: Deadline,
     ) -> Result<Vec<u8>, CommError> {
+        self.check_in_step(dl)?;
         self.waiting_on.store(self.members[peer], Ordering::Relaxed);
         self.link.recv(self.members[peer], self.tag(class, value), dl)
+    }
+
+    /// Runs collective `op` as one call with a signature (see [`signature`]): every
+    /// rank sends its right neighbour the call's signature before the call's own
+    /// messages, and checks its left neighbour's before its first receive of the call
+    /// (or at its end, when it receives nothing), so ranks that disagree (some pair of
+    /// neighbours does when any two ranks do) fail at once, without a round of waiting
+    /// added to calls that agree. A collective run inside another (a split's
+    /// allgather) is part of it.
+    fn collective<T>(
+        &self,
+        op: Op,
+        (dtype, reduce, count, root): (Option<DType>, Option<ReduceOp>, usize, Option<usize>),
+        dl: Deadline,
+        f: impl FnOnce() -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
+        if self.in_call.swap(true, Ordering::Relaxed) {
+            return self.guarded(op, f);
+        }
+        let seq = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        let sig = Signature { seq, op, dtype, reduce, count: count as u64, root: root.map(|r| r as u32) };
+        let result = self.guarded(op, || {
+            let n = self.size();
+            if n > 1 {
+                let right = self.members[(self.rank + 1) % n];
+                self.link.send(right, self.tag(TagClass::Signature, 0), &sig.encode(), dl)?;
+                *self.lock_unchecked() = Some(sig);
+            }
+            let out = f()?;
+            self.check_in_step(dl)?;
+            Ok(out)
+        });
+        *self.lock_unchecked() = None;
+        self.in_call.store(false, Ordering::Relaxed);
+        result
+    }
+
+    fn lock_unchecked(&self) -> std::sync::MutexGuard<'_, Option<Signature>> {
+        self.unchecked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Once per call, before its first receive: the left neighbour's signature must
+    /// be this call's.
+    fn check_in_step(&self, dl: Deadline) -> Result<(), CommError> {
+        let Some(mine) = self.lock_unchecked().take() else { return Ok(()) };
+        let n = self.size();
+        let left = (self.rank + n - 1) % n;
+        self.waiting_on.store(self.members[left], Ordering::Relaxed);
+        let bytes = self.link.recv(self.members[left], self.tag(TagClass::Signature, 0), dl)?;
+        let theirs = Signature::decode(&bytes);
+        if theirs == Some(mine) {
+            return Ok(());
+        }
+        let (me, them) = (self.members[self.rank], self.members[left]);
+        Err(CommError::Protocol {
+            op: mine.op,
+            peer: them,
+            detail: format!(
+                "collectives out of step: rank {me} is in {}; rank {them} in {}",
+                mine.describe(),
+                theirs.map_or_else(
+                    || format!("something unreadable ({} bytes)", bytes.len()),
+                    |t| t.describe()
+                )
+            ),
+        })
     }
 
     /// Receive exactly `dst.len()` bytes into `dst`, copying or (with `reduce`)
@@ -121,6 +200,7 @@ impl Group {
         dl: Deadline,
     ) -> Result<(), CommError> {
         if !self.no_recv_into.load(Ordering::Relaxed) {
+            self.check_in_step(dl)?;
             self.waiting_on.store(self.members[peer], Ordering::Relaxed);
             match self.link.recv_into(self.members[peer], self.tag(class, value), dst, reduce, dl) {
                 Err(CommError::Unsupported { .. }) => self.no_recv_into.store(true, Ordering::Relaxed),
@@ -305,7 +385,7 @@ impl Communicator for Group {
 
     fn allreduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, dl: Deadline) -> Result<(), CommError> {
         let elems = whole_elems(buf.len(), dtype, Op::Allreduce)?;
-        self.guarded(Op::Allreduce, || {
+        self.collective(Op::Allreduce, (Some(dtype), Some(op), elems, None), dl, || {
             let n = self.size();
             if n == 1 {
                 return Ok(());
@@ -332,7 +412,7 @@ impl Communicator for Group {
                 detail: format!("root {root} outside a group of {n}"),
             });
         }
-        self.guarded(Op::Broadcast, || {
+        self.collective(Op::Broadcast, (None, None, buf.len(), Some(root)), dl, || {
             let v = (self.rank + n - root) % n;
             match BroadcastAlgorithm::choose(buf.len(), n) {
                 BroadcastAlgorithm::Chain => self.chain_broadcast(buf, v, root, dl),
@@ -350,7 +430,7 @@ impl Communicator for Group {
                 detail: format!("output is {} bytes, expected {n} x {len}", output.len()),
             });
         }
-        self.guarded(Op::Allgather, || {
+        self.collective(Op::Allgather, (None, None, len, None), dl, || {
             output[self.rank * len..(self.rank + 1) * len].copy_from_slice(input);
             let blocks: Vec<_> = (0..n).map(|i| i * len..(i + 1) * len).collect();
             self.ring_allgather(output, &blocks, dl)
@@ -374,7 +454,7 @@ impl Communicator for Group {
                 detail: format!("output is {} bytes, this rank's chunk is {}", output.len(), mine.len()),
             });
         }
-        self.guarded(Op::ReduceScatter, || {
+        self.collective(Op::ReduceScatter, (Some(dtype), Some(op), elems, None), dl, || {
             let mut work = input.to_vec();
             self.ring_reduce_scatter(&mut work, &blocks, dtype, op, dl)?;
             reduce::finish_avg(&mut work[mine.clone()], dtype, op, self.size());
@@ -384,7 +464,7 @@ impl Communicator for Group {
     }
 
     fn barrier(&self, dl: Deadline) -> Result<(), CommError> {
-        self.guarded(Op::Barrier, || {
+        self.collective(Op::Barrier, (None, None, 0, None), dl, || {
             let n = self.size();
             let mut dist = 1;
             let mut round = 0;
@@ -406,10 +486,10 @@ impl Communicator for Group {
         root: usize,
         dl: Deadline,
     ) -> Result<(), CommError> {
-        whole_elems(buf.len(), dtype, Op::Reduce)?;
+        let elems = whole_elems(buf.len(), dtype, Op::Reduce)?;
         let n = self.size();
         self.check_root(root, Op::Reduce)?;
-        self.guarded(Op::Reduce, || {
+        self.collective(Op::Reduce, (Some(dtype), Some(op), elems, Some(root)), dl, || {
             let v = (self.rank + n - root) % n;
             match BroadcastAlgorithm::choose(buf.len(), n) {
                 BroadcastAlgorithm::Chain => self.chain_reduce(buf, dtype, op, v, root, dl)?,
@@ -431,7 +511,7 @@ impl Communicator for Group {
                 detail: format!("root's output is {} bytes, expected {n} x {len}", output.len()),
             });
         }
-        self.guarded(Op::Gather, || {
+        self.collective(Op::Gather, (None, None, len, Some(root)), dl, || {
             if self.rank != root {
                 return self.send_to(root, TagClass::Gather, 0, input, dl);
             }
@@ -453,7 +533,7 @@ impl Communicator for Group {
                 detail: format!("root's input is {} bytes, expected {n} x {len}", input.len()),
             });
         }
-        self.guarded(Op::Scatter, || {
+        self.collective(Op::Scatter, (None, None, len, Some(root)), dl, || {
             if self.rank != root {
                 let got = self.recv_exact(root, TagClass::Scatter, 0, len, dl)?;
                 output.copy_from_slice(&got);
@@ -480,7 +560,7 @@ impl Communicator for Group {
             });
         }
         let len = input.len() / n;
-        self.guarded(Op::AllToAll, || {
+        self.collective(Op::AllToAll, (None, None, len, None), dl, || {
             let me = self.rank;
             for q in (0..n).filter(|&q| q != me) {
                 self.send_to(q, TagClass::AllToAll, 0, &input[q * len..(q + 1) * len], dl)?;
@@ -500,7 +580,7 @@ impl Communicator for Group {
         key: u32,
         dl: Deadline,
     ) -> Result<Option<Box<dyn Communicator>>, CommError> {
-        self.guarded(Op::Split, || {
+        self.collective(Op::Split, (None, None, 9, None), dl, || {
             let seq = self.splits.fetch_add(1, Ordering::Relaxed);
             // Everyone learns everyone's (color, key): 1 flag byte, color, key.
             let mut mine = [0u8; 9];

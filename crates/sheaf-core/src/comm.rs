@@ -26,6 +26,11 @@ pub enum TagClass {
     Scatter = 8,
     AllToAll = 9,
     Reduce = 10,
+    /// A collective call's signature, sent to the right neighbour ahead of the call's
+    /// messages. The sending thread always makes another call on the link after it
+    /// (a send or a receive of the same collective), so a transport may hold such a
+    /// message until then and write it together with what follows.
+    Signature = 11,
     Control = 255,
 }
 

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
 use sheaf_collectives::reduce;
-use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag};
+use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
 use tokio::sync::Notify;
 use zeromq::{
     util::PeerIdentity, DealerSocket, PullSocket, PushSocket, RouterSocket, Socket, SocketEvent,
@@ -403,6 +403,9 @@ pub struct ZmqLink {
     spin: Duration,
     progress: Arc<Progress>,
     idle_driver: Option<JoinHandle<()>>,
+    /// A collective's signature was posted without running the writers: the next
+    /// send or receive runs them (see `TagClass::Signature`).
+    deferred: std::sync::atomic::AtomicBool,
 }
 
 fn connect_err(detail: impl std::fmt::Display) -> CommError {
@@ -465,6 +468,7 @@ impl ZmqLink {
             spin: Duration::from_micros(config.spin_us),
             progress: Arc::new(Progress::new(runtime)),
             idle_driver: None,
+            deferred: std::sync::atomic::AtomicBool::new(false),
         };
         if world == 1 {
             return Ok(link);
@@ -540,6 +544,11 @@ impl ZmqLink {
     /// The next complete message from `peer` under `tag`, as the chunks it came in.
     fn next_message(&self, peer: usize, tag: Tag, deadline: Deadline) -> Result<Vec<Bytes>, CommError> {
         self.check_peer(peer, Op::Recv)?;
+        // A signature posted just before goes out now, even when what is received
+        // here is already queued and no wait runs the writers.
+        if self.deferred.swap(false, Ordering::SeqCst) {
+            self.progress.kick();
+        }
         let start = Instant::now();
         let mut st = self.shared.lock();
         loop {
@@ -810,8 +819,14 @@ impl Link for ZmqLink {
             }
             offset += chunk.len() as u64;
         }
-        // Write what was posted now rather than at this rank's next wait.
-        self.progress.kick();
+        // Write what was posted now rather than at this rank's next wait; a collective's
+        // signature goes with the call's next message or wait (see `TagClass`).
+        if tag.class_code() == TagClass::Signature as u8 {
+            self.deferred.store(true, Ordering::SeqCst);
+        } else {
+            self.deferred.store(false, Ordering::SeqCst);
+            self.progress.kick();
+        }
         Ok(())
     }
 

@@ -236,3 +236,69 @@ fn dropped_message_is_a_timeout_naming_the_sender_then_poisoned() {
         assert!(matches!(second, Err(CommError::Poisoned { .. })), "rank {rank}: {second:?}");
     }
 }
+
+/// Ranks that took different code paths are caught at their first message, with both
+/// calls named, long before the deadline: another collective, another element count,
+/// another dtype, another root, or one call more than the others.
+#[test]
+fn ranks_in_different_collectives_fail_at_once_naming_both_calls() {
+    type Step = fn(&dyn Communicator, usize, Deadline) -> Result<(), CommError>;
+    fn allreduce(n: usize, c: &dyn Communicator, dl: Deadline) -> Result<(), CommError> {
+        let mut buf = vec![0u8; 4 * n];
+        c.allreduce(&mut buf, DType::F32, ReduceOp::Sum, dl)
+    }
+    let cases: [(&str, Step, &[&str]); 4] = [
+        (
+            "allreduce vs broadcast",
+            |c, r, dl| {
+                let mut buf = vec![0u8; 4 * 1000];
+                if r == 0 {
+                    c.broadcast(&mut buf, 0, dl)
+                } else {
+                    c.allreduce(&mut buf, DType::F32, ReduceOp::Sum, dl)
+                }
+            },
+            &["allreduce #1 (sum) of 1,000 f32", "broadcast #1 of 4,000 bytes from root 0"],
+        ),
+        (
+            "counts",
+            |c, r, dl| allreduce(if r == 1 { 999 } else { 1000 }, c, dl),
+            &["of 999 f32", "of 1,000 f32"],
+        ),
+        (
+            "roots",
+            |c, r, dl| {
+                let mut buf = vec![0u8; 64];
+                c.broadcast(&mut buf, usize::from(r == 2), dl)
+            },
+            &["from root 1", "from root 0"],
+        ),
+        (
+            "one call more",
+            |c, r, dl| {
+                if r == 1 {
+                    c.barrier(dl)?;
+                }
+                allreduce(10, c, dl)
+            },
+            &["barrier #1", "allreduce #1"],
+        ),
+    ];
+    for (what, step, needles) in cases {
+        let t = Instant::now();
+        let out = sheaf_testkit::run_world(3, |g| {
+            let dl = Deadline::after(Duration::from_secs(20));
+            step(&g, g.rank(), dl)
+        });
+        assert!(t.elapsed() < Duration::from_secs(5), "{what}: took {:?}", t.elapsed());
+        let errors: Vec<String> =
+            out.iter().filter_map(|r| r.as_ref().err()).map(|e| e.to_string()).collect();
+        assert!(!errors.is_empty(), "{what}: every rank succeeded");
+        let named = errors.iter().find(|e| e.contains("collectives out of step")).unwrap_or_else(|| {
+            panic!("{what}: no rank named the mismatch: {errors:?}");
+        });
+        for n in needles {
+            assert!(named.contains(n), "{what}: `{n}` missing from {named}");
+        }
+    }
+}
