@@ -173,4 +173,6 @@ fn parse_csv(name: &str, text: &str, dim: usize, classes: usize) -> Result<Datas
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

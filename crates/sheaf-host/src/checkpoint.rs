@@ -83,7 +83,7 @@ fn sync_dir(dir: &Path) -> Result<(), HostError> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| out_err(dir, e))
 }
 
-fn state_bytes(state: &OptimState) -> Result<Vec<u8>, HostError> {
+pub(crate) fn state_bytes(state: &OptimState) -> Result<Vec<u8>, HostError> {
     let meta = HashMap::from([("step".to_string(), state.step.to_string())]);
     safetensors_of(
         state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice())),
@@ -91,7 +91,7 @@ fn state_bytes(state: &OptimState) -> Result<Vec<u8>, HostError> {
     )
 }
 
-fn state_from_file(file: &TensorFile) -> Result<OptimState, HostError> {
+pub(crate) fn state_from_file(file: &TensorFile) -> Result<OptimState, HostError> {
     let step = file
         .metadata()?
         .get("step")

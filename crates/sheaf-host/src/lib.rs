@@ -12,6 +12,8 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 mod discover;
+#[cfg(test)]
+mod fuzz;
 pub mod job;
 pub mod launch;
 mod loader;

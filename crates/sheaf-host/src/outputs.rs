@@ -124,6 +124,11 @@ impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile, HostError> {
         let bytes = std::fs::read(path)
             .map_err(|e| HostError::Data(format!("{}: cannot read: {e}", path.display())))?;
+        TensorFile::from_bytes(path, bytes)
+    }
+
+    /// A file's bytes, read elsewhere from `path`.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<TensorFile, HostError> {
         let file = TensorFile { path: path.to_path_buf(), bytes };
         file.parse()?;
         Ok(file)

@@ -11,6 +11,8 @@
 
 pub mod conformance;
 mod fault;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 mod inproc;
 
 pub use fault::{Fault, FaultyLink, Kill};

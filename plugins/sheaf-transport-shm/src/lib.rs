@@ -17,6 +17,9 @@
 mod link;
 mod segment;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use link::{ShmConfig, ShmLink};
 
 use sheaf_core::{Error, Link, PluginKind, Provided, Result};

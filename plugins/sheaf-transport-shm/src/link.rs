@@ -28,6 +28,50 @@ const RECORD: usize = 24;
 /// Largest message a record may announce: protects against a garbage length.
 const MAX_MESSAGE: u64 = 1 << 36;
 
+/// A record header (`RECORD` bytes read at stream position `r`, `avail` bytes being
+/// published from there in a ring of `cap` bytes): `(tag, payload length)`, or what is
+/// wrong with it.
+pub(crate) fn parse_record_header(
+    head: &[u8],
+    r: u64,
+    avail: usize,
+    cap: usize,
+) -> Result<(u64, usize), String> {
+    let garbage = || "garbage in its ring (bad record header)".to_string();
+    let head: &[u8; RECORD] = head.try_into().map_err(|_| garbage())?;
+    let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+    let (magic, tag, len) = (word(0) as u32, word(8), word(16));
+    if magic != RECORD_MAGIC || avail > cap || !r.is_multiple_of(8) {
+        Err(garbage())
+    } else if len > MAX_MESSAGE {
+        Err(format!("announced a message of {len} bytes"))
+    } else {
+        Ok((tag, len as usize))
+    }
+}
+
+/// Rank 0's reading of a join on the rendezvous socket (16 bytes: magic, rank,
+/// world): the joining rank, or what is wrong.
+pub(crate) fn parse_join(join: &[u8], world: usize, joined: &[bool]) -> Result<usize, String> {
+    let join: &[u8; 16] =
+        join.try_into().map_err(|_| "garbage on the shared-memory rendezvous socket".to_string())?;
+    let field = |i: usize| u32::from_le_bytes(join[i..i + 4].try_into().expect("4 bytes")) as usize;
+    let (magic, their_rank, their_world) = (&join[..8], field(8), field(12));
+    if magic != b"SHMJOIN1" {
+        return Err("garbage on the shared-memory rendezvous socket".to_string());
+    }
+    if their_world != world
+        || their_rank == 0
+        || their_rank >= world
+        || joined.get(their_rank) != Some(&false)
+    {
+        return Err(format!(
+            "rank {their_rank} of a world of {their_world} joined a world of {world} (duplicate or mismatched rank)"
+        ));
+    }
+    Ok(their_rank)
+}
+
 const HEADER_BYTES: usize = 256;
 const H_MAGIC: usize = 0;
 const H_VERSION: usize = 8;
@@ -263,21 +307,13 @@ impl ShmLink {
             let mut join = [0u8; 16];
             segment::read_exact(&mut stream, &mut join, deadline)
                 .map_err(|e| connect_err(format!("reading a join on `{name}`: {e}")))?;
-            let field = |i: usize| u32::from_le_bytes(join[i..i + 4].try_into().expect("4 bytes")) as usize;
-            let (magic, their_rank, their_world) = (&join[..8], field(8), field(12));
-            let problem = if magic != b"SHMJOIN1" {
-                Some("garbage on the shared-memory rendezvous socket".to_string())
-            } else if their_world != world || their_rank == 0 || their_rank >= world || joined[their_rank] {
-                Some(format!(
-                    "rank {their_rank} of a world of {their_world} joined a world of {world} (duplicate or mismatched rank)"
-                ))
-            } else {
-                None
+            let their_rank = match parse_join(&join, world, &joined) {
+                Ok(r) => r,
+                Err(p) => {
+                    let _ = segment::write_all(&mut stream, format!("SHMERR{p}").as_bytes(), deadline);
+                    return Err(connect_err(p));
+                }
             };
-            if let Some(p) = problem {
-                let _ = segment::write_all(&mut stream, format!("SHMERR{p}").as_bytes(), deadline);
-                return Err(connect_err(p));
-            }
             joined[their_rank] = true;
             let mut reply = b"SHMOK\0\0\0".to_vec();
             reply.extend_from_slice(&(total as u64).to_le_bytes());
@@ -394,15 +430,7 @@ impl ShmLink {
     fn read_header(&self, ring: usize, r: u64, avail: usize) -> Result<(u64, usize), String> {
         let mut head = Vec::with_capacity(RECORD);
         self.copy_out(ring, r, RECORD, &mut head);
-        let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
-        let (magic, tag, len) = (word(0) as u32, word(8), word(16));
-        if magic != RECORD_MAGIC || avail > self.cap || !r.is_multiple_of(8) {
-            Err("garbage in its ring (bad record header)".to_string())
-        } else if len > MAX_MESSAGE {
-            Err(format!("announced a message of {len} bytes"))
-        } else {
-            Ok((tag, len as usize))
-        }
+        parse_record_header(&head, r, avail, self.cap)
     }
 
     /// Copies or reduces `dst.len()` bytes of `ring` from stream position `pos` into

@@ -19,6 +19,9 @@
 mod link;
 mod wire;
 
+#[cfg(test)]
+mod fuzz;
+
 pub use link::{Scheme, ZmqConfig, ZmqLink};
 
 use sheaf_core::{Error, Link, PluginKind, Provided, Result};

@@ -416,11 +416,31 @@ fn is_loopback(addr: &str) -> bool {
     addr == "localhost" || addr.starts_with("127.") || addr == "::1"
 }
 
-#[derive(serde::Serialize, Deserialize)]
-struct Join {
-    rank: usize,
-    world_size: usize,
-    endpoint: String,
+#[derive(Debug, serde::Serialize, Deserialize)]
+pub(crate) struct Join {
+    pub rank: usize,
+    pub world_size: usize,
+    pub endpoint: String,
+}
+
+/// Rank 0's reading of a rendezvous message: a join from a rank of this world (whose
+/// size is `table.len()`) that has not joined yet.
+pub(crate) fn check_join(body: &[u8], table: &[String]) -> Result<Join, String> {
+    let world = table.len();
+    let join: Join =
+        serde_json::from_slice(body).map_err(|e| format!("garbage on the rendezvous port: {e}"))?;
+    if join.world_size != world || join.rank == 0 || join.rank >= world || !table[join.rank].is_empty() {
+        return Err(format!(
+            "rank {} of a world of {} joined a world of {world} (duplicate or mismatched rank)",
+            join.rank, join.world_size
+        ));
+    }
+    Ok(join)
+}
+
+/// The other ranks' reading of rank 0's answer: every rank's inbox address.
+pub(crate) fn parse_table(bytes: &[u8], world: usize) -> Option<Vec<String>> {
+    serde_json::from_slice::<Vec<String>>(bytes).ok().filter(|t| t.len() == world)
 }
 
 impl ZmqLink {
@@ -652,20 +672,7 @@ async fn setup(
         while ids.len() < world - 1 {
             let msg = router.recv().await.map_err(connect_err)?;
             let (Some(id), Some(body)) = (msg.get(0), msg.get(1)) else { continue };
-            let join: Join = match serde_json::from_slice(body) {
-                Ok(j) => j,
-                Err(e) => return Err(connect_err(format!("garbage on the rendezvous port: {e}"))),
-            };
-            if join.world_size != world
-                || join.rank == 0
-                || join.rank >= world
-                || !table[join.rank].is_empty()
-            {
-                return Err(connect_err(format!(
-                    "rank {} of a world of {} joined a world of {world} (duplicate or mismatched rank)",
-                    join.rank, join.world_size
-                )));
-            }
+            let join = check_join(body, &table).map_err(connect_err)?;
             table[join.rank] = join.endpoint;
             ids.push(id.clone());
         }
@@ -686,10 +693,9 @@ async fn setup(
             .expect("serialises");
         dealer.send(join.into()).await.map_err(connect_err)?;
         let reply = dealer.recv().await.map_err(connect_err)?;
-        let table: Vec<String> = reply
+        let table = reply
             .get(0)
-            .and_then(|b| serde_json::from_slice(b).ok())
-            .filter(|t: &Vec<String>| t.len() == world)
+            .and_then(|b| parse_table(b, world))
             .ok_or_else(|| connect_err("rank 0 answered the rendezvous with garbage"))?;
         (table, None)
     };

@@ -121,7 +121,11 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// No input makes decoding panic; whatever decodes encodes back to itself.
+        #![proptest_config(proptest::test_runner::Config::with_cases(
+            std::env::var("SHEAF_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000),
+        ))]
+        /// No input makes decoding panic; whatever decodes encodes back to itself
+        /// (`SHEAF_FUZZ_CASES` inputs).
         #[test]
         fn any_bytes_decode_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
             if let Some(sig) = Signature::decode(&bytes) {
