@@ -22,6 +22,8 @@ fn run_world(n: usize, transport: &str, seed: u64, cases: u64) -> Result<(), Str
                 .env("WORLD_SIZE", n.to_string())
                 .env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", &port)
+                // Ranks started by another launcher share a secret they were given.
+                .env("SHEAF_JOB_TOKEN", "the e2e tests' secret")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()

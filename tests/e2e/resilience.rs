@@ -300,3 +300,172 @@ fn run_directories_are_never_overwritten() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("no job.toml"), "{err}");
 }
+
+/// The local TCP ports `pid` listens on (its sockets' inodes matched against
+/// `/proc/net/tcp`).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    l.to_string_lossy().strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+            (*state == "0A" && inodes.iter().any(|i| i == inode))
+                .then(|| u16::from_str_radix(local.rsplit(':').next()?, 16).ok())?
+        })
+        .collect()
+}
+
+/// A stranger without the job's secret, on a job run over ZeroMQ by another launcher
+/// (two `sheaf run` processes given the same `SHEAF_JOB_TOKEN`): at the rendezvous
+/// port while rank 0 waits there (garbage, a join proven under a wrong secret, a join
+/// recorded for one challenge replayed against another, each answered `Refused`), then
+/// at every worker's inbox while they train (garbage, frames claiming rank 0 or 1
+/// sealed under a wrong secret). The job ends with the parameters of the same job
+/// without the stranger, bit for bit.
+#[test]
+fn strangers_without_the_secret_change_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use zeromq::{Socket, SocketRecv, SocketSend};
+    let mut sets: Vec<&str> = SLOW.to_vec();
+    sets.push("train.max_steps=30");
+    let quiet = tempfile::tempdir().unwrap();
+    ok(&sheaf(&args("2", &sets), quiet.path()));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let secret = "the job's secret";
+    let dir = tempfile::tempdir().unwrap();
+    let rank = |r: usize| {
+        let mut cmd = Command::new(sheaf_bin());
+        cmd.arg("run").args(sets.iter().flat_map(|s| ["--set", s])).args(["--threads-per-worker", "1"]);
+        cmd.arg("--run-dir")
+            .arg(dir.path())
+            .env_remove("SHEAF_PLUGIN_PATH")
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("SHEAF_JOB_TOKEN", secret)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut rank0 = rank(0);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let master = format!("tcp://127.0.0.1:{port}");
+    let json = |v: serde_json::Value| zeromq::ZmqMessage::from(serde_json::to_vec(&v).unwrap());
+    let read =
+        |m: zeromq::ZmqMessage| serde_json::from_slice::<serde_json::Value>(m.get(0).unwrap()).unwrap();
+    let join = |challenge: &[u8], key: &[u8]| {
+        let (r, w, e, sn) = (1u64.to_le_bytes(), 2u64.to_le_bytes(), "tcp://127.0.0.1:9", "00");
+        let proof = sheaf_auth::Key::new(key)
+            .prove("sheaf-zmq-join", &[challenge, &r, &w, e.as_bytes(), sn.as_bytes()]);
+        serde_json::json!({"type": "Join", "rank": 1, "world_size": 2, "endpoint": e, "session": sn,
+            "proof": sheaf_auth::hex(&proof)})
+    };
+    rt.block_on(async {
+        wait_for("rank 0 to listen", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let mut d = zeromq::DealerSocket::new();
+        d.connect(&master).await.unwrap();
+        d.send("garbage".into()).await.unwrap();
+        d.send(json(serde_json::json!({"type": "Hello", "rank": 1}))).await.unwrap();
+        let challenge = sheaf_auth::unhex(read(d.recv().await.unwrap())["nonce"].as_str().unwrap()).unwrap();
+        d.send(json(join(&challenge, b"a wrong secret"))).await.unwrap();
+        assert_eq!(read(d.recv().await.unwrap())["type"], "Refused");
+        // The right proof for that challenge (as if overheard), replayed on another
+        // connection, which has another challenge.
+        let mut again = zeromq::DealerSocket::new();
+        again.connect(&master).await.unwrap();
+        again.send(json(serde_json::json!({"type": "Hello", "rank": 1}))).await.unwrap();
+        let _ = read(again.recv().await.unwrap());
+        again.send(json(join(&challenge, secret.as_bytes()))).await.unwrap();
+        assert_eq!(read(again.recv().await.unwrap())["type"], "Refused");
+    });
+    let mut rank1 = rank(1);
+    let pids = [rank0.id(), rank1.id()];
+    let stop = AtomicBool::new(false);
+    let frames = std::thread::scope(|s| {
+        let stop = &stop;
+        let stranger = s.spawn(move || {
+            let mut frames = 0;
+            while !stop.load(Ordering::SeqCst) {
+                rt.block_on(async {
+                    let t = Duration::from_millis(300);
+                    for p in pids.iter().flat_map(|&pid| listening_ports(pid)) {
+                        let mut push = zeromq::PushSocket::new();
+                        let Ok(Ok(())) =
+                            tokio::time::timeout(t, push.connect(&format!("tcp://127.0.0.1:{p}"))).await
+                        else {
+                            continue;
+                        };
+                        for claimed in [0u32, 1] {
+                            let mut f = 0x5346u16.to_le_bytes().to_vec();
+                            f.extend_from_slice(&[3, 1]);
+                            f.extend_from_slice(&claimed.to_le_bytes());
+                            f.extend_from_slice(&[0; 8 * 4]);
+                            let mac = sheaf_auth::Key::new(b"a wrong secret").prove("sheaf-zmq-frame", &[&f]);
+                            f.extend_from_slice(&mac[..16]);
+                            f.extend_from_slice(b"poison");
+                            let _ = tokio::time::timeout(t, push.send(f.into())).await;
+                            let _ = tokio::time::timeout(t, push.send("garbage".into())).await;
+                            frames += 2;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                });
+            }
+            frames
+        });
+        let statuses = [rank0.wait().unwrap(), rank1.wait().unwrap()];
+        stop.store(true, Ordering::SeqCst);
+        let frames = stranger.join().unwrap();
+        assert!(statuses.iter().all(|s| s.success()), "the job failed: {statuses:?}");
+        frames
+    });
+    let mut log = String::new();
+    for c in [&mut rank0, &mut rank1] {
+        std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut log).unwrap();
+    }
+    let refused = log.lines().filter(|l| l.contains("refused")).count();
+    eprintln!("stranger: {frames} frames on the inboxes; {refused} refusals logged");
+    assert!(frames > 0, "the stranger never reached an inbox: {log}");
+    assert!(log.contains("rank 0 refused") && log.contains("on the rendezvous port"), "{log}");
+    let (a, b) = (
+        std::fs::read(quiet.path().join("checkpoint.safetensors")).unwrap(),
+        std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap(),
+    );
+    assert!(a == b, "the stranger changed the parameters");
+}
+
+/// A rank of a world of more than one started without the job's secret (by another
+/// launcher that did not set it) stops before connecting, saying what to set.
+#[test]
+fn ranks_without_a_secret_are_told_to_set_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(sheaf_bin())
+        .args(["run", "--run-dir"])
+        .arg(dir.path())
+        .env_remove("SHEAF_JOB_TOKEN")
+        .env("RANK", "1")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_PORT", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("SHEAF_JOB_TOKEN is not set"), "{err}");
+}

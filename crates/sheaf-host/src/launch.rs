@@ -101,7 +101,8 @@ pub(crate) fn local_worker(
     threads: usize,
 ) -> Command {
     let mut cmd = Command::new(exe);
-    cmd.env("RANK", rank.to_string())
+    cmd.env(sheaf_auth::TOKEN_ENV, job_token())
+        .env("RANK", rank.to_string())
         .env("LOCAL_RANK", rank.to_string())
         .env("WORLD_SIZE", world.to_string())
         .env("MASTER_ADDR", "127.0.0.1")
@@ -110,6 +111,18 @@ pub(crate) fn local_worker(
         .env("CANDLE_NUM_THREADS", threads.to_string())
         .stdin(Stdio::null());
     cmd
+}
+
+/// The secret of the jobs this process launches: `SHEAF_JOB_TOKEN` when set (so
+/// launchers on several hosts can share one), else made once, at random.
+pub(crate) fn job_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        std::env::var(sheaf_auth::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(sheaf_auth::generate_token)
+    })
 }
 
 /// Compute threads per worker when `workers` share this machine.

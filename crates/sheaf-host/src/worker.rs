@@ -53,7 +53,9 @@ impl WorkerEnv {
 impl WorkerEnv {
     /// This rank's link from `transport`, after meeting the other ranks: the one place
     /// the transport's connection settings are written (rank, world, master, timeouts,
-    /// and `SHEAF_ADVERTISE_ADDR` when set).
+    /// `SHEAF_ADVERTISE_ADDR` when set, and the job's secret, `SHEAF_JOB_TOKEN`, which
+    /// a world of more than one requires: `sheaf launch` makes one for its workers;
+    /// ranks started by other launchers must all be given the same).
     pub fn connect(
         &self,
         registry: &Registry,
@@ -61,6 +63,15 @@ impl WorkerEnv {
         connect_timeout: Duration,
         peer_timeout: Duration,
     ) -> Result<Arc<dyn Link>, HostError> {
+        let token = std::env::var(sheaf_auth::TOKEN_ENV).ok().filter(|t| !t.is_empty());
+        if token.is_none() && self.world_size > 1 {
+            return Err(HostError::Usage(format!(
+                "{} is not set: every rank of a world of {} must hold the job's secret (sheaf launch makes one; \
+                 under another launcher export the same value to every rank, e.g. from `openssl rand -hex 32`)",
+                sheaf_auth::TOKEN_ENV,
+                self.world_size
+            )));
+        }
         let config = serde_json::json!({
             "rank": self.rank,
             "world_size": self.world_size,
@@ -69,6 +80,7 @@ impl WorkerEnv {
             "connect_timeout_ms": connect_timeout.as_millis() as u64,
             "peer_timeout_ms": peer_timeout.as_millis() as u64,
             "advertise_addr": std::env::var("SHEAF_ADVERTISE_ADDR").ok(),
+            "job_token": token,
         })
         .to_string();
         Ok(Arc::from(registry.link(transport, &config)?))

@@ -3,7 +3,7 @@
 
 use sheaf_testkit::fuzz::{fuzz, inputs, CappedAlloc};
 
-use crate::link::{parse_join, parse_record_header};
+use crate::link::{parse_join, parse_record_header, Joined};
 
 #[global_allocator]
 static ALLOC: CappedAlloc = CappedAlloc;
@@ -24,12 +24,29 @@ fn record_headers() {
 
 #[test]
 fn rendezvous_joins() {
-    let mut valid = b"SHMJOIN1".to_vec();
+    let key = sheaf_auth::Key::new(b"fuzz");
+    let mut valid = b"SHMJOIN2".to_vec();
     valid.extend_from_slice(&2u32.to_le_bytes());
     valid.extend_from_slice(&4u32.to_le_bytes());
+    valid.extend_from_slice(&[9; 16]);
+    valid.extend_from_slice(
+        &key.prove("sheaf-shm-join", &[b"challenge", &2u32.to_le_bytes(), &4u32.to_le_bytes(), &[9; 16]]),
+    );
+    assert!(matches!(
+        parse_join(&valid, &key, b"challenge", 4, &[true, false, false, true]),
+        Joined::Rank(2, _)
+    ));
     fuzz("shm join", inputs(vec![valid]), |b| {
-        if let Ok(rank) = parse_join(b, 4, &[true, false, false, true]) {
-            assert!(rank == 1 || rank == 2);
-        }
+        // Without the secret (another key, another challenge) no input is taken.
+        let other = sheaf_auth::Key::new(b"another secret");
+        assert!(!matches!(
+            parse_join(b, &other, b"challenge", 4, &[true, false, false, true]),
+            Joined::Rank(..)
+        ));
+        assert!(!matches!(
+            parse_join(b, &key, b"other challenge", 4, &[true, false, false, true]),
+            Joined::Rank(..)
+        ));
+        let _ = parse_join(b, &key, b"challenge", 4, &[true, false, false, true]);
     });
 }

@@ -16,6 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use sheaf_auth::Key;
 use sheaf_collectives::reduce;
 use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag};
 
@@ -50,26 +51,58 @@ pub(crate) fn parse_record_header(
     }
 }
 
-/// Rank 0's reading of a join on the rendezvous socket (16 bytes: magic, rank,
-/// world): the joining rank, or what is wrong.
-pub(crate) fn parse_join(join: &[u8], world: usize, joined: &[bool]) -> Result<usize, String> {
-    let join: &[u8; 16] =
-        join.try_into().map_err(|_| "garbage on the shared-memory rendezvous socket".to_string())?;
-    let field = |i: usize| u32::from_le_bytes(join[i..i + 4].try_into().expect("4 bytes")) as usize;
-    let (magic, their_rank, their_world) = (&join[..8], field(8), field(12));
-    if magic != b"SHMJOIN1" {
-        return Err("garbage on the shared-memory rendezvous socket".to_string());
+/// Bytes of rank 0's challenge: a magic and a nonce.
+const CHALLENGE: usize = 8 + sheaf_auth::NONCE;
+/// Bytes of a join: a magic, rank, world, the joiner's nonce and its proof.
+pub(crate) const JOIN: usize = 16 + sheaf_auth::NONCE + sheaf_auth::PROOF;
+/// How long rank 0 waits for one connection's join before it drops it (a stranger
+/// that connects and says nothing must not hold up the ranks behind it).
+const JOIN_WAIT: Duration = Duration::from_secs(2);
+
+fn join_proof(key: &Key, challenge: &[u8], rank: u32, world: u32, session: &[u8]) -> [u8; sheaf_auth::PROOF] {
+    key.prove("sheaf-shm-join", &[challenge, &rank.to_le_bytes(), &world.to_le_bytes(), session])
+}
+
+fn ok_proof(key: &Key, session: &[u8], total: u64) -> [u8; sheaf_auth::PROOF] {
+    key.prove("sheaf-shm-ok", &[session, &total.to_le_bytes()])
+}
+
+/// A join as rank 0 reads it.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Joined {
+    /// A rank of this run, and its nonce.
+    Rank(usize, Vec<u8>),
+    /// No proof of the secret over this connection's challenge: refused.
+    Refused(String),
+    /// A proven join that does not fit this world: the job is misconfigured.
+    Mismatch(String),
+}
+
+/// Rank 0's reading of a join on the rendezvous socket, the answer to `challenge`.
+pub(crate) fn parse_join(join: &[u8], key: &Key, challenge: &[u8], world: usize, joined: &[bool]) -> Joined {
+    let Ok(join) = <&[u8; JOIN]>::try_from(join) else {
+        return Joined::Refused("garbage".into());
+    };
+    let field = |i: usize| u32::from_le_bytes(join[i..i + 4].try_into().expect("4 bytes"));
+    let (magic, rank, their_world) = (&join[..8], field(8), field(12));
+    let (session, proof) = (&join[16..16 + sheaf_auth::NONCE], &join[16 + sheaf_auth::NONCE..]);
+    if magic != b"SHMJOIN2" {
+        return Joined::Refused("garbage".into());
     }
-    if their_world != world
-        || their_rank == 0
-        || their_rank >= world
-        || joined.get(their_rank) != Some(&false)
-    {
-        return Err(format!(
-            "rank {their_rank} of a world of {their_world} joined a world of {world} (duplicate or mismatched rank)"
+    if !key.verify(
+        "sheaf-shm-join",
+        &[challenge, &rank.to_le_bytes(), &their_world.to_le_bytes(), session],
+        proof,
+    ) {
+        return Joined::Refused(format!("a join claiming rank {rank} without proof of the job's secret"));
+    }
+    let (rank, their_world) = (rank as usize, their_world as usize);
+    if their_world != world || rank == 0 || rank >= world || joined.get(rank) != Some(&false) {
+        return Joined::Mismatch(format!(
+            "rank {rank} of a world of {their_world} joined a world of {world} (duplicate or mismatched rank)"
         ));
     }
-    Ok(their_rank)
+    Joined::Rank(rank, session.to_vec())
 }
 
 const HEADER_BYTES: usize = 256;
@@ -126,6 +159,10 @@ pub struct ShmConfig {
     /// for large worlds so that the segment stays under 2 GiB.
     #[serde(default)]
     pub ring_bytes: Option<usize>,
+    /// The job's shared secret, which every joining rank proves it holds before rank 0
+    /// hands it the segment (unset: an empty secret, which proves nothing).
+    #[serde(default)]
+    pub job_token: Option<String>,
 }
 
 fn ring_bytes(config: &ShmConfig) -> usize {
@@ -297,19 +334,41 @@ impl ShmLink {
                 config.master_port
             ))
         })?;
+        let key = Key::new(config.job_token.as_deref().unwrap_or("").as_bytes());
         let mut joined = vec![false; world];
         joined[0] = true;
-        for _ in 1..world {
+        let mut refused = 0u64;
+        while joined.iter().any(|j| !j) {
             let Some(mut stream) = segment::accept(&listener, deadline).map_err(connect_err)? else {
                 let missing = joined.iter().position(|j| !j).unwrap_or(0);
                 return Err(CommError::Timeout { op: Op::Connect, peer: missing, waited: Duration::ZERO });
             };
-            let mut join = [0u8; 16];
-            segment::read_exact(&mut stream, &mut join, deadline)
-                .map_err(|e| connect_err(format!("reading a join on `{name}`: {e}")))?;
-            let their_rank = match parse_join(&join, world, &joined) {
-                Ok(r) => r,
-                Err(p) => {
+            // Challenge, then a proof of the secret over it, before anything is handed over.
+            let nonce = sheaf_auth::nonce();
+            let mut challenge = b"SHMCHAL1".to_vec();
+            challenge.extend_from_slice(&nonce);
+            let mut join = [0u8; JOIN];
+            let wait = Deadline::after(deadline.remaining().min(JOIN_WAIT));
+            let read = segment::write_all(&mut stream, &challenge, wait)
+                .and_then(|()| segment::read_exact(&mut stream, &mut join, wait));
+            let verdict = match read {
+                Ok(()) => parse_join(&join, &key, &nonce, world, &joined),
+                Err(e) => Joined::Refused(format!("a connection that sent no join ({e})")),
+            };
+            let (their_rank, session) = match verdict {
+                Joined::Rank(r, session) => (r, session),
+                Joined::Refused(why) => {
+                    refused += 1;
+                    if refused <= 4 || refused.is_power_of_two() {
+                        eprintln!(
+                            "sheaf-shm: rank 0 refused {why} on the rendezvous `{name}` ({refused} refused so far)"
+                        );
+                    }
+                    let reason = "no proof of the job's secret (is SHEAF_JOB_TOKEN the same on every rank?)";
+                    let _ = segment::write_all(&mut stream, format!("SHMERR{reason}").as_bytes(), wait);
+                    continue;
+                }
+                Joined::Mismatch(p) => {
                     let _ = segment::write_all(&mut stream, format!("SHMERR{p}").as_bytes(), deadline);
                     return Err(connect_err(p));
                 }
@@ -317,6 +376,7 @@ impl ShmLink {
             joined[their_rank] = true;
             let mut reply = b"SHMOK\0\0\0".to_vec();
             reply.extend_from_slice(&(total as u64).to_le_bytes());
+            reply.extend_from_slice(&ok_proof(&key, &session, total as u64));
             segment::send_fd(&stream, seg.raw_fd(), &reply)
                 .map_err(|e| connect_err(format!("handing the segment to rank {their_rank}: {e}")))?;
         }
@@ -332,9 +392,19 @@ impl ShmLink {
                 config.connect_timeout_ms
             ))
         })?;
-        let mut join = b"SHMJOIN1".to_vec();
+        let key = Key::new(config.job_token.as_deref().unwrap_or("").as_bytes());
+        let mut challenge = [0u8; CHALLENGE];
+        segment::read_exact(&mut stream, &mut challenge, deadline)
+            .map_err(|e| connect_err(format!("rank {rank} waiting for rank 0's challenge: {e}")))?;
+        if &challenge[..8] != b"SHMCHAL1" {
+            return Err(connect_err("rank 0 answered the shared-memory rendezvous with garbage"));
+        }
+        let session = sheaf_auth::nonce();
+        let mut join = b"SHMJOIN2".to_vec();
         join.extend_from_slice(&(rank as u32).to_le_bytes());
         join.extend_from_slice(&(world as u32).to_le_bytes());
+        join.extend_from_slice(&session);
+        join.extend_from_slice(&join_proof(&key, &challenge[8..], rank as u32, world as u32, &session));
         segment::write_all(&mut stream, &join, deadline).map_err(connect_err)?;
         let mut reply = [0u8; 512];
         let (n, fd) = segment::recv_fd(&stream, &mut reply, deadline)
@@ -343,11 +413,18 @@ impl ShmLink {
         if let Some(err) = reply.strip_prefix(b"SHMERR") {
             return Err(connect_err(format!("rank 0 refused rank {rank}: {}", String::from_utf8_lossy(err))));
         }
-        let (Some(fd), Some(total)) = (fd, reply.strip_prefix(b"SHMOK\0\0\0").filter(|t| t.len() == 8))
+        let (Some(fd), Some(rest)) =
+            (fd, reply.strip_prefix(b"SHMOK\0\0\0").filter(|t| t.len() == 8 + sheaf_auth::PROOF))
         else {
             return Err(connect_err("rank 0 answered the shared-memory rendezvous with garbage"));
         };
-        let total = u64::from_le_bytes(total.try_into().expect("8 bytes")) as usize;
+        let total = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
+        if !key.verify("sheaf-shm-ok", &[&session, &total.to_le_bytes()], &rest[8..]) {
+            return Err(connect_err(
+                "rank 0 could not prove it holds the job's secret (is SHEAF_JOB_TOKEN the same on every rank?)",
+            ));
+        }
+        let total = total as usize;
         let seg =
             Segment::open(fd, total).map_err(|e| connect_err(format!("mapping the shared segment: {e}")))?;
         let version = seg_u64(&seg, H_VERSION);

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
+use sheaf_auth::Key;
 use sheaf_collectives::reduce;
 use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
 use tokio::sync::Notify;
@@ -89,6 +90,11 @@ pub struct ZmqConfig {
     /// lower latency for CPU time (0: always sleep).
     #[serde(default = "default_spin_us")]
     pub spin_us: u64,
+    /// The job's shared secret: every rank proves it holds it at the rendezvous, and
+    /// every frame is sealed with a key derived from it (unset: an empty secret, which
+    /// proves nothing; the host always sets it for worlds of more than one).
+    #[serde(default)]
+    pub job_token: Option<String>,
 }
 
 /// Largest message a peer may announce: protects against a garbage length.
@@ -100,17 +106,42 @@ const POLL: Duration = Duration::from_millis(50);
 /// queue push inside the crate, no hop through a task of ours), and so do the
 /// runtime's tasks for acknowledgements and heartbeats; the lock keeps each frame
 /// whole.
-type Outbox = Arc<tokio::sync::Mutex<PushSocket>>;
+type Outbox = Arc<tokio::sync::Mutex<Sealer>>;
 
-/// Puts one frame on `outbox` from a host thread.
-fn post(outbox: &Outbox, frame: Vec<u8>) -> Result<(), String> {
-    let mut socket = outbox.blocking_lock();
-    futures::executor::block_on(socket.send(frame.into())).map_err(|e| e.to_string())
+/// A peer's socket, and the seal of every frame put on it: the next sequence number
+/// on this stream and the run's link key.
+struct Sealer {
+    socket: PushSocket,
+    dst: u32,
+    next: u64,
+    key: Arc<Key>,
 }
 
-/// Puts one frame on `outbox` from the runtime.
-async fn post_async(outbox: &Outbox, frame: Vec<u8>) -> Result<(), String> {
-    outbox.lock().await.send(frame.into()).await.map_err(|e| e.to_string())
+impl Sealer {
+    fn seal(&mut self, frame: &mut [u8]) {
+        wire::seal(frame, &self.key, self.dst, self.next);
+        self.next += 1;
+    }
+}
+
+/// Seals one frame and puts it on `outbox`, from a host thread.
+fn post(outbox: &Outbox, mut frame: Vec<u8>) -> Result<(), String> {
+    let mut out = outbox.blocking_lock();
+    out.seal(&mut frame);
+    futures::executor::block_on(out.socket.send(frame.into())).map_err(|e| e.to_string())
+}
+
+/// Seals one frame and puts it on `outbox`, from the runtime.
+async fn post_async(outbox: &Outbox, mut frame: Vec<u8>) -> Result<(), String> {
+    let mut out = outbox.lock().await;
+    out.seal(&mut frame);
+    out.socket.send(frame.into()).await.map_err(|e| e.to_string())
+}
+
+/// The identity rank `rank` connects to its peers' inboxes with: its rank and its
+/// rendezvous nonce, which only the run's ranks know.
+fn identity(rank: usize, sessions: &[String]) -> String {
+    format!("rank-{rank}-{}", sessions[rank])
 }
 
 /// A message being assembled: its chunks' payloads, kept as the frames they arrived
@@ -136,6 +167,10 @@ struct State {
     left: Vec<bool>,
     bye_acked: Vec<bool>,
     protocol: Vec<Option<String>>,
+    /// The sequence number of the next frame from each peer.
+    next_in: Vec<u64>,
+    /// Frames dropped because they came from no rank of this run.
+    refused: u64,
     garbage: Option<String>,
     abort: Option<(usize, String)>,
     reports: Vec<(usize, usize)>,
@@ -147,6 +182,8 @@ struct Shared {
     rank: usize,
     world: usize,
     peer_timeout: Duration,
+    /// The run's link key, once the rendezvous has given every rank's nonce.
+    link_key: std::sync::OnceLock<Arc<Key>>,
     state: Mutex<State>,
     /// Told after every change of `state` a waiting host thread may care about.
     wake: Notify,
@@ -203,32 +240,54 @@ impl Shared {
         self.wake.notify_waiters();
     }
 
+    /// Drops a frame that came from no rank of this run, and says so (the first few
+    /// and then at powers of two, so a flood cannot flood the log).
+    fn refuse(&self, st: &mut State, bytes: &[u8], why: &str) {
+        st.refused += 1;
+        let n = st.refused;
+        if n <= 4 || n.is_power_of_two() {
+            let claim = wire::claimed_src(bytes).map_or_else(String::new, |s| format!(", claiming rank {s}"));
+            eprintln!(
+                "sheaf-zmq: rank {} refused {why} ({} bytes{claim}; {n} refused so far)",
+                self.rank,
+                bytes.len()
+            );
+        }
+    }
+
     /// Handles one frame from the inbox; returns frames to send in reply.
     fn handle(&self, raw: &Bytes) -> Vec<(usize, Vec<u8>)> {
         let bytes: &[u8] = raw;
         let mut replies = Vec::new();
         let mut st = self.lock();
+        let Some(key) = self.link_key.get() else {
+            self.refuse(&mut st, bytes, "a frame before the rendezvous ended");
+            return replies;
+        };
+        // Only frames sealed by a rank of this run, in sequence, are read at all.
         let frame = match wire::decode(bytes) {
             Ok(f) => f,
             Err(e) => {
-                match wire::claimed_src(bytes)
-                    .map(|s| s as usize)
-                    .filter(|&s| s < self.world && s != self.rank)
-                {
-                    Some(src) => st.protocol[src] = Some(e),
-                    None => st.garbage = Some(format!("garbage message on the inbox: {e}")),
-                }
-                drop(st);
-                self.wake.notify_waiters();
+                self.refuse(&mut st, bytes, &e);
                 return replies;
             }
         };
         let src = frame.src as usize;
         if src >= self.world || src == self.rank {
-            st.garbage = Some(format!("message claims to come from rank {src} in a world of {}", self.world));
-            drop(st);
-            self.wake.notify_waiters();
+            self.refuse(&mut st, bytes, &format!("a frame claiming rank {src} in a world of {}", self.world));
             return replies;
+        }
+        match wire::unseal(bytes, key, self.rank as u32) {
+            Some(seq) if seq == st.next_in[src] => st.next_in[src] += 1,
+            Some(seq) => {
+                let why = format!("frame {seq} from rank {src} out of sequence (a replay?)");
+                self.refuse(&mut st, bytes, &why);
+                return replies;
+            }
+            None => {
+                self.refuse(&mut st, bytes, "a frame whose seal does not verify (no secret)");
+                return replies;
+            }
         }
         st.last_seen[src] = Instant::now();
         match frame.kind {
@@ -406,6 +465,8 @@ pub struct ZmqLink {
     /// A collective's signature was posted without running the writers: the next
     /// send or receive runs them (see `TagClass::Signature`).
     deferred: std::sync::atomic::AtomicBool,
+    /// Every rank's inbox address.
+    endpoints: Vec<String>,
 }
 
 fn connect_err(detail: impl std::fmt::Display) -> CommError {
@@ -416,31 +477,219 @@ fn is_loopback(addr: &str) -> bool {
     addr == "localhost" || addr.starts_with("127.") || addr == "::1"
 }
 
+/// The rendezvous, as JSON messages between rank 0's ROUTER and each peer's DEALER:
+/// `Hello`, rank 0's `Challenge` (a fresh nonce), the peer's `Join` proving it holds the
+/// job's secret over that nonce and what it claims, and rank 0's `Table` of inboxes and
+/// rendezvous nonces, proving the same over the peer's nonce. `Refused` tells a peer
+/// why rank 0 did not take its join.
 #[derive(Debug, serde::Serialize, Deserialize)]
-pub(crate) struct Join {
-    pub rank: usize,
-    pub world_size: usize,
-    pub endpoint: String,
+#[serde(tag = "type")]
+pub(crate) enum Rendezvous {
+    Hello { rank: usize },
+    Challenge { nonce: String },
+    Join { rank: usize, world_size: usize, endpoint: String, session: String, proof: String },
+    Table { endpoints: Vec<String>, sessions: Vec<String>, proof: String },
+    Refused { reason: String },
 }
 
-/// Rank 0's reading of a rendezvous message: a join from a rank of this world (whose
-/// size is `table.len()`) that has not joined yet.
-pub(crate) fn check_join(body: &[u8], table: &[String]) -> Result<Join, String> {
+const JOIN: &str = "sheaf-zmq-join";
+const TABLE: &str = "sheaf-zmq-table";
+
+fn join_parts<'a>(
+    challenge: &'a [u8],
+    rank: &'a [u8; 8],
+    world: &'a [u8; 8],
+    endpoint: &'a str,
+    session: &'a str,
+) -> [&'a [u8]; 5] {
+    [challenge, rank, world, endpoint.as_bytes(), session.as_bytes()]
+}
+
+/// A peer's join as rank 0 reads it.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Joined {
+    /// A rank of this run: its rank, inbox and rendezvous nonce.
+    Rank { rank: usize, endpoint: String, session: String },
+    /// No proof of the secret over this connection's challenge: a stranger (or a
+    /// replayed join), refused.
+    Refused(String),
+    /// A proven join that does not fit this world: the job is misconfigured.
+    Mismatch(String),
+}
+
+/// Rank 0's reading of `msg`, the answer to `challenge`, with `table` holding the
+/// inboxes of the ranks joined so far (its length is the world's size).
+pub(crate) fn check_join(key: &Key, challenge: &[u8], msg: &Rendezvous, table: &[String]) -> Joined {
+    let Rendezvous::Join { rank, world_size, endpoint, session, proof } = msg else {
+        return Joined::Refused("a message that is not a join".into());
+    };
+    let (r, w) = ((*rank as u64).to_le_bytes(), (*world_size as u64).to_le_bytes());
+    let proof = sheaf_auth::unhex(proof).unwrap_or_default();
+    if !key.verify(JOIN, &join_parts(challenge, &r, &w, endpoint, session), &proof) {
+        return Joined::Refused(format!("a join claiming rank {rank} without proof of the job's secret"));
+    }
     let world = table.len();
-    let join: Join =
-        serde_json::from_slice(body).map_err(|e| format!("garbage on the rendezvous port: {e}"))?;
-    if join.world_size != world || join.rank == 0 || join.rank >= world || !table[join.rank].is_empty() {
-        return Err(format!(
-            "rank {} of a world of {} joined a world of {world} (duplicate or mismatched rank)",
-            join.rank, join.world_size
+    if *world_size != world || *rank == 0 || *rank >= world || !table[*rank].is_empty() {
+        return Joined::Mismatch(format!(
+            "rank {rank} of a world of {world_size} joined a world of {world} (duplicate or mismatched rank)"
         ));
     }
-    Ok(join)
+    Joined::Rank { rank: *rank, endpoint: endpoint.clone(), session: session.clone() }
 }
 
-/// The other ranks' reading of rank 0's answer: every rank's inbox address.
-pub(crate) fn parse_table(bytes: &[u8], world: usize) -> Option<Vec<String>> {
-    serde_json::from_slice::<Vec<String>>(bytes).ok().filter(|t| t.len() == world)
+fn table_proof(
+    key: &Key,
+    session: &str,
+    endpoints: &[String],
+    sessions: &[String],
+) -> [u8; sheaf_auth::PROOF] {
+    let (e, s) = (
+        serde_json::to_string(endpoints).expect("strings"),
+        serde_json::to_string(sessions).expect("strings"),
+    );
+    key.prove(TABLE, &[session.as_bytes(), e.as_bytes(), s.as_bytes()])
+}
+
+/// A peer's reading of rank 0's answer to its join (whose nonce was `session`):
+/// every rank's inbox and nonce, proven by rank 0.
+pub(crate) fn check_table(
+    key: &Key,
+    session: &str,
+    msg: &Rendezvous,
+    world: usize,
+) -> Result<(Vec<String>, Vec<String>), String> {
+    match msg {
+        Rendezvous::Table { endpoints, sessions, proof } => {
+            if endpoints.len() != world || sessions.len() != world {
+                return Err(format!(
+                    "rank 0 answered with a table of {} ranks for a world of {world}",
+                    endpoints.len()
+                ));
+            }
+            let proof = sheaf_auth::unhex(proof).unwrap_or_default();
+            if !key.verify(
+                TABLE,
+                &[
+                    session.as_bytes(),
+                    serde_json::to_string(endpoints).expect("strings").as_bytes(),
+                    serde_json::to_string(sessions).expect("strings").as_bytes(),
+                ],
+                &proof,
+            ) {
+                return Err("rank 0 could not prove it holds the job's secret (is SHEAF_JOB_TOKEN the same on every rank?)".into());
+            }
+            Ok((endpoints.clone(), sessions.clone()))
+        }
+        Rendezvous::Refused { reason } => Err(format!("rank 0 refused this rank: {reason}")),
+        _ => Err("rank 0 answered the rendezvous with garbage".into()),
+    }
+}
+
+async fn send_to(router: &mut RouterSocket, id: &Bytes, msg: &Rendezvous) -> Result<(), CommError> {
+    let mut reply = ZmqMessage::from(id.clone());
+    reply.push_back(serde_json::to_vec(msg).expect("serialises").into());
+    router.send(reply).await.map_err(connect_err)
+}
+
+/// Rank 0's side: challenges every connection, takes the joins that prove the
+/// secret (refusing and logging the rest, which never end the rendezvous), and
+/// answers each rank with the table.
+async fn rendezvous_as_rank_0(
+    router: &mut RouterSocket,
+    key: &Key,
+    world: usize,
+    mine: String,
+) -> Result<(Vec<String>, Vec<String>), CommError> {
+    let mut table = vec![String::new(); world];
+    let mut sessions = vec![String::new(); world];
+    table[0] = mine;
+    sessions[0] = sheaf_auth::hex(&sheaf_auth::nonce());
+    let mut challenges: HashMap<Bytes, [u8; sheaf_auth::NONCE]> = HashMap::new();
+    let mut joined: Vec<(Bytes, usize)> = Vec::new();
+    let mut refused = 0u64;
+    let mut refuse = |why: String| {
+        refused += 1;
+        if refused <= 4 || refused.is_power_of_two() {
+            eprintln!("sheaf-zmq: rank 0 refused {why} on the rendezvous port ({refused} refused so far)");
+        }
+    };
+    while joined.len() < world - 1 {
+        let msg = router.recv().await.map_err(connect_err)?;
+        let (Some(id), Some(body)) = (msg.get(0), msg.get(1)) else {
+            refuse("a message without a body".into());
+            continue;
+        };
+        let msg: Rendezvous = match serde_json::from_slice(body) {
+            Ok(m) => m,
+            Err(e) => {
+                refuse(format!("garbage ({e})"));
+                continue;
+            }
+        };
+        if let Rendezvous::Hello { .. } = msg {
+            // Bounded: a flood of hellos forgets old challenges, not memory.
+            if challenges.len() >= 1024 {
+                challenges.clear();
+            }
+            let nonce = sheaf_auth::nonce();
+            challenges.insert(id.clone(), nonce);
+            send_to(router, id, &Rendezvous::Challenge { nonce: sheaf_auth::hex(&nonce) }).await?;
+            continue;
+        }
+        let Some(challenge) = challenges.remove(id) else {
+            refuse("a message before its challenge".into());
+            continue;
+        };
+        match check_join(key, &challenge, &msg, &table) {
+            Joined::Rank { rank, endpoint, session } => {
+                table[rank] = endpoint;
+                sessions[rank] = session;
+                joined.push((id.clone(), rank));
+            }
+            Joined::Refused(why) => {
+                refuse(why);
+                let reason =
+                    "no proof of the job's secret (is SHEAF_JOB_TOKEN the same on every rank?)".into();
+                send_to(router, id, &Rendezvous::Refused { reason }).await?;
+            }
+            Joined::Mismatch(why) => return Err(connect_err(why)),
+        }
+    }
+    for (id, rank) in &joined {
+        let proof = sheaf_auth::hex(&table_proof(key, &sessions[*rank], &table, &sessions));
+        let msg = Rendezvous::Table { endpoints: table.clone(), sessions: sessions.clone(), proof };
+        send_to(router, id, &msg).await?;
+    }
+    Ok((table, sessions))
+}
+
+/// A peer's side: hello, answer rank 0's challenge with a proof, check rank 0's.
+async fn rendezvous_as_peer(
+    dealer: &mut DealerSocket,
+    key: &Key,
+    rank: usize,
+    world: usize,
+    mine: String,
+) -> Result<(Vec<String>, Vec<String>), CommError> {
+    let send = |msg: &Rendezvous| ZmqMessage::from(serde_json::to_vec(msg).expect("serialises"));
+    dealer.send(send(&Rendezvous::Hello { rank })).await.map_err(connect_err)?;
+    let reply = dealer.recv().await.map_err(connect_err)?;
+    let challenge = match reply.get(0).and_then(|b| serde_json::from_slice::<Rendezvous>(b).ok()) {
+        Some(Rendezvous::Challenge { nonce }) => sheaf_auth::unhex(&nonce)
+            .ok_or_else(|| connect_err("rank 0 answered the rendezvous with garbage"))?,
+        _ => return Err(connect_err("rank 0 answered the rendezvous with garbage")),
+    };
+    let session = sheaf_auth::hex(&sheaf_auth::nonce());
+    let (r, w) = ((rank as u64).to_le_bytes(), (world as u64).to_le_bytes());
+    let proof = sheaf_auth::hex(&key.prove(JOIN, &join_parts(&challenge, &r, &w, &mine, &session)));
+    let join = Rendezvous::Join { rank, world_size: world, endpoint: mine, session: session.clone(), proof };
+    dealer.send(send(&join)).await.map_err(connect_err)?;
+    let reply = dealer.recv().await.map_err(connect_err)?;
+    let msg = reply
+        .get(0)
+        .and_then(|b| serde_json::from_slice::<Rendezvous>(b).ok())
+        .ok_or_else(|| connect_err("rank 0 answered the rendezvous with garbage"))?;
+    check_table(key, &session, &msg, world).map_err(connect_err)
 }
 
 impl ZmqLink {
@@ -457,6 +706,7 @@ impl ZmqLink {
             rank,
             world,
             peer_timeout: Duration::from_millis(config.peer_timeout_ms),
+            link_key: std::sync::OnceLock::new(),
             state: Mutex::new(State {
                 queues: HashMap::new(),
                 partial: HashMap::new(),
@@ -469,6 +719,8 @@ impl ZmqLink {
                 left: vec![false; world],
                 bye_acked: vec![false; world],
                 protocol: vec![None; world],
+                next_in: vec![0; world],
+                refused: 0,
                 garbage: None,
                 abort: None,
                 reports: Vec::new(),
@@ -489,6 +741,7 @@ impl ZmqLink {
             progress: Arc::new(Progress::new(runtime)),
             idle_driver: None,
             deferred: std::sync::atomic::AtomicBool::new(false),
+            endpoints: Vec::new(),
         };
         if world == 1 {
             return Ok(link);
@@ -504,8 +757,9 @@ impl ZmqLink {
                 },
             )?
         });
-        let (outboxes, rendezvous) = setup?;
+        let (outboxes, rendezvous, endpoints) = setup?;
         link.outboxes = outboxes;
+        link.endpoints = endpoints;
         // Heartbeats keep peers from declaring this rank dead while it computes.
         let beats: Vec<_> = link.outboxes.clone();
         let every = Duration::from_millis(config.heartbeat_ms.max(10));
@@ -550,8 +804,20 @@ impl ZmqLink {
         Ok(link)
     }
 
-    /// Puts raw bytes on the wire to `peer`, bypassing framing: for tests of how a
-    /// receiver handles a corrupt or hostile sender.
+    /// Rank `rank`'s inbox address (for tests of strangers connecting to it).
+    #[doc(hidden)]
+    pub fn inbox_for_tests(&self, rank: usize) -> &str {
+        &self.endpoints[rank]
+    }
+
+    /// Frames refused so far (from no rank of this run).
+    #[doc(hidden)]
+    pub fn refused_for_tests(&self) -> u64 {
+        self.shared.lock().refused
+    }
+
+    /// Puts raw bytes on the wire to `peer`, sealed but otherwise unframed: for tests
+    /// of how a receiver handles a corrupt peer.
     #[doc(hidden)]
     pub fn send_raw_for_tests(&self, peer: usize, bytes: Vec<u8>) {
         let _ = post(self.outbox(peer), bytes);
@@ -622,7 +888,7 @@ async fn setup(
     scheme: Scheme,
     config: &ZmqConfig,
     shared: Arc<Shared>,
-) -> Result<(Vec<Option<Outbox>>, Option<RouterSocket>), CommError> {
+) -> Result<(Vec<Option<Outbox>>, Option<RouterSocket>, Vec<String>), CommError> {
     let (rank, world) = (config.rank, config.world_size);
     let mut inbox = PullSocket::new();
     let endpoint = match scheme {
@@ -663,55 +929,46 @@ async fn setup(
     let master = format!("tcp://{}:{}", config.master_addr, config.master_port);
     let mut opts = SocketOptions::default();
     opts.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
-    let (table, router) = if rank == 0 {
+    let key = Key::new(config.job_token.as_deref().unwrap_or("").as_bytes());
+    let (table, sessions, router) = if rank == 0 {
         let mut router = RouterSocket::new();
         router.bind(&master).await.map_err(|e| connect_err(format!("rank 0 listening on {master}: {e}")))?;
-        let mut table = vec![String::new(); world];
-        table[0] = mine.clone();
-        let mut ids = Vec::new();
-        while ids.len() < world - 1 {
-            let msg = router.recv().await.map_err(connect_err)?;
-            let (Some(id), Some(body)) = (msg.get(0), msg.get(1)) else { continue };
-            let join = check_join(body, &table).map_err(connect_err)?;
-            table[join.rank] = join.endpoint;
-            ids.push(id.clone());
-        }
-        let body = serde_json::to_vec(&table).expect("a table serialises");
-        for id in ids {
-            let mut reply = ZmqMessage::from(id);
-            reply.push_back(body.clone().into());
-            router.send(reply).await.map_err(connect_err)?;
-        }
-        (table, Some(router))
+        let (table, sessions) = rendezvous_as_rank_0(&mut router, &key, world, mine.clone()).await?;
+        (table, sessions, Some(router))
     } else {
         let mut dealer = DealerSocket::with_options(opts);
         dealer
             .connect(&master)
             .await
             .map_err(|e| connect_err(format!("rank {rank} reaching rank 0 at {master}: {e}")))?;
-        let join = serde_json::to_vec(&Join { rank, world_size: world, endpoint: mine.clone() })
-            .expect("serialises");
-        dealer.send(join.into()).await.map_err(connect_err)?;
-        let reply = dealer.recv().await.map_err(connect_err)?;
-        let table = reply
-            .get(0)
-            .and_then(|b| parse_table(b, world))
-            .ok_or_else(|| connect_err("rank 0 answered the rendezvous with garbage"))?;
-        (table, None)
+        let (table, sessions) = rendezvous_as_peer(&mut dealer, &key, rank, world, mine.clone()).await?;
+        (table, sessions, None)
     };
+    // The run's link key: the secret and every rank's nonce of this rendezvous, so
+    // frames of another run (or recorded from this one for another pair) never verify.
+    let session_parts: Vec<&[u8]> = sessions.iter().map(|s| s.as_bytes()).collect();
+    let link_key = Arc::new(key.derive("sheaf-zmq-link", &session_parts));
+    let _ = shared.link_key.set(link_key.clone());
 
     let mut outboxes: Vec<Option<Outbox>> = (0..world).map(|_| None).collect();
     for (peer, endpoint) in table.iter().enumerate().filter(|(p, _)| *p != rank) {
         let mut opts = SocketOptions::default();
         opts.connect_timeout(Duration::from_millis(config.connect_timeout_ms));
+        // An identity no stranger can guess (it holds this run's nonce), so none can
+        // take over this connection or report it closed in this rank's name.
         opts.peer_identity(
-            PeerIdentity::try_from(format!("rank-{rank}").into_bytes()).expect("short identity"),
+            PeerIdentity::try_from(identity(rank, &sessions).into_bytes()).expect("short identity"),
         );
         let mut push = PushSocket::with_options(opts);
         push.connect(endpoint)
             .await
             .map_err(|e| connect_err(format!("connecting to rank {peer} at {endpoint}: {e}")))?;
-        outboxes[peer] = Some(Arc::new(tokio::sync::Mutex::new(push)));
+        outboxes[peer] = Some(Arc::new(tokio::sync::Mutex::new(Sealer {
+            socket: push,
+            dst: peer as u32,
+            next: 0,
+            key: link_key.clone(),
+        })));
     }
 
     // The receive loop: every frame updates the shared state; replies go out through
@@ -724,9 +981,7 @@ async fn setup(
                 Ok(msg) => {
                     if msg.len() != 1 {
                         let mut st = rx_shared.lock();
-                        st.garbage = Some(format!("garbage message on the inbox: {} frames", msg.len()));
-                        drop(st);
-                        rx_shared.wake.notify_waiters();
+                        rx_shared.refuse(&mut st, &[], &format!("a message of {} parts", msg.len()));
                         continue;
                     }
                     let frame = msg.get(0).expect("one frame");
@@ -752,22 +1007,23 @@ async fn setup(
     });
     // A peer whose connection drops before it said goodbye has died.
     let mon_shared = shared.clone();
+    let identities: Vec<String> = (0..world).map(|p| identity(p, &sessions)).collect();
     tokio::spawn(async move {
         while let Some(event) = monitor.next().await {
             if let SocketEvent::Disconnected(id) = event {
-                let name = String::from_utf8_lossy(id.as_ref()).into_owned();
-                if let Some(peer) = name.strip_prefix("rank-").and_then(|r| r.parse::<usize>().ok()) {
-                    let mut st = mon_shared.lock();
-                    if peer < st.dead.len() && !st.left[peer] && !st.closing && st.dead[peer].is_none() {
-                        st.dead[peer] = Some("connection lost (the process exited or crashed)".into());
-                    }
-                    drop(st);
-                    mon_shared.wake.notify_waiters();
+                let Some(peer) = identities.iter().position(|i| i.as_bytes() == id.as_ref()) else {
+                    continue;
+                };
+                let mut st = mon_shared.lock();
+                if !st.left[peer] && !st.closing && st.dead[peer].is_none() {
+                    st.dead[peer] = Some("connection lost (the process exited or crashed)".into());
                 }
+                drop(st);
+                mon_shared.wake.notify_waiters();
             }
         }
     });
-    Ok((outboxes, router))
+    Ok((outboxes, router, table))
 }
 
 impl Link for ZmqLink {

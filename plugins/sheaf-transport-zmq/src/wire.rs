@@ -1,11 +1,21 @@
 //! The frame format on the data plane: one ZeroMQ frame per message chunk, a fixed
-//! 32-byte little-endian header then the payload. Anything that does not parse is a
-//! protocol error naming the sender when the header names a valid one.
+//! 56-byte little-endian header then the payload. The header's last 24 bytes seal it:
+//! the frame's sequence number on its (sender, receiver) stream and a 16-byte
+//! HMAC-SHA256 of the header's first 40 bytes and the receiver's rank under the run's
+//! link key (derived from the job's secret and every rank's rendezvous nonce). A frame
+//! whose seal does not verify, or that repeats or skips a sequence number, is dropped
+//! unread: it came from no rank of this run.
+
+use sheaf_auth::Key;
 
 /// `"SF"`: Sheaf frame.
 pub const MAGIC: u16 = 0x5346;
-pub const VERSION: u8 = 2;
-pub const HEADER: usize = 32;
+pub const VERSION: u8 = 3;
+pub const HEADER: usize = 56;
+/// Where the seal starts: the sequence number, then the MAC.
+const SEALED: usize = 40;
+const MAC: usize = 16;
+const DOMAIN: &str = "sheaf-zmq-frame";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -66,8 +76,26 @@ pub fn encode(kind: Kind, src: u32, tag: u64, a: u64, b: u64, payload: &[u8]) ->
     out.extend_from_slice(&tag.to_le_bytes());
     out.extend_from_slice(&a.to_le_bytes());
     out.extend_from_slice(&b.to_le_bytes());
+    out.extend_from_slice(&[0u8; HEADER - 32]);
     out.extend_from_slice(payload);
     out
+}
+
+/// Seals `frame` (from [`encode`]) as the `seq`-th frame to rank `dst`.
+pub fn seal(frame: &mut [u8], key: &Key, dst: u32, seq: u64) {
+    if frame.len() < HEADER {
+        return;
+    }
+    frame[32..SEALED].copy_from_slice(&seq.to_le_bytes());
+    let mac = key.prove(DOMAIN, &[&dst.to_le_bytes(), &frame[..SEALED]]);
+    frame[SEALED..HEADER].copy_from_slice(&mac[..MAC]);
+}
+
+/// Whether `frame`'s seal verifies for receiver `me`: its sequence number if so.
+pub fn unseal(frame: &[u8], key: &Key, me: u32) -> Option<u64> {
+    let header = frame.get(..HEADER)?;
+    key.verify(DOMAIN, &[&me.to_le_bytes(), &header[..SEALED]], &header[SEALED..])
+        .then(|| u64::from_le_bytes(header[32..SEALED].try_into().expect("8 bytes")))
 }
 
 /// Parses a frame, or says what is wrong with it.
@@ -94,7 +122,8 @@ pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, String> {
     })
 }
 
-/// The sender a malformed frame claims, if its header got that far.
+/// The sender a frame claims, if its header got that far (for the log of refused
+/// frames: a claim, never trusted).
 pub fn claimed_src(bytes: &[u8]) -> Option<u32> {
     (bytes.len() >= 8 && u16::from_le_bytes([bytes[0], bytes[1]]) == MAGIC)
         .then(|| u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")))
@@ -118,8 +147,24 @@ mod tests {
         let mut bad = f.clone();
         bad[3] = 99;
         assert!(decode(&bad).unwrap_err().contains("kind"));
-        let mut bad = f;
+        let mut bad = f.clone();
         bad[2] = 9;
         assert!(decode(&bad).unwrap_err().contains("version"));
+
+        // Sealed for rank 1 as its 7th frame: verifies there, nowhere else, not after
+        // a change, not under another key.
+        let (key, other) = (Key::new(b"run key"), Key::new(b"another run"));
+        let mut sealed = f;
+        seal(&mut sealed, &key, 1, 7);
+        assert_eq!(unseal(&sealed, &key, 1), Some(7));
+        assert_eq!(unseal(&sealed, &key, 2), None);
+        assert_eq!(unseal(&sealed, &other, 1), None);
+        let mut changed = sealed.clone();
+        changed[9] ^= 1;
+        assert_eq!(unseal(&changed, &key, 1), None);
+        let mut replayed = sealed.clone();
+        replayed[32] = 8;
+        assert_eq!(unseal(&replayed, &key, 1), None);
+        assert_eq!(unseal(&sealed[..40], &key, 1), None);
     }
 }

@@ -23,7 +23,8 @@ fn free_port() -> u16 {
 fn config(rank: usize, world: usize, port: u16, ring: usize) -> ShmConfig {
     serde_json::from_value(serde_json::json!({
         "rank": rank, "world_size": world, "master_addr": "127.0.0.1", "master_port": port,
-        "connect_timeout_ms": 20000, "ring_bytes": ring, "advertise_addr": null
+        "connect_timeout_ms": 20000, "ring_bytes": ring, "advertise_addr": null,
+        "job_token": "a test secret"
     }))
     .unwrap()
 }
@@ -224,4 +225,48 @@ fn probe_stream() {
         let per = t.elapsed() / n as u32;
         eprintln!("{size}: {per:?} per message, {:.2} GB/s", size as f64 / per.as_secs_f64() / 1e9);
     }
+}
+
+/// Strangers on the shared-memory rendezvous (garbage, a join proven under another
+/// secret, one that connects and says nothing) are refused and never get the segment;
+/// the ranks that hold the secret still meet.
+#[test]
+fn strangers_at_the_rendezvous_never_get_the_segment() {
+    use std::io::{Read, Write};
+    use std::os::linux::net::SocketAddrExt;
+    let port = free_port();
+    let rank0 = std::thread::spawn(move || ShmLink::connect(config(0, 2, port, 64 << 10)));
+    std::thread::sleep(Duration::from_millis(300));
+    let uid = unsafe { libc::getuid() };
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(format!("sheaf-shm-{uid}-{port}")).unwrap();
+    let stranger = |join: Option<Vec<u8>>| {
+        let mut s = std::os::unix::net::UnixStream::connect_addr(&addr).unwrap();
+        let mut challenge = [0u8; 24];
+        s.read_exact(&mut challenge).unwrap();
+        assert_eq!(&challenge[..8], b"SHMCHAL1");
+        let Some(mut join) = join else { return String::from("silent") };
+        if join.len() == 64 {
+            // A proof over this challenge, but under a wrong secret.
+            let proof = sheaf_auth::Key::new(b"a wrong secret").prove(
+                "sheaf-shm-join",
+                &[&challenge[8..], &1u32.to_le_bytes(), &2u32.to_le_bytes(), &join[16..32]],
+            );
+            join[32..].copy_from_slice(&proof);
+        }
+        s.write_all(&join).unwrap();
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        String::from_utf8_lossy(&reply).into_owned()
+    };
+    assert!(stranger(Some(vec![0xAB; 64 + 1].into_iter().take(64).collect())).starts_with("SHMERR"));
+    let mut forged = b"SHMJOIN2".to_vec();
+    forged.extend_from_slice(&1u32.to_le_bytes());
+    forged.extend_from_slice(&2u32.to_le_bytes());
+    forged.extend_from_slice(&[7; 16 + 32]);
+    assert!(stranger(Some(forged)).starts_with("SHMERR"));
+    stranger(None);
+    let rank1 = ShmLink::connect(config(1, 2, port, 64 << 10)).unwrap();
+    let rank0 = rank0.join().unwrap().unwrap();
+    rank1.send(0, Tag(3), b"member", dl()).unwrap();
+    assert_eq!(rank0.recv(1, Tag(3), dl()).unwrap(), b"member");
 }

@@ -19,7 +19,8 @@ fn free_port() -> u16 {
 fn config(rank: usize, world: usize, port: u16) -> ZmqConfig {
     serde_json::from_value(serde_json::json!({
         "rank": rank, "world_size": world, "master_addr": "127.0.0.1", "master_port": port,
-        "connect_timeout_ms": 20000, "peer_timeout_ms": 5000, "chunk_bytes": 4096, "window_bytes": 65536
+        "connect_timeout_ms": 20000, "peer_timeout_ms": 5000, "chunk_bytes": 4096, "window_bytes": 65536,
+        "job_token": "a test secret"
     }))
     .unwrap()
 }
@@ -107,12 +108,13 @@ fn garbage_on_the_inbox_is_a_protocol_error_naming_the_sender() {
     let bad = {
         let mut f = Vec::new();
         f.extend_from_slice(&0x5346u16.to_le_bytes());
-        f.push(2); // the wire version
+        f.push(3); // the wire version
         f.push(1); // data
         f.extend_from_slice(&1u32.to_le_bytes());
         f.extend_from_slice(&9u64.to_le_bytes());
         f.extend_from_slice(&100u64.to_le_bytes());
         f.extend_from_slice(&50u64.to_le_bytes()); // offset 50 of a message never started
+        f.extend_from_slice(&[0; 24]); // the seal, which sending fills in
         f
     };
     links[1].send_raw_for_tests(0, bad);
@@ -154,4 +156,99 @@ fn a_link_left_alone_past_the_peer_timeout_stays_alive() {
             b.close(dl()).unwrap();
         });
     });
+}
+
+/// A stranger on a rank's inbox (garbage, frames claiming a rank with no seal or a
+/// seal under another secret, then a disconnect, under the identity an old version
+/// gave that rank): every frame is refused and counted, none reaches a receive, and
+/// the rank it impersonated is neither disconnected nor declared dead.
+#[test]
+fn strangers_on_an_inbox_are_refused_and_change_nothing() {
+    use zeromq::{Socket, SocketSend};
+    let links = world(2, Scheme::Tcp);
+    let inbox = links[0].inbox_for_tests(0).to_string();
+    let frame = |seal: Option<&[u8]>| {
+        let mut f = Vec::new();
+        f.extend_from_slice(&0x5346u16.to_le_bytes());
+        f.extend_from_slice(&[3, 1]); // version 3, data
+        f.extend_from_slice(&1u32.to_le_bytes()); // "from rank 1"
+        f.extend_from_slice(&9u64.to_le_bytes());
+        f.extend_from_slice(&3u64.to_le_bytes());
+        f.extend_from_slice(&0u64.to_le_bytes());
+        f.extend_from_slice(&0u64.to_le_bytes()); // sequence number 0
+        match seal {
+            Some(secret) => {
+                let mac = sheaf_auth::Key::new(secret).prove("sheaf-zmq-frame", &[&0u32.to_le_bytes(), &f]);
+                f.extend_from_slice(&mac[..16]);
+            }
+            None => f.extend_from_slice(&[0; 16]),
+        }
+        f.extend_from_slice(b"bad");
+        f
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut opts = zeromq::SocketOptions::default();
+        opts.peer_identity(zeromq::util::PeerIdentity::try_from(b"rank-1".to_vec()).unwrap());
+        let mut stranger = zeromq::PushSocket::with_options(opts);
+        stranger.connect(&inbox).await.unwrap();
+        for bytes in [b"hello".to_vec(), frame(None), frame(Some(b"a wrong secret"))] {
+            stranger.send(bytes.into()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(stranger);
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    links[1].send(0, Tag(9), b"good", dl()).unwrap();
+    assert_eq!(links[0].recv(1, Tag(9), dl()).unwrap(), b"good");
+    assert!(links[0].refused_for_tests() >= 3, "{}", links[0].refused_for_tests());
+}
+
+/// Strangers at the rendezvous (garbage, a join proven with a wrong secret, a join
+/// recorded for one challenge replayed against another) are refused, and the ranks
+/// that hold the secret still meet.
+#[test]
+fn strangers_at_the_rendezvous_are_refused_and_the_world_still_forms() {
+    use zeromq::{Socket, SocketRecv, SocketSend};
+    let port = free_port();
+    let rank0 = std::thread::spawn(move || ZmqLink::connect(Scheme::Tcp, config(0, 2, port)));
+    std::thread::sleep(Duration::from_millis(300));
+    let master = format!("tcp://127.0.0.1:{port}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let json = |v: serde_json::Value| zeromq::ZmqMessage::from(serde_json::to_vec(&v).unwrap());
+        let reply =
+            |m: zeromq::ZmqMessage| serde_json::from_slice::<serde_json::Value>(m.get(0).unwrap()).unwrap();
+        // Garbage.
+        let mut s = zeromq::DealerSocket::new();
+        s.connect(&master).await.unwrap();
+        s.send("\x00garbage".into()).await.unwrap();
+        // A challenge answered under the wrong secret, then a proof recorded for this
+        // challenge (made here with the right secret, as if overheard) replayed against
+        // a new connection's challenge.
+        let join = |challenge: &str, secret: &[u8]| {
+            let c = sheaf_auth::unhex(challenge).unwrap();
+            let (r, w, endpoint, session) =
+                (1u64.to_le_bytes(), 2u64.to_le_bytes(), "tcp://127.0.0.1:9", "00");
+            let proof = sheaf_auth::Key::new(secret)
+                .prove("sheaf-zmq-join", &[&c, &r, &w, endpoint.as_bytes(), session.as_bytes()]);
+            serde_json::json!({"type": "Join", "rank": 1, "world_size": 2, "endpoint": endpoint,
+                "session": session, "proof": sheaf_auth::hex(&proof)})
+        };
+        s.send(json(serde_json::json!({"type": "Hello", "rank": 1}))).await.unwrap();
+        let challenge = reply(s.recv().await.unwrap())["nonce"].as_str().unwrap().to_string();
+        s.send(json(join(&challenge, b"a wrong secret"))).await.unwrap();
+        assert_eq!(reply(s.recv().await.unwrap())["type"], "Refused");
+        let recorded = join(&challenge, b"a test secret");
+        let mut again = zeromq::DealerSocket::new();
+        again.connect(&master).await.unwrap();
+        again.send(json(serde_json::json!({"type": "Hello", "rank": 1}))).await.unwrap();
+        let _other_challenge = reply(again.recv().await.unwrap());
+        again.send(json(recorded)).await.unwrap();
+        assert_eq!(reply(again.recv().await.unwrap())["type"], "Refused");
+    });
+    let rank1 = ZmqLink::connect(Scheme::Tcp, config(1, 2, port)).unwrap();
+    let rank0 = rank0.join().unwrap().unwrap();
+    rank1.send(0, Tag(3), b"member", dl()).unwrap();
+    assert_eq!(rank0.recv(1, Tag(3), dl()).unwrap(), b"member");
 }
