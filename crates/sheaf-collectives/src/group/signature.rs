@@ -25,7 +25,8 @@ pub(crate) struct Signature {
     pub root: Option<u32>,
 }
 
-const LEN: usize = 24;
+/// Bytes of an encoded signature.
+pub(crate) const LEN: usize = 24;
 const NONE: u8 = u8::MAX;
 
 impl Signature {
