@@ -341,7 +341,9 @@ fn strangers_without_the_secret_change_nothing() {
     let mut sets: Vec<&str> = SLOW.to_vec();
     sets.push("train.max_steps=30");
     let quiet = tempfile::tempdir().unwrap();
-    ok(&sheaf(&args("2", &sets), quiet.path()));
+    let mut a = args("2", &sets);
+    a.extend(["--threads-per-worker", "1"]);
+    ok(&sheaf(&a, quiet.path()));
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let secret = "the job's secret";
