@@ -22,7 +22,7 @@ fn text() -> String {
 }
 
 /// A job file for a tiny GPT on `dataset`, with `extra` appended to `[train]`.
-fn job(dir: &Path, dataset: &Path, model_extra: &str, train_extra: &str) -> PathBuf {
+pub(crate) fn job(dir: &Path, dataset: &Path, model_extra: &str, train_extra: &str) -> PathBuf {
     let path = dir.join("gpt.toml");
     let body = format!(
         r#"seed = 3
@@ -53,7 +53,7 @@ checksum_every = 5
     path
 }
 
-fn text_file(dir: &Path) -> PathBuf {
+pub(crate) fn text_file(dir: &Path) -> PathBuf {
     let path = dir.join("corpus.txt");
     std::fs::write(&path, text()).unwrap();
     path

@@ -3,6 +3,7 @@
 mod bench;
 mod collectives;
 mod gpt;
+mod hosts;
 mod model_parallel;
 mod plugin_check;
 mod plugins;

@@ -214,10 +214,14 @@ fn elastic_restarts_end_where_uninterrupted_runs_end() {
         "train.lr_schedule=\"cosine\"",
         "transport.plugin=\"shm\"",
     ]);
+    // The span kills are drawn from: start to the summary of an uninterrupted run.
     let whole = tempfile::tempdir().unwrap();
     let t = Instant::now();
-    ok(&sheaf(&args("2", &sets), whole.path()));
+    let mut run = launch_bg(&args("2", &sets), whole.path());
+    let summary_at = whole.path().join("summary.json");
+    wait_for("the uninterrupted run's summary", Duration::from_secs(120), || summary_at.exists());
     let span = t.elapsed();
+    assert!(run.child.wait().unwrap().success());
     let mut rng = SplitMix64::new(0x5EAF);
     let mut killed_mid_run = 0;
     for trial in 0..trials {
@@ -230,7 +234,9 @@ fn elastic_restarts_end_where_uninterrupted_runs_end() {
         let rank = (rng.next_u64() % 2) as usize;
         let moment = span.mul_f64(0.05 + 0.9 * (rng.next_u64() % 1000) as f64 / 1000.0);
         std::thread::sleep(moment);
-        let mid_run = alive(pids[rank]);
+        // Mid-run: before the summary (once it is written a rank may exit between
+        // this check and the kill, and nothing restarts).
+        let mid_run = !dir.path().join("summary.json").exists() && alive(pids[rank]);
         kill(pids[rank], libc::SIGKILL);
         let status = run.child.wait().unwrap();
         assert!(status.success(), "trial {trial}: rank {rank} killed after {moment:?}: {status}");
@@ -243,6 +249,7 @@ fn elastic_restarts_end_where_uninterrupted_runs_end() {
             killed_mid_run += 1;
         }
     }
+    eprintln!("elastic: {killed_mid_run} of {trials} kills landed mid-run");
     // Most kills must land while the world runs, or this tests nothing.
     assert!(killed_mid_run * 2 >= trials, "{killed_mid_run} of {trials} kills landed mid-run");
 }

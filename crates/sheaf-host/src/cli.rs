@@ -84,14 +84,32 @@ impl JobArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run one worker; rank and world come from RANK, WORLD_SIZE, MASTER_ADDR,
-    /// MASTER_PORT, LOCAL_RANK as torchrun sets them (a world of one when unset).
+    /// Run one worker; its rank and world come from the launcher's environment
+    /// (torchrun, SLURM, Open MPI, MPICH, Kubernetes: see below), a world of one when
+    /// none set it.
+    #[command(after_help = crate::world::HELP)]
     Run(JobArgs),
     /// Start N local worker processes and wait for them.
     Launch {
-        /// Number of workers.
-        #[arg(short = 'n', long = "nproc", value_name = "N")]
+        /// Workers on this host.
+        #[arg(short = 'n', long = "nproc-per-node", visible_alias = "nproc", value_name = "N")]
         workers: usize,
+        /// Hosts in the job, one launcher each (torchrun's flag).
+        #[arg(long, value_name = "M", default_value_t = 1)]
+        nnodes: usize,
+        /// This host's place among them, from 0; its workers are ranks R*N .. R*N+N-1.
+        #[arg(long, value_name = "R", default_value_t = 0)]
+        node_rank: usize,
+        /// Where rank 0 (on node 0) meets the others.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+        master_addr: String,
+        /// The rendezvous port (default: a free one, on one host only).
+        #[arg(long, value_name = "PORT")]
+        master_port: Option<u16>,
+        /// The address this host's workers are reached at (default: each worker's
+        /// address on the route to the master).
+        #[arg(long, value_name = "ADDR")]
+        advertise_addr: Option<String>,
         #[command(flatten)]
         job: JobArgs,
         /// When a worker dies, stop the others and start the world again from the
@@ -255,8 +273,10 @@ fn launch_job(
     run_dir: &std::path::Path,
     workers_to_stderr: bool,
     supervision: (usize, f64),
+    nodes: crate::launch::Nodes,
 ) -> Result<(), HostError> {
     let (max_restarts, grace_s) = supervision;
+    nodes.check(max_restarts)?;
     if !(grace_s.is_finite() && grace_s >= 0.0) {
         return Err(HostError::Usage(format!("--grace-s {grace_s}: not a number of seconds")));
     }
@@ -283,7 +303,7 @@ fn launch_job(
         registry.strategy(&parsed.parallel.strategy, &parsed.parallel.strategy_config(timeout_ms))?;
     crate::plan::plan(
         &parsed,
-        workers,
+        workers * nodes.nnodes,
         &registry,
         compute.as_ref(),
         strategy.as_ref(),
@@ -320,6 +340,7 @@ fn launch_job(
         resume: false,
         max_restarts,
         grace: std::time::Duration::from_secs_f64(grace_s),
+        nodes,
     })
 }
 
@@ -358,9 +379,33 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             }
             Ok(())
         }
-        Command::Launch { workers, job, max_restarts, grace_s } => {
+        Command::Launch {
+            workers,
+            job,
+            max_restarts,
+            grace_s,
+            nnodes,
+            node_rank,
+            master_addr,
+            master_port,
+            advertise_addr,
+        } => {
             let (_, run_dir, _) = job.resolve()?;
-            launch_job(&cli, *workers, job, &run_dir, false, (*max_restarts, *grace_s))?;
+            let nodes = crate::launch::Nodes {
+                nnodes: *nnodes,
+                node_rank: *node_rank,
+                master_addr: master_addr.clone(),
+                master_port: *master_port,
+                advertise_addr: advertise_addr.clone(),
+            };
+            launch_job(&cli, *workers, job, &run_dir, false, (*max_restarts, *grace_s), nodes)?;
+            if *node_rank > 0 {
+                return writeln!(
+                    out,
+                    "node {node_rank}: {workers} workers done; rank 0 writes the outputs on node 0"
+                )
+                .map_err(|e| HostError::Usage(format!("cannot write output: {e}")));
+            }
             let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
             let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
             let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
@@ -407,7 +452,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             let mut rows = Vec::new();
             for k in 0..*runs {
                 let dir = base.join(format!("run-{k}"));
-                launch_job(&cli, *workers, job, &dir, true, (0, 10.0))?;
+                launch_job(&cli, *workers, job, &dir, true, (0, 10.0), crate::launch::Nodes::single())?;
                 let path = dir.join("summary.json");
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;

@@ -35,6 +35,67 @@ pub struct LaunchOptions {
     pub max_restarts: usize,
     /// How long workers get to stop after a forwarded SIGINT or SIGTERM.
     pub grace: Duration,
+    /// Several hosts, one launcher each, as torchrun's flags say.
+    pub nodes: Nodes,
+}
+
+/// Where this launcher's workers sit among several hosts: `nnodes` launchers, this
+/// one the `node_rank`th, each starting `workers` ranks, all meeting at the master.
+#[derive(Clone, Debug)]
+pub struct Nodes {
+    pub nnodes: usize,
+    pub node_rank: usize,
+    pub master_addr: String,
+    /// `None`: a free port (one host only).
+    pub master_port: Option<u16>,
+    /// The address this host's workers are reached at (default: found by each rank).
+    pub advertise_addr: Option<String>,
+}
+
+impl Nodes {
+    /// One host.
+    pub fn single() -> Nodes {
+        Nodes {
+            nnodes: 1,
+            node_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: None,
+            advertise_addr: None,
+        }
+    }
+
+    /// Checks torchrun's flags against each other, naming the flag that is wrong.
+    pub fn check(&self, max_restarts: usize) -> Result<(), HostError> {
+        if self.nnodes == 0 || self.node_rank >= self.nnodes {
+            return Err(HostError::Usage(format!(
+                "--node-rank {} is not below --nnodes {}",
+                self.node_rank, self.nnodes
+            )));
+        }
+        if self.nnodes > 1 {
+            if self.master_port.is_none() {
+                return Err(HostError::Usage("--master-port is needed with --nnodes above 1".into()));
+            }
+            if std::env::var(sheaf_auth::TOKEN_ENV).map_or(true, |t| t.is_empty()) {
+                return Err(HostError::Usage(format!(
+                    "{} must be set, to the same secret on every node, with --nnodes above 1 (e.g. from \
+                     `openssl rand -hex 32`)",
+                    sheaf_auth::TOKEN_ENV
+                )));
+            }
+            if max_restarts > 0 {
+                return Err(HostError::Usage(
+                    "--max-restarts restarts one host's world; with --nnodes above 1 it is not supported yet"
+                        .into(),
+                ));
+            }
+        }
+        use std::net::ToSocketAddrs;
+        (self.master_addr.as_str(), self.master_port.unwrap_or(0)).to_socket_addrs().map_err(|e| {
+            HostError::Usage(format!("--master-addr {} does not resolve: {e}", self.master_addr))
+        })?;
+        Ok(())
+    }
 }
 
 /// `runs/<UTC date>-<time>-<pid>`.
@@ -100,13 +161,42 @@ pub(crate) fn local_worker(
     port: u16,
     threads: usize,
 ) -> Command {
+    worker_command(exe, (rank, rank, world), ("127.0.0.1", port), threads)
+}
+
+/// Variables of other launchers, which a worker of ours must not inherit (run under
+/// `srun`, a launcher's own SLURM_PROCID would contradict its workers' RANK).
+const OTHER_LAUNCHERS: &[&str] = &[
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "MPI_LOCALRANKID",
+    "JOB_COMPLETION_INDEX",
+];
+
+/// This executable as `(rank, local rank, world)` meeting at `master`: torchrun's
+/// variables and the job's secret, `threads` compute threads, no stdin.
+pub(crate) fn worker_command(
+    exe: &std::path::Path,
+    (rank, local_rank, world): (usize, usize, usize),
+    (master_addr, master_port): (&str, u16),
+    threads: usize,
+) -> Command {
     let mut cmd = Command::new(exe);
+    for v in OTHER_LAUNCHERS {
+        cmd.env_remove(v);
+    }
     cmd.env(sheaf_auth::TOKEN_ENV, job_token())
         .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
+        .env("LOCAL_RANK", local_rank.to_string())
         .env("WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
+        .env("MASTER_ADDR", master_addr)
+        .env("MASTER_PORT", master_port.to_string())
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("CANDLE_NUM_THREADS", threads.to_string())
         .stdin(Stdio::null());
@@ -282,10 +372,12 @@ fn run_world(
     resume: bool,
     signals: &AtomicUsize,
 ) -> Result<Ended, HostError> {
-    let port = match std::env::var("MASTER_PORT").ok().and_then(|p| p.parse().ok()) {
-        Some(p) => p,
-        None => free_port()?,
+    let nodes = &opts.nodes;
+    let port = match (nodes.master_port, std::env::var("MASTER_PORT").ok().and_then(|p| p.parse().ok())) {
+        (Some(p), _) | (None, Some(p)) => p,
+        (None, None) => free_port()?,
     };
+    let world = nodes.nnodes * opts.workers;
     let threads = opts.threads_per_worker.unwrap_or_else(|| threads_per_worker(opts.workers));
     let progress = std::io::stderr().is_terminal();
     let logs = opts.run_dir.join("logs");
@@ -293,8 +385,12 @@ fn run_world(
     let launcher = std::process::id();
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut forwarders = Vec::new();
-    for rank in 0..opts.workers {
-        let mut cmd = local_worker(exe, rank, opts.workers, port, threads);
+    for local in 0..opts.workers {
+        let rank = nodes.node_rank * opts.workers + local;
+        let mut cmd = worker_command(exe, (rank, local, world), (&nodes.master_addr, port), threads);
+        if let Some(a) = &nodes.advertise_addr {
+            cmd.env("SHEAF_ADVERTISE_ADDR", a);
+        }
         cmd.arg("run").args(&opts.worker_args).arg("--run-dir").arg(&opts.run_dir);
         if resume && !opts.worker_args.iter().any(|a| a == "--resume") {
             cmd.arg("--resume").arg(&opts.run_dir);

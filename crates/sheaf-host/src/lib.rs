@@ -24,6 +24,7 @@ mod registry;
 pub mod sample;
 pub mod selftest;
 pub mod worker;
+pub mod world;
 
 pub use discover::{candidates, search_dirs, Origin, SearchDir, PLUGIN_PATH_ENV};
 pub use loader::{load_plugin, LoadError, LoadedPlugin, PluginManifest};

@@ -27,26 +27,42 @@ pub struct WorkerEnv {
 }
 
 impl WorkerEnv {
-    /// From `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; a world
-    /// of one when unset.
+    /// From the environment of whichever launcher started this process (torchrun,
+    /// SLURM, Open MPI, MPICH, a Kubernetes Indexed Job: [`crate::world`]); a world of
+    /// one when none did.
     pub fn from_env() -> Result<WorkerEnv, HostError> {
-        fn var<T: std::str::FromStr>(name: &str, default: T) -> Result<T, HostError> {
-            match std::env::var(name) {
-                Ok(v) => v.trim().parse().map_err(|_| HostError::Usage(format!("{name}={v} is not valid"))),
-                Err(_) => Ok(default),
-            }
+        crate::world::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// The address peers reach this rank at: `SHEAF_ADVERTISE_ADDR`, or loopback when
+    /// the master is on this host, or else this host's address on the route to the
+    /// master (a UDP socket's local address once connected; nothing is sent).
+    fn advertise_addr(&self) -> Result<Option<String>, HostError> {
+        if let Ok(a) = std::env::var("SHEAF_ADVERTISE_ADDR") {
+            return Ok(Some(a));
         }
-        let env = WorkerEnv {
-            rank: var("RANK", 0)?,
-            world_size: var("WORLD_SIZE", 1)?,
-            local_rank: var("LOCAL_RANK", 0)?,
-            master_addr: var("MASTER_ADDR", "127.0.0.1".to_string())?,
-            master_port: var("MASTER_PORT", 29500)?,
+        let loopback = self.master_addr == "localhost"
+            || self.master_addr.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if self.world_size == 1 || loopback {
+            return Ok(None);
+        }
+        use std::net::ToSocketAddrs;
+        let master = (self.master_addr.as_str(), self.master_port)
+            .to_socket_addrs()
+            .map_err(|e| HostError::Usage(format!("MASTER_ADDR={} does not resolve: {e}", self.master_addr)))?
+            .next()
+            .ok_or_else(|| HostError::Usage(format!("MASTER_ADDR={} has no address", self.master_addr)))?;
+        let any: std::net::SocketAddr = if master.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        if env.world_size == 0 || env.rank >= env.world_size {
-            return Err(HostError::Usage(format!("RANK={} outside WORLD_SIZE={}", env.rank, env.world_size)));
-        }
-        Ok(env)
+        let route = std::net::UdpSocket::bind(any)
+            .and_then(|s| s.connect(master).and_then(|()| s.local_addr()))
+            .map_err(|e| {
+                HostError::Usage(format!("no route to MASTER_ADDR={} ({master}): {e}", self.master_addr))
+            })?;
+        Ok(Some(route.ip().to_string()))
     }
 }
 
@@ -79,7 +95,7 @@ impl WorkerEnv {
             "master_port": self.master_port,
             "connect_timeout_ms": connect_timeout.as_millis() as u64,
             "peer_timeout_ms": peer_timeout.as_millis() as u64,
-            "advertise_addr": std::env::var("SHEAF_ADVERTISE_ADDR").ok(),
+            "advertise_addr": self.advertise_addr()?,
             "job_token": token,
         })
         .to_string();
@@ -109,6 +125,12 @@ impl RunOptions {
 /// Trains `job` as one rank; returns the summary (on every rank; rank 0 also writes it).
 pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<Summary, HostError> {
     let env = &opts.env;
+    // `cuda` without an index: this host's local rank's device, as torchrun users expect.
+    let mut job = job.clone();
+    if job.compute.device == "cuda" {
+        job.compute.device = format!("cuda:{}", env.local_rank);
+    }
+    let job = &job;
     let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
     let data = crate::data::load(job, registry, compute.as_ref())?;
     let (train, test) = (data.train.as_ref(), data.test.as_ref());

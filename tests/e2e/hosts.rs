@@ -1,0 +1,299 @@
+//! Several hosts, for real: network namespaces joined by a veth pair, each a host with
+//! its own address and network stack, one `sheaf launch` per host with torchrun's
+//! multi-node flags. Needs root and iproute2 (`.ci/run` installs it when missing).
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use sheaf_tests::sheaf_bin;
+
+use crate::training::{checkpoint, max_abs_diff, ok, sheaf};
+
+/// Two namespaces joined by a veth pair: `addr(0)` and `addr(1)` on one /24.
+struct Hosts {
+    names: [String; 2],
+    net: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("iproute2's `ip` (run as root)");
+    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}-{n}", std::process::id() % 100_000);
+        let names = [format!("sh0-{tag}"), format!("sh1-{tag}")];
+        let net = format!("10.{}.{}", 100 + n % 100, std::process::id() % 250);
+        // Built first, so that a failure below still removes what was made.
+        let hosts = Hosts { names, net };
+        let veth = [format!("v0-{tag}"), format!("v1-{tag}")];
+        for ns in &hosts.names {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let (h0, h1) = (&hosts.names[0], &hosts.names[1]);
+        ip(&["link", "add", &veth[0], "netns", h0, "type", "veth", "peer", "name", &veth[1], "netns", h1]);
+        for (i, ns) in hosts.names.iter().enumerate() {
+            ip(&["-n", ns, "addr", "add", &format!("{}/24", hosts.addr(i)), "dev", &veth[i]]);
+            ip(&["-n", ns, "link", "set", &veth[i], "up"]);
+        }
+        hosts
+    }
+
+    fn addr(&self, host: usize) -> String {
+        format!("{}.{}", self.net, host + 1)
+    }
+
+    /// Slows the link both ways: `tc netem delay 2ms loss 1%`, or where the kernel has
+    /// no netem (this project's CI machines' kernels have none) a token bucket of 50
+    /// Mbit/s with up to 10 ms of queueing (`tc tbf`). Returns which.
+    fn impair(&self) -> &'static str {
+        const NETEM: &[&str] = &["netem", "delay", "2ms", "loss", "1%"];
+        const TBF: &[&str] = &["tbf", "rate", "50mbit", "burst", "16kb", "latency", "10ms"];
+        let mut used = NETEM;
+        for (i, ns) in self.names.iter().enumerate() {
+            let dev = format!("v{i}-{}", ns.split_once('-').unwrap().1);
+            let tc = |q: &[&str]| {
+                let mut args = vec!["-n", ns.as_str(), "qdisc", "add", "dev", &dev, "root"];
+                args.extend(q);
+                Command::new("tc").args(&args).output().expect("tc")
+            };
+            let mut out = tc(used);
+            if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("qdisc kind is unknown")
+            {
+                used = TBF;
+                out = tc(used);
+            }
+            assert!(out.status.success(), "tc {}: {}", used.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        if used == TBF {
+            "tbf rate 50mbit burst 16kb latency 10ms (this kernel has no netem)"
+        } else {
+            "netem delay 2ms loss 1%"
+        }
+    }
+
+    /// One `sheaf launch` per host, `per_host` workers each; returns node 0's run
+    /// directory (where rank 0 writes) once both finished.
+    fn launch(&self, per_host: usize, job: Option<&Path>, sets: &[&str], dirs: &[&Path; 2]) -> [Output; 2] {
+        let per = per_host.to_string();
+        let master = self.addr(0);
+        let children: Vec<_> = (0..2)
+            .map(|node| {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &self.names[node]]).arg(sheaf_bin());
+                cmd.args([
+                    "launch",
+                    "--nnodes",
+                    "2",
+                    "--node-rank",
+                    &node.to_string(),
+                    "--nproc-per-node",
+                    &per,
+                ]);
+                cmd.args(["--master-addr", &master, "--master-port", "29500", "--threads-per-worker", "1"]);
+                cmd.args(job);
+                cmd.args(sets.iter().flat_map(|s| ["--set", s])).arg("--run-dir").arg(dirs[node]);
+                cmd.env("SHEAF_JOB_TOKEN", "the hosts' shared secret")
+                    .env_remove("SHEAF_PLUGIN_PATH")
+                    .env_remove("MASTER_PORT")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("ip netns exec sheaf")
+            })
+            .collect();
+        let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        outs.try_into().unwrap()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+const SETS: [&str; 4] = [
+    "train.max_steps=10",
+    "train.lr=0.05",
+    "model.layers=[64, 96, 80, 64, 10]",
+    "transport.plugin=\"zmq-tcp\"",
+];
+
+/// Runs `sets` (with `job`) on 2 hosts x 2 workers, the link impaired or not; returns
+/// node 0's run directory after checking both launchers succeeded and the world was 4.
+fn across_hosts(job: Option<&Path>, sets: &[&str], impaired: bool) -> tempfile::TempDir {
+    let hosts = Hosts::new();
+    let netem = impaired.then(|| hosts.impair());
+    if let Some(n) = netem {
+        eprintln!("the link between the hosts: {n}");
+    }
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let outs = hosts.launch(2, job, sets, &[d0.path(), d1.path()]);
+    for (node, out) in outs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "node {node} {sets:?} (link {netem:?}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d0.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["world_size"], 4);
+    d0
+}
+
+/// A GPT as a pipeline of 2 tensor-parallel stages (P2 x T2), over 2 hosts of 2
+/// workers, ends where one process ends (within 1e-5, as on one host).
+#[test]
+fn a_mesh_of_pipelines_and_slices_across_hosts_equals_one_process() {
+    let data = tempfile::tempdir().unwrap();
+    let job = crate::gpt::job(data.path(), &crate::gpt::text_file(data.path()), "", "");
+    let one = tempfile::tempdir().unwrap();
+    ok(&sheaf(&["run", job.to_str().unwrap()], one.path()));
+    let sets = [
+        "parallel.strategy=\"pipeline\"",
+        "parallel.options.pipeline.tensor=2",
+        "transport.plugin=\"zmq-tcp\"",
+    ];
+    let run = across_hosts(Some(&job), &sets, false);
+    let d = max_abs_diff(&checkpoint(one.path()), &checkpoint(run.path()));
+    assert!(d <= 1e-5, "max abs diff {d} against one process");
+}
+
+/// Data-parallel and a 2 x 2 pipeline mesh, each over 2 hosts of 2 workers, end with
+/// the parameters of one process (within 1e-6, the reduction order), and so do both
+/// over a slowed link (`tc netem delay 2ms loss 1%`, or a 50 Mbit/s token bucket
+/// where the kernel has no netem; the test prints which).
+#[test]
+fn training_across_hosts_equals_one_process() {
+    let one = tempfile::tempdir().unwrap();
+    let mut args = vec!["run"];
+    args.extend(SETS.iter().flat_map(|s| ["--set", *s]));
+    ok(&sheaf(&args, one.path()));
+    let reference = checkpoint(one.path());
+    let dp: &[&str] = &["parallel.strategy=\"data-parallel\""];
+    let pipe: &[&str] =
+        &["parallel.strategy=\"pipeline\"", "parallel.data=2", "parallel.options.pipeline.micro_batches=2"];
+    for (extra, impaired) in [(dp, false), (pipe, false), (dp, true), (pipe, true)] {
+        let mut sets = SETS.to_vec();
+        sets.extend(extra);
+        let run = across_hosts(None, &sets, impaired);
+        let d = max_abs_diff(&reference, &checkpoint(run.path()));
+        assert!(d <= 1e-6, "{extra:?} (impaired {impaired}): max abs diff {d} against one process");
+    }
+}
+
+/// torchrun's flags checked against each other, naming the flag.
+#[test]
+fn multi_node_flags_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, needle) in [
+        (
+            &["launch", "--nnodes", "2", "--node-rank", "2", "-n", "1", "--master-port", "1"][..],
+            "--node-rank 2 is not below --nnodes 2",
+        ),
+        (&["launch", "--nnodes", "2", "-n", "1"][..], "--master-port"),
+        (
+            &["launch", "-n", "1", "--master-addr", "no-such-host.invalid"][..],
+            "--master-addr no-such-host.invalid does not resolve",
+        ),
+    ] {
+        let out = Command::new(sheaf_bin())
+            .args(args)
+            .arg("--run-dir")
+            .arg(dir.path())
+            .env("SHEAF_JOB_TOKEN", "s")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+/// A launcher's variables for one rank.
+type LauncherVars<'a> = &'a dyn Fn(usize) -> Vec<(String, String)>;
+
+/// Ranks started by another launcher, one process each with only that launcher's
+/// variables (SLURM's `srun`, Open MPI's `mpirun`), form one world and train.
+#[test]
+fn other_launchers_environments_form_one_world() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let slurm = |rank: usize| -> Vec<(String, String)> {
+        vec![
+            ("SLURM_PROCID".into(), rank.to_string()),
+            ("SLURM_NTASKS".into(), "2".into()),
+            ("SLURM_LOCALID".into(), rank.to_string()),
+            ("SLURM_JOB_NODELIST".into(), "localhost".into()),
+            ("SLURM_JOB_ID".into(), (u32::from(port) + 20_000).to_string()),
+        ]
+    };
+    let ompi = |rank: usize| -> Vec<(String, String)> {
+        vec![
+            ("OMPI_COMM_WORLD_RANK".into(), rank.to_string()),
+            ("OMPI_COMM_WORLD_SIZE".into(), "2".into()),
+            ("OMPI_COMM_WORLD_LOCAL_RANK".into(), rank.to_string()),
+            ("MASTER_ADDR".into(), "127.0.0.1".into()),
+            ("MASTER_PORT".into(), port.to_string()),
+        ]
+    };
+    let launchers: [(&str, LauncherVars); 2] = [("SLURM", &slurm), ("Open MPI", &ompi)];
+    for (name, vars) in launchers {
+        let dir = tempfile::tempdir().unwrap();
+        let children: Vec<_> = (0..2)
+            .map(|rank| {
+                let mut cmd = Command::new(sheaf_bin());
+                cmd.args(["run", "--set", "train.max_steps=5", "--threads-per-worker", "1", "--run-dir"])
+                    .arg(dir.path())
+                    .env_remove("SHEAF_PLUGIN_PATH");
+                for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+                    cmd.env_remove(v);
+                }
+                cmd.envs(vars(rank)).env("SHEAF_JOB_TOKEN", "srun's secret");
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+            })
+            .collect();
+        for (rank, c) in children.into_iter().enumerate() {
+            let out = c.wait_with_output().unwrap();
+            assert!(out.status.success(), "{name} rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
+        assert_eq!(s["world_size"], 2, "{name}: {s}");
+    }
+}
+
+/// Incomplete launcher environments and a master that does not resolve: clear errors
+/// naming the variable, exit 2, at once.
+#[test]
+fn bad_launcher_environments_name_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (&[("SLURM_PROCID", "1"), ("SLURM_JOB_NODELIST", "n[1-2]")], "SLURM_NTASKS is not"),
+        (&[("JOB_COMPLETION_INDEX", "1"), ("MASTER_ADDR", "svc")], "WORLD_SIZE is not"),
+        (
+            &[("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "no-such-host.invalid")],
+            "MASTER_ADDR=no-such-host.invalid does not resolve",
+        ),
+    ];
+    for (vars, needle) in cases {
+        let mut cmd = Command::new(sheaf_bin());
+        cmd.args(["run", "--run-dir"]).arg(dir.path()).env("SHEAF_JOB_TOKEN", "s");
+        for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+            cmd.env_remove(v);
+        }
+        let out = cmd.envs(vars.iter().copied()).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{vars:?}: {err}");
+        assert!(err.contains(needle), "{vars:?}: {err}");
+    }
+}
