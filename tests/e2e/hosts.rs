@@ -112,6 +112,32 @@ impl Hosts {
     }
 }
 
+impl Hosts {
+    /// `sheaf ARGS` as every rank of 2 hosts x `per_host`, started as another launcher
+    /// would (torchrun's variables, a shared secret); every rank's output, by rank.
+    fn run_ranks(&self, per_host: usize, args: &[&str]) -> Vec<Output> {
+        let world = (2 * per_host).to_string();
+        let children: Vec<_> = (0..2 * per_host)
+            .map(|rank| {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", &self.names[rank / per_host]]).arg(sheaf_bin()).args(args);
+                cmd.env("RANK", rank.to_string())
+                    .env("LOCAL_RANK", (rank % per_host).to_string())
+                    .env("WORLD_SIZE", &world)
+                    .env("MASTER_ADDR", self.addr(0))
+                    .env("MASTER_PORT", "29500")
+                    .env("SHEAF_JOB_TOKEN", "the hosts' shared secret")
+                    .env_remove("SHEAF_PLUGIN_PATH")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("ip netns exec sheaf")
+            })
+            .collect();
+        children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+    }
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
         for ns in &self.names {
@@ -169,8 +195,10 @@ fn a_mesh_of_pipelines_and_slices_across_hosts_equals_one_process() {
     assert!(d <= 1e-5, "max abs diff {d} against one process");
 }
 
-/// Data-parallel and a 2 x 2 pipeline mesh, each over 2 hosts of 2 workers, end with
-/// the parameters of one process (within 1e-6, the reduction order), and so do both
+/// Data-parallel (over ZeroMQ, and over `auto`: shared memory inside each host, ZeroMQ
+/// between, allreduce hierarchical) and a 2 x 2 pipeline mesh, each over 2 hosts of 2
+/// workers, end with the parameters of one process (within 1e-6, the reduction order),
+/// and so do the first and the last
 /// over a slowed link (`tc netem delay 2ms loss 1%`, or a 50 Mbit/s token bucket
 /// where the kernel has no netem; the test prints which).
 #[test]
@@ -183,7 +211,9 @@ fn training_across_hosts_equals_one_process() {
     let dp: &[&str] = &["parallel.strategy=\"data-parallel\""];
     let pipe: &[&str] =
         &["parallel.strategy=\"pipeline\"", "parallel.data=2", "parallel.options.pipeline.micro_batches=2"];
-    for (extra, impaired) in [(dp, false), (pipe, false), (dp, true), (pipe, true)] {
+    // `auto`: shared memory inside each host, ZeroMQ between, allreduce hierarchical.
+    let auto: &[&str] = &["parallel.strategy=\"data-parallel\"", "transport.plugin=\"auto\""];
+    for (extra, impaired) in [(dp, false), (pipe, false), (auto, false), (dp, true), (pipe, true)] {
         let mut sets = SETS.to_vec();
         sets.extend(extra);
         let run = across_hosts(None, &sets, impaired);
@@ -295,5 +325,22 @@ fn bad_launcher_environments_name_the_variable() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{vars:?}: {err}");
         assert!(err.contains(needle), "{vars:?}: {err}");
+    }
+}
+
+/// Every collective law holds between real processes on 2 hosts x 2 over `auto`
+/// (shared memory inside each host, ZeroMQ between, allreduce hierarchical).
+#[test]
+fn collective_laws_hold_hierarchically_across_hosts() {
+    let hosts = Hosts::new();
+    let outs = hosts
+        .run_ranks(2, &["check-collectives", "--transport", "auto", "--cases", "12", "--max-len", "20000"]);
+    for (rank, out) in outs.iter().enumerate() {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(&format!("rank {rank}: 12 cases passed")),
+            "rank {rank}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

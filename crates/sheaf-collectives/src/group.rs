@@ -42,6 +42,15 @@ pub struct Group {
     in_call: AtomicBool,
     /// The call's signature while the left neighbour's is still to be checked.
     unchecked: Mutex<Option<Signature>>,
+    /// The world's hosts, when known ([`Group::with_hosts`]).
+    hosts: Option<Arc<Hosts>>,
+}
+
+/// A world group's hosts: the group of this host's ranks, and (on its first rank) the
+/// group of every host's first rank.
+struct Hosts {
+    intra: Group,
+    leaders: Option<Group>,
 }
 
 impl Group {
@@ -66,7 +75,71 @@ impl Group {
             calls: AtomicU64::new(0),
             in_call: AtomicBool::new(false),
             unchecked: Mutex::new(None),
+            hosts: None,
         }
+    }
+
+    /// The same group knowing which host each rank is on (`host_of[rank]`, equal on
+    /// ranks of one host): allreduce then runs hierarchically ([`Algorithm::Hierarchical`])
+    /// unless a flat algorithm is fixed. Every rank must pass the same hosts. The
+    /// groups of each host and of the hosts' first ranks are made here, without
+    /// talking, each under a context of its own.
+    pub fn with_hosts(mut self, host_of: &[usize]) -> Group {
+        let n = self.size();
+        if host_of.len() != n {
+            return self;
+        }
+        let mut order: Vec<usize> = Vec::new();
+        for &h in host_of {
+            if !order.contains(&h) {
+                order.push(h);
+            }
+        }
+        let mine = host_of[self.rank];
+        let intra: Vec<usize> = (0..n).filter(|&r| host_of[r] == mine).collect();
+        let leaders: Vec<usize> =
+            order.iter().map(|&h| (0..n).find(|&r| host_of[r] == h).expect("a rank per host")).collect();
+        // One host, or one rank per host: nothing to gain.
+        if order.len() < 2 || leaders.len() == n {
+            return self;
+        }
+        let group = |ranks: &[usize], salt: u32| {
+            let members: Arc<[usize]> = ranks.iter().map(|&r| self.members[r]).collect();
+            let rank = ranks.iter().position(|&r| r == self.rank).expect("a member");
+            Group::new(self.link.clone(), members, rank, child_context(self.context, salt)).with_algorithm(
+                match self.algorithm {
+                    Algorithm::Hierarchical => Algorithm::Auto,
+                    a => a,
+                },
+            )
+        };
+        let hosts = Hosts {
+            intra: group(&intra, u32::MAX),
+            leaders: leaders.contains(&self.rank).then(|| group(&leaders, u32::MAX - 1)),
+        };
+        self.hosts = Some(Arc::new(hosts));
+        self
+    }
+
+    /// Allreduce as a reduce inside each host, an allreduce among the hosts' first
+    /// ranks and a broadcast inside each host (averages summed throughout and divided
+    /// once at the end).
+    fn hierarchical_allreduce(
+        &self,
+        hosts: &Hosts,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        let summed = if op == ReduceOp::Avg { ReduceOp::Sum } else { op };
+        hosts.intra.reduce(buf, dtype, summed, 0, dl)?;
+        if let Some(leaders) = &hosts.leaders {
+            leaders.allreduce(buf, dtype, summed, dl)?;
+        }
+        hosts.intra.broadcast(buf, 0, dl)?;
+        reduce::finish_avg(buf, dtype, op, self.size());
+        Ok(())
     }
 
     /// The same group, running `algorithm` for allreduce (sub-communicators split from
@@ -409,6 +482,18 @@ impl Communicator for Group {
                 match self.link.native_allreduce(buf, dtype, op, dl) {
                     Err(CommError::Unsupported { .. }) => {}
                     other => return other,
+                }
+            }
+            // Hierarchical when asked, or by `Auto` where a flat allreduce would take the
+            // ring: below that, one direct round beats three phases of latency.
+            if let Some(hosts) = &self.hosts {
+                let flat_direct = Algorithm::Auto.choose(buf.len(), n) == Algorithm::Direct;
+                match self.algorithm {
+                    Algorithm::Hierarchical => return self.hierarchical_allreduce(hosts, buf, dtype, op, dl),
+                    Algorithm::Auto if !flat_direct => {
+                        return self.hierarchical_allreduce(hosts, buf, dtype, op, dl)
+                    }
+                    _ => {}
                 }
             }
             match self.algorithm.choose(buf.len(), n) {

@@ -17,9 +17,11 @@
 //! after any failure the group is poisoned and the world is told who failed.
 
 mod group;
+mod hybrid;
 mod policy;
 pub mod reduce;
 
 pub use group::{Group, BLAME_GRACE};
+pub use hybrid::HybridLink;
 pub use policy::{Algorithm, BroadcastAlgorithm, CHAIN_MIN_BYTES};
 pub use sheaf_core::Link;

@@ -20,6 +20,13 @@ pub enum Algorithm {
     /// Every rank sends its whole buffer to every other and reduces all of them in
     /// rank order: one round, for tiny messages.
     Direct,
+    /// Over several hosts ([`crate::Group::with_hosts`]): a reduce inside each host to
+    /// its first rank, an allreduce among those leaders (by size, as `Auto`), and a
+    /// broadcast inside each host, so only one rank per host talks across hosts. What
+    /// `Auto` runs when the group knows its hosts, from the size where a flat `Auto`
+    /// would take the ring (below, one direct round wins); ring on a group that does
+    /// not know them.
+    Hierarchical,
 }
 
 impl Algorithm {
@@ -31,6 +38,7 @@ impl Algorithm {
             Algorithm::Ring => "ring",
             Algorithm::HalvingDoubling => "halving-doubling",
             Algorithm::Direct => "direct",
+            Algorithm::Hierarchical => "hierarchical",
         }
     }
 
@@ -88,10 +96,18 @@ impl FromStr for Algorithm {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Algorithm, String> {
-        [Algorithm::Auto, Algorithm::Ring, Algorithm::HalvingDoubling, Algorithm::Direct]
-            .into_iter()
-            .find(|a| a.name() == s)
-            .ok_or_else(|| format!("unknown algorithm `{s}` (auto, ring, halving-doubling, direct)"))
+        [
+            Algorithm::Auto,
+            Algorithm::Ring,
+            Algorithm::HalvingDoubling,
+            Algorithm::Direct,
+            Algorithm::Hierarchical,
+        ]
+        .into_iter()
+        .find(|a| a.name() == s)
+        .ok_or_else(|| {
+            format!("unknown algorithm `{s}` (auto, ring, halving-doubling, direct, hierarchical)")
+        })
     }
 }
 

@@ -138,9 +138,11 @@ fn correct(op: &str, b: &Buffers, n: usize, r: usize) -> bool {
 
 /// The worker side: measures every size and returns rank 0's rows.
 pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> Result<Vec<Row>, HostError> {
-    let link = env.connect(registry, &spec.transport, Duration::from_secs(60), Duration::from_secs(30))?;
+    let connected =
+        env.connect(registry, &spec.transport, Duration::from_secs(60), Duration::from_secs(30))?;
     let algorithm: Algorithm = spec.algorithm.parse().map_err(HostError::Usage)?;
-    let g = Group::world(link.clone()).with_algorithm(algorithm);
+    let g = connected.group(algorithm);
+    let link = connected.link.clone();
     let err = comm_err(env.rank);
     let dl = || Deadline::after(Duration::from_secs(120));
     let n = g.world_size();

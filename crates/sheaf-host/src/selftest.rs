@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use sheaf_collectives::Group;
 use sheaf_core::{DType, Deadline, ReduceOp};
 use sheaf_testkit::conformance::collectives::{check_all, Case};
 use sheaf_testkit::conformance::SplitMix;
@@ -39,8 +38,9 @@ pub fn check_collectives(
     seed: u64,
     max_len: usize,
 ) -> Result<u64, HostError> {
-    let link = env.connect(registry, transport, Duration::from_secs(30), Duration::from_secs(10))?;
-    let group = Group::world(link.clone());
+    let connected = env.connect(registry, transport, Duration::from_secs(30), Duration::from_secs(10))?;
+    let group = connected.group(sheaf_collectives::Algorithm::Auto);
+    let link = connected.link.clone();
     let dl = || Deadline::after(Duration::from_secs(30));
     for i in 0..cases {
         let c = case(seed, i, max_len);

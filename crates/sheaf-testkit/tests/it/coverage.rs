@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sheaf_collectives::Algorithm;
+use sheaf_collectives::{Algorithm, Group};
 use sheaf_core::{CommError, Communicator, DType, Deadline, Link, ReduceOp};
 use sheaf_testkit::conformance::collectives::{self as laws, Case};
-use sheaf_testkit::{run_links, run_world, InProcWorld};
+use sheaf_testkit::{run_links, run_world, InProcLink, InProcWorld};
 
 fn deadline() -> Deadline {
     sheaf_testkit::test_deadline(Duration::from_secs(60))
@@ -81,6 +81,66 @@ fn collectives_leave_no_message_behind() {
                     assert!(res.is_ok(), "world {n} len {len} {algorithm}: rank {r}: {res:?}");
                 }
                 assert_eq!(world.pending(), 0, "world {n} len {len} {algorithm}: messages left unreceived");
+            }
+        }
+    }
+}
+
+/// Hosts, in process: a world link and a link per host combined into each rank's
+/// `HybridLink`, the world group told the hosts. Every collective law holds (the
+/// hierarchical allreduce included: reduce in each host, allreduce among the hosts'
+/// first ranks, broadcast in each host), for uneven hosts too, every reduction, sizes
+/// on both sides of the thresholds; and no message is left unreceived on any link.
+#[test]
+fn hierarchical_collectives_over_hybrid_links_keep_every_law() {
+    use sheaf_collectives::HybridLink;
+    for host_of in [vec![0, 0, 1, 1], vec![0, 0, 0, 1, 1], vec![1, 0, 1, 0, 2, 2]] {
+        let n = host_of.len();
+        for (len, op) in
+            [(5usize, ReduceOp::Sum), (20_000, ReduceOp::Avg), (70_000, ReduceOp::Max), (0, ReduceOp::Min)]
+        {
+            let world = InProcWorld::new(n);
+            let mut host_ids: Vec<usize> = host_of.clone();
+            host_ids.sort_unstable();
+            host_ids.dedup();
+            // One in-process world per host, its links in the order of that host's ranks.
+            let mut local: Vec<Vec<InProcLink>> = Vec::new();
+            let mut local_worlds = Vec::new();
+            for &h in &host_ids {
+                let size = host_of.iter().filter(|&&x| x == h).count();
+                let w = InProcWorld::new(size);
+                local.push(w.links());
+                local_worlds.push(w);
+            }
+            let mut locals: Vec<std::vec::IntoIter<InProcLink>> =
+                local.into_iter().map(Vec::into_iter).collect();
+            let links: Vec<Arc<dyn Link>> = world
+                .links()
+                .into_iter()
+                .enumerate()
+                .map(|(r, w)| {
+                    let h = host_ids.iter().position(|&x| x == host_of[r]).unwrap();
+                    let ranks: Vec<usize> = (0..n).filter(|&q| host_of[q] == host_of[r]).collect();
+                    let l = locals[h].next().unwrap();
+                    Arc::new(HybridLink::new(Arc::new(w), Arc::new(l), &ranks).unwrap()) as Arc<dyn Link>
+                })
+                .collect();
+            let case = Case { seed: len as u64 + 7, len, dtype: DType::F32, op, root: n - 1 };
+            let host_of_ref = &host_of;
+            let results = run_links(links, |g| {
+                // Auto (direct below the ring's size, hierarchical above), then
+                // hierarchical at every size, on the same links.
+                let auto = g.with_hosts(host_of_ref);
+                laws::check_all(&auto, &case, deadline())?;
+                let world = Group::world(auto.link().clone()).with_algorithm(Algorithm::Hierarchical);
+                laws::check_all(&world.with_hosts(host_of_ref), &case, deadline())
+            });
+            for (r, res) in results.into_iter().enumerate() {
+                assert!(res.is_ok(), "hosts {host_of:?} len {len} {op:?}: rank {r}: {res:?}");
+            }
+            assert_eq!(world.pending(), 0, "hosts {host_of:?}: messages left on the world link");
+            for w in &local_worlds {
+                assert_eq!(w.pending(), 0, "hosts {host_of:?}: messages left on a host's link");
             }
         }
     }
