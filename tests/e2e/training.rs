@@ -90,6 +90,16 @@ fn default_job_on_two_workers_reaches_95_percent_and_writes_its_run_directory() 
     for key in ["step", "epoch", "loss", "lr", "samples_per_sec"] {
         assert!(lines[0][key].is_number(), "{key}: {}", lines[0]);
     }
+    // What ran, and a plot of the loss with one polyline for its one series (the
+    // training loss, in its colour; the default job does not evaluate during training).
+    assert_eq!(s["sheaf_version"], env!("CARGO_PKG_VERSION"));
+    assert!(s["command_line"].as_array().unwrap().iter().any(|a| a == "launch"), "{s}");
+    assert_eq!(s["hosts"].as_array().unwrap().len(), 2, "{s}");
+    let svg = std::fs::read_to_string(dir.path().join("loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+    let series = |colour: &str| svg.lines().filter(|l| l.contains("<polyline") && l.contains(colour)).count();
+    assert_eq!((series("#1F77B4"), series("#FF7F0E")), (1, 0));
+    assert!(dir.path().join("logs/rank-0.log").exists() && dir.path().join("logs/rank-1.log").exists());
     let ckpt = checkpoint(dir.path());
     let names: Vec<(&str, &[usize])> = ckpt.iter().map(|(n, s, _)| (n.as_str(), s.as_slice())).collect();
     assert_eq!(

@@ -164,6 +164,9 @@ pub(crate) fn local_worker(
     worker_command(exe, (rank, rank, world), ("127.0.0.1", port), threads)
 }
 
+/// The launcher's command line (JSON), which its workers report as the run's.
+pub const LAUNCH_COMMAND_ENV: &str = "SHEAF_LAUNCH_COMMAND";
+
 /// Variables of other launchers, which a worker of ours must not inherit (run under
 /// `srun`, a launcher's own SLURM_PROCID would contradict its workers' RANK).
 const OTHER_LAUNCHERS: &[&str] = &[
@@ -192,6 +195,10 @@ pub(crate) fn worker_command(
         cmd.env_remove(v);
     }
     cmd.env(sheaf_auth::TOKEN_ENV, job_token())
+        .env(
+            LAUNCH_COMMAND_ENV,
+            serde_json::to_string(&std::env::args().collect::<Vec<_>>()).unwrap_or_default(),
+        )
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", local_rank.to_string())
         .env("WORLD_SIZE", world.to_string())

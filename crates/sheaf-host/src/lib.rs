@@ -19,6 +19,7 @@ pub mod launch;
 mod loader;
 pub mod outputs;
 pub mod plan;
+pub mod plot;
 pub mod plugin_check;
 mod registry;
 pub mod sample;

@@ -66,6 +66,13 @@ pub struct Summary {
     /// The step of the checkpoint this run resumed from (absent: not resumed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed_from_step: Option<u64>,
+    /// What ran: Sheaf's version, the git commit it was built from (when built in a
+    /// checkout), rank 0's command line, and each rank's host name by rank.
+    pub sheaf_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_commit: Option<String>,
+    pub command_line: Vec<String>,
+    pub hosts: Vec<String>,
     /// Each time the launcher started the world again after a worker died: when, which
     /// rank, why, and the step it resumed from (`RUN_DIR/restarts.jsonl`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -191,14 +198,16 @@ pub fn read_safetensors(path: &Path, layout: &ParamLayout) -> Result<Vec<f32>, H
 }
 
 /// Metrics of every step as JSON lines (each written through as it ends, so a killed
-/// run's file ends on a whole line), and a progress display on stderr: a bar per
-/// epoch when stderr is a terminal, a plain line per epoch otherwise.
+/// run's file ends on a whole line), and a progress display on stderr: an `indicatif`
+/// bar over the run's steps (step, epoch, loss, rate, ETA; redrawn at most 4 times a
+/// second) when stderr is a terminal (or the launcher's is), a plain line per epoch
+/// otherwise.
 pub struct Metrics {
     file: Option<(PathBuf, LineWriter<std::fs::File>)>,
     /// Print per-epoch lines (rank 0 only).
     show: bool,
     progress: bool,
-    steps_per_epoch: u64,
+    bar: Option<indicatif::ProgressBar>,
     epochs: u64,
     last_epoch: Option<u64>,
     losses: Vec<f64>,
@@ -213,8 +222,8 @@ impl Metrics {
         path: Option<&Path>,
         show: bool,
         progress: bool,
-        steps_per_epoch: u64,
         epochs: u64,
+        total_steps: u64,
         resumed_at: Option<u64>,
     ) -> Result<Metrics, HostError> {
         let file = match path {
@@ -232,22 +241,28 @@ impl Metrics {
             None => None,
         };
         let progress = show && progress;
-        Ok(Metrics {
-            file,
-            show,
-            progress,
-            steps_per_epoch,
-            epochs,
-            last_epoch: None,
-            losses: vec![],
-            error: None,
-        })
+        // Drawn on stderr even when it is a pipe: under `sheaf launch`, rank 0's stderr
+        // goes to the launcher's terminal as it comes.
+        let bar = progress.then(|| {
+            let target =
+                indicatif::ProgressDrawTarget::term_like_with_hz(Box::new(console::Term::stderr()), 4);
+            let bar = indicatif::ProgressBar::with_draw_target(Some(total_steps), target);
+            let style = indicatif::ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] step {pos}/{len}  loss {msg}  ETA {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("#>-");
+            bar.set_style(style);
+            bar.set_position(resumed_at.unwrap_or(0));
+            bar
+        });
+        Ok(Metrics { file, show, progress, bar, epochs, last_epoch: None, losses: vec![], error: None })
     }
 
     fn end_epoch(&mut self, epoch: u64) {
         let mean = self.losses.iter().sum::<f64>() / self.losses.len().max(1) as f64;
         if self.progress {
-            eprintln!();
+            // The bar carries on across epochs.
         } else if self.show {
             eprintln!(
                 "epoch {}/{}: mean loss {mean:.4} over {} steps",
@@ -260,6 +275,9 @@ impl Metrics {
     }
 
     pub fn finish(&mut self) -> Result<(), HostError> {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
         if let Some(e) = self.last_epoch {
             self.end_epoch(e);
             self.last_epoch = None;
@@ -317,25 +335,16 @@ impl MetricsSink for Metrics {
         self.last_epoch = Some(m.epoch);
         self.losses.push(m.loss);
         if let (Some(v), true) = (m.val_loss, self.show) {
-            if self.progress {
-                eprintln!();
+            let line = format!("step {}: loss {:.4}, val_loss {v:.4}", m.step, m.loss);
+            match &self.bar {
+                Some(bar) => bar.println(line),
+                None => eprintln!("{line}"),
             }
-            eprintln!("step {}: loss {:.4}, val_loss {v:.4}", m.step, m.loss);
         }
-        if self.progress {
-            let done = self.losses.len() as u64;
-            let width = 30;
-            let filled = (done * width / self.steps_per_epoch.max(1)).min(width) as usize;
-            eprint!(
-                "\repoch {:>3}/{} [{}{}] {done}/{} loss {:.4} {:.0} samples/s",
-                m.epoch + 1,
-                self.epochs,
-                "#".repeat(filled),
-                "-".repeat(width as usize - filled),
-                self.steps_per_epoch,
-                m.loss,
-                m.samples_per_sec
-            );
+        if let Some(bar) = &self.bar {
+            bar.set_prefix(format!("{}/{}", m.epoch + 1, self.epochs));
+            bar.set_message(format!("{:.4}  {:.0} samples/s", m.loss, m.samples_per_sec));
+            bar.set_position(m.step);
         }
     }
 }

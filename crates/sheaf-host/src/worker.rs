@@ -304,14 +304,12 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         train.len()
     );
 
-    let steps_per_epoch =
-        (train.len().div_ceil(job.train.batch_size) as u64).div_ceil(config.grad_accum as u64);
     let mut metrics = Metrics::new(
         run_dir.as_ref().map(|d| d.join("metrics.jsonl")).as_deref(),
         env.rank == 0,
         opts.progress,
-        steps_per_epoch,
         job.train.epochs,
+        config.total_steps(train.len()),
         resumed,
     )?;
     if let (Some(dir), Some(vocab)) = (&run_dir, &data.vocab) {
@@ -394,6 +392,14 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         idle_seconds_per_rank: idle,
         bubble_fraction: bubble,
         resumed_from_step: resumed,
+        sheaf_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_commit: option_env!("SHEAF_GIT_COMMIT").map(str::to_string),
+        // The launcher's, when one of ours started this worker.
+        command_line: std::env::var(crate::launch::LAUNCH_COMMAND_ENV)
+            .ok()
+            .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or_else(|| std::env::args().collect()),
+        hosts: host_names(&comm, dl()).map_err(train_err)?,
         restarts: run_dir.as_ref().map(|d| restarts(d)).unwrap_or_default(),
         job: serde_json::to_value(job).unwrap_or_default(),
     };
@@ -401,6 +407,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(&whole, full)?)?;
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&dir.join("summary.json"), &json)?;
+        crate::plot::write_loss_svg(dir)?;
     }
     comm.barrier(dl()).map_err(train_err)?;
     link.close(dl()).map_err(train_err)?;
@@ -414,4 +421,19 @@ fn restarts(dir: &std::path::Path) -> Vec<serde_json::Value> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// Every rank's host name, by rank (64 bytes each at most).
+fn host_names(comm: &Group, dl: Deadline) -> Result<Vec<String>, sheaf_core::CommError> {
+    const LEN: usize = 64;
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut mine = [0u8; LEN];
+    let bytes = name.trim().as_bytes();
+    mine[..bytes.len().min(LEN)].copy_from_slice(&bytes[..bytes.len().min(LEN)]);
+    let mut all = vec![0u8; LEN * comm.world_size()];
+    comm.allgather(&mine, &mut all, dl)?;
+    Ok(all
+        .chunks_exact(LEN)
+        .map(|c| String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(LEN)]).into_owned())
+        .collect())
 }
