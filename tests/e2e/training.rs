@@ -100,6 +100,27 @@ fn default_job_on_two_workers_reaches_95_percent_and_writes_its_run_directory() 
     let series = |colour: &str| svg.lines().filter(|l| l.contains("<polyline") && l.contains(colour)).count();
     assert_eq!((series("#1F77B4"), series("#FF7F0E")), (1, 0));
     assert!(dir.path().join("logs/rank-0.log").exists() && dir.path().join("logs/rank-1.log").exists());
+    // trace.json: Chrome trace JSON, a track per rank, and on each every step's
+    // gradient allreduce as one span of the model's one bucket (9,610 parameters and
+    // the loss, in f32) besides forward, backward and optimizer spans.
+    let trace: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("trace.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let steps = s["steps"].as_u64().unwrap() as usize;
+    for rank in 0..2u64 {
+        let named = events
+            .iter()
+            .any(|e| e["ph"] == "M" && e["pid"] == rank && e["args"]["name"] == format!("rank {rank}"));
+        assert!(named, "no track for rank {rank}");
+        let spans = |name: &'static str| {
+            events.iter().filter(move |e| e["ph"] == "X" && e["pid"] == rank && e["name"] == name)
+        };
+        let buckets = spans("allreduce").filter(|e| e["args"]["bytes"] == (9_610 + 1) * 4).count();
+        assert_eq!(buckets, steps, "rank {rank}");
+        assert_eq!(spans("optimizer step").count(), steps, "rank {rank}");
+        assert!(spans("forward").count() >= steps && spans("backward").count() >= steps, "rank {rank}");
+        assert!(spans("allreduce").all(|e| e["ts"].is_number() && e["dur"].as_f64().unwrap() >= 0.0));
+    }
     let ckpt = checkpoint(dir.path());
     let names: Vec<(&str, &[usize])> = ckpt.iter().map(|(n, s, _)| (n.as_str(), s.as_slice())).collect();
     assert_eq!(
@@ -402,4 +423,32 @@ fn idx_datasets_train_and_a_wrong_shape_is_refused() {
     write_idx_set(wrong.path(), "train", 50, 10);
     let set_wrong = format!("data.dataset=\"{}\"", wrong.path().join("train-images-idx3-ubyte.gz").display());
     fails_with(&["run", "--set", &set_wrong, "--set", "model.layers=[64, 32, 4]"], &["100", "64", "inputs"]);
+}
+
+/// A worker slowed on purpose (the test-only `SHEAF_TEST_SLOW_MS` before each forward
+/// pass on rank `SHEAF_TEST_SLOW_RANK`) is named as the straggler in `summary.json`:
+/// it arrived last at the world's collectives and made the others wait.
+#[test]
+fn a_slowed_worker_is_named_the_straggler() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(sheaf_bin())
+        .args(["launch", "-n", "2", "--set", "train.max_steps=15", "--run-dir"])
+        .arg(dir.path())
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .env_remove("MASTER_PORT")
+        .env("SHEAF_TEST_SLOW_RANK", "1")
+        .env("SHEAF_TEST_SLOW_MS", "40")
+        .output()
+        .unwrap();
+    ok(&out);
+    let s = summary(dir.path());
+    assert_eq!(s["stragglers"]["straggler"], 1, "{}", s["stragglers"]);
+    let waits: Vec<f64> = s["stragglers"]["made_others_wait_s"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    // 15 steps of 40 ms: about 0.6 s of rank 0's time went to waiting for rank 1.
+    assert!(waits[1] > 0.3 && waits[1] > 10.0 * waits[0], "{waits:?}");
 }

@@ -24,6 +24,7 @@ pub mod plugin_check;
 mod registry;
 pub mod sample;
 pub mod selftest;
+pub mod trace;
 pub mod worker;
 pub mod world;
 

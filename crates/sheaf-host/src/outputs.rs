@@ -63,6 +63,9 @@ pub struct Summary {
     /// (pipeline only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bubble_fraction: Option<f64>,
+    /// Who made the others wait at the world's collectives (`trace.json` has the rest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stragglers: Option<crate::trace::Stragglers>,
     /// The step of the checkpoint this run resumed from (absent: not resumed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed_from_step: Option<u64>,

@@ -330,17 +330,26 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         timeout: Duration::from_millis(timeout_ms),
         saved: resumed,
     };
-    let result = strategy.train(TrainContext {
-        config,
-        comm: &comm,
-        model: model.as_mut(),
-        optimizer: optimizer.as_mut(),
-        partitioner: partitioner.as_ref(),
-        train,
-        test,
-        metrics: &mut metrics,
-        checkpoints: &mut checkpoints,
-    });
+    // What the strategy is lent records where the time goes (trace.json).
+    let recorder = crate::trace::Recorder::new(env.rank);
+    let result = {
+        let world: &dyn Communicator = &comm;
+        let traced = crate::trace::TracedComm::world(world, recorder.clone());
+        let mut traced_model = crate::trace::TracedModel { inner: model.as_mut(), rec: recorder.clone() };
+        let mut traced_optimizer =
+            crate::trace::TracedOptimizer { inner: optimizer.as_mut(), rec: recorder.clone() };
+        strategy.train(TrainContext {
+            config,
+            comm: &traced,
+            model: &mut traced_model,
+            optimizer: &mut traced_optimizer,
+            partitioner: partitioner.as_ref(),
+            train,
+            test,
+            metrics: &mut metrics,
+            checkpoints: &mut checkpoints,
+        })
+    };
     let trained = match result {
         Ok(s) => s,
         Err(e) => {
@@ -370,6 +379,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
             busy.iter().zip(&idle).map(|(b, i)| if b + i > 0.0 { i / (b + i) } else { 0.0 }).collect();
         fractions.iter().sum::<f64>() / fractions.len() as f64
     });
+    let (trace, stragglers) = gather_trace(&comm, &recorder, dl).map_err(train_err)?;
     let mut mine = vec![0f32; model.layout().total()];
     model.read_params(&mut mine).map_err(core)?;
     // The last checkpoint to resume from, unless the strategy's last step wrote it.
@@ -392,6 +402,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         idle_seconds_per_rank: idle,
         bubble_fraction: bubble,
         resumed_from_step: resumed,
+        stragglers,
         sheaf_version: env!("CARGO_PKG_VERSION").to_string(),
         git_commit: option_env!("SHEAF_GIT_COMMIT").map(str::to_string),
         // The launcher's, when one of ours started this worker.
@@ -408,6 +419,9 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&dir.join("summary.json"), &json)?;
         crate::plot::write_loss_svg(dir)?;
+        if let Some(trace) = &trace {
+            write_atomic(&dir.join("trace.json"), trace)?;
+        }
     }
     comm.barrier(dl()).map_err(train_err)?;
     link.close(dl()).map_err(train_err)?;
@@ -436,4 +450,27 @@ fn host_names(comm: &Group, dl: Deadline) -> Result<Vec<String>, sheaf_core::Com
         .chunks_exact(LEN)
         .map(|c| String::from_utf8_lossy(&c[..c.iter().position(|&b| b == 0).unwrap_or(LEN)]).into_owned())
         .collect())
+}
+
+/// Every rank's spans on rank 0: the Chrome trace and who made the others wait
+/// (`None` elsewhere).
+#[allow(clippy::type_complexity)]
+fn gather_trace(
+    comm: &Group,
+    rec: &crate::trace::Recorder,
+    dl: impl Fn() -> Deadline,
+) -> Result<(Option<Vec<u8>>, Option<crate::trace::Stragglers>), sheaf_core::CommError> {
+    const TRACE_TAG: u32 = 0x5EAF_0003;
+    let mine = rec.to_json();
+    if comm.rank() != 0 {
+        comm.send(0, TRACE_TAG, &mine, dl())?;
+        return Ok((None, None));
+    }
+    let mut ranks = vec![serde_json::from_slice(&mine).unwrap_or_default()];
+    for r in 1..comm.world_size() {
+        let bytes = comm.recv(r, TRACE_TAG, dl())?;
+        // A rank's spans that do not parse are left out of the trace, not fatal.
+        ranks.push(serde_json::from_slice(&bytes).unwrap_or_default());
+    }
+    Ok((Some(crate::trace::chrome_trace(&ranks)), Some(crate::trace::stragglers(&ranks))))
 }
