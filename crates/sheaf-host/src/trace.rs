@@ -245,6 +245,12 @@ impl TracedModel<'_> {
             std::thread::sleep(d);
         }
     }
+
+    /// Runs `f` on the model as a compute span named `name`.
+    fn timed<T>(&mut self, name: &str, f: impl FnOnce(&mut dyn Model) -> T) -> T {
+        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
+        rec.span(name, "compute", None, None, || f(inner))
+    }
 }
 
 impl Model for TracedModel<'_> {
@@ -259,24 +265,20 @@ impl Model for TracedModel<'_> {
     }
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
         self.slow();
-        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
-        rec.span("forward+backward", "compute", None, None, || inner.forward_backward(batch, grads))
+        self.timed("forward+backward", |m| m.forward_backward(batch, grads))
     }
     fn backward_in_steps(&self) -> bool {
         self.inner.backward_in_steps()
     }
     fn backward_begin(&mut self, batch: &Batch<'_>) -> Result<f32> {
         self.slow();
-        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
-        rec.span("forward", "compute", None, None, || inner.backward_begin(batch))
+        self.timed("forward", |m| m.backward_begin(batch))
     }
     fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
-        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
-        rec.span("backward", "compute", None, None, || inner.backward_next(pending))
+        self.timed("backward", |m| m.backward_next(pending))
     }
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
-        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
-        rec.span("evaluate", "compute", None, None, || inner.evaluate(batch))
+        self.timed("evaluate", |m| m.evaluate(batch))
     }
     fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
         self.inner.predict(batch)
@@ -288,13 +290,11 @@ impl Model for TracedModel<'_> {
         self.inner.segments()
     }
     fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
-        rec.span("forward", "compute", None, None, || inner.stage_forward(micro, segment, input, rows))
+        self.timed("forward", |m| m.stage_forward(micro, segment, input, rows))
     }
     fn stage_forward_batch(&mut self, micro: u64, segment: usize, batch: &Batch<'_>) -> Result<Vec<f32>> {
         self.slow();
-        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
-        rec.span("forward", "compute", None, None, || inner.stage_forward_batch(micro, segment, batch))
+        self.timed("forward", |m| m.stage_forward_batch(micro, segment, batch))
     }
     fn tied_params(&self) -> Vec<(usize, usize)> {
         self.inner.tied_params()
@@ -303,12 +303,10 @@ impl Model for TracedModel<'_> {
         self.inner.replicated_params()
     }
     fn stage_backward(&mut self, micro: u64, segment: usize, grad_output: &[f32]) -> Result<Vec<f32>> {
-        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
-        rec.span("backward", "compute", None, None, || inner.stage_backward(micro, segment, grad_output))
+        self.timed("backward", |m| m.stage_backward(micro, segment, grad_output))
     }
     fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
-        let (rec, inner) = (self.rec.clone(), &mut *self.inner);
-        rec.span("loss", "compute", None, None, || inner.loss_grad(logits, labels, scale))
+        self.timed("loss", |m| m.loss_grad(logits, labels, scale))
     }
     fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
         self.inner.take_grads(out)
