@@ -48,6 +48,12 @@ impl Hosts {
         format!("{}.{}", self.net, host + 1)
     }
 
+    /// Takes host 1's end of the link down.
+    fn cut(&self) {
+        let dev = format!("v1-{}", self.names[1].split_once('-').unwrap().1);
+        ip(&["-n", &self.names[1], "link", "set", &dev, "down"]);
+    }
+
     /// Slows the link both ways: `tc netem delay 2ms loss 1%`, or where the kernel has
     /// no netem (this project's CI machines' kernels have none) a token bucket of 50
     /// Mbit/s with up to 10 ms of queueing (`tc tbf`). Returns which.
@@ -342,5 +348,72 @@ fn collective_laws_hold_hierarchically_across_hosts() {
             "rank {rank}: {stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// `sheaf doctor` as every rank of 2 hosts x 2: the round-trip matrix and every rank's
+/// memory plan, "doctor: OK"; with host 1's link down, every rank fails within the
+/// rendezvous deadline: host 0's saying the others never came, host 1's that there is
+/// no route to the master.
+#[test]
+fn doctor_across_hosts_prints_the_matrix_and_fails_on_a_cut_link() {
+    let hosts = Hosts::new();
+    let outs = hosts.run_ranks(2, &["doctor", "--set", "transport.plugin=\"zmq-tcp\""]);
+    for (rank, out) in outs.iter().enumerate() {
+        assert!(out.status.success(), "rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report = String::from_utf8_lossy(&outs[0].stdout);
+    assert!(
+        report.contains("round trips (ms)") && report.contains("rank 3") && report.contains("doctor: OK"),
+        "{report}"
+    );
+    assert_eq!(report.lines().filter(|l| l.contains("memory")).count(), 4, "{report}");
+
+    hosts.cut();
+    let start = std::time::Instant::now();
+    let outs = hosts
+        .run_ranks(2, &["doctor", "--set", "transport.plugin=\"zmq-tcp\"", "--set", "transport.timeout_s=5"]);
+    assert!(start.elapsed() < std::time::Duration::from_secs(60), "{:?}", start.elapsed());
+    for (rank, out) in outs.iter().enumerate() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Host 0's ranks wait for the others until the deadline; host 1's find no route.
+        assert!(!out.status.success(), "rank {rank}: {err}");
+        assert!(
+            err.contains("could not meet") || err.contains("no route to MASTER_ADDR"),
+            "rank {rank}: {err}"
+        );
+    }
+}
+
+/// A rank slowed on purpose (the test-only `SHEAF_TEST_SLOW_MS` on rank
+/// `SHEAF_TEST_SLOW_RANK`) is named by `sheaf doctor`'s compute probe, and the doctor
+/// fails.
+#[test]
+fn doctor_names_a_slow_rank() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(sheaf_bin())
+                .arg("doctor")
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .env("SHEAF_JOB_TOKEN", "doctor's secret")
+                .env("SHEAF_TEST_SLOW_RANK", "1")
+                .env("SHEAF_TEST_SLOW_MS", "400")
+                .env_remove("SHEAF_PLUGIN_PATH")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let report = String::from_utf8_lossy(&outs[0].stdout);
+    assert!(report.contains("problem: rank 1 computes slowly"), "{report}");
+    assert!(!report.contains("problem: rank 0"), "{report}");
+    for out in &outs {
+        assert_eq!(out.status.code(), Some(1));
     }
 }

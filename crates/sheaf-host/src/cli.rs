@@ -121,6 +121,20 @@ pub enum Command {
         #[arg(long, value_name = "S", default_value_t = 10.0)]
         grace_s: f64,
     },
+    /// Check a world before training: run as every rank, under any launcher (as
+    /// `sheaf run`). Every rank's memory plan against the budget, an N x N matrix of
+    /// round trips, and allreduce and compute probes naming slow ranks; rank 0 prints
+    /// the report, and every rank exits non-zero on a problem.
+    #[command(after_help = crate::world::HELP)]
+    Doctor {
+        /// The job file (TOML); without one, the default job.
+        job: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// A rank slower than the median by more than this factor is a problem.
+        #[arg(long, value_name = "X", default_value_t = 2.0)]
+        slow_factor: f64,
+    },
     /// Measure collectives or point-to-point over a transport, in real processes.
     Bench {
         #[command(subcommand)]
@@ -515,6 +529,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 )));
             }
             Ok(())
+        }
+        Command::Doctor { job, overrides, slow_factor } => {
+            let job = crate::job::load_job(job.as_deref(), overrides)?;
+            let env = crate::worker::WorkerEnv::from_env()?;
+            crate::doctor::doctor(&job, &cli.registry(), &env, *slow_factor, out)
         }
         Command::BenchWorker { spec } => {
             let spec: crate::bench::BenchSpec = serde_json::from_str(spec)

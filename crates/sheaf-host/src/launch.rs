@@ -316,6 +316,32 @@ fn terminate(children: &mut [(usize, Child)], grace: Duration) {
     }
 }
 
+/// The ranks found exited since the last look: `(exited with a code rather than
+/// killed by a signal, rank, what happened)` for each that failed.
+fn collect_failures(children: &mut [(usize, Child)], done: &mut [bool]) -> Vec<(bool, usize, String)> {
+    let mut failed = Vec::new();
+    for (i, (rank, child)) in children.iter_mut().enumerate() {
+        if done[i] {
+            continue;
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                done[i] = true;
+                if !status.success() {
+                    failed.push((
+                        status.code().is_some(),
+                        *rank,
+                        format!("rank {rank} failed ({})", describe(status)),
+                    ));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => failed.push((true, *rank, format!("rank {rank}: cannot wait for it: {e}"))),
+        }
+    }
+    failed
+}
+
 /// How one world ended.
 enum Ended {
     Done,
@@ -461,28 +487,17 @@ fn run_world(
             break Ended::Signalled(sig);
         }
         // Every rank that has failed by now; one killed by a signal is the likelier
-        // cause of the others' errors, so it is named first.
-        let mut failed: Vec<(bool, usize, String)> = Vec::new();
-        for (i, (rank, child)) in children.iter_mut().enumerate() {
-            if done[i] {
-                continue;
-            }
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    done[i] = true;
-                    if !status.success() {
-                        failed.push((
-                            status.code().is_some(),
-                            *rank,
-                            format!("rank {rank} failed ({})", describe(status)),
-                        ));
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => failed.push((true, *rank, format!("rank {rank}: cannot wait for it: {e}"))),
-            }
-        }
+        // cause of the others' errors, so it is named first. A rank killed by a signal
+        // can still be tearing down (not yet reaped) when a peer that saw it go has
+        // already exited with an error, so when only such errors show, a signal's
+        // victim gets up to 200 ms to show too before the culprit is named.
+        let mut failed = collect_failures(&mut children, &mut done);
         if !failed.is_empty() {
+            let until = Instant::now() + Duration::from_millis(200);
+            while failed.iter().all(|(exited, _, _)| *exited) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+                failed.extend(collect_failures(&mut children, &mut done));
+            }
             failed.sort_by_key(|(exited, _, _)| *exited);
             let rank = failed[0].1;
             let message = failed.into_iter().map(|(_, _, m)| m).collect::<Vec<_>>().join("; ");

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod data;
 mod discover;
+pub mod doctor;
 #[cfg(test)]
 mod fuzz;
 pub mod job;
