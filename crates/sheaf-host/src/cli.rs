@@ -312,18 +312,7 @@ fn launch_job(
         eprintln!("[launch] measured layer costs (ns): {costs:?}");
         parsed.parallel.layer_costs = Some(costs);
     }
-    let timeout_ms = (parsed.transport.timeout_s * 1000.0) as u64;
-    let strategy =
-        registry.strategy(&parsed.parallel.strategy, &parsed.parallel.strategy_config(timeout_ms))?;
-    crate::plan::plan(
-        &parsed,
-        workers * nodes.nnodes,
-        &registry,
-        compute.as_ref(),
-        strategy.as_ref(),
-        &data.spec,
-        &data.info,
-    )?;
+    crate::plan::strategy_and_plan(&parsed, workers * nodes.nnodes, &registry, compute.as_ref(), &data)?;
     drop(data);
     if let Some(f) = &job.init_from {
         if !f.is_file() {

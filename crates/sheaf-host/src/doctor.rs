@@ -93,18 +93,10 @@ pub fn doctor(
     let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
     let data = crate::data::load(job, registry, compute.as_ref())?;
     let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
-    let strategy = registry.strategy(&job.parallel.strategy, &job.parallel.strategy_config(timeout_ms))?;
     let mut unbounded = job.clone();
     unbounded.compute.memory_limit_mb = None;
-    let plan = crate::plan::plan(
-        &unbounded,
-        env.world_size,
-        registry,
-        compute.as_ref(),
-        strategy.as_ref(),
-        &data.spec,
-        &data.info,
-    )?;
+    let (_, plan) =
+        crate::plan::strategy_and_plan(&unbounded, env.world_size, registry, compute.as_ref(), &data)?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let needs: Vec<f64> = (0..env.world_size)
         .map(|r| {
@@ -122,12 +114,7 @@ pub fn doctor(
 
     // The world meets over the job's transport: a rank that cannot is an error naming
     // whom it could not reach.
-    let connected = env.connect(
-        registry,
-        &job.transport.plugin,
-        Duration::from_millis(timeout_ms),
-        Duration::from_secs_f64(job.transport.peer_timeout_s),
-    )?;
+    let connected = env.connect_job(registry, job)?;
     let comm = connected.group(job.collectives.algorithm().map_err(HostError::Job)?);
     let train_err = |e: sheaf_core::CommError| HostError::Train { rank: env.rank, detail: e.to_string() };
     let rtt = ping_all(&comm, Duration::from_secs(5));
@@ -141,11 +128,7 @@ pub fn doctor(
         comm.allreduce(&mut buf, DType::F32, ReduceOp::Sum, dl()).map_err(train_err)?;
     }
     let allreduce_ms = t.elapsed().as_secs_f64() * 1e3 / 10.0;
-    let slow = (std::env::var("SHEAF_TEST_SLOW_RANK").ok().and_then(|r| r.parse::<usize>().ok())
-        == Some(env.rank))
-    .then(|| std::env::var("SHEAF_TEST_SLOW_MS").ok().and_then(|m| m.parse().ok()))
-    .flatten()
-    .map(Duration::from_millis);
+    let slow = crate::trace::test_slowdown(env.rank);
     let compute_ms = compute_probe(slow);
 
     let n = env.world_size;

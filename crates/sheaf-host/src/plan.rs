@@ -187,6 +187,21 @@ fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
     Ok(())
 }
 
+/// The job's strategy plugin, and its plan of the job over `world` ranks (see
+/// [`plan`]): what the launcher, every worker and `sheaf doctor` start from.
+pub fn strategy_and_plan(
+    job: &Job,
+    world: usize,
+    registry: &Registry,
+    compute: &dyn ComputeBackend,
+    data: &crate::data::JobData,
+) -> Result<(Box<dyn Strategy>, Plan), HostError> {
+    let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
+    let strategy = registry.strategy(&job.parallel.strategy, &job.parallel.strategy_config(timeout_ms))?;
+    let plan = plan(job, world, registry, compute, strategy.as_ref(), &data.spec, &data.info)?;
+    Ok((strategy, plan))
+}
+
 /// Measures each block's forward and backward time on one micro-batch of random data
 /// (median of 5, nanoseconds), one block built at a time, each fed the previous
 /// block's output, for `parallel.balance = "time"`: `sheaf launch` measures once and

@@ -51,6 +51,16 @@ pub struct Recorder {
     slow: Option<std::time::Duration>,
 }
 
+/// The test-only delay for `rank`: `SHEAF_TEST_SLOW_MS` when `SHEAF_TEST_SLOW_RANK`
+/// is this rank (a straggler made on purpose, for the tests that must find one).
+pub fn test_slowdown(rank: usize) -> Option<std::time::Duration> {
+    let slow_rank = std::env::var("SHEAF_TEST_SLOW_RANK").ok().and_then(|r| r.parse::<usize>().ok());
+    (slow_rank == Some(rank))
+        .then(|| std::env::var("SHEAF_TEST_SLOW_MS").ok().and_then(|m| m.parse().ok()))
+        .flatten()
+        .map(std::time::Duration::from_millis)
+}
+
 thread_local! {
     static TID: Cell<u64> = const { Cell::new(0) };
 }
@@ -68,11 +78,7 @@ fn tid() -> u64 {
 impl Recorder {
     pub fn new(rank: usize) -> Arc<Recorder> {
         let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e6);
-        let slow = (std::env::var("SHEAF_TEST_SLOW_RANK").ok().and_then(|r| r.parse::<usize>().ok())
-            == Some(rank))
-        .then(|| std::env::var("SHEAF_TEST_SLOW_MS").ok().and_then(|m| m.parse().ok()))
-        .flatten()
-        .map(std::time::Duration::from_millis);
+        let slow = test_slowdown(rank);
         Arc::new(Recorder {
             spans: Mutex::new(Vec::new()),
             origin: (Instant::now(), unix_us),

@@ -152,6 +152,16 @@ impl WorkerEnv {
         Ok(Connected { link: Arc::new(link), hosts: Some(host_of) })
     }
 
+    /// This rank's link over the job's transport, with its timeouts.
+    pub fn connect_job(&self, registry: &Registry, job: &Job) -> Result<Connected, HostError> {
+        self.connect(
+            registry,
+            &job.transport.plugin,
+            Duration::from_millis((job.transport.timeout_s * 1000.0) as u64),
+            Duration::from_secs_f64(job.transport.peer_timeout_s),
+        )
+    }
+
     /// This rank's link from the transport plugin `transport`, after meeting the other
     /// ranks: the one place
     /// the transport's connection settings are written (rank, world, master, timeouts,
@@ -223,17 +233,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
     let partitioner = registry.data_partitioner(&job.data.partitioner, "")?;
     let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
-    let mut strategy =
-        registry.strategy(&job.parallel.strategy, &job.parallel.strategy_config(timeout_ms))?;
-    let plan = crate::plan::plan(
-        job,
-        env.world_size,
-        registry,
-        compute.as_ref(),
-        strategy.as_ref(),
-        &data.spec,
-        &data.info,
-    )?;
+    let (mut strategy, plan) =
+        crate::plan::strategy_and_plan(job, env.world_size, registry, compute.as_ref(), &data)?;
     let piece = plan.ranks[env.rank].piece.clone();
     let spec = plan.spec.clone();
     let whole = plan.info.layout.clone();
@@ -285,12 +286,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         _ => None,
     };
 
-    let connected = env.connect(
-        registry,
-        &job.transport.plugin,
-        Duration::from_millis(timeout_ms),
-        Duration::from_secs_f64(job.transport.peer_timeout_s),
-    )?;
+    let connected = env.connect_job(registry, job)?;
     let algorithm = job.collectives.algorithm().map_err(HostError::Job)?;
     let comm = connected.group(algorithm);
     let link = connected.link.clone();
