@@ -479,3 +479,24 @@ fn ranks_without_a_secret_are_told_to_set_one() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("SHEAF_JOB_TOKEN is not set"), "{err}");
 }
+
+/// A run resumes only with the world and strategy that wrote its checkpoints (their
+/// optimizer shards are laid out for them): another world size is refused before
+/// training, naming both and `--init-from`, and leaves the run's files as they were.
+#[test]
+fn resuming_with_another_world_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&sheaf(
+        &["launch", "-n", "2", "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2"],
+        dir.path(),
+    ));
+    let before = std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap();
+    let out = sheaf(&["launch", "-n", "1", "--resume", &dir.path().display().to_string()], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("written by 2 ranks") && err.contains("this run is 1") && err.contains("--init-from"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap(), before);
+}
