@@ -202,50 +202,32 @@ fn shipped_partitioner_plugins_pass_the_conformance_suite() {
     }
 }
 
+/// `sheaf launch -n 2` of the default job under the `local-sgd` fixture, found in a
+/// plugin directory of its own, with `sets` added: the output and the run directory.
+fn launch_local_sgd(sets: &[&str]) -> (std::process::Output, tempfile::TempDir) {
+    let plugins = tempfile::tempdir().unwrap();
+    let src = library("fixture-local-sgd");
+    std::fs::copy(&src, plugins.path().join(src.file_name().unwrap())).unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let mut args = vec!["launch", "-n", "2", "--plugin-dir", plugins.path().to_str().unwrap()];
+    args.extend(["--set", "parallel.strategy=\"local-sgd\""]);
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    (crate::training::sheaf(&args, run.path()), run)
+}
+
 /// A strategy the host has never heard of (the `local-sgd` fixture: its own plan, its
 /// own settings under `[parallel.options.local-sgd]`) trains the default job end to
 /// end from a plugin directory; its unknown settings are refused naming the key.
 #[test]
 fn a_strategy_unknown_to_the_host_trains_end_to_end() {
-    let plugins = tempfile::tempdir().unwrap();
-    let src = library("fixture-local-sgd");
-    std::fs::copy(&src, plugins.path().join(src.file_name().unwrap())).unwrap();
-    let run = tempfile::tempdir().unwrap();
-    let out = crate::training::sheaf(
-        &[
-            "launch",
-            "-n",
-            "2",
-            "--plugin-dir",
-            plugins.path().to_str().unwrap(),
-            "--set",
-            "parallel.strategy=\"local-sgd\"",
-            "--set",
-            "parallel.options.local-sgd.sync_every=2",
-            "--set",
-            "train.epochs=10",
-        ],
-        run.path(),
-    );
+    let (out, run) = launch_local_sgd(&["parallel.options.local-sgd.sync_every=2", "train.epochs=10"]);
     crate::training::ok(&out);
     let s = crate::training::summary(run.path());
     assert_eq!(s["strategy"], "local-sgd");
     assert!(s["test_accuracy"].as_f64().unwrap() > 0.9, "{s}");
-    let bad = tempfile::tempdir().unwrap();
-    let out = crate::training::sheaf(
-        &[
-            "launch",
-            "-n",
-            "2",
-            "--plugin-dir",
-            plugins.path().to_str().unwrap(),
-            "--set",
-            "parallel.strategy=\"local-sgd\"",
-            "--set",
-            "parallel.options.local-sgd.sync_evry=2",
-        ],
-        bad.path(),
-    );
+    let (out, _) = launch_local_sgd(&["parallel.options.local-sgd.sync_evry=2"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("parallel.options.local-sgd") && err.contains("sync_evry"), "{err}");
@@ -273,25 +255,8 @@ fn the_host_names_no_strategy() {
 /// mismatched collective with both calls named, not after the 60 s deadline.
 #[test]
 fn ranks_calling_different_collectives_fail_at_once_naming_both() {
-    let plugins = tempfile::tempdir().unwrap();
-    let src = library("fixture-local-sgd");
-    std::fs::copy(&src, plugins.path().join(src.file_name().unwrap())).unwrap();
-    let run = tempfile::tempdir().unwrap();
     let start = std::time::Instant::now();
-    let out = crate::training::sheaf(
-        &[
-            "launch",
-            "-n",
-            "2",
-            "--plugin-dir",
-            plugins.path().to_str().unwrap(),
-            "--set",
-            "parallel.strategy=\"local-sgd\"",
-            "--set",
-            "parallel.options.local-sgd.divergent_rank=1",
-        ],
-        run.path(),
-    );
+    let (out, _run) = launch_local_sgd(&["parallel.options.local-sgd.divergent_rank=1"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(start.elapsed() < std::time::Duration::from_secs(30), "took {:?}: {err}", start.elapsed());

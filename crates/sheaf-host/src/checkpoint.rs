@@ -131,7 +131,7 @@ impl Checkpointer<'_> {
     }
 
     fn state(&self, step: u64) -> CheckpointState {
-        let micro_step = self.config.start_micro_step().max(step * self.config.grad_accum.max(1) as u64);
+        let micro_step = step * self.config.grad_accum.max(1) as u64;
         let per_epoch = self.train_len.div_ceil(self.config.batch_size.max(1)).max(1) as u64;
         CheckpointState {
             format: FORMAT.into(),
