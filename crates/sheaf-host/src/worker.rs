@@ -221,13 +221,14 @@ impl RunOptions {
 /// Trains `job` as one rank; returns the summary (on every rank; rank 0 also writes it).
 pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<Summary, HostError> {
     let env = &opts.env;
-    // `cuda` without an index: this host's local rank's device, as torchrun users expect.
-    let mut job = job.clone();
-    if job.compute.device == "cuda" {
-        job.compute.device = format!("cuda:{}", env.local_rank);
+    // `cuda` without an index: this host's local rank's device, as torchrun users
+    // expect. Only the compute plugin is told: the job (job.toml, the summary, what a
+    // resumed world reads) keeps what was asked, the same for every rank.
+    let mut local = job.compute.clone();
+    if local.device == "cuda" {
+        local.device = format!("cuda:{}", env.local_rank);
     }
-    let job = &job;
-    let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
+    let compute = registry.compute(&local.backend, &local.config_json())?;
     let data = crate::data::load(job, registry, compute.as_ref())?;
     let (train, test) = (data.train.as_ref(), data.test.as_ref());
     let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
