@@ -355,13 +355,19 @@ enum Ended {
 }
 
 /// Signals the launcher forwards: the last one received (0: none).
+/// Registered once per process (`sheaf bench train` launches several times); a signal
+/// left from an earlier launch is cleared by the caller.
 fn watch_signals() -> Result<Arc<AtomicUsize>, HostError> {
+    static GOT: std::sync::OnceLock<Arc<AtomicUsize>> = std::sync::OnceLock::new();
+    if let Some(got) = GOT.get() {
+        return Ok(got.clone());
+    }
     let got = Arc::new(AtomicUsize::new(0));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_usize(sig, got.clone(), sig as usize)
             .map_err(|e| HostError::Launch(format!("cannot watch signal {sig}: {e}")))?;
     }
-    Ok(got)
+    Ok(GOT.get_or_init(|| got).clone())
 }
 
 fn unix_ms() -> u128 {
@@ -534,6 +540,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(|e| HostError::Output(format!("{}: {e}", opts.run_dir.display())))?;
     let signals = watch_signals()?;
+    signals.store(0, Ordering::SeqCst);
     let mut attempt = 0;
     let mut resume = opts.resume;
     loop {

@@ -5,8 +5,6 @@
 //! environment is an error naming the variable, never a silent world of one (which
 //! would train N separate copies of the job).
 
-use std::collections::BTreeMap;
-
 use crate::worker::WorkerEnv;
 use crate::HostError;
 
@@ -201,16 +199,16 @@ pub fn first_host(list: &str) -> Result<String, String> {
     expand_nodelist(list).map(|h| h[0].clone())
 }
 
-/// The variables of the process environment `from_vars` reads, for tests.
-#[doc(hidden)]
-pub fn vars_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let map: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    move |k| map.get(k).cloned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `from_vars`' variables from `pairs`, in place of the process environment.
+    fn vars_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::BTreeMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| map.get(k).cloned()
+    }
 
     fn place(pairs: &[(&str, &str)]) -> Result<WorkerEnv, String> {
         from_vars(vars_of(pairs)).map_err(|e| e.to_string())
