@@ -50,19 +50,20 @@ impl Hosts {
 
     /// Takes host 1's end of the link down.
     fn cut(&self) {
-        let dev = format!("v1-{}", self.names[1].split_once('-').unwrap().1);
-        ip(&["-n", &self.names[1], "link", "set", &dev, "down"]);
+        ip(&["-n", &self.names[1], "link", "set", &self.dev(1), "down"]);
     }
 
-    /// Slows the link both ways: `tc netem delay 2ms loss 1%`, or where the kernel has
-    /// no netem (this project's CI machines' kernels have none) a token bucket of 50
-    /// Mbit/s with up to 10 ms of queueing (`tc tbf`). Returns which.
+    /// Impairs the link both ways: `tc netem delay 2ms loss 1%`, or where the kernel has
+    /// no netem (this project's CI machines' kernels have none, nor the random-drop
+    /// filter actions) a token bucket of 50 Mbit/s whose queue holds 24 kB: what
+    /// arrives faster is dropped, so TCP loses packets under every burst and resends
+    /// them ([`Hosts::dropped`] counts them). Returns which.
     fn impair(&self) -> &'static str {
         const NETEM: &[&str] = &["netem", "delay", "2ms", "loss", "1%"];
-        const TBF: &[&str] = &["tbf", "rate", "50mbit", "burst", "16kb", "latency", "10ms"];
+        const TBF: &[&str] = &["tbf", "rate", "50mbit", "burst", "16kb", "limit", "24kb"];
         let mut used = NETEM;
         for (i, ns) in self.names.iter().enumerate() {
-            let dev = format!("v{i}-{}", ns.split_once('-').unwrap().1);
+            let dev = self.dev(i);
             let tc = |q: &[&str]| {
                 let mut args = vec!["-n", ns.as_str(), "qdisc", "add", "dev", &dev, "root"];
                 args.extend(q);
@@ -77,10 +78,32 @@ impl Hosts {
             assert!(out.status.success(), "tc {}: {}", used.join(" "), String::from_utf8_lossy(&out.stderr));
         }
         if used == TBF {
-            "tbf rate 50mbit burst 16kb latency 10ms (this kernel has no netem)"
+            "tbf rate 50mbit burst 16kb limit 24kb, dropping what overflows (this kernel has no netem)"
         } else {
             "netem delay 2ms loss 1%"
         }
+    }
+
+    /// Host `i`'s end of the link.
+    fn dev(&self, i: usize) -> String {
+        format!("v{i}-{}", self.names[i].split_once('-').unwrap().1)
+    }
+
+    /// Packets the links' queueing disciplines dropped, both ends (`tc -s`).
+    fn dropped(&self) -> u64 {
+        (0..2)
+            .map(|i| {
+                let out = Command::new("tc")
+                    .args(["-s", "-n", &self.names[i], "qdisc", "show", "dev", &self.dev(i)])
+                    .output()
+                    .expect("tc -s");
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.split("dropped ")
+                    .skip(1)
+                    .filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
     /// One `sheaf launch` per host, `per_host` workers each; returns node 0's run
@@ -120,8 +143,9 @@ impl Hosts {
 
 impl Hosts {
     /// `sheaf ARGS` as every rank of 2 hosts x `per_host`, started as another launcher
-    /// would (torchrun's variables, a shared secret); every rank's output, by rank.
-    fn run_ranks(&self, per_host: usize, args: &[&str]) -> Vec<Output> {
+    /// would (torchrun's variables, a shared secret), with `(rank, variable, value)`
+    /// added; every rank's output, by rank.
+    fn run_ranks(&self, per_host: usize, args: &[&str], extra: &[(usize, &str, &str)]) -> Vec<Output> {
         let world = (2 * per_host).to_string();
         let children: Vec<_> = (0..2 * per_host)
             .map(|rank| {
@@ -133,11 +157,11 @@ impl Hosts {
                     .env("MASTER_ADDR", self.addr(0))
                     .env("MASTER_PORT", "29500")
                     .env("SHEAF_JOB_TOKEN", "the hosts' shared secret")
-                    .env_remove("SHEAF_PLUGIN_PATH")
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("ip netns exec sheaf")
+                    .env_remove("SHEAF_PLUGIN_PATH");
+                for (_, k, v) in extra.iter().filter(|e| e.0 == rank) {
+                    cmd.env(k, v);
+                }
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ip netns exec sheaf")
             })
             .collect();
         children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
@@ -152,21 +176,14 @@ impl Drop for Hosts {
     }
 }
 
-const SETS: [&str; 4] = [
-    "train.max_steps=10",
-    "train.lr=0.05",
-    "model.layers=[64, 96, 80, 64, 10]",
-    "transport.plugin=\"zmq-tcp\"",
-];
+const SETS: [&str; 3] = ["train.max_steps=10", "train.lr=0.05", "model.layers=[64, 96, 80, 64, 10]"];
 
 /// Runs `sets` (with `job`) on 2 hosts x 2 workers, the link impaired or not; returns
-/// node 0's run directory after checking both launchers succeeded and the world was 4.
+/// node 0's run directory after checking both launchers succeeded and the world was 4,
+/// and that an impaired link lost packets.
 fn across_hosts(job: Option<&Path>, sets: &[&str], impaired: bool) -> tempfile::TempDir {
     let hosts = Hosts::new();
     let netem = impaired.then(|| hosts.impair());
-    if let Some(n) = netem {
-        eprintln!("the link between the hosts: {n}");
-    }
     let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let outs = hosts.launch(2, job, sets, &[d0.path(), d1.path()]);
     for (node, out) in outs.iter().enumerate() {
@@ -180,6 +197,11 @@ fn across_hosts(job: Option<&Path>, sets: &[&str], impaired: bool) -> tempfile::
     let s: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d0.path().join("summary.json")).unwrap()).unwrap();
     assert_eq!(s["world_size"], 4);
+    if let Some(n) = netem {
+        let dropped = hosts.dropped();
+        eprintln!("the link between the hosts: {n}; {dropped} packets dropped ({sets:?})");
+        assert!(dropped > 0, "the impaired link dropped nothing: {n}");
+    }
     d0
 }
 
@@ -204,9 +226,10 @@ fn a_mesh_of_pipelines_and_slices_across_hosts_equals_one_process() {
 /// Data-parallel (over ZeroMQ, and over `auto`: shared memory inside each host, ZeroMQ
 /// between, allreduce hierarchical) and a 2 x 2 pipeline mesh, each over 2 hosts of 2
 /// workers, end with the parameters of one process (within 1e-6, the reduction order),
-/// and so do the first and the last
-/// over a slowed link (`tc netem delay 2ms loss 1%`, or a 50 Mbit/s token bucket
-/// where the kernel has no netem; the test prints which).
+/// and so do the first two over a lossy link (`tc netem delay 2ms loss 1%`, or a 50
+/// Mbit/s token bucket that drops what overflows its queue where the kernel has no
+/// netem; the test prints which, and asserts packets were dropped). A job that names
+/// no transport runs over `auto` across hosts.
 #[test]
 fn training_across_hosts_equals_one_process() {
     let one = tempfile::tempdir().unwrap();
@@ -214,17 +237,26 @@ fn training_across_hosts_equals_one_process() {
     args.extend(SETS.iter().flat_map(|s| ["--set", *s]));
     ok(&sheaf(&args, one.path()));
     let reference = checkpoint(one.path());
-    let dp: &[&str] = &["parallel.strategy=\"data-parallel\""];
-    let pipe: &[&str] =
-        &["parallel.strategy=\"pipeline\"", "parallel.data=2", "parallel.options.pipeline.micro_batches=2"];
-    // `auto`: shared memory inside each host, ZeroMQ between, allreduce hierarchical.
-    let auto: &[&str] = &["parallel.strategy=\"data-parallel\"", "transport.plugin=\"auto\""];
+    let dp: &[&str] = &["parallel.strategy=\"data-parallel\"", "transport.plugin=\"zmq-tcp\""];
+    let pipe: &[&str] = &[
+        "parallel.strategy=\"pipeline\"",
+        "parallel.data=2",
+        "parallel.options.pipeline.micro_batches=2",
+        "transport.plugin=\"zmq-tcp\"",
+    ];
+    // No transport named: across hosts that is `auto` (shared memory inside each host,
+    // ZeroMQ between, allreduce hierarchical).
+    let auto: &[&str] = &["parallel.strategy=\"data-parallel\""];
     for (extra, impaired) in [(dp, false), (pipe, false), (auto, false), (dp, true), (pipe, true)] {
         let mut sets = SETS.to_vec();
         sets.extend(extra);
         let run = across_hosts(None, &sets, impaired);
         let d = max_abs_diff(&reference, &checkpoint(run.path()));
         assert!(d <= 1e-6, "{extra:?} (impaired {impaired}): max abs diff {d} against one process");
+        let s: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.path().join("summary.json")).unwrap()).unwrap();
+        let expected = if extra == auto { "auto" } else { "zmq-tcp" };
+        assert_eq!(s["transport"], expected, "{extra:?}");
     }
 }
 
@@ -339,8 +371,11 @@ fn bad_launcher_environments_name_the_variable() {
 #[test]
 fn collective_laws_hold_hierarchically_across_hosts() {
     let hosts = Hosts::new();
-    let outs = hosts
-        .run_ranks(2, &["check-collectives", "--transport", "auto", "--cases", "12", "--max-len", "20000"]);
+    let outs = hosts.run_ranks(
+        2,
+        &["check-collectives", "--transport", "auto", "--cases", "12", "--max-len", "20000"],
+        &[],
+    );
     for (rank, out) in outs.iter().enumerate() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -352,13 +387,16 @@ fn collective_laws_hold_hierarchically_across_hosts() {
 }
 
 /// `sheaf doctor` as every rank of 2 hosts x 2: the round-trip matrix and every rank's
-/// memory plan, "doctor: OK"; with host 1's link down, every rank fails within the
-/// rendezvous deadline: host 0's saying the others never came, host 1's that there is
-/// no route to the master.
+/// memory plan, "doctor: OK". With rank 3 listening on a second address of host 1 that
+/// host 0 routes into a black hole, the roll call's matrix shows exactly rows 0 and 1
+/// failing to reach rank 3, and every rank fails. With host 1's link down, rank 0
+/// prints the matrix with host 1's ranks never having come, within the deadline; host
+/// 1's ranks say there is no route to the master.
 #[test]
 fn doctor_across_hosts_prints_the_matrix_and_fails_on_a_cut_link() {
     let hosts = Hosts::new();
-    let outs = hosts.run_ranks(2, &["doctor", "--set", "transport.plugin=\"zmq-tcp\""]);
+    let doctor = ["doctor", "--set", "transport.plugin=\"zmq-tcp\"", "--set", "transport.timeout_s=5"];
+    let outs = hosts.run_ranks(2, &doctor, &[]);
     for (rank, out) in outs.iter().enumerate() {
         assert!(out.status.success(), "rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -369,19 +407,64 @@ fn doctor_across_hosts_prints_the_matrix_and_fails_on_a_cut_link() {
     );
     assert_eq!(report.lines().filter(|l| l.contains("memory")).count(), 4, "{report}");
 
+    // Host 0 cannot reach rank 3's address; everyone else reaches everyone.
+    let hidden = format!("{}.12", hosts.net);
+    ip(&["-n", &hosts.names[1], "addr", "add", &format!("{hidden}/32"), "dev", &hosts.dev(1)]);
+    ip(&["-n", &hosts.names[0], "route", "add", "blackhole", &format!("{hidden}/32")]);
+    let start = std::time::Instant::now();
+    let outs = hosts.run_ranks(2, &doctor, &[(3, "SHEAF_ADVERTISE_ADDR", &hidden)]);
+    let report = String::from_utf8_lossy(&outs[0].stdout);
+    eprintln!("rank 3 hidden from host 0, {:?}:\n{report}", start.elapsed());
+    assert!(report.contains("the world cannot meet") && report.contains("reachability"), "{report}");
+    let rows: Vec<Vec<&str>> = report
+        .lines()
+        .skip_while(|l| !l.starts_with("reachability"))
+        .skip(2)
+        .take(4)
+        .map(|l| l.split_whitespace().skip(2).collect())
+        .collect();
+    for (r, row) in rows.iter().enumerate() {
+        for (q, cell) in row.iter().enumerate() {
+            let cut = q == 3 && r < 2;
+            assert_eq!(*cell == "--", cut, "rank {r} -> rank {q}: {cell}\n{report}");
+        }
+    }
+    assert!(
+        report.contains("problem: rank 0 cannot reach rank 3") && report.contains("doctor: 2 problem(s)")
+    );
+    for (rank, out) in outs.iter().enumerate() {
+        assert_eq!(out.status.code(), Some(1), "rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     hosts.cut();
     let start = std::time::Instant::now();
-    let outs = hosts
-        .run_ranks(2, &["doctor", "--set", "transport.plugin=\"zmq-tcp\"", "--set", "transport.timeout_s=5"]);
+    let outs = hosts.run_ranks(2, &doctor, &[]);
     assert!(start.elapsed() < std::time::Duration::from_secs(60), "{:?}", start.elapsed());
+    let report = String::from_utf8_lossy(&outs[0].stdout);
+    eprintln!("host 1's link down, {:?}:\n{report}", start.elapsed());
+    for r in [2, 3] {
+        assert!(report.contains(&format!("problem: rank {r} never answered the roll call")), "{report}");
+    }
+    let row0: Vec<&str> = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("rank 0 ") && l.contains('·'))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row0[4..], ["?", "?"], "{report}");
+    let row2: Vec<&str> = report
+        .lines()
+        .find(|l| l.trim_start().starts_with("rank 2 ") && l.contains('·'))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(row2[2..], ["?", "?", "·", "?"], "{report}");
     for (rank, out) in outs.iter().enumerate() {
         let err = String::from_utf8_lossy(&out.stderr);
-        // Host 0's ranks wait for the others until the deadline; host 1's find no route.
         assert!(!out.status.success(), "rank {rank}: {err}");
-        assert!(
-            err.contains("could not meet") || err.contains("no route to MASTER_ADDR"),
-            "rank {rank}: {err}"
-        );
+        if rank >= 2 {
+            assert!(err.contains("no route to MASTER_ADDR"), "rank {rank}: {err}");
+        }
     }
 }
 

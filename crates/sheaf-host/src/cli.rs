@@ -302,6 +302,7 @@ fn launch_job(
         )));
     }
     let mut parsed = crate::job::load_job(job_file.as_deref(), &job.overrides)?;
+    parsed.transport.resolve(nodes.nnodes > 1);
     let registry = cli.registry();
     let mut worker_args: Vec<String> = Vec::new();
     let compute = registry.compute(&parsed.compute.backend, &parsed.compute.config_json())?;
@@ -357,8 +358,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
             }
             let (job_file, run_dir, resume) = args.resolve()?;
-            let job = crate::job::load_job(job_file.as_deref(), &args.overrides)?;
+            let mut job = crate::job::load_job(job_file.as_deref(), &args.overrides)?;
             let env = crate::worker::WorkerEnv::from_env()?;
+            job.transport.resolve(env.spans_hosts);
             let opts = crate::worker::RunOptions {
                 run_dir: Some(run_dir),
                 env,
@@ -520,8 +522,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             Ok(())
         }
         Command::Doctor { job, overrides, slow_factor } => {
-            let job = crate::job::load_job(job.as_deref(), overrides)?;
+            let mut job = crate::job::load_job(job.as_deref(), overrides)?;
             let env = crate::worker::WorkerEnv::from_env()?;
+            job.transport.resolve(env.spans_hosts);
             crate::doctor::doctor(&job, &cli.registry(), &env, *slow_factor, out)
         }
         Command::BenchWorker { spec } => {

@@ -1,7 +1,9 @@
 //! `sheaf doctor JOB`: checks a world before it spends a cluster's time, as one rank
 //! per process under any launcher (like `sheaf run`): the job and every rank's memory
-//! plan against `compute.memory_limit_mb`; the world meets over the job's transport
-//! (a rank that cannot is an error naming whom it could not reach); every rank pings
+//! plan against `compute.memory_limit_mb`; a roll call over plain TCP
+//! ([`crate::rollcall`]) in which every rank reaches every other, so that a world that
+//! cannot meet gets an N x N reachability matrix naming the ranks that never came and
+//! the pairs that failed; then the world meets over the job's transport; every rank pings
 //! every other (an N x N matrix of round trips, "--" where a peer did not answer); a
 //! short allreduce and compute probe on every rank, naming the ranks slower than the
 //! median by more than `--slow-factor`. Rank 0 prints the report; every rank exits
@@ -112,6 +114,39 @@ pub fn doctor(
         }
     }
 
+    // Who reaches whom, before the transport, which needs every rank to meet.
+    let n = env.world_size;
+    let w = |e: std::io::Error| HostError::Usage(format!("cannot write output: {e}"));
+    if n > 1 {
+        let listen = env.advertise_addr()?.unwrap_or_else(|| "127.0.0.1".into());
+        let reach = crate::rollcall::roll_call(env, &listen, Duration::from_millis(timeout_ms))?;
+        if !reach.complete {
+            if env.rank == 0 {
+                problems.extend(reach.problems(&crate::rollcall::master(env)));
+                writeln!(out, "sheaf doctor: {n} ranks; the world cannot meet").map_err(w)?;
+                writeln!(
+                    out,
+                    "reachability (TCP round trips, ms), row reaches column; -- no answer, ? never came:"
+                )
+                .map_err(w)?;
+                write!(out, "{}", reach.matrix()).map_err(w)?;
+                report_problems(out, &problems).map_err(w)?;
+                return Err(HostError::Check(format!(
+                    "{} problem(s): {}",
+                    problems.len(),
+                    problems.join("; ")
+                )));
+            }
+            let mine: Vec<String> =
+                reach.failures.iter().map(|(_, q, why)| format!("cannot reach rank {q}: {why}")).collect();
+            return Err(HostError::Check(format!(
+                "the world cannot meet (rank 0 prints who reaches whom){}{}",
+                if mine.is_empty() { "" } else { "; this rank " },
+                mine.join("; ")
+            )));
+        }
+    }
+
     // The world meets over the job's transport: a rank that cannot is an error naming
     // whom it could not reach.
     let connected = env.connect_job(registry, job)?;
@@ -131,7 +166,6 @@ pub fn doctor(
     let slow = crate::trace::test_slowdown(env.rank);
     let compute_ms = compute_probe(slow);
 
-    let n = env.world_size;
     let mut mine = rtt.clone();
     mine.extend([allreduce_ms, compute_ms]);
     let mut all = vec![0f64; (n + 2) * n];
@@ -168,8 +202,7 @@ pub fn doctor(
     }
 
     if env.rank == 0 {
-        let w = |e: std::io::Error| HostError::Usage(format!("cannot write output: {e}"));
-        writeln!(out, "sheaf doctor: {n} ranks, {} on {}", job.parallel.strategy, job.transport.plugin)
+        writeln!(out, "sheaf doctor: {n} ranks, {} on {}", job.parallel.strategy, job.transport.plugin())
             .map_err(w)?;
         writeln!(out, "round trips (ms), row pings column:").map_err(w)?;
         write!(out, "{:>8}", "").map_err(w)?;
@@ -203,15 +236,7 @@ pub fn doctor(
             )
             .map_err(w)?;
         }
-        match problems.len() {
-            0 => writeln!(out, "doctor: OK").map_err(w)?,
-            k => {
-                for p in &problems {
-                    writeln!(out, "problem: {p}").map_err(w)?;
-                }
-                writeln!(out, "doctor: {k} problem(s)").map_err(w)?;
-            }
-        }
+        report_problems(out, &problems).map_err(w)?;
     }
     comm.barrier(dl()).map_err(train_err)?;
     connected.link.close(dl()).map_err(train_err)?;
@@ -219,5 +244,16 @@ pub fn doctor(
         Ok(())
     } else {
         Err(HostError::Check(format!("{} problem(s): {}", problems.len(), problems.join("; "))))
+    }
+}
+
+/// The report's last lines: each problem, then the verdict.
+fn report_problems(out: &mut dyn Write, problems: &[String]) -> std::io::Result<()> {
+    for p in problems {
+        writeln!(out, "problem: {p}")?;
+    }
+    match problems.len() {
+        0 => writeln!(out, "doctor: OK"),
+        k => writeln!(out, "doctor: {k} problem(s)"),
     }
 }

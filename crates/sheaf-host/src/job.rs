@@ -235,8 +235,10 @@ impl ParallelSection {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TransportSection {
-    #[serde(default = "zmq_tcp")]
-    pub plugin: String,
+    /// The transport plugin, or `auto`. Left out: `auto` when the world spans hosts
+    /// ([`TransportSection::resolve`]), else `zmq-tcp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<String>,
     /// Deadline of every collective and of the rendezvous, in seconds.
     #[serde(default = "timeout_s")]
     pub timeout_s: f64,
@@ -245,9 +247,6 @@ pub struct TransportSection {
     pub peer_timeout_s: f64,
 }
 
-fn zmq_tcp() -> String {
-    "zmq-tcp".into()
-}
 fn timeout_s() -> f64 {
     60.0
 }
@@ -257,7 +256,23 @@ fn peer_timeout_s() -> f64 {
 
 impl Default for TransportSection {
     fn default() -> Self {
-        TransportSection { plugin: zmq_tcp(), timeout_s: timeout_s(), peer_timeout_s: peer_timeout_s() }
+        TransportSection { plugin: None, timeout_s: timeout_s(), peer_timeout_s: peer_timeout_s() }
+    }
+}
+
+impl TransportSection {
+    /// The transport this job runs over.
+    pub fn plugin(&self) -> &str {
+        self.plugin.as_deref().unwrap_or("zmq-tcp")
+    }
+
+    /// Settles a transport the job left out: `auto` (shared memory inside each host,
+    /// ZeroMQ between, collectives hierarchical) when the world spans hosts, as
+    /// `sheaf launch --nnodes` and other launchers' node counts say; else `zmq-tcp`.
+    pub fn resolve(&mut self, spans_hosts: bool) {
+        if self.plugin.is_none() {
+            self.plugin = Some(if spans_hosts { "auto" } else { "zmq-tcp" }.into());
+        }
     }
 }
 
@@ -383,7 +398,7 @@ mod tests {
         assert_eq!(job.model.kind, "mlp");
         let config: serde_json::Value = serde_json::from_str(&job.model.config_json()).unwrap();
         assert_eq!(config, serde_json::json!({"layers": [64, 128, 10], "activation": "relu"}));
-        assert_eq!(job.transport.plugin, "zmq-tcp");
+        assert_eq!(job.transport.plugin(), "zmq-tcp");
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub(crate) fn local_worker(
     port: u16,
     threads: usize,
 ) -> Command {
-    worker_command(exe, (rank, rank, world), ("127.0.0.1", port), threads)
+    worker_command(exe, (rank, rank, world, world), ("127.0.0.1", port), threads)
 }
 
 /// The launcher's command line (JSON), which its workers report as the run's.
@@ -182,11 +182,12 @@ const OTHER_LAUNCHERS: &[&str] = &[
     "JOB_COMPLETION_INDEX",
 ];
 
-/// This executable as `(rank, local rank, world)` meeting at `master`: torchrun's
-/// variables and the job's secret, `threads` compute threads, no stdin.
+/// This executable as `(rank, local rank, ranks on this host, world)` meeting at
+/// `master`: torchrun's variables and the job's secret, `threads` compute threads, no
+/// stdin.
 pub(crate) fn worker_command(
     exe: &std::path::Path,
-    (rank, local_rank, world): (usize, usize, usize),
+    (rank, local_rank, local_world, world): (usize, usize, usize, usize),
     (master_addr, master_port): (&str, u16),
     threads: usize,
 ) -> Command {
@@ -201,6 +202,7 @@ pub(crate) fn worker_command(
         )
         .env("RANK", rank.to_string())
         .env("LOCAL_RANK", local_rank.to_string())
+        .env("LOCAL_WORLD_SIZE", local_world.to_string())
         .env("WORLD_SIZE", world.to_string())
         .env("MASTER_ADDR", master_addr)
         .env("MASTER_PORT", master_port.to_string())
@@ -426,7 +428,8 @@ fn run_world(
     let mut forwarders = Vec::new();
     for local in 0..opts.workers {
         let rank = nodes.node_rank * opts.workers + local;
-        let mut cmd = worker_command(exe, (rank, local, world), (&nodes.master_addr, port), threads);
+        let mut cmd =
+            worker_command(exe, (rank, local, opts.workers, world), (&nodes.master_addr, port), threads);
         if let Some(a) = &nodes.advertise_addr {
             cmd.env("SHEAF_ADVERTISE_ADDR", a);
         }

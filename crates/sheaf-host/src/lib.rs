@@ -23,6 +23,7 @@ pub mod plan;
 pub mod plot;
 pub mod plugin_check;
 mod registry;
+mod rollcall;
 pub mod sample;
 pub mod selftest;
 pub mod trace;

@@ -24,6 +24,8 @@ pub struct WorkerEnv {
     pub local_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// The launcher says the world spans more than one host.
+    pub spans_hosts: bool,
 }
 
 impl WorkerEnv {
@@ -37,7 +39,7 @@ impl WorkerEnv {
     /// The address peers reach this rank at: `SHEAF_ADVERTISE_ADDR`, or loopback when
     /// the master is on this host, or else this host's address on the route to the
     /// master (a UDP socket's local address once connected; nothing is sent).
-    fn advertise_addr(&self) -> Result<Option<String>, HostError> {
+    pub(crate) fn advertise_addr(&self) -> Result<Option<String>, HostError> {
         if let Ok(a) = std::env::var("SHEAF_ADVERTISE_ADDR") {
             return Ok(Some(a));
         }
@@ -156,7 +158,7 @@ impl WorkerEnv {
     pub fn connect_job(&self, registry: &Registry, job: &Job) -> Result<Connected, HostError> {
         self.connect(
             registry,
-            &job.transport.plugin,
+            job.transport.plugin(),
             Duration::from_millis((job.transport.timeout_s * 1000.0) as u64),
             Duration::from_secs_f64(job.transport.peer_timeout_s),
         )
@@ -296,7 +298,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         env.rank,
         env.world_size,
         job.parallel.strategy,
-        job.transport.plugin,
+        job.transport.plugin(),
         model.layout().total(),
         train.len()
     );
@@ -386,7 +388,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let summary = Summary {
         world_size: env.world_size,
         strategy: job.parallel.strategy.clone(),
-        transport: job.transport.plugin.clone(),
+        transport: job.transport.plugin().to_string(),
         device: job.compute.device.clone(),
         trained_values: trained.to_values().into_iter().map(|(k, v)| (k, json_number(v))).collect(),
         val_loss: data.tokens_per_sample().map(|_| trained.test_loss),

@@ -24,7 +24,11 @@ launchers that set them must agree):
                                             for a world of more than one)
   SHEAF_ADVERTISE_ADDR                      the address peers reach this rank at (default: this
                                             host's address on the route to the master)
-  LOCAL_RANK (or the launcher's local rank) with compute.device = \"cuda\" picks cuda:LOCAL_RANK";
+  LOCAL_RANK (or the launcher's local rank) with compute.device = \"cuda\" picks cuda:LOCAL_RANK
+  LOCAL_WORLD_SIZE, SLURM_JOB_NUM_NODES, OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS
+                                            whether the world spans hosts: then a job that names
+                                            no transport.plugin runs over `auto` (shared memory
+                                            inside each host, ZeroMQ between)";
 
 /// One launcher's say: the variables it uses for rank, world and local rank.
 struct Source {
@@ -121,7 +125,30 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<WorkerEnv, Host
         }
         _ => 29_500,
     };
-    Ok(WorkerEnv { rank, world_size, local_rank, master_addr, master_port })
+    let spans_hosts = spans_hosts(source, world_size, &get)?;
+    Ok(WorkerEnv { rank, world_size, local_rank, master_addr, master_port, spans_hosts })
+}
+
+/// Whether the launcher `source` says its world of `world` ranks spans more than one
+/// host: by its count of nodes, or of ranks on this node; a Kubernetes Indexed Job
+/// runs a rank per pod. Unknown counts as one host.
+fn spans_hosts(source: &str, world: usize, get: &impl Fn(&str) -> Option<String>) -> Result<bool, HostError> {
+    let count = |name: &str| get(name).map(|v| number::<usize>(name, &v)).transpose();
+    Ok(match source {
+        "SLURM" => match count("SLURM_JOB_NUM_NODES")?.or(count("SLURM_NNODES")?) {
+            Some(nodes) => nodes > 1,
+            None => false,
+        },
+        "Kubernetes" => world > 1,
+        _ => {
+            let local = match source {
+                "Open MPI" => "OMPI_COMM_WORLD_LOCAL_SIZE",
+                "MPICH/PMI" => "MPI_LOCALNRANKS",
+                _ => "LOCAL_WORLD_SIZE",
+            };
+            count(local)?.is_some_and(|l| l < world)
+        }
+    })
 }
 
 /// Every host of a SLURM host list: `node[01-04,07],gpu3` is node01, node02, node03,
@@ -238,6 +265,7 @@ mod tests {
                 local_rank: 0,
                 master_addr: "127.0.0.1".into(),
                 master_port: 29500,
+                spans_hosts: false,
             }
         );
         let t =
@@ -253,6 +281,7 @@ mod tests {
         .unwrap();
         assert_eq!((s.rank, s.world_size, s.local_rank, s.master_addr.as_str()), (5, 8, 1, "node04"));
         assert_eq!(s.master_port, 20_000 + (123_456 % 20_000) as u16);
+        assert!(!s.spans_hosts, "SLURM without a node count: one host");
         let o = place(&[
             ("OMPI_COMM_WORLD_RANK", "2"),
             ("OMPI_COMM_WORLD_SIZE", "4"),
@@ -276,6 +305,31 @@ mod tests {
             ("MASTER_ADDR", "a"),
         ])
         .unwrap();
+    }
+
+    /// Each launcher's node or local-rank count says whether the world spans hosts
+    /// (and so which transport a job naming none runs over).
+    #[test]
+    fn launchers_say_whether_the_world_spans_hosts() {
+        let spans = |pairs: &[(&str, &str)]| place(pairs).unwrap().spans_hosts;
+        let t = [("RANK", "1"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "m")];
+        assert!(!spans(&t), "torchrun without LOCAL_WORLD_SIZE");
+        assert!(spans(&[t[0], t[1], t[2], ("LOCAL_WORLD_SIZE", "2")]));
+        assert!(!spans(&[t[0], t[1], t[2], ("LOCAL_WORLD_SIZE", "4")]));
+        let s = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4"), ("SLURM_JOB_NODELIST", "n[1-2]")];
+        assert!(spans(&[s[0], s[1], s[2], ("SLURM_JOB_NUM_NODES", "2")]));
+        assert!(!spans(&[s[0], s[1], s[2], ("SLURM_NNODES", "1")]));
+        let o = [("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "4"), ("MASTER_ADDR", "m")];
+        assert!(spans(&[o[0], o[1], o[2], ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")]));
+        assert!(spans(&[
+            ("PMI_RANK", "0"),
+            ("PMI_SIZE", "2"),
+            ("MPI_LOCALNRANKS", "1"),
+            ("MASTER_ADDR", "m")
+        ]));
+        assert!(spans(&[("JOB_COMPLETION_INDEX", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "m")]));
+        let e = place(&[t[0], t[1], t[2], ("LOCAL_WORLD_SIZE", "two")]).unwrap_err();
+        assert!(e.contains("LOCAL_WORLD_SIZE=two is not a number"), "{e}");
     }
 
     #[test]
