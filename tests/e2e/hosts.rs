@@ -337,6 +337,11 @@ fn other_launchers_environments_form_one_world() {
         let s: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
         assert_eq!(s["world_size"], 2, "{name}: {s}");
+        // Each rank keeps its log in the run directory, as under `sheaf launch`.
+        for rank in 0..2 {
+            let log = std::fs::read_to_string(dir.path().join(format!("logs/rank-{rank}.log"))).unwrap();
+            assert!(log.contains(&format!("rank {rank}/2")), "{name} rank {rank}'s log: {log}");
+        }
     }
 }
 

@@ -429,7 +429,7 @@ fn idx_datasets_train_and_a_wrong_shape_is_refused() {
 /// pass on rank `SHEAF_TEST_SLOW_RANK`) is named as the straggler in `summary.json`:
 /// it arrived last at the world's collectives and made the others wait.
 #[test]
-fn a_slowed_worker_is_named_the_straggler() {
+fn a_slowed_worker_is_named_the_straggler_whatever_the_clocks_say() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(sheaf_bin())
         .args(["launch", "-n", "2", "--set", "train.max_steps=15", "--run-dir"])
@@ -438,11 +438,17 @@ fn a_slowed_worker_is_named_the_straggler() {
         .env_remove("MASTER_PORT")
         .env("SHEAF_TEST_SLOW_RANK", "1")
         .env("SHEAF_TEST_SLOW_MS", "40")
+        // Rank 0's clock 5 s ahead, as another host's may be: read naively, rank 0
+        // would arrive last at every collective.
+        .env("SHEAF_TEST_CLOCK_SKEW_RANK", "0")
+        .env("SHEAF_TEST_CLOCK_SKEW_MS", "5000")
         .output()
         .unwrap();
     ok(&out);
     let s = summary(dir.path());
     assert_eq!(s["stragglers"]["straggler"], 1, "{}", s["stragglers"]);
+    let offset = s["stragglers"]["clock_offsets_ms"][1].as_f64().unwrap();
+    assert!((offset + 5000.0).abs() < 50.0, "rank 1's clock less rank 0's: {offset} ms");
     let waits: Vec<f64> = s["stragglers"]["made_others_wait_s"]
         .as_array()
         .unwrap()

@@ -348,6 +348,32 @@ fn launch_job(
     })
 }
 
+/// The log file of a `sheaf run` rank started by another launcher (srun, mpirun, a
+/// Kubernetes Job): `RUN_DIR/logs/rank-N.log`, opened to append (a resumed run adds to
+/// it), as `sheaf launch` writes for its workers. Only for a world of more than one,
+/// and for ranks other than 0 only with `--run-dir` or `--resume` (each rank's default
+/// directory would be its own). `None` otherwise, or when the directory cannot be made
+/// (the run itself reports that).
+pub fn worker_log(cli: &Cli) -> Option<std::fs::File> {
+    let Command::Run(args) = &cli.command else { return None };
+    if std::env::var_os(crate::launch::LAUNCH_COMMAND_ENV).is_some() {
+        return None;
+    }
+    let env = crate::worker::WorkerEnv::from_env().ok()?;
+    let explicit = args.run_dir.is_some() || args.resume.is_some();
+    if env.world_size < 2 || !(explicit || env.rank == 0) {
+        return None;
+    }
+    let (_, run_dir, _) = args.resolve().ok()?;
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).ok()?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("rank-{}.log", env.rank)))
+        .ok()
+}
+
 /// Runs a parsed command line, writing results to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
     match &cli.command {

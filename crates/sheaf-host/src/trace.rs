@@ -61,6 +61,16 @@ pub fn test_slowdown(rank: usize) -> Option<std::time::Duration> {
         .map(std::time::Duration::from_millis)
 }
 
+/// A test-only skew of this rank's clock: `SHEAF_TEST_CLOCK_SKEW_MS` when
+/// `SHEAF_TEST_CLOCK_SKEW_RANK` is this rank (hosts whose clocks disagree, made on one).
+fn test_clock_skew_us(rank: usize) -> f64 {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<f64>().ok());
+    match var("SHEAF_TEST_CLOCK_SKEW_RANK") {
+        Some(r) if r == rank as f64 => var("SHEAF_TEST_CLOCK_SKEW_MS").unwrap_or(0.0) * 1e3,
+        _ => 0.0,
+    }
+}
+
 thread_local! {
     static TID: Cell<u64> = const { Cell::new(0) };
 }
@@ -77,7 +87,8 @@ fn tid() -> u64 {
 
 impl Recorder {
     pub fn new(rank: usize) -> Arc<Recorder> {
-        let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e6);
+        let unix_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+            + test_clock_skew_us(rank);
         let slow = test_slowdown(rank);
         Arc::new(Recorder {
             spans: Mutex::new(Vec::new()),
@@ -87,7 +98,8 @@ impl Recorder {
         })
     }
 
-    fn now_us(&self) -> f64 {
+    /// This rank's clock, in µs since the Unix epoch (as the spans have it).
+    pub fn now_us(&self) -> f64 {
         self.origin.1 + self.origin.0.elapsed().as_secs_f64() * 1e6
     }
 
@@ -358,6 +370,30 @@ pub struct Stragglers {
     pub made_others_wait_s: Vec<f64>,
     /// The rank that made them wait longest, if anyone waited.
     pub straggler: Option<usize>,
+    /// Each rank's clock less rank 0's, in ms, as measured when the spans were
+    /// gathered ([`align_clocks`]); the spans were moved onto rank 0's clock.
+    pub clock_offsets_ms: Vec<f64>,
+}
+
+/// Moves each rank's spans onto rank 0's clock: `offsets_us[r]` is rank r's clock
+/// less rank 0's (hosts' clocks disagree; a trace and its stragglers compare times
+/// across ranks).
+pub fn align_clocks(ranks: &mut [Vec<Span>], offsets_us: &[f64]) {
+    for (spans, off) in ranks.iter_mut().zip(offsets_us) {
+        for s in spans {
+            s.ts -= off;
+        }
+    }
+}
+
+/// A clock offset from round trips `(sent, peer's clock, received)` (NTP's rule):
+/// the peer's clock less this one's at the middle of the shortest round trip, where
+/// the one-way times are most nearly equal.
+pub fn clock_offset_us(samples: &[(f64, f64, f64)]) -> f64 {
+    samples
+        .iter()
+        .min_by(|a, b| (a.2 - a.0).total_cmp(&(b.2 - b.0)))
+        .map_or(0.0, |&(t0, peer, t1)| peer - (t0 + t1) / 2.0)
 }
 
 /// Stragglers from every rank's spans (by rank).
@@ -378,7 +414,7 @@ pub fn stragglers(ranks: &[Vec<Span>]) -> Stragglers {
     }
     let straggler =
         caused.iter().enumerate().filter(|(_, &c)| c > 0.0).max_by(|a, b| a.1.total_cmp(b.1)).map(|(r, _)| r);
-    Stragglers { made_others_wait_s: caused, straggler }
+    Stragglers { made_others_wait_s: caused, straggler, clock_offsets_ms: vec![0.0; n] }
 }
 
 /// Chrome trace JSON of every rank's spans: process `rank` named "rank N".
@@ -409,6 +445,29 @@ pub fn chrome_trace(ranks: &[Vec<Span>]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NTP's rule: the offset at the middle of the shortest round trip; spans moved
+    /// by it land on rank 0's clock.
+    #[test]
+    fn clocks_are_aligned_by_the_shortest_round_trip() {
+        // The peer's clock is 1000 µs ahead; the 2nd sample's round trip is shortest.
+        let samples = [(0.0, 1090.0, 100.0), (200.0, 1210.0, 220.0), (300.0, 1500.0, 700.0)];
+        assert_eq!(clock_offset_us(&samples), 1000.0);
+        assert_eq!(clock_offset_us(&[]), 0.0);
+        let span = |ts| Span {
+            name: "allreduce".into(),
+            cat: "collective".into(),
+            ts,
+            dur: 1.0,
+            tid: 1,
+            world_seq: Some(0),
+            bytes: None,
+        };
+        let mut ranks = vec![vec![span(10.0)], vec![span(1012.0)]];
+        align_clocks(&mut ranks, &[0.0, 1000.0]);
+        assert_eq!(ranks[1][0].ts, 12.0);
+        assert_eq!(stragglers(&ranks).straggler, Some(1));
+    }
 
     fn span(q: u64, ts: f64) -> Span {
         Span {

@@ -460,16 +460,37 @@ fn gather_trace(
     dl: impl Fn() -> Deadline,
 ) -> Result<(Option<Vec<u8>>, Option<crate::trace::Stragglers>), sheaf_core::CommError> {
     const TRACE_TAG: u32 = 0x5EAF_0003;
+    const CLOCK_TAG: u32 = 0x5EAF_0004;
+    /// Round trips per rank to measure its clock against rank 0's.
+    const CLOCK_SAMPLES: usize = 8;
     let mine = rec.to_json();
     if comm.rank() != 0 {
+        for _ in 0..CLOCK_SAMPLES {
+            comm.recv(0, CLOCK_TAG, dl())?;
+            comm.send(0, CLOCK_TAG + 1, &rec.now_us().to_le_bytes(), dl())?;
+        }
         comm.send(0, TRACE_TAG, &mine, dl())?;
         return Ok((None, None));
     }
+    let mut offsets = vec![0.0; comm.world_size()];
     let mut ranks = vec![serde_json::from_slice(&mine).unwrap_or_default()];
-    for r in 1..comm.world_size() {
+    for (r, offset) in offsets.iter_mut().enumerate().skip(1) {
+        let mut samples = Vec::with_capacity(CLOCK_SAMPLES);
+        for _ in 0..CLOCK_SAMPLES {
+            let sent = rec.now_us();
+            comm.send(r, CLOCK_TAG, &[], dl())?;
+            let theirs = comm.recv(r, CLOCK_TAG + 1, dl())?;
+            let received = rec.now_us();
+            let theirs = theirs.get(..8).map_or(sent, |b| f64::from_le_bytes(b.try_into().expect("8 bytes")));
+            samples.push((sent, theirs, received));
+        }
+        *offset = crate::trace::clock_offset_us(&samples);
         let bytes = comm.recv(r, TRACE_TAG, dl())?;
         // A rank's spans that do not parse are left out of the trace, not fatal.
         ranks.push(serde_json::from_slice(&bytes).unwrap_or_default());
     }
-    Ok((Some(crate::trace::chrome_trace(&ranks)), Some(crate::trace::stragglers(&ranks))))
+    crate::trace::align_clocks(&mut ranks, &offsets);
+    let mut stragglers = crate::trace::stragglers(&ranks);
+    stragglers.clock_offsets_ms = offsets.iter().map(|o| o / 1e3).collect();
+    Ok((Some(crate::trace::chrome_trace(&ranks)), Some(stragglers)))
 }
