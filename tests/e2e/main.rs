@@ -1,6 +1,7 @@
 //! End-to-end tests of the real `sheaf` binary and real plugin libraries.
 
 mod bench;
+mod c_transport;
 mod collectives;
 mod gpt;
 mod hosts;

@@ -8,6 +8,7 @@
 //! library is ever unloaded.
 
 pub mod bench;
+mod cabi;
 pub mod checkpoint;
 pub mod cli;
 pub mod data;

@@ -48,12 +48,32 @@ impl PluginManifest {
     }
 }
 
+/// What a loaded library is: a Rust plugin's root module, or a C transport's table.
+#[derive(Clone)]
+pub(crate) enum Module {
+    Rust(PluginModRef),
+    CTransport(std::sync::Arc<crate::cabi::CTransport>),
+}
+
 /// A plugin library that loaded and passed every check.
 #[derive(Clone)]
 pub struct LoadedPlugin {
     pub file: PathBuf,
     pub manifest: PluginManifest,
-    pub(crate) module: PluginModRef,
+    pub(crate) module: Module,
+}
+
+impl LoadedPlugin {
+    /// The Rust root module; a C transport has none.
+    pub(crate) fn rust(&self) -> Result<PluginModRef, sheaf_core::Error> {
+        match &self.module {
+            Module::Rust(m) => Ok(*m),
+            Module::CTransport(_) => Err(sheaf_core::Error::Unsupported(format!(
+                "{} is a C transport library, not a Rust plugin",
+                self.file.display()
+            ))),
+        }
+    }
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -84,21 +104,37 @@ fn summarise_layout_error(e: &LibraryError) -> String {
 }
 
 /// Loads the library at `file` and checks, in order: that it is a shared library,
-/// that it exports an abi_stable root module, that the module is Sheaf's, that its ABI
-/// version matches ours, that its type layout matches ours, and that its manifest can
-/// be read. The library stays loaded for the life of the process either way.
+/// that it exports an abi_stable root module (or else a C transport's table,
+/// [`crate::cabi`]), that the module is Sheaf's, that its ABI version matches ours,
+/// that its type layout matches ours, and that its manifest can be read. The library
+/// stays loaded for the life of the process either way.
 pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
     let file_buf = file.to_path_buf();
-    let header = lib_header_from_path(file).map_err(|e| match e {
-        LibraryError::OpenError { err, .. } => {
-            LoadError::NotLoadable { file: file_buf.clone(), detail: err.to_string() }
+    let header = match lib_header_from_path(file) {
+        Ok(h) => h,
+        Err(LibraryError::OpenError { err, .. }) => {
+            return Err(LoadError::NotLoadable { file: file_buf, detail: err.to_string() })
         }
-        LibraryError::GetSymbolError { .. } => LoadError::NotAPlugin {
-            file: file_buf.clone(),
-            detail: "it exports no plugin root module".into(),
-        },
-        other => LoadError::NotAPlugin { file: file_buf.clone(), detail: other.to_string() },
-    })?;
+        Err(LibraryError::GetSymbolError { .. }) => {
+            return match crate::cabi::load(file)? {
+                Some(c) => Ok(LoadedPlugin {
+                    file: file_buf,
+                    manifest: PluginManifest {
+                        name: c.name.clone(),
+                        version: c.version.clone(),
+                        abi_version: format!("C transport v{}", c.abi),
+                        provides: vec![Provided { kind: PluginKind::Transport, name: c.name.clone() }],
+                    },
+                    module: Module::CTransport(c),
+                }),
+                None => Err(LoadError::NotAPlugin {
+                    file: file_buf,
+                    detail: "it exports neither a plugin root module nor sheaf_transport_plugin_v1".into(),
+                }),
+            };
+        }
+        Err(other) => return Err(LoadError::NotAPlugin { file: file_buf, detail: other.to_string() }),
+    };
     let consts = header.root_mod_consts();
     let base_name = consts.base_name().as_str();
     if base_name != PluginModRef::BASE_NAME {
@@ -142,6 +178,6 @@ pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
             abi_version: manifest.abi_version.into_string(),
             provides,
         },
-        module,
+        module: Module::Rust(module),
     })
 }

@@ -171,7 +171,7 @@ impl Registry {
 
     pub fn optimizer(&self, name: &str, config_json: &str) -> Result<Box<dyn Optimizer>, HostError> {
         self.component(PluginKind::Optimizer, name, |p| {
-            let b = (p.module.new_optimizer())(RStr::from_str(name), RStr::from_str(config_json))
+            let b = (p.rust()?.new_optimizer())(RStr::from_str(name), RStr::from_str(config_json))
                 .into_result()?;
             from_abi::optimizer(b)
         })
@@ -183,7 +183,7 @@ impl Registry {
         config_json: &str,
     ) -> Result<Box<dyn DataPartitioner>, HostError> {
         self.component(PluginKind::DataPartitioner, name, |p| {
-            let b = (p.module.new_data_partitioner())(RStr::from_str(name), RStr::from_str(config_json))
+            let b = (p.rust()?.new_data_partitioner())(RStr::from_str(name), RStr::from_str(config_json))
                 .into_result()?;
             Ok(from_abi::data_partitioner(b))
         })
@@ -195,7 +195,7 @@ impl Registry {
         config_json: &str,
     ) -> Result<Box<dyn ModelPartitioner>, HostError> {
         self.component(PluginKind::ModelPartitioner, name, |p| {
-            let b = (p.module.new_model_partitioner())(RStr::from_str(name), RStr::from_str(config_json))
+            let b = (p.rust()?.new_model_partitioner())(RStr::from_str(name), RStr::from_str(config_json))
                 .into_result()?;
             Ok(from_abi::model_partitioner(b))
         })
@@ -204,23 +204,26 @@ impl Registry {
     pub fn compute(&self, name: &str, config_json: &str) -> Result<Box<dyn ComputeBackend>, HostError> {
         self.component(PluginKind::Compute, name, |p| {
             let b =
-                (p.module.new_compute())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
+                (p.rust()?.new_compute())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
             from_abi::compute(b)
         })
     }
 
     pub fn strategy(&self, name: &str, config_json: &str) -> Result<Box<dyn Strategy>, HostError> {
         self.component(PluginKind::Strategy, name, |p| {
-            let b =
-                (p.module.new_strategy())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
+            let b = (p.rust()?.new_strategy())(RStr::from_str(name), RStr::from_str(config_json))
+                .into_result()?;
             from_abi::strategy(b)
         })
     }
 
     pub fn link(&self, name: &str, config_json: &str) -> Result<Box<dyn Link>, HostError> {
-        self.component(PluginKind::Transport, name, |p| {
-            let b = (p.module.new_link())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
-            from_abi::link(b)
+        self.component(PluginKind::Transport, name, |p| match &p.module {
+            crate::loader::Module::CTransport(c) => c.link(config_json),
+            crate::loader::Module::Rust(m) => {
+                let b = (m.new_link())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
+                from_abi::link(b)
+            }
         })
     }
 }
