@@ -9,14 +9,16 @@ use sheaf_host::{search_dirs, Registry};
 use sheaf_testkit::conformance;
 use sheaf_tests::{library, sheaf_bin};
 
-fn plugins_json(extra_dir: Option<&Path>) -> Vec<Value> {
+/// `sheaf plugins --json` (with `extra_dir`), which must exit 0 exactly when every
+/// library loaded (`all_load`).
+fn plugins_json(extra_dir: Option<&Path>, all_load: bool) -> Vec<Value> {
     let mut cmd = Command::new(sheaf_bin());
     cmd.args(["plugins", "--json"]).env_remove("SHEAF_PLUGIN_PATH");
     if let Some(d) = extra_dir {
         cmd.arg("--plugin-dir").arg(d);
     }
     let out = cmd.output().expect("run sheaf");
-    assert!(out.status.success(), "sheaf plugins failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.success(), all_load, "sheaf plugins: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice::<Value>(&out.stdout).expect("JSON").as_array().expect("array").clone()
 }
 
@@ -28,7 +30,7 @@ fn row<'a>(rows: &'a [Value], file_suffix: &str) -> &'a Value {
 
 #[test]
 fn lists_the_shipped_plugins_as_loaded() {
-    let rows = plugins_json(None);
+    let rows = plugins_json(None, true);
     for (file, name, kinds) in [
         ("libsheaf_optim.so", "sheaf-optim", vec!["optimizer"]),
         ("libsheaf_partition.so", "sheaf-partition", vec!["data-partitioner", "model-partitioner"]),
@@ -49,8 +51,12 @@ fn lists_the_shipped_plugins_as_loaded() {
     // The compute plugin lists the model kinds it builds.
     let provides = &row(&rows, "libsheaf_compute_candle.so")["provides"];
     assert!(provides.as_array().unwrap().iter().any(|p| p == "model:gpt"), "{provides}");
-    // Fixtures sit in the same directory but are not `libsheaf_*`: not listed.
-    assert!(rows.iter().all(|r| !r["file"].as_str().unwrap().contains("fixture")), "{rows:#?}");
+    // Fixtures sit in the same directory but are not `libsheaf_*`: not tried, each
+    // listed with the reason.
+    for r in rows.iter().filter(|r| r["file"].as_str().unwrap().contains("fixture")) {
+        assert_eq!(r["ok"], false, "{r}");
+        assert!(r["skipped"].as_str().unwrap().contains("only libsheaf_*"), "{r}");
+    }
 }
 
 /// A directory with each kind of bad library beside a good one.
@@ -67,7 +73,7 @@ fn bad_plugin_dir() -> tempfile::TempDir {
 #[test]
 fn bad_libraries_get_short_errors_and_do_not_stop_the_listing() {
     let dir = bad_plugin_dir();
-    let rows = plugins_json(Some(dir.path()));
+    let rows = plugins_json(Some(dir.path()), false);
 
     let not_plugin = row(&rows, "libfixture_not_a_plugin.so");
     assert_eq!(not_plugin["ok"], false);
@@ -107,7 +113,9 @@ fn table_output_names_every_file_and_error() {
         .env_remove("SHEAF_PLUGIN_PATH")
         .output()
         .unwrap();
-    assert!(out.status.success());
+    // The listing, then an exit code saying libraries failed.
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("4 plugin libraries failed to load"));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("NAME"), "{text}");
     assert!(text.contains("optimizer(sgd,adamw)"), "{text}");
@@ -123,7 +131,7 @@ fn plugin_path_env_is_searched() {
         .env("SHEAF_PLUGIN_PATH", format!("/nonexistent:{}", dir.path().display()))
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(!out.status.success(), "the bad libraries there failed to load");
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(row(&rows, "libfixture_panicky.so")["ok"], true);
 }
@@ -132,8 +140,10 @@ fn registry_with(dirs: &[PathBuf]) -> Registry {
     Registry::load(&search_dirs(dirs, None, None))
 }
 
+/// The shipped plugins, found as `sheaf` finds them beside itself (the fixtures in the
+/// same directory are not `libsheaf_*`).
 fn shipped() -> Registry {
-    registry_with(&[library("sheaf-optim").parent().unwrap().to_path_buf()])
+    Registry::load(&search_dirs(&[], None, Some(&sheaf_bin())))
 }
 
 #[test]
@@ -262,4 +272,124 @@ fn ranks_calling_different_collectives_fail_at_once_naming_both() {
     assert!(start.elapsed() < std::time::Duration::from_secs(30), "took {:?}: {err}", start.elapsed());
     assert!(err.contains("collectives out of step"), "{err}");
     assert!(err.contains("allreduce #") && err.contains("broadcast #"), "{err}");
+}
+
+/// A directory holding copies of these fixture libraries.
+fn dir_with(fixtures: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for name in fixtures {
+        let src = library(name);
+        std::fs::copy(&src, dir.path().join(src.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+fn sheaf_with(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(sheaf_bin())
+        .arg("--plugin-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap()
+}
+
+/// A vendor library that also provides optimizer `sgd`: `sheaf plugins` shows the
+/// conflict and fails; a job using `sgd` is an error naming both libraries until the
+/// job chooses (`[plugins.optimizer] sgd = "..."`), and `summary.json` then says which
+/// library supplied every component, with its version and ABI.
+#[test]
+fn two_providers_of_one_component_must_be_chosen_between() {
+    let dir = dir_with(&["fixture-sgd-again"]);
+    let out = sheaf_with(dir.path(), &["plugins"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{listing}");
+    assert!(listing.contains("optimizer:sgd also in") && listing.contains("conflict"), "{listing}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 component(s) provided by more than one"));
+
+    let run = tempfile::tempdir().unwrap();
+    let out = sheaf_with(
+        dir.path(),
+        &["run", "--set", "train.max_steps=3", "--run-dir", run.path().to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("optimizer `sgd` is provided by more than one library")
+            && err.contains("sheaf-optim (")
+            && err.contains("fixture-sgd-again (")
+            && err.contains("[plugins.optimizer] sgd"),
+        "{err}"
+    );
+
+    for choice in ["fixture-sgd-again", "sheaf-optim"] {
+        let run = tempfile::tempdir().unwrap();
+        let set = format!("plugins.optimizer.sgd=\"{choice}\"");
+        let out = sheaf_with(
+            dir.path(),
+            &["run", "--set", "train.max_steps=3", "--set", &set, "--run-dir", run.path().to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{choice}: {}", String::from_utf8_lossy(&out.stderr));
+        let s: Value =
+            serde_json::from_slice(&std::fs::read(run.path().join("summary.json")).unwrap()).unwrap();
+        let components = s["components"].as_array().unwrap();
+        let find = |kind: &str, name: &str| {
+            components
+                .iter()
+                .find(|c| c["kind"] == kind && c["name"] == name)
+                .unwrap_or_else(|| panic!("no {kind} {name} in {components:#?}"))
+        };
+        let sgd = find("optimizer", "sgd");
+        assert_eq!(sgd["plugin"], choice, "{sgd}");
+        assert_eq!(sgd["abi_version"], sheaf_abi::ABI_VERSION);
+        assert!(sgd["version"].is_string() && sgd["file"].as_str().unwrap().ends_with(".so"), "{sgd}");
+        assert_eq!(find("strategy", "data-parallel")["plugin"], "sheaf-strategy-data-parallel");
+        assert_eq!(find("transport", "zmq-tcp")["plugin"], "sheaf-transport-zmq");
+        assert_eq!(find("compute", "candle")["plugin"], "sheaf-compute-candle");
+    }
+
+    let out = sheaf_with(dir.path(), &["run", "--set", "plugins.optimizer.sgd=\"nobody\""]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("[plugins.optimizer] sgd = \"nobody\"") && err.contains("fixture-sgd-again ("),
+        "{err}"
+    );
+    let out = sheaf_with(dir.path(), &["run", "--set", "plugins.optimiser.sgd=\"sheaf-optim\""]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`plugins.optimiser`: not a kind of plugin"));
+}
+
+/// The fixture built with `-C panic=abort` (its crate alone): refused at load saying
+/// why; `sheaf plugins` fails; a job asking for what it provides is told that the
+/// library failed to load, and why.
+#[test]
+fn a_plugin_built_with_panic_abort_is_refused_saying_why() {
+    let built = sheaf_tests::cargo_rustc("fixture-panic-abort", &["-C", "panic=abort"]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(&built, dir.path().join("libfixture_panic_abort.so")).unwrap();
+    let rows = plugins_json(Some(dir.path()), false);
+    let e = row(&rows, "libfixture_panic_abort.so")["error"].as_str().unwrap().to_owned();
+    assert!(e.contains("built with panic = \"abort\"") && e.contains("panic = \"unwind\""), "{e}");
+
+    let out = sheaf_with(dir.path(), &["run", "--set", "train.optimizer=\"abort-sgd\""]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no loaded plugin provides optimizer `abort-sgd`")
+            && err.contains("failed to load")
+            && err.contains("built with panic = \"abort\""),
+        "{err}"
+    );
+}
+
+/// A versioned library name in a plugin directory is not tried, and the listing says
+/// why (not a failure: the exit code stays 0).
+#[test]
+fn files_not_tried_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(library("fixture-sgd-again"), dir.path().join("libvendor.so.1")).unwrap();
+    let rows = plugins_json(Some(dir.path()), true);
+    let why = row(&rows, "libvendor.so.1")["skipped"].as_str().unwrap().to_owned();
+    assert!(why.contains("versioned library name"), "{why}");
 }

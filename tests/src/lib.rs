@@ -57,3 +57,24 @@ pub fn library(crate_name: &str) -> PathBuf {
         std::env::consts::DLL_SUFFIX
     ))
 }
+
+/// Builds `package` again with `rustc_args` passed to its own compilation only
+/// (`cargo rustc -p PACKAGE -- ARGS`; its dependencies stay as built) and returns its
+/// library. For fixtures that must be built unlike the rest (`-C panic=abort`): the
+/// next `cargo build` rebuilds it as usual, so copy the result before relying on it.
+pub fn cargo_rustc(package: &str, rustc_args: &[&str]) -> PathBuf {
+    if let Err(e) = ensure_built() {
+        panic!("cannot build the workspace for end-to-end tests: {e}");
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["rustc", "--quiet", "-p", package]);
+    let profile = target_dir().file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_owned();
+    if profile != "debug" {
+        cmd.args(["--profile", if profile == "release" { "release" } else { &profile }]);
+    }
+    let status =
+        cmd.arg("--").args(rustc_args).current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("cargo runs");
+    assert!(status.success(), "cargo rustc -p {package} -- {rustc_args:?}: {status}");
+    library(package)
+}

@@ -38,7 +38,16 @@ pub mod __private {
 /// The plugin ABI version this copy of the crate speaks.
 pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Exports `$plugin` (a type implementing [`Plugin`]) as this library's root module.
+/// The symbol of a plugin's build facts ([`export_plugin!`]): a C function returning a
+/// NUL-terminated JSON object, `{"panic": "unwind"}` or `{"panic": "abort"}`, read by
+/// the host before the root module. Outside the abi_stable layout, so it changes no
+/// ABI type; a library without it (built before it existed) is loaded as before.
+pub const BUILD_INFO_SYMBOL: &str = "sheaf_plugin_build_info";
+
+/// Exports `$plugin` (a type implementing [`Plugin`]) as this library's root module,
+/// and the plugin's build facts ([`BUILD_INFO_SYMBOL`]): the host refuses a plugin
+/// built with `panic = "abort"`, where a panic would kill the process instead of
+/// becoming an error.
 ///
 /// The plugin crate must be a `cdylib` and list `abi_stable` among its dependencies
 /// (the export attribute names it by absolute path); its code never uses it.
@@ -48,6 +57,15 @@ macro_rules! export_plugin {
         #[::abi_stable::export_root_module]
         pub fn sheaf_plugin_root_module() -> $crate::PluginModRef {
             $crate::root_module::<$plugin>()
+        }
+
+        /// This library's build facts, as JSON (`sheaf_abi::BUILD_INFO_SYMBOL`).
+        #[no_mangle]
+        pub extern "C" fn sheaf_plugin_build_info() -> *const ::std::ffi::c_char {
+            // Evaluated where the macro expands: the plugin crate's own panic strategy.
+            const INFO: &::std::ffi::CStr =
+                if cfg!(panic = "abort") { c"{\"panic\":\"abort\"}" } else { c"{\"panic\":\"unwind\"}" };
+            INFO.as_ptr()
         }
     };
 }

@@ -303,7 +303,8 @@ fn launch_job(
     }
     let mut parsed = crate::job::load_job(job_file.as_deref(), &job.overrides)?;
     parsed.transport.resolve(nodes.nnodes > 1);
-    let registry = cli.registry();
+    let mut registry = cli.registry();
+    registry.choose(&parsed.plugins);
     let mut worker_args: Vec<String> = Vec::new();
     let compute = registry.compute(&parsed.compute.backend, &parsed.compute.config_json())?;
     let data = crate::data::load(&parsed, &registry, compute.as_ref())?;
@@ -394,7 +395,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 init_from: args.init_from.clone(),
                 resume,
             };
-            let summary = crate::worker::run_worker(&job, &cli.registry(), &opts)?;
+            let mut registry = cli.registry();
+            registry.choose(&job.plugins);
+            let summary = crate::worker::run_worker(&job, &registry, &opts)?;
             if opts.env.rank == 0 {
                 let dir = opts.run_dir.as_ref().expect("set above");
                 writeln!(
@@ -551,7 +554,9 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             let mut job = crate::job::load_job(job.as_deref(), overrides)?;
             let env = crate::worker::WorkerEnv::from_env()?;
             job.transport.resolve(env.spans_hosts);
-            crate::doctor::doctor(&job, &cli.registry(), &env, *slow_factor, out)
+            let mut registry = cli.registry();
+            registry.choose(&job.plugins);
+            crate::doctor::doctor(&job, &registry, &env, *slow_factor, out)
         }
         Command::BenchWorker { spec } => {
             let spec: crate::bench::BenchSpec = serde_json::from_str(spec)
@@ -578,13 +583,25 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
         }
         Command::Plugins { json } => {
-            let rows = cli.registry().listing();
+            let registry = cli.registry();
+            let rows = registry.listing();
             let text = if *json {
                 serde_json::to_string_pretty(&rows).map_err(|e| HostError::Usage(e.to_string()))? + "\n"
             } else {
                 render_table(&rows)
             };
-            out.write_all(text.as_bytes()).map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+            out.write_all(text.as_bytes())
+                .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;
+            // The listing is printed either way; a library that failed, or a component
+            // two libraries provide, is a problem for the exit code.
+            let (failed, conflicts) = (registry.failed.len(), registry.conflicts().len());
+            if failed + conflicts > 0 {
+                return Err(HostError::Check(format!(
+                    "{failed} plugin librar{} failed to load, {conflicts} component(s) provided by more than one",
+                    if failed == 1 { "y" } else { "ies" }
+                )));
+            }
+            Ok(())
         }
     }
 }
@@ -602,8 +619,10 @@ fn group_provides(provides: &[String]) -> String {
     groups.iter().map(|(k, n)| format!("{k}({})", n.join(","))).collect::<Vec<_>>().join(" ")
 }
 
-/// `sheaf plugins` as a table: one line per library, errors on their own lines.
-pub fn render_table(rows: &[PluginInfo]) -> String {
+/// `sheaf plugins` as a table: one line per library, errors on their own lines; then
+/// the files not tried, each with the reason.
+pub fn render_table(all: &[PluginInfo]) -> String {
+    let (skipped, rows): (Vec<&PluginInfo>, Vec<&PluginInfo>) = all.iter().partition(|r| r.skipped.is_some());
     let dash = || "-".to_owned();
     let cells: Vec<[String; 5]> = rows
         .iter()
@@ -613,7 +632,12 @@ pub fn render_table(rows: &[PluginInfo]) -> String {
                 if r.provides.is_empty() { dash() } else { group_provides(&r.provides) },
                 r.version.clone().unwrap_or_else(dash),
                 r.abi_version.clone().unwrap_or_else(dash),
-                if r.ok { "ok".into() } else { "error".into() },
+                match (r.ok, &r.skipped, r.conflicts.is_empty()) {
+                    (true, _, true) => "ok".into(),
+                    (true, _, false) => "conflict".into(),
+                    (false, Some(_), _) => "skipped".into(),
+                    (false, None, _) => "error".into(),
+                },
             ]
         })
         .collect();
@@ -641,9 +665,18 @@ pub fn render_table(rows: &[PluginInfo]) -> String {
         if let Some(e) = &row.error {
             out += &format!("    {e}\n");
         }
+        for c in &row.conflicts {
+            out += &format!("    {c}: a job using it must choose ([plugins.<kind>] <name> = \"<plugin>\")\n");
+        }
     }
     if rows.is_empty() {
         out += "(no plugin libraries found)\n";
+    }
+    if !skipped.is_empty() {
+        out += "not tried:\n";
+    }
+    for r in skipped {
+        out += &format!("    {}: {}\n", r.file, r.skipped.as_deref().unwrap_or(""));
     }
     out
 }

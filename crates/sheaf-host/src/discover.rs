@@ -45,14 +45,25 @@ fn is_shared_library(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("so" | "dylib" | "dll"))
 }
 
+/// What discovery found in the search directories.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Candidates {
+    /// The library files to try, in search order, each once.
+    pub files: Vec<PathBuf>,
+    /// Files that look like libraries but are not tried, and why.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
 /// The library files to try, in search order, each once. In the executable's
 /// directory only `libsheaf_*` / `sheaf_*` libraries count (cargo's output directory
 /// holds other build products); in a directory the user named, every shared library
-/// does, so a stray one is reported rather than ignored. A directory that cannot be
+/// does, so a stray one is reported rather than ignored. Whatever is passed over is
+/// in `skipped` with the reason (a library named otherwise beside the executable, a
+/// versioned `libx.so.1`), never dropped without a word. A directory that cannot be
 /// read is skipped with a warning.
-pub fn candidates(dirs: &[SearchDir]) -> Vec<PathBuf> {
+pub fn candidates(dirs: &[SearchDir]) -> Candidates {
     let mut seen = Vec::new();
-    let mut out = Vec::new();
+    let mut out = Candidates::default();
     for dir in dirs {
         let entries = match std::fs::read_dir(&dir.path) {
             Ok(e) => e,
@@ -63,25 +74,41 @@ pub fn candidates(dirs: &[SearchDir]) -> Vec<PathBuf> {
                 continue;
             }
         };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_file() && is_shared_library(p))
-            .collect();
+        let mut files: Vec<PathBuf> =
+            entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
         files.sort();
         for file in files {
-            if dir.origin == Origin::Executable {
-                let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if !(name.starts_with("libsheaf_") || name.starts_with("sheaf_")) {
-                    continue;
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+            if !is_shared_library(&file) {
+                if name.contains(".so.") {
+                    out.skipped.push((
+                        file,
+                        "a versioned library name: plugins are loaded from NAME.so (link or rename it)"
+                            .into(),
+                    ));
                 }
+                continue;
+            }
+            if dir.origin == Origin::Executable
+                && !(name.starts_with("libsheaf_") || name.starts_with("sheaf_"))
+            {
+                out.skipped.push((
+                    file,
+                    "beside the executable only libsheaf_* and sheaf_* libraries are plugins \
+                     (name it so, or pass its directory with --plugin-dir)"
+                        .into(),
+                ));
+                continue;
             }
             let canonical = file.canonicalize().unwrap_or_else(|_| file.clone());
             if !seen.contains(&canonical) {
                 seen.push(canonical);
-                out.push(file);
+                out.files.push(file);
             }
         }
+    }
+    for (file, why) in &out.skipped {
+        tracing::debug!("skipped {}: {why}", file.display());
     }
     out
 }

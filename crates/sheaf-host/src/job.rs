@@ -25,6 +25,10 @@ pub struct Job {
     pub compute: ComputeSection,
     #[serde(default)]
     pub collectives: CollectivesSection,
+    /// Which library supplies a component that more than one provides:
+    /// `[plugins.<kind>] <name> = "<plugin name or file name>"`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub plugins: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -78,6 +82,21 @@ pub struct DataSection {
     pub samples: usize,
     #[serde(default = "contiguous")]
     pub partitioner: String,
+    /// The data partitioner's settings, passed to it as a JSON object.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub partitioner_options: toml::Table,
+}
+
+impl DataSection {
+    /// The data partitioner's settings as JSON (`{}` when none).
+    pub fn partitioner_config(&self) -> String {
+        table_json(&self.partitioner_options)
+    }
+}
+
+/// A TOML table as a JSON object.
+fn table_json(table: &toml::Table) -> String {
+    serde_json::to_string(table).unwrap_or_else(|_| "{}".into())
 }
 
 fn synthetic_samples() -> usize {
@@ -195,6 +214,9 @@ pub struct ParallelSection {
     /// The model partitioner a strategy cuts blocks with.
     #[serde(default = "balanced")]
     pub partitioner: String,
+    /// The model partitioner's settings, passed to it as a JSON object.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub partitioner_options: toml::Table,
     /// What blocks weigh when they are cut: `params` (parameter count) or `time`
     /// (each block's measured forward and backward time, `layer_costs`).
     #[serde(default = "params")]
@@ -215,6 +237,11 @@ fn balanced() -> String {
 }
 
 impl ParallelSection {
+    /// The model partitioner's settings as JSON (`{}` when none).
+    pub fn partitioner_config(&self) -> String {
+        table_json(&self.partitioner_options)
+    }
+
     /// The chosen strategy's settings as its plugin takes them: `timeout_ms`,
     /// `data` when set, and the keys of `[parallel.options.<strategy>]`.
     pub fn strategy_config(&self, timeout_ms: u64) -> String {
@@ -370,6 +397,12 @@ fn validate(job: &Job) -> Result<(), String> {
         return Err(format!("key `data.test_fraction`: {f} is not in [0, 1)"));
     }
     job.collectives.algorithm().map_err(|e| format!("key `collectives.algorithm`: {e}"))?;
+    if let Some(kind) = job.plugins.keys().find(|k| sheaf_core::PluginKind::from_name(k).is_none()) {
+        return Err(format!(
+            "key `plugins.{kind}`: not a kind of plugin ({})",
+            sheaf_core::PluginKind::ALL.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+        ));
+    }
     if !(job.transport.timeout_s > 0.0 && job.transport.peer_timeout_s > 0.0) {
         return Err("key `transport.timeout_s`/`peer_timeout_s`: must be positive".into());
     }

@@ -31,6 +31,6 @@ pub mod trace;
 pub mod worker;
 pub mod world;
 
-pub use discover::{candidates, search_dirs, Origin, SearchDir, PLUGIN_PATH_ENV};
+pub use discover::{candidates, search_dirs, Candidates, Origin, SearchDir, PLUGIN_PATH_ENV};
 pub use loader::{load_plugin, LoadError, LoadedPlugin, PluginManifest};
-pub use registry::{HostError, PluginInfo, Registry};
+pub use registry::{ComponentSource, HostError, PluginInfo, Registry};

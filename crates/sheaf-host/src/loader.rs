@@ -23,6 +23,30 @@ pub enum LoadError {
     Layout { file: PathBuf, version: String, summary: String },
     #[error("{file}: {detail}")]
     Init { file: PathBuf, detail: String },
+    #[error(
+        "{file}: built with panic = \"abort\": a panic inside it would kill the whole process instead of \
+         becoming an error naming the plugin; rebuild it with panic = \"unwind\" (cargo's default)"
+    )]
+    PanicAbort { file: PathBuf },
+}
+
+/// The build facts a plugin exports beside its root module (`sheaf_abi::BUILD_INFO_SYMBOL`),
+/// `None` for a library built before they existed.
+fn build_info(file: &Path) -> Option<serde_json::Value> {
+    // SAFETY: the library is already loaded (abi_stable opened it); this takes another
+    // reference to it and reads a function the export macro defines with this type.
+    let library = unsafe { libloading::Library::new(file) }.ok()?;
+    let symbol = format!("{}\0", sheaf_abi::BUILD_INFO_SYMBOL);
+    // SAFETY: as above; the string it returns is a static in the library.
+    let text = unsafe {
+        let get = library.get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(symbol.as_bytes()).ok()?;
+        let p = get();
+        if p.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+    };
+    serde_json::from_str(&text).ok()
 }
 
 /// What a loaded plugin says about itself, in core types.
@@ -142,6 +166,9 @@ pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
             file: file_buf,
             detail: format!("its root module is `{base_name}`, not `{}`", PluginModRef::BASE_NAME),
         });
+    }
+    if build_info(file).is_some_and(|info| info["panic"] == "abort") {
+        return Err(LoadError::PanicAbort { file: file_buf });
     }
     let version = header.version_strings().version.as_str().to_owned();
     if !abi_version_compatible(ABI_VERSION, &version) {

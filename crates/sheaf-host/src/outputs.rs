@@ -80,6 +80,9 @@ pub struct Summary {
     /// rank, why, and the step it resumed from (`RUN_DIR/restarts.jsonl`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restarts: Vec<serde_json::Value>,
+    /// Each component of the run and the library that supplied it (its plugin's
+    /// name, file, version and ABI), as rank 0 built them.
+    pub components: Vec<crate::registry::ComponentSource>,
     pub job: serde_json::Value,
 }
 

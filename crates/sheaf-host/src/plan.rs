@@ -87,7 +87,8 @@ pub fn plan(
     info: &ModelInfo,
 ) -> Result<Plan, HostError> {
     let costs = block_costs(job, info)?;
-    let partitioner = registry.model_partitioner(&job.parallel.partitioner, "")?;
+    let partitioner =
+        registry.model_partitioner(&job.parallel.partitioner, &job.parallel.partitioner_config())?;
     let input = PlanInput {
         world,
         blocks: &info.blocks,

@@ -107,7 +107,7 @@ pub fn check(file: &Path, cases: u64, worlds: &[usize], seed: u64) -> Result<Vec
             }
             PluginKind::DataPartitioner => {
                 let start = Instant::now();
-                let r = registry.data_partitioner(name, "").map_err(|e| e.to_string()).and_then(|p| {
+                let r = registry.data_partitioner(name, "{}").map_err(|e| e.to_string()).and_then(|p| {
                     [(0, 1, 0), (5, 8, 1), (1797, 2, 3), (1000, 7, 9), (100_000, 16, 2)]
                         .into_iter()
                         .try_for_each(|(n, world, epoch)| {
@@ -118,7 +118,7 @@ pub fn check(file: &Path, cases: u64, worlds: &[usize], seed: u64) -> Result<Vec
             }
             PluginKind::ModelPartitioner => {
                 let start = Instant::now();
-                let r = registry.model_partitioner(name, "").map_err(|e| e.to_string()).and_then(|p| {
+                let r = registry.model_partitioner(name, "{}").map_err(|e| e.to_string()).and_then(|p| {
                     (0..8).try_for_each(|stages| {
                         conformance::partitioner::check_model_partitioner(
                             p.as_ref(),

@@ -234,7 +234,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let data = crate::data::load(job, registry, compute.as_ref())?;
     let (train, test) = (data.train.as_ref(), data.test.as_ref());
     let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
-    let partitioner = registry.data_partitioner(&job.data.partitioner, "")?;
+    let partitioner = registry.data_partitioner(&job.data.partitioner, &job.data.partitioner_config())?;
     let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
     let (mut strategy, plan) =
         crate::plan::strategy_and_plan(job, env.world_size, registry, compute.as_ref(), &data)?;
@@ -411,6 +411,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
             .unwrap_or_else(|| std::env::args().collect()),
         hosts: host_names(&comm, dl()).map_err(train_err)?,
         restarts: run_dir.as_ref().map(|d| restarts(d)).unwrap_or_default(),
+        components: registry.used(),
         job: serde_json::to_value(job).unwrap_or_default(),
     };
     if let (Some(dir), Some(full)) = (&run_dir, &full) {
