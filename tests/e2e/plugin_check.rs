@@ -28,6 +28,10 @@ fn every_shipped_plugin_passes_its_conformance_suite() {
         ("sheaf-transport-shm", vec!["transport"]),
         ("sheaf-optim", vec!["optimizer"]),
         ("sheaf-partition", vec!["data-partitioner", "model-partitioner"]),
+        ("sheaf-compute-candle", vec!["compute", "model"]),
+        ("sheaf-strategy-data-parallel", vec!["strategy"]),
+        ("sheaf-strategy-pipeline", vec!["strategy"]),
+        ("sheaf-strategy-tensor-parallel", vec!["strategy"]),
     ] {
         let (ok, rows, stderr) = check(name, &["--cases", "6", "--worlds", "1,2,3"]);
         assert!(ok, "{name}: {stderr}\n{rows:#?}");
@@ -52,4 +56,16 @@ fn a_broken_plugin_fails_the_check_and_says_why() {
 
     let (ok, _, stderr) = check("fixture-old-abi", &[]);
     assert!(!ok && stderr.contains("0.0.7"), "{stderr}");
+}
+
+/// Every kind has laws: the local-SGD fixture's ranks drift apart between averages, so
+/// at a world of 2 it does not end where one process does, and the check says so.
+#[test]
+fn a_strategy_that_is_not_one_process_fails_its_law() {
+    let (ok, rows, _) = check("fixture-local-sgd", &[]);
+    assert!(!ok);
+    let row = rows.iter().find(|r| r["kind"] == "strategy").unwrap();
+    assert_eq!(row["passed"], false);
+    let detail = row["detail"].as_str().unwrap();
+    assert!(detail.contains("at a world of 2") && detail.contains("from one process's"), "{detail}");
 }

@@ -1,7 +1,16 @@
 //! `sheaf plugin check PATH.so`: the conformance suite against one plugin library, the
-//! tool a vendor runs on its own plugin. Transports run the collective laws in real
-//! processes (`sheaf check-collectives --plugin-file PATH`) at several world sizes;
-//! optimizers and partitioners run their laws in this process.
+//! tool a vendor runs on its own plugin. Every kind has laws, and no kind passes
+//! without running them:
+//! - transports run the collective laws in real processes (`sheaf check-collectives
+//!   --plugin-file PATH`) at several world sizes;
+//! - optimizers and partitioners run their laws in this process;
+//! - compute backends: every model kind they list builds, initialises from the seed,
+//!   has the loss's gradients (against finite differences) and cuts into pieces that
+//!   give the whole model's loss and gradients;
+//! - strategies train a small model at worlds of 1 and 2 real processes (`sheaf
+//!   launch`, with the shipped plugins for the rest), each ending with the parameters
+//!   of one process training on the whole batch (the shipped data-parallel strategy at
+//!   a world of one).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -58,6 +67,96 @@ fn transport_world(file: &Path, transport: &str, n: usize, cases: u64, seed: u64
     }
 }
 
+/// The small job a strategy trains in its check: the digits shipped with Sheaf, a
+/// two-layer perceptron, plain SGD, a few steps.
+const STRATEGY_JOB: &str = r#"
+seed = 5
+
+[model]
+layers = [64, 24, 10]
+
+[data]
+dataset = "digits"
+
+[train]
+epochs = 1
+max_steps = 6
+batch_size = 32
+lr = 0.1
+optimizer = "sgd"
+
+[parallel]
+strategy = "data-parallel"
+"#;
+
+/// The parameters a run left in `dir`, by tensor name.
+fn trained(dir: &Path) -> Result<Vec<(String, Vec<f32>)>, String> {
+    let file =
+        crate::outputs::TensorFile::read(&dir.join("checkpoint.safetensors")).map_err(|e| e.to_string())?;
+    let mut names = file.names().map_err(|e| e.to_string())?;
+    names.sort();
+    names.into_iter().map(|n| Ok((n.clone(), file.f32s(&n, None).map_err(|e| e.to_string())?))).collect()
+}
+
+/// Strategy `strategy` from `file` trains [`STRATEGY_JOB`] at worlds of 1 and 2 (real
+/// processes) to the parameters of the shipped data-parallel strategy at a world of 1,
+/// within 1e-5 (the order of sums).
+fn strategy_laws(file: &Path, strategy: &str) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let scratch = tempfile::tempdir().map_err(|e| format!("a scratch directory: {e}"))?;
+    let plugins = scratch.path().join("plugins");
+    std::fs::create_dir(&plugins).map_err(|e| e.to_string())?;
+    let absolute = std::path::absolute(file).map_err(|e| e.to_string())?;
+    std::os::unix::fs::symlink(&absolute, plugins.join(file.file_name().unwrap_or_default()))
+        .map_err(|e| e.to_string())?;
+    let job = scratch.path().join("job.toml");
+    std::fs::write(&job, STRATEGY_JOB).map_err(|e| e.to_string())?;
+    let run = |args: &[&str], dir: &str| -> Result<Vec<(String, Vec<f32>)>, String> {
+        let run_dir = scratch.path().join(dir);
+        let out = std::process::Command::new(&exe)
+            .arg("--plugin-dir")
+            .arg(&plugins)
+            .args(args)
+            .arg(&job)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .args(["--threads-per-worker", "1"])
+            .env("SHEAF_LOG", "warn")
+            .env_remove(crate::PLUGIN_PATH_ENV)
+            .env_remove("MASTER_PORT")
+            .env_remove("RANK")
+            .env_remove("WORLD_SIZE")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_owned();
+            return Err(format!("`sheaf {}` failed: {last}", args.join(" ")));
+        }
+        trained(&run_dir)
+    };
+    let reference = run(&["run"], "one-process")?;
+    let set = format!("parallel.strategy=\"{strategy}\"");
+    for n in ["1", "2"] {
+        let got = run(&["launch", "-n", n, "--set", &set], &format!("world-{n}"))?;
+        if got.iter().map(|(k, _)| k).ne(reference.iter().map(|(k, _)| k)) {
+            return Err(format!("at a world of {n} the trained model's tensors are not the model's"));
+        }
+        let worst = got
+            .iter()
+            .zip(&reference)
+            .flat_map(|((name, a), (_, b))| a.iter().zip(b).map(move |(x, y)| ((x - y).abs(), name)))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((d, name)) = worst.filter(|w| w.0 > 1e-5 || w.0.is_nan()) {
+            return Err(format!(
+                "at a world of {n}, `{name}` ends {d:e} from one process's (more than 1e-5)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Every check that applies to the plugin at `file`.
 pub fn check(file: &Path, cases: u64, worlds: &[usize], seed: u64) -> Result<Vec<CheckRow>, HostError> {
     let plugin = load_plugin(file)?;
@@ -103,7 +202,13 @@ pub fn check(file: &Path, cases: u64, worlds: &[usize], seed: u64) -> Result<Vec
                     registry.optimizer(name, "{}").map_err(|e| e.to_string())?;
                     (0..20).try_for_each(|s| conformance::optimizer::check_all(&make, seed.wrapping_add(s)))
                 })();
-                record(provided.kind, name, "resume, bad input, learning rate (20 seeds)".into(), start, r);
+                record(
+                    provided.kind,
+                    name,
+                    "resume, zero gradient, quadratic, bad input (20 seeds)".into(),
+                    start,
+                    r,
+                );
             }
             PluginKind::DataPartitioner => {
                 let start = Instant::now();
@@ -129,9 +234,67 @@ pub fn check(file: &Path, cases: u64, worlds: &[usize], seed: u64) -> Result<Vec
                 });
                 record(provided.kind, name, "contiguous, covering, non-empty stages".into(), start, r);
             }
-            _ => {
+            PluginKind::Compute => {
                 let start = Instant::now();
-                record(provided.kind, name, "no conformance suite yet for this kind".into(), start, Ok(()));
+                let r = registry
+                    .compute(name, &crate::job::ComputeSection::default().config_json())
+                    .map_err(|e| e.to_string())
+                    .and_then(|backend| {
+                        let kinds = backend.model_kinds();
+                        let listed: Vec<&str> = plugin
+                            .manifest
+                            .provides
+                            .iter()
+                            .filter(|p| p.kind == PluginKind::Model)
+                            .map(|p| p.name.as_str())
+                            .collect();
+                        if kinds.iter().map(String::as_str).collect::<Vec<_>>() != listed {
+                            return Err(format!("model_kinds() says {kinds:?}, the manifest {listed:?}"));
+                        }
+                        kinds.iter().try_for_each(|k| {
+                            let spec = conformance::compute::tiny_spec(k);
+                            backend.describe(&spec).map_err(|e| format!("describe a small `{k}`: {e}"))?;
+                            backend
+                                .build_model(&spec, 0)
+                                .map(drop)
+                                .map_err(|e| format!("build a small `{k}`: {e}"))
+                        })
+                    });
+                record(provided.kind, name, "builds every model kind it lists".into(), start, r);
+            }
+            PluginKind::Model => {
+                let start = Instant::now();
+                let compute = plugin.manifest.provides.iter().find(|p| p.kind == PluginKind::Compute);
+                let r = match compute {
+                    None => Err("a model kind from a library that provides no compute backend".into()),
+                    Some(c) => registry
+                        .compute(&c.name, &crate::job::ComputeSection::default().config_json())
+                        .map_err(|e| e.to_string())
+                        .and_then(|backend| {
+                            let spec = conformance::compute::tiny_spec(name);
+                            (0..3).try_for_each(|s| {
+                                conformance::compute::check_all(backend.as_ref(), &spec, seed + s)
+                            })
+                        }),
+                };
+                record(
+                    provided.kind,
+                    name,
+                    "seeded init, gradients, pieces equal the whole".into(),
+                    start,
+                    r,
+                );
+            }
+            PluginKind::Strategy => {
+                let start = Instant::now();
+                let r = strategy_laws(file, name);
+                record(provided.kind, name, "worlds of 1 and 2 equal one process".into(), start, r);
+            }
+            // A kind this host has no laws for cannot pass: nothing was checked.
+            other => {
+                let start = Instant::now();
+                let r = Err(format!("this host has no conformance suite for {other} plugins"));
+                record(provided.kind, name, "no suite".into(), start, r);
             }
         }
     }

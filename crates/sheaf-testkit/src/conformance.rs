@@ -4,6 +4,7 @@
 //! `.so`.
 
 pub mod collectives;
+pub mod compute;
 pub mod optimizer;
 pub mod partitioner;
 
