@@ -7,7 +7,9 @@
 //! else in Sheaf names abi_stable.
 //!
 //! The crate's version is the ABI version ([`ABI_VERSION`]). A host loads a plugin
-//! only when their ABI versions agree up to the patch number (see ARCHITECTURE.md).
+//! whose ABI version agrees with its own up to the patch number, and plugins of the
+//! earlier minors it keeps frozen copies of (`compat/sheaf-abi-0.N`, adapted to today's
+//! core traits; see ARCHITECTURE.md, "ABI versioning").
 //! Every entry point catches panics and returns them as errors naming the plugin;
 //! nothing unwinds across the boundary.
 

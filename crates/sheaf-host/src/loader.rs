@@ -3,8 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
+use abi_stable::std_types::RStr;
 use sheaf_abi::{abi_version_compatible, PluginModRef, ABI_VERSION};
-use sheaf_core::{PluginKind, Provided};
+use sheaf_core::{
+    ComputeBackend, DataPartitioner, Link, ModelPartitioner, Optimizer, PluginKind, Provided, Strategy,
+};
 
 /// Why a library could not be used as a plugin. Every message names the file.
 #[derive(Debug, thiserror::Error)]
@@ -15,7 +18,7 @@ pub enum LoadError {
     #[error("{file}: not a Sheaf plugin: {detail}")]
     NotAPlugin { file: PathBuf, detail: String },
     #[error(
-        "{file}: built against Sheaf plugin ABI {plugin}, but this host speaks ABI {host}; \
+        "{file}: built against Sheaf plugin ABI {plugin}, but this host speaks ABI {host} and loads 0.7; \
          rebuild the plugin against sheaf-abi {host}"
     )]
     AbiMismatch { file: PathBuf, plugin: String, host: String },
@@ -72,11 +75,37 @@ impl PluginManifest {
     }
 }
 
-/// What a loaded library is: a Rust plugin's root module, or a C transport's table.
+/// What a loaded library is: a Rust plugin's root module (of today's ABI, or of an
+/// earlier one the host still adapts), or a C transport's table.
 #[derive(Clone)]
 pub(crate) enum Module {
     Rust(PluginModRef),
+    /// Built against plugin ABI 0.7: its frozen types (`compat/sheaf-abi-0.7`) and
+    /// adapters to today's core traits.
+    RustV0_7(sheaf_abi_v0_7::PluginModRef),
     CTransport(std::sync::Arc<crate::cabi::CTransport>),
+}
+
+/// Builds a component through a root module of either ABI: calls factory `$f` with
+/// the name and config, and adapts the box with that ABI's `from_abi::$adapt`.
+macro_rules! build {
+    ($self:expr, $f:ident, $adapt:ident, $name:expr, $config:expr) => {{
+        let (name, config) = ($name, $config);
+        match &$self.module {
+            Module::Rust(m) => {
+                let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
+                Ok(sheaf_abi::from_abi::$adapt(b))
+            }
+            Module::RustV0_7(m) => {
+                let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
+                Ok(sheaf_abi_v0_7::from_abi::$adapt(b))
+            }
+            Module::CTransport(_) => Err(sheaf_core::Error::Unsupported(format!(
+                "{} is a C transport library, not a Rust plugin",
+                $self.file.display()
+            ))),
+        }
+    }};
 }
 
 /// A plugin library that loaded and passed every check.
@@ -88,14 +117,38 @@ pub struct LoadedPlugin {
 }
 
 impl LoadedPlugin {
-    /// The Rust root module; a C transport has none.
-    pub(crate) fn rust(&self) -> Result<PluginModRef, sheaf_core::Error> {
+    pub(crate) fn optimizer(&self, name: &str, config: &str) -> sheaf_core::Result<Box<dyn Optimizer>> {
+        build!(self, new_optimizer, optimizer, name, config)?
+    }
+
+    pub(crate) fn data_partitioner(
+        &self,
+        name: &str,
+        config: &str,
+    ) -> sheaf_core::Result<Box<dyn DataPartitioner>> {
+        build!(self, new_data_partitioner, data_partitioner, name, config)
+    }
+
+    pub(crate) fn model_partitioner(
+        &self,
+        name: &str,
+        config: &str,
+    ) -> sheaf_core::Result<Box<dyn ModelPartitioner>> {
+        build!(self, new_model_partitioner, model_partitioner, name, config)
+    }
+
+    pub(crate) fn compute(&self, name: &str, config: &str) -> sheaf_core::Result<Box<dyn ComputeBackend>> {
+        build!(self, new_compute, compute, name, config)?
+    }
+
+    pub(crate) fn strategy(&self, name: &str, config: &str) -> sheaf_core::Result<Box<dyn Strategy>> {
+        build!(self, new_strategy, strategy, name, config)?
+    }
+
+    pub(crate) fn link(&self, name: &str, config: &str) -> sheaf_core::Result<Box<dyn Link>> {
         match &self.module {
-            Module::Rust(m) => Ok(*m),
-            Module::CTransport(_) => Err(sheaf_core::Error::Unsupported(format!(
-                "{} is a C transport library, not a Rust plugin",
-                self.file.display()
-            ))),
+            Module::CTransport(c) => c.link(config),
+            _ => build!(self, new_link, link, name, config)?,
         }
     }
 }
@@ -171,40 +224,50 @@ pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
         return Err(LoadError::PanicAbort { file: file_buf });
     }
     let version = header.version_strings().version.as_str().to_owned();
-    if !abi_version_compatible(ABI_VERSION, &version) {
-        return Err(LoadError::AbiMismatch { file: file_buf, plugin: version, host: ABI_VERSION.to_owned() });
-    }
-    let module = header.init_root_module::<PluginModRef>().map_err(|e| match e {
+    let layout_err = |e: LibraryError| match e {
         LibraryError::AbiInstability(_) => LoadError::Layout {
             file: file_buf.clone(),
             version: version.clone(),
             summary: summarise_layout_error(&e),
         },
         other => LoadError::Init { file: file_buf.clone(), detail: other.to_string() },
-    })?;
-    let manifest = (module.manifest())().into_result().map_err(|e| LoadError::Init {
-        file: file_buf.clone(),
-        detail: sheaf_core::Error::from(e).to_string(),
-    })?;
-    let provides = manifest
-        .provides
-        .iter()
-        .filter_map(|p| match PluginKind::from_name(p.kind.as_str()) {
-            Some(kind) => Some(Provided { kind, name: p.name.to_string() }),
+    };
+    let manifest_err = |detail: String| LoadError::Init { file: file_buf.clone(), detail };
+    // Today's ABI, or an earlier one whose frozen types the host keeps (each checked by
+    // abi_stable against exactly those types) and adapts to today's core traits.
+    let (module, manifest) = if abi_version_compatible(ABI_VERSION, &version) {
+        let m = header.init_root_module::<PluginModRef>().map_err(layout_err)?;
+        let manifest = (m.manifest())()
+            .into_result()
+            .map_err(|e| manifest_err(sheaf_core::Error::from(e).to_string()))?;
+        let provides: Vec<(String, String)> =
+            manifest.provides.iter().map(|p| (p.kind.to_string(), p.name.to_string())).collect();
+        (Module::Rust(m), (manifest.name.into_string(), manifest.version.into_string(), provides))
+    } else if abi_version_compatible(sheaf_abi_v0_7::ABI_VERSION, &version) {
+        let m = header.init_root_module::<sheaf_abi_v0_7::PluginModRef>().map_err(layout_err)?;
+        let manifest = (m.manifest())()
+            .into_result()
+            .map_err(|e| manifest_err(sheaf_core::Error::from(e).to_string()))?;
+        let provides: Vec<(String, String)> =
+            manifest.provides.iter().map(|p| (p.kind.to_string(), p.name.to_string())).collect();
+        (Module::RustV0_7(m), (manifest.name.into_string(), manifest.version.into_string(), provides))
+    } else {
+        return Err(LoadError::AbiMismatch { file: file_buf, plugin: version, host: ABI_VERSION.to_owned() });
+    };
+    let (name, plugin_version, provided) = manifest;
+    let provides = provided
+        .into_iter()
+        .filter_map(|(kind_name, name)| match PluginKind::from_name(&kind_name) {
+            Some(kind) => Some(Provided { kind, name }),
             None => {
-                tracing::warn!("{}: ignoring unknown plugin kind `{}`", file.display(), p.kind);
+                tracing::warn!("{}: ignoring unknown plugin kind `{kind_name}`", file.display());
                 None
             }
         })
         .collect();
     Ok(LoadedPlugin {
         file: file_buf,
-        manifest: PluginManifest {
-            name: manifest.name.into_string(),
-            version: manifest.version.into_string(),
-            abi_version: manifest.abi_version.into_string(),
-            provides,
-        },
-        module: Module::Rust(module),
+        manifest: PluginManifest { name, version: plugin_version, abi_version: version, provides },
+        module,
     })
 }

@@ -2,9 +2,7 @@
 
 use std::path::PathBuf;
 
-use abi_stable::std_types::RStr;
 use serde::Serialize;
-use sheaf_abi::from_abi;
 use sheaf_core::{ComputeBackend, DataPartitioner, Link, ModelPartitioner, Optimizer, PluginKind, Strategy};
 
 use crate::{candidates, load_plugin, LoadError, LoadedPlugin, SearchDir};
@@ -322,11 +320,7 @@ impl Registry {
     }
 
     pub fn optimizer(&self, name: &str, config_json: &str) -> Result<Box<dyn Optimizer>, HostError> {
-        self.component(PluginKind::Optimizer, name, |p| {
-            let b = (p.rust()?.new_optimizer())(RStr::from_str(name), RStr::from_str(config_json))
-                .into_result()?;
-            from_abi::optimizer(b)
-        })
+        self.component(PluginKind::Optimizer, name, |p| p.optimizer(name, config_json))
     }
 
     pub fn data_partitioner(
@@ -334,11 +328,7 @@ impl Registry {
         name: &str,
         config_json: &str,
     ) -> Result<Box<dyn DataPartitioner>, HostError> {
-        self.component(PluginKind::DataPartitioner, name, |p| {
-            let b = (p.rust()?.new_data_partitioner())(RStr::from_str(name), RStr::from_str(config_json))
-                .into_result()?;
-            Ok(from_abi::data_partitioner(b))
-        })
+        self.component(PluginKind::DataPartitioner, name, |p| p.data_partitioner(name, config_json))
     }
 
     pub fn model_partitioner(
@@ -346,36 +336,18 @@ impl Registry {
         name: &str,
         config_json: &str,
     ) -> Result<Box<dyn ModelPartitioner>, HostError> {
-        self.component(PluginKind::ModelPartitioner, name, |p| {
-            let b = (p.rust()?.new_model_partitioner())(RStr::from_str(name), RStr::from_str(config_json))
-                .into_result()?;
-            Ok(from_abi::model_partitioner(b))
-        })
+        self.component(PluginKind::ModelPartitioner, name, |p| p.model_partitioner(name, config_json))
     }
 
     pub fn compute(&self, name: &str, config_json: &str) -> Result<Box<dyn ComputeBackend>, HostError> {
-        self.component(PluginKind::Compute, name, |p| {
-            let b =
-                (p.rust()?.new_compute())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
-            from_abi::compute(b)
-        })
+        self.component(PluginKind::Compute, name, |p| p.compute(name, config_json))
     }
 
     pub fn strategy(&self, name: &str, config_json: &str) -> Result<Box<dyn Strategy>, HostError> {
-        self.component(PluginKind::Strategy, name, |p| {
-            let b = (p.rust()?.new_strategy())(RStr::from_str(name), RStr::from_str(config_json))
-                .into_result()?;
-            from_abi::strategy(b)
-        })
+        self.component(PluginKind::Strategy, name, |p| p.strategy(name, config_json))
     }
 
     pub fn link(&self, name: &str, config_json: &str) -> Result<Box<dyn Link>, HostError> {
-        self.component(PluginKind::Transport, name, |p| match &p.module {
-            crate::loader::Module::CTransport(c) => c.link(config_json),
-            crate::loader::Module::Rust(m) => {
-                let b = (m.new_link())(RStr::from_str(name), RStr::from_str(config_json)).into_result()?;
-                from_abi::link(b)
-            }
-        })
+        self.component(PluginKind::Transport, name, |p| p.link(name, config_json))
     }
 }
