@@ -69,3 +69,42 @@ fn a_strategy_that_is_not_one_process_fails_its_law() {
     let detail = row["detail"].as_str().unwrap();
     assert!(detail.contains("at a world of 2") && detail.contains("from one process's"), "{detail}");
 }
+
+/// `cargo xtask new-plugin` writes out-of-tree crates (path dependencies into this
+/// checkout, nothing of the workspace copied) that build and pass `sheaf plugin check`
+/// as generated: the simplest kind and the most involved one.
+#[test]
+fn generated_plugins_build_out_of_tree_and_pass_the_check() {
+    let out_of_tree = tempfile::tempdir().unwrap();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    // Their own target directory: not beside `sheaf`, where a `libsheaf_*` is a plugin.
+    let target = sheaf_tests::target_dir().parent().unwrap().join("new-plugin");
+    for kind in ["optimizer", "strategy"] {
+        let dir = out_of_tree.path().join(kind);
+        let name = format!("made-{kind}");
+        let out = Command::new(&cargo)
+            .args(["xtask", "new-plugin", &name, "--kind", kind, "--path"])
+            .arg(&dir)
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "new-plugin {kind}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(&cargo)
+            .args(["build", "--quiet", "--offline"])
+            .current_dir(&dir)
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "building the {kind} crate: {}", String::from_utf8_lossy(&out.stderr));
+        let library = target.join("debug").join(format!("libsheaf_made_{kind}.so"));
+        let out =
+            Command::new(sheaf_bin()).args(["plugin", "check"]).arg(&library).arg("--json").output().unwrap();
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert!(out.status.success(), "{kind}: {}\n{rows:#?}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !rows.is_empty() && rows.iter().all(|r| r["passed"] == true && r["name"] == name.as_str()),
+            "{rows:#?}"
+        );
+    }
+}

@@ -11,7 +11,10 @@
 //!   test fixtures), then runs every test: in parallel, then the e2e tests that
 //!   measure time (ignored in the parallel run) one at a time.
 //! - `tidy`: the repository conventions (also run as a test).
+//! - `new-plugin NAME --kind KIND [--path DIR] [--git URL]`: an out-of-tree plugin
+//!   crate that builds and passes `sheaf plugin check` as generated (docs/plugins.md).
 
+mod new_plugin;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ fn main() -> Result<()> {
         Some("demo") => demo(&root, &args[1..]),
         Some("check-cuda") => check_cuda(&root),
         Some("test") => test(&root, &args[1..]),
+        Some("new-plugin") => new_plugin::new_plugin(&root, &args[1..]),
         Some("tidy") => {
             let problems = tidy::check(&root)?;
             if problems.is_empty() {
@@ -38,7 +42,8 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo [launch args] | ci | test [cargo test args] | check-cuda | tidy>"
+                "usage: cargo xtask <demo [launch args] | ci | test [cargo test args] | check-cuda | tidy | \
+                 new-plugin NAME --kind KIND [--path DIR] [--git URL]>"
             );
             std::process::exit(2)
         }
