@@ -72,7 +72,8 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     // Tests that measure time need the machine to themselves: ignored in the parallel
     // run above, run here one at a time.
     if extra.is_empty() {
-        cargo(root, &["test", "-p", "sheaf-tests", "--test", "e2e", "--", "--ignored", "--test-threads=1"])?;
+        // `--workspace`, as above: the same features, so the test binary is not rebuilt.
+        cargo(root, &["test", "--workspace", "--test", "e2e", "--", "--ignored", "--test-threads=1"])?;
     }
     Ok(())
 }
