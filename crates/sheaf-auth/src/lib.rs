@@ -94,6 +94,83 @@ impl Key {
     }
 }
 
+/// The join every transport's rendezvous runs (and the doctor's roll call): rank 0
+/// sends each connection a fresh challenge; a joining rank answers with its rank, the
+/// size of its world, its own nonce and whatever else the transport needs rank 0 to
+/// trust (the address it listens at), proven with the job's secret over the challenge.
+/// Rank 0 takes a join only when the proof holds and the rank fits its world.
+pub mod join {
+    use super::{Key, PROOF};
+
+    /// What a joining rank claims.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Claim<'a> {
+        pub rank: u64,
+        pub world: u64,
+        /// The joiner's nonce for this run.
+        pub session: &'a [u8],
+        /// Whatever else rank 0 must be able to trust (an address), in order.
+        pub extra: &'a [&'a [u8]],
+    }
+
+    impl Claim<'_> {
+        fn parts<'b>(&'b self, challenge: &'b [u8], rank: &'b [u8; 8], world: &'b [u8; 8]) -> Vec<&'b [u8]> {
+            let mut parts: Vec<&[u8]> = vec![challenge, rank, world, self.session];
+            parts.extend_from_slice(self.extra);
+            parts
+        }
+
+        /// The joiner's proof: the claim under the secret, bound to `challenge`, in
+        /// the transport's `domain`.
+        pub fn prove(&self, key: &Key, domain: &str, challenge: &[u8]) -> [u8; PROOF] {
+            let (r, w) = (self.rank.to_le_bytes(), self.world.to_le_bytes());
+            key.prove(domain, &self.parts(challenge, &r, &w))
+        }
+    }
+
+    /// Rank 0's reading of a join.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum Joined {
+        /// A rank of this run.
+        Rank(usize),
+        /// No proof of the secret over this connection's challenge: a stranger (or a
+        /// replayed join), refused without ending the rendezvous.
+        Refused(String),
+        /// A proven join that does not fit this world: the job is misconfigured.
+        Mismatch(String),
+    }
+
+    /// Rank 0's check of `claim` and its `proof` against `challenge`, in a world of
+    /// `world` ranks where `taken(r)` says rank r has joined already.
+    pub fn check(
+        key: &Key,
+        domain: &str,
+        challenge: &[u8],
+        claim: &Claim<'_>,
+        proof: &[u8],
+        world: usize,
+        taken: impl Fn(usize) -> bool,
+    ) -> Joined {
+        let (r, w) = (claim.rank.to_le_bytes(), claim.world.to_le_bytes());
+        if !key.verify(domain, &claim.parts(challenge, &r, &w), proof) {
+            return Joined::Refused(format!(
+                "a join claiming rank {} without proof of the job's secret",
+                claim.rank
+            ));
+        }
+        let fits = usize::try_from(claim.rank)
+            .ok()
+            .filter(|&rank| claim.world == world as u64 && rank > 0 && rank < world && !taken(rank));
+        match fits {
+            Some(rank) => Joined::Rank(rank),
+            None => Joined::Mismatch(format!(
+                "rank {} of a world of {} joined a world of {world} (duplicate or mismatched rank)",
+                claim.rank, claim.world
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,5 +193,33 @@ mod tests {
         assert_eq!(hex(&unhex(&t).unwrap()), t);
         assert_eq!(unhex("zz"), None);
         assert_eq!(unhex("abc"), None);
+    }
+
+    /// A join verifies only with the secret, the challenge and the claim it was made
+    /// for, and only for a free rank of this world.
+    #[test]
+    fn joins_are_proven_and_fit_the_world() {
+        use join::{check, Claim, Joined};
+        let key = Key::new(b"secret");
+        let claim = Claim { rank: 2, world: 4, session: b"nonce", extra: &[b"tcp://h:1"] };
+        let proof = claim.prove(&key, "d", b"challenge");
+        let free = |_| false;
+        assert_eq!(check(&key, "d", b"challenge", &claim, &proof, 4, free), Joined::Rank(2));
+        for (k, domain, challenge) in [
+            (Key::new(b"other"), "d", &b"challenge"[..]),
+            (Key::new(b"secret"), "e", b"challenge"),
+            (Key::new(b"secret"), "d", b"replayed"),
+        ] {
+            assert!(matches!(check(&k, domain, challenge, &claim, &proof, 4, free), Joined::Refused(_)));
+        }
+        let moved = Claim { extra: &[b"tcp://elsewhere:1"], ..claim };
+        assert!(matches!(check(&key, "d", b"challenge", &moved, &proof, 4, free), Joined::Refused(_)));
+        assert!(matches!(check(&key, "d", b"challenge", &claim, &proof, 3, free), Joined::Mismatch(_)));
+        assert!(matches!(check(&key, "d", b"challenge", &claim, &proof, 4, |r| r == 2), Joined::Mismatch(_)));
+        for rank in [0u64, 4, u64::MAX] {
+            let c = Claim { rank, ..claim };
+            let p = c.prove(&key, "d", b"challenge");
+            assert!(matches!(check(&key, "d", b"challenge", &c, &p, 4, free), Joined::Mismatch(_)), "{rank}");
+        }
     }
 }

@@ -29,9 +29,8 @@ fn rendezvous_joins() {
     valid.extend_from_slice(&2u32.to_le_bytes());
     valid.extend_from_slice(&4u32.to_le_bytes());
     valid.extend_from_slice(&[9; 16]);
-    valid.extend_from_slice(
-        &key.prove("sheaf-shm-join", &[b"challenge", &2u32.to_le_bytes(), &4u32.to_le_bytes(), &[9; 16]]),
-    );
+    let claim = sheaf_auth::join::Claim { rank: 2, world: 4, session: &[9; 16], extra: &[] };
+    valid.extend_from_slice(&claim.prove(&key, "sheaf-shm-join", b"challenge"));
     assert!(matches!(
         parse_join(&valid, &key, b"challenge", 4, &[true, false, false, true]),
         Joined::Rank(2, _)

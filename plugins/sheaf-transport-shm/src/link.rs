@@ -16,7 +16,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use sheaf_auth::Key;
+use sheaf_auth::{join, Key};
 use sheaf_collectives::reduce;
 use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag};
 
@@ -59,9 +59,7 @@ pub(crate) const JOIN: usize = 16 + sheaf_auth::NONCE + sheaf_auth::PROOF;
 /// that connects and says nothing must not hold up the ranks behind it).
 const JOIN_WAIT: Duration = Duration::from_secs(2);
 
-fn join_proof(key: &Key, challenge: &[u8], rank: u32, world: u32, session: &[u8]) -> [u8; sheaf_auth::PROOF] {
-    key.prove("sheaf-shm-join", &[challenge, &rank.to_le_bytes(), &world.to_le_bytes(), session])
-}
+const JOIN_DOMAIN: &str = "sheaf-shm-join";
 
 fn ok_proof(key: &Key, session: &[u8], total: u64) -> [u8; sheaf_auth::PROOF] {
     key.prove("sheaf-shm-ok", &[session, &total.to_le_bytes()])
@@ -89,20 +87,12 @@ pub(crate) fn parse_join(join: &[u8], key: &Key, challenge: &[u8], world: usize,
     if magic != b"SHMJOIN2" {
         return Joined::Refused("garbage".into());
     }
-    if !key.verify(
-        "sheaf-shm-join",
-        &[challenge, &rank.to_le_bytes(), &their_world.to_le_bytes(), session],
-        proof,
-    ) {
-        return Joined::Refused(format!("a join claiming rank {rank} without proof of the job's secret"));
+    let claim = join::Claim { rank: rank.into(), world: their_world.into(), session, extra: &[] };
+    match join::check(key, JOIN_DOMAIN, challenge, &claim, proof, world, |r| joined.get(r) != Some(&false)) {
+        join::Joined::Rank(rank) => Joined::Rank(rank, session.to_vec()),
+        join::Joined::Refused(why) => Joined::Refused(why),
+        join::Joined::Mismatch(why) => Joined::Mismatch(why),
     }
-    let (rank, their_world) = (rank as usize, their_world as usize);
-    if their_world != world || rank == 0 || rank >= world || joined.get(rank) != Some(&false) {
-        return Joined::Mismatch(format!(
-            "rank {rank} of a world of {their_world} joined a world of {world} (duplicate or mismatched rank)"
-        ));
-    }
-    Joined::Rank(rank, session.to_vec())
 }
 
 const HEADER_BYTES: usize = 256;
@@ -404,7 +394,8 @@ impl ShmLink {
         join.extend_from_slice(&(rank as u32).to_le_bytes());
         join.extend_from_slice(&(world as u32).to_le_bytes());
         join.extend_from_slice(&session);
-        join.extend_from_slice(&join_proof(&key, &challenge[8..], rank as u32, world as u32, &session));
+        let claim = join::Claim { rank: rank as u64, world: world as u64, session: &session, extra: &[] };
+        join.extend_from_slice(&claim.prove(&key, JOIN_DOMAIN, &challenge[8..]));
         segment::write_all(&mut stream, &join, deadline).map_err(connect_err)?;
         let mut reply = [0u8; 512];
         let (n, fd) = segment::recv_fd(&stream, &mut reply, deadline)

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
-use sheaf_auth::Key;
+use sheaf_auth::{join, Key};
 use sheaf_collectives::reduce;
 use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
 use tokio::sync::Notify;
@@ -495,16 +495,6 @@ pub(crate) enum Rendezvous {
 const JOIN: &str = "sheaf-zmq-join";
 const TABLE: &str = "sheaf-zmq-table";
 
-fn join_parts<'a>(
-    challenge: &'a [u8],
-    rank: &'a [u8; 8],
-    world: &'a [u8; 8],
-    endpoint: &'a str,
-    session: &'a str,
-) -> [&'a [u8]; 5] {
-    [challenge, rank, world, endpoint.as_bytes(), session.as_bytes()]
-}
-
 /// A peer's join as rank 0 reads it.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Joined {
@@ -523,18 +513,22 @@ pub(crate) fn check_join(key: &Key, challenge: &[u8], msg: &Rendezvous, table: &
     let Rendezvous::Join { rank, world_size, endpoint, session, proof } = msg else {
         return Joined::Refused("a message that is not a join".into());
     };
-    let (r, w) = ((*rank as u64).to_le_bytes(), (*world_size as u64).to_le_bytes());
     let proof = sheaf_auth::unhex(proof).unwrap_or_default();
-    if !key.verify(JOIN, &join_parts(challenge, &r, &w, endpoint, session), &proof) {
-        return Joined::Refused(format!("a join claiming rank {rank} without proof of the job's secret"));
+    // The inbox is claimed too: rank 0 hands it to every other rank.
+    let extra = [endpoint.as_bytes()];
+    let claim = join::Claim {
+        rank: *rank as u64,
+        world: *world_size as u64,
+        session: session.as_bytes(),
+        extra: &extra,
+    };
+    match join::check(key, JOIN, challenge, &claim, &proof, table.len(), |r| !table[r].is_empty()) {
+        join::Joined::Rank(rank) => {
+            Joined::Rank { rank, endpoint: endpoint.clone(), session: session.clone() }
+        }
+        join::Joined::Refused(why) => Joined::Refused(why),
+        join::Joined::Mismatch(why) => Joined::Mismatch(why),
     }
-    let world = table.len();
-    if *world_size != world || *rank == 0 || *rank >= world || !table[*rank].is_empty() {
-        return Joined::Mismatch(format!(
-            "rank {rank} of a world of {world_size} joined a world of {world} (duplicate or mismatched rank)"
-        ));
-    }
-    Joined::Rank { rank: *rank, endpoint: endpoint.clone(), session: session.clone() }
 }
 
 fn table_proof(
@@ -680,8 +674,10 @@ async fn rendezvous_as_peer(
         _ => return Err(connect_err("rank 0 answered the rendezvous with garbage")),
     };
     let session = sheaf_auth::hex(&sheaf_auth::nonce());
-    let (r, w) = ((rank as u64).to_le_bytes(), (world as u64).to_le_bytes());
-    let proof = sheaf_auth::hex(&key.prove(JOIN, &join_parts(&challenge, &r, &w, &mine, &session)));
+    let extra = [mine.as_bytes()];
+    let claim =
+        join::Claim { rank: rank as u64, world: world as u64, session: session.as_bytes(), extra: &extra };
+    let proof = sheaf_auth::hex(&claim.prove(key, JOIN, &challenge));
     let join = Rendezvous::Join { rank, world_size: world, endpoint: mine, session: session.clone(), proof };
     dealer.send(send(&join)).await.map_err(connect_err)?;
     let reply = dealer.recv().await.map_err(connect_err)?;
