@@ -70,9 +70,10 @@ fn a_strategy_that_is_not_one_process_fails_its_law() {
     assert!(detail.contains("at a world of 2") && detail.contains("from one process's"), "{detail}");
 }
 
-/// `cargo xtask new-plugin` writes out-of-tree crates (path dependencies into this
-/// checkout, nothing of the workspace copied) that build and pass `sheaf plugin check`
-/// as generated: the simplest kind and the most involved one.
+/// `cargo xtask new-plugin` writes out-of-tree crates that build and pass `sheaf plugin
+/// check` as generated, nothing of the workspace copied: the most involved kind with
+/// path dependencies into this checkout, the simplest with git dependencies on its
+/// repository (`file://`, the committed tree).
 #[test]
 fn generated_plugins_build_out_of_tree_and_pass_the_check() {
     let out_of_tree = tempfile::tempdir().unwrap();
@@ -80,22 +81,37 @@ fn generated_plugins_build_out_of_tree_and_pass_the_check() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
     // Their own target directory: not beside `sheaf`, where a `libsheaf_*` is a plugin.
     let target = sheaf_tests::target_dir().parent().unwrap().join("new-plugin");
-    for kind in ["optimizer", "strategy"] {
+    let git = format!("file://{}", root.display());
+    // The git form needs this checkout to be a repository cargo can fetch from.
+    let fetchable = Command::new("git")
+        .args(["-C", &root.display().to_string(), "rev-parse", "--is-shallow-repository"])
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).trim() == "false");
+    if !fetchable {
+        eprintln!(
+            "{} is not a full git repository: the optimizer uses path dependencies too",
+            root.display()
+        );
+    }
+    for (kind, source) in [("optimizer", fetchable.then_some(git.as_str())), ("strategy", None)] {
         let dir = out_of_tree.path().join(kind);
         let name = format!("made-{kind}");
-        let out = Command::new(&cargo)
-            .args(["xtask", "new-plugin", &name, "--kind", kind, "--path"])
-            .arg(&dir)
-            .current_dir(&root)
-            .output()
-            .unwrap();
+        let mut new_plugin = Command::new(&cargo);
+        new_plugin.args(["xtask", "new-plugin", &name, "--kind", kind, "--path"]).arg(&dir);
+        if let Some(url) = source {
+            new_plugin.args(["--git", url]);
+        }
+        let out = new_plugin.current_dir(&root).output().unwrap();
         assert!(out.status.success(), "new-plugin {kind}: {}", String::from_utf8_lossy(&out.stderr));
-        let out = Command::new(&cargo)
-            .args(["build", "--quiet", "--offline"])
-            .current_dir(&dir)
-            .env("CARGO_TARGET_DIR", &target)
-            .output()
-            .unwrap();
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(if source.is_some() { "git = \"file://" } else { "path = \"" }),
+            "{manifest}"
+        );
+        // A git source is fetched (from this repository, no network); paths build offline.
+        let mut build = Command::new(&cargo);
+        build.args(["build", "--quiet"]).args(source.is_none().then_some("--offline"));
+        let out = build.current_dir(&dir).env("CARGO_TARGET_DIR", &target).output().unwrap();
         assert!(out.status.success(), "building the {kind} crate: {}", String::from_utf8_lossy(&out.stderr));
         let library = target.join("debug").join(format!("libsheaf_made_{kind}.so"));
         let out =

@@ -62,7 +62,13 @@ pub fn new_plugin(root: &Path, args: &[String]) -> Result<()> {
             )
         }
     };
-    let fill = |t: &str| t.replace("{{crate}}", &krate).replace("{{name}}", &name).replace("{{kind}}", &kind);
+    let lib = format!("lib{}.so", krate.replace('-', "_"));
+    let fill = |t: &str| {
+        t.replace("{{crate}}", &krate)
+            .replace("{{name}}", &name)
+            .replace("{{kind}}", &kind)
+            .replace("{{lib}}", &lib)
+    };
     std::fs::create_dir_all(dir.join("src")).with_context(|| format!("creating {}", dir.display()))?;
     let write = |file: &str, text: String| {
         std::fs::write(dir.join(file), text).with_context(|| format!("writing {}", dir.join(file).display()))
@@ -73,9 +79,8 @@ pub fn new_plugin(root: &Path, args: &[String]) -> Result<()> {
     std::fs::copy(root.join("Cargo.lock"), dir.join("Cargo.lock")).context("copying Cargo.lock")?;
     println!(
         "wrote {} ({kind} `{name}`)\nnext:\n  cd {0} && cargo build --release\n  sheaf plugin check \
-         target/release/lib{}.so\n  see docs/plugins.md",
-        dir.display(),
-        krate.replace('-', "_")
+         target/release/{lib}\n  see docs/plugins.md",
+        dir.display()
     );
     Ok(())
 }
@@ -88,8 +93,8 @@ edition = "2021"
 publish = false
 
 [lib]
-# A shared library the `sheaf` host loads at run time; the file is lib{{crate}}.so
-# with dashes as underscores, which `sheaf` finds beside itself or in a --plugin-dir.
+# A shared library the `sheaf` host loads at run time: {{lib}}, which `sheaf`
+# finds beside itself or in a --plugin-dir.
 crate-type = ["cdylib"]
 
 [dependencies]
