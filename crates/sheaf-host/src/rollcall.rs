@@ -37,20 +37,26 @@ pub struct Reach {
     pub rtt_ms: Vec<Vec<f64>>,
     /// Why each failed pair failed, `(r, q, reason)`, as far as this rank knows.
     pub failures: Vec<(usize, usize, String)>,
-    /// Rank 0's verdict: every rank answered and every pair reached each other.
+    /// Processes that answered the roll call as no rank of this world can be: a rank
+    /// claimed twice, or another world's size (a misconfigured launch).
+    pub conflicts: Vec<String>,
+    /// Rank 0's verdict: every rank answered, none twice, and every pair reached each
+    /// other.
     pub complete: bool,
 }
 
 impl Reach {
-    /// The problems, one line each: ranks that never came, pairs that failed.
+    /// The problems, one line each: processes that answered as no rank of this world
+    /// can, ranks that never came, pairs that failed.
     pub fn problems(&self, master: &str) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .addrs
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| a.is_none())
-            .map(|(r, _)| format!("rank {r} never answered the roll call at {master}"))
-            .collect();
+        let mut out: Vec<String> = self.conflicts.clone();
+        out.extend(
+            self.addrs
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.is_none())
+                .map(|(r, _)| format!("rank {r} never answered the roll call at {master}")),
+        );
         out.extend(self.failures.iter().map(|(r, q, why)| {
             format!("rank {r} cannot reach rank {q} at {}: {why}", self.addrs[*q].as_deref().unwrap_or("?"))
         }));
@@ -221,6 +227,7 @@ fn as_rank_0(env: &WorkerEnv, mine: String, key: Arc<Key>, deadline: Instant) ->
     let mut addrs: Vec<Option<String>> = vec![None; n];
     addrs[0] = Some(mine);
     let mut channels: Vec<Option<Channel>> = (0..n).map(|_| None).collect();
+    let mut conflicts = Vec::new();
     // Enrolment: until every rank came or the deadline.
     while addrs.iter().any(Option::is_none) && Instant::now() < deadline {
         let (stream, from) = match listener.accept() {
@@ -239,12 +246,21 @@ fn as_rank_0(env: &WorkerEnv, mine: String, key: Arc<Key>, deadline: Instant) ->
             .and_then(|()| ch.recv(deadline.min(Instant::now() + PING_TIMEOUT)));
         match hello {
             Ok(Message::Hello { rank, world, addr }) if world == n && rank > 0 && rank < n => {
+                if let Some(first) = &addrs[rank] {
+                    conflicts.push(format!(
+                        "two processes answered as rank {rank}: one listening at {first}, one at {addr} (from {from})"
+                    ));
+                    continue;
+                }
                 ch.peer = format!("rank {rank} ({from})");
                 addrs[rank] = Some(addr);
                 channels[rank] = Some(ch);
             }
             Ok(Message::Hello { rank, world, .. }) => {
-                tracing::warn!("roll call: {from} says rank {rank} of {world}, this world is {n}: ignored");
+                conflicts.push(format!(
+                    "a process at {from} answered as rank {rank} of a world of {world}; this world is {n} \
+                     (launched with another world size?)"
+                ));
             }
             Ok(_) => tracing::warn!("roll call: {from} sent something other than its enrolment: ignored"),
             Err(e) => tracing::warn!("roll call: ignored {e}"),
@@ -273,8 +289,8 @@ fn as_rank_0(env: &WorkerEnv, mine: String, key: Arc<Key>, deadline: Instant) ->
             Err(e) => failures.push((r, r, format!("did not report: {e}"))),
         }
     }
-    let complete = addrs.iter().all(Option::is_some) && failures.is_empty();
-    let reach = Reach { addrs, rtt_ms, failures, complete };
+    let complete = addrs.iter().all(Option::is_some) && failures.is_empty() && conflicts.is_empty();
+    let reach = Reach { addrs, rtt_ms, failures, conflicts, complete };
     for ch in channels.iter_mut().flatten() {
         let _ = ch.send(&Message::Done { complete });
     }
@@ -322,7 +338,7 @@ fn as_peer(env: &WorkerEnv, mine: String, key: Arc<Key>, deadline: Instant) -> R
     let mut rtt_ms = vec![vec![f64::NAN; n]; n];
     rtt_ms[env.rank] = row.iter().map(|t| t.unwrap_or(f64::NAN)).collect();
     let failures = failures.into_iter().map(|(q, why)| (env.rank, q, why)).collect();
-    Ok(Reach { addrs, rtt_ms, failures, complete })
+    Ok(Reach { addrs, rtt_ms, failures, conflicts: Vec::new(), complete })
 }
 
 #[cfg(test)]
@@ -380,6 +396,30 @@ mod tests {
         let m = reaches[0].matrix();
         assert_eq!(m.lines().nth(3).unwrap().split_whitespace().filter(|c| *c == "?").count(), 2, "{m}");
         assert_eq!(m.lines().nth(1).unwrap().split_whitespace().last(), Some("?"), "{m}");
+    }
+
+    /// A rank claimed by two processes, and a process of another world size, are
+    /// problems named by rank 0, not silently ignored.
+    #[test]
+    fn ranks_claimed_twice_or_from_another_world_are_named() {
+        let port = free_port();
+        let start = |rank, world| {
+            std::thread::spawn(move || {
+                roll_call(&env(rank, world, port), "127.0.0.1", Duration::from_secs(2))
+            })
+        };
+        let (zero, one) = (start(0, 3), start(1, 3));
+        std::thread::sleep(Duration::from_millis(200));
+        // The second claimant of rank 1 is dropped, and so is the stranger to this
+        // world: their roll calls fail.
+        let (again, other) = (start(1, 3), start(2, 5));
+        let reach = zero.join().unwrap().unwrap();
+        let _ = one.join().unwrap();
+        assert!(again.join().unwrap().is_err() && other.join().unwrap().is_err());
+        assert!(!reach.complete);
+        let problems = reach.problems("m").join("\n");
+        assert!(problems.contains("two processes answered as rank 1"), "{problems}");
+        assert!(problems.contains("as rank 2 of a world of 5; this world is 3"), "{problems}");
     }
 
     /// A rank with another secret is not enrolled: rank 0 finds it missing.
