@@ -425,6 +425,9 @@ static int32_t tsend(sheaf_transport_link *l, uint32_t peer, uint64_t tag, const
         rc = fail(s, SHEAF_CLOSED, 0, "the link is closed");
     else if (l->peers[peer].state == PEER_FAILED)
         rc = fail(s, l->peers[peer].fail_code, peer, "%s", l->peers[peer].why);
+    else if (l->peers[peer].state == PEER_BYE)
+        /* Nobody would read it: say so rather than lose it. */
+        rc = fail(s, SHEAF_PEER_FAILED, peer, "rank %u closed its link", peer);
     pthread_mutex_unlock(&l->mu);
     if (rc != SHEAF_OK) return rc;
     return send_frame(l, peer, KIND_DATA, tag, data, len, timeout_ms, s);
