@@ -200,6 +200,12 @@ pub fn master(env: &WorkerEnv) -> String {
 /// Runs the roll call as this rank, within `timeout` for the world to gather. Rank 0
 /// returns who reached whom; the others their own row and rank 0's verdict.
 pub fn roll_call(env: &WorkerEnv, listen_ip: &str, timeout: Duration) -> Result<Reach, HostError> {
+    if env.master_port == u16::MAX {
+        return Err(HostError::Usage(format!(
+            "MASTER_PORT={}: sheaf doctor's roll call uses the port above it; choose a lower one",
+            env.master_port
+        )));
+    }
     let deadline = Instant::now() + timeout;
     let key = Arc::new(Key::new(std::env::var(sheaf_auth::TOKEN_ENV).unwrap_or_default().as_bytes()));
     let listener =
