@@ -145,3 +145,66 @@ fn hierarchical_collectives_over_hybrid_links_keep_every_law() {
         }
     }
 }
+
+/// Two hosts of two ranks, in process: each rank's `HybridLink` over the world link
+/// and its host's link, with the in-process worlds kept to look at.
+fn two_hosts() -> (Vec<sheaf_collectives::HybridLink>, InProcWorld, [InProcWorld; 2]) {
+    let world = InProcWorld::new(4);
+    let hosts = [InProcWorld::new(2), InProcWorld::new(2)];
+    let mut locals: Vec<std::vec::IntoIter<InProcLink>> =
+        hosts.iter().map(|h| h.links().into_iter()).collect();
+    let links = world
+        .links()
+        .into_iter()
+        .enumerate()
+        .map(|(r, w)| {
+            let ranks: Vec<usize> = if r < 2 { vec![0, 1] } else { vec![2, 3] };
+            let local = locals[r / 2].next().unwrap();
+            sheaf_collectives::HybridLink::new(Arc::new(w), Arc::new(local), &ranks).unwrap()
+        })
+        .collect();
+    (links, world, hosts)
+}
+
+/// A hybrid link passes an abort, failure reports and its close to both of its links:
+/// a rank on the same host and one on another are told of the abort naming the right
+/// rank; the reports come back in world ranks, each once; after a close, peers over
+/// either link see the rank leave instead of waiting out their deadline.
+#[test]
+fn hybrid_links_carry_aborts_reports_and_closes_over_both_links() {
+    let short = || Deadline::after(Duration::from_millis(300));
+    let tag = sheaf_core::Tag::new(1, sheaf_core::TagClass::User, 7);
+
+    // Rank 1 (host 0) blames rank 3 (host 1).
+    let (links, _world, _hosts) = two_hosts();
+    links[1].abort(3, "boom");
+    match links[2].recv(0, tag, short()) {
+        Err(CommError::Aborted { peer: 3, reason, .. }) => assert_eq!(reason, "boom"),
+        other => panic!("rank 2, over the world link: {other:?}"),
+    }
+    // Rank 3 is not on host 0: there the aborting rank itself is blamed, in world ranks.
+    match links[0].recv(1, tag, short()) {
+        Err(CommError::Aborted { peer: 1, .. }) => {}
+        other => panic!("rank 0, over host 0's link: {other:?}"),
+    }
+    assert_eq!(links[0].failure_reports(), vec![(1, 3), (1, 1)]);
+
+    // Blaming a rank of its own host: the two links' reports say the same, once.
+    let (links, _world, _hosts) = two_hosts();
+    links[1].abort(0, "boom");
+    assert_eq!(links[0].failure_reports(), vec![(1, 0)]);
+    assert!(matches!(links[0].recv(1, tag, short()), Err(CommError::Aborted { peer: 0, .. })));
+    assert!(matches!(links[3].recv(0, tag, short()), Err(CommError::Aborted { peer: 0, .. })));
+
+    // A closed rank leaves both links: its host's peer and another host's see it go.
+    let (links, _world, _hosts) = two_hosts();
+    links[0].close(short()).unwrap();
+    for (r, over) in [(1, "host 0's link"), (2, "the world link")] {
+        match links[r].recv(0, tag, short()) {
+            Err(CommError::PeerFailed { peer: 0, reason, .. }) => {
+                assert!(reason.contains("left"), "{reason}")
+            }
+            other => panic!("rank {r}, over {over}: {other:?}"),
+        }
+    }
+}
