@@ -749,4 +749,37 @@ mod tests {
             }
         }
     }
+
+    /// `with_hosts` builds the hierarchy only where it helps: several hosts, some with
+    /// more than one rank, and hosts given for every rank. Then this rank's host group
+    /// holds exactly its host's ranks in world order, the leaders' group exactly each
+    /// host's first rank (and only leaders belong to it), each under a context of its
+    /// own: distinct from each other and from the parent's.
+    #[test]
+    fn with_hosts_builds_the_hierarchy_only_where_it_helps() {
+        let at = |rank: usize, host_of: &[usize]| {
+            let n = if host_of.len() == 6 { 6 } else { 4 };
+            Group::world(Arc::new(Silent(rank, n))).with_hosts(host_of)
+        };
+        // One host; one rank per host; hosts for 3 or 5 ranks of a world of 4.
+        for flat in [&[0, 0, 0, 0][..], &[3, 1, 2, 0], &[0, 0, 1], &[0, 0, 1, 1, 1]] {
+            assert!(at(0, flat).hosts.is_none(), "{flat:?}");
+        }
+        for (host_of, rank, intra, leaders) in [
+            (&[0, 0, 1, 1][..], 0, &[0, 1][..], Some(&[0, 2][..])),
+            (&[0, 0, 1, 1], 3, &[2, 3], None),
+            (&[1, 0, 1, 0, 2, 2], 2, &[0, 2], None),
+            (&[1, 0, 1, 0, 2, 2], 4, &[4, 5], Some(&[0, 1, 4][..])),
+            (&[0, 1, 1, 1], 0, &[0], Some(&[0, 1][..])),
+        ] {
+            let g = at(rank, host_of);
+            let hosts = g.hosts.as_ref().unwrap_or_else(|| panic!("{host_of:?}: no hierarchy"));
+            assert_eq!(hosts.intra.members(), intra, "{host_of:?} rank {rank}");
+            assert_eq!(hosts.leaders.as_ref().map(|l| l.members()), leaders, "{host_of:?} rank {rank}");
+            if let Some(l) = &hosts.leaders {
+                assert!(l.context != hosts.intra.context && l.context != g.context, "{host_of:?}");
+            }
+            assert_ne!(hosts.intra.context, g.context, "{host_of:?}");
+        }
+    }
 }
