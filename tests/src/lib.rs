@@ -17,20 +17,26 @@ pub fn target_dir() -> PathBuf {
 pub fn ensure_built() -> &'static Result<(), String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--workspace", "--quiet"]);
-        let profile = target_dir().file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_owned();
-        if profile != "debug" {
-            cmd.args(["--profile", if profile == "release" { "release" } else { &profile }]);
-        }
-        let status = cmd.current_dir(env!("CARGO_MANIFEST_DIR")).status().map_err(|e| e.to_string())?;
+        let status = cargo_here(&["build", "--workspace", "--quiet"]).status().map_err(|e| e.to_string())?;
         if status.success() {
             Ok(())
         } else {
             Err(format!("`cargo build --workspace` failed ({status})"))
         }
     })
+}
+
+/// `cargo ARGS` in this crate's directory, building for the profile these tests were
+/// built with.
+fn cargo_here(args: &[&str]) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
+    let mut cmd = Command::new(cargo);
+    cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    let profile = target_dir().file_name().and_then(|n| n.to_str()).unwrap_or("debug").to_owned();
+    if profile != "debug" {
+        cmd.args(["--profile", if profile == "release" { "release" } else { &profile }]);
+    }
+    cmd
 }
 
 /// A built artifact in the target directory, after [`ensure_built`].

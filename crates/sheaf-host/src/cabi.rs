@@ -228,8 +228,7 @@ fn to_comm_error(name: &str, op: Op, s: &Status, world: usize, waited: Duration)
 }
 
 impl CLink {
-    fn error(&self, op: Op, s: &Status, deadline: Deadline, started: std::time::Instant) -> CommError {
-        let _ = deadline;
+    fn error(&self, op: Op, s: &Status, started: std::time::Instant) -> CommError {
         to_comm_error(&self.transport.name, op, s, self.world, started.elapsed())
     }
 
@@ -299,7 +298,7 @@ impl Link for CLink {
             return Ok(());
         }
         status.code = rc;
-        Err(self.error(Op::Send, &status, deadline, started))
+        Err(self.error(Op::Send, &status, started))
     }
 
     fn recv(&self, peer: usize, tag: Tag, deadline: Deadline) -> Result<Vec<u8>, CommError> {
@@ -318,7 +317,7 @@ impl Link for CLink {
                     cap = s.needed as usize;
                     self.hint.fetch_max(cap, Ordering::Relaxed);
                 }
-                Err(s) => return Err(self.error(Op::Recv, &s, deadline, started)),
+                Err(s) => return Err(self.error(Op::Recv, &s, started)),
             }
         }
     }
@@ -344,7 +343,7 @@ impl Link for CLink {
                 Ok(got) if got == want => Ok(()),
                 Ok(got) => Err(wrong_size(got as u64)),
                 Err(s) if s.code == TRUNCATED => Err(wrong_size(s.needed)),
-                Err(s) => Err(self.error(Op::Recv, &s, deadline, started)),
+                Err(s) => Err(self.error(Op::Recv, &s, started)),
             },
             Some((dtype, op)) => {
                 let message = self.recv(peer, tag, deadline)?;
@@ -372,7 +371,7 @@ impl Link for CLink {
             return Ok(());
         }
         status.code = rc;
-        Err(self.error(Op::Close, &status, deadline, started))
+        Err(self.error(Op::Close, &status, started))
     }
 }
 
