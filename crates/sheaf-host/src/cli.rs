@@ -264,6 +264,14 @@ pub struct BenchArgs {
 
 impl Cli {
     /// The plugins on this invocation's search path.
+    /// The plugins for running `job`: [`Cli::registry`] with the job's choices among
+    /// libraries that provide the same component (`[plugins.<kind>]`).
+    pub fn registry_for(&self, job: &crate::job::Job) -> Registry {
+        let mut registry = self.registry();
+        registry.choose(&job.plugins);
+        registry
+    }
+
     pub fn registry(&self) -> Registry {
         if let Some(file) = &self.plugin_file {
             let dir = file.parent().map(|d| d.to_path_buf()).unwrap_or_default();
@@ -303,8 +311,7 @@ fn launch_job(
     }
     let mut parsed = crate::job::load_job(job_file.as_deref(), &job.overrides)?;
     parsed.transport.resolve(nodes.nnodes > 1);
-    let mut registry = cli.registry();
-    registry.choose(&parsed.plugins);
+    let registry = cli.registry_for(&parsed);
     let mut worker_args: Vec<String> = Vec::new();
     let compute = registry.compute(&parsed.compute.backend, &parsed.compute.config_json())?;
     let data = crate::data::load(&parsed, &registry, compute.as_ref())?;
@@ -395,8 +402,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 init_from: args.init_from.clone(),
                 resume,
             };
-            let mut registry = cli.registry();
-            registry.choose(&job.plugins);
+            let registry = cli.registry_for(&job);
             let summary = crate::worker::run_worker(&job, &registry, &opts)?;
             if opts.env.rank == 0 {
                 let dir = opts.run_dir.as_ref().expect("set above");
@@ -554,8 +560,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             let mut job = crate::job::load_job(job.as_deref(), overrides)?;
             let env = crate::worker::WorkerEnv::from_env()?;
             job.transport.resolve(env.spans_hosts);
-            let mut registry = cli.registry();
-            registry.choose(&job.plugins);
+            let registry = cli.registry_for(&job);
             crate::doctor::doctor(&job, &registry, &env, *slow_factor, out)
         }
         Command::BenchWorker { spec } => {
