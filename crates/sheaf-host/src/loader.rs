@@ -235,22 +235,22 @@ pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
     let manifest_err = |detail: String| LoadError::Init { file: file_buf.clone(), detail };
     // Today's ABI, or an earlier one whose frozen types the host keeps (each checked by
     // abi_stable against exactly those types) and adapts to today's core traits.
+    // The root module with ABI `$abi`'s types, and its manifest as plain strings.
+    macro_rules! init {
+        ($abi:ident, $variant:ident) => {{
+            let m = header.init_root_module::<$abi::PluginModRef>().map_err(layout_err)?;
+            let manifest = (m.manifest())()
+                .into_result()
+                .map_err(|e| manifest_err(sheaf_core::Error::from(e).to_string()))?;
+            let provides: Vec<(String, String)> =
+                manifest.provides.iter().map(|p| (p.kind.to_string(), p.name.to_string())).collect();
+            (Module::$variant(m), (manifest.name.into_string(), manifest.version.into_string(), provides))
+        }};
+    }
     let (module, manifest) = if abi_version_compatible(ABI_VERSION, &version) {
-        let m = header.init_root_module::<PluginModRef>().map_err(layout_err)?;
-        let manifest = (m.manifest())()
-            .into_result()
-            .map_err(|e| manifest_err(sheaf_core::Error::from(e).to_string()))?;
-        let provides: Vec<(String, String)> =
-            manifest.provides.iter().map(|p| (p.kind.to_string(), p.name.to_string())).collect();
-        (Module::Rust(m), (manifest.name.into_string(), manifest.version.into_string(), provides))
+        init!(sheaf_abi, Rust)
     } else if abi_version_compatible(sheaf_abi_v0_7::ABI_VERSION, &version) {
-        let m = header.init_root_module::<sheaf_abi_v0_7::PluginModRef>().map_err(layout_err)?;
-        let manifest = (m.manifest())()
-            .into_result()
-            .map_err(|e| manifest_err(sheaf_core::Error::from(e).to_string()))?;
-        let provides: Vec<(String, String)> =
-            manifest.provides.iter().map(|p| (p.kind.to_string(), p.name.to_string())).collect();
-        (Module::RustV0_7(m), (manifest.name.into_string(), manifest.version.into_string(), provides))
+        init!(sheaf_abi_v0_7, RustV0_7)
     } else {
         return Err(LoadError::AbiMismatch { file: file_buf, plugin: version, host: ABI_VERSION.to_owned() });
     };
