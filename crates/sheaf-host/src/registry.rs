@@ -163,6 +163,7 @@ impl Registry {
 
     /// One row per library, loaded ones first, in search order.
     pub fn listing(&self) -> Vec<PluginInfo> {
+        let conflicts = self.conflicts();
         let ok = self.loaded.iter().map(|p| PluginInfo {
             file: p.file.display().to_string(),
             name: Some(p.manifest.name.clone()),
@@ -173,9 +174,8 @@ impl Registry {
             ok: true,
             error: None,
             skipped: None,
-            conflicts: self
-                .conflicts()
-                .into_iter()
+            conflicts: conflicts
+                .iter()
                 .filter(|(_, ps)| ps.iter().any(|q| q.file == p.file))
                 .map(|(key, ps)| {
                     let others: Vec<String> = ps
