@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use sheaf_core::{Error, OptimState, Optimizer, Param, Result};
 
-use crate::{check_finite, validate};
+use crate::{check_finite, update_pieces, validate, with_state, Piece};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -58,18 +58,18 @@ impl Optimizer for AdamW {
         let decay = 1.0 - lr * c.weight_decay as f32;
         let bc1 = 1.0 - b1.powi(t as i32);
         let bc2 = 1.0 - b2.powi(t as i32);
-        for p in params.iter_mut() {
-            let (m, v) = self
-                .moments
-                .entry(p.name.to_owned())
-                .or_insert_with(|| (vec![0.0; p.grad.len()], vec![0.0; p.grad.len()]));
-            for (((w, &g), m), v) in p.value.iter_mut().zip(p.grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+        let pieces: Vec<Piece<'_>> = with_state(params, &mut self.moments, |n| (vec![0.0; n], vec![0.0; n]))?
+            .into_iter()
+            .map(|(value, grad, (m, v), _)| Piece { value, grad, state: [m, v], fresh: false })
+            .collect();
+        update_pieces(pieces, |Piece { value, grad, state: [m, v], .. }| {
+            for (((w, &g), m), v) in value.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
                 *w *= decay;
                 *m = b1 * *m + (1.0 - b1) * g;
                 *v = b2 * *v + (1.0 - b2) * g * g;
                 *w -= lr * (*m / bc1) / ((*v / bc2).sqrt() + eps);
             }
-        }
+        });
         self.step = t;
         Ok(())
     }

@@ -55,7 +55,11 @@ fn parse<T: serde::de::DeserializeOwned>(name: &str, config: &str) -> Result<T> 
 /// Checks that every parameter's gradient matches it, and its state buffers if any,
 /// before any parameter is changed.
 fn validate(params: &[Param<'_>], state_len: impl Fn(&str) -> Option<usize>) -> Result<()> {
+    let mut seen = std::collections::BTreeSet::new();
     for p in params {
+        if !seen.insert(p.name) {
+            return Err(Error::invalid(format!("parameter `{}` given twice in one step", p.name)));
+        }
         if p.value.len() != p.grad.len() {
             return Err(Error::invalid(format!(
                 "parameter `{}` has {} elements but its gradient {}",
@@ -75,6 +79,77 @@ fn validate(params: &[Param<'_>], state_len: impl Fn(&str) -> Option<usize>) -> 
         }
     }
     Ok(())
+}
+
+/// One piece of a parameter for an elementwise update: its values, its gradient and
+/// up to two state buffers of the same length (empty where the rule keeps fewer), and
+/// whether the state is new this step.
+pub(crate) struct Piece<'a> {
+    pub value: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub state: [&'a mut [f32]; 2],
+    pub fresh: bool,
+}
+
+/// Elements in a piece of work for one thread.
+const PIECE: usize = 16 * 1024;
+/// Updates smaller than this run on the caller's thread alone.
+const MIN_PARALLEL: usize = 64 * 1024;
+
+/// Runs `update` over every piece of `params`, on this process's compute threads
+/// (`RAYON_NUM_THREADS`, the worker's share of the cores) when the step is large
+/// enough to gain. The update is elementwise, so the result does not depend on how
+/// the pieces were shared out.
+pub(crate) fn update_pieces<'a>(params: Vec<Piece<'a>>, update: impl Fn(Piece<'_>) + Sync + Send) {
+    let total: usize = params.iter().map(|p| p.value.len()).sum();
+    if total < MIN_PARALLEL || rayon::current_num_threads() < 2 {
+        params.into_iter().for_each(update);
+        return;
+    }
+    let mut pieces = Vec::with_capacity(total / PIECE + params.len());
+    for mut p in params {
+        while p.value.len() > PIECE {
+            let (value, rest_value) = std::mem::take(&mut p.value).split_at_mut(PIECE);
+            let (grad, rest_grad) = p.grad.split_at(PIECE);
+            let [a, b] = p.state.each_mut().map(|s| {
+                let s = std::mem::take(s);
+                let at = PIECE.min(s.len());
+                s.split_at_mut(at)
+            });
+            pieces.push(Piece { value, grad, state: [a.0, b.0], fresh: p.fresh });
+            p = Piece { value: rest_value, grad: rest_grad, state: [a.1, b.1], fresh: p.fresh };
+        }
+        pieces.push(p);
+    }
+    use rayon::prelude::*;
+    pieces.into_par_iter().for_each(update);
+}
+
+/// Each parameter's state in `state` (made by `new` where missing), paired with the
+/// parameter, and whether it was made now. Names are unique ([`validate`] checks).
+pub(crate) fn with_state<'p, 's, S>(
+    params: &'p mut [Param<'_>],
+    state: &'s mut std::collections::BTreeMap<String, S>,
+    new: impl Fn(usize) -> S,
+) -> Result<Vec<(&'p mut [f32], &'p [f32], &'s mut S, bool)>> {
+    let mut fresh = std::collections::BTreeSet::new();
+    for p in params.iter() {
+        if !state.contains_key(p.name) {
+            state.insert(p.name.to_owned(), new(p.value.len()));
+            fresh.insert(p.name.to_owned());
+        }
+    }
+    let mut slots: std::collections::BTreeMap<&str, &mut S> =
+        state.iter_mut().map(|(n, s)| (n.as_str(), s)).collect();
+    params
+        .iter_mut()
+        .map(|p| {
+            let slot = slots
+                .remove(p.name)
+                .ok_or_else(|| Error::BadState(format!("parameter `{}` given twice in one step", p.name)))?;
+            Ok((&mut *p.value, p.grad, slot, fresh.contains(p.name)))
+        })
+        .collect()
 }
 
 fn check_finite(what: &str, v: f64) -> Result<()> {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use sheaf_core::{Error, OptimState, Optimizer, Param, Result};
 
-use crate::{check_finite, validate};
+use crate::{check_finite, update_pieces, validate, with_state, Piece};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -47,36 +47,69 @@ impl Sgd {
     }
 }
 
+/// `f(value, grad, buffer)` for each element of a piece.
+#[inline(always)]
+fn update_loop(value: &mut [f32], grad: &[f32], buf: &mut [f32], f: impl Fn(&mut f32, f32, &mut f32)) {
+    for ((w, &g), b) in value.iter_mut().zip(grad).zip(buf.iter_mut()) {
+        f(w, g, b);
+    }
+}
+
 impl Optimizer for Sgd {
     fn step(&mut self, params: &mut [Param<'_>]) -> Result<()> {
         validate(params, |name| self.momentum.get(name).map(Vec::len))?;
         let c = &self.config;
         let (lr, mu, damp, wd) = (c.lr as f32, c.momentum as f32, c.dampening as f32, c.weight_decay as f32);
-        for p in params.iter_mut() {
-            let buf = if mu != 0.0 {
-                let fresh = !self.momentum.contains_key(p.name);
-                let buf = self.momentum.entry(p.name.to_owned()).or_insert_with(|| vec![0.0; p.grad.len()]);
-                Some((buf, fresh))
-            } else {
-                None
-            };
-            match buf {
-                None => {
-                    for (w, &g) in p.value.iter_mut().zip(p.grad) {
-                        let g = g + wd * *w;
-                        *w -= lr * g;
-                    }
+        let pieces: Vec<Piece<'_>> = if mu != 0.0 {
+            with_state(params, &mut self.momentum, |n| vec![0.0; n])?
+                .into_iter()
+                .map(|(value, grad, buf, fresh)| Piece { value, grad, state: [buf, &mut []], fresh })
+                .collect()
+        } else {
+            params
+                .iter_mut()
+                .map(|p| Piece {
+                    value: &mut *p.value,
+                    grad: p.grad,
+                    state: [&mut [], &mut []],
+                    fresh: false,
+                })
+                .collect()
+        };
+        let nesterov = c.nesterov;
+        update_pieces(pieces, |Piece { value, grad, state: [buf, _], fresh }| {
+            if mu == 0.0 {
+                for (w, &g) in value.iter_mut().zip(grad) {
+                    let g = g + wd * *w;
+                    *w -= lr * g;
                 }
-                Some((buf, fresh)) => {
-                    for ((w, &g), b) in p.value.iter_mut().zip(p.grad).zip(buf.iter_mut()) {
-                        let g = g + wd * *w;
-                        *b = if fresh { g } else { mu * *b + (1.0 - damp) * g };
-                        let d = if c.nesterov { g + mu * *b } else { *b };
-                        *w -= lr * d;
-                    }
-                }
+                return;
             }
-        }
+            // `fresh` and `nesterov` are the same for the whole piece: the loop is
+            // written once per case so that each vectorises without a branch.
+            match (fresh, nesterov) {
+                (true, false) => update_loop(value, grad, buf, |w, g, b| {
+                    let g = g + wd * *w;
+                    *b = g;
+                    *w -= lr * *b;
+                }),
+                (true, true) => update_loop(value, grad, buf, |w, g, b| {
+                    let g = g + wd * *w;
+                    *b = g;
+                    *w -= lr * (g + mu * *b);
+                }),
+                (false, false) => update_loop(value, grad, buf, |w, g, b| {
+                    let g = g + wd * *w;
+                    *b = mu * *b + (1.0 - damp) * g;
+                    *w -= lr * *b;
+                }),
+                (false, true) => update_loop(value, grad, buf, |w, g, b| {
+                    let g = g + wd * *w;
+                    *b = mu * *b + (1.0 - damp) * g;
+                    *w -= lr * (g + mu * *b);
+                }),
+            }
+        });
         self.step += 1;
         Ok(())
     }

@@ -144,3 +144,51 @@ fn wrong_state_is_an_error() {
     let state = sheaf_core::OptimState { step: 1, buffers: vec![("w.exp_avg".into(), vec![0.0; 4])] };
     assert!(sgd.load_state(&state).is_err());
 }
+
+/// A step large enough to be shared among threads (parameters of several pieces, with
+/// tails, beside small ones) gives the same bits on three threads as on one, for
+/// every rule and every state a step can find (fresh, then carried).
+#[test]
+fn a_step_shared_among_threads_equals_one_on_a_single_thread() {
+    let sizes = [3 * crate::PIECE + 17, 5, crate::MIN_PARALLEL, 1];
+    let problem = Problem::generate(7, &sizes, 3);
+    for (name, config) in [
+        ("sgd", r#"{"lr":0.1}"#),
+        ("sgd", r#"{"lr":0.1,"momentum":0.9,"dampening":0.1,"weight_decay":0.01}"#),
+        ("sgd", r#"{"lr":0.1,"momentum":0.9,"nesterov":true}"#),
+        ("adamw", r#"{"weight_decay":0.1}"#),
+    ] {
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut opt = new_optimizer(name, config).unwrap();
+                let mut values = problem.values.clone();
+                laws::run_steps(opt.as_mut(), &problem, &mut values, 0..problem.grads.len()).unwrap();
+                (values, opt.state().unwrap())
+            })
+        };
+        let (one, one_state) = on(1);
+        let (three, three_state) = on(3);
+        assert_eq!(one, three, "{name} {config}: parameters differ");
+        assert_eq!(one_state, three_state, "{name} {config}: state differs");
+        assert_ne!(one, problem.values, "{name} {config}: nothing was stepped");
+    }
+}
+
+/// A parameter named twice in one step is refused before anything changes.
+#[test]
+fn a_name_given_twice_is_refused_and_changes_nothing() {
+    for (name, config) in [("sgd", r#"{"momentum":0.9}"#), ("adamw", "{}")] {
+        let mut opt = new_optimizer(name, config).unwrap();
+        let (mut a, mut b) = (vec![1.0f32; 4], vec![2.0f32; 4]);
+        let g = vec![0.5f32; 4];
+        let mut params = [
+            sheaf_core::Param { name: "w", value: &mut a, grad: &g },
+            sheaf_core::Param { name: "w", value: &mut b, grad: &g },
+        ];
+        let err = opt.step(&mut params).unwrap_err().to_string();
+        assert!(err.contains("`w` given twice"), "{name}: {err}");
+        assert_eq!((a, b), (vec![1.0; 4], vec![2.0; 4]), "{name}: a refused step changed parameters");
+        assert!(opt.state().unwrap().buffers.is_empty(), "{name}: a refused step made state");
+    }
+}
