@@ -60,7 +60,12 @@ impl Optimizer for AdamW {
         let bc2 = 1.0 - b2.powi(t as i32);
         let pieces: Vec<Piece<'_>> = with_state(params, &mut self.moments, |n| (vec![0.0; n], vec![0.0; n]))?
             .into_iter()
-            .map(|(value, grad, (m, v), _)| Piece { value, grad, state: [m, v], fresh: false })
+            .map(|p| Piece {
+                value: p.value,
+                grad: p.grad,
+                state: [&mut p.state.0, &mut p.state.1],
+                fresh: false,
+            })
             .collect();
         update_pieces(pieces, |Piece { value, grad, state: [m, v], .. }| {
             for (((w, &g), m), v) in value.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {

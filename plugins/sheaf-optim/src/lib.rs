@@ -125,13 +125,21 @@ pub(crate) fn update_pieces<'a>(params: Vec<Piece<'a>>, update: impl Fn(Piece<'_
     pieces.into_par_iter().for_each(update);
 }
 
+/// A parameter beside its optimizer state, and whether the state is new this step.
+pub(crate) struct WithState<'p, 's, S> {
+    pub value: &'p mut [f32],
+    pub grad: &'p [f32],
+    pub state: &'s mut S,
+    pub fresh: bool,
+}
+
 /// Each parameter's state in `state` (made by `new` where missing), paired with the
 /// parameter, and whether it was made now. Names are unique ([`validate`] checks).
 pub(crate) fn with_state<'p, 's, S>(
     params: &'p mut [Param<'_>],
     state: &'s mut std::collections::BTreeMap<String, S>,
     new: impl Fn(usize) -> S,
-) -> Result<Vec<(&'p mut [f32], &'p [f32], &'s mut S, bool)>> {
+) -> Result<Vec<WithState<'p, 's, S>>> {
     let mut fresh = std::collections::BTreeSet::new();
     for p in params.iter() {
         if !state.contains_key(p.name) {
@@ -147,7 +155,7 @@ pub(crate) fn with_state<'p, 's, S>(
             let slot = slots
                 .remove(p.name)
                 .ok_or_else(|| Error::BadState(format!("parameter `{}` given twice in one step", p.name)))?;
-            Ok((&mut *p.value, p.grad, slot, fresh.contains(p.name)))
+            Ok(WithState { value: &mut *p.value, grad: p.grad, state: slot, fresh: fresh.contains(p.name) })
         })
         .collect()
 }

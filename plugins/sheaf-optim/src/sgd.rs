@@ -63,7 +63,7 @@ impl Optimizer for Sgd {
         let pieces: Vec<Piece<'_>> = if mu != 0.0 {
             with_state(params, &mut self.momentum, |n| vec![0.0; n])?
                 .into_iter()
-                .map(|(value, grad, buf, fresh)| Piece { value, grad, state: [buf, &mut []], fresh })
+                .map(|p| Piece { value: p.value, grad: p.grad, state: [p.state, &mut []], fresh: p.fresh })
                 .collect()
         } else {
             params
