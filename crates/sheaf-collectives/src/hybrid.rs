@@ -3,8 +3,15 @@
 //! of this host goes over the first, every other over the second. Every collective
 //! runs over it unchanged; [`crate::Group::with_hosts`] adds the hierarchical
 //! allreduce that sends across hosts only between one leader per host.
+//!
+//! An abort that reaches a host over the world link only (another host's rank blamed
+//! someone) is relayed to the host's link by a watcher thread of the host's first
+//! rank, so a call blocked on a host-mate wakes at once rather than at its deadline.
 
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag};
 
@@ -16,7 +23,12 @@ pub struct HybridLink {
     local_of: Vec<Option<usize>>,
     /// Rank in `local` -> world rank.
     global_of: Vec<usize>,
+    /// The host's first rank's relay; dropping the sender stops it.
+    watcher: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
 }
+
+/// How often the watcher looks at the world link's failure reports.
+const WATCH: Duration = Duration::from_millis(20);
 
 impl HybridLink {
     /// `world` spans every rank; `local` spans `hosts_ranks` (this host's world ranks,
@@ -47,7 +59,23 @@ impl HybridLink {
                 return Err(bad(format!("world rank {g} twice in {host_ranks:?}")));
             }
         }
-        Ok(HybridLink { world, local, local_of, global_of: host_ranks.to_vec() })
+        let (stop, stopped) = mpsc::channel();
+        // The host's first rank relays for the host: its abort wakes every rank there.
+        let watcher = (local.rank() == 0).then(|| {
+            let (world, local, local_of) = (world.clone(), local.clone(), local_of.clone());
+            std::thread::Builder::new()
+                .name("hybrid-abort-relay".into())
+                .spawn(move || watch(&*world, &*local, &local_of, &stopped))
+                .map(|handle| (stop, handle))
+                .map_err(|e| bad(format!("starting the abort relay: {e}")))
+        });
+        Ok(HybridLink {
+            world,
+            local,
+            local_of,
+            global_of: host_ranks.to_vec(),
+            watcher: watcher.transpose()?,
+        })
     }
 
     /// An error of the local link, its ranks renamed as world ranks.
@@ -56,9 +84,45 @@ impl HybridLink {
         match e {
             CommError::Timeout { op, peer, waited } => CommError::Timeout { op, peer: g(peer), waited },
             CommError::PeerFailed { op, peer, reason } => CommError::PeerFailed { op, peer: g(peer), reason },
-            CommError::Aborted { op, peer, reason } => CommError::Aborted { op, peer: g(peer), reason },
+            // A relayed abort names the rank another host blamed.
+            CommError::Aborted { op, peer, reason } => match remote_report(&*self.world, &self.local_of) {
+                Some((_, blamed)) => CommError::Aborted { op, peer: blamed, reason },
+                None => CommError::Aborted { op, peer: g(peer), reason },
+            },
             CommError::Protocol { op, peer, detail } => CommError::Protocol { op, peer: g(peer), detail },
             other => other,
+        }
+    }
+}
+
+/// The first abort the world link heard from a rank of another host (whose abort did
+/// not go over this host's link): `(reporter, blamed)`.
+fn remote_report(world: &dyn Link, local_of: &[Option<usize>]) -> Option<(usize, usize)> {
+    world.failure_reports().into_iter().find(|&(r, _)| local_of.get(r).copied().flatten().is_none())
+}
+
+/// Until `stop` is dropped: waits for an abort a rank of another host reported over
+/// the world link, then aborts the host's link once (blaming the same rank where it
+/// is on this host, this rank otherwise, as [`HybridLink::abort`] does).
+fn watch(world: &dyn Link, local: &dyn Link, local_of: &[Option<usize>], stop: &mpsc::Receiver<()>) {
+    loop {
+        match stop.recv_timeout(WATCH) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if let Some((reporter, blamed)) = remote_report(world, local_of) {
+            let reason = format!("rank {reporter} reported rank {blamed} over the link between hosts");
+            local.abort(local_of.get(blamed).copied().flatten().unwrap_or(local.rank()), &reason);
+            return;
+        }
+    }
+}
+
+impl Drop for HybridLink {
+    fn drop(&mut self) {
+        if let Some((stop, watcher)) = self.watcher.take() {
+            drop(stop);
+            let _ = watcher.join();
         }
     }
 }

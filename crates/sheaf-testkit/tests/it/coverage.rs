@@ -208,3 +208,38 @@ fn hybrid_links_carry_aborts_reports_and_closes_over_both_links() {
         }
     }
 }
+
+/// An abort from another host reaches a rank blocked on a host-mate at once, not at
+/// its deadline: the host's first rank relays the world link's abort to the host's
+/// link, and the call it wakes names the rank the other host blamed.
+#[test]
+fn an_abort_from_another_host_wakes_a_rank_waiting_on_a_host_mate() {
+    let tag = sheaf_core::Tag::new(1, sheaf_core::TagClass::User, 7);
+    let (links, _world, _hosts) = two_hosts();
+    let links = Arc::new(links);
+    let waiting = {
+        let links = links.clone();
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            // Rank 1 waits on rank 0, its host-mate, which never sends.
+            let got = links[1].recv(0, tag, Deadline::after(Duration::from_secs(20)));
+            (got, start.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    // Rank 2, on the other host, gives up on rank 3.
+    links[2].abort(3, "boom");
+    let (got, waited) = waiting.join().unwrap();
+    match got {
+        Err(CommError::Aborted { peer: 3, reason, .. }) => {
+            assert!(reason.contains("rank 2 reported rank 3"), "{reason}")
+        }
+        other => panic!("rank 1, blocked on host 0's link: {other:?}"),
+    }
+    assert!(waited < Duration::from_secs(10), "woken only after {waited:?}");
+    // The relay added one report, in world ranks: rank 0's abort of its host's link,
+    // blaming itself as the culprit is not on that link.
+    assert_eq!(links[1].failure_reports(), vec![(2, 3), (0, 0)]);
+    // Nothing is relayed to the host of the rank that aborted: it was told directly.
+    assert_eq!(links[3].failure_reports(), vec![(2, 3)]);
+}
