@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use sheaf_core::{Error, OptimState, Optimizer, Param, Result};
 
-use crate::{check_finite, update_pieces, validate, with_state, Piece};
+use crate::{check_finite, compute_threads, update_pieces, validate, with_state, Piece};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -30,6 +30,8 @@ pub struct AdamW {
     step: u64,
     /// Per parameter: (exp_avg, exp_avg_sq).
     moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+    /// Threads a large step is shared among.
+    threads: usize,
 }
 
 const M: &str = ".exp_avg";
@@ -45,7 +47,14 @@ impl AdamW {
                 return Err(Error::config(key, format!("must be in [0, 1), got {b}")));
             }
         }
-        Ok(AdamW { config, step: 0, moments: BTreeMap::new() })
+        Ok(AdamW { config, step: 0, moments: BTreeMap::new(), threads: compute_threads() })
+    }
+
+    /// Shares large steps among `threads` threads (by default the worker's compute
+    /// threads, `RAYON_NUM_THREADS`); the result is the same for any number.
+    pub fn with_threads(mut self, threads: usize) -> AdamW {
+        self.threads = threads.max(1);
+        self
     }
 }
 
@@ -67,7 +76,7 @@ impl Optimizer for AdamW {
                 fresh: false,
             })
             .collect();
-        update_pieces(pieces, |Piece { value, grad, state: [m, v], .. }| {
+        update_pieces(pieces, self.threads, |Piece { value, grad, state: [m, v], .. }| {
             for (((w, &g), m), v) in value.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
                 *w *= decay;
                 *m = b1 * *m + (1.0 - b1) * g;

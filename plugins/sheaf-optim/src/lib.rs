@@ -91,21 +91,34 @@ pub(crate) struct Piece<'a> {
     pub fresh: bool,
 }
 
-/// Elements in a piece of work for one thread.
+/// Elements in a piece of work.
 const PIECE: usize = 16 * 1024;
-/// Updates smaller than this run on the caller's thread alone.
-const MIN_PARALLEL: usize = 64 * 1024;
+/// Updates smaller than this run on the caller's thread alone: below it, starting a
+/// thread costs about what it saves.
+const MIN_PARALLEL: usize = 256 * 1024;
 
-/// Runs `update` over every piece of `params`, on this process's compute threads
-/// (`RAYON_NUM_THREADS`, the worker's share of the cores) when the step is large
-/// enough to gain. The update is elementwise, so the result does not depend on how
-/// the pieces were shared out.
-pub(crate) fn update_pieces<'a>(params: Vec<Piece<'a>>, update: impl Fn(Piece<'_>) + Sync + Send) {
+/// This process's compute threads: the worker's share of the cores, as the launcher
+/// sets it (`RAYON_NUM_THREADS`), else every core.
+pub(crate) fn compute_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs `update` over every piece of `params`, shared among `threads` threads (the
+/// caller and `threads - 1` started for this step, so none lingers between steps)
+/// when the step is large enough to gain. The update is elementwise, so the result
+/// does not depend on how the pieces were shared out.
+pub(crate) fn update_pieces(params: Vec<Piece<'_>>, threads: usize, update: impl Fn(Piece<'_>) + Sync) {
     let total: usize = params.iter().map(|p| p.value.len()).sum();
-    if total < MIN_PARALLEL || rayon::current_num_threads() < 2 {
+    if total < MIN_PARALLEL || threads < 2 {
         params.into_iter().for_each(update);
         return;
     }
+    // Pieces of at most PIECE elements, then consecutive runs of them of about
+    // `total / threads` elements, one run per thread.
     let mut pieces = Vec::with_capacity(total / PIECE + params.len());
     for mut p in params {
         while p.value.len() > PIECE {
@@ -121,8 +134,23 @@ pub(crate) fn update_pieces<'a>(params: Vec<Piece<'a>>, update: impl Fn(Piece<'_
         }
         pieces.push(p);
     }
-    use rayon::prelude::*;
-    pieces.into_par_iter().for_each(update);
+    let share = total.div_ceil(threads);
+    let mut groups: Vec<Vec<Piece<'_>>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut before = 0;
+    for p in pieces {
+        let len = p.value.len();
+        groups[(before / share).min(threads - 1)].push(p);
+        before += len;
+    }
+    let update = &update;
+    let mut groups = groups.into_iter();
+    let mine = groups.next().unwrap_or_default();
+    std::thread::scope(|s| {
+        for theirs in groups.filter(|g| !g.is_empty()) {
+            s.spawn(move || theirs.into_iter().for_each(update));
+        }
+        mine.into_iter().for_each(update);
+    });
 }
 
 /// A parameter beside its optimizer state, and whether the state is new this step.

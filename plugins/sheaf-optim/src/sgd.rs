@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use sheaf_core::{Error, OptimState, Optimizer, Param, Result};
 
-use crate::{check_finite, update_pieces, validate, with_state, Piece};
+use crate::{check_finite, compute_threads, update_pieces, validate, with_state, Piece};
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -30,6 +30,8 @@ pub struct Sgd {
     config: SgdConfig,
     step: u64,
     momentum: BTreeMap<String, Vec<f32>>,
+    /// Threads a large step is shared among.
+    threads: usize,
 }
 
 const SLOT: &str = ".momentum_buffer";
@@ -43,7 +45,14 @@ impl Sgd {
         if config.nesterov && (config.momentum <= 0.0 || config.dampening != 0.0) {
             return Err(Error::config("nesterov", "needs momentum > 0 and dampening = 0"));
         }
-        Ok(Sgd { config, step: 0, momentum: BTreeMap::new() })
+        Ok(Sgd { config, step: 0, momentum: BTreeMap::new(), threads: compute_threads() })
+    }
+
+    /// Shares large steps among `threads` threads (by default the worker's compute
+    /// threads, `RAYON_NUM_THREADS`); the result is the same for any number.
+    pub fn with_threads(mut self, threads: usize) -> Sgd {
+        self.threads = threads.max(1);
+        self
     }
 }
 
@@ -77,7 +86,7 @@ impl Optimizer for Sgd {
                 .collect()
         };
         let nesterov = c.nesterov;
-        update_pieces(pieces, |Piece { value, grad, state: [buf, _], fresh }| {
+        update_pieces(pieces, self.threads, |Piece { value, grad, state: [buf, _], fresh }| {
             if mu == 0.0 {
                 for (w, &g) in value.iter_mut().zip(grad) {
                     let g = g + wd * *w;

@@ -146,32 +146,42 @@ fn wrong_state_is_an_error() {
 }
 
 /// A step large enough to be shared among threads (parameters of several pieces, with
-/// tails, beside small ones) gives the same bits on three threads as on one, for
-/// every rule and every state a step can find (fresh, then carried).
+/// tails, beside small ones) gives the same bits on two and three threads as on one,
+/// for every rule and every state a step can find (fresh, then carried).
 #[test]
 fn a_step_shared_among_threads_equals_one_on_a_single_thread() {
     let sizes = [3 * crate::PIECE + 17, 5, crate::MIN_PARALLEL, 1];
     let problem = Problem::generate(7, &sizes, 3);
-    for (name, config) in [
-        ("sgd", r#"{"lr":0.1}"#),
-        ("sgd", r#"{"lr":0.1,"momentum":0.9,"dampening":0.1,"weight_decay":0.01}"#),
-        ("sgd", r#"{"lr":0.1,"momentum":0.9,"nesterov":true}"#),
-        ("adamw", r#"{"weight_decay":0.1}"#),
-    ] {
+    let sgd =
+        |c: SgdConfig, threads| Box::new(Sgd::new(c).unwrap().with_threads(threads)) as Box<dyn Optimizer>;
+    let make = |rule: &str, threads: usize| match rule {
+        "sgd" => sgd(SgdConfig { lr: 0.1, ..SgdConfig::default() }, threads),
+        "sgd momentum" => sgd(
+            SgdConfig { lr: 0.1, momentum: 0.9, dampening: 0.1, weight_decay: 0.01, ..SgdConfig::default() },
+            threads,
+        ),
+        "sgd nesterov" => {
+            sgd(SgdConfig { lr: 0.1, momentum: 0.9, nesterov: true, ..SgdConfig::default() }, threads)
+        }
+        _ => {
+            let c = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+            Box::new(AdamW::new(c).unwrap().with_threads(threads)) as Box<dyn Optimizer>
+        }
+    };
+    for name in ["sgd", "sgd momentum", "sgd nesterov", "adamw"] {
         let on = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            pool.install(|| {
-                let mut opt = new_optimizer(name, config).unwrap();
-                let mut values = problem.values.clone();
-                laws::run_steps(opt.as_mut(), &problem, &mut values, 0..problem.grads.len()).unwrap();
-                (values, opt.state().unwrap())
-            })
+            let mut opt = make(name, threads);
+            let mut values = problem.values.clone();
+            laws::run_steps(opt.as_mut(), &problem, &mut values, 0..problem.grads.len()).unwrap();
+            (values, opt.state().unwrap())
         };
         let (one, one_state) = on(1);
-        let (three, three_state) = on(3);
-        assert_eq!(one, three, "{name} {config}: parameters differ");
-        assert_eq!(one_state, three_state, "{name} {config}: state differs");
-        assert_ne!(one, problem.values, "{name} {config}: nothing was stepped");
+        for threads in [2, 3] {
+            let (many, many_state) = on(threads);
+            assert_eq!(one, many, "{name} on {threads} threads: parameters differ");
+            assert_eq!(one_state, many_state, "{name} on {threads} threads: state differs");
+        }
+        assert_ne!(one, problem.values, "{name}: nothing was stepped");
     }
 }
 
