@@ -32,6 +32,9 @@ pub struct FusedMlp {
     scratch: Vec<f32>,
     /// The layer whose backward runs next (`layers()` when none is pending).
     next: usize,
+    /// Whether `delta` is still that of layer `next` (its propagation to the layer
+    /// below is owed to the next backward step).
+    owed: bool,
 }
 
 impl FusedMlp {
@@ -48,6 +51,7 @@ impl FusedMlp {
             delta: Vec::new(),
             scratch: Vec::new(),
             next: 0,
+            owed: false,
         }
     }
 
@@ -67,6 +71,7 @@ impl FusedMlp {
         self.labels.clear();
         self.labels.extend_from_slice(labels);
         self.next = 0;
+        self.owed = false;
         Ok(())
     }
 
@@ -170,7 +175,11 @@ impl Model for FusedMlp {
 }
 
 impl FusedMlp {
-    /// The backward pass of the next layer down (see [`Model::backward_next`]).
+    /// The backward pass of the next layer down (see [`Model::backward_next`]): its
+    /// weight and bias gradients, returned as soon as they are written so that a
+    /// strategy can send them while the gradient with respect to the layer's input
+    /// (the delta of the layer below, which needs a product as large) is computed at
+    /// the start of the next call.
     fn backward_layer(&mut self, pending: &mut [f32]) -> Result<usize> {
         if self.next == 0 {
             return Err(Error::BadState("backward_next without a backward pass begun".into()));
@@ -182,8 +191,13 @@ impl FusedMlp {
                 self.layout.range(2 * self.next - 1).end
             )));
         }
-        let l = self.next - 1;
         let n = self.rows();
+        if self.owed && n > 0 {
+            // The delta of layer `next` from that of the layer above it.
+            self.propagate(self.next);
+        }
+        self.owed = false;
+        let l = self.next - 1;
         let (inp, out) = (self.spec.layers[l], self.spec.layers[l + 1]);
         let (w, b) = (self.layout.range(2 * l), self.layout.range(2 * l + 1));
         if n == 0 {
@@ -194,24 +208,29 @@ impl FusedMlp {
             // dW = delta^T x, db = the column sums of delta.
             matmul(&mut pending[w.clone()], false, delta.t(), View::rows(x, n, inp), self.threads);
             column_sums(&self.delta, &mut pending[b], self.threads);
-            if l > 0 {
-                // The gradient with respect to the layer's input, through the
-                // nonlinearity that made it.
-                let mut below = std::mem::take(&mut self.scratch);
-                below.resize(n * inp, 0.0);
-                matmul(&mut below, false, delta, self.weight(l), self.threads);
-                let h = &self.outputs[l - 1];
-                match self.spec.activation {
-                    // A select, not a branch: it vectorises.
-                    Activation::Relu => {
-                        below.iter_mut().zip(h).for_each(|(d, &h)| *d = if h > 0.0 { *d } else { 0.0 })
-                    }
-                    Activation::Tanh => below.iter_mut().zip(h).for_each(|(d, &h)| *d *= 1.0 - h * h),
-                }
-                self.scratch = std::mem::replace(&mut self.delta, below);
-            }
+            self.owed = l > 0;
         }
         self.next = l;
         Ok(w.start)
+    }
+
+    /// Replaces `delta`, the gradient with respect to the output of layer `above`, by
+    /// the gradient with respect to that layer's input, through the nonlinearity of
+    /// the layer below that made it.
+    fn propagate(&mut self, above: usize) {
+        let n = self.rows();
+        let (inp, out) = (self.spec.layers[above], self.spec.layers[above + 1]);
+        let mut below = std::mem::take(&mut self.scratch);
+        below.resize(n * inp, 0.0);
+        matmul(&mut below, false, View::rows(&self.delta, n, out), self.weight(above), self.threads);
+        let h = &self.outputs[above - 1];
+        match self.spec.activation {
+            // A select, not a branch: it vectorises.
+            Activation::Relu => {
+                below.iter_mut().zip(h).for_each(|(d, &h)| *d = if h > 0.0 { *d } else { 0.0 })
+            }
+            Activation::Tanh => below.iter_mut().zip(h).for_each(|(d, &h)| *d *= 1.0 - h * h),
+        }
+        self.scratch = std::mem::replace(&mut self.delta, below);
     }
 }
