@@ -18,6 +18,8 @@ struct State {
     abort: Option<(usize, String)>,
     /// Every abort: (reporter, blamed).
     reports: Vec<(usize, usize)>,
+    /// (source, destination) -> the length of every message sent, in send order.
+    sent: HashMap<(usize, usize), Vec<usize>>,
 }
 
 struct Shared {
@@ -61,6 +63,12 @@ impl InProcWorld {
     pub fn pending(&self) -> usize {
         self.shared.lock().queues.values().map(VecDeque::len).sum()
     }
+
+    /// The lengths of the messages rank `from` has sent to rank `to`, in order: how a
+    /// collective cut its buffer on the wire.
+    pub fn sent(&self, from: usize, to: usize) -> Vec<usize> {
+        self.shared.lock().sent.get(&(from, to)).cloned().unwrap_or_default()
+    }
 }
 
 /// One rank's end of an [`InProcWorld`].
@@ -102,6 +110,7 @@ impl Link for InProcLink {
             return Err(CommError::PeerFailed { op: Op::Send, peer, reason: reason.clone() });
         }
         st.queues.entry((peer, self.rank, tag)).or_default().push_back(data.to_vec());
+        st.sent.entry((self.rank, peer)).or_default().push(data.len());
         drop(st);
         self.shared.wake[peer].notify_all();
         Ok(())

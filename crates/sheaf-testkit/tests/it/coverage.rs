@@ -86,6 +86,68 @@ fn collectives_leave_no_message_behind() {
     }
 }
 
+/// Broadcasts and reduces of 64 KiB and more over 3 ranks go down (or up) the chain
+/// in pieces of an eighth of the buffer, at least 16 KiB and at most 1 MiB (a reduce's
+/// in whole elements): the pipelining that makes the chain take about one buffer's transfer.
+/// Each hop carries the whole buffer once, and only the chain's hops carry anything.
+#[test]
+fn chain_collectives_cut_the_buffer_in_eighths_within_16_kib_and_1_mib() {
+    // (bytes, the broadcast's pieces, the reduce's: it keeps whole f64s together).
+    for (len, bytes, values) in [
+        (64 << 10, 16 << 10, 16 << 10),
+        (1 << 20, 128 << 10, 128 << 10),
+        (16 << 20, 1 << 20, 1 << 20),
+        ((1 << 20) + 24, 131_075, 131_072),
+    ] {
+        for reduce in [false, true] {
+            let piece = if reduce { values } else { bytes };
+            let world = InProcWorld::new(3);
+            let links: Vec<Arc<dyn Link>> =
+                world.links().into_iter().map(|l| Arc::new(l) as Arc<dyn Link>).collect();
+            let results = run_links(links, |g| {
+                let mut buf = vec![1u8; len];
+                if reduce {
+                    g.reduce(&mut buf, DType::F64, ReduceOp::Sum, 0, deadline())
+                } else {
+                    g.broadcast(&mut buf, 0, deadline())
+                }
+            });
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            let what = if reduce { "reduce" } else { "broadcast" };
+            // What went from rank to rank besides the call's signature, the 24 bytes each
+            // rank sends its right neighbour first.
+            let data = |from: usize, to: usize| {
+                let mut sent = world.sent(from, to);
+                if to == (from + 1) % 3 {
+                    assert_eq!(sent.first(), Some(&24), "{from} -> {to}: no signature first");
+                    sent.remove(0);
+                }
+                sent
+            };
+            // Broadcast: 0 -> 1 -> 2; reduce: 2 -> 1 -> 0.
+            let hops = if reduce { [(2, 1), (1, 0)] } else { [(0, 1), (1, 2)] };
+            for (from, to) in hops {
+                let sent = data(from, to);
+                assert_eq!(
+                    sent.iter().sum::<usize>(),
+                    len,
+                    "{what} of {len} bytes, {from} -> {to}: {sent:?}"
+                );
+                assert!(
+                    sent[..sent.len() - 1].iter().all(|&s| s == piece),
+                    "{what} of {len} bytes: {sent:?}"
+                );
+                assert!(*sent.last().unwrap() <= piece, "{what}: {sent:?}");
+            }
+            for (from, to) in
+                [(0, 2), (2, 0)].into_iter().chain(if reduce { [(0, 1), (1, 2)] } else { [(2, 1), (1, 0)] })
+            {
+                assert!(data(from, to).is_empty(), "{what}: {from} -> {to} is not a hop");
+            }
+        }
+    }
+}
+
 /// Hosts, in process: a world link and a link per host combined into each rank's
 /// `HybridLink`, the world group told the hosts. Every collective law holds (the
 /// hierarchical allreduce included: reduce in each host, allreduce among the hosts'
