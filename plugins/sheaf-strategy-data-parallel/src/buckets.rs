@@ -108,50 +108,85 @@ impl Exchange<'_> {
             }
         };
         let (comm, wire) = (self.comm, self.wire);
+        // One finished bucket's allreduce (and the loss's, travelling alone).
+        let exchange = move |bucket: &mut [f32], loss: Option<&mut [f32]>| -> Result<()> {
+            reduce(comm, bucket, wire, deadline())?;
+            if let Some(loss) = loss {
+                comm.allreduce(bytemuck::cast_slice_mut(loss), DType::F32, ReduceOp::Sum, deadline())?;
+            }
+            Ok(())
+        };
+        if comm.world_size() == 1 {
+            // Alone in the world there is nothing to overlap the exchange with: each
+            // bucket's (a copy, or bf16's rounding) runs here as it finishes, and no
+            // thread is started (about 0.1 ms a step on a shared 2-core machine).
+            let mut failed = None;
+            let produced =
+                self.produce(model, grads, body, total, share, &mut loss_alone, backward, |b, l| {
+                    exchange(b, l).map_err(|e| failed = Some(e)).is_ok()
+                });
+            return failed.map_or(produced, Err);
+        }
         std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<(&mut [f32], Option<&mut [f32]>)>();
             let reducer = s.spawn(move || -> Result<()> {
                 for (bucket, loss) in rx {
-                    reduce(comm, bucket, wire, deadline())?;
-                    if let Some(loss) = loss {
-                        comm.allreduce(
-                            bytemuck::cast_slice_mut(loss),
-                            DType::F32,
-                            ReduceOp::Sum,
-                            deadline(),
-                        )?;
-                    }
+                    exchange(bucket, loss)?;
                 }
                 Ok(())
             });
-            let produced = match grads {
-                None => self.drive(model, backward, body, total, |i, slice, loss| {
-                    let n = self.buckets[i].len();
-                    slice[..n].iter_mut().for_each(|g| *g *= share);
-                    send_bucket(&tx, &mut loss_alone, i, slice, loss * share)
-                }),
-                Some(grads) => {
-                    // `reduced`'s bucket slices, in the order they complete.
-                    let mut slices: Vec<&mut [f32]> = Vec::with_capacity(self.buckets.len());
-                    let mut rest = body;
-                    for b in self.buckets {
-                        let (lo, hi) = std::mem::take(&mut rest).split_at_mut(b.start);
-                        slices.push(hi);
-                        rest = lo;
-                    }
-                    let mut slices = slices.into_iter();
-                    self.drive(model, backward, grads, total, |i, finished, loss| {
-                        let slice = slices.next().expect("a slice per bucket");
-                        slice.iter_mut().zip(finished.iter()).for_each(|(r, g)| *r += g * share);
-                        send_bucket(&tx, &mut loss_alone, i, slice, loss * share)
-                    })
-                }
-            };
+            let produced =
+                self.produce(model, grads, body, total, share, &mut loss_alone, backward, |b, l| {
+                    // A closed channel: the reducer failed, and its error is reported.
+                    tx.send((b, l)).is_ok()
+                });
             drop(tx);
             let reduced =
                 reducer.join().map_err(|_| Error::BadState("the gradient reducer panicked".into()))?;
-            reduced.and(produced.map(|_| ()))
+            reduced.and(produced)
         })
+    }
+
+    /// Runs the backward pass for [`Exchange::run`] and hands each finished bucket of
+    /// the step's sums (`body`, with the loss in its first bucket's slot or in
+    /// `loss_alone`) to `deliver`, scaled by `share`, or with `grads`, `share` times the
+    /// pass's gradients added into it. `deliver` returning false stops handing out.
+    #[allow(clippy::too_many_arguments)]
+    fn produce<'b>(
+        &self,
+        model: &mut dyn Model,
+        grads: Option<&'b mut [f32]>,
+        body: &'b mut [f32],
+        total: usize,
+        share: f32,
+        loss_alone: &mut Option<&'b mut [f32]>,
+        backward: Backward<'_>,
+        mut deliver: impl FnMut(&'b mut [f32], Option<&'b mut [f32]>) -> bool,
+    ) -> Result<()> {
+        match grads {
+            None => self.drive(model, backward, body, total, |i, slice, loss| {
+                let n = self.buckets[i].len();
+                slice[..n].iter_mut().for_each(|g| *g *= share);
+                send_bucket(&mut deliver, loss_alone, i, slice, loss * share)
+            }),
+            Some(grads) => {
+                // `reduced`'s bucket slices, in the order they complete.
+                let mut slices: Vec<&mut [f32]> = Vec::with_capacity(self.buckets.len());
+                let mut rest = body;
+                for b in self.buckets {
+                    let (lo, hi) = std::mem::take(&mut rest).split_at_mut(b.start);
+                    slices.push(hi);
+                    rest = lo;
+                }
+                let mut slices = slices.into_iter();
+                self.drive(model, backward, grads, total, |i, finished, loss| {
+                    let slice = slices.next().expect("a slice per bucket");
+                    slice.iter_mut().zip(finished.iter()).for_each(|(r, g)| *r += g * share);
+                    send_bucket(&mut deliver, loss_alone, i, slice, loss * share)
+                })
+            }
+        }
+        .map(|_| ())
     }
 
     /// ZeRO stage 2: runs the backward pass like [`Exchange::run`], but each finished
@@ -237,12 +272,12 @@ impl Exchange<'_> {
     }
 }
 
-/// Sends a finished bucket of the step's sums to the reducer, the micro-batch's share
-/// of the loss added to the first bucket: into the slot at its end on an f32 wire, or
-/// into the slot that travels alone after it (`loss_alone`, taken). False when the
-/// reducer has stopped (its error is the one to report, after the join).
+/// Hands a finished bucket of the step's sums to `deliver`, the micro-batch's share of
+/// the loss added to the first bucket: into the slot at its end on an f32 wire, or into
+/// the slot that travels alone after it (`loss_alone`, taken). False when `deliver`
+/// refuses (the reducer stopped: its error is the one to report).
 fn send_bucket<'b>(
-    tx: &mpsc::Sender<(&'b mut [f32], Option<&'b mut [f32]>)>,
+    deliver: &mut impl FnMut(&'b mut [f32], Option<&'b mut [f32]>) -> bool,
     loss_alone: &mut Option<&'b mut [f32]>,
     i: usize,
     slice: &'b mut [f32],
@@ -262,7 +297,7 @@ fn send_bucket<'b>(
             }
         }
     }
-    tx.send((slice, alone)).is_ok()
+    deliver(slice, alone)
 }
 
 /// One step of `model`'s stepped backward pass over `pending`, the front of the
