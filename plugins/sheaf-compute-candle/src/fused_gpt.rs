@@ -26,8 +26,8 @@ use sheaf_core::{Batch, Error, Model, ParamLayout, Result};
 
 use crate::gpt::{init_params, GptSpec};
 use crate::kernels::{
-    column_sums, cross_entropy, dot, erf, exp, fill_rows, matmul, matmul_to, max, on_compute_threads,
-    rows_per_thread, sum, sum_sq_dev, threads, View,
+    column_sums, cross_entropy, dot, elementwise, erf, exp, fill_rows, matmul, matmul_to, max,
+    on_compute_threads, rows_per_thread, sum, sum_sq_dev, threads, View,
 };
 use crate::{check_values, whole_backward};
 
@@ -517,16 +517,6 @@ fn linear_backward(
         column_sums(d_out, &mut grads[b.clone()], threads);
     }
     matmul(d_x, false, dy, View::rows(&p[a.w.clone()], outp, inp), threads);
-}
-
-/// `f` over equal pieces of `dst` and `src`, one piece per thread.
-fn elementwise(dst: &mut [f32], src: &[f32], threads: usize, f: impl Fn(&mut [f32], &[f32]) + Sync) {
-    if threads > 1 {
-        let chunk = dst.len().div_ceil(threads).max(1);
-        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| f(d, s));
-    } else {
-        f(dst, src);
-    }
 }
 
 /// `dst += src`, over the threads.

@@ -12,7 +12,10 @@
 
 use sheaf_core::{Batch, Error, Model, ParamLayout, Result};
 
-use crate::kernels::{column_sums, cross_entropy, fill_rows, matmul, on_compute_threads, threads, View};
+use crate::kernels::{
+    column_sums, cross_entropy, elementwise, elementwise_in_place, fill_rows, matmul, on_compute_threads,
+    threads, View,
+};
 use crate::mlp::{init_params, Activation, MlpSpec, Rows};
 use crate::{check_values, whole_backward};
 
@@ -91,8 +94,12 @@ impl FusedMlp {
             matmul(&mut dst, true, View::rows(x, n, inp), self.weight(l).t(), self.threads);
             if l + 1 < self.layers() {
                 match self.spec.activation {
-                    Activation::Relu => dst.iter_mut().for_each(|v| *v = v.max(0.0)),
-                    Activation::Tanh => dst.iter_mut().for_each(|v| *v = v.tanh()),
+                    Activation::Relu => elementwise_in_place(&mut dst, self.threads, |d| {
+                        d.iter_mut().for_each(|v| *v = v.max(0.0))
+                    }),
+                    Activation::Tanh => elementwise_in_place(&mut dst, self.threads, |d| {
+                        d.iter_mut().for_each(|v| *v = v.tanh())
+                    }),
                 }
             }
             self.outputs[l] = dst;
@@ -226,10 +233,12 @@ impl FusedMlp {
         let h = &self.outputs[above - 1];
         match self.spec.activation {
             // A select, not a branch: it vectorises.
-            Activation::Relu => {
-                below.iter_mut().zip(h).for_each(|(d, &h)| *d = if h > 0.0 { *d } else { 0.0 })
-            }
-            Activation::Tanh => below.iter_mut().zip(h).for_each(|(d, &h)| *d *= 1.0 - h * h),
+            Activation::Relu => elementwise(&mut below, h, self.threads, |d, h| {
+                d.iter_mut().zip(h).for_each(|(d, &h)| *d = if h > 0.0 { *d } else { 0.0 })
+            }),
+            Activation::Tanh => elementwise(&mut below, h, self.threads, |d, h| {
+                d.iter_mut().zip(h).for_each(|(d, &h)| *d *= 1.0 - h * h)
+            }),
         }
         self.scratch = std::mem::replace(&mut self.delta, below);
     }

@@ -180,6 +180,33 @@ impl SendPtr {
     }
 }
 
+/// `f` over equal pieces of `dst` and `src` (as long as `dst`), one piece per thread.
+pub(crate) fn elementwise(
+    dst: &mut [f32],
+    src: &[f32],
+    threads: usize,
+    f: impl Fn(&mut [f32], &[f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    if threads > 1 {
+        let chunk = dst.len().div_ceil(threads).max(1);
+        dst.par_chunks_mut(chunk).zip(src.par_chunks(chunk)).for_each(|(d, s)| f(d, s));
+    } else {
+        f(dst, src);
+    }
+}
+
+/// `f` over equal pieces of `dst`, one piece per thread.
+pub(crate) fn elementwise_in_place(dst: &mut [f32], threads: usize, f: impl Fn(&mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    if threads > 1 {
+        let chunk = dst.len().div_ceil(threads).max(1);
+        dst.par_chunks_mut(chunk).for_each(&f);
+    } else {
+        f(dst);
+    }
+}
+
 /// Every row of `dst` (rows of `bias.len()`) set to `bias`.
 pub(crate) fn fill_rows(dst: &mut [f32], bias: &[f32]) {
     for row in dst.chunks_exact_mut(bias.len()) {
