@@ -490,7 +490,7 @@ fn linear(
 ) {
     out.resize(rows * outp, 0.0);
     if let Some(b) = &a.b {
-        fill_rows(out, &p[b.clone()]);
+        fill_rows(out, &p[b.clone()], threads);
     }
     let w = View::rows(&p[a.w.clone()], outp, inp);
     matmul(out, a.b.is_some(), View::rows(x, rows, inp), w.t(), threads);

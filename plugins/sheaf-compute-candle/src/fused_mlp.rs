@@ -89,7 +89,7 @@ impl FusedMlp {
             let (inp, out) = (self.spec.layers[l], self.spec.layers[l + 1]);
             let mut dst = std::mem::take(&mut self.outputs[l]);
             dst.resize(n * out, 0.0);
-            fill_rows(&mut dst, &self.params[self.layout.range(2 * l + 1)]);
+            fill_rows(&mut dst, &self.params[self.layout.range(2 * l + 1)], self.threads);
             let x = if l == 0 { &self.input } else { &self.outputs[l - 1] };
             matmul(&mut dst, true, View::rows(x, n, inp), self.weight(l).t(), self.threads);
             if l + 1 < self.layers() {
