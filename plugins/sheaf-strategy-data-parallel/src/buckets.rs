@@ -165,8 +165,11 @@ impl Exchange<'_> {
     ) -> Result<()> {
         match grads {
             None => self.drive(model, backward, body, total, |i, slice, loss| {
-                let n = self.buckets[i].len();
-                slice[..n].iter_mut().for_each(|g| *g *= share);
+                // A step's only micro-batch on one rank has a share of 1: x * 1 is x.
+                if share != 1.0 {
+                    let n = self.buckets[i].len();
+                    slice[..n].iter_mut().for_each(|g| *g *= share);
+                }
                 send_bucket(&mut deliver, loss_alone, i, slice, loss * share)
             }),
             Some(grads) => {
