@@ -82,7 +82,8 @@ pub struct Exchange<'a> {
 impl Exchange<'_> {
     /// Runs the backward pass of `model` on the batch it began (or the whole
     /// forward/backward for a model without a stepped pass) and allreduces each bucket
-    /// on a communication thread as soon as the pass has finished it. `reduced` holds
+    /// on a communication thread as soon as the pass has finished it (in a world of one,
+    /// on this thread, with nothing to overlap). `reduced` holds
     /// the step's gradients with the loss in its last slot: with `grads`, the pass
     /// writes there and `share` times each finished gradient (and the loss) is added
     /// into `reduced` (an earlier micro-batch's sums are in it); without, the pass
