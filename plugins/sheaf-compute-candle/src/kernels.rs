@@ -210,11 +210,14 @@ pub(crate) fn elementwise_in_place(dst: &mut [f32], threads: usize, f: impl Fn(&
 /// Every row of `dst` (rows of `bias.len()`) set to `bias`, over the threads.
 pub(crate) fn fill_rows(dst: &mut [f32], bias: &[f32], threads: usize) {
     use rayon::prelude::*;
+    if bias.is_empty() {
+        return;
+    }
     let fill = |rows: &mut [f32]| rows.chunks_exact_mut(bias.len()).for_each(|row| row.copy_from_slice(bias));
-    let rows = dst.len() / bias.len().max(1);
-    if threads > 1 && !bias.is_empty() && rows > 1 {
+    let rows = dst.len() / bias.len();
+    if threads > 1 && rows > 1 {
         dst.par_chunks_mut(rows_per_thread(rows, threads) * bias.len()).for_each(fill);
-    } else if !bias.is_empty() {
+    } else {
         fill(dst);
     }
 }
