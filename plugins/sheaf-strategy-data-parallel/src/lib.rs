@@ -31,9 +31,9 @@ use buckets::{Backward, Exchange};
 use serde::Deserialize;
 use sheaf_core::{
     clip_to, epochs_done, evaluate_indices, optimizer_steps, save_checkpoint_if_due, sum_of_squares,
-    test_totals, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, PlanInput,
-    PluginKind, Provided, ReduceOp, Result, Shards, StepMetrics, Strategy, StrategyPlan, TrainContext,
-    TrainSummary,
+    test_totals, with_prefetch, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model,
+    PlanInput, PluginKind, Prefetch, Provided, ReduceOp, Result, Shards, StepMetrics, Strategy, StrategyPlan,
+    TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -223,126 +223,153 @@ impl Strategy for DataParallel {
         let gradient_bytes = 4 * (grads.len() + reduced.len() + shard_grads.len()) as u64;
         // A resumed run goes on from its checkpoint's step (the host restored the
         // parameters and optimizer state; `optimizer_steps` starts after it).
-        let (mut step, mut micro) = (config.start_step, config.start_micro_step());
+        let mut step = config.start_step;
         let (mut last_loss, mut samples) = (f64::NAN, 0usize);
         // The last evaluation and its step: a run that ends on an evaluation step
         // reports it rather than evaluating the same parameters again.
         let mut last_eval: Option<(u64, (f64, f64))> = None;
-        for group in optimizer_steps(train.len(), &config) {
-            let t0 = Instant::now();
-            // Every micro-step's mean gradient weighted by its share of the samples of
-            // the whole optimizer step: the gradient of the mean loss over all of them.
-            let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
-            reduced.fill(0.0);
-            shard_grads.fill(0.0);
-            // This rank's share of the step's loss, under ZeRO stage 2.
-            let mut scattered_loss = 0f32;
-            for (k, (_, global)) in group.iter().enumerate() {
-                let mine: Vec<usize> = partitioner
-                    .shard(micro, global.len(), rank, world)?
-                    .into_iter()
-                    .map(|i| global[i])
-                    .collect();
-                micro += 1;
-                let local = train.gather(&mine)?;
-                let share = mine.len() as f32 / group_samples as f32;
-                let batch = local.batch();
-                let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
-                if let (Some(shards), true) = (&shards, stage >= 2) {
-                    // Every micro-batch's buckets are reduce-scattered as they finish.
-                    let loss =
-                        exchange.scatter(model, &mut grads, shards, &mut shard_grads, share, backward)?;
-                    scattered_loss += loss * share;
-                    continue;
-                }
-                let only = group.len() == 1;
-                if k + 1 < group.len() || shards.is_some() {
-                    // An earlier micro-batch of the step (or any under ZeRO stage 1,
-                    // which reduce-scatters after the pass): sum, nothing to send.
-                    let loss = if only {
-                        let loss = model.forward_backward(&batch, &mut reduced[..total])?;
-                        reduced[..total].iter_mut().for_each(|g| *g *= share);
-                        loss
-                    } else {
-                        let loss = model.forward_backward(&batch, &mut grads)?;
-                        for (r, g) in reduced.iter_mut().zip(&grads) {
-                            *r += g * share;
-                        }
-                        loss
-                    };
-                    reduced[total] += loss * share;
-                    continue;
-                }
-                // The last: its backward pass overlaps the buckets' allreduces.
-                let grads = (!only).then_some(&mut grads[..]);
-                exchange.run(model, grads, &mut reduced, share, backward)?;
+        // This rank's share of each micro-batch, asked of the loader thread a step
+        // ahead (`asked` counts the micro-batches asked for, as the partitioner numbers
+        // them).
+        let mut asked = config.start_micro_step();
+        let mut ask = |loader: &mut Prefetch, group: &[(u64, Vec<usize>)]| -> Result<()> {
+            for (_, global) in group {
+                let mine = partitioner.shard(asked, global.len(), rank, world)?;
+                asked += 1;
+                loader.request(mine.into_iter().map(|i| global[i]).collect())?;
             }
-            let (grad_norm, loss) = match &shards {
-                None => {
-                    // Every rank holds the same summed gradient, so its norm needs no talk.
-                    let squares = sum_of_squares(&reduced[..total]);
-                    let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
-                    optimizer.set_learning_rate(config.lr.at(step, total_steps));
-                    optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
-                    (grad_norm, f64::from(reduced[total]))
+            Ok(())
+        };
+        with_prefetch(train, |loader| {
+            let mut groups = optimizer_steps(train.len(), &config).peekable();
+            if let Some(first) = groups.peek() {
+                ask(loader, first)?;
+            }
+            while let Some(group) = groups.next() {
+                // The next step's samples are gathered while this one trains.
+                if let Some(next) = groups.peek() {
+                    ask(loader, next)?;
                 }
-                Some(shards) => {
-                    let local_loss = if stage >= 2 {
-                        scattered_loss
-                    } else {
-                        let wire = self.config.grad_dtype;
-                        zero::reduce_scatter(
-                            shards,
-                            comm,
-                            &reduced[..total],
-                            &mut shard_grads,
-                            wire,
-                            || self.deadline(),
+                let t0 = Instant::now();
+                // Every micro-step's mean gradient weighted by its share of the samples of
+                // the whole optimizer step: the gradient of the mean loss over all of them.
+                let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
+                // Sums start at zero; a step of one micro-batch writes every gradient
+                // over the old ones (a model writes all of its gradients, as ZeRO
+                // stage 2's buffer relies on too), so only its loss slot is reset.
+                if let Some((slot, sums)) = reduced.split_last_mut() {
+                    *slot = 0.0;
+                    if group.len() > 1 {
+                        sums.fill(0.0);
+                    }
+                }
+                shard_grads.fill(0.0);
+                // This rank's share of the step's loss, under ZeRO stage 2.
+                let mut scattered_loss = 0f32;
+                // The reduced gradients' sum of squares, from the exchange.
+                let mut squares = 0f64;
+                for k in 0..group.len() {
+                    let local = loader.take()?;
+                    let share = local.len() as f32 / group_samples as f32;
+                    let batch = local.batch();
+                    let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
+                    if let (Some(shards), true) = (&shards, stage >= 2) {
+                        // Every micro-batch's buckets are reduce-scattered as they finish.
+                        let loss =
+                            exchange.scatter(model, &mut grads, shards, &mut shard_grads, share, backward)?;
+                        scattered_loss += loss * share;
+                        continue;
+                    }
+                    let only = group.len() == 1;
+                    if k + 1 < group.len() || shards.is_some() {
+                        // An earlier micro-batch of the step (or any under ZeRO stage 1,
+                        // which reduce-scatters after the pass): sum, nothing to send.
+                        let loss = if only {
+                            let loss = model.forward_backward(&batch, &mut reduced[..total])?;
+                            reduced[..total].iter_mut().for_each(|g| *g *= share);
+                            loss
+                        } else {
+                            let loss = model.forward_backward(&batch, &mut grads)?;
+                            for (r, g) in reduced.iter_mut().zip(&grads) {
+                                *r += g * share;
+                            }
+                            loss
+                        };
+                        reduced[total] += loss * share;
+                        continue;
+                    }
+                    // The last: its backward pass overlaps the buckets' allreduces.
+                    let grads = (!only).then_some(&mut grads[..]);
+                    squares = exchange.run(model, grads, &mut reduced, share, backward)?;
+                }
+                let (grad_norm, loss) = match &shards {
+                    None => {
+                        // Every rank holds the same summed gradient, so its norm needs no
+                        // talk: its squares were summed as the buckets were reduced.
+                        let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
+                        optimizer.set_learning_rate(config.lr.at(step, total_steps));
+                        optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
+                        (grad_norm, f64::from(reduced[total]))
+                    }
+                    Some(shards) => {
+                        let local_loss = if stage >= 2 {
+                            scattered_loss
+                        } else {
+                            let wire = self.config.grad_dtype;
+                            zero::reduce_scatter(
+                                shards,
+                                comm,
+                                &reduced[..total],
+                                &mut shard_grads,
+                                wire,
+                                || self.deadline(),
+                            )?;
+                            reduced[total]
+                        };
+                        // The loss and the squares of every rank's chunks, summed.
+                        let mut sums = [f64::from(local_loss), sum_of_squares(&shard_grads)];
+                        comm.allreduce(
+                            bytemuck::cast_slice_mut(&mut sums),
+                            DType::F64,
+                            ReduceOp::Sum,
+                            self.deadline(),
                         )?;
-                        reduced[total]
-                    };
-                    // The loss and the squares of every rank's chunks, summed.
-                    let mut sums = [f64::from(local_loss), sum_of_squares(&shard_grads)];
-                    comm.allreduce(
-                        bytemuck::cast_slice_mut(&mut sums),
-                        DType::F64,
-                        ReduceOp::Sum,
-                        self.deadline(),
-                    )?;
-                    let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
-                    optimizer.set_learning_rate(config.lr.at(step, total_steps));
-                    shards.step(optimizer, &mut params, &shard_grads)?;
-                    shards.allgather(comm, &mut params, || self.deadline())?;
-                    // As plain data parallelism reports it: rounded to f32.
-                    (grad_norm, f64::from(sums[0] as f32))
+                        let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
+                        optimizer.set_learning_rate(config.lr.at(step, total_steps));
+                        shards.step(optimizer, &mut params, &shard_grads)?;
+                        shards.allgather(comm, &mut params, || self.deadline())?;
+                        // As plain data parallelism reports it: rounded to f32.
+                        (grad_norm, f64::from(sums[0] as f32))
+                    }
+                };
+                model.write_params(&params)?;
+                step += 1;
+                samples += group_samples;
+                last_loss = loss;
+                let val_loss = match config.eval_every {
+                    Some(every) if step.is_multiple_of(every) => {
+                        let eval = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
+                        last_eval = Some((step, eval));
+                        Some(eval.1)
+                    }
+                    _ => None,
+                };
+                metrics.record(&StepMetrics {
+                    step,
+                    epoch: group.last().map_or(0, |(e, _)| *e),
+                    loss: last_loss,
+                    lr: optimizer.learning_rate(),
+                    samples_per_sec: group_samples as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+                    grad_norm,
+                    val_loss,
+                });
+                if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
+                    check_in_sync(comm, &params, step, self.deadline())?;
                 }
-            };
-            model.write_params(&params)?;
-            step += 1;
-            samples += group_samples;
-            last_loss = loss;
-            let val_loss = match config.eval_every {
-                Some(every) if step.is_multiple_of(every) => {
-                    let eval = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
-                    last_eval = Some((step, eval));
-                    Some(eval.1)
-                }
-                _ => None,
-            };
-            metrics.record(&StepMetrics {
-                step,
-                epoch: group.last().map_or(0, |(e, _)| *e),
-                loss: last_loss,
-                lr: optimizer.learning_rate(),
-                samples_per_sec: group_samples as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                grad_norm,
-                val_loss,
-            });
-            if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
-                check_in_sync(comm, &params, step, self.deadline())?;
+                save_checkpoint_if_due(checkpoints, &config, step, model, optimizer)?;
             }
-            save_checkpoint_if_due(checkpoints, &config, step, model, optimizer)?;
-        }
+            Ok(())
+        })?;
         let wall = start.elapsed().as_secs_f64();
         check_in_sync(comm, &params, step, self.deadline())?;
 
