@@ -79,13 +79,16 @@ pub struct Exchange<'a> {
     pub buckets: &'a [Range<usize>],
     pub wire: GradDType,
     pub timeout: std::time::Duration,
+    /// Whether [`Exchange::run`] reduces on a communication thread while the backward
+    /// pass goes on, or on this thread between its steps.
+    pub overlap: bool,
 }
 
 impl Exchange<'_> {
     /// Runs the backward pass of `model` on the batch it began (or the whole
     /// forward/backward for a model without a stepped pass) and allreduces each bucket
-    /// on a communication thread as soon as the pass has finished it (in a world of one,
-    /// on this thread, with nothing to overlap). `reduced` holds
+    /// on a communication thread as soon as the pass has finished it (without
+    /// `overlap`, or in a world of one, with nothing to overlap, on this thread). `reduced` holds
     /// the step's gradients with the loss in its last slot: with `grads`, the pass
     /// writes there and `share` times each finished gradient (and the loss) is added
     /// into `reduced` (an earlier micro-batch's sums are in it); without, the pass
@@ -126,10 +129,10 @@ impl Exchange<'_> {
             }
             Ok(sum_of_squares(&bucket[..buckets[i].len()]))
         };
-        if comm.world_size() == 1 {
-            // Alone in the world there is nothing to overlap the exchange with: each
-            // bucket's (a copy, or bf16's rounding) runs here as it finishes, and no
-            // thread is started (about 0.1 ms a step on a shared 2-core machine).
+        if comm.world_size() == 1 || !self.overlap {
+            // Each bucket's exchange runs here as it finishes, and no thread is started
+            // (about 0.1 ms a step on a shared 2-core machine). Alone in the world it is
+            // a copy, or bf16's rounding: there is nothing to overlap it with.
             let (mut squares, mut failed) = (0f64, None);
             let produced =
                 self.produce(model, grads, body, total, share, &mut loss_alone, backward, |i, b, l| {

@@ -73,6 +73,10 @@ pub struct DataParallelConfig {
     /// Gradient bucket size in MiB: each bucket is allreduced as soon as the backward
     /// pass has finished it, while the pass goes on (the first bucket 1 MiB at most).
     pub bucket_mb: f64,
+    /// Whether the buckets' exchanges run on a communication thread while the backward
+    /// pass goes on (true), or on the training thread as each bucket is finished, the
+    /// pass waiting (false). Left out: [`overlap_by_default`].
+    pub overlap: Option<bool>,
     /// Gradients on the wire: `f32`, or `bf16` (half the bytes).
     pub grad_dtype: GradDType,
     /// ZeRO stage: 0 (every rank holds the whole optimizer state), 1 (the optimizer
@@ -90,6 +94,7 @@ impl Default for DataParallelConfig {
             checksum_every: 50,
             data: None,
             bucket_mb: 25.0,
+            overlap: None,
             grad_dtype: GradDType::F32,
             zero: 0,
         }
@@ -118,8 +123,43 @@ impl DataParallelConfig {
         }
     }
 
+    fn overlap(&self) -> bool {
+        self.overlap.unwrap_or_else(|| {
+            let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            overlap_by_default(cores, var("RAYON_NUM_THREADS"), var("LOCAL_WORLD_SIZE"), var("WORLD_SIZE"))
+        })
+    }
+
     fn bucket_bytes(&self) -> usize {
         (self.bucket_mb * 1024.0 * 1024.0) as usize
+    }
+}
+
+/// Whether buckets are exchanged on a communication thread, overlapped with the backward
+/// pass, when the job does not say: where it can gain anything. A worker computes on
+/// `threads` of the machine's `cores` (`RAYON_NUM_THREADS`), beside the other workers
+/// of its host (`local`, `LOCAL_WORLD_SIZE`, as the launcher and torchrun set them) of
+/// `world` in all.
+///
+/// Over shared memory or loopback TCP an exchange is the CPU's own work (copies and
+/// sums), so it only overlaps on a core no compute thread uses; on a machine whose
+/// cores all compute, the thread takes its time from the backward pass and the two
+/// ranks' exchanges wait on each other's preempted threads. Measured on a 2-core
+/// machine, the reference MLP at 2 x 1 trained 11-13% faster over shm and 17% faster
+/// over zmq-tcp without the thread (medians of 8-10 interleaved pairs); the reference
+/// GPT, with less to exchange per product, the same either way. So: a thread when a
+/// core is spare, or when the world spans hosts (a network's transfer time is not the
+/// CPU's), or when the layout is not known (DDP's choice).
+pub fn overlap_by_default(
+    cores: usize,
+    threads: Option<usize>,
+    local: Option<usize>,
+    world: Option<usize>,
+) -> bool {
+    match local {
+        None => true,
+        Some(local) => world.is_some_and(|w| w > local) || cores > threads.unwrap_or(cores).max(1) * local,
     }
 }
 
@@ -216,6 +256,7 @@ impl Strategy for DataParallel {
             buckets: &buckets,
             wire: self.config.grad_dtype,
             timeout: Duration::from_millis(self.config.timeout_ms),
+            overlap: self.config.overlap(),
         };
         let stepped = model.backward_in_steps();
         let shards = (stage >= 1).then(|| Shards::new(&layout, &buckets, rank, world));

@@ -311,6 +311,7 @@ proptest::proptest! {
         stepped in proptest::bool::ANY,
         bucket_bytes in 1usize..200,
         zero in 0u8..=2,
+        overlap in proptest::bool::ANY,
     ) {
         // Tiny buckets: one per parameter, or the two together.
         let exchange = Exchange {
@@ -318,6 +319,7 @@ proptest::proptest! {
             config: DataParallelConfig {
                 bucket_mb: bucket_bytes as f64 / 1048576.0,
                 zero,
+                overlap: Some(overlap),
                 ..DataParallelConfig::default()
             },
         };
@@ -400,6 +402,10 @@ fn bucket_and_wire_settings_are_checked() {
         DataParallelConfig::parse(r#"{"grad_dtype": "bf16", "bucket_mb": 4}"#).unwrap().bucket_mb,
         4.0
     );
+    assert_eq!(DataParallelConfig::parse(r#"{"overlap": false}"#).unwrap().overlap, Some(false));
+    assert_eq!(DataParallelConfig::parse("{}").unwrap().overlap, None);
+    let e = DataParallelConfig::parse(r#"{"overlap": "yes"}"#).unwrap_err().to_string();
+    assert!(e.contains("parallel.options.data-parallel"), "{e}");
     for bad in [r#"{"bucket_mb": 0}"#, r#"{"bucket_mb": -1}"#, r#"{"grad_dtype": "f16"}"#] {
         let e = DataParallelConfig::parse(bad).unwrap_err().to_string();
         assert!(e.contains("parallel.options.data-parallel"), "{bad}: {e}");
@@ -553,4 +559,23 @@ fn resuming_from_a_checkpoint_equals_the_uninterrupted_run() {
         assert_eq!((w.1, r.1), (9, 9), "steps");
         assert_eq!(r.3, Some(5), "the resumed run's first step");
     }
+}
+
+/// Left to itself, the exchange overlaps the backward pass where a core is spare for
+/// it, where the world spans hosts, or where the layout is unknown; not where the
+/// workers' compute threads take every core of one host.
+#[test]
+fn overlap_is_chosen_by_spare_cores_and_hosts() {
+    use crate::overlap_by_default as overlap;
+    // 2 cores: 2 workers of 1 thread, or 1 of 2, leave none spare.
+    assert!(!overlap(2, Some(1), Some(2), Some(2)));
+    assert!(!overlap(2, Some(2), Some(1), Some(1)));
+    // A core spare: 1 worker of 1 thread on 2 cores, 3 of 2 on 8.
+    assert!(overlap(2, Some(1), Some(1), Some(1)));
+    assert!(overlap(8, Some(2), Some(3), Some(3)));
+    // No thread count: the worker computes on every core.
+    assert!(!overlap(8, None, Some(1), Some(1)));
+    // Over hosts (2 of 4 ranks here), or nothing known of the layout.
+    assert!(overlap(2, Some(1), Some(2), Some(4)));
+    assert!(overlap(2, Some(1), None, None));
 }
