@@ -129,36 +129,61 @@ impl Exchange<'_> {
             }
             Ok(sum_of_squares(&bucket[..buckets[i].len()]))
         };
-        if comm.world_size() == 1 || !self.overlap {
-            // Each bucket's exchange runs here as it finishes, and no thread is started
-            // (about 0.1 ms a step on a shared 2-core machine). Alone in the world it is
-            // a copy, or bf16's rounding: there is nothing to overlap it with.
-            let (mut squares, mut failed) = (0f64, None);
-            let produced =
+        let ((), squares) = self.pipelined(
+            |deliver| {
                 self.produce(model, grads, body, total, share, &mut loss_alone, backward, |i, b, l| {
-                    exchange(i, b, l).map(|s| squares += s).map_err(|e| failed = Some(e)).is_ok()
-                });
-            return failed.map_or(produced, Err).map(|()| squares);
+                    deliver((i, b, l))
+                })
+            },
+            |(i, bucket, loss)| exchange(i, bucket, loss),
+        )?;
+        Ok(squares)
+    }
+
+    /// Runs `produce`, which hands out jobs (finished buckets) through the closure it
+    /// is given, and does each job with `work`: on a communication thread while
+    /// `produce` goes on (`overlap`), or here as each is handed out (without `overlap`,
+    /// or in a world of one, where an exchange is a copy or bf16's rounding and there
+    /// is nothing to overlap it with; no thread is started, about 0.1 ms a step on a
+    /// shared 2-core machine). The handing-out closure returns false once `work` has
+    /// failed, and `work`'s error is the one returned (a refused bucket stops the pass
+    /// early). Returns what `produce` returned and the sum of what `work` returned.
+    fn pipelined<J: Send, T>(
+        &self,
+        produce: impl FnOnce(&mut dyn FnMut(J) -> bool) -> Result<T>,
+        mut work: impl FnMut(J) -> Result<f64> + Send,
+    ) -> Result<(T, f64)> {
+        if self.comm.world_size() == 1 || !self.overlap {
+            let (mut sum, mut failed) = (0f64, None);
+            let produced = produce(&mut |job| match work(job) {
+                Ok(v) => {
+                    sum += v;
+                    true
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            });
+            return match failed {
+                Some(e) => Err(e),
+                None => produced.map(|t| (t, sum)),
+            };
         }
         std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel::<(usize, &mut [f32], Option<&mut [f32]>)>();
-            let reducer = s.spawn(move || -> Result<f64> {
-                let mut squares = 0f64;
-                for (i, bucket, loss) in rx {
-                    squares += exchange(i, bucket, loss)?;
+            let (tx, rx) = mpsc::channel::<J>();
+            let worker = s.spawn(move || -> Result<f64> {
+                let mut sum = 0f64;
+                for job in rx {
+                    sum += work(job)?;
                 }
-                Ok(squares)
+                Ok(sum)
             });
-            let produced =
-                self.produce(model, grads, body, total, share, &mut loss_alone, backward, |i, b, l| {
-                    // A closed channel: the reducer failed, and its error is reported.
-                    tx.send((i, b, l)).is_ok()
-                });
+            // A closed channel: the worker failed, and its error is reported.
+            let produced = produce(&mut |job| tx.send(job).is_ok());
             drop(tx);
-            let reduced =
-                reducer.join().map_err(|_| Error::BadState("the gradient reducer panicked".into()))?;
-            // The reducer's error first: a refused bucket stops the pass early.
-            reduced.and_then(|squares| produced.map(|()| squares))
+            let done = worker.join().map_err(|_| Error::BadState("the gradient reducer panicked".into()))?;
+            done.and_then(|sum| produced.map(|t| (t, sum)))
         })
     }
 
@@ -208,7 +233,8 @@ impl Exchange<'_> {
     }
 
     /// ZeRO stage 2: runs the backward pass like [`Exchange::run`], but each finished
-    /// bucket of `grads` goes to the communication thread, which scales it by `share`,
+    /// bucket of `grads` goes to the communication thread (or, without `overlap`, is
+    /// exchanged between the backward steps), which scales it by `share`,
     /// reduce-scatters it and adds this rank's chunk of the sum into `shard` (see
     /// [`zero::scatter_add`]). Nothing full-size is reduced or kept besides the
     /// model's own gradient buffer. Returns the micro-batch's mean loss.
@@ -225,25 +251,19 @@ impl Exchange<'_> {
         let deadline = || Deadline::after(self.timeout);
         let (comm, wire) = (self.comm, self.wire);
         let mut outs = shards.split_shard(shard).into_iter();
-        std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel::<(&mut [f32], &mut [f32])>();
-            let reducer = s.spawn(move || -> Result<()> {
-                let mut scratch = Vec::new();
-                for (bucket, out) in rx {
-                    zero::scatter_add(comm, bucket, share, out, wire, deadline(), &mut scratch)?;
-                }
-                Ok(())
-            });
-            let produced = self.drive(model, backward, grads, total, |_, bucket, _| {
-                let out = outs.next().expect("a chunk of the shard per bucket");
-                // A closed channel: the reducer failed, and its error is reported.
-                tx.send((bucket, out)).is_ok()
-            });
-            drop(tx);
-            let reduced =
-                reducer.join().map_err(|_| Error::BadState("the gradient reducer panicked".into()))?;
-            reduced.and(produced)
-        })
+        let mut scratch = Vec::new();
+        let (loss, _) = self.pipelined(
+            |deliver| {
+                self.drive(model, backward, grads, total, |_, bucket, _| {
+                    let out = outs.next().expect("a chunk of the shard per bucket");
+                    deliver((bucket, out))
+                })
+            },
+            move |(bucket, out)| {
+                zero::scatter_add(comm, bucket, share, out, wire, deadline(), &mut scratch).map(|()| 0.0)
+            },
+        )?;
+        Ok(loss)
     }
 
     /// Runs `model`'s backward pass, whose gradients go into the first `total` values of
