@@ -23,6 +23,8 @@ struct Softmax {
     stepped: bool,
     /// The stepped pass's gradient, computed whole and handed out a step at a time.
     pending: Vec<f32>,
+    /// Backward steps left before one fails (a model's error mid-pass).
+    fail_in: Option<usize>,
 }
 
 impl Softmax {
@@ -33,7 +35,7 @@ impl Softmax {
         ]);
         let mut g = sheaf_testkit::conformance::SplitMix::new(seed);
         let params = (0..layout.total()).map(|_| g.next_f32() * 0.1).collect();
-        Softmax { layout, params, d, k, stepped: false, pending: Vec::new() }
+        Softmax { layout, params, d, k, stepped: false, pending: Vec::new(), fail_in: None }
     }
 
     fn probs(&self, x: &[f32]) -> Vec<f64> {
@@ -95,6 +97,12 @@ impl Model for Softmax {
         Ok(loss)
     }
     fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
+        if let Some(left) = self.fail_in.as_mut() {
+            if *left == 0 {
+                return Err(sheaf_core::Error::BadState("the model failed mid-pass".into()));
+            }
+            *left -= 1;
+        }
         let weights = self.k * self.d;
         let from = if pending.len() > weights { weights } else { 0 };
         let to = pending.len();
@@ -578,4 +586,50 @@ fn overlap_is_chosen_by_spare_cores_and_hosts() {
     // Over hosts (2 of 4 ranks here), or nothing known of the layout.
     assert!(overlap(2, Some(1), Some(2), Some(4)));
     assert!(overlap(2, Some(1), None, None));
+}
+
+/// A model that fails in the middle of a backward pass (after its bias's bucket went
+/// out) fails its rank's run with the model's error, and the rank waiting for it in the
+/// next bucket's exchange fails at its deadline naming it: with the exchange on a
+/// communication thread or between the backward steps, nothing hangs and no error is
+/// swallowed.
+#[test]
+fn a_model_failing_mid_pass_fails_the_run_on_either_exchange_path() {
+    let data = sheaf_data::teacher(300, 8, 3, 5);
+    let (train, test) = data.split(0.2, 1);
+    for overlap in [false, true] {
+        let config = DataParallelConfig {
+            overlap: Some(overlap),
+            timeout_ms: 2_000,
+            // A bucket per parameter: the bias (3 values), then the weights.
+            bucket_mb: 16.0 / 1048576.0,
+            ..DataParallelConfig::default()
+        };
+        let started = std::time::Instant::now();
+        let outcomes = run_world(2, |comm| {
+            let rank = sheaf_core::Communicator::rank(&comm);
+            let mut model = Softmax::new(8, 3, 100);
+            model.stepped = true;
+            // Rank 0's third step fails: the second pass's weights.
+            model.fail_in = (rank == 0).then_some(3);
+            DataParallel::new(config.clone())
+                .train(TrainContext {
+                    config: TrainConfig::basic(9, 1, 16, Some(4), 0.5),
+                    comm: &comm,
+                    model: &mut model,
+                    optimizer: &mut Momentum { lr: 0.5, buf: vec![] },
+                    partitioner: &Blocks,
+                    train: &train,
+                    test: &test,
+                    metrics: &mut Collect(Vec::new()),
+                    checkpoints: &mut Saved::default(),
+                })
+                .map(|s| s.steps)
+        });
+        let e0 = outcomes[0].as_ref().unwrap_err().to_string();
+        assert!(e0.contains("the model failed mid-pass"), "overlap {overlap}: {e0}");
+        let e1 = outcomes[1].as_ref().unwrap_err().to_string();
+        assert!(e1.contains("allreduce") && e1.contains("waiting for rank 0"), "overlap {overlap}: {e1}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "overlap {overlap}");
+    }
 }
