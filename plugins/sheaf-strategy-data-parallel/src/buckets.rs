@@ -97,8 +97,8 @@ impl Exchange<'_> {
     ///
     /// Returns the sum of squares of the reduced gradients (the loss slot left out),
     /// summed bucket by bucket, in bucket order, right after each bucket's reduction
-    /// while it is still in cache: on the communication thread, overlapped with the
-    /// backward pass. A fixed order, so every rank and every world size of the same
+    /// while it is still in cache, on whichever thread reduced it (see
+    /// [`Exchange::pipelined`]). A fixed order, so every rank and every world size of the same
     /// layout gets the same bits from the same gradients.
     pub fn run(
         &self,
