@@ -727,12 +727,78 @@ mod tests {
         let world = Group::world(link.clone());
         assert_eq!((world.members(), world.rank(), world.world_size()), (&[0, 1, 2, 3][..], 2, 4));
         assert!(world.is_whole_world());
-        let sub = Group::new(link, Arc::from(vec![3, 2]), 1, 7);
+        let sub = Group::new(link.clone(), Arc::from(vec![3, 2]), 1, 7);
         assert_eq!((sub.members(), sub.rank(), sub.world_size()), (&[3, 2][..], 1, 2));
         assert!(!sub.is_whole_world());
+        // The world's first ranks, in order, are still not the world (its native
+        // allreduce would reduce over every rank).
+        assert!(!Group::new(link, Arc::from(vec![0, 1]), 1, 7).is_whole_world());
         // A peer outside the group is refused before anything is sent.
         let e = sub.send(2, 0, &[], Deadline::after(std::time::Duration::from_secs(1))).unwrap_err();
         assert!(matches!(e, CommError::InvalidArgument { .. }), "{e}");
+    }
+
+    /// A root outside the group is the caller's mistake, refused before anything is
+    /// sent, by every rooted collective.
+    #[test]
+    fn a_root_outside_the_group_is_refused() {
+        let g = Group::world(Arc::new(Silent(0, 3)));
+        let dl = Deadline::after(std::time::Duration::from_secs(5));
+        let (mut buf, input) = ([0u8; 12], [0u8; 12]);
+        let mut one = [0u8; 4];
+        let errors = [
+            g.broadcast(&mut buf, 3, dl).unwrap_err(),
+            g.reduce(&mut buf, DType::F32, ReduceOp::Sum, 3, dl).unwrap_err(),
+            g.gather(&input[..4], &mut buf, 3, dl).unwrap_err(),
+            g.scatter(&input, &mut one, 7, dl).unwrap_err(),
+        ];
+        for e in errors {
+            assert!(
+                matches!(&e, CommError::InvalidArgument { detail, .. } if detail.contains("outside a group of 3")),
+                "{e}"
+            );
+        }
+    }
+
+    /// A link whose ranks have already reported whom they waited on.
+    struct Reported(Vec<(usize, usize)>);
+
+    impl Link for Reported {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            4
+        }
+        fn send(&self, _: usize, _: Tag, _: &[u8], _: Deadline) -> Result<(), CommError> {
+            Err(CommError::Closed { op: Op::Send })
+        }
+        fn recv(&self, _: usize, _: Tag, _: Deadline) -> Result<Vec<u8>, CommError> {
+            Err(CommError::Closed { op: Op::Recv })
+        }
+        fn failure_reports(&self) -> Vec<(usize, usize)> {
+            self.0.clone()
+        }
+    }
+
+    /// Rank 0 timed out waiting on rank 1. With no report from rank 1 (or a cycle of
+    /// waits) the timeout stands, naming rank 1; when rank 1 reported waiting on rank
+    /// 2, which reported nothing, rank 2 is named as failed.
+    #[test]
+    fn blame_follows_the_reported_waits_to_the_rank_that_stopped() {
+        let timeout =
+            || CommError::Timeout { op: Op::Allreduce, peer: 1, waited: std::time::Duration::from_secs(2) };
+        let blamed =
+            |reports: Vec<(usize, usize)>| Group::world(Arc::new(Reported(reports))).blame(timeout());
+        for reports in [vec![(0, 1)], vec![(0, 1), (1, 2), (2, 1)]] {
+            let e = blamed(reports.clone());
+            assert!(matches!(e, CommError::Timeout { peer: 1, .. }), "{reports:?}: {e}");
+        }
+        let e = blamed(vec![(0, 1), (1, 2)]);
+        assert!(
+            matches!(&e, CommError::PeerFailed { peer: 2, reason, .. } if reason.contains("waiting on rank 1")),
+            "{e}"
+        );
     }
 
     /// Sub-communicator contexts are never the world's (0), differ from their parent's
