@@ -305,3 +305,49 @@ fn an_abort_from_another_host_wakes_a_rank_waiting_on_a_host_mate() {
     // Nothing is relayed to the host of the rank that aborted: it was told directly.
     assert_eq!(links[3].failure_reports(), vec![(2, 3)]);
 }
+
+/// Each allreduce algorithm, asked for or chosen by `Auto` from the size, puts its own
+/// pattern on the wire over 4 ranks (what rank 0 sends each peer, the call's signature
+/// to its right neighbour left out): direct, the whole buffer once to every rank; ring,
+/// 2(n-1) blocks to its right neighbour only; halving-doubling, two messages to each
+/// partner (ranks 1 and 2) and none to rank 3. The results are equal whichever runs
+/// (the laws), so only the wire tells which one did.
+#[test]
+fn each_allreduce_algorithm_and_autos_choice_show_on_the_wire() {
+    let small = 4096;
+    let large = 300_000;
+    for (algorithm, len, expect) in [
+        (Algorithm::Direct, small, "direct"),
+        (Algorithm::Ring, small, "ring"),
+        (Algorithm::HalvingDoubling, small, "halving-doubling"),
+        (Algorithm::Auto, small, "direct"),
+        (Algorithm::Auto, large, "ring"),
+    ] {
+        let world = InProcWorld::new(4);
+        let links: Vec<Arc<dyn Link>> =
+            world.links().into_iter().map(|l| Arc::new(l) as Arc<dyn Link>).collect();
+        let results = run_links(links, |g| {
+            let mut buf = vec![0u8; len];
+            g.with_algorithm(algorithm).allreduce(&mut buf, DType::F32, ReduceOp::Sum, deadline())
+        });
+        assert!(results.iter().all(Result::is_ok), "{algorithm}: {results:?}");
+        let sent = |to: usize| {
+            let mut sent = world.sent(0, to);
+            if to == 1 {
+                assert_eq!(sent.first(), Some(&24), "{algorithm}: no signature first");
+                sent.remove(0);
+            }
+            sent
+        };
+        let (to1, to2, to3) = (sent(1), sent(2), sent(3));
+        let case = format!("{algorithm} of {len} bytes: to 1 {to1:?}, to 2 {to2:?}, to 3 {to3:?}");
+        match expect {
+            "direct" => assert!([&to1, &to2, &to3].iter().all(|s| s[..] == [len]), "{case}"),
+            "ring" => {
+                assert_eq!(to1.iter().sum::<usize>(), 2 * 3 * len / 4, "{case}");
+                assert!(to1.len() >= 6 && to2.is_empty() && to3.is_empty(), "{case}");
+            }
+            _ => assert!(to1.len() == 2 && to2.len() == 2 && to3.is_empty(), "{case}"),
+        }
+    }
+}
