@@ -333,6 +333,8 @@ pub trait ModelAbi: Send {
     fn backward_in_steps(&self) -> RResult<bool, AbiError>;
     fn backward_begin(&mut self, batch: AbiBatch<'_>) -> RResult<f32, AbiError>;
     fn backward_next(&mut self, pending: RSliceMut<'_, f32>) -> RResult<u64, AbiError>;
+    /// The model's own parameter buffer, lent for an update in place (ABI 0.9).
+    fn params_mut(&mut self) -> RResult<ROption<RSliceMut<'_, f32>>, AbiError>;
 }
 
 /// A model piece: blocks `start..end`, and a place in a tensor-parallel group.

@@ -537,13 +537,9 @@ impl Mesh {
         Ok(Mesh { replica, model_rank, model, replicas: peers })
     }
 
-    /// Makes every replica start from replica 0's parameters; returns them.
-    pub fn sync_replicas(&self, model: &mut dyn Model, dl: Deadline) -> Result<Vec<f32>> {
-        let mut params = vec![0f32; model.layout().total()];
-        model.read_params(&mut params)?;
-        self.replicas.broadcast(bytemuck::cast_slice_mut(&mut params), 0, dl)?;
-        model.write_params(&params)?;
-        Ok(params)
+    /// Makes every replica start from replica 0's parameters; returns the hold on them.
+    pub fn sync_replicas(&self, model: &mut dyn Model, dl: Deadline) -> Result<crate::ModelParams> {
+        crate::ModelParams::synced(model, self.replicas.as_ref(), dl)
     }
 }
 

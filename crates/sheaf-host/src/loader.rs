@@ -18,7 +18,7 @@ pub enum LoadError {
     #[error("{file}: not a Sheaf plugin: {detail}")]
     NotAPlugin { file: PathBuf, detail: String },
     #[error(
-        "{file}: built against Sheaf plugin ABI {plugin}, but this host speaks ABI {host} and loads 0.7; \
+        "{file}: built against Sheaf plugin ABI {plugin}, but this host speaks ABI {host} and loads 0.8; \
          rebuild the plugin against sheaf-abi {host}"
     )]
     AbiMismatch { file: PathBuf, plugin: String, host: String },
@@ -80,9 +80,9 @@ impl PluginManifest {
 #[derive(Clone)]
 pub(crate) enum Module {
     Rust(PluginModRef),
-    /// Built against plugin ABI 0.7: its frozen types (`compat/sheaf-abi-0.7`) and
+    /// Built against plugin ABI 0.8: its frozen types (`compat/sheaf-abi-0.8`) and
     /// adapters to today's core traits.
-    RustV0_7(sheaf_abi_v0_7::PluginModRef),
+    RustV0_8(sheaf_abi_v0_8::PluginModRef),
     CTransport(std::sync::Arc<crate::cabi::CTransport>),
 }
 
@@ -96,9 +96,9 @@ macro_rules! build {
                 let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
                 Ok(sheaf_abi::from_abi::$adapt(b))
             }
-            Module::RustV0_7(m) => {
+            Module::RustV0_8(m) => {
                 let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
-                Ok(sheaf_abi_v0_7::from_abi::$adapt(b))
+                Ok(sheaf_abi_v0_8::from_abi::$adapt(b))
             }
             Module::CTransport(_) => Err(sheaf_core::Error::Unsupported(format!(
                 "{} is a C transport library, not a Rust plugin",
@@ -249,8 +249,8 @@ pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
     }
     let (module, manifest) = if abi_version_compatible(ABI_VERSION, &version) {
         init!(sheaf_abi, Rust)
-    } else if abi_version_compatible(sheaf_abi_v0_7::ABI_VERSION, &version) {
-        init!(sheaf_abi_v0_7, RustV0_7)
+    } else if abi_version_compatible(sheaf_abi_v0_8::ABI_VERSION, &version) {
+        init!(sheaf_abi_v0_8, RustV0_8)
     } else {
         return Err(LoadError::AbiMismatch { file: file_buf, plugin: version, host: ABI_VERSION.to_owned() });
     };

@@ -281,6 +281,9 @@ impl Model for TracedModel<'_> {
     fn write_params(&mut self, src: &[f32]) -> Result<()> {
         self.inner.write_params(src)
     }
+    fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        self.inner.params_mut()
+    }
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
         self.slow();
         self.timed("forward+backward", |m| m.forward_backward(batch, grads))

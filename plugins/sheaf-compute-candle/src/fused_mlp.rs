@@ -128,6 +128,10 @@ impl Model for FusedMlp {
         Ok(())
     }
 
+    fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        Ok(Some(&mut self.params))
+    }
+
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
         whole_backward(self, batch, grads)
     }

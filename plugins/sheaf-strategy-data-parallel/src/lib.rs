@@ -32,8 +32,8 @@ use serde::Deserialize;
 use sheaf_core::{
     clip_to, epochs_done, evaluate_indices, optimizer_steps, save_checkpoint_if_due, sum_of_squares,
     test_totals, with_prefetch, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model,
-    PlanInput, PluginKind, Prefetch, Provided, ReduceOp, Result, Shards, StepMetrics, Strategy, StrategyPlan,
-    TrainContext, TrainSummary,
+    ModelParams, PlanInput, PluginKind, Prefetch, Provided, ReduceOp, Result, Shards, StepMetrics, Strategy,
+    StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -177,10 +177,6 @@ impl DataParallel {
     }
 }
 
-fn f32_bytes_mut(v: &mut [f32]) -> &mut [u8] {
-    bytemuck::cast_slice_mut(v)
-}
-
 /// Checks that every rank holds bit-identical parameters: each rank's checksum (an
 /// order-sensitive hash of the bits) must equal the maximum and the minimum over ranks.
 fn check_in_sync(comm: &dyn Communicator, params: &[f32], step: u64, dl: Deadline) -> Result<()> {
@@ -236,10 +232,8 @@ impl Strategy for DataParallel {
         }
         let layout = model.layout().clone();
         let total = layout.total();
-        let mut params = vec![0f32; total];
-        model.read_params(&mut params)?;
-        comm.broadcast(f32_bytes_mut(&mut params), 0, self.deadline())?;
-        model.write_params(&params)?;
+        // Stepped in the model's own buffer where it lends it; otherwise a copy.
+        let mut params = ModelParams::synced(model, comm, self.deadline())?;
 
         let start = Instant::now();
         let total_steps = config.total_steps(train.len());
@@ -349,7 +343,7 @@ impl Strategy for DataParallel {
                         // talk: its squares were summed as the buckets were reduced.
                         let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
                         optimizer.set_learning_rate(config.lr.at(step, total_steps));
-                        optimizer.step(&mut layout.params(&mut params, &reduced[..total]))?;
+                        params.update(model, |p| optimizer.step(&mut layout.params(p, &reduced[..total])))?;
                         (grad_norm, f64::from(reduced[total]))
                     }
                     Some(shards) => {
@@ -377,13 +371,14 @@ impl Strategy for DataParallel {
                         )?;
                         let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
                         optimizer.set_learning_rate(config.lr.at(step, total_steps));
-                        shards.step(optimizer, &mut params, &shard_grads)?;
-                        shards.allgather(comm, &mut params, || self.deadline())?;
+                        params.update(model, |p| {
+                            shards.step(optimizer, p, &shard_grads)?;
+                            shards.allgather(comm, p, || self.deadline())
+                        })?;
                         // As plain data parallelism reports it: rounded to f32.
                         (grad_norm, f64::from(sums[0] as f32))
                     }
                 };
-                model.write_params(&params)?;
                 step += 1;
                 samples += group_samples;
                 last_loss = loss;
@@ -405,14 +400,14 @@ impl Strategy for DataParallel {
                     val_loss,
                 });
                 if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
-                    check_in_sync(comm, &params, step, self.deadline())?;
+                    params.read(model, |p| check_in_sync(comm, p, step, self.deadline()))?;
                 }
                 save_checkpoint_if_due(checkpoints, &config, step, model, optimizer)?;
             }
             Ok(())
         })?;
         let wall = start.elapsed().as_secs_f64();
-        check_in_sync(comm, &params, step, self.deadline())?;
+        params.read(model, |p| check_in_sync(comm, p, step, self.deadline()))?;
 
         let (test_accuracy, test_loss) = match last_eval {
             Some((at, eval)) if at == step => eval,

@@ -25,6 +25,8 @@ struct Softmax {
     pending: Vec<f32>,
     /// Backward steps left before one fails (a model's error mid-pass).
     fail_in: Option<usize>,
+    /// Whether it lends its parameter buffer ([`Model::params_mut`]).
+    lends: bool,
 }
 
 impl Softmax {
@@ -35,7 +37,7 @@ impl Softmax {
         ]);
         let mut g = sheaf_testkit::conformance::SplitMix::new(seed);
         let params = (0..layout.total()).map(|_| g.next_f32() * 0.1).collect();
-        Softmax { layout, params, d, k, stepped: false, pending: Vec::new(), fail_in: None }
+        Softmax { layout, params, d, k, stepped: false, pending: Vec::new(), fail_in: None, lends: false }
     }
 
     fn probs(&self, x: &[f32]) -> Vec<f64> {
@@ -64,6 +66,9 @@ impl Model for Softmax {
     fn write_params(&mut self, src: &[f32]) -> Result<()> {
         self.params.copy_from_slice(src);
         Ok(())
+    }
+    fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        Ok(self.lends.then_some(&mut self.params[..]))
     }
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
         let Batch::Rows { inputs, labels, .. } = *batch else { panic!("rows") };
@@ -205,6 +210,8 @@ fn train_seeded(
 /// How the replicas exchange gradients in a test run.
 #[derive(Clone, Debug, Default)]
 struct Exchange {
+    /// Whether the model's backward pass runs in steps, and it lends its parameter
+    /// buffer (the single-process runs the laws compare with do neither).
     stepped: bool,
     config: DataParallelConfig,
 }
@@ -229,7 +236,7 @@ fn train_exchanging(
     run_world(n, |comm| {
         // Every rank starts from a different seed: the broadcast must fix that.
         let mut model = Softmax::new(8, 3, 100 + sheaf_core::Communicator::rank(&comm) as u64);
-        model.stepped = exchange.stepped;
+        (model.stepped, model.lends) = (exchange.stepped, exchange.stepped);
         let mut opt = Momentum { lr: 0.5, buf: vec![] };
         let mut sink = Collect(Vec::new());
         let mut saved = Saved::default();

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     backward_segments, check_piece_zero_stage, chunk_range, epochs_done, forward_segments, optimizer_steps,
-    save_checkpoint_if_due, test_totals, Communicator, DType, Deadline, Error, Model, Piece, PlanInput,
-    PluginKind, Provided, RankPlan, ReduceOp, ReplicaStep, Result, Samples, Shards, StageInput, StepMetrics,
-    Strategy, StrategyPlan, TrainContext, TrainSummary,
+    save_checkpoint_if_due, test_totals, Communicator, DType, Deadline, Error, Model, ModelParams, Piece,
+    PlanInput, PluginKind, Provided, RankPlan, ReduceOp, ReplicaStep, Result, Samples, Shards, StageInput,
+    StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -544,10 +544,7 @@ impl Strategy for Pipeline {
             )));
         }
         let layout = model.layout().clone();
-        let mut params = vec![0f32; layout.total()];
-        model.read_params(&mut params)?;
-        mesh.replicas.broadcast(bytemuck::cast_slice_mut(&mut params), 0, self.deadline())?;
-        model.write_params(&params)?;
+        let mut params = ModelParams::synced(model, mesh.replicas.as_ref(), self.deadline())?;
         let ties = Ties::new(pipe, model.tied_params(), &layout, self.deadline())?;
 
         let tied: Vec<usize> = model.tied_params().iter().map(|t| t.0).collect();
@@ -629,8 +626,8 @@ impl Strategy for Pipeline {
                 deadline: &deadline,
             };
             let sharded = shards.as_ref().map(|s| (s, &mut shard_grads[..]));
-            let grad_norm = replica_step.run(&layout, &mut grads, sharded, skip, optimizer, &mut params)?;
-            model.write_params(&params)?;
+            let grad_norm = params
+                .update(model, |p| replica_step.run(&layout, &mut grads, sharded, skip, optimizer, p))?;
             let mut loss = [loss_sum, predictions as f64];
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
             step += 1;

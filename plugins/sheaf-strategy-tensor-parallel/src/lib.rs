@@ -268,8 +268,8 @@ impl Strategy for TensorParallel {
             };
             let sharded = shards.as_ref().map(|s| (s, &mut shard_grads[..]));
             let skip = |i: usize| t != 0 && replicated[i];
-            let grad_norm = replica_step.run(&layout, &mut grads, sharded, skip, optimizer, &mut params)?;
-            model.write_params(&params)?;
+            let grad_norm = params
+                .update(model, |p| replica_step.run(&layout, &mut grads, sharded, skip, optimizer, p))?;
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
             step += 1;
             samples += group_samples;

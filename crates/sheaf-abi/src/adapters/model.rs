@@ -2,10 +2,12 @@
 
 use super::prelude::*;
 
-impl<P, T> ModelAbi for Exported<P>
+// The target is named through `P` (not as a parameter of its own) so that a borrow
+// of `self` bounds it too: `params_mut` lends a slice out of it.
+impl<P> ModelAbi for Exported<P>
 where
-    P: DerefMut<Target = T> + Send,
-    T: Model + ?Sized,
+    P: DerefMut + Send,
+    P::Target: Model,
 {
     fn layout(&self) -> RResult<RVec<AbiParamSpec>, AbiError> {
         guard(self.plugin, "model layout", || Ok(layout_to_abi(self.inner.layout())))
@@ -111,6 +113,11 @@ where
     }
     fn backward_next(&mut self, mut pending: RSliceMut<'_, f32>) -> RResult<u64, AbiError> {
         guard(self.plugin, "model backward_next", || Ok(self.inner.backward_next(&mut pending)? as u64))
+    }
+    fn params_mut(&mut self) -> RResult<ROption<RSliceMut<'_, f32>>, AbiError> {
+        guard(self.plugin, "model params_mut", || {
+            Ok(self.inner.params_mut()?.map(RSliceMut::from_mut_slice).into())
+        })
     }
     fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError> {
         guard(self.plugin, "model tied_params", || {
@@ -252,6 +259,10 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
                 "the model's backward step left {left} of {len} gradient values pending"
             ))),
         }
+    }
+    fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        let lent = self.inner.params_mut().into_result().map_err(Error::from)?;
+        Ok(lent.into_option().map(RSliceMut::into_mut_slice))
     }
     fn tied_params(&self) -> Vec<(usize, usize)> {
         self.tied.clone()
