@@ -351,3 +351,37 @@ fn each_allreduce_algorithm_and_autos_choice_show_on_the_wire() {
         }
     }
 }
+
+/// Over two hosts of two ranks, the hierarchical allreduce (asked for, or `Auto`'s
+/// choice from the size where a flat `Auto` would take the ring) keeps rank 1, which
+/// leads no host, off the network: it sends nothing to the other host's ranks but the
+/// call's signature to its right neighbour, rank 2. Below that size `Auto` runs the flat
+/// direct round (rank 1 sends rank 3 the whole buffer), and an explicit ring stays a
+/// ring (rank 1 sends its blocks to rank 2).
+#[test]
+fn the_hierarchical_allreduce_is_chosen_by_size_and_keeps_non_leaders_off_the_network() {
+    let (small, large) = (4096, 300_000);
+    for (algorithm, len, expect) in [
+        (Algorithm::Auto, small, "direct"),
+        (Algorithm::Auto, large, "hierarchical"),
+        (Algorithm::Hierarchical, small, "hierarchical"),
+        (Algorithm::Ring, large, "ring"),
+    ] {
+        let (links, world, _hosts) = two_hosts();
+        let links: Vec<Arc<dyn Link>> = links.into_iter().map(|l| Arc::new(l) as Arc<dyn Link>).collect();
+        let results = run_links(links, |g| {
+            let mut buf = vec![0u8; len];
+            let g = g.with_algorithm(algorithm).with_hosts(&[0, 0, 1, 1]);
+            g.allreduce(&mut buf, DType::F32, ReduceOp::Sum, deadline())
+        });
+        assert!(results.iter().all(Result::is_ok), "{algorithm}: {results:?}");
+        let (to2, to3) = (world.sent(1, 2), world.sent(1, 3));
+        let case = format!("{algorithm} of {len} bytes: rank 1 sent rank 2 {to2:?}, rank 3 {to3:?}");
+        assert_eq!(to2.first(), Some(&24), "{case}: no signature first");
+        match expect {
+            "direct" => assert!(to2[1..] == [len] && to3 == [len], "{case}"),
+            "hierarchical" => assert!(to2.len() == 1 && to3.is_empty(), "{case}"),
+            _ => assert!(to2.len() > 1 && to3.is_empty(), "{case}"),
+        }
+    }
+}
