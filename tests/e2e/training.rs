@@ -177,7 +177,8 @@ fn data_parallel_equals_one_process_after_ten_steps() {
 /// between real worker processes: gradient buckets of 64 KiB reduced on a
 /// communication thread during the backward pass (`overlap`, which this 2-core
 /// machine's default of 2 workers leaves off) and ZeRO stages 1 and 2 (3 workers, AdamW's state sharded, reported 1/3 per
-/// rank, and a third of the gradients besides the full-size buffer the model writes);
+/// rank, and a third of the gradients besides the full-size buffer the model writes, or
+/// for a deeper model in small buckets, less than one full-size buffer in all);
 /// and gradients through bf16 on the wire, which ends near the f32 run.
 #[test]
 fn buckets_and_zero_keep_the_law_between_processes() {
@@ -225,6 +226,24 @@ fn buckets_and_zero_keep_the_law_between_processes() {
     assert!(grads(&stage2).abs_diff(params + params / 3) <= 64, "ZeRO 2: {} of {params}", grads(&stage2));
     let stage1 = grads(&sharded);
     assert!(stage1.abs_diff(params + 4 + params / 3) <= 64, "ZeRO 1: {stage1} of {params}");
+
+    // A deeper model in 16 KiB buckets: each backward step of the fused MLP goes into a
+    // window of a bucket and a step, so a rank holds less than one full-size gradient
+    // buffer in all (its third of the sums included), and still trains as one process.
+    let deep = [
+        "model.layers=[64, 64, 64, 64, 64, 64, 64, 64, 10]",
+        "parallel.options.data-parallel.bucket_mb=0.015625",
+    ];
+    let single_deep = run("1", &deep);
+    let windowed = run("3", &[deep[0], deep[1], "parallel.options.data-parallel.zero=2"]);
+    let d = max_abs_diff(&checkpoint(single_deep.path()), &checkpoint(windowed.path()));
+    assert!(d <= 1e-6, "ZeRO 2 through windows over 3 processes: max abs diff {d}");
+    let params = summary(single_deep.path())["optimizer_state_bytes_per_rank"].as_u64().unwrap() / 2;
+    assert!(
+        grads(&windowed) < params,
+        "ZeRO 2 through windows: {} bytes of gradients, the model has {params}",
+        grads(&windowed)
+    );
 
     let narrow = run("2", &["parallel.options.data-parallel.grad_dtype=\"bf16\""]);
     let (f, b) = (

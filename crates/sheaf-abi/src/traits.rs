@@ -335,6 +335,9 @@ pub trait ModelAbi: Send {
     fn backward_next(&mut self, pending: RSliceMut<'_, f32>) -> RResult<u64, AbiError>;
     /// The model's own parameter buffer, lent for an update in place (ABI 0.9).
     fn params_mut(&mut self) -> RResult<ROption<RSliceMut<'_, f32>>, AbiError>;
+    /// Backward steps into a window of the gradient buffer (ABI 0.9).
+    fn backward_window(&self) -> RResult<ROption<u64>, AbiError>;
+    fn backward_next_into(&mut self, window: RSliceMut<'_, f32>, end: u64) -> RResult<u64, AbiError>;
 }
 
 /// A model piece: blocks `start..end`, and a place in a tensor-parallel group.

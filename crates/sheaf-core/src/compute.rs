@@ -329,6 +329,28 @@ pub trait Model: Send {
         Err(Error::Unsupported("this model has no stepped backward pass".into()))
     }
 
+    /// The most gradient values one step of the stepped backward pass finishes, for a
+    /// model that can write each step into a window of the gradient buffer
+    /// ([`Model::backward_next_into`]); `None` (the default): only into the whole of
+    /// its front. With windows, ZeRO stage 2 holds a bucket and a step of gradients
+    /// rather than all of them.
+    fn backward_window(&self) -> Option<usize> {
+        None
+    }
+
+    /// [`Model::backward_next`] into `window`, which stands for values
+    /// `[end - window.len(), end)` of the flat gradient buffer, `end` being how many
+    /// values the last step left pending (the layout's total at first): the step writes
+    /// its gradients there and returns how many are still pending, never fewer than
+    /// `end - window.len()`. A window of [`Model::backward_window`] values, or all that
+    /// is pending when fewer, always suffices.
+    fn backward_next_into(&mut self, window: &mut [f32], end: usize) -> Result<usize> {
+        let _ = (window, end);
+        Err(Error::Unsupported(
+            "this model writes its backward steps only into the whole gradient buffer".into(),
+        ))
+    }
+
     /// Summed loss and number of correct predictions on `batch`, without gradients
     /// (over [`Batch::predictions`] predictions).
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)>;

@@ -298,6 +298,12 @@ impl Model for TracedModel<'_> {
     fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
         self.timed("backward", |m| m.backward_next(pending))
     }
+    fn backward_window(&self) -> Option<usize> {
+        self.inner.backward_window()
+    }
+    fn backward_next_into(&mut self, window: &mut [f32], end: usize) -> Result<usize> {
+        self.timed("backward", |m| m.backward_next_into(window, end))
+    }
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
         self.timed("evaluate", |m| m.evaluate(batch))
     }

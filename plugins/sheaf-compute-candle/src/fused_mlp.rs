@@ -162,7 +162,31 @@ impl Model for FusedMlp {
     }
 
     fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
-        on_compute_threads(|| self.backward_layer(pending))
+        let expected = self.pending()?;
+        if pending.len() != expected {
+            return Err(Error::invalid(format!(
+                "{} pending gradient values, but the backward pass has {expected} left",
+                pending.len()
+            )));
+        }
+        on_compute_threads(|| self.backward_layer(pending, 0))
+    }
+
+    fn backward_window(&self) -> Option<usize> {
+        // A step is one layer: its weight and its bias.
+        (0..self.layers()).map(|l| self.layout.range(2 * l).len() + self.layout.range(2 * l + 1).len()).max()
+    }
+
+    fn backward_next_into(&mut self, window: &mut [f32], end: usize) -> Result<usize> {
+        let expected = self.pending()?;
+        if end != expected || window.len() > end {
+            return Err(Error::invalid(format!(
+                "a window of {} values ending at {end}, but the backward pass has {expected} left",
+                window.len()
+            )));
+        }
+        let base = end - window.len();
+        on_compute_threads(|| self.backward_layer(window, base))
     }
 
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
@@ -186,43 +210,50 @@ impl Model for FusedMlp {
 }
 
 impl FusedMlp {
+    /// The values of the gradient buffer not final yet: up to the end of layer
+    /// `next - 1`'s bias. An error when no backward pass is under way.
+    fn pending(&self) -> Result<usize> {
+        if self.next == 0 {
+            return Err(Error::BadState("backward_next without a backward pass begun".into()));
+        }
+        Ok(self.layout.range(2 * self.next - 1).end)
+    }
+
     /// The backward pass of the next layer down (see [`Model::backward_next`]): its
     /// weight and bias gradients, returned as soon as they are written so that a
     /// strategy can send them while the gradient with respect to the layer's input
     /// (the delta of the layer below, which needs a product as large) is computed at
-    /// the start of the next call.
-    fn backward_layer(&mut self, pending: &mut [f32]) -> Result<usize> {
-        if self.next == 0 {
-            return Err(Error::BadState("backward_next without a backward pass begun".into()));
-        }
-        if pending.len() != self.layout.range(2 * self.next - 1).end {
+    /// the start of the next call. `buf` holds the gradient buffer's values from
+    /// `base` on, up to what is pending.
+    fn backward_layer(&mut self, buf: &mut [f32], base: usize) -> Result<usize> {
+        let l = self.next - 1;
+        let (inp, out) = (self.spec.layers[l], self.spec.layers[l + 1]);
+        let (w, b) = (self.layout.range(2 * l), self.layout.range(2 * l + 1));
+        if w.start < base {
             return Err(Error::invalid(format!(
-                "{} pending gradient values, but the backward pass has {} left",
-                pending.len(),
-                self.layout.range(2 * self.next - 1).end
+                "a window from gradient value {base} cannot hold layer {l}'s, from {}",
+                w.start
             )));
         }
+        let (w, b) = (w.start - base..w.end - base, b.start - base..b.end - base);
         let n = self.rows();
         if self.owed && n > 0 {
             // The delta of layer `next` from that of the layer above it.
             self.propagate(self.next);
         }
         self.owed = false;
-        let l = self.next - 1;
-        let (inp, out) = (self.spec.layers[l], self.spec.layers[l + 1]);
-        let (w, b) = (self.layout.range(2 * l), self.layout.range(2 * l + 1));
         if n == 0 {
-            pending[w.start..].fill(0.0);
+            buf[w.start..].fill(0.0);
         } else {
             let x = if l == 0 { &self.input } else { &self.outputs[l - 1] };
             let delta = View::rows(&self.delta, n, out);
             // dW = delta^T x, db = the column sums of delta.
-            matmul(&mut pending[w.clone()], false, delta.t(), View::rows(x, n, inp), self.threads);
-            column_sums(&self.delta, &mut pending[b], self.threads);
+            matmul(&mut buf[w.clone()], false, delta.t(), View::rows(x, n, inp), self.threads);
+            column_sums(&self.delta, &mut buf[b], self.threads);
             self.owed = l > 0;
         }
         self.next = l;
-        Ok(w.start)
+        Ok(w.start + base)
     }
 
     /// Replaces `delta`, the gradient with respect to the output of layer `above`, by

@@ -371,7 +371,34 @@ proptest::proptest! {
         let layout = fused.layout().clone();
         let expected: Vec<usize> = (0..widths.len() - 1).rev().map(|l| layout.range(2 * l).start).collect();
         proptest::prop_assert_eq!(frontiers, expected);
-        proptest::prop_assert_eq!(stepped, gf);
+        proptest::prop_assert_eq!(&stepped, &gf);
         proptest::prop_assert!(fused.backward_next(&mut []).is_err(), "a step past the end is an error");
+
+        // The same pass a step at a time into a window of the largest step, each step
+        // copied out of it: the same gradients, bit for bit. A window too small for a
+        // step is an error, not a write elsewhere.
+        let largest = fused.backward_window().unwrap();
+        proptest::prop_assert_eq!(largest, frontiers_sizes(&layout, widths.len() - 1).into_iter().max().unwrap());
+        fused.backward_begin(&batch).unwrap();
+        let mut windowed = vec![f32::NAN; total];
+        let mut end = total;
+        while end > 0 {
+            let mut window = vec![f32::NAN; largest.min(end)];
+            let left = fused.backward_next_into(&mut window, end).unwrap();
+            let base = end - window.len();
+            windowed[left..end].copy_from_slice(&window[left - base..]);
+            end = left;
+        }
+        proptest::prop_assert_eq!(&windowed, &gf);
+        fused.backward_begin(&batch).unwrap();
+        let top = *frontiers_sizes(&layout, widths.len() - 1).last().unwrap();
+        let e = fused.backward_next_into(&mut vec![0.0; top - 1], total).unwrap_err().to_string();
+        proptest::prop_assert!(e.contains("cannot hold layer"), "{}", e);
     }
+}
+
+/// Each layer's weight and bias values, first layer first: what one backward step of
+/// the fused MLP finishes.
+fn frontiers_sizes(layout: &sheaf_core::ParamLayout, layers: usize) -> Vec<usize> {
+    (0..layers).map(|l| layout.range(2 * l).len() + layout.range(2 * l + 1).len()).collect()
 }

@@ -140,6 +140,22 @@ impl Exchange<'_> {
         Ok(squares)
     }
 
+    /// The most gradient values [`Exchange::scatter_windowed`] holds for backward
+    /// steps of at most `step` values: its buffer ([`held_len`]) and the copies of
+    /// finished buckets on their way, one exchanged between the backward steps or, with
+    /// a communication thread, up to three (one it reduces, one queued, one waiting to
+    /// be queued).
+    pub fn windowed_values(&self, step: usize) -> usize {
+        let copies = if self.threaded() { 3 } else { 1 };
+        let largest = self.buckets.iter().map(Range::len).max().unwrap_or(0);
+        held_len(self.buckets, step) + copies.min(self.buckets.len()) * largest
+    }
+
+    /// Whether finished buckets go to a communication thread (see [`Exchange::pipelined`]).
+    pub fn threaded(&self) -> bool {
+        self.comm.world_size() > 1 && self.overlap
+    }
+
     /// Runs `produce`, which hands out jobs (finished buckets) through the closure it
     /// is given, and does each job with `work`: on a communication thread while
     /// `produce` goes on (`overlap`), or here as each is handed out (without `overlap`,
@@ -153,7 +169,7 @@ impl Exchange<'_> {
         produce: impl FnOnce(&mut dyn FnMut(J) -> bool) -> Result<T>,
         mut work: impl FnMut(J) -> Result<f64> + Send,
     ) -> Result<(T, f64)> {
-        if self.comm.world_size() == 1 || !self.overlap {
+        if !self.threaded() {
             let (mut sum, mut failed) = (0f64, None);
             let produced = produce(&mut |job| match work(job) {
                 Ok(v) => {
@@ -171,7 +187,9 @@ impl Exchange<'_> {
             };
         }
         std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel::<J>();
+            // At most one job waits while the thread works on another: a producer that
+            // copies its jobs out (`scatter_windowed`) holds three at the most.
+            let (tx, rx) = mpsc::sync_channel::<J>(1);
             let worker = s.spawn(move || -> Result<f64> {
                 let mut sum = 0f64;
                 for job in rx {
@@ -266,6 +284,68 @@ impl Exchange<'_> {
         Ok(loss)
     }
 
+    /// ZeRO stage 2 for a model that writes each backward step into a window
+    /// ([`Model::backward_next_into`], at most `step` values a step): as
+    /// [`Exchange::scatter`], but no full-size gradient buffer is held. The steps are
+    /// written into `held`, which holds the final values of the bucket being filled and
+    /// room for one more step (the largest bucket plus `step` values, see
+    /// [`held_len`]), and each finished bucket is copied out of it to be scattered.
+    /// Returns the micro-batch's mean loss.
+    #[allow(clippy::too_many_arguments)]
+    pub fn scatter_windowed(
+        &self,
+        model: &mut dyn Model,
+        held: &mut [f32],
+        shards: &Shards,
+        shard: &mut [f32],
+        share: f32,
+        batch: &sheaf_core::Batch<'_>,
+    ) -> Result<f32> {
+        let total = self.buckets.first().map_or(0, |b| b.end);
+        let deadline = || Deadline::after(self.timeout);
+        let (comm, wire) = (self.comm, self.wire);
+        let mut outs = shards.split_shard(shard).into_iter();
+        let mut scratch = Vec::new();
+        let (loss, _) = self.pipelined(
+            |deliver| {
+                let loss = model.backward_begin(batch)?;
+                let cap = held.len();
+                // `held[i]` is gradient value `top - cap + i`; values `[pending, top)` are
+                // final and not handed out yet (part of bucket `sent`).
+                let (mut top, mut pending, mut sent) = (total, total, 0);
+                while pending > 0 {
+                    let room = cap - (top - pending);
+                    let window = &mut held[pending + cap - top - room.min(pending)..pending + cap - top];
+                    let floor = pending - window.len();
+                    let left = model.backward_next_into(window, pending)?;
+                    if left >= pending || left < floor {
+                        return Err(Error::BadState(format!(
+                            "the model's backward step into a window of {} values ending at {pending} left {left} pending",
+                            pending - floor
+                        )));
+                    }
+                    pending = left;
+                    while sent < self.buckets.len() && self.buckets[sent].start >= pending {
+                        let b = &self.buckets[sent];
+                        let bucket = held[b.start + cap - top..].to_vec();
+                        // What is final below the bucket moves up to the top of `held`.
+                        held.copy_within(pending + cap - top..b.start + cap - top, cap - (b.start - pending));
+                        top = b.start;
+                        if !deliver((bucket, outs.next().expect("a chunk of the shard per bucket"))) {
+                            return Ok(loss);
+                        }
+                        sent += 1;
+                    }
+                }
+                Ok(loss)
+            },
+            move |(mut bucket, out): (Vec<f32>, &mut [f32])| {
+                zero::scatter_add(comm, &mut bucket, share, out, wire, deadline(), &mut scratch).map(|()| 0.0)
+            },
+        )?;
+        Ok(loss)
+    }
+
     /// Runs `model`'s backward pass, whose gradients go into the first `total` values of
     /// `buf`, and hands each bucket's slice of `buf` to `ready` (with the pass's loss)
     /// as soon as the pass has finished it, the buckets in order; the first bucket's
@@ -308,6 +388,14 @@ impl Exchange<'_> {
             }
         }
     }
+}
+
+/// The length of [`Exchange::scatter_windowed`]'s buffer for `buckets` and backward
+/// steps of at most `step` values: the largest bucket and one step (a step may finish
+/// the end of one bucket and the start of the next), no more than the whole buffer.
+pub fn held_len(buckets: &[Range<usize>], step: usize) -> usize {
+    let total = buckets.first().map_or(0, |b| b.end);
+    (buckets.iter().map(Range::len).max().unwrap_or(0) + step).min(total)
 }
 
 /// Hands a finished bucket of the step's sums to `deliver`, the micro-batch's share of

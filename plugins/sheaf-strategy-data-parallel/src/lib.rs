@@ -26,7 +26,7 @@ mod zero;
 use std::time::{Duration, Instant};
 
 pub use buckets::{buckets, GradDType};
-use buckets::{Backward, Exchange};
+use buckets::{held_len, Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
@@ -243,8 +243,8 @@ impl Strategy for DataParallel {
         // of one micro-batch writes its gradients into them directly, so a buffer for
         // each micro-batch's own is needed only with accumulation or stage 2.
         let mut reduced = vec![0f32; if stage >= 2 { 0 } else { total + 1 }];
-        let mut grads = vec![0f32; if stage >= 2 || config.grad_accum > 1 { total } else { 0 }];
         let buckets = buckets(&layout, self.config.bucket_bytes());
+        let stepped = model.backward_in_steps();
         let exchange = Exchange {
             comm,
             buckets: &buckets,
@@ -252,10 +252,20 @@ impl Strategy for DataParallel {
             timeout: Duration::from_millis(self.config.timeout_ms),
             overlap: self.config.overlap(),
         };
-        let stepped = model.backward_in_steps();
+        // Under stage 2, a model that writes each backward step into a window fills a
+        // buffer of a bucket and a step (`held`, besides the copies of buckets on their
+        // way) instead of a full-size one (`grads`), where that holds fewer values.
+        let window = model
+            .backward_window()
+            .filter(|&step| stage >= 2 && stepped && exchange.windowed_values(step) < total);
+        let mut held = vec![0f32; window.map_or(0, |step| held_len(&buckets, step))];
+        let in_flight = window.map_or(0, |step| exchange.windowed_values(step) - held.len());
+        let full = (stage >= 2 && window.is_none()) || (stage < 2 && config.grad_accum > 1);
+        let mut grads = vec![0f32; if full { total } else { 0 }];
         let shards = (stage >= 1).then(|| Shards::new(&layout, &buckets, rank, world));
         let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
-        let gradient_bytes = 4 * (grads.len() + reduced.len() + shard_grads.len()) as u64;
+        let gradient_bytes =
+            4 * (grads.len() + reduced.len() + shard_grads.len() + held.len() + in_flight) as u64;
         // A resumed run goes on from its checkpoint's step (the host restored the
         // parameters and optimizer state; `optimizer_steps` starts after it).
         let mut step = config.start_step;
@@ -310,8 +320,18 @@ impl Strategy for DataParallel {
                     let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
                     if let (Some(shards), true) = (&shards, stage >= 2) {
                         // Every micro-batch's buckets are reduce-scattered as they finish.
-                        let loss =
-                            exchange.scatter(model, &mut grads, shards, &mut shard_grads, share, backward)?;
+                        let loss = if window.is_some() {
+                            exchange.scatter_windowed(
+                                model,
+                                &mut held,
+                                shards,
+                                &mut shard_grads,
+                                share,
+                                &batch,
+                            )?
+                        } else {
+                            exchange.scatter(model, &mut grads, shards, &mut shard_grads, share, backward)?
+                        };
                         scattered_loss += loss * share;
                         continue;
                     }

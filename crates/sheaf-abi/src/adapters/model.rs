@@ -119,6 +119,17 @@ where
             Ok(self.inner.params_mut()?.map(RSliceMut::from_mut_slice).into())
         })
     }
+    fn backward_window(&self) -> RResult<ROption<u64>, AbiError> {
+        guard(self.plugin, "model backward_window", || {
+            Ok(self.inner.backward_window().map(|n| n as u64).into())
+        })
+    }
+    fn backward_next_into(&mut self, mut window: RSliceMut<'_, f32>, end: u64) -> RResult<u64, AbiError> {
+        guard(self.plugin, "model backward_next_into", || {
+            let end = usize_of(end, "pending gradient values")?;
+            Ok(self.inner.backward_next_into(&mut window, end)? as u64)
+        })
+    }
     fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError> {
         guard(self.plugin, "model tied_params", || {
             Ok(self
@@ -143,6 +154,7 @@ pub(crate) struct LoadedModel<'a, P: GetPointerKind> {
     pub(crate) tied: Vec<(usize, usize)>,
     pub(crate) replicated: Vec<bool>,
     pub(crate) in_steps: bool,
+    pub(crate) window: Option<usize>,
 }
 
 impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
@@ -169,7 +181,11 @@ impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
             )));
         }
         let in_steps = inner.backward_in_steps().into_result()?;
-        Ok(LoadedModel { inner, layout, piece, segments, tied, replicated, in_steps })
+        let window = match inner.backward_window().into_result()?.into_option() {
+            Some(n) => Some(usize_of(n, "backward window")?),
+            None => None,
+        };
+        Ok(LoadedModel { inner, layout, piece, segments, tied, replicated, in_steps, window })
     }
 }
 
@@ -257,6 +273,20 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
             Ok(left) if left <= len => Ok(left),
             _ => Err(Error::invalid(format!(
                 "the model's backward step left {left} of {len} gradient values pending"
+            ))),
+        }
+    }
+    fn backward_window(&self) -> Option<usize> {
+        self.window
+    }
+    fn backward_next_into(&mut self, window: &mut [f32], end: usize) -> Result<usize> {
+        let floor = end.saturating_sub(window.len());
+        let left =
+            self.inner.backward_next_into(RSliceMut::from_mut_slice(window), end as u64).into_result()?;
+        match usize::try_from(left) {
+            Ok(left) if (floor..end).contains(&left) => Ok(left),
+            _ => Err(Error::invalid(format!(
+                "the model's backward step into a window of {end} pending values left {left}, outside {floor}..{end}"
             ))),
         }
     }
