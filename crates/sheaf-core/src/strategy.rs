@@ -103,6 +103,51 @@ pub fn save_checkpoint_if_due(
     sink.save(step, &params, &optimizer.state()?)
 }
 
+/// What one optimizer step did, for [`report_step`].
+#[derive(Clone, Debug)]
+pub struct StepDone {
+    /// Optimizer steps done, this one included.
+    pub step: u64,
+    /// The epoch of the step's last micro-batch.
+    pub epoch: u64,
+    /// The step's mean training loss.
+    pub loss: f64,
+    /// The gradient's global norm before clipping.
+    pub grad_norm: f64,
+    /// The samples the step trained on, over all ranks.
+    pub samples: usize,
+    /// When the step began.
+    pub started: std::time::Instant,
+}
+
+/// The end of an optimizer step, the same under every strategy, on every rank: on the
+/// steps that evaluate (`train.eval_every`) the validation loss from `validate`, the
+/// step's metrics to `metrics`, then a checkpoint when one is due. Returns the
+/// validation loss when there was one.
+pub fn report_step(
+    done: StepDone,
+    config: &TrainConfig,
+    metrics: &mut dyn MetricsSink,
+    checkpoints: &mut dyn CheckpointSink,
+    model: &mut dyn Model,
+    optimizer: &dyn Optimizer,
+    validate: impl FnOnce(&mut dyn Model) -> Result<f64>,
+) -> Result<Option<f64>> {
+    let evaluates = config.eval_every.is_some_and(|every| every > 0 && done.step.is_multiple_of(every));
+    let val_loss = if evaluates { Some(validate(model)?) } else { None };
+    metrics.record(&StepMetrics {
+        step: done.step,
+        epoch: done.epoch,
+        loss: done.loss,
+        lr: optimizer.learning_rate(),
+        samples_per_sec: done.samples as f64 / done.started.elapsed().as_secs_f64().max(1e-9),
+        grad_norm: done.grad_norm,
+        val_loss,
+    });
+    save_checkpoint_if_due(checkpoints, config, done.step, model, optimizer)?;
+    Ok(val_loss)
+}
+
 /// The learning rate over a run: linear warmup over `warmup_steps`, then constant or
 /// cosine decay to `min_lr` at the last step (nanoGPT's `get_lr`).
 #[derive(Clone, Debug, PartialEq)]

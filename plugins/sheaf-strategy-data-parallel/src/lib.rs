@@ -30,10 +30,10 @@ use buckets::{held_len, Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
-    clip_to, epochs_done, evaluate_indices, optimizer_steps, save_checkpoint_if_due, sum_of_squares,
-    test_totals, with_prefetch, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model,
-    ModelParams, PlanInput, PluginKind, Prefetch, Provided, ReduceOp, Result, Shards, StepMetrics, Strategy,
-    StrategyPlan, TrainContext, TrainSummary,
+    clip_to, epochs_done, evaluate_indices, optimizer_steps, report_step, sum_of_squares, test_totals,
+    with_prefetch, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, ModelParams,
+    PlanInput, PluginKind, Prefetch, Provided, ReduceOp, Result, Shards, StepDone, Strategy, StrategyPlan,
+    TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -402,27 +402,22 @@ impl Strategy for DataParallel {
                 step += 1;
                 samples += group_samples;
                 last_loss = loss;
-                let val_loss = match config.eval_every {
-                    Some(every) if step.is_multiple_of(every) => {
-                        let eval = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
-                        last_eval = Some((step, eval));
-                        Some(eval.1)
-                    }
-                    _ => None,
-                };
-                metrics.record(&StepMetrics {
-                    step,
-                    epoch: group.last().map_or(0, |(e, _)| *e),
-                    loss: last_loss,
-                    lr: optimizer.learning_rate(),
-                    samples_per_sec: group_samples as f64 / t0.elapsed().as_secs_f64().max(1e-9),
-                    grad_norm,
-                    val_loss,
-                });
                 if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
                     params.read(model, |p| check_in_sync(comm, p, step, self.deadline()))?;
                 }
-                save_checkpoint_if_due(checkpoints, &config, step, model, optimizer)?;
+                let done = StepDone {
+                    step,
+                    epoch: group.last().map_or(0, |(e, _)| *e),
+                    loss: last_loss,
+                    grad_norm,
+                    samples: group_samples,
+                    started: t0,
+                };
+                report_step(done, &config, metrics, checkpoints, model, optimizer, |model| {
+                    let eval = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
+                    last_eval = Some((step, eval));
+                    Ok(eval.1)
+                })?;
             }
             Ok(())
         })?;

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, check_piece_zero_stage, epochs_done, forward_segments, optimizer_steps,
-    save_checkpoint_if_due, test_totals, Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput,
-    PluginKind, Provided, RankPlan, ReduceOp, ReplicaStep, Result, Shards, StageInput, StepMetrics, Strategy,
-    StrategyPlan, TrainContext, TrainSummary,
+    backward_segments, check_piece_zero_stage, epochs_done, forward_segments, optimizer_steps, report_step,
+    test_totals, Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided,
+    RankPlan, ReduceOp, ReplicaStep, Result, Shards, StageInput, StepDone, Strategy, StrategyPlan,
+    TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -274,22 +274,17 @@ impl Strategy for TensorParallel {
             step += 1;
             samples += group_samples;
             last_loss = loss[0] / loss[1].max(1.0);
-            let val_loss = match config.eval_every {
-                Some(every) if step.is_multiple_of(every) => {
-                    Some(test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())?.1)
-                }
-                _ => None,
-            };
-            metrics.record(&StepMetrics {
+            let done = StepDone {
                 step,
                 epoch: batches.last().map_or(0, |(e, _)| *e),
                 loss: last_loss,
-                lr: optimizer.learning_rate(),
-                samples_per_sec: group_samples as f64 / t0.elapsed().as_secs_f64().max(1e-9),
                 grad_norm,
-                val_loss,
-            });
-            save_checkpoint_if_due(checkpoints, &config, step, model, optimizer)?;
+                samples: group_samples,
+                started: t0,
+            };
+            report_step(done, &config, metrics, checkpoints, model, optimizer, |model| {
+                Ok(test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())?.1)
+            })?;
         }
         let wall = start.elapsed().as_secs_f64();
 
