@@ -760,6 +760,21 @@ mod tests {
         }
     }
 
+    /// An all-to-all whose input and output differ in length, or whose buffers are not
+    /// one equal block per rank, is refused before anything is sent.
+    #[test]
+    fn an_all_to_all_of_unequal_or_uneven_buffers_is_refused() {
+        let g = Group::world(Arc::new(Silent(0, 3)));
+        let dl = Deadline::after(std::time::Duration::from_secs(5));
+        for (input, output) in [(12, 9), (9, 12), (10, 10)] {
+            let e = g.all_to_all(&vec![0u8; input], &mut vec![0u8; output], dl).unwrap_err();
+            assert!(
+                matches!(&e, CommError::InvalidArgument { detail, .. } if detail.contains("3 equal blocks")),
+                "{input} -> {output}: {e}"
+            );
+        }
+    }
+
     /// A link whose ranks have already reported whom they waited on.
     struct Reported(Vec<(usize, usize)>);
 
