@@ -266,10 +266,7 @@ impl Exchange<'_> {
         backward: Backward<'_>,
     ) -> Result<f32> {
         let total = grads.len();
-        let deadline = || Deadline::after(self.timeout);
-        let (comm, wire) = (self.comm, self.wire);
         let mut outs = shards.split_shard(shard).into_iter();
-        let mut scratch = Vec::new();
         let (loss, _) = self.pipelined(
             |deliver| {
                 self.drive(model, backward, grads, total, |_, bucket, _| {
@@ -277,11 +274,24 @@ impl Exchange<'_> {
                     deliver((bucket, out))
                 })
             },
-            move |(bucket, out)| {
-                zero::scatter_add(comm, bucket, share, out, wire, deadline(), &mut scratch).map(|()| 0.0)
-            },
+            self.scatter_work(share),
         )?;
         Ok(loss)
+    }
+
+    /// ZeRO stage 2's work on one finished bucket, for [`Exchange::pipelined`]: the
+    /// bucket scaled by `share`, reduce-scattered, and this rank's chunk of the sum added
+    /// into its chunk of the shard ([`zero::scatter_add`]).
+    fn scatter_work<B: AsMut<[f32]>>(
+        &self,
+        share: f32,
+    ) -> impl FnMut((B, &mut [f32])) -> Result<f64> + Send + use<'_, B> {
+        let (comm, wire, timeout) = (self.comm, self.wire, self.timeout);
+        let mut scratch = Vec::new();
+        move |(mut bucket, out)| {
+            let deadline = Deadline::after(timeout);
+            zero::scatter_add(comm, bucket.as_mut(), share, out, wire, deadline, &mut scratch).map(|()| 0.0)
+        }
     }
 
     /// ZeRO stage 2 for a model that writes each backward step into a window
@@ -291,7 +301,6 @@ impl Exchange<'_> {
     /// room for one more step (the largest bucket plus `step` values, see
     /// [`held_len`]), and each finished bucket is copied out of it to be scattered.
     /// Returns the micro-batch's mean loss.
-    #[allow(clippy::too_many_arguments)]
     pub fn scatter_windowed(
         &self,
         model: &mut dyn Model,
@@ -302,10 +311,7 @@ impl Exchange<'_> {
         batch: &sheaf_core::Batch<'_>,
     ) -> Result<f32> {
         let total = self.buckets.first().map_or(0, |b| b.end);
-        let deadline = || Deadline::after(self.timeout);
-        let (comm, wire) = (self.comm, self.wire);
         let mut outs = shards.split_shard(shard).into_iter();
-        let mut scratch = Vec::new();
         let (loss, _) = self.pipelined(
             |deliver| {
                 let loss = model.backward_begin(batch)?;
@@ -339,9 +345,7 @@ impl Exchange<'_> {
                 }
                 Ok(loss)
             },
-            move |(mut bucket, out): (Vec<f32>, &mut [f32])| {
-                zero::scatter_add(comm, &mut bucket, share, out, wire, deadline(), &mut scratch).map(|()| 0.0)
-            },
+            self.scatter_work::<Vec<f32>>(share),
         )?;
         Ok(loss)
     }
