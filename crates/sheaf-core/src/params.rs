@@ -17,7 +17,7 @@ pub struct ModelParams {
 impl ModelParams {
     /// A hold on `model`'s current parameters.
     pub fn new(model: &mut dyn Model) -> Result<ModelParams> {
-        let copy = match lent(model, false)? {
+        let copy = match offered(model)? {
             Some(_) => None,
             None => {
                 let mut copy = vec![0f32; model.layout().total()];
@@ -50,31 +50,34 @@ impl ModelParams {
                 model.write_params(copy)?;
                 Ok(r)
             }
-            None => f(lent(model, true)?.expect("lent checks that the buffer is still lent")),
+            None => f(loan(model)?),
         }
     }
 
     /// Runs `f` on the parameters, without changing them.
-    pub fn read<R>(&mut self, model: &mut dyn Model, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    pub fn read<R>(&self, model: &mut dyn Model, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
         match &self.copy {
             Some(copy) => f(copy),
-            None => f(lent(model, true)?.expect("lent checks that the buffer is still lent")),
+            None => f(loan(model)?),
         }
     }
 }
 
-/// The buffer `model` lends, checked to be as long as its layout; with `must`, a model
-/// that lent it before and lends nothing now is an error.
-fn lent(model: &mut dyn Model, must: bool) -> Result<Option<&mut [f32]>> {
+/// The buffer `model` lends, if any, checked to be as long as its layout.
+fn offered(model: &mut dyn Model) -> Result<Option<&mut [f32]>> {
     let total = model.layout().total();
     match model.params_mut()? {
         Some(p) if p.len() != total => Err(Error::BadState(format!(
             "the model lent a parameter buffer of {} values, but its layout has {total}",
             p.len()
         ))),
-        None if must => Err(Error::BadState("the model no longer lends its parameter buffer".into())),
         lent => Ok(lent),
     }
+}
+
+/// The buffer of a model that lent it before: lending nothing now is an error.
+fn loan(model: &mut dyn Model) -> Result<&mut [f32]> {
+    offered(model)?.ok_or_else(|| Error::BadState("the model no longer lends its parameter buffer".into()))
 }
 
 #[cfg(test)]

@@ -162,14 +162,9 @@ impl Model for FusedMlp {
     }
 
     fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
-        let expected = self.pending()?;
-        if pending.len() != expected {
-            return Err(Error::invalid(format!(
-                "{} pending gradient values, but the backward pass has {expected} left",
-                pending.len()
-            )));
-        }
-        on_compute_threads(|| self.backward_layer(pending, 0))
+        // The whole front is a window ending where it does.
+        let end = pending.len();
+        self.backward_next_into(pending, end)
     }
 
     fn backward_window(&self) -> Option<usize> {
@@ -181,7 +176,8 @@ impl Model for FusedMlp {
         let expected = self.pending()?;
         if end != expected || window.len() > end {
             return Err(Error::invalid(format!(
-                "a window of {} values ending at {end}, but the backward pass has {expected} left",
+                "{} pending gradient values in a window of {}, but the backward pass has {expected} left",
+                end,
                 window.len()
             )));
         }

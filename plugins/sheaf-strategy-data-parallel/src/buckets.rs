@@ -140,15 +140,17 @@ impl Exchange<'_> {
         Ok(squares)
     }
 
-    /// The most gradient values [`Exchange::scatter_windowed`] holds for backward
-    /// steps of at most `step` values: its buffer ([`held_len`]) and the copies of
-    /// finished buckets on their way, one exchanged between the backward steps or, with
-    /// a communication thread, up to three (one it reduces, one queued, one waiting to
-    /// be queued).
-    pub fn windowed_values(&self, step: usize) -> usize {
-        let copies = if self.threaded() { 3 } else { 1 };
+    /// What [`Exchange::scatter_windowed`] holds for backward steps of at most `step`
+    /// values, in values: its buffer (the largest bucket and one step, as a step may
+    /// finish the end of one bucket and the start of the next, no more than the whole
+    /// buffer), and the copies of finished buckets on their way (one exchanged between
+    /// the backward steps or, with a communication thread, up to three: one it reduces,
+    /// one queued, one waiting to be queued).
+    pub fn window_sizes(&self, step: usize) -> (usize, usize) {
+        let total = self.buckets.first().map_or(0, |b| b.end);
         let largest = self.buckets.iter().map(Range::len).max().unwrap_or(0);
-        held_len(self.buckets, step) + copies.min(self.buckets.len()) * largest
+        let copies = if self.threaded() { 3 } else { 1 };
+        ((largest + step).min(total), copies.min(self.buckets.len()) * largest)
     }
 
     /// Whether finished buckets go to a communication thread (see [`Exchange::pipelined`]).
@@ -299,7 +301,8 @@ impl Exchange<'_> {
     /// [`Exchange::scatter`], but no full-size gradient buffer is held. The steps are
     /// written into `held`, which holds the final values of the bucket being filled and
     /// room for one more step (the largest bucket plus `step` values, see
-    /// [`held_len`]), and each finished bucket is copied out of it to be scattered.
+    /// [`Exchange::window_sizes`]), and each finished bucket is copied out of it to be
+    /// scattered.
     /// Returns the micro-batch's mean loss.
     pub fn scatter_windowed(
         &self,
@@ -392,14 +395,6 @@ impl Exchange<'_> {
             }
         }
     }
-}
-
-/// The length of [`Exchange::scatter_windowed`]'s buffer for `buckets` and backward
-/// steps of at most `step` values: the largest bucket and one step (a step may finish
-/// the end of one bucket and the start of the next), no more than the whole buffer.
-pub fn held_len(buckets: &[Range<usize>], step: usize) -> usize {
-    let total = buckets.first().map_or(0, |b| b.end);
-    (buckets.iter().map(Range::len).max().unwrap_or(0) + step).min(total)
 }
 
 /// Hands a finished bucket of the step's sums to `deliver`, the micro-batch's share of

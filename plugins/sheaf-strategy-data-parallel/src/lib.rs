@@ -26,7 +26,7 @@ mod zero;
 use std::time::{Duration, Instant};
 
 pub use buckets::{buckets, GradDType};
-use buckets::{held_len, Backward, Exchange};
+use buckets::{Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
@@ -257,9 +257,13 @@ impl Strategy for DataParallel {
         // way) instead of a full-size one (`grads`), where that holds fewer values.
         let window = model
             .backward_window()
-            .filter(|&step| stage >= 2 && stepped && exchange.windowed_values(step) < total);
-        let mut held = vec![0f32; window.map_or(0, |step| held_len(&buckets, step))];
-        let in_flight = window.map_or(0, |step| exchange.windowed_values(step) - held.len());
+            .filter(|_| stage >= 2 && stepped)
+            .map(|step| exchange.window_sizes(step))
+            .filter(|(held, in_flight)| held + in_flight < total);
+        let (mut held, in_flight) = match window {
+            Some((held, in_flight)) => (vec![0f32; held], in_flight),
+            None => (Vec::new(), 0),
+        };
         let full = (stage >= 2 && window.is_none()) || (stage < 2 && config.grad_accum > 1);
         let mut grads = vec![0f32; if full { total } else { 0 }];
         let shards = (stage >= 1).then(|| Shards::new(&layout, &buckets, rank, world));

@@ -749,7 +749,7 @@ proptest::proptest! {
             let mut whole = vec![0f32; shards.len()];
             let l1 = exchange.scatter(&mut model, &mut grads, &shards, &mut whole, share, backward).unwrap();
             let step = model.backward_window().unwrap();
-            let mut held = vec![f32::NAN; crate::buckets::held_len(&buckets, step)];
+            let mut held = vec![f32::NAN; exchange.window_sizes(step).0];
             let mut windowed = vec![0f32; shards.len()];
             let l2 = exchange.scatter_windowed(&mut model, &mut held, &shards, &mut windowed, share, &batch).unwrap();
             (l1, l2, whole, windowed, held.len(), layout.total())
