@@ -9,9 +9,11 @@
 //! The backward pass runs in steps ([`Model::backward_next`]): the head and the final
 //! LayerNorm, then each transformer block from the last, then the embeddings, so a
 //! data-parallel strategy reduces the last blocks' gradients while the first blocks'
-//! are computed. With a tied head the token embedding's gradient (first in the
-//! layout) collects the head's part in the first step and the embedding's in the
-//! last.
+//! are computed. Each step can be written into a window of the gradient buffer
+//! ([`Model::backward_next_into`]), so ZeRO stage 2 holds a bucket and a step. With a
+//! tied head the token embedding's gradient (first in the layout) collects the head's
+//! part in the first step and the embedding's in the last; when the first step's
+//! window does not reach it, the head's part waits in the model until the last.
 //!
 //! Sums over rows (bias and LayerNorm gradients) are taken in pieces of fixed size
 //! and added in order, so the result does not depend on the number of threads.
@@ -40,6 +42,25 @@ const EVAL_CHUNK: usize = 32;
 struct Affine {
     w: Range<usize>,
     b: Option<Range<usize>>,
+}
+
+/// The part of the flat gradient buffer a backward step writes: values from `base`
+/// on (all of them, or a window of them; see [`Model::backward_next_into`]), indexed
+/// by where they sit in the whole buffer.
+struct Grads<'a> {
+    buf: &'a mut [f32],
+    base: usize,
+}
+
+impl Grads<'_> {
+    fn at(&mut self, r: &Range<usize>) -> &mut [f32] {
+        &mut self.buf[r.start - self.base..r.end - self.base]
+    }
+
+    /// Every value from `start` on.
+    fn from(&mut self, start: usize) -> &mut [f32] {
+        &mut self.buf[start - self.base..]
+    }
 }
 
 /// Where one transformer block's parameters sit in the flat buffer.
@@ -155,6 +176,11 @@ pub struct FusedGpt {
     d_atty: Vec<f32>,
     d_qkv: Vec<f32>,
     d_wide: Vec<f32>,
+    /// A tied head's part of the token embedding's gradient, kept here when the head's
+    /// step was written into a window that does not reach the embedding (the front of
+    /// the buffer), and added in by the embeddings' step.
+    d_head: Vec<f32>,
+    head_held: bool,
     step: Step,
 }
 
@@ -182,6 +208,8 @@ impl FusedGpt {
             d_atty: Vec::new(),
             d_qkv: Vec::new(),
             d_wide: Vec::new(),
+            d_head: Vec::new(),
+            head_held: false,
             step: Step::Idle,
         }
     }
@@ -278,9 +306,20 @@ impl FusedGpt {
         }
     }
 
+    /// Where the values still pending after `step` end: the gradients it finishes
+    /// begin there.
+    fn pending_after(&self, step: Step) -> usize {
+        match step {
+            Step::Idle => 0,
+            Step::Head => self.at.ln_f.w.start,
+            Step::Block(l) => self.at.block_start(l),
+            Step::Embeddings => 0,
+        }
+    }
+
     /// Runs `step` of the backward pass into `pending`; returns the next step and
     /// where the values still pending end.
-    fn backward_step(&mut self, step: Step, pending: &mut [f32]) -> (Step, usize) {
+    fn backward_step(&mut self, step: Step, pending: &mut Grads<'_>) -> (Step, usize) {
         let (c, v, rows, threads) = (self.spec.n_embd, self.spec.vocab_size, self.n * self.t, self.threads);
         let last = self.spec.n_layer.checked_sub(1);
         match step {
@@ -289,12 +328,20 @@ impl FusedGpt {
                 let at = &self.at;
                 let frontier = at.ln_f.w.start;
                 if rows == 0 {
-                    pending[frontier..].fill(0.0);
+                    pending.from(frontier).fill(0.0);
                 } else {
                     let p = &self.params[..];
-                    // The head: logits = ln_f(x) head^T.
+                    // The head: logits = ln_f(x) head^T. A tied head's gradient waits
+                    // here for the embeddings' step when the window stops short of it.
+                    self.head_held = at.head.start < pending.base;
+                    let d_head = if self.head_held {
+                        self.d_head.resize(at.head.len(), 0.0);
+                        &mut self.d_head[..]
+                    } else {
+                        pending.at(&at.head)
+                    };
                     matmul(
-                        &mut pending[at.head.clone()],
+                        d_head,
                         false,
                         View::rows(&self.d_logits, rows, v).t(),
                         View::rows(&self.ln_f, rows, c),
@@ -323,7 +370,7 @@ impl FusedGpt {
             Step::Block(l) => {
                 let frontier = self.at.block_start(l);
                 if rows == 0 {
-                    pending[frontier..].fill(0.0);
+                    pending.from(frontier).fill(0.0);
                 } else {
                     self.block_backward(l, pending);
                 }
@@ -332,16 +379,19 @@ impl FusedGpt {
             Step::Embeddings => {
                 let at = &self.at;
                 let tied = self.spec.tie_embeddings;
-                // A tied head wrote its part of the token embedding's gradient first.
+                // A tied head wrote its part of the token embedding's gradient first,
+                // there or into `d_head`.
                 if !tied || rows == 0 {
-                    pending[at.wte.clone()].fill(0.0);
+                    pending.at(&at.wte).fill(0.0);
+                } else if self.head_held {
+                    pending.at(&at.wte).copy_from_slice(&self.d_head);
                 }
-                pending[at.wpe.clone()].fill(0.0);
+                pending.at(&at.wpe).fill(0.0);
                 let pos = (0..self.t).cycle();
                 for ((d, &tok), pos) in self.d_res.chunks_exact(c).zip(&self.tokens).zip(pos).take(rows) {
-                    let e = &mut pending[at.wte.clone()][tok as usize * c..][..c];
+                    let e = &mut pending.at(&at.wte)[tok as usize * c..][..c];
                     e.iter_mut().zip(d).for_each(|(g, d)| *g += d);
-                    let q = &mut pending[at.wpe.clone()][pos * c..][..c];
+                    let q = &mut pending.at(&at.wpe)[pos * c..][..c];
                     q.iter_mut().zip(d).for_each(|(g, d)| *g += d);
                 }
                 (Step::Idle, 0)
@@ -351,7 +401,7 @@ impl FusedGpt {
 
     /// Backward of transformer block `l`: `d_res` holds the gradient with respect to
     /// the block's output and leaves holding it with respect to its input.
-    fn block_backward(&mut self, l: usize, pending: &mut [f32]) {
+    fn block_backward(&mut self, l: usize, pending: &mut Grads<'_>) {
         let (c, nh, threads) = (self.spec.n_embd, self.spec.n_head, self.threads);
         let (n, t) = (self.n, self.t);
         let rows = n * t;
@@ -430,17 +480,41 @@ impl Model for FusedGpt {
     }
 
     fn backward_next(&mut self, pending: &mut [f32]) -> Result<usize> {
+        // The whole front is a window ending where it does.
+        let end = pending.len();
+        self.backward_next_into(pending, end)
+    }
+
+    fn backward_window(&self) -> Option<usize> {
+        // The head's step (the final LayerNorm, and an untied head), each block's, and
+        // the embeddings'. A tied head's gradient is held aside when out of reach.
+        let steps = std::iter::once(Step::Head)
+            .chain((0..self.spec.n_layer).map(Step::Block))
+            .chain(std::iter::once(Step::Embeddings));
+        steps.map(|s| self.pending_before(s) - self.pending_after(s)).max()
+    }
+
+    fn backward_next_into(&mut self, window: &mut [f32], end: usize) -> Result<usize> {
         if self.step == Step::Idle {
             return Err(Error::BadState("backward_next without a backward pass begun".into()));
         }
         let expected = self.pending_before(self.step);
-        if pending.len() != expected {
+        if end != expected || window.len() > end {
             return Err(Error::invalid(format!(
-                "{} pending gradient values, but the backward pass has {expected} left",
-                pending.len()
+                "{end} pending gradient values in a window of {}, but the backward pass has {expected} left",
+                window.len()
             )));
         }
-        let (next, frontier) = on_compute_threads(|| self.backward_step(self.step, pending));
+        let base = end - window.len();
+        let frontier = self.pending_after(self.step);
+        if frontier < base {
+            return Err(Error::invalid(format!(
+                "a window from gradient value {base} cannot hold the {:?} step's, from {frontier}",
+                self.step
+            )));
+        }
+        let mut grads = Grads { buf: window, base };
+        let (next, frontier) = on_compute_threads(|| self.backward_step(self.step, &mut grads));
         self.step = next;
         Ok(frontier)
     }
@@ -504,7 +578,7 @@ fn linear(
 /// input's into `d_x`, from the output's `d_out`.
 #[allow(clippy::too_many_arguments)]
 fn linear_backward(
-    grads: &mut [f32],
+    grads: &mut Grads<'_>,
     d_x: &mut [f32],
     d_out: &[f32],
     x: &[f32],
@@ -516,9 +590,9 @@ fn linear_backward(
     threads: usize,
 ) {
     let dy = View::rows(d_out, rows, outp);
-    matmul(&mut grads[a.w.clone()], false, dy.t(), View::rows(x, rows, inp), threads);
+    matmul(grads.at(&a.w), false, dy.t(), View::rows(x, rows, inp), threads);
     if let Some(b) = &a.b {
-        column_sums(d_out, &mut grads[b.clone()], threads);
+        column_sums(d_out, grads.at(b), threads);
     }
     matmul(d_x, false, dy, View::rows(&p[a.w.clone()], outp, inp), threads);
 }
@@ -592,7 +666,7 @@ const NORM_ROWS: usize = 64;
 #[allow(clippy::too_many_arguments)]
 fn layer_norm_backward(
     d_x: &mut [f32],
-    grads: &mut [f32],
+    grads: &mut Grads<'_>,
     d_out: &[f32],
     x: &[f32],
     stats: &[(f32, f32)],
@@ -615,14 +689,14 @@ fn layer_norm_backward(
             .map(piece)
             .collect()
     };
-    grads[a.w.clone()].fill(0.0);
+    grads.at(&a.w).fill(0.0);
     if let Some(b) = &a.b {
-        grads[b.clone()].fill(0.0);
+        grads.at(b).fill(0.0);
     }
     for part in parts {
-        grads[a.w.clone()].iter_mut().zip(&part[..c]).for_each(|(g, v)| *g += v);
+        grads.at(&a.w).iter_mut().zip(&part[..c]).for_each(|(g, v)| *g += v);
         if let Some(b) = &a.b {
-            grads[b.clone()].iter_mut().zip(&part[c..]).for_each(|(g, v)| *g += v);
+            grads.at(b).iter_mut().zip(&part[c..]).for_each(|(g, v)| *g += v);
         }
     }
 }

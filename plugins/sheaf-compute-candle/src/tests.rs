@@ -328,6 +328,24 @@ pub(crate) fn stepped_pass(model: &mut dyn Model, batch: &Batch<'_>) -> (f32, Ve
     (loss, frontiers, grads)
 }
 
+/// A model's stepped backward pass over `batch`, each step written into a fresh
+/// window of NaNs `window` values long (or all that is pending, when fewer) and copied
+/// out of it: the loss and the gradients.
+pub(crate) fn windowed_pass(model: &mut dyn Model, batch: &Batch<'_>, window: usize) -> (f32, Vec<f32>) {
+    let total = model.layout().total();
+    let mut grads = vec![f32::NAN; total];
+    let loss = model.backward_begin(batch).unwrap();
+    let mut end = total;
+    while end > 0 {
+        let mut buf = vec![f32::NAN; window.min(end)];
+        let left = model.backward_next_into(&mut buf, end).unwrap();
+        let base = end - buf.len();
+        grads[left..end].copy_from_slice(&buf[left - base..]);
+        end = left;
+    }
+    (loss, grads)
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
 
@@ -379,16 +397,8 @@ proptest::proptest! {
         // step is an error, not a write elsewhere.
         let largest = fused.backward_window().unwrap();
         proptest::prop_assert_eq!(largest, frontiers_sizes(&layout, widths.len() - 1).into_iter().max().unwrap());
-        fused.backward_begin(&batch).unwrap();
-        let mut windowed = vec![f32::NAN; total];
-        let mut end = total;
-        while end > 0 {
-            let mut window = vec![f32::NAN; largest.min(end)];
-            let left = fused.backward_next_into(&mut window, end).unwrap();
-            let base = end - window.len();
-            windowed[left..end].copy_from_slice(&window[left - base..]);
-            end = left;
-        }
+        let (loss, windowed) = windowed_pass(&mut fused, &batch, largest);
+        proptest::prop_assert_eq!(loss, lf);
         proptest::prop_assert_eq!(&windowed, &gf);
         fused.backward_begin(&batch).unwrap();
         let top = *frontiers_sizes(&layout, widths.len() - 1).last().unwrap();

@@ -627,8 +627,23 @@ proptest::proptest! {
         let mut expected = vec![start("transformer.ln_f.weight")];
         expected.extend((0..n_layer).rev().map(|l| start(&format!("transformer.h.{l}.ln_1.weight"))));
         expected.push(0);
+        let steps: Vec<usize> =
+            std::iter::once(total).chain(expected.iter().copied()).collect::<Vec<_>>().windows(2).map(|w| w[0] - w[1]).collect();
         proptest::prop_assert_eq!(frontiers, expected);
-        proptest::prop_assert_eq!(stepped, gf);
+        proptest::prop_assert_eq!(&stepped, &gf);
         proptest::prop_assert!(fused.backward_next(&mut []).is_err(), "a step past the end is an error");
+
+        // The same pass a step at a time into windows of the largest step, each step
+        // copied out: the same gradients, bit for bit, a tied head's included (held
+        // in the model while its window stops short of the embeddings). A window one
+        // value short of a step is an error, not a write elsewhere.
+        let largest = fused.backward_window().unwrap();
+        proptest::prop_assert_eq!(largest, steps.iter().copied().max().unwrap());
+        let (loss, windowed) = crate::tests::windowed_pass(&mut fused, &batch, largest);
+        proptest::prop_assert_eq!(loss, lf);
+        proptest::prop_assert_eq!(&windowed, &gf);
+        fused.backward_begin(&batch).unwrap();
+        let e = fused.backward_next_into(&mut vec![0.0; steps[0] - 1], total).unwrap_err().to_string();
+        proptest::prop_assert!(e.contains("cannot hold the Head step"), "{}", e);
     }
 }
