@@ -41,8 +41,8 @@ pub use rng::SplitMix64;
 pub use shards::{check_piece_zero_stage, ReplicaStep, Shards};
 pub use strategy::{
     backward_segments, clip_factor, clip_to, epoch_order, epochs_done, evaluate_indices, forward_segments,
-    global_batches, norm_contribution, optimizer_state_bytes, optimizer_steps, report_step,
+    global_batches, mean_loss, norm_contribution, optimizer_state_bytes, optimizer_steps,
     save_checkpoint_if_due, sum_of_squares, test_totals, CheckpointSink, EpochOrder, LrSchedule, Mesh,
-    MetricsSink, PlanInput, RankPlan, StageInput, StepDone, StepMetrics, Strategy, StrategyPlan, TrainConfig,
-    TrainContext, TrainSummary,
+    MetricsSink, PlanInput, RankPlan, RunTally, StageInput, StepDone, StepMetrics, Strategy, StrategyPlan,
+    TrainConfig, TrainContext, TrainSummary,
 };

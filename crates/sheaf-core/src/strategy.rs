@@ -103,11 +103,9 @@ pub fn save_checkpoint_if_due(
     sink.save(step, &params, &optimizer.state()?)
 }
 
-/// What one optimizer step did, for [`report_step`].
+/// What one optimizer step did, for [`RunTally::end_step`].
 #[derive(Clone, Debug)]
 pub struct StepDone {
-    /// Optimizer steps done, this one included.
-    pub step: u64,
     /// The epoch of the step's last micro-batch.
     pub epoch: u64,
     /// The step's mean training loss.
@@ -120,32 +118,114 @@ pub struct StepDone {
     pub started: std::time::Instant,
 }
 
-/// The end of an optimizer step, the same under every strategy, on every rank: on the
-/// steps that evaluate (`train.eval_every`) the validation loss from `validate`, the
-/// step's metrics to `metrics`, then a checkpoint when one is due. Returns the
-/// validation loss when there was one.
-pub fn report_step(
-    done: StepDone,
-    config: &TrainConfig,
-    metrics: &mut dyn MetricsSink,
-    checkpoints: &mut dyn CheckpointSink,
-    model: &mut dyn Model,
-    optimizer: &dyn Optimizer,
-    validate: impl FnOnce(&mut dyn Model) -> Result<f64>,
-) -> Result<Option<f64>> {
-    let evaluates = config.eval_every.is_some_and(|every| every > 0 && done.step.is_multiple_of(every));
-    let val_loss = if evaluates { Some(validate(model)?) } else { None };
-    metrics.record(&StepMetrics {
-        step: done.step,
-        epoch: done.epoch,
-        loss: done.loss,
-        lr: optimizer.learning_rate(),
-        samples_per_sec: done.samples as f64 / done.started.elapsed().as_secs_f64().max(1e-9),
-        grad_norm: done.grad_norm,
-        val_loss,
-    });
-    save_checkpoint_if_due(checkpoints, config, done.step, model, optimizer)?;
-    Ok(val_loss)
+/// A run's tally from its first optimizer step to its summary, kept the same way under
+/// every strategy, on every rank: optimizer steps done (from the checkpoint's step on a
+/// resumed run), samples trained on, the last loss, the wall time, and the last
+/// evaluation, so that a run ending on an evaluation step reports it rather than
+/// evaluating the same parameters again.
+pub struct RunTally<'a> {
+    config: &'a TrainConfig,
+    steps: u64,
+    samples: usize,
+    last_loss: f64,
+    last_eval: Option<(u64, (f64, f64))>,
+    start: std::time::Instant,
+}
+
+impl<'a> RunTally<'a> {
+    /// A tally starting now, at the job's first step.
+    pub fn new(config: &'a TrainConfig) -> RunTally<'a> {
+        RunTally {
+            config,
+            steps: config.start_step,
+            samples: 0,
+            last_loss: f64::NAN,
+            last_eval: None,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Optimizer steps done.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The end of an optimizer step: counts it; on the steps that evaluate
+    /// (`train.eval_every`) takes `validate`'s accuracy and validation loss; records
+    /// the step's metrics to `metrics`, then checkpoints when one is due. Returns the
+    /// validation loss when there was one.
+    pub fn end_step(
+        &mut self,
+        done: StepDone,
+        metrics: &mut dyn MetricsSink,
+        checkpoints: &mut dyn CheckpointSink,
+        model: &mut dyn Model,
+        optimizer: &dyn Optimizer,
+        validate: impl FnOnce(&mut dyn Model) -> Result<(f64, f64)>,
+    ) -> Result<Option<f64>> {
+        self.steps += 1;
+        self.samples += done.samples;
+        self.last_loss = done.loss;
+        let (config, step) = (self.config, self.steps);
+        let evaluates = config.eval_every.is_some_and(|every| every > 0 && step.is_multiple_of(every));
+        let val_loss = if evaluates {
+            let eval = validate(model)?;
+            self.last_eval = Some((step, eval));
+            Some(eval.1)
+        } else {
+            None
+        };
+        metrics.record(&StepMetrics {
+            step,
+            epoch: done.epoch,
+            loss: done.loss,
+            lr: optimizer.learning_rate(),
+            samples_per_sec: done.samples as f64 / done.started.elapsed().as_secs_f64().max(1e-9),
+            grad_norm: done.grad_norm,
+            val_loss,
+        });
+        save_checkpoint_if_due(checkpoints, config, step, model, optimizer)?;
+        Ok(val_loss)
+    }
+
+    /// The run's summary, its wall time ending now: the test accuracy and loss from the
+    /// last step's evaluation, or from `evaluate` when the last step did not evaluate;
+    /// `gradient_bytes` as the strategy measured them. What a strategy does not
+    /// measure is 0 (activations, busy and idle time), for it to fill in.
+    pub fn summary(
+        self,
+        train_len: usize,
+        optimizer: &dyn Optimizer,
+        gradient_bytes: u64,
+        evaluate: impl FnOnce() -> Result<(f64, f64)>,
+    ) -> Result<TrainSummary> {
+        let wall = self.start.elapsed().as_secs_f64();
+        let (test_accuracy, test_loss) = match self.last_eval {
+            Some((at, eval)) if at == self.steps => eval,
+            _ => evaluate()?,
+        };
+        Ok(TrainSummary {
+            epochs: epochs_done(self.steps, train_len, self.config),
+            steps: self.steps,
+            final_loss: self.last_loss,
+            test_accuracy,
+            test_loss,
+            samples_per_sec: self.samples as f64 / wall.max(1e-9),
+            wall_seconds: wall,
+            peak_activation_bytes: 0,
+            busy_seconds: 0.0,
+            idle_seconds: 0.0,
+            optimizer_state_bytes_per_rank: optimizer_state_bytes(optimizer)?,
+            gradient_bytes_per_rank: Some(gradient_bytes as f64),
+        })
+    }
+}
+
+/// The mean training loss of a step from every rank's `[loss sum, predictions]`,
+/// summed over `comm` (a rank that scores none gives zeros).
+pub fn mean_loss(comm: &dyn Communicator, mut sums: [f64; 2], dl: Deadline) -> Result<f64> {
+    comm.allreduce(bytemuck::cast_slice_mut(&mut sums), DType::F64, ReduceOp::Sum, dl)?;
+    Ok(sums[0] / sums[1].max(1.0))
 }
 
 /// The learning rate over a run: linear warmup over `warmup_steps`, then constant or
@@ -608,5 +688,134 @@ mod tests {
                 assert_ne!(order, (0..n).collect::<Vec<_>>());
             }
         }
+    }
+
+    /// A model of two parameters that trains nothing: [`RunTally`] only reads and
+    /// checkpoints it.
+    struct Two(crate::ParamLayout, [f32; 2]);
+
+    impl Model for Two {
+        fn layout(&self) -> &crate::ParamLayout {
+            &self.0
+        }
+        fn read_params(&self, out: &mut [f32]) -> Result<()> {
+            out.copy_from_slice(&self.1);
+            Ok(())
+        }
+        fn write_params(&mut self, src: &[f32]) -> Result<()> {
+            self.1.copy_from_slice(src);
+            Ok(())
+        }
+        fn forward_backward(&mut self, _: &crate::Batch<'_>, _: &mut [f32]) -> Result<f32> {
+            Ok(0.0)
+        }
+        fn evaluate(&mut self, _: &crate::Batch<'_>) -> Result<(f64, usize)> {
+            Ok((0.0, 0))
+        }
+    }
+
+    /// An optimizer holding three values of state, at a fixed learning rate.
+    struct Still;
+
+    impl Optimizer for Still {
+        fn step(&mut self, _: &mut [crate::Param<'_>]) -> Result<()> {
+            Ok(())
+        }
+        fn learning_rate(&self) -> f64 {
+            0.25
+        }
+        fn set_learning_rate(&mut self, _: f64) {}
+        fn state(&self) -> Result<OptimState> {
+            Ok(OptimState { step: 0, buffers: vec![("m".into(), vec![0.0; 3])] })
+        }
+        fn load_state(&mut self, _: &OptimState) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct Sinks(Vec<StepMetrics>, Vec<u64>);
+
+    impl MetricsSink for Sinks {
+        fn record(&mut self, m: &StepMetrics) {
+            self.0.push(m.clone());
+        }
+    }
+
+    impl CheckpointSink for Sinks {
+        fn save(&mut self, step: u64, params: &[f32], _: &OptimState) -> Result<()> {
+            assert_eq!(params, [1.0, 2.0]);
+            self.1.push(step);
+            Ok(())
+        }
+    }
+
+    /// A resumed run's tally counts on from the checkpoint's step: evaluations and
+    /// checkpoints fall on multiples of their intervals, every step's metrics are
+    /// recorded, and the summary reuses the last step's evaluation when it had one,
+    /// evaluating only when it had not; an evaluation's error ends the step.
+    #[test]
+    fn a_tally_counts_on_from_the_start_step_and_reuses_the_last_evaluation() {
+        let layout = crate::ParamLayout::new(vec![crate::ParamSpec { name: "w".into(), shape: vec![2] }]);
+        let mut model = Two(layout, [1.0, 2.0]);
+        let config = TrainConfig {
+            start_step: 5,
+            eval_every: Some(2),
+            checkpoint_every: Some(3),
+            ..TrainConfig::basic(0, 100, 4, None, 0.25)
+        };
+        for (steps, evaluated_last) in [(3u64, true), (4, false)] {
+            let (mut metrics, mut checkpoints) = (Sinks::default(), Sinks::default());
+            let mut tally = RunTally::new(&config);
+            let mut validations = 0;
+            for i in 0..steps {
+                let done = StepDone {
+                    epoch: 1,
+                    loss: i as f64,
+                    grad_norm: 1.5,
+                    samples: 4,
+                    started: std::time::Instant::now(),
+                };
+                let val = tally
+                    .end_step(done, &mut metrics, &mut checkpoints, &mut model, &Still, |_| {
+                        validations += 1;
+                        Ok((0.5, validations as f64))
+                    })
+                    .unwrap();
+                assert_eq!(val.is_some(), (6 + i) % 2 == 0, "step {}", 6 + i);
+            }
+            assert_eq!(tally.steps(), 5 + steps);
+            let steps_seen: Vec<u64> = metrics.0.iter().map(|m| m.step).collect();
+            assert_eq!(steps_seen, (6..6 + steps).collect::<Vec<_>>());
+            assert!(metrics.0.iter().all(|m| m.lr == 0.25 && m.grad_norm == 1.5));
+            assert_eq!(checkpoints.1, (6..6 + steps).filter(|s| s % 3 == 0).collect::<Vec<_>>());
+            let mut evaluated = false;
+            let summary = tally
+                .summary(400, &Still, 8, || {
+                    evaluated = true;
+                    Ok((0.75, 9.0))
+                })
+                .unwrap();
+            assert_eq!(evaluated, !evaluated_last);
+            let expected = if evaluated_last { (0.5, validations as f64) } else { (0.75, 9.0) };
+            assert_eq!((summary.test_accuracy, summary.test_loss), expected);
+            assert_eq!((summary.steps, summary.final_loss), (5 + steps, (steps - 1) as f64));
+            assert_eq!(summary.epochs, (5 + steps) * 4 / 400);
+            assert_eq!(
+                (summary.optimizer_state_bytes_per_rank, summary.gradient_bytes_per_rank),
+                (12, Some(8.0))
+            );
+        }
+        let mut tally = RunTally::new(&config);
+        let done =
+            StepDone { epoch: 1, loss: 0.0, grad_norm: 0.0, samples: 1, started: std::time::Instant::now() };
+        let (mut metrics, mut checkpoints) = (Sinks::default(), Sinks::default());
+        let e = tally
+            .end_step(done, &mut metrics, &mut checkpoints, &mut model, &Still, |_| {
+                Err(Error::BadState("no validation split".into()))
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("no validation split"), "{e}");
+        assert!(metrics.0.is_empty(), "a failed step is not recorded");
     }
 }

@@ -30,10 +30,10 @@ use buckets::{Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
-    clip_to, epochs_done, evaluate_indices, optimizer_steps, report_step, sum_of_squares, test_totals,
-    with_prefetch, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, ModelParams,
-    PlanInput, PluginKind, Prefetch, Provided, ReduceOp, Result, Shards, StepDone, Strategy, StrategyPlan,
-    TrainContext, TrainSummary,
+    clip_to, evaluate_indices, optimizer_steps, sum_of_squares, test_totals, with_prefetch, Communicator,
+    DType, DataPartitioner, Dataset, Deadline, Error, Model, ModelParams, PlanInput, PluginKind, Prefetch,
+    Provided, ReduceOp, Result, RunTally, Shards, StepDone, Strategy, StrategyPlan, TrainContext,
+    TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -235,7 +235,6 @@ impl Strategy for DataParallel {
         // Stepped in the model's own buffer where it lends it; otherwise a copy.
         let mut params = ModelParams::synced(model, comm, self.deadline())?;
 
-        let start = Instant::now();
         let total_steps = config.total_steps(train.len());
         let stage = self.config.zero;
         // The step's gradient sums then its loss, reduced together (none under ZeRO
@@ -272,11 +271,7 @@ impl Strategy for DataParallel {
             4 * (grads.len() + reduced.len() + shard_grads.len() + held.len() + in_flight) as u64;
         // A resumed run goes on from its checkpoint's step (the host restored the
         // parameters and optimizer state; `optimizer_steps` starts after it).
-        let mut step = config.start_step;
-        let (mut last_loss, mut samples) = (f64::NAN, 0usize);
-        // The last evaluation and its step: a run that ends on an evaluation step
-        // reports it rather than evaluating the same parameters again.
-        let mut last_eval: Option<(u64, (f64, f64))> = None;
+        let mut tally = RunTally::new(&config);
         // This rank's share of each micro-batch, asked of the loader thread a step
         // ahead (`asked` counts the micro-batches asked for, as the partitioner numbers
         // them).
@@ -366,7 +361,7 @@ impl Strategy for DataParallel {
                         // Every rank holds the same summed gradient, so its norm needs no
                         // talk: its squares were summed as the buckets were reduced.
                         let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
-                        optimizer.set_learning_rate(config.lr.at(step, total_steps));
+                        optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
                         params.update(model, |p| optimizer.step(&mut layout.params(p, &reduced[..total])))?;
                         (grad_norm, f64::from(reduced[total]))
                     }
@@ -394,7 +389,7 @@ impl Strategy for DataParallel {
                             self.deadline(),
                         )?;
                         let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
-                        optimizer.set_learning_rate(config.lr.at(step, total_steps));
+                        optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
                         params.update(model, |p| {
                             shards.step(optimizer, p, &shard_grads)?;
                             shards.allgather(comm, p, || self.deadline())
@@ -403,48 +398,26 @@ impl Strategy for DataParallel {
                         (grad_norm, f64::from(sums[0] as f32))
                     }
                 };
-                step += 1;
-                samples += group_samples;
-                last_loss = loss;
+                let step = tally.steps() + 1;
                 if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
                     params.read(model, |p| check_in_sync(comm, p, step, self.deadline()))?;
                 }
                 let done = StepDone {
-                    step,
                     epoch: group.last().map_or(0, |(e, _)| *e),
-                    loss: last_loss,
+                    loss,
                     grad_norm,
                     samples: group_samples,
                     started: t0,
                 };
-                report_step(done, &config, metrics, checkpoints, model, optimizer, |model| {
-                    let eval = self.evaluate(comm, model, partitioner, test, config.batch_size)?;
-                    last_eval = Some((step, eval));
-                    Ok(eval.1)
+                tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
+                    self.evaluate(comm, model, partitioner, test, config.batch_size)
                 })?;
             }
             Ok(())
         })?;
-        let wall = start.elapsed().as_secs_f64();
-        params.read(model, |p| check_in_sync(comm, p, step, self.deadline()))?;
-
-        let (test_accuracy, test_loss) = match last_eval {
-            Some((at, eval)) if at == step => eval,
-            _ => self.evaluate(comm, model, partitioner, test, config.batch_size)?,
-        };
-        Ok(TrainSummary {
-            epochs: epochs_done(step, train.len(), &config),
-            steps: step,
-            final_loss: last_loss,
-            test_accuracy,
-            test_loss,
-            samples_per_sec: samples as f64 / wall.max(1e-9),
-            wall_seconds: wall,
-            peak_activation_bytes: 0,
-            busy_seconds: 0.0,
-            idle_seconds: 0.0,
-            optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
-            gradient_bytes_per_rank: Some(gradient_bytes as f64),
+        params.read(model, |p| check_in_sync(comm, p, tally.steps(), self.deadline()))?;
+        tally.summary(train.len(), optimizer, gradient_bytes, || {
+            self.evaluate(comm, model, partitioner, test, config.batch_size)
         })
     }
 }

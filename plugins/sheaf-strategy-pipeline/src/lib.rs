@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, check_piece_zero_stage, chunk_range, epochs_done, forward_segments, optimizer_steps,
-    report_step, test_totals, Communicator, DType, Deadline, Error, Model, ModelParams, Piece, PlanInput,
-    PluginKind, Provided, RankPlan, ReduceOp, ReplicaStep, Result, Samples, Shards, StageInput, StepDone,
+    backward_segments, check_piece_zero_stage, chunk_range, forward_segments, mean_loss, optimizer_steps,
+    test_totals, Communicator, DType, Deadline, Error, Model, ModelParams, Piece, PlanInput, PluginKind,
+    Provided, RankPlan, ReduceOp, ReplicaStep, Result, RunTally, Samples, Shards, StageInput, StepDone,
     Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
@@ -560,7 +560,7 @@ impl Strategy for Pipeline {
             batch: config.batch_size.max(1),
         };
 
-        let start = Instant::now();
+        let mut tally = RunTally::new(&config);
         let mut grads = vec![0f32; layout.total()];
         // ZeRO 1 across the pipelines: this replica's chunk of the piece, one bucket.
         let shards = (self.config.zero >= 1)
@@ -568,8 +568,7 @@ impl Strategy for Pipeline {
         let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
         let mut clock = StageClock::default();
         // A resumed run goes on from its checkpoint's step.
-        let (mut step, mut micro_step) = (config.start_step, config.start_micro_step());
-        let (mut last_loss, mut samples) = (f64::NAN, 0usize);
+        let mut micro_step = config.start_micro_step();
         for group in optimizer_steps(train.len(), &config) {
             let t0 = Instant::now();
             let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
@@ -617,7 +616,7 @@ impl Strategy for Pipeline {
             // gradients summed over the pipelines (or, under ZeRO 1, reduce-scattered
             // among them, each stepping its chunk).
             let skip = |i: usize| (!first && tied.contains(&i)) || (t != 0 && replicated[i]);
-            optimizer.set_learning_rate(config.lr.at(step, total_steps));
+            optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
             let deadline = || self.deadline();
             let replica_step = ReplicaStep {
                 replicas: mesh.replicas.as_ref(),
@@ -628,40 +627,26 @@ impl Strategy for Pipeline {
             let sharded = shards.as_ref().map(|s| (s, &mut shard_grads[..]));
             let grad_norm = params
                 .update(model, |p| replica_step.run(&layout, &mut grads, sharded, skip, optimizer, p))?;
-            let mut loss = [loss_sum, predictions as f64];
-            comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
-            step += 1;
-            samples += group_samples;
-            last_loss = loss[0] / loss[1].max(1.0);
             let done = StepDone {
-                step,
                 epoch: group.last().map_or(0, |(e, _)| *e),
-                loss: last_loss,
+                loss: mean_loss(comm, [loss_sum, predictions as f64], self.deadline())?,
                 grad_norm,
                 samples: group_samples,
                 started: t0,
             };
-            report_step(done, &config, metrics, checkpoints, model, optimizer, |model| {
-                Ok(test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())?.1)
+            tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
+                test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
             })?;
         }
-        let wall = start.elapsed().as_secs_f64();
-
-        let totals = self.evaluate(&eval, model, test)?;
-        let (test_accuracy, test_loss) = test_totals(comm, totals, self.deadline())?;
+        let gradient_bytes = 4 * (grads.len() + shard_grads.len()) as u64;
+        let summary = tally.summary(train.len(), optimizer, gradient_bytes, || {
+            test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
+        })?;
         Ok(TrainSummary {
-            epochs: epochs_done(step, train.len(), &config),
-            steps: step,
-            final_loss: last_loss,
-            test_accuracy,
-            test_loss,
-            samples_per_sec: samples as f64 / wall.max(1e-9),
-            wall_seconds: wall,
             peak_activation_bytes: clock.peak,
             busy_seconds: clock.busy.as_secs_f64(),
             idle_seconds: clock.idle.as_secs_f64(),
-            optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
-            gradient_bytes_per_rank: Some(4.0 * (grads.len() + shard_grads.len()) as f64),
+            ..summary
         })
     }
 }

@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, check_piece_zero_stage, epochs_done, forward_segments, optimizer_steps, report_step,
-    test_totals, Communicator, DType, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided,
-    RankPlan, ReduceOp, ReplicaStep, Result, Shards, StageInput, StepDone, Strategy, StrategyPlan,
-    TrainContext, TrainSummary,
+    backward_segments, check_piece_zero_stage, forward_segments, mean_loss, optimizer_steps, test_totals,
+    Communicator, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan,
+    ReplicaStep, Result, RunTally, Shards, StageInput, StepDone, Strategy, StrategyPlan, TrainContext,
+    TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -212,15 +212,15 @@ impl Strategy for TensorParallel {
         let replicated = model.replicated_params();
         let eval = Eval { group, evaluating: d == 0, scoring: t == 0, batch: config.batch_size.max(1) };
 
-        let start = Instant::now();
+        let mut tally = RunTally::new(&config);
         let mut grads = vec![0f32; layout.total()];
         // ZeRO 1 across the groups: this replica's chunk of the slice, one bucket.
         let shards = (self.config.zero >= 1)
             .then(|| Shards::new(&layout, std::slice::from_ref(&(0..layout.total())), d, groups));
         let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
         // A resumed run goes on from its checkpoint's step.
-        let (mut step, mut micro) = (config.start_step, config.start_micro_step());
-        let (mut last_loss, mut samples, mut peak) = (f64::NAN, 0usize, 0u64);
+        let mut micro = config.start_micro_step();
+        let mut peak = 0u64;
         for batches in optimizer_steps(train.len(), &config) {
             let t0 = Instant::now();
             let group_samples: usize = batches.iter().map(|(_, g)| g.len()).sum();
@@ -258,7 +258,7 @@ impl Strategy for TensorParallel {
             // The whole model's norm: the group's slices, replicated parameters counted
             // once (by tensor rank 0); the gradients summed over the groups (or, under
             // ZeRO 1, reduce-scattered among them, each stepping its chunk).
-            optimizer.set_learning_rate(config.lr.at(step, total_steps));
+            optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
             let deadline = || self.deadline();
             let replica_step = ReplicaStep {
                 replicas: mesh.replicas.as_ref(),
@@ -270,40 +270,22 @@ impl Strategy for TensorParallel {
             let skip = |i: usize| t != 0 && replicated[i];
             let grad_norm = params
                 .update(model, |p| replica_step.run(&layout, &mut grads, sharded, skip, optimizer, p))?;
-            comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, self.deadline())?;
-            step += 1;
-            samples += group_samples;
-            last_loss = loss[0] / loss[1].max(1.0);
             let done = StepDone {
-                step,
                 epoch: batches.last().map_or(0, |(e, _)| *e),
-                loss: last_loss,
+                loss: mean_loss(comm, loss, self.deadline())?,
                 grad_norm,
                 samples: group_samples,
                 started: t0,
             };
-            report_step(done, &config, metrics, checkpoints, model, optimizer, |model| {
-                Ok(test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())?.1)
+            tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
+                test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
             })?;
         }
-        let wall = start.elapsed().as_secs_f64();
-
-        let totals = self.evaluate(&eval, model, test)?;
-        let (test_accuracy, test_loss) = test_totals(comm, totals, self.deadline())?;
-        Ok(TrainSummary {
-            epochs: epochs_done(step, train.len(), &config),
-            steps: step,
-            final_loss: last_loss,
-            test_accuracy,
-            test_loss,
-            samples_per_sec: samples as f64 / wall.max(1e-9),
-            wall_seconds: wall,
-            peak_activation_bytes: peak,
-            busy_seconds: 0.0,
-            idle_seconds: 0.0,
-            optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
-            gradient_bytes_per_rank: Some(4.0 * (grads.len() + shard_grads.len()) as f64),
-        })
+        let gradient_bytes = 4 * (grads.len() + shard_grads.len()) as u64;
+        let summary = tally.summary(train.len(), optimizer, gradient_bytes, || {
+            test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
+        })?;
+        Ok(TrainSummary { peak_activation_bytes: peak, ..summary })
     }
 }
 
