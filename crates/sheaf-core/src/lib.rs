@@ -35,7 +35,7 @@ pub use params::ModelParams;
 pub use partition::{DataPartitioner, ModelPartitioner};
 pub use piece::Piece;
 pub use plugin::{PluginKind, Provided};
-pub use prefetch::{with_prefetch, Prefetch};
+pub use prefetch::{prefetched_steps, with_prefetch, Prefetch};
 pub use report::NamedValue;
 pub use rng::SplitMix64;
 pub use shards::{check_piece_zero_stage, ReplicaStep, Shards};

@@ -5,7 +5,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 
-use crate::{Dataset, Error, Result, Samples};
+use crate::{optimizer_steps, Dataset, Error, Result, Samples, TrainConfig};
 
 /// Requests of [`Dataset::gather`] served in order by a loader thread (see
 /// [`with_prefetch`]). A strategy asks for the next step's samples before it trains on
@@ -65,6 +65,28 @@ pub fn with_prefetch<R>(data: &dyn Dataset, f: impl FnOnce(&mut Prefetch) -> Res
         // Dropping `prefetch` closes the requests: the loader ends after the gather
         // it is in, and the scope joins it.
         f(&mut prefetch)
+    })
+}
+
+/// A run's optimizer steps ([`optimizer_steps`] of `train` under `config`), each step's
+/// samples asked of a loader thread ([`with_prefetch`]) one step ahead: `ask` requests
+/// a step's samples, its micro-batches' in order, and returns what `step` needs to know
+/// of them (their sizes, say); `step` trains on a step, taking its samples in the order
+/// they were asked for, while the next step's are gathered.
+pub fn prefetched_steps<P>(
+    train: &dyn Dataset,
+    config: &TrainConfig,
+    mut ask: impl FnMut(&mut Prefetch, &[(u64, Vec<usize>)]) -> Result<P>,
+    mut step: impl FnMut(&mut Prefetch, Vec<(u64, Vec<usize>)>, P) -> Result<()>,
+) -> Result<()> {
+    with_prefetch(train, |loader| {
+        let mut groups = optimizer_steps(train.len(), config).peekable();
+        let mut asked = groups.peek().map(|group| ask(loader, group)).transpose()?;
+        while let (Some(group), Some(this)) = (groups.next(), asked.take()) {
+            asked = groups.peek().map(|group| ask(loader, group)).transpose()?;
+            step(loader, group, this)?;
+        }
+        Ok(())
     })
 }
 
@@ -147,5 +169,85 @@ mod tests {
             Err::<(), _>(Error::invalid("the step failed"))
         });
         assert!(matches!(r, Err(Error::InvalidArgument(m)) if m.contains("the step failed")));
+    }
+
+    /// Every optimizer step runs once, in order, on the samples asked for it, and each
+    /// step's samples are asked for before the step ahead of it runs; an error in
+    /// either closure ends the run with it.
+    #[test]
+    fn steps_run_in_order_on_samples_asked_a_step_ahead() {
+        // 100 samples (13 and 14 are never drawn: 40 samples a run), two micro-batches
+        // of 5 per step, 4 steps.
+        let config = TrainConfig { grad_accum: 2, ..TrainConfig::basic(3, 1, 5, Some(4), 0.1) };
+        let avoid =
+            |group: &[(u64, Vec<usize>)]| group.iter().all(|(_, g)| !g.iter().any(|i| (13..=14).contains(i)));
+        let seed = (0..100).find(|&seed| {
+            let c = TrainConfig { seed, ..config.clone() };
+            optimizer_steps(100, &c).all(|g| avoid(&g))
+        });
+        let config = TrainConfig { seed: seed.expect("a seed avoiding 13 and 14"), ..config };
+        let expected: Vec<_> = optimizer_steps(100, &config).collect();
+        assert_eq!(expected.len(), 4);
+        let mut events = Vec::new();
+        let log = std::cell::RefCell::new(&mut events);
+        let mut asked = 0;
+        prefetched_steps(
+            &Numbers,
+            &config,
+            |p, group| {
+                for (_, g) in group {
+                    p.request(g.clone())?;
+                }
+                log.borrow_mut().push(format!("ask {asked}"));
+                asked += 1;
+                Ok(group.to_vec())
+            },
+            |p, group, told| {
+                assert_eq!(group, told);
+                for (_, g) in &group {
+                    assert_eq!(p.take()?, Numbers.gather(g)?);
+                }
+                let k = expected.iter().position(|e| *e == group).unwrap();
+                log.borrow_mut().push(format!("step {k}"));
+                Ok(())
+            },
+        )
+        .unwrap();
+        let order = ["ask 0", "ask 1", "step 0", "ask 2", "step 1", "ask 3", "step 2", "step 3"];
+        assert_eq!(events, order);
+
+        let failing = |at: usize| {
+            let mut steps = 0;
+            prefetched_steps(
+                &Numbers,
+                &config,
+                |p, group| {
+                    for (_, g) in group {
+                        p.request(g.clone())?;
+                    }
+                    Ok(())
+                },
+                |p, group, ()| {
+                    for _ in &group {
+                        p.take()?;
+                    }
+                    steps += 1;
+                    if steps == at {
+                        return Err(Error::invalid(format!("step {at} failed")));
+                    }
+                    Ok(())
+                },
+            )
+        };
+        let e = failing(2).unwrap_err();
+        assert!(e.to_string().contains("step 2 failed"), "{e}");
+        let e = prefetched_steps(
+            &Numbers,
+            &config,
+            |_, _| Err::<(), _>(Error::invalid("no shard")),
+            |_, _, ()| Ok(()),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no shard"), "{e}");
     }
 }

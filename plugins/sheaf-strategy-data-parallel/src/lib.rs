@@ -30,10 +30,9 @@ use buckets::{Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
-    clip_to, evaluate_indices, optimizer_steps, sum_of_squares, test_totals, with_prefetch, Communicator,
-    DType, DataPartitioner, Dataset, Deadline, Error, Model, ModelParams, PlanInput, PluginKind, Prefetch,
-    Provided, ReduceOp, Result, RunTally, Shards, StepDone, Strategy, StrategyPlan, TrainContext,
-    TrainSummary,
+    clip_to, evaluate_indices, prefetched_steps, sum_of_squares, test_totals, Communicator, DType,
+    DataPartitioner, Dataset, Deadline, Error, Model, ModelParams, PlanInput, PluginKind, Prefetch, Provided,
+    ReduceOp, Result, RunTally, Shards, StepDone, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -276,7 +275,7 @@ impl Strategy for DataParallel {
         // ahead (`asked` counts the micro-batches asked for, as the partitioner numbers
         // them).
         let mut asked = config.start_micro_step();
-        let mut ask = |loader: &mut Prefetch, group: &[(u64, Vec<usize>)]| -> Result<()> {
+        let ask = |loader: &mut Prefetch, group: &[(u64, Vec<usize>)]| -> Result<()> {
             for (_, global) in group {
                 let mine = partitioner.shard(asked, global.len(), rank, world)?;
                 asked += 1;
@@ -284,135 +283,126 @@ impl Strategy for DataParallel {
             }
             Ok(())
         };
-        with_prefetch(train, |loader| {
-            let mut groups = optimizer_steps(train.len(), &config).peekable();
-            if let Some(first) = groups.peek() {
-                ask(loader, first)?;
+        // The next step's samples are gathered while this one trains.
+        prefetched_steps(train, &config, ask, |loader, group, ()| {
+            let t0 = Instant::now();
+            // Every micro-step's mean gradient weighted by its share of the samples of
+            // the whole optimizer step: the gradient of the mean loss over all of them.
+            let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
+            // Sums start at zero; a step of one micro-batch writes every gradient
+            // over the old ones (a model writes all of its gradients, as ZeRO
+            // stage 2's buffer relies on too), so only its loss slot is reset.
+            if let Some((slot, sums)) = reduced.split_last_mut() {
+                *slot = 0.0;
+                if group.len() > 1 {
+                    sums.fill(0.0);
+                }
             }
-            while let Some(group) = groups.next() {
-                // The next step's samples are gathered while this one trains.
-                if let Some(next) = groups.peek() {
-                    ask(loader, next)?;
+            shard_grads.fill(0.0);
+            // This rank's share of the step's loss, under ZeRO stage 2.
+            let mut scattered_loss = 0f32;
+            // The reduced gradients' sum of squares, from the exchange.
+            let mut squares = 0f64;
+            for k in 0..group.len() {
+                let local = loader.take()?;
+                let share = local.len() as f32 / group_samples as f32;
+                let batch = local.batch();
+                let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
+                if let (Some(shards), true) = (&shards, stage >= 2) {
+                    // Every micro-batch's buckets are reduce-scattered as they finish.
+                    let loss = if window.is_some() {
+                        exchange.scatter_windowed(
+                            model,
+                            &mut held,
+                            shards,
+                            &mut shard_grads,
+                            share,
+                            &batch,
+                        )?
+                    } else {
+                        exchange.scatter(model, &mut grads, shards, &mut shard_grads, share, backward)?
+                    };
+                    scattered_loss += loss * share;
+                    continue;
                 }
-                let t0 = Instant::now();
-                // Every micro-step's mean gradient weighted by its share of the samples of
-                // the whole optimizer step: the gradient of the mean loss over all of them.
-                let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
-                // Sums start at zero; a step of one micro-batch writes every gradient
-                // over the old ones (a model writes all of its gradients, as ZeRO
-                // stage 2's buffer relies on too), so only its loss slot is reset.
-                if let Some((slot, sums)) = reduced.split_last_mut() {
-                    *slot = 0.0;
-                    if group.len() > 1 {
-                        sums.fill(0.0);
-                    }
+                let only = group.len() == 1;
+                if k + 1 < group.len() || shards.is_some() {
+                    // An earlier micro-batch of the step (or any under ZeRO stage 1,
+                    // which reduce-scatters after the pass): sum, nothing to send.
+                    let loss = if only {
+                        let loss = model.forward_backward(&batch, &mut reduced[..total])?;
+                        reduced[..total].iter_mut().for_each(|g| *g *= share);
+                        loss
+                    } else {
+                        let loss = model.forward_backward(&batch, &mut grads)?;
+                        for (r, g) in reduced.iter_mut().zip(&grads) {
+                            *r += g * share;
+                        }
+                        loss
+                    };
+                    reduced[total] += loss * share;
+                    continue;
                 }
-                shard_grads.fill(0.0);
-                // This rank's share of the step's loss, under ZeRO stage 2.
-                let mut scattered_loss = 0f32;
-                // The reduced gradients' sum of squares, from the exchange.
-                let mut squares = 0f64;
-                for k in 0..group.len() {
-                    let local = loader.take()?;
-                    let share = local.len() as f32 / group_samples as f32;
-                    let batch = local.batch();
-                    let backward = if stepped { Backward::Stepped(&batch) } else { Backward::Whole(&batch) };
-                    if let (Some(shards), true) = (&shards, stage >= 2) {
-                        // Every micro-batch's buckets are reduce-scattered as they finish.
-                        let loss = if window.is_some() {
-                            exchange.scatter_windowed(
-                                model,
-                                &mut held,
-                                shards,
-                                &mut shard_grads,
-                                share,
-                                &batch,
-                            )?
-                        } else {
-                            exchange.scatter(model, &mut grads, shards, &mut shard_grads, share, backward)?
-                        };
-                        scattered_loss += loss * share;
-                        continue;
-                    }
-                    let only = group.len() == 1;
-                    if k + 1 < group.len() || shards.is_some() {
-                        // An earlier micro-batch of the step (or any under ZeRO stage 1,
-                        // which reduce-scatters after the pass): sum, nothing to send.
-                        let loss = if only {
-                            let loss = model.forward_backward(&batch, &mut reduced[..total])?;
-                            reduced[..total].iter_mut().for_each(|g| *g *= share);
-                            loss
-                        } else {
-                            let loss = model.forward_backward(&batch, &mut grads)?;
-                            for (r, g) in reduced.iter_mut().zip(&grads) {
-                                *r += g * share;
-                            }
-                            loss
-                        };
-                        reduced[total] += loss * share;
-                        continue;
-                    }
-                    // The last: its backward pass overlaps the buckets' allreduces.
-                    let grads = (!only).then_some(&mut grads[..]);
-                    squares = exchange.run(model, grads, &mut reduced, share, backward)?;
+                // The last: its backward pass overlaps the buckets' allreduces.
+                let grads = (!only).then_some(&mut grads[..]);
+                squares = exchange.run(model, grads, &mut reduced, share, backward)?;
+            }
+            let (grad_norm, loss) = match &shards {
+                None => {
+                    // Every rank holds the same summed gradient, so its norm needs no
+                    // talk: its squares were summed as the buckets were reduced.
+                    let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
+                    optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
+                    params.update(model, |p| optimizer.step(&mut layout.params(p, &reduced[..total])))?;
+                    (grad_norm, f64::from(reduced[total]))
                 }
-                let (grad_norm, loss) = match &shards {
-                    None => {
-                        // Every rank holds the same summed gradient, so its norm needs no
-                        // talk: its squares were summed as the buckets were reduced.
-                        let grad_norm = clip_to(&mut reduced[..total], squares, config.grad_clip);
-                        optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
-                        params.update(model, |p| optimizer.step(&mut layout.params(p, &reduced[..total])))?;
-                        (grad_norm, f64::from(reduced[total]))
-                    }
-                    Some(shards) => {
-                        let local_loss = if stage >= 2 {
-                            scattered_loss
-                        } else {
-                            let wire = self.config.grad_dtype;
-                            zero::reduce_scatter(
-                                shards,
-                                comm,
-                                &reduced[..total],
-                                &mut shard_grads,
-                                wire,
-                                || self.deadline(),
-                            )?;
-                            reduced[total]
-                        };
-                        // The loss and the squares of every rank's chunks, summed.
-                        let mut sums = [f64::from(local_loss), sum_of_squares(&shard_grads)];
-                        comm.allreduce(
-                            bytemuck::cast_slice_mut(&mut sums),
-                            DType::F64,
-                            ReduceOp::Sum,
-                            self.deadline(),
+                Some(shards) => {
+                    let local_loss = if stage >= 2 {
+                        scattered_loss
+                    } else {
+                        let wire = self.config.grad_dtype;
+                        zero::reduce_scatter(
+                            shards,
+                            comm,
+                            &reduced[..total],
+                            &mut shard_grads,
+                            wire,
+                            || self.deadline(),
                         )?;
-                        let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
-                        optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
-                        params.update(model, |p| {
-                            shards.step(optimizer, p, &shard_grads)?;
-                            shards.allgather(comm, p, || self.deadline())
-                        })?;
-                        // As plain data parallelism reports it: rounded to f32.
-                        (grad_norm, f64::from(sums[0] as f32))
-                    }
-                };
-                let step = tally.steps() + 1;
-                if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
-                    params.read(model, |p| check_in_sync(comm, p, step, self.deadline()))?;
+                        reduced[total]
+                    };
+                    // The loss and the squares of every rank's chunks, summed.
+                    let mut sums = [f64::from(local_loss), sum_of_squares(&shard_grads)];
+                    comm.allreduce(
+                        bytemuck::cast_slice_mut(&mut sums),
+                        DType::F64,
+                        ReduceOp::Sum,
+                        self.deadline(),
+                    )?;
+                    let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
+                    optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
+                    params.update(model, |p| {
+                        shards.step(optimizer, p, &shard_grads)?;
+                        shards.allgather(comm, p, || self.deadline())
+                    })?;
+                    // As plain data parallelism reports it: rounded to f32.
+                    (grad_norm, f64::from(sums[0] as f32))
                 }
-                let done = StepDone {
-                    epoch: group.last().map_or(0, |(e, _)| *e),
-                    loss,
-                    grad_norm,
-                    samples: group_samples,
-                    started: t0,
-                };
-                tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
-                    self.evaluate(comm, model, partitioner, test, config.batch_size)
-                })?;
+            };
+            let step = tally.steps() + 1;
+            if self.config.checksum_every > 0 && step.is_multiple_of(self.config.checksum_every) {
+                params.read(model, |p| check_in_sync(comm, p, step, self.deadline()))?;
             }
+            let done = StepDone {
+                epoch: group.last().map_or(0, |(e, _)| *e),
+                loss,
+                grad_norm,
+                samples: group_samples,
+                started: t0,
+            };
+            tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
+                self.evaluate(comm, model, partitioner, test, config.batch_size)
+            })?;
             Ok(())
         })?;
         params.read(model, |p| check_in_sync(comm, p, tally.steps(), self.deadline()))?;

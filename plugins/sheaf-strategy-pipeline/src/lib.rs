@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, check_piece_zero_stage, chunk_range, forward_segments, mean_loss, optimizer_steps,
+    backward_segments, check_piece_zero_stage, chunk_range, forward_segments, mean_loss, prefetched_steps,
     test_totals, Communicator, DType, Deadline, Error, Model, ModelParams, Piece, PlanInput, PluginKind,
-    Provided, RankPlan, ReduceOp, ReplicaStep, Result, RunTally, Samples, Shards, StageInput, StepDone,
-    Strategy, StrategyPlan, TrainContext, TrainSummary,
+    Prefetch, Provided, RankPlan, ReduceOp, ReplicaStep, Result, RunTally, Samples, Shards, StageInput,
+    StepDone, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -433,8 +433,31 @@ impl Ties {
     }
 }
 
+/// Where `n` samples are cut into at most `m` micro-batches of nearly equal size (one,
+/// empty, when there are none).
+fn micro_ranges(n: usize, m: usize) -> Vec<std::ops::Range<usize>> {
+    let count = m.min(n).max(1);
+    (0..count).map(|k| chunk_range(n, count, k)).collect()
+}
+
+impl Micro {
+    /// A micro-batch of `rows` samples with what the stage needs of `samples`: the
+    /// inputs on the first stage, the labels on the last, nothing in between (where
+    /// `samples` is `None`: a middle stage gathers none).
+    fn new(rows: usize, samples: Option<Samples>, first: bool, last: bool) -> Micro {
+        Micro {
+            rows,
+            targets: match &samples {
+                Some(s) if last => s.targets(),
+                _ => Vec::new(),
+            },
+            samples: samples.filter(|_| first),
+        }
+    }
+}
+
 /// `share` (sample indices) cut into at most `m` micro-batches of nearly equal size,
-/// with the inputs and labels each stage needs.
+/// with the inputs and labels each stage needs, gathered here.
 fn micro_batches(
     data: &dyn sheaf_core::Dataset,
     share: &[usize],
@@ -442,16 +465,11 @@ fn micro_batches(
     first: bool,
     last: bool,
 ) -> Result<Vec<Micro>> {
-    let count = m.min(share.len()).max(1);
-    (0..count)
-        .map(|k| {
-            let idx = &share[chunk_range(share.len(), count, k)];
-            let samples = data.gather(idx)?;
-            Ok(Micro {
-                rows: idx.len(),
-                targets: if last { samples.targets() } else { Vec::new() },
-                samples: first.then_some(samples),
-            })
+    micro_ranges(share.len(), m)
+        .into_iter()
+        .map(|r| {
+            let samples = (first || last).then(|| data.gather(&share[r.clone()])).transpose()?;
+            Ok(Micro::new(r.len(), samples, first, last))
         })
         .collect()
 }
@@ -569,17 +587,41 @@ impl Strategy for Pipeline {
         let mut clock = StageClock::default();
         // A resumed run goes on from its checkpoint's step.
         let mut micro_step = config.start_micro_step();
-        for group in optimizer_steps(train.len(), &config) {
-            let t0 = Instant::now();
-            let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
-            let (mut loss_sum, mut predictions) = (0.0, 0);
-            for (_, global) in &group {
+        // This pipeline's share of each micro-step, cut into micro-batches and asked of
+        // the loader thread a step ahead, by the stages that need samples (the first its
+        // inputs, the last its labels); every stage keeps the micro-batches' sizes.
+        let gathers = first || last;
+        let mut asked = config.start_micro_step();
+        let ask = |loader: &mut Prefetch, group: &[(u64, Vec<usize>)]| -> Result<Vec<Vec<usize>>> {
+            let mut sizes = Vec::with_capacity(group.len());
+            for (_, global) in group {
                 let share: Vec<usize> = partitioner
-                    .shard(micro_step, global.len(), d, pipelines)?
+                    .shard(asked, global.len(), d, pipelines)?
                     .into_iter()
                     .map(|i| global[i])
                     .collect();
-                let micros = micro_batches(train, &share, self.config.micro_batches, first, last)?;
+                asked += 1;
+                let parts = micro_ranges(share.len(), self.config.micro_batches);
+                if gathers {
+                    for r in &parts {
+                        loader.request(share[r.clone()].to_vec())?;
+                    }
+                }
+                sizes.push(parts.iter().map(|r| r.len()).collect());
+            }
+            Ok(sizes)
+        };
+        prefetched_steps(train, &config, ask, |loader, group, sizes| {
+            let t0 = Instant::now();
+            let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
+            let (mut loss_sum, mut predictions) = (0.0, 0);
+            for rows in sizes {
+                let micros = rows
+                    .into_iter()
+                    .map(|rows| {
+                        Ok(Micro::new(rows, gathers.then(|| loader.take()).transpose()?, first, last))
+                    })
+                    .collect::<Result<Vec<Micro>>>()?;
                 let passes = schedule(self.config.schedule, stages, p, micros.len());
                 pipe.barrier(self.deadline())?;
                 let t_sched = Instant::now();
@@ -637,7 +679,8 @@ impl Strategy for Pipeline {
             tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
                 test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
             })?;
-        }
+            Ok(())
+        })?;
         let gradient_bytes = 4 * (grads.len() + shard_grads.len()) as u64;
         let summary = tally.summary(train.len(), optimizer, gradient_bytes, || {
             test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, check_piece_zero_stage, forward_segments, mean_loss, optimizer_steps, test_totals,
-    Communicator, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Provided, RankPlan,
+    backward_segments, check_piece_zero_stage, forward_segments, mean_loss, prefetched_steps, test_totals,
+    Communicator, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Prefetch, Provided, RankPlan,
     ReplicaStep, Result, RunTally, Shards, StageInput, StepDone, Strategy, StrategyPlan, TrainContext,
     TrainSummary,
 };
@@ -221,30 +221,40 @@ impl Strategy for TensorParallel {
         // A resumed run goes on from its checkpoint's step.
         let mut micro = config.start_micro_step();
         let mut peak = 0u64;
-        for batches in optimizer_steps(train.len(), &config) {
+        // The group's share of each micro-step, asked of the loader thread a step ahead
+        // (none for an empty share).
+        let mut asked = config.start_micro_step();
+        let ask = |loader: &mut Prefetch, batches: &[(u64, Vec<usize>)]| -> Result<Vec<bool>> {
+            let mut some = Vec::with_capacity(batches.len());
+            for (_, global) in batches {
+                let share = partitioner.shard(asked, global.len(), d, groups)?;
+                asked += 1;
+                some.push(!share.is_empty());
+                if !share.is_empty() {
+                    loader.request(share.into_iter().map(|i| global[i]).collect())?;
+                }
+            }
+            Ok(some)
+        };
+        prefetched_steps(train, &config, ask, |loader, batches, some| {
             let t0 = Instant::now();
             let group_samples: usize = batches.iter().map(|(_, g)| g.len()).sum();
             let mut loss = [0.0f64; 2];
-            for (_, global) in &batches {
-                let share: Vec<usize> = partitioner
-                    .shard(micro, global.len(), d, groups)?
-                    .into_iter()
-                    .map(|i| global[i])
-                    .collect();
-                if !share.is_empty() {
-                    let samples = train.gather(&share)?;
+            for some in some {
+                if some {
+                    let samples = loader.take()?;
                     let targets = samples.targets();
                     let logits = forward_segments(
                         group,
                         model,
                         micro,
                         StageInput::Samples(&samples),
-                        share.len(),
+                        samples.len(),
                         self.deadline(),
                     )?;
                     peak = peak.max(model.saved_bytes());
                     // Every sample makes the same number of predictions.
-                    let per_sample = targets.len() / share.len();
+                    let per_sample = targets.len() / samples.len();
                     let scale = 1.0 / (group_samples * per_sample).max(1) as f32;
                     let (loss_sum, _, grad) = model.loss_grad(&logits, &targets, scale)?;
                     backward_segments(group, model, micro, grad, self.deadline())?;
@@ -280,7 +290,8 @@ impl Strategy for TensorParallel {
             tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
                 test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
             })?;
-        }
+            Ok(())
+        })?;
         let gradient_bytes = 4 * (grads.len() + shard_grads.len()) as u64;
         let summary = tally.summary(train.len(), optimizer, gradient_bytes, || {
             test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
