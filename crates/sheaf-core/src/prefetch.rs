@@ -171,6 +171,11 @@ mod tests {
         assert!(matches!(r, Err(Error::InvalidArgument(m)) if m.contains("the step failed")));
     }
 
+    /// Asks for every micro-batch of a step, in order.
+    fn ask_all(p: &mut Prefetch, group: &[(u64, Vec<usize>)]) -> Result<()> {
+        group.iter().try_for_each(|(_, g)| p.request(g.clone()))
+    }
+
     /// Every optimizer step runs once, in order, on the samples asked for it, and each
     /// step's samples are asked for before the step ahead of it runs; an error in
     /// either closure ends the run with it.
@@ -195,9 +200,7 @@ mod tests {
             &Numbers,
             &config,
             |p, group| {
-                for (_, g) in group {
-                    p.request(g.clone())?;
-                }
+                ask_all(p, group)?;
                 log.borrow_mut().push(format!("ask {asked}"));
                 asked += 1;
                 Ok(group.to_vec())
@@ -218,26 +221,16 @@ mod tests {
 
         let failing = |at: usize| {
             let mut steps = 0;
-            prefetched_steps(
-                &Numbers,
-                &config,
-                |p, group| {
-                    for (_, g) in group {
-                        p.request(g.clone())?;
-                    }
-                    Ok(())
-                },
-                |p, group, ()| {
-                    for _ in &group {
-                        p.take()?;
-                    }
-                    steps += 1;
-                    if steps == at {
-                        return Err(Error::invalid(format!("step {at} failed")));
-                    }
-                    Ok(())
-                },
-            )
+            prefetched_steps(&Numbers, &config, ask_all, |p, group, ()| {
+                for _ in &group {
+                    p.take()?;
+                }
+                steps += 1;
+                if steps == at {
+                    return Err(Error::invalid(format!("step {at} failed")));
+                }
+                Ok(())
+            })
         };
         let e = failing(2).unwrap_err();
         assert!(e.to_string().contains("step 2 failed"), "{e}");
