@@ -225,23 +225,23 @@ impl Strategy for TensorParallel {
         // (none for an empty share).
         let mut asked = config.start_micro_step();
         let ask = |loader: &mut Prefetch, batches: &[(u64, Vec<usize>)]| -> Result<Vec<bool>> {
-            let mut some = Vec::with_capacity(batches.len());
+            let mut asked_for = Vec::with_capacity(batches.len());
             for (_, global) in batches {
                 let share = partitioner.shard(asked, global.len(), d, groups)?;
                 asked += 1;
-                some.push(!share.is_empty());
+                asked_for.push(!share.is_empty());
                 if !share.is_empty() {
                     loader.request(share.into_iter().map(|i| global[i]).collect())?;
                 }
             }
-            Ok(some)
+            Ok(asked_for)
         };
-        prefetched_steps(train, &config, ask, |loader, batches, some| {
+        prefetched_steps(train, &config, ask, |loader, batches, asked_for| {
             let t0 = Instant::now();
             let group_samples: usize = batches.iter().map(|(_, g)| g.len()).sum();
             let mut loss = [0.0f64; 2];
-            for some in some {
-                if some {
+            for samples_asked in asked_for {
+                if samples_asked {
                     let samples = loader.take()?;
                     let targets = samples.targets();
                     let logits = forward_segments(
