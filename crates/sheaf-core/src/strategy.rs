@@ -167,7 +167,8 @@ impl<'a> RunTally<'a> {
         self.samples += done.samples;
         self.last_loss = done.loss;
         let (config, step) = (self.config, self.steps);
-        let evaluates = config.eval_every.is_some_and(|every| every > 0 && step.is_multiple_of(every));
+        // Steps count from 1, and no step is a multiple of 0.
+        let evaluates = config.eval_every.is_some_and(|every| step.is_multiple_of(every));
         let val_loss = if evaluates {
             let eval = validate(model)?;
             self.last_eval = Some((step, eval));
@@ -792,6 +793,7 @@ mod tests {
             let mut tally = RunTally::new(&config);
             let mut validations = 0;
             for i in 0..steps {
+                let before = std::time::Instant::now();
                 let done = StepDone {
                     epoch: 1,
                     loss: i as f64,
@@ -806,6 +808,9 @@ mod tests {
                     })
                     .unwrap();
                 assert_eq!(val.is_some(), (6 + i) % 2 == 0, "step {}", 6 + i);
+                // The step's 4 samples over no more than the time it took.
+                let rate = metrics.0.last().unwrap().samples_per_sec;
+                assert!(rate >= 4.0 / before.elapsed().as_secs_f64(), "{rate} samples/s");
             }
             assert_eq!(tally.steps(), 5 + steps);
             let steps_seen: Vec<u64> = metrics.0.iter().map(|m| m.step).collect();
@@ -824,6 +829,8 @@ mod tests {
             assert_eq!((summary.test_accuracy, summary.test_loss), expected);
             assert_eq!((summary.steps, summary.final_loss), (5 + steps, (steps - 1) as f64));
             assert_eq!(summary.epochs, (5 + steps) * 4 / 400);
+            let trained = summary.samples_per_sec * summary.wall_seconds;
+            assert!((trained - 4.0 * steps as f64).abs() < 1e-6, "{trained} samples counted");
             assert_eq!(
                 (summary.optimizer_state_bytes_per_rank, summary.gradient_bytes_per_rank),
                 (12, Some(8.0))

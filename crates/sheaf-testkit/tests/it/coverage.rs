@@ -385,3 +385,26 @@ fn the_hierarchical_allreduce_is_chosen_by_size_and_keeps_non_leaders_off_the_ne
         }
     }
 }
+
+/// A step's mean loss and a run's test totals, as every strategy reduces them over a
+/// world of 3 ranks: sums over every rank divided by every rank's count, a rank that
+/// scores nothing (zeros) changing nothing, and no predictions at all a loss of 0 and
+/// totals of NaN rather than a division by zero.
+#[test]
+fn mean_loss_and_test_totals_divide_the_world_sums() {
+    let results = run_world(3, |g| {
+        let r = sheaf_core::Communicator::rank(&g) as f64;
+        let scored = if r == 2.0 { [0.0, 0.0] } else { [3.0 + r, 2.0 + r] };
+        let mean = sheaf_core::mean_loss(&g, scored, deadline()).unwrap();
+        let nothing = sheaf_core::mean_loss(&g, [0.0, 0.0], deadline()).unwrap();
+        let totals = sheaf_core::test_totals(&g, [2.0 * r, r, 4.0], deadline()).unwrap();
+        let none = sheaf_core::test_totals(&g, [0.0; 3], deadline()).unwrap();
+        (mean, nothing, totals, none)
+    });
+    for (mean, nothing, totals, none) in results {
+        assert_eq!(mean, 7.0 / 5.0);
+        assert_eq!(nothing, 0.0);
+        assert_eq!(totals, (3.0 / 12.0, 6.0 / 12.0));
+        assert!(none.0.is_nan() && none.1.is_nan(), "{none:?}");
+    }
+}
