@@ -404,6 +404,10 @@ proptest::proptest! {
         let top = *frontiers_sizes(&layout, widths.len() - 1).last().unwrap();
         let e = fused.backward_next_into(&mut vec![0.0; top - 1], total).unwrap_err().to_string();
         proptest::prop_assert!(e.contains("cannot hold layer"), "{}", e);
+        for (len, end) in [(top, total - 1), (total + 1, total)] {
+            let e = fused.backward_next_into(&mut vec![0.0; len], end).unwrap_err().to_string();
+            proptest::prop_assert!(e.contains("pending gradient values in a window of"), "{}", e);
+        }
     }
 }
 

@@ -645,5 +645,11 @@ proptest::proptest! {
         fused.backward_begin(&batch).unwrap();
         let e = fused.backward_next_into(&mut vec![0.0; steps[0] - 1], total).unwrap_err().to_string();
         proptest::prop_assert!(e.contains("cannot hold the Head step"), "{}", e);
+        // A window ending anywhere but where the pass stands, or longer than what is
+        // pending, is an error too.
+        for (len, end) in [(steps[0], total - 1), (total + 1, total)] {
+            let e = fused.backward_next_into(&mut vec![0.0; len], end).unwrap_err().to_string();
+            proptest::prop_assert!(e.contains("pending gradient values in a window of"), "{}", e);
+        }
     }
 }
