@@ -190,20 +190,22 @@ impl<'a> RunTally<'a> {
     }
 
     /// The run's summary, its wall time ending now: the test accuracy and loss from the
-    /// last step's evaluation, or from `evaluate` when the last step did not evaluate;
-    /// `gradient_bytes` as the strategy measured them. What a strategy does not
-    /// measure is 0 (activations, busy and idle time), for it to fill in.
+    /// last step's evaluation, or from `validate` (the one [`RunTally::end_step`] takes)
+    /// when the last step did not evaluate; `gradient_bytes` as the strategy measured
+    /// them. What a strategy does not measure is 0 (activations, busy and idle time),
+    /// for it to fill in.
     pub fn summary(
         self,
         train_len: usize,
+        model: &mut dyn Model,
         optimizer: &dyn Optimizer,
         gradient_bytes: u64,
-        evaluate: impl FnOnce() -> Result<(f64, f64)>,
+        validate: impl FnOnce(&mut dyn Model) -> Result<(f64, f64)>,
     ) -> Result<TrainSummary> {
         let wall = self.start.elapsed().as_secs_f64();
         let (test_accuracy, test_loss) = match self.last_eval {
             Some((at, eval)) if at == self.steps => eval,
-            _ => evaluate()?,
+            _ => validate(model)?,
         };
         Ok(TrainSummary {
             epochs: epochs_done(self.steps, train_len, self.config),
@@ -819,7 +821,7 @@ mod tests {
             assert_eq!(checkpoints.1, (6..6 + steps).filter(|s| s % 3 == 0).collect::<Vec<_>>());
             let mut evaluated = false;
             let summary = tally
-                .summary(400, &Still, 8, || {
+                .summary(400, &mut model, &Still, 8, |_| {
                     evaluated = true;
                     Ok((0.75, 9.0))
                 })

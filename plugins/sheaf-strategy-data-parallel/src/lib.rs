@@ -271,6 +271,8 @@ impl Strategy for DataParallel {
         // A resumed run goes on from its checkpoint's step (the host restored the
         // parameters and optimizer state; `optimizer_steps` starts after it).
         let mut tally = RunTally::new(&config);
+        let validate =
+            |model: &mut dyn Model| self.evaluate(comm, model, partitioner, test, config.batch_size);
         // This rank's share of each micro-batch, asked of the loader thread a step
         // ahead (`asked` counts the micro-batches asked for, as the partitioner numbers
         // them).
@@ -400,15 +402,11 @@ impl Strategy for DataParallel {
                 samples: group_samples,
                 started: t0,
             };
-            tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
-                self.evaluate(comm, model, partitioner, test, config.batch_size)
-            })?;
+            tally.end_step(done, metrics, checkpoints, model, optimizer, validate)?;
             Ok(())
         })?;
         params.read(model, |p| check_in_sync(comm, p, tally.steps(), self.deadline()))?;
-        tally.summary(train.len(), optimizer, gradient_bytes, || {
-            self.evaluate(comm, model, partitioner, test, config.batch_size)
-        })
+        tally.summary(train.len(), model, optimizer, gradient_bytes, validate)
     }
 }
 

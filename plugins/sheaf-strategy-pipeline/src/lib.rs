@@ -579,6 +579,9 @@ impl Strategy for Pipeline {
         };
 
         let mut tally = RunTally::new(&config);
+        // The validation split's accuracy and mean loss over the world.
+        let validate =
+            |model: &mut dyn Model| test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline());
         let mut grads = vec![0f32; layout.total()];
         // ZeRO 1 across the pipelines: this replica's chunk of the piece, one bucket.
         let shards = (self.config.zero >= 1)
@@ -676,15 +679,11 @@ impl Strategy for Pipeline {
                 samples: group_samples,
                 started: t0,
             };
-            tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
-                test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
-            })?;
+            tally.end_step(done, metrics, checkpoints, model, optimizer, validate)?;
             Ok(())
         })?;
         let gradient_bytes = 4 * (grads.len() + shard_grads.len()) as u64;
-        let summary = tally.summary(train.len(), optimizer, gradient_bytes, || {
-            test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
-        })?;
+        let summary = tally.summary(train.len(), model, optimizer, gradient_bytes, validate)?;
         Ok(TrainSummary {
             peak_activation_bytes: clock.peak,
             busy_seconds: clock.busy.as_secs_f64(),

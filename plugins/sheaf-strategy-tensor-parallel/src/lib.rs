@@ -213,6 +213,9 @@ impl Strategy for TensorParallel {
         let eval = Eval { group, evaluating: d == 0, scoring: t == 0, batch: config.batch_size.max(1) };
 
         let mut tally = RunTally::new(&config);
+        // The validation split's accuracy and mean loss over the world.
+        let validate =
+            |model: &mut dyn Model| test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline());
         let mut grads = vec![0f32; layout.total()];
         // ZeRO 1 across the groups: this replica's chunk of the slice, one bucket.
         let shards = (self.config.zero >= 1)
@@ -287,15 +290,11 @@ impl Strategy for TensorParallel {
                 samples: group_samples,
                 started: t0,
             };
-            tally.end_step(done, metrics, checkpoints, model, optimizer, |model| {
-                test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
-            })?;
+            tally.end_step(done, metrics, checkpoints, model, optimizer, validate)?;
             Ok(())
         })?;
         let gradient_bytes = 4 * (grads.len() + shard_grads.len()) as u64;
-        let summary = tally.summary(train.len(), optimizer, gradient_bytes, || {
-            test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline())
-        })?;
+        let summary = tally.summary(train.len(), model, optimizer, gradient_bytes, validate)?;
         Ok(TrainSummary { peak_activation_bytes: peak, ..summary })
     }
 }
