@@ -45,26 +45,15 @@ pub(crate) fn threads() -> usize {
     candle_core::utils::get_num_threads().max(1)
 }
 
-/// Runs `f` (a whole forward or backward step) on this process's compute threads.
+/// Runs `f` (a whole forward or backward step) on this process's compute threads,
+/// which the training thread joins ([`sheaf_pool::install`]).
 ///
-/// The caller's thread waits while `f` runs on the pool, its serial parts included:
-/// run from the caller, those parts raced the pool's threads (which spin a while
-/// after each product before they sleep) for the same cores, and two threads were
-/// no faster than one on a 2-core machine.
+/// The serial parts of `f` run on one of those threads too: run from a thread outside
+/// the pool, they raced the pool's threads (which spin a while after each product
+/// before they sleep) for the same cores, and two threads were no faster than one on a
+/// 2-core machine.
 pub(crate) fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    let pool = POOL.get_or_init(|| {
-        let n = threads();
-        (n > 1)
-            .then(|| {
-                rayon::ThreadPoolBuilder::new().num_threads(n).thread_name(|i| format!("compute-{i}")).build()
-            })
-            .and_then(|built| built.ok())
-    });
-    match pool {
-        Some(pool) => pool.install(f),
-        None => f(),
-    }
+    sheaf_pool::install(threads(), f)
 }
 
 /// `dst = a * b` (or `dst += a * b` when `accumulate`), `dst` row-major `a.rows x b.cols`.
