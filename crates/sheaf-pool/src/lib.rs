@@ -63,10 +63,12 @@ mod tests {
     use super::*;
     use rayon::prelude::*;
 
-    fn shared_out(threads: usize) -> (u64, usize) {
+    /// A sum shared out on the pool, the threads it had, and whether `f` ran on a
+    /// pool's thread.
+    fn shared_out(threads: usize) -> (u64, usize, bool) {
         install(threads, || {
             let sum = (0..10_000u64).into_par_iter().map(|i| i * i).sum::<u64>();
-            (sum, rayon::current_num_threads())
+            (sum, rayon::current_num_threads(), rayon::current_thread_index().is_some())
         })
     }
 
@@ -74,20 +76,31 @@ mod tests {
     fn work_runs_on_the_joined_pool_and_on_the_shared_one() {
         let expected: u64 = (0..10_000u64).map(|i| i * i).sum();
         // Whichever thread claims the joined pool, this one or another test's, the
-        // work runs on three threads, here and from threads that cannot join.
-        assert_eq!(shared_out(3), (expected, 3));
-        let others: Vec<(u64, usize)> = std::thread::scope(|s| {
+        // work runs on two threads of a pool, here and from threads that cannot join.
+        assert_eq!(shared_out(3), (expected, 3, true));
+        let others: Vec<(u64, usize, bool)> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4).map(|_| s.spawn(|| shared_out(3))).collect();
             handles.into_iter().map(|h| h.join().expect("thread")).collect()
         });
-        assert!(others.iter().all(|&r| r == (expected, 3)), "{others:?}");
+        assert!(others.iter().all(|&r| r == (expected, 3, true)), "{others:?}");
         // Again on this thread: the same pool.
-        assert_eq!(shared_out(3), (expected, 3));
+        assert_eq!(shared_out(3), (expected, 3, true));
+    }
+
+    #[test]
+    fn two_threads_run_on_a_pool() {
+        let on_pool = std::thread::spawn(|| install(2, || rayon::current_thread_index().is_some()));
+        assert!(on_pool.join().expect("thread"));
     }
 
     #[test]
     fn one_thread_runs_on_the_caller() {
-        let caller = std::thread::current().id();
-        assert_eq!(install(1, || std::thread::current().id()), caller);
+        std::thread::spawn(|| {
+            let caller = std::thread::current().id();
+            let (on, in_pool) = install(1, || (std::thread::current().id(), rayon::current_thread_index()));
+            assert_eq!((on, in_pool), (caller, None));
+        })
+        .join()
+        .expect("thread");
     }
 }
