@@ -111,9 +111,8 @@ pub(crate) fn compute_threads() -> usize {
 }
 
 /// Runs `update` over every piece of `params`, shared among `threads` threads (this
-/// library's pool, which the training thread joins: measured at 1 x 2 on the
-/// reference MLP, 223-228 us a step against 271-287 us starting a thread each step)
-/// when the step is large enough to gain. The update is elementwise, so the result
+/// library's pool, which the training thread joins, rather than a thread started for
+/// each step) when the step is large enough to gain. The update is elementwise, so the result
 /// does not depend on how the pieces were shared out.
 pub(crate) fn update_pieces(params: Vec<Piece<'_>>, threads: usize, update: impl Fn(Piece<'_>) + Sync) {
     let total: usize = params.iter().map(|p| p.value.len()).sum();
