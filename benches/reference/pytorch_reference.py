@@ -20,7 +20,7 @@ gradient norm (clip_grad_norm_ to 1.0 for the gpt, as its job clips; get_total_n
 the mlp, whose job only reports it: clip_grad_norm_ would also scale every gradient by
 1), and the loss read back, as Sheaf logs it.
 """
-import argparse, json, math, os, statistics, time
+import argparse, json, os, statistics, time
 
 import torch
 import torch.nn as nn
