@@ -77,7 +77,7 @@ mod tests {
     fn work_runs_on_the_joined_pool_and_on_the_shared_one() {
         let expected: u64 = (0..10_000u64).map(|i| i * i).sum();
         // Whichever thread claims the joined pool, this one or another test's, the
-        // work runs on two threads of a pool, here and from threads that cannot join.
+        // work runs on three threads of a pool, here and from threads that cannot join.
         assert_eq!(shared_out(3), (expected, 3, true));
         let others: Vec<(u64, usize, bool)> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4).map(|_| s.spawn(|| shared_out(3))).collect();

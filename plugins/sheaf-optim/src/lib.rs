@@ -10,8 +10,6 @@ mod sgd;
 pub use adamw::{AdamW, AdamWConfig};
 pub use sgd::{Sgd, SgdConfig};
 
-use std::sync::{Mutex, PoisonError};
-
 use rayon::prelude::*;
 use sheaf_core::{Error, Optimizer, Param, PluginKind, Provided, Result};
 
@@ -112,16 +110,15 @@ pub(crate) fn compute_threads() -> usize {
 
 /// Runs `update` over every piece of `params`, shared among `threads` threads (this
 /// library's pool, which the training thread joins, rather than a thread started for
-/// each step) when the step is large enough to gain. The update is elementwise, so the result
-/// does not depend on how the pieces were shared out.
+/// each step) when the step is large enough to gain. The update is elementwise, so the
+/// result does not depend on how the pieces were shared out.
 pub(crate) fn update_pieces(params: Vec<Piece<'_>>, threads: usize, update: impl Fn(Piece<'_>) + Sync) {
     let total: usize = params.iter().map(|p| p.value.len()).sum();
     if total < MIN_PARALLEL || threads < 2 {
         params.into_iter().for_each(update);
         return;
     }
-    // Pieces of at most PIECE elements, then consecutive runs of them of about
-    // `total / threads` elements, one run per thread.
+    // Pieces of at most PIECE elements, which rayon shares out among the threads.
     let mut pieces = Vec::with_capacity(total / PIECE + params.len());
     for mut p in params {
         while p.value.len() > PIECE {
@@ -137,21 +134,7 @@ pub(crate) fn update_pieces(params: Vec<Piece<'_>>, threads: usize, update: impl
         }
         pieces.push(p);
     }
-    let share = total.div_ceil(threads);
-    let mut groups: Vec<Vec<Piece<'_>>> = (0..threads).map(|_| Vec::new()).collect();
-    let mut before = 0;
-    for p in pieces {
-        let len = p.value.len();
-        groups[(before / share).min(threads - 1)].push(p);
-        before += len;
-    }
-    let groups: Vec<Mutex<Vec<Piece<'_>>>> = groups.into_iter().map(Mutex::new).collect();
-    sheaf_pool::install(threads, || {
-        groups.par_iter().for_each(|group| {
-            let group = std::mem::take(&mut *group.lock().unwrap_or_else(PoisonError::into_inner));
-            group.into_iter().for_each(&update);
-        })
-    });
+    sheaf_pool::install(threads, || pieces.into_par_iter().for_each(&update));
 }
 
 /// A parameter beside its optimizer state, and whether the state is new this step.
