@@ -89,12 +89,6 @@ mod tests {
     }
 
     #[test]
-    fn two_threads_run_on_a_pool() {
-        let on_pool = std::thread::spawn(|| install(2, || rayon::current_thread_index().is_some()));
-        assert!(on_pool.join().expect("thread"));
-    }
-
-    #[test]
     fn one_thread_runs_on_the_caller() {
         std::thread::spawn(|| {
             let caller = std::thread::current().id();
