@@ -5,6 +5,7 @@ mod c_transport;
 mod collectives;
 mod gpt;
 mod hosts;
+mod memory;
 mod model_parallel;
 mod plugin_check;
 mod plugins;

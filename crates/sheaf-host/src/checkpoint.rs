@@ -14,6 +14,7 @@
 //! Resuming reads the newest complete checkpoint on every rank (so resuming a world
 //! spread over hosts needs the run directory on a shared filesystem).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
 use sheaf_core::{CheckpointSink, CommError, Communicator, Deadline, Op, OptimState, TrainConfig};
 
-use crate::outputs::{safetensors_bytes, safetensors_of, write_atomic, TensorFile};
+use crate::outputs::{layout_tensors, safetensors_of, write_atomic, write_safetensors, TensorFile};
 use crate::plan::Plan;
 use crate::HostError;
 
@@ -83,12 +84,17 @@ fn sync_dir(dir: &Path) -> Result<(), HostError> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| out_err(dir, e))
 }
 
-pub(crate) fn state_bytes(state: &OptimState) -> Result<Vec<u8>, HostError> {
+/// An optimizer state's buffers as tensors, and its step as metadata.
+fn state_tensors(
+    state: &OptimState,
+) -> (impl Iterator<Item = (&str, Vec<usize>, &[f32])>, HashMap<String, String>) {
     let meta = HashMap::from([("step".to_string(), state.step.to_string())]);
-    safetensors_of(
-        state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice())),
-        Some(meta),
-    )
+    (state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice())), meta)
+}
+
+pub(crate) fn state_bytes(state: &OptimState) -> Result<Vec<u8>, HostError> {
+    let (tensors, meta) = state_tensors(state);
+    safetensors_of(tensors, Some(meta))
 }
 
 pub(crate) fn state_from_file(file: &TensorFile) -> Result<OptimState, HostError> {
@@ -149,8 +155,14 @@ impl Checkpointer<'_> {
 
     /// The checkpoint after `step` steps from every rank's `params` (its piece) and
     /// optimizer `state`; every rank calls it.
+    /// Whether [`Checkpointer::write`] at `step` writes anything: not without a run
+    /// directory for checkpoints, nor a second time for the same step.
+    pub fn due(&self, step: u64) -> bool {
+        self.run_dir.is_some() && self.saved != Some(step)
+    }
+
     pub fn write(&mut self, step: u64, params: &[f32], state: &OptimState) -> Result<(), HostError> {
-        if self.run_dir.is_none() || self.saved == Some(step) {
+        if !self.due(step) {
             return Ok(());
         }
         let rank = self.comm.rank();
@@ -172,15 +184,21 @@ impl Checkpointer<'_> {
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir(&partial).map_err(|e| out_err(&partial, e))?;
         for &w in &writers {
-            let bytes = if w == 0 {
-                state_bytes(state)?
+            let path = partial.join(state_file(w));
+            if w == 0 {
+                // Rank 0's own state streams from its buffers.
+                let (tensors, meta) = state_tensors(state);
+                write_safetensors(&path, tensors, Some(meta))?;
             } else {
-                self.comm.recv(w, STATE_TAG, self.deadline()).map_err(comm_err)?
-            };
-            write_synced(&partial.join(state_file(w)), &bytes)?;
+                write_synced(&path, &self.comm.recv(w, STATE_TAG, self.deadline()).map_err(comm_err)?)?;
+            }
         }
         let full = full.expect("rank 0 holds the whole model");
-        write_synced(&partial.join("model.safetensors"), &safetensors_bytes(&self.plan.info.layout, &full)?)?;
+        write_safetensors(
+            &partial.join("model.safetensors"),
+            layout_tensors(&self.plan.info.layout, &full),
+            None,
+        )?;
         let json = serde_json::to_vec_pretty(&self.state(step)).expect("state serialises");
         write_synced(&partial.join("state.json"), &json)?;
         sync_dir(&partial)?;
@@ -287,15 +305,16 @@ pub fn read(dir: &Path, plan: &Plan, rank: usize, strategy: &str) -> Result<Resu
 /// `mine` (its piece): its own, or under model parallelism each distinct piece sent
 /// to rank 0 by the lowest rank holding it and put in place, so a checkpoint always
 /// holds the model one process would.
-pub fn gather_full(
+pub fn gather_full<'a>(
     comm: &Group,
-    mine: &[f32],
+    mine: &'a [f32],
     plan: &Plan,
     dl: impl Fn() -> Deadline,
-) -> Result<Option<Vec<f32>>, CommError> {
+) -> Result<Option<Cow<'a, [f32]>>, CommError> {
     let rank = comm.rank();
     if !plan.is_model_parallel() {
-        return Ok((rank == 0).then(|| mine.to_vec()));
+        // Rank 0 holds the whole model already: no copy of it.
+        return Ok((rank == 0).then_some(Cow::Borrowed(mine)));
     }
     let senders = plan.representatives();
     if rank != 0 {
@@ -322,7 +341,7 @@ pub fn gather_full(
             bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
         piece.place(whole, &values, &mut full);
     }
-    Ok(Some(full))
+    Ok(Some(Cow::Owned(full)))
 }
 
 /// Whether `dir` already holds a run's outputs (which a new run must not overwrite).

@@ -135,6 +135,22 @@ pub enum Command {
         #[arg(long, value_name = "X", default_value_t = 2.0)]
         slow_factor: f64,
     },
+    /// Print the job's layout over N ranks and what each rank is planned to hold, by
+    /// part (parameters, gradients, optimizer state, activations, communication),
+    /// against `compute.memory_limit_mb` and this host's available memory, without
+    /// starting a world. Exits non-zero when a rank does not fit.
+    Plan {
+        /// The job file (TOML); without one, the default job.
+        job: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Ranks in the world.
+        #[arg(short = 'n', long = "nproc", value_name = "N", default_value_t = 1)]
+        workers: usize,
+        /// Print JSON (a list of every rank's parts) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure collectives or point-to-point over a transport, in real processes.
     Bench {
         #[command(subcommand)]
@@ -321,8 +337,14 @@ fn launch_job(
         eprintln!("[launch] measured layer costs (ns): {costs:?}");
         parsed.parallel.layer_costs = Some(costs);
     }
-    crate::plan::strategy_and_plan(&parsed, workers * nodes.nnodes, &registry, compute.as_ref(), &data)?;
+    let (_, plan) =
+        crate::plan::strategy_and_plan(&parsed, workers * nodes.nnodes, &registry, compute.as_ref(), &data)?;
     drop(data);
+    // This host's ranks against the memory it has: each needs its plan and about what
+    // this launcher holds now (the same plugins and dataset) as its own baseline.
+    let mine = nodes.node_rank * workers..(nodes.node_rank + 1) * workers;
+    let local: Vec<_> = mine.map(|r| crate::memory::planned(&parsed, &plan, r)).collect();
+    crate::memory::check_host(&local, crate::memory::peak_rss_bytes())?;
     if let Some(f) = &job.init_from {
         if !f.is_file() {
             return Err(HostError::Data(format!("--init-from {}: no such file", f.display())));
@@ -469,6 +491,35 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 )
             };
             writeln!(out, "{line}").map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+        }
+        Command::Plan { job, overrides, workers, json } => {
+            let job = crate::job::load_job(job.as_deref(), overrides)?;
+            if *workers == 0 {
+                return Err(HostError::Usage("-n 0: a world needs at least one rank".into()));
+            }
+            let registry = cli.registry_for(&job);
+            let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
+            let data = crate::data::load(&job, &registry, compute.as_ref())?;
+            // The budget is checked below, after the table is printed.
+            let mut unbounded = job.clone();
+            unbounded.compute.memory_limit_mb = None;
+            let (_, plan) =
+                crate::plan::strategy_and_plan(&unbounded, *workers, &registry, compute.as_ref(), &data)?;
+            let rows: Vec<_> = (0..*workers).map(|r| crate::memory::planned(&job, &plan, r)).collect();
+            let text = if *json {
+                serde_json::to_string_pretty(&rows).map_err(|e| HostError::Usage(e.to_string()))? + "\n"
+            } else {
+                format!(
+                    "{} over {workers} ranks, {} parameters\n{}",
+                    job.parallel.strategy,
+                    plan.info.layout.total(),
+                    crate::memory::table(&rows)
+                )
+            };
+            out.write_all(text.as_bytes())
+                .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;
+            crate::plan::check_memory(&job, &plan)?;
+            crate::memory::check_host(&rows, crate::memory::peak_rss_bytes())
         }
         Command::Sample { checkpoint, prompt, tokens, temperature, top_k, seed } => {
             let text = crate::sample::sample(

@@ -58,7 +58,16 @@ fn open(job: &Job) -> Result<Source, HostError> {
 
 /// The model spec of `job` given the dataset's vocabulary size.
 pub fn model_spec(job: &Job, vocab_size: Option<usize>) -> ModelSpec {
-    ModelSpec { kind: job.model.kind.clone(), config: job.model.config_json(), vocab_size }
+    let mut config = job.model.config_json();
+    // Recomputation travels with the model's settings, where the compute plugin that
+    // runs the kind accepts it or refuses it by name (checked when the job was read).
+    if let Ok(Some(every)) = job.train.activation_checkpointing.every() {
+        if let Ok(serde_json::Value::Object(mut map)) = serde_json::from_str::<serde_json::Value>(&config) {
+            map.insert("activation_checkpointing".into(), every.into());
+            config = serde_json::Value::Object(map).to_string();
+        }
+    }
+    ModelSpec { kind: job.model.kind.clone(), config, vocab_size }
 }
 
 /// Asks `compute` to describe the job's model; an unknown kind names the kinds the

@@ -100,12 +100,8 @@ pub fn doctor(
     let (_, plan) =
         crate::plan::strategy_and_plan(&unbounded, env.world_size, registry, compute.as_ref(), &data)?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    let needs: Vec<f64> = (0..env.world_size)
-        .map(|r| {
-            let (p, a) = crate::plan::need_bytes(job, &plan, r);
-            mib(p + a)
-        })
-        .collect();
+    let needs: Vec<f64> =
+        (0..env.world_size).map(|r| mib(crate::memory::planned(job, &plan, r).total)).collect();
     if let Some(limit) = job.compute.memory_limit_mb {
         for (r, &need) in needs.iter().enumerate() {
             if need > limit {

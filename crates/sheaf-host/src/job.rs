@@ -143,11 +143,46 @@ pub struct TrainSection {
     /// Checkpoints kept, the newest.
     #[serde(default = "two")]
     pub keep_checkpoints: usize,
+    /// Activation recomputation: `"none"`, `"blocks"` (every block keeps only its
+    /// input in the forward pass and runs its forward again in the backward pass), or
+    /// `N` (every N-th block does). Passed to the compute plugin with the model's
+    /// settings; a model kind that cannot recompute refuses it.
+    #[serde(default)]
+    pub activation_checkpointing: Checkpointing,
     /// Settings of each optimizer, by name (`[train.options.sgd]`); only the chosen
     /// optimizer's table is used, so `--set train.optimizer=...` switches cleanly. Its
     /// plugin rejects keys it does not know.
     #[serde(default)]
     pub options: std::collections::BTreeMap<String, toml::Table>,
+}
+
+/// `train.activation_checkpointing`: a name (`"none"`, `"blocks"`) or every how many
+/// blocks.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum Checkpointing {
+    Named(String),
+    Every(u64),
+}
+
+impl Default for Checkpointing {
+    fn default() -> Self {
+        Checkpointing::Named("none".into())
+    }
+}
+
+impl Checkpointing {
+    /// Every how many blocks one recomputes (`None`: none).
+    pub fn every(&self) -> Result<Option<u64>, String> {
+        match self {
+            Checkpointing::Named(n) if n == "none" => Ok(None),
+            Checkpointing::Named(n) if n == "blocks" => Ok(Some(1)),
+            Checkpointing::Every(n) if *n >= 1 => Ok(Some(*n)),
+            other => Err(format!(
+                "key `train.activation_checkpointing`: {other:?} (\"none\", \"blocks\", or every N-th block with N >= 1)"
+            )),
+        }
+    }
 }
 
 fn sgd() -> String {
@@ -378,6 +413,7 @@ fn validate(job: &Job) -> Result<(), String> {
     if job.train.batch_size == 0 {
         return Err("key `train.batch_size`: must be at least 1".into());
     }
+    job.train.activation_checkpointing.every()?;
     if job.train.grad_accum == 0 {
         return Err("key `train.grad_accum`: must be at least 1".into());
     }

@@ -19,6 +19,7 @@ mod fuzz;
 pub mod job;
 pub mod launch;
 mod loader;
+pub mod memory;
 pub mod outputs;
 pub mod plan;
 pub mod plot;

@@ -56,6 +56,15 @@ pub struct Summary {
     /// Most bytes of activations each rank kept for backward passes at once (measured
     /// by model-parallel strategies; estimated from the batch under data parallelism).
     pub peak_activation_bytes_per_rank: Vec<u64>,
+    /// Each rank's peak resident memory as the kernel counts it (`getrusage`), over
+    /// the whole run, the final checkpoint included.
+    pub peak_rss_bytes_per_rank: Vec<u64>,
+    /// Each rank's peak resident memory before its model was built (the process's own
+    /// baseline: the runtime, the plugins, the dataset).
+    pub baseline_rss_bytes_per_rank: Vec<u64>,
+    /// What each rank was planned to hold, by part (`sheaf plan` prints the same), to
+    /// compare with the measured peak less the baseline.
+    pub planned_bytes_per_rank: Vec<crate::memory::PlannedBytes>,
     /// Seconds each rank computed and waited during training steps (pipeline stages).
     pub busy_seconds_per_rank: Vec<f64>,
     pub idle_seconds_per_rank: Vec<f64>,
@@ -112,17 +121,46 @@ pub fn safetensors_of<'a>(
     safetensors::serialize(views, metadata).map_err(|e| HostError::Output(format!("safetensors: {e}")))
 }
 
+/// Writes named f32 buffers (`(name, shape, values)`), with string metadata in the
+/// header's `__metadata__`, to `path` as a safetensors file
+/// without building the file in memory: the `safetensors` crate streams each tensor
+/// from its buffer into a temporary file beside `path` and renames it; the file is
+/// then fsynced. A checkpoint of a model as large as memory allows costs no second
+/// copy of it.
+pub fn write_safetensors<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, Vec<usize>, &'a [f32])>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), HostError> {
+    let views = tensors
+        .into_iter()
+        .map(|(name, shape, values)| {
+            TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(values))
+                .map(|v| (name, v))
+                .map_err(|e| HostError::Output(format!("tensor `{name}`: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    safetensors::serialize_to_file(views, metadata, path)
+        .map_err(|e| HostError::Output(format!("{}: safetensors: {e}", path.display())))?;
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| io_err(path, e))
+}
+
+/// The tensors of a flat parameter buffer, named and shaped by `layout`.
+pub fn layout_tensors<'a>(
+    layout: &'a ParamLayout,
+    params: &'a [f32],
+) -> impl Iterator<Item = (&'a str, Vec<usize>, &'a [f32])> {
+    layout
+        .specs()
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| (spec.name.as_str(), spec.shape.clone(), &params[layout.range(i)]))
+}
+
 /// `safetensors` bytes of a flat parameter buffer: f32 tensors named and shaped by
 /// `layout`.
 pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Result<Vec<u8>, HostError> {
-    safetensors_of(
-        layout
-            .specs()
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| (spec.name.as_str(), spec.shape.clone(), &params[layout.range(i)])),
-        None,
-    )
+    safetensors_of(layout_tensors(layout, params), None)
 }
 
 /// A safetensors file read whole and parsed by the `safetensors` crate (which checks

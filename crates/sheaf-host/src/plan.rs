@@ -162,12 +162,14 @@ pub fn need_bytes(job: &Job, plan: &Plan, rank: usize) -> (u64, u64) {
     (params, r.activation_samples * layout.activation_bytes_per_sample)
 }
 
-fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
+/// Every rank's plan against `compute.memory_limit_mb`: fails naming the first rank
+/// over it and its largest part.
+pub fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
     let Some(limit_mb) = job.compute.memory_limit_mb else { return Ok(()) };
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     for rank in 0..plan.ranks.len() {
-        let (params, activations) = need_bytes(job, plan, rank);
-        if mib(params + activations) > limit_mb {
+        let need = crate::memory::planned(job, plan, rank);
+        if mib(need.total) > limit_mb {
             let hint = if plan.is_model_parallel() {
                 "use more workers"
             } else {
@@ -175,13 +177,13 @@ fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
             };
             let shards = match plan.ranks[rank].state_shards {
                 1 => String::new(),
-                n => format!(", the state sharded over {n} ranks"),
+                n => format!(", the optimizer state sharded over {n} ranks"),
             };
             return Err(job_err(format!(
-                "key `compute.memory_limit_mb`: rank {rank} needs {:.2} MiB (parameters, gradients and optimizer state {:.2} MiB{shards}, activations {:.2} MiB) but the limit is {limit_mb} MiB; {hint}",
-                mib(params + activations),
-                mib(params),
-                mib(activations)
+                "key `compute.memory_limit_mb`: rank {rank} needs {:.2} MiB but the limit is {limit_mb} MiB \
+                 ({}{shards}; `sheaf plan` shows every part); {hint}",
+                mib(need.total),
+                crate::memory::parts_text(&need),
             )));
         }
     }

@@ -13,7 +13,9 @@ use sheaf_core::{Communicator, Deadline, Link, TrainContext};
 
 use crate::checkpoint::{gather_full, Checkpointer};
 use crate::job::Job;
-use crate::outputs::{json_number, read_safetensors, safetensors_bytes, write_atomic, Metrics, Summary};
+use crate::outputs::{
+    json_number, layout_tensors, read_safetensors, write_atomic, write_safetensors, Metrics, Summary,
+};
 use crate::{HostError, Registry};
 
 /// Where this worker sits in the world, as torchrun's variables say.
@@ -242,6 +244,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let spec = plan.spec.clone();
     let whole = plan.info.layout.clone();
     let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
+    // What this process holds before its model: plugins, the dataset, the runtime.
+    let baseline_rss = crate::memory::peak_rss_bytes();
     let mut model = if plan.stage_interface {
         compute.build_piece(&spec, &piece, job.seed).map_err(core)?
     } else {
@@ -361,16 +365,54 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
 
     let dl = || Deadline::after(Duration::from_millis(timeout_ms));
     let train_err = |e: sheaf_core::CommError| HostError::Train { rank: env.rank, detail: e.to_string() };
-    // Every rank's parameter count, peak activations, busy and idle time.
+    let values = model.layout().total();
+    // The final parameters: the model's own buffer where it lends it, never a copy
+    // of it that only the checkpoint would need.
+    let lends = model.params_mut().map_err(core)?.is_some_and(|p| p.len() == values);
+    let mut copy = Vec::new();
+    if !lends {
+        copy = vec![0f32; values];
+        model.read_params(&mut copy).map_err(core)?;
+    }
+    let mine: &[f32] = match lends {
+        true => model
+            .params_mut()
+            .map_err(core)?
+            .ok_or_else(|| HostError::Core("the model no longer lends its parameter buffer".into()))?,
+        false => &copy,
+    };
+    // The last checkpoint to resume from, unless the strategy's last step wrote it
+    // (the optimizer's state is copied out only when one is written).
+    if checkpoints.due(trained.steps) {
+        checkpoints.write(trained.steps, mine, &optimizer.state().map_err(core)?)?;
+    }
+    let full = gather_full(&comm, mine, &plan, dl).map_err(train_err)?;
+    if let (Some(dir), Some(full)) = (&run_dir, &full) {
+        write_safetensors(&dir.join("checkpoint.safetensors"), layout_tensors(&whole, full), None)?;
+    }
+    drop(full);
+    drop(copy);
+
+    // Every rank's parameter count, peak activations, busy and idle time, and its
+    // memory as the kernel counts it: at its peak, and before the model was built.
     let peak = match trained.peak_activation_bytes {
         0 => crate::plan::need_bytes(job, &plan, env.rank).1,
         measured => measured,
     };
-    let mine = [model.layout().total() as f64, peak as f64, trained.busy_seconds, trained.idle_seconds];
-    let mut all = vec![0f64; 4 * env.world_size];
+    let mine = [
+        values as f64,
+        peak as f64,
+        trained.busy_seconds,
+        trained.idle_seconds,
+        crate::memory::peak_rss_bytes() as f64,
+        baseline_rss as f64,
+    ];
+    const STATS: usize = 6;
+    let mut all = vec![0f64; STATS * env.world_size];
     comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all), dl())
         .map_err(train_err)?;
-    let column = |k: usize| all.chunks_exact(4).map(|r| r[k]).collect::<Vec<f64>>();
+    let column = |k: usize| all.chunks_exact(STATS).map(|r| r[k]).collect::<Vec<f64>>();
+    let bytes = |k: usize| column(k).into_iter().map(|v| v as u64).collect::<Vec<u64>>();
     let (busy, idle) = (column(2), column(3));
     // Strategies that measure waiting (pipelines) report a bubble.
     let bubble = idle.iter().any(|&i| i > 0.0).then(|| {
@@ -379,11 +421,6 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         fractions.iter().sum::<f64>() / fractions.len() as f64
     });
     let (trace, stragglers) = gather_trace(&comm, &recorder, dl).map_err(train_err)?;
-    let mut mine = vec![0f32; model.layout().total()];
-    model.read_params(&mut mine).map_err(core)?;
-    // The last checkpoint to resume from, unless the strategy's last step wrote it.
-    checkpoints.write(trained.steps, &mine, &optimizer.state().map_err(core)?)?;
-    let full = gather_full(&comm, &mine, &plan, dl).map_err(train_err)?;
 
     let summary = Summary {
         world_size: env.world_size,
@@ -395,8 +432,11 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         tokens_per_sec: data.tokens_per_sample().map(|t| trained.samples_per_sec * t as f64),
         trained: trained.clone(),
         params: whole.total(),
-        params_per_rank: column(0).into_iter().map(|v| v as u64).collect(),
-        peak_activation_bytes_per_rank: column(1).into_iter().map(|v| v as u64).collect(),
+        params_per_rank: bytes(0),
+        peak_activation_bytes_per_rank: bytes(1),
+        peak_rss_bytes_per_rank: bytes(4),
+        baseline_rss_bytes_per_rank: bytes(5),
+        planned_bytes_per_rank: (0..env.world_size).map(|r| crate::memory::planned(job, &plan, r)).collect(),
         busy_seconds_per_rank: busy,
         idle_seconds_per_rank: idle,
         bubble_fraction: bubble,
@@ -414,8 +454,7 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         components: registry.used(),
         job: serde_json::to_value(job).unwrap_or_default(),
     };
-    if let (Some(dir), Some(full)) = (&run_dir, &full) {
-        write_atomic(&dir.join("checkpoint.safetensors"), &safetensors_bytes(&whole, full)?)?;
+    if let Some(dir) = &run_dir {
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&dir.join("summary.json"), &json)?;
         crate::plot::write_loss_svg(dir)?;

@@ -164,7 +164,13 @@ pub struct FusedGpt {
     targets: Vec<u32>,
     /// The residual stream into each block and out of the last (`n_layer + 1`).
     residual: Vec<Vec<f32>>,
+    /// What each block's forward kept for its backward: empty for a block that
+    /// recomputes (see [`GptSpec::recomputes`]).
     blocks: Vec<BlockActs>,
+    /// The activations of one block at a time: of each block that recomputes (in the
+    /// forward pass, then again in its backward step), and of every block when no
+    /// backward pass follows (evaluation, prediction).
+    scratch: BlockActs,
     ln_f: Vec<f32>,
     ln_f_stats: Vec<(f32, f32)>,
     logits: Vec<f32>,
@@ -182,6 +188,8 @@ pub struct FusedGpt {
     d_head: Vec<f32>,
     head_held: bool,
     step: Step,
+    /// Windows of the last training pass (0 before the first).
+    trained_windows: usize,
 }
 
 impl FusedGpt {
@@ -199,6 +207,7 @@ impl FusedGpt {
             targets: Vec::new(),
             residual: (0..=spec.n_layer).map(|_| Vec::new()).collect(),
             blocks: (0..spec.n_layer).map(|_| BlockActs::default()).collect(),
+            scratch: BlockActs::default(),
             ln_f: Vec::new(),
             ln_f_stats: Vec::new(),
             logits: Vec::new(),
@@ -211,6 +220,7 @@ impl FusedGpt {
             d_head: Vec::new(),
             head_held: false,
             step: Step::Idle,
+            trained_windows: 0,
         }
     }
 
@@ -231,8 +241,10 @@ impl FusedGpt {
         Ok(())
     }
 
-    /// The forward pass of the loaded windows, up to the logits.
-    fn forward(&mut self) {
+    /// The forward pass of the loaded windows, up to the logits. With `backward`, each
+    /// block that does not recompute keeps its activations for the backward pass;
+    /// otherwise only the residual stream into each block is kept.
+    fn forward(&mut self, backward: bool) {
         let FusedGpt {
             spec,
             params,
@@ -243,6 +255,7 @@ impl FusedGpt {
             tokens,
             residual,
             blocks,
+            scratch,
             ln_f,
             ln_f_stats,
             logits,
@@ -257,19 +270,18 @@ impl FusedGpt {
             let (e, q) = (&p[at.wte.clone()][tok as usize * c..][..c], &p[at.wpe.clone()][pos * c..][..c]);
             row.iter_mut().zip(e.iter().zip(q)).for_each(|(o, (a, b))| *o = a + b);
         }
-        for (l, (b, acts)) in at.blocks.iter().zip(blocks.iter_mut()).enumerate() {
+        let shape = Shape { n, t, c, n_head: spec.n_head, threads };
+        for (l, b) in at.blocks.iter().enumerate() {
             let (before, after) = residual.split_at_mut(l + 1);
-            let (x, out) = (&before[l], &mut after[0]);
-            layer_norm(&mut acts.ln_1, &mut acts.ln_1_stats, x, p, &b.ln_1, c, threads);
-            linear(&mut acts.qkv, &acts.ln_1, p, &b.c_attn, rows, c, 3 * c, threads);
-            attention(&mut acts.att, &mut acts.atty, &acts.qkv, n, t, c, spec.n_head, threads);
-            linear(&mut acts.res_2, &acts.atty, p, &b.attn_proj, rows, c, c, threads);
-            add_into(&mut acts.res_2, x, threads);
-            layer_norm(&mut acts.ln_2, &mut acts.ln_2_stats, &acts.res_2, p, &b.ln_2, c, threads);
-            linear(&mut acts.fc, &acts.ln_2, p, &b.c_fc, rows, c, 4 * c, threads);
-            gelu(&mut acts.fc_gelu, &acts.fc, threads);
-            linear(out, &acts.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
-            add_into(out, &acts.res_2, threads);
+            // Without a backward pass every block runs in the buffers of one: the
+            // first block's own where it keeps them (sized by the last training pass),
+            // else the scratch.
+            let acts = match (backward, spec.recomputes(l), spec.recomputes(0)) {
+                (true, false, _) => &mut blocks[l],
+                (false, _, false) => &mut blocks[0],
+                _ => &mut *scratch,
+            };
+            block_forward(acts, &before[l], Some(&mut after[0]), p, b, shape);
         }
         let last = &residual[spec.n_layer];
         layer_norm(ln_f, ln_f_stats, last, p, &at.ln_f, c, threads);
@@ -286,11 +298,17 @@ impl FusedGpt {
         window: usize,
         mut each: impl FnMut(&[f32], &[u32], usize),
     ) -> Result<()> {
-        for chunk in windows.chunks(EVAL_CHUNK * window) {
+        // As many windows at once as the last training pass (so evaluation fits in
+        // its buffers), `EVAL_CHUNK` at most.
+        let at_once = match self.trained_windows {
+            0 => EVAL_CHUNK,
+            n => n.min(EVAL_CHUNK),
+        };
+        for chunk in windows.chunks(at_once * window) {
             let n = chunk.len() / window;
             self.t = self.spec.split_windows(chunk, window, &mut self.tokens, &mut self.targets)?;
             self.n = n;
-            on_compute_threads(|| self.forward());
+            on_compute_threads(|| self.forward(false));
             each(&self.logits, &self.targets, self.t);
         }
         Ok(())
@@ -405,8 +423,19 @@ impl FusedGpt {
         let (c, nh, threads) = (self.spec.n_embd, self.spec.n_head, self.threads);
         let (n, t) = (self.n, self.t);
         let rows = n * t;
-        let FusedGpt { params, at, residual, blocks, d_res, d_narrow, d_atty, d_qkv, d_wide, .. } = self;
-        let (p, b, a, x) = (&params[..], &at.blocks[l], &blocks[l], &residual[l]);
+        let recomputes = self.spec.recomputes(l);
+        let FusedGpt {
+            params, at, residual, blocks, scratch, d_res, d_narrow, d_atty, d_qkv, d_wide, ..
+        } = self;
+        let (p, b, x) = (&params[..], &at.blocks[l], &residual[l]);
+        // A block that kept only its input runs its forward pass again, up to what
+        // its backward pass reads (the same kernels on the same input: the same bits).
+        let a = if recomputes {
+            block_forward(scratch, x, None, p, b, Shape { n, t, c, n_head: nh, threads });
+            &*scratch
+        } else {
+            &blocks[l]
+        };
         // out = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2)))).
         d_wide.resize(rows * 4 * c, 0.0);
         linear_backward(pending, d_wide, d_res, &a.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
@@ -455,12 +484,13 @@ impl Model for FusedGpt {
 
     fn backward_begin(&mut self, batch: &Batch<'_>) -> Result<f32> {
         self.load(batch, "trains on")?;
+        self.trained_windows = self.trained_windows.max(self.n);
         let rows = self.n * self.t;
         let loss = if rows == 0 {
             0.0
         } else {
             on_compute_threads(|| {
-                self.forward();
+                self.forward(true);
                 let v = self.spec.vocab_size;
                 self.d_logits.resize(rows * v, 0.0);
                 let scale = 1.0 / rows as f32;
@@ -551,6 +581,44 @@ impl Model for FusedGpt {
             }
         })?;
         Ok(out)
+    }
+}
+
+/// The sizes of a pass: `n` windows of `t` positions of `c` values, `n_head` heads,
+/// on `threads` threads.
+#[derive(Clone, Copy)]
+struct Shape {
+    n: usize,
+    t: usize,
+    c: usize,
+    n_head: usize,
+    threads: usize,
+}
+
+/// The forward pass of one transformer block from its input `x` into `acts`, and its
+/// output into `out` (left out when recomputing for the backward pass, which reads
+/// everything but the output).
+fn block_forward(
+    acts: &mut BlockActs,
+    x: &[f32],
+    out: Option<&mut Vec<f32>>,
+    p: &[f32],
+    b: &BlockAt,
+    s: Shape,
+) {
+    let Shape { n, t, c, n_head, threads } = s;
+    let rows = n * t;
+    layer_norm(&mut acts.ln_1, &mut acts.ln_1_stats, x, p, &b.ln_1, c, threads);
+    linear(&mut acts.qkv, &acts.ln_1, p, &b.c_attn, rows, c, 3 * c, threads);
+    attention(&mut acts.att, &mut acts.atty, &acts.qkv, n, t, c, n_head, threads);
+    linear(&mut acts.res_2, &acts.atty, p, &b.attn_proj, rows, c, c, threads);
+    add_into(&mut acts.res_2, x, threads);
+    layer_norm(&mut acts.ln_2, &mut acts.ln_2_stats, &acts.res_2, p, &b.ln_2, c, threads);
+    linear(&mut acts.fc, &acts.ln_2, p, &b.c_fc, rows, c, 4 * c, threads);
+    gelu(&mut acts.fc_gelu, &acts.fc, threads);
+    if let Some(out) = out {
+        linear(out, &acts.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
+        add_into(out, &acts.res_2, threads);
     }
 }
 

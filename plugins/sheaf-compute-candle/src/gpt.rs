@@ -39,6 +39,10 @@ struct GptConfig {
     bias: bool,
     #[serde(default = "yes")]
     tie_embeddings: bool,
+    /// Which blocks keep only their input in the forward pass and run it again in the
+    /// backward pass: every `N`-th (1: all). The host passes `train.activation_checkpointing` here.
+    #[serde(default)]
+    activation_checkpointing: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -55,6 +59,9 @@ pub struct GptSpec {
     pub vocab_size: usize,
     pub bias: bool,
     pub tie_embeddings: bool,
+    /// Blocks `l` with `l % recompute_every == 0` recompute their activations in the
+    /// backward pass (0: none do).
+    pub recompute_every: usize,
 }
 
 /// How a parameter starts.
@@ -109,7 +116,37 @@ impl GptSpec {
             vocab_size,
             bias: c.bias,
             tie_embeddings: c.tie_embeddings,
+            recompute_every: match c.activation_checkpointing {
+                Some(0) => {
+                    return Err(Error::config(
+                        "train.activation_checkpointing",
+                        "every 0th block: use \"none\"",
+                    ))
+                }
+                n => n.unwrap_or(0),
+            },
         })
+    }
+
+    /// Whether transformer block `l` keeps only its input and recomputes the rest in
+    /// the backward pass.
+    pub fn recomputes(&self, l: usize) -> bool {
+        self.recompute_every > 0 && l.is_multiple_of(self.recompute_every)
+    }
+
+    /// Bytes one window keeps from the fused CPU forward pass for its backward pass,
+    /// and the backward pass's scratch: per token, each block's input, and of every
+    /// block that does not recompute its LayerNorms (with their statistics), q, k and
+    /// v, the heads' outputs, the residual after the attention, the MLP's hidden layer
+    /// before and after GELU and a row of attention probabilities per head; one more
+    /// block's worth when any block recomputes; the final LayerNorm, the logits and
+    /// their gradient; and the gradients of the widest layers in flight.
+    pub fn fused_activation_bytes(&self) -> u64 {
+        let (t, c, v) = (self.block_size as u64, self.n_embd as u64, self.vocab_size as u64);
+        let block = 15 * c + self.n_head as u64 * t + 4;
+        let kept = (0..self.n_layer).filter(|&l| !self.recomputes(l)).count() as u64;
+        let scratch = u64::from(kept < self.n_layer as u64);
+        4 * t * ((self.n_layer as u64 + 1) * c + (kept + scratch) * block + c + 2 + 2 * v + 10 * c)
     }
 
     /// Every parameter with its initialisation, in nanoGPT's state-dict order.
@@ -268,6 +305,14 @@ impl GptSpec {
     /// LayerNorms, the row-parallel layers' biases) whole on every rank.
     pub fn piece_layout(&self, piece: &Piece) -> Result<PieceLayout> {
         piece.validate(self.blocks())?;
+        let whole_model = *piece == Piece::whole(self.blocks());
+        if self.recompute_every > 0 && !whole_model {
+            return Err(Error::config(
+                "train.activation_checkpointing",
+                "pipeline stages and tensor-parallel slices of a gpt do not recompute activations yet; \
+                 data-parallel training (every ZeRO stage) of the whole model does",
+            ));
+        }
         let (t, width) = (piece.tensor_rank, piece.tensor_width);
         if !self.n_head.is_multiple_of(width) {
             return Err(Error::config(
@@ -311,7 +356,12 @@ impl GptSpec {
         Ok(PieceLayout {
             layout: ParamLayout::new(specs),
             sources,
-            activation_bytes_per_sample: self.activation_bytes_in(&piece.blocks) / width as u64,
+            // The whole model on the CPU runs fused; pieces keep candle's graph.
+            activation_bytes_per_sample: if whole_model {
+                self.fused_activation_bytes()
+            } else {
+                self.activation_bytes_in(&piece.blocks) / width as u64
+            },
         })
     }
 
@@ -475,6 +525,14 @@ impl Gpt {
 
     /// Blocks `piece.blocks` of the model, their values exactly the whole model's.
     pub fn piece(spec: &GptSpec, piece: &Piece, seed: u64, device: Device) -> Result<Gpt> {
+        if spec.recompute_every > 0 {
+            return Err(Error::config(
+                "train.activation_checkpointing",
+                format!(
+                    "the gpt recomputes activations on the CPU's fused path only (whole model, data-parallel), not on {device:?} or in pieces yet"
+                ),
+            ));
+        }
         let pl = spec.piece_layout(piece)?;
         let vars = vars_from(&pl.layout, &init_piece(spec, &pl, seed), &device)?;
         let index = pl.layout.specs().iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();

@@ -40,6 +40,14 @@ fn relu() -> Activation {
 
 impl MlpSpec {
     pub fn parse(spec: &ModelSpec) -> Result<MlpSpec> {
+        let asked = serde_json::from_str::<serde_json::Value>(&spec.config)
+            .is_ok_and(|v| v.get("activation_checkpointing").is_some());
+        if asked {
+            return Err(Error::config(
+                "train.activation_checkpointing",
+                "the mlp kind does not recompute activations (the gpt kind does)",
+            ));
+        }
         let s: MlpSpec = crate::parse_config("mlp", &spec.config)?;
         if s.layers.len() < 2 {
             return Err(Error::config("model.layers", "needs at least an input and an output width"));

@@ -9,6 +9,16 @@ pub(crate) fn state_to_abi(s: OptimState) -> AbiOptimState {
     AbiOptimState { step: s.step, names: names.into(), buffers: buffers.into() }
 }
 
+/// An optimizer state taken over from the other side of the boundary: each buffer
+/// moved into this side's allocation and the other side's freed before the next, so
+/// the state is never held twice over (a copy of a large model's AdamW moments is
+/// 8 bytes a parameter).
+pub(crate) fn state_from_abi_owned(s: AbiOptimState) -> OptimState {
+    let AbiOptimState { step, names, buffers } = s;
+    let buffers = names.into_iter().zip(buffers).map(|(n, b)| (n.into_string(), b.into_vec())).collect();
+    OptimState { step, buffers }
+}
+
 pub(crate) fn state_from_abi(s: &AbiOptimState) -> OptimState {
     OptimState {
         step: s.step,

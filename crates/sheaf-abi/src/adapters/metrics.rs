@@ -37,7 +37,7 @@ where
         optimizer: AbiOptimState,
     ) -> RResult<(), AbiError> {
         guard(self.plugin, "checkpoint save", || {
-            self.inner.save(step, params.as_slice(), &state_from_abi(&optimizer)).map_err(AbiError::from)
+            self.inner.save(step, params.as_slice(), &state_from_abi_owned(optimizer)).map_err(AbiError::from)
         })
     }
 }

@@ -64,7 +64,7 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Optimizer for LoadedOptimizer<'_, P> {
         }
     }
     fn state(&self) -> Result<OptimState> {
-        Ok(state_from_abi(&self.inner.state().into_result()?))
+        Ok(state_from_abi_owned(self.inner.state().into_result()?))
     }
     fn load_state(&mut self, state: &OptimState) -> Result<()> {
         self.inner.load_state(&state_to_abi(state.clone())).into_result().map_err(Error::from)

@@ -653,3 +653,85 @@ proptest::proptest! {
         }
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Activation recomputation changes where activations live, never what is
+    /// computed: with every block, or every N-th, keeping only its input and running
+    /// its forward pass again in the backward pass, the loss and every gradient equal
+    /// the pass that keeps everything bit for bit (the same kernels on the same
+    /// inputs), whole, stepped or into windows; so do evaluation and prediction, which
+    /// run every block in one block's buffers, before and after training.
+    #[test]
+    fn recomputed_activations_give_the_same_gradients_bit_for_bit(
+        n_layer in 1usize..5,
+        every in 1usize..4,
+        n_head in 1usize..3,
+        head_size in 1usize..5,
+        block_size in 1usize..7,
+        tied in proptest::bool::ANY,
+        n in 1usize..4,
+        seed in 0u64..1000,
+    ) {
+        use crate::FusedGpt;
+        let vocab = 7;
+        let shape = format!(
+            r#""n_layer": {n_layer}, "n_head": {n_head}, "n_embd": {}, "block_size": {block_size}, "tie_embeddings": {tied}"#,
+            n_head * head_size
+        );
+        let parse = |extra: &str| {
+            let mut s = ModelSpec::new("gpt", format!("{{{shape}{extra}}}"));
+            s.vocab_size = Some(vocab);
+            GptSpec::parse(&s).unwrap()
+        };
+        let kept = parse("");
+        let recomputing = parse(&format!(r#", "activation_checkpointing": {every}"#));
+        proptest::prop_assert!((0..n_layer).any(|l| recomputing.recomputes(l)));
+        let (mut a, mut b) = (FusedGpt::new(&kept, seed), FusedGpt::new(&recomputing, seed));
+        let total = a.layout().total();
+        let w: Vec<u32> = (0..n * (block_size + 1)).map(|i| ((i * 5 + seed as usize) % vocab) as u32).collect();
+        let batch = Batch::Tokens { windows: &w, window: block_size + 1 };
+        // Evaluation before any training pass, then after.
+        proptest::prop_assert_eq!(a.evaluate(&batch).unwrap(), b.evaluate(&batch).unwrap());
+        let (mut ga, mut gb) = (vec![f32::NAN; total], vec![f32::NAN; total]);
+        let (la, lb) = (a.forward_backward(&batch, &mut ga).unwrap(), b.forward_backward(&batch, &mut gb).unwrap());
+        proptest::prop_assert_eq!(la.to_bits(), lb.to_bits());
+        let bits = |g: &[f32]| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        proptest::prop_assert_eq!(bits(&ga), bits(&gb));
+        let (_, _, stepped) = crate::tests::stepped_pass(&mut b, &batch);
+        proptest::prop_assert_eq!(bits(&stepped), bits(&ga));
+        let largest = b.backward_window().unwrap();
+        let (_, windowed) = crate::tests::windowed_pass(&mut b, &batch, largest);
+        proptest::prop_assert_eq!(bits(&windowed), bits(&ga));
+        proptest::prop_assert_eq!(a.evaluate(&batch).unwrap(), b.evaluate(&batch).unwrap());
+        proptest::prop_assert_eq!(bits(&a.predict(&batch).unwrap()), bits(&b.predict(&batch).unwrap()));
+    }
+}
+
+/// What recomputation asks of the model kinds: "none", every block, every N-th; the
+/// mlp and the gpt's pieces refuse it by the job's key; every 0th block is an error.
+#[test]
+fn recomputation_is_refused_where_it_is_not_built() {
+    let parsed = GptSpec::parse(&spec(r#", "activation_checkpointing": 2"#)).unwrap();
+    assert!(parsed.recomputes(0) && !parsed.recomputes(1));
+    let err = GptSpec::parse(&spec(r#", "activation_checkpointing": 0"#)).unwrap_err().to_string();
+    assert!(err.contains("train.activation_checkpointing"), "{err}");
+    let piece = sheaf_core::Piece { blocks: 0..2, tensor_rank: 0, tensor_width: 1 };
+    let err = parsed.piece_layout(&piece).unwrap_err().to_string();
+    assert!(err.contains("train.activation_checkpointing") && err.contains("pipeline stages"), "{err}");
+    // The whole model's plan counts one block's activations per window when both
+    // recompute, not two.
+    let kept = GptSpec::parse(&spec("")).unwrap();
+    let parsed = GptSpec::parse(&spec(r#", "activation_checkpointing": 1"#)).unwrap();
+    let whole = sheaf_core::Piece::whole(kept.n_layer + 2);
+    let (all, fewer) = (
+        kept.piece_layout(&whole).unwrap().activation_bytes_per_sample,
+        parsed.piece_layout(&whole).unwrap().activation_bytes_per_sample,
+    );
+    assert!(fewer < all, "{fewer} vs {all}");
+    let mut mlp = ModelSpec::new("mlp", r#"{"layers": [4, 3], "activation_checkpointing": 1}"#.to_string());
+    mlp.vocab_size = None;
+    let err = crate::MlpSpec::parse(&mlp).unwrap_err().to_string();
+    assert!(err.contains("train.activation_checkpointing") && err.contains("mlp"), "{err}");
+}

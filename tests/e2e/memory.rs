@@ -1,0 +1,133 @@
+//! Memory: activation recomputation between real processes, the measured and planned
+//! memory in every run's summary, and `sheaf plan`.
+
+use std::path::Path;
+use std::process::Command;
+
+use sheaf_tests::sheaf_bin;
+
+use crate::gpt::{job, text_file};
+use crate::training::{checkpoint, ok, sheaf, summary};
+
+fn launch(n: usize, job: &Path, sets: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args: Vec<String> = vec!["launch".into(), "-n".into(), n.to_string(), job.display().to_string()];
+    for s in sets {
+        args.extend(["--set".to_string(), s.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&sheaf(&args, dir.path()));
+    dir
+}
+
+fn bits(c: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<(String, Vec<u32>)> {
+    c.iter().map(|(n, _, v)| (n.clone(), v.iter().map(|x| x.to_bits()).collect())).collect()
+}
+
+/// A 3-block GPT recomputing every block's activations, or every second block's, in
+/// its backward pass ends 10 AdamW steps (clipped, accumulated over 2 micro-batches)
+/// on 2 ZeroMQ processes with the parameters of the run that keeps them, bit for bit
+/// (the same kernels run on the same inputs), under ZeRO stages 0 and 2.
+#[test]
+fn recomputed_activations_end_where_kept_ones_end_bit_for_bit() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "grad_clip = 0.5\ngrad_accum = 2");
+    let deep = "model.n_layer=3";
+    for zero in ["parallel.options.data-parallel.zero=0", "parallel.options.data-parallel.zero=2"] {
+        let kept = bits(&checkpoint(launch(2, &job, &[deep, zero]).path()));
+        for every in ["\"blocks\"", "2"] {
+            let set = format!("train.activation_checkpointing={every}");
+            let run = launch(2, &job, &[deep, zero, &set]);
+            assert!(bits(&checkpoint(run.path())) == kept, "{zero}, {set}: the parameters differ");
+        }
+    }
+}
+
+/// Recomputation asked of what cannot recompute, or asked wrongly, fails before any
+/// worker starts, naming the key.
+#[test]
+fn recomputation_is_refused_before_any_worker_starts() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "");
+    for (sets, want) in [
+        (vec!["train.activation_checkpointing=\"layers\""], "\"none\", \"blocks\", or every N-th block"),
+        (vec!["train.activation_checkpointing=0"], "every N-th block with N >= 1"),
+        (vec!["train.activation_checkpointing=1", "parallel.strategy=\"pipeline\""], "pipeline stages"),
+        (
+            vec!["train.activation_checkpointing=1", "data.dataset=\"digits\"", "model.kind=\"mlp\""],
+            "the mlp kind does not recompute",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["launch", "-n", "2", job.to_str().unwrap()];
+        for s in &sets {
+            args.extend(["--set", s]);
+        }
+        let out = sheaf(&args, dir.path());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{sets:?}: {err}");
+        assert!(err.contains("train.activation_checkpointing") && err.contains(want), "{sets:?}: {err}");
+        assert!(!err.contains("[launch] rank"), "a worker started: {err}");
+    }
+}
+
+/// Every run's summary holds each rank's peak resident memory as the kernel counts it,
+/// above its baseline before the model was built, and the plan's parts, which add up
+/// to its total; a model 8 times larger raises the measured peak by at least the
+/// parameters, gradients and AdamW moments the plan adds (16 bytes a parameter). The
+/// plan is also what `sheaf plan` prints, and a budget below it is refused there.
+#[test]
+fn runs_report_measured_and_planned_memory() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "");
+    let peak = |n_embd: u32| {
+        let run = launch(2, &job, &[&format!("model.n_embd={n_embd}"), "train.max_steps=2"]);
+        let s = summary(run.path());
+        let values = |k: &str| -> Vec<u64> {
+            s[k].as_array()
+                .unwrap_or_else(|| panic!("{k}: {s}"))
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect()
+        };
+        let (peaks, baselines) = (values("peak_rss_bytes_per_rank"), values("baseline_rss_bytes_per_rank"));
+        assert_eq!(peaks.len(), 2);
+        for (p, b) in peaks.iter().zip(&baselines) {
+            assert!(*b > 1 << 20 && p > b, "peak {p}, baseline {b}");
+        }
+        let planned = s["planned_bytes_per_rank"].as_array().unwrap();
+        for p in planned {
+            let parts: u64 = ["parameters", "gradients", "optimizer_state", "activations", "communication"]
+                .iter()
+                .map(|k| p[*k].as_u64().unwrap())
+                .sum();
+            assert_eq!(parts, p["total"].as_u64().unwrap(), "{p}");
+        }
+        (peaks[1] - baselines[1], planned[1]["total"].as_u64().unwrap(), s["params"].as_u64().unwrap())
+    };
+    let (small, small_plan, small_params) = peak(32);
+    let (large, large_plan, large_params) = peak(256);
+    let added = 16 * (large_params - small_params);
+    assert!(large_plan - small_plan >= added, "plan {small_plan} -> {large_plan} for {added} bytes of state");
+    assert!(large - small >= added, "measured {small} -> {large}, the state alone adds {added}");
+
+    let plan = Command::new(sheaf_bin())
+        .args(["plan", job.to_str().unwrap(), "-n", "3", "--json"])
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .output()
+        .unwrap();
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    let rows: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 3, "{rows}");
+    let total = rows[0]["total"].as_u64().unwrap();
+    let limit = format!("compute.memory_limit_mb={}", (total as f64 / (1 << 20) as f64) * 0.99);
+    let out = Command::new(sheaf_bin())
+        .args(["plan", job.to_str().unwrap(), "-n", "3", "--set", &limit])
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("rank 0 needs") && err.contains("optimizer state"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rank  parameters"), "the table is printed first");
+}
