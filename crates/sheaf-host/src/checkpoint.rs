@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
 use sheaf_core::{CheckpointSink, CommError, Communicator, Deadline, Op, OptimState, TrainConfig};
 
-use crate::outputs::{layout_tensors, safetensors_of, write_atomic, write_safetensors, TensorFile};
+use crate::outputs::{
+    layout_tensors, safetensors_of, write_atomic, write_safetensors, NamedTensor, TensorFile,
+};
 use crate::plan::Plan;
 use crate::HostError;
 
@@ -85,9 +87,7 @@ fn sync_dir(dir: &Path) -> Result<(), HostError> {
 }
 
 /// An optimizer state's buffers as tensors, and its step as metadata.
-fn state_tensors(
-    state: &OptimState,
-) -> (impl Iterator<Item = (&str, Vec<usize>, &[f32])>, HashMap<String, String>) {
+fn state_tensors(state: &OptimState) -> (impl Iterator<Item = NamedTensor<'_>>, HashMap<String, String>) {
     let meta = HashMap::from([("step".to_string(), state.step.to_string())]);
     (state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice())), meta)
 }

@@ -38,7 +38,7 @@ impl PlannedBytes {
 }
 
 /// Bytes a transport's buffers hold per rank at most, for messages of at most
-/// `largest` bytes in a world of `world`. Shared memory: the rings this rank reads
+/// `largest` bytes in a world of `world` ranks. Shared memory: the rings this rank reads
 /// (4 MiB from each peer, prefaulted by their reader, so resident). ZeroMQ (and a
 /// transport it does not know): the frames in flight to and from its two ring
 /// neighbours, a message or the 16 MiB credit window each way, whichever is less.
@@ -66,7 +66,12 @@ pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     let accumulated = if job.train.grad_accum > 1 { 4 * values } else { 0 };
     let shard = if shards > 1 { 4 * values.div_ceil(shards) } else { 0 };
     let gradients = 4 * (values + 1) + accumulated + shard;
-    let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), 4 * (values + 1));
+    // The largest message: a piece held by replicas sums its gradients (and the loss)
+    // over them; pieces of a model exchange activations and their gradients.
+    let replicas = plan.ranks.iter().filter(|o| o.piece == r.piece).count();
+    let summed = if replicas > 1 { 4 * (values + 1) } else { 0 };
+    let exchanged = if plan.is_model_parallel() { activations } else { 0 };
+    let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), summed.max(exchanged));
     let parameters = 4 * values;
     PlannedBytes {
         parameters,

@@ -121,6 +121,9 @@ pub fn safetensors_of<'a>(
     safetensors::serialize(views, metadata).map_err(|e| HostError::Output(format!("safetensors: {e}")))
 }
 
+/// A named f32 tensor to write: its name, shape and values.
+pub type NamedTensor<'a> = (&'a str, Vec<usize>, &'a [f32]);
+
 /// Writes named f32 buffers (`(name, shape, values)`), with string metadata in the
 /// header's `__metadata__`, to `path` as a safetensors file
 /// without building the file in memory: the `safetensors` crate streams each tensor
@@ -129,7 +132,7 @@ pub fn safetensors_of<'a>(
 /// copy of it.
 pub fn write_safetensors<'a>(
     path: &Path,
-    tensors: impl IntoIterator<Item = (&'a str, Vec<usize>, &'a [f32])>,
+    tensors: impl IntoIterator<Item = NamedTensor<'a>>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), HostError> {
     let views = tensors
@@ -149,7 +152,7 @@ pub fn write_safetensors<'a>(
 pub fn layout_tensors<'a>(
     layout: &'a ParamLayout,
     params: &'a [f32],
-) -> impl Iterator<Item = (&'a str, Vec<usize>, &'a [f32])> {
+) -> impl Iterator<Item = NamedTensor<'a>> {
     layout
         .specs()
         .iter()
