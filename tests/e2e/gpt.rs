@@ -59,7 +59,7 @@ pub(crate) fn text_file(dir: &Path) -> PathBuf {
     path
 }
 
-fn launch(n: usize, job: &Path, sets: &[&str]) -> tempfile::TempDir {
+pub(crate) fn launch(n: usize, job: &Path, sets: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let mut args: Vec<String> = vec!["launch".into(), "-n".into(), n.to_string(), job.display().to_string()];
     for s in sets {

@@ -1,24 +1,12 @@
 //! Memory: activation recomputation between real processes, the measured and planned
 //! memory in every run's summary, and `sheaf plan`.
 
-use std::path::Path;
 use std::process::Command;
 
 use sheaf_tests::sheaf_bin;
 
-use crate::gpt::{job, text_file};
-use crate::training::{checkpoint, ok, sheaf, summary};
-
-fn launch(n: usize, job: &Path, sets: &[&str]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let mut args: Vec<String> = vec!["launch".into(), "-n".into(), n.to_string(), job.display().to_string()];
-    for s in sets {
-        args.extend(["--set".to_string(), s.to_string()]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&sheaf(&args, dir.path()));
-    dir
-}
+use crate::gpt::{job, launch, text_file};
+use crate::training::{checkpoint, sheaf, summary};
 
 fn bits(c: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<(String, Vec<u32>)> {
     c.iter().map(|(n, _, v)| (n.clone(), v.iter().map(|x| x.to_bits()).collect())).collect()

@@ -104,20 +104,27 @@ pub fn json_number(v: f64) -> serde_json::Value {
     }
 }
 
-/// `safetensors` bytes of named f32 buffers (`(name, shape, values)`), with string
-/// metadata in the header's `__metadata__`; written by the `safetensors` crate.
-pub fn safetensors_of<'a>(
-    tensors: impl IntoIterator<Item = (&'a str, Vec<usize>, &'a [f32])>,
-    metadata: Option<HashMap<String, String>>,
-) -> Result<Vec<u8>, HostError> {
-    let views = tensors
+/// The `safetensors` crate's views of named f32 buffers, each checked against its shape.
+fn tensor_views<'a>(
+    tensors: impl IntoIterator<Item = NamedTensor<'a>>,
+) -> Result<Vec<(&'a str, TensorView<'a>)>, HostError> {
+    tensors
         .into_iter()
         .map(|(name, shape, values)| {
             TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(values))
                 .map(|v| (name, v))
                 .map_err(|e| HostError::Output(format!("tensor `{name}`: {e}")))
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+/// `safetensors` bytes of named f32 buffers (`(name, shape, values)`), with string
+/// metadata in the header's `__metadata__`; written by the `safetensors` crate.
+pub fn safetensors_of<'a>(
+    tensors: impl IntoIterator<Item = NamedTensor<'a>>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, HostError> {
+    let views = tensor_views(tensors)?;
     safetensors::serialize(views, metadata).map_err(|e| HostError::Output(format!("safetensors: {e}")))
 }
 
@@ -135,14 +142,7 @@ pub fn write_safetensors<'a>(
     tensors: impl IntoIterator<Item = NamedTensor<'a>>,
     metadata: Option<HashMap<String, String>>,
 ) -> Result<(), HostError> {
-    let views = tensors
-        .into_iter()
-        .map(|(name, shape, values)| {
-            TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(values))
-                .map(|v| (name, v))
-                .map_err(|e| HostError::Output(format!("tensor `{name}`: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let views = tensor_views(tensors)?;
     safetensors::serialize_to_file(views, metadata, path)
         .map_err(|e| HostError::Output(format!("{}: safetensors: {e}", path.display())))?;
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| io_err(path, e))
