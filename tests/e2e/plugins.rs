@@ -400,19 +400,25 @@ fn files_not_tried_say_why() {
     assert!(why.contains("versioned library name"), "{why}");
 }
 
-/// A plugin built against the previous ABI release (0.8, through the frozen copy in
-/// `compat/sheaf-abi-0.8`) loads into today's host and trains: its local-SGD strategy
+/// Plugins built against the previous ABI releases (0.8 and 0.9, through the frozen
+/// copies in `compat/`) load into today's host and train: each one's local-SGD strategy
 /// (averaging every step) with its plain SGD, on 2 real processes, ends where today's
 /// data-parallel strategy with today's SGD ends (within 1e-6). The models it is handed
-/// cross the 0.8 boundary, which cannot lend a parameter buffer.
+/// cross the old boundary (0.8's cannot lend a parameter buffer).
 #[test]
-fn a_plugin_built_against_the_previous_abi_loads_and_trains() {
-    let dir = dir_with(&["fixture-abi-0-8"]);
+fn plugins_built_against_the_previous_abis_load_and_train() {
+    for (fixture, version) in [("fixture-abi-0-8", "0.8.0"), ("fixture-abi-0-9", "0.9.0")] {
+        a_plugin_of_an_earlier_abi_loads_and_trains(fixture, version);
+    }
+}
+
+fn a_plugin_of_an_earlier_abi_loads_and_trains(fixture: &str, version: &str) {
+    let dir = dir_with(&[fixture]);
     let rows = plugins_json(Some(dir.path()), true);
-    let old = row(&rows, "libfixture_abi_0_8.so");
+    let old = row(&rows, &format!("lib{}.so", fixture.replace('-', "_")));
     assert_eq!(
         (old["ok"].clone(), old["abi_version"].clone()),
-        (Value::Bool(true), Value::from("0.8.0")),
+        (Value::Bool(true), Value::from(version)),
         "{old}"
     );
 
@@ -438,11 +444,11 @@ fn a_plugin_built_against_the_previous_abi_loads_and_trains() {
         &crate::training::checkpoint(old.path()),
         &crate::training::checkpoint(today.path()),
     );
-    assert!(d <= 1e-6, "max abs diff {d} between ABI 0.8's local SGD and today's data-parallel");
+    assert!(d <= 1e-6, "max abs diff {d} between ABI {version}'s local SGD and today's data-parallel");
     let s = crate::training::summary(old.path());
     let strategy = s["components"].as_array().unwrap().iter().find(|c| c["kind"] == "strategy").unwrap();
     assert_eq!(
         (strategy["plugin"].as_str(), strategy["abi_version"].as_str()),
-        (Some("fixture-abi-0-8"), Some("0.8.0"))
+        (Some(fixture), Some(version))
     );
 }

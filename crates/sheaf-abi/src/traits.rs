@@ -338,6 +338,24 @@ pub trait ModelAbi: Send {
     /// Backward steps into a window of the gradient buffer (ABI 0.9).
     fn backward_window(&self) -> RResult<ROption<u64>, AbiError>;
     fn backward_next_into(&mut self, window: RSliceMut<'_, f32>, end: u64) -> RResult<u64, AbiError>;
+    /// Fully sharded units (ABI 0.10): each unit's parameter indices.
+    fn units(&self) -> RResult<RVec<RVec<u64>>, AbiError>;
+    fn unit_begin(&mut self, batch: AbiBatch<'_>, train: bool) -> RResult<(), AbiError>;
+    fn unit_forward(&mut self, unit: u64, params: RSlice<'_, f32>) -> RResult<ROption<AbiEval>, AbiError>;
+    fn unit_backward(
+        &mut self,
+        unit: u64,
+        params: RSlice<'_, f32>,
+        grads: RSliceMut<'_, f32>,
+    ) -> RResult<(), AbiError>;
+}
+
+/// A rank's row shard of every parameter (ZeRO stage 3); `count` 0: none.
+#[repr(C)]
+#[derive(StableAbi, Clone, Copy, Debug, PartialEq)]
+pub struct AbiParamShard {
+    pub index: u64,
+    pub count: u64,
 }
 
 /// A model piece: blocks `start..end`, and a place in a tensor-parallel group.
@@ -370,6 +388,9 @@ pub trait ComputeAbi: Send + Sync {
     fn model_kinds(&self) -> RResult<RVec<RString>, AbiError>;
     fn describe(&self, spec: AbiModelSpec) -> RResult<AbiModelInfo, AbiError>;
     fn piece_layout(&self, spec: AbiModelSpec, piece: AbiPiece) -> RResult<AbiPieceLayout, AbiError>;
+    /// (ABI 0.10.)
+    fn build_shard(&self, spec: AbiModelSpec, shard: AbiParamShard, seed: u64)
+        -> RResult<ModelBox, AbiError>;
 }
 
 #[sabi_trait]
@@ -421,6 +442,8 @@ pub struct AbiStrategyPlan {
     pub activation_samples: RVec<u64>,
     pub state_shards: RVec<u64>,
     pub stage_interface: bool,
+    /// (ABI 0.10.)
+    pub param_shards: RVec<AbiParamShard>,
 }
 
 #[sabi_trait]

@@ -129,6 +129,36 @@ impl PieceLayout {
         }
     }
 
+    /// Shard `shard.index` of `shard.count` of every parameter of `whole`, by rows (its
+    /// first dimension, as FSDP2 shards a parameter): parameter `p` of `rows` rows
+    /// keeps rows [`chunk_range`]`(rows, count, index)`, which may be none. Names stay
+    /// the whole model's; each shape's first dimension is the rows kept. The layout of
+    /// a model built by [`ComputeBackend::build_shard`] (ZeRO stage 3).
+    pub fn row_shard(
+        whole: &ParamLayout,
+        shard: ParamShard,
+        activation_bytes_per_sample: u64,
+    ) -> PieceLayout {
+        let (specs, sources) = whole
+            .specs()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let rows = s.shape.first().copied().unwrap_or(1);
+                let own = crate::chunk_range(rows, shard.count, shard.index);
+                let mut shape = s.shape.clone();
+                match shape.first_mut() {
+                    Some(first) => *first = own.len(),
+                    None => shape.push(own.len()),
+                }
+                let source =
+                    ShardSource { param: i, by_columns: false, ranges: std::iter::once(own).collect() };
+                (ParamSpec { name: s.name.clone(), shape }, source)
+            })
+            .unzip();
+        PieceLayout { layout: ParamLayout::new(specs), sources, activation_bytes_per_sample }
+    }
+
     /// The whole model as one piece.
     pub fn whole(layout: &ParamLayout, activation_bytes_per_sample: u64) -> PieceLayout {
         let sources = layout
@@ -139,6 +169,14 @@ impl PieceLayout {
             .collect();
         PieceLayout { layout: layout.clone(), sources, activation_bytes_per_sample }
     }
+}
+
+/// Which of `count` row shards of every parameter a rank holds under fully sharded
+/// data parallelism (ZeRO stage 3; see [`PieceLayout::row_shard`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ParamShard {
+    pub index: usize,
+    pub count: usize,
 }
 
 /// A named parameter and its shape.
@@ -452,6 +490,45 @@ pub trait Model: Send {
     fn saved_bytes(&self) -> u64 {
         0
     }
+
+    // Fully sharded data parallelism (ZeRO stage 3, ABI 0.10): a model built as a row
+    // shard ([`ComputeBackend::build_shard`]) holds only its rows of every parameter
+    // (its `layout`, `read_params`, `write_params` and `params_mut` are the shard's)
+    // and runs a pass unit by unit on parameters the strategy gathers from every
+    // shard just before it needs them, so no rank ever holds the whole model.
+
+    /// The model's units, in the order the forward pass runs them: each a list of
+    /// parameter indices (of `layout()`, which orders parameters as the whole model
+    /// does), every parameter in exactly one. The first is the root (embeddings, a
+    /// final norm and head: what the pass needs at both ends), which the model keeps
+    /// from its forward to the end of its backward. Empty when the model cannot run
+    /// unit by unit.
+    fn units(&self) -> Vec<Vec<usize>> {
+        Vec::new()
+    }
+
+    /// Starts a pass over `batch`; with `train`, a backward pass follows the forward.
+    fn unit_begin(&mut self, batch: &Batch<'_>, train: bool) -> Result<()> {
+        let _ = (batch, train);
+        Err(Error::Unsupported("this model does not run unit by unit".into()))
+    }
+
+    /// Forward of unit `unit` (0, 1, ... in order) with its parameters gathered:
+    /// `params` holds them whole, in the order `units()[unit]` lists them. After the
+    /// last unit, returns the batch's summed loss and its correct predictions.
+    fn unit_forward(&mut self, unit: usize, params: &[f32]) -> Result<Option<(f64, usize)>> {
+        let _ = (unit, params);
+        Err(Error::Unsupported("this model does not run unit by unit".into()))
+    }
+
+    /// Backward of unit `unit` (from the last down to 0), with its parameters gathered
+    /// again (none for the root, which the model kept): writes the gradients of the
+    /// batch's mean loss with respect to the unit's parameters into `grads`, in the
+    /// order and shapes of `params`.
+    fn unit_backward(&mut self, unit: usize, params: &[f32], grads: &mut [f32]) -> Result<()> {
+        let _ = (unit, params, grads);
+        Err(Error::Unsupported("this model does not run unit by unit".into()))
+    }
 }
 
 /// Builds models on a device (`"cpu"`, `"cuda:0"`).
@@ -484,5 +561,17 @@ pub trait ComputeBackend: Send + Sync {
     fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
         let _ = (spec, piece, seed);
         Err(Error::Unsupported(format!("compute backend `{}` cannot build model pieces", self.device())))
+    }
+
+    /// Row shard `shard` of the whole model ([`PieceLayout::row_shard`]), its values
+    /// exactly those of `build_model(spec, seed)` sliced so, running unit by unit
+    /// ([`Model::units`]) for ZeRO stage 3. (ABI 0.10.)
+    fn build_shard(&self, spec: &ModelSpec, shard: ParamShard, seed: u64) -> Result<Box<dyn Model>> {
+        let _ = (shard, seed);
+        Err(Error::Unsupported(format!(
+            "compute backend `{}` cannot shard `{}` models' parameters (ZeRO stage 3)",
+            self.device(),
+            spec.kind
+        )))
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::{
     Block, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, ModelPartitioner,
-    OptimState, Optimizer, Piece, ReduceOp, Result, SplitMix64,
+    OptimState, Optimizer, ParamShard, Piece, ReduceOp, Result, SplitMix64,
 };
 
 /// The sample order of one epoch: a permutation of `0..n` from `(seed, epoch)`, the
@@ -415,6 +415,9 @@ pub struct RankPlan {
     /// data-parallel replicas each keep `1 / state_shards` of it); 1 when the rank
     /// keeps all of its piece's. For the memory budget.
     pub state_shards: u64,
+    /// The row shard of every parameter the rank holds under ZeRO stage 3 (built with
+    /// [`crate::ComputeBackend::build_shard`]); `None`: its piece's parameters whole.
+    pub param_shard: Option<ParamShard>,
 }
 
 /// How a strategy lays a job out over the world: every rank's piece. The host checks
@@ -436,10 +439,27 @@ impl StrategyPlan {
         let share = batch_size.div_ceil(world.max(1)) as u64;
         StrategyPlan {
             ranks: (0..world)
-                .map(|_| RankPlan { piece: Piece::whole(blocks), activation_samples: share, state_shards: 1 })
+                .map(|_| RankPlan {
+                    piece: Piece::whole(blocks),
+                    activation_samples: share,
+                    state_shards: 1,
+                    param_shard: None,
+                })
                 .collect(),
             stage_interface: false,
         }
+    }
+
+    /// The same plan with every rank's parameters sharded by rows over its group of
+    /// `count` ranks: rank `r` holds shard `r % count` (ZeRO stage 3 over consecutive
+    /// ranks). Its optimizer state is its shard's, whole (`state_shards` 1).
+    pub fn with_param_shards(mut self, count: usize) -> StrategyPlan {
+        let count = count.max(1);
+        for (r, rank) in self.ranks.iter_mut().enumerate() {
+            rank.param_shard = Some(ParamShard { index: r % count, count });
+            rank.state_shards = 1;
+        }
+        self
     }
 
     /// The same plan with every rank's optimizer state sharded over `shards` ranks.

@@ -62,7 +62,7 @@ pub struct CheckpointState {
 /// shard of its own (ZeRO), else the file of the lowest rank holding the same piece
 /// (whose state is the same).
 fn state_source(plan: &Plan, rank: usize) -> usize {
-    if plan.ranks[rank].state_shards > 1 {
+    if plan.ranks[rank].state_shards > 1 || plan.ranks[rank].param_shard.is_some() {
         return rank;
     }
     let piece = &plan.ranks[rank].piece;

@@ -83,6 +83,8 @@ pub(crate) enum Module {
     /// Built against plugin ABI 0.8: its frozen types (`compat/sheaf-abi-0.8`) and
     /// adapters to today's core traits.
     RustV0_8(sheaf_abi_v0_8::PluginModRef),
+    /// Built against plugin ABI 0.9 (`compat/sheaf-abi-0.9`).
+    RustV0_9(sheaf_abi_v0_9::PluginModRef),
     CTransport(std::sync::Arc<crate::cabi::CTransport>),
 }
 
@@ -99,6 +101,10 @@ macro_rules! build {
             Module::RustV0_8(m) => {
                 let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
                 Ok(sheaf_abi_v0_8::from_abi::$adapt(b))
+            }
+            Module::RustV0_9(m) => {
+                let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
+                Ok(sheaf_abi_v0_9::from_abi::$adapt(b))
             }
             Module::CTransport(_) => Err(sheaf_core::Error::Unsupported(format!(
                 "{} is a C transport library, not a Rust plugin",
@@ -249,6 +255,8 @@ pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
     }
     let (module, manifest) = if abi_version_compatible(ABI_VERSION, &version) {
         init!(sheaf_abi, Rust)
+    } else if abi_version_compatible(sheaf_abi_v0_9::ABI_VERSION, &version) {
+        init!(sheaf_abi_v0_9, RustV0_9)
     } else if abi_version_compatible(sheaf_abi_v0_8::ABI_VERSION, &version) {
         init!(sheaf_abi_v0_8, RustV0_8)
     } else {

@@ -25,6 +25,18 @@ pub struct PlannedBytes {
 }
 
 impl PlannedBytes {
+    /// The parts, and their total.
+    fn of(
+        parameters: u64,
+        gradients: u64,
+        optimizer_state: u64,
+        activations: u64,
+        communication: u64,
+    ) -> Self {
+        let total = parameters + gradients + optimizer_state + activations + communication;
+        PlannedBytes { parameters, gradients, optimizer_state, activations, communication, total }
+    }
+
     /// The parts by name, in the order `sheaf plan` prints them.
     pub fn parts(&self) -> [(&'static str, u64); 5] {
         [
@@ -65,6 +77,9 @@ pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     // micro-batches are accumulated, and a shard of them under ZeRO.
     let accumulated = if job.train.grad_accum > 1 { 4 * values } else { 0 };
     let shard = if shards > 1 { 4 * values.div_ceil(shards) } else { 0 };
+    if r.param_shard.is_some() {
+        return sharded(job, plan, values, optimizer_state, activations);
+    }
     let gradients = 4 * (values + 1) + accumulated + shard;
     // The largest message: a piece held by replicas sums its gradients (and the loss)
     // over them; pieces of a model exchange activations and their gradients.
@@ -73,14 +88,28 @@ pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     let exchanged = if plan.is_model_parallel() { activations } else { 0 };
     let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), summed.max(exchanged));
     let parameters = 4 * values;
-    PlannedBytes {
-        parameters,
-        gradients,
-        optimizer_state,
-        activations,
-        communication,
-        total: parameters + gradients + optimizer_state + activations + communication,
-    }
+    PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
+}
+
+/// The plan of a rank holding its rows of every parameter (`values` of them; ZeRO
+/// stage 3): those rows and their gradient and optimizer state, plus one unit
+/// gathered at a time. A unit is a block, and the root the first and last blocks
+/// together (the embeddings and the head). The strategy reuses three buffers of the
+/// largest unit (its parameters, its gradient, its parts on the wire) and the model
+/// keeps the root and one block's slot, with the root's gradient beside them.
+fn sharded(job: &Job, plan: &Plan, values: u64, optimizer_state: u64, activations: u64) -> PlannedBytes {
+    let blocks: Vec<u64> = plan.info.blocks.iter().map(|b| b.params).collect();
+    let block = blocks.iter().copied().max().unwrap_or(0);
+    let root = match blocks.as_slice() {
+        [first, .., last] => first + last,
+        _ => block,
+    };
+    let largest = 4 * root.max(block);
+    let kept = 4 * (root + block);
+    let parameters = 4 * values + 2 * largest + kept;
+    let gradients = 4 * values + largest + kept;
+    let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), largest);
+    PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
 }
 
 /// This process's peak resident memory so far, as the kernel counts it.

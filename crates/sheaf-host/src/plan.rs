@@ -25,10 +25,11 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether any rank holds less than the whole model.
+    /// Whether any rank holds less than the whole model (a piece of it, or a shard of
+    /// its parameters).
     pub fn is_model_parallel(&self) -> bool {
         let whole = Piece::whole(self.info.blocks.len());
-        self.ranks.iter().any(|r| r.piece != whole)
+        self.ranks.iter().any(|r| r.piece != whole || r.param_shard.is_some())
     }
 
     pub fn layout_of(&self, rank: usize) -> &PieceLayout {
@@ -41,8 +42,9 @@ impl Plan {
         let mut seen = Vec::new();
         let mut out = Vec::new();
         for (r, rank) in self.ranks.iter().enumerate() {
-            if !seen.contains(&rank.piece) {
-                seen.push(rank.piece.clone());
+            let holds = (&rank.piece, rank.param_shard);
+            if !seen.contains(&holds) {
+                seen.push(holds);
                 out.push(r);
             }
         }
@@ -105,10 +107,27 @@ pub fn plan(
             slot.insert(compute.piece_layout(spec, &r.piece).map_err(|e| job_err(e.to_string()))?);
         }
     }
+    // A rank sharding its parameters (ZeRO stage 3) holds its rows of each of its
+    // piece's, with the piece's activations.
+    let layout_of = |r: &RankPlan| -> Result<PieceLayout, HostError> {
+        let piece = &layouts[&key(&r.piece)];
+        match r.param_shard {
+            None => Ok(piece.clone()),
+            Some(s) if s.count == 0 || s.index >= s.count => {
+                Err(job_err(format!("the strategy planned parameter shard {} of {}", s.index, s.count)))
+            }
+            Some(_) if piece.layout != info.layout => Err(job_err(
+                "the strategy planned sharded parameters of a model piece: only a whole model's parameters \
+                 are sharded"
+                    .into(),
+            )),
+            Some(s) => Ok(PieceLayout::row_shard(&info.layout, s, piece.activation_bytes_per_sample)),
+        }
+    };
     let plan = Plan {
         spec: spec.clone(),
         info: info.clone(),
-        layouts: planned.ranks.iter().map(|r| layouts[&key(&r.piece)].clone()).collect(),
+        layouts: planned.ranks.iter().map(layout_of).collect::<Result<_, _>>()?,
         ranks: planned.ranks,
         stage_interface: planned.stage_interface,
     };

@@ -344,6 +344,19 @@ impl Model for TracedModel<'_> {
     fn saved_bytes(&self) -> u64 {
         self.inner.saved_bytes()
     }
+    fn units(&self) -> Vec<Vec<usize>> {
+        self.inner.units()
+    }
+    fn unit_begin(&mut self, batch: &Batch<'_>, train: bool) -> Result<()> {
+        self.slow();
+        self.inner.unit_begin(batch, train)
+    }
+    fn unit_forward(&mut self, unit: usize, params: &[f32]) -> Result<Option<(f64, usize)>> {
+        self.timed("forward", |m| m.unit_forward(unit, params))
+    }
+    fn unit_backward(&mut self, unit: usize, params: &[f32], grads: &mut [f32]) -> Result<()> {
+        self.timed("backward", |m| m.unit_backward(unit, params, grads))
+    }
 }
 
 /// An optimizer whose steps are spans of `rec`.

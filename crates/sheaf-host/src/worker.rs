@@ -246,7 +246,9 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
     // What this process holds before its model: plugins, the dataset, the runtime.
     let baseline_rss = crate::memory::peak_rss_bytes();
-    let mut model = if plan.stage_interface {
+    let mut model = if let Some(shard) = plan.ranks[env.rank].param_shard {
+        compute.build_shard(&spec, shard, job.seed).map_err(core)?
+    } else if plan.stage_interface {
         compute.build_piece(&spec, &piece, job.seed).map_err(core)?
     } else {
         compute.build_model(&spec, job.seed).map_err(core)?

@@ -38,7 +38,12 @@ const EPS: f32 = 1e-5;
 /// Windows evaluated at once by `evaluate` and `predict`, bounding their memory.
 const EVAL_CHUNK: usize = 32;
 
+mod units;
+
+pub use units::shard as build_shard;
+
 /// A weight and its bias (absent when the model has no biases).
+#[derive(Clone)]
 struct Affine {
     w: Range<usize>,
     b: Option<Range<usize>>,
@@ -64,6 +69,7 @@ impl Grads<'_> {
 }
 
 /// Where one transformer block's parameters sit in the flat buffer.
+#[derive(Clone)]
 struct BlockAt {
     ln_1: Affine,
     c_attn: Affine,
@@ -190,16 +196,28 @@ pub struct FusedGpt {
     step: Step,
     /// Windows of the last training pass (0 before the first).
     trained_windows: usize,
+    /// A row shard's own values and units (ZeRO stage 3; see `units`): then `params`
+    /// is the compact buffer a pass runs in, and `layout` the shard's.
+    sharded: Option<Box<units::Sharded>>,
 }
 
 impl FusedGpt {
     pub fn new(spec: &GptSpec, seed: u64) -> FusedGpt {
         let layout = spec.layout();
+        let at = At::new(spec, &layout);
+        let mut model = FusedGpt::new_with(spec, 0, at);
+        model.params = init_params(spec, seed);
+        model
+    }
+
+    /// A GPT of `spec` running in a parameter buffer of `values` zeros laid out as
+    /// `at` says.
+    fn new_with(spec: &GptSpec, values: usize, at: At) -> FusedGpt {
         FusedGpt {
-            at: At::new(spec, &layout),
-            params: init_params(spec, seed),
+            at,
+            params: vec![0.0; values],
             spec: spec.clone(),
-            layout,
+            layout: spec.layout(),
             threads: threads(),
             n: 0,
             t: 0,
@@ -221,6 +239,15 @@ impl FusedGpt {
             head_held: false,
             step: Step::Idle,
             trained_windows: 0,
+            sharded: None,
+        }
+    }
+
+    /// The parameters this model holds: the whole model's, or a shard's rows.
+    fn own_values(&mut self) -> &mut [f32] {
+        match &mut self.sharded {
+            Some(s) => s.values(),
+            None => &mut self.params,
         }
     }
 
@@ -245,49 +272,64 @@ impl FusedGpt {
     /// block that does not recompute keeps its activations for the backward pass;
     /// otherwise only the residual stream into each block is kept.
     fn forward(&mut self, backward: bool) {
-        let FusedGpt {
-            spec,
-            params,
-            at,
-            threads,
-            n,
-            t,
-            tokens,
-            residual,
-            blocks,
-            scratch,
-            ln_f,
-            ln_f_stats,
-            logits,
-            ..
-        } = self;
-        let (n, t, threads) = (*n, *t, *threads);
-        let (c, rows) = (spec.n_embd, n * t);
+        self.embed();
+        for l in 0..self.spec.n_layer {
+            self.block(l, backward);
+        }
+        self.head_logits();
+    }
+
+    /// The embeddings of the loaded windows: the residual stream into block 0.
+    fn embed(&mut self) {
+        let FusedGpt { spec, params, at, t, tokens, residual, n, .. } = self;
+        let (c, rows) = (spec.n_embd, *n * *t);
         let p = &params[..];
         let x0 = &mut residual[0];
         x0.resize(rows * c, 0.0);
-        for ((row, &tok), pos) in x0.chunks_exact_mut(c).zip(tokens.iter()).zip((0..t).cycle()) {
+        for ((row, &tok), pos) in x0.chunks_exact_mut(c).zip(tokens.iter()).zip((0..*t).cycle()) {
             let (e, q) = (&p[at.wte.clone()][tok as usize * c..][..c], &p[at.wpe.clone()][pos * c..][..c]);
             row.iter_mut().zip(e.iter().zip(q)).for_each(|(o, (a, b))| *o = a + b);
         }
-        let shape = Shape { n, t, c, n_head: spec.n_head, threads };
-        for (l, b) in at.blocks.iter().enumerate() {
-            let (before, after) = residual.split_at_mut(l + 1);
-            // Without a backward pass every block runs in the buffers of one: the
-            // first block's own where it keeps them (sized by the last training pass),
-            // else the scratch.
-            let acts = match (backward, spec.recomputes(l), spec.recomputes(0)) {
-                (true, false, _) => &mut blocks[l],
-                (false, _, false) => &mut blocks[0],
-                _ => &mut *scratch,
-            };
-            block_forward(acts, &before[l], Some(&mut after[0]), p, b, shape);
-        }
+    }
+
+    /// The forward pass of transformer block `l` (see [`FusedGpt::forward`]).
+    fn block(&mut self, l: usize, backward: bool) {
+        let FusedGpt { spec, params, at, threads, n, t, residual, blocks, scratch, .. } = self;
+        let shape = Shape { n: *n, t: *t, c: spec.n_embd, n_head: spec.n_head, threads: *threads };
+        let (before, after) = residual.split_at_mut(l + 1);
+        // Without a backward pass every block runs in the buffers of one: the first
+        // block's own where it keeps them (sized by the last training pass), else the
+        // scratch.
+        let acts = match (backward, spec.recomputes(l), spec.recomputes(0)) {
+            (true, false, _) => &mut blocks[l],
+            (false, _, false) => &mut blocks[0],
+            _ => &mut *scratch,
+        };
+        block_forward(acts, &before[l], Some(&mut after[0]), params, &at.blocks[l], shape);
+    }
+
+    /// The final LayerNorm and the head: the logits.
+    fn head_logits(&mut self) {
+        let FusedGpt { spec, params, at, threads, n, t, residual, ln_f, ln_f_stats, logits, .. } = self;
+        let (c, rows, threads) = (spec.n_embd, *n * *t, *threads);
+        let p = &params[..];
         let last = &residual[spec.n_layer];
         layer_norm(ln_f, ln_f_stats, last, p, &at.ln_f, c, threads);
         logits.resize(rows * spec.vocab_size, 0.0);
         let head = View::rows(&p[at.head.clone()], spec.vocab_size, c);
         matmul(logits, false, View::rows(ln_f, rows, c), head.t(), threads);
+    }
+
+    /// The cross-entropy of the logits against the loaded targets: its sum and the
+    /// correct predictions; with `backward`, `d_logits` gets the gradient of the mean.
+    fn loss(&mut self, backward: bool) -> (f64, usize) {
+        let (v, rows) = (self.spec.vocab_size, self.n * self.t);
+        if !backward {
+            return cross_entropy(&self.logits, &self.targets, v, 0.0, None, self.threads);
+        }
+        self.d_logits.resize(rows * v, 0.0);
+        let scale = 1.0 / rows as f32;
+        cross_entropy(&self.logits, &self.targets, v, scale, Some(&mut self.d_logits), self.threads)
     }
 
     /// Forward passes over `windows` of `window` tokens, `EVAL_CHUNK` windows at a
@@ -459,30 +501,57 @@ impl Model for FusedGpt {
     }
 
     fn read_params(&self, out: &mut [f32]) -> Result<()> {
-        check_values(out.len(), self.params.len())?;
-        out.copy_from_slice(&self.params);
+        let own = match &self.sharded {
+            Some(s) => s.values_ref(),
+            None => &self.params[..],
+        };
+        check_values(out.len(), own.len())?;
+        out.copy_from_slice(own);
         Ok(())
     }
 
     fn write_params(&mut self, src: &[f32]) -> Result<()> {
-        check_values(src.len(), self.params.len())?;
-        self.params.copy_from_slice(src);
+        let own = self.own_values();
+        check_values(src.len(), own.len())?;
+        own.copy_from_slice(src);
         Ok(())
     }
 
     fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
-        Ok(Some(&mut self.params))
+        Ok(Some(self.own_values()))
     }
 
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
+        if self.sharded.is_some() {
+            return Err(units::whole_only("train on a whole batch"));
+        }
         whole_backward(self, batch, grads)
     }
 
+    fn units(&self) -> Vec<Vec<usize>> {
+        self.sharded.as_ref().map_or_else(Vec::new, |s| s.units())
+    }
+
+    fn unit_begin(&mut self, batch: &Batch<'_>, train: bool) -> Result<()> {
+        self.unit_begin_impl(batch, train)
+    }
+
+    fn unit_forward(&mut self, unit: usize, params: &[f32]) -> Result<Option<(f64, usize)>> {
+        self.unit_forward_impl(unit, params)
+    }
+
+    fn unit_backward(&mut self, unit: usize, params: &[f32], grads: &mut [f32]) -> Result<()> {
+        self.unit_backward_impl(unit, params, grads)
+    }
+
     fn backward_in_steps(&self) -> bool {
-        true
+        self.sharded.is_none()
     }
 
     fn backward_begin(&mut self, batch: &Batch<'_>) -> Result<f32> {
+        if self.sharded.is_some() {
+            return Err(units::whole_only("train on a whole batch"));
+        }
         self.load(batch, "trains on")?;
         self.trained_windows = self.trained_windows.max(self.n);
         let rows = self.n * self.t;
@@ -491,18 +560,7 @@ impl Model for FusedGpt {
         } else {
             on_compute_threads(|| {
                 self.forward(true);
-                let v = self.spec.vocab_size;
-                self.d_logits.resize(rows * v, 0.0);
-                let scale = 1.0 / rows as f32;
-                let (sum, _) = cross_entropy(
-                    &self.logits,
-                    &self.targets,
-                    v,
-                    scale,
-                    Some(&mut self.d_logits),
-                    self.threads,
-                );
-                sum / rows as f64
+                self.loss(true).0 / rows as f64
             })
         };
         self.step = Step::Head;
@@ -516,6 +574,9 @@ impl Model for FusedGpt {
     }
 
     fn backward_window(&self) -> Option<usize> {
+        if self.sharded.is_some() {
+            return None;
+        }
         // The head's step (the final LayerNorm, and an untied head), each block's, and
         // the embeddings'. A tied head's gradient is held aside when out of reach.
         let steps = std::iter::once(Step::Head)
@@ -550,6 +611,9 @@ impl Model for FusedGpt {
     }
 
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
+        if self.sharded.is_some() {
+            return Err(units::whole_only("evaluate on its own"));
+        }
         let (windows, _, window) = self.spec.windows(batch, "evaluates")?;
         self.step = Step::Idle;
         let (mut loss, mut correct) = (0f64, 0usize);
@@ -563,6 +627,9 @@ impl Model for FusedGpt {
     }
 
     fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        if self.sharded.is_some() {
+            return Err(units::whole_only("predict on its own"));
+        }
         let (windows, n, window) = self.spec.windows(batch, "predicts from")?;
         self.step = Step::Idle;
         // The context is the last block_size tokens of each window, as nanoGPT crops;

@@ -10,13 +10,13 @@
 //! 256), the graph spent as long allocating, zeroing, broadcasting and copying as
 //! multiplying; here the products are nearly all of a step.
 
-use sheaf_core::{Batch, Error, Model, ParamLayout, Result};
+use sheaf_core::{Batch, Error, Model, ParamLayout, ParamShard, PieceLayout, Result};
 
 use crate::kernels::{
     column_sums, cross_entropy, elementwise, elementwise_in_place, fill_rows, matmul, on_compute_threads,
     threads, View,
 };
-use crate::mlp::{init_params, Activation, MlpSpec, Rows};
+use crate::mlp::{init_params, init_values, Activation, MlpSpec, Rows};
 use crate::{check_values, whole_backward};
 
 pub struct FusedMlp {
@@ -38,15 +38,72 @@ pub struct FusedMlp {
     /// Whether `delta` is still that of layer `next` (its propagation to the layer
     /// below is owed to the next backward step).
     owed: bool,
+    /// A row shard's own values (ZeRO stage 3): then `params` is empty, `layout` the
+    /// shard's, and a pass runs layer by layer (each layer a unit) on gathered
+    /// parameters.
+    shard: Option<Shard>,
+}
+
+/// What a row shard of the MLP holds, and the pass under way.
+struct Shard {
+    values: Vec<f32>,
+    train: bool,
+    forward_done: usize,
+}
+
+/// Row shard `shard` of the MLP `spec`, its values those of the whole model's
+/// initialisation.
+pub fn shard(spec: &MlpSpec, shard: ParamShard, seed: u64) -> Result<FusedMlp> {
+    if shard.count == 0 || shard.index >= shard.count {
+        return Err(Error::invalid(format!("parameter shard {} of {}", shard.index, shard.count)));
+    }
+    let piece = PieceLayout::row_shard(&spec.layout(), shard, 0);
+    let values = init_values(spec, &piece, seed);
+    let mut model = FusedMlp::new_with(spec, Vec::new());
+    model.layout = piece.layout;
+    model.shard = Some(Shard { values, train: false, forward_done: 0 });
+    Ok(model)
+}
+
+/// The forward pass of layer `l` (`w`, `b`) of `spec` on `n` rows of `x` into `dst`.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    spec: &MlpSpec,
+    l: usize,
+    w: &[f32],
+    b: &[f32],
+    x: &[f32],
+    dst: &mut Vec<f32>,
+    n: usize,
+    threads: usize,
+) {
+    let (inp, out) = (spec.layers[l], spec.layers[l + 1]);
+    dst.resize(n * out, 0.0);
+    fill_rows(dst, b, threads);
+    matmul(dst, true, View::rows(x, n, inp), View::rows(w, out, inp).t(), threads);
+    if l + 2 < spec.layers.len() {
+        match spec.activation {
+            Activation::Relu => {
+                elementwise_in_place(dst, threads, |d| d.iter_mut().for_each(|v| *v = v.max(0.0)))
+            }
+            Activation::Tanh => {
+                elementwise_in_place(dst, threads, |d| d.iter_mut().for_each(|v| *v = v.tanh()))
+            }
+        }
+    }
 }
 
 impl FusedMlp {
     pub fn new(spec: &MlpSpec, seed: u64) -> FusedMlp {
+        FusedMlp::new_with(spec, init_params(spec, seed))
+    }
+
+    fn new_with(spec: &MlpSpec, params: Vec<f32>) -> FusedMlp {
         let layers = spec.layers.len() - 1;
         FusedMlp {
             spec: spec.clone(),
             layout: spec.layout(),
-            params: init_params(spec, seed),
+            params,
             threads: threads(),
             input: Vec::new(),
             labels: Vec::new(),
@@ -55,6 +112,7 @@ impl FusedMlp {
             scratch: Vec::new(),
             next: 0,
             owed: false,
+            shard: None,
         }
     }
 
@@ -78,32 +136,22 @@ impl FusedMlp {
         Ok(())
     }
 
-    fn weight(&self, l: usize) -> View<'_> {
-        View::rows(&self.params[self.layout.range(2 * l)], self.spec.layers[l + 1], self.spec.layers[l])
-    }
-
     /// The forward pass of the loaded batch: every layer's output.
     fn forward(&mut self) {
-        let n = self.rows();
         for l in 0..self.layers() {
-            let (inp, out) = (self.spec.layers[l], self.spec.layers[l + 1]);
-            let mut dst = std::mem::take(&mut self.outputs[l]);
-            dst.resize(n * out, 0.0);
-            fill_rows(&mut dst, &self.params[self.layout.range(2 * l + 1)], self.threads);
-            let x = if l == 0 { &self.input } else { &self.outputs[l - 1] };
-            matmul(&mut dst, true, View::rows(x, n, inp), self.weight(l).t(), self.threads);
-            if l + 1 < self.layers() {
-                match self.spec.activation {
-                    Activation::Relu => elementwise_in_place(&mut dst, self.threads, |d| {
-                        d.iter_mut().for_each(|v| *v = v.max(0.0))
-                    }),
-                    Activation::Tanh => elementwise_in_place(&mut dst, self.threads, |d| {
-                        d.iter_mut().for_each(|v| *v = v.tanh())
-                    }),
-                }
-            }
-            self.outputs[l] = dst;
+            let (w, b) = (self.layout.range(2 * l), self.layout.range(2 * l + 1));
+            let params = std::mem::take(&mut self.params);
+            self.forward_layer(l, &params[w], &params[b]);
+            self.params = params;
         }
+    }
+
+    /// The forward pass of layer `l` with weight `w` and bias `b`.
+    fn forward_layer(&mut self, l: usize, w: &[f32], b: &[f32]) {
+        let mut dst = std::mem::take(&mut self.outputs[l]);
+        let x = if l == 0 { &self.input } else { &self.outputs[l - 1] };
+        layer_forward(&self.spec, l, w, b, x, &mut dst, self.rows(), self.threads);
+        self.outputs[l] = dst;
     }
 
     fn logits(&self) -> &[f32] {
@@ -117,30 +165,103 @@ impl Model for FusedMlp {
     }
 
     fn read_params(&self, out: &mut [f32]) -> Result<()> {
-        check_values(out.len(), self.params.len())?;
-        out.copy_from_slice(&self.params);
+        let own = self.shard.as_ref().map_or(&self.params[..], |s| &s.values[..]);
+        check_values(out.len(), own.len())?;
+        out.copy_from_slice(own);
         Ok(())
     }
 
     fn write_params(&mut self, src: &[f32]) -> Result<()> {
-        check_values(src.len(), self.params.len())?;
-        self.params.copy_from_slice(src);
+        let own = self.own_values();
+        check_values(src.len(), own.len())?;
+        own.copy_from_slice(src);
         Ok(())
     }
 
     fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
-        Ok(Some(&mut self.params))
+        Ok(Some(self.own_values()))
     }
 
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
+        self.whole("train on a whole batch")?;
         whole_backward(self, batch, grads)
     }
 
     fn backward_in_steps(&self) -> bool {
-        true
+        self.shard.is_none()
+    }
+
+    fn units(&self) -> Vec<Vec<usize>> {
+        match self.shard {
+            Some(_) => (0..self.layers()).map(|l| vec![2 * l, 2 * l + 1]).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn unit_begin(&mut self, batch: &Batch<'_>, train: bool) -> Result<()> {
+        self.shard_mut()?;
+        self.load(batch)?;
+        let s = self.shard_mut()?;
+        s.train = train;
+        s.forward_done = 0;
+        Ok(())
+    }
+
+    fn unit_forward(&mut self, unit: usize, params: &[f32]) -> Result<Option<(f64, usize)>> {
+        let (train, done) = self.shard_mut().map(|s| (s.train, s.forward_done))?;
+        if unit != done {
+            return Err(Error::BadState(format!("unit {unit}'s forward asked after {done} units")));
+        }
+        let (w, b) = self.unit_params(unit, params)?;
+        let n = self.rows();
+        let last = unit + 1 == self.layers();
+        let end = on_compute_threads(|| {
+            if n > 0 {
+                self.forward_layer(unit, w, b);
+            }
+            (last && n > 0).then(|| self.loss(train))
+        });
+        self.shard_mut()?.forward_done = unit + 1;
+        Ok(if last { Some(end.unwrap_or((0.0, 0))) } else { None })
+    }
+
+    fn unit_backward(&mut self, unit: usize, params: &[f32], grads: &mut [f32]) -> Result<()> {
+        let (train, done) = self.shard_mut().map(|s| (s.train, s.forward_done))?;
+        if !train || done != self.layers() || (unit == 0) != params.is_empty() {
+            return Err(Error::BadState(format!(
+                "unit {unit}'s backward asked out of order (a training pass with every unit's forward \
+                 run, units from the last down, the root's without parameters)"
+            )));
+        }
+        // Layer 0's input gradient is not needed: its weight (the root's) is not either.
+        let w = if unit == 0 { &[][..] } else { self.unit_params(unit, params)?.0 };
+        let (inp, out) = (self.spec.layers[unit], self.spec.layers[unit + 1]);
+        if grads.len() != out * inp + out {
+            return Err(Error::invalid(format!(
+                "{} gradient slots for layer {unit}'s {} values",
+                grads.len(),
+                out * inp + out
+            )));
+        }
+        let n = self.rows();
+        on_compute_threads(|| {
+            let (dw, db) = grads.split_at_mut(out * inp);
+            if n == 0 {
+                grads.fill(0.0);
+                return;
+            }
+            let x = if unit == 0 { &self.input } else { &self.outputs[unit - 1] };
+            matmul(dw, false, View::rows(&self.delta, n, out).t(), View::rows(x, n, inp), self.threads);
+            column_sums(&self.delta, db, self.threads);
+            if unit > 0 {
+                self.propagate(unit, w);
+            }
+        });
+        Ok(())
     }
 
     fn backward_begin(&mut self, batch: &Batch<'_>) -> Result<f32> {
+        self.whole("train on a whole batch")?;
         self.load(batch)?;
         let n = self.rows();
         self.next = self.layers();
@@ -149,14 +270,7 @@ impl Model for FusedMlp {
         }
         let loss = on_compute_threads(|| {
             self.forward();
-            let classes = *self.spec.layers.last().expect("validated");
-            let mut delta = std::mem::take(&mut self.delta);
-            delta.resize(n * classes, 0.0);
-            let scale = 1.0 / n as f32;
-            let (loss, _) =
-                cross_entropy(self.logits(), &self.labels, classes, scale, Some(&mut delta), self.threads);
-            self.delta = delta;
-            loss
+            self.loss(true).0
         });
         Ok((loss / n as f64) as f32)
     }
@@ -186,6 +300,7 @@ impl Model for FusedMlp {
     }
 
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
+        self.whole("evaluate on its own")?;
         self.load(batch)?;
         if self.rows() == 0 {
             return Ok((0.0, 0));
@@ -196,6 +311,7 @@ impl Model for FusedMlp {
     }
 
     fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        self.whole("predict on its own")?;
         self.load(batch)?;
         if self.rows() == 0 {
             return Ok(Vec::new());
@@ -206,6 +322,61 @@ impl Model for FusedMlp {
 }
 
 impl FusedMlp {
+    /// The cross-entropy of the logits against the loaded labels: its sum and the
+    /// correct predictions; with `backward`, `delta` gets the gradient of the mean.
+    fn loss(&mut self, backward: bool) -> (f64, usize) {
+        let (n, classes) = (self.rows(), *self.spec.layers.last().expect("validated"));
+        if !backward {
+            return cross_entropy(self.logits(), &self.labels, classes, 0.0, None, self.threads);
+        }
+        let mut delta = std::mem::take(&mut self.delta);
+        delta.resize(n * classes, 0.0);
+        let scale = 1.0 / n as f32;
+        let out = cross_entropy(self.logits(), &self.labels, classes, scale, Some(&mut delta), self.threads);
+        self.delta = delta;
+        out
+    }
+
+    /// The parameters this model holds: the whole model's, or a shard's rows.
+    fn own_values(&mut self) -> &mut [f32] {
+        match &mut self.shard {
+            Some(s) => &mut s.values,
+            None => &mut self.params,
+        }
+    }
+
+    fn whole(&self, what: &str) -> Result<()> {
+        match self.shard {
+            None => Ok(()),
+            Some(_) => Err(Error::Unsupported(format!(
+                "a row shard of the MLP (ZeRO stage 3) cannot {what}: it runs unit by unit on \
+                 parameters the data-parallel strategy gathers"
+            ))),
+        }
+    }
+
+    fn shard_mut(&mut self) -> Result<&mut Shard> {
+        self.shard
+            .as_mut()
+            .ok_or_else(|| Error::Unsupported("this MLP holds its whole parameters: it runs whole".into()))
+    }
+
+    /// Layer `unit`'s gathered weight and bias out of `params`, checked.
+    fn unit_params<'p>(&self, unit: usize, params: &'p [f32]) -> Result<(&'p [f32], &'p [f32])> {
+        if unit >= self.layers() {
+            return Err(Error::invalid(format!("unit {unit} of an MLP of {} layers", self.layers())));
+        }
+        let (inp, out) = (self.spec.layers[unit], self.spec.layers[unit + 1]);
+        if params.len() != out * inp + out {
+            return Err(Error::invalid(format!(
+                "{} values for layer {unit}, which has {}",
+                params.len(),
+                out * inp + out
+            )));
+        }
+        Ok(params.split_at(out * inp))
+    }
+
     /// The values of the gradient buffer not final yet: up to the end of layer
     /// `next - 1`'s bias. An error when no backward pass is under way.
     fn pending(&self) -> Result<usize> {
@@ -235,7 +406,9 @@ impl FusedMlp {
         let n = self.rows();
         if self.owed && n > 0 {
             // The delta of layer `next` from that of the layer above it.
-            self.propagate(self.next);
+            let params = std::mem::take(&mut self.params);
+            self.propagate(self.next, &params[self.layout.range(2 * self.next)]);
+            self.params = params;
         }
         self.owed = false;
         if n == 0 {
@@ -255,12 +428,12 @@ impl FusedMlp {
     /// Replaces `delta`, the gradient with respect to the output of layer `above`, by
     /// the gradient with respect to that layer's input, through the nonlinearity of
     /// the layer below that made it.
-    fn propagate(&mut self, above: usize) {
+    fn propagate(&mut self, above: usize, w: &[f32]) {
         let n = self.rows();
         let (inp, out) = (self.spec.layers[above], self.spec.layers[above + 1]);
         let mut below = std::mem::take(&mut self.scratch);
         below.resize(n * inp, 0.0);
-        matmul(&mut below, false, View::rows(&self.delta, n, out), self.weight(above), self.threads);
+        matmul(&mut below, false, View::rows(&self.delta, n, out), View::rows(w, out, inp), self.threads);
         let h = &self.outputs[above - 1];
         match self.spec.activation {
             // A select, not a branch: it vectorises.

@@ -443,7 +443,7 @@ fn init_param(params: &[(ParamSpec, Init)], p: usize, seed: u64) -> Vec<f32> {
 }
 
 /// The initial values of a piece: each of its parameters drawn on its own and sliced.
-fn init_piece(spec: &GptSpec, piece: &PieceLayout, seed: u64) -> Vec<f32> {
+pub(crate) fn init_piece(spec: &GptSpec, piece: &PieceLayout, seed: u64) -> Vec<f32> {
     let params = spec.params();
     let whole = spec.layout();
     let mut out = Vec::with_capacity(piece.layout.total());

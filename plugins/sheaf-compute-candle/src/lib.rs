@@ -18,8 +18,8 @@ mod ops;
 use candle_core::{Device, Tensor, Var, D};
 use serde::Deserialize;
 use sheaf_core::{
-    ComputeBackend, Error, Model, ModelInfo, ModelSpec, ParamLayout, Piece, PieceLayout, PluginKind,
-    Provided, Result,
+    ComputeBackend, Error, Model, ModelInfo, ModelSpec, ParamLayout, ParamShard, Piece, PieceLayout,
+    PluginKind, Provided, Result,
 };
 
 pub use fused_gpt::FusedGpt;
@@ -161,6 +161,21 @@ impl ComputeBackend for CandleBackend {
         match spec.kind.as_str() {
             "mlp" => Ok(Box::new(Stage::new(&MlpSpec::parse(spec)?, piece, seed, self.device.clone())?)),
             "gpt" => Ok(Box::new(Gpt::piece(&GptSpec::parse(spec)?, piece, seed, self.device.clone())?)),
+            other => Err(unknown_kind(other)),
+        }
+    }
+
+    fn build_shard(&self, spec: &ModelSpec, shard: ParamShard, seed: u64) -> Result<Box<dyn Model>> {
+        if !self.device.is_cpu() {
+            return Err(Error::Unsupported(format!(
+                "ZeRO stage 3 runs the CPU's fused models; `{}` models on {} have no row shards",
+                spec.kind,
+                self.device()
+            )));
+        }
+        match spec.kind.as_str() {
+            "mlp" => Ok(Box::new(fused_mlp::shard(&MlpSpec::parse(spec)?, shard, seed)?)),
+            "gpt" => Ok(Box::new(fused_gpt::build_shard(&GptSpec::parse(spec)?, shard, seed)?)),
             other => Err(unknown_kind(other)),
         }
     }

@@ -224,12 +224,18 @@ fn paired(l: usize, n: usize) -> Option<bool> {
 /// stream, which SplitMix64 reaches by skipping. A piece of a model too big for one
 /// worker never holds more than its own parameters.
 pub fn init_piece(spec: &MlpSpec, piece: &Piece, seed: u64) -> Result<Vec<f32>> {
+    Ok(init_values(spec, &spec.piece_layout(piece)?, seed))
+}
+
+/// The values of the parameters `piece` lays out (a piece, a row shard) of
+/// [`init_params`]`(spec, seed)`, drawn as [`init_piece`] draws them.
+pub(crate) fn init_values(spec: &MlpSpec, piece: &PieceLayout, seed: u64) -> Vec<f32> {
     let layout = spec.layout();
-    let indices = spec.piece_layout(piece)?.full_indices(&layout);
+    let indices = piece.full_indices(&layout);
     let start = SplitMix64::new(seed ^ INIT_STREAM);
     // Parameter `p` covers `layout.range(p)`; its bound comes from layer `p / 2`.
     let mut p = 0;
-    Ok(indices
+    indices
         .into_iter()
         .map(|i| {
             if !layout.range(p).contains(&i) {
@@ -239,7 +245,7 @@ pub fn init_piece(spec: &MlpSpec, piece: &Piece, seed: u64) -> Result<Vec<f32>> 
             rng.skip(i as u64);
             rng.next_f32() * (1.0 / (spec.layers[p / 2] as f32).sqrt())
         })
-        .collect())
+        .collect()
 }
 
 const INIT_STREAM: u64 = 0x1F2E_3D4C_5B6A_7988;

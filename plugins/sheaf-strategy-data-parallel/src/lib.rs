@@ -22,6 +22,7 @@
 
 mod buckets;
 mod zero;
+mod zero3;
 
 use std::time::{Duration, Instant};
 
@@ -82,7 +83,9 @@ pub struct DataParallelConfig {
     /// state sharded: gradients reduce-scattered, each rank steps its shard, the
     /// parameters allgathered) or 2 (the reduced gradients sharded too: each bucket is
     /// reduce-scattered as the backward pass finishes it, and no full-size reduced
-    /// gradient is held).
+    /// gradient is held), or 3 (the parameters sharded too: each rank holds its rows
+    /// of every parameter and gathers each unit of the model just before it runs it;
+    /// see `zero3`).
     pub zero: u8,
 }
 
@@ -114,10 +117,10 @@ impl DataParallelConfig {
             ));
         }
         match config.zero {
-            0..=2 => Ok(config),
+            0..=3 => Ok(config),
             n => Err(Error::config(
                 "parallel.options.data-parallel.zero",
-                format!("no ZeRO stage {n} (0, 1 or 2; stage 3, sharded parameters, is not built)"),
+                format!("no ZeRO stage {n} (0, 1, 2 or 3)"),
             )),
         }
     }
@@ -176,6 +179,25 @@ impl DataParallel {
     }
 }
 
+/// What asks the loader thread for this rank's share of each micro-batch of a step
+/// (`asked` counts the micro-batches asked for, as the partitioner numbers them: from
+/// the resumed run's first).
+fn ask_shares(
+    partitioner: &dyn DataPartitioner,
+    mut asked: u64,
+    rank: usize,
+    world: usize,
+) -> impl FnMut(&mut Prefetch, &[(u64, Vec<usize>)]) -> Result<()> + '_ {
+    move |loader, group| {
+        for (_, global) in group {
+            let mine = partitioner.shard(asked, global.len(), rank, world)?;
+            asked += 1;
+            loader.request(mine.into_iter().map(|i| global[i]).collect())?;
+        }
+        Ok(())
+    }
+}
+
 /// Checks that every rank holds bit-identical parameters: each rank's checksum (an
 /// order-sensitive hash of the bits) must equal the maximum and the minimum over ranks.
 fn check_in_sync(comm: &dyn Communicator, params: &[f32], step: u64, dl: Deadline) -> Result<()> {
@@ -215,11 +237,18 @@ impl Strategy for DataParallel {
         }
         let plan = StrategyPlan::replicas(input.world, input.blocks.len(), input.batch_size);
         // ZeRO stages 1 and 2: each replica keeps its chunk of every bucket's optimizer
-        // state.
-        Ok(if self.config.zero >= 1 { plan.with_state_shards(input.world as u64) } else { plan })
+        // state; stage 3 its rows of every parameter (and their state).
+        Ok(match self.config.zero {
+            0 => plan,
+            3 => plan.with_param_shards(input.world),
+            _ => plan.with_state_shards(input.world as u64),
+        })
     }
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
+        if self.config.zero == 3 {
+            return self.train_sharded(ctx);
+        }
         let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics, checkpoints } =
             ctx;
         let (rank, world) = (comm.rank(), comm.world_size());
@@ -273,19 +302,8 @@ impl Strategy for DataParallel {
         let mut tally = RunTally::new(&config);
         let validate =
             |model: &mut dyn Model| self.evaluate(comm, model, partitioner, test, config.batch_size);
-        // This rank's share of each micro-batch, asked of the loader thread a step
-        // ahead (`asked` counts the micro-batches asked for, as the partitioner numbers
-        // them).
-        let mut asked = config.start_micro_step();
-        let ask = |loader: &mut Prefetch, group: &[(u64, Vec<usize>)]| -> Result<()> {
-            for (_, global) in group {
-                let mine = partitioner.shard(asked, global.len(), rank, world)?;
-                asked += 1;
-                loader.request(mine.into_iter().map(|i| global[i]).collect())?;
-            }
-            Ok(())
-        };
         // The next step's samples are gathered while this one trains.
+        let ask = ask_shares(partitioner, config.start_micro_step(), rank, world);
         prefetched_steps(train, &config, ask, |loader, group, ()| {
             let t0 = Instant::now();
             // Every micro-step's mean gradient weighted by its share of the samples of

@@ -59,7 +59,7 @@ pub fn scatter_add(
 
 /// One bucket's reduce-scatter: `out` gets this rank's chunk of the sum of every rank's
 /// `input`, over an f32 or a bfloat16 wire.
-fn reduce_scatter_bucket(
+pub(crate) fn reduce_scatter_bucket(
     comm: &dyn Communicator,
     input: &[f32],
     out: &mut [f32],

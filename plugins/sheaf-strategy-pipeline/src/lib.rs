@@ -522,6 +522,7 @@ impl Strategy for Pipeline {
                     activation_samples: kept as u64 * rows,
                     // ZeRO 1: the piece's optimizer state sharded over its D replicas.
                     state_shards: if self.config.zero >= 1 { data as u64 } else { 1 },
+                    param_shard: None,
                 }
             })
             .collect();

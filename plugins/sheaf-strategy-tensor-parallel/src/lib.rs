@@ -175,6 +175,7 @@ impl Strategy for TensorParallel {
                 activation_samples: share,
                 // ZeRO 1: the slice's optimizer state sharded over its D replicas.
                 state_shards: if self.config.zero >= 1 { data as u64 } else { 1 },
+                param_shard: None,
             })
             .collect();
         Ok(StrategyPlan { ranks, stage_interface: true })

@@ -1,0 +1,51 @@
+//! Metrics and checkpoint sinks: the host's, lent to strategies.
+
+use super::prelude::*;
+
+impl<P, T> MetricsSinkAbi for Exported<P>
+where
+    P: DerefMut<Target = T>,
+    T: MetricsSink + ?Sized,
+{
+    fn record(&mut self, metrics: RVec<AbiNamedValue>) -> RResult<(), AbiError> {
+        guard(self.plugin, "metrics record", || {
+            self.inner.record(&StepMetrics::from_values(&values_from_abi(&metrics))?);
+            Ok(())
+        })
+    }
+}
+
+pub(crate) struct LoadedMetrics<'a, P: GetPointerKind>(pub(crate) MetricsSinkAbi_TO<'a, P>);
+
+impl<P: AsMutPtr<PtrTarget = ()>> MetricsSink for LoadedMetrics<'_, P> {
+    fn record(&mut self, metrics: &StepMetrics) {
+        if let Err(e) = self.0.record(values_to_abi(metrics.to_values())).into_result() {
+            tracing_free_warn("metrics sink", &Error::from(e));
+        }
+    }
+}
+
+impl<P, T> CheckpointSinkAbi for Exported<P>
+where
+    P: DerefMut<Target = T>,
+    T: CheckpointSink + ?Sized,
+{
+    fn save(
+        &mut self,
+        step: u64,
+        params: RSlice<'_, f32>,
+        optimizer: AbiOptimState,
+    ) -> RResult<(), AbiError> {
+        guard(self.plugin, "checkpoint save", || {
+            self.inner.save(step, params.as_slice(), &state_from_abi_owned(optimizer)).map_err(AbiError::from)
+        })
+    }
+}
+
+pub(crate) struct LoadedCheckpoints<'a, P: GetPointerKind>(pub(crate) CheckpointSinkAbi_TO<'a, P>);
+
+impl<P: AsMutPtr<PtrTarget = ()>> CheckpointSink for LoadedCheckpoints<'_, P> {
+    fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> Result<()> {
+        Ok(self.0.save(step, RSlice::from_slice(params), state_to_abi(optimizer.clone())).into_result()?)
+    }
+}

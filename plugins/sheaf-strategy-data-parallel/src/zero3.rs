@@ -1,0 +1,379 @@
+//! ZeRO stage 3: the parameters sharded too (FSDP).
+//!
+//! Each rank holds its rows of every parameter (the model is built as a row shard,
+//! [`sheaf_core::PieceLayout::row_shard`]) and runs a pass unit by unit
+//! ([`Model::units`]): just before a unit's forward, and again before its backward,
+//! the unit's rows are allgathered from every rank into one reusable buffer (freed for
+//! the next unit as soon as the model has run it: FSDP2's `reshard_after_forward`);
+//! as the backward pass leaves a unit, its gradient is reduce-scattered so each rank
+//! keeps the sum of its own rows. The optimizer then steps each rank's rows only, in
+//! place in the model's buffer, so a rank holds 1/world of the parameters, gradients
+//! and optimizer state, plus one unit gathered.
+//!
+//! The root unit (embeddings, head) is gathered once per micro-batch and kept by the
+//! model to the end of its backward pass.
+
+use std::ops::Range;
+
+use std::time::Instant;
+
+use sheaf_core::{
+    clip_to, prefetched_steps, sum_of_squares, test_totals, Batch, Communicator, DType, DataPartitioner,
+    Dataset, Deadline, Error, Model, ParamLayout, ReduceOp, Result, RunTally, StepDone, TrainContext,
+    TrainSummary,
+};
+
+use crate::{DataParallel, GradDType};
+
+impl DataParallel {
+    /// Training under ZeRO stage 3 (see the module's text): the step loop of plain
+    /// data parallelism, each micro-batch's pass run unit by unit.
+    pub(crate) fn train_sharded(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
+        let TrainContext { config, comm, model, optimizer, partitioner, train, test, metrics, checkpoints } =
+            ctx;
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let dl = || self.deadline();
+        let units = Units::new(model, comm, dl())?;
+        let layout = model.layout().clone();
+        let total_steps = config.total_steps(train.len());
+        let wire_dtype = self.config.grad_dtype;
+        // This rank's rows' summed gradient, and the buffers a pass reuses: a unit
+        // gathered, its gradient, and its parts on the wire.
+        let mut shard_grads = vec![0f32; layout.total()];
+        let (largest, wire_len) = units.buffer_sizes();
+        let (mut buf, mut grads, mut wire) =
+            (Vec::with_capacity(largest), Vec::with_capacity(largest), Vec::with_capacity(wire_len));
+        let gradient_bytes = 4 * (shard_grads.len() + 2 * largest + wire_len) as u64;
+        let mut tally = RunTally::new(&config);
+        let chunk = config.batch_size;
+        let validate = |model: &mut dyn Model| {
+            let totals = units.evaluate(model, test, partitioner, chunk, comm, &dl)?;
+            test_totals(comm, totals, dl())
+        };
+        let ask = crate::ask_shares(partitioner, config.start_micro_step(), rank, world);
+        prefetched_steps(train, &config, ask, |loader, group, ()| {
+            let t0 = Instant::now();
+            let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
+            shard_grads.fill(0.0);
+            let mut local_loss = 0f32;
+            for _ in 0..group.len() {
+                let local = loader.take()?;
+                let share = local.len() as f32 / group_samples as f32;
+                let batch = (!local.is_empty()).then(|| local.batch());
+                let (sum, _) = units.forward(model, batch.as_ref(), true, &mut buf, &mut wire, comm, &dl)?;
+                if let Some(b) = &batch {
+                    // The mean over the batch's predictions, as the whole model reports it.
+                    let loss = (sum / b.predictions().max(1) as f64) as f32;
+                    local_loss += loss * share;
+                }
+                let bufs = (&mut buf, &mut grads, &mut wire);
+                units.backward(
+                    model,
+                    batch.is_some(),
+                    share,
+                    &mut shard_grads,
+                    bufs,
+                    wire_dtype,
+                    comm,
+                    &dl,
+                )?;
+            }
+            let mut sums = [f64::from(local_loss), sum_of_squares(&shard_grads)];
+            comm.allreduce(bytemuck::cast_slice_mut(&mut sums), DType::F64, ReduceOp::Sum, dl())?;
+            let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
+            optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
+            let own = model.params_mut()?.ok_or_else(|| {
+                Error::Unsupported("ZeRO stage 3 needs a model that lends its parameter buffer".into())
+            })?;
+            optimizer.step(&mut layout.params(own, &shard_grads))?;
+            let done = StepDone {
+                epoch: group.last().map_or(0, |(e, _)| *e),
+                loss: f64::from(sums[0] as f32),
+                grad_norm,
+                samples: group_samples,
+                started: t0,
+            };
+            tally.end_step(done, metrics, checkpoints, model, optimizer, validate)?;
+            Ok(())
+        })?;
+        tally.summary(train.len(), model, optimizer, gradient_bytes, validate)
+    }
+}
+
+/// How every rank's rows of each unit lie in the unit gathered whole.
+pub struct Units {
+    world: usize,
+    rank: usize,
+    /// The model's (this rank's shard's) layout.
+    layout: ParamLayout,
+    units: Vec<Unit>,
+}
+
+struct Unit {
+    /// The unit's parameters (indices of the layout), in the model's order.
+    params: Vec<usize>,
+    /// Each parameter's place in the gathered unit.
+    whole: Vec<Range<usize>>,
+    /// Each parameter's values per row.
+    row_len: Vec<usize>,
+    /// Each parameter's rows held by each rank: `rows[k][q]`.
+    rows: Vec<Vec<Range<usize>>>,
+    /// The most values of the unit any rank holds (each rank's part travels padded to it).
+    pad: usize,
+    len: usize,
+}
+
+impl Unit {
+    /// Rank `q`'s values of parameter `k`, in the gathered unit.
+    fn part(&self, k: usize, q: usize) -> Range<usize> {
+        let (rows, len) = (&self.rows[k][q], self.row_len[k]);
+        self.whole[k].start + rows.start * len..self.whole[k].start + rows.end * len
+    }
+}
+
+impl Units {
+    /// The units of `model` (a row shard) over `comm`: every rank's row counts are
+    /// gathered once, so each knows where every rank's rows go.
+    pub fn new(model: &dyn Model, comm: &dyn Communicator, deadline: Deadline) -> Result<Units> {
+        let (world, rank) = (comm.world_size(), comm.rank());
+        let layout = model.layout().clone();
+        let units = model.units();
+        if units.is_empty() {
+            return Err(Error::Unsupported(
+                "ZeRO stage 3 needs a model that runs unit by unit on gathered parameters; this one \
+                 does not (its compute plugin builds no row shards of it)"
+                    .into(),
+            ));
+        }
+        let specs = layout.specs();
+        let mine: Vec<u64> = specs.iter().map(|s| s.shape.first().copied().unwrap_or(1) as u64).collect();
+        let mut all = vec![0u64; mine.len() * world];
+        comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all), deadline)?;
+        let units = units
+            .into_iter()
+            .map(|params| {
+                let mut whole = Vec::new();
+                let mut row_len = Vec::new();
+                let mut rows = Vec::new();
+                let mut len = 0;
+                let mut held = vec![0usize; world];
+                for &p in &params {
+                    let shape = &specs[p].shape;
+                    let per_row = shape.iter().skip(1).product::<usize>();
+                    let mut start = 0;
+                    let ranges: Vec<Range<usize>> = (0..world)
+                        .map(|q| {
+                            let n = all[q * mine.len() + p] as usize;
+                            held[q] += n * per_row;
+                            start += n;
+                            start - n..start
+                        })
+                        .collect();
+                    whole.push(len..len + start * per_row);
+                    len += start * per_row;
+                    row_len.push(per_row);
+                    rows.push(ranges);
+                }
+                let pad = held.into_iter().max().unwrap_or(0);
+                Unit { params, whole, row_len, rows, pad, len }
+            })
+            .collect();
+        Ok(Units { world, rank, layout, units })
+    }
+
+    pub fn count(&self) -> usize {
+        self.units.len()
+    }
+
+    /// The values of the largest unit gathered, and the most of any unit's parts on
+    /// the wire: the sizes of the buffers a pass reuses.
+    pub fn buffer_sizes(&self) -> (usize, usize) {
+        let largest = self.units.iter().map(|u| u.len).max().unwrap_or(0);
+        let wire = self.units.iter().map(|u| u.pad * self.world).max().unwrap_or(0);
+        (largest, wire)
+    }
+
+    /// Unit `u` gathered whole into `out` (resized to it) from every rank's `own`
+    /// rows (this rank's: the model's buffer, in its layout); `wire` is scratch.
+    pub fn gather(
+        &self,
+        u: usize,
+        own: &[f32],
+        out: &mut Vec<f32>,
+        wire: &mut Vec<f32>,
+        comm: &dyn Communicator,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let unit = &self.units[u];
+        let mut mine = vec![0f32; unit.pad];
+        let mut at = 0;
+        for &p in &unit.params {
+            let r = self.layout.range(p);
+            mine[at..at + r.len()].copy_from_slice(&own[r.clone()]);
+            at += r.len();
+        }
+        wire.clear();
+        wire.resize(unit.pad * self.world, 0.0);
+        comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(wire), deadline)?;
+        out.clear();
+        out.resize(unit.len, 0.0);
+        for q in 0..self.world {
+            let mut at = q * unit.pad;
+            for k in 0..unit.params.len() {
+                let part = unit.part(k, q);
+                out[part.clone()].copy_from_slice(&wire[at..at + part.len()]);
+                at += part.len();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatters unit `u`'s gradient `grads` (this rank's, the unit whole),
+    /// scaled by `share`, and adds the sum of this rank's rows into `shard` (laid out
+    /// as the model's parameters); `wire` is scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reduce_scatter_add(
+        &self,
+        u: usize,
+        grads: &[f32],
+        share: f32,
+        shard: &mut [f32],
+        wire: &mut Vec<f32>,
+        dtype: GradDType,
+        comm: &dyn Communicator,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let unit = &self.units[u];
+        wire.clear();
+        wire.resize(unit.pad * self.world, 0.0);
+        for q in 0..self.world {
+            let mut at = q * unit.pad;
+            for k in 0..unit.params.len() {
+                let part = unit.part(k, q);
+                for (w, g) in wire[at..at + part.len()].iter_mut().zip(&grads[part.clone()]) {
+                    *w = g * share;
+                }
+                at += part.len();
+            }
+        }
+        let mut mine = vec![0f32; unit.pad];
+        crate::zero::reduce_scatter_bucket(comm, wire, &mut mine, dtype, deadline)?;
+        let mut at = 0;
+        for &p in &unit.params {
+            let r = self.layout.range(p);
+            for (s, m) in shard[r.clone()].iter_mut().zip(&mine[at..at + r.len()]) {
+                *s += m;
+            }
+            at += r.len();
+        }
+        Ok(())
+    }
+
+    /// A forward pass of `batch` unit by unit (or, without a batch, the gathers alone:
+    /// every rank takes part in each unit's gather); returns the summed loss and the
+    /// correct predictions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        model: &mut dyn Model,
+        batch: Option<&Batch<'_>>,
+        train: bool,
+        buf: &mut Vec<f32>,
+        wire: &mut Vec<f32>,
+        comm: &dyn Communicator,
+        deadline: &dyn Fn() -> Deadline,
+    ) -> Result<(f64, usize)> {
+        if let Some(batch) = batch {
+            model.unit_begin(batch, train)?;
+        }
+        let mut end = None;
+        for u in 0..self.count() {
+            self.gather(u, own(model)?, buf, wire, comm, deadline())?;
+            if batch.is_some() {
+                end = model.unit_forward(u, buf)?;
+            }
+        }
+        match (batch, end) {
+            (None, _) => Ok((0.0, 0)),
+            (Some(_), Some(end)) => Ok(end),
+            (Some(_), None) => Err(Error::BadState("the model's last unit gave no loss".into())),
+        }
+    }
+
+    /// The backward pass after [`Units::forward`] with `train`: each unit's gradient,
+    /// scaled by `share`, reduce-scattered into `shard` as the pass leaves it (a rank
+    /// without a batch sends zeros).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        model: &mut dyn Model,
+        ran: bool,
+        share: f32,
+        shard: &mut [f32],
+        bufs: (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+        dtype: GradDType,
+        comm: &dyn Communicator,
+        deadline: &dyn Fn() -> Deadline,
+    ) -> Result<()> {
+        let (buf, grads, wire) = bufs;
+        for u in (0..self.count()).rev() {
+            let len = self.units[u].len;
+            grads.clear();
+            grads.resize(len, 0.0);
+            // The root stays with the model from its forward: not gathered again.
+            if u > 0 {
+                self.gather(u, own(model)?, buf, wire, comm, deadline())?;
+            }
+            if ran {
+                let params = if u > 0 { &buf[..] } else { &[][..] };
+                model.unit_backward(u, params, grads)?;
+            }
+            self.reduce_scatter_add(u, grads, share, shard, wire, dtype, comm, deadline())?;
+        }
+        Ok(())
+    }
+
+    /// `[loss sum, correct, predictions]` on this rank's `indices` of `test`, `chunk`
+    /// samples at a time; every rank runs as many passes as the rank with the most.
+    #[allow(clippy::too_many_arguments)]
+    pub fn evaluate(
+        &self,
+        model: &mut dyn Model,
+        test: &dyn Dataset,
+        partitioner: &dyn DataPartitioner,
+        chunk: usize,
+        comm: &dyn Communicator,
+        deadline: &dyn Fn() -> Deadline,
+    ) -> Result<[f64; 3]> {
+        let chunk = chunk.max(1);
+        let indices = partitioner.shard(0, test.len(), self.rank, self.world)?;
+        let mut passes = [indices.len().div_ceil(chunk) as f64];
+        comm.allreduce(
+            bytemuck::cast_slice_mut(&mut passes),
+            sheaf_core::DType::F64,
+            ReduceOp::Max,
+            deadline(),
+        )?;
+        let (mut buf, mut wire) = (Vec::new(), Vec::new());
+        let mut totals = [0f64; 3];
+        for c in 0..passes[0] as usize {
+            let part = indices.get(c * chunk..((c + 1) * chunk).min(indices.len())).unwrap_or(&[]);
+            let samples = if part.is_empty() { None } else { Some(test.gather(part)?) };
+            let batch = samples.as_ref().map(|s| s.batch());
+            let (loss, correct) =
+                self.forward(model, batch.as_ref(), false, &mut buf, &mut wire, comm, deadline)?;
+            totals[0] += loss;
+            totals[1] += correct as f64;
+            totals[2] += batch.map_or(0, |b| b.predictions()) as f64;
+        }
+        Ok(totals)
+    }
+}
+
+/// The model's own rows (its lent buffer).
+fn own(model: &mut dyn Model) -> Result<&[f32]> {
+    match model.params_mut()? {
+        Some(p) => Ok(p),
+        None => Err(Error::Unsupported("ZeRO stage 3 needs a model that lends its parameter buffer".into())),
+    }
+}
