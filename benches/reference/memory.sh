@@ -8,8 +8,8 @@
 #   cargo build --release --workspace
 #   benches/reference/memory.sh /path/to/python-with-torch [sheaf|torch|both]
 #
-# Sheaf (`sheaf launch -n 4`, zmq-tcp): data-parallel at ZeRO 0, 1 and 2, ZeRO 0 with
-# every block recomputing its activations, a pipeline of 4 stages, 4 tensor-parallel
+# Sheaf (`sheaf launch -n 4`, zmq-tcp): data-parallel at ZeRO 0, 1, 2 and 3, ZeRO 0 and
+# ZeRO 3 with every block recomputing its activations, a pipeline of 4 stages, 4 tensor-parallel
 # slices. PyTorch (pytorch_memory.py, gloo): DDP, FSDP2 (fully_shard per block, built
 # on the meta device) and FSDP2 with activation checkpointing.
 set -euo pipefail
@@ -82,6 +82,9 @@ print(json.dumps({"who": "torch", "layout": rows[0]["mode"], "n_layer": rows[0][
         sheaf_layout zero0
         sheaf_layout zero1 --set parallel.options.data-parallel.zero=1
         sheaf_layout zero2 --set parallel.options.data-parallel.zero=2
+        sheaf_layout zero3 --set parallel.options.data-parallel.zero=3
+        sheaf_layout zero3-recompute --set parallel.options.data-parallel.zero=3 \
+            --set 'train.activation_checkpointing="blocks"'
         sheaf_layout zero0-recompute --set 'train.activation_checkpointing="blocks"'
         sheaf_layout pipeline4 --set 'parallel.strategy="pipeline"'
         sheaf_layout tensor4 --set 'parallel.strategy="tensor-parallel"'
@@ -108,9 +111,11 @@ for r in rows:
 for (who, layout), by in groups.items():
     a, b = by[8], by[16]
     # Bytes per parameter each rank holds: the slope of its peak over the parameters
-    # it holds (pieces under model parallelism).
-    held = lambda r, k: r.get("params_per_rank", [r.get("params") or params[r["n_layer"]]] * 4)[k]
-    slope = [(b["peak"][k] - a["peak"][k]) / (held(b, k) - held(a, k) if "params_per_rank" in b else params[16] - params[8])
+    # it holds (pieces under model parallelism); a ZeRO 3 shard holds the whole
+    # model's parameters between its gathers, so its slope is per parameter of the model.
+    pieces = who == "sheaf" and layout.startswith(("pipeline", "tensor"))
+    held = lambda r, k: r["params_per_rank"][k]
+    slope = [(b["peak"][k] - a["peak"][k]) / (held(b, k) - held(a, k) if pieces else params[16] - params[8])
              for k in range(len(a["peak"]))]
     others = max(range(1, len(a["peak"])), key=lambda k: b["peak"][k])
     ratio = ""

@@ -173,6 +173,11 @@ fn resumed_data_parallel_runs_are_bit_identical() {
         "2",
         &["train.optimizer=\"adamw\"", "train.grad_clip=1.0", "parallel.options.data-parallel.zero=2"],
     );
+    // ZeRO stage 3 over 3 ranks: uneven row shards, each rank's optimizer state its own.
+    resume_law(
+        "3",
+        &["train.optimizer=\"adamw\"", "train.grad_clip=1.0", "parallel.options.data-parallel.zero=3"],
+    );
 }
 
 #[test]

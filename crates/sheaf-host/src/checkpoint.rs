@@ -5,8 +5,9 @@
 //! the step count in the metadata) and `state.json` (step, data position, the seed
 //! every random stream derives from, the world and the resolved job).
 //!
-//! Rank 0 writes everything: the others send it their pieces and state shards, so
-//! writing needs no filesystem shared between hosts. It writes into
+//! Rank 0 writes everything: the others send it their pieces, a parameter at a time
+//! as it writes the model (`whole`), and their state shards, so writing needs no
+//! filesystem shared between hosts and no rank holds the whole model. It writes into
 //! `step-N.partial-PID/`, syncs each file and the directory, and renames it into place,
 //! so a crash at any moment leaves the previous checkpoints whole and the partial one
 //! ignored (and removed by the next save). Then only the newest `keep` are kept.
@@ -14,24 +15,21 @@
 //! Resuming reads the newest complete checkpoint on every rank (so resuming a world
 //! spread over hosts needs the run directory on a shared filesystem).
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
-use sheaf_core::{CheckpointSink, CommError, Communicator, Deadline, Op, OptimState, TrainConfig};
+use sheaf_core::{CheckpointSink, CommError, Communicator, Deadline, OptimState, TrainConfig};
 
-use crate::outputs::{
-    layout_tensors, safetensors_of, write_atomic, write_safetensors, NamedTensor, TensorFile,
-};
+use crate::outputs::{safetensors_of, write_atomic, write_safetensors, NamedTensor, TensorFile};
 use crate::plan::Plan;
+use crate::whole::write_whole;
 use crate::HostError;
 
 /// The run directory's subdirectory of checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
-const PIECE_TAG: u32 = 0x5EAF_0001;
 const STATE_TAG: u32 = 0x5EAF_0002;
 const FORMAT: &str = "sheaf-checkpoint-1";
 
@@ -168,9 +166,9 @@ impl Checkpointer<'_> {
         let rank = self.comm.rank();
         let comm_err =
             |e: CommError| HostError::Train { rank, detail: format!("checkpoint at step {step}: {e}") };
-        let full = gather_full(self.comm, params, self.plan, || self.deadline()).map_err(comm_err)?;
         let writers: Vec<usize> = (0..self.world_size).filter(|&r| state_source(self.plan, r) == r).collect();
         if rank != 0 {
+            write_whole(self.comm, params, self.plan, None, || self.deadline())?;
             if writers.contains(&rank) {
                 self.comm.send(0, STATE_TAG, &state_bytes(state)?, self.deadline()).map_err(comm_err)?;
             }
@@ -183,6 +181,9 @@ impl Checkpointer<'_> {
         let partial = checkpoints.join(format!("step-{step:08}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&partial);
         std::fs::create_dir(&partial).map_err(|e| out_err(&partial, e))?;
+        write_whole(self.comm, params, self.plan, Some(&partial.join("model.safetensors")), || {
+            self.deadline()
+        })?;
         for &w in &writers {
             let path = partial.join(state_file(w));
             if w == 0 {
@@ -193,12 +194,6 @@ impl Checkpointer<'_> {
                 write_synced(&path, &self.comm.recv(w, STATE_TAG, self.deadline()).map_err(comm_err)?)?;
             }
         }
-        let full = full.expect("rank 0 holds the whole model");
-        write_safetensors(
-            &partial.join("model.safetensors"),
-            layout_tensors(&self.plan.info.layout, &full),
-            None,
-        )?;
         let json = serde_json::to_vec_pretty(&self.state(step)).expect("state serialises");
         write_synced(&partial.join("state.json"), &json)?;
         sync_dir(&partial)?;
@@ -299,49 +294,6 @@ pub fn read(dir: &Path, plan: &Plan, rank: usize, strategy: &str) -> Result<Resu
     }
     let optimizer = state_from_file(&TensorFile::read(&dir.join(file))?)?;
     Ok(Resumed { state, params, optimizer, dir: dir.to_path_buf() })
-}
-
-/// The whole model's parameters on rank 0 (`None` elsewhere) from every rank's
-/// `mine` (its piece): its own, or under model parallelism each distinct piece sent
-/// to rank 0 by the lowest rank holding it and put in place, so a checkpoint always
-/// holds the model one process would.
-pub fn gather_full<'a>(
-    comm: &Group,
-    mine: &'a [f32],
-    plan: &Plan,
-    dl: impl Fn() -> Deadline,
-) -> Result<Option<Cow<'a, [f32]>>, CommError> {
-    let rank = comm.rank();
-    if !plan.is_model_parallel() {
-        // Rank 0 holds the whole model already: no copy of it.
-        return Ok((rank == 0).then_some(Cow::Borrowed(mine)));
-    }
-    let senders = plan.representatives();
-    if rank != 0 {
-        if senders.contains(&rank) {
-            comm.send(0, PIECE_TAG, bytemuck::cast_slice(mine), dl())?;
-        }
-        return Ok(None);
-    }
-    let whole = &plan.info.layout;
-    let mut full = vec![0f32; whole.total()];
-    plan.layouts[0].place(whole, mine, &mut full);
-    for &r in senders.iter().filter(|&&r| r != 0) {
-        let piece = &plan.layouts[r];
-        let bytes = comm.recv(r, PIECE_TAG, dl())?;
-        let want = piece.layout.total() * 4;
-        if bytes.len() != want {
-            return Err(CommError::Protocol {
-                op: Op::Gather,
-                peer: r,
-                detail: format!("sent {} bytes of parameters, its piece has {want}", bytes.len()),
-            });
-        }
-        let values: Vec<f32> =
-            bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
-        piece.place(whole, &values, &mut full);
-    }
-    Ok(Some(Cow::Owned(full)))
 }
 
 /// Whether `dir` already holds a run's outputs (which a new run must not overwrite).

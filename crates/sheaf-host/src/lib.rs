@@ -29,6 +29,7 @@ mod rollcall;
 pub mod sample;
 pub mod selftest;
 pub mod trace;
+mod whole;
 pub mod worker;
 pub mod world;
 

@@ -11,11 +11,9 @@ use std::time::Duration;
 use sheaf_collectives::Group;
 use sheaf_core::{Communicator, Deadline, Link, TrainContext};
 
-use crate::checkpoint::{gather_full, Checkpointer};
+use crate::checkpoint::Checkpointer;
 use crate::job::Job;
-use crate::outputs::{
-    json_number, layout_tensors, read_safetensors, write_atomic, write_safetensors, Metrics, Summary,
-};
+use crate::outputs::{json_number, read_safetensors, write_atomic, Metrics, Summary};
 use crate::{HostError, Registry};
 
 /// Where this worker sits in the world, as torchrun's variables say.
@@ -388,11 +386,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     if checkpoints.due(trained.steps) {
         checkpoints.write(trained.steps, mine, &optimizer.state().map_err(core)?)?;
     }
-    let full = gather_full(&comm, mine, &plan, dl).map_err(train_err)?;
-    if let (Some(dir), Some(full)) = (&run_dir, &full) {
-        write_safetensors(&dir.join("checkpoint.safetensors"), layout_tensors(&whole, full), None)?;
-    }
-    drop(full);
+    let path = run_dir.as_ref().map(|d| d.join("checkpoint.safetensors"));
+    crate::whole::write_whole(&comm, mine, &plan, path.as_deref(), dl)?;
     drop(copy);
 
     // Every rank's parameter count, peak activations, busy and idle time, and its

@@ -313,6 +313,7 @@ fn mlp_settings_are_checked_by_the_plugin() {
 }
 
 mod gpt;
+mod units;
 
 /// A model's stepped backward pass over `batch` into a buffer of NaNs: the loss, the
 /// frontier each step returned, and the gradients.
