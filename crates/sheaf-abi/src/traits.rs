@@ -54,6 +54,9 @@ pub trait OptimizerAbi: Send {
     fn state(&self) -> RResult<AbiOptimState, AbiError>;
     #[sabi(last_prefix_field)]
     fn load_state(&mut self, state: &AbiOptimState) -> RResult<(), AbiError>;
+    /// (ABI 0.10.)
+    fn take_state(&mut self) -> RResult<AbiOptimState, AbiError>;
+    fn state_bytes(&self) -> RResult<u64, AbiError>;
 }
 
 #[sabi_trait]

@@ -42,4 +42,17 @@ pub trait Optimizer: Send {
 
     /// Restore state saved by [`Optimizer::state`] of the same kind of optimizer.
     fn load_state(&mut self, state: &OptimState) -> Result<()>;
+
+    /// The state moved out, leaving the optimizer as if new (ABI 0.10): what a run's
+    /// last checkpoint takes, so the state (AdamW's two moments: 8 bytes a parameter)
+    /// is never held twice. The default copies it ([`Optimizer::state`]).
+    fn take_state(&mut self) -> Result<OptimState> {
+        self.state()
+    }
+
+    /// Bytes of the state held now (ABI 0.10), without copying it. The default copies
+    /// it to count ([`Optimizer::state`]).
+    fn state_bytes(&self) -> Result<u64> {
+        Ok(self.state()?.buffers.iter().map(|(_, b)| b.len() as u64 * 4).sum())
+    }
 }

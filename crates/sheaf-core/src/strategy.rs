@@ -385,9 +385,9 @@ crate::report::report! {
     }
 }
 
-/// Bytes of the state `optimizer` holds now, measured from what it reports.
+/// Bytes of the state `optimizer` holds now, as it reports them.
 pub fn optimizer_state_bytes(optimizer: &dyn crate::Optimizer) -> Result<u64> {
-    Ok(optimizer.state()?.buffers.iter().map(|(_, b)| b.len() as u64 * 4).sum())
+    optimizer.state_bytes()
 }
 
 /// What a strategy lays a job out from.

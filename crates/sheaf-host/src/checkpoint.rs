@@ -21,16 +21,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
-use sheaf_core::{CheckpointSink, CommError, Communicator, Deadline, OptimState, TrainConfig};
+use sheaf_core::{CheckpointSink, Communicator, Deadline, OptimState, TrainConfig};
 
-use crate::outputs::{safetensors_of, write_atomic, write_safetensors, NamedTensor, TensorFile};
+use crate::outputs::{write_atomic, write_safetensors, NamedTensor, TensorFile};
 use crate::plan::Plan;
-use crate::whole::write_whole;
+use crate::whole::{receive_state, send_state, write_whole};
 use crate::HostError;
 
 /// The run directory's subdirectory of checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
-const STATE_TAG: u32 = 0x5EAF_0002;
 const FORMAT: &str = "sheaf-checkpoint-1";
 
 /// `state.json`: what a checkpoint is besides its tensors.
@@ -90,9 +89,10 @@ fn state_tensors(state: &OptimState) -> (impl Iterator<Item = NamedTensor<'_>>, 
     (state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice())), meta)
 }
 
+#[cfg(test)]
 pub(crate) fn state_bytes(state: &OptimState) -> Result<Vec<u8>, HostError> {
     let (tensors, meta) = state_tensors(state);
-    safetensors_of(tensors, Some(meta))
+    crate::outputs::safetensors_of(tensors, Some(meta))
 }
 
 pub(crate) fn state_from_file(file: &TensorFile) -> Result<OptimState, HostError> {
@@ -164,13 +164,11 @@ impl Checkpointer<'_> {
             return Ok(());
         }
         let rank = self.comm.rank();
-        let comm_err =
-            |e: CommError| HostError::Train { rank, detail: format!("checkpoint at step {step}: {e}") };
         let writers: Vec<usize> = (0..self.world_size).filter(|&r| state_source(self.plan, r) == r).collect();
         if rank != 0 {
             write_whole(self.comm, params, self.plan, None, || self.deadline())?;
             if writers.contains(&rank) {
-                self.comm.send(0, STATE_TAG, &state_bytes(state)?, self.deadline()).map_err(comm_err)?;
+                send_state(self.comm, state, || self.deadline())?;
             }
             self.saved = Some(step);
             return Ok(());
@@ -191,7 +189,7 @@ impl Checkpointer<'_> {
                 let (tensors, meta) = state_tensors(state);
                 write_safetensors(&path, tensors, Some(meta))?;
             } else {
-                write_synced(&path, &self.comm.recv(w, STATE_TAG, self.deadline()).map_err(comm_err)?)?;
+                receive_state(self.comm, w, &path, || self.deadline())?;
             }
         }
         let json = serde_json::to_vec_pretty(&self.state(step)).expect("state serialises");

@@ -382,6 +382,12 @@ impl Optimizer for TracedOptimizer<'_> {
     fn load_state(&mut self, state: &OptimState) -> Result<()> {
         self.inner.load_state(state)
     }
+    fn take_state(&mut self) -> Result<OptimState> {
+        self.inner.take_state()
+    }
+    fn state_bytes(&self) -> Result<u64> {
+        self.inner.state_bytes()
+    }
 }
 
 /// Which rank made the others wait at the world's collectives, and how long in all.

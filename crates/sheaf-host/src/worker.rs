@@ -384,7 +384,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     // The last checkpoint to resume from, unless the strategy's last step wrote it
     // (the optimizer's state is copied out only when one is written).
     if checkpoints.due(trained.steps) {
-        checkpoints.write(trained.steps, mine, &optimizer.state().map_err(core)?)?;
+        // The optimizer's last use: its state is moved out, not copied.
+        checkpoints.write(trained.steps, mine, &optimizer.take_state().map_err(core)?)?;
     }
     let path = run_dir.as_ref().map(|d| d.join("checkpoint.safetensors"));
     crate::whole::write_whole(&comm, mine, &plan, path.as_deref(), dl)?;

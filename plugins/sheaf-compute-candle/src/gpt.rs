@@ -426,7 +426,13 @@ const WTE: usize = 0;
 /// so any slice of a parameter can be drawn without the rest.
 pub fn init_params(spec: &GptSpec, seed: u64) -> Vec<f32> {
     let params = spec.params();
-    (0..params.len()).flat_map(|p| init_param(&params, p, seed)).collect()
+    // Sized once: collected from parts, the buffer would grow by doubling (holding old
+    // and new at once) and keep the slack.
+    let mut out = Vec::with_capacity(params.iter().map(|(s, _)| s.numel()).sum());
+    for p in 0..params.len() {
+        out.extend(init_param(&params, p, seed));
+    }
+    out
 }
 
 fn init_param(params: &[(ParamSpec, Init)], p: usize, seed: u64) -> Vec<f32> {

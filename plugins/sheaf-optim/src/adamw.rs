@@ -105,6 +105,18 @@ impl Optimizer for AdamW {
         Ok(OptimState { step: self.step, buffers })
     }
 
+    fn state_bytes(&self) -> Result<u64> {
+        Ok(self.moments.values().map(|(m, v)| 4 * (m.len() + v.len()) as u64).sum())
+    }
+
+    fn take_state(&mut self) -> Result<OptimState> {
+        let buffers = std::mem::take(&mut self.moments)
+            .into_iter()
+            .flat_map(|(n, (m, v))| [(format!("{n}{M}"), m), (format!("{n}{V}"), v)])
+            .collect();
+        Ok(OptimState { step: std::mem::take(&mut self.step), buffers })
+    }
+
     fn load_state(&mut self, state: &OptimState) -> Result<()> {
         type Partial = (Option<Vec<f32>>, Option<Vec<f32>>);
         let mut moments: BTreeMap<String, Partial> = BTreeMap::new();

@@ -138,6 +138,16 @@ impl Optimizer for Sgd {
         })
     }
 
+    fn state_bytes(&self) -> Result<u64> {
+        Ok(self.momentum.values().map(|b| 4 * b.len() as u64).sum())
+    }
+
+    fn take_state(&mut self) -> Result<OptimState> {
+        let momentum = std::mem::take(&mut self.momentum);
+        let buffers = momentum.into_iter().map(|(n, b)| (format!("{n}{SLOT}"), b)).collect();
+        Ok(OptimState { step: std::mem::take(&mut self.step), buffers })
+    }
+
     fn load_state(&mut self, state: &OptimState) -> Result<()> {
         let mut momentum = BTreeMap::new();
         for (name, buf) in &state.buffers {

@@ -45,7 +45,9 @@ impl DataParallel {
             (Vec::with_capacity(largest), Vec::with_capacity(largest), Vec::with_capacity(wire_len));
         let gradient_bytes = 4 * (shard_grads.len() + 2 * largest + wire_len) as u64;
         let mut tally = RunTally::new(&config);
-        let chunk = config.batch_size;
+        // Evaluated in chunks of a training micro-batch's share, so an evaluation pass
+        // holds no more activations than a training pass.
+        let chunk = config.batch_size.div_ceil(world);
         let validate = |model: &mut dyn Model| {
             let totals = units.evaluate(model, test, partitioner, chunk, comm, &dl)?;
             test_totals(comm, totals, dl())
