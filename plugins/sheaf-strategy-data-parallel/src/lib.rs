@@ -87,6 +87,19 @@ pub struct DataParallelConfig {
     /// of every parameter and gathers each unit of the model just before it runs it;
     /// see `zero3`).
     pub zero: u8,
+    /// Over which ranks ZeRO stage 3 shards the parameters: `world` (all of them), or
+    /// `host` (the ranks of each host, `LOCAL_WORLD_SIZE` of them, the hosts holding
+    /// replicas of one another: HSDP), so the gathers stay inside a host.
+    pub zero_scope: ZeroScope,
+}
+
+/// See [`DataParallelConfig::zero_scope`].
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroScope {
+    #[default]
+    World,
+    Host,
 }
 
 impl Default for DataParallelConfig {
@@ -99,6 +112,7 @@ impl Default for DataParallelConfig {
             overlap: None,
             grad_dtype: GradDType::F32,
             zero: 0,
+            zero_scope: ZeroScope::World,
         }
     }
 }
@@ -116,6 +130,12 @@ impl DataParallelConfig {
                 format!("must be a positive number of MiB, not {}", config.bucket_mb),
             ));
         }
+        if config.zero_scope == ZeroScope::Host && config.zero != 3 {
+            return Err(Error::config(
+                "parallel.options.data-parallel.zero_scope",
+                "shards parameters within each host, which only ZeRO stage 3 does (zero = 3)",
+            ));
+        }
         match config.zero {
             0..=3 => Ok(config),
             n => Err(Error::config(
@@ -131,6 +151,25 @@ impl DataParallelConfig {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             overlap_by_default(cores, var("RAYON_NUM_THREADS"), var("LOCAL_WORLD_SIZE"), var("WORLD_SIZE"))
         })
+    }
+
+    /// The ranks ZeRO stage 3 shards the parameters over in a world of `world`: all of
+    /// them, or each host's (`LOCAL_WORLD_SIZE`, as every launcher sets it; the whole
+    /// world where it is not set, as on one host).
+    fn shard_count(&self, world: usize) -> Result<usize> {
+        let local = match self.zero_scope {
+            ZeroScope::World => return Ok(world),
+            ZeroScope::Host => std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse::<usize>().ok()),
+        };
+        match local.unwrap_or(world) {
+            n if n > 0 && world.is_multiple_of(n) => Ok(n),
+            n => Err(Error::config(
+                "parallel.options.data-parallel.zero_scope",
+                format!(
+                    "hosts of {n} ranks cannot hold replicas of a world of {world}: give every host as many"
+                ),
+            )),
+        }
     }
 
     fn bucket_bytes(&self) -> usize {
@@ -240,7 +279,7 @@ impl Strategy for DataParallel {
         // state; stage 3 its rows of every parameter (and their state).
         Ok(match self.config.zero {
             0 => plan,
-            3 => plan.with_param_shards(input.world),
+            3 => plan.with_param_shards(self.config.shard_count(input.world)?),
             _ => plan.with_state_shards(input.world as u64),
         })
     }

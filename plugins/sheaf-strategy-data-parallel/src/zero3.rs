@@ -33,7 +33,19 @@ impl DataParallel {
             ctx;
         let (rank, world) = (comm.rank(), comm.world_size());
         let dl = || self.deadline();
-        let units = Units::new(model, comm, dl())?;
+        // The ranks sharing the parameters (all, or the host's: consecutive ranks), and
+        // under HSDP the ranks holding the same shard on the other hosts.
+        let count = self.config.shard_count(world)?;
+        let group = |color: usize, key: usize| -> Result<Box<dyn Communicator>> {
+            comm.split(Some(color as u32), key as u32, dl())?
+                .ok_or_else(|| Error::BadState("a rank left out of its own group".into()))
+        };
+        let (shards, replicas) = match count < world {
+            true => (Some(group(rank / count, rank)?), Some(group(rank % count, rank)?)),
+            false => (None, None),
+        };
+        let shard_comm: &dyn Communicator = shards.as_deref().unwrap_or(comm);
+        let units = Units::new(model, shard_comm, dl())?;
         let layout = model.layout().clone();
         let total_steps = config.total_steps(train.len());
         let wire_dtype = self.config.grad_dtype;
@@ -49,7 +61,7 @@ impl DataParallel {
         // holds no more activations than a training pass.
         let chunk = config.batch_size.div_ceil(world);
         let validate = |model: &mut dyn Model| {
-            let totals = units.evaluate(model, test, partitioner, chunk, comm, &dl)?;
+            let totals = units.evaluate(model, test, partitioner, chunk, (comm, shard_comm), &dl)?;
             test_totals(comm, totals, dl())
         };
         let ask = crate::ask_shares(partitioner, config.start_micro_step(), rank, world);
@@ -62,7 +74,8 @@ impl DataParallel {
                 let local = loader.take()?;
                 let share = local.len() as f32 / group_samples as f32;
                 let batch = (!local.is_empty()).then(|| local.batch());
-                let (sum, _) = units.forward(model, batch.as_ref(), true, &mut buf, &mut wire, comm, &dl)?;
+                let (sum, _) =
+                    units.forward(model, batch.as_ref(), true, &mut buf, &mut wire, shard_comm, &dl)?;
                 if let Some(b) = &batch {
                     // The mean over the batch's predictions, as the whole model reports it.
                     let loss = (sum / b.predictions().max(1) as f64) as f32;
@@ -76,12 +89,21 @@ impl DataParallel {
                     &mut shard_grads,
                     bufs,
                     wire_dtype,
-                    comm,
+                    shard_comm,
                     &dl,
                 )?;
             }
-            let mut sums = [f64::from(local_loss), sum_of_squares(&shard_grads)];
-            comm.allreduce(bytemuck::cast_slice_mut(&mut sums), DType::F64, ReduceOp::Sum, dl())?;
+            // Under HSDP each host summed its ranks' gradients: the hosts' sums, added.
+            if let Some(replicas) = &replicas {
+                let grads = bytemuck::cast_slice_mut(&mut shard_grads);
+                replicas.allreduce(grads, DType::F32, ReduceOp::Sum, dl())?;
+            }
+            // The loss over every rank; the squares over one copy of the shards.
+            let mut loss = [f64::from(local_loss)];
+            comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, dl())?;
+            let mut squares = [sum_of_squares(&shard_grads)];
+            shard_comm.allreduce(bytemuck::cast_slice_mut(&mut squares), DType::F64, ReduceOp::Sum, dl())?;
+            let sums = [loss[0], squares[0]];
             let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
             optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
             let own = model.params_mut()?.ok_or_else(|| {
@@ -105,7 +127,6 @@ impl DataParallel {
 /// How every rank's rows of each unit lie in the unit gathered whole.
 pub struct Units {
     world: usize,
-    rank: usize,
     /// The model's (this rank's shard's) layout.
     layout: ParamLayout,
     units: Vec<Unit>,
@@ -137,7 +158,7 @@ impl Units {
     /// The units of `model` (a row shard) over `comm`: every rank's row counts are
     /// gathered once, so each knows where every rank's rows go.
     pub fn new(model: &dyn Model, comm: &dyn Communicator, deadline: Deadline) -> Result<Units> {
-        let (world, rank) = (comm.world_size(), comm.rank());
+        let world = comm.world_size();
         let layout = model.layout().clone();
         let units = model.units();
         if units.is_empty() {
@@ -180,7 +201,7 @@ impl Units {
                 Unit { params, whole, row_len, rows, pad, len }
             })
             .collect();
-        Ok(Units { world, rank, layout, units })
+        Ok(Units { world, layout, units })
     }
 
     pub fn count(&self) -> usize {
@@ -335,8 +356,9 @@ impl Units {
         Ok(())
     }
 
-    /// `[loss sum, correct, predictions]` on this rank's `indices` of `test`, `chunk`
-    /// samples at a time; every rank runs as many passes as the rank with the most.
+    /// `[loss sum, correct, predictions]` on this rank's share of `test` (its share
+    /// over the world, `comms.0`), `chunk` samples at a time, its units gathered over
+    /// `comms.1`; every rank runs as many passes as the rank with the most.
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(
         &self,
@@ -344,13 +366,14 @@ impl Units {
         test: &dyn Dataset,
         partitioner: &dyn DataPartitioner,
         chunk: usize,
-        comm: &dyn Communicator,
+        comms: (&dyn Communicator, &dyn Communicator),
         deadline: &dyn Fn() -> Deadline,
     ) -> Result<[f64; 3]> {
+        let (world, comm) = comms;
         let chunk = chunk.max(1);
-        let indices = partitioner.shard(0, test.len(), self.rank, self.world)?;
+        let indices = partitioner.shard(0, test.len(), world.rank(), world.world_size())?;
         let mut passes = [indices.len().div_ceil(chunk) as f64];
-        comm.allreduce(
+        world.allreduce(
             bytemuck::cast_slice_mut(&mut passes),
             sheaf_core::DType::F64,
             ReduceOp::Max,
