@@ -80,10 +80,8 @@ impl PluginManifest {
 #[derive(Clone)]
 pub(crate) enum Module {
     Rust(PluginModRef),
-    /// Built against plugin ABI 0.8: its frozen types (`compat/sheaf-abi-0.8`) and
+    /// Built against plugin ABI 0.9: its frozen types (`compat/sheaf-abi-0.9`) and
     /// adapters to today's core traits.
-    RustV0_8(sheaf_abi_v0_8::PluginModRef),
-    /// Built against plugin ABI 0.9 (`compat/sheaf-abi-0.9`).
     RustV0_9(sheaf_abi_v0_9::PluginModRef),
     CTransport(std::sync::Arc<crate::cabi::CTransport>),
 }
@@ -97,10 +95,6 @@ macro_rules! build {
             Module::Rust(m) => {
                 let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
                 Ok(sheaf_abi::from_abi::$adapt(b))
-            }
-            Module::RustV0_8(m) => {
-                let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
-                Ok(sheaf_abi_v0_8::from_abi::$adapt(b))
             }
             Module::RustV0_9(m) => {
                 let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
@@ -257,8 +251,6 @@ pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
         init!(sheaf_abi, Rust)
     } else if abi_version_compatible(sheaf_abi_v0_9::ABI_VERSION, &version) {
         init!(sheaf_abi_v0_9, RustV0_9)
-    } else if abi_version_compatible(sheaf_abi_v0_8::ABI_VERSION, &version) {
-        init!(sheaf_abi_v0_8, RustV0_8)
     } else {
         return Err(LoadError::AbiMismatch { file: file_buf, plugin: version, host: ABI_VERSION.to_owned() });
     };

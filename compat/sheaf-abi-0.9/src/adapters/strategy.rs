@@ -119,7 +119,12 @@ impl Strategy for LoadedStrategy {
                         self.name
                     )));
                 }
-                Ok(RankPlan { piece: piece_from_abi(p)?, activation_samples, state_shards, param_shard: None })
+                Ok(RankPlan {
+                    piece: piece_from_abi(p)?,
+                    activation_samples,
+                    state_shards,
+                    param_shard: None,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(StrategyPlan { ranks, stage_interface: plan.stage_interface })
