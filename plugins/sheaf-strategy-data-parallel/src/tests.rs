@@ -519,11 +519,17 @@ fn zero_2_over_bf16_stays_in_sync_and_near_f32() {
 
 #[test]
 fn zero_stages_are_checked() {
-    for stage in 0..=2 {
+    for stage in 0..=3 {
         assert_eq!(DataParallelConfig::parse(&format!(r#"{{"zero": {stage}}}"#)).unwrap().zero, stage);
     }
-    let e = DataParallelConfig::parse(r#"{"zero": 3}"#).unwrap_err().to_string();
-    assert!(e.contains("no ZeRO stage 3"), "{e}");
+    let e = DataParallelConfig::parse(r#"{"zero": 4}"#).unwrap_err().to_string();
+    assert!(e.contains("no ZeRO stage 4"), "{e}");
+    // Sharding within hosts is ZeRO 3's alone.
+    let host = DataParallelConfig::parse(r#"{"zero": 3, "zero_scope": "host"}"#).unwrap();
+    assert_eq!(host.zero_scope, crate::ZeroScope::Host);
+    let e = DataParallelConfig::parse(r#"{"zero": 2, "zero_scope": "host"}"#).unwrap_err().to_string();
+    assert!(e.contains("zero_scope") && e.contains("zero = 3"), "{e}");
+    assert!(DataParallelConfig::parse(r#"{"zero": 3, "zero_scope": "rack"}"#).is_err());
 }
 
 /// A run resumed from the state a checkpoint handed over (parameters, optimizer
