@@ -21,6 +21,8 @@ sheaf=$root/target/release/sheaf
 [[ -x $sheaf ]] || { echo "build first: cargo build --release --workspace" >&2; exit 2; }
 runs=$(mktemp -d)
 trap 'rm -rf "$runs"' EXIT
+# Each row as it is measured, kept after the run (ROWS=path to choose where).
+rows=${ROWS:-$root/target/memory-rows.jsonl}
 job=$runs/gpt.toml
 cat >"$job" <<'EOF'
 seed = 1337
@@ -32,7 +34,7 @@ n_embd = 512
 block_size = 128
 [data]
 dataset = "shakespeare"
-test_fraction = 0.1
+test_fraction = 0.01
 [train]
 epochs = 100
 max_steps = 4
@@ -70,7 +72,16 @@ torch_layout() { # MODE
         (cd "$root/benches/reference" && "$python" pytorch_memory.py --mode "$1" --world 4 --n-layer "$n" 2>/dev/null) |
             "$python" -c '
 import json, sys
-rows = sorted((json.loads(l) for l in sys.stdin if l.startswith("{")), key=lambda r: r["rank"])
+# The ranks print at once, so their lines may interleave: every JSON object in the text.
+text, dec, rows, i = sys.stdin.read(), json.JSONDecoder(), [], 0
+while (i := text.find("{", i)) >= 0:
+    try:
+        row, end = dec.raw_decode(text, i)
+        rows.append(row)
+        i = end
+    except ValueError:
+        i += 1
+rows = sorted((r for r in rows if "rank" in r), key=lambda r: r["rank"])
 print(json.dumps({"who": "torch", "layout": rows[0]["mode"], "n_layer": rows[0]["n_layer"],
                   "peak": [r["peak_rss_bytes"] for r in rows], "baseline": [r["baseline_rss_bytes"] for r in rows],
                   "tokens_per_sec": rows[0]["tokens_per_sec"]}))'
@@ -94,9 +105,9 @@ print(json.dumps({"who": "torch", "layout": rows[0]["mode"], "n_layer": rows[0][
         torch_layout fsdp
         torch_layout fsdp-ac
     fi
-} >"$runs/rows.jsonl"
+} | tee "$rows"
 
-"$python" - "$runs/rows.jsonl" <<'PY'
+"$python" - "$rows" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 params = {r["n_layer"]: r["params"] for r in rows if r["who"] == "sheaf"}
