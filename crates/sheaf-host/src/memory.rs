@@ -96,7 +96,8 @@ pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
 /// gathered at a time. A unit is a block, and the root the first and last blocks
 /// together (the embeddings and the head). The strategy reuses three buffers of the
 /// largest unit (its parameters, its gradient, its parts on the wire) and the model
-/// keeps the root and one block's slot, with the root's gradient beside them.
+/// keeps the root, with the root's gradient beside it (a block runs on the buffer it
+/// is lent).
 fn sharded(job: &Job, plan: &Plan, values: u64, optimizer_state: u64, activations: u64) -> PlannedBytes {
     let blocks: Vec<u64> = plan.info.blocks.iter().map(|b| b.params).collect();
     let block = blocks.iter().copied().max().unwrap_or(0);
@@ -105,7 +106,7 @@ fn sharded(job: &Job, plan: &Plan, values: u64, optimizer_state: u64, activation
         _ => block,
     };
     let largest = 4 * root.max(block);
-    let kept = 4 * (root + block);
+    let kept = 4 * root;
     let parameters = 4 * values + 2 * largest + kept;
     let gradients = 4 * values + largest + kept;
     let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), largest);

@@ -89,6 +89,29 @@ struct At {
     head: Range<usize>,
 }
 
+impl Affine {
+    /// The same place `by` values earlier.
+    fn before(&self, by: usize) -> Affine {
+        let shift = |r: &Range<usize>| r.start - by..r.end - by;
+        Affine { w: shift(&self.w), b: self.b.as_ref().map(shift) }
+    }
+}
+
+impl BlockAt {
+    /// The same block's places `by` values earlier (a block's own buffer: `by` its
+    /// start in the whole buffer).
+    fn before(&self, by: usize) -> BlockAt {
+        BlockAt {
+            ln_1: self.ln_1.before(by),
+            c_attn: self.c_attn.before(by),
+            attn_proj: self.attn_proj.before(by),
+            ln_2: self.ln_2.before(by),
+            c_fc: self.c_fc.before(by),
+            mlp_proj: self.mlp_proj.before(by),
+        }
+    }
+}
+
 impl At {
     fn new(spec: &GptSpec, layout: &ParamLayout) -> At {
         let find = |name: String| {
@@ -274,7 +297,7 @@ impl FusedGpt {
     fn forward(&mut self, backward: bool) {
         self.embed();
         for l in 0..self.spec.n_layer {
-            self.block(l, backward);
+            self.block(l, backward, None);
         }
         self.head_logits();
     }
@@ -292,9 +315,11 @@ impl FusedGpt {
         }
     }
 
-    /// The forward pass of transformer block `l` (see [`FusedGpt::forward`]).
-    fn block(&mut self, l: usize, backward: bool) {
+    /// The forward pass of transformer block `l` (see [`FusedGpt::forward`]), on the
+    /// model's parameters or on `lent` ones (a row shard's gathered block).
+    fn block(&mut self, l: usize, backward: bool, lent: Option<&[f32]>) {
         let FusedGpt { spec, params, at, threads, n, t, residual, blocks, scratch, .. } = self;
+        let params = lent.unwrap_or(params);
         let shape = Shape { n: *n, t: *t, c: spec.n_embd, n_head: spec.n_head, threads: *threads };
         let (before, after) = residual.split_at_mut(l + 1);
         // Without a backward pass every block runs in the buffers of one: the first
@@ -432,7 +457,7 @@ impl FusedGpt {
                 if rows == 0 {
                     pending.from(frontier).fill(0.0);
                 } else {
-                    self.block_backward(l, pending);
+                    self.block_backward(l, pending, None);
                 }
                 (if l == 0 { Step::Embeddings } else { Step::Block(l - 1) }, frontier)
             }
@@ -459,9 +484,10 @@ impl FusedGpt {
         }
     }
 
-    /// Backward of transformer block `l`: `d_res` holds the gradient with respect to
-    /// the block's output and leaves holding it with respect to its input.
-    fn block_backward(&mut self, l: usize, pending: &mut Grads<'_>) {
+    /// Backward of transformer block `l` (on the model's parameters or on `lent` ones):
+    /// `d_res` holds the gradient with respect to the block's output and leaves holding
+    /// it with respect to its input.
+    fn block_backward(&mut self, l: usize, pending: &mut Grads<'_>, lent: Option<&[f32]>) {
         let (c, nh, threads) = (self.spec.n_embd, self.spec.n_head, self.threads);
         let (n, t) = (self.n, self.t);
         let rows = n * t;
@@ -469,7 +495,7 @@ impl FusedGpt {
         let FusedGpt {
             params, at, residual, blocks, scratch, d_res, d_narrow, d_atty, d_qkv, d_wide, ..
         } = self;
-        let (p, b, x) = (&params[..], &at.blocks[l], &residual[l]);
+        let (p, b, x) = (lent.unwrap_or(&params[..]), &at.blocks[l], &residual[l]);
         // A block that kept only its input runs its forward pass again, up to what
         // its backward pass reads (the same kernels on the same input: the same bits).
         let a = if recomputes {

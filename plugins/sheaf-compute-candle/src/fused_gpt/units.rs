@@ -4,13 +4,11 @@
 //! LayerNorm and an untied head: what both ends of the pass need) and each
 //! transformer block.
 //!
-//! The pass runs in a compact buffer laid out as a one-block GPT's parameters: the
-//! root's values around one block's slot, every block's place in [`At`] pointing at
-//! that slot. Each block's gathered parameters are copied into it just before its
-//! forward or backward, so the same kernels run as in the whole model, on the same
-//! values: the same bits.
-
-use std::ops::Range;
+//! The model keeps the root in a buffer laid out as a GPT of no blocks (the root's
+//! parameters in the whole model's order), and runs each block on the gathered
+//! parameters it is lent, every block's place in [`At`] being a block's places in its
+//! own buffer: the same kernels as the whole model's on the same values, so the same
+//! bits, and no copy of a block.
 
 use sheaf_core::{Batch, Error, ParamLayout, ParamShard, PieceLayout, Result};
 
@@ -23,10 +21,10 @@ pub(super) struct Sharded {
     /// This rank's rows of every parameter (laid out as `FusedGpt::layout` says).
     values: Vec<f32>,
     units: Vec<Vec<usize>>,
-    /// The block slot of the compact buffer.
-    slot: Range<usize>,
-    /// The root's gradients, in the compact layout (the slot unused), written by the
-    /// head's step first and the embeddings' last.
+    /// Values of a block.
+    block: usize,
+    /// The root's gradients, laid out as the root, written by the head's step first
+    /// and the embeddings' last.
     root_grads: Vec<f32>,
     /// Whether the pass under way trains, and the units run so far in it.
     train: bool,
@@ -43,20 +41,21 @@ pub fn shard(spec: &GptSpec, shard: ParamShard, seed: u64) -> Result<FusedGpt> {
     let piece = PieceLayout::row_shard(&whole, shard, 0);
     let values = init_piece(spec, &piece, seed);
     let units = units_of(spec, &whole);
-    // The compact buffer: a one-block GPT's layout, its block standing for every block.
+    // The root: a GPT of no blocks; every block's places, those of a block in its own
+    // buffer (a one-block GPT's block, moved to the front).
+    let root = GptSpec { n_layer: 0, ..spec.clone() }.layout();
     let one = GptSpec { n_layer: 1, ..spec.clone() };
-    let compact = one.layout();
-    let mut at = At::new(&one, &compact);
-    let slot = at.block_start(0)..at.ln_f.w.start;
-    let block = at.blocks[0].clone();
-    at.blocks = vec![block; spec.n_layer];
-    let mut model = FusedGpt::new_with(spec, compact.total(), at);
+    let one_at = At::new(&one, &one.layout());
+    let (start, block) = (one_at.block_start(0), one_at.ln_f.w.start - one_at.block_start(0));
+    let mut at = At::new(&GptSpec { n_layer: 0, ..spec.clone() }, &root);
+    at.blocks = vec![one_at.blocks[0].before(start); spec.n_layer];
+    let mut model = FusedGpt::new_with(spec, root.total(), at);
     model.layout = piece.layout;
     model.sharded = Some(Box::new(Sharded {
         values,
         units,
-        root_grads: vec![0.0; compact.total()],
-        slot,
+        root_grads: vec![0.0; root.total()],
+        block,
         train: false,
         forward_done: 0,
     }));
@@ -106,21 +105,19 @@ impl FusedGpt {
             .ok_or_else(|| Error::Unsupported("this GPT holds its whole parameters: it runs whole".into()))
     }
 
-    /// Checks `params` against unit `unit`'s gathered size (the root's, or a block's).
-    fn check_unit(&mut self, unit: usize, params: usize) -> Result<Range<usize>> {
+    /// Checks `values` (parameters or gradients) against unit `unit`'s size (the
+    /// root's, or a block's).
+    fn check_unit(&mut self, unit: usize, values: usize) -> Result<()> {
         let units = self.spec.n_layer + 1;
-        let (slot, total) = {
-            let s = self.sharded()?;
-            (s.slot.clone(), s.root_grads.len())
-        };
-        let want = if unit == 0 { total - slot.len() } else { slot.len() };
+        let s = self.sharded()?;
+        let want = if unit == 0 { s.root_grads.len() } else { s.block };
         if unit >= units {
             return Err(Error::invalid(format!("unit {unit} of a GPT of {units} units")));
         }
-        if params != want {
-            return Err(Error::invalid(format!("{params} values for unit {unit}, which has {want}")));
+        if values != want {
+            return Err(Error::invalid(format!("{values} values for unit {unit}, which has {want}")));
         }
-        Ok(slot)
+        Ok(())
     }
 
     pub(super) fn unit_begin_impl(&mut self, batch: &Batch<'_>, train: bool) -> Result<()> {
@@ -133,7 +130,7 @@ impl FusedGpt {
     }
 
     pub(super) fn unit_forward_impl(&mut self, unit: usize, params: &[f32]) -> Result<Option<(f64, usize)>> {
-        let slot = self.check_unit(unit, params.len())?;
+        self.check_unit(unit, params.len())?;
         let (train, done) = {
             let s = self.sharded()?;
             (s.train, s.forward_done)
@@ -142,11 +139,7 @@ impl FusedGpt {
             return Err(Error::BadState(format!("unit {unit}'s forward asked after {done} units")));
         }
         if unit == 0 {
-            let (front, back) = params.split_at(slot.start);
-            self.params[..slot.start].copy_from_slice(front);
-            self.params[slot.end..].copy_from_slice(back);
-        } else {
-            self.params[slot].copy_from_slice(params);
+            self.params.copy_from_slice(params);
         }
         let rows = self.n * self.t;
         let last = unit == self.spec.n_layer;
@@ -154,7 +147,7 @@ impl FusedGpt {
             if rows > 0 {
                 match unit {
                     0 => self.embed(),
-                    u => self.block(u - 1, train),
+                    u => self.block(u - 1, train, Some(params)),
                 }
             }
             (last && rows > 0).then(|| {
@@ -183,14 +176,13 @@ impl FusedGpt {
                  run, units from the last down, the root's without parameters)"
             )));
         }
-        let slot = if unit == 0 {
-            let s = self.sharded()?;
-            s.slot.clone()
-        } else {
-            self.check_unit(unit, params.len())?
-        };
+        self.check_unit(unit, grads.len())?;
+        if unit > 0 {
+            self.check_unit(unit, params.len())?;
+        }
+        let rows = self.n * self.t;
         let mut root_grads = std::mem::take(&mut self.sharded()?.root_grads);
-        let result = on_compute_threads(|| {
+        on_compute_threads(|| {
             // The head's step runs with the last unit's backward (its gradients wait
             // in the root's); the embeddings' with the root's.
             if unit + 1 == units {
@@ -198,30 +190,14 @@ impl FusedGpt {
             }
             if unit == 0 {
                 self.backward_step(Step::Embeddings, &mut Grads { buf: &mut root_grads, base: 0 });
-                let (front, back) = grads.split_at_mut(slot.start);
-                if back.len() != root_grads.len() - slot.end {
-                    return Err(Error::invalid(format!(
-                        "{} gradient slots for the root's {} values",
-                        front.len() + back.len(),
-                        root_grads.len() - slot.len()
-                    )));
-                }
-                front.copy_from_slice(&root_grads[..slot.start]);
-                back.copy_from_slice(&root_grads[slot.end..]);
-                return Ok(());
+                grads.copy_from_slice(&root_grads);
+            } else if rows == 0 {
+                grads.fill(0.0);
+            } else {
+                self.block_backward(unit - 1, &mut Grads { buf: grads, base: 0 }, Some(params));
             }
-            if grads.len() != slot.len() {
-                return Err(Error::invalid(format!(
-                    "{} gradient slots for a block of {}",
-                    grads.len(),
-                    slot.len()
-                )));
-            }
-            self.params[slot.clone()].copy_from_slice(params);
-            self.backward_step(Step::Block(unit - 1), &mut Grads { buf: grads, base: slot.start });
-            Ok(())
         });
         self.sharded()?.root_grads = root_grads;
-        result
+        Ok(())
     }
 }
