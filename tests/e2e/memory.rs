@@ -46,16 +46,7 @@ fn recomputation_is_refused_before_any_worker_starts() {
             "the mlp kind does not recompute",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args = vec!["launch", "-n", "2", job.to_str().unwrap()];
-        for s in &sets {
-            args.extend(["--set", s]);
-        }
-        let out = sheaf(&args, dir.path());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{sets:?}: {err}");
-        assert!(err.contains("train.activation_checkpointing") && err.contains(want), "{sets:?}: {err}");
-        assert!(!err.contains("[launch] rank"), "a worker started: {err}");
+        refused_before_any_worker_starts(&job, &sets, "train.activation_checkpointing", want);
     }
 }
 
@@ -212,15 +203,21 @@ fn fully_sharded_parameters_are_refused_where_they_are_not_built() {
             "(0 or 1)",
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut args = vec!["launch", "-n", "2", job.to_str().unwrap()];
-        for s in &sets {
-            args.extend(["--set", s]);
-        }
-        let out = sheaf(&args, dir.path());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{sets:?}: {err}");
-        assert!(err.contains(key) && err.contains(want), "{sets:?}: {err}");
-        assert!(!err.contains("[launch] rank"), "a worker started: {err}");
+        refused_before_any_worker_starts(&job, &sets, key, want);
     }
+}
+
+/// `sheaf launch -n 2 JOB` with `sets` exits 2 before any worker starts, its error
+/// naming `key` and saying `want`.
+fn refused_before_any_worker_starts(job: &std::path::Path, sets: &[&str], key: &str, want: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["launch", "-n", "2", job.to_str().unwrap()];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let out = sheaf(&args, dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{sets:?}: {err}");
+    assert!(err.contains(key) && err.contains(want), "{sets:?}: {err}");
+    assert!(!err.contains("[launch] rank"), "a worker started: {err}");
 }
