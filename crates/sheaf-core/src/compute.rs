@@ -179,6 +179,16 @@ pub struct ParamShard {
     pub count: usize,
 }
 
+impl ParamShard {
+    /// Checks that the shard is one of its count's (at least one).
+    pub fn validate(&self) -> Result<()> {
+        match self.count > 0 && self.index < self.count {
+            true => Ok(()),
+            false => Err(Error::invalid(format!("parameter shard {} of {}", self.index, self.count))),
+        }
+    }
+}
+
 /// A named parameter and its shape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParamSpec {

@@ -113,7 +113,7 @@ pub fn plan(
         let piece = &layouts[&key(&r.piece)];
         match r.param_shard {
             None => Ok(piece.clone()),
-            Some(s) if s.count == 0 || s.index >= s.count => {
+            Some(s) if s.validate().is_err() => {
                 Err(job_err(format!("the strategy planned parameter shard {} of {}", s.index, s.count)))
             }
             Some(_) if piece.layout != info.layout => Err(job_err(

@@ -54,9 +54,7 @@ struct Shard {
 /// Row shard `shard` of the MLP `spec`, its values those of the whole model's
 /// initialisation.
 pub fn shard(spec: &MlpSpec, shard: ParamShard, seed: u64) -> Result<FusedMlp> {
-    if shard.count == 0 || shard.index >= shard.count {
-        return Err(Error::invalid(format!("parameter shard {} of {}", shard.index, shard.count)));
-    }
+    shard.validate()?;
     let piece = PieceLayout::row_shard(&spec.layout(), shard, 0);
     let values = init_values(spec, &piece, seed);
     let mut model = FusedMlp::new_with(spec, Vec::new());

@@ -69,9 +69,7 @@ pub(crate) fn shard_from_abi(s: &AbiParamShard) -> Result<Option<ParamShard>> {
     }
     let shard =
         ParamShard { index: usize_of(s.index, "shard index")?, count: usize_of(s.count, "shard count")? };
-    if shard.index >= shard.count {
-        return Err(Error::invalid(format!("parameter shard {} of {}", shard.index, shard.count)));
-    }
+    shard.validate()?;
     Ok(Some(shard))
 }
 

@@ -34,9 +34,7 @@ pub(super) struct Sharded {
 /// Row shard `shard` of the GPT `spec`, its values those of the whole model's
 /// initialisation.
 pub fn shard(spec: &GptSpec, shard: ParamShard, seed: u64) -> Result<FusedGpt> {
-    if shard.count == 0 || shard.index >= shard.count {
-        return Err(Error::invalid(format!("parameter shard {} of {}", shard.index, shard.count)));
-    }
+    shard.validate()?;
     let whole = spec.layout();
     let piece = PieceLayout::row_shard(&whole, shard, 0);
     let values = init_piece(spec, &piece, seed);
