@@ -46,12 +46,11 @@ impl DataParallel {
         };
         let shard_comm: &dyn Communicator = shards.as_deref().unwrap_or(comm);
         let units = Units::new(model, shard_comm, dl())?;
-        let layout = model.layout().clone();
         let total_steps = config.total_steps(train.len());
         let wire_dtype = self.config.grad_dtype;
         // This rank's rows' summed gradient, and the buffers a pass reuses: a unit
         // gathered, its gradient, and its parts on the wire.
-        let mut shard_grads = vec![0f32; layout.total()];
+        let mut shard_grads = vec![0f32; units.layout.total()];
         let (largest, wire_len) = units.buffer_sizes();
         let (mut buf, mut grads, mut wire) =
             (Vec::with_capacity(largest), Vec::with_capacity(largest), Vec::with_capacity(wire_len));
@@ -103,16 +102,12 @@ impl DataParallel {
             comm.allreduce(bytemuck::cast_slice_mut(&mut loss), DType::F64, ReduceOp::Sum, dl())?;
             let mut squares = [sum_of_squares(&shard_grads)];
             shard_comm.allreduce(bytemuck::cast_slice_mut(&mut squares), DType::F64, ReduceOp::Sum, dl())?;
-            let sums = [loss[0], squares[0]];
-            let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
+            let grad_norm = clip_to(&mut shard_grads, squares[0], config.grad_clip);
             optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
-            let own = model.params_mut()?.ok_or_else(|| {
-                Error::Unsupported("ZeRO stage 3 needs a model that lends its parameter buffer".into())
-            })?;
-            optimizer.step(&mut layout.params(own, &shard_grads))?;
+            optimizer.step(&mut units.layout.params(own(model)?, &shard_grads))?;
             let done = StepDone {
                 epoch: group.last().map_or(0, |(e, _)| *e),
-                loss: f64::from(sums[0] as f32),
+                loss: f64::from(loss[0] as f32),
                 grad_norm,
                 samples: group_samples,
                 started: t0,
@@ -128,7 +123,7 @@ impl DataParallel {
 pub struct Units {
     world: usize,
     /// The model's (this rank's shard's) layout.
-    layout: ParamLayout,
+    pub layout: ParamLayout,
     units: Vec<Unit>,
 }
 
@@ -209,11 +204,19 @@ impl Units {
     }
 
     /// The values of the largest unit gathered, and the most of any unit's parts on
-    /// the wire: the sizes of the buffers a pass reuses.
+    /// the wire with this rank's own beside them: the sizes of the buffers a pass
+    /// reuses.
     pub fn buffer_sizes(&self) -> (usize, usize) {
         let largest = self.units.iter().map(|u| u.len).max().unwrap_or(0);
-        let wire = self.units.iter().map(|u| u.pad * self.world).max().unwrap_or(0);
+        let wire = self.units.iter().map(|u| u.pad * (self.world + 1)).max().unwrap_or(0);
         (largest, wire)
+    }
+
+    /// `wire` as every rank's parts of unit `unit` and, after them, this rank's own.
+    fn wire_for<'w>(&self, unit: &Unit, wire: &'w mut Vec<f32>) -> (&'w mut [f32], &'w mut [f32]) {
+        wire.clear();
+        wire.resize(unit.pad * (self.world + 1), 0.0);
+        wire.split_at_mut(unit.pad * self.world)
     }
 
     /// Unit `u` gathered whole into `out` (resized to it) from every rank's `own`
@@ -228,23 +231,21 @@ impl Units {
         deadline: Deadline,
     ) -> Result<()> {
         let unit = &self.units[u];
-        let mut mine = vec![0f32; unit.pad];
+        let (all, mine) = self.wire_for(unit, wire);
         let mut at = 0;
         for &p in &unit.params {
             let r = self.layout.range(p);
             mine[at..at + r.len()].copy_from_slice(&own[r.clone()]);
             at += r.len();
         }
-        wire.clear();
-        wire.resize(unit.pad * self.world, 0.0);
-        comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(wire), deadline)?;
+        comm.allgather(bytemuck::cast_slice(mine), bytemuck::cast_slice_mut(all), deadline)?;
         out.clear();
         out.resize(unit.len, 0.0);
         for q in 0..self.world {
             let mut at = q * unit.pad;
             for k in 0..unit.params.len() {
                 let part = unit.part(k, q);
-                out[part.clone()].copy_from_slice(&wire[at..at + part.len()]);
+                out[part.clone()].copy_from_slice(&all[at..at + part.len()]);
                 at += part.len();
             }
         }
@@ -267,20 +268,18 @@ impl Units {
         deadline: Deadline,
     ) -> Result<()> {
         let unit = &self.units[u];
-        wire.clear();
-        wire.resize(unit.pad * self.world, 0.0);
+        let (all, mine) = self.wire_for(unit, wire);
         for q in 0..self.world {
             let mut at = q * unit.pad;
             for k in 0..unit.params.len() {
                 let part = unit.part(k, q);
-                for (w, g) in wire[at..at + part.len()].iter_mut().zip(&grads[part.clone()]) {
+                for (w, g) in all[at..at + part.len()].iter_mut().zip(&grads[part.clone()]) {
                     *w = g * share;
                 }
                 at += part.len();
             }
         }
-        let mut mine = vec![0f32; unit.pad];
-        crate::zero::reduce_scatter_bucket(comm, wire, &mut mine, dtype, deadline)?;
+        crate::zero::reduce_scatter_bucket(comm, all, mine, dtype, deadline)?;
         let mut at = 0;
         for &p in &unit.params {
             let r = self.layout.range(p);
@@ -373,12 +372,7 @@ impl Units {
         let chunk = chunk.max(1);
         let indices = partitioner.shard(0, test.len(), world.rank(), world.world_size())?;
         let mut passes = [indices.len().div_ceil(chunk) as f64];
-        world.allreduce(
-            bytemuck::cast_slice_mut(&mut passes),
-            sheaf_core::DType::F64,
-            ReduceOp::Max,
-            deadline(),
-        )?;
+        world.allreduce(bytemuck::cast_slice_mut(&mut passes), DType::F64, ReduceOp::Max, deadline())?;
         let (mut buf, mut wire) = (Vec::new(), Vec::new());
         let mut totals = [0f64; 3];
         for c in 0..passes[0] as usize {
@@ -396,7 +390,7 @@ impl Units {
 }
 
 /// The model's own rows (its lent buffer).
-fn own(model: &mut dyn Model) -> Result<&[f32]> {
+fn own(model: &mut dyn Model) -> Result<&mut [f32]> {
     match model.params_mut()? {
         Some(p) => Ok(p),
         None => Err(Error::Unsupported("ZeRO stage 3 needs a model that lends its parameter buffer".into())),
