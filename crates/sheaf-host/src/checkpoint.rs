@@ -151,14 +151,14 @@ impl Checkpointer<'_> {
         }
     }
 
-    /// The checkpoint after `step` steps from every rank's `params` (its piece) and
-    /// optimizer `state`; every rank calls it.
     /// Whether [`Checkpointer::write`] at `step` writes anything: not without a run
     /// directory for checkpoints, nor a second time for the same step.
     pub fn due(&self, step: u64) -> bool {
         self.run_dir.is_some() && self.saved != Some(step)
     }
 
+    /// The checkpoint after `step` steps from every rank's `params` (its piece) and
+    /// optimizer `state`; every rank calls it.
     pub fn write(&mut self, step: u64, params: &[f32], state: &OptimState) -> Result<(), HostError> {
         if !self.due(step) {
             return Ok(());

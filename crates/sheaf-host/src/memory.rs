@@ -72,14 +72,14 @@ pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     let values = layout.layout.total() as u64;
     let (held, activations) = need_bytes(job, plan, rank);
     let optimizer_state = held - 8 * values;
+    if r.param_shard.is_some() {
+        return sharded(job, plan, values, optimizer_state, activations);
+    }
     let shards = r.state_shards.max(1);
     // The summed gradients (and the loss beside them), a second full-size buffer when
     // micro-batches are accumulated, and a shard of them under ZeRO.
     let accumulated = if job.train.grad_accum > 1 { 4 * values } else { 0 };
     let shard = if shards > 1 { 4 * values.div_ceil(shards) } else { 0 };
-    if r.param_shard.is_some() {
-        return sharded(job, plan, values, optimizer_state, activations);
-    }
     let gradients = 4 * (values + 1) + accumulated + shard;
     // The largest message: a piece held by replicas sums its gradients (and the loss)
     // over them; pieces of a model exchange activations and their gradients.

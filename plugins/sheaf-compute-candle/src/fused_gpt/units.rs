@@ -16,7 +16,7 @@ use super::{At, FusedGpt, Grads, Step};
 use crate::gpt::{init_piece, GptSpec};
 use crate::kernels::on_compute_threads;
 
-/// What a row shard holds beside the compact buffer (`FusedGpt::params`).
+/// What a row shard holds beside the root's parameters (`FusedGpt::params`).
 pub(super) struct Sharded {
     /// This rank's rows of every parameter (laid out as `FusedGpt::layout` says).
     values: Vec<f32>,
@@ -41,11 +41,12 @@ pub fn shard(spec: &GptSpec, shard: ParamShard, seed: u64) -> Result<FusedGpt> {
     let units = units_of(spec, &whole);
     // The root: a GPT of no blocks; every block's places, those of a block in its own
     // buffer (a one-block GPT's block, moved to the front).
-    let root = GptSpec { n_layer: 0, ..spec.clone() }.layout();
+    let none = GptSpec { n_layer: 0, ..spec.clone() };
+    let root = none.layout();
     let one = GptSpec { n_layer: 1, ..spec.clone() };
     let one_at = At::new(&one, &one.layout());
     let (start, block) = (one_at.block_start(0), one_at.ln_f.w.start - one_at.block_start(0));
-    let mut at = At::new(&GptSpec { n_layer: 0, ..spec.clone() }, &root);
+    let mut at = At::new(&none, &root);
     at.blocks = vec![one_at.blocks[0].before(start); spec.n_layer];
     let mut model = FusedGpt::new_with(spec, root.total(), at);
     model.layout = piece.layout;
