@@ -7,6 +7,7 @@
 #
 #   cargo build --release --workspace
 #   benches/reference/memory.sh /path/to/python-with-torch [sheaf|torch|both]
+#   LAYOUTS="pipeline4 tensor4" benches/reference/memory.sh PYTHON sheaf   # some rows
 #
 # Sheaf (`sheaf launch -n 4`, zmq-tcp): data-parallel at ZeRO 0, 1, 2 and 3, ZeRO 0 and
 # ZeRO 3 with every block recomputing its activations, a pipeline of 4 stages, 4 tensor-parallel
@@ -51,6 +52,8 @@ EOF
 sheaf_layout() { # LABEL [--set ...]: one JSON line per n_layer
     local label=$1
     shift
+    # LAYOUTS="pipeline4 tensor4" measures only those rows.
+    [[ -z ${LAYOUTS:-} || " $LAYOUTS " == *" $label "* ]] || return 0
     for n in 8 16; do
         local dir=$runs/$label-$n
         "$sheaf" launch -n 4 "$job" --run-dir "$dir" --threads-per-worker 1 --set "model.n_layer=$n" "$@" \

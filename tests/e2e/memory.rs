@@ -15,18 +15,26 @@ fn bits(c: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<(String, Vec<u32>)> {
 /// A 3-block GPT recomputing every block's activations, or every second block's, in
 /// its backward pass ends 10 AdamW steps (clipped, accumulated over 2 micro-batches)
 /// on 2 ZeroMQ processes with the parameters of the run that keeps them, bit for bit
-/// (the same kernels run on the same inputs), under ZeRO stages 0 and 2.
+/// (the same kernels run on the same inputs): data-parallel under ZeRO stages 0 and
+/// 2, a pipeline of 2 stages (its micro-batches in flight each recomputing), and 2
+/// tensor-parallel slices (each recomputing its own heads and columns).
 #[test]
 fn recomputed_activations_end_where_kept_ones_end_bit_for_bit() {
     let data = tempfile::tempdir().unwrap();
     let job = job(data.path(), &text_file(data.path()), "", "grad_clip = 0.5\ngrad_accum = 2");
     let deep = "model.n_layer=3";
-    for zero in ["parallel.options.data-parallel.zero=0", "parallel.options.data-parallel.zero=2"] {
-        let kept = bits(&checkpoint(launch(2, &job, &[deep, zero]).path()));
-        for every in ["\"blocks\"", "2"] {
+    let layouts: [(&str, &[&str]); 4] = [
+        ("parallel.options.data-parallel.zero=0", &["\"blocks\"", "2"]),
+        ("parallel.options.data-parallel.zero=2", &["\"blocks\"", "2"]),
+        ("parallel.strategy=\"pipeline\"", &["\"blocks\""]),
+        ("parallel.strategy=\"tensor-parallel\"", &["2"]),
+    ];
+    for (layout, everys) in layouts {
+        let kept = bits(&checkpoint(launch(2, &job, &[deep, layout]).path()));
+        for every in everys {
             let set = format!("train.activation_checkpointing={every}");
-            let run = launch(2, &job, &[deep, zero, &set]);
-            assert!(bits(&checkpoint(run.path())) == kept, "{zero}, {set}: the parameters differ");
+            let run = launch(2, &job, &[deep, layout, &set]);
+            assert!(bits(&checkpoint(run.path())) == kept, "{layout}, {set}: the parameters differ");
         }
     }
 }
@@ -40,7 +48,6 @@ fn recomputation_is_refused_before_any_worker_starts() {
     for (sets, want) in [
         (vec!["train.activation_checkpointing=\"layers\""], "\"none\", \"blocks\", or every N-th block"),
         (vec!["train.activation_checkpointing=0"], "every N-th block with N >= 1"),
-        (vec!["train.activation_checkpointing=1", "parallel.strategy=\"pipeline\""], "pipeline stages"),
         (
             vec!["train.activation_checkpointing=1", "data.dataset=\"digits\"", "model.kind=\"mlp\""],
             "the mlp kind does not recompute",

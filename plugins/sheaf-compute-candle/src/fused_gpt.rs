@@ -32,12 +32,14 @@ use crate::{check_values, whole_backward};
 const EVAL_CHUNK: usize = 32;
 
 mod layers;
+mod piece;
 mod units;
 
 use layers::{
-    attention_backward, block_forward, gelu_backward, layer_norm, layer_norm_backward, linear_backward, Shape,
+    block_backward, block_forward, embed, embed_backward, layer_norm, layer_norm_backward, Backward, Shape,
 };
 
+pub use piece::FusedPiece;
 pub use units::shard as build_shard;
 
 /// A weight and its bias (absent when the model has no biases).
@@ -53,9 +55,22 @@ struct Affine {
 struct Grads<'a> {
     buf: &'a mut [f32],
     base: usize,
+    /// Whether gradients are added to what the buffer holds (a piece's, accumulated
+    /// over micro-batches) instead of written over it.
+    add: bool,
 }
 
-impl Grads<'_> {
+impl<'a> Grads<'a> {
+    /// Gradients written over `buf`, which starts at value `base`.
+    fn write(buf: &'a mut [f32], base: usize) -> Grads<'a> {
+        Grads { buf, base, add: false }
+    }
+
+    /// Gradients added to `buf`, which starts at value `base`.
+    fn add(buf: &'a mut [f32], base: usize) -> Grads<'a> {
+        Grads { buf, base, add: true }
+    }
+
     fn at(&mut self, r: &Range<usize>) -> &mut [f32] {
         &mut self.buf[r.start - self.base..r.end - self.base]
     }
@@ -96,6 +111,19 @@ impl Affine {
 }
 
 impl BlockAt {
+    /// Layer `i`'s places, each affine layer's found by its name by `affine`.
+    fn of_layer(i: usize, affine: &impl Fn(&str) -> Affine) -> BlockAt {
+        let h = format!("transformer.h.{i}");
+        BlockAt {
+            ln_1: affine(&format!("{h}.ln_1")),
+            c_attn: affine(&format!("{h}.attn.c_attn")),
+            attn_proj: affine(&format!("{h}.attn.c_proj")),
+            ln_2: affine(&format!("{h}.ln_2")),
+            c_fc: affine(&format!("{h}.mlp.c_fc")),
+            mlp_proj: affine(&format!("{h}.mlp.c_proj")),
+        }
+    }
+
     /// The same block's places `by` values earlier (a block's own buffer: `by` its
     /// start in the whole buffer).
     fn before(&self, by: usize) -> BlockAt {
@@ -119,19 +147,7 @@ impl At {
         let must = |name: String| find(name.clone()).unwrap_or_else(|| panic!("the gpt layout has `{name}`"));
         let affine =
             |name: &str| Affine { w: must(format!("{name}.weight")), b: find(format!("{name}.bias")) };
-        let blocks = (0..spec.n_layer)
-            .map(|i| {
-                let h = format!("transformer.h.{i}");
-                BlockAt {
-                    ln_1: affine(&format!("{h}.ln_1")),
-                    c_attn: affine(&format!("{h}.attn.c_attn")),
-                    attn_proj: affine(&format!("{h}.attn.c_proj")),
-                    ln_2: affine(&format!("{h}.ln_2")),
-                    c_fc: affine(&format!("{h}.mlp.c_fc")),
-                    mlp_proj: affine(&format!("{h}.mlp.c_proj")),
-                }
-            })
-            .collect();
+        let blocks = (0..spec.n_layer).map(|i| BlockAt::of_layer(i, &affine)).collect();
         let wte = must("transformer.wte.weight".into());
         At {
             head: if spec.tie_embeddings { wte.clone() } else { must("lm_head.weight".into()) },
@@ -204,11 +220,7 @@ pub struct FusedGpt {
     /// Backward: the gradient of the loss with respect to the logits, then to the
     /// residual stream at the step's point; scratch of the step's widths.
     d_logits: Vec<f32>,
-    d_res: Vec<f32>,
-    d_narrow: Vec<f32>,
-    d_atty: Vec<f32>,
-    d_qkv: Vec<f32>,
-    d_wide: Vec<f32>,
+    d: Backward,
     /// A tied head's part of the token embedding's gradient, kept here when the head's
     /// step was written into a window that does not reach the embedding (the front of
     /// the buffer), and added in by the embeddings' step.
@@ -251,11 +263,7 @@ impl FusedGpt {
             ln_f_stats: Vec::new(),
             logits: Vec::new(),
             d_logits: Vec::new(),
-            d_res: Vec::new(),
-            d_narrow: Vec::new(),
-            d_atty: Vec::new(),
-            d_qkv: Vec::new(),
-            d_wide: Vec::new(),
+            d: Backward::default(),
             d_head: Vec::new(),
             head_held: false,
             step: Step::Idle,
@@ -302,15 +310,8 @@ impl FusedGpt {
 
     /// The embeddings of the loaded windows: the residual stream into block 0.
     fn embed(&mut self) {
-        let FusedGpt { spec, params, at, t, tokens, residual, n, .. } = self;
-        let (c, rows) = (spec.n_embd, *n * *t);
-        let p = &params[..];
-        let x0 = &mut residual[0];
-        x0.resize(rows * c, 0.0);
-        for ((row, &tok), pos) in x0.chunks_exact_mut(c).zip(tokens.iter()).zip((0..*t).cycle()) {
-            let (e, q) = (&p[at.wte.clone()][tok as usize * c..][..c], &p[at.wpe.clone()][pos * c..][..c]);
-            row.iter_mut().zip(e.iter().zip(q)).for_each(|(o, (a, b))| *o = a + b);
-        }
+        let FusedGpt { spec, params, at, t, tokens, residual, .. } = self;
+        embed(&mut residual[0], tokens, *t, params, &at.wte, &at.wpe, spec.n_embd);
     }
 
     /// The forward pass of transformer block `l` (see [`FusedGpt::forward`]), on the
@@ -430,16 +431,16 @@ impl FusedGpt {
                         View::rows(&self.ln_f, rows, c),
                         threads,
                     );
-                    self.d_narrow.resize(rows * c, 0.0);
+                    self.d.narrow.resize(rows * c, 0.0);
                     let head = View::rows(&p[at.head.clone()], v, c);
-                    matmul(&mut self.d_narrow, false, View::rows(&self.d_logits, rows, v), head, threads);
-                    self.d_res.clear();
-                    self.d_res.resize(rows * c, 0.0);
+                    matmul(&mut self.d.narrow, false, View::rows(&self.d_logits, rows, v), head, threads);
+                    self.d.res.clear();
+                    self.d.res.resize(rows * c, 0.0);
                     let x = &self.residual[self.spec.n_layer];
                     layer_norm_backward(
-                        &mut self.d_res,
+                        &mut self.d.res,
                         pending,
-                        &self.d_narrow,
+                        &self.d.narrow,
                         x,
                         &self.ln_f_stats,
                         p,
@@ -470,52 +471,28 @@ impl FusedGpt {
                     pending.at(&at.wte).copy_from_slice(&self.d_head);
                 }
                 pending.at(&at.wpe).fill(0.0);
-                let pos = (0..self.t).cycle();
-                for ((d, &tok), pos) in self.d_res.chunks_exact(c).zip(&self.tokens).zip(pos).take(rows) {
-                    let e = &mut pending.at(&at.wte)[tok as usize * c..][..c];
-                    e.iter_mut().zip(d).for_each(|(g, d)| *g += d);
-                    let q = &mut pending.at(&at.wpe)[pos * c..][..c];
-                    q.iter_mut().zip(d).for_each(|(g, d)| *g += d);
-                }
+                embed_backward(pending, &self.d.res[..rows * c], &self.tokens, self.t, &at.wte, &at.wpe, c);
                 (Step::Idle, 0)
             }
         }
     }
 
     /// Backward of transformer block `l` (on the model's parameters or on `lent` ones):
-    /// `d_res` holds the gradient with respect to the block's output and leaves holding
+    /// `d.res` holds the gradient with respect to the block's output and leaves holding
     /// it with respect to its input.
     fn block_backward(&mut self, l: usize, pending: &mut Grads<'_>, lent: Option<&[f32]>) {
-        let (c, nh, threads) = (self.spec.n_embd, self.spec.n_head, self.threads);
-        let (n, t) = (self.n, self.t);
-        let rows = n * t;
-        let recomputes = self.spec.recomputes(l);
-        let FusedGpt {
-            params, at, residual, blocks, scratch, d_res, d_narrow, d_atty, d_qkv, d_wide, ..
-        } = self;
-        let (p, b, x) = (lent.unwrap_or(&params[..]), &at.blocks[l], &residual[l]);
-        // A block that kept only its input runs its forward pass again, up to what
-        // its backward pass reads (the same kernels on the same input: the same bits).
-        let a = if recomputes {
-            block_forward(scratch, x, None, p, b, Shape { n, t, c, n_head: nh, threads });
-            &*scratch
-        } else {
-            &blocks[l]
+        let shape = Shape {
+            n: self.n,
+            t: self.t,
+            c: self.spec.n_embd,
+            n_head: self.spec.n_head,
+            threads: self.threads,
         };
-        // out = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2)))).
-        d_wide.resize(rows * 4 * c, 0.0);
-        linear_backward(pending, d_wide, d_res, &a.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
-        gelu_backward(d_wide, &a.fc, threads);
-        d_narrow.resize(rows * c, 0.0);
-        linear_backward(pending, d_narrow, d_wide, &a.ln_2, p, &b.c_fc, rows, c, 4 * c, threads);
-        layer_norm_backward(d_res, pending, d_narrow, &a.res_2, &a.ln_2_stats, p, &b.ln_2, c, threads);
-        // res_2 = x + attn_proj(attention(c_attn(ln_1(x)))).
-        d_atty.resize(rows * c, 0.0);
-        linear_backward(pending, d_atty, d_res, &a.atty, p, &b.attn_proj, rows, c, c, threads);
-        d_qkv.resize(rows * 3 * c, 0.0);
-        attention_backward(d_qkv, d_atty, &a.qkv, &a.att, n, t, c, nh, threads);
-        linear_backward(pending, d_narrow, d_qkv, &a.ln_1, p, &b.c_attn, rows, c, 3 * c, threads);
-        layer_norm_backward(d_res, pending, d_narrow, x, &a.ln_1_stats, p, &b.ln_1, c, threads);
+        let recomputes = self.spec.recomputes(l);
+        let FusedGpt { params, at, residual, blocks, scratch, d, .. } = self;
+        let (p, b, x) = (lent.unwrap_or(&params[..]), &at.blocks[l], &residual[l]);
+        let kept = if recomputes { None } else { Some(&blocks[l]) };
+        block_backward(d, pending, kept, scratch, x, p, b, shape);
     }
 }
 
@@ -628,7 +605,7 @@ impl Model for FusedGpt {
                 self.step
             )));
         }
-        let mut grads = Grads { buf: window, base };
+        let mut grads = Grads::write(window, base);
         let (next, frontier) = on_compute_threads(|| self.backward_step(self.step, &mut grads));
         self.step = next;
         Ok(frontier)

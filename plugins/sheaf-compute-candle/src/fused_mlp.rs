@@ -250,7 +250,7 @@ impl Model for FusedMlp {
             }
             let x = if unit == 0 { &self.input } else { &self.outputs[unit - 1] };
             matmul(dw, false, View::rows(&self.delta, n, out).t(), View::rows(x, n, inp), self.threads);
-            column_sums(&self.delta, db, self.threads);
+            column_sums(&self.delta, db, false, self.threads);
             if unit > 0 {
                 self.propagate(unit, w);
             }
@@ -416,7 +416,7 @@ impl FusedMlp {
             let delta = View::rows(&self.delta, n, out);
             // dW = delta^T x, db = the column sums of delta.
             matmul(&mut buf[w.clone()], false, delta.t(), View::rows(x, n, inp), self.threads);
-            column_sums(&self.delta, &mut buf[b], self.threads);
+            column_sums(&self.delta, &mut buf[b], false, self.threads);
             self.owed = l > 0;
         }
         self.next = l;

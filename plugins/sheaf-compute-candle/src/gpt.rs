@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use sheaf_core::{Batch, Error, Model, ParamLayout, Piece, Result, ShardSource};
+use sheaf_core::{Batch, Error, Model, ParamLayout, Piece, Result};
 
 use crate::{
     add_var_grads, candle_err, loss_sum_correct_grad, read_vars, take_accumulated, vars_from, write_vars,
@@ -25,7 +25,7 @@ mod spec;
 
 pub(crate) use spec::init_piece;
 pub use spec::{init_params, GptSpec};
-use spec::{After, Segment, WTE};
+pub(crate) use spec::{After, Segment};
 
 /// A GPT, or a pipeline stage of one (a range of its blocks), held as candle `Var`s
 /// in its piece's layout order.
@@ -89,27 +89,14 @@ impl Gpt {
             return Err(Error::config(
                 "train.activation_checkpointing",
                 format!(
-                    "the gpt recomputes activations on the CPU's fused path only (whole model, data-parallel), not on {device:?} or in pieces yet"
+                    "the gpt recomputes activations on the CPU's fused models only, not on {device:?} yet"
                 ),
             ));
         }
         let pl = spec.piece_layout(piece)?;
         let vars = vars_from(&pl.layout, &init_piece(spec, &pl, seed), &device)?;
         let index = pl.layout.specs().iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        // The token embedding is the head too: held twice when the stage with the
-        // embeddings is not the stage with the head.
-        let head = spec.blocks() - 1;
-        let split = spec.tie_embeddings && !(piece.blocks.start == 0 && piece.blocks.end > head);
-        let holds = pl.sources.first().is_some_and(|s| s.param == WTE);
-        let tied = if split && holds { vec![(0, WTE)] } else { Vec::new() };
-        let whole = spec.layout();
-        let replicated = pl
-            .sources
-            .iter()
-            .map(|s| {
-                piece.tensor_width > 1 && *s == ShardSource::whole(s.param, whole.specs()[s.param].shape[0])
-            })
-            .collect();
+        let (tied, replicated) = spec.sharing(piece, &pl);
         Ok(Gpt {
             spec: spec.clone(),
             piece: piece.clone(),
@@ -322,14 +309,7 @@ impl Gpt {
     /// residual stream or of a LayerNorm's output).
     fn tensor_forward(&mut self, micro: u64, seg: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
         let c = self.spec.n_embd;
-        let t = input.len().checked_div(rows * c).unwrap_or(0);
-        if rows == 0 || t == 0 || t > self.spec.block_size || input.len() != rows * t * c {
-            return Err(Error::invalid(format!(
-                "segment {seg} input of {} values is not {rows} windows of up to {} positions of {c}",
-                input.len(),
-                self.spec.block_size
-            )));
-        }
+        let t = self.spec.stage_positions(&format!("segment {seg}"), input, rows)?;
         let bytes = self.bytes_per_window * rows as u64 / self.segs.len() as u64;
         let kind = self.segs[seg].clone();
         let saved = match &kind {
@@ -517,14 +497,7 @@ impl Model for Gpt {
                 if self.piece.blocks.start == 0 { "token windows" } else { "the residual stream" }
             )));
         }
-        let t = input.len().checked_div(rows * c).unwrap_or(0);
-        if rows == 0 || t == 0 || t > self.spec.block_size || input.len() != rows * t * c {
-            return Err(Error::invalid(format!(
-                "stage input of {} values is not {rows} windows of up to {} positions of {c}",
-                input.len(),
-                self.spec.block_size
-            )));
-        }
+        let t = self.spec.stage_positions("stage", input, rows)?;
         let run = || -> candle_core::Result<(Var, Tensor)> {
             let x = Var::from_tensor(&Tensor::from_slice(input, (rows * t, c), &self.device)?)?;
             let out = self.run(StageIn::Hidden(x.as_tensor().clone()), rows, t)?;
@@ -585,12 +558,7 @@ impl Model for Gpt {
 
     fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
         let (v, rows) = (self.spec.vocab_size, labels.len());
-        if logits.len() != rows * v {
-            return Err(Error::invalid(format!("{} logits for {rows} targets of {v} tokens", logits.len())));
-        }
-        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
-            return Err(Error::invalid(format!("target token {bad} is not below vocab_size {v}")));
-        }
+        self.spec.check_logits(logits, labels)?;
         if rows == 0 {
             return Ok((0.0, 0, Vec::new()));
         }

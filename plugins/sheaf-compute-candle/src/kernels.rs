@@ -217,9 +217,11 @@ pub(crate) fn fill_rows(dst: &mut [f32], bias: &[f32], threads: usize) {
 const SUM_ROWS: usize = 64;
 
 /// Column sums of row-major `src` (rows of `out.len()`) into `out`.
-pub(crate) fn column_sums(src: &[f32], out: &mut [f32], threads: usize) {
+pub(crate) fn column_sums(src: &[f32], out: &mut [f32], accumulate: bool, threads: usize) {
     let c = out.len();
-    out.fill(0.0);
+    if !accumulate {
+        out.fill(0.0);
+    }
     if c == 0 {
         return;
     }

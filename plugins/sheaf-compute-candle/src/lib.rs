@@ -22,7 +22,7 @@ use sheaf_core::{
     PluginKind, Provided, Result,
 };
 
-pub use fused_gpt::FusedGpt;
+pub use fused_gpt::{FusedGpt, FusedPiece};
 pub use fused_mlp::FusedMlp;
 pub use gpt::{Gpt, GptSpec};
 pub use mlp::{init_params, init_piece, Activation, LayerCut, Mlp, MlpSpec, Stage};
@@ -160,6 +160,9 @@ impl ComputeBackend for CandleBackend {
     fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
         match spec.kind.as_str() {
             "mlp" => Ok(Box::new(Stage::new(&MlpSpec::parse(spec)?, piece, seed, self.device.clone())?)),
+            "gpt" if self.device.is_cpu() => {
+                Ok(Box::new(FusedPiece::new(&GptSpec::parse(spec)?, piece, seed)?))
+            }
             "gpt" => Ok(Box::new(Gpt::piece(&GptSpec::parse(spec)?, piece, seed, self.device.clone())?)),
             other => Err(unknown_kind(other)),
         }
@@ -247,13 +250,15 @@ pub(crate) fn whole_backward(
     Ok(loss)
 }
 
-/// Moves accumulated gradients into `out` and starts again from zero.
-pub(crate) fn take_accumulated(grads: &mut [f32], out: &mut [f32]) -> Result<()> {
+/// Moves accumulated gradients into `out` and starts again from zero, the
+/// accumulator's pages handed back to the kernel as `out`'s are touched, until the
+/// next backward pass touches them: the accumulator and the strategy's copy are never
+/// both resident.
+pub(crate) fn take_accumulated(grads: &mut Vec<f32>, out: &mut [f32]) -> Result<()> {
     if out.len() != grads.len() {
         return Err(Error::invalid(format!("{} gradient slots for {} parameters", out.len(), grads.len())));
     }
-    out.copy_from_slice(grads);
-    grads.fill(0.0);
+    sheaf_core::take_release(grads, out);
     Ok(())
 }
 

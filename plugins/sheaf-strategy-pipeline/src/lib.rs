@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     backward_segments, check_piece_zero_stage, chunk_range, forward_segments, mean_loss, prefetched_steps,
-    test_totals, Communicator, DType, Deadline, Error, Model, ModelParams, Piece, PlanInput, PluginKind,
-    Prefetch, Provided, RankPlan, ReduceOp, ReplicaStep, Result, RunTally, Samples, Shards, StageInput,
-    StepDone, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    test_totals, zero_release, Communicator, DType, Deadline, Error, Model, ModelParams, Piece, PlanInput,
+    PluginKind, Prefetch, Provided, RankPlan, ReduceOp, ReplicaStep, Result, RunTally, Samples, Shards,
+    StageInput, StepDone, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -673,6 +673,11 @@ impl Strategy for Pipeline {
             let sharded = shards.as_ref().map(|s| (s, &mut shard_grads[..]));
             let grad_norm = params
                 .update(model, |p| replica_step.run(&layout, &mut grads, sharded, skip, optimizer, p))?;
+            // Refilled by the next step's `take_grads`: until then its pages go back
+            // to the kernel, so the model's accumulator and this copy are never both
+            // resident.
+            zero_release(&mut grads);
+            zero_release(&mut shard_grads);
             let done = StepDone {
                 epoch: group.last().map_or(0, |(e, _)| *e),
                 loss: mean_loss(comm, [loss_sum, predictions as f64], self.deadline())?,

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use sheaf_core::{
     backward_segments, check_piece_zero_stage, forward_segments, mean_loss, prefetched_steps, test_totals,
-    Communicator, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Prefetch, Provided, RankPlan,
-    ReplicaStep, Result, RunTally, Shards, StageInput, StepDone, Strategy, StrategyPlan, TrainContext,
-    TrainSummary,
+    zero_release, Communicator, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Prefetch,
+    Provided, RankPlan, ReplicaStep, Result, RunTally, Shards, StageInput, StepDone, Strategy, StrategyPlan,
+    TrainContext, TrainSummary,
 };
 
 /// The plugin as exported to the host.
@@ -284,6 +284,11 @@ impl Strategy for TensorParallel {
             let skip = |i: usize| t != 0 && replicated[i];
             let grad_norm = params
                 .update(model, |p| replica_step.run(&layout, &mut grads, sharded, skip, optimizer, p))?;
+            // Refilled by the next step's `take_grads`: until then its pages go back
+            // to the kernel, so the model's accumulator and this copy are never both
+            // resident.
+            zero_release(&mut grads);
+            zero_release(&mut shard_grads);
             let done = StepDone {
                 epoch: batches.last().map_or(0, |(e, _)| *e),
                 loss: mean_loss(comm, loss, self.deadline())?,

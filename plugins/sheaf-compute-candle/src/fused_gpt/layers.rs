@@ -2,6 +2,8 @@
 //! each transformer block's parts (LayerNorm, the linear layers, attention, GELU,
 //! the residual adds) as passes over rows split among the compute threads.
 
+use std::ops::Range;
+
 use multiversion::multiversion;
 use rayon::prelude::*;
 
@@ -52,6 +54,95 @@ pub(super) fn block_forward(
     }
 }
 
+/// The backward pass's scratch: the gradient with respect to the residual stream at
+/// the step's point, and of the layers' narrow, attention, q-k-v and wide widths.
+#[derive(Default)]
+pub(super) struct Backward {
+    pub(super) res: Vec<f32>,
+    pub(super) narrow: Vec<f32>,
+    pub(super) atty: Vec<f32>,
+    pub(super) qkv: Vec<f32>,
+    pub(super) wide: Vec<f32>,
+}
+
+/// Backward of one transformer block whose input was `x`: `d.res` holds the gradient
+/// with respect to the block's output and leaves holding it with respect to its
+/// input. `kept` is what its forward pass kept; without it (a block that recomputes)
+/// the forward pass runs again into `scratch` from `x`, up to what the backward pass
+/// reads: the same kernels on the same input, so the same bits.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn block_backward(
+    d: &mut Backward,
+    pending: &mut Grads<'_>,
+    kept: Option<&BlockActs>,
+    scratch: &mut BlockActs,
+    x: &[f32],
+    p: &[f32],
+    b: &BlockAt,
+    s: Shape,
+) {
+    let Shape { n, t, c, n_head: nh, threads } = s;
+    let rows = n * t;
+    let a = match kept {
+        Some(a) => a,
+        None => {
+            block_forward(scratch, x, None, p, b, s);
+            &*scratch
+        }
+    };
+    // out = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2)))).
+    d.wide.resize(rows * 4 * c, 0.0);
+    linear_backward(pending, &mut d.wide, &d.res, &a.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
+    gelu_backward(&mut d.wide, &a.fc, threads);
+    d.narrow.resize(rows * c, 0.0);
+    linear_backward(pending, &mut d.narrow, &d.wide, &a.ln_2, p, &b.c_fc, rows, c, 4 * c, threads);
+    layer_norm_backward(&mut d.res, pending, &d.narrow, &a.res_2, &a.ln_2_stats, p, &b.ln_2, c, threads);
+    // res_2 = x + attn_proj(attention(c_attn(ln_1(x)))).
+    d.atty.resize(rows * c, 0.0);
+    linear_backward(pending, &mut d.atty, &d.res, &a.atty, p, &b.attn_proj, rows, c, c, threads);
+    d.qkv.resize(rows * 3 * c, 0.0);
+    attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.att, n, t, c, nh, threads);
+    linear_backward(pending, &mut d.narrow, &d.qkv, &a.ln_1, p, &b.c_attn, rows, c, 3 * c, threads);
+    layer_norm_backward(&mut d.res, pending, &d.narrow, x, &a.ln_1_stats, p, &b.ln_1, c, threads);
+}
+
+/// The embeddings of `tokens` (windows of `t`) into `x`: each token's row of `wte`
+/// plus its position's of `wpe`.
+pub(super) fn embed(
+    x: &mut Vec<f32>,
+    tokens: &[u32],
+    t: usize,
+    p: &[f32],
+    wte: &Range<usize>,
+    wpe: &Range<usize>,
+    c: usize,
+) {
+    x.resize(tokens.len() * c, 0.0);
+    for ((row, &tok), pos) in x.chunks_exact_mut(c).zip(tokens).zip((0..t).cycle()) {
+        let (e, q) = (&p[wte.clone()][tok as usize * c..][..c], &p[wpe.clone()][pos * c..][..c]);
+        row.iter_mut().zip(e.iter().zip(q)).for_each(|(o, (a, b))| *o = a + b);
+    }
+}
+
+/// The backward of [`embed`]: adds each row of `d` (the gradient with respect to the
+/// embeddings) to its token's row of `wte`'s gradient and its position's of `wpe`'s.
+pub(super) fn embed_backward(
+    grads: &mut Grads<'_>,
+    d: &[f32],
+    tokens: &[u32],
+    t: usize,
+    wte: &Range<usize>,
+    wpe: &Range<usize>,
+    c: usize,
+) {
+    for ((d, &tok), pos) in d.chunks_exact(c).zip(tokens).zip((0..t).cycle()) {
+        let e = &mut grads.at(wte)[tok as usize * c..][..c];
+        e.iter_mut().zip(d).for_each(|(g, d)| *g += d);
+        let q = &mut grads.at(wpe)[pos * c..][..c];
+        q.iter_mut().zip(d).for_each(|(g, d)| *g += d);
+    }
+}
+
 /// `out = x @ w^T + b` for `rows` rows of `inp` values to `outp`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear(
@@ -72,8 +163,8 @@ pub(super) fn linear(
     matmul(out, a.b.is_some(), View::rows(x, rows, inp), w.t(), threads);
 }
 
-/// The backward of [`linear`]: the weight's and bias's gradients into `grads`, the
-/// input's into `d_x`, from the output's `d_out`.
+/// The backward of [`linear`]: the weight's and bias's gradients into `grads` (written
+/// or added, as it says), the input's into `d_x`, from the output's `d_out`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn linear_backward(
     grads: &mut Grads<'_>,
@@ -88,9 +179,10 @@ pub(super) fn linear_backward(
     threads: usize,
 ) {
     let dy = View::rows(d_out, rows, outp);
-    matmul(grads.at(&a.w), false, dy.t(), View::rows(x, rows, inp), threads);
+    let add = grads.add;
+    matmul(grads.at(&a.w), add, dy.t(), View::rows(x, rows, inp), threads);
     if let Some(b) = &a.b {
-        column_sums(d_out, grads.at(b), threads);
+        column_sums(d_out, grads.at(b), add, threads);
     }
     matmul(d_x, false, dy, View::rows(&p[a.w.clone()], outp, inp), threads);
 }
@@ -159,8 +251,8 @@ type AttentionPiece<'a> = (&'a mut [f32], (&'a [f32], (&'a [f32], &'a [f32])));
 /// Rows in one piece of the LayerNorm weight's gradient (see `kernels::column_sums`).
 const NORM_ROWS: usize = 64;
 
-/// The backward of [`layer_norm`]: adds the input's gradient to `d_x` and writes the
-/// weight's and bias's into `grads`, from the output's `d_out`.
+/// The backward of [`layer_norm`]: adds the input's gradient to `d_x` and writes (or
+/// adds, as `grads` says) the weight's and bias's into `grads`, from the output's `d_out`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn layer_norm_backward(
     d_x: &mut [f32],
@@ -187,9 +279,11 @@ pub(super) fn layer_norm_backward(
             .map(piece)
             .collect()
     };
-    grads.at(&a.w).fill(0.0);
-    if let Some(b) = &a.b {
-        grads.at(b).fill(0.0);
+    if !grads.add {
+        grads.at(&a.w).fill(0.0);
+        if let Some(b) = &a.b {
+            grads.at(b).fill(0.0);
+        }
     }
     for part in parts {
         grads.at(&a.w).iter_mut().zip(&part[..c]).for_each(|(g, v)| *g += v);

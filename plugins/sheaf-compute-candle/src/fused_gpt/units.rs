@@ -185,15 +185,15 @@ impl FusedGpt {
             // The head's step runs with the last unit's backward (its gradients wait
             // in the root's); the embeddings' with the root's.
             if unit + 1 == units {
-                self.backward_step(Step::Head, &mut Grads { buf: &mut root_grads, base: 0 });
+                self.backward_step(Step::Head, &mut Grads::write(&mut root_grads, 0));
             }
             if unit == 0 {
-                self.backward_step(Step::Embeddings, &mut Grads { buf: &mut root_grads, base: 0 });
+                self.backward_step(Step::Embeddings, &mut Grads::write(&mut root_grads, 0));
                 grads.copy_from_slice(&root_grads);
             } else if rows == 0 {
                 grads.fill(0.0);
             } else {
-                self.block_backward(unit - 1, &mut Grads { buf: grads, base: 0 }, Some(params));
+                self.block_backward(unit - 1, &mut Grads::write(grads, 0), Some(params));
             }
         });
         self.sharded()?.root_grads = root_grads;

@@ -221,9 +221,61 @@ impl GptSpec {
         Ok(t)
     }
 
+    /// The transformer layers among blocks `blocks` (block `l + 1` is layer `l`).
+    pub(crate) fn layers_in(&self, blocks: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+        blocks.start.max(1) - 1..blocks.end.min(self.n_layer + 1).saturating_sub(1)
+    }
+
+    /// Checks a stage's `input` of `rows` windows of the residual stream (or of a
+    /// LayerNorm's output): returns their positions per window.
+    pub(crate) fn stage_positions(&self, what: &str, input: &[f32], rows: usize) -> Result<usize> {
+        let c = self.n_embd;
+        let t = input.len().checked_div(rows * c).unwrap_or(0);
+        if rows == 0 || t == 0 || t > self.block_size || input.len() != rows * t * c {
+            return Err(Error::invalid(format!(
+                "{what} input of {} values is not {rows} windows of up to {} positions of {c}",
+                input.len(),
+                self.block_size
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Checks `logits` against `labels` for the loss.
+    pub(crate) fn check_logits(&self, logits: &[f32], labels: &[u32]) -> Result<()> {
+        let (v, rows) = (self.vocab_size, labels.len());
+        if logits.len() != rows * v {
+            return Err(Error::invalid(format!("{} logits for {rows} targets of {v} tokens", logits.len())));
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l as usize >= v) {
+            return Err(Error::invalid(format!("target token {bad} is not below vocab_size {v}")));
+        }
+        Ok(())
+    }
+
+    /// What piece `piece` (laid out as `pl`) shares with others: `(index here, index in
+    /// the whole model)` of a tied head's token embedding, held twice when the stage
+    /// with the embeddings is not the stage with the head; and per parameter, whether
+    /// every rank of its tensor-parallel group holds it whole.
+    pub(crate) fn sharing(&self, piece: &Piece, pl: &PieceLayout) -> (Vec<(usize, usize)>, Vec<bool>) {
+        let head = self.blocks() - 1;
+        let split = self.tie_embeddings && !(piece.blocks.start == 0 && piece.blocks.end > head);
+        let holds = pl.sources.first().is_some_and(|s| s.param == WTE);
+        let tied = if split && holds { vec![(0, WTE)] } else { Vec::new() };
+        let whole = self.layout();
+        let replicated = pl
+            .sources
+            .iter()
+            .map(|s| {
+                piece.tensor_width > 1 && *s == ShardSource::whole(s.param, whole.specs()[s.param].shape[0])
+            })
+            .collect();
+        (tied, replicated)
+    }
+
     /// Blocks: 0 the embeddings, `1..=n_layer` the transformer blocks, `n_layer + 1`
     /// the final LayerNorm and the head.
-    pub(super) fn blocks(&self) -> usize {
+    pub(crate) fn blocks(&self) -> usize {
         self.n_layer + 2
     }
 
@@ -260,20 +312,32 @@ impl GptSpec {
         }
     }
 
-    /// Bytes one window keeps in blocks `blocks` from the forward pass for the
-    /// backward pass (an estimate of what autograd holds: the embeddings; per token and
-    /// transformer block about 17 activations of `n_embd` and two attention rows; the
-    /// logits and their softmax).
-    fn activation_bytes_in(&self, blocks: &std::ops::Range<usize>) -> u64 {
-        let (t, c) = (self.block_size as u64, self.n_embd as u64);
-        blocks
-            .clone()
-            .map(|b| match b {
-                0 => 4 * t * c,
-                b if b <= self.n_layer => 4 * t * (17 * c + 2 * self.n_head as u64 * t),
-                _ => 4 * t * (2 * self.vocab_size as u64 + 2 * c),
-            })
-            .sum()
+    /// Bytes one window keeps from the fused CPU forward pass of a piece (a pipeline
+    /// stage, a tensor-parallel slice) for its backward pass, and the backward pass's
+    /// scratch: per token and held block its input, and unless it recomputes, its
+    /// activations (under tensor parallelism the replicated streams and LayerNorm
+    /// inputs whole, this rank's share of the rest); on the first stage the tokens; on
+    /// the last the stream into the final LayerNorm, its output, the logits and their
+    /// gradient; one block's worth of scratch when any block recomputes. (The backward
+    /// pass's scratch is one micro-batch's, not one per window in flight: left out.)
+    fn fused_piece_activation_bytes(&self, piece: &Piece) -> u64 {
+        let (t, c, v, w) =
+            (self.block_size as u64, self.n_embd as u64, self.vocab_size as u64, piece.tensor_width as u64);
+        let nh = self.n_head as u64;
+        let layers = self.layers_in(&piece.blocks);
+        let held = layers.len() as u64;
+        let kept = layers.clone().filter(|&l| !self.recomputes(l)).count() as u64;
+        let scratch = u64::from(kept < held);
+        let (whole, sliced) = if w > 1 {
+            // Two streams and two LayerNorm outputs with their statistics; q, k, v, the
+            // heads' outputs and the MLP's hidden layer twice, and the probabilities.
+            (4 * c + 4, (12 * c + nh * t) / w)
+        } else {
+            (c, 15 * c + nh * t + 4)
+        };
+        let first = u64::from(piece.blocks.start == 0);
+        let last = if piece.blocks.end == self.blocks() { 2 * c + 2 + 2 * v } else { 0 };
+        4 * t * (held * whole + (kept + scratch) * sliced + first + last)
     }
 
     /// A pipeline stage's parameters: those of its blocks, and on a last stage that
@@ -289,13 +353,6 @@ impl GptSpec {
     pub fn piece_layout(&self, piece: &Piece) -> Result<PieceLayout> {
         piece.validate(self.blocks())?;
         let whole_model = *piece == Piece::whole(self.blocks());
-        if self.recompute_every > 0 && !whole_model {
-            return Err(Error::config(
-                "train.activation_checkpointing",
-                "pipeline stages and tensor-parallel slices of a gpt do not recompute activations yet; \
-                 data-parallel training (every ZeRO stage) of the whole model does",
-            ));
-        }
         let (t, width) = (piece.tensor_rank, piece.tensor_width);
         if !self.n_head.is_multiple_of(width) {
             return Err(Error::config(
@@ -339,11 +396,11 @@ impl GptSpec {
         Ok(PieceLayout {
             layout: ParamLayout::new(specs),
             sources,
-            // The whole model on the CPU runs fused; pieces keep candle's graph.
+            // As the CPU's fused models keep them (candle's graph, on a GPU, keeps more).
             activation_bytes_per_sample: if whole_model {
                 self.fused_activation_bytes()
             } else {
-                self.activation_bytes_in(&piece.blocks) / width as u64
+                self.fused_piece_activation_bytes(piece)
             },
         })
     }
@@ -353,8 +410,8 @@ impl GptSpec {
     /// transformer block the replicated residual add and `ln_1`, the attention's
     /// partial sum, the residual add and `ln_2`, the MLP's partial sum, and last the
     /// residual add and, on the last stage, the head.
-    pub(super) fn tensor_segments(&self, blocks: &std::ops::Range<usize>) -> Vec<Segment> {
-        let layers = blocks.start.max(1) - 1..blocks.end.min(self.n_layer + 1).saturating_sub(1);
+    pub(crate) fn tensor_segments(&self, blocks: &std::ops::Range<usize>) -> Vec<Segment> {
+        let layers = self.layers_in(blocks);
         let mut segs = vec![Segment::Entry];
         let mut pending = None;
         for i in layers {
@@ -377,7 +434,7 @@ impl GptSpec {
 /// One segment of a tensor-parallel GPT piece. Even positions end in a partial sum
 /// the strategy sums over the group; odd ones are replicated.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) enum Segment {
+pub(crate) enum Segment {
     /// The embeddings (computed on every rank, emitted by rank 0), or on a later
     /// pipeline stage the residual stream it receives (likewise).
     Entry,
@@ -392,7 +449,7 @@ pub(super) enum Segment {
 
 /// What a replicated segment does with the residual stream.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) enum After {
+pub(crate) enum After {
     Norm(String),
     Head,
     /// Hands it to the next pipeline stage.

@@ -710,28 +710,155 @@ proptest::proptest! {
 }
 
 /// What recomputation asks of the model kinds: "none", every block, every N-th; the
-/// mlp and the gpt's pieces refuse it by the job's key; every 0th block is an error.
+/// mlp refuses it by the job's key; every 0th block is an error.
 #[test]
 fn recomputation_is_refused_where_it_is_not_built() {
     let parsed = GptSpec::parse(&spec(r#", "activation_checkpointing": 2"#)).unwrap();
     assert!(parsed.recomputes(0) && !parsed.recomputes(1));
     let err = GptSpec::parse(&spec(r#", "activation_checkpointing": 0"#)).unwrap_err().to_string();
     assert!(err.contains("train.activation_checkpointing"), "{err}");
-    let piece = sheaf_core::Piece { blocks: 0..2, tensor_rank: 0, tensor_width: 1 };
-    let err = parsed.piece_layout(&piece).unwrap_err().to_string();
-    assert!(err.contains("train.activation_checkpointing") && err.contains("pipeline stages"), "{err}");
-    // The whole model's plan counts one block's activations per window when both
-    // recompute, not two.
+    // The plan counts fewer activations per window where every block recomputes:
+    // the whole model, a pipeline stage, a tensor slice.
     let kept = GptSpec::parse(&spec("")).unwrap();
     let parsed = GptSpec::parse(&spec(r#", "activation_checkpointing": 1"#)).unwrap();
-    let whole = sheaf_core::Piece::whole(kept.n_layer + 2);
-    let (all, fewer) = (
-        kept.piece_layout(&whole).unwrap().activation_bytes_per_sample,
-        parsed.piece_layout(&whole).unwrap().activation_bytes_per_sample,
-    );
-    assert!(fewer < all, "{fewer} vs {all}");
+    let pieces = [
+        sheaf_core::Piece::whole(kept.n_layer + 2),
+        sheaf_core::Piece { blocks: 1..3, tensor_rank: 0, tensor_width: 1 },
+        sheaf_core::Piece { blocks: 0..4, tensor_rank: 1, tensor_width: 2 },
+    ];
+    for piece in pieces {
+        let (all, fewer) = (
+            kept.piece_layout(&piece).unwrap().activation_bytes_per_sample,
+            parsed.piece_layout(&piece).unwrap().activation_bytes_per_sample,
+        );
+        assert!(fewer < all, "{piece:?}: {fewer} vs {all}");
+    }
     let mut mlp = ModelSpec::new("mlp", r#"{"layers": [4, 3], "activation_checkpointing": 1}"#.to_string());
     mlp.vocab_size = None;
     let err = crate::MlpSpec::parse(&mlp).unwrap_err().to_string();
     assert!(err.contains("train.activation_checkpointing") && err.contains("mlp"), "{err}");
+}
+
+/// Runs pipeline stages `cut` of tensor slices of `width` over `micro` micro-batches
+/// of `w` (windows of `window`), every micro-batch's forward pass before any backward
+/// pass (so every one is in flight at once), the partial outputs and input gradients
+/// summed over each group as the strategy sums them; returns the summed loss, each
+/// piece's gradients (stage by stage, slice by slice) and the activation bytes all
+/// pieces held with every micro-batch in flight.
+fn run_pieces(
+    spec: &GptSpec,
+    cut: &[usize],
+    width: usize,
+    w: &[u32],
+    window: usize,
+    micro: usize,
+) -> (f64, Vec<Vec<f32>>, u64) {
+    let mut stages: Vec<Vec<crate::FusedPiece>> = cut
+        .windows(2)
+        .map(|c| {
+            (0..width)
+                .map(|t| {
+                    let p = sheaf_core::Piece { blocks: c[0]..c[1], tensor_rank: t, tensor_width: width };
+                    crate::FusedPiece::new(spec, &p, 3).unwrap()
+                })
+                .collect()
+        })
+        .collect();
+    let sum = |parts: Vec<Vec<f32>>| -> Vec<f32> {
+        parts.iter().skip(1).fold(parts[0].clone(), |acc, p| acc.iter().zip(p).map(|(a, b)| a + b).collect())
+    };
+    let n = w.len() / window;
+    let rows = n / micro;
+    let targets = sheaf_core::Samples::Tokens { windows: w.to_vec(), window }.targets();
+    let (mut loss, mut grads) = (0.0, Vec::new());
+    for m in 0..micro {
+        let mine = &w[m * rows * window..(m + 1) * rows * window];
+        let mut act = Vec::new();
+        for (k, ranks) in stages.iter_mut().enumerate() {
+            for seg in 0..ranks[0].segments() {
+                let outs: Vec<Vec<f32>> = ranks
+                    .iter_mut()
+                    .map(|r| match (k, seg) {
+                        (0, 0) => {
+                            r.stage_forward_batch(m as u64, 0, &Batch::Tokens { windows: mine, window })
+                        }
+                        _ => r.stage_forward(m as u64, seg, &act, rows),
+                    })
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                act = if seg % 2 == 0 { sum(outs) } else { outs[0].clone() };
+            }
+        }
+        let t = &targets[m * rows * (window - 1)..(m + 1) * rows * (window - 1)];
+        let (l, _, g) = stages.last_mut().unwrap()[0].loss_grad(&act, t, 0.5).unwrap();
+        loss += l;
+        grads.push(g);
+    }
+    let held = stages.iter().flatten().map(|r| r.saved_bytes()).sum();
+    for (m, mut grad) in grads.into_iter().enumerate().rev() {
+        for ranks in stages.iter_mut().rev() {
+            for seg in (0..ranks[0].segments()).rev() {
+                let gins: Vec<Vec<f32>> =
+                    ranks.iter_mut().map(|r| r.stage_backward(m as u64, seg, &grad).unwrap()).collect();
+                grad = if seg % 2 == 0 && seg > 0 { sum(gins) } else { gins[0].clone() };
+            }
+        }
+    }
+    let grads = stages
+        .iter_mut()
+        .flatten()
+        .map(|r| {
+            assert_eq!(r.saved_bytes(), 0, "every micro-batch's activations freed by its backward pass");
+            let mut g = vec![f32::NAN; r.layout().total()];
+            r.take_grads(&mut g).unwrap();
+            g
+        })
+        .collect();
+    (loss, grads, held)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Recomputation in pieces: pipeline stages of blocks and tensor-parallel slices of
+    /// them that keep only each (recomputing) block's input, with several micro-batches
+    /// in flight, give the loss and every piece's gradients of the pieces that keep
+    /// everything, bit for bit.
+    #[test]
+    fn pieces_recompute_activations_bit_for_bit(
+        n_layer in 1usize..4,
+        every in 1usize..3,
+        heads_per_slice in 1usize..3,
+        head_size in 1usize..4,
+        width in 1usize..3,
+        stages in 1usize..4,
+        bias in proptest::bool::ANY,
+        tied in proptest::bool::ANY,
+        micro in 1usize..3,
+        seed in 0u64..1000,
+    ) {
+        let (vocab, block_size, window) = (7usize, 5usize, 5usize);
+        let n_head = heads_per_slice * width;
+        let shape = format!(
+            r#""n_layer": {n_layer}, "n_head": {n_head}, "n_embd": {}, "block_size": {block_size}, "bias": {bias}, "tie_embeddings": {tied}"#,
+            n_head * head_size
+        );
+        let parse = |extra: &str| {
+            let mut s = ModelSpec::new("gpt", format!("{{{shape}{extra}}}"));
+            s.vocab_size = Some(vocab);
+            GptSpec::parse(&s).unwrap()
+        };
+        // Cuts of the n_layer + 2 blocks into up to `stages` stages.
+        let blocks = n_layer + 2;
+        let stages = stages.min(blocks);
+        let cut: Vec<usize> = (0..=stages).map(|k| k * blocks / stages).collect();
+        let w: Vec<u32> = (0..2 * micro * window).map(|i| ((i * 5 + seed as usize) % vocab) as u32).collect();
+        let kept = run_pieces(&parse(""), &cut, width, &w, window, micro);
+        let recomputed = run_pieces(&parse(&format!(r#", "activation_checkpointing": {every}"#)), &cut, width, &w, window, micro);
+        proptest::prop_assert_eq!(kept.0.to_bits(), recomputed.0.to_bits());
+        let bits = |g: &[Vec<f32>]| g.iter().map(|g| g.iter().map(|v| v.to_bits()).collect::<Vec<_>>()).collect::<Vec<_>>();
+        proptest::prop_assert_eq!(bits(&kept.1), bits(&recomputed.1));
+        // And they hold less while the micro-batches are in flight.
+        proptest::prop_assert!(recomputed.2 < kept.2, "{} vs {} bytes", recomputed.2, kept.2);
+    }
 }
