@@ -11,7 +11,7 @@
 #
 # Sheaf (`sheaf launch -n 4`, zmq-tcp): data-parallel at ZeRO 0, 1, 2 and 3, ZeRO 0 and
 # ZeRO 3 with every block recomputing its activations, a pipeline of 4 stages, 4 tensor-parallel
-# slices. PyTorch (pytorch_memory.py, gloo): DDP, FSDP2 (fully_shard per block, built
+# slices, and both of those recomputing. PyTorch (pytorch_memory.py, gloo): DDP, FSDP2 (fully_shard per block, built
 # on the meta device) and FSDP2 with activation checkpointing.
 set -euo pipefail
 
@@ -102,6 +102,10 @@ print(json.dumps({"who": "torch", "layout": rows[0]["mode"], "n_layer": rows[0][
         sheaf_layout zero0-recompute --set 'train.activation_checkpointing="blocks"'
         sheaf_layout pipeline4 --set 'parallel.strategy="pipeline"'
         sheaf_layout tensor4 --set 'parallel.strategy="tensor-parallel"'
+        sheaf_layout pipeline4-recompute --set 'parallel.strategy="pipeline"' \
+            --set 'train.activation_checkpointing="blocks"'
+        sheaf_layout tensor4-recompute --set 'parallel.strategy="tensor-parallel"' \
+            --set 'train.activation_checkpointing="blocks"'
     fi
     if [[ $which != sheaf ]]; then
         torch_layout ddp
