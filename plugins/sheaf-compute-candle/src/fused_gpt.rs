@@ -164,10 +164,14 @@ impl At {
     }
 }
 
-/// What one transformer block's forward keeps for its backward.
+/// What one transformer block's forward keeps for its backward: not the LayerNorms'
+/// outputs nor GELU's (the inputs of `c_attn`, `c_fc` and the MLP's `c_proj`), which
+/// the backward pass recomputes from what is kept (the LayerNorms' inputs and
+/// statistics, GELU's input) into one block's scratch (`Backward`) at a pass over
+/// their values each: 6 of the 15 values per position and `n_embd` a block kept,
+/// Megatron's selective recomputation for the cheap layers.
 #[derive(Default)]
 struct BlockActs {
-    ln_1: Vec<f32>,
     ln_1_stats: Vec<(f32, f32)>,
     qkv: Vec<f32>,
     /// Attention probabilities, `[n, n_head, t, t]`, zero above the diagonal.
@@ -176,11 +180,9 @@ struct BlockActs {
     atty: Vec<f32>,
     /// The residual stream after the attention.
     res_2: Vec<f32>,
-    ln_2: Vec<f32>,
     ln_2_stats: Vec<(f32, f32)>,
-    /// The MLP's hidden layer before and after GELU, `[n * t, 4 n_embd]`.
+    /// The MLP's hidden layer before GELU, `[n * t, 4 n_embd]`.
     fc: Vec<f32>,
-    fc_gelu: Vec<f32>,
 }
 
 /// The step of the backward pass that runs next.
@@ -317,7 +319,7 @@ impl FusedGpt {
     /// The forward pass of transformer block `l` (see [`FusedGpt::forward`]), on the
     /// model's parameters or on `lent` ones (a row shard's gathered block).
     fn block(&mut self, l: usize, backward: bool, lent: Option<&[f32]>) {
-        let FusedGpt { spec, params, at, threads, n, t, residual, blocks, scratch, .. } = self;
+        let FusedGpt { spec, params, at, threads, n, t, residual, blocks, scratch, d, .. } = self;
         let params = lent.unwrap_or(params);
         let shape = Shape { n: *n, t: *t, c: spec.n_embd, n_head: spec.n_head, threads: *threads };
         let (before, after) = residual.split_at_mut(l + 1);
@@ -329,7 +331,7 @@ impl FusedGpt {
             (false, _, false) => &mut blocks[0],
             _ => &mut *scratch,
         };
-        block_forward(acts, &before[l], Some(&mut after[0]), params, &at.blocks[l], shape);
+        block_forward(acts, d, &before[l], Some(&mut after[0]), params, &at.blocks[l], shape);
     }
 
     /// The final LayerNorm and the head: the logits.

@@ -29,9 +29,11 @@ pub(super) struct Shape {
 
 /// The forward pass of one transformer block from its input `x` into `acts`, and its
 /// output into `out` (left out when recomputing for the backward pass, which reads
-/// everything but the output).
+/// everything but the output); the LayerNorms' and GELU's outputs, which `acts` does
+/// not keep, go through `tmp`.
 pub(super) fn block_forward(
     acts: &mut BlockActs,
+    tmp: &mut Backward,
     x: &[f32],
     out: Option<&mut Vec<f32>>,
     p: &[f32],
@@ -40,16 +42,16 @@ pub(super) fn block_forward(
 ) {
     let Shape { n, t, c, n_head, threads } = s;
     let rows = n * t;
-    layer_norm(&mut acts.ln_1, &mut acts.ln_1_stats, x, p, &b.ln_1, c, threads);
-    linear(&mut acts.qkv, &acts.ln_1, p, &b.c_attn, rows, c, 3 * c, threads);
+    layer_norm(&mut tmp.ln, &mut acts.ln_1_stats, x, p, &b.ln_1, c, threads);
+    linear(&mut acts.qkv, &tmp.ln, p, &b.c_attn, rows, c, 3 * c, threads);
     attention(&mut acts.att, &mut acts.atty, &acts.qkv, n, t, c, n_head, threads);
     linear(&mut acts.res_2, &acts.atty, p, &b.attn_proj, rows, c, c, threads);
     add_into(&mut acts.res_2, x, threads);
-    layer_norm(&mut acts.ln_2, &mut acts.ln_2_stats, &acts.res_2, p, &b.ln_2, c, threads);
-    linear(&mut acts.fc, &acts.ln_2, p, &b.c_fc, rows, c, 4 * c, threads);
-    gelu(&mut acts.fc_gelu, &acts.fc, threads);
+    layer_norm(&mut tmp.ln, &mut acts.ln_2_stats, &acts.res_2, p, &b.ln_2, c, threads);
+    linear(&mut acts.fc, &tmp.ln, p, &b.c_fc, rows, c, 4 * c, threads);
     if let Some(out) = out {
-        linear(out, &acts.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
+        gelu(&mut tmp.gelu, &acts.fc, threads);
+        linear(out, &tmp.gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
         add_into(out, &acts.res_2, threads);
     }
 }
@@ -58,6 +60,10 @@ pub(super) fn block_forward(
 /// the step's point, and of the layers' narrow, attention, q-k-v and wide widths.
 #[derive(Default)]
 pub(super) struct Backward {
+    /// A LayerNorm's output and GELU's, which blocks do not keep: written by the
+    /// forward pass and recomputed by the backward pass as each needs them.
+    pub(super) ln: Vec<f32>,
+    pub(super) gelu: Vec<f32>,
     pub(super) res: Vec<f32>,
     pub(super) narrow: Vec<f32>,
     pub(super) atty: Vec<f32>,
@@ -86,23 +92,26 @@ pub(super) fn block_backward(
     let a = match kept {
         Some(a) => a,
         None => {
-            block_forward(scratch, x, None, p, b, s);
+            block_forward(scratch, d, x, None, p, b, s);
             &*scratch
         }
     };
-    // out = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2)))).
+    // out = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2)))); GELU's output recomputed.
+    gelu(&mut d.gelu, &a.fc, threads);
     d.wide.resize(rows * 4 * c, 0.0);
-    linear_backward(pending, &mut d.wide, &d.res, &a.fc_gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
+    linear_backward(pending, &mut d.wide, &d.res, &d.gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
     gelu_backward(&mut d.wide, &a.fc, threads);
     d.narrow.resize(rows * c, 0.0);
-    linear_backward(pending, &mut d.narrow, &d.wide, &a.ln_2, p, &b.c_fc, rows, c, 4 * c, threads);
+    renormalize(&mut d.ln, &a.res_2, &a.ln_2_stats, p, &b.ln_2, c, threads);
+    linear_backward(pending, &mut d.narrow, &d.wide, &d.ln, p, &b.c_fc, rows, c, 4 * c, threads);
     layer_norm_backward(&mut d.res, pending, &d.narrow, &a.res_2, &a.ln_2_stats, p, &b.ln_2, c, threads);
     // res_2 = x + attn_proj(attention(c_attn(ln_1(x)))).
     d.atty.resize(rows * c, 0.0);
     linear_backward(pending, &mut d.atty, &d.res, &a.atty, p, &b.attn_proj, rows, c, c, threads);
     d.qkv.resize(rows * 3 * c, 0.0);
     attention_backward(&mut d.qkv, &d.atty, &a.qkv, &a.att, n, t, c, nh, threads);
-    linear_backward(pending, &mut d.narrow, &d.qkv, &a.ln_1, p, &b.c_attn, rows, c, 3 * c, threads);
+    renormalize(&mut d.ln, x, &a.ln_1_stats, p, &b.ln_1, c, threads);
+    linear_backward(pending, &mut d.narrow, &d.qkv, &d.ln, p, &b.c_attn, rows, c, 3 * c, threads);
     layer_norm_backward(&mut d.res, pending, &d.narrow, x, &a.ln_1_stats, p, &b.ln_1, c, threads);
 }
 
@@ -231,14 +240,53 @@ pub(super) fn normalize(out: &mut [f32], stats: &mut [(f32, f32)], x: &[f32], w:
         let var = sum_sq_dev(x, mean) / c as f32;
         let rstd = 1.0 / (var + EPS).sqrt();
         *s = (mean, rstd);
-        match b {
-            Some(b) => o
-                .iter_mut()
-                .zip(x)
-                .zip(w.iter().zip(b))
-                .for_each(|((o, x), (w, b))| *o = (x - mean) * rstd * w + b),
-            None => o.iter_mut().zip(x).zip(w).for_each(|((o, x), w)| *o = (x - mean) * rstd * w),
-        }
+        normalize_row(o, x, (mean, rstd), w, b);
+    }
+}
+
+/// One row of a LayerNorm's output from its statistics: the same operations in the
+/// same order whether computed with them or again from them, so the same bits.
+#[inline(always)]
+fn normalize_row(o: &mut [f32], x: &[f32], (mean, rstd): (f32, f32), w: &[f32], b: Option<&[f32]>) {
+    match b {
+        Some(b) => o
+            .iter_mut()
+            .zip(x)
+            .zip(w.iter().zip(b))
+            .for_each(|((o, x), (w, b))| *o = (x - mean) * rstd * w + b),
+        None => o.iter_mut().zip(x).zip(w).for_each(|((o, x), w)| *o = (x - mean) * rstd * w),
+    }
+}
+
+/// A LayerNorm's output again from its input `x` and the statistics its forward pass
+/// kept (see [`layer_norm`]): the same values, bit for bit.
+pub(super) fn renormalize(
+    out: &mut Vec<f32>,
+    x: &[f32],
+    stats: &[(f32, f32)],
+    p: &[f32],
+    a: &Affine,
+    c: usize,
+    threads: usize,
+) {
+    out.resize(x.len(), 0.0);
+    let (w, b) = (&p[a.w.clone()], a.b.as_ref().map(|b| &p[b.clone()]));
+    if threads > 1 {
+        let per = rows_per_thread(stats.len(), threads);
+        out.par_chunks_mut(per * c)
+            .zip(x.par_chunks(per * c).zip(stats.par_chunks(per)))
+            .for_each(|(o, (x, stats))| normalize_again(o, x, stats, w, b));
+    } else {
+        normalize_again(out, x, stats, w, b);
+    }
+}
+
+/// Rows of [`renormalize`].
+#[multiversion(targets = "simd")]
+fn normalize_again(out: &mut [f32], x: &[f32], stats: &[(f32, f32)], w: &[f32], b: Option<&[f32]>) {
+    let c = w.len();
+    for ((o, x), &s) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)).zip(stats) {
+        normalize_row(o, x, s, w, b);
     }
 }
 

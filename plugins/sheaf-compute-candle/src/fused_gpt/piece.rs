@@ -113,14 +113,7 @@ struct Saved {
 
 impl BlockActs {
     fn bytes(&self) -> u64 {
-        let values = self.ln_1.len()
-            + self.qkv.len()
-            + self.att.len()
-            + self.atty.len()
-            + self.res_2.len()
-            + self.ln_2.len()
-            + self.fc.len()
-            + self.fc_gelu.len();
+        let values = self.qkv.len() + self.att.len() + self.atty.len() + self.res_2.len() + self.fc.len();
         4 * values as u64 + 8 * (self.ln_1_stats.len() + self.ln_2_stats.len()) as u64
     }
 }
@@ -303,7 +296,7 @@ impl FusedPiece {
             let (before, after) = xs.split_at_mut(j + 1);
             let kept =
                 if self.spec.recomputes(self.at.first_layer + j) { &mut self.scratch } else { &mut acts[j] };
-            block_forward(kept, &before[j], Some(&mut after[0]), &self.params, b, shape);
+            block_forward(kept, &mut self.d, &before[j], Some(&mut after[0]), &self.params, b, shape);
         }
         if self.at.ln_f.is_none() {
             // Not kept: the next stage's input, which the backward pass does not read.
@@ -391,10 +384,18 @@ impl FusedPiece {
                 saved.acts.resize_with(usize::from(!recomputes), BlockActs::default);
                 let mut scratch = std::mem::take(&mut self.scratch);
                 let acts = saved.acts.first_mut().unwrap_or(&mut scratch);
-                let out = match attention {
-                    true => self.attention_forward(acts, j, input, n, t),
-                    false => self.mlp_forward(acts, j, input, rows),
-                };
+                let (b, p) = (&self.at.blocks[j], &self.params[..]);
+                let mut out = Vec::new();
+                if attention {
+                    self.attention_acts(acts, j, input, n, t);
+                    let proj = Affine { w: b.attn_proj.w.clone(), b: None };
+                    linear(&mut out, &acts.atty, p, &proj, rows, acts.atty.len() / rows, c, threads);
+                } else {
+                    self.mlp_acts(acts, j, input, rows);
+                    gelu(&mut self.d.gelu, &acts.fc, threads);
+                    let proj = Affine { w: b.mlp_proj.w.clone(), b: None };
+                    linear(&mut out, &self.d.gelu, p, &proj, rows, acts.fc.len() / rows, c, threads);
+                }
                 self.scratch = scratch;
                 saved.xs.resize_with(1, Vec::new);
                 saved.xs[0].clear();
@@ -406,33 +407,23 @@ impl FusedPiece {
         Ok(out)
     }
 
-    /// This rank's heads of held block `j`'s attention on `h` (its `ln_1` output), up
-    /// to the partial `c_proj` output; q, k, v, the probabilities and the heads'
-    /// outputs into `acts`.
-    fn attention_forward(&self, acts: &mut BlockActs, j: usize, h: &[f32], n: usize, t: usize) -> Vec<f32> {
+    /// This rank's heads of held block `j`'s attention on `h` (its `ln_1` output) into
+    /// `acts`: q, k, v, the probabilities and the heads' outputs (the input of the
+    /// partial `c_proj`).
+    fn attention_acts(&self, acts: &mut BlockActs, j: usize, h: &[f32], n: usize, t: usize) {
         let (c, threads) = (self.spec.n_embd, self.threads);
         let (b, rows, p) = (&self.at.blocks[j], n * t, &self.params[..]);
         let (cl, nh) = (b.c_attn.w.len() / (3 * c), self.spec.n_head / self.piece.tensor_width);
         linear(&mut acts.qkv, h, p, &b.c_attn, rows, c, 3 * cl, threads);
         attention(&mut acts.att, &mut acts.atty, &acts.qkv, n, t, cl, nh, threads);
-        let mut out = Vec::new();
-        let proj = Affine { w: b.attn_proj.w.clone(), b: None };
-        linear(&mut out, &acts.atty, p, &proj, rows, cl, c, threads);
-        out
     }
 
-    /// This rank's columns of held block `j`'s MLP on `h` (its `ln_2` output), up to
-    /// the partial `c_proj` output; the hidden layer before and after GELU into `acts`.
-    fn mlp_forward(&self, acts: &mut BlockActs, j: usize, h: &[f32], rows: usize) -> Vec<f32> {
+    /// This rank's columns of held block `j`'s MLP on `h` (its `ln_2` output) into
+    /// `acts`: the hidden layer before GELU.
+    fn mlp_acts(&self, acts: &mut BlockActs, j: usize, h: &[f32], rows: usize) {
         let (c, threads) = (self.spec.n_embd, self.threads);
         let (b, p) = (&self.at.blocks[j], &self.params[..]);
-        let wide = b.c_fc.w.len() / c;
-        linear(&mut acts.fc, h, p, &b.c_fc, rows, c, wide, threads);
-        gelu(&mut acts.fc_gelu, &acts.fc, threads);
-        let mut out = Vec::new();
-        let proj = Affine { w: b.mlp_proj.w.clone(), b: None };
-        linear(&mut out, &acts.fc_gelu, p, &proj, rows, wide, c, threads);
-        out
+        linear(&mut acts.fc, h, p, &b.c_fc, rows, c, b.c_fc.w.len() / c, threads);
     }
 
     /// The backward pass of tensor-parallel segment `seg`: the gradient with respect to
@@ -495,7 +486,7 @@ impl FusedPiece {
                 let a = match saved.acts.first() {
                     Some(a) => a,
                     None => {
-                        self.attention_forward(&mut scratch, j, h, n, t);
+                        self.attention_acts(&mut scratch, j, h, n, t);
                         &scratch
                     }
                 };
@@ -519,7 +510,7 @@ impl FusedPiece {
                 let a = match saved.acts.first() {
                     Some(a) => a,
                     None => {
-                        self.mlp_forward(&mut scratch, j, h, rows);
+                        self.mlp_acts(&mut scratch, j, h, rows);
                         &scratch
                     }
                 };
@@ -529,7 +520,9 @@ impl FusedPiece {
                 let mut g = Grads::add(grads, 0);
                 d.wide.resize(rows * wide, 0.0);
                 let proj = Affine { w: b.mlp_proj.w.clone(), b: None };
-                linear_backward(&mut g, &mut d.wide, grad, &a.fc_gelu, params, &proj, rows, wide, c, threads);
+                // GELU's output, not kept: again from its input.
+                gelu(&mut d.gelu, &a.fc, threads);
+                linear_backward(&mut g, &mut d.wide, grad, &d.gelu, params, &proj, rows, wide, c, threads);
                 gelu_backward(&mut d.wide, &a.fc, threads);
                 let mut dh = vec![0.0; rows * c];
                 linear_backward(&mut g, &mut dh, &d.wide, h, params, &b.c_fc, rows, c, wide, threads);

@@ -118,18 +118,19 @@ impl GptSpec {
     }
 
     /// Bytes one window keeps from the fused CPU forward pass for its backward pass,
-    /// and the backward pass's scratch: per token, each block's input, and of every
-    /// block that does not recompute its LayerNorms (with their statistics), q, k and
-    /// v, the heads' outputs, the residual after the attention, the MLP's hidden layer
-    /// before and after GELU and a row of attention probabilities per head; one more
-    /// block's worth when any block recomputes; the final LayerNorm, the logits and
-    /// their gradient; and the gradients of the widest layers in flight.
+    /// and the pass's scratch: per token, each block's input, and of every block that
+    /// does not recompute its LayerNorms' statistics, q, k and v, the heads' outputs,
+    /// the residual after the attention, the MLP's hidden layer before GELU and a row
+    /// of attention probabilities per head; one more block's worth when any block
+    /// recomputes; the final LayerNorm, the logits and their gradient; one LayerNorm's
+    /// output and GELU's (recomputed in the backward pass), and the gradients of the
+    /// widest layers in flight.
     pub fn fused_activation_bytes(&self) -> u64 {
         let (t, c, v) = (self.block_size as u64, self.n_embd as u64, self.vocab_size as u64);
-        let block = 15 * c + self.n_head as u64 * t + 4;
+        let block = 9 * c + self.n_head as u64 * t + 4;
         let kept = (0..self.n_layer).filter(|&l| !self.recomputes(l)).count() as u64;
         let scratch = u64::from(kept < self.n_layer as u64);
-        4 * t * ((self.n_layer as u64 + 1) * c + (kept + scratch) * block + c + 2 + 2 * v + 10 * c)
+        4 * t * ((self.n_layer as u64 + 1) * c + (kept + scratch) * block + c + 2 + 2 * v + 15 * c)
     }
 
     /// Every parameter with its initialisation, in nanoGPT's state-dict order.
@@ -330,10 +331,10 @@ impl GptSpec {
         let scratch = u64::from(kept < held);
         let (whole, sliced) = if w > 1 {
             // Two streams and two LayerNorm outputs with their statistics; q, k, v, the
-            // heads' outputs and the MLP's hidden layer twice, and the probabilities.
-            (4 * c + 4, (12 * c + nh * t) / w)
+            // heads' outputs, the MLP's hidden layer before GELU, and the probabilities.
+            (4 * c + 4, (8 * c + nh * t) / w)
         } else {
-            (c, 15 * c + nh * t + 4)
+            (c, 9 * c + nh * t + 4)
         };
         let first = u64::from(piece.blocks.start == 0);
         let last = if piece.blocks.end == self.blocks() { 2 * c + 2 + 2 * v } else { 0 };
