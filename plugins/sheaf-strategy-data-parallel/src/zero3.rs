@@ -11,7 +11,12 @@
 //! and optimizer state, plus one unit gathered.
 //!
 //! The root unit (embeddings, head) is gathered once per micro-batch and kept by the
-//! model to the end of its backward pass.
+//! model to the end of its backward pass; the last unit, gathered last in the forward
+//! pass, runs its backward on that gather. With `overlap` (as for the other stages:
+//! by default where a core is spare), the next unit's gather runs on a communication
+//! thread while the model runs the unit before it, and in the backward pass a unit's
+//! reduce-scatter runs there beside the next unit's work (FSDP2's prefetch), at the
+//! cost of a second unit, gradient and wire buffer.
 
 use std::ops::Range;
 
@@ -45,16 +50,12 @@ impl DataParallel {
             false => (None, None),
         };
         let shard_comm: &dyn Communicator = shards.as_deref().unwrap_or(comm);
-        let units = Units::new(model, shard_comm, dl())?;
+        let units = Units::new(model, shard_comm, dl(), self.config.overlap())?;
         let total_steps = config.total_steps(train.len());
         let wire_dtype = self.config.grad_dtype;
-        // This rank's rows' summed gradient, and the buffers a pass reuses: a unit
-        // gathered, its gradient, and its parts on the wire.
+        // This rank's rows' summed gradient, and the buffers a pass reuses.
         let mut shard_grads = vec![0f32; units.layout.total()];
-        let (largest, wire_len) = units.buffer_sizes();
-        let (mut buf, mut grads, mut wire) =
-            (Vec::with_capacity(largest), Vec::with_capacity(largest), Vec::with_capacity(wire_len));
-        let gradient_bytes = 4 * (shard_grads.len() + 2 * largest + wire_len) as u64;
+        let mut bufs = PassBufs::default();
         let mut tally = RunTally::new(&config);
         // Evaluated in chunks of a training micro-batch's share, so an evaluation pass
         // holds no more activations than a training pass.
@@ -73,20 +74,19 @@ impl DataParallel {
                 let local = loader.take()?;
                 let share = local.len() as f32 / group_samples as f32;
                 let batch = (!local.is_empty()).then(|| local.batch());
-                let (sum, _) =
-                    units.forward(model, batch.as_ref(), true, &mut buf, &mut wire, shard_comm, &dl)?;
+                let (sum, _) = units.forward(model, batch.as_ref(), true, &mut bufs, shard_comm, &dl)?;
                 if let Some(b) = &batch {
                     // The mean over the batch's predictions, as the whole model reports it.
                     let loss = (sum / b.predictions().max(1) as f64) as f32;
                     local_loss += loss * share;
                 }
-                let bufs = (&mut buf, &mut grads, &mut wire);
+                let ran = batch.is_some();
                 units.backward(
                     model,
-                    batch.is_some(),
+                    ran,
                     share,
                     &mut shard_grads,
-                    bufs,
+                    &mut bufs,
                     wire_dtype,
                     shard_comm,
                     &dl,
@@ -115,6 +115,7 @@ impl DataParallel {
             tally.end_step(done, metrics, checkpoints, model, optimizer, validate)?;
             Ok(())
         })?;
+        let gradient_bytes = 4 * (shard_grads.len() + bufs.capacity()) as u64;
         tally.summary(train.len(), model, optimizer, gradient_bytes, validate)
     }
 }
@@ -122,6 +123,9 @@ impl DataParallel {
 /// How every rank's rows of each unit lie in the unit gathered whole.
 pub struct Units {
     world: usize,
+    /// Whether the next unit's gather (and, in the backward pass, the last unit's
+    /// reduce-scatter) runs on a communication thread beside the model's work.
+    overlap: bool,
     /// The model's (this rank's shard's) layout.
     pub layout: ParamLayout,
     units: Vec<Unit>,
@@ -152,7 +156,12 @@ impl Unit {
 impl Units {
     /// The units of `model` (a row shard) over `comm`: every rank's row counts are
     /// gathered once, so each knows where every rank's rows go.
-    pub fn new(model: &dyn Model, comm: &dyn Communicator, deadline: Deadline) -> Result<Units> {
+    pub fn new(
+        model: &dyn Model,
+        comm: &dyn Communicator,
+        deadline: Deadline,
+        overlap: bool,
+    ) -> Result<Units> {
         let world = comm.world_size();
         let layout = model.layout().clone();
         let units = model.units();
@@ -196,20 +205,11 @@ impl Units {
                 Unit { params, whole, row_len, rows, pad, len }
             })
             .collect();
-        Ok(Units { world, layout, units })
+        Ok(Units { world, overlap, layout, units })
     }
 
     pub fn count(&self) -> usize {
         self.units.len()
-    }
-
-    /// The values of the largest unit gathered, and the most of any unit's parts on
-    /// the wire with this rank's own beside them: the sizes of the buffers a pass
-    /// reuses.
-    pub fn buffer_sizes(&self) -> (usize, usize) {
-        let largest = self.units.iter().map(|u| u.len).max().unwrap_or(0);
-        let wire = self.units.iter().map(|u| u.pad * (self.world + 1)).max().unwrap_or(0);
-        (largest, wire)
     }
 
     /// `wire` as every rank's parts of unit `unit` and, after them, this rank's own.
@@ -230,14 +230,36 @@ impl Units {
         comm: &dyn Communicator,
         deadline: Deadline,
     ) -> Result<()> {
+        self.pack(u, own, wire);
+        self.exchange(u, out, wire, comm, deadline)
+    }
+
+    /// This rank's rows of unit `u` from `own` into its part of `wire`: the first half
+    /// of a gather, which reads the model's buffer.
+    fn pack(&self, u: usize, own: &[f32], wire: &mut Vec<f32>) {
         let unit = &self.units[u];
-        let (all, mine) = self.wire_for(unit, wire);
+        let (_, mine) = self.wire_for(unit, wire);
         let mut at = 0;
         for &p in &unit.params {
             let r = self.layout.range(p);
             mine[at..at + r.len()].copy_from_slice(&own[r.clone()]);
             at += r.len();
         }
+    }
+
+    /// The second half of a gather: every rank's packed rows of unit `u` exchanged and
+    /// placed whole into `out`. Touches no model, so it runs on a communication thread
+    /// while the model runs the unit before.
+    fn exchange(
+        &self,
+        u: usize,
+        out: &mut Vec<f32>,
+        wire: &mut [f32],
+        comm: &dyn Communicator,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let unit = &self.units[u];
+        let (all, mine) = wire.split_at_mut(unit.pad * self.world);
         comm.allgather(bytemuck::cast_slice(mine), bytemuck::cast_slice_mut(all), deadline)?;
         out.clear();
         out.resize(unit.len, 0.0);
@@ -293,26 +315,44 @@ impl Units {
 
     /// A forward pass of `batch` unit by unit (or, without a batch, the gathers alone:
     /// every rank takes part in each unit's gather); returns the summed loss and the
-    /// correct predictions.
+    /// correct predictions. With `overlap`, each unit's gather after the first runs on
+    /// a communication thread while the model runs the unit before it. The last unit
+    /// is left gathered in `b.unit`, where [`Units::backward`] starts.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         model: &mut dyn Model,
         batch: Option<&Batch<'_>>,
         train: bool,
-        buf: &mut Vec<f32>,
-        wire: &mut Vec<f32>,
+        b: &mut PassBufs,
         comm: &dyn Communicator,
         deadline: &dyn Fn() -> Deadline,
     ) -> Result<(f64, usize)> {
         if let Some(batch) = batch {
             model.unit_begin(batch, train)?;
         }
+        let n = self.count();
+        self.gather(0, own(model)?, &mut b.unit, &mut b.wire, comm, deadline())?;
         let mut end = None;
-        for u in 0..self.count() {
-            self.gather(u, own(model)?, buf, wire, comm, deadline())?;
-            if batch.is_some() {
-                end = model.unit_forward(u, buf)?;
+        for u in 0..n {
+            let ahead = u + 1 < n;
+            let run = |model: &mut dyn Model, params: &[f32]| match batch {
+                Some(_) => model.unit_forward(u, params),
+                None => Ok(None),
+            };
+            if self.overlap && ahead {
+                self.pack(u + 1, own(model)?, &mut b.next_wire);
+                let dl = deadline();
+                let PassBufs { unit, next, next_wire, .. } = b;
+                let fetch = || self.exchange(u + 1, next, next_wire, comm, dl);
+                let (ran, fetched) = beside(fetch, || run(model, unit));
+                (end, ()) = (ran?, fetched?);
+                std::mem::swap(&mut b.unit, &mut b.next);
+            } else {
+                end = run(model, &b.unit)?;
+                if ahead {
+                    self.gather(u + 1, own(model)?, &mut b.unit, &mut b.wire, comm, deadline())?;
+                }
             }
         }
         match (batch, end) {
@@ -324,7 +364,11 @@ impl Units {
 
     /// The backward pass after [`Units::forward`] with `train`: each unit's gradient,
     /// scaled by `share`, reduce-scattered into `shard` as the pass leaves it (a rank
-    /// without a batch sends zeros).
+    /// without a batch sends zeros); the last unit runs on its parameters as the
+    /// forward pass left them gathered, each other on a gather again. With `overlap`,
+    /// the reduce-scatter of each unit's gradient and the gather of the unit below run
+    /// on a communication thread while the model runs the unit's backward: in the same
+    /// order as without, so on the same values.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -332,25 +376,57 @@ impl Units {
         ran: bool,
         share: f32,
         shard: &mut [f32],
-        bufs: (&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>),
+        b: &mut PassBufs,
         dtype: GradDType,
         comm: &dyn Communicator,
         deadline: &dyn Fn() -> Deadline,
     ) -> Result<()> {
-        let (buf, grads, wire) = bufs;
+        // The unit whose gradient waits in `b.sent` for its reduce-scatter.
+        let mut pending = None;
         for u in (0..self.count()).rev() {
-            let len = self.units[u].len;
-            grads.clear();
-            grads.resize(len, 0.0);
-            // The root stays with the model from its forward: not gathered again.
-            if u > 0 {
-                self.gather(u, own(model)?, buf, wire, comm, deadline())?;
+            b.grads.clear();
+            b.grads.resize(self.units[u].len, 0.0);
+            // The root stays with the model from its forward: run without parameters.
+            let root = u == 0;
+            let below = u >= 2;
+            let backward = |model: &mut dyn Model, params: &[f32], grads: &mut [f32]| match ran {
+                true => model.unit_backward(u, if root { &[] } else { params }, grads),
+                false => Ok(()),
+            };
+            if self.overlap {
+                if below {
+                    self.pack(u - 1, own(model)?, &mut b.next_wire);
+                }
+                let dl = deadline();
+                let PassBufs { unit, next, grads, sent, wire, next_wire } = b;
+                let shard = &mut *shard;
+                let communicate = || -> Result<()> {
+                    if let Some(p) = pending {
+                        self.reduce_scatter_add(p, sent, share, shard, wire, dtype, comm, dl)?;
+                    }
+                    match below {
+                        true => self.exchange(u - 1, next, next_wire, comm, dl),
+                        false => Ok(()),
+                    }
+                };
+                let (done, communicated) = beside(communicate, || backward(model, unit, grads));
+                done?;
+                communicated?;
+                pending = Some(u);
+                std::mem::swap(&mut b.grads, &mut b.sent);
+                if below {
+                    std::mem::swap(&mut b.unit, &mut b.next);
+                }
+            } else {
+                backward(model, &b.unit, &mut b.grads)?;
+                self.reduce_scatter_add(u, &b.grads, share, shard, &mut b.wire, dtype, comm, deadline())?;
+                if below {
+                    self.gather(u - 1, own(model)?, &mut b.unit, &mut b.wire, comm, deadline())?;
+                }
             }
-            if ran {
-                let params = if u > 0 { &buf[..] } else { &[][..] };
-                model.unit_backward(u, params, grads)?;
-            }
-            self.reduce_scatter_add(u, grads, share, shard, wire, dtype, comm, deadline())?;
+        }
+        if let Some(p) = pending {
+            self.reduce_scatter_add(p, &b.sent, share, shard, &mut b.wire, dtype, comm, deadline())?;
         }
         Ok(())
     }
@@ -373,20 +449,54 @@ impl Units {
         let indices = partitioner.shard(0, test.len(), world.rank(), world.world_size())?;
         let mut passes = [indices.len().div_ceil(chunk) as f64];
         world.allreduce(bytemuck::cast_slice_mut(&mut passes), DType::F64, ReduceOp::Max, deadline())?;
-        let (mut buf, mut wire) = (Vec::new(), Vec::new());
+        let mut bufs = PassBufs::default();
         let mut totals = [0f64; 3];
         for c in 0..passes[0] as usize {
             let part = indices.get(c * chunk..((c + 1) * chunk).min(indices.len())).unwrap_or(&[]);
             let samples = if part.is_empty() { None } else { Some(test.gather(part)?) };
             let batch = samples.as_ref().map(|s| s.batch());
-            let (loss, correct) =
-                self.forward(model, batch.as_ref(), false, &mut buf, &mut wire, comm, deadline)?;
+            let (loss, correct) = self.forward(model, batch.as_ref(), false, &mut bufs, comm, deadline)?;
             totals[0] += loss;
             totals[1] += correct as f64;
             totals[2] += batch.map_or(0, |b| b.predictions()) as f64;
         }
         Ok(totals)
     }
+}
+
+/// The buffers a pass reuses: the unit gathered, a unit's gradient, their parts on the
+/// wire; with overlap also the next unit on its way, the previous unit's gradient on
+/// its way, and their parts on the wire.
+#[derive(Default)]
+pub struct PassBufs {
+    unit: Vec<f32>,
+    grads: Vec<f32>,
+    wire: Vec<f32>,
+    next: Vec<f32>,
+    sent: Vec<f32>,
+    next_wire: Vec<f32>,
+}
+
+impl PassBufs {
+    /// The values the buffers hold at most.
+    pub fn capacity(&self) -> usize {
+        [&self.unit, &self.grads, &self.wire, &self.next, &self.sent, &self.next_wire]
+            .iter()
+            .map(|v| v.capacity())
+            .sum()
+    }
+}
+
+/// Runs `job` on a scoped thread while `work` runs here; both results.
+fn beside<R>(job: impl FnOnce() -> Result<()> + Send, work: impl FnOnce() -> R) -> (R, Result<()>) {
+    std::thread::scope(|s| {
+        let handle = s.spawn(job);
+        let r = work();
+        let j = handle
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("the ZeRO 3 communication thread panicked".into())));
+        (r, j)
+    })
 }
 
 /// The model's own rows (its lent buffer).
