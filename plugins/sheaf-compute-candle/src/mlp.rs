@@ -45,7 +45,9 @@ impl MlpSpec {
         if asked {
             return Err(Error::config(
                 "train.activation_checkpointing",
-                "the mlp kind does not recompute activations (the gpt kind does)",
+                "the mlp kind does not recompute activations: each of its layers keeps one activation, \
+                 its output, which is the next layer's input, so a layer that kept only its input \
+                 would keep as much (the gpt kind's blocks recompute)",
             ));
         }
         let s: MlpSpec = crate::parse_config("mlp", &spec.config)?;

@@ -55,13 +55,17 @@ impl DataParallel {
         let wire_dtype = self.config.grad_dtype;
         // This rank's rows' summed gradient, and the buffers a pass reuses.
         let mut shard_grads = vec![0f32; units.layout.total()];
-        let mut bufs = PassBufs::default();
+        // Shared with the evaluations between steps, which would otherwise hold a second
+        // set beside the training's (a unit, its gradient and the wire: 450 MB a rank
+        // at a billion parameters).
+        let bufs = std::cell::RefCell::new(PassBufs::default());
         let mut tally = RunTally::new(&config);
         // Evaluated in chunks of a training micro-batch's share, so an evaluation pass
         // holds no more activations than a training pass.
         let chunk = config.batch_size.div_ceil(world);
         let validate = |model: &mut dyn Model| {
-            let totals = units.evaluate(model, test, partitioner, chunk, (comm, shard_comm), &dl)?;
+            let b = &mut bufs.borrow_mut();
+            let totals = units.evaluate(model, test, partitioner, chunk, b, (comm, shard_comm), &dl)?;
             test_totals(comm, totals, dl())
         };
         let ask = crate::ask_shares(partitioner, config.start_micro_step(), rank, world);
@@ -74,23 +78,15 @@ impl DataParallel {
                 let local = loader.take()?;
                 let share = local.len() as f32 / group_samples as f32;
                 let batch = (!local.is_empty()).then(|| local.batch());
-                let (sum, _) = units.forward(model, batch.as_ref(), true, &mut bufs, shard_comm, &dl)?;
+                let bufs = &mut bufs.borrow_mut();
+                let (sum, _) = units.forward(model, batch.as_ref(), true, bufs, shard_comm, &dl)?;
                 if let Some(b) = &batch {
                     // The mean over the batch's predictions, as the whole model reports it.
                     let loss = (sum / b.predictions().max(1) as f64) as f32;
                     local_loss += loss * share;
                 }
                 let ran = batch.is_some();
-                units.backward(
-                    model,
-                    ran,
-                    share,
-                    &mut shard_grads,
-                    &mut bufs,
-                    wire_dtype,
-                    shard_comm,
-                    &dl,
-                )?;
+                units.backward(model, ran, share, &mut shard_grads, bufs, wire_dtype, shard_comm, &dl)?;
             }
             // Under HSDP each host summed its ranks' gradients: the hosts' sums, added.
             if let Some(replicas) = &replicas {
@@ -115,7 +111,7 @@ impl DataParallel {
             tally.end_step(done, metrics, checkpoints, model, optimizer, validate)?;
             Ok(())
         })?;
-        let gradient_bytes = 4 * (shard_grads.len() + bufs.capacity()) as u64;
+        let gradient_bytes = 4 * (shard_grads.len() + bufs.borrow().capacity()) as u64;
         tally.summary(train.len(), model, optimizer, gradient_bytes, validate)
     }
 }
@@ -433,7 +429,8 @@ impl Units {
 
     /// `[loss sum, correct, predictions]` on this rank's share of `test` (its share
     /// over the world, `comms.0`), `chunk` samples at a time, its units gathered over
-    /// `comms.1`; every rank runs as many passes as the rank with the most.
+    /// `comms.1` into the training's `bufs`; every rank runs as many passes as the rank
+    /// with the most.
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(
         &self,
@@ -441,6 +438,7 @@ impl Units {
         test: &dyn Dataset,
         partitioner: &dyn DataPartitioner,
         chunk: usize,
+        bufs: &mut PassBufs,
         comms: (&dyn Communicator, &dyn Communicator),
         deadline: &dyn Fn() -> Deadline,
     ) -> Result<[f64; 3]> {
@@ -449,13 +447,12 @@ impl Units {
         let indices = partitioner.shard(0, test.len(), world.rank(), world.world_size())?;
         let mut passes = [indices.len().div_ceil(chunk) as f64];
         world.allreduce(bytemuck::cast_slice_mut(&mut passes), DType::F64, ReduceOp::Max, deadline())?;
-        let mut bufs = PassBufs::default();
         let mut totals = [0f64; 3];
         for c in 0..passes[0] as usize {
             let part = indices.get(c * chunk..((c + 1) * chunk).min(indices.len())).unwrap_or(&[]);
             let samples = if part.is_empty() { None } else { Some(test.gather(part)?) };
             let batch = samples.as_ref().map(|s| s.batch());
-            let (loss, correct) = self.forward(model, batch.as_ref(), false, &mut bufs, comm, deadline)?;
+            let (loss, correct) = self.forward(model, batch.as_ref(), false, bufs, comm, deadline)?;
             totals[0] += loss;
             totals[1] += correct as f64;
             totals[2] += batch.map_or(0, |b| b.predictions()) as f64;
