@@ -314,13 +314,13 @@ impl GptSpec {
     }
 
     /// Bytes one window keeps from the fused CPU forward pass of a piece (a pipeline
-    /// stage, a tensor-parallel slice) for its backward pass, and the backward pass's
-    /// scratch: per token and held block its input, and unless it recomputes, its
+    /// stage, a tensor-parallel slice) for its backward pass: per token and held block
+    /// its input, and unless it recomputes, its
     /// activations (under tensor parallelism the replicated streams and LayerNorm
     /// inputs whole, this rank's share of the rest); on the first stage the tokens; on
     /// the last the stream into the final LayerNorm, its output, the logits and their
-    /// gradient; one block's worth of scratch when any block recomputes. (The backward
-    /// pass's scratch is one micro-batch's, not one per window in flight: left out.)
+    /// gradient. (The backward pass's scratch, and a recomputing block's, is one
+    /// micro-batch's, not one per window in flight: left out.)
     fn fused_piece_activation_bytes(&self, piece: &Piece) -> u64 {
         let (t, c, v, w) =
             (self.block_size as u64, self.n_embd as u64, self.vocab_size as u64, piece.tensor_width as u64);
@@ -328,7 +328,6 @@ impl GptSpec {
         let layers = self.layers_in(&piece.blocks);
         let held = layers.len() as u64;
         let kept = layers.clone().filter(|&l| !self.recomputes(l)).count() as u64;
-        let scratch = u64::from(kept < held);
         let (whole, sliced) = if w > 1 {
             // Two streams and two LayerNorm outputs with their statistics; q, k, v, the
             // heads' outputs, the MLP's hidden layer before GELU, and the probabilities.
@@ -338,7 +337,7 @@ impl GptSpec {
         };
         let first = u64::from(piece.blocks.start == 0);
         let last = if piece.blocks.end == self.blocks() { 2 * c + 2 + 2 * v } else { 0 };
-        4 * t * (held * whole + (kept + scratch) * sliced + first + last)
+        4 * t * (held * whole + kept * sliced + first + last)
     }
 
     /// A pipeline stage's parameters: those of its blocks, and on a last stage that
