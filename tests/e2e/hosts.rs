@@ -326,6 +326,33 @@ fn multi_node_flags_are_checked() {
 /// A launcher's variables for one rank.
 type LauncherVars<'a> = &'a dyn Fn(usize) -> Vec<(String, String)>;
 
+/// Two `sheaf run` processes of the default job (5 steps) into `dir`, each with only
+/// the variables `vars` gives its rank (and the job's secret): both must succeed, and
+/// their summary is returned. `name` names the launcher in a failure.
+fn train_two_ranks(name: &str, dir: &std::path::Path, vars: LauncherVars<'_>) -> serde_json::Value {
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            let mut cmd = Command::new(sheaf_bin());
+            cmd.args(["run", "--set", "train.max_steps=5", "--threads-per-worker", "1", "--run-dir"])
+                .arg(dir)
+                .env_remove("SHEAF_PLUGIN_PATH");
+            for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+                cmd.env_remove(v);
+            }
+            cmd.envs(vars(rank)).env("SHEAF_JOB_TOKEN", "a launcher's secret");
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for (rank, c) in children.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{name} rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["world_size"], 2, "{name}: {s}");
+    s
+}
+
 /// Ranks started by another launcher, one process each with only that launcher's
 /// variables (SLURM's `srun`, Open MPI's `mpirun`), form one world and train.
 #[test]
@@ -352,32 +379,47 @@ fn other_launchers_environments_form_one_world() {
     let launchers: [(&str, LauncherVars); 2] = [("SLURM", &slurm), ("Open MPI", &ompi)];
     for (name, vars) in launchers {
         let dir = tempfile::tempdir().unwrap();
-        let children: Vec<_> = (0..2)
-            .map(|rank| {
-                let mut cmd = Command::new(sheaf_bin());
-                cmd.args(["run", "--set", "train.max_steps=5", "--threads-per-worker", "1", "--run-dir"])
-                    .arg(dir.path())
-                    .env_remove("SHEAF_PLUGIN_PATH");
-                for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
-                    cmd.env_remove(v);
-                }
-                cmd.envs(vars(rank)).env("SHEAF_JOB_TOKEN", "srun's secret");
-                cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
-            })
-            .collect();
-        for (rank, c) in children.into_iter().enumerate() {
-            let out = c.wait_with_output().unwrap();
-            assert!(out.status.success(), "{name} rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let s: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.path().join("summary.json")).unwrap()).unwrap();
-        assert_eq!(s["world_size"], 2, "{name}: {s}");
+        train_two_ranks(name, dir.path(), vars);
         // Each rank keeps its log in the run directory, as under `sheaf launch`.
         for rank in 0..2 {
             let log = std::fs::read_to_string(dir.path().join(format!("logs/rank-{rank}.log"))).unwrap();
             assert!(log.contains(&format!("rank {rank}/2")), "{name} rank {rank}'s log: {log}");
         }
     }
+}
+
+/// Under torchrun's elastic agent, whose store already listens on `MASTER_PORT`
+/// (`TORCHELASTIC_USE_AGENT_STORE=True`), the workers meet beside it and train, the
+/// store's listener untouched: here a listener held on the port as the agent's is,
+/// and exactly torchrun's variables (its `localhost`, its run id). Without the move the
+/// first rank fails with "Address already in use".
+#[test]
+fn torchruns_agent_store_keeps_its_port() {
+    let store = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = store.local_addr().unwrap().port();
+    let torchrun = |rank: usize| -> Vec<(String, String)> {
+        [
+            ("RANK", rank.to_string()),
+            ("LOCAL_RANK", rank.to_string()),
+            ("WORLD_SIZE", "2".into()),
+            ("LOCAL_WORLD_SIZE", "2".into()),
+            ("GROUP_RANK", "0".into()),
+            ("MASTER_ADDR", "localhost".into()),
+            ("MASTER_PORT", port.to_string()),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True".into()),
+            ("TORCHELASTIC_RUN_ID", "test-run".into()),
+            ("TORCHELASTIC_RESTART_COUNT", "0".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    train_two_ranks("torchrun", dir.path(), &torchrun);
+    // The agent's store still holds its port.
+    assert_eq!(store.local_addr().unwrap().port(), port);
+    let client = std::net::TcpStream::connect(("127.0.0.1", port));
+    assert!(client.is_ok(), "the store's port no longer answers: {client:?}");
 }
 
 /// Incomplete launcher environments and a master that does not resolve: clear errors

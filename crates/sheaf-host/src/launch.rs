@@ -180,6 +180,8 @@ const OTHER_LAUNCHERS: &[&str] = &[
     "PMI_SIZE",
     "MPI_LOCALRANKID",
     "JOB_COMPLETION_INDEX",
+    // No torchrun agent serves a store on the port this launcher picks.
+    "TORCHELASTIC_USE_AGENT_STORE",
 ];
 
 /// This executable as `(rank, local rank, ranks on this host, world)` meeting at

@@ -20,6 +20,9 @@ launchers that set them must agree):
   PMI_RANK, PMI_SIZE, MPI_LOCALRANKID       MPICH's mpirun
   JOB_COMPLETION_INDEX (with WORLD_SIZE)    a Kubernetes Indexed Job
   MASTER_ADDR, MASTER_PORT                  where rank 0 meets the others (port 29500 by default)
+  TORCHELASTIC_USE_AGENT_STORE=True         torchrun's agent already serves its store on
+                                            MASTER_PORT: rank 0 meets the others at MASTER_PORT + 2
+                                            (sheaf doctor's roll call at MASTER_PORT + 3)
   SHEAF_JOB_TOKEN                           the job's secret, the same on every rank (required
                                             for a world of more than one)
   SHEAF_ADVERTISE_ADDR                      the address peers reach this rank at (default: this
@@ -124,6 +127,18 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<WorkerEnv, Host
             20_000 + (number::<u64>("SLURM_JOB_ID", &id)? % 20_000) as u16
         }
         _ => 29_500,
+    };
+    // torchrun's elastic agent serves its own store on MASTER_PORT (and says so to its
+    // workers): Sheaf meets two ports above it, leaving the one between to the
+    // doctor's roll call's usual place, which moves up with it.
+    let master_port = match get("TORCHELASTIC_USE_AGENT_STORE").as_deref().map(str::trim) {
+        Some("True" | "true" | "1") => master_port.checked_add(2).ok_or_else(|| {
+            usage(format!(
+                "MASTER_PORT={master_port}: torchrun's agent store holds it and Sheaf meets two ports \
+                 above it, past the last port; choose a lower one (torchrun --master-port)"
+            ))
+        })?,
+        _ => master_port,
     };
     let spans_hosts = spans_hosts(source, world_size, &get)?;
     Ok(WorkerEnv { rank, world_size, local_rank, master_addr, master_port, spans_hosts })
@@ -271,6 +286,15 @@ mod tests {
         let t =
             place(&[("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "h0")]).unwrap();
         assert_eq!((t.rank, t.world_size, t.local_rank, t.master_addr.as_str()), (3, 4, 1, "h0"));
+        // Under torchrun's agent store (on MASTER_PORT), two ports above it; at the top
+        // of the range, an error naming the variable.
+        let agent = [("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "42233")];
+        assert_eq!(place(&agent).unwrap().master_port, 42233);
+        let store = [agent[0], agent[1], agent[2], ("TORCHELASTIC_USE_AGENT_STORE", "True")];
+        assert_eq!(place(&store).unwrap().master_port, 42235);
+        let top = [agent[0], agent[1], ("MASTER_PORT", "65534"), store[3]];
+        let e = place(&top).unwrap_err();
+        assert!(e.contains("MASTER_PORT=65534") && e.contains("torchrun --master-port"), "{e}");
         let s = place(&[
             ("SLURM_PROCID", "5"),
             ("SLURM_NTASKS", "8"),
