@@ -289,7 +289,7 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     let out = sheaf(args, dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} succeeded");
-    assert!(out.status.code().is_some(), "{args:?} died by a signal: {}", out.status);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: bad input exits 2: {stderr}");
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
     for n in needles {
         assert!(stderr.contains(n), "{args:?}: `{n}` not in:\n{stderr}");
@@ -298,6 +298,9 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     assert!(!dir.path().join("checkpoint.safetensors").exists(), "{args:?} wrote a checkpoint");
 }
 
+/// Bad input (a malformed job, an unknown key or component, a missing dataset, a
+/// value of the wrong type, an empty world, a device not built in) is a clear error
+/// naming the key or flag, exit code 2, at once, with no checkpoint written.
 #[test]
 fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
     let dir = tempfile::tempdir().unwrap();
@@ -316,6 +319,18 @@ fn bad_input_is_a_clear_error_and_a_non_zero_exit() {
     fails_with(&["run", "--set", &set_missing], &["nowhere/train-images-idx3-ubyte.gz"]);
     fails_with(&["launch", "-n", "2", "--set", "model.layers=[784, 128, 10]"], &["digits", "64", "784"]);
     fails_with(&["run", "--set", "compute.device=\"cuda:0\""], &["built without CUDA support"]);
+    // What a new user met: an empty world named as such, a missing token file named by
+    // its key, a word where a number goes named by its key (not TOML's "invalid
+    // boolean"), the loaded strategies listed without a made-up plural.
+    fails_with(&["launch", "-n", "0"], &["-n 0", "at least one worker"]);
+    let bin = dir.path().join("nowhere.bin");
+    let set_bin = format!("data.dataset=\"{}\"", bin.display());
+    fails_with(&["run", "--set", &set_bin], &["key `data.dataset`", "nowhere.bin"]);
+    fails_with(&["run", "--set", "train.lr=fast"], &["key `train.lr`", "\"fast\""]);
+    fails_with(
+        &["run", "--set", "parallel.strategy=nope"],
+        &["strategy `nope`", "(available: data-parallel"],
+    );
 }
 
 /// A worker killed mid-run: the launcher stops the others and names the rank within

@@ -314,6 +314,12 @@ fn launch_job(
     nodes: crate::launch::Nodes,
 ) -> Result<(), HostError> {
     let (max_restarts, grace_s) = supervision;
+    if workers == 0 {
+        return Err(HostError::Usage(
+            "-n 0: a world needs at least one worker on each host; give -n N (--nproc-per-node) with N >= 1"
+                .into(),
+        ));
+    }
     nodes.check(max_restarts)?;
     if !(grace_s.is_finite() && grace_s >= 0.0) {
         return Err(HostError::Usage(format!("--grace-s {grace_s}: not a number of seconds")));
@@ -328,6 +334,15 @@ fn launch_job(
     let mut parsed = crate::job::load_job(job_file.as_deref(), &job.overrides)?;
     parsed.transport.resolve(nodes.nnodes > 1);
     let registry = cli.registry_for(&parsed);
+    // The transports the workers will ask for, found here so that a job naming one no
+    // plugin provides fails once, before any worker starts.
+    let transports = match parsed.transport.plugin() {
+        "auto" => vec!["zmq-tcp", "shm"],
+        one => vec![one],
+    };
+    for t in transports {
+        registry.provider(sheaf_core::PluginKind::Transport, t)?;
+    }
     let mut worker_args: Vec<String> = Vec::new();
     let compute = registry.compute(&parsed.compute.backend, &parsed.compute.config_json())?;
     let data = crate::data::load(&parsed, &registry, compute.as_ref())?;

@@ -96,6 +96,16 @@ pub fn describe(
 
 /// Opens the job's dataset, describes its model and splits the data to fit it.
 pub fn load(job: &Job, registry: &Registry, compute: &dyn ComputeBackend) -> Result<JobData, HostError> {
+    // A dataset that cannot be read names the key that asked for it.
+    load_source(job, registry, compute).map_err(|e| match e {
+        HostError::Data(detail) if !detail.contains("data.dataset") => {
+            HostError::Data(format!("key `data.dataset` = {:?}: {detail}", job.data.dataset))
+        }
+        other => other,
+    })
+}
+
+fn load_source(job: &Job, registry: &Registry, compute: &dyn ComputeBackend) -> Result<JobData, HostError> {
     let source = open(job)?;
     let vocab_size = match &source {
         Source::Tokens(file, _) => file.vocab_size(),

@@ -371,16 +371,33 @@ impl Default for ComputeSection {
     }
 }
 
-/// Sets `key` (dotted, e.g. `train.lr`) to `value` (TOML, e.g. `0.1` or `"adamw"`).
+/// Whether `text` is one word of letters, digits and `-_.:/+`, taken as a string when it
+/// is not TOML.
+fn is_bare_word(text: &str) -> bool {
+    !text.is_empty() && text.chars().all(|c| c.is_alphanumeric() || "-_.:/+".contains(c))
+}
+
+/// Sets `key` (dotted, e.g. `train.lr`) to `value` (TOML, e.g. `0.1` or `"adamw"`; a bare
+/// word that is not TOML, e.g. `adamw`, as a string).
 fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), HostError> {
     let (key, value) = assignment
         .split_once('=')
         .ok_or_else(|| HostError::Usage(format!("--set {assignment}: expected key=value")))?;
     let key = key.trim();
-    let parsed: toml::Table = format!("v = {}", value.trim()).parse().map_err(|e: toml::de::Error| {
-        HostError::Usage(format!("--set {key}: `{}` is not a TOML value: {}", value.trim(), e.message()))
-    })?;
-    let value = parsed.get("v").cloned().expect("parsed one key");
+    let text = value.trim();
+    let value = match format!("v = {text}").parse::<toml::Table>() {
+        Ok(parsed) => parsed.get("v").cloned().expect("parsed one key"),
+        // A bare word is a string (`--set train.optimizer=adamw`): the job's own check
+        // then says what the key takes, naming it, where TOML would only say it is
+        // not a boolean.
+        Err(_) if is_bare_word(text) => toml::Value::String(text.to_string()),
+        Err(e) => {
+            return Err(HostError::Usage(format!(
+                "--set {key}: `{text}` is not a TOML value: {} (a string with spaces or quotes: --set '{key}=\"...\"')",
+                e.message()
+            )))
+        }
+    };
     let parts: Vec<&str> = key.split('.').collect();
     let mut table = doc;
     for part in &parts[..parts.len() - 1] {
@@ -485,6 +502,25 @@ mod tests {
         assert_eq!((job.train.optimizer.as_str(), job.train.max_steps), ("adamw", Some(10)));
         let config: serde_json::Value = serde_json::from_str(&job.model.config_json()).unwrap();
         assert_eq!(config["layers"], serde_json::json!([64, 10]));
+    }
+
+    /// A bare word that is not TOML is a string (`--set train.optimizer=adamw`); a word
+    /// given where a number goes is then the job's error naming the key and the type,
+    /// not TOML's "invalid boolean"; what is neither says how to quote.
+    #[test]
+    fn bare_words_are_strings_and_wrong_types_name_the_key() {
+        let job = parse_job(DEFAULT_JOB, "d", &["train.optimizer=adamw".into()]).unwrap();
+        assert_eq!(job.train.optimizer, "adamw");
+        let e = parse_job(DEFAULT_JOB, "j", &["train.lr=fast".into()]).unwrap_err().to_string();
+        assert!(e.contains("train.lr") && e.contains("\"fast\"") && !e.contains("boolean"), "{e}");
+        let e = parse_job(DEFAULT_JOB, "j", &["train.lr=[1,".into()]).unwrap_err().to_string();
+        assert!(
+            e.contains("--set train.lr") && e.contains("not a TOML value") && e.contains("quotes"),
+            "{e}"
+        );
+        // TOML's own values keep their types.
+        let job = parse_job(DEFAULT_JOB, "d", &["train.lr=1e-3".into(), "train.max_steps=7".into()]).unwrap();
+        assert_eq!((job.train.lr, job.train.max_steps), (1e-3, Some(7)));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::{candidates, load_plugin, LoadError, LoadedPlugin, SearchDir};
 #[non_exhaustive]
 pub enum HostError {
     #[error(
-        "no loaded plugin provides {kind} `{name}` (available {kind}s: {available}); searched {searched}{unusable}"
+        "no loaded plugin provides {kind} `{name}` (available: {available}); searched {searched}{unusable}"
     )]
     Missing { kind: PluginKind, name: String, available: String, searched: String, unusable: String },
     #[error(
@@ -44,10 +44,11 @@ pub enum HostError {
 
 impl HostError {
     /// The process exit code: 2 for a bad command line or job (a plugin refusing its
-    /// settings included), 1 for anything else.
+    /// settings, a component no plugin provides and a dataset that cannot be read
+    /// included), 1 for anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            HostError::Usage(_) | HostError::Job(_) => 2,
+            HostError::Usage(_) | HostError::Job(_) | HostError::Missing { .. } | HostError::Data(_) => 2,
             HostError::Component { source: sheaf_core::Error::InvalidConfig { .. }, .. } => 2,
             _ => 1,
         }
