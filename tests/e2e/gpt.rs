@@ -334,8 +334,9 @@ fn bad_gpt_jobs_fail_before_any_worker_starts() {
     assert!(e.contains("do not fit") && e.contains("token windows"), "{e}");
 }
 
-/// `sheaf sample` continues a prompt with the trained model; greedy decoding is
-/// deterministic, and characters outside the vocabulary are refused.
+/// `sheaf sample` continues a prompt with the trained model (given its checkpoint or
+/// its run directory); greedy decoding is deterministic, characters outside the
+/// vocabulary are refused, and a classifier's run is named as one.
 #[test]
 fn sample_prints_generated_text() {
     let data = tempfile::tempdir().unwrap();
@@ -357,4 +358,26 @@ fn sample_prints_generated_text() {
     let bad = sample("Zebra", &[]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not in the model's vocabulary"));
+    // The run directory stands for its checkpoint.
+    let by_dir = std::process::Command::new(sheaf_tests::sheaf_bin())
+        .arg("sample")
+        .arg(run.path())
+        .args(["--prompt", "the king", "--tokens", "40", "--temperature", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(by_dir.stdout, a.stdout);
+    // A classifier's run is named as such (exit 2), not as a missing vocabulary.
+    let classifier = tempfile::tempdir().unwrap();
+    crate::training::ok(&crate::training::sheaf(&["run", "--set", "train.max_steps=2"], classifier.path()));
+    let out = std::process::Command::new(sheaf_tests::sheaf_bin())
+        .arg("sample")
+        .arg(classifier.path())
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("trained a classifier") && e.contains("model kind `mlp`") && !e.contains("vocab"),
+        "{e}"
+    );
 }

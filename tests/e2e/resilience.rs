@@ -17,6 +17,8 @@ use crate::training::{ok, sheaf, summary};
 struct Running {
     child: Child,
     pids: mpsc::Receiver<u32>,
+    /// The launcher's stderr, line by line, as it comes.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn launch_bg(args: &[&str], run_dir: &Path) -> Running {
@@ -32,8 +34,11 @@ fn launch_bg(args: &[&str], run_dir: &Path) -> Running {
         .expect("start sheaf launch");
     let (tx, pids) = mpsc::channel();
     let err = child.stderr.take().expect("piped");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = lines.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(err).lines().map_while(Result::ok) {
+            seen.lock().unwrap().push(line.clone());
             // "[launch] rank R pid P"
             if let Some(pid) = line.strip_prefix("[launch] rank ").and_then(|r| r.split(" pid ").nth(1)) {
                 if let Ok(pid) = pid.trim().parse() {
@@ -42,7 +47,7 @@ fn launch_bg(args: &[&str], run_dir: &Path) -> Running {
             }
         }
     });
-    Running { child, pids }
+    Running { child, pids, lines }
 }
 
 fn kill(pid: u32, sig: libc::c_int) {
@@ -261,7 +266,8 @@ fn elastic_restarts_end_where_uninterrupted_runs_end() {
 }
 
 /// SIGTERM to the launcher (what `scancel` or a pod eviction sends) is forwarded;
-/// within 15 s no worker is left, and the launcher says why it stopped.
+/// within 15 s no worker is left, and the launcher says why it stopped and that
+/// `--resume` continues the run.
 #[test]
 fn a_terminated_launcher_leaves_no_worker_behind() {
     let dir = tempfile::tempdir().unwrap();
@@ -279,6 +285,10 @@ fn a_terminated_launcher_leaves_no_worker_behind() {
     assert!(!status.success());
     wait_for("every worker to exit", Duration::from_secs(15).saturating_sub(t.elapsed()), || {
         pids.iter().all(|&p| !alive(p))
+    });
+    // And it says how to go on.
+    wait_for("the launcher to say how to continue", Duration::from_secs(5), || {
+        run.lines.lock().unwrap().iter().any(|l| l.contains("signal") && l.contains("--resume"))
     });
 
     // SIGKILL cannot be forwarded: the kernel kills the workers with their launcher.

@@ -553,7 +553,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
         match run_world(opts, &exe, attempt, resume, &signals)? {
             Ended::Done => return Ok(()),
             Ended::Signalled(sig) => {
-                return Err(HostError::Launch(format!("stopped by signal {sig}; the workers were stopped")))
+                return Err(HostError::Launch(format!(
+                    "stopped by signal {sig}; the workers were stopped; the same command with --resume {} \
+                     continues the run from its newest checkpoint",
+                    opts.run_dir.display()
+                )))
             }
             Ended::Failed { rank, message } if attempt < opts.max_restarts => {
                 attempt += 1;
@@ -565,7 +569,11 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
                 resume = true;
             }
             Ended::Failed { message, .. } => {
-                return Err(HostError::Launch(format!("{message}; stopped the other workers")))
+                return Err(HostError::Launch(format!(
+                    "{message}; stopped the other workers; once the cause is fixed, the same command with \
+                     --resume {} continues the run from its newest checkpoint",
+                    opts.run_dir.display()
+                )))
             }
         }
     }

@@ -46,6 +46,14 @@ fn read_vocab(path: &Path) -> Result<Vec<char>, HostError> {
 
 /// The prompt followed by `opts.tokens` generated characters.
 pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> Result<String, HostError> {
+    // A run directory stands for its checkpoint.
+    let in_dir;
+    let checkpoint = if checkpoint.is_dir() {
+        in_dir = checkpoint.join("checkpoint.safetensors");
+        &in_dir
+    } else {
+        checkpoint
+    };
     let dir = checkpoint.parent().unwrap_or(Path::new("."));
     let summary_path = dir.join("summary.json");
     let summary = std::fs::read_to_string(&summary_path)
@@ -54,7 +62,25 @@ pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> R
         serde_json::from_str(&summary).map_err(|e| data_err(&summary_path, e))?;
     let job: Job = serde_json::from_value(summary["job"].clone())
         .map_err(|e| data_err(&summary_path, format!("its job does not parse: {e}")))?;
-    let vocab = read_vocab(&dir.join("vocab.json"))?;
+    let vocab_path = dir.join("vocab.json");
+    if !vocab_path.exists() {
+        // No vocabulary: a classifier's run says so, rather than that a file is missing.
+        let compute = registry.compute(&job.compute.backend, "")?;
+        let spec = crate::data::model_spec(&job, None);
+        if let Ok(sheaf_core::ModelInput::Rows { .. }) =
+            crate::data::describe(&job, &spec, registry, compute.as_ref()).map(|i| i.input)
+        {
+            return Err(HostError::Usage(format!(
+                "{}: this run trained a classifier (model kind `{}` on `{}`), which has no text to \
+                 sample; `sheaf sample` continues text with a language model (model.kind = \"gpt\" \
+                 on a text dataset: examples/shakespeare-gpt.toml)",
+                checkpoint.display(),
+                job.model.kind,
+                job.data.dataset
+            )));
+        }
+    }
+    let vocab = read_vocab(&vocab_path)?;
     let spec = crate::data::model_spec(&job, Some(vocab.len()));
     let compute =
         registry.compute(&job.compute.backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
