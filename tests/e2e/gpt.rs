@@ -334,6 +334,33 @@ fn bad_gpt_jobs_fail_before_any_worker_starts() {
     assert!(e.contains("do not fit") && e.contains("token windows"), "{e}");
 }
 
+/// A language model's runs speak of validation loss and tokens/s, a classifier's of
+/// accuracy and samples/s: the last line of `sheaf run` and of `sheaf launch` alike.
+#[test]
+fn runs_report_the_measures_of_their_kind() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "");
+    for args in [
+        vec!["run".to_string(), job.display().to_string()],
+        vec!["launch".into(), "-n".into(), "2".into(), job.display().to_string()],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.extend(["--set", "train.max_steps=3"]);
+        let out = sheaf(&a, dir.path());
+        ok(&out);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let last = text.lines().last().unwrap_or_default();
+        assert!(last.contains("val_loss") && last.contains("tokens/s"), "{args:?}: {last}");
+        assert!(!text.contains("accuracy") && !text.contains("samples/s"), "{args:?}: {text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = sheaf(&["run", "--set", "train.max_steps=3"], dir.path());
+    ok(&out);
+    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
+    assert!(last.contains("test accuracy") && last.contains("samples/s"), "{last}");
+}
+
 /// `sheaf sample` continues a prompt with the trained model (given its checkpoint or
 /// its run directory); greedy decoding is deterministic, characters outside the
 /// vocabulary are refused, and a classifier's run is named as one.

@@ -302,6 +302,30 @@ impl Cli {
     }
 }
 
+/// A run's last line, from the `summary.json` in `run_dir`, in the measures of its
+/// kind: a language model's validation loss and tokens/s, a classifier's test accuracy
+/// and samples/s (the same words `sheaf run` and `sheaf launch` print).
+fn outcome(run_dir: &std::path::Path) -> String {
+    let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
+    let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let steps = v["steps"].as_u64().unwrap_or(0);
+    let (score, rate) = match v["val_loss"].is_number() {
+        true => {
+            (format!("val_loss {:.4}", num("val_loss")), format!("{:.0} tokens/s", num("tokens_per_sec")))
+        }
+        false => (
+            format!("test accuracy {:.4}", num("test_accuracy")),
+            format!("{:.0} samples/s", num("samples_per_sec")),
+        ),
+    };
+    format!(
+        "{score}, final loss {:.4}, {rate} over {steps} steps; outputs in {}",
+        num("final_loss"),
+        run_dir.display()
+    )
+}
+
 /// Checks `job` and its layout over `workers` ranks (so a bad one fails once, before
 /// any worker starts), then starts the workers writing to `run_dir` and waits.
 fn launch_job(
@@ -440,19 +464,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 resume,
             };
             let registry = cli.registry_for(&job);
-            let summary = crate::worker::run_worker(&job, &registry, &opts)?;
+            crate::worker::run_worker(&job, &registry, &opts)?;
             if opts.env.rank == 0 {
                 let dir = opts.run_dir.as_ref().expect("set above");
-                writeln!(
-                    out,
-                    "test accuracy {:.4}, final loss {:.4}, {:.0} samples/s over {} steps; outputs in {}",
-                    summary.trained.test_accuracy,
-                    summary.trained.final_loss,
-                    summary.trained.samples_per_sec,
-                    summary.trained.steps,
-                    dir.display()
-                )
-                .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;
+                writeln!(out, "{}", outcome(dir))
+                    .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;
             }
             Ok(())
         }
@@ -483,29 +499,8 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 )
                 .map_err(|e| HostError::Usage(format!("cannot write output: {e}")));
             }
-            let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
-            let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-            let line = if v["val_loss"].is_number() {
-                format!(
-                    "{} workers: val_loss {:.4}, final loss {:.4}, {:.0} tokens/s; outputs in {}",
-                    workers,
-                    num("val_loss"),
-                    num("final_loss"),
-                    num("tokens_per_sec"),
-                    run_dir.display()
-                )
-            } else {
-                format!(
-                    "{} workers: test accuracy {:.4}, final loss {:.4}, {:.0} samples/s; outputs in {}",
-                    workers,
-                    num("test_accuracy"),
-                    num("final_loss"),
-                    num("samples_per_sec"),
-                    run_dir.display()
-                )
-            };
-            writeln!(out, "{line}").map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
+            writeln!(out, "{workers} workers: {}", outcome(&run_dir))
+                .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
         }
         Command::Plan { job, overrides, workers, json } => {
             let job = crate::job::load_job(job.as_deref(), overrides)?;
