@@ -422,6 +422,32 @@ fn torchruns_agent_store_keeps_its_port() {
     assert!(client.is_ok(), "the store's port no longer answers: {client:?}");
 }
 
+/// `sheaf doctor -n N` runs the doctor over N local ranks with the secret and the
+/// addresses filled in (no variable exported by hand): rank 0's report covers every
+/// rank, and a problem on any rank is a non-zero exit naming the ranks.
+#[test]
+fn the_doctor_starts_its_own_local_ranks() {
+    let doctor = |extra: &[&str]| {
+        let mut cmd = Command::new(sheaf_bin());
+        cmd.args(["doctor", "-n", "3"]).args(extra).env_remove("SHEAF_PLUGIN_PATH");
+        for v in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHEAF_JOB_TOKEN"] {
+            cmd.env_remove(v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = doctor(&[]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        report.contains("3 ranks") && report.contains("rank 2") && report.contains("doctor: OK"),
+        "{report}"
+    );
+    let out = doctor(&["--set", "compute.memory_limit_mb=0.01"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("over the 0.01 MiB budget") && err.contains("rank(s) 0, 1, 2"), "{err}");
+}
+
 /// Incomplete launcher environments and a master that does not resolve: clear errors
 /// naming the variable, exit 2, at once.
 #[test]

@@ -134,6 +134,11 @@ pub enum Command {
         /// A rank slower than the median by more than this factor is a problem.
         #[arg(long, value_name = "X", default_value_t = 2.0)]
         slow_factor: f64,
+        /// Start N local ranks of the doctor with the secret and addresses filled in,
+        /// as `sheaf launch -n N` starts workers (without it: this process is one rank,
+        /// placed by its launcher's variables).
+        #[arg(short = 'n', long = "nproc", value_name = "N")]
+        workers: Option<usize>,
     },
     /// Print the job's layout over N ranks and what each rank is planned to hold, by
     /// part (parameters, gradients, optimizer state, activations, communication),
@@ -299,6 +304,53 @@ impl Cli {
         let env = std::env::var(PLUGIN_PATH_ENV).ok();
         let exe = std::env::current_exe().ok();
         Registry::load(&search_dirs(&self.plugin_dirs, env.as_deref(), exe.as_deref()))
+    }
+}
+
+/// `sheaf doctor -n N`: the doctor as N local ranks of one world (the job's secret and
+/// a free rendezvous port filled in, as `sheaf launch` does), rank 0's report printed;
+/// fails when any rank does.
+fn local_doctor(
+    cli: &Cli,
+    file: Option<&std::path::Path>,
+    overrides: &[String],
+    slow_factor: f64,
+    workers: usize,
+) -> Result<(), HostError> {
+    if workers == 0 {
+        return Err(HostError::Usage("doctor -n 0: a world needs at least one rank".into()));
+    }
+    // A bad job fails here, once, rather than in every rank.
+    crate::job::load_job(file, overrides)?;
+    let exe = std::env::current_exe().map_err(|e| HostError::Launch(e.to_string()))?;
+    let port = crate::launch::free_port()?;
+    let threads = crate::launch::threads_per_worker(workers);
+    let mut children = Vec::new();
+    for rank in 0..workers {
+        let mut cmd = crate::launch::local_worker(&exe, rank, workers, port, threads);
+        for d in &cli.plugin_dirs {
+            cmd.arg("--plugin-dir").arg(d);
+        }
+        cmd.arg("doctor");
+        if let Some(f) = file {
+            cmd.arg(f);
+        }
+        for o in overrides {
+            cmd.args(["--set", o]);
+        }
+        cmd.args(["--slow-factor", &slow_factor.to_string()]);
+        children.push(cmd.spawn().map_err(|e| HostError::Launch(format!("cannot start rank {rank}: {e}")))?);
+    }
+    let mut failed = Vec::new();
+    for (rank, mut child) in children.into_iter().enumerate() {
+        let status = child.wait().map_err(|e| HostError::Launch(e.to_string()))?;
+        if !status.success() {
+            failed.push(rank.to_string());
+        }
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(HostError::Check(format!("doctor: rank(s) {} found problems", failed.join(", ")))),
     }
 }
 
@@ -617,7 +669,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             }
             Ok(())
         }
-        Command::Doctor { job, overrides, slow_factor } => {
+        Command::Doctor { job: file, overrides, slow_factor, workers: Some(n) } => {
+            local_doctor(&cli, file.as_deref(), overrides, *slow_factor, *n)
+        }
+        Command::Doctor { job, overrides, slow_factor, workers: None } => {
             let mut job = crate::job::load_job(job.as_deref(), overrides)?;
             let env = crate::worker::WorkerEnv::from_env()?;
             job.transport.resolve(env.spans_hosts);
