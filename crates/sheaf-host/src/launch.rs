@@ -180,8 +180,10 @@ const OTHER_LAUNCHERS: &[&str] = &[
     "PMI_SIZE",
     "MPI_LOCALRANKID",
     "JOB_COMPLETION_INDEX",
-    // No torchrun agent serves a store on the port this launcher picks.
+    // No torchrun agent serves a store on the port this launcher picks, and its
+    // workers meet there.
     "TORCHELASTIC_USE_AGENT_STORE",
+    "SHEAF_MASTER_PORT",
 ];
 
 /// This executable as `(rank, local rank, ranks on this host, world)` meeting at

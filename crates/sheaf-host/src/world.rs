@@ -23,6 +23,8 @@ launchers that set them must agree):
   TORCHELASTIC_USE_AGENT_STORE=True         torchrun's agent already serves its store on
                                             MASTER_PORT: rank 0 meets the others at MASTER_PORT + 2
                                             (sheaf doctor's roll call at MASTER_PORT + 3)
+  SHEAF_MASTER_PORT                         where rank 0 meets the others, over all of the above
+                                            (when something else holds MASTER_PORT: deploy/ray_train.py)
   SHEAF_JOB_TOKEN                           the job's secret, the same on every rank (required
                                             for a world of more than one)
   SHEAF_ADVERTISE_ADDR                      the address peers reach this rank at (default: this
@@ -132,6 +134,9 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<WorkerEnv, Host
     // workers): Sheaf meets two ports above it, leaving the one between to the
     // doctor's roll call's usual place, which moves up with it.
     let master_port = match get("TORCHELASTIC_USE_AGENT_STORE").as_deref().map(str::trim) {
+        _ if get("SHEAF_MASTER_PORT").is_some() => {
+            number("SHEAF_MASTER_PORT", &get("SHEAF_MASTER_PORT").unwrap_or_default())?
+        }
         Some("True" | "true" | "1") => master_port.checked_add(2).ok_or_else(|| {
             usage(format!(
                 "MASTER_PORT={master_port}: torchrun's agent store holds it and Sheaf meets two ports \
@@ -292,6 +297,9 @@ mod tests {
         assert_eq!(place(&agent).unwrap().master_port, 42233);
         let store = [agent[0], agent[1], agent[2], ("TORCHELASTIC_USE_AGENT_STORE", "True")];
         assert_eq!(place(&store).unwrap().master_port, 42235);
+        // Sheaf's own variable says where, over every launcher's.
+        let own = [store[0], store[1], store[2], store[3], ("SHEAF_MASTER_PORT", "5000")];
+        assert_eq!(place(&own).unwrap().master_port, 5000);
         let top = [agent[0], agent[1], ("MASTER_PORT", "65534"), store[3]];
         let e = place(&top).unwrap_err();
         assert!(e.contains("MASTER_PORT=65534") && e.contains("torchrun --master-port"), "{e}");
