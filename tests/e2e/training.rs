@@ -81,6 +81,26 @@ fn default_job_on_two_workers_reaches_95_percent_and_writes_its_run_directory() 
     for key in ["epochs", "steps", "final_loss", "samples_per_sec", "wall_seconds"] {
         assert!(s[key].is_number(), "{key} missing: {s}");
     }
+    // The totals agree with the log and are measured or absent: the epochs the log
+    // printed, no busy or idle seconds where data parallelism measures none, and the
+    // largest rank's activations rather than an unmeasured 0.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let logged =
+        stderr.lines().filter_map(|l| l.split("epoch ").nth(1)?.split('/').next()?.parse::<u64>().ok()).max();
+    assert_eq!(s["epochs"].as_u64(), logged, "{stderr}");
+    for key in ["busy_seconds", "idle_seconds", "busy_seconds_per_rank", "idle_seconds_per_rank"] {
+        assert!(s.get(key).is_none(), "{key} is not measured under data parallelism: {s}");
+    }
+    let peaks = s["peak_activation_bytes_per_rank"].as_array().unwrap();
+    let largest = peaks.iter().map(|v| v.as_u64().unwrap()).max().unwrap();
+    assert!(largest > 0 && s["peak_activation_bytes"].as_u64() == Some(largest), "{s}");
+    // A run that stops inside an epoch counts it, as its log does (23 steps an epoch).
+    let part = tempfile::tempdir().unwrap();
+    let partial = sheaf(&["run", "--set", "train.max_steps=30"], part.path());
+    ok(&partial);
+    let logged = String::from_utf8_lossy(&partial.stderr);
+    assert!(logged.contains("epoch 2/30"), "{logged}");
+    assert_eq!(summary(part.path())["epochs"], 2, "{logged}");
     let lines: Vec<Value> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
         .unwrap()
         .lines()

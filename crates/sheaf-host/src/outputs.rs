@@ -65,9 +65,12 @@ pub struct Summary {
     /// What each rank was planned to hold, by part (`sheaf plan` prints the same), to
     /// compare with the measured peak less the baseline.
     pub planned_bytes_per_rank: Vec<crate::memory::PlannedBytes>,
-    /// Seconds each rank computed and waited during training steps (pipeline stages).
-    pub busy_seconds_per_rank: Vec<f64>,
-    pub idle_seconds_per_rank: Vec<f64>,
+    /// Seconds each rank computed and waited during training steps, where the strategy
+    /// measures them (pipeline stages); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub busy_seconds_per_rank: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_seconds_per_rank: Option<Vec<f64>>,
     /// The measured pipeline bubble: waiting over step time, averaged over the ranks
     /// (pipeline only).
     #[serde(skip_serializing_if = "Option::is_none")]

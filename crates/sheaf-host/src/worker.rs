@@ -419,13 +419,16 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         fractions.iter().sum::<f64>() / fractions.len() as f64
     });
     let (trace, stragglers) = gather_trace(&comm, &recorder, dl).map_err(train_err)?;
+    let trained_values = summary_values(job, &trained, train.len(), &column(1), &busy, &idle);
+    // Busy and idle seconds where the strategy measured them (pipelines), else absent.
+    let timed = busy.iter().chain(&idle).any(|&v| v > 0.0);
 
     let summary = Summary {
         world_size: env.world_size,
         strategy: job.parallel.strategy.clone(),
         transport: job.transport.plugin().to_string(),
         device: job.compute.device.clone(),
-        trained_values: trained.to_values().into_iter().map(|(k, v)| (k, json_number(v))).collect(),
+        trained_values,
         val_loss: data.tokens_per_sample().map(|_| trained.test_loss),
         tokens_per_sec: data.tokens_per_sample().map(|t| trained.samples_per_sec * t as f64),
         trained: trained.clone(),
@@ -435,8 +438,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         peak_rss_bytes_per_rank: bytes(4),
         baseline_rss_bytes_per_rank: bytes(5),
         planned_bytes_per_rank: (0..env.world_size).map(|r| crate::memory::planned(job, &plan, r)).collect(),
-        busy_seconds_per_rank: busy,
-        idle_seconds_per_rank: idle,
+        busy_seconds_per_rank: timed.then(|| busy.clone()),
+        idle_seconds_per_rank: timed.then(|| idle.clone()),
         bubble_fraction: bubble,
         resumed_from_step: resumed,
         stragglers,
@@ -463,6 +466,34 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     comm.barrier(dl()).map_err(train_err)?;
     link.close(dl()).map_err(train_err)?;
     Ok(summary)
+}
+
+/// The strategy's report as `summary.json`'s totals, made to agree with the rest of the
+/// run's outputs: `epochs` as the log counts them (those the run trained in, a last
+/// partial one included, where the strategy counts completed ones), the peak
+/// activations the largest of the ranks' figures (which a data-parallel strategy leaves
+/// at 0, unmeasured), and busy and idle seconds only where some rank measured them.
+fn summary_values(
+    job: &Job,
+    trained: &sheaf_core::TrainSummary,
+    train_len: usize,
+    activations: &[f64],
+    busy: &[f64],
+    idle: &[f64],
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut values: std::collections::BTreeMap<String, serde_json::Value> =
+        trained.to_values().into_iter().map(|(k, v)| (k, json_number(v))).collect();
+    let micro_steps_per_epoch = train_len.div_ceil(job.train.batch_size.max(1)).max(1) as u64;
+    let micro_steps = trained.steps * job.train.grad_accum.max(1) as u64;
+    let epochs = micro_steps.div_ceil(micro_steps_per_epoch).min(job.train.epochs);
+    values.insert("epochs".into(), epochs.into());
+    let peak = activations.iter().copied().fold(0.0, f64::max);
+    values.insert("peak_activation_bytes".into(), json_number(peak));
+    if !busy.iter().chain(idle).any(|&v| v > 0.0) {
+        values.remove("busy_seconds");
+        values.remove("idle_seconds");
+    }
+    values
 }
 
 /// The launcher's record of restarts in `dir` (none when it has not restarted).
