@@ -359,6 +359,19 @@ fn runs_report_the_measures_of_their_kind() {
     ok(&out);
     let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string();
     assert!(last.contains("test accuracy") && last.contains("samples/s"), "{last}");
+    // Without a terminal a progress line comes every SHEAF_PROGRESS_EVERY_S (10 s by
+    // default; here every step), in the kind's rate.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(sheaf_tests::sheaf_bin())
+        .args(["run", &job.display().to_string(), "--set", "train.max_steps=3", "--run-dir"])
+        .arg(dir.path())
+        .env("SHEAF_PROGRESS_EVERY_S", "0")
+        .output()
+        .unwrap();
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("step 3/3 (epoch 1/") && err.contains("tokens/s"), "{err}");
+    assert!(!err.contains("samples/s"), "{err}");
 }
 
 /// `sheaf sample` continues a prompt with the trained model (given its checkpoint or

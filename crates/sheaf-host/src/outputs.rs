@@ -259,10 +259,20 @@ pub struct Metrics {
     progress: bool,
     bar: Option<indicatif::ProgressBar>,
     epochs: u64,
+    total_steps: u64,
+    /// A language model's tokens per sample: its rate is printed in tokens/s.
+    tokens_per_sample: Option<usize>,
     last_epoch: Option<u64>,
     losses: Vec<f64>,
+    /// Without a bar: when the last line was printed, and how often to print one
+    /// between epochs' lines (`SHEAF_PROGRESS_EVERY_S`, [`PROGRESS_EVERY`] by default).
+    last_line: std::time::Instant,
+    every: std::time::Duration,
     pub error: Option<HostError>,
 }
+
+/// Without a terminal, a progress line at least this often.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Metrics {
     /// `show`: print per-epoch progress at all (rank 0); `progress`: as a bar.
@@ -306,7 +316,38 @@ impl Metrics {
             bar.set_position(resumed_at.unwrap_or(0));
             bar
         });
-        Ok(Metrics { file, show, progress, bar, epochs, last_epoch: None, losses: vec![], error: None })
+        Ok(Metrics {
+            file,
+            show,
+            progress,
+            bar,
+            epochs,
+            total_steps,
+            tokens_per_sample: None,
+            last_epoch: None,
+            losses: vec![],
+            last_line: std::time::Instant::now(),
+            every: std::env::var("SHEAF_PROGRESS_EVERY_S")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map_or(PROGRESS_EVERY, std::time::Duration::from_secs_f64),
+            error: None,
+        })
+    }
+
+    /// Rates in tokens/s, for a language model of `tokens` per sample.
+    pub fn with_tokens_per_sample(mut self, tokens: Option<usize>) -> Metrics {
+        self.tokens_per_sample = tokens;
+        self
+    }
+
+    /// The rate of `samples_per_sec`, as this run's kind measures it.
+    fn rate(&self, samples_per_sec: f64) -> String {
+        match self.tokens_per_sample {
+            Some(t) => format!("{:.0} tokens/s", samples_per_sec * t as f64),
+            None => format!("{samples_per_sec:.0} samples/s"),
+        }
     }
 
     fn end_epoch(&mut self, epoch: u64) {
@@ -320,6 +361,7 @@ impl Metrics {
                 self.epochs,
                 self.losses.len()
             );
+            self.last_line = std::time::Instant::now();
         }
         self.losses.clear();
     }
@@ -391,9 +433,22 @@ impl MetricsSink for Metrics {
                 None => eprintln!("{line}"),
             }
         }
+        if self.show && self.bar.is_none() && self.last_line.elapsed() >= self.every {
+            // Without a terminal nothing else is printed between epochs' lines.
+            eprintln!(
+                "step {}/{} (epoch {}/{}): loss {:.4}, {}",
+                m.step,
+                self.total_steps,
+                m.epoch + 1,
+                self.epochs,
+                m.loss,
+                self.rate(m.samples_per_sec)
+            );
+            self.last_line = std::time::Instant::now();
+        }
         if let Some(bar) = &self.bar {
             bar.set_prefix(format!("{}/{}", m.epoch + 1, self.epochs));
-            bar.set_message(format!("{:.4}  {:.0} samples/s", m.loss, m.samples_per_sec));
+            bar.set_message(format!("{:.4}  {}", m.loss, self.rate(m.samples_per_sec)));
             bar.set_position(m.step);
         }
     }

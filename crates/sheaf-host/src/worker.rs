@@ -314,7 +314,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         job.train.epochs,
         config.total_steps(train.len()),
         resumed,
-    )?;
+    )?
+    .with_tokens_per_sample(data.tokens_per_sample());
     if let (Some(dir), Some(vocab)) = (&run_dir, &data.vocab) {
         let tokens: Vec<String> = vocab.iter().map(char::to_string).collect();
         let json = serde_json::json!({ "kind": "characters", "tokens": tokens });
