@@ -8,7 +8,7 @@ reporting the median throughput of several timed passes as one JSON line.
 
 mlp: 784-512-512-10 ReLU, SGD momentum 0.9, lr 0.05, global batch 256, synthetic inputs
      (samples/s; Sheaf: `sheaf bench train` on the same shapes).
-gpt: examples/shakespeare-gpt.toml's model (n_layer 4, n_head 4, n_embd 128, block 128),
+gpt: benches/reference/gpt.toml's model (n_layer 4, n_head 4, n_embd 128, block 128),
      AdamW, global batch 32 windows of random tokens from a 65-token vocabulary
      (tokens/s). The model is nanoGPT's, without dropout, written out below.
 
