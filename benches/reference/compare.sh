@@ -2,7 +2,7 @@
 # Sheaf beside PyTorch on the two reference workloads, interleaved in one run (each
 # Sheaf configuration, then PyTorch's), medians of 3, with the ratios. Outside CI:
 #
-#   cargo build --release --workspace
+#   cargo build --release
 #   benches/reference/compare.sh /path/to/python-with-torch [mlp|gpt|both]
 #
 # Sheaf: `sheaf bench train benches/reference/{mlp,gpt}.toml` at 1 x 1, 1 x 2 and
@@ -17,7 +17,7 @@ python=${1:?usage: compare.sh PYTHON [mlp|gpt|both]}
 which=${2:-both}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 sheaf=$root/target/release/sheaf
-[[ -x $sheaf ]] || { echo "build first: cargo build --release --workspace" >&2; exit 2; }
+[[ -x $sheaf ]] || { echo "build first: cargo build --release" >&2; exit 2; }
 "$python" -c 'import torch' 2>/dev/null || { echo "$python has no torch" >&2; exit 2; }
 runs=$(mktemp -d)
 trap 'rm -rf "$runs"' EXIT

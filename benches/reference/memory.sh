@@ -5,7 +5,7 @@
 # 4 steps, world 4 on this host), so fixed costs drop out; Sheaf's plan beside its
 # measured peak less its baseline; tokens/s.
 #
-#   cargo build --release --workspace
+#   cargo build --release
 #   benches/reference/memory.sh /path/to/python-with-torch [sheaf|torch|both]
 #   LAYOUTS="pipeline4 tensor4" benches/reference/memory.sh PYTHON sheaf   # some rows
 #
@@ -19,7 +19,7 @@ python=${1:?usage: memory.sh PYTHON [sheaf|torch|both]}
 which=${2:-both}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 sheaf=$root/target/release/sheaf
-[[ -x $sheaf ]] || { echo "build first: cargo build --release --workspace" >&2; exit 2; }
+[[ -x $sheaf ]] || { echo "build first: cargo build --release" >&2; exit 2; }
 runs=$(mktemp -d)
 trap 'rm -rf "$runs"' EXIT
 # Each row as it is measured, kept after the run (ROWS=path to choose where).

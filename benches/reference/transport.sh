@@ -5,7 +5,7 @@
 # (mpicc, mpirun) and iperf3:
 #
 #   apt-get install openmpi-bin libopenmpi-dev iperf3
-#   cargo build --release --workspace
+#   cargo build --release
 #   benches/reference/transport.sh [ROUNDS]
 #
 # Both sides time a 2-rank f32 sum allreduce the same way (a warm-up, then about
@@ -18,7 +18,7 @@ set -euo pipefail
 rounds=${1:-3}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 sheaf=$root/target/release/sheaf
-[[ -x $sheaf ]] || { echo "build first: cargo build --release --workspace" >&2; exit 2; }
+[[ -x $sheaf ]] || { echo "build first: cargo build --release" >&2; exit 2; }
 for tool in mpicc mpirun iperf3 python3; do
     command -v $tool >/dev/null || { echo "$tool not found (see the header of $0)" >&2; exit 2; }
 done

@@ -13,17 +13,36 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Builds the whole workspace (binary, plugins, fixtures) once per test process, so
-/// the tests never run a stale `.so`. Cheap when nothing changed.
+/// the tests never run a stale `.so`. Cheap when nothing changed. The test fixtures
+/// are left only in `deps/`, where only the tests look ([`library`]): not beside
+/// `sheaf`, where `sheaf plugins` and its errors would list them to a user.
 pub fn ensure_built() -> &'static Result<(), String> {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let status = cargo_here(&["build", "--workspace", "--quiet"]).status().map_err(|e| e.to_string())?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!("`cargo build --workspace` failed ({status})"))
+        for args in [
+            &["build", "--workspace", "--exclude", "fixture-*", "--quiet"][..],
+            &["build", "-p", "fixture-*", "--quiet"],
+        ] {
+            let status = cargo_here(args).status().map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("`cargo {}` failed ({status})", args.join(" ")));
+            }
         }
+        clear_fixtures_beside_sheaf();
+        Ok(())
     })
+}
+
+/// Removes cargo's copies of the fixture libraries beside `sheaf` (the builds' own
+/// stay in `deps/`).
+fn clear_fixtures_beside_sheaf() {
+    let prefix = format!("{}fixture_", std::env::consts::DLL_PREFIX);
+    for entry in std::fs::read_dir(target_dir()).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.ends_with(std::env::consts::DLL_SUFFIX) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// `cargo ARGS` in this crate's directory, building for the profile these tests were
@@ -39,12 +58,14 @@ fn cargo_here(args: &[&str]) -> Command {
     cmd
 }
 
-/// A built artifact in the target directory, after [`ensure_built`].
+/// A built artifact in the target directory (a fixture's in `deps/`), after
+/// [`ensure_built`].
 pub fn artifact(name: &str) -> PathBuf {
     if let Err(e) = ensure_built() {
         panic!("cannot build the workspace for end-to-end tests: {e}");
     }
-    let path = target_dir().join(name);
+    let fixture = name.starts_with(&format!("{}fixture_", std::env::consts::DLL_PREFIX));
+    let path = if fixture { target_dir().join("deps").join(name) } else { target_dir().join(name) };
     assert!(path.exists(), "{} missing after building the workspace", path.display());
     path
 }
@@ -82,5 +103,6 @@ pub fn cargo_rustc(package: &str, rustc_args: &[&str]) -> PathBuf {
     let status =
         cmd.arg("--").args(rustc_args).current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("cargo runs");
     assert!(status.success(), "cargo rustc -p {package} -- {rustc_args:?}: {status}");
+    clear_fixtures_beside_sheaf();
     library(package)
 }
