@@ -353,6 +353,9 @@ fn runs_report_the_measures_of_their_kind() {
         let last = text.lines().last().unwrap_or_default();
         assert!(last.contains("val_loss") && last.contains("tokens/s"), "{args:?}: {last}");
         assert!(!text.contains("accuracy") && !text.contains("samples/s"), "{args:?}: {text}");
+        let s = crate::training::summary(dir.path());
+        assert!(s["val_loss"].is_number() && s["tokens_per_sec"].is_number(), "{s}");
+        assert!(s.get("test_accuracy").is_none(), "a language model's summary has no accuracy: {s}");
     }
     let dir = tempfile::tempdir().unwrap();
     let out = sheaf(&["run", "--set", "train.max_steps=3"], dir.path());

@@ -135,6 +135,16 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
              `--set 'data.dataset=\"my.txt\"'`.",
             run_dir.display()
         );
+        // The demo's last line: how far it got.
+        let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
+        let val_loss = summary
+            .split("\"val_loss\":")
+            .nth(1)
+            .and_then(|rest| rest.split([',', '\n', '}']).next())
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if let Some(v) = val_loss {
+            println!("val_loss {v:.4} (a uniform guess: 4.16)");
+        }
     }
     Ok(())
 }
