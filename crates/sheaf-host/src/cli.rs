@@ -307,77 +307,6 @@ impl Cli {
     }
 }
 
-/// `sheaf doctor -n N`: the doctor as N local ranks of one world (the job's secret and
-/// a free rendezvous port filled in, as `sheaf launch` does), rank 0's report printed;
-/// fails when any rank does.
-fn local_doctor(
-    cli: &Cli,
-    file: Option<&std::path::Path>,
-    overrides: &[String],
-    slow_factor: f64,
-    workers: usize,
-) -> Result<(), HostError> {
-    if workers == 0 {
-        return Err(HostError::Usage("doctor -n 0: a world needs at least one rank".into()));
-    }
-    // A bad job fails here, once, rather than in every rank.
-    crate::job::load_job(file, overrides)?;
-    let exe = std::env::current_exe().map_err(|e| HostError::Launch(e.to_string()))?;
-    let port = crate::launch::free_port()?;
-    let threads = crate::launch::threads_per_worker(workers);
-    let mut children = Vec::new();
-    for rank in 0..workers {
-        let mut cmd = crate::launch::local_worker(&exe, rank, workers, port, threads);
-        for d in &cli.plugin_dirs {
-            cmd.arg("--plugin-dir").arg(d);
-        }
-        cmd.arg("doctor");
-        if let Some(f) = file {
-            cmd.arg(f);
-        }
-        for o in overrides {
-            cmd.args(["--set", o]);
-        }
-        cmd.args(["--slow-factor", &slow_factor.to_string()]);
-        children.push(cmd.spawn().map_err(|e| HostError::Launch(format!("cannot start rank {rank}: {e}")))?);
-    }
-    let mut failed = Vec::new();
-    for (rank, mut child) in children.into_iter().enumerate() {
-        let status = child.wait().map_err(|e| HostError::Launch(e.to_string()))?;
-        if !status.success() {
-            failed.push(rank.to_string());
-        }
-    }
-    match failed.is_empty() {
-        true => Ok(()),
-        false => Err(HostError::Check(format!("doctor: rank(s) {} found problems", failed.join(", ")))),
-    }
-}
-
-/// A run's last line, from the `summary.json` in `run_dir`, in the measures of its
-/// kind: a language model's validation loss and tokens/s, a classifier's test accuracy
-/// and samples/s (the same words `sheaf run` and `sheaf launch` print).
-fn outcome(run_dir: &std::path::Path) -> String {
-    let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
-    let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    let steps = v["steps"].as_u64().unwrap_or(0);
-    let (score, rate) = match v["val_loss"].is_number() {
-        true => {
-            (format!("val_loss {:.4}", num("val_loss")), format!("{:.0} tokens/s", num("tokens_per_sec")))
-        }
-        false => (
-            format!("test accuracy {:.4}", num("test_accuracy")),
-            format!("{:.0} samples/s", num("samples_per_sec")),
-        ),
-    };
-    format!(
-        "{score}, final loss {:.4}, {rate} over {steps} steps; outputs in {}",
-        num("final_loss"),
-        run_dir.display()
-    )
-}
-
 /// Checks `job` and its layout over `workers` ranks (so a bad one fails once, before
 /// any worker starts), then starts the workers writing to `run_dir` and waits.
 fn launch_job(
@@ -519,7 +448,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             crate::worker::run_worker(&job, &registry, &opts)?;
             if opts.env.rank == 0 {
                 let dir = opts.run_dir.as_ref().expect("set above");
-                writeln!(out, "{}", outcome(dir))
+                writeln!(out, "{}", crate::outputs::outcome(dir))
                     .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))?;
             }
             Ok(())
@@ -551,7 +480,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
                 )
                 .map_err(|e| HostError::Usage(format!("cannot write output: {e}")));
             }
-            writeln!(out, "{workers} workers: {}", outcome(&run_dir))
+            writeln!(out, "{workers} workers: {}", crate::outputs::outcome(&run_dir))
                 .map_err(|e| HostError::Usage(format!("cannot write output: {e}")))
         }
         Command::Plan { job, overrides, workers, json } => {
@@ -670,7 +599,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
             Ok(())
         }
         Command::Doctor { job: file, overrides, slow_factor, workers: Some(n) } => {
-            local_doctor(&cli, file.as_deref(), overrides, *slow_factor, *n)
+            crate::doctor::local(&cli.plugin_dirs, file.as_deref(), overrides, *slow_factor, *n)
         }
         Command::Doctor { job, overrides, slow_factor, workers: None } => {
             let mut job = crate::job::load_job(job.as_deref(), overrides)?;

@@ -253,3 +253,50 @@ fn report_problems(out: &mut dyn Write, problems: &[String]) -> std::io::Result<
         k => writeln!(out, "doctor: {k} problem(s)"),
     }
 }
+
+/// `sheaf doctor -n N`: the doctor as N local ranks of one world (the job's secret and
+/// a free rendezvous port filled in, as `sheaf launch` does), rank 0's report printed;
+/// fails when any rank does.
+pub fn local(
+    plugin_dirs: &[std::path::PathBuf],
+    file: Option<&std::path::Path>,
+    overrides: &[String],
+    slow_factor: f64,
+    workers: usize,
+) -> Result<(), HostError> {
+    if workers == 0 {
+        return Err(HostError::Usage("doctor -n 0: a world needs at least one rank".into()));
+    }
+    // A bad job fails here, once, rather than in every rank.
+    crate::job::load_job(file, overrides)?;
+    let exe = std::env::current_exe().map_err(|e| HostError::Launch(e.to_string()))?;
+    let port = crate::launch::free_port()?;
+    let threads = crate::launch::threads_per_worker(workers);
+    let mut children = Vec::new();
+    for rank in 0..workers {
+        let mut cmd = crate::launch::local_worker(&exe, rank, workers, port, threads);
+        for d in plugin_dirs {
+            cmd.arg("--plugin-dir").arg(d);
+        }
+        cmd.arg("doctor");
+        if let Some(f) = file {
+            cmd.arg(f);
+        }
+        for o in overrides {
+            cmd.args(["--set", o]);
+        }
+        cmd.args(["--slow-factor", &slow_factor.to_string()]);
+        children.push(cmd.spawn().map_err(|e| HostError::Launch(format!("cannot start rank {rank}: {e}")))?);
+    }
+    let mut failed = Vec::new();
+    for (rank, mut child) in children.into_iter().enumerate() {
+        let status = child.wait().map_err(|e| HostError::Launch(e.to_string()))?;
+        if !status.success() {
+            failed.push(rank.to_string());
+        }
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(HostError::Check(format!("doctor: rank(s) {} found problems", failed.join(", ")))),
+    }
+}

@@ -453,3 +453,27 @@ impl MetricsSink for Metrics {
         }
     }
 }
+
+/// A run's last line, from the `summary.json` in `run_dir`, in the measures of its
+/// kind: a language model's validation loss and tokens/s, a classifier's test accuracy
+/// and samples/s (the same words `sheaf run` and `sheaf launch` print).
+pub fn outcome(run_dir: &std::path::Path) -> String {
+    let summary = std::fs::read_to_string(run_dir.join("summary.json")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&summary).unwrap_or_default();
+    let num = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let steps = v["steps"].as_u64().unwrap_or(0);
+    let (score, rate) = match v["val_loss"].is_number() {
+        true => {
+            (format!("val_loss {:.4}", num("val_loss")), format!("{:.0} tokens/s", num("tokens_per_sec")))
+        }
+        false => (
+            format!("test accuracy {:.4}", num("test_accuracy")),
+            format!("{:.0} samples/s", num("samples_per_sec")),
+        ),
+    };
+    format!(
+        "{score}, final loss {:.4}, {rate} over {steps} steps; outputs in {}",
+        num("final_loss"),
+        run_dir.display()
+    )
+}

@@ -420,11 +420,10 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         fractions.iter().sum::<f64>() / fractions.len() as f64
     });
     let (trace, stragglers) = gather_trace(&comm, &recorder, dl).map_err(train_err)?;
-    let language_model = data.tokens_per_sample().is_some();
-    let trained_values =
-        summary_values(job, &trained, train.len(), &column(1), (&busy, &idle), language_model);
     // Busy and idle seconds where the strategy measured them (pipelines), else absent.
     let timed = busy.iter().chain(&idle).any(|&v| v > 0.0);
+    let language_model = data.tokens_per_sample().is_some();
+    let trained_values = summary_values(job, &trained, train.len(), &column(1), timed, language_model);
 
     let summary = Summary {
         world_size: env.world_size,
@@ -441,8 +440,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         peak_rss_bytes_per_rank: bytes(4),
         baseline_rss_bytes_per_rank: bytes(5),
         planned_bytes_per_rank: (0..env.world_size).map(|r| crate::memory::planned(job, &plan, r)).collect(),
-        busy_seconds_per_rank: timed.then(|| busy.clone()),
-        idle_seconds_per_rank: timed.then(|| idle.clone()),
+        busy_seconds_per_rank: timed.then_some(busy),
+        idle_seconds_per_rank: timed.then_some(idle),
         bubble_fraction: bubble,
         resumed_from_step: resumed,
         stragglers,
@@ -483,7 +482,7 @@ fn summary_values(
     trained: &sheaf_core::TrainSummary,
     train_len: usize,
     activations: &[f64],
-    (busy, idle): (&[f64], &[f64]),
+    timed: bool,
     language_model: bool,
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
     let mut values: std::collections::BTreeMap<String, serde_json::Value> =
@@ -494,7 +493,7 @@ fn summary_values(
     values.insert("epochs".into(), epochs.into());
     let peak = activations.iter().copied().fold(0.0, f64::max);
     values.insert("peak_activation_bytes".into(), json_number(peak));
-    if !busy.iter().chain(idle).any(|&v| v > 0.0) {
+    if !timed {
         values.remove("busy_seconds");
         values.remove("idle_seconds");
     }

@@ -133,18 +133,18 @@ pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<WorkerEnv, Host
     // torchrun's elastic agent serves its own store on MASTER_PORT (and says so to its
     // workers): Sheaf meets two ports above it, leaving the one between to the
     // doctor's roll call's usual place, which moves up with it.
-    let master_port = match get("TORCHELASTIC_USE_AGENT_STORE").as_deref().map(str::trim) {
-        _ if get("SHEAF_MASTER_PORT").is_some() => {
-            number("SHEAF_MASTER_PORT", &get("SHEAF_MASTER_PORT").unwrap_or_default())?
-        }
-        Some("True" | "true" | "1") => master_port.checked_add(2).ok_or_else(|| {
-            usage(format!(
-                "MASTER_PORT={master_port}: torchrun's agent store holds it and Sheaf meets two ports \
+    // SHEAF_MASTER_PORT says where, over every launcher's variables.
+    let master_port =
+        match (get("SHEAF_MASTER_PORT"), get("TORCHELASTIC_USE_AGENT_STORE").as_deref().map(str::trim)) {
+            (Some(own), _) => number("SHEAF_MASTER_PORT", &own)?,
+            (None, Some("True" | "true" | "1")) => master_port.checked_add(2).ok_or_else(|| {
+                usage(format!(
+                    "MASTER_PORT={master_port}: torchrun's agent store holds it and Sheaf meets two ports \
                  above it, past the last port; choose a lower one (torchrun --master-port)"
-            ))
-        })?,
-        _ => master_port,
-    };
+                ))
+            })?,
+            (None, _) => master_port,
+        };
     let spans_hosts = spans_hosts(source, world_size, &get)?;
     Ok(WorkerEnv { rank, world_size, local_rank, master_addr, master_port, spans_hosts })
 }
