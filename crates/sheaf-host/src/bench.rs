@@ -306,16 +306,9 @@ pub fn bench(
     workers: usize,
     plugin_dirs: &[std::path::PathBuf],
 ) -> Result<Vec<Row>, HostError> {
-    let exe = std::env::current_exe().map_err(|e| HostError::Launch(e.to_string()))?;
-    let port = crate::launch::free_port()?;
     let spec_json = serde_json::to_string(spec).expect("spec serialises");
-    let threads = crate::launch::threads_per_worker(workers);
     let mut children = Vec::new();
-    for rank in 0..workers {
-        let mut cmd = crate::launch::local_worker(&exe, rank, workers, port, threads);
-        for d in plugin_dirs {
-            cmd.arg("--plugin-dir").arg(d);
-        }
+    for (rank, mut cmd) in crate::launch::local_world(workers, plugin_dirs)?.into_iter().enumerate() {
         cmd.args(["bench-worker", &spec_json]).stdout(Stdio::piped()).stderr(Stdio::inherit());
         children.push(cmd.spawn().map_err(|e| HostError::Launch(format!("cannot start rank {rank}: {e}")))?);
     }

@@ -269,15 +269,8 @@ pub fn local(
     }
     // A bad job fails here, once, rather than in every rank.
     crate::job::load_job(file, overrides)?;
-    let exe = std::env::current_exe().map_err(|e| HostError::Launch(e.to_string()))?;
-    let port = crate::launch::free_port()?;
-    let threads = crate::launch::threads_per_worker(workers);
     let mut children = Vec::new();
-    for rank in 0..workers {
-        let mut cmd = crate::launch::local_worker(&exe, rank, workers, port, threads);
-        for d in plugin_dirs {
-            cmd.arg("--plugin-dir").arg(d);
-        }
+    for (rank, mut cmd) in crate::launch::local_world(workers, plugin_dirs)?.into_iter().enumerate() {
         cmd.arg("doctor");
         if let Some(f) = file {
             cmd.arg(f);

@@ -164,6 +164,27 @@ pub(crate) fn local_worker(
     worker_command(exe, (rank, rank, world, world), ("127.0.0.1", port), threads)
 }
 
+/// `workers` commands of this executable forming one local world (a free rendezvous
+/// port, the cores shared among them), each passed `plugin_dirs`: the caller adds its
+/// subcommand, arguments and where the output goes.
+pub(crate) fn local_world(
+    workers: usize,
+    plugin_dirs: &[std::path::PathBuf],
+) -> Result<Vec<Command>, HostError> {
+    let exe = std::env::current_exe().map_err(|e| HostError::Launch(e.to_string()))?;
+    let port = free_port()?;
+    let threads = threads_per_worker(workers);
+    Ok((0..workers)
+        .map(|rank| {
+            let mut cmd = local_worker(&exe, rank, workers, port, threads);
+            for d in plugin_dirs {
+                cmd.arg("--plugin-dir").arg(d);
+            }
+            cmd
+        })
+        .collect())
+}
+
 /// The launcher's command line (JSON), which its workers report as the run's.
 pub const LAUNCH_COMMAND_ENV: &str = "SHEAF_LAUNCH_COMMAND";
 
