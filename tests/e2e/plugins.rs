@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-use sheaf_host::{search_dirs, Registry};
+use sheaf_plugins::{search_dirs, Registry};
 use sheaf_testkit::conformance;
 use sheaf_tests::{library, sheaf_bin};
 
@@ -262,17 +262,22 @@ fn a_strategy_unknown_to_the_host_trains_end_to_end() {
 /// The host names no strategy: they are all plugins' business.
 #[test]
 fn the_host_names_no_strategy() {
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/sheaf-host/src");
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        if !path.is_file() {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        for name in ["\"pipeline\"", "\"tensor-parallel\""] {
-            assert!(!text.contains(name), "{} names the strategy {name}", path.display());
+    let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
+    let mut files = 0;
+    for krate in sheaf_tests::HOST_CRATES {
+        for entry in std::fs::read_dir(crates.join(krate).join("src")).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.is_file() {
+                continue;
+            }
+            files += 1;
+            let text = std::fs::read_to_string(&path).unwrap();
+            for name in ["\"pipeline\"", "\"tensor-parallel\""] {
+                assert!(!text.contains(name), "{} names the strategy {name}", path.display());
+            }
         }
     }
+    assert!(files >= sheaf_tests::HOST_CRATES.len(), "read {files} files");
 }
 
 /// A strategy whose ranks take different code paths (the `local-sgd` fixture with a

@@ -5,6 +5,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+/// The crates of the host (everything but core, the ABI, the libraries plugins share
+/// and the plugins): none of them may name a component a plugin provides.
+pub const HOST_CRATES: &[&str] = &[
+    "sheaf",
+    "sheaf-plugins",
+    "sheaf-job",
+    "sheaf-report",
+    "sheaf-checkpoint",
+    "sheaf-launch",
+    "sheaf-runtime",
+    "sheaf-doctor",
+    "sheaf-conformance",
+];
+
 /// cargo's output directory for this profile (`target/debug`), found from the test
 /// executable's own path (`target/debug/deps/e2e-…`).
 pub fn target_dir() -> PathBuf {

@@ -1,0 +1,249 @@
+//! Memory, planned and measured: what each rank of a plan is expected to hold, by part
+//! (`sheaf plan`, `summary.json`'s `planned_bytes_per_rank`), what the kernel says a
+//! process holds (`getrusage`), and what this host has available for its ranks.
+
+use serde::Serialize;
+
+use crate::job::Job;
+use crate::plan::{need_bytes, Plan};
+use sheaf_plugins::HostError;
+
+/// What one rank is planned to hold at its peak, in bytes, by part.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PlannedBytes {
+    /// The rank's piece of the model, in f32.
+    pub parameters: u64,
+    /// Its gradients (the summed gradient buffer, and a shard of them under ZeRO).
+    pub gradients: u64,
+    /// The optimizer's state: the rank's shard of it where the strategy shards it.
+    pub optimizer_state: u64,
+    /// The activations it keeps for backward passes at once.
+    pub activations: u64,
+    /// Buffers of the transport and collectives.
+    pub communication: u64,
+    pub total: u64,
+}
+
+impl PlannedBytes {
+    /// The parts, and their total.
+    fn of(
+        parameters: u64,
+        gradients: u64,
+        optimizer_state: u64,
+        activations: u64,
+        communication: u64,
+    ) -> Self {
+        let total = parameters + gradients + optimizer_state + activations + communication;
+        PlannedBytes { parameters, gradients, optimizer_state, activations, communication, total }
+    }
+
+    /// The parts by name, in the order `sheaf plan` prints them.
+    pub fn parts(&self) -> [(&'static str, u64); 5] {
+        [
+            ("parameters", self.parameters),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer_state),
+            ("activations", self.activations),
+            ("communication", self.communication),
+        ]
+    }
+}
+
+/// Bytes a transport's buffers hold per rank at most, for messages of at most
+/// `largest` bytes in a world of `world` ranks. Shared memory: the rings this rank reads
+/// (4 MiB from each peer, prefaulted by their reader, so resident). ZeroMQ (and a
+/// transport it does not know): the frames in flight to and from its two ring
+/// neighbours, a message or the 16 MiB credit window each way, whichever is less.
+fn communication_bytes(transport: &str, world: usize, largest: u64) -> u64 {
+    if world < 2 {
+        return 0;
+    }
+    const MIB: u64 = 1 << 20;
+    match transport {
+        "shm" => 4 * MIB * (world as u64 - 1),
+        _ => 2 * largest.min(16 * MIB),
+    }
+}
+
+/// What rank `rank` of `plan` is planned to hold at its peak.
+pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
+    let layout = plan.layout_of(rank);
+    let r = &plan.ranks[rank];
+    let values = layout.layout.total() as u64;
+    let (held, activations) = need_bytes(job, plan, rank);
+    let optimizer_state = held - 8 * values;
+    if r.param_shard.is_some() {
+        return sharded(job, plan, values, optimizer_state, activations);
+    }
+    let shards = r.state_shards.max(1);
+    // The summed gradients (and the loss beside them), a second full-size buffer when
+    // micro-batches are accumulated, and a shard of them under ZeRO.
+    let accumulated = if job.train.grad_accum > 1 { 4 * values } else { 0 };
+    let shard = if shards > 1 { 4 * values.div_ceil(shards) } else { 0 };
+    let gradients = 4 * (values + 1) + accumulated + shard;
+    // The largest message: a piece held by replicas sums its gradients (and the loss)
+    // over them; pieces of a model exchange activations and their gradients.
+    let replicas = plan.ranks.iter().filter(|o| o.piece == r.piece).count();
+    let summed = if replicas > 1 { 4 * (values + 1) } else { 0 };
+    let exchanged = if plan.is_model_parallel() { activations } else { 0 };
+    let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), summed.max(exchanged));
+    let parameters = 4 * values;
+    PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
+}
+
+/// The plan of a rank holding its rows of every parameter (`values` of them; ZeRO
+/// stage 3): those rows and their gradient and optimizer state, plus one unit
+/// gathered at a time. A unit is a block, and the root the first and last blocks
+/// together (the embeddings and the head). The strategy reuses three buffers of the
+/// largest unit (its parameters, its gradient, its parts on the wire) and the model
+/// keeps the root, with the root's gradient beside it (a block runs on the buffer it
+/// is lent).
+fn sharded(job: &Job, plan: &Plan, values: u64, optimizer_state: u64, activations: u64) -> PlannedBytes {
+    let blocks: Vec<u64> = plan.info.blocks.iter().map(|b| b.params).collect();
+    let block = blocks.iter().copied().max().unwrap_or(0);
+    let root = match blocks.as_slice() {
+        [first, .., last] => first + last,
+        _ => block,
+    };
+    let largest = 4 * root.max(block);
+    let kept = 4 * root;
+    let parameters = 4 * values + 2 * largest + kept;
+    let gradients = 4 * values + largest + kept;
+    let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), largest);
+    PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
+}
+
+/// This process's peak resident memory so far, as the kernel counts it.
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    // Linux reports kilobytes.
+    usage.ru_maxrss.max(0) as u64 * 1024
+}
+
+/// The memory this host can still give to new processes (`MemAvailable`), when the
+/// kernel says.
+pub fn available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_available(&text)
+}
+
+fn parse_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The parts of `need`, largest first, in MiB: "optimizer state 96.00 MiB,
+/// parameters 48.00 MiB, ...".
+pub fn parts_text(need: &PlannedBytes) -> String {
+    let mut parts = need.parts();
+    parts.sort_by_key(|&(_, b)| std::cmp::Reverse(b));
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    parts.iter().map(|(name, b)| format!("{name} {:.2} MiB", mib(*b))).collect::<Vec<_>>().join(", ")
+}
+
+/// This host's ranks (`local`, their plans) against the memory the kernel says it
+/// has available, each rank counting `baseline` bytes of its own besides its plan.
+/// Fails naming the ranks, what they need and what is available.
+pub fn check_host(local: &[PlannedBytes], baseline: u64) -> Result<(), HostError> {
+    let Some(available) = available_bytes() else { return Ok(()) };
+    fits_host(local, baseline, available)
+}
+
+fn fits_host(local: &[PlannedBytes], baseline: u64, available: u64) -> Result<(), HostError> {
+    let need: u64 = local.iter().map(|p| p.total + baseline).sum();
+    if need <= available {
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let largest = local.iter().enumerate().max_by_key(|(_, p)| p.total).map(|(r, p)| (r, p.clone()));
+    let (r, p) = largest.unwrap_or_default();
+    Err(HostError::Job(format!(
+        "this host has {:.0} MiB available, but its {} ranks need {:.0} MiB ({:.0} MiB each of their own besides \
+         their plans; the largest, local rank {r}, plans {:.0} MiB: {}): use more hosts, a model-parallel \
+         strategy or ZeRO (`sheaf plan` shows every part)",
+        mib(available),
+        local.len(),
+        mib(need),
+        mib(baseline),
+        mib(p.total),
+        parts_text(&p)
+    )))
+}
+
+/// Renders every rank's plan as a table: one row per rank, a column per part.
+pub fn table(rows: &[PlannedBytes]) -> String {
+    let mib = |b: u64| format!("{:.1}", b as f64 / (1 << 20) as f64);
+    let mut out = String::from(
+        "rank  parameters  gradients  optimizer state  activations  communication  total (MiB)\n",
+    );
+    for (r, p) in rows.iter().enumerate() {
+        out += &format!(
+            "{r:>4}  {:>10}  {:>9}  {:>15}  {:>11}  {:>13}  {:>11}\n",
+            mib(p.parameters),
+            mib(p.gradients),
+            mib(p.optimizer_state),
+            mib(p.activations),
+            mib(p.communication),
+            mib(p.total)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_of(total: u64) -> PlannedBytes {
+        PlannedBytes {
+            parameters: total / 4,
+            optimizer_state: total / 2,
+            gradients: total / 4,
+            total,
+            ..Default::default()
+        }
+    }
+
+    /// Ranks fit while their plans and baselines are within what is available, and no
+    /// further: the error names what is needed, what is available and the largest part.
+    #[test]
+    fn a_host_refuses_ranks_over_its_available_memory() {
+        let mib = 1u64 << 20;
+        let local = [plan_of(400 * mib), plan_of(800 * mib)];
+        assert!(fits_host(&local, 100 * mib, 1400 * mib).is_ok());
+        let err = fits_host(&local, 100 * mib, 1400 * mib - 1).unwrap_err().to_string();
+        assert!(err.contains("1400 MiB available") || err.contains("1400 MiB"), "{err}");
+        assert!(err.contains("local rank 1") && err.contains("optimizer state 400.00 MiB"), "{err}");
+    }
+
+    #[test]
+    fn available_memory_is_read_from_meminfo() {
+        let text = "MemTotal:       24000000 kB\nMemFree:        1000 kB\nMemAvailable:   2048 kB\n";
+        assert_eq!(parse_available(text), Some(2048 * 1024));
+        assert_eq!(parse_available("MemTotal: 1 kB\n"), None);
+    }
+
+    /// The peak is the kernel's, in bytes: at least what the process holds resident
+    /// while 64 MiB it has written are alive.
+    #[test]
+    fn the_peak_is_at_least_what_is_resident() {
+        let mut big = vec![0u8; 64 << 20];
+        for i in (0..big.len()).step_by(4096) {
+            big[i] = 1;
+        }
+        std::hint::black_box(&big);
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let resident = pages * 4096;
+        let peak = peak_rss_bytes();
+        assert!(resident >= 64 << 20, "resident {resident}");
+        assert!(peak >= resident, "peak {peak} below resident {resident}");
+        assert!(peak < 64 * resident, "peak {peak} far above resident {resident}: not bytes?");
+        drop(big);
+    }
+}

@@ -1,0 +1,270 @@
+//! The layout of a job over its world: the strategy plugin plans which piece of the
+//! model each rank holds; the host checks the plan (every rank, every block) and that
+//! every rank fits its memory budget. Worked out from the job alone (and the model's
+//! blocks), so `launch` checks it once before any worker starts and every worker
+//! derives the same plan. No strategy is named here.
+
+use std::collections::BTreeMap;
+
+use sheaf_core::{ComputeBackend, ModelInfo, ModelSpec, Piece, PieceLayout, PlanInput, RankPlan, Strategy};
+
+use crate::job::Job;
+use sheaf_plugins::{HostError, Registry};
+
+/// Which piece each rank holds, as the strategy planned it and the host checked it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub spec: ModelSpec,
+    pub info: ModelInfo,
+    /// Per rank.
+    pub ranks: Vec<RankPlan>,
+    /// Per rank: the piece's parameters and where they come from.
+    pub layouts: Vec<PieceLayout>,
+    /// Whether ranks train through the stage interface.
+    pub stage_interface: bool,
+}
+
+impl Plan {
+    /// Whether any rank holds less than the whole model (a piece of it, or a shard of
+    /// its parameters).
+    pub fn is_model_parallel(&self) -> bool {
+        let whole = Piece::whole(self.info.blocks.len());
+        self.ranks.iter().any(|r| r.piece != whole || r.param_shard.is_some())
+    }
+
+    pub fn layout_of(&self, rank: usize) -> &PieceLayout {
+        &self.layouts[rank]
+    }
+
+    /// The lowest rank holding each distinct piece, in rank order: together their
+    /// pieces hold every parameter (the plan is checked for that).
+    pub fn representatives(&self) -> Vec<usize> {
+        let mut seen = Vec::new();
+        let mut out = Vec::new();
+        for (r, rank) in self.ranks.iter().enumerate() {
+            let holds = (&rank.piece, rank.param_shard);
+            if !seen.contains(&holds) {
+                seen.push(holds);
+                out.push(r);
+            }
+        }
+        out
+    }
+}
+
+fn job_err(detail: String) -> HostError {
+    HostError::Job(detail)
+}
+
+/// What each block weighs when a strategy cuts blocks: its parameters, or its
+/// measured time.
+fn block_costs(job: &Job, info: &ModelInfo) -> Result<Vec<u64>, HostError> {
+    let par = &job.parallel;
+    let blocks = info.blocks.len();
+    match (par.balance.as_str(), &par.layer_costs) {
+        (_, Some(c)) if c.len() != blocks => Err(job_err(format!(
+            "key `parallel.layer_costs`: {} costs for a model of {blocks} blocks",
+            c.len()
+        ))),
+        ("time", Some(c)) => Ok(c.clone()),
+        ("time", None) => Err(job_err(
+            "key `parallel.balance`: \"time\" needs the measured `parallel.layer_costs` (sheaf launch measures them; under another launcher, set them)".into(),
+        )),
+        ("params", _) => Ok(info.blocks.iter().map(|b| b.params).collect()),
+        (other, _) => Err(job_err(format!("key `parallel.balance`: `{other}` (params, time)"))),
+    }
+}
+
+/// The plan of `job` over `world` ranks for the model `spec` (described as `info`):
+/// the strategy plans it; the host checks that it covers the world and places every
+/// block, that each piece can be cut, and that each rank fits
+/// `compute.memory_limit_mb`. Fails naming the key.
+pub fn plan(
+    job: &Job,
+    world: usize,
+    registry: &Registry,
+    compute: &dyn ComputeBackend,
+    strategy: &dyn Strategy,
+    spec: &ModelSpec,
+    info: &ModelInfo,
+) -> Result<Plan, HostError> {
+    let costs = block_costs(job, info)?;
+    let partitioner =
+        registry.model_partitioner(&job.parallel.partitioner, &job.parallel.partitioner_config())?;
+    let input = PlanInput {
+        world,
+        blocks: &info.blocks,
+        costs: &costs,
+        batch_size: job.train.batch_size,
+        partitioner: partitioner.as_ref(),
+    };
+    let planned = strategy.plan(&input).map_err(|e| job_err(e.to_string()))?;
+    check_cover(&job.parallel.strategy, world, info.blocks.len(), &planned.ranks)?;
+    let mut layouts: BTreeMap<String, PieceLayout> = BTreeMap::new();
+    let key = |p: &Piece| format!("{p:?}");
+    for r in &planned.ranks {
+        if let std::collections::btree_map::Entry::Vacant(slot) = layouts.entry(key(&r.piece)) {
+            slot.insert(compute.piece_layout(spec, &r.piece).map_err(|e| job_err(e.to_string()))?);
+        }
+    }
+    // A rank sharding its parameters (ZeRO stage 3) holds its rows of each of its
+    // piece's, with the piece's activations.
+    let layout_of = |r: &RankPlan| -> Result<PieceLayout, HostError> {
+        let piece = &layouts[&key(&r.piece)];
+        match r.param_shard {
+            None => Ok(piece.clone()),
+            Some(s) if s.validate().is_err() => {
+                Err(job_err(format!("the strategy planned parameter shard {} of {}", s.index, s.count)))
+            }
+            Some(_) if piece.layout != info.layout => Err(job_err(
+                "the strategy planned sharded parameters of a model piece: only a whole model's parameters \
+                 are sharded"
+                    .into(),
+            )),
+            Some(s) => Ok(PieceLayout::row_shard(&info.layout, s, piece.activation_bytes_per_sample)),
+        }
+    };
+    let plan = Plan {
+        spec: spec.clone(),
+        info: info.clone(),
+        layouts: planned.ranks.iter().map(layout_of).collect::<Result<_, _>>()?,
+        ranks: planned.ranks,
+        stage_interface: planned.stage_interface,
+    };
+    check_memory(job, &plan)?;
+    Ok(plan)
+}
+
+/// A strategy's plan is checked, not trusted: one piece per rank, each inside the
+/// model, and every block held whole by some rank or in every slice of a
+/// tensor-parallel group.
+fn check_cover(strategy: &str, world: usize, blocks: usize, ranks: &[RankPlan]) -> Result<(), HostError> {
+    let bad = |detail: String| job_err(format!("key `parallel.strategy`: `{strategy}` planned {detail}"));
+    if ranks.len() != world {
+        return Err(bad(format!("{} ranks for a world of {world}", ranks.len())));
+    }
+    for (r, rank) in ranks.iter().enumerate() {
+        rank.piece.validate(blocks).map_err(|e| bad(format!("rank {r}: {e}")))?;
+    }
+    for b in 0..blocks {
+        let holders: Vec<&Piece> = ranks.iter().map(|r| &r.piece).filter(|p| p.blocks.contains(&b)).collect();
+        let whole = holders.iter().any(|p| p.tensor_width == 1);
+        let sliced = holders.iter().any(|p| {
+            (0..p.tensor_width)
+                .all(|t| holders.iter().any(|q| q.tensor_width == p.tensor_width && q.tensor_rank == t))
+        });
+        if !whole && !sliced {
+            return Err(bad(format!("no rank holding all of block {b}")));
+        }
+    }
+    Ok(())
+}
+
+/// Values of optimizer state per parameter.
+fn state_copies(optimizer: &str) -> usize {
+    match optimizer {
+        "adamw" => 2,
+        _ => 1,
+    }
+}
+
+/// Bytes rank `rank` needs at most: its parameters, their gradients and optimizer
+/// state (its shard of it, where the strategy shards it), and the activations it
+/// keeps at once.
+pub fn need_bytes(job: &Job, plan: &Plan, rank: usize) -> (u64, u64) {
+    let layout = plan.layout_of(rank);
+    let r = &plan.ranks[rank];
+    let values = layout.layout.total() as u64;
+    // A shard of every bucket's state, rounded up as the strategy pads its chunks.
+    let state = (values * state_copies(&job.train.optimizer) as u64).div_ceil(r.state_shards.max(1));
+    let params = 4 * (2 * values + state);
+    (params, r.activation_samples * layout.activation_bytes_per_sample)
+}
+
+/// Every rank's plan against `compute.memory_limit_mb`: fails naming the first rank
+/// over it and its largest part.
+pub fn check_memory(job: &Job, plan: &Plan) -> Result<(), HostError> {
+    let Some(limit_mb) = job.compute.memory_limit_mb else { return Ok(()) };
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for rank in 0..plan.ranks.len() {
+        let need = crate::memory::planned(job, plan, rank);
+        if mib(need.total) > limit_mb {
+            let hint = if plan.is_model_parallel() {
+                "use more workers"
+            } else {
+                "cut the model over several workers with a model-parallel strategy (`sheaf plugins` lists the strategies)"
+            };
+            let shards = match plan.ranks[rank].state_shards {
+                1 => String::new(),
+                n => format!(", the optimizer state sharded over {n} ranks"),
+            };
+            return Err(job_err(format!(
+                "key `compute.memory_limit_mb`: rank {rank} needs {:.2} MiB but the limit is {limit_mb} MiB \
+                 ({}{shards}; `sheaf plan` shows every part); {hint}",
+                mib(need.total),
+                crate::memory::parts_text(&need),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The job's strategy plugin, and its plan of the job over `world` ranks (see
+/// [`plan`]): what the launcher, every worker and `sheaf doctor` start from.
+pub fn strategy_and_plan(
+    job: &Job,
+    world: usize,
+    registry: &Registry,
+    compute: &dyn ComputeBackend,
+    data: &crate::data::JobData,
+) -> Result<(Box<dyn Strategy>, Plan), HostError> {
+    let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
+    let strategy = registry.strategy(&job.parallel.strategy, &job.parallel.strategy_config(timeout_ms))?;
+    let plan = plan(job, world, registry, compute, strategy.as_ref(), &data.spec, &data.info)?;
+    Ok((strategy, plan))
+}
+
+/// Measures each block's forward and backward time on one micro-batch of random data
+/// (median of 5, nanoseconds), one block built at a time, each fed the previous
+/// block's output, for `parallel.balance = "time"`: `sheaf launch` measures once and
+/// hands the costs to every worker, so all cut the model the same way.
+pub fn measure_layer_costs(
+    job: &Job,
+    compute: &dyn ComputeBackend,
+    data: &crate::data::JobData,
+) -> Result<Vec<u64>, HostError> {
+    let par = &job.parallel;
+    // A replica's share of the global batch: what blocks weigh relative to each other
+    // hardly depends on the rows.
+    let rows = job.train.batch_size.div_ceil(par.data.unwrap_or(1).max(1)).max(1);
+    let core = |e: sheaf_core::Error| HostError::Core(format!("measuring layer costs: {e}"));
+    let mut rng = sheaf_core::SplitMix64::new(job.seed);
+    // The first block takes real samples; each later block its predecessor's output.
+    let first = data.train.gather(&(0..rows.min(data.train.len())).collect::<Vec<_>>()).map_err(core)?;
+    let rows = first.len();
+    let mut input: Vec<f32> = Vec::new();
+    let mut costs = Vec::with_capacity(data.info.blocks.len());
+    for b in 0..data.info.blocks.len() {
+        let piece = Piece { blocks: b..b + 1, tensor_rank: 0, tensor_width: 1 };
+        let mut model = compute.build_piece(&data.spec, &piece, job.seed).map_err(core)?;
+        let mut times = Vec::new();
+        let mut output = Vec::new();
+        for micro in 0..6u64 {
+            let t = std::time::Instant::now();
+            output = if b == 0 {
+                model.stage_forward_batch(micro, 0, &first.batch()).map_err(core)?
+            } else {
+                model.stage_forward(micro, 0, &input, rows).map_err(core)?
+            };
+            let grad: Vec<f32> = output.iter().map(|_| rng.next_f32()).collect();
+            model.stage_backward(micro, 0, &grad).map_err(core)?;
+            if micro > 0 {
+                times.push(t.elapsed().as_nanos() as u64);
+            }
+        }
+        times.sort_unstable();
+        costs.push(times[times.len() / 2].max(1));
+        input = output;
+    }
+    Ok(costs)
+}

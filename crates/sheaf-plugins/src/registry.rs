@@ -1,0 +1,306 @@
+//! The set of loaded plugins, and the factories that build components from them.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+use sheaf_core::{ComputeBackend, DataPartitioner, Link, ModelPartitioner, Optimizer, PluginKind, Strategy};
+
+use crate::{candidates, load_plugin, HostError, LoadError, LoadedPlugin, SearchDir};
+
+/// One row of `sheaf plugins`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PluginInfo {
+    pub file: String,
+    pub name: Option<String>,
+    pub kinds: Vec<String>,
+    pub provides: Vec<String>,
+    pub version: Option<String>,
+    pub abi_version: Option<String>,
+    pub ok: bool,
+    pub error: Option<String>,
+    /// Why a library was not even tried (its name), when it was not.
+    pub skipped: Option<String>,
+    /// Components this library provides that another loaded library provides too.
+    pub conflicts: Vec<String>,
+}
+
+/// Which library supplied a component of a run (`summary.json`'s `components`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ComponentSource {
+    pub kind: String,
+    pub name: String,
+    pub plugin: String,
+    pub file: String,
+    pub version: String,
+    pub abi_version: String,
+}
+
+/// Every library found on the search path: those that loaded, and why the others did not.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub loaded: Vec<LoadedPlugin>,
+    pub failed: Vec<(PathBuf, LoadError)>,
+    /// Files in the search directories not tried, and why.
+    pub skipped: Vec<(PathBuf, String)>,
+    searched: Vec<SearchDir>,
+    /// The job's choice of library for components several provide: (kind, name) to a
+    /// plugin's name or file.
+    choices: std::collections::BTreeMap<(PluginKind, String), String>,
+    /// Every component built so far, and where from.
+    used: std::sync::Mutex<Vec<ComponentSource>>,
+}
+
+impl Registry {
+    /// Loads every candidate library in `dirs`; one that fails is recorded, never fatal.
+    pub fn load(dirs: &[SearchDir]) -> Registry {
+        let found = candidates(dirs);
+        let mut registry = Registry::load_files(found.files, dirs);
+        registry.skipped = found.skipped;
+        registry
+    }
+
+    /// The job's `[plugins.<kind>] <name> = "<plugin>"` choices, for components more
+    /// than one library provides.
+    pub fn choose(
+        &mut self,
+        choices: &std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+    ) {
+        for (kind, names) in choices {
+            // The job checked the kinds.
+            let Some(kind) = PluginKind::from_name(kind) else { continue };
+            for (name, plugin) in names {
+                self.choices.insert((kind, name.clone()), plugin.clone());
+            }
+        }
+    }
+
+    /// Every component built so far and the library that supplied it.
+    pub fn used(&self) -> Vec<ComponentSource> {
+        self.used.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `(kind:name, providers)` for every component more than one loaded library
+    /// provides.
+    pub fn conflicts(&self) -> Vec<(String, Vec<&LoadedPlugin>)> {
+        let mut out: Vec<(String, Vec<&LoadedPlugin>)> = Vec::new();
+        for p in &self.loaded {
+            for x in &p.manifest.provides {
+                let key = format!("{}:{}", x.kind, x.name);
+                match out.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, ps)) => ps.push(p),
+                    None => out.push((key, vec![p])),
+                }
+            }
+        }
+        out.retain(|(_, ps)| ps.len() > 1);
+        out
+    }
+
+    /// Loads exactly `files` (`searched` only names where they came from in errors).
+    pub fn load_files(files: Vec<PathBuf>, searched: &[SearchDir]) -> Registry {
+        let mut registry = Registry { searched: searched.to_vec(), ..Registry::default() };
+        for file in files {
+            match load_plugin(&file) {
+                Ok(p) => {
+                    tracing::debug!("loaded plugin {} from {}", p.manifest.name, file.display());
+                    registry.loaded.push(p);
+                }
+                Err(e) => {
+                    tracing::debug!("{e}");
+                    registry.failed.push((file, e));
+                }
+            }
+        }
+        registry
+    }
+
+    /// One row per library, loaded ones first, in search order.
+    pub fn listing(&self) -> Vec<PluginInfo> {
+        let conflicts = self.conflicts();
+        let ok = self.loaded.iter().map(|p| PluginInfo {
+            file: p.file.display().to_string(),
+            name: Some(p.manifest.name.clone()),
+            kinds: p.manifest.kinds().iter().map(|k| k.name().to_owned()).collect(),
+            provides: p.manifest.provides.iter().map(|x| format!("{}:{}", x.kind, x.name)).collect(),
+            version: Some(p.manifest.version.clone()),
+            abi_version: Some(p.manifest.abi_version.clone()),
+            ok: true,
+            error: None,
+            skipped: None,
+            conflicts: conflicts
+                .iter()
+                .filter(|(_, ps)| ps.iter().any(|q| q.file == p.file))
+                .map(|(key, ps)| {
+                    let others: Vec<String> = ps
+                        .iter()
+                        .filter(|q| q.file != p.file)
+                        .map(|q| q.file.display().to_string())
+                        .collect();
+                    format!("{key} also in {}", others.join(", "))
+                })
+                .collect(),
+        });
+        let failed = self.failed.iter().map(|(file, e)| PluginInfo {
+            file: file.display().to_string(),
+            name: None,
+            kinds: vec![],
+            provides: vec![],
+            version: None,
+            abi_version: match e {
+                LoadError::AbiMismatch { plugin, .. } => Some(plugin.clone()),
+                LoadError::Layout { version, .. } => Some(version.clone()),
+                _ => None,
+            },
+            ok: false,
+            error: Some(e.to_string()),
+            skipped: None,
+            conflicts: vec![],
+        });
+        let skipped = self.skipped.iter().map(|(file, why)| PluginInfo {
+            file: file.display().to_string(),
+            name: None,
+            kinds: vec![],
+            provides: vec![],
+            version: None,
+            abi_version: None,
+            ok: false,
+            error: None,
+            skipped: Some(why.clone()),
+            conflicts: vec![],
+        });
+        ok.chain(failed).chain(skipped).collect()
+    }
+
+    /// Everything the loaded plugins provide, in search order.
+    pub fn provided(&self) -> Vec<sheaf_core::Provided> {
+        self.loaded.iter().flat_map(|p| p.manifest.provides.iter().cloned()).collect()
+    }
+
+    /// The loaded plugin providing `kind` `name`: the only one, or the one the job
+    /// chose; an error naming every provider when several do and the job chose none,
+    /// and naming the libraries that failed to load or were skipped when none does.
+    pub fn provider(&self, kind: PluginKind, name: &str) -> Result<&LoadedPlugin, HostError> {
+        let providers: Vec<&LoadedPlugin> =
+            self.loaded.iter().filter(|p| p.manifest.provides(kind, name)).collect();
+        let describe = |ps: &[&LoadedPlugin]| {
+            ps.iter()
+                .map(|p| format!("{} ({})", p.manifest.name, p.file.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(choice) = self.choices.get(&(kind, name.to_owned())) {
+            let chosen = providers.iter().find(|p| {
+                p.manifest.name == *choice
+                    || p.file.file_name().is_some_and(|f| f.to_string_lossy() == choice.as_str())
+                    || p.file.display().to_string() == *choice
+            });
+            return chosen.copied().ok_or_else(|| {
+                HostError::Job(format!(
+                    "[plugins.{kind}] {name} = \"{choice}\": no loaded library by that name or file provides it \
+                     (providers: {})",
+                    if providers.is_empty() { "none".into() } else { describe(&providers) }
+                ))
+            });
+        }
+        match providers.as_slice() {
+            [one] => Ok(one),
+            [] => {
+                let mut available: Vec<String> = self
+                    .loaded
+                    .iter()
+                    .flat_map(|p| p.manifest.provides.iter())
+                    .filter(|x| x.kind == kind)
+                    .map(|x| x.name.clone())
+                    .collect();
+                available.dedup();
+                let mut unusable: Vec<String> =
+                    self.failed.iter().map(|(_, e)| format!("failed to load {e}")).collect();
+                if !self.skipped.is_empty() {
+                    let names: Vec<String> = self
+                        .skipped
+                        .iter()
+                        .map(|(f, _)| f.file_name().unwrap_or_default().to_string_lossy().into_owned())
+                        .collect();
+                    unusable.push(format!("not tried (`sheaf plugins` says why): {}", names.join(", ")));
+                }
+                Err(HostError::Missing {
+                    kind,
+                    name: name.to_owned(),
+                    available: if available.is_empty() { "none".into() } else { available.join(", ") },
+                    searched: self
+                        .searched
+                        .iter()
+                        .map(|d| d.path.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    unusable: if unusable.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; libraries that could not be used: {}", unusable.join("; "))
+                    },
+                })
+            }
+            several => {
+                Err(HostError::Ambiguous { kind, name: name.to_owned(), providers: describe(several) })
+            }
+        }
+    }
+
+    fn component<T>(
+        &self,
+        kind: PluginKind,
+        name: &str,
+        build: impl FnOnce(&LoadedPlugin) -> Result<T, sheaf_core::Error>,
+    ) -> Result<T, HostError> {
+        let plugin = self.provider(kind, name)?;
+        let built = build(plugin).map_err(|source| HostError::Component {
+            plugin: plugin.manifest.name.clone(),
+            file: plugin.file.clone(),
+            source,
+        })?;
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if !used.iter().any(|u| u.kind == kind.name() && u.name == name) {
+            used.push(ComponentSource {
+                kind: kind.name().into(),
+                name: name.into(),
+                plugin: plugin.manifest.name.clone(),
+                file: plugin.file.display().to_string(),
+                version: plugin.manifest.version.clone(),
+                abi_version: plugin.manifest.abi_version.clone(),
+            });
+        }
+        Ok(built)
+    }
+
+    pub fn optimizer(&self, name: &str, config_json: &str) -> Result<Box<dyn Optimizer>, HostError> {
+        self.component(PluginKind::Optimizer, name, |p| p.optimizer(name, config_json))
+    }
+
+    pub fn data_partitioner(
+        &self,
+        name: &str,
+        config_json: &str,
+    ) -> Result<Box<dyn DataPartitioner>, HostError> {
+        self.component(PluginKind::DataPartitioner, name, |p| p.data_partitioner(name, config_json))
+    }
+
+    pub fn model_partitioner(
+        &self,
+        name: &str,
+        config_json: &str,
+    ) -> Result<Box<dyn ModelPartitioner>, HostError> {
+        self.component(PluginKind::ModelPartitioner, name, |p| p.model_partitioner(name, config_json))
+    }
+
+    pub fn compute(&self, name: &str, config_json: &str) -> Result<Box<dyn ComputeBackend>, HostError> {
+        self.component(PluginKind::Compute, name, |p| p.compute(name, config_json))
+    }
+
+    pub fn strategy(&self, name: &str, config_json: &str) -> Result<Box<dyn Strategy>, HostError> {
+        self.component(PluginKind::Strategy, name, |p| p.strategy(name, config_json))
+    }
+
+    pub fn link(&self, name: &str, config_json: &str) -> Result<Box<dyn Link>, HostError> {
+        self.component(PluginKind::Transport, name, |p| p.link(name, config_json))
+    }
+}

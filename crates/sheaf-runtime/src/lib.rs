@@ -1,0 +1,6 @@
+//! The worker's runtime: one rank's run, from the job to `summary.json` (`worker`),
+//! the world it joins (`world`), and sampling from a trained model (`sample`).
+
+pub mod sample;
+pub mod worker;
+pub mod world;

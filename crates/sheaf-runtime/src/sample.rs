@@ -1,0 +1,141 @@
+//! `sheaf sample`: text from a trained language model. The checkpoint's run directory
+//! holds the job (`summary.json`) and the vocabulary (`vocab.json`); the model is
+//! rebuilt by the job's compute plugin, loaded from the checkpoint, and asked for the
+//! next token's logits one token at a time.
+
+use std::path::Path;
+
+use sheaf_core::{Batch, SplitMix64};
+
+use sheaf_job::job::Job;
+use sheaf_plugins::{HostError, Registry};
+use sheaf_report::outputs::read_safetensors;
+
+/// How to sample.
+#[derive(Clone, Debug)]
+pub struct SampleOptions {
+    pub prompt: String,
+    pub tokens: usize,
+    /// 0: always the likeliest token.
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+}
+
+fn data_err(path: &Path, detail: impl std::fmt::Display) -> HostError {
+    HostError::Data(format!("{}: {detail}", path.display()))
+}
+
+/// The characters of `vocab.json`.
+fn read_vocab(path: &Path) -> Result<Vec<char>, HostError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| data_err(path, format!("cannot read the vocabulary: {e}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| data_err(path, e))?;
+    let tokens = v["tokens"].as_array().ok_or_else(|| data_err(path, "no `tokens` array"))?;
+    tokens
+        .iter()
+        .map(|t| {
+            let mut chars = t.as_str().unwrap_or_default().chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) => Ok(c),
+                _ => Err(data_err(path, format!("token {t} is not one character"))),
+            }
+        })
+        .collect()
+}
+
+/// The prompt followed by `opts.tokens` generated characters.
+pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> Result<String, HostError> {
+    // A run directory stands for its checkpoint.
+    let in_dir;
+    let checkpoint = if checkpoint.is_dir() {
+        in_dir = checkpoint.join("checkpoint.safetensors");
+        &in_dir
+    } else {
+        checkpoint
+    };
+    let dir = checkpoint.parent().unwrap_or(Path::new("."));
+    let summary_path = dir.join("summary.json");
+    let summary = std::fs::read_to_string(&summary_path)
+        .map_err(|e| data_err(&summary_path, format!("cannot read the run's summary (its job): {e}")))?;
+    let summary: serde_json::Value =
+        serde_json::from_str(&summary).map_err(|e| data_err(&summary_path, e))?;
+    let job: Job = serde_json::from_value(summary["job"].clone())
+        .map_err(|e| data_err(&summary_path, format!("its job does not parse: {e}")))?;
+    let vocab_path = dir.join("vocab.json");
+    if !vocab_path.exists() {
+        // No vocabulary: a classifier's run says so, rather than that a file is missing.
+        let compute = registry.compute(&job.compute.backend, "")?;
+        let spec = sheaf_job::data::model_spec(&job, None);
+        if let Ok(sheaf_core::ModelInput::Rows { .. }) =
+            sheaf_job::data::describe(&job, &spec, registry, compute.as_ref()).map(|i| i.input)
+        {
+            return Err(HostError::Usage(format!(
+                "{}: this run trained a classifier (model kind `{}` on `{}`), which has no text to \
+                 sample; `sheaf sample` continues text with a language model (model.kind = \"gpt\" \
+                 on a text dataset: examples/shakespeare-gpt.toml)",
+                checkpoint.display(),
+                job.model.kind,
+                job.data.dataset
+            )));
+        }
+    }
+    let vocab = read_vocab(&vocab_path)?;
+    let spec = sheaf_job::data::model_spec(&job, Some(vocab.len()));
+    let compute =
+        registry.compute(&job.compute.backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
+    let info = sheaf_job::data::describe(&job, &spec, registry, compute.as_ref())?;
+    let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
+    let mut model = compute.build_model(&spec, job.seed).map_err(core)?;
+    model.write_params(&read_safetensors(checkpoint, &info.layout)?).map_err(core)?;
+
+    let mut ids: Vec<u32> = opts
+        .prompt
+        .chars()
+        .map(|c| {
+            vocab.binary_search(&c).map(|i| i as u32).map_err(|_| {
+                HostError::Usage(format!("--prompt: the character {c:?} is not in the model's vocabulary"))
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if ids.is_empty() {
+        return Err(HostError::Usage("--prompt: give at least one character".into()));
+    }
+    let block_size = match info.input {
+        sheaf_core::ModelInput::Tokens { block_size, .. } => block_size,
+        sheaf_core::ModelInput::Rows { .. } => {
+            return Err(HostError::Usage(format!("model kind `{}` is not a language model", spec.kind)))
+        }
+    };
+    let mut rng = SplitMix64::new(opts.seed);
+    for _ in 0..opts.tokens {
+        let context = &ids[ids.len().saturating_sub(block_size)..];
+        let logits =
+            model.predict(&Batch::Tokens { windows: context, window: context.len() }).map_err(core)?;
+        ids.push(pick(&logits, opts, &mut rng) as u32);
+    }
+    Ok(ids.iter().map(|&i| vocab[i as usize]).collect())
+}
+
+/// A token from `logits`: the likeliest at temperature 0, else drawn from the softmax
+/// of `logits / temperature` over the `top_k` likeliest.
+fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut SplitMix64) -> usize {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if opts.temperature <= 0.0 {
+        return order[0];
+    }
+    order.truncate(opts.top_k.unwrap_or(logits.len()).clamp(1, logits.len()));
+    let max = f64::from(logits[order[0]]);
+    let weights: Vec<f64> =
+        order.iter().map(|&i| ((f64::from(logits[i]) - max) / opts.temperature).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+    for (&i, w) in order.iter().zip(&weights) {
+        if u < *w {
+            return i;
+        }
+        u -= w;
+    }
+    order[order.len() - 1]
+}
