@@ -461,3 +461,21 @@ fn a_plugin_built_against_the_previous_abi_loads_and_trains() {
         (Some(fixture), Some(version))
     );
 }
+
+/// The exit codes `sheaf --help` lists: a command whose own output cannot be written
+/// (standard output a full device) failed (1), which is not a bad command line (2).
+#[test]
+fn a_failed_write_is_a_failure_not_a_usage_error() {
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out =
+        Command::new(sheaf_bin()).args(["plan", "--set", "train.max_steps=1"]).stdout(full).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot write output") && err.contains("No space left on device"), "{err}");
+
+    let help = Command::new(sheaf_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for code in ["0 ", "1 ", "2 ", "128+N"] {
+        assert!(help.contains(&format!("\n  {code}")), "--help lists exit code {code}:\n{help}");
+    }
+}

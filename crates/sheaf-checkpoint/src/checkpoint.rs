@@ -74,13 +74,9 @@ fn step_dir(root: &Path, step: u64) -> PathBuf {
     root.join(CHECKPOINTS).join(format!("step-{step:08}"))
 }
 
-fn out_err(path: &Path, e: std::io::Error) -> HostError {
-    HostError::Output(format!("{}: {e}", path.display()))
-}
-
 /// fsync a directory, so a rename in it survives a crash.
 fn sync_dir(dir: &Path) -> Result<(), HostError> {
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| out_err(dir, e))
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| HostError::io(dir, e))
 }
 
 /// An optimizer state's buffers as tensors, and its step as metadata.
@@ -175,10 +171,10 @@ impl Checkpointer<'_> {
         }
         let root = self.run_dir.clone().expect("checked above");
         let checkpoints = root.join(CHECKPOINTS);
-        std::fs::create_dir_all(&checkpoints).map_err(|e| out_err(&checkpoints, e))?;
+        std::fs::create_dir_all(&checkpoints).map_err(|e| HostError::io(&checkpoints, e))?;
         let partial = checkpoints.join(format!("step-{step:08}.partial-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir(&partial).map_err(|e| out_err(&partial, e))?;
+        std::fs::create_dir(&partial).map_err(|e| HostError::io(&partial, e))?;
         write_whole(self.comm, params, self.plan, Some(&partial.join("model.safetensors")), || {
             self.deadline()
         })?;
@@ -197,7 +193,7 @@ impl Checkpointer<'_> {
         sync_dir(&partial)?;
         let done = step_dir(&root, step);
         let _ = std::fs::remove_dir_all(&done);
-        std::fs::rename(&partial, &done).map_err(|e| out_err(&done, e))?;
+        std::fs::rename(&partial, &done).map_err(|e| HostError::io(&done, e))?;
         sync_dir(&checkpoints)?;
         self.prune(&checkpoints)?;
         self.saved = Some(step);
@@ -211,10 +207,10 @@ impl Checkpointer<'_> {
         complete.sort_unstable();
         let drop = complete.len().saturating_sub(self.keep.max(1));
         for (step, dir) in complete.into_iter().take(drop) {
-            std::fs::remove_dir_all(&dir).map_err(|e| out_err(&dir, e))?;
+            std::fs::remove_dir_all(&dir).map_err(|e| HostError::io(&dir, e))?;
             tracing::debug!("removed checkpoint at step {step}");
         }
-        for entry in std::fs::read_dir(checkpoints).map_err(|e| out_err(checkpoints, e))?.flatten() {
+        for entry in std::fs::read_dir(checkpoints).map_err(|e| HostError::io(checkpoints, e))?.flatten() {
             if entry.file_name().to_string_lossy().contains(".partial") {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
@@ -231,8 +227,8 @@ impl CheckpointSink for Checkpointer<'_> {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
     use std::io::Write;
-    let mut f = std::fs::File::create(path).map_err(|e| out_err(path, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| out_err(path, e))
+    let mut f = std::fs::File::create(path).map_err(|e| HostError::io(path, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| HostError::io(path, e))
 }
 
 /// Every complete checkpoint under `checkpoints/`: `(step, dir)`.
@@ -240,7 +236,7 @@ fn complete_steps(checkpoints: &Path) -> Result<Vec<(u64, PathBuf)>, HostError> 
     let entries = match std::fs::read_dir(checkpoints) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(out_err(checkpoints, e)),
+        Err(e) => return Err(HostError::io(checkpoints, e)),
     };
     Ok(entries
         .flatten()

@@ -264,7 +264,7 @@ fn synced_rename(path: &Path, write: impl FnOnce(&Path) -> Result<(), HostError>
         std::fs::File::open(&tmp)
             .and_then(|f| f.sync_all())
             .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))
+            .map_err(|e| HostError::io(path, e))
     });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

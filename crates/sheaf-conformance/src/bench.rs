@@ -12,7 +12,7 @@ use sheaf_collectives::{Algorithm, Group};
 use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, ReduceOp, Tag, TagClass};
 
 use sheaf_plugins::{HostError, Registry};
-use sheaf_runtime::worker::WorkerEnv;
+use sheaf_runtime::WorkerEnv;
 
 /// One measured size.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -16,7 +16,7 @@ use sheaf_core::{Communicator, DType, Deadline, ReduceOp};
 
 use sheaf_job::job::Job;
 use sheaf_plugins::{HostError, Registry};
-use sheaf_runtime::worker::WorkerEnv;
+use sheaf_runtime::WorkerEnv;
 
 const PING_TAG: u32 = 0x5EAF_0D0C;
 
@@ -112,7 +112,7 @@ pub fn doctor(
 
     // Who reaches whom, before the transport, which needs every rank to meet.
     let n = env.world_size;
-    let w = |e: std::io::Error| HostError::Usage(format!("cannot write output: {e}"));
+    let w = HostError::output;
     if n > 1 {
         let listen = env.advertise_addr()?.unwrap_or_else(|| "127.0.0.1".into());
         let reach = crate::rollcall::roll_call(env, &listen, Duration::from_millis(timeout_ms))?;

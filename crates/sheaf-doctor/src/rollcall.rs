@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sheaf_auth::Key;
 
 use sheaf_plugins::HostError;
-use sheaf_runtime::worker::WorkerEnv;
+use sheaf_runtime::WorkerEnv;
 
 const DOMAIN: &str = "sheaf-doctor-rollcall";
 /// The longest roll-call message a rank accepts (a table of many ranks' addresses).

@@ -8,7 +8,7 @@ use sheaf_testkit::conformance::collectives::{check_all, Case};
 use sheaf_testkit::conformance::SplitMix;
 
 use sheaf_plugins::{HostError, Registry};
-use sheaf_runtime::worker::WorkerEnv;
+use sheaf_runtime::WorkerEnv;
 
 /// The `i`-th case of a run seeded with `seed`: lengths from 0 to `max_len`, half of
 /// them below 16 (and so often below the world size).

@@ -237,7 +237,7 @@ pub fn measure_layer_costs(
     // A replica's share of the global batch: what blocks weigh relative to each other
     // hardly depends on the rows.
     let rows = job.train.batch_size.div_ceil(par.data.unwrap_or(1).max(1)).max(1);
-    let core = |e: sheaf_core::Error| HostError::Core(format!("measuring layer costs: {e}"));
+    let core = |source| HostError::Core { during: Some("measuring layer costs"), source };
     let mut rng = sheaf_core::SplitMix64::new(job.seed);
     // The first block takes real samples; each later block its predecessor's output.
     let first = data.train.gather(&(0..rows.min(data.train.len())).collect::<Vec<_>>()).map_err(core)?;

@@ -414,8 +414,8 @@ fn record_restart(
         .append(true)
         .create(true)
         .open(&path)
-        .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;
-    writeln!(f, "{line}").map_err(|e| HostError::Output(format!("{}: {e}", path.display())))
+        .map_err(|e| HostError::io(&path, e))?;
+    writeln!(f, "{line}").map_err(|e| HostError::io(&path, e))
 }
 
 /// The launcher's record of restarts in a run directory.
@@ -438,7 +438,7 @@ fn run_world(
     let threads = opts.threads_per_worker.unwrap_or_else(|| threads_per_worker(opts.workers));
     let progress = std::io::stderr().is_terminal();
     let logs = opts.run_dir.join("logs");
-    std::fs::create_dir_all(&logs).map_err(|e| HostError::Output(format!("{}: {e}", logs.display())))?;
+    std::fs::create_dir_all(&logs).map_err(|e| HostError::io(&logs, e))?;
     let launcher = std::process::id();
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut forwarders = Vec::new();
@@ -488,7 +488,7 @@ fn run_world(
             .append(true)
             .create(true)
             .open(&path)
-            .map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;
+            .map_err(|e| HostError::io(&path, e))?;
         if attempt > 0 {
             let _ = writeln!(file, "--- restart {attempt} ---");
         }
@@ -556,8 +556,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
     }
     let exe = std::env::current_exe()
         .map_err(|e| HostError::Launch(format!("cannot find the sheaf executable: {e}")))?;
-    std::fs::create_dir_all(&opts.run_dir)
-        .map_err(|e| HostError::Output(format!("{}: {e}", opts.run_dir.display())))?;
+    std::fs::create_dir_all(&opts.run_dir).map_err(|e| HostError::io(&opts.run_dir, e))?;
     let signals = watch_signals()?;
     signals.store(0, Ordering::SeqCst);
     let mut attempt = 0;
@@ -566,12 +565,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
         let started = Instant::now();
         match run_world(opts, &exe, attempt, resume, &signals)? {
             Ended::Done => return Ok(()),
-            Ended::Signalled(sig) => {
-                return Err(HostError::Launch(format!(
-                    "stopped by signal {sig}; the workers were stopped; the same command with --resume {} \
-                     continues the run from its newest checkpoint",
-                    opts.run_dir.display()
-                )))
+            Ended::Signalled(signal) => {
+                return Err(HostError::Stopped { signal, run_dir: opts.run_dir.clone() });
             }
             Ended::Failed { rank, message } if attempt < opts.max_restarts => {
                 attempt += 1;
@@ -582,12 +577,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
                 );
                 resume = true;
             }
-            Ended::Failed { message, .. } => {
-                return Err(HostError::Launch(format!(
-                    "{message}; stopped the other workers; once the cause is fixed, the same command with \
-                     --resume {} continues the run from its newest checkpoint",
-                    opts.run_dir.display()
-                )))
+            Ended::Failed { rank, message } => {
+                return Err(HostError::RankFailed { rank, message, run_dir: opts.run_dir.clone() });
             }
         }
     }

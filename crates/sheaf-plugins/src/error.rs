@@ -1,10 +1,28 @@
 //! The host's failures, and the exit code each gives the `sheaf` command.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use sheaf_core::PluginKind;
 
 use crate::LoadError;
+
+/// The `sheaf` command's exit codes. Every failure is one of these; `sheaf --help`
+/// and the README list them.
+pub mod exit {
+    /// The command did what it was asked.
+    pub const OK: u8 = 0;
+    /// The run (or the check, or the benchmark) failed: a rank's error, a worker that
+    /// died, a file that could not be written, a conformance check that failed.
+    pub const FAILED: u8 = 1;
+    /// The command line or the job cannot be run as given (a malformed or
+    /// contradictory job, a component no plugin provides, a plugin refusing its
+    /// settings, a dataset that cannot be read): nothing was trained.
+    pub const USAGE: u8 = 2;
+    /// Stopped from outside (preempted): `sheaf launch` got SIGINT or SIGTERM, stopped
+    /// its workers and exits with 128 + the signal's number, as a shell reports a
+    /// process the signal killed (130, 143); `--resume RUN_DIR` continues the run.
+    pub const SIGNALLED: u8 = 128;
+}
 
 /// Failures of the host.
 #[derive(Debug, thiserror::Error)]
@@ -23,33 +41,109 @@ pub enum HostError {
     Component { plugin: String, file: PathBuf, source: sheaf_core::Error },
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A command line that cannot be run.
     #[error("{0}")]
     Usage(String),
+    /// A job that cannot be run: malformed, contradictory, or asking for what no
+    /// plugin offers.
     #[error("{0}")]
     Job(String),
+    /// A dataset that cannot be read, or is of the wrong shape.
     #[error("{0}")]
     Data(String),
+    /// A file or stream that could not be read or written: `what` names it.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// A file whose contents could not be made (serialised) or read back.
     #[error("{0}")]
     Output(String),
-    #[error("{0}")]
-    Core(String),
+    /// A component (model, optimizer, strategy) failed outside training.
+    #[error("{}{source}", during.map(|d| format!("{d}: ")).unwrap_or_default())]
+    Core { during: Option<&'static str>, source: sheaf_core::Error },
+    /// A rank's training failed.
     #[error("rank {rank}: {detail}")]
     Train { rank: usize, detail: String },
+    /// A rank of a launched world failed, and its world was stopped.
+    #[error(
+        "{message}; stopped the other workers; once the cause is fixed, the same command with --resume {} \
+         continues the run from its newest checkpoint",
+        run_dir.display()
+    )]
+    RankFailed { rank: usize, message: String, run_dir: PathBuf },
+    /// The launcher was told to stop (SIGINT, SIGTERM: a preemption) and stopped its
+    /// workers.
+    #[error(
+        "stopped by signal {signal}; the workers were stopped; the same command with --resume {} continues \
+         the run from its newest checkpoint",
+        run_dir.display()
+    )]
+    Stopped { signal: i32, run_dir: PathBuf },
+    /// The launcher could not start or watch its workers.
     #[error("{0}")]
     Launch(String),
+    /// A check the command ran failed (conformance, the plugin listing).
     #[error("{0}")]
     Check(String),
 }
 
+impl From<sheaf_core::Error> for HostError {
+    fn from(source: sheaf_core::Error) -> Self {
+        HostError::Core { during: None, source }
+    }
+}
+
 impl HostError {
-    /// The process exit code: 2 for a bad command line or job (a plugin refusing its
-    /// settings, a component no plugin provides and a dataset that cannot be read
-    /// included), 1 for anything else.
+    /// A failed read or write of `path`.
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> HostError {
+        HostError::Io { what: path.as_ref().display().to_string(), source }
+    }
+
+    /// A failed write of the command's own output (standard output).
+    pub fn output(source: std::io::Error) -> HostError {
+        HostError::Io { what: "cannot write output".into(), source }
+    }
+
+    /// The process exit code ([`exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            HostError::Usage(_) | HostError::Job(_) | HostError::Missing { .. } | HostError::Data(_) => 2,
-            HostError::Component { source: sheaf_core::Error::InvalidConfig { .. }, .. } => 2,
-            _ => 1,
+            HostError::Usage(_) | HostError::Job(_) | HostError::Missing { .. } | HostError::Data(_) => {
+                exit::USAGE
+            }
+            HostError::Component { source: sheaf_core::Error::InvalidConfig { .. }, .. } => exit::USAGE,
+            HostError::Stopped { signal, .. } => {
+                exit::SIGNALLED.saturating_add((*signal).clamp(0, 127) as u8)
+            }
+            _ => exit::FAILED,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{exit, HostError};
+
+    /// Each kind of failure gives the code `sheaf --help` promises.
+    #[test]
+    fn exit_codes_follow_the_kind_of_failure() {
+        let io = || std::io::Error::other("disk full");
+        assert_eq!(HostError::Usage("x".into()).exit_code(), exit::USAGE);
+        assert_eq!(HostError::Job("x".into()).exit_code(), exit::USAGE);
+        assert_eq!(HostError::Data("x".into()).exit_code(), exit::USAGE);
+        assert_eq!(HostError::output(io()).exit_code(), exit::FAILED);
+        assert_eq!(HostError::io("/x", io()).exit_code(), exit::FAILED);
+        assert_eq!(HostError::Train { rank: 1, detail: "x".into() }.exit_code(), exit::FAILED);
+        let failed = HostError::RankFailed { rank: 1, message: "x".into(), run_dir: "/r".into() };
+        assert_eq!(failed.exit_code(), exit::FAILED);
+        assert!(failed.to_string().contains("--resume /r"), "{failed}");
+        let stopped = |signal| HostError::Stopped { signal, run_dir: "/r".into() };
+        assert_eq!(stopped(15).exit_code(), 143);
+        assert_eq!(stopped(2).exit_code(), 130);
+        let refused = sheaf_core::Error::InvalidConfig { key: "lr".into(), detail: "negative".into() };
+        let component = HostError::Component { plugin: "p".into(), file: "/p.so".into(), source: refused };
+        assert_eq!(component.exit_code(), exit::USAGE);
+        let core =
+            HostError::Core { during: Some("measuring"), source: sheaf_core::Error::Unsupported("x".into()) };
+        assert_eq!(core.exit_code(), exit::FAILED);
+        assert!(core.to_string().starts_with("measuring: "), "{core}");
     }
 }

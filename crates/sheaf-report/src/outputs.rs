@@ -14,18 +14,14 @@ use sheaf_core::{MetricsSink, ParamLayout, StepMetrics};
 
 use sheaf_plugins::HostError;
 
-fn io_err(path: &Path, e: std::io::Error) -> HostError {
-    HostError::Output(format!("{}: {e}", path.display()))
-}
-
 /// Writes `bytes` to `path` atomically (temporary file in the same directory, fsync,
 /// rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
     let tmp = path.with_extension(format!("{}.partial", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| io_err(&tmp, e))?;
+    let mut f = std::fs::File::create(&tmp).map_err(|e| HostError::io(&tmp, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| HostError::io(&tmp, e))?;
     drop(f);
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| HostError::io(path, e))
 }
 
 /// The run-level results.
@@ -148,7 +144,7 @@ pub fn write_safetensors<'a>(
     let views = tensor_views(tensors)?;
     safetensors::serialize_to_file(views, metadata, path)
         .map_err(|e| HostError::Output(format!("{}: safetensors: {e}", path.display())))?;
-    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| io_err(path, e))
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| HostError::io(path, e))
 }
 
 /// The tensors of a flat parameter buffer, named and shaped by `layout`.
@@ -296,7 +292,7 @@ impl Metrics {
                     }
                     None => open.write(true).create(true).truncate(true),
                 };
-                Some((p.to_path_buf(), LineWriter::new(open.open(p).map_err(|e| io_err(p, e))?)))
+                Some((p.to_path_buf(), LineWriter::new(open.open(p).map_err(|e| HostError::io(p, e))?)))
             }
             None => None,
         };
@@ -375,7 +371,7 @@ impl Metrics {
             self.last_epoch = None;
         }
         if let Some((p, f)) = &mut self.file {
-            f.flush().map_err(|e| io_err(p, e))?;
+            f.flush().map_err(|e| HostError::io(p, e))?;
         }
         match self.error.take() {
             Some(e) => Err(e),
@@ -390,7 +386,7 @@ fn keep_lines_up_to(path: &Path, step: u64) -> Result<(), HostError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io_err(path, e)),
+        Err(e) => return Err(HostError::io(path, e)),
     };
     let kept: String = text
         .split_inclusive('\n')
@@ -418,7 +414,7 @@ impl MetricsSink for Metrics {
                 line["val_loss"] = v.into();
             }
             if let Err(e) = writeln!(f, "{line}") {
-                self.error.get_or_insert(io_err(path, e));
+                self.error.get_or_insert(HostError::io(path, e));
             }
         }
         if let Some(prev) = self.last_epoch.filter(|&e| e != m.epoch) {

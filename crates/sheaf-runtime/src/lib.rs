@@ -1,6 +1,10 @@
 //! The worker's runtime: one rank's run, from the job to `summary.json` (`worker`),
 //! the world it joins (`world`), and sampling from a trained model (`sample`).
 
+mod connect;
 pub mod sample;
 pub mod worker;
 pub mod world;
+
+pub use connect::Connected;
+pub use world::WorkerEnv;

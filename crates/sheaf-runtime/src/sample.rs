@@ -85,7 +85,7 @@ pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> R
     let compute =
         registry.compute(&job.compute.backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
     let info = sheaf_job::data::describe(&job, &spec, registry, compute.as_ref())?;
-    let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
+    let core = HostError::from;
     let mut model = compute.build_model(&spec, job.seed).map_err(core)?;
     model.write_params(&read_safetensors(checkpoint, &info.layout)?).map_err(core)?;
 

@@ -8,198 +8,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sheaf_collectives::Group;
-use sheaf_core::{Communicator, Deadline, Link, TrainContext};
-
 use sheaf_checkpoint::checkpoint::Checkpointer;
+use sheaf_collectives::Group;
+use sheaf_core::{
+    Communicator, DataPartitioner, Deadline, Link, Model, Optimizer, Strategy, TrainConfig, TrainContext,
+    TrainSummary,
+};
+use sheaf_job::data::JobData;
 use sheaf_job::job::Job;
+use sheaf_job::plan::Plan;
 use sheaf_plugins::{HostError, Registry};
 use sheaf_report::outputs::{json_number, read_safetensors, write_atomic, Metrics, Summary};
+use sheaf_report::trace::{Recorder, TracedComm, TracedModel, TracedOptimizer};
 
-/// Where this worker sits in the world, as torchrun's variables say.
-#[derive(Clone, Debug, PartialEq)]
-pub struct WorkerEnv {
-    pub rank: usize,
-    pub world_size: usize,
-    pub local_rank: usize,
-    pub master_addr: String,
-    pub master_port: u16,
-    /// The launcher says the world spans more than one host.
-    pub spans_hosts: bool,
-}
-
-impl WorkerEnv {
-    /// From the environment of whichever launcher started this process (torchrun,
-    /// SLURM, Open MPI, MPICH, a Kubernetes Indexed Job: [`crate::world`]); a world of
-    /// one when none did.
-    pub fn from_env() -> Result<WorkerEnv, HostError> {
-        crate::world::from_vars(|k| std::env::var(k).ok())
-    }
-
-    /// The address peers reach this rank at: `SHEAF_ADVERTISE_ADDR`, or loopback when
-    /// the master is on this host, or else this host's address on the route to the
-    /// master (a UDP socket's local address once connected; nothing is sent).
-    pub fn advertise_addr(&self) -> Result<Option<String>, HostError> {
-        if let Ok(a) = std::env::var("SHEAF_ADVERTISE_ADDR") {
-            return Ok(Some(a));
-        }
-        let loopback = self.master_addr == "localhost"
-            || self.master_addr.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        if self.world_size == 1 || loopback {
-            return Ok(None);
-        }
-        use std::net::ToSocketAddrs;
-        let master = (self.master_addr.as_str(), self.master_port)
-            .to_socket_addrs()
-            .map_err(|e| HostError::Usage(format!("MASTER_ADDR={} does not resolve: {e}", self.master_addr)))?
-            .next()
-            .ok_or_else(|| HostError::Usage(format!("MASTER_ADDR={} has no address", self.master_addr)))?;
-        let any: std::net::SocketAddr = if master.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let route = std::net::UdpSocket::bind(any)
-            .and_then(|s| s.connect(master).and_then(|()| s.local_addr()))
-            .map_err(|e| {
-                HostError::Usage(format!("no route to MASTER_ADDR={} ({master}): {e}", self.master_addr))
-            })?;
-        Ok(Some(route.ip().to_string()))
-    }
-}
-
-/// A rank's link to the world, and the world's hosts when the transport knows them
-/// (`auto`).
-pub struct Connected {
-    pub link: Arc<dyn Link>,
-    /// `host_of[rank]`: which host each rank is on.
-    pub hosts: Option<Vec<usize>>,
-}
-
-impl Connected {
-    /// The world communicator over the link, running `algorithm` (hierarchical over
-    /// the hosts when they are known and the algorithm is `auto` or `hierarchical`).
-    pub fn group(&self, algorithm: sheaf_collectives::Algorithm) -> Group {
-        let g = Group::world(self.link.clone()).with_algorithm(algorithm);
-        match &self.hosts {
-            Some(h) => g.with_hosts(h),
-            None => g,
-        }
-    }
-}
-
-/// What tells hosts apart: the kernel's boot id, the network namespace (ranks in
-/// separate namespaces cannot share memory through abstract sockets, so they count as
-/// separate hosts) and the host name, hashed (FNV-1a).
-fn host_key() -> u64 {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let netns = std::fs::read_link("/proc/self/ns/net").map(|p| p.display().to_string()).unwrap_or_default();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    format!("{boot}|{netns}|{host}")
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-impl WorkerEnv {
-    /// This rank's link from `transport`: a plugin's, or `auto`, which connects
-    /// `zmq-tcp` across the world, learns which ranks share a host, connects `shm`
-    /// among them and routes each peer over one or the other ([`HybridLink`]); its
-    /// world group then reduces hierarchically.
-    ///
-    /// [`HybridLink`]: sheaf_collectives::HybridLink
-    pub fn connect(
-        &self,
-        registry: &Registry,
-        transport: &str,
-        connect_timeout: Duration,
-        peer_timeout: Duration,
-    ) -> Result<Connected, HostError> {
-        if transport != "auto" {
-            let link = self.connect_plugin(registry, transport, connect_timeout, peer_timeout)?;
-            return Ok(Connected { link, hosts: None });
-        }
-        let world = self.connect_plugin(registry, "zmq-tcp", connect_timeout, peer_timeout)?;
-        if self.world_size == 1 {
-            return Ok(Connected { link: world, hosts: None });
-        }
-        let fail = |e: sheaf_core::CommError| HostError::Train {
-            rank: self.rank,
-            detail: format!("finding hosts: {e}"),
-        };
-        let mut keys = vec![0u8; 8 * self.world_size];
-        Group::world(world.clone())
-            .allgather(&host_key().to_le_bytes(), &mut keys, Deadline::after(connect_timeout))
-            .map_err(fail)?;
-        let keys: Vec<u64> =
-            keys.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect();
-        let mut order: Vec<u64> = Vec::new();
-        for k in &keys {
-            if !order.contains(k) {
-                order.push(*k);
-            }
-        }
-        let host_of: Vec<usize> =
-            keys.iter().map(|k| order.iter().position(|o| o == k).expect("seen")).collect();
-        let mine: Vec<usize> = (0..self.world_size).filter(|&r| host_of[r] == host_of[self.rank]).collect();
-        if mine.len() == 1 {
-            return Ok(Connected { link: world, hosts: Some(host_of) });
-        }
-        let local_env = WorkerEnv {
-            rank: mine.iter().position(|&r| r == self.rank).expect("this rank"),
-            world_size: mine.len(),
-            ..self.clone()
-        };
-        let local = local_env.connect_plugin(registry, "shm", connect_timeout, peer_timeout)?;
-        let link = sheaf_collectives::HybridLink::new(world, local, &mine).map_err(fail)?;
-        Ok(Connected { link: Arc::new(link), hosts: Some(host_of) })
-    }
-
-    /// This rank's link over the job's transport, with its timeouts.
-    pub fn connect_job(&self, registry: &Registry, job: &Job) -> Result<Connected, HostError> {
-        self.connect(
-            registry,
-            job.transport.plugin(),
-            Duration::from_millis((job.transport.timeout_s * 1000.0) as u64),
-            Duration::from_secs_f64(job.transport.peer_timeout_s),
-        )
-    }
-
-    /// This rank's link from the transport plugin `transport`, after meeting the other
-    /// ranks: the one place
-    /// the transport's connection settings are written (rank, world, master, timeouts,
-    /// `SHEAF_ADVERTISE_ADDR` when set, and the job's secret, `SHEAF_JOB_TOKEN`, which
-    /// a world of more than one requires: `sheaf launch` makes one for its workers;
-    /// ranks started by other launchers must all be given the same).
-    fn connect_plugin(
-        &self,
-        registry: &Registry,
-        transport: &str,
-        connect_timeout: Duration,
-        peer_timeout: Duration,
-    ) -> Result<Arc<dyn Link>, HostError> {
-        let token = std::env::var(sheaf_auth::TOKEN_ENV).ok().filter(|t| !t.is_empty());
-        if token.is_none() && self.world_size > 1 {
-            return Err(HostError::Usage(format!(
-                "{} is not set: every rank of a world of {} must hold the job's secret (sheaf launch makes one; \
-                 under another launcher export the same value to every rank, e.g. from `openssl rand -hex 32`)",
-                sheaf_auth::TOKEN_ENV,
-                self.world_size
-            )));
-        }
-        let config = serde_json::json!({
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "master_addr": self.master_addr,
-            "master_port": self.master_port,
-            "connect_timeout_ms": connect_timeout.as_millis() as u64,
-            "peer_timeout_ms": peer_timeout.as_millis() as u64,
-            "advertise_addr": self.advertise_addr()?,
-            "job_token": token,
-        })
-        .to_string();
-        Ok(Arc::from(registry.link(transport, &config)?))
-    }
-}
+use crate::world::WorkerEnv;
 
 /// What `run_worker` needs besides the job.
 pub struct RunOptions {
@@ -221,8 +43,57 @@ impl RunOptions {
 }
 
 /// Trains `job` as one rank; returns the summary (on every rank; rank 0 also writes it).
+/// The run goes through four phases, each a function below: [`prepare`] (everything
+/// that needs no other rank: plugins, data, plan, model, resume, run directory),
+/// [`connect`] (the world), [`train`] (the strategy, then the last checkpoint and the
+/// whole model), [`report`] (every rank's figures gathered into `summary.json`).
 pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<Summary, HostError> {
-    let env = &opts.env;
+    let mut prepared = prepare(job, registry, opts)?;
+    let world = connect(&prepared, registry)?;
+    let trained = train(&mut prepared, &world, opts)?;
+    report(&prepared, &world, registry, trained)
+}
+
+/// A rank ready to connect: its components built, its data loaded, its model built
+/// and given its starting parameters.
+pub struct Prepared<'j> {
+    job: &'j Job,
+    env: WorkerEnv,
+    data: JobData,
+    model: Box<dyn Model>,
+    optimizer: Box<dyn Optimizer>,
+    partitioner: Box<dyn DataPartitioner>,
+    strategy: Box<dyn Strategy>,
+    plan: Plan,
+    config: TrainConfig,
+    /// The step resumed from (`Some(0)`: asked to resume, nothing to resume from).
+    resumed: Option<u64>,
+    /// The run directory, on rank 0 only.
+    run_dir: Option<PathBuf>,
+    /// What this process held before its model: plugins, the dataset, the runtime.
+    baseline_rss: u64,
+}
+
+/// This rank's world: the communicator strategies use and the link under it.
+pub struct World {
+    comm: Group,
+    link: Arc<dyn Link>,
+}
+
+/// What training left: the strategy's summary and the collectives' record.
+pub struct Trained {
+    summary: TrainSummary,
+    recorder: Arc<Recorder>,
+}
+
+fn core(e: sheaf_core::Error) -> HostError {
+    HostError::from(e)
+}
+
+/// The phase without communication: every component built and every input checked,
+/// so that bad input fails before any rank waits for another.
+pub fn prepare<'j>(job: &'j Job, registry: &Registry, opts: &RunOptions) -> Result<Prepared<'j>, HostError> {
+    let env = opts.env.clone();
     // `cuda` without an index: this host's local rank's device, as torchrun users
     // expect. Only the compute plugin is told: the job (job.toml, the summary, what a
     // resumed world reads) keeps what was asked, the same for every rank.
@@ -232,28 +103,22 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
     }
     let compute = registry.compute(&local.backend, &local.config_json())?;
     let data = sheaf_job::data::load(job, registry, compute.as_ref())?;
-    let (train, test) = (data.train.as_ref(), data.test.as_ref());
     let mut optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
     let partitioner = registry.data_partitioner(&job.data.partitioner, &job.data.partitioner_config())?;
-    let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
-    let (mut strategy, plan) =
+    let (strategy, plan) =
         sheaf_job::plan::strategy_and_plan(job, env.world_size, registry, compute.as_ref(), &data)?;
-    let piece = plan.ranks[env.rank].piece.clone();
-    let spec = plan.spec.clone();
-    let whole = plan.info.layout.clone();
-    let core = |e: sheaf_core::Error| HostError::Core(e.to_string());
-    // What this process holds before its model: plugins, the dataset, the runtime.
     let baseline_rss = sheaf_job::memory::peak_rss_bytes();
     let mut model = if let Some(shard) = plan.ranks[env.rank].param_shard {
-        compute.build_shard(&spec, shard, job.seed).map_err(core)?
+        compute.build_shard(&plan.spec, shard, job.seed).map_err(core)?
     } else if plan.stage_interface {
-        compute.build_piece(&spec, &piece, job.seed).map_err(core)?
+        compute.build_piece(&plan.spec, &plan.ranks[env.rank].piece, job.seed).map_err(core)?
     } else {
-        compute.build_model(&spec, job.seed).map_err(core)?
+        compute.build_model(&plan.spec, job.seed).map_err(core)?
     };
     if let Some(path) = &opts.init_from {
-        let full = read_safetensors(path, &whole)?;
-        model.write_params(&plan.layout_of(env.rank).slice(&whole, &full)).map_err(core)?;
+        let whole = &plan.info.layout;
+        let full = read_safetensors(path, whole)?;
+        model.write_params(&plan.layout_of(env.rank).slice(whole, &full)).map_err(core)?;
     }
     let mut config = job.train.config(job.seed);
     let resumed = match (&opts.run_dir, opts.resume) {
@@ -286,131 +151,181 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
                     dir.display()
                 )));
             }
-            std::fs::create_dir_all(dir).map_err(|e| HostError::Output(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| HostError::io(dir, e))?;
             sheaf_checkpoint::checkpoint::write_job(dir, job)?;
             Some(dir.clone())
         }
         _ => None,
     };
+    Ok(Prepared {
+        job,
+        env,
+        data,
+        model,
+        optimizer,
+        partitioner,
+        strategy,
+        plan,
+        config,
+        resumed,
+        run_dir,
+        baseline_rss,
+    })
+}
 
+/// The phase that meets the other ranks: this rank's link over the job's transport,
+/// and the world communicator over it.
+pub fn connect(prepared: &Prepared, registry: &Registry) -> Result<World, HostError> {
+    let (job, env) = (prepared.job, &prepared.env);
     let connected = env.connect_job(registry, job)?;
     let algorithm = job.collectives.algorithm().map_err(HostError::Job)?;
-    let comm = connected.group(algorithm);
-    let link = connected.link.clone();
     tracing::info!(
         "rank {}/{}: {} on {}, {} parameters, {} training samples",
         env.rank,
         env.world_size,
         job.parallel.strategy,
         job.transport.plugin(),
-        model.layout().total(),
-        train.len()
+        prepared.model.layout().total(),
+        prepared.data.train.len()
     );
+    Ok(World { comm: connected.group(algorithm), link: connected.link })
+}
 
+impl Prepared<'_> {
+    fn deadline(&self) -> impl Fn() -> Deadline {
+        let timeout = self.timeout();
+        move || Deadline::after(timeout)
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis((self.job.transport.timeout_s * 1000.0) as u64)
+    }
+
+    fn failed(&self) -> impl Fn(sheaf_core::CommError) -> HostError {
+        let rank = self.env.rank;
+        move |e| HostError::Train { rank, detail: e.to_string() }
+    }
+}
+
+/// The phase that trains: the strategy's run (its collectives, model and optimizer
+/// traced), then the last checkpoint if the strategy's last step did not write it, and
+/// the whole model's file.
+pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Trained, HostError> {
+    let (job, rank) = (p.job, p.env.rank);
+    let train_len = p.data.train.len();
     let mut metrics = Metrics::new(
-        run_dir.as_ref().map(|d| d.join("metrics.jsonl")).as_deref(),
-        env.rank == 0,
+        p.run_dir.as_ref().map(|d| d.join("metrics.jsonl")).as_deref(),
+        rank == 0,
         opts.progress,
         job.train.epochs,
-        config.total_steps(train.len()),
-        resumed,
+        p.config.total_steps(train_len),
+        p.resumed,
     )?
-    .with_tokens_per_sample(data.tokens_per_sample());
-    if let (Some(dir), Some(vocab)) = (&run_dir, &data.vocab) {
+    .with_tokens_per_sample(p.data.tokens_per_sample());
+    if let (Some(dir), Some(vocab)) = (&p.run_dir, &p.data.vocab) {
         let tokens: Vec<String> = vocab.iter().map(char::to_string).collect();
         let json = serde_json::json!({ "kind": "characters", "tokens": tokens });
         write_atomic(&dir.join("vocab.json"), json.to_string().as_bytes())?;
     }
     let mut checkpoints = Checkpointer {
-        comm: &comm,
-        plan: &plan,
-        run_dir: opts.run_dir.clone().filter(|_| config.checkpoint_every.is_some()),
+        comm: &world.comm,
+        plan: &p.plan,
+        run_dir: opts.run_dir.clone().filter(|_| p.config.checkpoint_every.is_some()),
         keep: job.train.keep_checkpoints,
-        config: config.clone(),
-        train_len: train.len(),
-        world_size: env.world_size,
+        config: p.config.clone(),
+        train_len,
+        world_size: p.env.world_size,
         strategy: job.parallel.strategy.clone(),
         job: serde_json::to_value(job).unwrap_or_default(),
-        timeout: Duration::from_millis(timeout_ms),
-        saved: resumed,
+        timeout: p.timeout(),
+        saved: p.resumed,
     };
     // What the strategy is lent records where the time goes (trace.json).
-    let recorder = sheaf_report::trace::Recorder::new(env.rank);
+    let recorder = Recorder::new(rank);
     let result = {
-        let world: &dyn Communicator = &comm;
-        let traced = sheaf_report::trace::TracedComm::world(world, recorder.clone());
-        let mut traced_model =
-            sheaf_report::trace::TracedModel { inner: model.as_mut(), rec: recorder.clone() };
-        let mut traced_optimizer =
-            sheaf_report::trace::TracedOptimizer { inner: optimizer.as_mut(), rec: recorder.clone() };
-        strategy.train(TrainContext {
-            config,
+        let comm: &dyn Communicator = &world.comm;
+        let traced = TracedComm::world(comm, recorder.clone());
+        let mut model = TracedModel { inner: p.model.as_mut(), rec: recorder.clone() };
+        let mut optimizer = TracedOptimizer { inner: p.optimizer.as_mut(), rec: recorder.clone() };
+        p.strategy.train(TrainContext {
+            config: p.config.clone(),
             comm: &traced,
-            model: &mut traced_model,
-            optimizer: &mut traced_optimizer,
-            partitioner: partitioner.as_ref(),
-            train,
-            test,
+            model: &mut model,
+            optimizer: &mut optimizer,
+            partitioner: p.partitioner.as_ref(),
+            train: p.data.train.as_ref(),
+            test: p.data.test.as_ref(),
             metrics: &mut metrics,
             checkpoints: &mut checkpoints,
         })
     };
-    let trained = match result {
+    let summary = match result {
         Ok(s) => s,
         Err(e) => {
             // Tell the other ranks at once instead of leaving them to time out.
-            link.abort(env.rank, &e.to_string());
-            return Err(HostError::Train { rank: env.rank, detail: e.to_string() });
+            world.link.abort(rank, &e.to_string());
+            return Err(HostError::Train { rank, detail: e.to_string() });
         }
     };
     metrics.finish()?;
 
-    let dl = || Deadline::after(Duration::from_millis(timeout_ms));
-    let train_err = |e: sheaf_core::CommError| HostError::Train { rank: env.rank, detail: e.to_string() };
-    let values = model.layout().total();
+    let dl = p.deadline();
+    let values = p.model.layout().total();
     // The final parameters: the model's own buffer where it lends it, never a copy
     // of it that only the checkpoint would need.
-    let lends = model.params_mut().map_err(core)?.is_some_and(|p| p.len() == values);
+    let lends = p.model.params_mut().map_err(core)?.is_some_and(|b| b.len() == values);
     let mut copy = Vec::new();
     if !lends {
         copy = vec![0f32; values];
-        model.read_params(&mut copy).map_err(core)?;
+        p.model.read_params(&mut copy).map_err(core)?;
     }
     let mine: &[f32] = match lends {
-        true => model
+        true => p
+            .model
             .params_mut()
             .map_err(core)?
-            .ok_or_else(|| HostError::Core("the model no longer lends its parameter buffer".into()))?,
+            .ok_or_else(|| HostError::Output("the model no longer lends its parameter buffer".into()))?,
         false => &copy,
     };
     // The last checkpoint to resume from, unless the strategy's last step wrote it
     // (the optimizer's state is copied out only when one is written).
-    if checkpoints.due(trained.steps) {
+    if checkpoints.due(summary.steps) {
         // The optimizer's last use: its state is moved out, not copied.
-        checkpoints.write(trained.steps, mine, &optimizer.take_state().map_err(core)?)?;
+        checkpoints.write(summary.steps, mine, &p.optimizer.take_state().map_err(core)?)?;
     }
-    let path = run_dir.as_ref().map(|d| d.join("checkpoint.safetensors"));
-    sheaf_checkpoint::whole::write_whole(&comm, mine, &plan, path.as_deref(), dl)?;
-    drop(copy);
+    let path = p.run_dir.as_ref().map(|d| d.join("checkpoint.safetensors"));
+    sheaf_checkpoint::whole::write_whole(&world.comm, mine, &p.plan, path.as_deref(), dl)?;
+    Ok(Trained { summary, recorder })
+}
 
-    // Every rank's parameter count, peak activations, busy and idle time, and its
-    // memory as the kernel counts it: at its peak, and before the model was built.
+/// The phase that reports: every rank's parameter count, peak activations, busy and
+/// idle time, and memory as the kernel counts it (at its peak, and before the model
+/// was built) gathered into the summary; rank 0 writes `summary.json`, the loss plot
+/// and the trace. Ends with every rank closing its link.
+pub fn report(
+    p: &Prepared,
+    world: &World,
+    registry: &Registry,
+    trained: Trained,
+) -> Result<Summary, HostError> {
+    let (job, env, comm) = (p.job, &p.env, &world.comm);
+    let (dl, failed) = (p.deadline(), p.failed());
+    let Trained { summary: trained, recorder } = trained;
     let peak = match trained.peak_activation_bytes {
-        0 => sheaf_job::plan::need_bytes(job, &plan, env.rank).1,
+        0 => sheaf_job::plan::need_bytes(job, &p.plan, env.rank).1,
         measured => measured,
     };
     let mine = [
-        values as f64,
+        p.model.layout().total() as f64,
         peak as f64,
         trained.busy_seconds,
         trained.idle_seconds,
         sheaf_job::memory::peak_rss_bytes() as f64,
-        baseline_rss as f64,
+        p.baseline_rss as f64,
     ];
     const STATS: usize = 6;
     let mut all = vec![0f64; STATS * env.world_size];
-    comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all), dl())
-        .map_err(train_err)?;
+    comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all), dl()).map_err(&failed)?;
     let column = |k: usize| all.chunks_exact(STATS).map(|r| r[k]).collect::<Vec<f64>>();
     let bytes = |k: usize| column(k).into_iter().map(|v| v as u64).collect::<Vec<u64>>();
     let (busy, idle) = (column(2), column(3));
@@ -420,11 +335,12 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
             busy.iter().zip(&idle).map(|(b, i)| if b + i > 0.0 { i / (b + i) } else { 0.0 }).collect();
         fractions.iter().sum::<f64>() / fractions.len() as f64
     });
-    let (trace, stragglers) = gather_trace(&comm, &recorder, dl).map_err(train_err)?;
+    let (trace, stragglers) = gather_trace(comm, &recorder, &dl).map_err(&failed)?;
     // Busy and idle seconds where the strategy measured them (pipelines), else absent.
     let timed = busy.iter().chain(&idle).any(|&v| v > 0.0);
-    let language_model = data.tokens_per_sample().is_some();
-    let trained_values = summary_values(job, &trained, train.len(), &column(1), timed, language_model);
+    let tokens = p.data.tokens_per_sample();
+    let trained_values =
+        summary_values(job, &trained, p.data.train.len(), &column(1), timed, tokens.is_some());
 
     let summary = Summary {
         world_size: env.world_size,
@@ -432,21 +348,21 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
         transport: job.transport.plugin().to_string(),
         device: job.compute.device.clone(),
         trained_values,
-        val_loss: data.tokens_per_sample().map(|_| trained.test_loss),
-        tokens_per_sec: data.tokens_per_sample().map(|t| trained.samples_per_sec * t as f64),
-        trained: trained.clone(),
-        params: whole.total(),
+        val_loss: tokens.map(|_| trained.test_loss),
+        tokens_per_sec: tokens.map(|t| trained.samples_per_sec * t as f64),
+        trained,
+        params: p.plan.info.layout.total(),
         params_per_rank: bytes(0),
         peak_activation_bytes_per_rank: bytes(1),
         peak_rss_bytes_per_rank: bytes(4),
         baseline_rss_bytes_per_rank: bytes(5),
         planned_bytes_per_rank: (0..env.world_size)
-            .map(|r| sheaf_job::memory::planned(job, &plan, r))
+            .map(|r| sheaf_job::memory::planned(job, &p.plan, r))
             .collect(),
         busy_seconds_per_rank: timed.then_some(busy),
         idle_seconds_per_rank: timed.then_some(idle),
         bubble_fraction: bubble,
-        resumed_from_step: resumed,
+        resumed_from_step: p.resumed,
         stragglers,
         sheaf_version: env!("CARGO_PKG_VERSION").to_string(),
         git_commit: option_env!("SHEAF_GIT_COMMIT").map(str::to_string),
@@ -455,12 +371,12 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
             .ok()
             .and_then(|c| serde_json::from_str(&c).ok())
             .unwrap_or_else(|| std::env::args().collect()),
-        hosts: host_names(&comm, dl()).map_err(train_err)?,
-        restarts: run_dir.as_ref().map(|d| restarts(d)).unwrap_or_default(),
+        hosts: host_names(comm, dl()).map_err(&failed)?,
+        restarts: p.run_dir.as_ref().map(|d| restarts(d)).unwrap_or_default(),
         components: registry.used(),
         job: serde_json::to_value(job).unwrap_or_default(),
     };
-    if let Some(dir) = &run_dir {
+    if let Some(dir) = &p.run_dir {
         let json = serde_json::to_vec_pretty(&summary).expect("summary serialises");
         write_atomic(&dir.join("summary.json"), &json)?;
         sheaf_report::plot::write_loss_svg(dir)?;
@@ -468,8 +384,8 @@ pub fn run_worker(job: &Job, registry: &Registry, opts: &RunOptions) -> Result<S
             write_atomic(&dir.join("trace.json"), trace)?;
         }
     }
-    comm.barrier(dl()).map_err(train_err)?;
-    link.close(dl()).map_err(train_err)?;
+    comm.barrier(dl()).map_err(&failed)?;
+    world.link.close(dl()).map_err(&failed)?;
     Ok(summary)
 }
 
@@ -535,8 +451,8 @@ fn host_names(comm: &Group, dl: Deadline) -> Result<Vec<String>, sheaf_core::Com
 #[allow(clippy::type_complexity)]
 fn gather_trace(
     comm: &Group,
-    rec: &sheaf_report::trace::Recorder,
-    dl: impl Fn() -> Deadline,
+    rec: &Recorder,
+    dl: &impl Fn() -> Deadline,
 ) -> Result<(Option<Vec<u8>>, Option<sheaf_report::trace::Stragglers>), sheaf_core::CommError> {
     const TRACE_TAG: u32 = 0x5EAF_0003;
     const CLOCK_TAG: u32 = 0x5EAF_0004;

@@ -5,8 +5,59 @@
 //! environment is an error naming the variable, never a silent world of one (which
 //! would train N separate copies of the job).
 
-use crate::worker::WorkerEnv;
 use sheaf_plugins::HostError;
+
+/// Where this worker sits in the world, as torchrun's variables say.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// The launcher says the world spans more than one host.
+    pub spans_hosts: bool,
+}
+
+impl WorkerEnv {
+    /// From the environment of whichever launcher started this process (torchrun,
+    /// SLURM, Open MPI, MPICH, a Kubernetes Indexed Job: this module); a world of
+    /// one when none did.
+    pub fn from_env() -> Result<WorkerEnv, HostError> {
+        from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// The address peers reach this rank at: `SHEAF_ADVERTISE_ADDR`, or loopback when
+    /// the master is on this host, or else this host's address on the route to the
+    /// master (a UDP socket's local address once connected; nothing is sent).
+    pub fn advertise_addr(&self) -> Result<Option<String>, HostError> {
+        if let Ok(a) = std::env::var("SHEAF_ADVERTISE_ADDR") {
+            return Ok(Some(a));
+        }
+        let loopback = self.master_addr == "localhost"
+            || self.master_addr.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        if self.world_size == 1 || loopback {
+            return Ok(None);
+        }
+        use std::net::ToSocketAddrs;
+        let master = (self.master_addr.as_str(), self.master_port)
+            .to_socket_addrs()
+            .map_err(|e| HostError::Usage(format!("MASTER_ADDR={} does not resolve: {e}", self.master_addr)))?
+            .next()
+            .ok_or_else(|| HostError::Usage(format!("MASTER_ADDR={} has no address", self.master_addr)))?;
+        let any: std::net::SocketAddr = if master.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let route = std::net::UdpSocket::bind(any)
+            .and_then(|s| s.connect(master).and_then(|()| s.local_addr()))
+            .map_err(|e| {
+                HostError::Usage(format!("no route to MASTER_ADDR={} ({master}): {e}", self.master_addr))
+            })?;
+        Ok(Some(route.ip().to_string()))
+    }
+}
 
 /// Every variable `sheaf run` reads to place itself (its `--help`).
 pub const HELP: &str = "\

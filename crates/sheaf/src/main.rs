@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 mod cli;
+mod commands;
 
 use cli::{run, worker_log, Cli};
 use tracing_subscriber::layer::SubscriberExt;
