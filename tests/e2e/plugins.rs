@@ -98,14 +98,20 @@ fn bad_libraries_get_short_errors_and_do_not_stop_the_listing() {
     assert_eq!(old["ok"], false);
     let e = old["error"].as_str().unwrap();
     assert!(
-        e.contains("libfixture_old_abi.so") && e.contains("0.0.7") && e.contains(sheaf_abi::ABI_VERSION),
-        "{e}"
+        e.contains("libfixture_old_abi.so")
+            && e.contains("0.0.7")
+            && e.contains(sheaf_abi::ABI_VERSION)
+            && e.contains("its major version only"),
+        "another major is refused, saying why: {e}"
     );
     assert!(e.len() < 300, "error not summarised: {} bytes", e.len());
 
     let skewed = row(&rows, "libfixture_bad_layout.so");
     let e = skewed["error"].as_str().unwrap();
-    assert!(e.contains("libfixture_bad_layout.so") && e.contains("expected PluginMod"), "{e}");
+    assert!(
+        e.contains("libfixture_bad_layout.so") && e.contains("this host has PluginMod, the plugin SkewedMod"),
+        "{e}"
+    );
     assert!(e.len() < 300, "layout report not summarised: {} bytes", e.len());
 
     let garbage = row(&rows, "libgarbage.so");
@@ -414,22 +420,53 @@ fn files_not_tried_say_why() {
     assert!(why.contains("versioned library name"), "{why}");
 }
 
-/// A plugin built against the previous ABI release (0.9, through the frozen copy in
-/// `compat/sheaf-abi-0.9`) loads into today's host and trains: its local-SGD strategy
-/// (averaging every step) with its plain SGD, on 2 real processes, ends where today's
-/// data-parallel strategy with today's SGD ends (within 1e-6). The models it is handed
-/// cross the 0.9 boundary (which has no row shards: its models run whole).
+/// Plugin ABI 1.x grows by appending. A vendor's plugin as written for 1.0:
+/// - built against ABI 1.0 as released (`fixture-abi-1-0`, through the frozen
+///   `frozen/sheaf-abi-1.0`), it loads into today's host and trains on 2 real processes
+///   to where today's SGD with the same momentum ends (within 1e-6), and what 1.1
+///   appended, `Optimizer::state_values_per_param`, missing from its vtable, gets the
+///   default there: the plan assumes 2 values of state per parameter where today's SGD
+///   says 1;
+/// - the same source builds unchanged against today's `sheaf-core` and `sheaf-abi`
+///   (`fixture-vendor-1-0`) and loads as a plugin of today's ABI.
 #[test]
-fn a_plugin_built_against_the_previous_abi_loads_and_trains() {
-    let (fixture, version) = ("fixture-abi-0-9", "0.9.0");
-    let dir = dir_with(&[fixture]);
+fn a_plugin_built_for_abi_1_0_loads_into_later_minors_with_their_defaults() {
+    let dir = dir_with(&["fixture-abi-1-0"]);
     let rows = plugins_json(Some(dir.path()), true);
-    let old = row(&rows, &format!("lib{}.so", fixture.replace('-', "_")));
+    let old = row(&rows, "libfixture_abi_1_0.so");
     assert_eq!(
         (old["ok"].clone(), old["abi_version"].clone()),
-        (Value::Bool(true), Value::from(version)),
+        (Value::Bool(true), Value::from("1.0.0")),
         "{old}"
     );
+    assert_ne!(
+        sheaf_abi::ABI_VERSION,
+        "1.0.0",
+        "today's ABI must be a later minor for this to test anything"
+    );
+    let today = dir_with(&["fixture-vendor-1-0"]);
+    let rows = plugins_json(Some(today.path()), true);
+    let rebuilt = row(&rows, "libfixture_vendor_1_0.so");
+    assert_eq!(
+        (rebuilt["ok"].clone(), rebuilt["abi_version"].clone()),
+        (Value::Bool(true), Value::from(sheaf_abi::ABI_VERSION)),
+        "{rebuilt}"
+    );
+
+    // The plan asks the optimizer: a 1.0 one cannot say, and gets the default.
+    let state_bytes = |optimizer: &str| {
+        let set = format!("train.optimizer=\"{optimizer}\"");
+        let out = sheaf_with(
+            dir.path(),
+            &["plan", "--json", "--set", &set, "--set", "train.options.sgd.momentum=0.9"],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (rows[0]["optimizer_state"].as_u64().unwrap(), rows[0]["parameters"].as_u64().unwrap())
+    };
+    let (vendor, params) = state_bytes("vendor-sgd");
+    let (sgd, _) = state_bytes("sgd");
+    assert_eq!((vendor, sgd), (2 * params, params), "state bytes of a 1.0 optimizer and of today's SGD");
 
     let run = |sets: &[&str]| {
         let run_dir = tempfile::tempdir().unwrap();
@@ -439,26 +476,21 @@ fn a_plugin_built_against_the_previous_abi_loads_and_trains() {
             args.extend(["--set", s]);
         }
         let out = sheaf_with(dir.path(), &args);
-        (out, run_dir)
+        assert!(out.status.success(), "{sets:?}: {}", String::from_utf8_lossy(&out.stderr));
+        run_dir
     };
-    let (out, old) = run(&[
-        "parallel.strategy=\"local-sgd\"",
-        "parallel.options.local-sgd.sync_every=1",
-        "train.optimizer=\"old-sgd\"",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (out, today) = run(&["train.options.sgd.momentum=0.0"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let old = run(&["train.optimizer=\"vendor-sgd\"", "train.options.vendor-sgd.momentum=0.9"]);
+    let now = run(&["train.options.sgd.momentum=0.9"]);
     let d = crate::training::max_abs_diff(
         &crate::training::checkpoint(old.path()),
-        &crate::training::checkpoint(today.path()),
+        &crate::training::checkpoint(now.path()),
     );
-    assert!(d <= 1e-6, "max abs diff {d} between ABI {version}'s local SGD and today's data-parallel");
+    assert!(d <= 1e-6, "max abs diff {d} between the 1.0 plugin's SGD and today's");
     let s = crate::training::summary(old.path());
-    let strategy = s["components"].as_array().unwrap().iter().find(|c| c["kind"] == "strategy").unwrap();
+    let optimizer = s["components"].as_array().unwrap().iter().find(|c| c["kind"] == "optimizer").unwrap();
     assert_eq!(
-        (strategy["plugin"].as_str(), strategy["abi_version"].as_str()),
-        (Some(fixture), Some(version))
+        (optimizer["plugin"].as_str(), optimizer["abi_version"].as_str()),
+        (Some("vendor-1-0"), Some("1.0.0"))
     );
 }
 

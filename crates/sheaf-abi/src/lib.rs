@@ -6,10 +6,11 @@
 //! [`export_plugin!`]; the host loads it and gets core trait objects back. Nothing
 //! else in Sheaf names abi_stable.
 //!
-//! The crate's version is the ABI version ([`ABI_VERSION`]). A host loads a plugin
-//! whose ABI version agrees with its own up to the patch number, and plugins of the
-//! earlier minors it keeps frozen copies of (`compat/sheaf-abi-0.N`, adapted to today's
-//! core traits; see ARCHITECTURE.md, "ABI versioning").
+//! The crate's version is the ABI version ([`ABI_VERSION`]). A host loads every plugin
+//! of its major version: within 1.x, a minor release only appends (a trait method
+//! with a default, a factory after the root module's prefix), so a plugin built before
+//! an appended method loads and gets the default, and one built after loads into an
+//! older host that never calls what it added (see ARCHITECTURE.md, "ABI versioning").
 //! Every entry point catches panics and returns them as errors naming the plugin;
 //! nothing unwinds across the boundary.
 

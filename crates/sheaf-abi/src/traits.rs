@@ -52,11 +52,14 @@ pub trait OptimizerAbi: Send {
     fn learning_rate(&self) -> RResult<f64, AbiError>;
     fn set_learning_rate(&mut self, lr: f64) -> RResult<(), AbiError>;
     fn state(&self) -> RResult<AbiOptimState, AbiError>;
-    #[sabi(last_prefix_field)]
     fn load_state(&mut self, state: &AbiOptimState) -> RResult<(), AbiError>;
-    /// (ABI 0.10.)
     fn take_state(&mut self) -> RResult<AbiOptimState, AbiError>;
+    #[sabi(last_prefix_field)]
     fn state_bytes(&self) -> RResult<u64, AbiError>;
+    /// (1.1.) A 1.0 plugin's vtable lacks it: calls get this default, `RNone`.
+    fn state_values_per_param(&self) -> RResult<ROption<u32>, AbiError> {
+        RResult::ROk(ROption::RNone)
+    }
 }
 
 #[sabi_trait]
@@ -82,9 +85,9 @@ pub trait LinkAbi: Send + Sync {
     /// `(reporter, blamed)` pairs, as `start`/`end` of an [`AbiRange`].
     fn failure_reports(&self) -> RResult<RVec<AbiRange>, AbiError>;
     fn close(&self, timeout_ns: u64) -> RResult<(), AbiError>;
-    #[sabi(last_prefix_field)]
     fn native_allreduce(&self, buf: AbiBuf<'_>, op: u8, timeout_ns: u64) -> RResult<(), AbiError>;
-    /// `op` is [`RECV_COPY`] to copy, else a reduce-op code. (ABI 0.4.)
+    /// `op` is [`RECV_COPY`] to copy, else a reduce-op code.
+    #[sabi(last_prefix_field)]
     fn recv_into(
         &self,
         peer: u64,
@@ -227,9 +230,9 @@ pub struct AbiTrainConfig {
     pub grad_accum: u64,
     /// 0 when unset.
     pub eval_every: u64,
-    /// Optimizer steps a resumed run has done (ABI 0.8).
+    /// Optimizer steps a resumed run has done.
     pub start_step: u64,
-    /// 0 when unset (ABI 0.8).
+    /// 0 when unset.
     pub checkpoint_every: u64,
 }
 
@@ -256,14 +259,12 @@ pub trait CommunicatorAbi: Send + Sync {
         timeout_ns: u64,
     ) -> RResult<(), AbiError>;
     fn barrier(&self, timeout_ns: u64) -> RResult<(), AbiError>;
-    #[sabi(last_prefix_field)]
     fn split(
         &self,
         color: ROption<u32>,
         key: u32,
         timeout_ns: u64,
     ) -> RResult<ROption<CommunicatorBox>, AbiError>;
-    // Appended in ABI 0.3.
     fn reduce(&self, buf: AbiBuf<'_>, op: u8, root: u64, timeout_ns: u64) -> RResult<(), AbiError>;
     fn gather(
         &self,
@@ -279,6 +280,7 @@ pub trait CommunicatorAbi: Send + Sync {
         root: u64,
         timeout_ns: u64,
     ) -> RResult<(), AbiError>;
+    #[sabi(last_prefix_field)]
     fn all_to_all(
         &self,
         input: RSlice<'_, u8>,
@@ -293,9 +295,8 @@ pub trait ModelAbi: Send {
     fn read_params(&self, out: RSliceMut<'_, f32>) -> RResult<(), AbiError>;
     fn write_params(&mut self, src: RSlice<'_, f32>) -> RResult<(), AbiError>;
     fn forward_backward(&mut self, batch: AbiBatch<'_>, grads: RSliceMut<'_, f32>) -> RResult<f32, AbiError>;
-    #[sabi(last_prefix_field)]
     fn evaluate(&mut self, batch: AbiBatch<'_>) -> RResult<AbiEval, AbiError>;
-    // The stage interface (ABI 0.4).
+    // The stage interface.
     fn piece(&self) -> RResult<ROption<AbiPiece>, AbiError>;
     fn segments(&self) -> RResult<u64, AbiError>;
     fn stage_forward(
@@ -320,7 +321,6 @@ pub trait ModelAbi: Send {
     fn take_grads(&mut self, out: RSliceMut<'_, f32>) -> RResult<(), AbiError>;
     fn drop_saved(&mut self) -> RResult<(), AbiError>;
     fn saved_bytes(&self) -> RResult<u64, AbiError>;
-    /// (ABI 0.5.)
     fn predict(&mut self, batch: AbiBatch<'_>) -> RResult<RVec<f32>, AbiError>;
     fn stage_forward_batch(
         &mut self,
@@ -332,19 +332,20 @@ pub trait ModelAbi: Send {
     fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError>;
     /// One flag per parameter: 1 where the tensor-parallel group holds it whole.
     fn replicated_params(&self) -> RResult<RVec<u8>, AbiError>;
-    /// The stepped backward pass (ABI 0.6).
+    /// The stepped backward pass.
     fn backward_in_steps(&self) -> RResult<bool, AbiError>;
     fn backward_begin(&mut self, batch: AbiBatch<'_>) -> RResult<f32, AbiError>;
     fn backward_next(&mut self, pending: RSliceMut<'_, f32>) -> RResult<u64, AbiError>;
-    /// The model's own parameter buffer, lent for an update in place (ABI 0.9).
+    /// The model's own parameter buffer, lent for an update in place.
     fn params_mut(&mut self) -> RResult<ROption<RSliceMut<'_, f32>>, AbiError>;
-    /// Backward steps into a window of the gradient buffer (ABI 0.9).
+    /// Backward steps into a window of the gradient buffer.
     fn backward_window(&self) -> RResult<ROption<u64>, AbiError>;
     fn backward_next_into(&mut self, window: RSliceMut<'_, f32>, end: u64) -> RResult<u64, AbiError>;
-    /// Fully sharded units (ABI 0.10): each unit's parameter indices.
+    /// Fully sharded units: each unit's parameter indices.
     fn units(&self) -> RResult<RVec<RVec<u64>>, AbiError>;
     fn unit_begin(&mut self, batch: AbiBatch<'_>, train: bool) -> RResult<(), AbiError>;
     fn unit_forward(&mut self, unit: u64, params: RSlice<'_, f32>) -> RResult<ROption<AbiEval>, AbiError>;
+    #[sabi(last_prefix_field)]
     fn unit_backward(
         &mut self,
         unit: u64,
@@ -383,15 +384,12 @@ pub struct AbiLossGrad {
 #[sabi_trait]
 pub trait ComputeAbi: Send + Sync {
     fn device(&self) -> RResult<RString, AbiError>;
-    #[sabi(last_prefix_field)]
     fn build_model(&self, spec: AbiModelSpec, seed: u64) -> RResult<ModelBox, AbiError>;
-    /// (ABI 0.4.)
     fn build_piece(&self, spec: AbiModelSpec, piece: AbiPiece, seed: u64) -> RResult<ModelBox, AbiError>;
-    /// (ABI 0.5.)
     fn model_kinds(&self) -> RResult<RVec<RString>, AbiError>;
     fn describe(&self, spec: AbiModelSpec) -> RResult<AbiModelInfo, AbiError>;
     fn piece_layout(&self, spec: AbiModelSpec, piece: AbiPiece) -> RResult<AbiPieceLayout, AbiError>;
-    /// (ABI 0.10.)
+    #[sabi(last_prefix_field)]
     fn build_shard(&self, spec: AbiModelSpec, shard: AbiParamShard, seed: u64)
         -> RResult<ModelBox, AbiError>;
 }
@@ -402,7 +400,7 @@ pub trait MetricsSinkAbi {
     fn record(&mut self, metrics: RVec<AbiNamedValue>) -> RResult<(), AbiError>;
 }
 
-/// Where a strategy hands each rank's state at a checkpoint step (ABI 0.8).
+/// Where a strategy hands each rank's state at a checkpoint step.
 #[sabi_trait]
 pub trait CheckpointSinkAbi {
     #[sabi(last_prefix_field)]
@@ -437,7 +435,7 @@ pub struct AbiPlanInput<'a> {
 }
 
 /// A strategy's plan: per rank, its piece, the samples whose activations it keeps and
-/// the ranks its optimizer state is sharded over (ABI 0.7).
+/// the ranks its optimizer state is sharded over.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
 pub struct AbiStrategyPlan {
@@ -445,16 +443,14 @@ pub struct AbiStrategyPlan {
     pub activation_samples: RVec<u64>,
     pub state_shards: RVec<u64>,
     pub stage_interface: bool,
-    /// (ABI 0.10.)
     pub param_shards: RVec<AbiParamShard>,
 }
 
 #[sabi_trait]
 pub trait StrategyAbi: Send {
     fn name(&self) -> RResult<RString, AbiError>;
-    #[sabi(last_prefix_field)]
     fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<RVec<AbiNamedValue>, AbiError>;
-    /// (ABI 0.5.)
+    #[sabi(last_prefix_field)]
     fn plan(&self, input: AbiPlanInput<'_>) -> RResult<AbiStrategyPlan, AbiError>;
 }
 

@@ -501,7 +501,7 @@ pub trait Model: Send {
         0
     }
 
-    // Fully sharded data parallelism (ZeRO stage 3, ABI 0.10): a model built as a row
+    // Fully sharded data parallelism (ZeRO stage 3): a model built as a row
     // shard ([`ComputeBackend::build_shard`]) holds only its rows of every parameter
     // (its `layout`, `read_params`, `write_params` and `params_mut` are the shard's)
     // and runs a pass unit by unit on parameters the strategy gathers from every
@@ -575,7 +575,7 @@ pub trait ComputeBackend: Send + Sync {
 
     /// Row shard `shard` of the whole model ([`PieceLayout::row_shard`]), its values
     /// exactly those of `build_model(spec, seed)` sliced so, running unit by unit
-    /// ([`Model::units`]) for ZeRO stage 3. (ABI 0.10.)
+    /// ([`Model::units`]) for ZeRO stage 3.
     fn build_shard(&self, spec: &ModelSpec, shard: ParamShard, seed: u64) -> Result<Box<dyn Model>> {
         let _ = (shard, seed);
         Err(Error::Unsupported(format!(

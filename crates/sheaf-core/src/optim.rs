@@ -43,16 +43,24 @@ pub trait Optimizer: Send {
     /// Restore state saved by [`Optimizer::state`] of the same kind of optimizer.
     fn load_state(&mut self, state: &OptimState) -> Result<()>;
 
-    /// The state moved out, leaving the optimizer as if new (ABI 0.10): what a run's
+    /// The state moved out, leaving the optimizer as if new: what a run's
     /// last checkpoint takes, so the state (AdamW's two moments: 8 bytes a parameter)
     /// is never held twice. The default copies it ([`Optimizer::state`]).
     fn take_state(&mut self) -> Result<OptimState> {
         self.state()
     }
 
-    /// Bytes of the state held now (ABI 0.10), without copying it. The default copies
+    /// Bytes of the state held now, without copying it. The default copies
     /// it to count ([`Optimizer::state`]).
     fn state_bytes(&self) -> Result<u64> {
         Ok(self.state()?.buffers.iter().map(|(_, b)| b.len() as u64 * 4).sum())
+    }
+
+    /// Values of state this optimizer keeps per parameter once it has stepped (plain
+    /// SGD 0, SGD with momentum 1, AdamW 2), for a memory plan made before the first
+    /// step (1.1). `None`, the default: it does not say, and a plan assumes the most a
+    /// built-in optimizer keeps.
+    fn state_values_per_param(&self) -> Option<u32> {
+        None
     }
 }

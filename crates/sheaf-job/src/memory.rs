@@ -70,7 +70,7 @@ pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     let layout = plan.layout_of(rank);
     let r = &plan.ranks[rank];
     let values = layout.layout.total() as u64;
-    let (held, activations) = need_bytes(job, plan, rank);
+    let (held, activations) = need_bytes(plan, rank);
     let optimizer_state = held - 8 * values;
     if r.param_shard.is_some() {
         return sharded(job, plan, values, optimizer_state, activations);

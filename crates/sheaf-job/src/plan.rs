@@ -22,7 +22,15 @@ pub struct Plan {
     pub layouts: Vec<PieceLayout>,
     /// Whether ranks train through the stage interface.
     pub stage_interface: bool,
+    /// Values of optimizer state per parameter, as the job's optimizer says
+    /// (`Optimizer::state_values_per_param`), or [`UNSAID_STATE_VALUES`] where it does not.
+    pub state_values_per_param: u32,
 }
+
+/// Values of state per parameter a plan assumes of an optimizer that does not say
+/// (one built against ABI 1.0): the most a built-in optimizer keeps (AdamW's two
+/// moments), so that such a plan errs on the side of not fitting.
+pub const UNSAID_STATE_VALUES: u32 = 2;
 
 impl Plan {
     /// Whether any rank holds less than the whole model (a piece of it, or a shard of
@@ -99,6 +107,9 @@ pub fn plan(
         partitioner: partitioner.as_ref(),
     };
     let planned = strategy.plan(&input).map_err(|e| job_err(e.to_string()))?;
+    // The optimizer is asked, never named: it says what state it will keep.
+    let optimizer = registry.optimizer(&job.train.optimizer, &job.train.optimizer_config())?;
+    let state_values_per_param = optimizer.state_values_per_param().unwrap_or(UNSAID_STATE_VALUES);
     check_cover(&job.parallel.strategy, world, info.blocks.len(), &planned.ranks)?;
     let mut layouts: BTreeMap<String, PieceLayout> = BTreeMap::new();
     let key = |p: &Piece| format!("{p:?}");
@@ -130,6 +141,7 @@ pub fn plan(
         layouts: planned.ranks.iter().map(layout_of).collect::<Result<_, _>>()?,
         ranks: planned.ranks,
         stage_interface: planned.stage_interface,
+        state_values_per_param,
     };
     check_memory(job, &plan)?;
     Ok(plan)
@@ -160,23 +172,15 @@ fn check_cover(strategy: &str, world: usize, blocks: usize, ranks: &[RankPlan]) 
     Ok(())
 }
 
-/// Values of optimizer state per parameter.
-fn state_copies(optimizer: &str) -> usize {
-    match optimizer {
-        "adamw" => 2,
-        _ => 1,
-    }
-}
-
 /// Bytes rank `rank` needs at most: its parameters, their gradients and optimizer
 /// state (its shard of it, where the strategy shards it), and the activations it
 /// keeps at once.
-pub fn need_bytes(job: &Job, plan: &Plan, rank: usize) -> (u64, u64) {
+pub fn need_bytes(plan: &Plan, rank: usize) -> (u64, u64) {
     let layout = plan.layout_of(rank);
     let r = &plan.ranks[rank];
     let values = layout.layout.total() as u64;
     // A shard of every bucket's state, rounded up as the strategy pads its chunks.
-    let state = (values * state_copies(&job.train.optimizer) as u64).div_ceil(r.state_shards.max(1));
+    let state = (values * u64::from(plan.state_values_per_param)).div_ceil(r.state_shards.max(1));
     let params = 4 * (2 * values + state);
     (params, r.activation_samples * layout.activation_bytes_per_sample)
 }

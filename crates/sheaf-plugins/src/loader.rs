@@ -18,8 +18,8 @@ pub enum LoadError {
     #[error("{file}: not a Sheaf plugin: {detail}")]
     NotAPlugin { file: PathBuf, detail: String },
     #[error(
-        "{file}: built against Sheaf plugin ABI {plugin}, but this host speaks ABI {host} and loads 0.8; \
-         rebuild the plugin against sheaf-abi {host}"
+        "{file}: built against Sheaf plugin ABI {plugin}, but this host speaks ABI {host} and loads plugins \
+         of its major version only; rebuild the plugin against sheaf-abi {host}"
     )]
     AbiMismatch { file: PathBuf, plugin: String, host: String },
     #[error("{file}: declares plugin ABI {version} but its types differ from this host's ({summary})")]
@@ -75,19 +75,16 @@ impl PluginManifest {
     }
 }
 
-/// What a loaded library is: a Rust plugin's root module (of today's ABI, or of an
-/// earlier one the host still adapts), or a C transport's table.
+/// What a loaded library is: a Rust plugin's root module (of this host's ABI major:
+/// any 1.x), or a C transport's table.
 #[derive(Clone)]
 pub(crate) enum Module {
     Rust(PluginModRef),
-    /// Built against plugin ABI 0.9: its frozen types (`compat/sheaf-abi-0.9`) and
-    /// adapters to today's core traits.
-    RustV0_9(sheaf_abi_v0_9::PluginModRef),
     CTransport(std::sync::Arc<crate::cabi::CTransport>),
 }
 
-/// Builds a component through a root module of either ABI: calls factory `$f` with
-/// the name and config, and adapts the box with that ABI's `from_abi::$adapt`.
+/// Builds a component through a root module: calls factory `$f` with the name and
+/// config, and adapts the box with `from_abi::$adapt`.
 macro_rules! build {
     ($self:expr, $f:ident, $adapt:ident, $name:expr, $config:expr) => {{
         let (name, config) = ($name, $config);
@@ -95,10 +92,6 @@ macro_rules! build {
             Module::Rust(m) => {
                 let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
                 Ok(sheaf_abi::from_abi::$adapt(b))
-            }
-            Module::RustV0_9(m) => {
-                let b = (m.$f())(RStr::from_str(name), RStr::from_str(config)).into_result()?;
-                Ok(sheaf_abi_v0_9::from_abi::$adapt(b))
             }
             Module::CTransport(_) => Err(sheaf_core::Error::Unsupported(format!(
                 "{} is a C transport library, not a Rust plugin",
@@ -159,16 +152,23 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
+/// The minor number of ABI version `v` (0 where it has none).
+fn minor(v: &str) -> u64 {
+    v.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap_or(0)
+}
+
 /// abi_stable's layout report runs to kilobytes (two full type dumps per mismatch):
-/// keep its verdict, "<error>: expected <type>, found <type>", for the first mismatch.
-fn summarise_layout_error(e: &LibraryError) -> String {
+/// keep its verdict, "<error>: this host has <type>, the plugin <type>", for the first
+/// mismatch. `reversed`: the check ran with the plugin's types as the expected ones.
+fn summarise_layout_error(e: &LibraryError, reversed: bool) -> String {
     let text = e.to_string();
     let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let after = |label: &str| lines.iter().position(|l| *l == label).and_then(|i| lines.get(i + 1)).copied();
     let errors: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("Error:")).collect();
-    match (errors.first(), after("Expected:"), after("Found:")) {
-        (Some(err), Some(expected), Some(found)) => {
-            format!("{err}: expected {expected}, found {found}; {} mismatch(es)", errors.len())
+    let (host, plugin) = if reversed { ("Found:", "Expected:") } else { ("Expected:", "Found:") };
+    match (errors.first(), after(host), after(plugin)) {
+        (Some(err), Some(host), Some(plugin)) => {
+            format!("{err}: this host has {host}, the plugin {plugin}; {} mismatch(es)", errors.len())
         }
         _ => lines
             .iter()
@@ -224,36 +224,54 @@ pub fn load_plugin(file: &Path) -> Result<LoadedPlugin, LoadError> {
         return Err(LoadError::PanicAbort { file: file_buf });
     }
     let version = header.version_strings().version.as_str().to_owned();
-    let layout_err = |e: LibraryError| match e {
+    let layout_err = |e: LibraryError, reversed: bool| match e {
         LibraryError::AbiInstability(_) => LoadError::Layout {
             file: file_buf.clone(),
             version: version.clone(),
-            summary: summarise_layout_error(&e),
+            summary: summarise_layout_error(&e, reversed),
         },
         other => LoadError::Init { file: file_buf.clone(), detail: other.to_string() },
     };
     let manifest_err = |detail: String| LoadError::Init { file: file_buf.clone(), detail };
-    // Today's ABI, or an earlier one whose frozen types the host keeps (each checked by
-    // abi_stable against exactly those types) and adapts to today's core traits.
-    // The root module with ABI `$abi`'s types, and its manifest as plain strings.
-    macro_rules! init {
-        ($abi:ident, $variant:ident) => {{
-            let m = header.init_root_module::<$abi::PluginModRef>().map_err(layout_err)?;
-            let manifest = (m.manifest())()
-                .into_result()
-                .map_err(|e| manifest_err(sheaf_core::Error::from(e).to_string()))?;
-            let provides: Vec<(String, String)> =
-                manifest.provides.iter().map(|p| (p.kind.to_string(), p.name.to_string())).collect();
-            (Module::$variant(m), (manifest.name.into_string(), manifest.version.into_string(), provides))
-        }};
-    }
-    let (module, manifest) = if abi_version_compatible(ABI_VERSION, &version) {
-        init!(sheaf_abi, Rust)
-    } else if abi_version_compatible(sheaf_abi_v0_9::ABI_VERSION, &version) {
-        init!(sheaf_abi_v0_9, RustV0_9)
-    } else {
+    // A plugin of this host's major version: abi_stable checks its layout against the
+    // host's types, prefix by prefix (a 1.0 plugin lacks what later minors appended,
+    // which the host then finds missing and falls back to the default for).
+    if !abi_version_compatible(ABI_VERSION, &version) {
         return Err(LoadError::AbiMismatch { file: file_buf, plugin: version, host: ABI_VERSION.to_owned() });
+    }
+    let m = if minor(&version) < minor(ABI_VERSION) {
+        // Built for an earlier minor: its types must be a prefix of ours, field by
+        // field, which is abi_stable's check with the roles reversed (it lets only the
+        // library have fields the host lacks: a newer plugin in an older host).
+        let theirs = header.layout().ok_or_else(|| {
+            manifest_err("exports its root module without a layout, so its types cannot be checked".into())
+        })?;
+        let ours = <PluginModRef as abi_stable::StableAbi>::LAYOUT;
+        // With globals of its own: abi_stable's shared ones merge every checked prefix
+        // type into one view, which the reversed roles would leave at the shorter one,
+        // failing every later (newer) plugin.
+        let globals = abi_stable::abi_stability::abi_checking::CheckingGlobals::new();
+        abi_stable::abi_stability::abi_checking::check_layout_compatibility_with_globals(
+            theirs, ours, &globals,
+        )
+        .map_err(|e| {
+            layout_err(LibraryError::AbiInstability(abi_stable::std_types::RBoxError::new(e)), true)
+        })?;
+        // SAFETY: the layout was checked just above: every type the library built is a
+        // prefix of the host's, and what later minors appended is reached only through
+        // abi_stable's prefix accessors, which see the library's shorter vtables and
+        // fall back to the trait methods' defaults.
+        unsafe { header.init_root_module_with_unchecked_layout::<PluginModRef>() }
+            .map_err(|e| layout_err(e, true))?
+    } else {
+        header.init_root_module::<PluginModRef>().map_err(|e| layout_err(e, false))?
     };
+    let abi_manifest =
+        (m.manifest())().into_result().map_err(|e| manifest_err(sheaf_core::Error::from(e).to_string()))?;
+    let provided: Vec<(String, String)> =
+        abi_manifest.provides.iter().map(|p| (p.kind.to_string(), p.name.to_string())).collect();
+    let (module, manifest) =
+        (Module::Rust(m), (abi_manifest.name.into_string(), abi_manifest.version.into_string(), provided));
     let (name, plugin_version, provided) = manifest;
     let provides = provided
         .into_iter()

@@ -388,6 +388,9 @@ impl Optimizer for TracedOptimizer<'_> {
     fn state_bytes(&self) -> Result<u64> {
         self.inner.state_bytes()
     }
+    fn state_values_per_param(&self) -> Option<u32> {
+        self.inner.state_values_per_param()
+    }
 }
 
 /// Which rank made the others wait at the world's collectives, and how long in all.

@@ -312,7 +312,7 @@ pub fn report(
     let (dl, failed) = (p.deadline(), p.failed());
     let Trained { summary: trained, recorder } = trained;
     let peak = match trained.peak_activation_bytes {
-        0 => sheaf_job::plan::need_bytes(job, &p.plan, env.rank).1,
+        0 => sheaf_job::plan::need_bytes(&p.plan, env.rank).1,
         measured => measured,
     };
     let mine = [

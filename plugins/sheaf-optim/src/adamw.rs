@@ -109,6 +109,11 @@ impl Optimizer for AdamW {
         Ok(self.moments.values().map(|(m, v)| 4 * (m.len() + v.len()) as u64).sum())
     }
 
+    /// The first and second moments.
+    fn state_values_per_param(&self) -> Option<u32> {
+        Some(2)
+    }
+
     fn take_state(&mut self) -> Result<OptimState> {
         let buffers = std::mem::take(&mut self.moments)
             .into_iter()

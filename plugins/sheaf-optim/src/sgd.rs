@@ -142,6 +142,11 @@ impl Optimizer for Sgd {
         Ok(self.momentum.values().map(|b| 4 * b.len() as u64).sum())
     }
 
+    /// The momentum buffer, which plain SGD (momentum 0) never makes.
+    fn state_values_per_param(&self) -> Option<u32> {
+        Some(u32::from(self.config.momentum != 0.0))
+    }
+
     fn take_state(&mut self) -> Result<OptimState> {
         let momentum = std::mem::take(&mut self.momentum);
         let buffers = momentum.into_iter().map(|(n, b)| (format!("{n}{SLOT}"), b)).collect();

@@ -37,6 +37,11 @@ where
     fn state_bytes(&self) -> RResult<u64, AbiError> {
         guard(self.plugin, "optimizer state_bytes", || Ok(self.inner.state_bytes()?))
     }
+    fn state_values_per_param(&self) -> RResult<ROption<u32>, AbiError> {
+        guard(self.plugin, "optimizer state_values_per_param", || {
+            Ok(self.inner.state_values_per_param().into())
+        })
+    }
 }
 
 pub fn export_optimizer(plugin: &'static str, inner: Box<dyn Optimizer>) -> OptimizerBox {
@@ -80,6 +85,10 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Optimizer for LoadedOptimizer<'_, P> {
     }
     fn state_bytes(&self) -> Result<u64> {
         self.inner.state_bytes().into_result().map_err(Error::from)
+    }
+    fn state_values_per_param(&self) -> Option<u32> {
+        // A plugin that fails to say has said nothing.
+        self.inner.state_values_per_param().into_result().ok().and_then(ROption::into_option)
     }
 }
 

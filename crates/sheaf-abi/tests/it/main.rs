@@ -104,12 +104,15 @@ fn errors_round_trip() {
 }
 
 #[test]
-fn abi_versions_must_agree_up_to_the_patch() {
+fn abi_versions_must_agree_in_their_major() {
     use sheaf_abi::abi_version_compatible as ok;
     assert!(ok("0.1.0", "0.1.3"));
     assert!(ok("1.2.0", "1.2.9"));
-    assert!(!ok("0.1.0", "0.2.0"));
+    assert!(ok("1.2.0", "1.0.0"), "a plugin built before an appended method");
+    assert!(ok("1.0.0", "1.3.0"), "a plugin built after: its extra methods are never called");
+    assert!(!ok("0.1.0", "0.2.0"), "before 1.0 every minor is a major");
     assert!(!ok("0.1.0", "0.0.7"));
-    assert!(!ok("1.2.0", "1.3.0"), "a newer minor may have appended fields the host cannot check");
+    assert!(!ok("1.0.0", "0.10.0"));
+    assert!(!ok("2.0.0", "1.9.0"));
     assert!(!ok("1.0.0", "garbage"));
 }

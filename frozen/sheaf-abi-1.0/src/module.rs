@@ -35,8 +35,9 @@ pub struct AbiProvided {
 }
 
 /// The root module: a manifest and one factory per kind. Configuration crosses as a
-/// JSON string, so new settings never change the layout. Prefix type: fields are only
-/// ever appended, and each addition bumps the ABI version.
+/// JSON string, so new settings never change the layout. Prefix type: 1.0's fields
+/// are its prefix, which every 1.x plugin has; a factory added in a minor release is
+/// appended after it, and a host reading a plugin built before it finds it missing.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
@@ -60,7 +61,9 @@ impl RootModule for PluginModRef {
 }
 
 /// Whether a plugin built against ABI `plugin` may be loaded by a host speaking ABI
-/// `host`: equal major and minor numbers (patch releases never change the layout).
+/// `host`: the same major version, whatever the minors (from 1.0, minors only append
+/// methods with defaults and factories, which abi_stable's prefix types let either side
+/// lack; see ARCHITECTURE.md, "ABI versioning"). Before 1.0 every minor was a major.
 pub fn abi_version_compatible(host: &str, plugin: &str) -> bool {
     fn major_minor(v: &str) -> Option<(u64, u64)> {
         let mut parts = v.trim().split('.');
@@ -68,7 +71,11 @@ pub fn abi_version_compatible(host: &str, plugin: &str) -> bool {
         let minor = parts.next()?.parse().ok()?;
         Some((major, minor))
     }
-    matches!((major_minor(host), major_minor(plugin)), (Some(h), Some(p)) if h == p)
+    match (major_minor(host), major_minor(plugin)) {
+        (Some((0, h)), Some((0, p))) => h == p,
+        (Some((h, _)), Some((p, _))) => h == p,
+        _ => false,
+    }
 }
 
 /// What a plugin implements. Every factory has a default that says the plugin does

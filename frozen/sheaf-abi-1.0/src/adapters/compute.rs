@@ -23,6 +23,19 @@ where
             Ok(export_model(plugin, self.inner.build_piece(&spec_from_abi(&spec)?, &piece, seed)?))
         })
     }
+    fn build_shard(
+        &self,
+        spec: AbiModelSpec,
+        shard: AbiParamShard,
+        seed: u64,
+    ) -> RResult<ModelBox, AbiError> {
+        let plugin = self.plugin;
+        guard(plugin, "compute build_shard", || {
+            let shard = shard_from_abi(&shard)?
+                .ok_or_else(|| Error::invalid("build_shard without a parameter shard".to_string()))?;
+            Ok(export_model(plugin, self.inner.build_shard(&spec_from_abi(&spec)?, shard, seed)?))
+        })
+    }
     fn model_kinds(&self) -> RResult<RVec<RString>, AbiError> {
         guard(self.plugin, "compute model_kinds", || {
             Ok(self.inner.model_kinds().into_iter().map(RString::from).collect())
@@ -60,6 +73,9 @@ impl ComputeBackend for LoadedCompute {
     }
     fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
         load_model(self.inner.build_piece(spec_to_abi(spec), piece_to_abi(piece), seed).into_result()?)
+    }
+    fn build_shard(&self, spec: &ModelSpec, shard: ParamShard, seed: u64) -> Result<Box<dyn Model>> {
+        load_model(self.inner.build_shard(spec_to_abi(spec), shard_to_abi(Some(shard)), seed).into_result()?)
     }
     fn model_kinds(&self) -> Vec<String> {
         self.kinds.clone()

@@ -1,13 +1,22 @@
-//! Plugin ABI 0.9, frozen as released (see ARCHITECTURE.md, "ABI versioning"): the
-//! FFI-safe mirror of `sheaf-core`'s traits that plugins built for Sheaf's 0.9 hosts
-//! speak. Today's host loads such a plugin through these types, so abi_stable checks
-//! its layout against exactly the types it was built with, and these adapters turn its
-//! objects into today's core traits. Its types never change; only the adapter glue is
-//! kept compiling against today's `sheaf-core`.
+//! Plugin ABI 1.0, frozen as released (only the compatibility fixture
+//! `fixture-abi-1-0` builds against it; see ARCHITECTURE.md, "ABI versioning"). What follows is 1.0's own
+//! documentation.
 //!
-//! What 0.9 cannot carry, today's traits default: a 0.9 model has no units to run
-//! fully sharded (`Model::units` is empty), a 0.9 compute backend builds no shards,
-//! and a 0.9 strategy plans no sharded parameters.
+//! The plugin ABI: an FFI-safe mirror of `sheaf-core`'s traits, built on abi_stable.
+//!
+//! Two layers, as in abi_stable's own examples: idiomatic traits live in `sheaf-core`;
+//! this crate mirrors them as `#[sabi_trait]` objects and `StableAbi` data, and holds
+//! the adapters both ways. A plugin implements the core traits and calls
+//! [`export_plugin!`]; the host loads it and gets core trait objects back. Nothing
+//! else in Sheaf names abi_stable.
+//!
+//! The crate's version is the ABI version ([`ABI_VERSION`]). A host loads every plugin
+//! of its major version: within 1.x, a minor release only appends (a trait method
+//! with a default, a factory after the root module's prefix), so a plugin built before
+//! an appended method loads and gets the default, and one built after loads into an
+//! older host that never calls what it added (see ARCHITECTURE.md, "ABI versioning").
+//! Every entry point catches panics and returns them as errors naming the plugin;
+//! nothing unwinds across the boundary.
 
 mod adapters;
 mod error;
@@ -21,11 +30,12 @@ pub use module::{
 };
 pub use traits::{
     AbiBatch, AbiBlock, AbiBuf, AbiEval, AbiLossGrad, AbiModelInfo, AbiModelSpec, AbiNamedValue,
-    AbiOptimState, AbiParam, AbiParamSpec, AbiPiece, AbiPieceLayout, AbiPlanInput, AbiRange, AbiSamples,
-    AbiShardSource, AbiStrategyPlan, AbiTrainConfig, AbiTrainContext, CheckpointSinkAbi, CommunicatorAbi,
-    CommunicatorBox, ComputeAbi, ComputeBox, DataPartitionerAbi, DataPartitionerBox, DatasetAbi, LinkAbi,
-    LinkBox, MetricsSinkAbi, ModelAbi, ModelBox, ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi,
-    OptimizerBox, StrategyAbi, StrategyBox, BATCH_ROWS, BATCH_TOKENS, RECV_COPY,
+    AbiOptimState, AbiParam, AbiParamShard, AbiParamSpec, AbiPiece, AbiPieceLayout, AbiPlanInput, AbiRange,
+    AbiSamples, AbiShardSource, AbiStrategyPlan, AbiTrainConfig, AbiTrainContext, CheckpointSinkAbi,
+    CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox, DataPartitionerAbi, DataPartitionerBox,
+    DatasetAbi, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox, ModelPartitionerAbi,
+    ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox, BATCH_ROWS, BATCH_TOKENS,
+    RECV_COPY,
 };
 
 #[doc(hidden)]

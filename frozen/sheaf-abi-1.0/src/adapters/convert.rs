@@ -56,6 +56,23 @@ pub(crate) fn piece_to_abi(p: &Piece) -> AbiPiece {
     }
 }
 
+pub(crate) fn shard_to_abi(s: Option<ParamShard>) -> AbiParamShard {
+    s.map_or(AbiParamShard { index: 0, count: 0 }, |s| AbiParamShard {
+        index: s.index as u64,
+        count: s.count as u64,
+    })
+}
+
+pub(crate) fn shard_from_abi(s: &AbiParamShard) -> Result<Option<ParamShard>> {
+    if s.count == 0 {
+        return Ok(None);
+    }
+    let shard =
+        ParamShard { index: usize_of(s.index, "shard index")?, count: usize_of(s.count, "shard count")? };
+    shard.validate()?;
+    Ok(Some(shard))
+}
+
 pub(crate) fn piece_from_abi(p: &AbiPiece) -> Result<Piece> {
     Ok(Piece {
         blocks: usize_of(p.start, "piece start")?..usize_of(p.end, "piece end")?,

@@ -26,6 +26,7 @@ where
                 activation_samples: plan.ranks.iter().map(|r| r.activation_samples).collect(),
                 state_shards: plan.ranks.iter().map(|r| r.state_shards).collect(),
                 stage_interface: plan.stage_interface,
+                param_shards: plan.ranks.iter().map(|r| shard_to_abi(r.param_shard)).collect(),
             })
         })
     }
@@ -100,19 +101,23 @@ impl Strategy for LoadedStrategy {
     fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
         let plan = with_plan_input("sheaf-host", input, |abi| self.inner.plan(abi).into_result())?;
         let n = plan.pieces.len();
-        if plan.activation_samples.len() != n || plan.state_shards.len() != n {
+        if plan.activation_samples.len() != n || plan.state_shards.len() != n || plan.param_shards.len() != n
+        {
             return Err(Error::invalid(format!(
-                "strategy `{}` planned {n} pieces but {} activation counts and {} state shard counts",
+                "strategy `{}` planned {n} pieces but {} activation counts, {} state shard counts and {} \
+                 parameter shards",
                 self.name,
                 plan.activation_samples.len(),
-                plan.state_shards.len()
+                plan.state_shards.len(),
+                plan.param_shards.len()
             )));
         }
         let ranks = plan
             .pieces
             .iter()
             .zip(plan.activation_samples.iter().zip(plan.state_shards.iter()))
-            .map(|(p, (&activation_samples, &state_shards))| {
+            .zip(plan.param_shards.iter())
+            .map(|((p, (&activation_samples, &state_shards)), shard)| {
                 if state_shards == 0 {
                     return Err(Error::invalid(format!(
                         "strategy `{}` planned optimizer state sharded over 0 ranks",
@@ -123,7 +128,7 @@ impl Strategy for LoadedStrategy {
                     piece: piece_from_abi(p)?,
                     activation_samples,
                     state_shards,
-                    param_shard: None,
+                    param_shard: shard_from_abi(shard)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

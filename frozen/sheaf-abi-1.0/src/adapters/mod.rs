@@ -32,7 +32,7 @@ mod prelude {
     pub(crate) use sheaf_core::{
         Batch, Block, CheckpointSink, CommError, Communicator, ComputeBackend, DType, DataPartitioner,
         Dataset, Deadline, Error, Link, LrSchedule, MetricsSink, Model, ModelInfo, ModelInput,
-        ModelPartitioner, ModelSpec, OptimState, Optimizer, Param, ParamLayout, ParamSpec, Piece,
+        ModelPartitioner, ModelSpec, OptimState, Optimizer, Param, ParamLayout, ParamShard, ParamSpec, Piece,
         PieceLayout, PlanInput, RankPlan, ReduceOp, Result, Samples, ShardSource, StepMetrics, Strategy,
         StrategyPlan, Tag, TrainConfig, TrainContext, TrainSummary,
     };

@@ -130,6 +130,33 @@ where
             Ok(self.inner.backward_next_into(&mut window, end)? as u64)
         })
     }
+    fn units(&self) -> RResult<RVec<RVec<u64>>, AbiError> {
+        guard(self.plugin, "model units", || {
+            Ok(self.inner.units().into_iter().map(|u| u.into_iter().map(|p| p as u64).collect()).collect())
+        })
+    }
+    fn unit_begin(&mut self, batch: AbiBatch<'_>, train: bool) -> RResult<(), AbiError> {
+        guard(self.plugin, "model unit_begin", || {
+            Ok(self.inner.unit_begin(&batch_from_abi(&batch)?, train)?)
+        })
+    }
+    fn unit_forward(&mut self, unit: u64, params: RSlice<'_, f32>) -> RResult<ROption<AbiEval>, AbiError> {
+        guard(self.plugin, "model unit_forward", || {
+            let unit = usize_of(unit, "unit")?;
+            let end = self.inner.unit_forward(unit, &params)?;
+            Ok(end.map(|(loss_sum, correct)| AbiEval { loss_sum, correct: correct as u64 }).into())
+        })
+    }
+    fn unit_backward(
+        &mut self,
+        unit: u64,
+        params: RSlice<'_, f32>,
+        mut grads: RSliceMut<'_, f32>,
+    ) -> RResult<(), AbiError> {
+        guard(self.plugin, "model unit_backward", || {
+            Ok(self.inner.unit_backward(usize_of(unit, "unit")?, &params, &mut grads)?)
+        })
+    }
     fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError> {
         guard(self.plugin, "model tied_params", || {
             Ok(self
@@ -155,6 +182,7 @@ pub(crate) struct LoadedModel<'a, P: GetPointerKind> {
     pub(crate) replicated: Vec<bool>,
     pub(crate) in_steps: bool,
     pub(crate) window: Option<usize>,
+    pub(crate) units: Vec<Vec<usize>>,
 }
 
 impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
@@ -185,7 +213,14 @@ impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
             Some(n) => Some(usize_of(n, "backward window")?),
             None => None,
         };
-        Ok(LoadedModel { inner, layout, piece, segments, tied, replicated, in_steps, window })
+        let units = inner
+            .units()
+            .into_result()?
+            .iter()
+            .map(|u| u.iter().map(|&p| usize_of(p, "unit parameter")).collect::<Result<Vec<_>>>())
+            .collect::<Result<Vec<_>>>()?;
+        check_units(&units, layout.specs().len())?;
+        Ok(LoadedModel { inner, layout, piece, segments, tied, replicated, in_steps, window, units })
     }
 }
 
@@ -290,6 +325,22 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
             ))),
         }
     }
+    fn units(&self) -> Vec<Vec<usize>> {
+        self.units.clone()
+    }
+    fn unit_begin(&mut self, batch: &Batch<'_>, train: bool) -> Result<()> {
+        self.inner.unit_begin(batch_to_abi(batch), train).into_result().map_err(Error::from)
+    }
+    fn unit_forward(&mut self, unit: usize, params: &[f32]) -> Result<Option<(f64, usize)>> {
+        let end = self.inner.unit_forward(unit as u64, RSlice::from_slice(params)).into_result()?;
+        Ok(end.into_option().map(|e| (e.loss_sum, e.correct as usize)))
+    }
+    fn unit_backward(&mut self, unit: usize, params: &[f32], grads: &mut [f32]) -> Result<()> {
+        self.inner
+            .unit_backward(unit as u64, RSlice::from_slice(params), RSliceMut::from_mut_slice(grads))
+            .into_result()
+            .map_err(Error::from)
+    }
     fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
         let lent = self.inner.params_mut().into_result().map_err(Error::from)?;
         Ok(lent.into_option().map(RSliceMut::into_mut_slice))
@@ -306,4 +357,24 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
 /// and a failure to answer is an error here rather than a default later.
 pub fn load_model(inner: ModelBox) -> Result<Box<dyn Model>> {
     Ok(Box::new(LoadedModel::new(inner)?))
+}
+
+/// A model's units must name every one of its `params` parameters exactly once (or be
+/// empty: the model does not run unit by unit).
+fn check_units(units: &[Vec<usize>], params: usize) -> Result<()> {
+    if units.is_empty() {
+        return Ok(());
+    }
+    let mut seen = vec![false; params];
+    for &p in units.iter().flatten() {
+        match seen.get_mut(p) {
+            Some(s) if !*s => *s = true,
+            Some(_) => return Err(Error::invalid(format!("the model lists parameter {p} in two units"))),
+            None => return Err(Error::invalid(format!("the model's units name parameter {p} of {params}"))),
+        }
+    }
+    match seen.iter().position(|s| !s) {
+        Some(p) => Err(Error::invalid(format!("the model's units leave out parameter {p}"))),
+        None => Ok(()),
+    }
 }

@@ -31,6 +31,12 @@ where
     fn load_state(&mut self, state: &AbiOptimState) -> RResult<(), AbiError> {
         guard(self.plugin, "optimizer load_state", || Ok(self.inner.load_state(&state_from_abi(state))?))
     }
+    fn take_state(&mut self) -> RResult<AbiOptimState, AbiError> {
+        guard(self.plugin, "optimizer take_state", || Ok(state_to_abi(self.inner.take_state()?)))
+    }
+    fn state_bytes(&self) -> RResult<u64, AbiError> {
+        guard(self.plugin, "optimizer state_bytes", || Ok(self.inner.state_bytes()?))
+    }
 }
 
 pub fn export_optimizer(plugin: &'static str, inner: Box<dyn Optimizer>) -> OptimizerBox {
@@ -68,6 +74,12 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Optimizer for LoadedOptimizer<'_, P> {
     }
     fn load_state(&mut self, state: &OptimState) -> Result<()> {
         self.inner.load_state(&state_to_abi(state.clone())).into_result().map_err(Error::from)
+    }
+    fn take_state(&mut self) -> Result<OptimState> {
+        Ok(state_from_abi_owned(self.inner.take_state().into_result()?))
+    }
+    fn state_bytes(&self) -> Result<u64> {
+        self.inner.state_bytes().into_result().map_err(Error::from)
     }
 }
 
