@@ -1,6 +1,7 @@
 //! `cargo xtask new-plugin NAME --kind KIND [--path DIR] [--git URL]`: writes an
 //! out-of-tree plugin crate, `sheaf-NAME`, that builds and passes `sheaf plugin check`
-//! as generated. It depends on `sheaf-abi` and `sheaf-core` by path into this checkout
+//! as generated. It depends on `sheaf-abi` and `sheaf-core` (a strategy also on
+//! `sheaf-train`) by path into this checkout
 //! (or from `--git URL`), which cargo resolves with this checkout's workspace settings,
 //! so nothing of the workspace is copied; it carries this checkout's `Cargo.lock`, so
 //! its dependencies are the versions this host was built with.
@@ -51,15 +52,16 @@ pub fn new_plugin(root: &Path, args: &[String]) -> Result<()> {
     if dir.join("Cargo.toml").exists() {
         bail!("new-plugin: {} already holds a crate", dir.display());
     }
-    let deps = match &git {
-        Some(url) => format!("sheaf-abi = {{ git = \"{url}\" }}\nsheaf-core = {{ git = \"{url}\" }}\n"),
+    // Strategies also build on the training helpers every strategy shares.
+    let mut names = vec!["sheaf-abi", "sheaf-core"];
+    if kind == "strategy" {
+        names.push("sheaf-train");
+    }
+    let deps: String = match &git {
+        Some(url) => names.iter().map(|n| format!("{n} = {{ git = \"{url}\" }}\n")).collect(),
         None => {
             let crates = root.join("crates").canonicalize().context("the checkout's crates/")?;
-            format!(
-                "sheaf-abi = {{ path = \"{}\" }}\nsheaf-core = {{ path = \"{}\" }}\n",
-                crates.join("sheaf-abi").display(),
-                crates.join("sheaf-core").display()
-            )
+            names.iter().map(|n| format!("{n} = {{ path = \"{}\" }}\n", crates.join(n).display())).collect()
         }
     };
     let lib = format!("lib{}.so", krate.replace('-', "_"));
@@ -333,10 +335,8 @@ const STRATEGY: &str = r#"//! Sheaf plugin `{{crate}}`: the strategy `{{name}}`,
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use sheaf_core::{
-    epochs_done, global_batches, test_totals, DType, Deadline, Error, PlanInput, PluginKind, Provided,
-    ReduceOp, Result, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary,
-};
+use sheaf_core::{DType, Deadline, Error, PlanInput, PluginKind, Provided, ReduceOp, Result, StepMetrics, Strategy, StrategyPlan, TrainContext, TrainSummary};
+use sheaf_train::{epochs_done, global_batches, test_totals};
 
 /// The host's `timeout_ms` and `data`, and the keys of `[parallel.options.{{name}}]`.
 #[derive(Debug, Deserialize)]
@@ -421,7 +421,7 @@ impl Strategy for Replicas {
         }
         let wall = start.elapsed().as_secs_f64();
         let shard = partitioner.shard(0, test.len(), rank, world)?;
-        let totals = sheaf_core::evaluate_indices(model, test, &shard, config.batch_size)?;
+        let totals = sheaf_train::evaluate_indices(model, test, &shard, config.batch_size)?;
         let (test_accuracy, test_loss) = test_totals(comm, totals, self.deadline())?;
         Ok(TrainSummary {
             epochs: epochs_done(step, train.len(), &config),
@@ -434,7 +434,7 @@ impl Strategy for Replicas {
             peak_activation_bytes: 0,
             busy_seconds: 0.0,
             idle_seconds: 0.0,
-            optimizer_state_bytes_per_rank: sheaf_core::optimizer_state_bytes(optimizer)?,
+            optimizer_state_bytes_per_rank: sheaf_train::optimizer_state_bytes(optimizer)?,
             gradient_bytes_per_rank: None,
         })
     }

@@ -23,10 +23,9 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 }
 
 /// Every dependency a crate may have (its `[dependencies]`, by crate directory): a new
-/// one is a decision made here, in review, not in passing. Core is vocabulary
-/// (`multiversion` only for the gradient norm's kernel and `libc` only for `pages`'
-/// `madvise`, until the training helpers leave it); the ABI and collectives stay free
-/// of async runtimes, candle and ZeroMQ.
+/// one is a decision made here, in review, not in passing. Core is vocabulary (the
+/// training helpers' `multiversion` and `libc` live in `sheaf-train`); the ABI and
+/// collectives stay free of async runtimes, candle and ZeroMQ.
 #[rustfmt::skip]
 const ALLOWED: &[(&str, &[&str])] = &[
     ("crates/sheaf-abi", &["sheaf-core", "abi_stable"]),
@@ -34,7 +33,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("crates/sheaf-checkpoint", &["bytemuck", "serde", "serde_json", "safetensors", "toml", "tracing", "sheaf-core", "sheaf-collectives", "sheaf-plugins", "sheaf-job", "sheaf-report"]),
     ("crates/sheaf-collectives", &["sheaf-core", "bytemuck", "half"]),
     ("crates/sheaf-conformance", &["bytemuck", "serde", "serde_json", "tempfile", "sheaf-core", "sheaf-collectives", "sheaf-testkit", "sheaf-plugins", "sheaf-job", "sheaf-report", "sheaf-launch", "sheaf-runtime"]),
-    ("crates/sheaf-core", &["bytemuck", "multiversion", "thiserror", "libc"]),
+    ("crates/sheaf-core", &["bytemuck", "thiserror"]),
     ("crates/sheaf-data", &["sheaf-core", "flate2", "memmap2", "thiserror"]),
     ("crates/sheaf-doctor", &["bytemuck", "serde", "serde_json", "tracing", "sheaf-core", "sheaf-collectives", "sheaf-auth", "sheaf-testkit", "sheaf-plugins", "sheaf-job", "sheaf-report", "sheaf-launch", "sheaf-runtime"]),
     ("crates/sheaf-job", &["serde", "serde_json", "serde_path_to_error", "toml", "libc", "sheaf-core", "sheaf-collectives", "sheaf-data", "sheaf-plugins"]),
@@ -44,13 +43,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("crates/sheaf-report", &["bytemuck", "serde", "serde_json", "safetensors", "plotters", "indicatif", "console", "sheaf-core", "sheaf-plugins", "sheaf-job"]),
     ("crates/sheaf-runtime", &["bytemuck", "serde_json", "tracing", "sheaf-core", "sheaf-collectives", "sheaf-auth", "sheaf-plugins", "sheaf-job", "sheaf-report", "sheaf-checkpoint", "sheaf-launch"]),
     ("crates/sheaf-testkit", &["sheaf-core", "sheaf-collectives", "bytemuck", "half", "proptest", "libc"]),
+    ("crates/sheaf-train", &["sheaf-core", "bytemuck", "multiversion", "libc"]),
     ("crates/sheaf", &["clap", "serde_json", "libc", "tracing-subscriber", "sheaf-core", "sheaf-collectives", "sheaf-plugins", "sheaf-job", "sheaf-report", "sheaf-checkpoint", "sheaf-launch", "sheaf-runtime", "sheaf-doctor", "sheaf-conformance"]),
-    ("plugins/sheaf-compute-candle", &["sheaf-core", "sheaf-pool", "sheaf-abi", "abi_stable", "candle-core", "gemm", "rayon", "multiversion", "serde", "serde_json"]),
+    ("plugins/sheaf-compute-candle", &["sheaf-core", "sheaf-train", "sheaf-pool", "sheaf-abi", "abi_stable", "candle-core", "gemm", "rayon", "multiversion", "serde", "serde_json"]),
     ("plugins/sheaf-optim", &["sheaf-core", "sheaf-pool", "rayon", "sheaf-abi", "abi_stable", "serde", "serde_json", "serde_path_to_error"]),
     ("plugins/sheaf-partition", &["sheaf-core", "sheaf-abi", "abi_stable", "serde", "serde_json", "serde_path_to_error"]),
-    ("plugins/sheaf-strategy-data-parallel", &["sheaf-core", "sheaf-abi", "abi_stable", "bytemuck", "half", "serde", "serde_json"]),
-    ("plugins/sheaf-strategy-pipeline", &["sheaf-core", "sheaf-abi", "abi_stable", "bytemuck", "serde", "serde_json"]),
-    ("plugins/sheaf-strategy-tensor-parallel", &["sheaf-core", "sheaf-abi", "abi_stable", "bytemuck", "serde", "serde_json"]),
+    ("plugins/sheaf-strategy-data-parallel", &["sheaf-core", "sheaf-train", "sheaf-abi", "abi_stable", "bytemuck", "half", "serde", "serde_json"]),
+    ("plugins/sheaf-strategy-pipeline", &["sheaf-core", "sheaf-train", "sheaf-abi", "abi_stable", "bytemuck", "serde", "serde_json"]),
+    ("plugins/sheaf-strategy-tensor-parallel", &["sheaf-core", "sheaf-train", "sheaf-abi", "abi_stable", "bytemuck", "serde", "serde_json"]),
     ("plugins/sheaf-transport-shm", &["sheaf-core", "sheaf-abi", "sheaf-collectives", "abi_stable", "libc", "serde", "serde_json", "sheaf-auth"]),
     ("plugins/sheaf-transport-zmq", &["sheaf-core", "sheaf-abi", "sheaf-collectives", "bytes", "abi_stable", "zeromq", "tokio", "futures", "serde", "serde_json", "sheaf-auth"]),
 ];

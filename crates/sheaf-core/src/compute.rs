@@ -346,7 +346,7 @@ pub trait Model: Send {
     /// step for the reference MLP). Changes take effect from the next pass. `None`
     /// (the default): the model keeps its parameters some other way (a graph's
     /// tensors, or a plugin of an ABI before 0.9), and a strategy writes them in; see
-    /// [`crate::ModelParams`].
+    /// `sheaf_train::ModelParams`.
     fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
         Ok(None)
     }

@@ -258,7 +258,7 @@ pub(crate) fn take_accumulated(grads: &mut Vec<f32>, out: &mut [f32]) -> Result<
     if out.len() != grads.len() {
         return Err(Error::invalid(format!("{} gradient slots for {} parameters", out.len(), grads.len())));
     }
-    sheaf_core::take_release(grads, out);
+    sheaf_train::take_release(grads, out);
     Ok(())
 }
 

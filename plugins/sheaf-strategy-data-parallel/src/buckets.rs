@@ -21,9 +21,8 @@ use std::sync::mpsc;
 
 use half::bf16;
 use serde::Deserialize;
-use sheaf_core::{
-    sum_of_squares, Communicator, DType, Deadline, Error, Model, ParamLayout, ReduceOp, Result, Shards,
-};
+use sheaf_core::{Communicator, DType, Deadline, Error, Model, ParamLayout, ReduceOp, Result};
+use sheaf_train::{sum_of_squares, Shards};
 
 use crate::zero;
 

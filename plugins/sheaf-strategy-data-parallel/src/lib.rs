@@ -31,9 +31,12 @@ use buckets::{Backward, Exchange};
 
 use serde::Deserialize;
 use sheaf_core::{
-    clip_to, evaluate_indices, prefetched_steps, sum_of_squares, test_totals, Communicator, DType,
-    DataPartitioner, Dataset, Deadline, Error, Model, ModelParams, PlanInput, PluginKind, Prefetch, Provided,
-    ReduceOp, Result, RunTally, Shards, StepDone, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, PlanInput, PluginKind, Provided,
+    ReduceOp, Result, Strategy, StrategyPlan, TrainContext, TrainSummary,
+};
+use sheaf_train::{
+    clip_to, evaluate_indices, prefetched_steps, sum_of_squares, test_totals, ModelParams, Prefetch,
+    RunTally, Shards, StepDone,
 };
 
 /// The plugin as exported to the host.

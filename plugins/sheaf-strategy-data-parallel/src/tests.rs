@@ -748,7 +748,7 @@ proptest::proptest! {
                 timeout: std::time::Duration::from_secs(30),
                 overlap,
             };
-            let shards = sheaf_core::Shards::new(&layout, &buckets, rank, n);
+            let shards = sheaf_train::Shards::new(&layout, &buckets, rank, n);
             let batch = Batch::Rows { inputs: &[], labels: &[], input_dim: 0 };
             let backward = crate::buckets::Backward::Stepped(&batch);
             let mut grads = vec![0f32; layout.total()];

@@ -13,7 +13,8 @@
 //! model's) and the updated chunks are allgathered into every rank's full parameters.
 
 use half::bf16;
-use sheaf_core::{Communicator, DType, Deadline, ReduceOp, Result, Shards};
+use sheaf_core::{Communicator, DType, Deadline, ReduceOp, Result};
+use sheaf_train::Shards;
 
 use crate::buckets::{narrow, widen};
 use crate::GradDType;

@@ -23,10 +23,10 @@ use std::ops::Range;
 use std::time::Instant;
 
 use sheaf_core::{
-    clip_to, prefetched_steps, sum_of_squares, test_totals, Batch, Communicator, DType, DataPartitioner,
-    Dataset, Deadline, Error, Model, ParamLayout, ReduceOp, Result, RunTally, StepDone, TrainContext,
-    TrainSummary,
+    Batch, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, ParamLayout, ReduceOp,
+    Result, TrainContext, TrainSummary,
 };
+use sheaf_train::{clip_to, prefetched_steps, sum_of_squares, test_totals, RunTally, StepDone};
 
 use crate::{DataParallel, GradDType};
 

@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    backward_segments, check_piece_zero_stage, chunk_range, forward_segments, mean_loss, prefetched_steps,
-    test_totals, zero_release, Communicator, DType, Deadline, Error, Model, ModelParams, Piece, PlanInput,
-    PluginKind, Prefetch, Provided, RankPlan, ReduceOp, ReplicaStep, Result, RunTally, Samples, Shards,
-    StageInput, StepDone, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    chunk_range, Communicator, DType, Deadline, Error, Model, Piece, PlanInput, PluginKind, Provided,
+    RankPlan, ReduceOp, Result, Samples, Strategy, StrategyPlan, TrainContext, TrainSummary,
+};
+use sheaf_train::{
+    backward_segments, check_piece_zero_stage, forward_segments, mean_loss, prefetched_steps, test_totals,
+    zero_release, ModelParams, Prefetch, ReplicaStep, RunTally, Shards, StageInput, StepDone,
 };
 
 /// The plugin as exported to the host.

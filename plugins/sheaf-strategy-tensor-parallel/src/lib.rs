@@ -18,10 +18,12 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
+    Communicator, Deadline, Error, Model, Piece, PlanInput, PluginKind, Provided, RankPlan, Result, Strategy,
+    StrategyPlan, TrainContext, TrainSummary,
+};
+use sheaf_train::{
     backward_segments, check_piece_zero_stage, forward_segments, mean_loss, prefetched_steps, test_totals,
-    zero_release, Communicator, Deadline, Error, Mesh, Model, Piece, PlanInput, PluginKind, Prefetch,
-    Provided, RankPlan, ReplicaStep, Result, RunTally, Shards, StageInput, StepDone, Strategy, StrategyPlan,
-    TrainContext, TrainSummary,
+    zero_release, Mesh, Prefetch, ReplicaStep, RunTally, Shards, StageInput, StepDone,
 };
 
 /// The plugin as exported to the host.

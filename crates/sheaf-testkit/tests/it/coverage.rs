@@ -395,10 +395,10 @@ fn mean_loss_and_test_totals_divide_the_world_sums() {
     let results = run_world(3, |g| {
         let r = sheaf_core::Communicator::rank(&g) as f64;
         let scored = if r == 2.0 { [0.0, 0.0] } else { [3.0 + r, 2.0 + r] };
-        let mean = sheaf_core::mean_loss(&g, scored, deadline()).unwrap();
-        let nothing = sheaf_core::mean_loss(&g, [0.0, 0.0], deadline()).unwrap();
-        let totals = sheaf_core::test_totals(&g, [2.0 * r, r, 4.0], deadline()).unwrap();
-        let none = sheaf_core::test_totals(&g, [0.0; 3], deadline()).unwrap();
+        let mean = sheaf_train::mean_loss(&g, scored, deadline()).unwrap();
+        let nothing = sheaf_train::mean_loss(&g, [0.0, 0.0], deadline()).unwrap();
+        let totals = sheaf_train::test_totals(&g, [2.0 * r, r, 4.0], deadline()).unwrap();
+        let none = sheaf_train::test_totals(&g, [0.0; 3], deadline()).unwrap();
         (mean, nothing, totals, none)
     });
     for (mean, nothing, totals, none) in results {

@@ -10,10 +10,11 @@
 
 use std::ops::Range;
 
-use crate::{
-    chunk_range, clip_to, norm_contribution, sum_of_squares, Communicator, DType, Deadline, Error, Optimizer,
-    Param, ParamLayout, ReduceOp, Result,
+use sheaf_core::{
+    chunk_range, Communicator, DType, Deadline, Error, Optimizer, Param, ParamLayout, ReduceOp, Result,
 };
+
+use crate::{clip_to, norm_contribution, sum_of_squares};
 
 /// What this replica owns of each bucket, and the optimizer's pieces of it.
 pub struct Shards {
@@ -245,7 +246,7 @@ fn owned(b: &Range<usize>, world: usize, rank: usize) -> Range<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ParamSpec;
+    use sheaf_core::ParamSpec;
 
     /// The shards of every replica tile the buffer once, each piece inside one
     /// parameter; the norm over the pieces is the buffer's.

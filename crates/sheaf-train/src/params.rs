@@ -1,7 +1,7 @@
 //! A strategy's hold on its model's parameters: the buffer the model lends, updated in
 //! place, or a copy written in after each change.
 
-use crate::{Communicator, Deadline, Error, Model, Result};
+use sheaf_core::{Communicator, Deadline, Error, Model, Result};
 
 /// Where a strategy updates its model's parameters. A model that keeps them in one
 /// flat buffer lends it ([`Model::params_mut`]), and every update (the optimizer's
@@ -83,7 +83,7 @@ fn loan(model: &mut dyn Model) -> Result<&mut [f32]> {
 #[cfg(test)]
 mod tests {
     use super::ModelParams;
-    use crate::{Batch, Error, Model, ParamLayout, ParamSpec, Result};
+    use sheaf_core::{Batch, Error, Model, ParamLayout, ParamSpec, Result};
 
     /// A model of `n` parameters that lends them or not, and counts its copies.
     struct Flat {

@@ -5,7 +5,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 
-use crate::{optimizer_steps, Dataset, Error, Result, Samples, TrainConfig};
+use sheaf_core::{Dataset, Error, Result, Samples, TrainConfig};
+
+use crate::optimizer_steps;
 
 /// Requests of [`Dataset::gather`] served in order by a loader thread (see
 /// [`with_prefetch`]). A strategy asks for the next step's samples before it trains on
