@@ -396,8 +396,16 @@ fn sample_prints_generated_text() {
     let text = String::from_utf8_lossy(&a.stdout).to_string();
     assert!(text.starts_with("the king") && text.trim_end().chars().count() >= 40, "{text}");
     assert_eq!(a.stdout, sample("the king", &["--temperature", "0"]).stdout);
+    // Sampling: a seed makes it repeatable, another seed another text; top-k 1 is
+    // greedy decoding whatever the seed and temperature.
     let b = sample("the king", &["--top-k", "5", "--seed", "4"]);
     ok(&b);
+    assert_eq!(b.stdout, sample("the king", &["--top-k", "5", "--seed", "4"]).stdout, "same seed, same text");
+    let others: Vec<_> = (5..9)
+        .map(|seed| sample("the king", &["--top-k", "5", "--seed", &seed.to_string()]).stdout)
+        .collect();
+    assert!(others.iter().any(|o| *o != b.stdout), "four other seeds all gave seed 4's text");
+    assert_eq!(sample("the king", &["--top-k", "1", "--seed", "9", "--temperature", "1.5"]).stdout, a.stdout);
     let bad = sample("Zebra", &[]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not in the model's vocabulary"));

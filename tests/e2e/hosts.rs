@@ -513,7 +513,19 @@ fn doctor_across_hosts_prints_the_matrix_and_fails_on_a_cut_link() {
         report.contains("round trips (ms)") && report.contains("rank 3") && report.contains("doctor: OK"),
         "{report}"
     );
-    assert_eq!(report.lines().filter(|l| l.contains("memory")).count(), 4, "{report}");
+    // Every rank's memory line says what `sheaf plan` plans for it, to the hundredth MiB.
+    let plan = Command::new(sheaf_bin())
+        .args(["plan", "-n", "4", "--json", "--set", "transport.plugin=\"zmq-tcp\""])
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .output()
+        .unwrap();
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&plan.stdout).unwrap();
+    for rank in 0..4 {
+        let mib = plan[rank]["total"].as_f64().unwrap() / (1u64 << 20) as f64;
+        let line = format!("rank {rank}: memory {mib:.2} MiB");
+        assert!(report.lines().any(|l| l.trim_start().starts_with(&line)), "no `{line}` in:\n{report}");
+    }
 
     // Host 0 cannot reach rank 3's address; everyone else reaches everyone.
     let hidden = format!("{}.12", hosts.net);

@@ -165,17 +165,22 @@ fn pipeline_trains_the_default_job() {
 }
 
 /// A checkpoint written by a pipeline starts a data-parallel run (and the other way
-/// round): with no training steps, the checkpoint comes back unchanged.
+/// round): with no training steps, the checkpoint comes back unchanged; and training on
+/// from it goes the same way in any layout: 5 steps from the pipeline's checkpoint as
+/// one data-parallel process and as a 3-stage pipeline end within 1e-6 of each other
+/// (a layout that loaded the checkpoint but trained its pieces from other parameters,
+/// or cut it wrongly, would not).
 #[test]
 fn checkpoints_cross_strategies_and_world_sizes() {
     let pipe = launch(2, &sets(&["parallel.strategy=\"pipeline\""]));
-    let from = |n: usize, strategy: &str, init: &Path| {
+    let from_steps = |n: usize, strategy: &str, init: &Path, steps: u64| {
         let dir = tempfile::tempdir().unwrap();
         let init = init.join("checkpoint.safetensors");
         let n_arg = n.to_string();
         let mut args = if n == 1 { vec!["run"] } else { vec!["launch", "-n", &n_arg] };
         let s = [
-            "train.max_steps=0".to_string(),
+            format!("train.max_steps={steps}"),
+            "train.lr=0.05".into(),
             "model.layers=[64, 96, 80, 64, 10]".into(),
             format!("parallel.strategy=\"{strategy}\""),
         ];
@@ -186,6 +191,7 @@ fn checkpoints_cross_strategies_and_world_sizes() {
         ok(&sheaf(&args, dir.path()));
         dir
     };
+    let from = |n: usize, strategy: &str, init: &Path| from_steps(n, strategy, init, 0);
     let dp = from(1, "data-parallel", pipe.path());
     assert_eq!(max_abs_diff(&checkpoint(pipe.path()), &checkpoint(dp.path())), 0.0);
     let back = from(3, "pipeline", dp.path());
@@ -195,6 +201,13 @@ fn checkpoints_cross_strategies_and_world_sizes() {
     assert_eq!(max_abs_diff(&checkpoint(back.path()), &checkpoint(alone.path())), 0.0);
     // Same accuracy from the same parameters.
     assert_eq!(summary(back.path())["test_accuracy"], summary(pipe.path())["test_accuracy"]);
+
+    let (dp5, pipe5) =
+        (from_steps(1, "data-parallel", pipe.path(), 5), from_steps(3, "pipeline", pipe.path(), 5));
+    let moved = max_abs_diff(&checkpoint(pipe.path()), &checkpoint(dp5.path()));
+    assert!(moved > 1e-4, "5 steps changed nothing ({moved}): the comparison below would be empty");
+    let d = max_abs_diff(&checkpoint(dp5.path()), &checkpoint(pipe5.path()));
+    assert!(d <= 1e-6, "5 steps on from the checkpoint: data-parallel and a 3-stage pipeline differ by {d}");
 }
 
 /// GPipe keeps every micro-batch's activations until its backward pass; 1F1B at most

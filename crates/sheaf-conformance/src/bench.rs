@@ -187,6 +187,9 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
                 algorithm: match spec.op.as_str() {
                     "allreduce" => algorithm.choose(size, n).name().into(),
                     "broadcast" => sheaf_collectives::BroadcastAlgorithm::choose(size, n).name().into(),
+                    // Group::all_to_all sends every block straight to its rank.
+                    "all-to-all" => "direct".into(),
+                    // Group::allgather and reduce_scatter run rings.
                     _ => "ring".into(),
                 },
                 world_size: n,
@@ -419,4 +422,62 @@ pub fn render_train(r: &TrainReport, out: &mut dyn std::io::Write) -> std::io::R
         "last run: final loss {:.4}, {what} {:.4}; outputs under {}",
         r.final_loss, r.quality, r.run_dir
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{buffers, correct, Buffers};
+
+    /// Every rank's buffers after `op`, computed from every rank's inputs by the
+    /// collective's plain definition (nothing of `correct`'s formulas).
+    fn after(op: &str, size: usize, n: usize) -> Vec<Buffers> {
+        let ins: Vec<Buffers> = (0..n).map(|r| buffers(op, size, n, r)).collect();
+        let (elems, per) = (size / 4, size / 4 / n);
+        let summed: Vec<f32> =
+            (0..ins[0].input.len()).map(|i| ins.iter().map(|b| b.input[i]).sum()).collect();
+        (0..n)
+            .map(|r| {
+                let mut b = buffers(op, size, n, r);
+                match op {
+                    "allreduce" => b.input = summed.clone(),
+                    "broadcast" => b.input = ins[0].input.clone(),
+                    "allgather" => b.out = ins.iter().flat_map(|q| q.input.clone()).collect(),
+                    "reduce-scatter" => {
+                        b.out = sheaf_core::chunk_range(elems, n, r).map(|i| summed[i]).collect()
+                    }
+                    "all-to-all" => {
+                        b.out = (0..n).flat_map(|q| ins[q].input[r * per..(r + 1) * per].to_vec()).collect()
+                    }
+                    other => panic!("{other}"),
+                }
+                b
+            })
+            .collect()
+    }
+
+    /// Adds `d` to element `i` of the buffer `op` writes its result to.
+    fn nudge(b: &mut Buffers, i: usize, d: f32) {
+        let target = if b.out.is_empty() { &mut b.input } else { &mut b.out };
+        target[i] += d;
+    }
+
+    /// The bench's check says "ok" for every op's right result and "bad" for a result
+    /// with any one element wrong, in worlds of 1 to 4.
+    #[test]
+    fn the_check_tells_right_results_from_wrong_ones() {
+        for op in ["allreduce", "broadcast", "allgather", "reduce-scatter", "all-to-all"] {
+            for n in 1..=4 {
+                let size = 4 * n * 6;
+                for (r, mut b) in after(op, size, n).into_iter().enumerate() {
+                    assert!(correct(op, &b, n, r), "{op} n={n} rank {r}: a right result called bad");
+                    let len = if b.out.is_empty() { b.input.len() } else { b.out.len() };
+                    for i in 0..len {
+                        nudge(&mut b, i, 1.0);
+                        assert!(!correct(op, &b, n, r), "{op} n={n} rank {r}: element {i} wrong, called ok");
+                        nudge(&mut b, i, -1.0);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -51,6 +51,20 @@ fn with_fault_using(
     case: &Case,
     timeout: Duration,
 ) -> Vec<(usize, Result<(), String>, Duration)> {
+    let all = every_rank_with_fault(alg, n, victim, fault, coll, case, timeout);
+    all.into_iter().filter(|(r, _, _)| *r != victim).collect()
+}
+
+/// Every rank's outcome, the victim's included.
+fn every_rank_with_fault(
+    alg: Algorithm,
+    n: usize,
+    victim: usize,
+    fault: Fault,
+    coll: Coll,
+    case: &Case,
+    timeout: Duration,
+) -> Vec<(usize, Result<(), String>, Duration)> {
     let links: Vec<Arc<dyn Link>> = InProcWorld::new(n)
         .links()
         .into_iter()
@@ -60,13 +74,12 @@ fn with_fault_using(
             Arc::new(FaultyLink::new(l, faults)) as Arc<dyn Link>
         })
         .collect();
-    let results = run_links(links, |g| {
+    run_links(links, |g| {
         let g = g.with_algorithm(alg);
         let start = Instant::now();
         let res = run_coll(&g, coll, case, Deadline::after(timeout));
         (g.rank(), res, start.elapsed())
-    });
-    results.into_iter().filter(|(r, _, _)| *r != victim).collect()
+    })
 }
 
 fn coll() -> impl Strategy<Value = Coll> {
@@ -85,12 +98,23 @@ proptest! {
         let victim = victim_seed % n;
         let case = Case { seed, len, dtype: DType::F32, op: ReduceOp::Sum, root: seed as usize };
         let timeout = Duration::from_secs(20);
-        let outcomes = with_fault(n, victim, Fault::KillAtSend(at), coll, &case, timeout);
+        let all = every_rank_with_fault(Algorithm::Auto, n, victim, Fault::KillAtSend(at), coll, &case, timeout);
+        let killed = all.iter().any(|(r, res, _)| *r == victim && res.is_err());
+        let outcomes: Vec<_> = all.into_iter().filter(|(r, _, _)| *r != victim).collect();
         for (rank, res, took) in &outcomes {
             prop_assert!(*took < timeout, "rank {rank} took {took:?}");
             if let Err(e) = res {
                 prop_assert!(e.contains(&format!("rank {victim} ")), "rank {rank} blamed the wrong rank: {e}");
             }
+        }
+        // Every message of these algorithms is needed by its receiver: a victim that
+        // died at a send left a survivor without it, and one that never reached its
+        // fatal send (it had fewer to make) left every survivor whole.
+        let failed = outcomes.iter().filter(|(_, res, _)| res.is_err()).count();
+        if killed {
+            prop_assert!(failed > 0, "rank {victim} died at send {at}, yet every survivor succeeded");
+        } else {
+            prop_assert_eq!(failed, 0, "rank {} finished, yet survivors failed", victim);
         }
     }
 }
