@@ -3,7 +3,8 @@
 
 use sheaf_testkit::fuzz::{fuzz, inputs, CappedAlloc};
 
-use crate::link::{parse_join, parse_record_header, Joined};
+use crate::layout::parse_record_header;
+use crate::rendezvous::{parse_join, Joined};
 
 #[global_allocator]
 static ALLOC: CappedAlloc = CappedAlloc;

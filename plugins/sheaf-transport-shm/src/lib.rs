@@ -14,13 +14,18 @@
 //! as [`sheaf_core::Link`] requires). Dead peers are found through their process
 //! state; aborts are written into the aborting rank's control block for all to see.
 
+mod config;
+mod inbound;
+mod layout;
 mod link;
+mod rendezvous;
 mod segment;
 
 #[cfg(test)]
 mod fuzz;
 
-pub use link::{ShmConfig, ShmLink};
+pub use config::ShmConfig;
+pub use link::ShmLink;
 
 use sheaf_core::{Error, Link, PluginKind, Provided, Result};
 

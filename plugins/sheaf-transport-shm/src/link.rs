@@ -1,238 +1,25 @@
-//! [`ShmLink`]: the segment's layout, the byte rings, and the blocking link over them.
-//!
-//! Layout of the segment (every offset 64-byte aligned):
-//! - a header: magic, version, world size, ring size, total size, the count of attached
-//!   ranks and the counter that orders abort reports;
-//! - a control block per rank: its pid, whether it left, its doorbell (a futex word
-//!   rung whenever something it may wait for happens) and its abort report;
-//! - a ring per ordered pair `(src, dst)`: a write position owned by `src`, a read
-//!   position owned by `dst` (on separate cache lines), then `ring_bytes` of data.
-//!
-//! A message in a ring is a 24-byte record header (magic, tag, length) and the payload.
+//! [`ShmLink`]: the blocking link over the segment's byte rings: sending into a peer's
+//! ring, draining its own rings into per-peer queues, waiting on its doorbell, and
+//! telling a dead peer from a slow one.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-use sheaf_auth::{join, Key};
 use sheaf_collectives::reduce;
 use sheaf_core::{CommError, DType, Deadline, Link, Op, ReduceOp, Tag};
 
+use crate::config::{ShmConfig, LIVENESS_EVERY};
+use crate::inbound::{Partial, Rx, Waiter};
+use crate::layout::{
+    padding, parse_record_header, rings_offset, seg_u64, ACTIVE, CTRL_BYTES, C_BELL, C_CULPRIT, C_ORDER,
+    C_PID, C_REASON, C_REASON_LEN, C_SLEEPERS, C_STATE, DROPPED, HEADER_BYTES, H_ABORT_ORDER, H_ATTACHED,
+    H_RING, LEFT, NO_CULPRIT, PUBLISH_MAX, REASON_MAX, RECORD, RECORD_MAGIC, RING_HDR, R_READ, R_WRITE,
+};
 use crate::segment::{self, Segment};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"SHEAFSHM");
-const VERSION: u32 = 1;
-const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"SHMR");
-const RECORD: usize = 24;
-/// Largest message a record may announce: protects against a garbage length.
-const MAX_MESSAGE: u64 = 1 << 36;
-
-/// A record header (`RECORD` bytes read at stream position `r`, `avail` bytes being
-/// published from there in a ring of `cap` bytes): `(tag, payload length)`, or what is
-/// wrong with it.
-pub(crate) fn parse_record_header(
-    head: &[u8],
-    r: u64,
-    avail: usize,
-    cap: usize,
-) -> Result<(u64, usize), String> {
-    let garbage = || "garbage in its ring (bad record header)".to_string();
-    let head: &[u8; RECORD] = head.try_into().map_err(|_| garbage())?;
-    let word = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
-    let (magic, tag, len) = (word(0) as u32, word(8), word(16));
-    if magic != RECORD_MAGIC || avail > cap || !r.is_multiple_of(8) {
-        Err(garbage())
-    } else if len > MAX_MESSAGE {
-        Err(format!("announced a message of {len} bytes"))
-    } else {
-        Ok((tag, len as usize))
-    }
-}
-
-/// Bytes of rank 0's challenge: a magic and a nonce.
-const CHALLENGE: usize = 8 + sheaf_auth::NONCE;
-/// Bytes of a join: a magic, rank, world, the joiner's nonce and its proof.
-pub(crate) const JOIN: usize = 16 + sheaf_auth::NONCE + sheaf_auth::PROOF;
-/// How long rank 0 waits for one connection's join before it drops it (a stranger
-/// that connects and says nothing must not hold up the ranks behind it).
-const JOIN_WAIT: Duration = Duration::from_secs(2);
-
-const JOIN_DOMAIN: &str = "sheaf-shm-join";
-
-fn ok_proof(key: &Key, session: &[u8], total: u64) -> [u8; sheaf_auth::PROOF] {
-    key.prove("sheaf-shm-ok", &[session, &total.to_le_bytes()])
-}
-
-/// A join as rank 0 reads it.
-#[derive(Debug, PartialEq)]
-pub(crate) enum Joined {
-    /// A rank of this run, and its nonce.
-    Rank(usize, Vec<u8>),
-    /// No proof of the secret over this connection's challenge: refused.
-    Refused(String),
-    /// A proven join that does not fit this world: the job is misconfigured.
-    Mismatch(String),
-}
-
-/// Rank 0's reading of a join on the rendezvous socket, the answer to `challenge`.
-pub(crate) fn parse_join(join: &[u8], key: &Key, challenge: &[u8], world: usize, joined: &[bool]) -> Joined {
-    let Ok(join) = <&[u8; JOIN]>::try_from(join) else {
-        return Joined::Refused("garbage".into());
-    };
-    let field = |i: usize| u32::from_le_bytes(join[i..i + 4].try_into().expect("4 bytes"));
-    let (magic, rank, their_world) = (&join[..8], field(8), field(12));
-    let (session, proof) = (&join[16..16 + sheaf_auth::NONCE], &join[16 + sheaf_auth::NONCE..]);
-    if magic != b"SHMJOIN2" {
-        return Joined::Refused("garbage".into());
-    }
-    let claim = join::Claim { rank: rank.into(), world: their_world.into(), session, extra: &[] };
-    match join::check(key, JOIN_DOMAIN, challenge, &claim, proof, world, |r| joined.get(r) != Some(&false)) {
-        join::Joined::Rank(rank) => Joined::Rank(rank, session.to_vec()),
-        join::Joined::Refused(why) => Joined::Refused(why),
-        join::Joined::Mismatch(why) => Joined::Mismatch(why),
-    }
-}
-
-const HEADER_BYTES: usize = 256;
-const H_MAGIC: usize = 0;
-const H_VERSION: usize = 8;
-const H_RING: usize = 16;
-const H_TOTAL: usize = 24;
-const H_ATTACHED: usize = 64;
-const H_ABORT_ORDER: usize = 128;
-
-const CTRL_BYTES: usize = 512;
-const C_PID: usize = 0;
-const C_STATE: usize = 4;
-const C_BELL: usize = 64;
-const C_SLEEPERS: usize = 68;
-const C_CULPRIT: usize = 128;
-const C_ORDER: usize = 136;
-const C_REASON_LEN: usize = 144;
-const C_REASON: usize = 192;
-const REASON_MAX: usize = 256;
-
-const RING_HDR: usize = 256;
-const R_WRITE: usize = 0;
-const R_READ: usize = 128;
-
-const ACTIVE: u32 = 0;
-const LEFT: u32 = 1;
-const DROPPED: u32 = 2;
-const NO_CULPRIT: u64 = u64::MAX;
-
-/// A writer publishes at most this much at a time, so the reader starts copying out
-/// while the rest is still being copied in.
-const PUBLISH_MAX: usize = 256 << 10;
-const _: () = assert!(PUBLISH_MAX.is_multiple_of(8) && RECORD.is_multiple_of(8));
-/// How often blocked calls look for peers that died.
-const LIVENESS_EVERY: Duration = Duration::from_millis(20);
-
-fn default_connect_ms() -> u64 {
-    60_000
-}
-
-/// What the host passes to the transport (as JSON). Other keys the host writes for
-/// network transports (the advertise address) are ignored.
-#[derive(Clone, Debug, Deserialize)]
-pub struct ShmConfig {
-    pub rank: usize,
-    pub world_size: usize,
-    #[serde(default)]
-    pub master_addr: String,
-    pub master_port: u16,
-    #[serde(default = "default_connect_ms")]
-    pub connect_timeout_ms: u64,
-    /// Bytes of each ring (a power of two, at least 64 KiB); by default 4 MiB, less
-    /// for large worlds so that the segment stays under 2 GiB.
-    #[serde(default)]
-    pub ring_bytes: Option<usize>,
-    /// The job's shared secret, which every joining rank proves it holds before rank 0
-    /// hands it the segment (unset: an empty secret, which proves nothing).
-    #[serde(default)]
-    pub job_token: Option<String>,
-}
-
-fn ring_bytes(config: &ShmConfig) -> usize {
-    let pairs = (config.world_size * config.world_size).max(1);
-    let want = config.ring_bytes.unwrap_or_else(|| (4 << 20).min((2usize << 30) / pairs));
-    want.clamp(64 << 10, 1 << 30).next_power_of_two()
-}
-
-fn rings_offset(world: usize) -> usize {
-    (HEADER_BYTES + world * CTRL_BYTES).next_multiple_of(4096)
-}
-
-fn segment_bytes(world: usize, cap: usize) -> usize {
-    rings_offset(world) + world * world * (RING_HDR + cap)
-}
-
-fn connect_err(detail: impl std::fmt::Display) -> CommError {
+pub(crate) fn connect_err(detail: impl std::fmt::Display) -> CommError {
     CommError::Transport { op: Op::Connect, detail: detail.to_string() }
-}
-
-/// A message being streamed out of a ring.
-struct Partial {
-    tag: u64,
-    want: usize,
-    buf: Vec<u8>,
-}
-
-/// What this rank has read from one peer's ring but nobody received yet.
-#[derive(Default)]
-struct Rx {
-    stash: HashMap<u64, VecDeque<Vec<u8>>>,
-    partial: Option<Partial>,
-    broken: Option<String>,
-}
-
-impl Rx {
-    fn take(&mut self, tag: u64) -> Option<Vec<u8>> {
-        self.stash.get_mut(&tag).and_then(VecDeque::pop_front)
-    }
-}
-
-/// Spin, then yield, then sleep on the doorbell: cheap when the other side answers
-/// within microseconds, and no burnt core when it computes for seconds.
-struct Waiter {
-    since: Option<Instant>,
-}
-
-impl Waiter {
-    /// Busy-wait this long first: a futex wake-up costs tens of microseconds. Short,
-    /// because when both ranks share one core the peer cannot run until we yield
-    /// (measured here: with 50 us of spinning, such round trips took 104 us, not 2).
-    const SPIN: Duration = Duration::from_micros(20);
-    /// Then yield the core this long before sleeping.
-    const YIELD: Duration = Duration::from_micros(500);
-
-    fn new() -> Waiter {
-        Waiter { since: None }
-    }
-
-    fn reset(&mut self) {
-        self.since = None;
-    }
-
-    fn wait(&mut self, bell: &AtomicU32, sleepers: &AtomicU32, seen: u32, deadline: Deadline) {
-        let waited = self.since.get_or_insert_with(Instant::now).elapsed();
-        if waited < Self::SPIN {
-            // One PAUSE per poll: it lets a sibling hyperthread run, while the poll's
-            // own work between PAUSEs keeps a hypervisor from taking the loop for a
-            // spin lock (pause-loop exiting deschedules the vCPU for ~100 us).
-            std::hint::spin_loop();
-        } else if waited < Self::SPIN + Self::YIELD {
-            std::thread::yield_now();
-        } else {
-            sleepers.fetch_add(1, SeqCst);
-            if bell.load(SeqCst) == seen {
-                segment::futex_wait(bell, seen, deadline.remaining().min(Duration::from_millis(5)));
-            }
-            sleepers.fetch_sub(1, SeqCst);
-        }
-    }
 }
 
 /// One rank's shared-memory link.
@@ -248,7 +35,7 @@ pub struct ShmLink {
     closed: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -299,136 +86,6 @@ impl ShmLink {
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(link)
-    }
-
-    /// Rank 0: creates the segment and hands it to every other rank.
-    fn host(config: &ShmConfig, name: &str, deadline: Deadline) -> Result<Segment, CommError> {
-        let world = config.world_size;
-        let cap = ring_bytes(config);
-        let total = segment_bytes(world, cap);
-        let seg = Segment::create(total)
-            .map_err(|e| connect_err(format!("creating a {total}-byte shared segment: {e}")))?;
-        set_u64(&seg, H_MAGIC, MAGIC);
-        set_u64(&seg, H_VERSION, u64::from(VERSION) | ((world as u64) << 32));
-        set_u64(&seg, H_RING, cap as u64);
-        set_u64(&seg, H_TOTAL, total as u64);
-        for r in 0..world {
-            set_u64(&seg, HEADER_BYTES + r * CTRL_BYTES + C_CULPRIT, NO_CULPRIT);
-        }
-        if world == 1 {
-            return Ok(seg);
-        }
-        let listener = segment::listen(name).map_err(|e| {
-            connect_err(format!(
-                "rank 0 listening on the shared-memory rendezvous `{name}`: {e} (is another job using port {}?)",
-                config.master_port
-            ))
-        })?;
-        let key = Key::new(config.job_token.as_deref().unwrap_or("").as_bytes());
-        let mut joined = vec![false; world];
-        joined[0] = true;
-        let mut refused = 0u64;
-        while joined.iter().any(|j| !j) {
-            let Some(mut stream) = segment::accept(&listener, deadline).map_err(connect_err)? else {
-                let missing = joined.iter().position(|j| !j).unwrap_or(0);
-                return Err(CommError::Timeout { op: Op::Connect, peer: missing, waited: Duration::ZERO });
-            };
-            // Challenge, then a proof of the secret over it, before anything is handed over.
-            let nonce = sheaf_auth::nonce();
-            let mut challenge = b"SHMCHAL1".to_vec();
-            challenge.extend_from_slice(&nonce);
-            let mut join = [0u8; JOIN];
-            let wait = Deadline::after(deadline.remaining().min(JOIN_WAIT));
-            let read = segment::write_all(&mut stream, &challenge, wait)
-                .and_then(|()| segment::read_exact(&mut stream, &mut join, wait));
-            let verdict = match read {
-                Ok(()) => parse_join(&join, &key, &nonce, world, &joined),
-                Err(e) => Joined::Refused(format!("a connection that sent no join ({e})")),
-            };
-            let (their_rank, session) = match verdict {
-                Joined::Rank(r, session) => (r, session),
-                Joined::Refused(why) => {
-                    refused += 1;
-                    if refused <= 4 || refused.is_power_of_two() {
-                        eprintln!(
-                            "sheaf-shm: rank 0 refused {why} on the rendezvous `{name}` ({refused} refused so far)"
-                        );
-                    }
-                    let reason = "no proof of the job's secret (is SHEAF_JOB_TOKEN the same on every rank?)";
-                    let _ = segment::write_all(&mut stream, format!("SHMERR{reason}").as_bytes(), wait);
-                    continue;
-                }
-                Joined::Mismatch(p) => {
-                    let _ = segment::write_all(&mut stream, format!("SHMERR{p}").as_bytes(), deadline);
-                    return Err(connect_err(p));
-                }
-            };
-            joined[their_rank] = true;
-            let mut reply = b"SHMOK\0\0\0".to_vec();
-            reply.extend_from_slice(&(total as u64).to_le_bytes());
-            reply.extend_from_slice(&ok_proof(&key, &session, total as u64));
-            segment::send_fd(&stream, seg.raw_fd(), &reply)
-                .map_err(|e| connect_err(format!("handing the segment to rank {their_rank}: {e}")))?;
-        }
-        Ok(seg)
-    }
-
-    /// Ranks other than 0: receive the segment's descriptor from rank 0 and map it.
-    fn join(config: &ShmConfig, name: &str, deadline: Deadline) -> Result<Segment, CommError> {
-        let (rank, world) = (config.rank, config.world_size);
-        let mut stream = segment::connect(name, deadline).map_err(|e| {
-            connect_err(format!(
-                "rank {rank} could not reach rank 0's shared-memory rendezvous `{name}` in {} ms: {e} (the shm transport joins ranks on one host)",
-                config.connect_timeout_ms
-            ))
-        })?;
-        let key = Key::new(config.job_token.as_deref().unwrap_or("").as_bytes());
-        let mut challenge = [0u8; CHALLENGE];
-        segment::read_exact(&mut stream, &mut challenge, deadline)
-            .map_err(|e| connect_err(format!("rank {rank} waiting for rank 0's challenge: {e}")))?;
-        if &challenge[..8] != b"SHMCHAL1" {
-            return Err(connect_err("rank 0 answered the shared-memory rendezvous with garbage"));
-        }
-        let session = sheaf_auth::nonce();
-        let mut join = b"SHMJOIN2".to_vec();
-        join.extend_from_slice(&(rank as u32).to_le_bytes());
-        join.extend_from_slice(&(world as u32).to_le_bytes());
-        join.extend_from_slice(&session);
-        let claim = join::Claim { rank: rank as u64, world: world as u64, session: &session, extra: &[] };
-        join.extend_from_slice(&claim.prove(&key, JOIN_DOMAIN, &challenge[8..]));
-        segment::write_all(&mut stream, &join, deadline).map_err(connect_err)?;
-        let mut reply = [0u8; 512];
-        let (n, fd) = segment::recv_fd(&stream, &mut reply, deadline)
-            .map_err(|e| connect_err(format!("rank {rank} waiting for rank 0's segment: {e}")))?;
-        let reply = &reply[..n];
-        if let Some(err) = reply.strip_prefix(b"SHMERR") {
-            return Err(connect_err(format!("rank 0 refused rank {rank}: {}", String::from_utf8_lossy(err))));
-        }
-        let (Some(fd), Some(rest)) =
-            (fd, reply.strip_prefix(b"SHMOK\0\0\0").filter(|t| t.len() == 8 + sheaf_auth::PROOF))
-        else {
-            return Err(connect_err("rank 0 answered the shared-memory rendezvous with garbage"));
-        };
-        let total = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-        if !key.verify("sheaf-shm-ok", &[&session, &total.to_le_bytes()], &rest[8..]) {
-            return Err(connect_err(
-                "rank 0 could not prove it holds the job's secret (is SHEAF_JOB_TOKEN the same on every rank?)",
-            ));
-        }
-        let total = total as usize;
-        let seg =
-            Segment::open(fd, total).map_err(|e| connect_err(format!("mapping the shared segment: {e}")))?;
-        let version = seg_u64(&seg, H_VERSION);
-        if seg_u64(&seg, H_MAGIC) != MAGIC || version as u32 != VERSION || (version >> 32) as usize != world {
-            return Err(connect_err(format!(
-                "the shared segment is not a world of {world} of this version (header {version:#x})"
-            )));
-        }
-        let cap = seg_u64(&seg, H_RING) as usize;
-        if !cap.is_power_of_two() || segment_bytes(world, cap) != total {
-            return Err(connect_err("the shared segment's ring size does not match its length"));
-        }
-        Ok(seg)
     }
 
     fn u32_at(&self, off: usize) -> &AtomicU32 {
@@ -701,21 +358,6 @@ impl ShmLink {
     }
 }
 
-/// Bytes after a payload of `len` bytes up to the next multiple of 8.
-fn padding(len: usize) -> usize {
-    len.next_multiple_of(8) - len
-}
-
-fn seg_u64(seg: &Segment, off: usize) -> u64 {
-    // SAFETY: in bounds and aligned; written before the segment was shared.
-    unsafe { AtomicU64::from_ptr(seg.base().add(off).cast()).load(SeqCst) }
-}
-
-fn set_u64(seg: &Segment, off: usize, v: u64) {
-    // SAFETY: as for `seg_u64`.
-    unsafe { AtomicU64::from_ptr(seg.base().add(off).cast()).store(v, SeqCst) }
-}
-
 impl Link for ShmLink {
     fn rank(&self) -> usize {
         self.rank
@@ -954,7 +596,7 @@ impl Drop for ShmLink {
 impl ShmLink {
     /// Puts raw bytes into the ring to `peer`, bypassing framing: for tests of how a
     /// receiver handles a corrupt sender.
-    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn write_raw_for_tests(&self, peer: usize, bytes: &[u8]) {
         let _one_writer = lock(&self.send_locks[peer]);
         let ring = self.ring(self.rank, peer);

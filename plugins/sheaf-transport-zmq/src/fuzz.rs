@@ -5,7 +5,7 @@
 use sheaf_auth::Key;
 use sheaf_testkit::fuzz::{fuzz, inputs, CappedAlloc};
 
-use crate::link::{check_join, check_table, Joined, Rendezvous};
+use crate::rendezvous::{check_join, check_table, Joined, Rendezvous};
 use crate::wire::{self, Kind};
 
 #[global_allocator]

@@ -16,13 +16,18 @@
 //! monitoring detect a dead peer, and an abort frame tells every rank whom a failing
 //! rank blames.
 
+mod config;
+mod inbound;
 mod link;
+mod progress;
+mod rendezvous;
 mod wire;
 
 #[cfg(test)]
 mod fuzz;
 
-pub use link::{Scheme, ZmqConfig, ZmqLink};
+pub use config::{Scheme, ZmqConfig};
+pub use link::ZmqLink;
 
 use sheaf_core::{Error, Link, PluginKind, Provided, Result};
 
