@@ -15,10 +15,13 @@
 //!   test fixtures), then runs every test: in parallel, then the e2e tests that
 //!   measure time (ignored in the parallel run) one at a time.
 //! - `tidy`: the repository conventions (also run as a test).
+//! - `size`: every crate's lines of code and of tests, its dependencies and its largest
+//!   non-test file.
 //! - `new-plugin NAME --kind KIND [--path DIR] [--git URL]`: an out-of-tree plugin
 //!   crate that builds and passes `sheaf plugin check` as generated (docs/plugins.md).
 
 mod new_plugin;
+mod size;
 mod tidy;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +38,10 @@ fn main() -> Result<()> {
         Some("check-cuda") => check_cuda(&root, args.get(1).is_some_and(|a| a == "--nvcc")),
         Some("test") => test(&root, &args[1..]),
         Some("new-plugin") => new_plugin::new_plugin(&root, &args[1..]),
+        Some("size") => {
+            print!("{}", size::report(&root)?);
+            Ok(())
+        }
         Some("tidy") => {
             let problems = tidy::check(&root)?;
             if problems.is_empty() {
@@ -46,7 +53,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo [launch args] | ci | test [cargo test args] | check-cuda [--nvcc] | tidy | \
+                "usage: cargo xtask <demo [launch args] | ci | test [cargo test args] | check-cuda [--nvcc] | tidy | size | \
                  new-plugin NAME --kind KIND [--path DIR] [--git URL]>"
             );
             std::process::exit(2)

@@ -56,7 +56,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
 ];
 
 /// The names in a manifest's `[dependencies]` (and any `[target.*.dependencies]`).
-fn dependencies(manifest: &str) -> Vec<String> {
+pub fn dependencies(manifest: &str) -> Vec<String> {
     let mut in_deps = false;
     let mut names = Vec::new();
     for line in manifest.lines().map(str::trim) {

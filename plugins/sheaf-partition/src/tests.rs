@@ -84,3 +84,60 @@ fn unknown_names_and_bad_configs_are_errors() {
     assert!(new_model_partitioner("greedy", "").is_err());
     assert!(Balanced.cut(&[1, 2], 3).unwrap_err().to_string().contains("3 stages"));
 }
+
+/// The plugin lists exactly what it builds: three data partitioners and one model
+/// partitioner, each of which its factories make.
+#[test]
+fn provides_what_it_builds() {
+    use sheaf_abi::Plugin;
+    use sheaf_core::PluginKind;
+    let provided: Vec<(PluginKind, String)> =
+        crate::PartitionPlugin::provides().into_iter().map(|p| (p.kind, p.name)).collect();
+    let data = ["contiguous", "strided", "shuffle"].map(|n| (PluginKind::DataPartitioner, n.to_string()));
+    let want: Vec<_> = data.into_iter().chain([(PluginKind::ModelPartitioner, "balanced".into())]).collect();
+    assert_eq!(provided, want);
+    for (kind, name) in &provided {
+        let built = match kind {
+            PluginKind::DataPartitioner => new_data_partitioner(name, "").map(|_| ()),
+            _ => new_model_partitioner(name, "").map(|_| ()),
+        };
+        assert!(built.is_ok(), "{name}: {built:?}");
+    }
+}
+
+/// A bad setting names the partitioner and the key; one that is not an object names
+/// the partitioner alone.
+#[test]
+fn config_errors_name_the_key() {
+    let e = new_data_partitioner("shuffle", r#"{"seed": "x"}"#).err().unwrap().to_string();
+    assert!(e.contains("partitioner shuffle: seed"), "{e}");
+    let e = new_data_partitioner("shuffle", "7").err().unwrap().to_string();
+    assert!(e.contains("partitioner shuffle") && !e.contains("partitioner shuffle:"), "{e}");
+}
+
+/// A rank outside the world, or an empty world, is an error for every partitioner.
+#[test]
+fn ranks_outside_the_world_are_errors() {
+    for name in ["contiguous", "strided", "shuffle"] {
+        let p = new_data_partitioner(name, "").unwrap();
+        assert!(p.shard(0, 10, 2, 2).is_err(), "{name}: rank 2 of 2");
+        assert!(p.shard(0, 10, 5, 3).is_err(), "{name}: rank 5 of 3");
+        assert!(p.shard(0, 10, 0, 0).is_err(), "{name}: a world of 0");
+        assert!(p.shard(0, 10, 1, 2).is_ok(), "{name}: rank 1 of 2");
+    }
+}
+
+/// Every (seed, epoch) draws its own permutation, for seeds of all zeros and all ones
+/// too (where mixing the epoch in by `or` or `and` would not change it).
+#[test]
+fn every_epoch_draws_its_own_permutation_for_any_seed() {
+    for seed in [0, u64::MAX, 12_345] {
+        let s = Shuffle { seed };
+        let orders: Vec<Vec<usize>> = (0..5).map(|e| s.permutation(e, 50)).collect();
+        for a in 0..5 {
+            for b in a + 1..5 {
+                assert_ne!(orders[a], orders[b], "seed {seed}: epochs {a} and {b}");
+            }
+        }
+    }
+}
