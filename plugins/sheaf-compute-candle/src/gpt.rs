@@ -21,6 +21,7 @@ use crate::{
     add_var_grads, candle_err, loss_sum_correct_grad, read_vars, take_accumulated, vars_from, write_vars,
 };
 
+pub(crate) mod fused;
 mod spec;
 
 pub(crate) use spec::init_piece;
@@ -142,7 +143,7 @@ impl Gpt {
 
     /// LayerNorm over the last dimension, eps 1e-5.
     fn layer_norm(&self, x: &Tensor, name: &str) -> candle_core::Result<Tensor> {
-        let y = crate::ops::normalize(x, 1e-5)?.broadcast_mul(self.p(&format!("{name}.weight"))?)?;
+        let y = crate::cpu::ops::normalize(x, 1e-5)?.broadcast_mul(self.p(&format!("{name}.weight"))?)?;
         match self.opt(&format!("{name}.bias")) {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -159,7 +160,7 @@ impl Gpt {
         let q = heads(qkv.narrow(1, 0, c)?)?;
         let k = heads(qkv.narrow(1, c, c)?)?;
         let v = heads(qkv.narrow(1, 2 * c, c)?)?;
-        let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
+        let att = crate::cpu::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n * t, c))?;
         let x = (x + self.linear(&y, &format!("{h}.attn.c_proj"))?)?;
         let m = self.linear(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?;
@@ -292,7 +293,7 @@ impl Gpt {
                 let q = heads(qkv.narrow(1, 0, c)?)?;
                 let k = heads(qkv.narrow(1, c, c)?)?;
                 let v = heads(qkv.narrow(1, 2 * c, c)?)?;
-                let att = crate::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
+                let att = crate::cpu::ops::causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt())?;
                 let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n * t, c))?;
                 self.matmul_weight(&y, &format!("{name}.attn.c_proj"))
             }

@@ -1,19 +1,15 @@
-//! Sheaf plugin: compute on candle-core. Builds the models a job describes (`mlp`,
-//! `gpt`) and runs forward and backward with candle's autograd (`Var` + `backward`),
-//! except a whole MLP on the CPU, whose forward and backward are written out over
-//! candle's own matrix products (`fused_mlp`).
+//! Sheaf plugin: compute on candle-core. Builds the models a job describes, a folder
+//! per kind (`mlp`, `gpt`: each its graph model on candle's autograd, any device, and
+//! its fused CPU path in `fused`), on the CPU kernels kept apart in `cpu`.
 //!
 //! Parameters are initialised on the host from the seed, exactly as PyTorch's
 //! `nn.Linear` does (uniform in +-1/sqrt(fan_in)), so every device and every rank
 //! starts from the same numbers. The loss is the mean cross-entropy of the batch.
 //! `cuda:N` needs the `cuda` feature; without it the error says so.
 
-mod fused_gpt;
-mod fused_mlp;
+mod cpu;
 mod gpt;
-mod kernels;
 mod mlp;
-mod ops;
 
 use candle_core::{Device, Tensor, Var, D};
 use serde::Deserialize;
@@ -22,8 +18,8 @@ use sheaf_core::{
     PluginKind, Provided, Result,
 };
 
-pub use fused_gpt::{FusedGpt, FusedPiece};
-pub use fused_mlp::FusedMlp;
+pub use gpt::fused::{FusedGpt, FusedPiece};
+pub use mlp::fused::FusedMlp;
 pub use gpt::{Gpt, GptSpec};
 pub use mlp::{init_params, init_piece, Activation, LayerCut, Mlp, MlpSpec, Stage};
 
@@ -177,8 +173,8 @@ impl ComputeBackend for CandleBackend {
             )));
         }
         match spec.kind.as_str() {
-            "mlp" => Ok(Box::new(fused_mlp::shard(&MlpSpec::parse(spec)?, shard, seed)?)),
-            "gpt" => Ok(Box::new(fused_gpt::build_shard(&GptSpec::parse(spec)?, shard, seed)?)),
+            "mlp" => Ok(Box::new(mlp::fused::shard(&MlpSpec::parse(spec)?, shard, seed)?)),
+            "gpt" => Ok(Box::new(gpt::fused::build_shard(&GptSpec::parse(spec)?, shard, seed)?)),
             other => Err(unknown_kind(other)),
         }
     }

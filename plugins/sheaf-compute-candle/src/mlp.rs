@@ -17,6 +17,8 @@ use crate::{
     vars_from, write_vars,
 };
 
+pub(crate) mod fused;
+
 /// Nonlinearity between hidden layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

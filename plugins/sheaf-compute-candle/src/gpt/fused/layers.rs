@@ -8,7 +8,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::{Affine, BlockActs, BlockAt, Grads};
-use crate::kernels::{
+use crate::cpu::kernels::{
     column_sums, dot, elementwise, erf, exp, fill_rows, matmul, matmul_to, max, rows_per_thread, sum,
     sum_sq_dev, View,
 };

@@ -14,7 +14,7 @@ use sheaf_core::{Batch, Error, ParamLayout, ParamShard, PieceLayout, Result};
 
 use super::{At, FusedGpt, Grads, Step};
 use crate::gpt::{init_piece, GptSpec};
-use crate::kernels::on_compute_threads;
+use crate::cpu::kernels::on_compute_threads;
 
 /// What a row shard holds beside the root's parameters (`FusedGpt::params`).
 pub(super) struct Sharded {

@@ -12,7 +12,7 @@
 
 use sheaf_core::{Batch, Error, Model, ParamLayout, ParamShard, PieceLayout, Result};
 
-use crate::kernels::{
+use crate::cpu::kernels::{
     column_sums, cross_entropy, elementwise, elementwise_in_place, fill_rows, matmul, on_compute_threads,
     threads, View,
 };
