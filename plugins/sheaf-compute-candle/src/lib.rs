@@ -19,8 +19,8 @@ use sheaf_core::{
 };
 
 pub use gpt::fused::{FusedGpt, FusedPiece};
-pub use mlp::fused::FusedMlp;
 pub use gpt::{Gpt, GptSpec};
+pub use mlp::fused::FusedMlp;
 pub use mlp::{init_params, init_piece, Activation, LayerCut, Mlp, MlpSpec, Stage};
 
 /// The plugin as exported to the host.

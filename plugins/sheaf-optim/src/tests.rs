@@ -202,3 +202,45 @@ fn a_name_given_twice_is_refused_and_changes_nothing() {
         assert!(opt.state().unwrap().buffers.is_empty(), "{name}: a refused step made state");
     }
 }
+
+/// The plugin lists exactly what it builds.
+#[test]
+fn provides_what_it_builds() {
+    use sheaf_abi::Plugin;
+    let names: Vec<String> = crate::OptimPlugin::provides().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["sgd", "adamw"]);
+    for name in &names {
+        assert!(new_optimizer(name, "{}").is_ok(), "{name}");
+    }
+}
+
+/// A bad value names the optimizer and the key; settings that are not an object name
+/// the optimizer alone.
+#[test]
+fn config_errors_name_the_optimizer_and_the_key() {
+    let e = new_optimizer("sgd", r#"{"lr": "fast"}"#).err().unwrap().to_string();
+    assert!(e.contains("optimizer sgd: lr"), "{e}");
+    let e = new_optimizer("adamw", "7").err().unwrap().to_string();
+    assert!(e.contains("optimizer adamw") && !e.contains("optimizer adamw:"), "{e}");
+}
+
+/// What an optimizer says it will keep per parameter (the plan's figure) is what it
+/// holds once it has stepped: plain SGD nothing, SGD with momentum one buffer, AdamW
+/// two.
+#[test]
+fn the_state_it_announces_is_the_state_it_keeps() {
+    for (name, config, values) in
+        [("sgd", r#"{"momentum": 0.0}"#, 0u32), ("sgd", r#"{"momentum": 0.9}"#, 1), ("adamw", "{}", 2)]
+    {
+        let mut opt = new_optimizer(name, config).unwrap();
+        assert_eq!(opt.state_values_per_param(), Some(values), "{name} {config}");
+        let (mut w, mut b) = (vec![0.5f32; 300], vec![0.1f32; 7]);
+        let (gw, gb) = (vec![0.01f32; 300], vec![0.02f32; 7]);
+        let mut params = [
+            sheaf_core::Param { name: "w", value: &mut w, grad: &gw },
+            sheaf_core::Param { name: "b", value: &mut b, grad: &gb },
+        ];
+        opt.step(&mut params).unwrap();
+        assert_eq!(opt.state_bytes().unwrap(), 4 * u64::from(values) * 307, "{name} {config}");
+    }
+}

@@ -24,8 +24,8 @@ use std::ops::Range;
 
 use sheaf_core::{Batch, Error, Model, ParamLayout, Result};
 
-use crate::gpt::{init_params, GptSpec};
 use crate::cpu::kernels::{cross_entropy, matmul, on_compute_threads, threads, View};
+use crate::gpt::{init_params, GptSpec};
 use crate::{check_values, whole_backward};
 
 /// Windows evaluated at once by `evaluate` and `predict`, bounding their memory.

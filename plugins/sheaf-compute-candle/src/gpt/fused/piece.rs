@@ -26,8 +26,8 @@ use super::layers::{
 };
 use super::{Affine, BlockActs, BlockAt, Grads};
 use crate::check_values;
-use crate::gpt::{init_piece, After, GptSpec, Segment};
 use crate::cpu::kernels::{column_sums, cross_entropy, matmul, on_compute_threads, threads, View};
+use crate::gpt::{init_piece, After, GptSpec, Segment};
 
 /// Where a piece's parameters sit in its flat buffer.
 struct PieceAt {

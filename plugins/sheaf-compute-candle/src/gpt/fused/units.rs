@@ -13,8 +13,8 @@
 use sheaf_core::{Batch, Error, ParamLayout, ParamShard, PieceLayout, Result};
 
 use super::{At, FusedGpt, Grads, Step};
-use crate::gpt::{init_piece, GptSpec};
 use crate::cpu::kernels::on_compute_threads;
+use crate::gpt::{init_piece, GptSpec};
 
 /// What a row shard holds beside the root's parameters (`FusedGpt::params`).
 pub(super) struct Sharded {
