@@ -77,7 +77,10 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
 
 fn test(root: &Path, extra: &[String]) -> Result<()> {
     cargo(root, &["build", "--workspace"])?;
-    let mut args = vec!["test", "--workspace"];
+    // Unit, binary and integration tests; no doc tests, which the workspace has none of
+    // (tidy refuses a code block in a doc comment), and which cost a rustdoc run per
+    // crate.
+    let mut args = vec!["test", "--workspace", "--lib", "--bins", "--tests"];
     args.extend(extra.iter().map(String::as_str));
     cargo(root, &args)?;
     // Tests that measure time need the machine to themselves: ignored in the parallel

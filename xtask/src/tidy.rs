@@ -1,5 +1,6 @@
 //! Repository conventions, checked by `cargo xtask tidy` and by `cargo test`:
-//! every Rust file starts with a `//!` line saying what it is for; every crate's
+//! every Rust file starts with a `//!` line saying what it is for, and holds no code
+//! block in a doc comment (`xtask ci` runs no doc tests); every crate's
 //! dependencies are on its allow-list (`ALLOWED`); every crate inherits the workspace
 //! lints.
 
@@ -87,6 +88,18 @@ pub fn check(root: &Path) -> Result<Vec<String>> {
         if !text.starts_with("//!") {
             problems
                 .push(format!("{}: does not start with a `//!` line", file.strip_prefix(root)?.display()));
+        }
+        // `cargo xtask ci` runs no doc tests: a code block in a doc comment would be one.
+        let fence = |l: &str| {
+            let t = l.trim_start();
+            (t.starts_with("///") || t.starts_with("//!")) && t.contains("```")
+        };
+        if let Some(n) = text.lines().position(fence) {
+            problems.push(format!(
+                "{}:{}: a code block in a doc comment (a doc test `cargo xtask ci` does not run)",
+                file.strip_prefix(root)?.display(),
+                n + 1
+            ));
         }
     }
     for group in ["crates", "plugins"] {
