@@ -261,6 +261,12 @@ pub struct Resumed {
     pub dir: PathBuf,
 }
 
+/// Whether `file`, a name `state.json` gives, names a file in the checkpoint's own
+/// directory: no separator, no parent, so a crafted `state.json` reads nothing else.
+fn is_plain_file_name(file: &str) -> bool {
+    !(file.is_empty() || file.contains('/') || file.contains(".."))
+}
+
 /// Reads checkpoint `dir` for `rank` of a world laid out by `plan`: fails when it was
 /// written by another world size or strategy (its optimizer shards would not fit).
 pub fn read(dir: &Path, plan: &Plan, rank: usize, strategy: &str) -> Result<Resumed, HostError> {
@@ -283,7 +289,7 @@ pub fn read(dir: &Path, plan: &Plan, rank: usize, strategy: &str) -> Result<Resu
     let params = plan.layout_of(rank).slice(&plan.info.layout, &whole);
     let file =
         state.optimizer_files.get(rank).ok_or_else(|| bad(format!("no optimizer file for rank {rank}")))?;
-    if file.contains('/') || file.contains("..") {
+    if !is_plain_file_name(file) {
         return Err(bad(format!("optimizer file `{file}` is not a file name")));
     }
     let optimizer = state_from_file(&TensorFile::read(&dir.join(file))?)?;
@@ -302,4 +308,18 @@ pub fn holds_a_run(dir: &Path) -> bool {
 pub fn write_job(dir: &Path, job: &sheaf_job::job::Job) -> Result<(), HostError> {
     let text = toml::to_string(job).map_err(|e| HostError::Output(format!("job.toml: {e}")))?;
     write_atomic(&dir.join("job.toml"), text.as_bytes())
+}
+
+#[cfg(test)]
+mod file_names {
+    use super::is_plain_file_name;
+
+    /// What `state.json` may name: files beside it, never a path out of it.
+    #[test]
+    fn only_plain_names_inside_the_checkpoint_are_read() {
+        assert!(is_plain_file_name("optimizer-rank-0.safetensors"));
+        for bad in ["/etc/passwd", "../step-1/optimizer-rank-0.safetensors", "..", "a/b", ""] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+    }
 }
