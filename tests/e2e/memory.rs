@@ -223,14 +223,7 @@ fn fully_sharded_ranks_hold_a_fraction_of_the_model() {
     let used = |zero: &str| -> Vec<u64> {
         let sets = ["model.n_embd=128", "model.n_layer=16", "train.max_steps=2", &format!("{ZERO}={zero}")];
         let run = launch(4, &job, &sets);
-        let s = summary(run.path());
-        let v =
-            |k: &str| -> Vec<u64> { s[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect() };
-        v("peak_rss_bytes_per_rank")
-            .iter()
-            .zip(v("baseline_rss_bytes_per_rank"))
-            .map(|(p, b)| p - b)
-            .collect()
+        above_baseline(&summary(run.path()))
     };
     let (whole, sharded) = (used("0"), used("3"));
     for (rank, (w, s)) in whole.iter().zip(&sharded).enumerate() {
@@ -264,13 +257,7 @@ fn zero_stages_lower_the_measured_peak() {
         ];
         let run = launch(4, &job, &sets);
         let s = summary(run.path());
-        let v =
-            |k: &str| -> Vec<u64> { s[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect() };
-        let used = v("peak_rss_bytes_per_rank")
-            .into_iter()
-            .zip(v("baseline_rss_bytes_per_rank"))
-            .map(|(p, b)| p - b);
-        (used.collect(), s["params"].as_u64().unwrap())
+        (above_baseline(&s), s["params"].as_u64().unwrap())
     };
     let ((zero0, params), (zero1, _), (zero2, _)) = (used("0"), used("1"), used("2"));
     eprintln!("peak above baseline per rank: zero 0 {zero0:?}, zero 1 {zero1:?}, zero 2 {zero2:?}; {params} parameters");
@@ -346,4 +333,15 @@ fn memory_mapped_token_files_are_not_held_resident() {
     let (small, big) = (peak(&write("small.bin", 1)), peak(&write("big.bin", 256)));
     eprintln!("peak RSS: {small} bytes on a 1 MiB file, {big} on a 256 MiB one");
     assert!(big < small + (48 << 20), "peak RSS {big} on a 256 MiB file, {small} on a 1 MiB one");
+}
+
+/// Every rank's peak resident memory above its baseline (before its model was built),
+/// as `summary.json` gives the kernel's figures.
+fn above_baseline(s: &serde_json::Value) -> Vec<u64> {
+    let v = |k: &str| -> Vec<u64> { s[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect() };
+    v("peak_rss_bytes_per_rank")
+        .into_iter()
+        .zip(v("baseline_rss_bytes_per_rank"))
+        .map(|(p, b)| p - b)
+        .collect()
 }

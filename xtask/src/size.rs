@@ -14,21 +14,6 @@ fn split_lines(file: &Path) -> Result<(usize, usize)> {
     Ok((at, lines.len() - at))
 }
 
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_dir() {
-            rust_files(&path, out)?;
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
 /// One line per crate under `crates/` and `plugins/`, then the totals.
 pub fn report(root: &Path) -> Result<String> {
     let mut rows = Vec::new();
@@ -39,7 +24,9 @@ pub fn report(root: &Path) -> Result<String> {
         for dir in dirs.into_iter().filter(|d| d.join("Cargo.toml").exists()) {
             let (mut code, mut tests, mut largest) = (0, 0, (0, PathBuf::new()));
             let mut files = Vec::new();
-            rust_files(&dir.join("src"), &mut files)?;
+            if dir.join("src").exists() {
+                crate::tidy::rust_files(&dir.join("src"), &mut files)?;
+            }
             for f in &files {
                 let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
                 let (c, t) = split_lines(f)?;
@@ -57,7 +44,9 @@ pub fn report(root: &Path) -> Result<String> {
                 }
             }
             let mut integration = Vec::new();
-            rust_files(&dir.join("tests"), &mut integration)?;
+            if dir.join("tests").exists() {
+                crate::tidy::rust_files(&dir.join("tests"), &mut integration)?;
+            }
             for f in &integration {
                 tests += std::fs::read_to_string(f)?.lines().count();
             }

@@ -85,9 +85,8 @@ pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> R
     let compute =
         registry.compute(&job.compute.backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
     let info = sheaf_job::data::describe(&job, &spec, registry, compute.as_ref())?;
-    let core = HostError::from;
-    let mut model = compute.build_model(&spec, job.seed).map_err(core)?;
-    model.write_params(&read_safetensors(checkpoint, &info.layout)?).map_err(core)?;
+    let mut model = compute.build_model(&spec, job.seed)?;
+    model.write_params(&read_safetensors(checkpoint, &info.layout)?)?;
 
     let mut ids: Vec<u32> = opts
         .prompt
@@ -110,8 +109,7 @@ pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> R
     let mut rng = SplitMix64::new(opts.seed);
     for _ in 0..opts.tokens {
         let context = &ids[ids.len().saturating_sub(block_size)..];
-        let logits =
-            model.predict(&Batch::Tokens { windows: context, window: context.len() }).map_err(core)?;
+        let logits = model.predict(&Batch::Tokens { windows: context, window: context.len() })?;
         ids.push(pick(&logits, opts, &mut rng) as u32);
     }
     Ok(ids.iter().map(|&i| vocab[i as usize]).collect())

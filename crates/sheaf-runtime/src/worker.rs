@@ -86,10 +86,6 @@ pub struct Trained {
     recorder: Arc<Recorder>,
 }
 
-fn core(e: sheaf_core::Error) -> HostError {
-    HostError::from(e)
-}
-
 /// The phase without communication: every component built and every input checked,
 /// so that bad input fails before any rank waits for another.
 pub fn prepare<'j>(job: &'j Job, registry: &Registry, opts: &RunOptions) -> Result<Prepared<'j>, HostError> {
@@ -109,24 +105,24 @@ pub fn prepare<'j>(job: &'j Job, registry: &Registry, opts: &RunOptions) -> Resu
         sheaf_job::plan::strategy_and_plan(job, env.world_size, registry, compute.as_ref(), &data)?;
     let baseline_rss = sheaf_job::memory::peak_rss_bytes();
     let mut model = if let Some(shard) = plan.ranks[env.rank].param_shard {
-        compute.build_shard(&plan.spec, shard, job.seed).map_err(core)?
+        compute.build_shard(&plan.spec, shard, job.seed)?
     } else if plan.stage_interface {
-        compute.build_piece(&plan.spec, &plan.ranks[env.rank].piece, job.seed).map_err(core)?
+        compute.build_piece(&plan.spec, &plan.ranks[env.rank].piece, job.seed)?
     } else {
-        compute.build_model(&plan.spec, job.seed).map_err(core)?
+        compute.build_model(&plan.spec, job.seed)?
     };
     if let Some(path) = &opts.init_from {
         let whole = &plan.info.layout;
         let full = read_safetensors(path, whole)?;
-        model.write_params(&plan.layout_of(env.rank).slice(whole, &full)).map_err(core)?;
+        model.write_params(&plan.layout_of(env.rank).slice(whole, &full))?;
     }
     let mut config = job.train.config(job.seed);
     let resumed = match (&opts.run_dir, opts.resume) {
         (Some(dir), true) => match sheaf_checkpoint::checkpoint::latest(dir)? {
             Some((_, at)) => {
                 let r = sheaf_checkpoint::checkpoint::read(&at, &plan, env.rank, &job.parallel.strategy)?;
-                model.write_params(&r.params).map_err(core)?;
-                optimizer.load_state(&r.optimizer).map_err(core)?;
+                model.write_params(&r.params)?;
+                optimizer.load_state(&r.optimizer)?;
                 config.start_step = r.state.step;
                 tracing::info!("rank {}: resuming from {} (step {})", env.rank, at.display(), r.state.step);
                 Some(r.state.step)
@@ -273,17 +269,16 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
     let values = p.model.layout().total();
     // The final parameters: the model's own buffer where it lends it, never a copy
     // of it that only the checkpoint would need.
-    let lends = p.model.params_mut().map_err(core)?.is_some_and(|b| b.len() == values);
+    let lends = p.model.params_mut()?.is_some_and(|b| b.len() == values);
     let mut copy = Vec::new();
     if !lends {
         copy = vec![0f32; values];
-        p.model.read_params(&mut copy).map_err(core)?;
+        p.model.read_params(&mut copy)?;
     }
     let mine: &[f32] = match lends {
         true => p
             .model
-            .params_mut()
-            .map_err(core)?
+            .params_mut()?
             .ok_or_else(|| HostError::Output("the model no longer lends its parameter buffer".into()))?,
         false => &copy,
     };
@@ -291,7 +286,7 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
     // (the optimizer's state is copied out only when one is written).
     if checkpoints.due(summary.steps) {
         // The optimizer's last use: its state is moved out, not copied.
-        checkpoints.write(summary.steps, mine, &p.optimizer.take_state().map_err(core)?)?;
+        checkpoints.write(summary.steps, mine, &p.optimizer.take_state()?)?;
     }
     let path = p.run_dir.as_ref().map(|d| d.join("checkpoint.safetensors"));
     sheaf_checkpoint::whole::write_whole(&world.comm, mine, &p.plan, path.as_deref(), dl)?;
