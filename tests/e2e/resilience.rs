@@ -124,14 +124,25 @@ const SLOW: [&str; 4] = [
 /// through it, every worker) once its checkpoint at step N exists, then resumed,
 /// end with bit-identical parameters and optimizer state.
 fn resume_law(n: &str, sets: &[&str]) {
+    resume_law_of(None, n, sets, &SLOW)
+}
+
+/// [`resume_law`] of the job file `job` (the built-in default when `None`), slowed by
+/// `slow`.
+fn resume_law_of(job: Option<&str>, n: &str, sets: &[&str], slow: &[&str]) {
     let mut sets: Vec<&str> = sets.to_vec();
-    sets.extend(SLOW);
+    sets.extend(slow);
     sets.extend(["train.max_steps=16", "train.checkpoint_every=8"]);
+    let with_job = |n| {
+        let mut a = args(n, &sets);
+        a.extend(job);
+        a
+    };
     let whole = tempfile::tempdir().unwrap();
-    ok(&sheaf(&args(n, &sets), whole.path()));
+    ok(&sheaf(&with_job(n), whole.path()));
 
     let cut = tempfile::tempdir().unwrap();
-    let mut run = launch_bg(&args(n, &sets), cut.path());
+    let mut run = launch_bg(&with_job(n), cut.path());
     let at = cut.path().join("checkpoints/step-00000008");
     wait_for("the checkpoint at step 8", Duration::from_secs(120), || {
         at.exists() || matches!(run.child.try_wait(), Ok(Some(_)))
@@ -207,6 +218,22 @@ fn resumed_model_parallel_runs_are_bit_identical() {
             "train.optimizer=\"adamw\"",
             "transport.plugin=\"shm\"",
         ],
+    );
+    // And their parameters sharded by rows (ZeRO 3 inside each stage), a GPT's: each
+    // rank's rows and their optimizer state written and read back as its own.
+    let data = tempfile::tempdir().unwrap();
+    let gpt = crate::gpt::job(data.path(), &crate::gpt::text_file(data.path()), "", "grad_clip = 1.0");
+    resume_law_of(
+        Some(gpt.to_str().unwrap()),
+        "4",
+        &[
+            "parallel.strategy=\"pipeline\"",
+            "parallel.options.pipeline.data=2",
+            "parallel.options.pipeline.zero=3",
+            "parallel.options.pipeline.schedule=\"1f1b\"",
+            "transport.plugin=\"shm\"",
+        ],
+        &["model.n_embd=64", "model.n_layer=4", "train.batch_size=32"],
     );
 }
 

@@ -352,6 +352,14 @@ pub trait ModelAbi: Send {
         params: RSlice<'_, f32>,
         grads: RSliceMut<'_, f32>,
     ) -> RResult<(), AbiError>;
+    /// (1.2.) A piece shard's buffers of the whole piece's parameters and gradients.
+    /// A plugin built before 1.2 gets these defaults: `RNone`, no piece shard.
+    fn piece_params_mut(&mut self) -> RResult<ROption<RSliceMut<'_, f32>>, AbiError> {
+        RResult::ROk(ROption::RNone)
+    }
+    fn piece_grads_mut(&mut self) -> RResult<ROption<RSliceMut<'_, f32>>, AbiError> {
+        RResult::ROk(ROption::RNone)
+    }
 }
 
 /// A rank's row shard of every parameter (ZeRO stage 3); `count` 0: none.
@@ -392,6 +400,21 @@ pub trait ComputeAbi: Send + Sync {
     #[sabi(last_prefix_field)]
     fn build_shard(&self, spec: AbiModelSpec, shard: AbiParamShard, seed: u64)
         -> RResult<ModelBox, AbiError>;
+    /// (1.2.) A row shard of a piece. A plugin built before 1.2 gets this default.
+    fn build_piece_shard(
+        &self,
+        spec: AbiModelSpec,
+        piece: AbiPiece,
+        shard: AbiParamShard,
+        seed: u64,
+    ) -> RResult<ModelBox, AbiError> {
+        let _ = (spec, piece, shard, seed);
+        RResult::RErr(AbiError::from(sheaf_core::Error::Unsupported(
+            "this compute plugin (built before plugin ABI 1.2) cannot shard the parameters of model \
+             pieces (ZeRO stage 3 inside a pipeline stage)"
+                .into(),
+        )))
+    }
 }
 
 #[sabi_trait]

@@ -159,6 +159,62 @@ impl PieceLayout {
         PieceLayout { layout: ParamLayout::new(specs), sources, activation_bytes_per_sample }
     }
 
+    /// Shard `shard.index` of `shard.count` of every parameter of this piece, by rows
+    /// as [`PieceLayout::row_shard`] shards a whole model's: each parameter keeps rows
+    /// [`chunk_range`](crate::chunk_range)`(rows, count, index)` of the piece's, which
+    /// come from the whole model's rows its source names. Fails on a parameter the
+    /// piece holds by columns (a tensor-parallel slice's), whose rows are not rows of
+    /// the whole model's.
+    pub fn rows(&self, shard: ParamShard) -> Result<PieceLayout> {
+        shard.validate()?;
+        let (mut specs, mut sources) = (Vec::new(), Vec::new());
+        for (s, src) in self.layout.specs().iter().zip(&self.sources) {
+            if src.by_columns {
+                return Err(Error::invalid(format!(
+                    "`{}` is held by columns: a row shard of it holds no whole rows of the model's",
+                    s.name
+                )));
+            }
+            let rows = s.shape.first().copied().unwrap_or(1);
+            let own = crate::chunk_range(rows, shard.count, shard.index);
+            // The piece's rows are its source's ranges, one after another.
+            let mut ranges = Vec::new();
+            let mut at = 0;
+            for r in &src.ranges {
+                let (lo, hi) = (own.start.max(at), own.end.min(at + r.len()));
+                if lo < hi {
+                    ranges.push(r.start + lo - at..r.start + hi - at);
+                }
+                at += r.len();
+            }
+            if ranges.is_empty() {
+                // No rows: an empty range where row `own.start` would be.
+                let mut at = 0;
+                let mut start = src.ranges.last().map_or(0, |r| r.end);
+                for r in &src.ranges {
+                    if own.start < at + r.len() {
+                        start = r.start + own.start - at;
+                        break;
+                    }
+                    at += r.len();
+                }
+                ranges.push(start..start);
+            }
+            let mut shape = s.shape.clone();
+            match shape.first_mut() {
+                Some(first) => *first = own.len(),
+                None => shape.push(own.len()),
+            }
+            specs.push(ParamSpec { name: s.name.clone(), shape });
+            sources.push(ShardSource { param: src.param, by_columns: false, ranges });
+        }
+        Ok(PieceLayout {
+            layout: ParamLayout::new(specs),
+            sources,
+            activation_bytes_per_sample: self.activation_bytes_per_sample,
+        })
+    }
+
     /// The whole model as one piece.
     pub fn whole(layout: &ParamLayout, activation_bytes_per_sample: u64) -> PieceLayout {
         let sources = layout
@@ -539,6 +595,33 @@ pub trait Model: Send {
         let _ = (unit, params, grads);
         Err(Error::Unsupported("this model does not run unit by unit".into()))
     }
+
+    // (1.2.) Fully sharded model pieces (ZeRO stage 3 inside a pipeline stage): a
+    // piece built as a row shard ([`ComputeBackend::build_piece_shard`]) holds its rows
+    // of every parameter of the piece (its `layout`, `read_params`, `write_params` and
+    // `params_mut` are the shard's) and runs the stage interface one unit at a time:
+    // each of its [`Model::segments`] is one unit, whose parameters [`Model::units`]
+    // lists (indices of `layout()`, every parameter in exactly one unit, none kept by
+    // the model). Before a segment's forward, and again before its backward, the
+    // strategy writes the segment's parameters whole into the piece's buffer
+    // ([`Model::piece_params_mut`]); a segment's backward adds its gradients into the
+    // piece's gradient buffer ([`Model::piece_grads_mut`]), from which the strategy
+    // takes them. Both buffers are laid out as the piece held whole
+    // ([`ComputeBackend::piece_layout`]) and are private memory of the model (its
+    // heap), which the strategy may hand back to the kernel a page at a time between
+    // uses (setting it to zeros), so only the units in use are resident.
+
+    /// A piece shard's buffer of the whole piece's parameters, lent; `None` (the
+    /// default): the model is no piece shard.
+    fn piece_params_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        Ok(None)
+    }
+
+    /// A piece shard's buffer of the whole piece's gradients, lent; `None` (the
+    /// default): the model is no piece shard.
+    fn piece_grads_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        Ok(None)
+    }
 }
 
 /// Builds models on a device (`"cpu"`, `"cuda:0"`).
@@ -583,5 +666,103 @@ pub trait ComputeBackend: Send + Sync {
             self.device(),
             spec.kind
         )))
+    }
+
+    /// (1.2.) Row shard `shard` of `piece` ([`PieceLayout::rows`] of its
+    /// [`ComputeBackend::piece_layout`]), its values exactly those of
+    /// `build_piece(spec, piece, seed)` sliced so, running the stage interface unit by
+    /// unit (see [`Model::piece_params_mut`]) for ZeRO stage 3 inside a pipeline stage.
+    fn build_piece_shard(
+        &self,
+        spec: &ModelSpec,
+        piece: &Piece,
+        shard: ParamShard,
+        seed: u64,
+    ) -> Result<Box<dyn Model>> {
+        let _ = (piece, shard, seed);
+        Err(Error::Unsupported(format!(
+            "compute backend `{}` cannot shard the parameters of pieces of `{}` models (ZeRO stage 3 \
+             inside a pipeline stage)",
+            self.device(),
+            spec.kind
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(shapes: &[&[usize]]) -> ParamLayout {
+        ParamLayout::new(
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ParamSpec { name: format!("p{i}"), shape: s.to_vec() })
+                .collect(),
+        )
+    }
+
+    /// Rows of a piece are rows of the rows it holds: for every count and index, the
+    /// whole model's values a shard of a piece names are the piece's own rows
+    /// `chunk_range(rows, count, index)`, its sources' ranges followed in order (a
+    /// parameter held as three row ranges, as a tensor slice holds q, k and v); the
+    /// shards of a piece tile it; the rows of the whole model as a piece are
+    /// [`PieceLayout::row_shard`]; a parameter held by columns is refused.
+    #[test]
+    fn rows_of_a_piece_are_rows_of_its_rows() {
+        let whole = layout(&[&[9, 2], &[5], &[4, 3]]);
+        let full: Vec<f32> = (0..whole.total()).map(|v| v as f32).collect();
+        let piece = PieceLayout {
+            layout: layout(&[&[6, 2], &[4, 3]]),
+            sources: vec![
+                ShardSource { param: 0, by_columns: false, ranges: vec![1..3, 4..6, 7..9] },
+                ShardSource::whole(2, 4),
+            ],
+            activation_bytes_per_sample: 7,
+        };
+        let values = piece.slice(&whole, &full);
+        for count in 1..=7 {
+            let mut tiled = Vec::new();
+            for index in 0..count {
+                let rows = piece.rows(ParamShard { index, count }).unwrap();
+                assert_eq!(rows.activation_bytes_per_sample, 7);
+                let got = rows.slice(&whole, &full);
+                // The piece's own rows of each parameter, in its order.
+                let mut want = Vec::new();
+                for (i, s) in piece.layout.specs().iter().enumerate() {
+                    let per_row = s.numel() / s.shape[0];
+                    let own = crate::chunk_range(s.shape[0], count, index);
+                    let at = piece.layout.range(i).start;
+                    want.extend_from_slice(&values[at + own.start * per_row..at + own.end * per_row]);
+                    assert_eq!(rows.layout.specs()[i].shape[0], own.len());
+                }
+                assert_eq!(got, want, "shard {index} of {count}");
+                tiled.extend(rows.full_indices(&whole));
+            }
+            tiled.sort_unstable();
+            let mut all = piece.full_indices(&whole);
+            all.sort_unstable();
+            assert_eq!(tiled, all, "{count} shards tile the piece once");
+        }
+        let as_piece = PieceLayout::whole(&whole, 3);
+        for count in 1..=11 {
+            for index in 0..count {
+                let shard = ParamShard { index, count };
+                assert_eq!(as_piece.rows(shard).unwrap(), PieceLayout::row_shard(&whole, shard, 3));
+            }
+        }
+        let columns = PieceLayout {
+            layout: layout(&[&[4, 1]]),
+            sources: vec![ShardSource {
+                param: 2,
+                by_columns: true,
+                ranges: std::iter::once(1..2).collect(),
+            }],
+            activation_bytes_per_sample: 0,
+        };
+        let e = columns.rows(ParamShard { index: 0, count: 2 }).unwrap_err().to_string();
+        assert!(e.contains("by columns"), "{e}");
+        assert!(piece.rows(ParamShard { index: 2, count: 2 }).is_err());
     }
 }

@@ -73,7 +73,10 @@ pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     let (held, activations) = need_bytes(plan, rank);
     let optimizer_state = held - 8 * values;
     if r.param_shard.is_some() {
-        return sharded(job, plan, values, optimizer_state, activations);
+        return match plan.stage_interface {
+            true => sharded_piece(job, plan, rank, values, optimizer_state, activations),
+            false => sharded(job, plan, values, optimizer_state, activations),
+        };
     }
     let shards = r.state_shards.max(1);
     // The summed gradients (and the loss beside them), a second full-size buffer when
@@ -110,6 +113,49 @@ fn sharded(job: &Job, plan: &Plan, values: u64, optimizer_state: u64, activation
     let parameters = 4 * values + 2 * largest + kept;
     let gradients = 4 * values + largest + kept;
     let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), largest);
+    PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
+}
+
+/// The plan of a rank holding its rows of every parameter of a pipeline stage
+/// (`values` of them; ZeRO stage 3 inside the stage): those rows and their gradient and
+/// optimizer state, plus one unit gathered at a time into the piece's buffer, its
+/// gradient in the piece's gradient buffer, and its parts on the wire (every replica's
+/// and this one's). A unit is one of the stage's blocks; a tied head's embedding runs
+/// with the head. The stage also exchanges activations with its neighbours.
+fn sharded_piece(
+    job: &Job,
+    plan: &Plan,
+    rank: usize,
+    values: u64,
+    optimizer_state: u64,
+    activations: u64,
+) -> PlannedBytes {
+    let r = &plan.ranks[rank];
+    let blocks: Vec<u64> = plan.info.blocks[r.piece.blocks.clone()].iter().map(|b| b.params).collect();
+    // The piece held whole, from the whole model's parameters its rows come from: what
+    // it holds beyond its blocks' own parameters is a tied head's embedding. A stage
+    // holding the embeddings and the head is counted as reading the embeddings with the
+    // head (as a tied head does; an untied one is overcounted by them).
+    let mut sources: Vec<usize> = plan.layout_of(rank).sources.iter().map(|s| s.param).collect();
+    sources.dedup();
+    let whole: u64 = sources.iter().map(|&p| plan.info.layout.specs()[p].numel() as u64).sum();
+    let tied_copy = whole.saturating_sub(blocks.iter().sum());
+    let both_ends =
+        r.piece.blocks.start == 0 && r.piece.blocks.end == plan.info.blocks.len() && blocks.len() > 1;
+    let with_head = tied_copy + if both_ends { blocks[0] } else { 0 };
+    let unit = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| if i + 1 == blocks.len() { b + with_head } else { b })
+        .max()
+        .unwrap_or(0);
+    let count = r.param_shard.map_or(1, |s| s.count).max(1) as u64;
+    let largest = 4 * unit;
+    let parameters = 4 * values + largest;
+    let gradients = 4 * values + largest;
+    let wire = largest + largest.div_ceil(count);
+    let message = largest.max(activations);
+    let communication = wire + communication_bytes(job.transport.plugin(), plan.ranks.len(), message);
     PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
 }
 

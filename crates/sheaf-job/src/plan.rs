@@ -127,11 +127,10 @@ pub fn plan(
             Some(s) if s.validate().is_err() => {
                 Err(job_err(format!("the strategy planned parameter shard {} of {}", s.index, s.count)))
             }
-            Some(_) if piece.layout != info.layout => Err(job_err(
-                "the strategy planned sharded parameters of a model piece: only a whole model's parameters \
-                 are sharded"
-                    .into(),
-            )),
+            // A piece's rows (ZeRO 3 inside a pipeline stage): rows of the rows it holds.
+            Some(s) if piece.layout != info.layout => piece.rows(s).map_err(|e| {
+                job_err(format!("the strategy planned parameter shards of piece {:?}: {e}", r.piece))
+            }),
             Some(s) => Ok(PieceLayout::row_shard(&info.layout, s, piece.activation_bytes_per_sample)),
         }
     };
@@ -183,6 +182,21 @@ pub fn need_bytes(plan: &Plan, rank: usize) -> (u64, u64) {
     let state = (values * u64::from(plan.state_values_per_param)).div_ceil(r.state_shards.max(1));
     let params = 4 * (2 * values + state);
     (params, r.activation_samples * layout.activation_bytes_per_sample)
+}
+
+/// Whether the compute plugin builds what `plan` asks of it beyond whole models and
+/// pieces: a row shard of a pipeline stage (ZeRO 3 inside a stage), which a model kind
+/// may not have. The launcher builds one, the smallest, and drops it, so such a job
+/// fails before any worker starts.
+pub fn check_buildable(plan: &Plan, compute: &dyn ComputeBackend, seed: u64) -> Result<(), HostError> {
+    let sharded_pieces =
+        (0..plan.ranks.len()).filter(|&r| plan.stage_interface && plan.ranks[r].param_shard.is_some());
+    let Some(r) = sharded_pieces.min_by_key(|&r| plan.layout_of(r).layout.total()) else { return Ok(()) };
+    let (rank, shard) = (&plan.ranks[r], plan.ranks[r].param_shard.expect("filtered"));
+    compute
+        .build_piece_shard(&plan.spec, &rank.piece, shard, seed)
+        .map(drop)
+        .map_err(|e| job_err(format!("rank {r}'s row shard of blocks {:?}: {e}", rank.piece.blocks)))
 }
 
 /// Every rank's plan against `compute.memory_limit_mb`: fails naming the first rank

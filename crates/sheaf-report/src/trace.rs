@@ -271,6 +271,9 @@ impl TracedModel<'_> {
     }
 }
 
+// A wrapper forwards every method: one left to its default would silently turn a
+// capability off for traced runs (as the piece shard's buffers once were).
+#[deny(clippy::missing_trait_methods)]
 impl Model for TracedModel<'_> {
     fn layout(&self) -> &ParamLayout {
         self.inner.layout()
@@ -347,6 +350,12 @@ impl Model for TracedModel<'_> {
     fn units(&self) -> Vec<Vec<usize>> {
         self.inner.units()
     }
+    fn piece_params_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        self.inner.piece_params_mut()
+    }
+    fn piece_grads_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        self.inner.piece_grads_mut()
+    }
     fn unit_begin(&mut self, batch: &Batch<'_>, train: bool) -> Result<()> {
         self.slow();
         self.inner.unit_begin(batch, train)
@@ -365,6 +374,7 @@ pub struct TracedOptimizer<'a> {
     pub rec: Arc<Recorder>,
 }
 
+#[deny(clippy::missing_trait_methods)]
 impl Optimizer for TracedOptimizer<'_> {
     fn step(&mut self, params: &mut [Param<'_>]) -> Result<()> {
         let (rec, inner) = (self.rec.clone(), &mut *self.inner);

@@ -105,7 +105,10 @@ pub fn prepare<'j>(job: &'j Job, registry: &Registry, opts: &RunOptions) -> Resu
         sheaf_job::plan::strategy_and_plan(job, env.world_size, registry, compute.as_ref(), &data)?;
     let baseline_rss = sheaf_job::memory::peak_rss_bytes();
     let mut model = if let Some(shard) = plan.ranks[env.rank].param_shard {
-        compute.build_shard(&plan.spec, shard, job.seed)?
+        match plan.stage_interface {
+            true => compute.build_piece_shard(&plan.spec, &plan.ranks[env.rank].piece, shard, job.seed)?,
+            false => compute.build_shard(&plan.spec, shard, job.seed)?,
+        }
     } else if plan.stage_interface {
         compute.build_piece(&plan.spec, &plan.ranks[env.rank].piece, job.seed)?
     } else {

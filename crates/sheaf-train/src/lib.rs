@@ -20,11 +20,11 @@ mod tally;
 pub use mesh::Mesh;
 pub use norms::{clip_factor, clip_to, norm_contribution, sum_of_squares};
 pub use order::{epoch_order, epochs_done, global_batches, optimizer_steps, EpochOrder};
-pub use pages::{take_release, zero_release};
+pub use pages::{take_release, zero_release, zero_release_part};
 pub use params::ModelParams;
 pub use prefetch::{prefetched_steps, with_prefetch, Prefetch};
-pub use segments::{backward_segments, forward_segments, StageInput};
-pub use shards::{check_piece_zero_stage, ReplicaStep, Shards};
+pub use segments::{backward_segments, forward_segments, SegmentParams, StageInput, Whole};
+pub use shards::{check_piece_zero_stage, rows_by_rank, ReplicaStep, Shards};
 pub use tally::{
     evaluate_indices, mean_loss, optimizer_state_bytes, save_checkpoint_if_due, test_totals, RunTally,
     StepDone,

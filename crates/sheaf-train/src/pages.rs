@@ -20,6 +20,18 @@ pub fn zero_release(buf: &mut Vec<f32>) {
     }
 }
 
+/// [`zero_release`] on part of a buffer, at any size: a lent slice of a model's
+/// private buffer (a piece shard's whole-piece parameters or gradients, which the ABI
+/// says are the model's heap, [`sheaf_core::Model::piece_params_mut`]), handed back
+/// between the units that use it. Every whole page inside goes back, however few:
+/// the buffer is as large as the piece, and a unit's part left resident after each use
+/// would leave all of it resident by the end of the first pass.
+pub fn zero_release_part(buf: &mut [f32]) {
+    if !release_pages(buf) {
+        buf.fill(0.0);
+    }
+}
+
 /// Copies `src` into `dst` (as long) and sets `src` to zeros as [`zero_release`]
 /// does, a MiB at a time: each page of `dst` is touched as one of `src` is handed
 /// back, so the two buffers are never both resident (taking accumulated gradients

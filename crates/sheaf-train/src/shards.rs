@@ -237,6 +237,60 @@ impl ReplicaStep<'_> {
     }
 }
 
+impl ReplicaStep<'_> {
+    /// The step of a replica holding its rows of its piece's parameters (ZeRO stage 3):
+    /// `grads`, its rows of the gradient already summed over the replicas, clipped by
+    /// the whole model's norm (its squares summed over the replicas, whose rows are
+    /// disjoint, and over the model's groups; `skip` as for [`ReplicaStep::run`]), and
+    /// `optimizer` stepped on `params`, its rows. Returns the norm before clipping.
+    pub fn run_rows(
+        &self,
+        layout: &ParamLayout,
+        grads: &mut [f32],
+        skip: impl Fn(usize) -> bool,
+        optimizer: &mut dyn Optimizer,
+        params: &mut [f32],
+    ) -> Result<f64> {
+        let dl = self.deadline;
+        let mut squares = [norm_contribution(layout, grads, &skip)];
+        for group in std::iter::once(&self.replicas).chain(self.model_groups).filter(|g| g.world_size() > 1) {
+            group.allreduce(bytemuck::cast_slice_mut(&mut squares), DType::F64, ReduceOp::Sum, dl())?;
+        }
+        let norm = clip_to(grads, squares[0], self.clip);
+        optimizer.step(&mut layout.params(params, grads))?;
+        Ok(norm)
+    }
+}
+
+/// Where every rank's rows of each parameter lie when ranks each hold a row shard of
+/// the same parameters (ZeRO stage 3), from `layout` (this rank's shard): every rank's
+/// row counts are gathered once over `comm`, and `rows[p][q]` is rank `q`'s rows of
+/// parameter `p` in the parameter whole (the ranks' rows one after another, in rank
+/// order, as [`sheaf_core::PieceLayout::row_shard`] cuts them).
+pub fn rows_by_rank(
+    layout: &ParamLayout,
+    comm: &dyn Communicator,
+    deadline: Deadline,
+) -> Result<Vec<Vec<Range<usize>>>> {
+    let world = comm.world_size();
+    let mine: Vec<u64> =
+        layout.specs().iter().map(|s| s.shape.first().copied().unwrap_or(1) as u64).collect();
+    let mut all = vec![0u64; mine.len() * world];
+    comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all), deadline)?;
+    Ok((0..mine.len())
+        .map(|p| {
+            let mut start = 0;
+            (0..world)
+                .map(|q| {
+                    let n = all[q * mine.len() + p] as usize;
+                    start += n;
+                    start - n..start
+                })
+                .collect()
+        })
+        .collect())
+}
+
 /// Replica `rank`'s chunk of bucket `b`, in the flat buffer.
 fn owned(b: &Range<usize>, world: usize, rank: usize) -> Range<usize> {
     let own = chunk_range(b.len(), world, rank);

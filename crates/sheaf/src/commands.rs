@@ -102,6 +102,7 @@ pub fn plan(
     };
     out.write_all(text.as_bytes()).map_err(HostError::output)?;
     sheaf_job::plan::check_memory(&job, &plan)?;
+    sheaf_job::plan::check_buildable(&plan, compute.as_ref(), job.seed)?;
     sheaf_job::memory::check_host(&rows, sheaf_job::memory::peak_rss_bytes())
 }
 
@@ -405,6 +406,7 @@ fn launch_job(
         &data,
     )?;
     drop(data);
+    sheaf_job::plan::check_buildable(&plan, compute.as_ref(), parsed.seed)?;
     // This host's ranks against the memory it has: each needs its plan and about what
     // this launcher holds now (the same plugins and dataset) as its own baseline.
     let mine = nodes.node_rank * workers..(nodes.node_rank + 1) * workers;

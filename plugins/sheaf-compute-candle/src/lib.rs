@@ -178,6 +178,27 @@ impl ComputeBackend for CandleBackend {
             other => Err(unknown_kind(other)),
         }
     }
+
+    fn build_piece_shard(
+        &self,
+        spec: &ModelSpec,
+        piece: &Piece,
+        shard: ParamShard,
+        seed: u64,
+    ) -> Result<Box<dyn Model>> {
+        match spec.kind.as_str() {
+            "gpt" if self.device.is_cpu() => {
+                Ok(Box::new(FusedPiece::new_shard(&GptSpec::parse(spec)?, piece, shard, seed)?))
+            }
+            "gpt" | "mlp" => Err(Error::Unsupported(format!(
+                "ZeRO stage 3 inside a pipeline stage runs the CPU's fused gpt pieces only, not `{}` \
+                 models on {}",
+                spec.kind,
+                self.device()
+            ))),
+            other => Err(unknown_kind(other)),
+        }
+    }
 }
 
 /// The model kinds this plugin builds.

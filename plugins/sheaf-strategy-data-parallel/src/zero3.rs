@@ -26,7 +26,7 @@ use sheaf_core::{
     Batch, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, ParamLayout, ReduceOp,
     Result, TrainContext, TrainSummary,
 };
-use sheaf_train::{clip_to, prefetched_steps, sum_of_squares, test_totals, RunTally, StepDone};
+use sheaf_train::{clip_to, prefetched_steps, rows_by_rank, sum_of_squares, test_totals, RunTally, StepDone};
 
 use crate::{DataParallel, GradDType};
 
@@ -169,9 +169,7 @@ impl Units {
             ));
         }
         let specs = layout.specs();
-        let mine: Vec<u64> = specs.iter().map(|s| s.shape.first().copied().unwrap_or(1) as u64).collect();
-        let mut all = vec![0u64; mine.len() * world];
-        comm.allgather(bytemuck::cast_slice(&mine), bytemuck::cast_slice_mut(&mut all), deadline)?;
+        let by_rank = rows_by_rank(&layout, comm, deadline)?;
         let units = units
             .into_iter()
             .map(|params| {
@@ -183,17 +181,13 @@ impl Units {
                 for &p in &params {
                     let shape = &specs[p].shape;
                     let per_row = shape.iter().skip(1).product::<usize>();
-                    let mut start = 0;
-                    let ranges: Vec<Range<usize>> = (0..world)
-                        .map(|q| {
-                            let n = all[q * mine.len() + p] as usize;
-                            held[q] += n * per_row;
-                            start += n;
-                            start - n..start
-                        })
-                        .collect();
-                    whole.push(len..len + start * per_row);
-                    len += start * per_row;
+                    let ranges = by_rank[p].clone();
+                    for (h, r) in held.iter_mut().zip(&ranges) {
+                        *h += r.len() * per_row;
+                    }
+                    let all_rows = ranges.last().map_or(0, |r| r.end);
+                    whole.push(len..len + all_rows * per_row);
+                    len += all_rows * per_row;
                     row_len.push(per_row);
                     rows.push(ranges);
                 }

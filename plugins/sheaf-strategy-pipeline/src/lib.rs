@@ -14,20 +14,29 @@
 //! stage) are those of the mean loss over the whole global batch: the same step one
 //! process takes.
 //!
+//! Across the pipelines, the ranks holding the same stage may shard it: its optimizer
+//! state (`zero = 1`), or its parameters, gradients and optimizer state by rows, each
+//! unit gathered just before it runs (`zero = 3`, see `zero3`).
+//!
 //! Each stage measures the time it computes and, between a barrier before and after
 //! each step's schedule, the time it waits: the pipeline bubble.
 
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use sheaf_core::{
-    chunk_range, Communicator, DType, Deadline, Error, Model, Piece, PlanInput, PluginKind, Provided,
-    RankPlan, ReduceOp, Result, Samples, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    chunk_range, Communicator, DType, Deadline, Error, Model, ParamShard, Piece, PlanInput, PluginKind,
+    Provided, RankPlan, ReduceOp, Result, Samples, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 use sheaf_train::{
     backward_segments, check_piece_zero_stage, forward_segments, mean_loss, prefetched_steps, test_totals,
-    zero_release, ModelParams, Prefetch, ReplicaStep, RunTally, Shards, StageInput, StepDone,
+    zero_release, ModelParams, Prefetch, ReplicaStep, RunTally, SegmentParams, Shards, StageInput, StepDone,
+    Whole,
 };
+
+mod zero3;
+use zero3::StageShards;
 
 /// The plugin as exported to the host.
 pub struct PipelinePlugin;
@@ -79,9 +88,11 @@ pub struct PipelineConfig {
     /// Micro-batches per step and pipeline (`M`).
     pub micro_batches: usize,
     pub schedule: Schedule,
-    /// ZeRO stage across the `D` pipelines: 0, or 1 (the ranks holding the same piece
+    /// ZeRO stage across the `D` pipelines: 0, 1 (the ranks holding the same piece
     /// in different pipelines shard its optimizer state: gradients reduce-scattered
-    /// among them, each steps its chunk, the parameters allgathered).
+    /// among them, each steps its chunk, the parameters allgathered) or 3 (they shard
+    /// the piece's parameters by rows, each unit gathered just before it runs; whole
+    /// blocks only, `tensor` 1).
     pub zero: u8,
 }
 
@@ -112,7 +123,27 @@ impl PipelineConfig {
                 "stages, data, tensor and micro_batches must be at least 1",
             ));
         }
-        check_piece_zero_stage("parallel.options.pipeline.zero", c.zero)?;
+        match (c.zero, c.tensor) {
+            (3, 1) => {}
+            (3, t) => {
+                return Err(Error::config(
+                    "parallel.options.pipeline.zero",
+                    format!(
+                        "ZeRO stage 3 shards whole blocks by rows; stages sliced {t} ways for tensor \
+                         parallelism hold weights by columns (use zero = 1 with tensor > 1)"
+                    ),
+                ))
+            }
+            (z, _) => check_piece_zero_stage("parallel.options.pipeline.zero", z).map_err(|_| {
+                Error::config(
+                    "parallel.options.pipeline.zero",
+                    format!(
+                        "no ZeRO stage {z} across pipelines (0, 1 or 3; 2 saves nothing here: each stage \
+                     sums its micro-batches' gradients itself and reduces them once per step)"
+                    ),
+                )
+            })?,
+        }
         Ok(c)
     }
 
@@ -210,6 +241,7 @@ impl Pipeline {
         pipe: &dyn Communicator,
         tensor: &dyn Communicator,
         model: &mut dyn Model,
+        params: &mut dyn SegmentParams,
         passes: &[Pass],
         micros: &[Micro],
         global: Option<usize>,
@@ -232,6 +264,7 @@ impl Pipeline {
                         let out = forward_segments(
                             tensor,
                             model,
+                            params,
                             id,
                             StageInput::Samples(samples),
                             rows,
@@ -248,6 +281,7 @@ impl Pipeline {
                         let out = forward_segments(
                             tensor,
                             model,
+                            params,
                             id,
                             StageInput::Values(&input),
                             rows,
@@ -286,8 +320,8 @@ impl Pipeline {
                         f32s(&got, "gradients", p + 1)?
                     };
                     let t = Instant::now();
-                    let grad_in =
-                        backward_segments(tensor, model, first_micro_id + m as u64, grad, self.deadline())?;
+                    let id = first_micro_id + m as u64;
+                    let grad_in = backward_segments(tensor, model, params, id, grad, self.deadline())?;
                     clock.busy += t.elapsed();
                     if !first {
                         pipe.send(p - 1, 2 * m as u32 + 1, bytes(&grad_in), self.deadline())?;
@@ -346,8 +380,10 @@ struct Eval<'a> {
     tensor: &'a dyn Communicator,
     first: bool,
     last: bool,
+    /// Pipeline 0 evaluates, and under ZeRO 3 every pipeline (each gather takes every
+    /// replica of the stage); tensor rank 0 of pipeline 0 scores (every slice holds the
+    /// same logits).
     evaluating: bool,
-    /// Tensor rank 0 scores (every slice holds the same logits).
     scoring: bool,
     batch: usize,
 }
@@ -359,6 +395,7 @@ impl Pipeline {
         &self,
         eval: &Eval<'_>,
         model: &mut dyn Model,
+        params: &mut dyn SegmentParams,
         test: &dyn sheaf_core::Dataset,
     ) -> Result<[f64; 3]> {
         let mut totals = [0.0f64; 3];
@@ -371,8 +408,17 @@ impl Pipeline {
             let id = u64::MAX / 2 + k as u64;
             let mut scratch = StageClock::default();
             let forward = [Pass::Forward(0)];
-            let (l, c, n) =
-                self.run_passes(eval.pipe, eval.tensor, model, &forward, &micros, None, id, &mut scratch)?;
+            let (l, c, n) = self.run_passes(
+                eval.pipe,
+                eval.tensor,
+                model,
+                params,
+                &forward,
+                &micros,
+                None,
+                id,
+                &mut scratch,
+            )?;
             model.drop_saved();
             if eval.last && eval.scoring {
                 totals = [totals[0] + l, totals[1] + c as f64, totals[2] + n as f64];
@@ -514,7 +560,7 @@ impl Strategy for Pipeline {
         let rows = share.div_ceil(micro) as u64;
         let ranks = (0..input.world)
             .map(|r| {
-                let (p, t) = (r / width % stages, r % width);
+                let (d, p, t) = (r / (stages * width), r / width % stages, r % width);
                 let kept = match self.config.schedule {
                     Schedule::OneFOneB => (stages - p).min(micro),
                     Schedule::Gpipe => micro,
@@ -522,9 +568,10 @@ impl Strategy for Pipeline {
                 RankPlan {
                     piece: Piece { blocks: cut[p].clone(), tensor_rank: t, tensor_width: width },
                     activation_samples: kept as u64 * rows,
-                    // ZeRO 1: the piece's optimizer state sharded over its D replicas.
-                    state_shards: if self.config.zero >= 1 { data as u64 } else { 1 },
-                    param_shard: None,
+                    // ZeRO 1: the piece's optimizer state sharded over its D replicas;
+                    // ZeRO 3: its parameters by rows (the state is its rows', whole).
+                    state_shards: if self.config.zero == 1 { data as u64 } else { 1 },
+                    param_shard: (self.config.zero == 3).then_some(ParamShard { index: d, count: data }),
                 }
             })
             .collect();
@@ -565,7 +612,19 @@ impl Strategy for Pipeline {
             )));
         }
         let layout = model.layout().clone();
-        let mut params = ModelParams::synced(model, mesh.replicas.as_ref(), self.deadline())?;
+        // Under ZeRO 3 each replica holds its own rows (nothing to make equal), and the
+        // units' gathers and reduce-scatters run over the replicas of the stage.
+        let fully_sharded = self.config.zero == 3;
+        let dl = || self.deadline();
+        let mut params = match fully_sharded {
+            true => ModelParams::new(model)?,
+            false => ModelParams::synced(model, mesh.replicas.as_ref(), self.deadline())?,
+        };
+        let stage = match fully_sharded {
+            true => Some(StageShards::new(model, mesh.replicas.as_ref(), &dl)?),
+            false => None,
+        };
+        let stage = RefCell::new(stage);
         let ties = Ties::new(pipe, model.tied_params(), &layout, self.deadline())?;
 
         let tied: Vec<usize> = model.tied_params().iter().map(|t| t.0).collect();
@@ -576,18 +635,24 @@ impl Strategy for Pipeline {
             tensor,
             first,
             last,
-            evaluating: d == 0,
-            scoring: t == 0,
+            evaluating: d == 0 || fully_sharded,
+            scoring: t == 0 && d == 0,
             batch: config.batch_size.max(1),
         };
 
         let mut tally = RunTally::new(&config);
         // The validation split's accuracy and mean loss over the world.
-        let validate =
-            |model: &mut dyn Model| test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline());
-        let mut grads = vec![0f32; layout.total()];
+        let validate = |model: &mut dyn Model| {
+            let (mut whole, mut held) = (Whole, stage.borrow_mut());
+            let units: &mut dyn SegmentParams = match held.as_mut() {
+                Some(s) => s,
+                None => &mut whole,
+            };
+            test_totals(comm, self.evaluate(&eval, model, units, test)?, self.deadline())
+        };
+        let mut grads = vec![0f32; if fully_sharded { 0 } else { layout.total() }];
         // ZeRO 1 across the pipelines: this replica's chunk of the piece, one bucket.
-        let shards = (self.config.zero >= 1)
+        let shards = (self.config.zero == 1)
             .then(|| Shards::new(&layout, std::slice::from_ref(&(0..layout.total())), d, pipelines));
         let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
         let mut clock = StageClock::default();
@@ -621,6 +686,10 @@ impl Strategy for Pipeline {
             let t0 = Instant::now();
             let group_samples: usize = group.iter().map(|(_, g)| g.len()).sum();
             let (mut loss_sum, mut predictions) = (0.0, 0);
+            let (mut whole, mut held) = (Whole, stage.borrow_mut());
+            if let Some(s) = held.as_mut() {
+                s.start_step();
+            }
             for rows in sizes {
                 let micros = rows
                     .into_iter()
@@ -633,10 +702,15 @@ impl Strategy for Pipeline {
                 let t_sched = Instant::now();
                 let before = (clock.busy, clock.idle);
                 let id = micro_step << 20;
+                let units: &mut dyn SegmentParams = match held.as_mut() {
+                    Some(s) => s,
+                    None => &mut whole,
+                };
                 let (l, _, n) = self.run_passes(
                     pipe,
                     tensor,
                     model,
+                    units,
                     &passes,
                     &micros,
                     Some(group_samples),
@@ -656,8 +730,10 @@ impl Strategy for Pipeline {
                 }
                 micro_step += 1;
             }
-            model.take_grads(&mut grads)?;
-            ties.sum(&mut grads, self.deadline())?;
+            if held.is_none() {
+                model.take_grads(&mut grads)?;
+                ties.sum(&mut grads, self.deadline())?;
+            }
             // The whole model's norm: every stage's and slice's squares, a tied copy
             // counted once (by the first stage) and a replicated parameter once (by
             // tensor rank 0), summed over the pipeline and the tensor group; the
@@ -673,8 +749,18 @@ impl Strategy for Pipeline {
                 deadline: &deadline,
             };
             let sharded = shards.as_ref().map(|s| (s, &mut shard_grads[..]));
-            let grad_norm = params
-                .update(model, |p| replica_step.run(&layout, &mut grads, sharded, skip, optimizer, p))?;
+            let grad_norm = match held.as_mut() {
+                // ZeRO 3: the rows' sums are in; a tied copy's rows summed over the
+                // stages holding it, as the whole parameter's would be.
+                Some(rows) => {
+                    ties.sum(&mut rows.grads, self.deadline())?;
+                    let g = &mut rows.grads;
+                    params.update(model, |p| replica_step.run_rows(&layout, g, skip, optimizer, p))?
+                }
+                None => params
+                    .update(model, |p| replica_step.run(&layout, &mut grads, sharded, skip, optimizer, p))?,
+            };
+            drop(held);
             // Refilled by the next step's `take_grads`: until then its pages go back
             // to the kernel, so the model's accumulator and this copy are never both
             // resident.
@@ -690,7 +776,8 @@ impl Strategy for Pipeline {
             tally.end_step(done, metrics, checkpoints, model, optimizer, validate)?;
             Ok(())
         })?;
-        let gradient_bytes = 4 * (grads.len() + shard_grads.len()) as u64;
+        let held = stage.borrow().as_ref().map_or(0, StageShards::capacity);
+        let gradient_bytes = 4 * (grads.len() + shard_grads.len() + held) as u64;
         let summary = tally.summary(train.len(), model, optimizer, gradient_bytes, validate)?;
         Ok(TrainSummary {
             peak_activation_bytes: clock.peak,

@@ -108,13 +108,49 @@ fn config_parses_both_schedules_and_refuses_zeroes() {
     assert!(PipelineConfig::parse(r#"{"schedule": "zigzag"}"#).is_err());
 }
 
-/// ZeRO across the pipelines: stage 1 is taken, stage 2 is refused with the reason
-/// (nothing to save), and no other stage exists.
+/// ZeRO across the pipelines: stages 1 and 3 are taken (3 with whole blocks only),
+/// stage 2 is refused with the reason (nothing to save), and no other stage exists.
 #[test]
 fn zero_stages_across_pipelines_are_checked() {
     assert_eq!(PipelineConfig::parse(r#"{"zero": 1}"#).unwrap().zero, 1);
+    assert_eq!(PipelineConfig::parse(r#"{"zero": 3}"#).unwrap().zero, 3);
     let e = PipelineConfig::parse(r#"{"zero": 2}"#).unwrap_err().to_string();
     assert!(e.contains("parallel.options.pipeline.zero") && e.contains("saves nothing"), "{e}");
-    let e = PipelineConfig::parse(r#"{"zero": 3}"#).unwrap_err().to_string();
-    assert!(e.contains("no ZeRO stage 3"), "{e}");
+    let e = PipelineConfig::parse(r#"{"zero": 3, "tensor": 2}"#).unwrap_err().to_string();
+    assert!(e.contains("parallel.options.pipeline.zero") && e.contains("by columns"), "{e}");
+    let e = PipelineConfig::parse(r#"{"zero": 4}"#).unwrap_err().to_string();
+    assert!(e.contains("no ZeRO stage 4"), "{e}");
+}
+
+/// The plan of ZeRO 3 across 2 pipelines of 2 stages: every rank holds rows of its
+/// stage (shard `d` of `D`, pipeline `d`), its optimizer state its rows' whole; under
+/// ZeRO 1 the state is sharded and the parameters are whole.
+#[test]
+fn fully_sharded_stages_plan_row_shards_per_pipeline() {
+    let blocks: Vec<sheaf_core::Block> =
+        (0..4).map(|i| sheaf_core::Block { name: format!("b{i}"), params: 10 }).collect();
+    let costs = vec![1u64; 4];
+    let partitioner = Even;
+    let input =
+        PlanInput { world: 4, blocks: &blocks, costs: &costs, batch_size: 8, partitioner: &partitioner };
+    let plan = |zero: u8| {
+        let c = PipelineConfig { data: Some(2), zero, ..PipelineConfig::default() };
+        sheaf_core::Strategy::plan(&Pipeline { config: c }, &input).unwrap()
+    };
+    let three = plan(3);
+    let shards: Vec<_> = three.ranks.iter().map(|r| (r.param_shard, r.state_shards)).collect();
+    let shard = |index| Some(sheaf_core::ParamShard { index, count: 2 });
+    assert_eq!(shards, [(shard(0), 1), (shard(0), 1), (shard(1), 1), (shard(1), 1)]);
+    let one = plan(1);
+    assert!(one.ranks.iter().all(|r| r.param_shard.is_none() && r.state_shards == 2));
+}
+
+/// Blocks cut into equal runs.
+struct Even;
+
+impl sheaf_core::ModelPartitioner for Even {
+    fn cut(&self, layer_costs: &[u64], stages: usize) -> Result<Vec<std::ops::Range<usize>>> {
+        let n = layer_costs.len();
+        Ok((0..stages).map(|k| k * n / stages..(k + 1) * n / stages).collect())
+    }
 }

@@ -23,7 +23,7 @@ use sheaf_core::{
 };
 use sheaf_train::{
     backward_segments, check_piece_zero_stage, forward_segments, mean_loss, prefetched_steps, test_totals,
-    zero_release, Mesh, Prefetch, ReplicaStep, RunTally, Shards, StageInput, StepDone,
+    zero_release, Mesh, Prefetch, ReplicaStep, RunTally, Shards, StageInput, StepDone, Whole,
 };
 
 /// The plugin as exported to the host.
@@ -146,6 +146,7 @@ impl TensorParallel {
             let logits = forward_segments(
                 eval.group,
                 model,
+                &mut Whole,
                 id,
                 StageInput::Samples(&samples),
                 chunk.len(),
@@ -253,6 +254,7 @@ impl Strategy for TensorParallel {
                     let logits = forward_segments(
                         group,
                         model,
+                        &mut Whole,
                         micro,
                         StageInput::Samples(&samples),
                         samples.len(),
@@ -263,7 +265,7 @@ impl Strategy for TensorParallel {
                     let per_sample = targets.len() / samples.len();
                     let scale = 1.0 / (group_samples * per_sample).max(1) as f32;
                     let (loss_sum, _, grad) = model.loss_grad(&logits, &targets, scale)?;
-                    backward_segments(group, model, micro, grad, self.deadline())?;
+                    backward_segments(group, model, &mut Whole, micro, grad, self.deadline())?;
                     if t == 0 {
                         loss = [loss[0] + loss_sum, loss[1] + targets.len() as f64];
                     }

@@ -36,6 +36,22 @@ where
             Ok(export_model(plugin, self.inner.build_shard(&spec_from_abi(&spec)?, shard, seed)?))
         })
     }
+    fn build_piece_shard(
+        &self,
+        spec: AbiModelSpec,
+        piece: AbiPiece,
+        shard: AbiParamShard,
+        seed: u64,
+    ) -> RResult<ModelBox, AbiError> {
+        let plugin = self.plugin;
+        guard(plugin, "compute build_piece_shard", || {
+            let piece = piece_from_abi(&piece)?;
+            let shard = shard_from_abi(&shard)?
+                .ok_or_else(|| Error::invalid("build_piece_shard without a parameter shard".to_string()))?;
+            let spec = spec_from_abi(&spec)?;
+            Ok(export_model(plugin, self.inner.build_piece_shard(&spec, &piece, shard, seed)?))
+        })
+    }
     fn model_kinds(&self) -> RResult<RVec<RString>, AbiError> {
         guard(self.plugin, "compute model_kinds", || {
             Ok(self.inner.model_kinds().into_iter().map(RString::from).collect())
@@ -76,6 +92,21 @@ impl ComputeBackend for LoadedCompute {
     }
     fn build_shard(&self, spec: &ModelSpec, shard: ParamShard, seed: u64) -> Result<Box<dyn Model>> {
         load_model(self.inner.build_shard(spec_to_abi(spec), shard_to_abi(Some(shard)), seed).into_result()?)
+    }
+    fn build_piece_shard(
+        &self,
+        spec: &ModelSpec,
+        piece: &Piece,
+        shard: ParamShard,
+        seed: u64,
+    ) -> Result<Box<dyn Model>> {
+        let built = self.inner.build_piece_shard(
+            spec_to_abi(spec),
+            piece_to_abi(piece),
+            shard_to_abi(Some(shard)),
+            seed,
+        );
+        load_model(built.into_result()?)
     }
     fn model_kinds(&self) -> Vec<String> {
         self.kinds.clone()

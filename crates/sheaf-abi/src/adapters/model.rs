@@ -157,6 +157,16 @@ where
             Ok(self.inner.unit_backward(usize_of(unit, "unit")?, &params, &mut grads)?)
         })
     }
+    fn piece_params_mut(&mut self) -> RResult<ROption<RSliceMut<'_, f32>>, AbiError> {
+        guard(self.plugin, "model piece_params_mut", || {
+            Ok(self.inner.piece_params_mut()?.map(RSliceMut::from_mut_slice).into())
+        })
+    }
+    fn piece_grads_mut(&mut self) -> RResult<ROption<RSliceMut<'_, f32>>, AbiError> {
+        guard(self.plugin, "model piece_grads_mut", || {
+            Ok(self.inner.piece_grads_mut()?.map(RSliceMut::from_mut_slice).into())
+        })
+    }
     fn tied_params(&self) -> RResult<RVec<AbiRange>, AbiError> {
         guard(self.plugin, "model tied_params", || {
             Ok(self
@@ -219,11 +229,12 @@ impl<'a, P: AsPtr<PtrTarget = ()> + GetPointerKind> LoadedModel<'a, P> {
             .iter()
             .map(|u| u.iter().map(|&p| usize_of(p, "unit parameter")).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?;
-        check_units(&units, layout.specs().len())?;
+        check_units(&units, layout.specs().len(), piece.is_some())?;
         Ok(LoadedModel { inner, layout, piece, segments, tied, replicated, in_steps, window, units })
     }
 }
 
+#[deny(clippy::missing_trait_methods)]
 impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
     fn layout(&self) -> &ParamLayout {
         &self.layout
@@ -345,6 +356,14 @@ impl<P: AsMutPtr<PtrTarget = ()> + Send> Model for LoadedModel<'_, P> {
         let lent = self.inner.params_mut().into_result().map_err(Error::from)?;
         Ok(lent.into_option().map(RSliceMut::into_mut_slice))
     }
+    fn piece_params_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        let lent = self.inner.piece_params_mut().into_result().map_err(Error::from)?;
+        Ok(lent.into_option().map(RSliceMut::into_mut_slice))
+    }
+    fn piece_grads_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        let lent = self.inner.piece_grads_mut().into_result().map_err(Error::from)?;
+        Ok(lent.into_option().map(RSliceMut::into_mut_slice))
+    }
     fn tied_params(&self) -> Vec<(usize, usize)> {
         self.tied.clone()
     }
@@ -361,7 +380,7 @@ pub fn load_model(inner: ModelBox) -> Result<Box<dyn Model>> {
 
 /// A model's units must name every one of its `params` parameters exactly once (or be
 /// empty: the model does not run unit by unit).
-fn check_units(units: &[Vec<usize>], params: usize) -> Result<()> {
+fn check_units(units: &[Vec<usize>], params: usize, piece: bool) -> Result<()> {
     if units.is_empty() {
         return Ok(());
     }
@@ -369,6 +388,8 @@ fn check_units(units: &[Vec<usize>], params: usize) -> Result<()> {
     for &p in units.iter().flatten() {
         match seen.get_mut(p) {
             Some(s) if !*s => *s = true,
+            // A piece shard's tied embedding is read by the embeddings and the head.
+            Some(_) if piece => {}
             Some(_) => return Err(Error::invalid(format!("the model lists parameter {p} in two units"))),
             None => return Err(Error::invalid(format!("the model's units name parameter {p} of {params}"))),
         }

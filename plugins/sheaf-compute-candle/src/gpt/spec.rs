@@ -281,7 +281,7 @@ impl GptSpec {
     }
 
     /// The block a parameter belongs to.
-    fn block_of(&self, name: &str) -> usize {
+    pub(crate) fn block_of(&self, name: &str) -> usize {
         if name.starts_with("transformer.wte") || name.starts_with("transformer.wpe") {
             0
         } else if let Some(rest) = name.strip_prefix("transformer.h.") {
@@ -459,7 +459,7 @@ pub(crate) enum After {
 const INIT_STREAM: u64 = 0x6A09_E667_F3BC_C908;
 
 /// `transformer.wte.weight`'s index in the whole layout.
-pub(super) const WTE: usize = 0;
+pub(crate) const WTE: usize = 0;
 
 /// The initial values of `spec`'s parameters from `seed`. Parameter `p`'s value `j`
 /// is a Box-Muller normal from draws `2j` and `2j + 1` of the stream of `(seed, p)`,

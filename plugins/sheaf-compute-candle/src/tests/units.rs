@@ -116,3 +116,180 @@ fn units_out_of_order_are_errors() {
     assert!(shard.unit_backward(0, &[], &mut [0.0; 42]).is_err(), "a backward before the forward");
     assert!(backend.build_shard(&spec, ParamShard { index: 2, count: 2 }, 1).is_err());
 }
+
+/// Pipeline stages `cut` of `spec` run over `micro` micro-batches of `w` (windows of
+/// `window`), every forward pass before any backward pass: each stage held whole, and
+/// as row shard `index` of `count` run unit by unit, the piece's buffer holding NaN
+/// everywhere but the unit that runs (its values gathered from the whole piece), and
+/// its gradient buffer checked unit by unit. Asserts that the shards' values
+/// are the whole model's rows, that every stage's output and input gradient are the
+/// whole piece's bit for bit, that a unit's backward pass adds to its own gradients
+/// only, and that the gradients added up are the whole piece's bit for bit.
+fn piece_shards_run_as_the_whole_piece(
+    spec: &crate::GptSpec,
+    cut: &[usize],
+    (index, count): (usize, usize),
+    w: &[u32],
+    window: usize,
+    micro: usize,
+) {
+    use crate::FusedPiece;
+    use sheaf_core::Piece;
+    let seed = 5;
+    let full_model = crate::gpt::init_params(spec, seed);
+    let whole_layout = spec.layout();
+    let pieces: Vec<Piece> =
+        cut.windows(2).map(|c| Piece { blocks: c[0]..c[1], tensor_rank: 0, tensor_width: 1 }).collect();
+    let mut whole: Vec<FusedPiece> = pieces.iter().map(|p| FusedPiece::new(spec, p, seed).unwrap()).collect();
+    let shard = ParamShard { index, count };
+    let mut shards: Vec<FusedPiece> =
+        pieces.iter().map(|p| FusedPiece::new_shard(spec, p, shard, seed).unwrap()).collect();
+    let mut values = Vec::new();
+    for ((p, s), w) in pieces.iter().zip(&shards).zip(&whole) {
+        let rows = spec.piece_layout(p).unwrap().rows(shard).unwrap();
+        assert_eq!(s.layout(), &rows.layout);
+        let mut own = vec![f32::NAN; rows.layout.total()];
+        s.read_params(&mut own).unwrap();
+        assert_eq!(bits(&own), bits(&rows.slice(&whole_layout, &full_model)), "shard {index} of {count}");
+        let mut v = vec![0f32; w.layout().total()];
+        w.read_params(&mut v).unwrap();
+        values.push(v);
+        // Every parameter in a unit (a tied embedding in the head's too).
+        let mut seen: Vec<usize> = s.units().concat();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen, (0..rows.layout.specs().len()).collect::<Vec<_>>());
+    }
+    // Unit `u` of stage `k` gathered into its shard's piece buffer, NaN elsewhere.
+    let layouts: Vec<ParamLayout> = whole.iter().map(|p| p.layout().clone()).collect();
+    let gather = |s: &mut FusedPiece, k: usize, u: usize, values: &[Vec<f32>]| {
+        let layout = &layouts[k];
+        let units = s.units();
+        let buf = s.piece_params_mut().unwrap().expect("a piece shard lends its piece's buffer");
+        buf.fill(f32::NAN);
+        for &p in &units[u] {
+            buf[layout.range(p)].copy_from_slice(&values[k][layout.range(p)]);
+        }
+    };
+    let n = w.len() / window;
+    let rows = n / micro;
+    let targets = sheaf_core::Samples::Tokens { windows: w.to_vec(), window }.targets();
+    let mut grads_out = Vec::new();
+    for m in 0..micro {
+        let mine = &w[m * rows * window..(m + 1) * rows * window];
+        let batch = Batch::Tokens { windows: mine, window };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for k in 0..pieces.len() {
+            a = match k {
+                0 => whole[k].stage_forward_batch(m as u64, 0, &batch),
+                _ => whole[k].stage_forward(m as u64, 0, &a, rows),
+            }
+            .unwrap();
+            for u in 0..shards[k].segments() {
+                gather(&mut shards[k], k, u, &values);
+                b = match (k, u) {
+                    (0, 0) => shards[k].stage_forward_batch(m as u64, 0, &batch),
+                    _ => shards[k].stage_forward(m as u64, u, &b, rows),
+                }
+                .unwrap();
+            }
+            assert_eq!(bits(&a), bits(&b), "stage {k}'s output, micro-batch {m}");
+        }
+        let t = &targets[m * rows * (window - 1)..(m + 1) * rows * (window - 1)];
+        grads_out.push(whole.last_mut().unwrap().loss_grad(&a, t, 0.25).unwrap().2);
+    }
+    for (m, grad) in grads_out.into_iter().enumerate().rev() {
+        let (mut a, mut b) = (grad.clone(), grad);
+        for k in (0..pieces.len()).rev() {
+            a = whole[k].stage_backward(m as u64, 0, &a).unwrap();
+            let layout = whole[k].layout().clone();
+            for u in (0..shards[k].segments()).rev() {
+                gather(&mut shards[k], k, u, &values);
+                let before = shards[k].piece_grads_mut().unwrap().unwrap().to_vec();
+                b = shards[k].stage_backward(m as u64, u, &b).unwrap();
+                let units = shards[k].units();
+                let g = shards[k].piece_grads_mut().unwrap().unwrap();
+                // Outside the unit nothing changed: put the unit's values back as they
+                // were, and the whole buffer reads as before.
+                let mut outside = g.to_vec();
+                for &p in &units[u] {
+                    outside[layout.range(p)].copy_from_slice(&before[layout.range(p)]);
+                }
+                assert_eq!(
+                    bits(&outside),
+                    bits(&before),
+                    "unit {u} of stage {k} wrote outside its parameters"
+                );
+            }
+            assert_eq!(bits(&a), bits(&b), "stage {k}'s input gradient, micro-batch {m}");
+        }
+    }
+    // Added up over the micro-batches in the piece's gradient buffer, as the whole
+    // piece adds them up in its own.
+    for (k, (w, s)) in whole.iter_mut().zip(&mut shards).enumerate() {
+        assert_eq!(s.saved_bytes(), 0, "every micro-batch's activations freed");
+        let mut g = vec![f32::NAN; w.layout().total()];
+        w.take_grads(&mut g).unwrap();
+        let taken = s.piece_grads_mut().unwrap().unwrap();
+        assert_eq!(bits(taken), bits(&g), "stage {k}'s gradients");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Row shards of pipeline stages (ZeRO stage 3 inside a pipeline stage): the
+    /// shards' values are the whole model's rows, and a stage run unit by unit on
+    /// gathered parameters, with several micro-batches in flight, gives the whole
+    /// stage's outputs, input gradients and accumulated gradients bit for bit, reading
+    /// no parameter outside the unit it runs and writing no gradient outside it.
+    #[test]
+    fn piece_shards_run_unit_by_unit_as_the_whole_piece(
+        n_layer in 1usize..4,
+        stages in 1usize..4,
+        count in 1usize..4,
+        last in proptest::bool::ANY,
+        bias in proptest::bool::ANY,
+        tied in proptest::bool::ANY,
+        every in 0usize..3,
+        micro in 1usize..3,
+        seed in 0usize..100,
+    ) {
+        let (vocab, window) = (7usize, 5usize);
+        let recompute = if every == 0 { String::new() } else { format!(r#", "activation_checkpointing": {every}"#) };
+        let mut s = ModelSpec::new("gpt", format!(
+            r#"{{"n_layer": {n_layer}, "n_head": 2, "n_embd": 6, "block_size": 5, "bias": {bias}, "tie_embeddings": {tied}{recompute}}}"#
+        ));
+        s.vocab_size = Some(vocab);
+        let spec = crate::GptSpec::parse(&s).unwrap();
+        let blocks = n_layer + 2;
+        let stages = stages.min(blocks);
+        let cut: Vec<usize> = (0..=stages).map(|k| k * blocks / stages).collect();
+        let w: Vec<u32> = (0..2 * micro * window).map(|i| ((i * 3 + seed) % vocab) as u32).collect();
+        let index = if last { count - 1 } else { 0 };
+        piece_shards_run_as_the_whole_piece(&spec, &cut, (index, count), &w, window, micro);
+    }
+}
+
+/// A piece shard refuses what it cannot run: a tensor-parallel slice, a whole-piece
+/// gradient take, and a unit it does not have.
+#[test]
+fn piece_shards_refuse_slices_and_whole_calls() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    let mut spec = ModelSpec::new("gpt", r#"{"n_layer": 2, "n_head": 2, "n_embd": 6, "block_size": 5}"#);
+    spec.vocab_size = Some(7);
+    let shard = ParamShard { index: 0, count: 2 };
+    let sliced = sheaf_core::Piece { blocks: 1..3, tensor_rank: 0, tensor_width: 2 };
+    let e = backend.build_piece_shard(&spec, &sliced, shard, 1).err().expect("refused").to_string();
+    assert!(e.contains("parallel.options.pipeline.zero") && e.contains("columns"), "{e}");
+    let piece = sheaf_core::Piece { blocks: 1..3, tensor_rank: 0, tensor_width: 1 };
+    let mut m = backend.build_piece_shard(&spec, &piece, shard, 1).unwrap();
+    assert_eq!(m.segments(), 2);
+    assert!(m.take_grads(&mut vec![0.0; m.layout().total()]).is_err());
+    assert!(m.stage_forward(0, 2, &[0.0; 6], 1).is_err(), "no unit 2");
+    assert!(m.stage_backward(0, 0, &[0.0; 6]).is_err(), "a backward before its forward");
+    let mlp = ModelSpec::mlp(vec![5, 7, 3]);
+    let e =
+        backend.build_piece_shard(&mlp, &sheaf_core::Piece::whole(2), shard, 1).err().unwrap().to_string();
+    assert!(e.contains("ZeRO stage 3 inside a pipeline stage"), "{e}");
+}

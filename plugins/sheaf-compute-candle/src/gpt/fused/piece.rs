@@ -18,7 +18,9 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use sheaf_core::{Batch, Error, Model, ParamLayout, Piece, Result};
+use sheaf_core::{Batch, Error, Model, ParamLayout, Piece, PieceLayout, Result};
+
+mod shard;
 
 use super::layers::{
     add, attention, attention_backward, block_backward, block_forward, embed, embed_backward, gelu,
@@ -155,6 +157,9 @@ pub struct FusedPiece {
     /// The activations of a block that recomputes, and the backward pass's scratch.
     scratch: BlockActs,
     d: Backward,
+    /// A row shard of the piece (ZeRO stage 3 inside a pipeline stage): its rows, and
+    /// `params` and `grads` the whole piece's buffers, filled unit by unit.
+    shard: Option<shard::PieceShard>,
 }
 
 impl FusedPiece {
@@ -163,6 +168,11 @@ impl FusedPiece {
     pub fn new(spec: &GptSpec, piece: &Piece, seed: u64) -> Result<FusedPiece> {
         let pl = spec.piece_layout(piece)?;
         let params = init_piece(spec, &pl, seed);
+        FusedPiece::with_params(spec, piece, pl, params)
+    }
+
+    /// The piece laid out as `pl`, its parameters `params`.
+    fn with_params(spec: &GptSpec, piece: &Piece, pl: PieceLayout, params: Vec<f32>) -> Result<FusedPiece> {
         let at = PieceAt::new(spec, piece, &pl.layout);
         let (tied, replicated) = spec.sharing(piece, &pl);
         let index: HashMap<&str, Range<usize>> = pl
@@ -216,6 +226,7 @@ impl FusedPiece {
             residual_grad: HashMap::new(),
             scratch: BlockActs::default(),
             d: Backward::default(),
+            shard: None,
         })
     }
 
@@ -546,23 +557,40 @@ impl FusedPiece {
 
 impl Model for FusedPiece {
     fn layout(&self) -> &ParamLayout {
-        &self.layout
+        match &self.shard {
+            Some(s) => &s.layout,
+            None => &self.layout,
+        }
     }
 
     fn read_params(&self, out: &mut [f32]) -> Result<()> {
-        check_values(out.len(), self.params.len())?;
-        out.copy_from_slice(&self.params);
+        let own = self.shard.as_ref().map_or(&self.params, |s| &s.values);
+        check_values(out.len(), own.len())?;
+        out.copy_from_slice(own);
         Ok(())
     }
 
     fn write_params(&mut self, src: &[f32]) -> Result<()> {
-        check_values(src.len(), self.params.len())?;
-        self.params.copy_from_slice(src);
+        let own = self.shard.as_mut().map_or(&mut self.params, |s| &mut s.values);
+        check_values(src.len(), own.len())?;
+        own.copy_from_slice(src);
         Ok(())
     }
 
     fn params_mut(&mut self) -> Result<Option<&mut [f32]>> {
-        Ok(Some(&mut self.params))
+        Ok(Some(self.shard.as_mut().map_or(&mut self.params, |s| &mut s.values)))
+    }
+
+    fn units(&self) -> Vec<Vec<usize>> {
+        self.shard.as_ref().map_or_else(Vec::new, |s| s.units.clone())
+    }
+
+    fn piece_params_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        Ok(self.shard.is_some().then_some(&mut self.params[..]))
+    }
+
+    fn piece_grads_mut(&mut self) -> Result<Option<&mut [f32]>> {
+        Ok(self.shard.is_some().then_some(&mut self.grads[..]))
     }
 
     fn forward_backward(&mut self, _: &Batch<'_>, _: &mut [f32]) -> Result<f32> {
@@ -578,10 +606,16 @@ impl Model for FusedPiece {
     }
 
     fn segments(&self) -> usize {
-        self.segs.len().max(1)
+        match &self.shard {
+            Some(s) => s.units.len(),
+            None => self.segs.len().max(1),
+        }
     }
 
     fn stage_forward_batch(&mut self, micro: u64, segment: usize, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        if self.shard.is_some() {
+            return self.shard_forward(micro, segment, shard::Input::Batch(batch));
+        }
         let (Some(wte), Some(wpe)) = (self.at.wte.clone(), self.at.wpe.clone()) else {
             return Err(Error::invalid(format!(
                 "only the stage holding the embeddings takes token windows (this one holds blocks {:?})",
@@ -608,6 +642,9 @@ impl Model for FusedPiece {
     }
 
     fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        if self.shard.is_some() {
+            return self.shard_forward(micro, segment, shard::Input::Values(input, rows));
+        }
         if segment >= self.segments() || (segment == 0 && self.at.wte.is_some()) {
             return Err(Error::invalid(format!(
                 "a gpt piece holding blocks {:?} in {} segments takes {} (segment {segment})",
@@ -631,6 +668,9 @@ impl Model for FusedPiece {
     }
 
     fn stage_backward(&mut self, micro: u64, segment: usize, grad_output: &[f32]) -> Result<Vec<f32>> {
+        if self.shard.is_some() {
+            return self.shard_backward(micro, segment, grad_output);
+        }
         let saved = self.take_saved(micro, segment)?;
         let rows = saved.n * saved.t;
         let logits = match &self.segs.get(segment) {
@@ -663,6 +703,11 @@ impl Model for FusedPiece {
     }
 
     fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
+        if self.shard.is_some() {
+            return Err(Error::Unsupported(
+                "a row shard of a gpt piece gives its gradients unit by unit (piece_grads_mut)".into(),
+            ));
+        }
         // The step's passes are done: their buffers go, so that what runs next (an
         // evaluation, of other sizes) does not find them held beside its own.
         self.spare.clear();
