@@ -106,6 +106,10 @@ print(json.dumps({"who": "torch", "layout": rows[0]["mode"], "n_layer": rows[0][
             --set 'train.activation_checkpointing="blocks"'
         sheaf_layout tensor4-recompute --set 'parallel.strategy="tensor-parallel"' \
             --set 'train.activation_checkpointing="blocks"'
+        # 2 pipelines of 2 stages, each stage's replicas sharding it by rows (ZeRO 3) or not.
+        sheaf_layout pipeline2x2 --set 'parallel.strategy="pipeline"' --set parallel.options.pipeline.data=2
+        sheaf_layout pipeline2x2-zero3 --set 'parallel.strategy="pipeline"' \
+            --set parallel.options.pipeline.data=2 --set parallel.options.pipeline.zero=3
     fi
     if [[ $which != sheaf ]]; then
         torch_layout ddp

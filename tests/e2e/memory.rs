@@ -175,7 +175,9 @@ fn fully_sharded_training_equals_replicated_training() {
 /// end within 1e-6 of ZeRO stage 0's parameters with the same loss: 2 pipelines of 2
 /// stages (a tied head, whose copies' rows are summed across the stages, and an
 /// untied one), and 3 pipelines of one stage holding the whole tied model (uneven
-/// shards; the embedding read by the first unit and the last).
+/// shards; the embedding read by the first unit and the last). Units kept gathered
+/// through the step (`reshard_after_forward = false`) end bit for bit where units
+/// gathered for each pass end.
 #[test]
 fn fully_sharded_stages_equal_replicated_stages() {
     let data = tempfile::tempdir().unwrap();
@@ -188,7 +190,7 @@ fn fully_sharded_stages_equal_replicated_stages() {
         "parallel.options.pipeline.schedule=\"1f1b\"",
     ];
     for (world, data_ways, tied) in [(4, "2", "true"), (4, "2", "false"), (3, "3", "true")] {
-        let run = |zero: &str| {
+        let run = |zero: &str, extra: &[&str]| {
             let (d, t, z) = (
                 format!("parallel.options.pipeline.data={data_ways}"),
                 format!("model.tie_embeddings={tied}"),
@@ -196,9 +198,10 @@ fn fully_sharded_stages_equal_replicated_stages() {
             );
             let mut sets = base.to_vec();
             sets.extend([d.as_str(), t.as_str(), z.as_str()]);
+            sets.extend(extra);
             launch(world, &gpt, &sets)
         };
-        let (replicated, sharded) = (run("0"), run("3"));
+        let (replicated, sharded) = (run("0", &[]), run("3", &[]));
         let what = format!("world {world}, {data_ways} pipelines, tied {tied}");
         let d = crate::training::max_abs_diff(&checkpoint(replicated.path()), &checkpoint(sharded.path()));
         assert!(d <= 1e-6, "{what}: max abs diff {d} between ZeRO 3 and ZeRO 0");
@@ -206,6 +209,15 @@ fn fully_sharded_stages_equal_replicated_stages() {
         assert!((loss(&replicated) - loss(&sharded)).abs() <= 1e-6, "{what}: final losses differ");
         let val = |dir: &tempfile::TempDir| summary(dir.path())["val_loss"].as_f64().unwrap();
         assert!((val(&replicated) - val(&sharded)).abs() <= 1e-6, "{what}: validation losses differ");
+        // Units kept gathered through the step run the same collectives of rows on the
+        // same values: the same parameters, bit for bit.
+        if world == 4 {
+            let kept = run("3", &["parallel.options.pipeline.reshard_after_forward=false"]);
+            assert!(
+                bits(&checkpoint(kept.path())) == bits(&checkpoint(sharded.path())),
+                "{what}: units kept gathered changed the parameters"
+            );
+        }
     }
 }
 

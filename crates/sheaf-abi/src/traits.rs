@@ -475,6 +475,17 @@ pub trait StrategyAbi: Send {
     fn train(&mut self, ctx: AbiTrainContext<'_>) -> RResult<RVec<AbiNamedValue>, AbiError>;
     #[sabi(last_prefix_field)]
     fn plan(&self, input: AbiPlanInput<'_>) -> RResult<AbiStrategyPlan, AbiError>;
+    /// (1.2.) Each rank's gradient bytes at its peak; a plugin built before 1.2 gets
+    /// this default, `RNone`: the host's reckoning.
+    fn planned_gradient_bytes(&self, input: AbiPlanInput<'_>) -> RResult<ROption<RVec<u64>>, AbiError> {
+        let _ = input;
+        RResult::ROk(ROption::RNone)
+    }
+    /// (1.2.) Each rank's parameter bytes at its peak; the default as above.
+    fn planned_parameter_bytes(&self, input: AbiPlanInput<'_>) -> RResult<ROption<RVec<u64>>, AbiError> {
+        let _ = input;
+        RResult::ROk(ROption::RNone)
+    }
 }
 
 pub type CommunicatorBox = CommunicatorAbi_TO<'static, RBox<()>>;

@@ -541,10 +541,8 @@ impl Communicator for Group {
             });
         }
         self.collective(Op::ReduceScatter, (Some(dtype), Some(op), elems, None), dl, || {
-            let mut work = input.to_vec();
-            self.ring_reduce_scatter(&mut work, &blocks, dtype, op, dl)?;
-            reduce::finish_avg(&mut work[mine.clone()], dtype, op, self.size());
-            output.copy_from_slice(&work[mine]);
+            self.ring_reduce_scatter_into(input, output, &blocks, dtype, op, dl)?;
+            reduce::finish_avg(output, dtype, op, self.size());
             Ok(())
         })
     }

@@ -278,4 +278,24 @@ pub trait Strategy: Send {
         Ok(StrategyPlan::replicas(input.world, input.blocks.len(), input.batch_size))
     }
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary>;
+
+    /// (1.2.) Bytes of gradient buffers each rank holds at its peak, one per rank of
+    /// the plan for `input`, where the strategy knows them better than the host's
+    /// reckoning (a full-size sum of the piece's gradients, a second with
+    /// accumulation, and its shard under ZeRO stages 1 and 2): ZeRO stage 2 holding a
+    /// bucket and a backward step rather than a full-size sum. `None` (the default):
+    /// the host's.
+    fn planned_gradient_bytes(&self, input: &PlanInput<'_>) -> Result<Option<Vec<u64>>> {
+        let _ = input;
+        Ok(None)
+    }
+
+    /// (1.2.) Bytes of parameters each rank holds at its peak, one per rank of the
+    /// plan for `input`, where the strategy knows them better than the host's
+    /// reckoning (its piece's, or under ZeRO 3 its rows and one unit gathered): ZeRO 3
+    /// keeping gathered units through a step. `None` (the default): the host's.
+    fn planned_parameter_bytes(&self, input: &PlanInput<'_>) -> Result<Option<Vec<u64>>> {
+        let _ = input;
+        Ok(None)
+    }
 }

@@ -65,8 +65,23 @@ fn communication_bytes(transport: &str, world: usize, largest: u64) -> u64 {
     }
 }
 
-/// What rank `rank` of `plan` is planned to hold at its peak.
+/// What rank `rank` of `plan` is planned to hold at its peak: the host's reckoning,
+/// with the parts the strategy says it knows better (`Strategy::planned_gradient_bytes`,
+/// `planned_parameter_bytes`) in their place.
 pub fn planned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
+    let p = reckoned(job, plan, rank);
+    let said = |by: &Option<Vec<u64>>, reckoned: u64| by.as_ref().map_or(reckoned, |b| b[rank]);
+    PlannedBytes::of(
+        said(&plan.parameter_bytes, p.parameters),
+        said(&plan.gradient_bytes, p.gradients),
+        p.optimizer_state,
+        p.activations,
+        p.communication,
+    )
+}
+
+/// The host's own reckoning of what rank `rank` of `plan` holds at its peak.
+fn reckoned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     let layout = plan.layout_of(rank);
     let r = &plan.ranks[rank];
     let values = layout.layout.total() as u64;
@@ -153,8 +168,10 @@ fn sharded_piece(
     let largest = 4 * unit;
     let parameters = 4 * values + largest;
     let gradients = 4 * values + largest;
-    let wire = largest + largest.div_ceil(count);
-    let message = largest.max(activations);
+    // Each replica's part of a unit travels on its own: the largest message.
+    let part = largest.div_ceil(count);
+    let wire = largest + part;
+    let message = part.max(activations);
     let communication = wire + communication_bytes(job.transport.plugin(), plan.ranks.len(), message);
     PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
 }

@@ -25,6 +25,11 @@ pub struct Plan {
     /// Values of optimizer state per parameter, as the job's optimizer says
     /// (`Optimizer::state_values_per_param`), or [`UNSAID_STATE_VALUES`] where it does not.
     pub state_values_per_param: u32,
+    /// Per rank, the gradient bytes the strategy says it holds at its peak
+    /// (`Strategy::planned_gradient_bytes`), where it says.
+    pub gradient_bytes: Option<Vec<u64>>,
+    /// Likewise its parameter bytes (`Strategy::planned_parameter_bytes`).
+    pub parameter_bytes: Option<Vec<u64>>,
 }
 
 /// Values of state per parameter a plan assumes of an optimizer that does not say
@@ -141,6 +146,8 @@ pub fn plan(
         ranks: planned.ranks,
         stage_interface: planned.stage_interface,
         state_values_per_param,
+        gradient_bytes: strategy.planned_gradient_bytes(&input).map_err(|e| job_err(e.to_string()))?,
+        parameter_bytes: strategy.planned_parameter_bytes(&input).map_err(|e| job_err(e.to_string()))?,
     };
     check_memory(job, &plan)?;
     Ok(plan)

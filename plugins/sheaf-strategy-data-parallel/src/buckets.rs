@@ -148,8 +148,7 @@ impl Exchange<'_> {
     pub fn window_sizes(&self, step: usize) -> (usize, usize) {
         let total = self.buckets.first().map_or(0, |b| b.end);
         let largest = self.buckets.iter().map(Range::len).max().unwrap_or(0);
-        let copies = if self.threaded() { 3 } else { 1 };
-        ((largest + step).min(total), copies.min(self.buckets.len()) * largest)
+        window_sizes(total, largest, self.buckets.len(), step, self.threaded())
     }
 
     /// Whether finished buckets go to a communication thread (see [`Exchange::pipelined`]).
@@ -459,6 +458,21 @@ fn reduce(comm: &dyn Communicator, bucket: &mut [f32], wire: GradDType, deadline
         }
     }
     Ok(())
+}
+
+/// [`Exchange::window_sizes`] of `total` gradient values in `count` buckets of at most
+/// `largest`, for backward steps of at most `step` values, buckets exchanged on a
+/// communication thread or not (`threaded`): what the plan counts before any model
+/// exists.
+pub fn window_sizes(
+    total: usize,
+    largest: usize,
+    count: usize,
+    step: usize,
+    threaded: bool,
+) -> (usize, usize) {
+    let copies = if threaded { 3 } else { 1 };
+    ((largest + step).min(total), copies.min(count) * largest)
 }
 
 #[cfg(test)]

@@ -287,6 +287,27 @@ impl Strategy for DataParallel {
         })
     }
 
+    /// ZeRO stage 2 holds no full-size sum: its chunk of the reduced gradients, and
+    /// for a model that writes its backward steps into windows (the CPU's fused
+    /// models; the plan assumes one, a step being at most a block) a buffer of a bucket
+    /// and a step beside the buckets on their way, as `train` sizes them. Other stages:
+    /// the host's reckoning.
+    fn planned_gradient_bytes(&self, input: &PlanInput<'_>) -> Result<Option<Vec<u64>>> {
+        if self.config.zero != 2 {
+            return Ok(None);
+        }
+        let total = input.blocks.iter().map(|b| b.params as usize).sum::<usize>();
+        let step = input.blocks.iter().map(|b| b.params as usize).max().unwrap_or(0);
+        let per_bucket = (self.config.bucket_bytes() / 4).max(1);
+        let largest = per_bucket.min(total);
+        let threaded = input.world > 1 && self.config.overlap();
+        let (held, in_flight) =
+            buckets::window_sizes(total, largest, total.div_ceil(per_bucket), step, threaded);
+        let buffer = if held + in_flight < total { held + in_flight } else { total };
+        let shard = total.div_ceil(input.world.max(1));
+        Ok(Some(vec![4 * (shard + buffer) as u64; input.world]))
+    }
+
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
         if self.config.zero == 3 {
             return self.train_sharded(ctx);

@@ -767,3 +767,45 @@ proptest::proptest! {
         }
     }
 }
+
+/// Blocks cut into equal runs (the data-parallel plan cuts nothing; the plan input
+/// needs one).
+struct Even;
+
+impl sheaf_core::ModelPartitioner for Even {
+    fn cut(&self, costs: &[u64], stages: usize) -> sheaf_core::Result<Vec<std::ops::Range<usize>>> {
+        Ok((0..stages).map(|k| k * costs.len() / stages..(k + 1) * costs.len() / stages).collect())
+    }
+}
+
+/// ZeRO stage 2 plans what `train` holds: its chunk of the sums and a buffer of a
+/// bucket and a backward step, with the buckets on their way (three with a
+/// communication thread, one without), where that is less than the model; the whole
+/// model's sum where it is not; the other stages leave the reckoning to the host.
+#[test]
+fn zero_2_plans_its_chunk_and_window() {
+    let blocks: Vec<sheaf_core::Block> = [1 << 20, 3 << 20, 3 << 20, 1 << 19]
+        .iter()
+        .map(|&p| sheaf_core::Block { name: "b".into(), params: p })
+        .collect();
+    let costs = vec![1u64; blocks.len()];
+    let total = blocks.iter().map(|b| b.params).sum::<u64>();
+    let input =
+        sheaf_core::PlanInput { world: 4, blocks: &blocks, costs: &costs, batch_size: 8, partitioner: &Even };
+    let planned = |json: &str| {
+        let s = DataParallel { config: DataParallelConfig::parse(json).unwrap() };
+        sheaf_core::Strategy::planned_gradient_bytes(&s, &input).unwrap()
+    };
+    for zero in [0, 1, 3] {
+        assert_eq!(planned(&format!(r#"{{"zero": {zero}}}"#)), None, "zero {zero}");
+    }
+    // 1 MiB buckets (262144 values), a step of at most 3 Mi values.
+    let bucket = 1u64 << 18;
+    let with = planned(r#"{"zero": 2, "bucket_mb": 1, "overlap": true}"#).unwrap();
+    assert_eq!(with, vec![4 * (total / 4 + bucket + (3 << 20) + 3 * bucket); 4]);
+    let without = planned(r#"{"zero": 2, "bucket_mb": 1, "overlap": false}"#).unwrap();
+    assert_eq!(without, vec![4 * (total / 4 + bucket + (3 << 20) + bucket); 4]);
+    // Buckets as large as the model: no window is smaller than the whole sum.
+    let whole = planned(r#"{"zero": 2, "bucket_mb": 64}"#).unwrap();
+    assert_eq!(whole, vec![4 * (total / 4 + total); 4]);
+}

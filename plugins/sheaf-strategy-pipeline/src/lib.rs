@@ -94,6 +94,11 @@ pub struct PipelineConfig {
     /// the piece's parameters by rows, each unit gathered just before it runs; whole
     /// blocks only, `tensor` 1).
     pub zero: u8,
+    /// Under `zero = 3`: whether a unit's gathered parameters go as soon as it has run
+    /// (true, the default: two gathers a unit a micro-batch), or stay until the step's
+    /// optimizer changes them (one gather a unit a step, the stage held whole while it
+    /// trains).
+    pub reshard_after_forward: bool,
 }
 
 impl Default for PipelineConfig {
@@ -106,6 +111,7 @@ impl Default for PipelineConfig {
             micro_batches: 4,
             schedule: Schedule::Gpipe,
             zero: 0,
+            reshard_after_forward: true,
         }
     }
 }
@@ -121,6 +127,12 @@ impl PipelineConfig {
             return Err(Error::config(
                 "parallel.options.pipeline",
                 "stages, data, tensor and micro_batches must be at least 1",
+            ));
+        }
+        if !c.reshard_after_forward && c.zero != 3 {
+            return Err(Error::config(
+                "parallel.options.pipeline.reshard_after_forward",
+                "applies to zero = 3 only (the stages' parameters sharded by rows)",
             ));
         }
         match (c.zero, c.tensor) {
@@ -481,6 +493,17 @@ impl Ties {
     }
 }
 
+/// The samples an evaluation pass takes at once: a training micro-batch's (a
+/// pipeline's share of the global batch `batch` over `pipelines`, cut into
+/// `micro_batches`), so an evaluation, whose forward pass keeps what a backward pass
+/// would read until it ends, holds no more activations than one micro-batch in flight
+/// (in whole global batches it held 8 times those of the reference GPT's training, up
+/// to a third of a rank's peak).
+fn eval_rows(batch: usize, pipelines: usize, micro_batches: usize) -> usize {
+    let share = batch.div_ceil(pipelines.max(1)).max(1);
+    share.div_ceil(micro_batches.min(share).max(1))
+}
+
 /// Where `n` samples are cut into at most `m` micro-batches of nearly equal size (one,
 /// empty, when there are none).
 fn micro_ranges(n: usize, m: usize) -> Vec<std::ops::Range<usize>> {
@@ -522,16 +545,11 @@ fn micro_batches(
         .collect()
 }
 
-impl Strategy for Pipeline {
-    fn name(&self) -> &str {
-        "pipeline"
-    }
-
-    /// `D` pipelines of `P` stages of `T` tensor-parallel ranks (rank
-    /// `(d * P + p) * T + t` holds slice `t` of stage `p`), the blocks cut into `P`
-    /// contiguous stages by the job's model partitioner on the blocks' costs; stage
-    /// `p` keeps `M` (GPipe) or `min(P - p, M)` (1F1B) micro-batches in flight.
-    fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
+impl Pipeline {
+    /// `(D, P, T)` over the world of `input`, and the blocks of each of the `P`
+    /// stages, cut by the job's model partitioner on the blocks' costs (checked, not
+    /// trusted: contiguous, non-empty, covering every block).
+    fn cut(&self, input: &PlanInput<'_>) -> Result<(usize, usize, usize, Vec<std::ops::Range<usize>>)> {
         let (data, stages, width) = self.config.layout(input.world)?;
         let blocks = input.blocks.len();
         if stages > blocks {
@@ -555,6 +573,21 @@ impl Strategy for Pipeline {
                 format!("cut {blocks} blocks into {cut:?}, not {stages} contiguous non-empty stages"),
             ));
         }
+        Ok((data, stages, width, cut))
+    }
+}
+
+impl Strategy for Pipeline {
+    fn name(&self) -> &str {
+        "pipeline"
+    }
+
+    /// `D` pipelines of `P` stages of `T` tensor-parallel ranks (rank
+    /// `(d * P + p) * T + t` holds slice `t` of stage `p`), the blocks cut into `P`
+    /// contiguous stages by the job's model partitioner on the blocks' costs; stage
+    /// `p` keeps `M` (GPipe) or `min(P - p, M)` (1F1B) micro-batches in flight.
+    fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
+        let (data, stages, width, cut) = self.cut(input)?;
         let share = input.batch_size.div_ceil(data);
         let micro = self.config.micro_batches.min(share).max(1);
         let rows = share.div_ceil(micro) as u64;
@@ -576,6 +609,23 @@ impl Strategy for Pipeline {
             })
             .collect();
         Ok(StrategyPlan { ranks, stage_interface: true })
+    }
+
+    /// ZeRO 3 keeping its gathered units through the step holds its rows and, while
+    /// it trains, its stage whole (a tied head's embedding copy on the last stage
+    /// left out: the strategy sees blocks, not which parameters they share).
+    fn planned_parameter_bytes(&self, input: &PlanInput<'_>) -> Result<Option<Vec<u64>>> {
+        if self.config.zero != 3 || self.config.reshard_after_forward {
+            return Ok(None);
+        }
+        let (data, stages, width, cut) = self.cut(input)?;
+        let bytes = (0..input.world)
+            .map(|r| {
+                let stage: u64 = input.blocks[cut[r / width % stages].clone()].iter().map(|b| b.params).sum();
+                4 * (stage + stage.div_ceil(data as u64))
+            })
+            .collect();
+        Ok(Some(bytes))
     }
 
     fn train(&mut self, ctx: TrainContext<'_>) -> Result<TrainSummary> {
@@ -621,7 +671,10 @@ impl Strategy for Pipeline {
             false => ModelParams::synced(model, mesh.replicas.as_ref(), self.deadline())?,
         };
         let stage = match fully_sharded {
-            true => Some(StageShards::new(model, mesh.replicas.as_ref(), &dl)?),
+            true => {
+                let reshard = self.config.reshard_after_forward;
+                Some(StageShards::new(model, mesh.replicas.as_ref(), &dl, reshard)?)
+            }
             false => None,
         };
         let stage = RefCell::new(stage);
@@ -637,7 +690,7 @@ impl Strategy for Pipeline {
             last,
             evaluating: d == 0 || fully_sharded,
             scoring: t == 0 && d == 0,
-            batch: config.batch_size.max(1),
+            batch: eval_rows(config.batch_size, pipelines, self.config.micro_batches),
         };
 
         let mut tally = RunTally::new(&config);
@@ -753,6 +806,7 @@ impl Strategy for Pipeline {
                 // ZeRO 3: the rows' sums are in; a tied copy's rows summed over the
                 // stages holding it, as the whole parameter's would be.
                 Some(rows) => {
+                    rows.release_all(model)?;
                     ties.sum(&mut rows.grads, self.deadline())?;
                     let g = &mut rows.grads;
                     params.update(model, |p| replica_step.run_rows(&layout, g, skip, optimizer, p))?

@@ -154,3 +154,14 @@ impl sheaf_core::ModelPartitioner for Even {
         Ok((0..stages).map(|k| k * n / stages..(k + 1) * n / stages).collect())
     }
 }
+
+/// An evaluation pass takes a training micro-batch's samples: a pipeline's share of
+/// the global batch cut into the micro-batches (at least one sample).
+#[test]
+fn evaluation_passes_take_a_micro_batch() {
+    assert_eq!(eval_rows(8, 2, 4), 1);
+    assert_eq!(eval_rows(12, 1, 4), 3);
+    assert_eq!(eval_rows(10, 3, 2), 2);
+    assert_eq!(eval_rows(3, 1, 8), 1);
+    assert_eq!(eval_rows(0, 2, 4), 1);
+}

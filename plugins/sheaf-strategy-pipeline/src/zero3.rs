@@ -11,6 +11,11 @@
 //! goes back too. A micro-batch in flight keeps only its activations: a rank holds its
 //! rows of the stage's parameters, gradients and optimizer state, and one unit
 //! gathered. The optimizer steps those rows in place in the model's shard.
+//!
+//! With `reshard_after_forward = false` a unit gathered once stays in the piece's
+//! buffer until the step's optimizer changes the rows (FSDP2's option of that name,
+//! which torchtitan takes under pipelines): one gather a unit a step instead of two a
+//! micro-batch, for the stage's parameters held whole during the step.
 
 use std::ops::Range;
 
@@ -39,6 +44,9 @@ pub struct StageShards<'c> {
     /// micro-batches, laid out as `layout`.
     pub grads: Vec<f32>,
     wire: Vec<f32>,
+    /// Whether a gathered unit stays until the rows change, and which are gathered.
+    keep: bool,
+    gathered: Vec<bool>,
 }
 
 impl<'c> StageShards<'c> {
@@ -48,6 +56,7 @@ impl<'c> StageShards<'c> {
         model: &mut dyn Model,
         replicas: &'c dyn Communicator,
         deadline: &'c dyn Fn() -> Deadline,
+        reshard_after_forward: bool,
     ) -> Result<StageShards<'c>> {
         let count = replicas.world_size();
         let layout = model.layout().clone();
@@ -89,7 +98,7 @@ impl<'c> StageShards<'c> {
                 (0..count).map(|q| u.iter().map(|&p| rows[p][q].len() * row_len[p]).sum()).max().unwrap_or(0)
             })
             .collect();
-        let spans = units
+        let spans: Vec<Vec<Range<usize>>> = units
             .iter()
             .map(|u| {
                 let mut places: Vec<Range<usize>> = u.iter().map(|&p| piece[p].clone()).collect();
@@ -114,9 +123,11 @@ impl<'c> StageShards<'c> {
             rows,
             units,
             pad,
+            gathered: vec![false; spans.len()],
             spans,
             grads,
             wire: Vec::new(),
+            keep: !reshard_after_forward,
         })
     }
 
@@ -211,10 +222,25 @@ impl<'c> StageShards<'c> {
     pub fn start_step(&mut self) {
         self.grads.fill(0.0);
     }
+
+    /// Every unit handed back: the rows are about to change (the optimizer's step), or
+    /// changed.
+    pub fn release_all(&mut self, model: &mut dyn Model) -> Result<()> {
+        for u in 0..self.units.len() {
+            if std::mem::take(&mut self.gathered[u]) {
+                self.release(model, u)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SegmentParams for StageShards<'_> {
     fn before(&mut self, model: &mut dyn Model, seg: usize, _backward: bool) -> Result<()> {
+        if self.gathered[seg] {
+            return Ok(());
+        }
+        self.gathered[seg] = self.keep;
         self.gather(model, seg)
     }
 
@@ -222,7 +248,10 @@ impl SegmentParams for StageShards<'_> {
         if backward {
             self.reduce_scatter_add(model, seg)?;
         }
-        self.release(model, seg)
+        match self.keep {
+            true => Ok(()),
+            false => self.release(model, seg),
+        }
     }
 }
 

@@ -30,6 +30,18 @@ where
             })
         })
     }
+    fn planned_gradient_bytes(&self, input: AbiPlanInput<'_>) -> RResult<ROption<RVec<u64>>, AbiError> {
+        guard(self.plugin, "strategy planned_gradient_bytes", || {
+            let bytes = plan_input(input, |core| self.inner.planned_gradient_bytes(core))?;
+            Ok(bytes.map(RVec::from).into())
+        })
+    }
+    fn planned_parameter_bytes(&self, input: AbiPlanInput<'_>) -> RResult<ROption<RVec<u64>>, AbiError> {
+        guard(self.plugin, "strategy planned_parameter_bytes", || {
+            let bytes = plan_input(input, |core| self.inner.planned_parameter_bytes(core))?;
+            Ok(bytes.map(RVec::from).into())
+        })
+    }
 }
 
 pub fn export_strategy(plugin: &'static str, inner: Box<dyn Strategy>) -> StrategyBox {
@@ -89,6 +101,21 @@ pub(crate) struct LoadedStrategy {
     pub(crate) name: String,
 }
 
+impl LoadedStrategy {
+    /// A strategy's per-rank figures, checked to be one per rank of `world`.
+    fn per_rank(&self, bytes: ROption<RVec<u64>>, world: usize, what: &str) -> Result<Option<Vec<u64>>> {
+        match bytes.into_option() {
+            Some(b) if b.len() != world => Err(Error::invalid(format!(
+                "strategy `{}` planned {what} bytes for {} ranks of a world of {world}",
+                self.name,
+                b.len()
+            ))),
+            b => Ok(b.map(RVec::into_vec)),
+        }
+    }
+}
+
+#[deny(clippy::missing_trait_methods)]
 impl Strategy for LoadedStrategy {
     fn name(&self) -> &str {
         &self.name
@@ -97,6 +124,17 @@ impl Strategy for LoadedStrategy {
         let inner = &mut self.inner;
         let values = with_train_context("sheaf-host", ctx, |abi| inner.train(abi).into_result())?;
         TrainSummary::from_values(&values_from_abi(&values))
+    }
+    fn planned_gradient_bytes(&self, input: &PlanInput<'_>) -> Result<Option<Vec<u64>>> {
+        let bytes =
+            with_plan_input("sheaf-host", input, |abi| self.inner.planned_gradient_bytes(abi).into_result())?;
+        self.per_rank(bytes, input.world, "gradient")
+    }
+    fn planned_parameter_bytes(&self, input: &PlanInput<'_>) -> Result<Option<Vec<u64>>> {
+        let bytes = with_plan_input("sheaf-host", input, |abi| {
+            self.inner.planned_parameter_bytes(abi).into_result()
+        })?;
+        self.per_rank(bytes, input.world, "parameter")
     }
     fn plan(&self, input: &PlanInput<'_>) -> Result<StrategyPlan> {
         let plan = with_plan_input("sheaf-host", input, |abi| self.inner.plan(abi).into_result())?;

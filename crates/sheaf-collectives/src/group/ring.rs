@@ -86,6 +86,59 @@ impl Group {
         Ok(())
     }
 
+    /// Ring reduce-scatter from `input` (read, never written) into `out`, this rank's
+    /// block of the reduction: what [`Group::ring_reduce_scatter`] computes in place,
+    /// with the same messages in the same order, holding one segment of scratch
+    /// instead of a copy of the whole input (a ZeRO bucket's reduce-scatter once held
+    /// the bucket twice).
+    pub(super) fn ring_reduce_scatter_into(
+        &self,
+        input: &[u8],
+        out: &mut [u8],
+        blocks: &[Range<usize>],
+        dtype: DType,
+        op: ReduceOp,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
+        let n = self.size();
+        let (r, right, left) = (self.rank, (self.rank + 1) % n, (self.rank + n - 1) % n);
+        let mine = blocks[r].start;
+        if n == 1 {
+            out.copy_from_slice(&input[blocks[r].clone()]);
+            return Ok(());
+        }
+        let seg = segment_bytes(blocks[0].len(), dtype.size());
+        let mut first = segments(blocks[(r + n - 1) % n].clone(), seg).peekable();
+        for piece in first.by_ref().take(AHEAD) {
+            self.send_to(right, TagClass::ReduceScatter, 0, &input[piece], dl)?;
+        }
+        let mut scratch = Vec::new();
+        for s in 0..n - 1 {
+            // The last step's block is this rank's own: it is reduced into `out`.
+            let last = s + 2 == n;
+            let block = blocks[(r + 2 * n - s - 2) % n].clone();
+            for piece in segments(block, seg) {
+                let dst: &mut [u8] = match last {
+                    true => &mut out[piece.start - mine..piece.end - mine],
+                    false => {
+                        scratch.resize(piece.len(), 0);
+                        &mut scratch[..]
+                    }
+                };
+                dst.copy_from_slice(&input[piece.clone()]);
+                self.recv_to(left, TagClass::ReduceScatter, s as u32, dst, Some((dtype, op)), dl)?;
+                if !last {
+                    self.send_to(right, TagClass::ReduceScatter, s as u32 + 1, dst, dl)?;
+                }
+                if let Some(next) = first.next() {
+                    self.send_to(right, TagClass::ReduceScatter, 0, &input[next], dl)?;
+                }
+            }
+        }
+        debug_assert!(first.peek().is_none());
+        Ok(())
+    }
+
     /// Ring allgather in place: each rank starts with its own block filled and ends
     /// with every block. Pipelined in segments like [`Group::ring_reduce_scatter`].
     pub(super) fn ring_allgather(
