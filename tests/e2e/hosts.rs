@@ -295,6 +295,45 @@ fn fully_sharded_parameters_within_and_across_hosts_equal_one_process() {
     }
 }
 
+/// The launchers of 2 hosts plan the world their workers plan: under HSDP
+/// (`zero_scope = "host"`) each rank holds half the parameters (its host's 2 ranks
+/// share them), not a quarter, so a memory limit between the two plans is refused by
+/// both launchers before any worker starts (each launcher once planned a world of one
+/// host, sharding over all 4, and let its workers find the excess).
+#[test]
+fn launchers_plan_host_sharding_as_their_workers_do() {
+    let mut sets: Vec<&str> = SETS.to_vec();
+    sets.extend([
+        "train.optimizer=\"adamw\"",
+        "parallel.options.data-parallel.zero=3",
+        "parallel.options.data-parallel.zero_scope=\"host\"",
+        "transport.plugin=\"zmq-tcp\"",
+    ]);
+    let plan = |local: &str| -> f64 {
+        let mut cmd = Command::new(sheaf_bin());
+        cmd.args(["plan", "-n", "4", "--json"]).args(sets.iter().flat_map(|s| ["--set", *s]));
+        cmd.env_remove("SHEAF_PLUGIN_PATH").env("LOCAL_WORLD_SIZE", local).env("WORLD_SIZE", "4");
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rows[0]["total"].as_f64().unwrap() / (1 << 20) as f64
+    };
+    let (per_host, per_world) = (plan("2"), plan("4"));
+    assert!(per_host > per_world, "HSDP plans {per_host} MiB a rank, sharding over the world {per_world}");
+    let limit = format!("compute.memory_limit_mb={}", (per_host + per_world) / 2.0);
+    sets.push(&limit);
+    let hosts = Hosts::new();
+    let (d0, d1) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for (node, out) in hosts.launch(2, None, &sets, &[d0.path(), d1.path()]).iter().enumerate() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "node {node}: {err}");
+        assert!(
+            err.contains("compute.memory_limit_mb") && !err.contains("[launch] rank"),
+            "node {node}: {err}"
+        );
+    }
+}
+
 /// torchrun's flags checked against each other, naming the flag.
 #[test]
 fn multi_node_flags_are_checked() {

@@ -379,6 +379,15 @@ fn launch_job(
     }
     let mut parsed = sheaf_job::job::load_job(job_file.as_deref(), &job.overrides)?;
     parsed.transport.resolve(nodes.nnodes > 1);
+    // The plan below is the one the workers make, read from the variables each of them
+    // gets: a strategy that shards within a host (ZeRO 3's `zero_scope = "host"`) or
+    // chooses by the workers sharing its cores reads this host's ranks and the world's
+    // from them, and without them here planned a world of one host.
+    for (var, value) in [("LOCAL_WORLD_SIZE", workers), ("WORLD_SIZE", workers * nodes.nnodes)] {
+        if std::env::var_os(var).is_none() {
+            std::env::set_var(var, value.to_string());
+        }
+    }
     let registry = cli.registry_for(&parsed);
     // The transports the workers will ask for, found here so that a job naming one no
     // plugin provides fails once, before any worker starts.
