@@ -225,7 +225,8 @@ fn fully_sharded_stages_equal_replicated_stages() {
 /// communication thread (`overlap = true`) runs the same collectives in the same order
 /// on the same values as without: a GPT at world 3 (uneven shards) and the default MLP
 /// at world 2, clipped and accumulated over 2 micro-batches, end with the same
-/// parameters bit for bit; and it does overlap, by the trace's clock.
+/// parameters bit for bit, and so do units kept gathered until the optimizer's step
+/// (`reshard_after_forward = false`); and it does overlap, by the trace's clock.
 #[test]
 fn fully_sharded_overlap_changes_nothing_bit_for_bit() {
     let data = tempfile::tempdir().unwrap();
@@ -233,7 +234,7 @@ fn fully_sharded_overlap_changes_nothing_bit_for_bit() {
     let gpt = gpt.to_str().unwrap();
     let mlp = ["train.optimizer=\"adamw\"", "train.grad_clip=0.5", "train.grad_accum=2", "train.max_steps=6"];
     for (world, file, sets) in [("3", gpt, vec!["model.n_layer=3"]), ("2", "", mlp.to_vec())] {
-        let run = |overlap: &str| {
+        let run = |overlap: &str, reshard: &str| {
             let dir = tempfile::tempdir().unwrap();
             let mut args = vec!["launch", "-n", world];
             if !file.is_empty() {
@@ -241,14 +242,18 @@ fn fully_sharded_overlap_changes_nothing_bit_for_bit() {
             }
             let (stage, overlap) =
                 (format!("{ZERO}=3"), format!("parallel.options.data-parallel.overlap={overlap}"));
-            for s in sets.iter().copied().chain([stage.as_str(), overlap.as_str()]) {
+            let reshard = format!("parallel.options.data-parallel.reshard_after_forward={reshard}");
+            for s in sets.iter().copied().chain([stage.as_str(), overlap.as_str(), reshard.as_str()]) {
                 args.extend(["--set", s]);
             }
             crate::training::ok(&sheaf(&args, dir.path()));
             (bits(&checkpoint(dir.path())), crate::training::collectives_during_compute(dir.path()))
         };
-        let ((overlapped, during), (serial, never)) = (run("true"), run("false"));
+        let ((overlapped, during), (serial, never)) = (run("true", "true"), run("false", "true"));
         assert!(overlapped == serial, "world {world} {file:?}: overlap changed the parameters");
+        // Units kept gathered through the step: the same reductions on the same values.
+        let (kept, _) = run("false", "false");
+        assert!(kept == serial, "world {world} {file:?}: units kept gathered changed the parameters");
         // And overlapped in time: gathers and reduce-scatters while the model computes,
         // by the trace's clock, on every rank of the GPT (the MLP's 3 units leave too
         // little to overlap to count on: 0 to 2 per rank); none without `overlap`.

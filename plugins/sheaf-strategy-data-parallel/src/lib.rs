@@ -94,6 +94,11 @@ pub struct DataParallelConfig {
     /// `host` (the ranks of each host, `LOCAL_WORLD_SIZE` of them, the hosts holding
     /// replicas of one another: HSDP), so the gathers stay inside a host.
     pub zero_scope: ZeroScope,
+    /// Under ZeRO stage 3: whether a unit's gathered parameters go as soon as the model
+    /// has run it (true, the default, FSDP2's: two gathers a unit a micro-batch), or
+    /// stay until the optimizer changes the rows (one gather a unit a step, the model
+    /// held whole while it trains).
+    pub reshard_after_forward: bool,
 }
 
 /// See [`DataParallelConfig::zero_scope`].
@@ -116,6 +121,7 @@ impl Default for DataParallelConfig {
             grad_dtype: GradDType::F32,
             zero: 0,
             zero_scope: ZeroScope::World,
+            reshard_after_forward: true,
         }
     }
 }
@@ -137,6 +143,12 @@ impl DataParallelConfig {
             return Err(Error::config(
                 "parallel.options.data-parallel.zero_scope",
                 "shards parameters within each host, which only ZeRO stage 3 does (zero = 3)",
+            ));
+        }
+        if !config.reshard_after_forward && config.zero != 3 {
+            return Err(Error::config(
+                "parallel.options.data-parallel.reshard_after_forward",
+                "applies to zero = 3 only (the parameters sharded by rows)",
             ));
         }
         match config.zero {
@@ -292,6 +304,17 @@ impl Strategy for DataParallel {
     /// models; the plan assumes one, a step being at most a block) a buffer of a bucket
     /// and a step beside the buckets on their way, as `train` sizes them. Other stages:
     /// the host's reckoning.
+    /// ZeRO stage 3 keeping its gathered units through the step holds its rows and,
+    /// while it trains, the whole model's parameters.
+    fn planned_parameter_bytes(&self, input: &PlanInput<'_>) -> Result<Option<Vec<u64>>> {
+        if self.config.zero != 3 || self.config.reshard_after_forward {
+            return Ok(None);
+        }
+        let total = input.blocks.iter().map(|b| b.params).sum::<u64>();
+        let rows = total.div_ceil(self.config.shard_count(input.world)? as u64);
+        Ok(Some(vec![4 * (total + rows); input.world]))
+    }
+
     fn planned_gradient_bytes(&self, input: &PlanInput<'_>) -> Result<Option<Vec<u64>>> {
         if self.config.zero != 2 {
             return Ok(None);

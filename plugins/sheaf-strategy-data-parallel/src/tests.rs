@@ -808,4 +808,14 @@ fn zero_2_plans_its_chunk_and_window() {
     // Buckets as large as the model: no window is smaller than the whole sum.
     let whole = planned(r#"{"zero": 2, "bucket_mb": 64}"#).unwrap();
     assert_eq!(whole, vec![4 * (total / 4 + total); 4]);
+    // ZeRO 3 keeping its units gathered holds the model whole beside its rows.
+    let parameters = |json: &str| {
+        let s = DataParallel { config: DataParallelConfig::parse(json).unwrap() };
+        sheaf_core::Strategy::planned_parameter_bytes(&s, &input).unwrap()
+    };
+    assert_eq!(parameters(r#"{"zero": 3}"#), None);
+    let kept = parameters(r#"{"zero": 3, "reshard_after_forward": false}"#).unwrap();
+    assert_eq!(kept, vec![4 * (total + total / 4); 4]);
+    let e = DataParallelConfig::parse(r#"{"zero": 2, "reshard_after_forward": false}"#).unwrap_err();
+    assert!(e.to_string().contains("reshard_after_forward"), "{e}");
 }

@@ -50,7 +50,8 @@ impl DataParallel {
             false => (None, None),
         };
         let shard_comm: &dyn Communicator = shards.as_deref().unwrap_or(comm);
-        let units = Units::new(model, shard_comm, dl(), self.config.overlap())?;
+        let mut units = Units::new(model, shard_comm, dl(), self.config.overlap())?;
+        units.keep = !self.config.reshard_after_forward;
         let total_steps = config.total_steps(train.len());
         let wire_dtype = self.config.grad_dtype;
         // This rank's rows' summed gradient, and the buffers a pass reuses.
@@ -100,6 +101,8 @@ impl DataParallel {
             shard_comm.allreduce(bytemuck::cast_slice_mut(&mut squares), DType::F64, ReduceOp::Sum, dl())?;
             let grad_norm = clip_to(&mut shard_grads, squares[0], config.grad_clip);
             optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
+            // The rows change: units kept gathered are stale from here.
+            bufs.borrow_mut().release_kept();
             optimizer.step(&mut units.layout.params(own(model)?, &shard_grads))?;
             let done = StepDone {
                 epoch: group.last().map_or(0, |(e, _)| *e),
@@ -122,6 +125,10 @@ pub struct Units {
     /// Whether the next unit's gather (and, in the backward pass, the last unit's
     /// reduce-scatter) runs on a communication thread beside the model's work.
     overlap: bool,
+    /// Whether a gathered unit stays gathered (in `PassBufs::kept`) until the rows
+    /// change, instead of going as soon as it has run (`reshard_after_forward = false`;
+    /// its passes run on the training thread: after the first, nothing to prefetch).
+    pub keep: bool,
     /// The model's (this rank's shard's) layout.
     pub layout: ParamLayout,
     units: Vec<Unit>,
@@ -195,7 +202,7 @@ impl Units {
                 Unit { params, whole, row_len, rows, pad, len }
             })
             .collect();
-        Ok(Units { world, overlap, layout, units })
+        Ok(Units { world, overlap, keep: false, layout, units })
     }
 
     pub fn count(&self) -> usize {
@@ -322,6 +329,20 @@ impl Units {
             model.unit_begin(batch, train)?;
         }
         let n = self.count();
+        if self.keep {
+            let mut end = None;
+            for u in 0..n {
+                self.kept(u, model, b, comm, deadline)?;
+                if batch.is_some() {
+                    end = model.unit_forward(u, &b.kept[u])?;
+                }
+            }
+            return match (batch, end) {
+                (None, _) => Ok((0.0, 0)),
+                (Some(_), Some(end)) => Ok(end),
+                (Some(_), None) => Err(Error::BadState("the model's last unit gave no loss".into())),
+            };
+        }
         self.gather(0, own(model)?, &mut b.unit, &mut b.wire, comm, deadline())?;
         let mut end = None;
         for u in 0..n {
@@ -371,6 +392,19 @@ impl Units {
         comm: &dyn Communicator,
         deadline: &dyn Fn() -> Deadline,
     ) -> Result<()> {
+        if self.keep {
+            for u in (0..self.count()).rev() {
+                self.kept(u, model, b, comm, deadline)?;
+                b.grads.clear();
+                b.grads.resize(self.units[u].len, 0.0);
+                if ran {
+                    let params = if u == 0 { &[][..] } else { &b.kept[u][..] };
+                    model.unit_backward(u, params, &mut b.grads)?;
+                }
+                self.reduce_scatter_add(u, &b.grads, share, shard, &mut b.wire, dtype, comm, deadline())?;
+            }
+            return Ok(());
+        }
         // The unit whose gradient waits in `b.sent` for its reduce-scatter.
         let mut pending = None;
         for u in (0..self.count()).rev() {
@@ -388,7 +422,7 @@ impl Units {
                     self.pack(u - 1, own(model)?, &mut b.next_wire);
                 }
                 let dl = deadline();
-                let PassBufs { unit, next, grads, sent, wire, next_wire } = b;
+                let PassBufs { unit, next, grads, sent, wire, next_wire, .. } = b;
                 let shard = &mut *shard;
                 let communicate = || -> Result<()> {
                     if let Some(p) = pending {
@@ -417,6 +451,27 @@ impl Units {
         }
         if let Some(p) = pending {
             self.reduce_scatter_add(p, &b.sent, share, shard, &mut b.wire, dtype, comm, deadline())?;
+        }
+        Ok(())
+    }
+
+    /// Unit `u` gathered into `b.kept[u]`, unless it is there since the rows last
+    /// changed.
+    fn kept(
+        &self,
+        u: usize,
+        model: &mut dyn Model,
+        b: &mut PassBufs,
+        comm: &dyn Communicator,
+        deadline: &dyn Fn() -> Deadline,
+    ) -> Result<()> {
+        if b.kept.len() != self.count() {
+            b.kept.resize_with(self.count(), Vec::new);
+            b.fresh.resize(self.count(), false);
+        }
+        if !b.fresh[u] {
+            self.gather(u, own(model)?, &mut b.kept[u], &mut b.wire, comm, deadline())?;
+            b.fresh[u] = true;
         }
         Ok(())
     }
@@ -466,15 +521,30 @@ pub struct PassBufs {
     next: Vec<f32>,
     sent: Vec<f32>,
     next_wire: Vec<f32>,
+    /// Units kept gathered (`Units::keep`), and whether each is since the rows last
+    /// changed.
+    kept: Vec<Vec<f32>>,
+    fresh: Vec<bool>,
 }
 
 impl PassBufs {
     /// The values the buffers hold at most.
     pub fn capacity(&self) -> usize {
+        let kept: usize = self.kept.iter().map(Vec::capacity).sum();
         [&self.unit, &self.grads, &self.wire, &self.next, &self.sent, &self.next_wire]
             .iter()
             .map(|v| v.capacity())
-            .sum()
+            .sum::<usize>()
+            + kept
+    }
+
+    /// Units kept gathered handed back to the kernel: the rows are about to change.
+    pub fn release_kept(&mut self) {
+        for (k, fresh) in self.kept.iter_mut().zip(&mut self.fresh) {
+            if std::mem::take(fresh) {
+                sheaf_train::zero_release(k);
+            }
+        }
     }
 }
 
