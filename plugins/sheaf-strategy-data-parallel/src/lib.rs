@@ -379,8 +379,16 @@ impl Strategy for DataParallel {
         };
         let full = (stage >= 2 && window.is_none()) || (stage < 2 && config.grad_accum > 1);
         let mut grads = vec![0f32; if full { total } else { 0 }];
-        let shards = (stage >= 1).then(|| Shards::new(&layout, &buckets, rank, world));
-        let mut shard_grads = vec![0f32; shards.as_ref().map_or(0, Shards::len)];
+        // Stage 1 reduce-scatters the full-size sum into its own front (buckets taken
+        // in increasing order for that), stage 2 into a shard of its own.
+        let mut ascending = buckets.clone();
+        ascending.sort_by_key(|b| b.start);
+        let shards = match stage {
+            0 => None,
+            1 => Some(Shards::new(&layout, &ascending, rank, world)),
+            _ => Some(Shards::new(&layout, &buckets, rank, world)),
+        };
+        let mut shard_grads = vec![0f32; if stage >= 2 { shards.as_ref().map_or(0, Shards::len) } else { 0 }];
         let gradient_bytes =
             4 * (grads.len() + reduced.len() + shard_grads.len() + held.len() + in_flight) as u64;
         // A resumed run goes on from its checkpoint's step (the host restored the
@@ -463,32 +471,26 @@ impl Strategy for DataParallel {
                     (grad_norm, f64::from(reduced[total]))
                 }
                 Some(shards) => {
-                    let local_loss = if stage >= 2 {
-                        scattered_loss
+                    let (local_loss, shard) = if stage >= 2 {
+                        (scattered_loss, &mut shard_grads[..])
                     } else {
-                        let wire = self.config.grad_dtype;
-                        zero::reduce_scatter(
-                            shards,
-                            comm,
-                            &reduced[..total],
-                            &mut shard_grads,
-                            wire,
-                            || self.deadline(),
-                        )?;
-                        reduced[total]
+                        let (wire, loss) = (self.config.grad_dtype, reduced[total]);
+                        let sums = &mut reduced[..total];
+                        zero::reduce_scatter_in_place(shards, comm, sums, wire, || self.deadline())?;
+                        (loss, &mut reduced[..shards.len()])
                     };
                     // The loss and the squares of every rank's chunks, summed.
-                    let mut sums = [f64::from(local_loss), sum_of_squares(&shard_grads)];
+                    let mut sums = [f64::from(local_loss), sum_of_squares(shard)];
                     comm.allreduce(
                         bytemuck::cast_slice_mut(&mut sums),
                         DType::F64,
                         ReduceOp::Sum,
                         self.deadline(),
                     )?;
-                    let grad_norm = clip_to(&mut shard_grads, sums[1], config.grad_clip);
+                    let grad_norm = clip_to(shard, sums[1], config.grad_clip);
                     optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
                     params.update(model, |p| {
-                        shards.step(optimizer, p, &shard_grads)?;
+                        shards.step(optimizer, p, shard)?;
                         shards.allgather(comm, p, || self.deadline())
                     })?;
                     // As plain data parallelism reports it: rounded to f32.

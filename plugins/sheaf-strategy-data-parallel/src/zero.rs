@@ -4,7 +4,8 @@
 //! Each gradient bucket (see `buckets`) is cut in `world` chunks, rank `r` owning chunk
 //! `r` of every bucket ([`Shards`], shared with the pipeline's replicas). Stage 1 sums
 //! a step's gradients over its micro-batches in a full-size buffer and reduce-scatters
-//! it bucket by bucket after the backward pass ([`reduce_scatter`]). Stage 2 holds no
+//! it bucket by bucket after the backward pass, into its own front
+//! ([`reduce_scatter_in_place`]). Stage 2 holds no
 //! full-size reduced gradient: each micro-batch's buckets are reduce-scattered on the
 //! communication thread as the backward pass finishes them and summed into this rank's
 //! chunks ([`scatter_add`], driven by `Exchange::scatter`). Either way each rank ends
@@ -20,16 +21,17 @@ use crate::buckets::{narrow, widen};
 use crate::GradDType;
 
 /// Stage 1's reduce-scatter: each bucket of `grads` (the whole model's, this rank's
-/// weighted share) into `shard`, this rank's chunks of the sum in bucket order.
-pub fn reduce_scatter(
+/// weighted share) reduce-scattered, this rank's chunks of the sum gathered at the
+/// front of `grads` in bucket order (`grads[..shards.len()]` is the shard afterwards;
+/// see [`Shards::reduce_scatter_in_place`]).
+pub fn reduce_scatter_in_place(
     shards: &Shards,
     comm: &dyn Communicator,
-    grads: &[f32],
-    shard: &mut [f32],
+    grads: &mut [f32],
     wire: GradDType,
     deadline: impl Fn() -> Deadline,
 ) -> Result<()> {
-    shards.reduce_scatter_with(grads, shard, |input, out| {
+    shards.reduce_scatter_in_place(grads, |input, out| {
         reduce_scatter_bucket(comm, input, out, wire, deadline())
     })
 }
