@@ -494,6 +494,33 @@ fn a_plugin_built_for_abi_1_0_loads_into_later_minors_with_their_defaults() {
     );
 }
 
+/// Transports say what they are (ABI 1.2), so the host asks instead of naming them:
+/// shared memory reaches a host, keeps 4 MiB rings per peer resident and is preferred
+/// there; ZeroMQ's TCP reaches across hosts, its IPC within one; the C transport, whose
+/// ABI cannot say, is taken as network reach with no preference (so `auto` never picks
+/// it over one that says more).
+#[test]
+fn transports_say_their_reach() {
+    let c_dir = Path::new(env!("SHEAF_C_TRANSPORT")).parent().unwrap();
+    let rows = plugins_json(Some(c_dir), true);
+    let said = |file: &str, name: &str| -> (String, u64, Option<u64>) {
+        let t =
+            row(&rows, file)["transports"].as_array().unwrap().iter().find(|t| t["name"] == name).cloned();
+        let t = t.unwrap_or_else(|| panic!("{file}: no transport {name}"));
+        assert!(t["error"].is_null(), "{t}");
+        (
+            t["reach"].as_str().unwrap().into(),
+            t["preference"].as_u64().unwrap(),
+            t["resident_bytes_per_peer"].as_u64(),
+        )
+    };
+    assert_eq!(said("libsheaf_transport_shm.so", "shm"), ("host".into(), 100, Some(4 << 20)));
+    assert_eq!(said("libsheaf_transport_zmq.so", "zmq-tcp"), ("network".into(), 10, None));
+    assert_eq!(said("libsheaf_transport_zmq.so", "zmq-ipc"), ("host".into(), 50, None));
+    let c_file = Path::new(env!("SHEAF_C_TRANSPORT")).file_name().unwrap().to_str().unwrap();
+    assert_eq!(said(c_file, "unix-c"), ("network".into(), 0, None));
+}
+
 /// The exit codes `sheaf --help` lists: a command whose own output cannot be written
 /// (standard output a full device) failed (1), which is not a bad command line (2).
 #[test]

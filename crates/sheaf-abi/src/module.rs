@@ -8,7 +8,7 @@ use abi_stable::std_types::{RResult, RStr, RString, RVec};
 use abi_stable::StableAbi;
 use sheaf_core::{
     ComputeBackend, DataPartitioner, Error, Link, ModelPartitioner, Optimizer, PluginKind, Provided, Result,
-    Strategy,
+    Strategy, TransportInfo,
 };
 
 use crate::adapters::{guard, to_abi};
@@ -51,6 +51,11 @@ pub struct PluginMod {
     pub new_compute: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<ComputeBox, AbiError>,
     #[sabi(last_prefix_field)]
     pub new_strategy: extern "C" fn(RStr<'_>, RStr<'_>) -> RResult<StrategyBox, AbiError>,
+    /// (1.2.) What a transport the plugin provides says of itself
+    /// ([`sheaf_core::TransportInfo::encode`]'s text); absent from a plugin built
+    /// before 1.2, whose transports the host takes as network reach.
+    #[sabi(missing_field(option))]
+    pub transport_info: extern "C" fn(RStr<'_>) -> RResult<RString, AbiError>,
 }
 
 impl RootModule for PluginModRef {
@@ -119,6 +124,14 @@ pub trait Plugin: 'static {
         let _ = config;
         Err(unsupported::<Self>(PluginKind::Strategy, name))
     }
+
+    /// (1.2.) What transport `name` says of itself before it connects: its reach, the
+    /// buffers it keeps resident, its preference among those of its reach. The default,
+    /// for a plugin that says nothing: network reach.
+    fn transport_info(name: &str) -> Result<TransportInfo> {
+        let _ = name;
+        Ok(TransportInfo::network())
+    }
 }
 
 fn unsupported<P: Plugin + ?Sized>(kind: PluginKind, name: &str) -> Error {
@@ -179,6 +192,10 @@ extern "C" fn new_strategy<P: Plugin>(name: RStr<'_>, config: RStr<'_>) -> RResu
     })
 }
 
+extern "C" fn transport_info<P: Plugin>(name: RStr<'_>) -> RResult<RString, AbiError> {
+    guard(P::NAME, "transport_info", || Ok(P::transport_info(name.as_str())?.encode().into()))
+}
+
 /// The root module for plugin `P`; called by [`crate::export_plugin!`].
 pub fn root_module<P: Plugin>() -> PluginModRef {
     PluginMod {
@@ -189,6 +206,7 @@ pub fn root_module<P: Plugin>() -> PluginModRef {
         new_link: new_link::<P>,
         new_compute: new_compute::<P>,
         new_strategy: new_strategy::<P>,
+        transport_info: transport_info::<P>,
     }
     .leak_into_prefix()
 }

@@ -32,7 +32,7 @@ pub use error::{CommError, Error, Op, Result};
 pub use optim::{OptimState, Optimizer, Param};
 pub use partition::{DataPartitioner, ModelPartitioner};
 pub use piece::Piece;
-pub use plugin::{PluginKind, Provided};
+pub use plugin::{PluginKind, Provided, Reach, TransportInfo};
 pub use report::NamedValue;
 pub use rng::SplitMix64;
 pub use strategy::{

@@ -50,18 +50,19 @@ impl PlannedBytes {
 }
 
 /// Bytes a transport's buffers hold per rank at most, for messages of at most
-/// `largest` bytes in a world of `world` ranks. Shared memory: the rings this rank reads
-/// (4 MiB from each peer, prefaulted by their reader, so resident). ZeroMQ (and a
-/// transport it does not know): the frames in flight to and from its two ring
-/// neighbours, a message or the 16 MiB credit window each way, whichever is less.
-fn communication_bytes(transport: &str, world: usize, largest: u64) -> u64 {
+/// `largest` bytes in a world of `world` ranks, as the transport says of itself
+/// (`plan.transport`): the buffers it keeps resident for each peer where that is fixed
+/// (shared memory's rings, prefaulted by their reader), or else the frames in flight to
+/// and from its two ring neighbours, a message or ZeroMQ's 16 MiB credit window each
+/// way, whichever is less.
+fn communication_bytes(transport: &sheaf_core::TransportInfo, world: usize, largest: u64) -> u64 {
     if world < 2 {
         return 0;
     }
     const MIB: u64 = 1 << 20;
-    match transport {
-        "shm" => 4 * MIB * (world as u64 - 1),
-        _ => 2 * largest.min(16 * MIB),
+    match transport.resident_bytes_per_peer {
+        Some(per_peer) => per_peer * (world as u64 - 1),
+        None => 2 * largest.min(16 * MIB),
     }
 }
 
@@ -89,8 +90,8 @@ fn reckoned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     let optimizer_state = held - 8 * values;
     if r.param_shard.is_some() {
         return match plan.stage_interface {
-            true => sharded_piece(job, plan, rank, values, optimizer_state, activations),
-            false => sharded(job, plan, values, optimizer_state, activations),
+            true => sharded_piece(plan, rank, values, optimizer_state, activations),
+            false => sharded(plan, values, optimizer_state, activations),
         };
     }
     let shards = r.state_shards.max(1);
@@ -104,7 +105,7 @@ fn reckoned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
     let replicas = plan.ranks.iter().filter(|o| o.piece == r.piece).count();
     let summed = if replicas > 1 { 4 * (values + 1) } else { 0 };
     let exchanged = if plan.is_model_parallel() { activations } else { 0 };
-    let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), summed.max(exchanged));
+    let communication = communication_bytes(&plan.transport, plan.ranks.len(), summed.max(exchanged));
     let parameters = 4 * values;
     PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
 }
@@ -116,7 +117,7 @@ fn reckoned(job: &Job, plan: &Plan, rank: usize) -> PlannedBytes {
 /// largest unit (its parameters, its gradient, its parts on the wire) and the model
 /// keeps the root, with the root's gradient beside it (a block runs on the buffer it
 /// is lent).
-fn sharded(job: &Job, plan: &Plan, values: u64, optimizer_state: u64, activations: u64) -> PlannedBytes {
+fn sharded(plan: &Plan, values: u64, optimizer_state: u64, activations: u64) -> PlannedBytes {
     let blocks: Vec<u64> = plan.info.blocks.iter().map(|b| b.params).collect();
     let block = blocks.iter().copied().max().unwrap_or(0);
     let root = match blocks.as_slice() {
@@ -127,7 +128,7 @@ fn sharded(job: &Job, plan: &Plan, values: u64, optimizer_state: u64, activation
     let kept = 4 * root;
     let parameters = 4 * values + 2 * largest + kept;
     let gradients = 4 * values + largest + kept;
-    let communication = communication_bytes(job.transport.plugin(), plan.ranks.len(), largest);
+    let communication = communication_bytes(&plan.transport, plan.ranks.len(), largest);
     PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
 }
 
@@ -138,7 +139,6 @@ fn sharded(job: &Job, plan: &Plan, values: u64, optimizer_state: u64, activation
 /// and this one's). A unit is one of the stage's blocks; a tied head's embedding runs
 /// with the head. The stage also exchanges activations with its neighbours.
 fn sharded_piece(
-    job: &Job,
     plan: &Plan,
     rank: usize,
     values: u64,
@@ -172,7 +172,7 @@ fn sharded_piece(
     let part = largest.div_ceil(count);
     let wire = largest + part;
     let message = part.max(activations);
-    let communication = wire + communication_bytes(job.transport.plugin(), plan.ranks.len(), message);
+    let communication = wire + communication_bytes(&plan.transport, plan.ranks.len(), message);
     PlannedBytes::of(parameters, gradients, optimizer_state, activations, communication)
 }
 

@@ -6,7 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use sheaf_core::{ComputeBackend, ModelInfo, ModelSpec, Piece, PieceLayout, PlanInput, RankPlan, Strategy};
+use sheaf_core::{
+    ComputeBackend, ModelInfo, ModelSpec, Piece, PieceLayout, PlanInput, RankPlan, Reach, Strategy,
+    TransportInfo,
+};
 
 use crate::job::Job;
 use sheaf_plugins::{HostError, Registry};
@@ -30,6 +33,9 @@ pub struct Plan {
     pub gradient_bytes: Option<Vec<u64>>,
     /// Likewise its parameter bytes (`Strategy::planned_parameter_bytes`).
     pub parameter_bytes: Option<Vec<u64>>,
+    /// What the job's transport says of itself (under `auto`, the one it connects
+    /// across hosts), for the buffers it holds.
+    pub transport: TransportInfo,
 }
 
 /// Values of state per parameter a plan assumes of an optimizer that does not say
@@ -148,6 +154,10 @@ pub fn plan(
         state_values_per_param,
         gradient_bytes: strategy.planned_gradient_bytes(&input).map_err(|e| job_err(e.to_string()))?,
         parameter_bytes: strategy.planned_parameter_bytes(&input).map_err(|e| job_err(e.to_string()))?,
+        transport: match job.transport.plugin() {
+            "auto" => registry.transport_info(&registry.preferred_transport(Reach::Network)?)?,
+            name => registry.transport_info(name)?,
+        },
     };
     check_memory(job, &plan)?;
     Ok(plan)

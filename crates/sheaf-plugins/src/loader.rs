@@ -7,6 +7,7 @@ use abi_stable::std_types::RStr;
 use sheaf_abi::{abi_version_compatible, PluginModRef, ABI_VERSION};
 use sheaf_core::{
     ComputeBackend, DataPartitioner, Link, ModelPartitioner, Optimizer, PluginKind, Provided, Strategy,
+    TransportInfo,
 };
 
 /// Why a library could not be used as a plugin. Every message names the file.
@@ -142,6 +143,19 @@ impl LoadedPlugin {
         match &self.module {
             Module::CTransport(c) => c.link(config),
             _ => build!(self, new_link, link, name, config)?,
+        }
+    }
+
+    /// What transport `name` says of itself: a Rust plugin of ABI 1.2 or later answers;
+    /// an earlier one's root module lacks the factory, and a C transport's table has no
+    /// such entry, so theirs are taken as network reach.
+    pub(crate) fn transport_info(&self, name: &str) -> sheaf_core::Result<TransportInfo> {
+        match &self.module {
+            Module::Rust(m) => match m.transport_info() {
+                Some(f) => TransportInfo::decode(f(RStr::from_str(name)).into_result()?.as_str()),
+                None => Ok(TransportInfo::network()),
+            },
+            Module::CTransport(_) => Ok(TransportInfo::network()),
         }
     }
 }

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use serde::Serialize;
-use sheaf_core::{ComputeBackend, DataPartitioner, Link, ModelPartitioner, Optimizer, PluginKind, Strategy};
+use sheaf_core::{
+    ComputeBackend, DataPartitioner, Link, ModelPartitioner, Optimizer, PluginKind, Reach, Strategy,
+    TransportInfo,
+};
 
 use crate::{candidates, load_plugin, HostError, LoadError, LoadedPlugin, SearchDir};
 
@@ -22,6 +25,20 @@ pub struct PluginInfo {
     pub skipped: Option<String>,
     /// Components this library provides that another loaded library provides too.
     pub conflicts: Vec<String>,
+    /// What each transport it provides says of itself.
+    pub transports: Vec<TransportRow>,
+}
+
+/// A transport as it describes itself (`sheaf plugins`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TransportRow {
+    pub name: String,
+    /// `host` or `network`.
+    pub reach: String,
+    pub preference: u32,
+    pub resident_bytes_per_peer: Option<u64>,
+    /// Why it could not say, when it could not.
+    pub error: Option<String>,
 }
 
 /// Which library supplied a component of a run (`summary.json`'s `components`).
@@ -139,6 +156,28 @@ impl Registry {
                     format!("{key} also in {}", others.join(", "))
                 })
                 .collect(),
+            transports: p
+                .manifest
+                .provides
+                .iter()
+                .filter(|x| x.kind == PluginKind::Transport)
+                .map(|x| match p.transport_info(&x.name) {
+                    Ok(info) => TransportRow {
+                        name: x.name.clone(),
+                        reach: if info.reach == Reach::Host { "host" } else { "network" }.into(),
+                        preference: info.preference,
+                        resident_bytes_per_peer: info.resident_bytes_per_peer,
+                        error: None,
+                    },
+                    Err(e) => TransportRow {
+                        name: x.name.clone(),
+                        reach: String::new(),
+                        preference: 0,
+                        resident_bytes_per_peer: None,
+                        error: Some(e.to_string()),
+                    },
+                })
+                .collect(),
         });
         let failed = self.failed.iter().map(|(file, e)| PluginInfo {
             file: file.display().to_string(),
@@ -155,6 +194,7 @@ impl Registry {
             error: Some(e.to_string()),
             skipped: None,
             conflicts: vec![],
+            transports: vec![],
         });
         let skipped = self.skipped.iter().map(|(file, why)| PluginInfo {
             file: file.display().to_string(),
@@ -167,6 +207,7 @@ impl Registry {
             error: None,
             skipped: Some(why.clone()),
             conflicts: vec![],
+            transports: vec![],
         });
         ok.chain(failed).chain(skipped).collect()
     }
@@ -302,5 +343,73 @@ impl Registry {
 
     pub fn link(&self, name: &str, config_json: &str) -> Result<Box<dyn Link>, HostError> {
         self.component(PluginKind::Transport, name, |p| p.link(name, config_json))
+    }
+
+    /// What transport `name` says of itself (its reach, resident buffers, preference).
+    pub fn transport_info(&self, name: &str) -> Result<TransportInfo, HostError> {
+        let plugin = self.provider(PluginKind::Transport, name)?;
+        plugin.transport_info(name).map_err(|source| HostError::Component {
+            plugin: plugin.manifest.name.clone(),
+            file: plugin.file.clone(),
+            source,
+        })
+    }
+
+    /// The transport `auto` connects over at `reach`: of those the loaded plugins
+    /// provide and can say which is theirs, the one of that reach they prefer most (by
+    /// name between equals). Fails naming what is loaded when none has that reach.
+    pub fn preferred_transport(&self, reach: Reach) -> Result<String, HostError> {
+        let mut names: Vec<String> =
+            self.provided().into_iter().filter(|p| p.kind == PluginKind::Transport).map(|p| p.name).collect();
+        names.sort();
+        names.dedup();
+        let said: Vec<(String, TransportInfo)> =
+            names.iter().filter_map(|n| Some((n.clone(), self.transport_info(n).ok()?))).collect();
+        preferred(&said, reach).ok_or_else(|| {
+            let what = match reach {
+                Reach::Host => "host",
+                _ => "network",
+            };
+            HostError::Job(format!(
+                "key `transport.plugin`: `auto` needs a transport of {what} reach, and the loaded plugins \
+                 provide none (transports: {})",
+                if names.is_empty() { "none".to_string() } else { names.join(", ") }
+            ))
+        })
+    }
+}
+
+/// Of `transports`, the name of the most preferred of `reach` (the first by name
+/// between equals).
+pub fn preferred(transports: &[(String, TransportInfo)], reach: Reach) -> Option<String> {
+    transports
+        .iter()
+        .filter(|(_, info)| info.reach == reach)
+        .min_by(|(a, x), (b, y)| y.preference.cmp(&x.preference).then(a.cmp(b)))
+        .map(|(name, _)| name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `auto`'s choice at a reach: the most preferred transport of that reach, by name
+    /// between equals, none when no transport has it; a transport that says nothing
+    /// (network, preference 0) never wins over one that says more.
+    #[test]
+    fn the_preferred_transport_of_a_reach_is_chosen() {
+        let t = |name: &str, info: TransportInfo| (name.to_string(), info);
+        let all = [
+            t("zmq-ipc", TransportInfo::host().with_preference(50)),
+            t("unix-c", TransportInfo::network()),
+            t("shm", TransportInfo::host().with_preference(100).with_resident_bytes_per_peer(4 << 20)),
+            t("zmq-tcp", TransportInfo::network().with_preference(10)),
+            t("b-net", TransportInfo::network().with_preference(10)),
+        ];
+        assert_eq!(preferred(&all, Reach::Host).as_deref(), Some("shm"));
+        assert_eq!(preferred(&all, Reach::Network).as_deref(), Some("b-net"), "equals go by name");
+        assert_eq!(preferred(&all[..2], Reach::Host).as_deref(), Some("zmq-ipc"));
+        assert_eq!(preferred(&all[..1], Reach::Network), None);
+        assert_eq!(preferred(&[], Reach::Host), None);
     }
 }

@@ -1,5 +1,6 @@
 //! The connect phase: this rank's link to the world, over a transport plugin or
-//! `auto` (shared memory inside each host, ZeroMQ between).
+//! `auto` (inside each host the preferred transport of host reach, between hosts the
+//! preferred one of network reach, as the transports say of themselves).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,10 +45,11 @@ fn host_key() -> u64 {
 }
 
 impl WorkerEnv {
-    /// This rank's link from `transport`: a plugin's, or `auto`, which connects
-    /// `zmq-tcp` across the world, learns which ranks share a host, connects `shm`
-    /// among them and routes each peer over one or the other ([`HybridLink`]); its
-    /// world group then reduces hierarchically.
+    /// This rank's link from `transport`: a plugin's, or `auto`, which connects the
+    /// preferred transport of network reach across the world (ZeroMQ's TCP, of the
+    /// bundled ones), learns which ranks share a host, connects the preferred one of
+    /// host reach among them (shared memory) and routes each peer over one or the
+    /// other ([`HybridLink`]); its world group then reduces hierarchically.
     ///
     /// [`HybridLink`]: sheaf_collectives::HybridLink
     pub fn connect(
@@ -61,7 +63,8 @@ impl WorkerEnv {
             let link = self.connect_plugin(registry, transport, connect_timeout, peer_timeout)?;
             return Ok(Connected { link, hosts: None });
         }
-        let world = self.connect_plugin(registry, "zmq-tcp", connect_timeout, peer_timeout)?;
+        let across = registry.preferred_transport(sheaf_core::Reach::Network)?;
+        let world = self.connect_plugin(registry, &across, connect_timeout, peer_timeout)?;
         if self.world_size == 1 {
             return Ok(Connected { link: world, hosts: None });
         }
@@ -92,7 +95,8 @@ impl WorkerEnv {
             world_size: mine.len(),
             ..self.clone()
         };
-        let local = local_env.connect_plugin(registry, "shm", connect_timeout, peer_timeout)?;
+        let within = registry.preferred_transport(sheaf_core::Reach::Host)?;
+        let local = local_env.connect_plugin(registry, &within, connect_timeout, peer_timeout)?;
         let link = sheaf_collectives::HybridLink::new(world, local, &mine).map_err(fail)?;
         Ok(Connected { link: Arc::new(link), hosts: Some(host_of) })
     }

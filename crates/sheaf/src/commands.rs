@@ -392,11 +392,14 @@ fn launch_job(
     // The transports the workers will ask for, found here so that a job naming one no
     // plugin provides fails once, before any worker starts.
     let transports = match parsed.transport.plugin() {
-        "auto" => vec!["zmq-tcp", "shm"],
-        one => vec![one],
+        "auto" => vec![
+            registry.preferred_transport(sheaf_core::Reach::Network)?,
+            registry.preferred_transport(sheaf_core::Reach::Host)?,
+        ],
+        one => vec![one.to_owned()],
     };
     for t in transports {
-        registry.provider(sheaf_core::PluginKind::Transport, t)?;
+        registry.provider(sheaf_core::PluginKind::Transport, &t)?;
     }
     let mut worker_args: Vec<String> = Vec::new();
     let compute = registry.compute(&parsed.compute.backend, &parsed.compute.config_json())?;

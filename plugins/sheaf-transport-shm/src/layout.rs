@@ -77,9 +77,12 @@ pub(crate) const NO_CULPRIT: u64 = u64::MAX;
 pub(crate) const PUBLISH_MAX: usize = 256 << 10;
 const _: () = assert!(PUBLISH_MAX.is_multiple_of(8) && RECORD.is_multiple_of(8));
 
+/// Each ordered pair's ring, unless the job says or the world is too large for it.
+pub(crate) const DEFAULT_RING_BYTES: usize = 4 << 20;
+
 pub(crate) fn ring_bytes(config: &ShmConfig) -> usize {
     let pairs = (config.world_size * config.world_size).max(1);
-    let want = config.ring_bytes.unwrap_or_else(|| (4 << 20).min((2usize << 30) / pairs));
+    let want = config.ring_bytes.unwrap_or_else(|| DEFAULT_RING_BYTES.min((2usize << 30) / pairs));
     want.clamp(64 << 10, 1 << 30).next_power_of_two()
 }
 

@@ -40,6 +40,16 @@ impl sheaf_abi::Plugin for ShmPlugin {
         vec![Provided { kind: PluginKind::Transport, name: "shm".into() }]
     }
 
+    /// The ranks of one host; the rings a rank reads, one from each peer (4 MiB each
+    /// by default, prefaulted by their reader), are resident; preferred within a host.
+    fn transport_info(name: &str) -> Result<sheaf_core::TransportInfo> {
+        if name != "shm" {
+            return Err(Error::invalid(format!("unknown transport `{name}` (this plugin has shm)")));
+        }
+        let ring = layout::DEFAULT_RING_BYTES as u64;
+        Ok(sheaf_core::TransportInfo::host().with_resident_bytes_per_peer(ring).with_preference(100))
+    }
+
     fn link(name: &str, config: &str) -> Result<Box<dyn Link>> {
         if name != "shm" {
             return Err(Error::config(

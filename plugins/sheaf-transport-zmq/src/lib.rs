@@ -42,6 +42,18 @@ impl sheaf_abi::Plugin for ZmqPlugin {
         ["zmq-tcp", "zmq-ipc"].map(|n| Provided { kind: PluginKind::Transport, name: n.into() }).to_vec()
     }
 
+    /// TCP reaches across hosts; IPC (Unix sockets) only within one, below shared
+    /// memory and above TCP there. Frames in flight, no fixed buffers.
+    fn transport_info(name: &str) -> Result<sheaf_core::TransportInfo> {
+        match name {
+            "zmq-tcp" => Ok(sheaf_core::TransportInfo::network().with_preference(10)),
+            "zmq-ipc" => Ok(sheaf_core::TransportInfo::host().with_preference(50)),
+            other => {
+                Err(Error::invalid(format!("unknown transport `{other}` (this plugin has zmq-tcp, zmq-ipc)")))
+            }
+        }
+    }
+
     fn link(name: &str, config: &str) -> Result<Box<dyn Link>> {
         let scheme = match name {
             "zmq-tcp" => Scheme::Tcp,
