@@ -298,7 +298,8 @@ impl ParallelSection {
 #[serde(deny_unknown_fields)]
 pub struct TransportSection {
     /// The transport plugin, or `auto`. Left out: `auto` when the world spans hosts
-    /// ([`TransportSection::resolve`]), else `zmq-tcp`.
+    /// ([`TransportSection::resolve`]), else the loaded transport of network reach
+    /// that prefers itself most (ZeroMQ's TCP, of the bundled ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin: Option<String>,
     /// Deadline of every collective and of the rendezvous, in seconds.
@@ -323,18 +324,29 @@ impl Default for TransportSection {
 }
 
 impl TransportSection {
-    /// The transport this job runs over.
+    /// The transport this job runs over, once [`TransportSection::resolve`] settled
+    /// it; `auto` before (each host's and the network's preferred transports).
     pub fn plugin(&self) -> &str {
-        self.plugin.as_deref().unwrap_or("zmq-tcp")
+        self.plugin.as_deref().unwrap_or("auto")
     }
 
-    /// Settles a transport the job left out: `auto` (shared memory inside each host,
-    /// ZeroMQ between, collectives hierarchical) when the world spans hosts, as
-    /// `sheaf launch --nnodes` and other launchers' node counts say; else `zmq-tcp`.
-    pub fn resolve(&mut self, spans_hosts: bool) {
+    /// Settles a transport the job left out, asking the loaded transports what they
+    /// are: `auto` (within each host the preferred transport of host reach, between
+    /// hosts of network reach, collectives hierarchical) when the world spans hosts, as
+    /// `sheaf launch --nnodes` and other launchers' node counts say; else the preferred
+    /// one of network reach.
+    pub fn resolve(
+        &mut self,
+        spans_hosts: bool,
+        registry: &sheaf_plugins::Registry,
+    ) -> Result<(), HostError> {
         if self.plugin.is_none() {
-            self.plugin = Some(if spans_hosts { "auto" } else { "zmq-tcp" }.into());
+            self.plugin = Some(match spans_hosts {
+                true => "auto".into(),
+                false => registry.preferred_transport(sheaf_core::Reach::Network)?,
+            });
         }
+        Ok(())
     }
 }
 
@@ -484,7 +496,7 @@ mod tests {
         assert_eq!(job.model.kind, "mlp");
         let config: serde_json::Value = serde_json::from_str(&job.model.config_json()).unwrap();
         assert_eq!(config, serde_json::json!({"layers": [64, 128, 10], "activation": "relu"}));
-        assert_eq!(job.transport.plugin(), "zmq-tcp");
+        assert_eq!(job.transport.plugin, None, "settled by the transports loaded (resolve)");
     }
 
     #[test]

@@ -154,8 +154,9 @@ pub enum Command {
     /// rank of a world set up as for `run` (used by the end-to-end tests).
     #[command(hide = true)]
     CheckCollectives {
-        #[arg(long, default_value = "zmq-tcp")]
-        transport: String,
+        /// Left out: the loaded transport of network reach preferred most.
+        #[arg(long)]
+        transport: Option<String>,
         #[arg(long, default_value_t = 20)]
         cases: u64,
         #[arg(long, default_value_t = 0)]
@@ -285,8 +286,10 @@ pub enum BenchWhat {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    #[arg(long, default_value = "zmq-tcp")]
-    pub transport: String,
+    /// The transport to measure; left out: the loaded transport of network reach
+    /// preferred most (ZeroMQ's TCP, of the bundled ones).
+    #[arg(long)]
+    pub transport: Option<String>,
     #[arg(long, default_value_t = 4096)]
     pub min_bytes: usize,
     #[arg(long, default_value_t = 64 << 20)]
@@ -376,7 +379,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
         }
         Command::BenchWorker { spec } => commands::bench_worker(&cli, spec, out),
         Command::CheckCollectives { transport, cases, seed, max_len } => {
-            commands::check_collectives(&cli, transport, *cases, *seed, *max_len, out)
+            commands::check_collectives(&cli, transport.as_deref(), *cases, *seed, *max_len, out)
         }
         Command::Plugins { json } => commands::plugins(&cli, *json, out),
     }

@@ -18,7 +18,8 @@ pub fn run_worker(cli: &Cli, args: &JobArgs, out: &mut dyn Write) -> Result<(), 
     let (job_file, run_dir, resume) = args.resolve()?;
     let mut job = sheaf_job::job::load_job(job_file.as_deref(), &args.overrides)?;
     let env = sheaf_runtime::WorkerEnv::from_env()?;
-    job.transport.resolve(env.spans_hosts);
+    let registry = cli.registry_for(&job);
+    job.transport.resolve(env.spans_hosts, &registry)?;
     let opts = sheaf_runtime::worker::RunOptions {
         run_dir: Some(run_dir),
         env,
@@ -26,7 +27,6 @@ pub fn run_worker(cli: &Cli, args: &JobArgs, out: &mut dyn Write) -> Result<(), 
         init_from: args.init_from.clone(),
         resume,
     };
-    let registry = cli.registry_for(&job);
     sheaf_runtime::worker::run_worker(&job, &registry, &opts)?;
     if opts.env.rank == 0 {
         let dir = opts.run_dir.as_ref().expect("set above");
@@ -77,11 +77,12 @@ pub fn plan(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), HostError> {
-    let job = sheaf_job::job::load_job(job, overrides)?;
+    let mut job = sheaf_job::job::load_job(job, overrides)?;
     if workers == 0 {
         return Err(HostError::Usage("-n 0: a world needs at least one rank".into()));
     }
     let registry = cli.registry_for(&job);
+    job.transport.resolve(false, &registry)?;
     let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
     let data = sheaf_job::data::load(&job, &registry, compute.as_ref())?;
     // The budget is checked below, after the table is printed.
@@ -170,7 +171,10 @@ pub fn bench(cli: &Cli, what: &BenchWhat, out: &mut dyn Write) -> Result<(), Hos
     }
     let spec = sheaf_conformance::bench::BenchSpec {
         op,
-        transport: common.transport.clone(),
+        transport: match &common.transport {
+            Some(t) => t.clone(),
+            None => cli.registry().preferred_transport(sheaf_core::Reach::Network)?,
+        },
         min_bytes: common.min_bytes,
         max_bytes: common.max_bytes,
         iters: common.iters,
@@ -218,8 +222,8 @@ pub fn doctor(
 ) -> Result<(), HostError> {
     let mut job = sheaf_job::job::load_job(job, overrides)?;
     let env = sheaf_runtime::WorkerEnv::from_env()?;
-    job.transport.resolve(env.spans_hosts);
     let registry = cli.registry_for(&job);
+    job.transport.resolve(env.spans_hosts, &registry)?;
     sheaf_doctor::doctor::doctor(&job, &registry, &env, slow_factor, out)
 }
 
@@ -239,15 +243,20 @@ pub fn bench_worker(cli: &Cli, spec: &str, out: &mut dyn Write) -> Result<(), Ho
 /// The collective conformance laws as one rank (hidden; the end-to-end tests).
 pub fn check_collectives(
     cli: &Cli,
-    transport: &str,
+    transport: Option<&str>,
     cases: u64,
     seed: u64,
     max_len: usize,
     out: &mut dyn Write,
 ) -> Result<(), HostError> {
     let env = sheaf_runtime::WorkerEnv::from_env()?;
+    let registry = cli.registry();
+    let transport = match transport {
+        Some(t) => t.to_owned(),
+        None => registry.preferred_transport(sheaf_core::Reach::Network)?,
+    };
     let passed =
-        sheaf_doctor::selftest::check_collectives(&cli.registry(), &env, transport, cases, seed, max_len)?;
+        sheaf_doctor::selftest::check_collectives(&registry, &env, &transport, cases, seed, max_len)?;
     writeln!(out, "rank {}: {passed} cases passed", env.rank).map_err(HostError::output)
 }
 
@@ -378,7 +387,8 @@ fn launch_job(
         )));
     }
     let mut parsed = sheaf_job::job::load_job(job_file.as_deref(), &job.overrides)?;
-    parsed.transport.resolve(nodes.nnodes > 1);
+    let registry = cli.registry_for(&parsed);
+    parsed.transport.resolve(nodes.nnodes > 1, &registry)?;
     // The plan below is the one the workers make, read from the variables each of them
     // gets: a strategy that shards within a host (ZeRO 3's `zero_scope = "host"`) or
     // chooses by the workers sharing its cores reads this host's ranks and the world's
@@ -388,7 +398,6 @@ fn launch_job(
             std::env::set_var(var, value.to_string());
         }
     }
-    let registry = cli.registry_for(&parsed);
     // The transports the workers will ask for, found here so that a job naming one no
     // plugin provides fails once, before any worker starts.
     let transports = match parsed.transport.plugin() {
