@@ -129,6 +129,44 @@ mod tests {
         pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
     }
 
+    /// A part released reads zeros at every length and offset (whole pages handed
+    /// back, partial ones written), and nothing beside it changes.
+    #[test]
+    fn released_parts_read_as_zeros_and_leave_the_rest() {
+        let len = 3 * RELEASE_FROM / 4;
+        for (start, end) in [(0, 0), (0, 1), (5, 1029), (1, len - 3), (4096, 3 * 4096), (0, len)] {
+            let mut buf: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
+            zero_release_part(&mut buf[start..end]);
+            assert!(buf[start..end].iter().all(|&v| v == 0.0), "{start}..{end}");
+            assert!(buf[..start].iter().enumerate().all(|(i, &v)| v == i as f32 + 1.0), "{start}..{end}");
+            assert!(
+                buf[end..].iter().enumerate().all(|(i, &v)| v == (end + i) as f32 + 1.0),
+                "{start}..{end}"
+            );
+        }
+    }
+
+    /// A released 64 MiB part of a buffer, and a 64 MiB buffer taken into another,
+    /// leave the process's resident memory by the kernel's count (a part or a source
+    /// zeroed instead keeps its pages): at least 48 MiB each.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn released_parts_and_taken_buffers_leave_resident_memory() {
+        let mut buf = vec![1f32; 18 << 20];
+        let before = resident();
+        zero_release_part(&mut buf[1 << 20..17 << 20]);
+        let after = resident();
+        assert!(before.saturating_sub(after) >= 48 << 20, "part: {before} -> {after} bytes resident");
+        drop(buf);
+        let mut src = vec![1f32; 16 << 20];
+        let mut dst = vec![0f32; 16 << 20];
+        dst.iter_mut().step_by(1024).for_each(|v| *v = 2.0);
+        let before = resident();
+        take_release(&mut src, &mut dst);
+        let after = resident();
+        assert!(before.saturating_sub(after) >= 48 << 20, "take: {before} -> {after} bytes resident");
+    }
+
     /// A released 64 MiB buffer leaves the process's resident memory, by the kernel's
     /// count (at least 48 MiB of it: the other tests of this process allocate too).
     #[cfg(target_os = "linux")]

@@ -415,4 +415,195 @@ mod tests {
         let s = Shards::new(&layout, &[10..20, 0..10], 0, 2);
         assert!(s.reduce_scatter_in_place(&mut grads.clone(), |_, _| Ok(())).is_err());
     }
+
+    /// Plain SGD (`p -= lr g`), the optimizer a step's arithmetic is checked with.
+    struct Sgd;
+
+    impl Optimizer for Sgd {
+        fn step(&mut self, params: &mut [Param<'_>]) -> Result<()> {
+            for p in params.iter_mut() {
+                p.value.iter_mut().zip(p.grad).for_each(|(v, g)| *v -= 0.5 * g);
+            }
+            Ok(())
+        }
+        fn learning_rate(&self) -> f64 {
+            0.5
+        }
+        fn set_learning_rate(&mut self, _: f64) {}
+        fn state(&self) -> Result<sheaf_core::OptimState> {
+            Ok(sheaf_core::OptimState::default())
+        }
+        fn load_state(&mut self, _: &sheaf_core::OptimState) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn layout_of(sizes: &[usize]) -> ParamLayout {
+        ParamLayout::new(
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] })
+                .collect(),
+        )
+    }
+
+    /// Rank `r`'s gradient: small integers, so every sum is exact in any order.
+    fn grads_of(r: usize, total: usize) -> Vec<f32> {
+        (0..total).map(|i| ((i * 7 + r * 3) % 5) as f32 - 2.0).collect()
+    }
+
+    /// A step of replicas over an in-process world of 1 to 4 ranks equals one process
+    /// stepping the summed gradient: its norm (the whole sum's, one copy of a skipped
+    /// parameter left out), the clipped update, every replica's parameters; ZeRO 1
+    /// (reduce-scattered chunks, each stepped, allgathered) ends where the plain step
+    /// ends, on every rank.
+    #[test]
+    fn replica_steps_equal_one_process_on_the_summed_gradient() {
+        let layout = layout_of(&[5, 3, 9]);
+        let total = layout.total();
+        let skip = |p: usize| p == 1;
+        for world in 1..=4 {
+            let summed: Vec<f32> =
+                (0..total).map(|i| (0..world).map(|r| grads_of(r, total)[i]).sum()).collect();
+            let squares: f64 = summed
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !(5..8).contains(i))
+                .map(|(_, &g)| f64::from(g * g))
+                .sum();
+            for (clip, sharded) in [(None, false), (Some(1.5), false), (None, true), (Some(1.5), true)] {
+                // Clipped as one process clips (`clip_to`, tested in `norms`).
+                let mut clipped = summed.clone();
+                clip_to(&mut clipped, squares, clip);
+                let want: Vec<f32> = clipped.iter().map(|g| 1.0 - 0.5 * g).collect();
+                let out = sheaf_testkit::run_world(world, |g| {
+                    let r = g.rank();
+                    let dl = || Deadline::after(std::time::Duration::from_secs(10));
+                    let step = ReplicaStep { replicas: &g, model_groups: &[], clip, deadline: &dl };
+                    let mut grads = grads_of(r, total);
+                    let mut params = vec![1f32; total];
+                    let shards = Shards::new(&layout, &[0..9, 9..17], r, world);
+                    let mut shard = vec![0f32; shards.len()];
+                    let with = sharded.then_some((&shards, &mut shard[..]));
+                    let norm = step.run(&layout, &mut grads, with, skip, &mut Sgd, &mut params).unwrap();
+                    (norm, params)
+                });
+                for (r, (norm, params)) in out.iter().enumerate() {
+                    let case = format!("world {world}, clip {clip:?}, sharded {sharded}, rank {r}");
+                    assert!((norm - squares.sqrt()).abs() < 1e-9, "{case}: norm {norm}");
+                    assert_eq!(params, &want, "{case}");
+                }
+            }
+        }
+    }
+
+    /// Replicas holding rows (ZeRO 3): each rank's rows of the summed gradient, the
+    /// norm over every rank's rows, and each stepping its own rows, equal one process.
+    /// The rows every rank holds are found from their counts alone (`rows_by_rank`),
+    /// uneven shards included.
+    #[test]
+    fn row_steps_and_row_places_equal_one_process() {
+        let whole = layout_of(&[7, 2, 10]);
+        for world in 1..=4 {
+            let summed = grads_of(9, whole.total());
+            let squares: f64 = summed.iter().map(|&g| f64::from(g * g)).sum();
+            let out = sheaf_testkit::run_world(world, |g| {
+                let r = g.rank();
+                let dl = || Deadline::after(std::time::Duration::from_secs(10));
+                let rows = sheaf_core::PieceLayout::row_shard(
+                    &whole,
+                    sheaf_core::ParamShard { index: r, count: world },
+                    0,
+                );
+                let mine = rows.slice(&whole, &summed);
+                let places = rows_by_rank(&rows.layout, &g, dl()).unwrap();
+                let step = ReplicaStep { replicas: &g, model_groups: &[], clip: Some(2.0), deadline: &dl };
+                let (mut grads, mut params) = (mine.clone(), vec![1f32; mine.len()]);
+                let norm = step.run_rows(&rows.layout, &mut grads, |_| false, &mut Sgd, &mut params).unwrap();
+                (norm, places, rows, params)
+            });
+            let mut clipped = summed.clone();
+            clip_to(&mut clipped, squares, Some(2.0));
+            let mut stepped = vec![f32::NAN; whole.total()];
+            for (r, (norm, places, rows, params)) in out.iter().enumerate() {
+                assert!((norm - squares.sqrt()).abs() < 1e-9, "world {world}, rank {r}: norm {norm}");
+                rows.place(&whole, params, &mut stepped);
+                for (p, spec) in whole.specs().iter().enumerate() {
+                    let want: Vec<std::ops::Range<usize>> =
+                        (0..world).map(|q| chunk_range(spec.shape[0], world, q)).collect();
+                    assert_eq!(places[p], want, "world {world}, rank {r}, parameter {p}");
+                }
+            }
+            let want: Vec<f32> = clipped.iter().map(|g| 1.0 - 0.5 * g).collect();
+            assert_eq!(stepped, want, "world {world}");
+        }
+    }
+
+    /// Every replica's chunks, allgathered, give every replica the whole buffer; ZeRO
+    /// stages are checked for pieces: 0 and 1 taken, 2 refused saying why, no other.
+    #[test]
+    fn chunks_allgather_whole_and_piece_stages_are_checked() {
+        let layout = layout_of(&[4, 11]);
+        for world in 1..=4 {
+            let out = sheaf_testkit::run_world(world, |g| {
+                let r = g.rank();
+                let shards = Shards::new(&layout, &[0..6, 6..15], r, world);
+                // Only this rank's chunks hold the right values before.
+                let mut params = vec![-1f32; 15];
+                for b in [0..6, 6..15] {
+                    let own = owned(&b, world, r);
+                    params[own.clone()].iter_mut().zip(own).for_each(|(v, i)| *v = i as f32);
+                }
+                shards
+                    .allgather(&g, &mut params, || Deadline::after(std::time::Duration::from_secs(10)))
+                    .unwrap();
+                params
+            });
+            for params in out {
+                assert_eq!(params, (0..15).map(|i| i as f32).collect::<Vec<_>>(), "world {world}");
+            }
+        }
+        assert!(check_piece_zero_stage("k", 0).is_ok() && check_piece_zero_stage("k", 1).is_ok());
+        let e = check_piece_zero_stage("k", 2).unwrap_err().to_string();
+        assert!(e.contains("saves nothing") && e.contains('k'), "{e}");
+        assert!(check_piece_zero_stage("k", 4).unwrap_err().to_string().contains("no ZeRO stage 4"));
+        let whole: Vec<std::ops::Range<usize>> = std::iter::once(0..15).collect();
+        assert!(
+            Shards::new(&layout, &whole, 3, 4).len() == 3 && !Shards::new(&layout, &whole, 3, 4).is_empty()
+        );
+        let two: Vec<std::ops::Range<usize>> = std::iter::once(0..2).collect();
+        assert!(Shards::new(&layout_of(&[2]), &two, 3, 4).is_empty());
+    }
+
+    /// The norm a replica step clips by is the whole model's: 2 pieces (of different
+    /// sizes) held by 2 replicas each, every rank's norm the square root of both
+    /// pieces' squares of their replica-summed gradients.
+    #[test]
+    fn replica_steps_count_every_piece_in_the_norm() {
+        let sizes = [3usize, 4];
+        let summed = |p: usize| -> Vec<f32> {
+            (0..sizes[p]).map(|i| grads_of(p, sizes[p])[i] + grads_of(p + 2, sizes[p])[i]).collect()
+        };
+        let want: f64 = (0..2).flat_map(summed).map(|g| f64::from(g * g)).sum::<f64>().sqrt();
+        let norms = sheaf_testkit::run_world(4, |g| {
+            let r = g.rank();
+            let dl = || Deadline::after(std::time::Duration::from_secs(10));
+            let split = |color: usize| g.split(Some(color as u32), r as u32, dl()).unwrap().unwrap();
+            let (replicas, pieces) = (split(r % 2), split(2 + r / 2));
+            let layout = layout_of(&[sizes[r % 2]]);
+            let mut grads = grads_of(r, layout.total());
+            let mut params = vec![1f32; layout.total()];
+            let step = ReplicaStep {
+                replicas: replicas.as_ref(),
+                model_groups: &[pieces.as_ref()],
+                clip: None,
+                deadline: &dl,
+            };
+            step.run(&layout, &mut grads, None, |_| false, &mut Sgd, &mut params).unwrap()
+        });
+        for (r, norm) in norms.iter().enumerate() {
+            assert!((norm - want).abs() < 1e-9, "rank {r}: {norm}, the model's {want}");
+        }
+    }
 }
