@@ -120,6 +120,11 @@ mod tests {
         }
     }
 
+    /// Held by every test that measures resident memory: one test's allocations and
+    /// frees between another's two readings would pass or fail it for nothing.
+    #[cfg(target_os = "linux")]
+    static MEASURING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// This process's resident bytes, as the kernel counts them.
     #[cfg(target_os = "linux")]
     fn resident() -> u64 {
@@ -152,6 +157,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn released_parts_and_taken_buffers_leave_resident_memory() {
+        let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
         let mut buf = vec![1f32; 18 << 20];
         let before = resident();
         zero_release_part(&mut buf[1 << 20..17 << 20]);
@@ -172,6 +178,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn released_pages_leave_resident_memory() {
+        let _alone = MEASURING.lock().unwrap_or_else(|e| e.into_inner());
         let mut buf = vec![1f32; 16 << 20];
         let before = resident();
         zero_release(&mut buf);
