@@ -24,18 +24,23 @@
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
 use sheaf_core::{
-    chunk_range, Communicator, DType, Deadline, Error, Model, ParamShard, Piece, PlanInput, PluginKind,
-    Provided, RankPlan, ReduceOp, Result, Samples, Strategy, StrategyPlan, TrainContext, TrainSummary,
+    Communicator, Deadline, Error, Model, ParamShard, Piece, PlanInput, PluginKind, Provided, RankPlan,
+    Result, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 use sheaf_train::{
-    backward_segments, check_piece_zero_stage, forward_segments, mean_loss, prefetched_steps, test_totals,
-    zero_release, ModelParams, Prefetch, ReplicaStep, RunTally, SegmentParams, Shards, StageInput, StepDone,
-    Whole,
+    backward_segments, forward_segments, mean_loss, prefetched_steps, test_totals, zero_release, ModelParams,
+    Prefetch, ReplicaStep, RunTally, SegmentParams, Shards, StageInput, StepDone, Whole,
 };
 
+mod config;
+mod mesh;
+mod micro;
 mod zero3;
+
+pub use config::{schedule, Pass, PipelineConfig, Schedule};
+use mesh::{Mesh3, Ties};
+use micro::{eval_rows, micro_batches, micro_ranges, Micro};
 use zero3::StageShards;
 
 /// The plugin as exported to the host.
@@ -61,145 +66,6 @@ impl sheaf_abi::Plugin for PipelinePlugin {
 }
 
 sheaf_abi::export_plugin!(PipelinePlugin);
-
-/// Fill-drain, or one-forward-one-backward.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    Gpipe,
-    #[serde(rename = "1f1b")]
-    OneFOneB,
-}
-
-/// Settings, as JSON: `[parallel.options.pipeline]`, `parallel.data` and the host's
-/// deadline.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct PipelineConfig {
-    /// Deadline of each receive and collective, in milliseconds.
-    pub timeout_ms: u64,
-    /// Stages per pipeline (`P`; default: the world over `data`).
-    pub stages: Option<usize>,
-    /// Pipelines, each training on its share of every global batch (`D`; default 1).
-    pub data: Option<usize>,
-    /// Tensor-parallel ranks per stage (`T`; default 1): each stage's blocks sliced
-    /// across a group, as the tensor-parallel strategy slices a whole model.
-    pub tensor: usize,
-    /// Micro-batches per step and pipeline (`M`).
-    pub micro_batches: usize,
-    pub schedule: Schedule,
-    /// ZeRO stage across the `D` pipelines: 0, 1 (the ranks holding the same piece
-    /// in different pipelines shard its optimizer state: gradients reduce-scattered
-    /// among them, each steps its chunk, the parameters allgathered) or 3 (they shard
-    /// the piece's parameters by rows, each unit gathered just before it runs; whole
-    /// blocks only, `tensor` 1).
-    pub zero: u8,
-    /// Under `zero = 3`: whether a unit's gathered parameters go as soon as it has run
-    /// (true, the default: two gathers a unit a micro-batch), or stay until the step's
-    /// optimizer changes them (one gather a unit a step, the stage held whole while it
-    /// trains).
-    pub reshard_after_forward: bool,
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        PipelineConfig {
-            timeout_ms: 60_000,
-            stages: None,
-            data: None,
-            tensor: 1,
-            micro_batches: 4,
-            schedule: Schedule::Gpipe,
-            zero: 0,
-            reshard_after_forward: true,
-        }
-    }
-}
-
-impl PipelineConfig {
-    pub fn parse(json: &str) -> Result<PipelineConfig> {
-        if json.trim().is_empty() {
-            return Ok(PipelineConfig::default());
-        }
-        let c: PipelineConfig =
-            serde_json::from_str(json).map_err(|e| Error::config("parallel.options.pipeline", e))?;
-        if c.stages == Some(0) || c.data == Some(0) || c.micro_batches == 0 || c.tensor == 0 {
-            return Err(Error::config(
-                "parallel.options.pipeline",
-                "stages, data, tensor and micro_batches must be at least 1",
-            ));
-        }
-        if !c.reshard_after_forward && c.zero != 3 {
-            return Err(Error::config(
-                "parallel.options.pipeline.reshard_after_forward",
-                "applies to zero = 3 only (the stages' parameters sharded by rows)",
-            ));
-        }
-        match (c.zero, c.tensor) {
-            (3, 1) => {}
-            (3, t) => {
-                return Err(Error::config(
-                    "parallel.options.pipeline.zero",
-                    format!(
-                        "ZeRO stage 3 shards whole blocks by rows; stages sliced {t} ways for tensor \
-                         parallelism hold weights by columns (use zero = 1 with tensor > 1)"
-                    ),
-                ))
-            }
-            (z, _) => check_piece_zero_stage("parallel.options.pipeline.zero", z).map_err(|_| {
-                Error::config(
-                    "parallel.options.pipeline.zero",
-                    format!(
-                        "no ZeRO stage {z} across pipelines (0, 1 or 3; 2 saves nothing here: each stage \
-                     sums its micro-batches' gradients itself and reduces them once per step)"
-                    ),
-                )
-            })?,
-        }
-        Ok(c)
-    }
-
-    /// `(D, P, T)` over `world` ranks.
-    pub fn layout(&self, world: usize) -> Result<(usize, usize, usize)> {
-        let (data, tensor) = (self.data.unwrap_or(1), self.tensor);
-        let stages = self.stages.unwrap_or(world / (data * tensor).max(1));
-        if data * stages * tensor != world || stages == 0 {
-            return Err(Error::config(
-                "parallel.options.pipeline.stages",
-                format!(
-                    "{data} pipelines of {stages} stages of {tensor} tensor-parallel ranks need {} ranks, not {world}",
-                    data * stages * tensor
-                ),
-            ));
-        }
-        Ok((data, stages, tensor))
-    }
-}
-
-/// One pass of one micro-batch through one stage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Pass {
-    Forward(usize),
-    Backward(usize),
-}
-
-/// The order stage `stage` of `stages` runs the passes of `micro` micro-batches in.
-pub fn schedule(kind: Schedule, stages: usize, stage: usize, micro: usize) -> Vec<Pass> {
-    match kind {
-        Schedule::Gpipe => (0..micro).map(Pass::Forward).chain((0..micro).map(Pass::Backward)).collect(),
-        Schedule::OneFOneB => {
-            let warm = (stages - 1 - stage).min(micro);
-            let mut out: Vec<Pass> = (0..warm).map(Pass::Forward).collect();
-            for b in 0..micro {
-                if warm + b < micro {
-                    out.push(Pass::Forward(warm + b));
-                }
-                out.push(Pass::Backward(b));
-            }
-            out
-        }
-    }
-}
 
 struct Pipeline {
     config: PipelineConfig,
@@ -227,14 +93,6 @@ fn f32s(bytes: &[u8], what: &str, peer: usize) -> Result<Vec<f32>> {
 
 fn bytes(v: &[f32]) -> &[u8] {
     bytemuck::cast_slice(v)
-}
-
-/// Micro-batch `m`: how many samples, the samples themselves (first stage) and what
-/// its predictions are scored against (last stage).
-struct Micro {
-    rows: usize,
-    samples: Option<Samples>,
-    targets: Vec<u32>,
 }
 
 impl Pipeline {
@@ -345,47 +203,6 @@ impl Pipeline {
     }
 }
 
-/// `D x P x T` ranks split three ways: rank `(d * P + p) * T + t` is slice `t` of
-/// stage `p` of pipeline `d`.
-struct Mesh3 {
-    replica: usize,
-    stage: usize,
-    slice: usize,
-    /// Same pipeline and slice, by stage.
-    pipe: Box<dyn Communicator>,
-    /// Same pipeline and stage, by slice.
-    tensor: Box<dyn Communicator>,
-    /// Same stage and slice, by pipeline.
-    replicas: Box<dyn Communicator>,
-}
-
-impl Mesh3 {
-    fn split(
-        comm: &dyn Communicator,
-        data: usize,
-        stages: usize,
-        width: usize,
-        dl: Deadline,
-    ) -> Result<Mesh3> {
-        let world = comm.world_size();
-        if data * stages * width != world {
-            return Err(Error::config(
-                "parallel.options.pipeline",
-                format!("{data} x {stages} x {width} ranks do not make a world of {world}"),
-            ));
-        }
-        let r = comm.rank();
-        let (replica, stage, slice) = (r / (stages * width), r / width % stages, r % width);
-        let group = |color: usize, key: usize| -> Result<Box<dyn Communicator>> {
-            comm.split(Some(color as u32), key as u32, dl)?.ok_or_else(|| Error::BadState("no group".into()))
-        };
-        let pipe = group(replica * width + slice, stage)?;
-        let tensor = group(replica * stages + stage, slice)?;
-        let replicas = group(stage * width + slice, replica)?;
-        Ok(Mesh3 { replica, stage, slice, pipe, tensor, replicas })
-    }
-}
-
 /// Who evaluates and how: pipeline 0 runs the test set forward in batches.
 struct Eval<'a> {
     pipe: &'a dyn Communicator,
@@ -438,111 +255,6 @@ impl Pipeline {
         }
         Ok(totals)
     }
-}
-
-/// Parameters held by several stages (a tied embedding): their gradients are summed
-/// over the stages holding them, every step, so the copies stay equal.
-struct Ties {
-    group: Option<Box<dyn Communicator>>,
-    ranges: Vec<std::ops::Range<usize>>,
-}
-
-impl Ties {
-    fn new(
-        pipe: &dyn Communicator,
-        tied: Vec<(usize, usize)>,
-        layout: &sheaf_core::ParamLayout,
-        dl: Deadline,
-    ) -> Result<Ties> {
-        // Every stage holding a tied parameter must hold the same ones: their whole-model
-        // indices summed, and counted, agree across the group (checked below).
-        let color = (!tied.is_empty()).then_some(0);
-        let group = pipe.split(color, pipe.rank() as u32, dl)?;
-        if let Some(g) = &group {
-            let mine = [tied.len() as f64, tied.iter().map(|t| t.1 as f64).sum::<f64>()];
-            let (mut max, mut min) = (mine, mine);
-            g.allreduce(bytemuck::cast_slice_mut(&mut max), DType::F64, ReduceOp::Max, dl)?;
-            g.allreduce(bytemuck::cast_slice_mut(&mut min), DType::F64, ReduceOp::Min, dl)?;
-            if max != mine || min != mine {
-                return Err(Error::BadState(format!(
-                    "stage {} holds tied parameters {tied:?}, other stages hold others",
-                    pipe.rank()
-                )));
-            }
-        }
-        let mut tied = tied;
-        tied.sort_by_key(|t| t.1);
-        let ranges = tied.iter().map(|&(i, _)| layout.range(i)).collect();
-        Ok(Ties { group, ranges })
-    }
-
-    fn sum(&self, grads: &mut [f32], dl: Deadline) -> Result<()> {
-        if let Some(g) = &self.group {
-            if g.world_size() > 1 {
-                for r in &self.ranges {
-                    g.allreduce(
-                        bytemuck::cast_slice_mut(&mut grads[r.clone()]),
-                        DType::F32,
-                        ReduceOp::Sum,
-                        dl,
-                    )?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The samples an evaluation pass takes at once: a training micro-batch's (a
-/// pipeline's share of the global batch `batch` over `pipelines`, cut into
-/// `micro_batches`), so an evaluation, whose forward pass keeps what a backward pass
-/// would read until it ends, holds no more activations than one micro-batch in flight
-/// (in whole global batches it held 8 times those of the reference GPT's training, up
-/// to a third of a rank's peak).
-fn eval_rows(batch: usize, pipelines: usize, micro_batches: usize) -> usize {
-    let share = batch.div_ceil(pipelines.max(1)).max(1);
-    share.div_ceil(micro_batches.min(share).max(1))
-}
-
-/// Where `n` samples are cut into at most `m` micro-batches of nearly equal size (one,
-/// empty, when there are none).
-fn micro_ranges(n: usize, m: usize) -> Vec<std::ops::Range<usize>> {
-    let count = m.min(n).max(1);
-    (0..count).map(|k| chunk_range(n, count, k)).collect()
-}
-
-impl Micro {
-    /// A micro-batch of `rows` samples with what the stage needs of `samples`: the
-    /// inputs on the first stage, the labels on the last, nothing in between (where
-    /// `samples` is `None`: a middle stage gathers none).
-    fn new(rows: usize, samples: Option<Samples>, first: bool, last: bool) -> Micro {
-        Micro {
-            rows,
-            targets: match &samples {
-                Some(s) if last => s.targets(),
-                _ => Vec::new(),
-            },
-            samples: samples.filter(|_| first),
-        }
-    }
-}
-
-/// `share` (sample indices) cut into at most `m` micro-batches of nearly equal size,
-/// with the inputs and labels each stage needs, gathered here.
-fn micro_batches(
-    data: &dyn sheaf_core::Dataset,
-    share: &[usize],
-    m: usize,
-    first: bool,
-    last: bool,
-) -> Result<Vec<Micro>> {
-    micro_ranges(share.len(), m)
-        .into_iter()
-        .map(|r| {
-            let samples = (first || last).then(|| data.gather(&share[r.clone()])).transpose()?;
-            Ok(Micro::new(r.len(), samples, first, last))
-        })
-        .collect()
 }
 
 impl Pipeline {
