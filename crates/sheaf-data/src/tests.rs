@@ -123,3 +123,181 @@ fn idx_rows_read_by_index_equal_the_in_memory_rows() {
     let e = open_idx_pair(&img, &lab).unwrap_err().to_string();
     assert!(e.contains("need 40 bytes of data, file has 39"), "{e}");
 }
+
+/// A text's characters are its vocabulary, sorted, and its ids their places: what
+/// `name`, `len`, `vocab` and `vocab_size` report, and what windows read back.
+#[test]
+fn text_files_are_their_characters() {
+    let f = TokenFile::from_text("t", "banana!").unwrap();
+    assert_eq!((f.name(), f.len(), f.is_empty()), ("t", 7, false));
+    assert_eq!(f.vocab(), Some(&['!', 'a', 'b', 'n'][..]));
+    assert_eq!(f.vocab_size(), Some(4));
+    let empty = TokenFile::from_text("e", "").unwrap();
+    assert_eq!((empty.is_empty(), empty.len(), empty.vocab_size()), (true, 0, Some(0)));
+    // 65,536 distinct characters are ids 0..=65535; one more is refused.
+    let many: String = (0..0x20000u32).filter_map(char::from_u32).take(65_536).collect();
+    assert_eq!(TokenFile::from_text("m", &many).unwrap().vocab_size(), Some(65_536));
+    let more: String = (0..0x20000u32).filter_map(char::from_u32).take(65_537).collect();
+    let e = TokenFile::from_text("m", &more).unwrap_err().to_string();
+    assert!(e.contains("65537 distinct characters"), "{e}");
+}
+
+/// A `.txt` file opens as characters, a `.bin` as little-endian u16 ids read through a
+/// map, anything else is refused naming both; an odd-length `.bin` is refused; windows
+/// of either read the same ids the file holds, and ids at or above a vocabulary are
+/// found, named by their token and byte offsets, in both stores.
+#[test]
+fn token_files_open_by_kind_and_check_their_ids() {
+    use sheaf_core::Dataset as _;
+    let dir = tempfile::tempdir().unwrap();
+    let txt = dir.path().join("a.txt");
+    std::fs::write(&txt, "abcabcab").unwrap();
+    let t = TokenFile::open(&txt).unwrap();
+    assert_eq!((t.len(), t.vocab_size()), (8, Some(3)));
+    assert!(t.name().ends_with("a.txt"));
+    let ids: Vec<u16> = (0..3000u16).map(|i| i % 7 + i / 1000).collect();
+    let bin = dir.path().join("a.bin");
+    std::fs::write(&bin, ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let b = std::sync::Arc::new(TokenFile::open(&bin).unwrap());
+    assert_eq!((b.len(), b.is_empty(), b.vocab(), b.vocab_size()), (3000, false, None, None));
+    assert!(format!("{b:?}").contains("3000"), "{b:?}");
+    // Windows of 5 ids, read back as the file holds them.
+    let (_, test) = token_split(b.clone(), 0.5, 4, 1).unwrap();
+    let got = match test.gather(&[0, 3]).unwrap() {
+        sheaf_core::Samples::Tokens { windows, window } => (windows, window),
+        other => panic!("{other:?}"),
+    };
+    let want: Vec<u32> =
+        [1500usize, 1512].iter().flat_map(|&s| (s..s + 5).map(|i| u32::from(ids[i]))).collect();
+    assert_eq!(got, (want, 5));
+    assert!(test.gather(&[test.len()]).is_err(), "a window past the split");
+    // Ids up to 9 (the largest is 6 + 2): a vocabulary of 9 takes them, of 8 not, and
+    // the first too large is named where it is, in the mapped and the owned store.
+    assert!(b.check_ids(9, Some(&bin)).is_ok() && b.check_ids(9, None).is_ok());
+    let first = ids.iter().position(|&i| i >= 8).unwrap();
+    for path in [Some(bin.as_path()), None] {
+        let e = b.check_ids(8, path).unwrap_err().to_string();
+        assert!(e.contains(&format!("at token offset {first} (byte {})", 2 * first)), "{e}");
+    }
+    let odd = dir.path().join("odd.bin");
+    std::fs::write(&odd, [1u8, 2, 3]).unwrap();
+    assert!(TokenFile::open(&odd).unwrap_err().to_string().contains("3 bytes"));
+    let other = dir.path().join("a.csv");
+    std::fs::write(&other, "x").unwrap();
+    let e = TokenFile::open(&other).unwrap_err().to_string();
+    assert!(e.contains(".txt") && e.contains(".bin"), "{e}");
+}
+
+/// A `.bin` file longer than the check's 1 MiB buffer is checked to its end: a bad id
+/// in the last token is found, at its offset.
+#[test]
+fn long_token_files_are_checked_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = (1 << 19) + 1000;
+    let mut ids = vec![3u16; n];
+    ids[n - 1] = 50;
+    let bin = dir.path().join("long.bin");
+    std::fs::write(&bin, ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let f = TokenFile::open(&bin).unwrap();
+    for path in [Some(bin.as_path()), None] {
+        let e = f.check_ids(10, path).unwrap_err().to_string();
+        assert!(e.contains(&format!("token id 50 at token offset {}", n - 1)), "{e}");
+    }
+    assert!(f.check_ids(51, Some(&bin)).is_ok());
+}
+
+/// Rows of CSV: `dim` numbers scaled by 1/16 then a whole label below the classes;
+/// a wrong field count, a non-number, a fractional, negative or too-large label is an
+/// error naming the line (counted with the blank lines skipped over); a dataset's
+/// length is its rows', and gathering past the end is refused.
+#[test]
+fn csv_rows_parse_and_bad_ones_name_their_line() {
+    use sheaf_core::Dataset as _;
+    let d = parse_csv("c", "16,32,1\n\n0,8,2\n", 2, 3).unwrap();
+    assert_eq!((d.inputs.clone(), d.labels.clone()), (vec![1.0, 2.0, 0.0, 0.5], vec![1, 2]));
+    assert_eq!((Dataset::len(&d), d.is_empty(), sheaf_core::Dataset::len(&d)), (2, false, 2));
+    let none = parse_csv("c", "", 2, 3).unwrap();
+    assert!(none.is_empty() && sheaf_core::Dataset::is_empty(&none));
+    assert!(d.gather(&[1, 0]).is_ok());
+    let e = d.gather(&[0, 2]).unwrap_err().to_string();
+    assert!(e.contains("sample 2 of a set of 2"), "{e}");
+    for (text, line, want) in [
+        ("1,2\n", 1, "2 fields, expected 3"),
+        ("1,2,0\n\n1,2,3,4\n", 3, "4 fields, expected 3"),
+        ("1,x,0\n", 1, "`x` is not a number"),
+        ("1,2,0\n1,2,1.5\n", 2, "label `1.5`"),
+        ("1,2,-1\n", 1, "label `-1`"),
+        ("1,2,3\n", 1, "label `3` is not a class below 3"),
+    ] {
+        let e = parse_csv("c", text, 2, 3).unwrap_err().to_string();
+        assert!(e.contains(&format!("c line {line}")) && e.contains(want), "{text:?}: {e}");
+    }
+    assert_eq!(parse_csv("c", "1,2,2\n", 2, 3).unwrap().labels, vec![2], "the last class is a class");
+}
+
+/// The teacher's labels are its definition's, recomputed here in f64 from the same
+/// seeded draws (first layer, second layer, then each sample's inputs): the argmax
+/// of `w2 tanh(w1 x)`, the first class on a tie. Where f32 and f64 could disagree (a
+/// margin under 1e-4) the sample is skipped; there are few.
+#[test]
+fn teacher_labels_are_its_definitions() {
+    let (samples, dim, classes, hidden, seed) = (300usize, 5usize, 3usize, 32usize, 7u64);
+    let d = teacher(samples, dim, classes, seed);
+    let mut rng = sheaf_core::SplitMix64::new(seed ^ 0x5EED_7EAC_4E12);
+    let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| f64::from(rng.next_f32())).collect() };
+    let (w1, w2) = (draw(hidden * dim), draw(classes * hidden));
+    let mut checked = 0;
+    for s in 0..samples {
+        let x = draw(dim);
+        assert_eq!(d.inputs[s * dim..(s + 1) * dim].iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), x);
+        let h: Vec<f64> =
+            (0..hidden).map(|j| (0..dim).map(|i| w1[j * dim + i] * x[i]).sum::<f64>().tanh()).collect();
+        let scores: Vec<f64> =
+            (0..classes).map(|c| (0..hidden).map(|j| w2[c * hidden + j] * h[j]).sum()).collect();
+        let best = (0..classes).fold(0, |b, c| if scores[c] > scores[b] { c } else { b });
+        let margin = (0..classes)
+            .filter(|&c| c != best)
+            .map(|c| scores[best] - scores[c])
+            .fold(f64::INFINITY, f64::min);
+        if margin > 1e-4 {
+            assert_eq!(d.labels[s] as usize, best, "sample {s}: scores {scores:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked > samples * 9 / 10, "only {checked} of {samples} clear of ties");
+}
+
+/// Row-by-row IDX files (`open_idx_pair`) check their header as the whole-file reader
+/// does: a bad magic number, a header cut short (4 bytes of one dimension's), a single
+/// dimension for images are refused naming the file; images of exactly two dimensions
+/// and a header with no rows after it are taken; the rows' shape is checked against a
+/// model, naming the set.
+#[test]
+fn row_by_row_idx_headers_are_checked() {
+    use sheaf_core::Dataset as _;
+    let dir = tempfile::tempdir().unwrap();
+    let lab = dir.path().join("l-labels");
+    std::fs::write(&lab, idx_bytes(8, &[2], &[0, 1])).unwrap();
+    let img = dir.path().join("i-images");
+    for (bytes, want) in [
+        (b"\x01\x00\x08\x01\x00\x00\x00\x02xx".to_vec(), "bad magic"),
+        (vec![0, 0, 8, 1], "truncated header (1 dimensions)"),
+        (vec![0, 0, 8], "bad magic"),
+        (idx_bytes(8, &[2], &[5, 6]), "at least 2 dimensions"),
+    ] {
+        std::fs::write(&img, &bytes).unwrap();
+        let e = open_idx_pair(&img, &lab).unwrap_err().to_string();
+        assert!(e.contains("i-images") && e.contains(want), "{bytes:?}: {e}");
+    }
+    std::fs::write(&img, idx_bytes(8, &[2, 3], &[1, 2, 3, 4, 5, 6])).unwrap();
+    let rows = open_idx_pair(&img, &lab).unwrap();
+    assert_eq!((rows.len(), rows.input_dim()), (2, 3));
+    assert!(format!("{rows:?}").contains("i-images"), "{rows:?}");
+    let e = rows.check_shape(4, 10).unwrap_err().to_string();
+    assert!(e.contains("i-images") && e.contains("inputs"), "{e}");
+    assert!(rows.check_shape(3, 10).is_ok());
+    let empty_lab = dir.path().join("e-labels");
+    std::fs::write(&empty_lab, idx_bytes(8, &[0], &[])).unwrap();
+    std::fs::write(&img, idx_bytes(8, &[0, 3], &[])).unwrap();
+    assert_eq!(open_idx_pair(&img, &empty_lab).unwrap().len(), 0);
+}
