@@ -301,3 +301,54 @@ fn row_by_row_idx_headers_are_checked() {
     std::fs::write(&img, idx_bytes(8, &[0, 3], &[])).unwrap();
     assert_eq!(open_idx_pair(&img, &empty_lab).unwrap().len(), 0);
 }
+
+/// A token split: the first `1 - test_fraction` of the tokens train, the rest
+/// validate. Validation windows are strided from the cut; training windows start at
+/// draws from the seed (`SplitMix64(seed ^ WINDOW_STREAM)`, the i-th draw modulo the
+/// room before the split's end), every window `block_size + 1` consecutive ids inside
+/// its split. Splits of exactly one window are taken, shorter ones refused naming the
+/// split.
+#[test]
+fn token_splits_are_windows_of_their_part() {
+    use sheaf_core::Dataset as _;
+    let text: String = (0..103u32).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+    let file = std::sync::Arc::new(TokenFile::from_text("t", &text).unwrap());
+    let ids: Vec<u32> = {
+        let vocab = file.vocab().unwrap().to_vec();
+        text.chars().map(|c| vocab.binary_search(&c).unwrap() as u32).collect()
+    };
+    let (block, seed) = (4usize, 11u64);
+    let (train, test) = token_split(file.clone(), 0.25, block, seed).unwrap();
+    let cut = (0.75f64 * 103.0).floor() as usize;
+    assert_eq!((train.tokens(), test.tokens()), (cut, 103 - cut));
+    assert_eq!((train.len(), test.len()), ((cut - 1) / block, (103 - cut - 1) / block));
+    let windows = |w: &TokenWindows, idx: &[usize]| match w.gather(idx).unwrap() {
+        sheaf_core::Samples::Tokens { windows, window } => (windows, window),
+        other => panic!("{other:?}"),
+    };
+    let all_test: Vec<usize> = (0..test.len()).collect();
+    let want: Vec<u32> =
+        all_test.iter().flat_map(|&i| ids[cut + i * block..cut + i * block + 5].to_vec()).collect();
+    assert_eq!(windows(&test, &all_test), (want, 5));
+    let mut rng = sheaf_core::SplitMix64::new(seed ^ 0x243F_6A88_85A3_08D3);
+    let room = (cut - block) as u64;
+    let all_train: Vec<usize> = (0..train.len()).collect();
+    let starts: Vec<usize> = all_train.iter().map(|_| (rng.next_u64() % room) as usize).collect();
+    let want: Vec<u32> = starts.iter().flat_map(|&s| ids[s..s + 5].to_vec()).collect();
+    assert_eq!(windows(&train, &all_train), (want, 5));
+    assert!(starts.iter().all(|&s| s + block < cut), "{starts:?}");
+    // Exactly one window each side is enough; one token fewer is not.
+    let n = 10;
+    let exact = std::sync::Arc::new(TokenFile::from_text("x", &"ab".repeat(n / 2)).unwrap());
+    let (a, b) = token_split(exact.clone(), 0.5, 4, 1).unwrap();
+    assert_eq!((a.len(), b.len(), a.tokens(), b.tokens()), (1, 1, 5, 5));
+    let e = token_split(exact.clone(), 0.6, 4, 1).unwrap_err().to_string();
+    assert!(e.contains("the training split has 4 tokens"), "{e}");
+    let e = token_split(exact, 0.4, 4, 1).unwrap_err().to_string();
+    assert!(e.contains("the validation split has 4 tokens"), "{e}");
+    // 8 validation tokens hold one strided window of 5, not two.
+    let eight = std::sync::Arc::new(TokenFile::from_text("y", &"abcd".repeat(4)).unwrap());
+    let (eight_train, eights) = token_split(eight, 0.5, 4, 1).unwrap();
+    assert_eq!((eights.tokens(), eights.len()), (8, 1));
+    assert_eq!((eight_train.tokens(), eight_train.len()), (8, 1), "training windows: (8 - 1) / 4");
+}
