@@ -21,7 +21,15 @@ pub use inproc::{InProcLink, InProcWorld};
 use std::sync::Arc;
 
 use sheaf_collectives::Group;
-use sheaf_core::Link;
+use sheaf_core::{Link, ParamLayout, ParamSpec};
+
+/// A layout of one-dimensional parameters `p0`, `p1`, ... of `sizes` values each: the
+/// flat buffer tests of buckets, shards and steps cut up.
+pub fn flat_layout(sizes: &[usize]) -> ParamLayout {
+    ParamLayout::new(
+        sizes.iter().enumerate().map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] }).collect(),
+    )
+}
 
 /// Runs `f` on every rank of a fresh in-process world of `n`, one thread per rank, and
 /// returns each rank's result in rank order.

@@ -328,19 +328,13 @@ fn owned(b: &Range<usize>, world: usize, rank: usize) -> Range<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sheaf_core::ParamSpec;
+    use sheaf_testkit::flat_layout as layout_of;
 
     /// The shards of every replica tile the buffer once, each piece inside one
     /// parameter; the norm over the pieces is the buffer's.
     #[test]
     fn shards_tile_the_buffer_once() {
-        let layout = ParamLayout::new(
-            [5, 3, 8]
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] })
-                .collect(),
-        );
+        let layout = layout_of(&[5, 3, 8]);
         let grads: Vec<f32> = (0..16).map(|i| i as f32).collect();
         for buckets in [std::iter::once(0..16).collect(), vec![8..16, 0..8], vec![13..16, 5..13, 0..5]] {
             for world in 1..=5 {
@@ -383,13 +377,7 @@ mod tests {
     /// worlds of 1 to 5; buckets out of order are refused, not silently mixed up.
     #[test]
     fn reduce_scatter_in_place_equals_a_separate_shard() {
-        let layout = ParamLayout::new(
-            [7, 2, 11]
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] })
-                .collect(),
-        );
+        let layout = layout_of(&[7, 2, 11]);
         let grads: Vec<f32> = (0..20).map(|i| (i * i) as f32).collect();
         for buckets in [std::iter::once(0..20).collect(), vec![0..3, 3..20], vec![0..6, 6..7, 7..15, 15..20]]
         {
@@ -436,16 +424,6 @@ mod tests {
         fn load_state(&mut self, _: &sheaf_core::OptimState) -> Result<()> {
             Ok(())
         }
-    }
-
-    fn layout_of(sizes: &[usize]) -> ParamLayout {
-        ParamLayout::new(
-            sizes
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] })
-                .collect(),
-        )
     }
 
     /// Rank `r`'s gradient: small integers, so every sum is exact in any order.

@@ -477,19 +477,9 @@ pub fn window_sizes(
 
 #[cfg(test)]
 mod tests {
-    use sheaf_core::{ParamLayout, ParamSpec};
-
     use super::buckets;
 
-    fn layout(sizes: &[usize]) -> ParamLayout {
-        ParamLayout::new(
-            sizes
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] })
-                .collect(),
-        )
-    }
+    use sheaf_testkit::flat_layout as layout;
 
     proptest::proptest! {
         /// Buckets tile the buffer from its end to its start at parameter boundaries,

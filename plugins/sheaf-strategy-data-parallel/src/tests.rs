@@ -670,9 +670,7 @@ struct Steps {
 
 impl Steps {
     fn new(sizes: &[usize], per_step: usize, rank: usize) -> Steps {
-        let specs =
-            sizes.iter().enumerate().map(|(i, &n)| ParamSpec { name: format!("p{i}"), shape: vec![n] });
-        Steps { layout: ParamLayout::new(specs.collect()), rank, per_step, next: 0 }
+        Steps { layout: sheaf_testkit::flat_layout(sizes), rank, per_step, next: 0 }
     }
 
     /// The values of the step that ends with parameter `last - 1`.

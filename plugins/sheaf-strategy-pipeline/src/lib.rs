@@ -506,12 +506,11 @@ impl Strategy for Pipeline {
             // among them, each stepping its chunk).
             let skip = |i: usize| (!first && tied.contains(&i)) || (t != 0 && replicated[i]);
             optimizer.set_learning_rate(config.lr.at(tally.steps(), total_steps));
-            let deadline = || self.deadline();
             let replica_step = ReplicaStep {
                 replicas: mesh.replicas.as_ref(),
                 model_groups: &[pipe, tensor],
                 clip: config.grad_clip,
-                deadline: &deadline,
+                deadline: &dl,
             };
             let sharded = shards.as_ref().map(|s| (s, &mut shard_grads[..]));
             let grad_norm = match held.as_mut() {

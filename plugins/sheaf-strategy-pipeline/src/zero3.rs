@@ -137,28 +137,40 @@ impl<'c> StageShards<'c> {
         at + rows.start * len..at + rows.end * len
     }
 
-    /// Unit `u` gathered whole into the model's piece buffer from every replica's rows.
-    fn gather(&mut self, model: &mut dyn Model, u: usize) -> Result<()> {
-        let (pad, count, dl) = (self.pad[u], self.replicas.world_size(), (self.deadline)());
+    /// The wire for unit `u`, zeroed: every replica's part of it (each padded to the
+    /// longest) and, after them, this replica's own.
+    fn take_wire(&mut self, u: usize) -> Vec<f32> {
         let mut wire = std::mem::take(&mut self.wire);
         wire.clear();
-        wire.resize(pad * (count + 1), 0.0);
-        let (all, mine) = wire.split_at_mut(pad * count);
-        let own = lent(model.params_mut()?, "its shard")?;
-        let mut at = 0;
-        for &p in &self.units[u] {
-            let r = self.layout.range(p);
-            mine[at..at + r.len()].copy_from_slice(&own[r.clone()]);
-            at += r.len();
+        wire.resize(self.pad[u] * (self.replicas.world_size() + 1), 0.0);
+        wire
+    }
+
+    /// Where replica `q`'s rows of unit `u` lie: in the piece's buffers, and in its part
+    /// of the wire.
+    fn parts(&self, u: usize, q: usize) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
+        let mut at = q * self.pad[u];
+        self.units[u].iter().map(move |&p| {
+            let part = self.part(p, q);
+            at += part.len();
+            (part.clone(), at - part.len()..at)
+        })
+    }
+
+    /// Unit `u` gathered whole into the model's piece buffer from every replica's rows.
+    fn gather(&mut self, model: &mut dyn Model, u: usize) -> Result<()> {
+        let (count, dl) = (self.replicas.world_size(), (self.deadline)());
+        let mut wire = self.take_wire(u);
+        let (all, mine) = wire.split_at_mut(self.pad[u] * count);
+        let shard = lent(model.params_mut()?, "its shard")?;
+        for (held, sent) in own(&self.layout, &self.units[u]) {
+            mine[sent].copy_from_slice(&shard[held]);
         }
         self.replicas.allgather(bytemuck::cast_slice(mine), bytemuck::cast_slice_mut(all), dl)?;
         let piece = lent(model.piece_params_mut()?, "its piece's parameters")?;
         for q in 0..count {
-            let mut at = q * pad;
-            for &p in &self.units[u] {
-                let part = self.part(p, q);
-                piece[part.clone()].copy_from_slice(&all[at..at + part.len()]);
-                at += part.len();
+            for (place, got) in self.parts(u, q) {
+                piece[place].copy_from_slice(&all[got]);
             }
         }
         self.wire = wire;
@@ -168,18 +180,13 @@ impl<'c> StageShards<'c> {
     /// Unit `u`'s gradient reduce-scattered out of the model's piece gradient buffer
     /// and added into this replica's rows of the sum; the buffer's part handed back.
     fn reduce_scatter_add(&mut self, model: &mut dyn Model, u: usize) -> Result<()> {
-        let (pad, count, dl) = (self.pad[u], self.replicas.world_size(), (self.deadline)());
-        let mut wire = std::mem::take(&mut self.wire);
-        wire.clear();
-        wire.resize(pad * (count + 1), 0.0);
-        let (all, mine) = wire.split_at_mut(pad * count);
+        let (count, dl) = (self.replicas.world_size(), (self.deadline)());
+        let mut wire = self.take_wire(u);
+        let (all, mine) = wire.split_at_mut(self.pad[u] * count);
         let grads = lent(model.piece_grads_mut()?, "its piece's gradients")?;
         for q in 0..count {
-            let mut at = q * pad;
-            for &p in &self.units[u] {
-                let part = self.part(p, q);
-                all[at..at + part.len()].copy_from_slice(&grads[part.clone()]);
-                at += part.len();
+            for (place, sent) in self.parts(u, q) {
+                all[sent].copy_from_slice(&grads[place]);
             }
         }
         for span in &self.spans[u] {
@@ -192,13 +199,8 @@ impl<'c> StageShards<'c> {
             ReduceOp::Sum,
             dl,
         )?;
-        let mut at = 0;
-        for &p in &self.units[u] {
-            let r = self.layout.range(p);
-            for (s, m) in self.grads[r.clone()].iter_mut().zip(&mine[at..at + r.len()]) {
-                *s += m;
-            }
-            at += r.len();
+        for (held, got) in own(&self.layout, &self.units[u]) {
+            self.grads[held].iter_mut().zip(&mine[got]).for_each(|(s, m)| *s += m);
         }
         self.wire = wire;
         Ok(())
@@ -253,6 +255,20 @@ impl SegmentParams for StageShards<'_> {
             false => self.release(model, seg),
         }
     }
+}
+
+/// Where a replica's own rows of a unit's parameters `unit` lie: in its shard (laid out
+/// as `layout`), and in its own part of the wire.
+fn own<'a>(
+    layout: &'a ParamLayout,
+    unit: &'a [usize],
+) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + 'a {
+    let mut at = 0;
+    unit.iter().map(move |&p| {
+        let r = layout.range(p);
+        at += r.len();
+        (r.clone(), at - r.len()..at)
+    })
 }
 
 fn lent<'m>(buf: Option<&'m mut [f32]>, what: &str) -> Result<&'m mut [f32]> {

@@ -121,6 +121,14 @@ impl BlockActs {
 }
 
 impl Saved {
+    /// Keeps `input` as the forward pass's first stream (`xs[0]`), in the buffer a
+    /// spare one had.
+    fn keep_input(&mut self, input: &[f32]) {
+        self.xs.resize_with(1, Vec::new);
+        self.xs[0].clear();
+        self.xs[0].extend_from_slice(input);
+    }
+
     fn bytes(&self) -> u64 {
         let values: usize = self.xs.iter().map(Vec::len).sum::<usize>() + self.norm.len() + self.tokens.len();
         4 * values as u64
@@ -364,11 +372,9 @@ impl FusedPiece {
                 return Ok(out);
             }
             Seg::Replicated { bias, then } => {
+                saved.keep_input(input);
                 let Saved { xs, norm, norm_stats, .. } = &mut saved;
-                xs.resize_with(1, Vec::new);
                 let x = &mut xs[0];
-                x.clear();
-                x.extend_from_slice(input);
                 // The previous replicated segment's stream, which it keeps for its
                 // own backward pass.
                 if let Some(prev) = seg.checked_sub(2).and_then(|p| self.saved.get(&(micro, p))) {
@@ -408,9 +414,7 @@ impl FusedPiece {
                     linear(&mut out, &self.d.gelu, p, &proj, rows, acts.fc.len() / rows, c, threads);
                 }
                 self.scratch = scratch;
-                saved.xs.resize_with(1, Vec::new);
-                saved.xs[0].clear();
-                saved.xs[0].extend_from_slice(input);
+                saved.keep_input(input);
                 out
             }
         };
@@ -659,9 +663,7 @@ impl Model for FusedPiece {
             return on_compute_threads(|| self.segment_forward(micro, segment, input, saved));
         }
         let mut saved = self.fresh(0, rows, t);
-        saved.xs.resize_with(1, Vec::new);
-        saved.xs[0].clear();
-        saved.xs[0].extend_from_slice(input);
+        saved.keep_input(input);
         let out = on_compute_threads(|| self.stage_pass(&mut saved));
         self.save(micro, 0, saved)?;
         Ok(out)

@@ -121,29 +121,23 @@ impl FusedPiece {
             (Unit::Layer(j), Input::Values(input, rows)) => {
                 let t = self.spec.stage_positions(&format!("unit {seg}"), input, rows)?;
                 let mut saved = self.fresh(seg, rows, t);
-                saved.xs.resize_with(1, Vec::new);
-                saved.xs[0].clear();
-                saved.xs[0].extend_from_slice(input);
-                saved.acts.resize_with(1, Default::default);
-                let shape = self.shape(rows, t);
+                saved.keep_input(input);
+                // A recomputing block keeps its input alone; its activations go to scratch.
                 let recomputes = self.spec.recomputes(self.at.first_layer + j);
+                saved.acts.resize_with(usize::from(!recomputes), Default::default);
+                let shape = self.shape(rows, t);
                 let mut out = Vec::new();
                 on_compute_threads(|| {
                     let FusedPiece { params, at, scratch, d, .. } = self;
-                    let kept = if recomputes { scratch } else { &mut saved.acts[0] };
+                    let kept = saved.acts.first_mut().unwrap_or(scratch);
                     block_forward(kept, d, &saved.xs[0], Some(&mut out), params, &at.blocks[j], shape);
                 });
-                if recomputes {
-                    saved.acts.clear();
-                }
                 (saved, out)
             }
             (Unit::Head, Input::Values(input, rows)) => {
                 let t = self.spec.stage_positions(&format!("unit {seg}"), input, rows)?;
                 let mut saved = self.fresh(seg, rows, t);
-                saved.xs.resize_with(1, Vec::new);
-                saved.xs[0].clear();
-                saved.xs[0].extend_from_slice(input);
+                saved.keep_input(input);
                 let Saved { xs, norm, norm_stats, .. } = &mut saved;
                 let logits = on_compute_threads(|| self.head_forward(norm, norm_stats, &xs[0]));
                 (saved, logits)
