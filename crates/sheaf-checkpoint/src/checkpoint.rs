@@ -306,7 +306,7 @@ pub fn holds_a_run(dir: &Path) -> bool {
 
 /// Writes `job` as the run directory's `job.toml` (what `--resume` reads).
 pub fn write_job(dir: &Path, job: &sheaf_job::job::Job) -> Result<(), HostError> {
-    let text = toml::to_string(job).map_err(|e| HostError::Output(format!("job.toml: {e}")))?;
+    let text = toml::to_string(job).map_err(|e| HostError::encode("job.toml", e))?;
     write_atomic(&dir.join("job.toml"), text.as_bytes())
 }
 

@@ -243,7 +243,7 @@ fn write_fetched(
     let mut fetch_error = None;
     let written = synced_rename(path, |tmp| {
         let result = safetensors::serialize_to_file(views, metadata, tmp)
-            .map_err(|e| HostError::Output(format!("{}: safetensors: {e}", tmp.display())));
+            .map_err(|e| HostError::encode(format!("{}: safetensors", tmp.display()), e));
         fetch_error = failed.take();
         match fetch_error {
             Some(_) => Err(HostError::Output("a tensor could not be fetched".into())),

@@ -313,17 +313,17 @@ pub fn bench(
     let mut children = Vec::new();
     for (rank, mut cmd) in sheaf_launch::local_world(workers, plugin_dirs)?.into_iter().enumerate() {
         cmd.args(["bench-worker", &spec_json]).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        children.push(cmd.spawn().map_err(|e| HostError::Launch(format!("cannot start rank {rank}: {e}")))?);
+        children.push(cmd.spawn().map_err(|e| HostError::os(format!("cannot start rank {rank}"), e))?);
     }
     let mut rows = Vec::new();
     let mut failed = Vec::new();
     for (rank, child) in children.into_iter().enumerate() {
-        let out = child.wait_with_output().map_err(|e| HostError::Launch(e.to_string()))?;
+        let out = child.wait_with_output().map_err(|e| HostError::os("cannot wait for a rank", e))?;
         if !out.status.success() {
             failed.push(format!("rank {rank} failed ({})", out.status));
         } else if rank == 0 {
             rows = serde_json::from_slice(&out.stdout)
-                .map_err(|e| HostError::Launch(format!("rank 0 printed no rows: {e}")))?;
+                .map_err(|e| HostError::os("rank 0 printed no rows", e.into()))?;
         }
     }
     if !failed.is_empty() {

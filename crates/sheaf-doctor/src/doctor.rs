@@ -279,11 +279,11 @@ pub fn local(
             cmd.args(["--set", o]);
         }
         cmd.args(["--slow-factor", &slow_factor.to_string()]);
-        children.push(cmd.spawn().map_err(|e| HostError::Launch(format!("cannot start rank {rank}: {e}")))?);
+        children.push(cmd.spawn().map_err(|e| HostError::os(format!("cannot start rank {rank}"), e))?);
     }
     let mut failed = Vec::new();
     for (rank, mut child) in children.into_iter().enumerate() {
-        let status = child.wait().map_err(|e| HostError::Launch(e.to_string()))?;
+        let status = child.wait().map_err(|e| HostError::os("cannot wait for a rank", e))?;
         if !status.success() {
             failed.push(rank.to_string());
         }

@@ -40,7 +40,7 @@ enum Source {
 }
 
 fn data_err(e: sheaf_data::DataError) -> HostError {
-    HostError::Data(e.to_string())
+    HostError::input("cannot read the dataset", e)
 }
 
 fn open(job: &Job) -> Result<Source, HostError> {
@@ -91,7 +91,7 @@ pub fn describe(
             if loaded.is_empty() { "none".into() } else { loaded.join(", ") }
         )));
     }
-    compute.describe(spec).map_err(|e| HostError::Job(e.to_string()))
+    compute.describe(spec).map_err(|source| HostError::Core { during: Some("describing the model"), source })
 }
 
 /// Opens the job's dataset, describes its model and splits the data to fit it.
@@ -100,6 +100,9 @@ pub fn load(job: &Job, registry: &Registry, compute: &dyn ComputeBackend) -> Res
     load_source(job, registry, compute).map_err(|e| match e {
         HostError::Data(detail) if !detail.contains("data.dataset") => {
             HostError::Data(format!("key `data.dataset` = {:?}: {detail}", job.data.dataset))
+        }
+        HostError::Input { what, source } if !what.contains("data.dataset") => {
+            HostError::Input { what: format!("key `data.dataset` = {:?}: {what}", job.data.dataset), source }
         }
         other => other,
     })

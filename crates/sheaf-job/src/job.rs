@@ -424,9 +424,9 @@ fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), HostErr
 
 /// Reads a job: `source` is TOML text named `origin` in errors; overrides apply in order.
 pub fn parse_job(source: &str, origin: &str, overrides: &[String]) -> Result<Job, HostError> {
-    let mut doc: toml::Table = source.parse().map_err(|e: toml::de::Error| {
-        HostError::Job(format!("{origin}: malformed TOML: {}", e.to_string().trim()))
-    })?;
+    let mut doc: toml::Table = source
+        .parse()
+        .map_err(|e: toml::de::Error| HostError::input(format!("{origin}: malformed TOML"), e))?;
     for o in overrides {
         apply_override(&mut doc, o)?;
     }
@@ -480,7 +480,7 @@ pub fn load_job(path: Option<&Path>, overrides: &[String]) -> Result<Job, HostEr
         None => parse_job(DEFAULT_JOB, "default job", overrides),
         Some(p) => {
             let text = std::fs::read_to_string(p)
-                .map_err(|e| HostError::Job(format!("{}: cannot read job file: {e}", p.display())))?;
+                .map_err(|e| HostError::input(format!("{}: cannot read job file", p.display()), e))?;
             parse_job(&text, &p.display().to_string(), overrides)
         }
     }

@@ -291,8 +291,8 @@ mod tests {
         assert_eq!(parse_available("MemTotal: 1 kB\n"), None);
     }
 
-    /// The peak is the kernel's, in bytes: at least what the process holds resident
-    /// while 64 MiB it has written are alive.
+    /// The peak is the kernel's, in bytes: about at least what the process holds
+    /// resident while 64 MiB it has written are alive.
     #[test]
     fn the_peak_is_at_least_what_is_resident() {
         let mut big = vec![0u8; 64 << 20];
@@ -305,7 +305,10 @@ mod tests {
         let resident = pages * 4096;
         let peak = peak_rss_bytes();
         assert!(resident >= 64 << 20, "resident {resident}");
-        assert!(peak >= resident, "peak {peak} below resident {resident}");
+        // The kernel folds threads' cached RSS counts into the high-water mark lazily
+        // (seen 110 KiB behind `statm`), so the bound allows 4 MiB of slack: a peak in
+        // KiB (1,024 times too small) still fails it.
+        assert!(peak + (4 << 20) >= resident, "peak {peak} below resident {resident}");
         assert!(peak < 64 * resident, "peak {peak} far above resident {resident}: not bytes?");
         drop(big);
     }

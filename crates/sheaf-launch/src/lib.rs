@@ -92,7 +92,7 @@ impl Nodes {
         }
         use std::net::ToSocketAddrs;
         (self.master_addr.as_str(), self.master_port.unwrap_or(0)).to_socket_addrs().map_err(|e| {
-            HostError::Usage(format!("--master-addr {} does not resolve: {e}", self.master_addr))
+            HostError::input(format!("--master-addr {} does not resolve", self.master_addr), e)
         })?;
         Ok(())
     }
@@ -147,8 +147,8 @@ pub fn free_port() -> Result<u16, HostError> {
         }
     }
     let l = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| HostError::Launch(format!("cannot find a free port for the rendezvous: {e}")))?;
-    Ok(l.local_addr().map_err(|e| HostError::Launch(e.to_string()))?.port())
+        .map_err(|e| HostError::os("cannot find a free port for the rendezvous", e))?;
+    Ok(l.local_addr().map_err(|e| HostError::os("cannot read the rendezvous port", e))?.port())
 }
 
 /// This executable as rank `rank` of a local world of `world` ranks meeting at
@@ -162,7 +162,7 @@ pub fn local_worker(exe: &std::path::Path, rank: usize, world: usize, port: u16,
 /// port, the cores shared among them), each passed `plugin_dirs`: the caller adds its
 /// subcommand, arguments and where the output goes.
 pub fn local_world(workers: usize, plugin_dirs: &[std::path::PathBuf]) -> Result<Vec<Command>, HostError> {
-    let exe = std::env::current_exe().map_err(|e| HostError::Launch(e.to_string()))?;
+    let exe = std::env::current_exe().map_err(|e| HostError::os("cannot find the sheaf executable", e))?;
     let port = free_port()?;
     let threads = threads_per_worker(workers);
     Ok((0..workers)
@@ -383,7 +383,7 @@ fn watch_signals() -> Result<Arc<AtomicUsize>, HostError> {
     let got = Arc::new(AtomicUsize::new(0));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_usize(sig, got.clone(), sig as usize)
-            .map_err(|e| HostError::Launch(format!("cannot watch signal {sig}: {e}")))?;
+            .map_err(|e| HostError::os(format!("cannot watch signal {sig}"), e))?;
     }
     Ok(GOT.get_or_init(|| got).clone())
 }
@@ -479,7 +479,7 @@ fn run_world(
             Ok(c) => c,
             Err(e) => {
                 terminate(&mut children, opts.grace);
-                return Err(HostError::Launch(format!("cannot start rank {rank}: {e}")));
+                return Err(HostError::os(format!("cannot start rank {rank}"), e));
             }
         };
         eprintln!("[launch] rank {rank} pid {}", child.id());
@@ -554,8 +554,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
     if opts.workers == 0 {
         return Err(HostError::Usage("launch -n must be at least 1".into()));
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| HostError::Launch(format!("cannot find the sheaf executable: {e}")))?;
+    let exe = std::env::current_exe().map_err(|e| HostError::os("cannot find the sheaf executable", e))?;
     std::fs::create_dir_all(&opts.run_dir).map_err(|e| HostError::io(&opts.run_dir, e))?;
     let signals = watch_signals()?;
     signals.store(0, Ordering::SeqCst);

@@ -57,6 +57,15 @@ pub enum HostError {
     /// A file whose contents could not be made (serialised) or read back.
     #[error("{0}")]
     Output(String),
+    /// Something the command was given (a job file, a dataset, an address, a
+    /// worker's spec) that could not be read or parsed: `what` names it, `source` is
+    /// the reader's own error.
+    #[error("{what}: {}", source.to_string().trim_end())]
+    Input { what: String, source: BoxError },
+    /// An output (a checkpoint's tensors, a report, a plot) that could not be made:
+    /// `what` names it, `source` is the serialiser's own error.
+    #[error("{what}: {}", source.to_string().trim_end())]
+    Encode { what: String, source: BoxError },
     /// A component (model, optimizer, strategy) failed outside training.
     #[error("{}{source}", during.map(|d| format!("{d}: ")).unwrap_or_default())]
     Core { during: Option<&'static str>, source: sheaf_core::Error },
@@ -86,6 +95,9 @@ pub enum HostError {
     Check(String),
 }
 
+/// A source error of any kind, kept whole for [`std::error::Error::source`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 impl From<sheaf_core::Error> for HostError {
     fn from(source: sheaf_core::Error) -> Self {
         HostError::Core { during: None, source }
@@ -98,18 +110,37 @@ impl HostError {
         HostError::Io { what: path.as_ref().display().to_string(), source }
     }
 
+    /// A failed call to the operating system (a process, a socket, a signal): `what`
+    /// says what was being done.
+    pub fn os(what: impl std::fmt::Display, source: std::io::Error) -> HostError {
+        HostError::Io { what: what.to_string(), source }
+    }
+
     /// A failed write of the command's own output (standard output).
     pub fn output(source: std::io::Error) -> HostError {
         HostError::Io { what: "cannot write output".into(), source }
     }
 
+    /// Something given that could not be read or parsed ([`HostError::Input`]).
+    pub fn input(what: impl std::fmt::Display, source: impl Into<BoxError>) -> HostError {
+        HostError::Input { what: what.to_string(), source: source.into() }
+    }
+
+    /// An output that could not be made ([`HostError::Encode`]).
+    pub fn encode(what: impl std::fmt::Display, source: impl Into<BoxError>) -> HostError {
+        HostError::Encode { what: what.to_string(), source: source.into() }
+    }
+
     /// The process exit code ([`exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            HostError::Usage(_) | HostError::Job(_) | HostError::Missing { .. } | HostError::Data(_) => {
-                exit::USAGE
-            }
-            HostError::Component { source: sheaf_core::Error::InvalidConfig { .. }, .. } => exit::USAGE,
+            HostError::Usage(_)
+            | HostError::Job(_)
+            | HostError::Missing { .. }
+            | HostError::Data(_)
+            | HostError::Input { .. } => exit::USAGE,
+            HostError::Component { source: sheaf_core::Error::InvalidConfig { .. }, .. }
+            | HostError::Core { source: sheaf_core::Error::InvalidConfig { .. }, .. } => exit::USAGE,
             HostError::Stopped { signal, .. } => {
                 exit::SIGNALLED.saturating_add((*signal).clamp(0, 127) as u8)
             }
@@ -145,5 +176,26 @@ mod tests {
             HostError::Core { during: Some("measuring"), source: sheaf_core::Error::Unsupported("x".into()) };
         assert_eq!(core.exit_code(), exit::FAILED);
         assert!(core.to_string().starts_with("measuring: "), "{core}");
+        let refused = sheaf_core::Error::InvalidConfig { key: "n_head".into(), detail: "odd".into() };
+        assert_eq!(HostError::Core { during: None, source: refused }.exit_code(), exit::USAGE);
+    }
+
+    /// What was given and could not be read is the user's to fix (exit 2); an output
+    /// that could not be made is a failed run (exit 1). Both keep their source error
+    /// for `Error::source`, and print it on one line after what they name.
+    #[test]
+    fn inputs_and_outputs_keep_their_source() {
+        use std::error::Error as _;
+        let parse = "1.5x".parse::<f64>().unwrap_err();
+        let input = HostError::input("job.toml: key `lr`", parse.clone());
+        assert_eq!(input.exit_code(), exit::USAGE);
+        assert_eq!(input.to_string(), format!("job.toml: key `lr`: {parse}"));
+        let source = input.source().expect("the parser's error is kept");
+        assert_eq!(source.downcast_ref::<std::num::ParseFloatError>(), Some(&parse));
+        let encode = HostError::encode("loss.svg", "no room\n".to_string());
+        assert_eq!(encode.exit_code(), exit::FAILED);
+        assert_eq!(encode.to_string(), "loss.svg: no room");
+        let os = HostError::os("cannot start rank 3", std::io::Error::other("EAGAIN"));
+        assert_eq!((os.exit_code(), os.to_string().as_str()), (exit::FAILED, "cannot start rank 3: EAGAIN"));
     }
 }

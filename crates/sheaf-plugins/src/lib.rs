@@ -14,6 +14,6 @@ mod loader;
 mod registry;
 
 pub use discover::{candidates, search_dirs, Candidates, Origin, SearchDir, PLUGIN_PATH_ENV};
-pub use error::{exit, HostError};
+pub use error::{exit, BoxError, HostError};
 pub use loader::{load_plugin, LoadError, LoadedPlugin, PluginManifest};
 pub use registry::{ComponentSource, PluginInfo, Registry};

@@ -112,7 +112,7 @@ fn tensor_views<'a>(
         .map(|(name, shape, values)| {
             TensorView::new(Dtype::F32, shape, bytemuck::cast_slice(values))
                 .map(|v| (name, v))
-                .map_err(|e| HostError::Output(format!("tensor `{name}`: {e}")))
+                .map_err(|e| HostError::encode(format!("tensor `{name}`"), e))
         })
         .collect()
 }
@@ -124,7 +124,7 @@ pub fn safetensors_of<'a>(
     metadata: Option<HashMap<String, String>>,
 ) -> Result<Vec<u8>, HostError> {
     let views = tensor_views(tensors)?;
-    safetensors::serialize(views, metadata).map_err(|e| HostError::Output(format!("safetensors: {e}")))
+    safetensors::serialize(views, metadata).map_err(|e| HostError::encode("safetensors", e))
 }
 
 /// A named f32 tensor to write: its name, shape and values.
@@ -143,7 +143,7 @@ pub fn write_safetensors<'a>(
 ) -> Result<(), HostError> {
     let views = tensor_views(tensors)?;
     safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| HostError::Output(format!("{}: safetensors: {e}", path.display())))?;
+        .map_err(|e| HostError::encode(format!("{}: safetensors", path.display()), e))?;
     std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| HostError::io(path, e))
 }
 
@@ -176,7 +176,7 @@ pub struct TensorFile {
 impl TensorFile {
     pub fn read(path: &Path) -> Result<TensorFile, HostError> {
         let bytes = std::fs::read(path)
-            .map_err(|e| HostError::Data(format!("{}: cannot read: {e}", path.display())))?;
+            .map_err(|e| HostError::input(format!("{}: cannot read", path.display()), e))?;
         TensorFile::from_bytes(path, bytes)
     }
 

@@ -47,7 +47,7 @@ pub fn loss_svg(metrics: &str) -> Result<Option<String>, HostError> {
     let y_max = all().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     // The data's range with a margin (a flat series gets one of its own).
     let pad = ((y_max - y_min) * 0.05).max(y_max.abs() * 1e-3).max(1e-6);
-    let err = |e: String| HostError::Output(format!("loss.svg: {e}"));
+    let err = |e: String| HostError::encode("loss.svg", e);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();

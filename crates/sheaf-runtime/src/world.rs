@@ -42,7 +42,7 @@ impl WorkerEnv {
         use std::net::ToSocketAddrs;
         let master = (self.master_addr.as_str(), self.master_port)
             .to_socket_addrs()
-            .map_err(|e| HostError::Usage(format!("MASTER_ADDR={} does not resolve: {e}", self.master_addr)))?
+            .map_err(|e| HostError::input(format!("MASTER_ADDR={} does not resolve", self.master_addr), e))?
             .next()
             .ok_or_else(|| HostError::Usage(format!("MASTER_ADDR={} has no address", self.master_addr)))?;
         let any: std::net::SocketAddr = if master.is_ipv4() {
@@ -53,7 +53,7 @@ impl WorkerEnv {
         let route = std::net::UdpSocket::bind(any)
             .and_then(|s| s.connect(master).and_then(|()| s.local_addr()))
             .map_err(|e| {
-                HostError::Usage(format!("no route to MASTER_ADDR={} ({master}): {e}", self.master_addr))
+                HostError::input(format!("no route to MASTER_ADDR={} ({master})", self.master_addr), e)
             })?;
         Ok(Some(route.ip().to_string()))
     }

@@ -92,7 +92,7 @@ pub fn plan(
         sheaf_job::plan::strategy_and_plan(&unbounded, workers, &registry, compute.as_ref(), &data)?;
     let rows: Vec<_> = (0..workers).map(|r| sheaf_job::memory::planned(&job, &plan, r)).collect();
     let text = if json {
-        serde_json::to_string_pretty(&rows).map_err(|e| HostError::Usage(e.to_string()))? + "\n"
+        serde_json::to_string_pretty(&rows).map_err(|e| HostError::encode("JSON rows", e))? + "\n"
     } else {
         format!(
             "{} over {workers} ranks, {} parameters\n{}",
@@ -144,7 +144,7 @@ pub fn bench_train(
         let path = dir.join("summary.json");
         let text = std::fs::read_to_string(&path).map_err(|e| HostError::io(&path, e))?;
         let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| HostError::Output(format!("{}: {e}", path.display())))?;
+            serde_json::from_str(&text).map_err(|e| HostError::os(path.display(), e.into()))?;
         rows.push(v);
     }
     let report = sheaf_conformance::bench::train_report(&rows, workers, job.threads_per_worker, &base);
@@ -230,7 +230,7 @@ pub fn doctor(
 /// One rank of `sheaf bench` (hidden).
 pub fn bench_worker(cli: &Cli, spec: &str, out: &mut dyn Write) -> Result<(), HostError> {
     let spec: sheaf_conformance::bench::BenchSpec =
-        serde_json::from_str(spec).map_err(|e| HostError::Usage(format!("bench-worker spec: {e}")))?;
+        serde_json::from_str(spec).map_err(|e| HostError::input("bench-worker spec", e))?;
     let env = sheaf_runtime::WorkerEnv::from_env()?;
     let rows = sheaf_conformance::bench::bench_worker(&cli.registry(), &env, &spec)?;
     if env.rank == 0 {
@@ -265,7 +265,7 @@ pub fn plugins(cli: &Cli, json: bool, out: &mut dyn Write) -> Result<(), HostErr
     let registry = cli.registry();
     let rows = registry.listing();
     let text = if json {
-        serde_json::to_string_pretty(&rows).map_err(|e| HostError::Usage(e.to_string()))? + "\n"
+        serde_json::to_string_pretty(&rows).map_err(|e| HostError::encode("JSON rows", e))? + "\n"
     } else {
         render_table(&rows)
     };
