@@ -199,3 +199,157 @@ fn load_rows(
     train.check_shape(features, classes).map_err(data_err)?;
     Ok((train, test))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::job;
+    use sheaf_core::{Block, Model, ParamLayout, ParamSpec};
+    use sheaf_plugins::exit;
+
+    /// Describes `rows` (8 features, 3 classes; 64 and 10 for `digits`) and `tokens`
+    /// (the dataset's vocabulary or 256, windows of `block_size`) models; refuses a
+    /// `block_size` of 0 as a model kind would; builds nothing.
+    struct Describer;
+
+    impl ComputeBackend for Describer {
+        fn device(&self) -> &str {
+            "test"
+        }
+        fn model_kinds(&self) -> Vec<String> {
+            vec!["rows".into(), "digits".into(), "tokens".into()]
+        }
+        fn describe(&self, spec: &ModelSpec) -> sheaf_core::Result<ModelInfo> {
+            let config: serde_json::Value = serde_json::from_str(&spec.config).unwrap();
+            let input = match spec.kind.as_str() {
+                "rows" => ModelInput::Rows { features: 8, classes: 3 },
+                "digits" => ModelInput::Rows { features: 64, classes: 10 },
+                _ => match config["block_size"].as_u64().unwrap_or(16) {
+                    0 => {
+                        return Err(sheaf_core::Error::InvalidConfig {
+                            key: "block_size".into(),
+                            detail: "must be at least 1".into(),
+                        })
+                    }
+                    b => ModelInput::Tokens {
+                        vocab_size: spec.vocab_size.unwrap_or(256),
+                        block_size: b as usize,
+                    },
+                },
+            };
+            let layout = ParamLayout::new(vec![ParamSpec { name: "w".into(), shape: vec![2] }]);
+            Ok(ModelInfo { layout, blocks: vec![Block { name: "b".into(), params: 2 }], input })
+        }
+        fn build_model(&self, _: &ModelSpec, _: u64) -> sheaf_core::Result<Box<dyn Model>> {
+            Err(sheaf_core::Error::Unsupported("test backend".into()))
+        }
+    }
+
+    fn load_job(sets: &[&str]) -> Result<JobData, HostError> {
+        load(&job(sets), &Registry::load(&[]), &Describer)
+    }
+
+    /// Rows split at the test fraction (a fifth by default); token files by theirs (a
+    /// tenth), with their characters as the vocabulary.
+    #[test]
+    fn datasets_split_at_their_fractions() {
+        let d = load_job(&["model.kind=rows", "data.samples=100"]).unwrap();
+        assert_eq!(
+            (d.train.len(), d.test.len(), d.tokens_per_sample(), d.vocab.is_none()),
+            (80, 20, None, true)
+        );
+        let d = load_job(&["model.kind=rows", "data.samples=100", "data.test_fraction=0.5"]).unwrap();
+        assert_eq!((d.train.len(), d.test.len()), (50, 50));
+        let d = load_job(&["model.kind=digits", "data.dataset=digits"]).unwrap();
+        assert_eq!(d.train.len() + d.test.len(), 1797, "scikit-learn's digits");
+        let d = load_job(&["model.kind=tokens", "data.dataset=shakespeare", "model.block_size=8"]).unwrap();
+        assert_eq!(d.tokens_per_sample(), Some(8));
+        let vocab = d.vocab.as_ref().expect("characters");
+        assert_eq!(Some(vocab.len()), d.spec.vocab_size);
+        assert!(
+            d.test.len() * 8 < d.train.len(),
+            "about a tenth held out: {} {}",
+            d.train.len(),
+            d.test.len()
+        );
+    }
+
+    /// A model and a dataset that do not fit name both; an unknown kind names what is
+    /// built; a kind's refusal of its settings is the user's to fix.
+    #[test]
+    fn mismatches_name_the_kind_and_the_dataset() {
+        let e = load_job(&["model.kind=rows", "data.dataset=shakespeare"]).err().unwrap();
+        assert!(
+            e.to_string().contains(
+                "model kind `rows` and data.dataset `shakespeare` do not fit: the dataset is token ids"
+            ),
+            "{e}"
+        );
+        let e = load_job(&["model.kind=tokens"]).err().unwrap();
+        assert!(e.to_string().contains("data.dataset `synthetic` do not fit: the dataset is rows"), "{e}");
+        let e = load_job(&["model.kind=gpt9"]).err().unwrap();
+        assert!(
+            e.to_string().contains("unknown model kind `gpt9`")
+                && e.to_string().contains("builds rows, digits, tokens"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), exit::USAGE);
+        let e =
+            load_job(&["model.kind=tokens", "data.dataset=shakespeare", "model.block_size=0"]).err().unwrap();
+        assert!(e.to_string().contains("block_size"), "{e}");
+        assert_eq!(e.exit_code(), exit::USAGE);
+        let e = load_job(&["model.kind=digits", "data.dataset=digits", "data.samples=10"]).map(|_| ());
+        assert!(e.is_ok(), "samples are the synthetic set's only");
+        let e = load_job(&["model.kind=rows", "data.dataset=digits"]).err().unwrap();
+        assert!(e.to_string().contains("key `data.dataset` = \"digits\""), "{e}");
+    }
+
+    /// Which reader a path goes to: token files by their extension, IDX otherwise; what
+    /// cannot be read names the key, and is the user's to fix.
+    #[test]
+    fn paths_go_to_their_readers_and_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("sheaf-job-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("t.txt");
+        std::fs::write(&text, "abcabcabcabc".repeat(20)).unwrap();
+        let set = format!("data.dataset=\"{}\"", text.display());
+        let d = load_job(&["model.kind=tokens", &set, "model.block_size=4"]).unwrap();
+        assert_eq!((d.spec.vocab_size, d.vocab.as_deref()), (Some(3), Some(&['a', 'b', 'c'][..])));
+        let bin = dir.join("t.bin");
+        std::fs::write(&bin, [1u8, 0].repeat(100)).unwrap();
+        let set = format!("data.dataset=\"{}\"", bin.display());
+        let d = load_job(&["model.kind=tokens", &set, "model.block_size=4"]).unwrap();
+        assert_eq!(
+            (d.spec.vocab_size, d.vocab.clone(), d.tokens_per_sample()),
+            (None, None, Some(4)),
+            "ids without characters"
+        );
+        for missing in ["gone.txt", "gone.bin"] {
+            let set = format!("data.dataset=\"{}\"", dir.join(missing).display());
+            let e = load_job(&["model.kind=tokens", &set]).err().unwrap();
+            assert!(
+                e.to_string().starts_with("key `data.dataset` = ") && e.to_string().contains(missing),
+                "{e}"
+            );
+            assert_eq!(e.exit_code(), exit::USAGE);
+        }
+        let set = format!("data.dataset=\"{}\"", dir.join("rows.csv").display());
+        let e = load_job(&["model.kind=rows", &set]).err().unwrap();
+        assert!(e.to_string().contains("set data.labels"), "an IDX path without MNIST's name: {e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Recomputation travels with the model's settings; the vocabulary beside them.
+    #[test]
+    fn the_spec_carries_recomputation_and_the_vocabulary() {
+        let spec = model_spec(&job(&["model.kind=tokens", "model.n_layer=2"]), Some(7));
+        assert_eq!((spec.kind.as_str(), spec.vocab_size), ("tokens", Some(7)));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&spec.config).unwrap(),
+            serde_json::json!({"n_layer": 2})
+        );
+        let spec = model_spec(&job(&["train.activation_checkpointing=2"]), None);
+        let config: serde_json::Value = serde_json::from_str(&spec.config).unwrap();
+        assert_eq!(config, serde_json::json!({"activation_checkpointing": 2}));
+    }
+}

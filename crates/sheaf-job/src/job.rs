@@ -559,4 +559,166 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&job.train.optimizer_config()).unwrap();
         assert_eq!(v, serde_json::json!({"lr": 0.05, "weight_decay": 0.01}));
     }
+
+    /// The smallest job: every key it leaves out takes the default its comment
+    /// promises.
+    const MINIMAL: &str =
+        "[model]\n[data]\ndataset = \"synthetic\"\n[train]\nepochs = 1\nbatch_size = 4\nlr = 0.1\n\
+                           [parallel]\nstrategy = \"data-parallel\"\n";
+
+    #[test]
+    fn keys_left_out_take_their_documented_defaults() {
+        let job = parse_job(MINIMAL, "minimal", &[]).unwrap();
+        assert_eq!((job.seed, job.model.kind.as_str()), (0, "mlp"));
+        let d = &job.data;
+        assert_eq!(
+            (d.samples, d.partitioner.as_str(), d.labels.as_deref(), d.test_fraction),
+            (8192, "contiguous", None, None)
+        );
+        let t = &job.train;
+        assert_eq!((t.optimizer.as_str(), t.lr_schedule.as_str()), ("sgd", "constant"));
+        assert_eq!((t.grad_accum, t.keep_checkpoints, t.warmup_steps), (1, 2, 0));
+        assert_eq!((t.max_steps, t.eval_every, t.checkpoint_every, t.grad_clip), (None, None, None, None));
+        assert_eq!(t.activation_checkpointing.every(), Ok(None));
+        let p = &job.parallel;
+        assert_eq!(
+            (p.partitioner.as_str(), p.balance.as_str(), p.data, &p.layer_costs),
+            ("balanced", "params", None, &None)
+        );
+        assert_eq!(job.transport, TransportSection::default());
+        assert_eq!(
+            (job.transport.timeout_s, job.transport.peer_timeout_s, job.transport.plugin()),
+            (60.0, 15.0, "auto")
+        );
+        assert_eq!(job.compute, ComputeSection::default());
+        assert_eq!((job.compute.backend.as_str(), job.compute.device.as_str()), ("candle", "cpu"));
+        assert_eq!(job.compute.memory_limit_mb, None);
+        assert_eq!(job.collectives.algorithm(), Ok(sheaf_collectives::Algorithm::Auto));
+        // A job written back (the run directory's job.toml) reads as itself.
+        let again = parse_job(&toml::to_string(&job).unwrap(), "again", &[]).unwrap();
+        assert_eq!(again, job);
+    }
+
+    /// Each check refuses what it names and lets its edge through.
+    #[test]
+    fn every_check_names_its_key_and_keeps_its_edge() {
+        let refused = |set: &str, key: &str| {
+            let e = parse_job(MINIMAL, "m.toml", &[set.into()]).unwrap_err();
+            assert!(e.to_string().contains(key) && e.to_string().starts_with("m.toml: "), "{set}: {e}");
+            assert_eq!(e.exit_code(), sheaf_plugins::exit::USAGE, "{set}");
+        };
+        let taken =
+            |set: &str| parse_job(MINIMAL, "m.toml", &[set.into()]).unwrap_or_else(|e| panic!("{set}: {e}"));
+        refused("train.batch_size=0", "train.batch_size");
+        taken("train.batch_size=1");
+        refused("train.grad_accum=0", "train.grad_accum");
+        assert_eq!(taken("train.grad_accum=1").train.grad_accum, 1);
+        refused("train.checkpoint_every=0", "train.checkpoint_every");
+        assert_eq!(taken("train.checkpoint_every=1").train.checkpoint_every, Some(1));
+        refused("train.keep_checkpoints=0", "train.keep_checkpoints");
+        taken("train.keep_checkpoints=1");
+        refused("train.lr_schedule=linear", "train.lr_schedule");
+        taken("train.lr_schedule=cosine");
+        refused("train.grad_clip=0.0", "train.grad_clip");
+        refused("train.grad_clip=-1.0", "train.grad_clip");
+        refused("train.grad_clip=nan", "train.grad_clip");
+        taken("train.grad_clip=1e-9");
+        refused("data.test_fraction=1.0", "data.test_fraction");
+        refused("data.test_fraction=-0.1", "data.test_fraction");
+        taken("data.test_fraction=0.0");
+        refused("collectives.algorithm=fastest", "collectives.algorithm");
+        taken("collectives.algorithm=ring");
+        refused("plugins.widget.x=\"y\"", "plugins.widget");
+        taken("plugins.optimizer.adamw=\"mine\"");
+        refused("transport.timeout_s=0.0", "transport.timeout_s");
+        refused("transport.peer_timeout_s=0.0", "peer_timeout_s");
+        taken("transport.peer_timeout_s=0.5");
+        refused("train.activation_checkpointing=0", "train.activation_checkpointing");
+        refused("train.activation_checkpointing=all", "train.activation_checkpointing");
+        assert_eq!(
+            taken("train.activation_checkpointing=blocks").train.activation_checkpointing.every(),
+            Ok(Some(1))
+        );
+        assert_eq!(
+            taken("train.activation_checkpointing=3").train.activation_checkpointing.every(),
+            Ok(Some(3))
+        );
+    }
+
+    /// `--set` makes the tables on its path and refuses to go through a value.
+    #[test]
+    fn overrides_make_tables_and_refuse_to_pass_through_values() {
+        let job = parse_job(MINIMAL, "m", &["parallel.options.pipeline.micro_batches=4".into()]).unwrap();
+        assert_eq!(job.parallel.options["pipeline"]["micro_batches"].as_integer(), Some(4));
+        let e = parse_job(MINIMAL, "m", &["train.lr.x=1".into()]).unwrap_err().to_string();
+        assert!(e.contains("--set train.lr.x") && e.contains("`lr` is not a table"), "{e}");
+        assert!(is_bare_word("zmq-tcp") && is_bare_word("a/b:c+d.e_f"));
+        assert!(!is_bare_word("") && !is_bare_word("two words") && !is_bare_word("q\"uote"));
+    }
+
+    /// What each plugin is handed: its own table as JSON, with the keys the host owns.
+    #[test]
+    fn plugins_get_their_own_tables_as_json() {
+        let json = |s: String| serde_json::from_str::<serde_json::Value>(&s).unwrap();
+        let job = parse_job(MINIMAL, "m", &[]).unwrap();
+        assert_eq!(json(job.parallel.strategy_config(1500)), serde_json::json!({"timeout_ms": 1500}));
+        assert_eq!(json(job.parallel.partitioner_config()), serde_json::json!({}));
+        assert_eq!(json(job.data.partitioner_config()), serde_json::json!({}));
+        assert_eq!(json(job.compute.config_json()), serde_json::json!({"device": "cpu"}));
+        let job = parse_job(
+            MINIMAL,
+            "m",
+            &[
+                "parallel.data=2".into(),
+                "parallel.options.data-parallel.zero=1".into(),
+                "parallel.options.pipeline.micro_batches=4".into(),
+                "parallel.partitioner_options.slack=1".into(),
+                "data.partitioner_options.shuffle=true".into(),
+                "compute.device=\"cuda:1\"".into(),
+            ],
+        )
+        .unwrap();
+        let strategy = json(job.parallel.strategy_config(7));
+        assert_eq!(strategy, serde_json::json!({"timeout_ms": 7, "data": 2, "zero": 1}));
+        assert_eq!(json(job.parallel.partitioner_config()), serde_json::json!({"slack": 1}));
+        assert_eq!(json(job.data.partitioner_config()), serde_json::json!({"shuffle": true}));
+        assert_eq!(json(job.compute.config_json()), serde_json::json!({"device": "cuda:1"}));
+    }
+
+    /// The run-level settings every strategy honours, from the job's keys: zero means
+    /// never, the cosine floor defaults to a tenth of the rate.
+    #[test]
+    fn the_train_config_follows_the_keys() {
+        let job = parse_job(MINIMAL, "m", &["seed=9".into(), "train.max_steps=5".into()]).unwrap();
+        let c = job.train.config(job.seed);
+        assert_eq!((c.seed, c.epochs, c.batch_size, c.max_steps, c.grad_accum), (9, 1, 4, Some(5), 1));
+        assert_eq!((c.lr.base, c.lr.cosine, c.lr.warmup_steps, c.lr.min_lr), (0.1, false, 0, 0.1 / 10.0));
+        assert_eq!((c.eval_every, c.checkpoint_every, c.start_step, c.grad_clip), (None, None, 0, None));
+        let sets =
+            ["train.lr_schedule=cosine", "train.min_lr=0.001", "train.warmup_steps=3", "train.eval_every=0"];
+        let mut sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        sets.extend([
+            "train.checkpoint_every=4".into(),
+            "train.grad_clip=0.5".into(),
+            "train.grad_accum=2".into(),
+        ]);
+        let c = parse_job(MINIMAL, "m", &sets).unwrap().train.config(0);
+        assert_eq!((c.lr.cosine, c.lr.min_lr, c.lr.warmup_steps), (true, 0.001, 3));
+        assert_eq!(
+            (c.eval_every, c.checkpoint_every, c.grad_clip, c.grad_accum),
+            (None, Some(4), Some(0.5), 2)
+        );
+        let c = parse_job(MINIMAL, "m", &["train.eval_every=2".into()]).unwrap().train.config(0);
+        assert_eq!(c.eval_every, Some(2));
+    }
+
+    /// The job file's own errors: one that cannot be read is the user's to fix, and
+    /// names the file.
+    #[test]
+    fn a_missing_job_file_is_named() {
+        let e = load_job(Some(Path::new("/nonexistent/job.toml")), &[]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/job.toml: cannot read job file"), "{e}");
+        assert_eq!(e.exit_code(), sheaf_plugins::exit::USAGE);
+        assert_eq!(load_job(None, &[]).unwrap(), parse_job(DEFAULT_JOB, "x", &[]).unwrap());
+    }
 }

@@ -5,3 +5,6 @@ pub mod data;
 pub mod job;
 pub mod memory;
 pub mod plan;
+
+#[cfg(test)]
+mod fixture;

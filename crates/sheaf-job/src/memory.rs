@@ -313,3 +313,127 @@ mod tests {
         drop(big);
     }
 }
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::fixture::{job, plan, shard};
+
+    fn parts(p: &PlannedBytes) -> [u64; 6] {
+        [p.parameters, p.gradients, p.optimizer_state, p.activations, p.communication, p.total]
+    }
+
+    /// Every plan's total is its parts.
+    fn checked(p: PlannedBytes) -> PlannedBytes {
+        assert_eq!(p.total, p.parts().iter().map(|(_, b)| b).sum::<u64>(), "{p:?}");
+        p
+    }
+
+    /// A replica (100 values, AdamW's 2 state values each): parameters, the summed
+    /// gradient and the loss beside it, its state, 2 samples' activations, and the
+    /// summed gradient in flight to and from its ring neighbours.
+    #[test]
+    fn a_replica_holds_the_model_its_gradient_and_state() {
+        let job0 = job(&[]);
+        let one = checked(planned(&job0, &plan(&vec![0..3; 1], 1, &[None]), 0));
+        assert_eq!(parts(&one), [400, 404, 800, 16, 0, 1620], "a world of one sends nothing");
+        let two = checked(planned(&job0, &plan(&vec![0..3; 2], 1, &[None; 2]), 1));
+        assert_eq!(parts(&two)[..5], [400, 404, 800, 16, 2 * 404]);
+        // ZeRO 1 over 2: half the state, and a shard of the summed gradient besides.
+        let zero1 = checked(planned(&job0, &plan(&vec![0..3; 2], 2, &[None; 2]), 0));
+        assert_eq!(parts(&zero1)[..5], [400, 404 + 200, 400, 16, 2 * 404]);
+        // Accumulated micro-batches keep a second whole gradient.
+        let accum = checked(planned(&job(&["train.grad_accum=2"]), &plan(&vec![0..3; 2], 1, &[None; 2]), 0));
+        assert_eq!(accum.gradients, 404 + 400);
+    }
+
+    /// A transport that keeps fixed buffers per peer is planned by them; one that does
+    /// not, by the largest message (ZeroMQ's 16 MiB window at most) each way.
+    #[test]
+    fn communication_is_what_the_transport_says_it_holds() {
+        let shm = sheaf_core::TransportInfo::host().with_resident_bytes_per_peer(1000);
+        assert_eq!(communication_bytes(&shm, 4, 5), 3000);
+        assert_eq!(communication_bytes(&shm, 1, 5), 0);
+        let tcp = sheaf_core::TransportInfo::network();
+        assert_eq!(communication_bytes(&tcp, 2, 5), 10);
+        assert_eq!(communication_bytes(&tcp, 2, 1 << 30), 32 << 20);
+        let mut p = plan(&vec![0..3; 3], 1, &[None; 3]);
+        p.transport = shm;
+        assert_eq!(planned(&job(&[]), &p, 0).communication, 2000);
+    }
+
+    /// Pipeline stages exchange activations: the larger of those and a summed gradient
+    /// is the largest message.
+    #[test]
+    fn stages_plan_their_own_piece() {
+        let p = plan(&[0..2, 2..3], 1, &[None, None]);
+        let first = checked(planned(&job(&[]), &p, 0));
+        // 60 values; no replica to sum with, 16 bytes of activations in flight.
+        assert_eq!(parts(&first)[..5], [240, 244, 480, 16, 2 * 16]);
+        let last = checked(planned(&job(&[]), &p, 1));
+        assert_eq!(parts(&last)[..5], [160, 164, 320, 16, 2 * 16]);
+        let replicated = plan(&[0..2, 0..2, 2..3, 2..3], 1, &[None; 4]);
+        assert_eq!(planned(&job(&[]), &replicated, 2).communication, 2 * 164);
+    }
+
+    /// ZeRO 3 over 2 ranks: a rank's rows (50 values) and their gradient and state, one
+    /// unit gathered at a time (the root, embeddings and head together: 80 values)
+    /// twice over with the root kept by the model, the root's gradient beside it.
+    #[test]
+    fn a_fully_sharded_rank_holds_its_rows_and_one_unit() {
+        let p = plan(&vec![0..3; 2], 1, &[shard(0, 2), shard(1, 2)]);
+        let r = checked(planned(&job(&[]), &p, 0));
+        assert_eq!(parts(&r)[..5], [200 + 2 * 320 + 320, 200 + 320 + 320, 400, 16, 2 * 320]);
+    }
+
+    /// ZeRO 3 inside a stage: the stage's rows, its largest block gathered into the
+    /// piece's buffer, that block's gradient, and the block on the wire (every
+    /// replica's part and this one's) beside the activations exchanged.
+    #[test]
+    fn a_sharded_stage_holds_its_rows_and_one_block() {
+        let p = plan(&[0..2, 0..2, 2..3, 2..3], 1, &[shard(0, 2), shard(1, 2), shard(0, 2), shard(1, 2)]);
+        let first = checked(planned(&job(&[]), &p, 0));
+        // Rows: e 5x4, w 2x4, b 2 = 30 values; the embeddings (40) are the largest block.
+        assert_eq!(parts(&first)[..5], [120 + 160, 120 + 160, 240, 16, 160 + 80 + 2 * 80]);
+        let last = checked(planned(&job(&[]), &p, 3));
+        // Rows: o 2x10 = 20 values; the head (40).
+        assert_eq!(parts(&last)[..5], [80 + 160, 80 + 160, 160, 16, 160 + 80 + 2 * 80]);
+        // One stage holding both ends reads the embeddings with the head.
+        let both = plan(&[0..3, 0..3], 1, &[shard(0, 2), shard(1, 2)]);
+        let mut both = both;
+        both.stage_interface = true;
+        both.layouts = (0..2)
+            .map(|i| sheaf_core::PieceLayout::whole(&both.info.layout, 8).rows(shard(i, 2).unwrap()).unwrap())
+            .collect();
+        let r = checked(planned(&job(&[]), &both, 0));
+        assert_eq!(r.parameters, 200 + 4 * 80);
+    }
+
+    /// What the strategy says it holds replaces the host's reckoning, rank by rank.
+    #[test]
+    fn the_strategy_knows_its_own_bytes_better() {
+        let mut p = plan(&vec![0..3; 2], 1, &[None; 2]);
+        p.parameter_bytes = Some(vec![1, 2]);
+        p.gradient_bytes = Some(vec![3, 4]);
+        let r = checked(planned(&job(&[]), &p, 1));
+        assert_eq!((r.parameters, r.gradients, r.optimizer_state), (2, 4, 800));
+    }
+
+    /// The parts largest first; a host whose ranks need more than it has is refused
+    /// naming the largest, and one that has exactly enough is not.
+    #[test]
+    fn a_host_fits_its_ranks_or_names_the_largest() {
+        let small = PlannedBytes::of(1 << 20, 0, 3 << 20, 0, 2 << 20);
+        assert_eq!(parts_text(&small), "optimizer state 3.00 MiB, communication 2.00 MiB, parameters 1.00 MiB, gradients 0.00 MiB, activations 0.00 MiB");
+        let big = PlannedBytes::of(8 << 20, 0, 0, 0, 0);
+        let local = [small.clone(), big.clone()];
+        let need = small.total + big.total + 2 * 100;
+        assert!(fits_host(&local, 100, need).is_ok());
+        let e = fits_host(&local, 100, need - 1).unwrap_err();
+        assert!(
+            e.to_string().contains("its 2 ranks need") && e.to_string().contains("local rank 1, plans 8 MiB"),
+            "{e}"
+        );
+        assert_eq!(e.exit_code(), sheaf_plugins::exit::USAGE);
+    }
+}

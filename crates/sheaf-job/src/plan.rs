@@ -303,3 +303,110 @@ pub fn measure_layer_costs(
     }
     Ok(costs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{info, job, plan, shard};
+
+    fn piece(blocks: std::ops::Range<usize>, tensor_rank: usize, tensor_width: usize) -> RankPlan {
+        RankPlan {
+            piece: Piece { blocks, tensor_rank, tensor_width },
+            activation_samples: 1,
+            state_shards: 1,
+            param_shard: None,
+        }
+    }
+
+    /// Blocks weigh their parameters, or the measured times the job carries; a cost
+    /// list that does not fit the model is refused whatever the balance.
+    #[test]
+    fn blocks_weigh_parameters_or_measured_time() {
+        let info = info();
+        assert_eq!(block_costs(&job(&[]), &info).unwrap(), vec![40, 20, 40]);
+        let timed = job(&["parallel.balance=time", "parallel.layer_costs=[5, 6, 7]"]);
+        assert_eq!(block_costs(&timed, &info).unwrap(), vec![5, 6, 7]);
+        let e = block_costs(&job(&["parallel.balance=time"]), &info).unwrap_err().to_string();
+        assert!(e.contains("`parallel.balance`") && e.contains("layer_costs"), "{e}");
+        let e = block_costs(&job(&["parallel.layer_costs=[1, 2]"]), &info).unwrap_err().to_string();
+        assert!(e.contains("`parallel.layer_costs`: 2 costs for a model of 3 blocks"), "{e}");
+        assert_eq!(block_costs(&job(&["parallel.layer_costs=[1, 2, 3]"]), &info).unwrap(), vec![40, 20, 40]);
+        let e = block_costs(&job(&["parallel.balance=flops"]), &info).unwrap_err().to_string();
+        assert!(e.contains("`flops` (params, time)"), "{e}");
+    }
+
+    /// A strategy's plan is checked: a rank per rank of the world, pieces inside the
+    /// model, every block held whole or in every slice of a group.
+    #[test]
+    fn plans_that_do_not_cover_the_model_are_refused() {
+        let ok = |ranks: &[RankPlan]| check_cover("s", ranks.len(), 3, ranks);
+        assert!(ok(&[piece(0..3, 0, 1), piece(0..3, 0, 1)]).is_ok());
+        assert!(ok(&[piece(0..2, 0, 1), piece(2..3, 0, 1)]).is_ok());
+        assert!(ok(&[piece(0..3, 0, 2), piece(0..3, 1, 2)]).is_ok());
+        let refused = |world: usize, ranks: &[RankPlan], detail: &str| {
+            let e = check_cover("s", world, 3, ranks).unwrap_err().to_string();
+            assert!(e.starts_with("key `parallel.strategy`: `s` planned ") && e.contains(detail), "{e}");
+        };
+        refused(3, &[piece(0..3, 0, 1)], "1 ranks for a world of 3");
+        refused(2, &[piece(0..3, 0, 1), piece(1..4, 0, 1)], "rank 1:");
+        refused(1, &[piece(0..3, 2, 2)], "tensor rank 2 outside a group of 2");
+        refused(2, &[piece(0..1, 0, 1), piece(2..3, 0, 1)], "no rank holding all of block 1");
+        refused(1, &[piece(0..3, 0, 2)], "no rank holding all of block 0");
+        // Slices of different groups do not make a whole.
+        refused(2, &[piece(0..3, 0, 2), piece(0..3, 1, 3)], "no rank holding all of block 0");
+        // Block 2's group is whole; blocks 0 and 1 only in slices of one group.
+        assert!(ok(&[piece(0..2, 0, 2), piece(0..2, 1, 2), piece(2..3, 0, 1)]).is_ok());
+    }
+
+    /// The lowest rank holding each distinct piece, and whether any rank holds less than
+    /// the whole model.
+    #[test]
+    fn representatives_hold_every_piece_once() {
+        let replicas = plan(&[0..3, 0..3], 1, &[None, None]);
+        assert_eq!((replicas.representatives(), replicas.is_model_parallel()), (vec![0], false));
+        let zero3 = plan(&[0..3, 0..3], 1, &[shard(0, 2), shard(1, 2)]);
+        assert_eq!((zero3.representatives(), zero3.is_model_parallel()), (vec![0, 1], true));
+        let stages = plan(&[0..2, 0..2, 2..3, 2..3], 1, &[None; 4]);
+        assert_eq!((stages.representatives(), stages.is_model_parallel()), (vec![0, 2], true));
+    }
+
+    /// A rank needs its parameters, their gradients and its shard of the optimizer's
+    /// state (rounded up, as chunks are padded), and its samples' activations.
+    #[test]
+    fn need_is_parameters_gradients_state_and_activations() {
+        // 100 values, 2 state values each: 4 * (200 + 200) bytes, 2 samples of 8 bytes.
+        assert_eq!(need_bytes(&plan(&vec![0..3; 1], 1, &[None]), 0), (1600, 16));
+        // State over 3 ranks: 200 / 3 rounds up to 67 values.
+        assert_eq!(need_bytes(&plan(&vec![0..3; 3], 3, &[None; 3]), 2), (4 * (200 + 67), 16));
+        let mut adam = plan(&[0..2, 2..3], 1, &[None, None]);
+        adam.state_values_per_param = 1;
+        assert_eq!(need_bytes(&adam, 0), (4 * (120 + 60), 16));
+        assert_eq!(need_bytes(&adam, 1), (4 * (80 + 40), 16));
+    }
+
+    /// The budget: a rank over it is named with its parts and a hint that fits the
+    /// plan; a rank exactly at it fits.
+    #[test]
+    fn the_memory_limit_names_the_rank_over_it() {
+        let stages = plan(&[0..2, 2..3], 1, &[None, None]);
+        let total = |r| crate::memory::planned(&job(&[]), &stages, r).total;
+        let (big, small) = (total(0), total(1));
+        assert!(big > small, "{big} {small}");
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let limit = |b: u64| format!("compute.memory_limit_mb={}", mib(b));
+        assert!(check_memory(&job(&[&limit(big)]), &stages).is_ok());
+        assert!(check_memory(&job(&[]), &stages).is_ok());
+        let e = check_memory(&job(&[&limit(big - 1)]), &stages).unwrap_err().to_string();
+        assert!(
+            e.contains("`compute.memory_limit_mb`: rank 0 needs") && e.contains("use more workers"),
+            "{e}"
+        );
+        assert!(!e.contains("sharded over"), "{e}");
+        let e = check_memory(&job(&[&limit(small - 1)]), &stages).unwrap_err().to_string();
+        assert!(e.contains("rank 0 needs"), "the first rank over it: {e}");
+        let replicas = plan(&[0..3, 0..3], 2, &[None, None]);
+        let need = crate::memory::planned(&job(&[]), &replicas, 0).total;
+        let e = check_memory(&job(&[&limit(need - 1)]), &replicas).unwrap_err().to_string();
+        assert!(e.contains("model-parallel strategy") && e.contains("sharded over 2 ranks"), "{e}");
+    }
+}
