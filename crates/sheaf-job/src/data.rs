@@ -97,11 +97,9 @@ pub fn describe(
 /// Opens the job's dataset, describes its model and splits the data to fit it.
 pub fn load(job: &Job, registry: &Registry, compute: &dyn ComputeBackend) -> Result<JobData, HostError> {
     // A dataset that cannot be read names the key that asked for it.
+    // Every input read on the way is the dataset's.
     load_source(job, registry, compute).map_err(|e| match e {
-        HostError::Data(detail) if !detail.contains("data.dataset") => {
-            HostError::Data(format!("key `data.dataset` = {:?}: {detail}", job.data.dataset))
-        }
-        HostError::Input { what, source } if !what.contains("data.dataset") => {
+        HostError::Input { what, source } => {
             HostError::Input { what: format!("key `data.dataset` = {:?}: {what}", job.data.dataset), source }
         }
         other => other,
@@ -336,6 +334,57 @@ mod tests {
         let set = format!("data.dataset=\"{}\"", dir.join("rows.csv").display());
         let e = load_job(&["model.kind=rows", &set]).err().unwrap();
         assert!(e.to_string().contains("set data.labels"), "an IDX path without MNIST's name: {e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// IDX bytes: the magic (unsigned bytes, `dims.len()` dimensions), the dimensions,
+    /// then the values.
+    fn idx(dims: &[u32], values: &[u8]) -> Vec<u8> {
+        let mut out = vec![0, 0, 8, dims.len() as u8];
+        out.extend(dims.iter().flat_map(|d| d.to_be_bytes()));
+        out.extend_from_slice(values);
+        out
+    }
+
+    /// `n` images of 2 x 4 pixels (8 features) labelled below 3, as `prefix`-images
+    /// and -labels files.
+    fn write_idx(dir: &Path, prefix: &str, n: usize) -> PathBuf {
+        let images = dir.join(format!("{prefix}-images-idx3-ubyte"));
+        std::fs::write(&images, idx(&[n as u32, 2, 4], &vec![7; n * 8])).unwrap();
+        let labels: Vec<u8> = (0..n).map(|i| (i % 3) as u8).collect();
+        std::fs::write(dir.join(format!("{prefix}-labels-idx1-ubyte")), idx(&[n as u32], &labels)).unwrap();
+        images
+    }
+
+    /// MNIST's layout: a `t10k` set beside the training set is the test set; without
+    /// one (or when the `t10k` set is the one named), a seeded split at the fraction.
+    #[test]
+    fn idx_sets_take_their_test_set_from_beside_them() {
+        let dir = std::env::temp_dir().join(format!("sheaf-job-idx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let train = write_idx(&dir, "train", 10);
+        let rows = |images: &Path, extra: &[&str]| {
+            let set = format!("data.dataset=\"{}\"", images.display());
+            let mut sets = vec!["model.kind=rows", set.as_str()];
+            sets.extend(extra);
+            load_job(&sets).map(|d| (d.train.len(), d.test.len()))
+        };
+        assert_eq!(rows(&train, &[]).unwrap(), (8, 2), "no t10k set: a fifth held out");
+        let t10k = write_idx(&dir, "t10k", 3);
+        assert_eq!(rows(&train, &[]).unwrap(), (10, 3), "the t10k set beside it");
+        assert_eq!(
+            rows(&t10k, &["data.test_fraction=0.4"]).unwrap(),
+            (2, 1),
+            "the t10k set named: split itself"
+        );
+        std::fs::remove_file(dir.join("t10k-labels-idx1-ubyte")).unwrap();
+        assert_eq!(rows(&train, &[]).unwrap(), (8, 2), "t10k images without labels are not a test set");
+        let labels = format!("data.labels=\"{}\"", dir.join("train-labels-idx1-ubyte").display());
+        let other = dir.join("mine.idx");
+        std::fs::copy(&train, &other).unwrap();
+        assert_eq!(rows(&other, &[labels.as_str()]).unwrap(), (8, 2), "labels named by the job");
+        let e = rows(&other, &[]).unwrap_err().to_string();
+        assert!(e.starts_with("data.dataset `") && e.contains("set data.labels"), "not prefixed twice: {e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
