@@ -216,7 +216,8 @@ impl TrainSection {
             grad_accum: self.grad_accum,
             eval_every: self.eval_every.filter(|&e| e > 0),
             start_step: 0,
-            checkpoint_every: self.checkpoint_every.filter(|&e| e > 0),
+            // 0 is refused when the job is read.
+            checkpoint_every: self.checkpoint_every,
         }
     }
 
@@ -710,6 +711,21 @@ mod tests {
         );
         let c = parse_job(MINIMAL, "m", &["train.eval_every=2".into()]).unwrap().train.config(0);
         assert_eq!(c.eval_every, Some(2));
+    }
+
+    /// A job that names no transport is settled by what the loaded transports say;
+    /// one that names it keeps it; none loaded is an error, not a silent default.
+    #[test]
+    fn a_transport_left_out_is_settled_by_the_loaded_ones() {
+        let none = sheaf_plugins::Registry::load(&[]);
+        let mut t = TransportSection::default();
+        assert!(t.resolve(false, &none).is_err());
+        assert_eq!(t.plugin, None);
+        t.resolve(true, &none).unwrap();
+        assert_eq!(t.plugin(), "auto", "across hosts: each host's and the network's own");
+        let mut named = TransportSection { plugin: Some("mine".into()), ..TransportSection::default() };
+        named.resolve(false, &none).unwrap();
+        assert_eq!(named.plugin(), "mine");
     }
 
     /// The job file's own errors: one that cannot be read is the user's to fix, and

@@ -407,6 +407,15 @@ mod plan_tests {
             .collect();
         let r = checked(planned(&job(&[]), &both, 0));
         assert_eq!(r.parameters, 200 + 4 * 80);
+        // The head is the last block, whatever the sizes: blocks of 10, 20 and 70 values
+        // run as 10, 20 and 70 + 10.
+        let block = |params| sheaf_core::Block { name: "b".into(), params };
+        both.info.blocks = vec![block(10), block(20), block(70)];
+        assert_eq!(planned(&job(&[]), &both, 0).parameters, 200 + 4 * 80);
+        // A model of one block has no head apart from it.
+        both.info.blocks = vec![block(100)];
+        both.ranks.iter_mut().for_each(|r| r.piece.blocks = 0..1);
+        assert_eq!(planned(&job(&[]), &both, 0).parameters, 200 + 4 * 100);
     }
 
     /// What the strategy says it holds replaces the host's reckoning, rank by rank.
@@ -435,5 +444,24 @@ mod plan_tests {
             "{e}"
         );
         assert_eq!(e.exit_code(), sheaf_plugins::exit::USAGE);
+        // This host's own figure, from the kernel: more than a mebibyte, and less
+        // than any plan could ask.
+        assert!(available_bytes().is_some_and(|b| b > 1 << 20), "{:?}", available_bytes());
+        let beyond = PlannedBytes::of(u64::MAX / 4, 0, 0, 0, 0);
+        assert!(check_host(&[beyond], 0).is_err());
+        assert!(check_host(&[small], 0).is_ok());
+    }
+
+    /// `sheaf plan`'s table: a row per rank, each part in MiB.
+    #[test]
+    fn the_table_has_a_row_per_rank() {
+        let mib = 1 << 20;
+        let rows = [PlannedBytes::of(mib, 2 * mib, 3 * mib, mib / 2, 0), PlannedBytes::default()];
+        let lines: Vec<String> =
+            table(&rows).lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("rank parameters gradients optimizer state"), "{}", lines[0]);
+        assert_eq!(lines[1], "0 1.0 2.0 3.0 0.5 0.0 6.5");
+        assert_eq!(lines[2], "1 0.0 0.0 0.0 0.0 0.0 0.0");
     }
 }

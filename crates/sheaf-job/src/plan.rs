@@ -352,6 +352,8 @@ mod tests {
         refused(1, &[piece(0..3, 2, 2)], "tensor rank 2 outside a group of 2");
         refused(2, &[piece(0..1, 0, 1), piece(2..3, 0, 1)], "no rank holding all of block 1");
         refused(1, &[piece(0..3, 0, 2)], "no rank holding all of block 0");
+        // Two slices of three are not the block.
+        refused(2, &[piece(0..3, 0, 3), piece(0..3, 1, 3)], "no rank holding all of block 0");
         // Slices of different groups do not make a whole.
         refused(2, &[piece(0..3, 0, 2), piece(0..3, 1, 3)], "no rank holding all of block 0");
         // Block 2's group is whole; blocks 0 and 1 only in slices of one group.
