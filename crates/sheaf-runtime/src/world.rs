@@ -438,4 +438,67 @@ mod tests {
             assert!(e.contains(needle), "{vars:?}: {e}");
         }
     }
+
+    /// What only one launcher says is that launcher's: WORLD_SIZE alone is torchrun's
+    /// (and missing its RANK), a SLURM host list or job id beside torchrun's variables
+    /// does not move torchrun's master.
+    #[test]
+    fn each_launcher_says_only_its_own() {
+        let e = place(&[("WORLD_SIZE", "2")]).unwrap_err();
+        assert!(e.contains("WORLD_SIZE is set (torchrun launched this process?) but RANK is not"), "{e}");
+        let t = place(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("SLURM_JOB_NODELIST", "node[1-2]"),
+            ("SLURM_JOB_ID", "123"),
+        ])
+        .unwrap();
+        assert_eq!((t.master_addr.as_str(), t.master_port), ("127.0.0.1", 29500));
+        let one_node = [
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_JOB_NUM_NODES", "1"),
+            ("MASTER_ADDR", "m"),
+        ];
+        assert!(!place(&one_node).unwrap().spans_hosts);
+    }
+
+    /// A host list of exactly 2^20 hosts expands; one more is refused.
+    #[test]
+    fn host_lists_stop_at_a_million_hosts() {
+        assert_eq!(expand_nodelist("n[1-1048576]").unwrap().len(), 1 << 20);
+        let e = expand_nodelist("n[0-1048576]").unwrap_err();
+        assert!(e.contains("more than a million hosts"), "{e}");
+    }
+
+    /// Peers reach a rank on loopback when the master is this host or the world is
+    /// this rank; else at this host's address on the route to the master (here, when
+    /// the machine has such a route).
+    #[test]
+    fn ranks_advertise_loopback_or_the_route_to_the_master() {
+        if std::env::var_os("SHEAF_ADVERTISE_ADDR").is_some() {
+            return;
+        }
+        let env = |master: &str, world_size| WorkerEnv {
+            rank: 0,
+            world_size,
+            local_rank: 0,
+            master_addr: master.into(),
+            master_port: 29500,
+            spans_hosts: false,
+        };
+        for master in ["localhost", "127.0.0.1", "127.0.0.2", "::1"] {
+            assert_eq!(env(master, 2).advertise_addr().unwrap(), None, "{master}");
+        }
+        // TEST-NET-1: never a host here, so never loopback.
+        assert_eq!(env("192.0.2.1", 1).advertise_addr().unwrap(), None, "a world of one");
+        match env("192.0.2.1", 2).advertise_addr() {
+            Ok(Some(addr)) => {
+                let ip: std::net::IpAddr = addr.parse().unwrap();
+                assert!(!ip.is_loopback() && !ip.is_unspecified(), "{addr}");
+            }
+            Ok(None) => panic!("a remote master needs this host's address"),
+            Err(e) => assert!(e.to_string().contains("no route to MASTER_ADDR=192.0.2.1"), "{e}"),
+        }
+    }
 }
