@@ -469,6 +469,11 @@ mod tests {
         assert_eq!(expand_nodelist("n[1-1048576]").unwrap().len(), 1 << 20);
         let e = expand_nodelist("n[0-1048576]").unwrap_err();
         assert!(e.contains("more than a million hosts"), "{e}");
+        // One range of more than 2^20 + 1 numbers is refused before it is expanded.
+        let e = expand_nodelist("n[0-1048577]").unwrap_err();
+        assert!(e.contains("is not an ascending range"), "{e}");
+        assert_eq!(expand_nodelist("n[0-2]").unwrap(), ["n0", "n1", "n2"]);
+        assert_eq!(expand_nodelist("n[1048574-1048576]").unwrap().len(), 3);
     }
 
     /// Peers reach a rank on loopback when the master is this host or the world is
