@@ -391,7 +391,7 @@ fn fully_sharded_parameters_are_refused_where_they_are_not_built() {
                 [train]\nepochs = 1\nmax_steps = 2\nbatch_size = 16\noptimizer = \"sgd\"\nlr = 0.1\n\
                 [parallel]\nstrategy = \"pipeline\"\n[parallel.options.pipeline]\nzero = 3\n";
     std::fs::write(&mlp, body).unwrap();
-    let want = "ZeRO stage 3 inside a pipeline stage runs the CPU's fused gpt pieces only";
+    let want = "ZeRO stage 3 inside a pipeline stage: `mlp` models have no row shards of a piece";
     refused_before_any_worker_starts(&mlp, &[], "row shard of blocks", want);
 }
 

@@ -22,6 +22,7 @@ use crate::{
 };
 
 pub(crate) mod fused;
+pub(crate) mod kind;
 mod spec;
 
 pub(crate) use spec::init_piece;

@@ -9,6 +9,7 @@
 
 mod cpu;
 mod gpt;
+mod kind;
 mod mlp;
 
 use candle_core::{Device, Tensor, Var, D};
@@ -33,7 +34,7 @@ impl sheaf_abi::Plugin for CandlePlugin {
     fn provides() -> Vec<Provided> {
         let mut provided = vec![Provided { kind: PluginKind::Compute, name: "candle".into() }];
         provided
-            .extend(MODEL_KINDS.iter().map(|k| Provided { kind: PluginKind::Model, name: k.to_string() }));
+            .extend(model_kinds().into_iter().map(|k| Provided { kind: PluginKind::Model, name: k.into() }));
         provided
     }
 
@@ -124,47 +125,27 @@ impl ComputeBackend for CandleBackend {
     }
 
     fn model_kinds(&self) -> Vec<String> {
-        MODEL_KINDS.iter().map(|k| k.to_string()).collect()
+        model_kinds().into_iter().map(String::from).collect()
     }
 
     fn describe(&self, spec: &ModelSpec) -> Result<ModelInfo> {
-        match spec.kind.as_str() {
-            "mlp" => Ok(MlpSpec::parse(spec)?.info()),
-            "gpt" => Ok(GptSpec::parse(spec)?.info()),
-            other => Err(unknown_kind(other)),
-        }
+        kind::of(spec)?.describe(spec)
     }
 
     fn piece_layout(&self, spec: &ModelSpec, piece: &Piece) -> Result<PieceLayout> {
-        match spec.kind.as_str() {
-            "mlp" => MlpSpec::parse(spec)?.piece_layout(piece),
-            "gpt" => GptSpec::parse(spec)?.piece_layout(piece),
-            other => Err(unknown_kind(other)),
-        }
+        kind::of(spec)?.piece_layout(spec, piece)
     }
 
     fn build_model(&self, spec: &ModelSpec, seed: u64) -> Result<Box<dyn Model>> {
-        match spec.kind.as_str() {
-            "mlp" if self.device.is_cpu() => Ok(Box::new(FusedMlp::new(&MlpSpec::parse(spec)?, seed))),
-            "mlp" => Ok(Box::new(Mlp::new(&MlpSpec::parse(spec)?, seed, self.device.clone())?)),
-            "gpt" if self.device.is_cpu() => Ok(Box::new(FusedGpt::new(&GptSpec::parse(spec)?, seed))),
-            "gpt" => Ok(Box::new(Gpt::new(&GptSpec::parse(spec)?, seed, self.device.clone())?)),
-            other => Err(unknown_kind(other)),
-        }
+        kind::of(spec)?.build_model(spec, seed, &self.device)
     }
 
     fn build_piece(&self, spec: &ModelSpec, piece: &Piece, seed: u64) -> Result<Box<dyn Model>> {
-        match spec.kind.as_str() {
-            "mlp" => Ok(Box::new(Stage::new(&MlpSpec::parse(spec)?, piece, seed, self.device.clone())?)),
-            "gpt" if self.device.is_cpu() => {
-                Ok(Box::new(FusedPiece::new(&GptSpec::parse(spec)?, piece, seed)?))
-            }
-            "gpt" => Ok(Box::new(Gpt::piece(&GptSpec::parse(spec)?, piece, seed, self.device.clone())?)),
-            other => Err(unknown_kind(other)),
-        }
+        kind::of(spec)?.build_piece(spec, piece, seed, &self.device)
     }
 
     fn build_shard(&self, spec: &ModelSpec, shard: ParamShard, seed: u64) -> Result<Box<dyn Model>> {
+        let kind = kind::of(spec)?;
         if !self.device.is_cpu() {
             return Err(Error::Unsupported(format!(
                 "ZeRO stage 3 runs the CPU's fused models; `{}` models on {} have no row shards",
@@ -172,11 +153,7 @@ impl ComputeBackend for CandleBackend {
                 self.device()
             )));
         }
-        match spec.kind.as_str() {
-            "mlp" => Ok(Box::new(mlp::fused::shard(&MlpSpec::parse(spec)?, shard, seed)?)),
-            "gpt" => Ok(Box::new(gpt::fused::build_shard(&GptSpec::parse(spec)?, shard, seed)?)),
-            other => Err(unknown_kind(other)),
-        }
+        kind.build_shard(spec, shard, seed)
     }
 
     fn build_piece_shard(
@@ -186,29 +163,22 @@ impl ComputeBackend for CandleBackend {
         shard: ParamShard,
         seed: u64,
     ) -> Result<Box<dyn Model>> {
-        match spec.kind.as_str() {
-            "gpt" if self.device.is_cpu() => {
-                Ok(Box::new(FusedPiece::new_shard(&GptSpec::parse(spec)?, piece, shard, seed)?))
-            }
-            "gpt" | "mlp" => Err(Error::Unsupported(format!(
-                "ZeRO stage 3 inside a pipeline stage runs the CPU's fused gpt pieces only, not `{}` \
-                 models on {}",
+        let kind = kind::of(spec)?;
+        if !self.device.is_cpu() {
+            return Err(Error::Unsupported(format!(
+                "ZeRO stage 3 inside a pipeline stage runs the CPU's fused pieces; `{}` models on {} have \
+                 none",
                 spec.kind,
                 self.device()
-            ))),
-            other => Err(unknown_kind(other)),
+            )));
         }
+        kind.build_piece_shard(spec, piece, shard, seed)
     }
 }
 
 /// The model kinds this plugin builds.
-pub const MODEL_KINDS: [&str; 2] = ["mlp", "gpt"];
-
-fn unknown_kind(kind: &str) -> Error {
-    Error::config(
-        "model.kind",
-        format!("unknown model kind `{kind}` (sheaf-compute-candle builds {})", MODEL_KINDS.join(", ")),
-    )
+pub fn model_kinds() -> Vec<&'static str> {
+    kind::KINDS.iter().map(|k| k.name()).collect()
 }
 
 /// A kind's settings from their JSON text; an unknown key or a wrong type is an error

@@ -18,6 +18,7 @@ use crate::{
 };
 
 pub(crate) mod fused;
+pub(crate) mod kind;
 
 /// Nonlinearity between hidden layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -312,6 +312,34 @@ fn mlp_settings_are_checked_by_the_plugin() {
     assert_eq!(info.blocks.iter().map(|b| b.params).collect::<Vec<_>>(), [30, 14]);
 }
 
+/// Every entry point dispatches through the table of kinds: an unknown kind is the
+/// same error from each, naming the key, and the kinds listed are the kinds provided.
+#[test]
+fn every_entry_point_goes_through_the_table_of_kinds() {
+    let backend = CandleBackend::new("cpu").unwrap();
+    let spec = ModelSpec::new("resnet", "{}");
+    let (piece, shard) = (sheaf_core::Piece::whole(1), sheaf_core::ParamShard { index: 0, count: 1 });
+    let errors = [
+        backend.describe(&spec).err(),
+        backend.piece_layout(&spec, &piece).err(),
+        backend.build_model(&spec, 0).err(),
+        backend.build_piece(&spec, &piece, 0).err(),
+        backend.build_shard(&spec, shard, 0).err(),
+        backend.build_piece_shard(&spec, &piece, shard, 0).err(),
+    ];
+    for e in errors {
+        let e = e.expect("an unknown kind is an error");
+        assert!(matches!(&e, sheaf_core::Error::InvalidConfig { key, .. } if key == "model.kind"), "{e}");
+    }
+    assert_eq!(backend.model_kinds(), ["mlp", "gpt"]);
+    let provided: Vec<String> = <crate::CandlePlugin as sheaf_abi::Plugin>::provides()
+        .into_iter()
+        .filter(|p| p.kind == sheaf_core::PluginKind::Model)
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(provided, backend.model_kinds());
+}
+
 mod gpt;
 mod units;
 

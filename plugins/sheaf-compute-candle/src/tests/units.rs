@@ -291,5 +291,8 @@ fn piece_shards_refuse_slices_and_whole_calls() {
     let mlp = ModelSpec::mlp(vec![5, 7, 3]);
     let e =
         backend.build_piece_shard(&mlp, &sheaf_core::Piece::whole(2), shard, 1).err().unwrap().to_string();
-    assert!(e.contains("ZeRO stage 3 inside a pipeline stage"), "{e}");
+    assert!(
+        e.contains("ZeRO stage 3 inside a pipeline stage: `mlp` models have no row shards of a piece"),
+        "{e}"
+    );
 }
