@@ -14,6 +14,7 @@ mod fault;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 mod inproc;
+pub mod train;
 
 pub use fault::{Fault, FaultyLink, Kill};
 pub use inproc::{InProcLink, InProcWorld};

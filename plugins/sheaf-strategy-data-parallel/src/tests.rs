@@ -6,10 +6,11 @@
 //! tests repeat the law with the real candle, optimizer and partitioner plugins.
 
 use sheaf_core::{
-    Batch, CheckpointSink, DataPartitioner, LrSchedule, MetricsSink, Model, OptimState, Optimizer, Param,
-    ParamLayout, ParamSpec, Result, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary,
+    Batch, LrSchedule, Model, OptimState, Optimizer, ParamLayout, ParamSpec, Result, StepMetrics, Strategy,
+    TrainConfig, TrainContext, TrainSummary,
 };
 use sheaf_testkit::run_world;
+use sheaf_testkit::train::{Blocks, Collect, Momentum, Saved};
 
 use crate::{DataParallel, DataParallelConfig};
 
@@ -126,69 +127,6 @@ impl Model for Softmax {
             correct += usize::from(best == y);
         }
         Ok((loss, correct))
-    }
-}
-
-/// Momentum SGD.
-struct Momentum {
-    lr: f64,
-    buf: Vec<f32>,
-}
-
-impl Optimizer for Momentum {
-    fn step(&mut self, params: &mut [Param<'_>]) -> Result<()> {
-        let total: usize = params.iter().map(|p| p.value.len()).sum();
-        self.buf.resize(total, 0.0);
-        let mut off = 0;
-        for p in params.iter_mut() {
-            for ((w, g), b) in p.value.iter_mut().zip(p.grad).zip(&mut self.buf[off..]) {
-                *b = 0.9 * *b + g;
-                *w -= self.lr as f32 * *b;
-            }
-            off += p.value.len();
-        }
-        Ok(())
-    }
-    fn learning_rate(&self) -> f64 {
-        self.lr
-    }
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.lr = lr;
-    }
-    fn state(&self) -> Result<OptimState> {
-        Ok(OptimState { step: 0, buffers: vec![("momentum".into(), self.buf.clone())] })
-    }
-    fn load_state(&mut self, state: &OptimState) -> Result<()> {
-        self.buf = state.get("momentum").unwrap_or_default().to_vec();
-        Ok(())
-    }
-}
-
-/// Balanced contiguous blocks.
-struct Blocks;
-
-impl DataPartitioner for Blocks {
-    fn shard(&self, _: u64, n: usize, rank: usize, world: usize) -> Result<Vec<usize>> {
-        Ok(sheaf_core::chunk_range(n, world, rank).collect())
-    }
-}
-
-struct Collect(Vec<StepMetrics>);
-
-/// Every checkpoint handed over: step, parameters, optimizer state.
-#[derive(Default)]
-struct Saved(Vec<(u64, Vec<f32>, OptimState)>);
-
-impl CheckpointSink for Saved {
-    fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> Result<()> {
-        self.0.push((step, params.to_vec(), optimizer.clone()));
-        Ok(())
-    }
-}
-
-impl MetricsSink for Collect {
-    fn record(&mut self, m: &StepMetrics) {
-        self.0.push(m.clone());
     }
 }
 

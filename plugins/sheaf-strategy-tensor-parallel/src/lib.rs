@@ -310,7 +310,10 @@ impl Strategy for TensorParallel {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod config_tests {
     use super::TensorParallelConfig;
 
     /// ZeRO across the groups: stage 1 is taken, stage 2 is refused with the reason

@@ -1,0 +1,326 @@
+//! Tensor-parallel training over the in-process transport ends where one process ends
+//! on the same global batches: groups of 2 and 3 slices, 2 groups of 2 sharing each
+//! batch, with and without ZeRO 1 across the groups. The model is a column- then
+//! row-parallel pair written in the test (a plugin's tests cannot link another
+//! plugin's rlib); the end-to-end tests repeat the law with the candle plugin's GPT.
+
+use sheaf_core::{
+    Batch, Error, Model, ParamLayout, ParamSpec, Piece, Result, Strategy, TrainConfig, TrainContext,
+    TrainSummary,
+};
+use sheaf_testkit::run_world;
+use sheaf_testkit::train::{Blocks, Collect, Momentum, Saved};
+
+use crate::{TensorParallel, TensorParallelConfig};
+
+/// Features, hidden units and classes of the pair.
+const D: usize = 8;
+const H: usize = 6;
+const K: usize = 3;
+
+/// `logits = relu(x W1^T + b1) W2^T + b2`, held as slice `t` of `width`: `W1`'s and
+/// `b1`'s rows `t` (column-parallel), `W2`'s matching columns (row-parallel), `b2`
+/// whole on every slice. Segment 0 is the slice's part of the pre-bias logits (summed
+/// over the group by the strategy), segment 1 adds `b2`.
+struct Pair {
+    t: usize,
+    width: usize,
+    layout: ParamLayout,
+    /// `w1 [h, D]`, `b1 [h]`, `w2 [K, h]`, `b2 [K]` for this slice's `h` units.
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    /// Per micro-batch: the input and the hidden activations.
+    saved: std::collections::HashMap<u64, (Vec<f32>, Vec<f32>)>,
+}
+
+impl Pair {
+    /// Slice `t` of `width` of the pair whose whole parameters come from `seed`.
+    fn new(t: usize, width: usize, seed: u64) -> Pair {
+        let whole = whole_params(seed);
+        let h = H / width;
+        let rows = t * h..(t + 1) * h;
+        let (w1, rest) = whole.split_at(H * D);
+        let (b1, rest) = rest.split_at(H);
+        let (w2, b2) = rest.split_at(K * H);
+        let mut params: Vec<f32> = w1[rows.start * D..rows.end * D].to_vec();
+        params.extend_from_slice(&b1[rows.clone()]);
+        params.extend((0..K).flat_map(|k| w2[k * H + rows.start..k * H + rows.end].to_vec()));
+        params.extend_from_slice(b2);
+        let spec = |name: &str, shape: Vec<usize>| ParamSpec { name: name.into(), shape };
+        let layout = ParamLayout::new(vec![
+            spec("w1", vec![h, D]),
+            spec("b1", vec![h]),
+            spec("w2", vec![K, h]),
+            spec("b2", vec![K]),
+        ]);
+        let grads = vec![0.0; layout.total()];
+        Pair { t, width, layout, params, grads, saved: Default::default() }
+    }
+
+    fn h(&self) -> usize {
+        H / self.width
+    }
+
+    /// The slices' parameters put back together as the whole pair's.
+    fn assemble(slices: &[Vec<f32>]) -> Vec<f32> {
+        let h = H / slices.len();
+        let mut w1 = Vec::new();
+        let mut b1 = Vec::new();
+        let mut w2 = vec![0.0; K * H];
+        for (t, p) in slices.iter().enumerate() {
+            w1.extend_from_slice(&p[..h * D]);
+            b1.extend_from_slice(&p[h * D..h * D + h]);
+            for k in 0..K {
+                let from = h * D + h + k * h;
+                w2[k * H + t * h..k * H + (t + 1) * h].copy_from_slice(&p[from..from + h]);
+            }
+        }
+        let b2 = &slices[0][slices[0].len() - K..];
+        [w1, b1, w2, b2.to_vec()].concat()
+    }
+}
+
+fn whole_params(seed: u64) -> Vec<f32> {
+    let mut g = sheaf_testkit::conformance::SplitMix::new(seed);
+    (0..H * D + H + K * H + K).map(|_| g.next_f32() * 0.5).collect()
+}
+
+impl Model for Pair {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+    fn read_params(&self, out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(&self.params);
+        Ok(())
+    }
+    fn write_params(&mut self, src: &[f32]) -> Result<()> {
+        self.params.copy_from_slice(src);
+        Ok(())
+    }
+    fn forward_backward(&mut self, _: &Batch<'_>, _: &mut [f32]) -> Result<f32> {
+        Err(Error::Unsupported("the pair trains through its stage interface".into()))
+    }
+    fn evaluate(&mut self, _: &Batch<'_>) -> Result<(f64, usize)> {
+        Err(Error::Unsupported("the pair evaluates through its stage interface".into()))
+    }
+    fn piece(&self) -> Option<Piece> {
+        Some(Piece { blocks: 0..1, tensor_rank: self.t, tensor_width: self.width })
+    }
+    fn segments(&self) -> usize {
+        2
+    }
+    fn replicated_params(&self) -> Vec<bool> {
+        vec![false, false, false, true]
+    }
+    fn stage_forward(&mut self, micro: u64, segment: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let h = self.h();
+        let (w1, rest) = self.params.split_at(h * D);
+        let (b1, rest) = rest.split_at(h);
+        let (w2, b2) = rest.split_at(K * h);
+        if segment == 1 {
+            return Ok(input.chunks(K).flat_map(|row| row.iter().zip(b2).map(|(y, b)| y + b)).collect());
+        }
+        let hidden: Vec<f32> = (0..rows)
+            .flat_map(|r| {
+                let x = &input[r * D..(r + 1) * D];
+                (0..h).map(move |j| {
+                    let z = b1[j] + w1[j * D..(j + 1) * D].iter().zip(x).map(|(w, x)| w * x).sum::<f32>();
+                    z.max(0.0)
+                })
+            })
+            .collect();
+        let out = (0..rows)
+            .flat_map(|r| {
+                let a = &hidden[r * h..(r + 1) * h];
+                (0..K).map(move |k| w2[k * h..(k + 1) * h].iter().zip(a).map(|(w, a)| w * a).sum::<f32>())
+            })
+            .collect();
+        self.saved.insert(micro, (input.to_vec(), hidden));
+        Ok(out)
+    }
+    fn stage_backward(&mut self, micro: u64, segment: usize, grad: &[f32]) -> Result<Vec<f32>> {
+        let h = self.h();
+        let (gw1, rest) = self.grads.split_at_mut(h * D);
+        let (gb1, rest) = rest.split_at_mut(h);
+        let (gw2, gb2) = rest.split_at_mut(K * h);
+        if segment == 1 {
+            for row in grad.chunks(K) {
+                gb2.iter_mut().zip(row).for_each(|(g, d)| *g += d);
+            }
+            return Ok(grad.to_vec());
+        }
+        let (x, hidden) =
+            self.saved.remove(&micro).ok_or_else(|| Error::BadState("no forward kept".into()))?;
+        let w1 = &self.params[..h * D];
+        let w2 = &self.params[h * D + h..h * D + h + K * h];
+        let rows = grad.len() / K;
+        let mut gx = vec![0.0; rows * D];
+        for r in 0..rows {
+            let (g, a, xr) = (&grad[r * K..(r + 1) * K], &hidden[r * h..(r + 1) * h], &x[r * D..(r + 1) * D]);
+            for j in 0..h {
+                let mut ga = 0.0;
+                for k in 0..K {
+                    gw2[k * h + j] += g[k] * a[j];
+                    ga += g[k] * w2[k * h + j];
+                }
+                if a[j] > 0.0 {
+                    gb1[j] += ga;
+                    for i in 0..D {
+                        gw1[j * D + i] += ga * xr[i];
+                        gx[r * D + i] += ga * w1[j * D + i];
+                    }
+                }
+            }
+        }
+        Ok(gx)
+    }
+    fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
+        let (mut loss, mut correct, mut grad) = (0.0f64, 0usize, Vec::with_capacity(logits.len()));
+        for (row, &label) in logits.chunks(K).zip(labels) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f64> = row.iter().map(|l| f64::from(l - max).exp()).collect();
+            let sum: f64 = exp.iter().sum();
+            loss -= (exp[label as usize] / sum).ln();
+            let best = (0..K).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+            correct += usize::from(best == label as usize);
+            grad.extend(exp.iter().enumerate().map(|(k, e)| {
+                let p = e / sum - f64::from(u8::from(k == label as usize));
+                p as f32 * scale
+            }));
+        }
+        Ok((loss, correct, grad))
+    }
+    fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(&self.grads);
+        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        Ok(())
+    }
+    fn drop_saved(&mut self) {
+        self.saved.clear();
+    }
+}
+
+/// Every rank's final parameters and summary, and rank 0's step metrics, after
+/// training `groups` groups of `width` slices on the same data and batches.
+fn train(groups: usize, width: usize, zero: u8, batch: usize) -> (Vec<Vec<f32>>, TrainSummary, Vec<f64>) {
+    let data = sheaf_data::teacher(120, D, K, 5);
+    let (train, test) = data.split(0.25, 1);
+    let mut config = TrainConfig::basic(7, 2, batch, None, 0.2);
+    config.grad_clip = Some(5.0);
+    config.eval_every = Some(3);
+    let out = run_world(groups * width, |comm| {
+        let rank = sheaf_core::Communicator::rank(&comm);
+        // Every group starts from its own seed: the strategy makes the replicas agree.
+        let mut model = Pair::new(rank % width, width, 11 + (rank / width) as u64 * 7);
+        let mut strategy = TensorParallel {
+            config: TensorParallelConfig {
+                data: Some(groups),
+                width: Some(width),
+                zero,
+                ..Default::default()
+            },
+        };
+        let (mut metrics, mut saved) = (Collect::default(), Saved::default());
+        let summary = strategy
+            .train(TrainContext {
+                config: config.clone(),
+                comm: &comm,
+                model: &mut model,
+                optimizer: &mut Momentum::new(0.2),
+                partitioner: &Blocks,
+                train: &train,
+                test: &test,
+                metrics: &mut metrics,
+                checkpoints: &mut saved,
+            })
+            .unwrap();
+        (model.params, summary, metrics.0.iter().map(|m| m.loss).collect::<Vec<f64>>())
+    });
+    let summary = out[0].1.clone();
+    let losses = out[0].2.clone();
+    (out.into_iter().map(|(p, _, _)| p).collect(), summary, losses)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The law: slices trained together end as the one process's parameters, every group
+/// alike; the loss each step reports and the validation figures agree with it.
+#[test]
+fn slices_end_where_one_process_ends() {
+    for batch in [16, 7] {
+        let (one, one_summary, one_losses) = train(1, 1, 0, batch);
+        assert!(one_summary.steps > 6, "{one_summary:?}");
+        // The pair's own gradients are right: one process learns.
+        let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+        let (first, last) = (mean(&one_losses[..3]), mean(&one_losses[one_losses.len() - 4..]));
+        assert!(last < 0.9 * first, "{one_losses:?}");
+        for (groups, width, zero) in [(1, 2, 0), (1, 3, 0), (2, 2, 0), (2, 2, 1), (3, 1, 1)] {
+            let (ranks, summary, losses) = train(groups, width, zero, batch);
+            let label = format!("batch {batch}, {groups} groups of {width}, zero {zero}");
+            for g in 0..groups {
+                let slices = &ranks[g * width..(g + 1) * width];
+                let whole = Pair::assemble(slices);
+                let d = max_abs_diff(&whole, &one[0]);
+                assert!(d < 2e-5, "{label}: group {g} differs by {d}");
+                assert_eq!(slices, &ranks[..width], "{label}: group {g} differs from group 0");
+            }
+            assert_eq!(summary.steps, one_summary.steps, "{label}");
+            assert_eq!(losses.len(), one_losses.len(), "{label}");
+            for (a, b) in losses.iter().zip(&one_losses) {
+                assert!((a - b).abs() < 1e-5, "{label}: loss {a} vs {b}");
+            }
+            assert!((summary.test_accuracy - one_summary.test_accuracy).abs() < 1e-9, "{label}");
+            assert!((summary.test_loss - one_summary.test_loss).abs() < 1e-5, "{label}");
+        }
+    }
+}
+
+/// A model partitioner a tensor-parallel plan must not need.
+struct Uncut;
+
+impl sheaf_core::ModelPartitioner for Uncut {
+    fn cut(&self, _: &[u64], _: usize) -> Result<Vec<std::ops::Range<usize>>> {
+        Err(Error::Unsupported("tensor slices cut no blocks".into()))
+    }
+}
+
+/// A plan of `D` groups of `T`: rank `d * T + t` holds slice `t` of every block, its
+/// group's share of the batch in flight, its state over the groups under ZeRO 1; a
+/// world that is not `D x T` is refused naming the key.
+#[test]
+fn plans_lay_groups_of_slices() {
+    let blocks = vec![sheaf_core::Block { name: "b".into(), params: 1 }; 3];
+    let costs = [1, 1, 1];
+    let plan = |data, width, zero, world| {
+        let strategy = TensorParallel {
+            config: TensorParallelConfig { data: Some(data), width, zero, ..Default::default() },
+        };
+        let input = sheaf_core::PlanInput {
+            world,
+            blocks: &blocks,
+            costs: &costs,
+            batch_size: 10,
+            partitioner: &Uncut,
+        };
+        strategy.plan(&input)
+    };
+    let p = plan(2, Some(3), 1, 6).unwrap();
+    assert!(p.stage_interface);
+    for (r, rank) in p.ranks.iter().enumerate() {
+        assert_eq!(
+            (rank.piece.blocks.clone(), rank.piece.tensor_rank, rank.piece.tensor_width),
+            (0..3, r % 3, 3)
+        );
+        assert_eq!((rank.activation_samples, rank.state_shards, rank.param_shard), (5, 2, None));
+    }
+    let p = plan(3, None, 0, 6).unwrap();
+    assert_eq!(
+        (p.ranks[5].piece.tensor_width, p.ranks[5].piece.tensor_rank, p.ranks[0].state_shards),
+        (2, 1, 1)
+    );
+    assert_eq!(p.ranks[0].activation_samples, 4, "10 samples over 3 groups, rounded up");
+    let e = plan(2, Some(2), 0, 6).unwrap_err().to_string();
+    assert!(e.contains("parallel.options.tensor-parallel.width") && e.contains("need 4 ranks, not 6"), "{e}");
+}
