@@ -75,3 +75,67 @@ impl CheckpointSink for Saved {
         Ok(())
     }
 }
+
+/// The cross-entropy of `logits` (`[labels.len(), classes]`) against
+/// `labels`, as `Model::loss_grad` returns it: the summed loss, the number of correct
+/// predictions (the first largest logit), and `scale` times the sum's gradient with
+/// respect to the logits. Computed in f64.
+pub fn softmax_loss_grad(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    scale: f32,
+) -> (f64, usize, Vec<f32>) {
+    let (mut loss, mut correct, mut grad) = (0.0f64, 0usize, Vec::with_capacity(logits.len()));
+    for (row, &label) in logits.chunks(classes).zip(labels) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f64> = row.iter().map(|l| f64::from(l - max).exp()).collect();
+        let sum: f64 = exp.iter().sum();
+        loss -= (exp[label as usize] / sum).ln();
+        let best = (0..classes).max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a))).unwrap_or(0);
+        correct += usize::from(best == label as usize);
+        grad.extend(
+            exp.iter()
+                .enumerate()
+                .map(|(k, e)| (e / sum - f64::from(u8::from(k == label as usize))) as f32 * scale),
+        );
+    }
+    (loss, correct, grad)
+}
+
+/// Moves `grads` into `out` and zeroes them, as `Model::take_grads` does.
+pub fn take(grads: &mut [f32], out: &mut [f32]) {
+    out.copy_from_slice(grads);
+    grads.fill(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    /// The loss, the count of correct predictions (ties to the first class) and the
+    /// gradient against their definitions on two rows.
+    #[test]
+    fn cross_entropy_against_its_definition() {
+        let logits = [0.0, 1.0, 1.0, 2.0, 0.0, 0.0];
+        let (loss, correct, grad) = super::softmax_loss_grad(&logits, &[1, 0], 3, 0.5);
+        let e = std::f64::consts::E;
+        let p1 = e / (1.0 + 2.0 * e);
+        let p0 = e * e / (e * e + 2.0);
+        assert!((loss - (-p1.ln() - p0.ln())).abs() < 1e-12, "{loss}");
+        assert_eq!(correct, 2, "row 0's tie goes to class 1, row 1's largest is class 0");
+        let want = [
+            0.5 / (1.0 + 2.0 * e),
+            0.5 * (p1 - 1.0),
+            0.5 * p1,
+            0.5 * (p0 - 1.0),
+            0.5 * (1.0 - p0) / 2.0,
+            0.5 * (1.0 - p0) / 2.0,
+        ];
+        for (g, w) in grad.iter().zip(want) {
+            assert!((f64::from(*g) - w).abs() < 1e-6, "{grad:?} vs {want:?}");
+        }
+        let mut grads = [1.0, 2.0];
+        let mut out = [0.0; 2];
+        super::take(&mut grads, &mut out);
+        assert_eq!((grads, out), ([0.0; 2], [1.0, 2.0]));
+    }
+}

@@ -165,3 +165,5 @@ fn evaluation_passes_take_a_micro_batch() {
     assert_eq!(eval_rows(3, 1, 8), 1);
     assert_eq!(eval_rows(0, 2, 4), 1);
 }
+
+mod law;

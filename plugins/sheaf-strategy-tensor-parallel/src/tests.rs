@@ -9,7 +9,7 @@ use sheaf_core::{
     TrainSummary,
 };
 use sheaf_testkit::run_world;
-use sheaf_testkit::train::{Blocks, Collect, Momentum, Saved};
+use sheaf_testkit::train::{softmax_loss_grad, take, Blocks, Collect, Momentum, Saved};
 
 use crate::{TensorParallel, TensorParallelConfig};
 
@@ -175,24 +175,10 @@ impl Model for Pair {
         Ok(gx)
     }
     fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
-        let (mut loss, mut correct, mut grad) = (0.0f64, 0usize, Vec::with_capacity(logits.len()));
-        for (row, &label) in logits.chunks(K).zip(labels) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let exp: Vec<f64> = row.iter().map(|l| f64::from(l - max).exp()).collect();
-            let sum: f64 = exp.iter().sum();
-            loss -= (exp[label as usize] / sum).ln();
-            let best = (0..K).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
-            correct += usize::from(best == label as usize);
-            grad.extend(exp.iter().enumerate().map(|(k, e)| {
-                let p = e / sum - f64::from(u8::from(k == label as usize));
-                p as f32 * scale
-            }));
-        }
-        Ok((loss, correct, grad))
+        Ok(softmax_loss_grad(logits, labels, K, scale))
     }
     fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
-        out.copy_from_slice(&self.grads);
-        self.grads.iter_mut().for_each(|g| *g = 0.0);
+        take(&mut self.grads, out);
         Ok(())
     }
     fn drop_saved(&mut self) {

@@ -1,0 +1,254 @@
+//! Pipelines over the in-process transport end where one process ends on the same
+//! global batches: 2 and 3 stages, 2 pipelines of 2 stages sharing each batch, both
+//! schedules, 1 to 4 micro-batches, with and without ZeRO 1 across the pipelines. The
+//! model is a chain of three dense blocks written in the test (a plugin's tests
+//! cannot link another plugin's rlib); the end-to-end tests repeat the law with the
+//! candle plugin's GPT, tied embeddings, tensor slices and ZeRO 3 inside stages.
+
+use sheaf_core::{
+    Batch, Error, Model, ParamLayout, ParamSpec, Piece, Result, Strategy, TrainConfig, TrainContext,
+};
+use sheaf_testkit::run_world;
+use sheaf_testkit::train::{softmax_loss_grad, take, Blocks, Collect, Momentum, Saved};
+
+use crate::{Pipeline, PipelineConfig, Schedule};
+
+/// Features, hidden units and classes.
+const D: usize = 8;
+const H: usize = 6;
+const K: usize = 3;
+
+/// Block `b`'s (inputs, outputs, whether a ReLU follows).
+const BLOCKS: [(usize, usize, bool); 3] = [(D, H, true), (H, H, true), (H, K, false)];
+
+/// Blocks `blocks` of `relu(W0 x + b0) -> relu(W1 . + b1) -> W2 . + b2`: each block's
+/// weight `[out, in]` then bias `[out]`, in block order.
+struct Chain {
+    blocks: std::ops::Range<usize>,
+    layout: ParamLayout,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    /// Per micro-batch: each held block's input, and its output before the ReLU.
+    saved: std::collections::HashMap<u64, Vec<Kept>>,
+}
+
+/// A block's input and its output before the ReLU.
+type Kept = (Vec<f32>, Vec<f32>);
+
+/// The whole chain's parameters from `seed`.
+fn whole_params(seed: u64) -> Vec<f32> {
+    let mut g = sheaf_testkit::conformance::SplitMix::new(seed);
+    let n: usize = BLOCKS.iter().map(|(i, o, _)| o * i + o).sum();
+    (0..n).map(|_| g.next_f32() * 0.6).collect()
+}
+
+/// Where block `b`'s parameters start in the whole chain's buffer, and how many.
+fn span(b: usize) -> std::ops::Range<usize> {
+    let start: usize = BLOCKS[..b].iter().map(|(i, o, _)| o * i + o).sum();
+    let (i, o, _) = BLOCKS[b];
+    start..start + o * i + o
+}
+
+impl Chain {
+    fn new(blocks: std::ops::Range<usize>, seed: u64) -> Chain {
+        let whole = whole_params(seed);
+        let params: Vec<f32> = blocks.clone().flat_map(|b| whole[span(b)].to_vec()).collect();
+        let specs = blocks
+            .clone()
+            .flat_map(|b| {
+                let (i, o, _) = BLOCKS[b];
+                [
+                    ParamSpec { name: format!("l{b}.weight"), shape: vec![o, i] },
+                    ParamSpec { name: format!("l{b}.bias"), shape: vec![o] },
+                ]
+            })
+            .collect();
+        let grads = vec![0.0; params.len()];
+        Chain { blocks, layout: ParamLayout::new(specs), params, grads, saved: Default::default() }
+    }
+
+    /// Where held block `b`'s parameters start in this piece's buffer.
+    fn offset(&self, b: usize) -> usize {
+        span(b).start - span(self.blocks.start).start
+    }
+}
+
+impl Model for Chain {
+    fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+    fn read_params(&self, out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(&self.params);
+        Ok(())
+    }
+    fn write_params(&mut self, src: &[f32]) -> Result<()> {
+        self.params.copy_from_slice(src);
+        Ok(())
+    }
+    fn forward_backward(&mut self, _: &Batch<'_>, _: &mut [f32]) -> Result<f32> {
+        Err(Error::Unsupported("the chain trains through its stage interface".into()))
+    }
+    fn evaluate(&mut self, _: &Batch<'_>) -> Result<(f64, usize)> {
+        Err(Error::Unsupported("the chain evaluates through its stage interface".into()))
+    }
+    fn piece(&self) -> Option<Piece> {
+        Some(Piece { blocks: self.blocks.clone(), tensor_rank: 0, tensor_width: 1 })
+    }
+    fn stage_forward(&mut self, micro: u64, _: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut x = input.to_vec();
+        let mut kept = Vec::new();
+        for b in self.blocks.clone() {
+            let (i, o, relu) = BLOCKS[b];
+            let at = self.offset(b);
+            let (w, bias) = (&self.params[at..at + o * i], &self.params[at + o * i..at + o * i + o]);
+            let z: Vec<f32> = (0..rows)
+                .flat_map(|r| {
+                    let xr = &x[r * i..(r + 1) * i];
+                    (0..o).map(move |j| {
+                        bias[j] + w[j * i..(j + 1) * i].iter().zip(xr).map(|(w, x)| w * x).sum::<f32>()
+                    })
+                })
+                .collect();
+            let y = if relu { z.iter().map(|v| v.max(0.0)).collect() } else { z.clone() };
+            kept.push((x, z));
+            x = y;
+        }
+        self.saved.insert(micro, kept);
+        Ok(x)
+    }
+    fn stage_backward(&mut self, micro: u64, _: usize, grad: &[f32]) -> Result<Vec<f32>> {
+        let kept = self.saved.remove(&micro).ok_or_else(|| Error::BadState("no forward kept".into()))?;
+        let mut g = grad.to_vec();
+        for (b, (x, z)) in self.blocks.clone().zip(kept).rev() {
+            let (i, o, relu) = BLOCKS[b];
+            let at = self.offset(b);
+            if relu {
+                g.iter_mut().zip(&z).for_each(|(g, z)| *g = if *z > 0.0 { *g } else { 0.0 });
+            }
+            let rows = g.len() / o;
+            let mut gx = vec![0.0; rows * i];
+            for r in 0..rows {
+                for j in 0..o {
+                    let gj = g[r * o + j];
+                    self.grads[at + o * i + j] += gj;
+                    for k in 0..i {
+                        self.grads[at + j * i + k] += gj * x[r * i + k];
+                        gx[r * i + k] += gj * self.params[at + j * i + k];
+                    }
+                }
+            }
+            g = gx;
+        }
+        Ok(g)
+    }
+    fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
+        Ok(softmax_loss_grad(logits, labels, K, scale))
+    }
+    fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
+        take(&mut self.grads, out);
+        Ok(())
+    }
+    fn drop_saved(&mut self) {
+        self.saved.clear();
+    }
+}
+
+/// How a test run lays the chain out.
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    pipelines: usize,
+    stages: usize,
+    micro_batches: usize,
+    schedule: Schedule,
+    zero: u8,
+}
+
+/// The blocks of stage `p` of `stages`: three blocks cut as evenly as they go, the
+/// first stages taking the extra.
+fn cut(stages: usize, p: usize) -> std::ops::Range<usize> {
+    sheaf_core::chunk_range(BLOCKS.len(), stages, p)
+}
+
+/// The whole chain's final parameters as each pipeline holds them, rank 0's step
+/// losses, and its summary.
+fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::TrainSummary) {
+    let data = sheaf_data::teacher(120, D, K, 5);
+    let (train, test) = data.split(0.25, 1);
+    let mut config = TrainConfig::basic(7, 5, batch, None, 0.2);
+    config.grad_clip = Some(5.0);
+    config.eval_every = Some(3);
+    config.grad_accum = 2;
+    let out = run_world(l.pipelines * l.stages, |comm| {
+        let rank = sheaf_core::Communicator::rank(&comm);
+        let (d, p) = (rank / l.stages, rank % l.stages);
+        // Every pipeline starts from its own seed: the strategy makes the replicas agree.
+        let mut model = Chain::new(cut(l.stages, p), 11 + d as u64 * 7);
+        let config_json = serde_json::json!({
+            "data": l.pipelines,
+            "stages": l.stages,
+            "micro_batches": l.micro_batches,
+            "schedule": match l.schedule { Schedule::Gpipe => "gpipe", Schedule::OneFOneB => "1f1b" },
+            "zero": l.zero,
+        });
+        let mut strategy = Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
+        let (mut metrics, mut saved) = (Collect::default(), Saved::default());
+        let summary = strategy
+            .train(TrainContext {
+                config: config.clone(),
+                comm: &comm,
+                model: &mut model,
+                optimizer: &mut Momentum::new(0.2),
+                partitioner: &Blocks,
+                train: &train,
+                test: &test,
+                metrics: &mut metrics,
+                checkpoints: &mut saved,
+            })
+            .unwrap();
+        (model.params, metrics.0.iter().map(|m| m.loss).collect::<Vec<f64>>(), summary)
+    });
+    let whole =
+        out.chunks(l.stages).map(|pipe| pipe.iter().flat_map(|(p, _, _)| p.clone()).collect()).collect();
+    (whole, out[0].1.clone(), out[0].2.clone())
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The law: stages trained as pipelines end as the one process's parameters, every
+/// pipeline alike; the loss each step reports and the validation figures agree.
+#[test]
+fn pipelines_end_where_one_process_ends() {
+    let one_process =
+        Layout { pipelines: 1, stages: 1, micro_batches: 1, schedule: Schedule::Gpipe, zero: 0 };
+    for batch in [16, 7] {
+        let (one, one_losses, one_summary) = train(one_process, batch);
+        assert!(one_summary.steps > 3, "{one_summary:?}");
+        let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
+        let (first, last) = (mean(&one_losses[..3]), mean(&one_losses[one_losses.len() - 3..]));
+        assert!(last < 0.9 * first, "the chain learns: {one_losses:?}");
+        for (pipelines, stages, micro_batches, schedule, zero) in [
+            (1, 2, 1, Schedule::Gpipe, 0),
+            (1, 3, 4, Schedule::Gpipe, 0),
+            (1, 3, 3, Schedule::OneFOneB, 0),
+            (2, 2, 2, Schedule::OneFOneB, 0),
+            (2, 2, 4, Schedule::Gpipe, 1),
+            (3, 1, 2, Schedule::OneFOneB, 1),
+        ] {
+            let l = Layout { pipelines, stages, micro_batches, schedule, zero };
+            let (pipes, losses, summary) = train(l, batch);
+            for (d, whole) in pipes.iter().enumerate() {
+                let diff = max_abs_diff(whole, &one[0]);
+                assert!(diff < 2e-5, "batch {batch}, {l:?}: pipeline {d} differs by {diff}");
+                assert_eq!(whole, &pipes[0], "batch {batch}, {l:?}: pipeline {d} differs from pipeline 0");
+            }
+            assert_eq!((summary.steps, losses.len()), (one_summary.steps, one_losses.len()), "{l:?}");
+            for (a, b) in losses.iter().zip(&one_losses) {
+                assert!((a - b).abs() < 1e-5, "batch {batch}, {l:?}: loss {a} vs {b}");
+            }
+            assert!((summary.test_accuracy - one_summary.test_accuracy).abs() < 1e-9, "{l:?}");
+            assert!((summary.test_loss - one_summary.test_loss).abs() < 1e-5, "{l:?}");
+        }
+    }
+}
