@@ -109,6 +109,32 @@ pub fn take(grads: &mut [f32], out: &mut [f32]) {
     grads.fill(0.0);
 }
 
+/// A strategy plugin's factory against what it says it provides: each strategy it
+/// lists builds from empty settings under its own name; a name it does not list is
+/// refused naming `parallel.strategy` and the names it has.
+pub fn check_strategy_factory(
+    provided: Vec<sheaf_core::Provided>,
+    build: impl Fn(&str, &str) -> Result<Box<dyn sheaf_core::Strategy>>,
+) {
+    let names: Vec<String> = provided
+        .into_iter()
+        .map(|p| {
+            assert_eq!(p.kind, sheaf_core::PluginKind::Strategy, "{}", p.name);
+            p.name
+        })
+        .collect();
+    assert!(!names.is_empty(), "a strategy plugin provides a strategy");
+    for name in &names {
+        let strategy = build(name, "{}").unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(strategy.name(), name);
+    }
+    let e = build("no-such-strategy", "{}").err().expect("an unknown name is refused").to_string();
+    assert!(
+        e.contains("parallel.strategy") && e.contains("no-such-strategy") && e.contains(&names[0]),
+        "{e}"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     /// The loss, the count of correct predictions (ties to the first class) and the

@@ -764,3 +764,13 @@ fn zero_2_plans_its_chunk_and_window() {
     let e = DataParallelConfig::parse(r#"{"zero": 2, "reshard_after_forward": false}"#).unwrap_err();
     assert!(e.to_string().contains("reshard_after_forward"), "{e}");
 }
+
+/// The plugin builds the strategy it lists, and only that.
+#[test]
+fn provides_what_it_builds() {
+    use sheaf_abi::Plugin;
+    sheaf_testkit::train::check_strategy_factory(
+        crate::DataParallelPlugin::provides(),
+        crate::DataParallelPlugin::strategy,
+    );
+}

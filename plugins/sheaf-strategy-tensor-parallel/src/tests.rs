@@ -310,3 +310,13 @@ fn plans_lay_groups_of_slices() {
     let e = plan(2, Some(2), 0, 6).unwrap_err().to_string();
     assert!(e.contains("parallel.options.tensor-parallel.width") && e.contains("need 4 ranks, not 6"), "{e}");
 }
+
+/// The plugin builds the strategy it lists, and only that.
+#[test]
+fn provides_what_it_builds() {
+    use sheaf_abi::Plugin;
+    sheaf_testkit::train::check_strategy_factory(
+        crate::TensorParallelPlugin::provides(),
+        crate::TensorParallelPlugin::strategy,
+    );
+}

@@ -252,3 +252,13 @@ fn pipelines_end_where_one_process_ends() {
         }
     }
 }
+
+/// The plugin builds the strategy it lists, and only that.
+#[test]
+fn provides_what_it_builds() {
+    use sheaf_abi::Plugin;
+    sheaf_testkit::train::check_strategy_factory(
+        crate::PipelinePlugin::provides(),
+        crate::PipelinePlugin::strategy,
+    );
+}
