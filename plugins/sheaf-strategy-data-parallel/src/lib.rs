@@ -172,10 +172,15 @@ impl DataParallelConfig {
     /// them, or each host's (`LOCAL_WORLD_SIZE`, as every launcher sets it; the whole
     /// world where it is not set, as on one host).
     fn shard_count(&self, world: usize) -> Result<usize> {
-        let local = match self.zero_scope {
-            ZeroScope::World => return Ok(world),
-            ZeroScope::Host => std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse::<usize>().ok()),
-        };
+        let local = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse::<usize>().ok());
+        self.shard_count_of(world, local)
+    }
+
+    /// [`DataParallelConfig::shard_count`] with `local` ranks per host, where said.
+    fn shard_count_of(&self, world: usize, local: Option<usize>) -> Result<usize> {
+        if self.zero_scope == ZeroScope::World {
+            return Ok(world);
+        }
         match local.unwrap_or(world) {
             n if n > 0 && world.is_multiple_of(n) => Ok(n),
             n => Err(Error::config(

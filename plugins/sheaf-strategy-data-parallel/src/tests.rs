@@ -477,6 +477,17 @@ fn zero_stages_are_checked() {
     let e = DataParallelConfig::parse(r#"{"zero": 2, "zero_scope": "host"}"#).unwrap_err().to_string();
     assert!(e.contains("zero_scope") && e.contains("zero = 3"), "{e}");
     assert!(DataParallelConfig::parse(r#"{"zero": 3, "zero_scope": "rack"}"#).is_err());
+    // Each host's ranks, where the launcher says how many; the world where it does not;
+    // hosts that cannot hold whole replicas are refused naming the key.
+    assert_eq!(host.shard_count_of(8, Some(4)).unwrap(), 4);
+    assert_eq!(host.shard_count_of(8, None).unwrap(), 8);
+    assert_eq!(host.shard_count_of(8, Some(8)).unwrap(), 8);
+    for local in [0, 3, 16] {
+        let e = host.shard_count_of(8, Some(local)).unwrap_err().to_string();
+        assert!(e.contains("zero_scope") && e.contains(&format!("hosts of {local} ranks")), "{local}: {e}");
+    }
+    let world = DataParallelConfig::parse(r#"{"zero": 3}"#).unwrap();
+    assert_eq!(world.shard_count_of(8, Some(3)).unwrap(), 8, "the world's scope ignores hosts");
 }
 
 /// A run resumed from the state a checkpoint handed over (parameters, optimizer

@@ -189,8 +189,7 @@ impl Model for Pair {
 /// Every rank's final parameters and summary, and rank 0's step metrics, after
 /// training `groups` groups of `width` slices on the same data and batches.
 fn train(groups: usize, width: usize, zero: u8, batch: usize) -> (Vec<Vec<f32>>, TrainSummary, Vec<f64>) {
-    let data = sheaf_data::teacher(120, D, K, 5);
-    let (train, test) = data.split(0.25, 1);
+    let (train, test) = data();
     let mut config = TrainConfig::basic(7, 2, batch, None, 0.2);
     config.grad_clip = Some(5.0);
     config.eval_every = Some(3);
@@ -227,6 +226,25 @@ fn train(groups: usize, width: usize, zero: u8, batch: usize) -> (Vec<Vec<f32>>,
     (out.into_iter().map(|(p, _, _)| p).collect(), summary, losses)
 }
 
+/// The test split (as [`train`] splits it), and the whole pair's accuracy and mean
+/// loss on it with parameters `whole`, computed here in one pass.
+fn scored(whole: &[f32]) -> (f64, f64) {
+    let (_, test) = data();
+    let mut pair = Pair::new(0, 1, 0);
+    pair.write_params(whole).unwrap();
+    let samples = sheaf_core::Dataset::gather(&test, &(0..test.len()).collect::<Vec<_>>()).unwrap();
+    let sheaf_core::Batch::Rows { inputs, labels, .. } = samples.batch() else { unreachable!() };
+    let partial = pair.stage_forward(0, 0, inputs, labels.len()).unwrap();
+    let logits = pair.stage_forward(0, 1, &partial, labels.len()).unwrap();
+    let (loss, correct, _) = softmax_loss_grad(&logits, labels, K, 0.0);
+    (correct as f64 / labels.len() as f64, loss / labels.len() as f64)
+}
+
+/// The training and test splits every run uses.
+fn data() -> (sheaf_data::Dataset, sheaf_data::Dataset) {
+    sheaf_data::teacher(120, D, K, 5).split(0.25, 1)
+}
+
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
@@ -259,6 +277,14 @@ fn slices_end_where_one_process_ends() {
             }
             assert!((summary.test_accuracy - one_summary.test_accuracy).abs() < 1e-9, "{label}");
             assert!((summary.test_loss - one_summary.test_loss).abs() < 1e-5, "{label}");
+            // The validation figures are the final model's on the whole test split.
+            let (accuracy, loss) = scored(&one[0]);
+            assert!(
+                (summary.test_accuracy - accuracy).abs() < 1e-9,
+                "{label}: {} vs {accuracy}",
+                summary.test_accuracy
+            );
+            assert!((summary.test_loss - loss).abs() < 1e-5, "{label}: {} vs {loss}", summary.test_loss);
         }
     }
 }
@@ -319,4 +345,52 @@ fn provides_what_it_builds() {
         crate::TensorParallelPlugin::provides(),
         crate::TensorParallelPlugin::strategy,
     );
+}
+
+/// What a rank is handed is checked before it trains: a batch of 0, and a slice that
+/// is not the one its place in the world holds, are errors naming what is wrong.
+#[test]
+fn bad_contexts_are_refused() {
+    let (train, test) = data();
+    let run = |batch: usize, slice: usize| {
+        run_world(2, |comm| {
+            let rank = sheaf_core::Communicator::rank(&comm);
+            let mut model = Pair::new(if rank == 1 { slice } else { 0 }, 2, 1);
+            // Rank 0 waits for a refused rank 1 until its deadline.
+            let config = TensorParallelConfig { timeout_ms: 500, ..Default::default() };
+            let mut strategy = TensorParallel { config };
+            let (mut metrics, mut saved) = (Collect::default(), Saved::default());
+            let result = strategy.train(TrainContext {
+                config: TrainConfig::basic(1, 1, batch, Some(1), 0.1),
+                comm: &comm,
+                model: &mut model,
+                optimizer: &mut Momentum::new(0.1),
+                partitioner: &Blocks,
+                train: &train,
+                test: &test,
+                metrics: &mut metrics,
+                checkpoints: &mut saved,
+            });
+            result.err().map(|e| e.to_string())
+        })
+    };
+    let errors = run(0, 1);
+    assert!(
+        errors.iter().all(|e| e.as_deref().is_some_and(|e| e.contains("train.batch_size"))),
+        "{errors:?}"
+    );
+    let errors = run(8, 0);
+    let e = errors[1].as_deref().expect("rank 1 holds slice 0");
+    assert!(e.contains("rank 1 holds tensor slice 0 of 2, expected 1 of 2"), "{e}");
+    assert_eq!(run(8, 1), [None, None]);
+}
+
+/// Widths and group counts of 0 are refused naming the table.
+#[test]
+fn empty_groups_are_refused() {
+    for json in [r#"{"width": 0}"#, r#"{"data": 0}"#, r#"{"width": 0, "data": 0}"#] {
+        let e = TensorParallelConfig::parse(json).unwrap_err().to_string();
+        assert!(e.contains("parallel.options.tensor-parallel") && e.contains("at least 1"), "{json}: {e}");
+    }
+    assert_eq!(TensorParallelConfig::parse(r#"{"width": 2, "data": 1}"#).unwrap().layout(2).unwrap(), (1, 2));
 }

@@ -172,8 +172,7 @@ fn cut(stages: usize, p: usize) -> std::ops::Range<usize> {
 /// The whole chain's final parameters as each pipeline holds them, rank 0's step
 /// losses, and its summary.
 fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::TrainSummary) {
-    let data = sheaf_data::teacher(120, D, K, 5);
-    let (train, test) = data.split(0.25, 1);
+    let (train, test) = data();
     let mut config = TrainConfig::basic(7, 5, batch, None, 0.2);
     config.grad_clip = Some(5.0);
     config.eval_every = Some(3);
@@ -210,6 +209,24 @@ fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::Train
     let whole =
         out.chunks(l.stages).map(|pipe| pipe.iter().flat_map(|(p, _, _)| p.clone()).collect()).collect();
     (whole, out[0].1.clone(), out[0].2.clone())
+}
+
+/// The training and test splits every run uses.
+fn data() -> (sheaf_data::Dataset, sheaf_data::Dataset) {
+    sheaf_data::teacher(120, D, K, 5).split(0.25, 1)
+}
+
+/// The whole chain's accuracy and mean loss on the test split with parameters
+/// `whole`, computed here in one pass.
+fn scored(whole: &[f32]) -> (f64, f64) {
+    let (_, test) = data();
+    let mut chain = Chain::new(0..BLOCKS.len(), 0);
+    chain.write_params(whole).unwrap();
+    let samples = sheaf_core::Dataset::gather(&test, &(0..test.len()).collect::<Vec<_>>()).unwrap();
+    let Batch::Rows { inputs, labels, .. } = samples.batch() else { unreachable!() };
+    let logits = chain.stage_forward(0, 0, inputs, labels.len()).unwrap();
+    let (loss, correct, _) = softmax_loss_grad(&logits, labels, K, 0.0);
+    (correct as f64 / labels.len() as f64, loss / labels.len() as f64)
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -249,6 +266,14 @@ fn pipelines_end_where_one_process_ends() {
             }
             assert!((summary.test_accuracy - one_summary.test_accuracy).abs() < 1e-9, "{l:?}");
             assert!((summary.test_loss - one_summary.test_loss).abs() < 1e-5, "{l:?}");
+            // The validation figures are the final model's on the whole test split.
+            let (accuracy, loss) = scored(&one[0]);
+            assert!(
+                (summary.test_accuracy - accuracy).abs() < 1e-9,
+                "{l:?}: {} vs {accuracy}",
+                summary.test_accuracy
+            );
+            assert!((summary.test_loss - loss).abs() < 1e-5, "{l:?}: {} vs {loss}", summary.test_loss);
         }
     }
 }
@@ -261,4 +286,42 @@ fn provides_what_it_builds() {
         crate::PipelinePlugin::provides(),
         crate::PipelinePlugin::strategy,
     );
+}
+
+/// What a rank is handed is checked before it trains: a batch of 0, and a stage that
+/// does not hold block 0 first, are errors naming what is wrong.
+#[test]
+fn bad_contexts_are_refused() {
+    let (train, test) = data();
+    let run = |batch: usize, first: std::ops::Range<usize>| {
+        run_world(2, |comm| {
+            let rank = sheaf_core::Communicator::rank(&comm);
+            let mut model = Chain::new(if rank == 0 { first.clone() } else { 2..3 }, 1);
+            // A stage waits for a refused one until its deadline.
+            let config = PipelineConfig { timeout_ms: 500, micro_batches: 2, ..Default::default() };
+            let mut strategy = Pipeline { config };
+            let (mut metrics, mut saved) = (Collect::default(), Saved::default());
+            let result = strategy.train(TrainContext {
+                config: TrainConfig::basic(1, 1, batch, Some(1), 0.1),
+                comm: &comm,
+                model: &mut model,
+                optimizer: &mut Momentum::new(0.1),
+                partitioner: &Blocks,
+                train: &train,
+                test: &test,
+                metrics: &mut metrics,
+                checkpoints: &mut saved,
+            });
+            result.err().map(|e| e.to_string())
+        })
+    };
+    let errors = run(0, 0..2);
+    assert!(
+        errors.iter().all(|e| e.as_deref().is_some_and(|e| e.contains("train.batch_size"))),
+        "{errors:?}"
+    );
+    let errors = run(8, 1..2);
+    let e = errors[0].as_deref().expect("stage 0 without block 0");
+    assert!(e.contains("stage 0 holds blocks 1..2: stage 0, and only stage 0, must hold block 0"), "{e}");
+    assert_eq!(run(8, 0..2), [None, None]);
 }
