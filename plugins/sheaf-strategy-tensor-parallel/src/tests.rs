@@ -184,6 +184,9 @@ impl Model for Pair {
     fn drop_saved(&mut self) {
         self.saved.clear();
     }
+    fn saved_bytes(&self) -> u64 {
+        self.saved.values().map(|(x, h)| 4 * (x.len() + h.len()) as u64).sum()
+    }
 }
 
 /// Every rank's final parameters and summary, and rank 0's step metrics, after
@@ -393,4 +396,86 @@ fn empty_groups_are_refused() {
         assert!(e.contains("parallel.options.tensor-parallel") && e.contains("at least 1"), "{json}: {e}");
     }
     assert_eq!(TensorParallelConfig::parse(r#"{"width": 2, "data": 1}"#).unwrap().layout(2).unwrap(), (1, 2));
+}
+
+/// One step on the whole training split, against the step computed here from its
+/// definition: the mean cross-entropy's gradient (with replicated `b2` counted once in
+/// the norm, clipped to `clip`), one momentum-SGD step from the first group's
+/// parameters, the mean loss reported; every rank kept one micro-batch of its group's
+/// share; ZeRO 1 keeps each slice's momentum over the groups.
+#[test]
+fn one_step_is_the_definition() {
+    let (train, test) = data();
+    let n = train.len();
+    for clip in [None, Some(0.05)] {
+        // The step by hand, on the whole pair.
+        let mut pair = Pair::new(0, 1, 11);
+        let samples = sheaf_core::Dataset::gather(&train, &(0..n).collect::<Vec<_>>()).unwrap();
+        let Batch::Rows { inputs, labels, .. } = samples.batch() else { unreachable!() };
+        let partial = pair.stage_forward(0, 0, inputs, n).unwrap();
+        let logits = pair.stage_forward(0, 1, &partial, n).unwrap();
+        let (loss_sum, _, grad) = softmax_loss_grad(&logits, labels, K, 1.0 / n as f32);
+        let back = pair.stage_backward(0, 1, &grad).unwrap();
+        pair.stage_backward(0, 0, &back).unwrap();
+        let mut g = vec![0.0; pair.params.len()];
+        pair.take_grads(&mut g).unwrap();
+        let norm = g.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        let factor = clip.map_or(1.0, |c| (c / norm).min(1.0)) as f32;
+        let want: Vec<f32> = pair.params.iter().zip(&g).map(|(w, g)| w - 0.2 * g * factor).collect();
+        for (groups, width, zero) in [(1, 1, 0), (1, 2, 0), (1, 3, 0), (2, 2, 0), (2, 3, 1), (3, 1, 1)] {
+            let label = format!("clip {clip:?}, {groups} groups of {width}, zero {zero}");
+            let mut config = TrainConfig::basic(7, 1, n, Some(1), 0.2);
+            config.grad_clip = clip;
+            let out = run_world(groups * width, |comm| {
+                let rank = sheaf_core::Communicator::rank(&comm);
+                let mut model = Pair::new(rank % width, width, 11 + (rank / width) as u64 * 7);
+                let mut strategy = TensorParallel {
+                    config: TensorParallelConfig {
+                        data: Some(groups),
+                        width: Some(width),
+                        zero,
+                        ..Default::default()
+                    },
+                };
+                let (mut metrics, mut saved, mut momentum) =
+                    (Collect::default(), Saved::default(), Momentum::new(0.2));
+                let summary = strategy
+                    .train(TrainContext {
+                        config: config.clone(),
+                        comm: &comm,
+                        model: &mut model,
+                        optimizer: &mut momentum,
+                        partitioner: &Blocks,
+                        train: &train,
+                        test: &test,
+                        metrics: &mut metrics,
+                        checkpoints: &mut saved,
+                    })
+                    .unwrap();
+                (model.params, metrics.0[0].loss, summary.peak_activation_bytes, momentum.buf.len())
+            });
+            for g in 0..groups {
+                let slices: Vec<Vec<f32>> =
+                    out[g * width..(g + 1) * width].iter().map(|o| o.0.clone()).collect();
+                let d = max_abs_diff(&Pair::assemble(&slices), &want);
+                assert!(d < 1e-6, "{label}: group {g} is {d} from the step by hand");
+            }
+            let h = H / width;
+            for (rank, (_, loss, peak, momentum)) in out.iter().enumerate() {
+                assert!(
+                    (loss - loss_sum / n as f64).abs() < 1e-6,
+                    "{label}: rank {rank} reports loss {loss}"
+                );
+                let share = sheaf_core::chunk_range(n, groups, rank / width).len();
+                assert_eq!(*peak, 4 * (share * (D + h)) as u64, "{label}: rank {rank}'s kept activations");
+                let slice = h * D + h + K * h + K;
+                let kept = if zero == 1 {
+                    sheaf_core::chunk_range(slice, groups, rank / width).len()
+                } else {
+                    slice
+                };
+                assert_eq!(*momentum, kept, "{label}: rank {rank}'s momentum");
+            }
+        }
+    }
 }
