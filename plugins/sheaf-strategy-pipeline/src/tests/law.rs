@@ -151,6 +151,9 @@ impl Model for Chain {
     fn drop_saved(&mut self) {
         self.saved.clear();
     }
+    fn saved_bytes(&self) -> u64 {
+        self.saved.values().flatten().map(|(x, z)| 4 * (x.len() + z.len()) as u64).sum()
+    }
 }
 
 /// How a test run lays the chain out.
@@ -324,4 +327,95 @@ fn bad_contexts_are_refused() {
     let e = errors[0].as_deref().expect("stage 0 without block 0");
     assert!(e.contains("stage 0 holds blocks 1..2: stage 0, and only stage 0, must hold block 0"), "{e}");
     assert_eq!(run(8, 0..2), [None, None]);
+}
+
+/// One step on the whole training split, against the step computed here from its
+/// definition (the mean cross-entropy's gradient, clipped to `clip`, one momentum-SGD
+/// step from the first pipeline's parameters), with the mean loss reported; under
+/// GPipe a stage keeps its share's activations of every micro-batch at once, under
+/// 1F1B no more; ZeRO 1 keeps each piece's momentum over the pipelines.
+#[test]
+fn one_step_is_the_definition() {
+    let (train, test) = data();
+    let n = train.len();
+    for clip in [None, Some(0.05)] {
+        let mut chain = Chain::new(0..BLOCKS.len(), 11);
+        let samples = sheaf_core::Dataset::gather(&train, &(0..n).collect::<Vec<_>>()).unwrap();
+        let Batch::Rows { inputs, labels, .. } = samples.batch() else { unreachable!() };
+        let logits = chain.stage_forward(0, 0, inputs, n).unwrap();
+        let (loss_sum, _, grad) = softmax_loss_grad(&logits, labels, K, 1.0 / n as f32);
+        chain.stage_backward(0, 0, &grad).unwrap();
+        let mut g = vec![0.0; chain.params.len()];
+        chain.take_grads(&mut g).unwrap();
+        let norm = g.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        let factor = clip.map_or(1.0, |c| (c / norm).min(1.0)) as f32;
+        let want: Vec<f32> = chain.params.iter().zip(&g).map(|(w, g)| w - 0.2 * g * factor).collect();
+        for (pipelines, stages, micro_batches, schedule, zero) in [
+            (1, 1, 1, Schedule::Gpipe, 0),
+            (1, 3, 4, Schedule::Gpipe, 0),
+            (1, 2, 3, Schedule::OneFOneB, 0),
+            (2, 2, 2, Schedule::Gpipe, 1),
+            (3, 1, 2, Schedule::OneFOneB, 1),
+        ] {
+            let l = Layout { pipelines, stages, micro_batches, schedule, zero };
+            let mut config = TrainConfig::basic(7, 1, n, Some(1), 0.2);
+            config.grad_clip = clip;
+            let out = run_world(pipelines * stages, |comm| {
+                let rank = sheaf_core::Communicator::rank(&comm);
+                let (d, p) = (rank / stages, rank % stages);
+                let mut model = Chain::new(cut(stages, p), 11 + d as u64 * 7);
+                let config_json = serde_json::json!({
+                    "data": pipelines,
+                    "stages": stages,
+                    "micro_batches": micro_batches,
+                    "schedule": match schedule { Schedule::Gpipe => "gpipe", Schedule::OneFOneB => "1f1b" },
+                    "zero": zero,
+                });
+                let mut strategy =
+                    Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
+                let (mut metrics, mut saved, mut momentum) =
+                    (Collect::default(), Saved::default(), Momentum::new(0.2));
+                let summary = strategy
+                    .train(TrainContext {
+                        config: config.clone(),
+                        comm: &comm,
+                        model: &mut model,
+                        optimizer: &mut momentum,
+                        partitioner: &Blocks,
+                        train: &train,
+                        test: &test,
+                        metrics: &mut metrics,
+                        checkpoints: &mut saved,
+                    })
+                    .unwrap();
+                (model.params, metrics.0[0].loss, summary.peak_activation_bytes, momentum.buf.len())
+            });
+            for (d, pipe) in out.chunks(stages).enumerate() {
+                let whole: Vec<f32> = pipe.iter().flat_map(|o| o.0.clone()).collect();
+                let diff = max_abs_diff(&whole, &want);
+                assert!(diff < 1e-6, "clip {clip:?}, {l:?}: pipeline {d} is {diff} from the step by hand");
+            }
+            for (rank, (params, loss, peak, momentum)) in out.iter().enumerate() {
+                assert!((loss - loss_sum / n as f64).abs() < 1e-6, "{l:?}: rank {rank} reports loss {loss}");
+                let (d, p) = (rank / stages, rank % stages);
+                let share = sheaf_core::chunk_range(n, pipelines, d).len();
+                let per_row: usize = cut(stages, p).map(|b| BLOCKS[b].0 + BLOCKS[b].1).sum();
+                let all = 4 * (share * per_row) as u64;
+                match schedule {
+                    Schedule::Gpipe => assert_eq!(*peak, all, "{l:?}: rank {rank}'s kept activations"),
+                    Schedule::OneFOneB => {
+                        let kept = (stages - p).min(micro_batches);
+                        let most = 4 * (kept * share.div_ceil(micro_batches) * per_row) as u64;
+                        assert!(
+                            *peak > 0 && *peak <= most.min(all),
+                            "{l:?}: rank {rank} kept {peak} of at most {most}"
+                        );
+                    }
+                }
+                let whole = params.len();
+                let held = if zero == 1 { sheaf_core::chunk_range(whole, pipelines, d).len() } else { whole };
+                assert_eq!(*momentum, held, "{l:?}: rank {rank}'s momentum");
+            }
+        }
+    }
 }
