@@ -257,15 +257,21 @@ fn ask_shares(
     }
 }
 
-/// Checks that every rank holds bit-identical parameters: each rank's checksum (an
-/// order-sensitive hash of the bits) must equal the maximum and the minimum over ranks.
-fn check_in_sync(comm: &dyn Communicator, params: &[f32], step: u64, dl: Deadline) -> Result<()> {
+/// An order-sensitive hash of the parameters' bits (FNV-1a over each value's bits),
+/// and its two 32-bit halves as exact f64 values, so that max and min over ranks
+/// compare them bit for bit.
+fn checksum(params: &[f32]) -> (u64, [f64; 2]) {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for v in params {
         h = (h ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
     }
-    // Two halves as exact f64 values so max/min compare them bit for bit.
-    let mine = [(h >> 32) as f64, (h & 0xffff_ffff) as f64];
+    (h, [(h >> 32) as f64, (h & 0xffff_ffff) as f64])
+}
+
+/// Checks that every rank holds bit-identical parameters: each rank's checksum (an
+/// order-sensitive hash of the bits) must equal the maximum and the minimum over ranks.
+fn check_in_sync(comm: &dyn Communicator, params: &[f32], step: u64, dl: Deadline) -> Result<()> {
+    let (h, mine) = checksum(params);
     let mut max = mine;
     let mut min = mine;
     comm.allreduce(bytemuck::cast_slice_mut(&mut max), DType::F64, ReduceOp::Max, dl)?;

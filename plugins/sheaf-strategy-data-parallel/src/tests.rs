@@ -785,3 +785,33 @@ fn provides_what_it_builds() {
         crate::DataParallelPlugin::strategy,
     );
 }
+
+/// The checksum is FNV-1a over the values' bits, its halves exact; ranks that differ
+/// in one bit of one value are all told, naming the step; equal ranks pass.
+#[test]
+fn diverged_replicas_are_found() {
+    let params: Vec<f32> = (0..50).map(|i| i as f32 * 0.37 - 3.0).collect();
+    let (h, halves) = crate::checksum(&params);
+    let mut want: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in &params {
+        want ^= u64::from(v.to_bits());
+        want = want.wrapping_mul(0x0100_0000_01b3);
+    }
+    assert_eq!(h, want);
+    assert_eq!((halves[0] as u64) << 32 | halves[1] as u64, want, "the halves are the hash, exactly");
+    assert!(halves.iter().all(|&x| x < 4_294_967_296.0 && x.fract() == 0.0));
+    let dl = || sheaf_testkit::test_deadline(std::time::Duration::from_secs(10));
+    let same = run_world(3, |comm| crate::check_in_sync(&comm, &params, 7, dl()).is_ok());
+    assert_eq!(same, [true; 3]);
+    let results = run_world(3, |comm| {
+        let mut mine = params.clone();
+        if sheaf_core::Communicator::rank(&comm) == 2 {
+            mine[17] = f32::from_bits(mine[17].to_bits() ^ 1);
+        }
+        crate::check_in_sync(&comm, &mine, 7, dl()).err().map(|e| e.to_string())
+    });
+    for (rank, e) in results.iter().enumerate() {
+        let e = e.as_deref().unwrap_or_else(|| panic!("rank {rank} was not told"));
+        assert!(e.contains("diverged by step 7") && e.contains(&format!("rank {rank} ")), "{e}");
+    }
+}
