@@ -94,7 +94,7 @@ pub fn doctor(
     // The job and its layout over this world, each rank's memory against the budget.
     let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
     let data = sheaf_job::data::load(job, registry, compute.as_ref())?;
-    let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
+    let timeout_ms = job.transport.timeout().as_millis() as u64;
     let mut unbounded = job.clone();
     unbounded.compute.memory_limit_mb = None;
     let (_, plan) =

@@ -331,6 +331,12 @@ impl TransportSection {
         self.plugin.as_deref().unwrap_or("auto")
     }
 
+    /// The deadline of every collective and of the rendezvous (`timeout_s`), to the
+    /// millisecond.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis((self.timeout_s * 1000.0) as u64)
+    }
+
     /// Settles a transport the job left out, asking the loaded transports what they
     /// are: `auto` (within each host the preferred transport of host reach, between
     /// hosts of network reach, collectives hierarchical) when the world spans hosts, as
@@ -711,6 +717,13 @@ mod tests {
         );
         let c = parse_job(MINIMAL, "m", &["train.eval_every=2".into()]).unwrap().train.config(0);
         assert_eq!(c.eval_every, Some(2));
+    }
+
+    /// The deadline in milliseconds, from the job's seconds.
+    #[test]
+    fn the_deadline_is_the_jobs_seconds() {
+        let ms = |set: &str| parse_job(MINIMAL, "m", &[set.into()]).unwrap().transport.timeout().as_millis();
+        assert_eq!((ms("transport.timeout_s=60.0"), ms("transport.timeout_s=0.25")), (60_000, 250));
     }
 
     /// A job that names no transport is settled by what the loaded transports say;

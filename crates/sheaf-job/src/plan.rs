@@ -253,7 +253,7 @@ pub fn strategy_and_plan(
     compute: &dyn ComputeBackend,
     data: &crate::data::JobData,
 ) -> Result<(Box<dyn Strategy>, Plan), HostError> {
-    let timeout_ms = (job.transport.timeout_s * 1000.0) as u64;
+    let timeout_ms = job.transport.timeout().as_millis() as u64;
     let strategy = registry.strategy(&job.parallel.strategy, &job.parallel.strategy_config(timeout_ms))?;
     let plan = plan(job, world, registry, compute, strategy.as_ref(), &data.spec, &data.info)?;
     Ok((strategy, plan))

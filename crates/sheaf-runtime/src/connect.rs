@@ -106,7 +106,7 @@ impl WorkerEnv {
         self.connect(
             registry,
             job.transport.plugin(),
-            Duration::from_millis((job.transport.timeout_s * 1000.0) as u64),
+            job.transport.timeout(),
             Duration::from_secs_f64(job.transport.peer_timeout_s),
         )
     }

@@ -197,7 +197,7 @@ impl Prepared<'_> {
     }
 
     fn timeout(&self) -> Duration {
-        Duration::from_millis((self.job.transport.timeout_s * 1000.0) as u64)
+        self.job.transport.timeout()
     }
 
     fn failed(&self) -> impl Fn(sheaf_core::CommError) -> HostError {
