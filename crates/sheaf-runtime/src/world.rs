@@ -461,6 +461,8 @@ mod tests {
             ("MASTER_ADDR", "m"),
         ];
         assert!(!place(&one_node).unwrap().spans_hosts);
+        let one_pod = [("JOB_COMPLETION_INDEX", "0"), ("WORLD_SIZE", "1")];
+        assert!(!place(&one_pod).unwrap().spans_hosts, "a Kubernetes world of one is one host");
     }
 
     /// A host list of exactly 2^20 hosts expands; one more is refused.

@@ -776,6 +776,32 @@ fn zero_2_plans_its_chunk_and_window() {
     assert!(e.to_string().contains("reshard_after_forward"), "{e}");
 }
 
+/// Every rank a replica of the whole model; ZeRO 1 and 2 shard its optimizer state
+/// over the world, ZeRO 3 its parameters by rows, one shard a rank.
+#[test]
+fn plans_shard_what_each_stage_shards() {
+    let blocks = vec![sheaf_core::Block { name: "b".into(), params: 10 }; 2];
+    let costs = [1, 1];
+    let input =
+        sheaf_core::PlanInput { world: 3, blocks: &blocks, costs: &costs, batch_size: 8, partitioner: &Even };
+    let plan = |zero: u8| {
+        let s =
+            DataParallel { config: DataParallelConfig::parse(&format!(r#"{{"zero": {zero}}}"#)).unwrap() };
+        sheaf_core::Strategy::plan(&s, &input).unwrap()
+    };
+    for zero in [0u8, 1, 2, 3] {
+        let p = plan(zero);
+        assert_eq!(p.ranks.len(), 3);
+        for (r, rank) in p.ranks.iter().enumerate() {
+            assert_eq!(rank.piece, sheaf_core::Piece::whole(2), "zero {zero}");
+            let shards = if zero == 1 || zero == 2 { 3 } else { 1 };
+            assert_eq!(rank.state_shards, shards, "zero {zero}");
+            let rows = (zero == 3).then_some(sheaf_core::ParamShard { index: r, count: 3 });
+            assert_eq!(rank.param_shard, rows, "zero {zero}");
+        }
+    }
+}
+
 /// The plugin builds the strategy it lists, and only that.
 #[test]
 fn provides_what_it_builds() {
