@@ -802,6 +802,38 @@ fn plans_shard_what_each_stage_shards() {
     }
 }
 
+proptest::proptest! {
+    /// Buckets as DDP cuts them: whole parameters, the last first, covering the buffer
+    /// once; each closes at the first parameter that brings it to its cap (1 MiB at
+    /// most for the first, `bucket_bytes` after), the one holding parameter 0 at it.
+    #[test]
+    fn buckets_close_at_their_cap(
+        sizes in proptest::collection::vec(1usize..300_000, 1..12),
+        bucket_bytes in 1usize..3_000_000,
+    ) {
+        let layout = sheaf_testkit::flat_layout(&sizes);
+        let buckets = crate::buckets(&layout, bucket_bytes);
+        let mut end = layout.total();
+        let mut p = sizes.len();
+        for (k, b) in buckets.iter().enumerate() {
+            proptest::prop_assert_eq!(b.end, end);
+            let cap = if k == 0 { bucket_bytes.min(1 << 20) } else { bucket_bytes };
+            // Parameters taken one at a time, from the last down, until the cap.
+            let mut start = end;
+            while p > 0 {
+                p -= 1;
+                start = layout.range(p).start;
+                if (end - start) * 4 >= cap {
+                    break;
+                }
+            }
+            proptest::prop_assert_eq!(b.start, start, "bucket {} of {:?}", k, buckets);
+            end = start;
+        }
+        proptest::prop_assert_eq!((end, p), (0, 0));
+    }
+}
+
 /// The plugin builds the strategy it lists, and only that.
 #[test]
 fn provides_what_it_builds() {
