@@ -66,9 +66,6 @@ pub fn buckets(layout: &ParamLayout, bucket_bytes: usize) -> Vec<Range<usize>> {
             cap = bucket_bytes.max(1);
         }
     }
-    if out.is_empty() && layout.total() > 0 {
-        out.push(0..layout.total());
-    }
     out
 }
 

@@ -831,6 +831,7 @@ proptest::proptest! {
             end = start;
         }
         proptest::prop_assert_eq!((end, p), (0, 0));
+        proptest::prop_assert!(crate::buckets(&sheaf_testkit::flat_layout(&[]), bucket_bytes).is_empty());
     }
 }
 
