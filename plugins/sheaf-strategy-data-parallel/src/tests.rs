@@ -246,6 +246,16 @@ fn whole_run_learns_and_matches_one_process_accuracy() {
     assert_eq!((s3.epochs, s3.steps), (3, 3 * 240usize.div_ceil(16) as u64));
     assert!(s3.test_accuracy > 0.6, "{s3:?}");
     assert!((s1.test_accuracy - s3.test_accuracy).abs() <= 0.01, "{s1:?} vs {s3:?}");
+    // The validation figures are the final model's on the whole test split, scored here
+    // in one pass.
+    let (_, test) = sheaf_data::teacher(300, 8, 3, 5).split(0.2, 1);
+    let mut model = Softmax::new(8, 3, 0);
+    model.write_params(&multi[0].0).unwrap();
+    let all = sheaf_core::Dataset::gather(&test, &(0..test.len()).collect::<Vec<_>>()).unwrap();
+    let (loss, correct) = model.evaluate(&all.batch()).unwrap();
+    let n = test.len() as f64;
+    assert!((s3.test_accuracy - correct as f64 / n).abs() < 1e-9, "{s3:?}: {correct} of {n}");
+    assert!((s3.test_loss - loss / n).abs() < 1e-5, "{s3:?}: {}", loss / n);
 }
 
 proptest::proptest! {
