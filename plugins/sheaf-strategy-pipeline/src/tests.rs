@@ -145,6 +145,85 @@ fn fully_sharded_stages_plan_row_shards_per_pipeline() {
     assert!(one.ranks.iter().all(|r| r.param_shard.is_none() && r.state_shards == 2));
 }
 
+/// D pipelines of P stages of T slices: rank `r` is pipeline `r / (P T)`, stage
+/// `r / T % P`, slice `r % T`; a stage keeps M micro-batches of its share under GPipe
+/// and `min(P - p, M)` under 1F1B; ZeRO 3 kept whole through the step plans its
+/// stage and its rows.
+#[test]
+fn plans_lay_pipelines_of_stages_of_slices() {
+    let blocks: Vec<sheaf_core::Block> =
+        (0..4).map(|i| sheaf_core::Block { name: format!("b{i}"), params: 10 * (i + 1) }).collect();
+    let costs = vec![1u64; 4];
+    let input =
+        |world| PlanInput { world, blocks: &blocks, costs: &costs, batch_size: 24, partitioner: &Even };
+    let pipeline = |json: &str| Pipeline { config: PipelineConfig::parse(json).unwrap() };
+    let p = sheaf_core::Strategy::plan(
+        &pipeline(r#"{"data": 2, "stages": 2, "tensor": 2, "micro_batches": 3, "schedule": "1f1b"}"#),
+        &input(8),
+    )
+    .unwrap();
+    for (r, rank) in p.ranks.iter().enumerate() {
+        let (stage, slice) = (r / 2 % 2, r % 2);
+        assert_eq!(rank.piece.blocks, [0..2, 2..4][stage], "rank {r}");
+        assert_eq!((rank.piece.tensor_rank, rank.piece.tensor_width), (slice, 2), "rank {r}");
+        // 12 samples a pipeline in 3 micro-batches of 4; 1F1B keeps 2 - stage of them.
+        assert_eq!(rank.activation_samples, (2 - stage as u64) * 4, "rank {r}");
+    }
+    let gpipe =
+        sheaf_core::Strategy::plan(&pipeline(r#"{"stages": 4, "micro_batches": 5}"#), &input(4)).unwrap();
+    assert!(gpipe.ranks.iter().all(|r| r.activation_samples == 25), "24 samples in 5 micro-batches of 5");
+    // By default the stages are the world over the pipelines and slices.
+    assert_eq!(PipelineConfig::parse(r#"{"data": 2, "tensor": 2}"#).unwrap().layout(8).unwrap(), (2, 2, 2));
+    let kept =
+        |json: &str| sheaf_core::Strategy::planned_parameter_bytes(&pipeline(json), &input(4)).unwrap();
+    assert_eq!(kept(r#"{"data": 2, "zero": 3}"#), None);
+    assert_eq!(kept(r#"{"data": 2, "zero": 1}"#), None);
+    // Stages of 30 and 70 values, each with its half of the rows.
+    let whole = kept(r#"{"data": 2, "zero": 3, "reshard_after_forward": false}"#).unwrap();
+    assert_eq!(whole, [4 * (30 + 15), 4 * (70 + 35), 4 * (30 + 15), 4 * (70 + 35)]);
+}
+
+/// The job's model partitioner is checked, not trusted: its cut must be as many
+/// contiguous, non-empty stages as asked, covering every block; more stages than
+/// blocks are refused before it is asked.
+#[test]
+fn cuts_are_checked() {
+    let blocks: Vec<sheaf_core::Block> =
+        (0..4).map(|i| sheaf_core::Block { name: format!("b{i}"), params: 1 }).collect();
+    let costs = vec![1u64; 4];
+    let cut = |ranges: Vec<std::ops::Range<usize>>, stages: usize| {
+        let fixed = Fixed(ranges);
+        let input =
+            PlanInput { world: stages, blocks: &blocks, costs: &costs, batch_size: 8, partitioner: &fixed };
+        let config = PipelineConfig { stages: Some(stages), ..PipelineConfig::default() };
+        sheaf_core::Strategy::plan(&Pipeline { config }, &input)
+            .map(|p| p.ranks.len())
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(cut(vec![0..1, 1..4], 2), Ok(2));
+    for bad in [vec![0..1, 2..4], vec![1..2, 2..4], vec![0..2, 2..3], vec![0..4, 4..4], vec![0..4]] {
+        let e = cut(bad.clone(), 2).unwrap_err();
+        assert!(
+            e.contains("parallel.partitioner") && e.contains("not 2 contiguous non-empty stages"),
+            "{bad:?}: {e}"
+        );
+    }
+    let e = cut(vec![0..1; 5], 5).unwrap_err();
+    assert!(e.contains("parallel.options.pipeline.stages") && e.contains("only 4 blocks"), "{e}");
+    // Keeping units gathered applies to ZeRO 3 alone.
+    assert!(PipelineConfig::parse(r#"{"zero": 3, "reshard_after_forward": false}"#).is_ok());
+    assert!(PipelineConfig::parse(r#"{"zero": 1, "reshard_after_forward": false}"#).is_err());
+}
+
+/// A partitioner that answers a fixed cut.
+struct Fixed(Vec<std::ops::Range<usize>>);
+
+impl sheaf_core::ModelPartitioner for Fixed {
+    fn cut(&self, _: &[u64], _: usize) -> Result<Vec<std::ops::Range<usize>>> {
+        Ok(self.0.clone())
+    }
+}
+
 /// Blocks cut into equal runs.
 struct Even;
 
