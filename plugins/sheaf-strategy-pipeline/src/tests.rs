@@ -201,7 +201,13 @@ fn cuts_are_checked() {
             .map_err(|e| e.to_string())
     };
     assert_eq!(cut(vec![0..1, 1..4], 2), Ok(2));
-    for bad in [vec![0..1, 2..4], vec![1..2, 2..4], vec![0..2, 2..3], vec![0..4, 4..4], vec![0..4]] {
+    for bad in [
+        vec![0..1, 2..4],
+        vec![1..2, 2..4],
+        vec![0..2, 2..3],
+        vec![0..4, 4..4],
+        std::iter::once(0..4).collect(),
+    ] {
         let e = cut(bad.clone(), 2).unwrap_err();
         assert!(
             e.contains("parallel.partitioner") && e.contains("not 2 contiguous non-empty stages"),
