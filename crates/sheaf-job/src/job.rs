@@ -655,8 +655,8 @@ mod tests {
     /// `--set` makes the tables on its path and refuses to go through a value.
     #[test]
     fn overrides_make_tables_and_refuse_to_pass_through_values() {
-        let job = parse_job(MINIMAL, "m", &["parallel.options.pipeline.micro_batches=4".into()]).unwrap();
-        assert_eq!(job.parallel.options["pipeline"]["micro_batches"].as_integer(), Some(4));
+        let job = parse_job(MINIMAL, "m", &["parallel.options.mine.micro_batches=4".into()]).unwrap();
+        assert_eq!(job.parallel.options["mine"]["micro_batches"].as_integer(), Some(4));
         let e = parse_job(MINIMAL, "m", &["train.lr.x=1".into()]).unwrap_err().to_string();
         assert!(e.contains("--set train.lr.x") && e.contains("`lr` is not a table"), "{e}");
         assert!(is_bare_word("zmq-tcp") && is_bare_word("a/b:c+d.e_f"));
