@@ -810,6 +810,15 @@ fn plans_shard_what_each_stage_shards() {
             assert_eq!(rank.param_shard, rows, "zero {zero}");
         }
     }
+    // `parallel.data` is the world, when given.
+    let with_data = |data: usize| {
+        let s =
+            DataParallel { config: DataParallelConfig::parse(&format!(r#"{{"data": {data}}}"#)).unwrap() };
+        sheaf_core::Strategy::plan(&s, &input).map(|p| p.ranks.len()).map_err(|e| e.to_string())
+    };
+    assert_eq!(with_data(3), Ok(3));
+    let e = with_data(2).unwrap_err();
+    assert!(e.contains("parallel.data") && e.contains("2 replicas need 2 ranks, not 3"), "{e}");
 }
 
 proptest::proptest! {
