@@ -1,8 +1,10 @@
 //! What a strategy's in-process tests train with besides the model: momentum SGD, a
-//! partitioner of contiguous blocks, and sinks that keep what they are handed.
+//! partitioner of contiguous blocks, sinks that keep what they are handed, one rank's
+//! run with them, and the cross-entropy the test models share.
 
 use sheaf_core::{
-    CheckpointSink, DataPartitioner, MetricsSink, OptimState, Optimizer, Param, Result, StepMetrics,
+    CheckpointSink, Communicator, DataPartitioner, Dataset, MetricsSink, Model, OptimState, Optimizer, Param,
+    Result, StepMetrics, Strategy, TrainConfig, TrainContext, TrainSummary,
 };
 
 /// Momentum SGD (momentum 0.9), its buffer over the parameters in order.
@@ -107,6 +109,40 @@ pub fn softmax_loss_grad(
 pub fn take(grads: &mut [f32], out: &mut [f32]) {
     out.copy_from_slice(grads);
     grads.fill(0.0);
+}
+
+/// What one rank's run gives back: its summary (or its error), every step's metrics,
+/// and its optimizer's momentum as the run left it.
+pub struct Ran {
+    pub summary: Result<TrainSummary>,
+    pub metrics: Vec<StepMetrics>,
+    pub momentum: Vec<f32>,
+}
+
+/// Runs `strategy` on this rank as the strategies' tests do: momentum SGD, contiguous
+/// blocks, sinks that keep what they are handed.
+pub fn run_rank(
+    strategy: &mut dyn Strategy,
+    comm: &dyn Communicator,
+    model: &mut dyn Model,
+    config: TrainConfig,
+    data: (&dyn Dataset, &dyn Dataset),
+) -> Ran {
+    let (mut metrics, mut saved, mut momentum) =
+        (Collect::default(), Saved::default(), Momentum::new(config.lr.base));
+    let (train, test) = data;
+    let summary = strategy.train(TrainContext {
+        config,
+        comm,
+        model,
+        optimizer: &mut momentum,
+        partitioner: &Blocks,
+        train,
+        test,
+        metrics: &mut metrics,
+        checkpoints: &mut saved,
+    });
+    Ran { summary, metrics: metrics.0, momentum: momentum.buf }
 }
 
 /// A strategy plugin's factory against what it says it provides: each strategy it

@@ -5,11 +5,10 @@
 //! plugin's rlib); the end-to-end tests repeat the law with the candle plugin's GPT.
 
 use sheaf_core::{
-    Batch, Error, Model, ParamLayout, ParamSpec, Piece, Result, Strategy, TrainConfig, TrainContext,
-    TrainSummary,
+    Batch, Error, Model, ParamLayout, ParamSpec, Piece, Result, Strategy, TrainConfig, TrainSummary,
 };
 use sheaf_testkit::run_world;
-use sheaf_testkit::train::{softmax_loss_grad, take, Blocks, Collect, Momentum, Saved};
+use sheaf_testkit::train::{run_rank, softmax_loss_grad, take};
 
 use crate::{TensorParallel, TensorParallelConfig};
 
@@ -208,21 +207,9 @@ fn train(groups: usize, width: usize, zero: u8, batch: usize) -> (Vec<Vec<f32>>,
                 ..Default::default()
             },
         };
-        let (mut metrics, mut saved) = (Collect::default(), Saved::default());
-        let summary = strategy
-            .train(TrainContext {
-                config: config.clone(),
-                comm: &comm,
-                model: &mut model,
-                optimizer: &mut Momentum::new(0.2),
-                partitioner: &Blocks,
-                train: &train,
-                test: &test,
-                metrics: &mut metrics,
-                checkpoints: &mut saved,
-            })
-            .unwrap();
-        (model.params, summary, metrics.0.iter().map(|m| m.loss).collect::<Vec<f64>>())
+        let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
+        let summary = ran.summary.unwrap();
+        (model.params, summary, ran.metrics.iter().map(|m| m.loss).collect::<Vec<f64>>())
     });
     let summary = out[0].1.clone();
     let losses = out[0].2.clone();
@@ -362,18 +349,14 @@ fn bad_contexts_are_refused() {
             // Rank 0 waits for a refused rank 1 until its deadline.
             let config = TensorParallelConfig { timeout_ms: 500, ..Default::default() };
             let mut strategy = TensorParallel { config };
-            let (mut metrics, mut saved) = (Collect::default(), Saved::default());
-            let result = strategy.train(TrainContext {
-                config: TrainConfig::basic(1, 1, batch, Some(1), 0.1),
-                comm: &comm,
-                model: &mut model,
-                optimizer: &mut Momentum::new(0.1),
-                partitioner: &Blocks,
-                train: &train,
-                test: &test,
-                metrics: &mut metrics,
-                checkpoints: &mut saved,
-            });
+            let result = run_rank(
+                &mut strategy,
+                &comm,
+                &mut model,
+                TrainConfig::basic(1, 1, batch, Some(1), 0.1),
+                (&train, &test),
+            )
+            .summary;
             result.err().map(|e| e.to_string())
         })
     };
@@ -437,22 +420,9 @@ fn one_step_is_the_definition() {
                         ..Default::default()
                     },
                 };
-                let (mut metrics, mut saved, mut momentum) =
-                    (Collect::default(), Saved::default(), Momentum::new(0.2));
-                let summary = strategy
-                    .train(TrainContext {
-                        config: config.clone(),
-                        comm: &comm,
-                        model: &mut model,
-                        optimizer: &mut momentum,
-                        partitioner: &Blocks,
-                        train: &train,
-                        test: &test,
-                        metrics: &mut metrics,
-                        checkpoints: &mut saved,
-                    })
-                    .unwrap();
-                (model.params, metrics.0[0].loss, summary.peak_activation_bytes, momentum.buf.len())
+                let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
+                let summary = ran.summary.unwrap();
+                (model.params, ran.metrics[0].loss, summary.peak_activation_bytes, ran.momentum.len())
             });
             for g in 0..groups {
                 let slices: Vec<Vec<f32>> =

@@ -5,11 +5,9 @@
 //! cannot link another plugin's rlib); the end-to-end tests repeat the law with the
 //! candle plugin's GPT, tied embeddings, tensor slices and ZeRO 3 inside stages.
 
-use sheaf_core::{
-    Batch, Error, Model, ParamLayout, ParamSpec, Piece, Result, Strategy, TrainConfig, TrainContext,
-};
+use sheaf_core::{Batch, Error, Model, ParamLayout, ParamSpec, Piece, Result, TrainConfig};
 use sheaf_testkit::run_world;
-use sheaf_testkit::train::{softmax_loss_grad, take, Blocks, Collect, Momentum, Saved};
+use sheaf_testkit::train::{run_rank, softmax_loss_grad, take};
 
 use crate::{Pipeline, PipelineConfig, Schedule};
 
@@ -193,21 +191,9 @@ fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::Train
             "zero": l.zero,
         });
         let mut strategy = Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
-        let (mut metrics, mut saved) = (Collect::default(), Saved::default());
-        let summary = strategy
-            .train(TrainContext {
-                config: config.clone(),
-                comm: &comm,
-                model: &mut model,
-                optimizer: &mut Momentum::new(0.2),
-                partitioner: &Blocks,
-                train: &train,
-                test: &test,
-                metrics: &mut metrics,
-                checkpoints: &mut saved,
-            })
-            .unwrap();
-        (model.params, metrics.0.iter().map(|m| m.loss).collect::<Vec<f64>>(), summary)
+        let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
+        let summary = ran.summary.unwrap();
+        (model.params, ran.metrics.iter().map(|m| m.loss).collect::<Vec<f64>>(), summary)
     });
     let whole =
         out.chunks(l.stages).map(|pipe| pipe.iter().flat_map(|(p, _, _)| p.clone()).collect()).collect();
@@ -303,18 +289,14 @@ fn bad_contexts_are_refused() {
             // A stage waits for a refused one until its deadline.
             let config = PipelineConfig { timeout_ms: 500, micro_batches: 2, ..Default::default() };
             let mut strategy = Pipeline { config };
-            let (mut metrics, mut saved) = (Collect::default(), Saved::default());
-            let result = strategy.train(TrainContext {
-                config: TrainConfig::basic(1, 1, batch, Some(1), 0.1),
-                comm: &comm,
-                model: &mut model,
-                optimizer: &mut Momentum::new(0.1),
-                partitioner: &Blocks,
-                train: &train,
-                test: &test,
-                metrics: &mut metrics,
-                checkpoints: &mut saved,
-            });
+            let result = run_rank(
+                &mut strategy,
+                &comm,
+                &mut model,
+                TrainConfig::basic(1, 1, batch, Some(1), 0.1),
+                (&train, &test),
+            )
+            .summary;
             result.err().map(|e| e.to_string())
         })
     };
@@ -373,22 +355,9 @@ fn one_step_is_the_definition() {
                 });
                 let mut strategy =
                     Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
-                let (mut metrics, mut saved, mut momentum) =
-                    (Collect::default(), Saved::default(), Momentum::new(0.2));
-                let summary = strategy
-                    .train(TrainContext {
-                        config: config.clone(),
-                        comm: &comm,
-                        model: &mut model,
-                        optimizer: &mut momentum,
-                        partitioner: &Blocks,
-                        train: &train,
-                        test: &test,
-                        metrics: &mut metrics,
-                        checkpoints: &mut saved,
-                    })
-                    .unwrap();
-                (model.params, metrics.0[0].loss, summary.peak_activation_bytes, momentum.buf.len())
+                let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
+                let summary = ran.summary.unwrap();
+                (model.params, ran.metrics[0].loss, summary.peak_activation_bytes, ran.momentum.len())
             });
             for (d, pipe) in out.chunks(stages).enumerate() {
                 let whole: Vec<f32> = pipe.iter().flat_map(|o| o.0.clone()).collect();
