@@ -357,6 +357,10 @@ fn bf16_gradients_stay_in_sync_and_near_f32() {
     assert!((n.test_loss - w.test_loss).abs() <= 0.01 * w.test_loss, "{} vs {}", n.test_loss, w.test_loss);
     let d = max_abs_diff(&narrow[0].0, &wide[0].0);
     assert!(d > 0.0 && d < 0.05, "max abs diff {d}");
+    // The loss travels alone in f32 beside the bf16 buckets: the first step's, from the
+    // same parameters, is the f32 run's.
+    let (first, want) = (narrow[0].2[0].loss, wide[0].2[0].loss);
+    assert!((first - want).abs() <= 1e-6 * want.abs(), "{first} vs {want}");
 }
 
 #[test]
@@ -472,6 +476,10 @@ fn zero_2_over_bf16_stays_in_sync_and_near_f32() {
     assert!(n.test_accuracy > 0.6 && (n.test_accuracy - w.test_accuracy).abs() <= 0.03, "{n:?} vs {w:?}");
     let d = max_abs_diff(&narrow[0].0, &wide[0].0);
     assert!(d > 0.0 && d < 0.05, "max abs diff {d}");
+    // The loss travels alone in f32 beside the bf16 buckets: the first step's, from the
+    // same parameters, is the f32 run's.
+    let (first, want) = (narrow[0].2[0].loss, wide[0].2[0].loss);
+    assert!((first - want).abs() <= 1e-6 * want.abs(), "{first} vs {want}");
 }
 
 #[test]
