@@ -204,7 +204,8 @@ fn train(groups: usize, width: usize, zero: u8, batch: usize) -> (Vec<Vec<f32>>,
                 data: Some(groups),
                 width: Some(width),
                 zero,
-                ..Default::default()
+                // A broken exchange fails a test in seconds, not the default minute.
+                timeout_ms: 10_000,
             },
         };
         let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
@@ -417,7 +418,8 @@ fn one_step_is_the_definition() {
                         data: Some(groups),
                         width: Some(width),
                         zero,
-                        ..Default::default()
+                        // A broken exchange fails a test in seconds, not the default minute.
+                        timeout_ms: 10_000,
                     },
                 };
                 let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));

@@ -189,6 +189,8 @@ fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::Train
             "micro_batches": l.micro_batches,
             "schedule": match l.schedule { Schedule::Gpipe => "gpipe", Schedule::OneFOneB => "1f1b" },
             "zero": l.zero,
+            // A broken exchange fails a test in seconds, not the default minute.
+            "timeout_ms": 10_000,
         });
         let mut strategy = Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
         let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
@@ -352,6 +354,7 @@ fn one_step_is_the_definition() {
                     "micro_batches": micro_batches,
                     "schedule": match schedule { Schedule::Gpipe => "gpipe", Schedule::OneFOneB => "1f1b" },
                     "zero": zero,
+                    "timeout_ms": 10_000,
                 });
                 let mut strategy =
                     Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
