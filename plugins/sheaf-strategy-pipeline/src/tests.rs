@@ -174,6 +174,8 @@ fn plans_lay_pipelines_of_stages_of_slices() {
     assert!(gpipe.ranks.iter().all(|r| r.activation_samples == 25), "24 samples in 5 micro-batches of 5");
     // By default the stages are the world over the pipelines and slices.
     assert_eq!(PipelineConfig::parse(r#"{"data": 2, "tensor": 2}"#).unwrap().layout(8).unwrap(), (2, 2, 2));
+    let e = PipelineConfig::parse(r#"{"data": 2, "stages": 2}"#).unwrap().layout(6).unwrap_err().to_string();
+    assert!(e.contains("parallel.options.pipeline.stages"), "2 x 2 is not a world of 6: {e}");
     let kept =
         |json: &str| sheaf_core::Strategy::planned_parameter_bytes(&pipeline(json), &input(4)).unwrap();
     assert_eq!(kept(r#"{"data": 2, "zero": 3}"#), None);
