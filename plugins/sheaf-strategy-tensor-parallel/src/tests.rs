@@ -195,23 +195,12 @@ fn train(groups: usize, width: usize, zero: u8, batch: usize) -> (Vec<Vec<f32>>,
     let mut config = TrainConfig::basic(7, 2, batch, None, 0.2);
     config.grad_clip = Some(5.0);
     config.eval_every = Some(3);
-    let out = run_world(groups * width, |comm| {
-        let rank = sheaf_core::Communicator::rank(&comm);
-        // Every group starts from its own seed: the strategy makes the replicas agree.
-        let mut model = Pair::new(rank % width, width, 11 + (rank / width) as u64 * 7);
-        let mut strategy = TensorParallel {
-            config: TensorParallelConfig {
-                data: Some(groups),
-                width: Some(width),
-                zero,
-                // A broken exchange fails a test in seconds, not the default minute.
-                timeout_ms: 10_000,
-            },
-        };
-        let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
-        let summary = ran.summary.unwrap();
-        (model.params, summary, ran.metrics.iter().map(|m| m.loss).collect::<Vec<f64>>())
-    });
+    let out: Vec<_> = run_groups(groups, width, zero, &config, (&train, &test))
+        .into_iter()
+        .map(|(params, ran)| {
+            (params, ran.summary.unwrap(), ran.metrics.iter().map(|m| m.loss).collect::<Vec<f64>>())
+        })
+        .collect();
     let summary = out[0].1.clone();
     let losses = out[0].2.clone();
     (out.into_iter().map(|(p, _, _)| p).collect(), summary, losses)
@@ -234,6 +223,27 @@ fn scored(whole: &[f32]) -> (f64, f64) {
 /// The training and test splits every run uses.
 fn data() -> (sheaf_data::Dataset, sheaf_data::Dataset) {
     sheaf_data::teacher(120, D, K, 5).split(0.25, 1)
+}
+
+/// `groups` groups of `width` slices trained on `data` under `config`: every rank's
+/// final parameters and run. Every group starts from its own seed (the strategy makes
+/// the replicas agree); a broken exchange fails in seconds, not the default minute.
+fn run_groups(
+    groups: usize,
+    width: usize,
+    zero: u8,
+    config: &TrainConfig,
+    data: (&sheaf_data::Dataset, &sheaf_data::Dataset),
+) -> Vec<(Vec<f32>, sheaf_testkit::train::Ran)> {
+    run_world(groups * width, |comm| {
+        let rank = sheaf_core::Communicator::rank(&comm);
+        let mut model = Pair::new(rank % width, width, 11 + (rank / width) as u64 * 7);
+        let config_tp =
+            TensorParallelConfig { data: Some(groups), width: Some(width), zero, timeout_ms: 10_000 };
+        let mut strategy = TensorParallel { config: config_tp };
+        let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (data.0, data.1));
+        (model.params, ran)
+    })
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -410,22 +420,13 @@ fn one_step_is_the_definition() {
             let label = format!("clip {clip:?}, {groups} groups of {width}, zero {zero}");
             let mut config = TrainConfig::basic(7, 1, n, Some(1), 0.2);
             config.grad_clip = clip;
-            let out = run_world(groups * width, |comm| {
-                let rank = sheaf_core::Communicator::rank(&comm);
-                let mut model = Pair::new(rank % width, width, 11 + (rank / width) as u64 * 7);
-                let mut strategy = TensorParallel {
-                    config: TensorParallelConfig {
-                        data: Some(groups),
-                        width: Some(width),
-                        zero,
-                        // A broken exchange fails a test in seconds, not the default minute.
-                        timeout_ms: 10_000,
-                    },
-                };
-                let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
-                let summary = ran.summary.unwrap();
-                (model.params, ran.metrics[0].loss, summary.peak_activation_bytes, ran.momentum.len())
-            });
+            let out: Vec<_> = run_groups(groups, width, zero, &config, (&train, &test))
+                .into_iter()
+                .map(|(params, ran)| {
+                    let peak = ran.summary.unwrap().peak_activation_bytes;
+                    (params, ran.metrics[0].loss, peak, ran.momentum.len())
+                })
+                .collect();
             for g in 0..groups {
                 let slices: Vec<Vec<f32>> =
                     out[g * width..(g + 1) * width].iter().map(|o| o.0.clone()).collect();
