@@ -178,10 +178,28 @@ fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::Train
     config.grad_clip = Some(5.0);
     config.eval_every = Some(3);
     config.grad_accum = 2;
-    let out = run_world(l.pipelines * l.stages, |comm| {
+    let out: Vec<_> = run_pipelines(l, &config, (&train, &test))
+        .into_iter()
+        .map(|(params, ran)| {
+            (params, ran.metrics.iter().map(|m| m.loss).collect::<Vec<f64>>(), ran.summary.unwrap())
+        })
+        .collect();
+    let whole =
+        out.chunks(l.stages).map(|pipe| pipe.iter().flat_map(|(p, _, _)| p.clone()).collect()).collect();
+    (whole, out[0].1.clone(), out[0].2.clone())
+}
+
+/// `l`'s pipelines of stages trained on `data` under `config`: every rank's final
+/// parameters and run. Every pipeline starts from its own seed (the strategy makes the
+/// replicas agree); a broken exchange fails in seconds, not the default minute.
+fn run_pipelines(
+    l: Layout,
+    config: &TrainConfig,
+    data: (&sheaf_data::Dataset, &sheaf_data::Dataset),
+) -> Vec<(Vec<f32>, sheaf_testkit::train::Ran)> {
+    run_world(l.pipelines * l.stages, |comm| {
         let rank = sheaf_core::Communicator::rank(&comm);
         let (d, p) = (rank / l.stages, rank % l.stages);
-        // Every pipeline starts from its own seed: the strategy makes the replicas agree.
         let mut model = Chain::new(cut(l.stages, p), 11 + d as u64 * 7);
         let config_json = serde_json::json!({
             "data": l.pipelines,
@@ -189,17 +207,12 @@ fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::Train
             "micro_batches": l.micro_batches,
             "schedule": match l.schedule { Schedule::Gpipe => "gpipe", Schedule::OneFOneB => "1f1b" },
             "zero": l.zero,
-            // A broken exchange fails a test in seconds, not the default minute.
             "timeout_ms": 10_000,
         });
         let mut strategy = Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
-        let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
-        let summary = ran.summary.unwrap();
-        (model.params, ran.metrics.iter().map(|m| m.loss).collect::<Vec<f64>>(), summary)
-    });
-    let whole =
-        out.chunks(l.stages).map(|pipe| pipe.iter().flat_map(|(p, _, _)| p.clone()).collect()).collect();
-    (whole, out[0].1.clone(), out[0].2.clone())
+        let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (data.0, data.1));
+        (model.params, ran)
+    })
 }
 
 /// The training and test splits every run uses.
@@ -344,24 +357,13 @@ fn one_step_is_the_definition() {
             let l = Layout { pipelines, stages, micro_batches, schedule, zero };
             let mut config = TrainConfig::basic(7, 1, n, Some(1), 0.2);
             config.grad_clip = clip;
-            let out = run_world(pipelines * stages, |comm| {
-                let rank = sheaf_core::Communicator::rank(&comm);
-                let (d, p) = (rank / stages, rank % stages);
-                let mut model = Chain::new(cut(stages, p), 11 + d as u64 * 7);
-                let config_json = serde_json::json!({
-                    "data": pipelines,
-                    "stages": stages,
-                    "micro_batches": micro_batches,
-                    "schedule": match schedule { Schedule::Gpipe => "gpipe", Schedule::OneFOneB => "1f1b" },
-                    "zero": zero,
-                    "timeout_ms": 10_000,
-                });
-                let mut strategy =
-                    Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
-                let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (&train, &test));
-                let summary = ran.summary.unwrap();
-                (model.params, ran.metrics[0].loss, summary.peak_activation_bytes, ran.momentum.len())
-            });
+            let out: Vec<_> = run_pipelines(l, &config, (&train, &test))
+                .into_iter()
+                .map(|(params, ran)| {
+                    let peak = ran.summary.unwrap().peak_activation_bytes;
+                    (params, ran.metrics[0].loss, peak, ran.momentum.len())
+                })
+                .collect();
             for (d, pipe) in out.chunks(stages).enumerate() {
                 let whole: Vec<f32> = pipe.iter().flat_map(|o| o.0.clone()).collect();
                 let diff = max_abs_diff(&whole, &want);
