@@ -9,6 +9,7 @@
 //! checks derive every rank's input from a seed so each rank can verify its own
 //! result, which is what lets them run across real processes too.
 
+pub mod chain;
 pub mod conformance;
 mod fault;
 #[cfg(feature = "fuzz")]

@@ -625,3 +625,4 @@ fn a_model_failing_mid_pass_fails_the_run_on_either_exchange_path() {
 
 mod plans;
 mod window;
+mod zero3;

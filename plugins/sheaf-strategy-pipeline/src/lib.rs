@@ -40,7 +40,7 @@ mod zero3;
 
 pub use config::{schedule, Pass, PipelineConfig, Schedule};
 use mesh::{Mesh3, Ties};
-use micro::{eval_rows, micro_batches, micro_ranges, Micro};
+use micro::{eval_rows, micro_batches, micro_cut, micro_ranges, Micro};
 use zero3::StageShards;
 
 /// The plugin as exported to the host.
@@ -79,12 +79,14 @@ struct StageClock {
     peak: u64,
 }
 
-/// Values received from a neighbouring stage (whose size the stage receiving them
-/// checks against its own input).
-fn f32s(bytes: &[u8], what: &str, peer: usize) -> Result<Vec<f32>> {
-    if bytes.is_empty() || !bytes.len().is_multiple_of(4) {
+/// Values received from a neighbouring stage for a micro-batch of `rows` samples
+/// (whose size the stage receiving them checks against its own input): none for an
+/// empty micro-batch, some otherwise.
+fn f32s(bytes: &[u8], what: &str, peer: usize, rows: usize) -> Result<Vec<f32>> {
+    if bytes.is_empty() != (rows == 0) || !bytes.len().is_multiple_of(4) {
         return Err(Error::BadState(format!(
-            "{what} from rank {peer} of the pipeline: {} bytes, not a whole number of f32 values",
+            "{what} from rank {peer} of the pipeline: {} bytes for {rows} samples, not a whole \
+             number of f32 values for each",
             bytes.len()
         )));
     }
@@ -146,7 +148,7 @@ impl Pipeline {
                         let t = Instant::now();
                         let got = pipe.recv(p - 1, 2 * m as u32, self.deadline())?;
                         clock.idle += t.elapsed();
-                        let input = f32s(&got, "activations", p - 1)?;
+                        let input = f32s(&got, "activations", p - 1, rows)?;
                         let t = Instant::now();
                         let out = forward_segments(
                             tensor,
@@ -187,7 +189,7 @@ impl Pipeline {
                         let t = Instant::now();
                         let got = pipe.recv(p + 1, 2 * m as u32 + 1, self.deadline())?;
                         clock.idle += t.elapsed();
-                        f32s(&got, "gradients", p + 1)?
+                        f32s(&got, "gradients", p + 1, micros[m].rows)?
                     };
                     let t = Instant::now();
                     let id = first_micro_id + m as u64;
@@ -437,7 +439,14 @@ impl Strategy for Pipeline {
                     .map(|i| global[i])
                     .collect();
                 asked += 1;
-                let parts = micro_ranges(share.len(), self.config.micro_batches);
+                // Under ZeRO 3 a stage's replicas gather each unit together, once a
+                // micro-batch: every pipeline runs as many, as the largest share is cut
+                // into (a pipeline with fewer samples runs some empty).
+                let m = self.config.micro_batches;
+                let parts = match fully_sharded {
+                    true => micro_cut(share.len(), m.min(global.len().div_ceil(pipelines))),
+                    false => micro_ranges(share.len(), m),
+                };
                 if gathers {
                     for r in &parts {
                         loader.request(share[r.clone()].to_vec())?;

@@ -25,7 +25,15 @@ pub(crate) fn eval_rows(batch: usize, pipelines: usize, micro_batches: usize) ->
 /// Where `n` samples are cut into at most `m` micro-batches of nearly equal size (one,
 /// empty, when there are none).
 pub(crate) fn micro_ranges(n: usize, m: usize) -> Vec<std::ops::Range<usize>> {
-    let count = m.min(n).max(1);
+    micro_cut(n, m.min(n))
+}
+
+/// Where `n` samples are cut into exactly `count` micro-batches (at least one) of
+/// nearly equal size, some empty where `n < count`: what a pipeline runs when every
+/// pipeline must run as many (under ZeRO 3 a stage's replicas gather each unit
+/// together, once a micro-batch).
+pub(crate) fn micro_cut(n: usize, count: usize) -> Vec<std::ops::Range<usize>> {
+    let count = count.max(1);
     (0..count).map(|k| chunk_range(n, count, k)).collect()
 }
 

@@ -253,4 +253,33 @@ fn evaluation_passes_take_a_micro_batch() {
     assert_eq!(eval_rows(0, 2, 4), 1);
 }
 
+/// A pipeline's share is cut into at most as many micro-batches as it has samples, or
+/// (under ZeRO 3, where every pipeline runs as many) exactly as many, some empty.
+#[test]
+fn shares_are_cut_into_micro_batches() {
+    use crate::micro::{micro_cut, micro_ranges};
+    assert_eq!(micro_ranges(2, 3), [0..1, 1..2]);
+    assert_eq!(micro_ranges(7, 3), [0..3, 3..5, 5..7]);
+    assert_eq!(micro_ranges(0, 3), [0..0]);
+    assert_eq!(micro_cut(2, 3), [0..1, 1..2, 2..2]);
+    assert_eq!(micro_cut(0, 2), [0..0, 0..0]);
+    assert_eq!(micro_cut(5, 0), [0..5]);
+}
+
+/// What a neighbouring stage sends is checked against the micro-batch: nothing for an
+/// empty one, whole f32 values otherwise.
+#[test]
+fn received_values_are_checked_against_the_micro_batch() {
+    assert_eq!(crate::f32s(&[], "activations", 1, 0).unwrap(), Vec::<f32>::new());
+    let two = [1f32, -2.0];
+    assert_eq!(crate::f32s(bytemuck::cast_slice(&two), "activations", 1, 1).unwrap(), two);
+    for (bytes, rows) in [(0, 2), (4, 0), (5, 1), (3, 1)] {
+        let e = crate::f32s(&vec![0u8; bytes], "gradients", 3, rows).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("gradients from rank 3 of the pipeline: {bytes} bytes for {rows} samples")),
+            "{e}"
+        );
+    }
+}
+
 mod law;

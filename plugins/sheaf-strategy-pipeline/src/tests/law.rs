@@ -1,158 +1,17 @@
 //! Pipelines over the in-process transport end where one process ends on the same
 //! global batches: 2 and 3 stages, 2 pipelines of 2 stages sharing each batch, both
-//! schedules, 1 to 4 micro-batches, with and without ZeRO 1 across the pipelines. The
-//! model is a chain of three dense blocks written in the test (a plugin's tests
-//! cannot link another plugin's rlib); the end-to-end tests repeat the law with the
-//! candle plugin's GPT, tied embeddings, tensor slices and ZeRO 3 inside stages.
+//! schedules, 1 to 4 micro-batches, with ZeRO 1 across the pipelines and with ZeRO 3
+//! inside the stages (each stage's replicas holding its rows). The model is the
+//! testkit's chain of three dense blocks (a plugin's tests cannot link another
+//! plugin's rlib); the end-to-end tests repeat the law with the candle plugin's GPT,
+//! tied embeddings and tensor slices.
 
-use sheaf_core::{Batch, Error, Model, ParamLayout, ParamSpec, Piece, Result, TrainConfig};
+use sheaf_core::{Batch, Model, TrainConfig};
+use sheaf_testkit::chain::{joined, layout_of, Chain, BLOCKS, D, K};
 use sheaf_testkit::run_world;
-use sheaf_testkit::train::{run_rank, softmax_loss_grad, take};
+use sheaf_testkit::train::{run_rank, softmax_loss_grad, Ran};
 
 use crate::{Pipeline, PipelineConfig, Schedule};
-
-/// Features, hidden units and classes.
-const D: usize = 8;
-const H: usize = 6;
-const K: usize = 3;
-
-/// Block `b`'s (inputs, outputs, whether a ReLU follows).
-const BLOCKS: [(usize, usize, bool); 3] = [(D, H, true), (H, H, true), (H, K, false)];
-
-/// Blocks `blocks` of `relu(W0 x + b0) -> relu(W1 . + b1) -> W2 . + b2`: each block's
-/// weight `[out, in]` then bias `[out]`, in block order.
-struct Chain {
-    blocks: std::ops::Range<usize>,
-    layout: ParamLayout,
-    params: Vec<f32>,
-    grads: Vec<f32>,
-    /// Per micro-batch: each held block's input, and its output before the ReLU.
-    saved: std::collections::HashMap<u64, Vec<Kept>>,
-}
-
-/// A block's input and its output before the ReLU.
-type Kept = (Vec<f32>, Vec<f32>);
-
-/// The whole chain's parameters from `seed`.
-fn whole_params(seed: u64) -> Vec<f32> {
-    let mut g = sheaf_testkit::conformance::SplitMix::new(seed);
-    let n: usize = BLOCKS.iter().map(|(i, o, _)| o * i + o).sum();
-    (0..n).map(|_| g.next_f32() * 0.6).collect()
-}
-
-/// Where block `b`'s parameters start in the whole chain's buffer, and how many.
-fn span(b: usize) -> std::ops::Range<usize> {
-    let start: usize = BLOCKS[..b].iter().map(|(i, o, _)| o * i + o).sum();
-    let (i, o, _) = BLOCKS[b];
-    start..start + o * i + o
-}
-
-impl Chain {
-    fn new(blocks: std::ops::Range<usize>, seed: u64) -> Chain {
-        let whole = whole_params(seed);
-        let params: Vec<f32> = blocks.clone().flat_map(|b| whole[span(b)].to_vec()).collect();
-        let specs = blocks
-            .clone()
-            .flat_map(|b| {
-                let (i, o, _) = BLOCKS[b];
-                [
-                    ParamSpec { name: format!("l{b}.weight"), shape: vec![o, i] },
-                    ParamSpec { name: format!("l{b}.bias"), shape: vec![o] },
-                ]
-            })
-            .collect();
-        let grads = vec![0.0; params.len()];
-        Chain { blocks, layout: ParamLayout::new(specs), params, grads, saved: Default::default() }
-    }
-
-    /// Where held block `b`'s parameters start in this piece's buffer.
-    fn offset(&self, b: usize) -> usize {
-        span(b).start - span(self.blocks.start).start
-    }
-}
-
-impl Model for Chain {
-    fn layout(&self) -> &ParamLayout {
-        &self.layout
-    }
-    fn read_params(&self, out: &mut [f32]) -> Result<()> {
-        out.copy_from_slice(&self.params);
-        Ok(())
-    }
-    fn write_params(&mut self, src: &[f32]) -> Result<()> {
-        self.params.copy_from_slice(src);
-        Ok(())
-    }
-    fn forward_backward(&mut self, _: &Batch<'_>, _: &mut [f32]) -> Result<f32> {
-        Err(Error::Unsupported("the chain trains through its stage interface".into()))
-    }
-    fn evaluate(&mut self, _: &Batch<'_>) -> Result<(f64, usize)> {
-        Err(Error::Unsupported("the chain evaluates through its stage interface".into()))
-    }
-    fn piece(&self) -> Option<Piece> {
-        Some(Piece { blocks: self.blocks.clone(), tensor_rank: 0, tensor_width: 1 })
-    }
-    fn stage_forward(&mut self, micro: u64, _: usize, input: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let mut x = input.to_vec();
-        let mut kept = Vec::new();
-        for b in self.blocks.clone() {
-            let (i, o, relu) = BLOCKS[b];
-            let at = self.offset(b);
-            let (w, bias) = (&self.params[at..at + o * i], &self.params[at + o * i..at + o * i + o]);
-            let z: Vec<f32> = (0..rows)
-                .flat_map(|r| {
-                    let xr = &x[r * i..(r + 1) * i];
-                    (0..o).map(move |j| {
-                        bias[j] + w[j * i..(j + 1) * i].iter().zip(xr).map(|(w, x)| w * x).sum::<f32>()
-                    })
-                })
-                .collect();
-            let y = if relu { z.iter().map(|v| v.max(0.0)).collect() } else { z.clone() };
-            kept.push((x, z));
-            x = y;
-        }
-        self.saved.insert(micro, kept);
-        Ok(x)
-    }
-    fn stage_backward(&mut self, micro: u64, _: usize, grad: &[f32]) -> Result<Vec<f32>> {
-        let kept = self.saved.remove(&micro).ok_or_else(|| Error::BadState("no forward kept".into()))?;
-        let mut g = grad.to_vec();
-        for (b, (x, z)) in self.blocks.clone().zip(kept).rev() {
-            let (i, o, relu) = BLOCKS[b];
-            let at = self.offset(b);
-            if relu {
-                g.iter_mut().zip(&z).for_each(|(g, z)| *g = if *z > 0.0 { *g } else { 0.0 });
-            }
-            let rows = g.len() / o;
-            let mut gx = vec![0.0; rows * i];
-            for r in 0..rows {
-                for j in 0..o {
-                    let gj = g[r * o + j];
-                    self.grads[at + o * i + j] += gj;
-                    for k in 0..i {
-                        self.grads[at + j * i + k] += gj * x[r * i + k];
-                        gx[r * i + k] += gj * self.params[at + j * i + k];
-                    }
-                }
-            }
-            g = gx;
-        }
-        Ok(g)
-    }
-    fn loss_grad(&mut self, logits: &[f32], labels: &[u32], scale: f32) -> Result<(f64, usize, Vec<f32>)> {
-        Ok(softmax_loss_grad(logits, labels, K, scale))
-    }
-    fn take_grads(&mut self, out: &mut [f32]) -> Result<()> {
-        take(&mut self.grads, out);
-        Ok(())
-    }
-    fn drop_saved(&mut self) {
-        self.saved.clear();
-    }
-    fn saved_bytes(&self) -> u64 {
-        self.saved.values().flatten().map(|(x, z)| 4 * (x.len() + z.len()) as u64).sum()
-    }
-}
 
 /// How a test run lays the chain out.
 #[derive(Clone, Copy, Debug)]
@@ -162,6 +21,14 @@ struct Layout {
     micro_batches: usize,
     schedule: Schedule,
     zero: u8,
+    /// Under ZeRO 3, `reshard_after_forward = false`: a unit gathered stays to the step's end.
+    keep: bool,
+}
+
+impl Layout {
+    fn new(pipelines: usize, stages: usize, micro_batches: usize, schedule: Schedule, zero: u8) -> Layout {
+        Layout { pipelines, stages, micro_batches, schedule, zero, keep: false }
+    }
 }
 
 /// The blocks of stage `p` of `stages`: three blocks cut as evenly as they go, the
@@ -171,47 +38,71 @@ fn cut(stages: usize, p: usize) -> std::ops::Range<usize> {
 }
 
 /// The whole chain's final parameters as each pipeline holds them, rank 0's step
-/// losses, and its summary.
-fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::TrainSummary) {
+/// losses, its summary, and the most blocks any rank's piece buffer held gathered.
+fn train(l: Layout, batch: usize) -> (Vec<Vec<f32>>, Vec<f64>, sheaf_core::TrainSummary, usize) {
     let (train, test) = data();
     let mut config = TrainConfig::basic(7, 5, batch, None, 0.2);
     config.grad_clip = Some(5.0);
     config.eval_every = Some(3);
     config.grad_accum = 2;
-    let out: Vec<_> = run_pipelines(l, &config, (&train, &test))
-        .into_iter()
-        .map(|(params, ran)| {
-            (params, ran.metrics.iter().map(|m| m.loss).collect::<Vec<f64>>(), ran.summary.unwrap())
-        })
-        .collect();
-    let whole =
-        out.chunks(l.stages).map(|pipe| pipe.iter().flat_map(|(p, _, _)| p.clone()).collect()).collect();
-    (whole, out[0].1.clone(), out[0].2.clone())
+    let mut out = run_pipelines(l, &config, (&train, &test));
+    let whole = wholes(l, &out);
+    let gathered = out.iter().map(|r| r.most_gathered).max().unwrap_or(0);
+    let first = out.swap_remove(0).ran;
+    let losses = first.metrics.iter().map(|m| m.loss).collect();
+    (whole, losses, first.summary.unwrap(), gathered)
 }
 
-/// `l`'s pipelines of stages trained on `data` under `config`: every rank's final
-/// parameters and run. Every pipeline starts from its own seed (the strategy makes the
-/// replicas agree); a broken exchange fails in seconds, not the default minute.
+/// What a rank ends with: its parameters (its rows under ZeRO 3), its run, and the
+/// most blocks its piece buffer held gathered at once.
+struct Rank {
+    params: Vec<f32>,
+    ran: Ran,
+    most_gathered: usize,
+}
+
+/// The whole chain as each pipeline holds it at the end: its stages' parameters in
+/// order; under ZeRO 3 each stage's replicas' rows joined (one chain, held together).
+fn wholes(l: Layout, out: &[Rank]) -> Vec<Vec<f32>> {
+    let held = |d: usize, p: usize| out[d * l.stages + p].params.clone();
+    let stage = |d: usize, p: usize| match l.zero {
+        3 => joined(&layout_of(cut(l.stages, p)), &(0..l.pipelines).map(|q| held(q, p)).collect::<Vec<_>>()),
+        _ => held(d, p),
+    };
+    (0..l.pipelines).map(|d| (0..l.stages).flat_map(|p| stage(d, p)).collect()).collect()
+}
+
+/// `l`'s pipelines of stages trained on `data` under `config`. Every pipeline starts
+/// from its own seed (the strategy makes the replicas agree), except under ZeRO 3,
+/// where each replica holds its rows of one chain, as a compute plugin builds them; a
+/// broken exchange fails in seconds, not the default minute.
 fn run_pipelines(
     l: Layout,
     config: &TrainConfig,
     data: (&sheaf_data::Dataset, &sheaf_data::Dataset),
-) -> Vec<(Vec<f32>, sheaf_testkit::train::Ran)> {
+) -> Vec<Rank> {
     run_world(l.pipelines * l.stages, |comm| {
         let rank = sheaf_core::Communicator::rank(&comm);
         let (d, p) = (rank / l.stages, rank % l.stages);
-        let mut model = Chain::new(cut(l.stages, p), 11 + d as u64 * 7);
+        let sharded = l.zero == 3;
+        let mut model = Chain::new(cut(l.stages, p), if sharded { 11 } else { 11 + d as u64 * 7 });
+        if sharded {
+            model = model.row_shard(d, l.pipelines);
+        }
         let config_json = serde_json::json!({
             "data": l.pipelines,
             "stages": l.stages,
             "micro_batches": l.micro_batches,
             "schedule": match l.schedule { Schedule::Gpipe => "gpipe", Schedule::OneFOneB => "1f1b" },
             "zero": l.zero,
+            "reshard_after_forward": !l.keep,
             "timeout_ms": 10_000,
         });
         let mut strategy = Pipeline { config: PipelineConfig::parse(&config_json.to_string()).unwrap() };
         let ran = run_rank(&mut strategy, &comm, &mut model, config.clone(), (data.0, data.1));
-        (model.params, ran)
+        let mut params = vec![0.0; model.layout().total()];
+        model.read_params(&mut params).unwrap();
+        Rank { params, ran, most_gathered: model.most_gathered }
     })
 }
 
@@ -241,24 +132,36 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// pipeline alike; the loss each step reports and the validation figures agree.
 #[test]
 fn pipelines_end_where_one_process_ends() {
-    let one_process =
-        Layout { pipelines: 1, stages: 1, micro_batches: 1, schedule: Schedule::Gpipe, zero: 0 };
+    let one_process = Layout::new(1, 1, 1, Schedule::Gpipe, 0);
     for batch in [16, 7] {
-        let (one, one_losses, one_summary) = train(one_process, batch);
+        let (one, one_losses, one_summary, _) = train(one_process, batch);
         assert!(one_summary.steps > 3, "{one_summary:?}");
         let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
         let (first, last) = (mean(&one_losses[..3]), mean(&one_losses[one_losses.len() - 3..]));
         assert!(last < 0.9 * first, "the chain learns: {one_losses:?}");
-        for (pipelines, stages, micro_batches, schedule, zero) in [
-            (1, 2, 1, Schedule::Gpipe, 0),
-            (1, 3, 4, Schedule::Gpipe, 0),
-            (1, 3, 3, Schedule::OneFOneB, 0),
-            (2, 2, 2, Schedule::OneFOneB, 0),
-            (2, 2, 4, Schedule::Gpipe, 1),
-            (3, 1, 2, Schedule::OneFOneB, 1),
+        for (pipelines, stages, micro_batches, schedule, zero, keep) in [
+            (1, 2, 1, Schedule::Gpipe, 0, false),
+            (1, 3, 4, Schedule::Gpipe, 0, false),
+            (1, 3, 3, Schedule::OneFOneB, 0, false),
+            (2, 2, 2, Schedule::OneFOneB, 0, false),
+            (2, 2, 4, Schedule::Gpipe, 1, false),
+            (3, 1, 2, Schedule::OneFOneB, 1, false),
+            (2, 1, 2, Schedule::Gpipe, 3, false),
+            (3, 2, 3, Schedule::OneFOneB, 3, false),
+            (2, 2, 2, Schedule::Gpipe, 3, true),
+            (4, 1, 1, Schedule::OneFOneB, 3, true),
         ] {
-            let l = Layout { pipelines, stages, micro_batches, schedule, zero };
-            let (pipes, losses, summary) = train(l, batch);
+            let l = Layout { pipelines, stages, micro_batches, schedule, zero, keep };
+            let (pipes, losses, summary, gathered) = train(l, batch);
+            // ZeRO 3 keeps one block gathered at a time (a stage of one block, whichever),
+            // or with `keep` every block of the stage once gathered.
+            let blocks = cut(stages, 0).len();
+            let want = match (zero, keep) {
+                (3, false) => 1,
+                (3, true) => blocks,
+                _ => 0,
+            };
+            assert_eq!(gathered, want, "batch {batch}, {l:?}: blocks gathered at once");
             for (d, whole) in pipes.iter().enumerate() {
                 let diff = max_abs_diff(whole, &one[0]);
                 assert!(diff < 2e-5, "batch {batch}, {l:?}: pipeline {d} differs by {diff}");
@@ -330,7 +233,8 @@ fn bad_contexts_are_refused() {
 /// definition (the mean cross-entropy's gradient, clipped to `clip`, one momentum-SGD
 /// step from the first pipeline's parameters), with the mean loss reported; under
 /// GPipe a stage keeps its share's activations of every micro-batch at once, under
-/// 1F1B no more; ZeRO 1 keeps each piece's momentum over the pipelines.
+/// 1F1B no more; ZeRO 1 keeps each piece's momentum over the pipelines, ZeRO 3 its
+/// parameters, gradients and momentum by rows.
 #[test]
 fn one_step_is_the_definition() {
     let (train, test) = data();
@@ -353,20 +257,23 @@ fn one_step_is_the_definition() {
             (1, 2, 3, Schedule::OneFOneB, 0),
             (2, 2, 2, Schedule::Gpipe, 1),
             (3, 1, 2, Schedule::OneFOneB, 1),
+            (2, 2, 2, Schedule::OneFOneB, 3),
+            (3, 1, 1, Schedule::Gpipe, 3),
         ] {
-            let l = Layout { pipelines, stages, micro_batches, schedule, zero };
+            let l = Layout::new(pipelines, stages, micro_batches, schedule, zero);
             let mut config = TrainConfig::basic(7, 1, n, Some(1), 0.2);
             config.grad_clip = clip;
-            let out: Vec<_> = run_pipelines(l, &config, (&train, &test))
+            let ranks = run_pipelines(l, &config, (&train, &test));
+            let wholes = wholes(l, &ranks);
+            let out: Vec<_> = ranks
                 .into_iter()
-                .map(|(params, ran)| {
-                    let peak = ran.summary.unwrap().peak_activation_bytes;
-                    (params, ran.metrics[0].loss, peak, ran.momentum.len())
+                .map(|r| {
+                    let peak = r.ran.summary.unwrap().peak_activation_bytes;
+                    (r.params, r.ran.metrics[0].loss, peak, r.ran.momentum.len())
                 })
                 .collect();
-            for (d, pipe) in out.chunks(stages).enumerate() {
-                let whole: Vec<f32> = pipe.iter().flat_map(|o| o.0.clone()).collect();
-                let diff = max_abs_diff(&whole, &want);
+            for (d, whole) in wholes.iter().enumerate() {
+                let diff = max_abs_diff(whole, &want);
                 assert!(diff < 1e-6, "clip {clip:?}, {l:?}: pipeline {d} is {diff} from the step by hand");
             }
             for (rank, (params, loss, peak, momentum)) in out.iter().enumerate() {
@@ -386,9 +293,19 @@ fn one_step_is_the_definition() {
                         );
                     }
                 }
-                let whole = params.len();
-                let held = if zero == 1 { sheaf_core::chunk_range(whole, pipelines, d).len() } else { whole };
+                // A piece's momentum whole; its chunk over the pipelines under ZeRO 1; under
+                // ZeRO 3 the rank's rows, which together are the piece once.
+                let piece = layout_of(cut(stages, p)).total();
+                let held = match zero {
+                    1 => sheaf_core::chunk_range(piece, pipelines, d).len(),
+                    3 => params.len(),
+                    _ => piece,
+                };
                 assert_eq!(*momentum, held, "{l:?}: rank {rank}'s momentum");
+                if zero == 3 {
+                    let rows: usize = (0..pipelines).map(|q| out[q * stages + p].0.len()).sum();
+                    assert_eq!(rows, piece, "{l:?}: stage {p}'s rows");
+                }
             }
         }
     }
