@@ -293,7 +293,8 @@ fn elastic_restarts_end_where_uninterrupted_runs_end() {
 }
 
 /// SIGTERM to the launcher (what `scancel` or a pod eviction sends) is forwarded;
-/// within 15 s no worker is left, and the launcher says why it stopped and that
+/// with no grace period to checkpoint in, the workers are killed at once: no worker
+/// is left, the launcher exits 128 + SIGTERM and says why it stopped and that
 /// `--resume` continues the run.
 #[test]
 fn a_terminated_launcher_leaves_no_worker_behind() {
@@ -301,7 +302,7 @@ fn a_terminated_launcher_leaves_no_worker_behind() {
     let mut sets: Vec<&str> = SLOW.to_vec();
     sets.push("train.epochs=1000");
     let mut a = args("2", &sets);
-    a.extend(["--grace-s", "5"]);
+    a.extend(["--grace-s", "0"]);
     let mut run = launch_bg(&a, dir.path());
     let pids: Vec<u32> = (0..2).map(|_| run.pids.recv_timeout(Duration::from_secs(60)).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(1500));
@@ -309,7 +310,8 @@ fn a_terminated_launcher_leaves_no_worker_behind() {
     kill(run.child.id(), libc::SIGTERM);
     let t = Instant::now();
     let status = run.child.wait().unwrap();
-    // Preempted: 128 + SIGTERM, as a shell reports it, not a failed run's 1.
+    // Stopped without a checkpoint: 128 + SIGTERM, as a shell reports it, not a
+    // failed run's 1 nor a checkpointed preemption's 75.
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
     wait_for("every worker to exit", Duration::from_secs(15).saturating_sub(t.elapsed()), || {
         pids.iter().all(|&p| !alive(p))
@@ -329,6 +331,75 @@ fn a_terminated_launcher_leaves_no_worker_behind() {
     wait_for("every worker to die with the launcher", Duration::from_secs(15), || {
         pids.iter().all(|&p| !alive(p))
     });
+}
+
+/// Lines in `path` (0 before it exists).
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+}
+
+/// Preemption: SIGTERM, SIGUSR1 or SIGINT at a random moment of a run, sent to the
+/// launcher alone or to the launcher and every worker at once (as `srun` and
+/// Kubernetes send it). Every time the ranks stop together after one step, no step
+/// finished before the signal is lost, the launcher exits 75 with the step in
+/// `summary.json`, and the run resumed ends bit for bit where the uninterrupted run
+/// ends (AdamW, a cosine schedule, clipping). Four trials here; `SHEAF_PREEMPT_TRIALS`
+/// asks for more.
+#[test]
+fn preempted_runs_resume_bit_identical() {
+    let trials: usize = std::env::var("SHEAF_PREEMPT_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
+    let mut sets: Vec<&str> = SLOW.to_vec();
+    sets.extend([
+        "train.max_steps=120",
+        "train.checkpoint_every=1000",
+        "train.optimizer=\"adamw\"",
+        "train.lr_schedule=\"cosine\"",
+        "train.warmup_steps=3",
+        "train.grad_clip=1.0",
+    ]);
+    let whole = tempfile::tempdir().unwrap();
+    ok(&sheaf(&args("2", &sets), whole.path()));
+    let mut rng = SplitMix64::new(26);
+    let mut preempted = 0;
+    for trial in 0..trials {
+        let sig = [libc::SIGTERM, libc::SIGUSR1, libc::SIGINT][trial % 3];
+        let every_task = trial % 2 == 1;
+        let case = format!("trial {trial}: signal {sig}, to every task: {every_task}");
+        let dir = tempfile::tempdir().unwrap();
+        let mut run = launch_bg(&args("2", &sets), dir.path());
+        let pids: Vec<u32> =
+            (0..2).map(|_| run.pids.recv_timeout(Duration::from_secs(60)).unwrap()).collect();
+        let metrics = dir.path().join("metrics.jsonl");
+        wait_for("the first step", Duration::from_secs(60), || lines(&metrics) > 0);
+        std::thread::sleep(Duration::from_millis(rng.next_u64() % 500));
+        let done = lines(&metrics) as u64;
+        let t = Instant::now();
+        kill(run.child.id(), sig);
+        if every_task {
+            pids.iter().for_each(|&p| kill(p, sig));
+        }
+        let status = run.child.wait().unwrap();
+        let took = t.elapsed();
+        match status.code() {
+            Some(75) => {
+                preempted += 1;
+                let at = summary(dir.path())["preempted_at_step"].as_u64().expect("preempted_at_step");
+                assert!(at >= done, "{case}: stopped after step {at}, but step {done} was done");
+                assert!(dir.path().join(format!("checkpoints/step-{at:08}")).is_dir(), "{case}");
+                eprintln!(
+                    "{case}: after step {done}, stopped after step {at}; the launcher exited in {took:?}"
+                );
+                ok(&sheaf(&["launch", "-n", "2", "--resume", &dir.path().display().to_string()], dir.path()));
+                assert_eq!(summary(dir.path())["resumed_from_step"], at, "{case}");
+            }
+            // The run ended before the signal was handled.
+            Some(0) => eprintln!("{case}: the run had ended"),
+            _ => panic!("{case}: {status:?}\n{}", run.lines.lock().unwrap().join("\n")),
+        }
+        wait_for("every worker to exit", Duration::from_secs(10), || pids.iter().all(|&p| !alive(p)));
+        assert_same_state(whole.path(), dir.path(), &case);
+    }
+    assert!(2 * preempted > trials, "{preempted} of {trials} runs were preempted: make the steps slower");
 }
 
 /// An existing run directory is never overwritten; `--resume` needs a run there.

@@ -37,6 +37,7 @@ const UNSUPPORTED: u32 = 102;
 const BAD_STATE: u32 = 103;
 const PLUGIN: u32 = 104;
 const OTHER: u32 = 105;
+const PREEMPTED: u32 = 106;
 
 impl AbiError {
     fn new(code: u32, op: Op, peer: Option<usize>, message: String) -> AbiError {
@@ -95,6 +96,9 @@ impl From<Error> for AbiError {
             Error::Unsupported(m) => simple(UNSUPPORTED, m),
             Error::BadState(m) => simple(BAD_STATE, m),
             Error::Plugin { plugin, detail } => AbiError { extra: plugin.into(), ..simple(PLUGIN, detail) },
+            Error::Preempted { step } => {
+                AbiError { extra: step.to_string().into(), ..simple(PREEMPTED, String::new()) }
+            }
             other => simple(OTHER, other.to_string()),
         }
     }
@@ -138,6 +142,10 @@ impl From<AbiError> for Error {
             BAD_STATE => Error::BadState(e.message.into_string()),
             PLUGIN => Error::Plugin { plugin: e.extra.into_string(), detail: e.message.into_string() },
             OTHER => Error::Other(e.message.into_string()),
+            PREEMPTED => match e.extra.parse() {
+                Ok(step) => Error::Preempted { step },
+                Err(_) => Error::BadState(format!("a preemption with no step (`{}`)", e.extra)),
+            },
             c if c < INVALID_ARGUMENT => Error::Comm(e.into_comm()),
             c => Error::Other(format!("{} (unknown error code {c})", e.message)),
         }

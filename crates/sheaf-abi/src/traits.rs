@@ -429,6 +429,12 @@ pub trait CheckpointSinkAbi {
     #[sabi(last_prefix_field)]
     fn save(&mut self, step: u64, params: RSlice<'_, f32>, optimizer: AbiOptimState)
         -> RResult<(), AbiError>;
+    /// (1.3.) Whether the world stops after `step`, preempted; a sink from a host built
+    /// before 1.3 gets this default: never.
+    fn preempted(&mut self, step: u64) -> RResult<bool, AbiError> {
+        let _ = step;
+        RResult::ROk(false)
+    }
 }
 
 /// Everything a strategy trains with, lent by the host for one `train` call.

@@ -17,11 +17,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
-use sheaf_core::{CheckpointSink, Communicator, Deadline, OptimState, TrainConfig};
+use sheaf_core::{CheckpointSink, Communicator, DType, Deadline, OptimState, ReduceOp, TrainConfig};
 
 use crate::whole::{receive_state, send_state, write_whole};
 use sheaf_job::plan::Plan;
@@ -123,6 +125,11 @@ pub struct Checkpointer<'a> {
     pub timeout: Duration,
     /// The newest step saved.
     pub saved: Option<u64>,
+    /// Raised by a preemption signal on this rank (`sheaf_launch::preempt::watch`);
+    /// `None`: the run is not preemptible.
+    pub preempt: Option<Arc<AtomicBool>>,
+    /// Where a preemption's checkpoint goes when the job saves none otherwise.
+    pub preempt_dir: Option<PathBuf>,
 }
 
 impl Checkpointer<'_> {
@@ -222,6 +229,27 @@ impl Checkpointer<'_> {
 impl CheckpointSink for Checkpointer<'_> {
     fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> sheaf_core::Result<()> {
         self.write(step, params, optimizer).map_err(|e| sheaf_core::Error::Other(e.to_string()))
+    }
+
+    /// Whether a preemption signal reached any rank: the flag allreduced over the world
+    /// at every step boundary (one value), so every rank stops after the same step.
+    fn preempted(&mut self, step: u64) -> sheaf_core::Result<bool> {
+        let Some(flag) = &self.preempt else { return Ok(false) };
+        let mut any = [f32::from(u8::from(flag.load(Ordering::SeqCst)))];
+        self.comm.allreduce(
+            bytemuck::cast_slice_mut(&mut any),
+            DType::F32,
+            ReduceOp::Max,
+            self.deadline(),
+        )?;
+        if any[0] == 0.0 {
+            return Ok(false);
+        }
+        if self.run_dir.is_none() {
+            self.run_dir = self.preempt_dir.clone();
+        }
+        tracing::info!("preempted: stopping after step {step} with a checkpoint");
+        Ok(true)
     }
 }
 

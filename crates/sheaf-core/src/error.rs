@@ -166,6 +166,11 @@ pub enum Error {
     Plugin { plugin: String, detail: String },
     #[error("{0}")]
     Other(String),
+    /// (1.3.) The world agreed to stop after optimizer step `step` (a preemption
+    /// signal reached a rank; [`crate::CheckpointSink::preempted`]), its checkpoint
+    /// written: not a failure, the run goes on when resumed.
+    #[error("preempted after step {step}, checkpointed")]
+    Preempted { step: u64 },
 }
 
 impl Error {

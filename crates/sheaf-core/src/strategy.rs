@@ -34,6 +34,16 @@ pub trait MetricsSink {
 pub trait CheckpointSink {
     /// `step` optimizer steps are done; `params` are the rank's piece's, in its layout.
     fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> Result<()>;
+
+    /// (1.3.) Whether the world stops after optimizer step `step`, preempted: every
+    /// rank calls it after each step (after any [`CheckpointSink::save`]), so the
+    /// sink may agree with the other ranks (the host allreduces whether a preemption
+    /// signal reached any). On `true` the strategy saves at `step` and returns
+    /// [`crate::Error::Preempted`]. The default never stops.
+    fn preempted(&mut self, step: u64) -> Result<bool> {
+        let _ = step;
+        Ok(false)
+    }
 }
 
 /// The learning rate over a run: linear warmup over `warmup_steps`, then constant or

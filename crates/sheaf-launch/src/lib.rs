@@ -4,8 +4,12 @@
 //! copies it to `RUN_DIR/logs/rank-N.log`), and if one fails stops the others and
 //! either reports which or, with `--max-restarts`, starts the world again from the
 //! newest checkpoint. Workers are supervised: each leads its own process group, gets
-//! the launcher's SIGINT and SIGTERM forwarded (then SIGKILL after the grace period),
-//! and is killed by the kernel when the launcher dies (`PR_SET_PDEATHSIG`).
+//! the launcher's SIGINT, SIGTERM and preemption signal forwarded (then SIGKILL after
+//! the grace period; workers that stopped checkpointed make the launcher exit
+//! [`sheaf_plugins::exit::PREEMPTED`]), and is killed by the kernel when the launcher
+//! dies (`PR_SET_PDEATHSIG`).
+
+pub mod preempt;
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -35,6 +39,9 @@ pub struct LaunchOptions {
     pub max_restarts: usize,
     /// How long workers get to stop after a forwarded SIGINT or SIGTERM.
     pub grace: Duration,
+    /// The signal besides SIGINT and SIGTERM that preempts the run (`--preempt-signal`),
+    /// forwarded as they are.
+    pub preempt_signal: i32,
     /// Several hosts, one launcher each, as torchrun's flags say.
     pub nodes: Nodes,
 }
@@ -368,24 +375,55 @@ enum Ended {
         rank: usize,
         message: String,
     },
-    /// The launcher got SIGINT or SIGTERM.
+    /// The launcher got SIGINT, SIGTERM or the preemption signal, and the workers did
+    /// not all stop checkpointed (or finish) within the grace period.
     Signalled(libc::c_int),
+    /// The launcher forwarded a preemption signal, and every worker stopped checkpointed.
+    Preempted,
 }
 
 /// Signals the launcher forwards: the last one received (0: none).
 /// Registered once per process (`sheaf bench train` launches several times); a signal
 /// left from an earlier launch is cleared by the caller.
-fn watch_signals() -> Result<Arc<AtomicUsize>, HostError> {
+fn watch_signals(preempt: libc::c_int) -> Result<Arc<AtomicUsize>, HostError> {
     static GOT: std::sync::OnceLock<Arc<AtomicUsize>> = std::sync::OnceLock::new();
-    if let Some(got) = GOT.get() {
-        return Ok(got.clone());
+    static WATCHED: Mutex<Vec<libc::c_int>> = Mutex::new(Vec::new());
+    let got = GOT.get_or_init(|| Arc::new(AtomicUsize::new(0))).clone();
+    let mut watched = WATCHED.lock().unwrap_or_else(|e| e.into_inner());
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, preempt] {
+        if !watched.contains(&sig) {
+            signal_hook::flag::register_usize(sig, got.clone(), sig as usize)
+                .map_err(|e| HostError::os(format!("cannot watch signal {sig}"), e))?;
+            watched.push(sig);
+        }
     }
-    let got = Arc::new(AtomicUsize::new(0));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_usize(sig, got.clone(), sig as usize)
-            .map_err(|e| HostError::os(format!("cannot watch signal {sig}"), e))?;
+    Ok(got)
+}
+
+/// After a forwarded signal: waits up to `grace` for every worker to exit on its own,
+/// kills what is left, and says how the world ended: preempted where every worker
+/// stopped checkpointed, done where every one finished anyway.
+fn stop_after_signal(children: &mut [(usize, Child)], grace: Duration, sig: libc::c_int) -> Ended {
+    let deadline = Instant::now() + grace;
+    let mut codes: Vec<Option<i32>> = vec![None; children.len()];
+    let mut exited = vec![false; children.len()];
+    while exited.iter().any(|e| !e) && Instant::now() < deadline {
+        for (i, (_, c)) in children.iter_mut().enumerate() {
+            if let (false, Ok(Some(status))) = (exited[i], c.try_wait()) {
+                (exited[i], codes[i]) = (true, status.code());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(GOT.get_or_init(|| got).clone())
+    terminate(children, Duration::ZERO);
+    let all = |code: u8| codes.iter().all(|c| *c == Some(i32::from(code)));
+    if all(sheaf_plugins::exit::PREEMPTED) {
+        Ended::Preempted
+    } else if all(sheaf_plugins::exit::OK) {
+        Ended::Done
+    } else {
+        Ended::Signalled(sig)
+    }
 }
 
 fn unix_ms() -> u128 {
@@ -505,11 +543,12 @@ fn run_world(
         if sig != 0 {
             let sig = sig as libc::c_int;
             eprintln!(
-                "[launch] got signal {sig}: forwarding it to the workers, {} s before they are killed",
+                "[launch] got signal {sig}: forwarding it to the workers, which stop at their next step \
+                 with a checkpoint; those still running in {} s (--grace-s) are killed",
                 opts.grace.as_secs_f64()
             );
             signal_all(&children, sig);
-            break Ended::Signalled(sig);
+            break stop_after_signal(&mut children, opts.grace, sig);
         }
         // Every rank that has failed by now; one killed by a signal is the likelier
         // cause of the others' errors, so it is named first. A rank killed by a signal
@@ -534,8 +573,8 @@ fn run_world(
         std::thread::sleep(Duration::from_millis(20));
     };
     match ended {
-        Ended::Done => {}
-        Ended::Signalled(_) => terminate(&mut children, opts.grace),
+        // Stopped above.
+        Ended::Done | Ended::Signalled(_) | Ended::Preempted => {}
         // The others are waiting on the dead rank: no grace needed.
         Ended::Failed { .. } => terminate(&mut children, Duration::from_millis(500)),
     }
@@ -556,7 +595,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
     }
     let exe = std::env::current_exe().map_err(|e| HostError::os("cannot find the sheaf executable", e))?;
     std::fs::create_dir_all(&opts.run_dir).map_err(|e| HostError::io(&opts.run_dir, e))?;
-    let signals = watch_signals()?;
+    let signals = watch_signals(opts.preempt_signal)?;
     signals.store(0, Ordering::SeqCst);
     let mut attempt = 0;
     let mut resume = opts.resume;
@@ -566,6 +605,10 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
             Ended::Done => return Ok(()),
             Ended::Signalled(signal) => {
                 return Err(HostError::Stopped { signal, run_dir: opts.run_dir.clone() });
+            }
+            Ended::Preempted => {
+                let step = sheaf_checkpoint::checkpoint::latest(&opts.run_dir)?.map(|(s, _)| s);
+                return Err(HostError::Preempted { step, run_dir: opts.run_dir.clone() });
             }
             Ended::Failed { rank, message } if attempt < opts.max_restarts => {
                 attempt += 1;

@@ -22,6 +22,11 @@ pub mod exit {
     /// its workers and exits with 128 + the signal's number, as a shell reports a
     /// process the signal killed (130, 143); `--resume RUN_DIR` continues the run.
     pub const SIGNALLED: u8 = 128;
+    /// Preempted and checkpointed: a preemption signal (SIGTERM, SIGINT,
+    /// `--preempt-signal`) reached the run, its ranks stopped together after a step and
+    /// saved it; `--resume RUN_DIR` continues bit for bit. 75 is sysexits' `EX_TEMPFAIL`
+    /// ("try again later"), what a scheduler's requeue hook can test for.
+    pub const PREEMPTED: u8 = 75;
 }
 
 /// Failures of the host.
@@ -87,6 +92,13 @@ pub enum HostError {
         run_dir.display()
     )]
     Stopped { signal: i32, run_dir: PathBuf },
+    /// A preemption signal stopped the run at a step boundary, checkpointed.
+    #[error(
+        "preempted: stopped after step {}, checkpointed; the same command with --resume {} continues the run",
+        step.map_or("?".to_string(), |s| s.to_string()),
+        run_dir.display()
+    )]
+    Preempted { step: Option<u64>, run_dir: PathBuf },
     /// The launcher could not start or watch its workers.
     #[error("{0}")]
     Launch(String),
@@ -141,6 +153,7 @@ impl HostError {
             | HostError::Input { .. } => exit::USAGE,
             HostError::Component { source: sheaf_core::Error::InvalidConfig { .. }, .. }
             | HostError::Core { source: sheaf_core::Error::InvalidConfig { .. }, .. } => exit::USAGE,
+            HostError::Preempted { .. } => exit::PREEMPTED,
             HostError::Stopped { signal, .. } => {
                 exit::SIGNALLED.saturating_add((*signal).clamp(0, 127) as u8)
             }
@@ -169,6 +182,11 @@ mod tests {
         let stopped = |signal| HostError::Stopped { signal, run_dir: "/r".into() };
         assert_eq!(stopped(15).exit_code(), 143);
         assert_eq!(stopped(2).exit_code(), 130);
+        let preempted = HostError::Preempted { step: Some(7), run_dir: "/r".into() };
+        assert_eq!(preempted.exit_code(), exit::PREEMPTED);
+        assert!(
+            preempted.to_string().contains("after step 7") && preempted.to_string().contains("--resume /r")
+        );
         let refused = sheaf_core::Error::InvalidConfig { key: "lr".into(), detail: "negative".into() };
         let component = HostError::Component { plugin: "p".into(), file: "/p.so".into(), source: refused };
         assert_eq!(component.exit_code(), exit::USAGE);

@@ -34,6 +34,9 @@ pub struct RunOptions {
     /// Continue the run in `run_dir` from its newest checkpoint (from the start when
     /// it has none yet); without it, a `run_dir` that holds a run is refused.
     pub resume: bool,
+    /// Raised by a preemption signal (`sheaf_launch::preempt::watch`): the ranks stop
+    /// together at the next step boundary, checkpointed. `None`: not watched.
+    pub preempt: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RunOptions {
@@ -238,6 +241,8 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
         job: serde_json::to_value(job).unwrap_or_default(),
         timeout: p.timeout(),
         saved: p.resumed,
+        preempt: opts.preempt.clone(),
+        preempt_dir: opts.run_dir.clone(),
     };
     // What the strategy is lent records where the time goes (trace.json).
     let recorder = Recorder::new(rank);
@@ -260,6 +265,15 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
     };
     let summary = match result {
         Ok(s) => s,
+        Err(sheaf_core::Error::Preempted { step }) => {
+            metrics.finish()?;
+            if let Some(dir) = &p.run_dir {
+                let json = serde_json::json!({ "preempted_at_step": step, "world_size": p.env.world_size });
+                write_atomic(&dir.join("summary.json"), json.to_string().as_bytes())?;
+            }
+            let run_dir = opts.run_dir.clone().unwrap_or_default();
+            return Err(HostError::Preempted { step: Some(step), run_dir });
+        }
         Err(e) => {
             // Tell the other ranks at once instead of leaving them to time out.
             world.link.abort(rank, &e.to_string());

@@ -3,8 +3,8 @@
 //! the checkpoints due.
 
 use sheaf_core::{
-    CheckpointSink, Communicator, DType, Dataset, Deadline, MetricsSink, Model, Optimizer, ReduceOp, Result,
-    StepMetrics, TrainConfig, TrainSummary,
+    CheckpointSink, Communicator, DType, Dataset, Deadline, Error, MetricsSink, Model, Optimizer, ReduceOp,
+    Result, StepMetrics, TrainConfig, TrainSummary,
 };
 
 use crate::epochs_done;
@@ -22,9 +22,37 @@ pub fn save_checkpoint_if_due(
     if !config.checkpoint_due(step) {
         return Ok(());
     }
+    save_checkpoint(sink, step, model, optimizer)
+}
+
+fn save_checkpoint(
+    sink: &mut dyn CheckpointSink,
+    step: u64,
+    model: &dyn Model,
+    optimizer: &dyn Optimizer,
+) -> Result<()> {
     let mut params = vec![0f32; model.layout().total()];
     model.read_params(&mut params)?;
     sink.save(step, &params, &optimizer.state()?)
+}
+
+/// After step `step` (and its checkpoint, if one was due): when the world agrees it
+/// is preempted ([`CheckpointSink::preempted`]), checkpoints now (unless that was
+/// done) and stops the run with [`Error::Preempted`].
+pub fn stop_if_preempted(
+    sink: &mut dyn CheckpointSink,
+    config: &TrainConfig,
+    step: u64,
+    model: &dyn Model,
+    optimizer: &dyn Optimizer,
+) -> Result<()> {
+    if !sink.preempted(step)? {
+        return Ok(());
+    }
+    if !config.checkpoint_due(step) {
+        save_checkpoint(sink, step, model, optimizer)?;
+    }
+    Err(Error::Preempted { step })
 }
 
 /// What one optimizer step did, for [`RunTally::end_step`].
@@ -110,6 +138,7 @@ impl<'a> RunTally<'a> {
             val_loss,
         });
         save_checkpoint_if_due(checkpoints, config, step, model, optimizer)?;
+        stop_if_preempted(checkpoints, config, step, model, optimizer)?;
         Ok(val_loss)
     }
 
@@ -326,5 +355,60 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("no validation split"), "{e}");
         assert!(metrics.0.is_empty(), "a failed step is not recorded");
+    }
+
+    /// A sink that keeps the steps saved and answers `preempted` from step `at` on.
+    struct Preempting {
+        at: u64,
+        saved: Vec<u64>,
+        asked: Vec<u64>,
+    }
+
+    impl CheckpointSink for Preempting {
+        fn save(&mut self, step: u64, params: &[f32], _: &OptimState) -> Result<()> {
+            assert_eq!(params, [1.0, 2.0]);
+            self.saved.push(step);
+            Ok(())
+        }
+        fn preempted(&mut self, step: u64) -> Result<bool> {
+            self.asked.push(step);
+            Ok(step >= self.at)
+        }
+    }
+
+    /// The sink is asked after every step; once it says preempted, the step is saved
+    /// once (not again when a checkpoint was due at it anyway) and the run stops with
+    /// `Preempted` naming the step, its metrics recorded.
+    #[test]
+    fn a_preemption_saves_the_step_once_and_stops_the_run() {
+        let layout =
+            sheaf_core::ParamLayout::new(vec![sheaf_core::ParamSpec { name: "w".into(), shape: vec![2] }]);
+        let mut model = Two(layout, [1.0, 2.0]);
+        for (every, at, saved) in [(None, 3u64, vec![3u64]), (Some(2), 3, vec![2, 3]), (Some(3), 3, vec![3])]
+        {
+            let config = TrainConfig { checkpoint_every: every, ..TrainConfig::basic(0, 100, 4, None, 0.25) };
+            let mut tally = RunTally::new(&config);
+            let (mut metrics, mut sink) = (Sinks::default(), Preempting { at, saved: vec![], asked: vec![] });
+            let mut stopped = None;
+            for _ in 0..5 {
+                let done = StepDone {
+                    epoch: 0,
+                    loss: 1.0,
+                    grad_norm: 1.0,
+                    samples: 4,
+                    started: std::time::Instant::now(),
+                };
+                if let Err(e) =
+                    tally.end_step(done, &mut metrics, &mut sink, &mut model, &Still, |_| Ok((0.0, 0.0)))
+                {
+                    stopped = Some(e);
+                    break;
+                }
+            }
+            assert_eq!(stopped, Some(sheaf_core::Error::Preempted { step: at }), "every {every:?}");
+            assert_eq!(sink.asked, (1..=at).collect::<Vec<_>>(), "every {every:?}");
+            assert_eq!(sink.saved, saved, "every {every:?}");
+            assert_eq!(metrics.0.len() as u64, at, "the preempted step's metrics are recorded");
+        }
     }
 }

@@ -16,7 +16,9 @@ Exit codes:
   0      done
   1      the run, check or benchmark failed (a rank's error, a worker that died, a file not written)
   2      the command line or job cannot be run as given (nothing was trained)
-  128+N  stopped by signal N (130: SIGINT, 143: SIGTERM, a preemption); --resume RUN_DIR continues";
+  75     preempted (SIGTERM, SIGINT, --preempt-signal): stopped after a step, checkpointed; --resume RUN_DIR continues
+  128+N  stopped by signal N before the workers could checkpoint (130: SIGINT, 143: SIGTERM); --resume RUN_DIR
+         continues from the newest checkpoint";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,6 +62,11 @@ pub struct JobArgs {
     /// counts only while the run has no checkpoint yet.)
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    /// The signal that preempts the run besides SIGTERM and SIGINT (as SLURM's
+    /// --signal sends it): the ranks stop together after the step in progress, write a
+    /// checkpoint and exit 75; --resume RUN_DIR continues.
+    #[arg(long, value_name = "SIGNAL", default_value = sheaf_launch::preempt::DEFAULT_SIGNAL)]
+    pub preempt_signal: String,
 }
 
 impl JobArgs {

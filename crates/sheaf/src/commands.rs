@@ -15,6 +15,8 @@ pub fn run_worker(cli: &Cli, args: &JobArgs, out: &mut dyn Write) -> Result<(), 
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", t.to_string());
     }
+    // First, so a preemption from here on stops the run at a step boundary.
+    let preempt = sheaf_launch::preempt::watch(sheaf_launch::preempt::parse_signal(&args.preempt_signal)?)?;
     let (job_file, run_dir, resume) = args.resolve()?;
     let mut job = sheaf_job::job::load_job(job_file.as_deref(), &args.overrides)?;
     let env = sheaf_runtime::WorkerEnv::from_env()?;
@@ -26,6 +28,7 @@ pub fn run_worker(cli: &Cli, args: &JobArgs, out: &mut dyn Write) -> Result<(), 
         progress: sheaf_runtime::worker::RunOptions::progress_default(),
         init_from: args.init_from.clone(),
         resume,
+        preempt: Some(preempt),
     };
     sheaf_runtime::worker::run_worker(&job, &registry, &opts)?;
     if opts.env.rank == 0 {
@@ -380,6 +383,7 @@ fn launch_job(
         return Err(HostError::Usage(format!("--grace-s {grace_s}: not a number of seconds")));
     }
     let (job_file, _, resume) = job.resolve()?;
+    let preempt_signal = sheaf_launch::preempt::parse_signal(&job.preempt_signal)?;
     if !resume && sheaf_checkpoint::checkpoint::holds_a_run(run_dir) {
         return Err(HostError::Usage(format!(
             "{} already holds a run: continue it with --resume {0}, or choose another --run-dir",
@@ -449,6 +453,8 @@ fn launch_job(
         worker_args.push("--resume".into());
         worker_args.push(run_dir.display().to_string());
     }
+    worker_args.push("--preempt-signal".into());
+    worker_args.push(preempt_signal.to_string());
     for d in &cli.plugin_dirs {
         worker_args.push("--plugin-dir".into());
         worker_args.push(d.display().to_string());
@@ -462,6 +468,7 @@ fn launch_job(
         resume: false,
         max_restarts,
         grace: std::time::Duration::from_secs_f64(grace_s),
+        preempt_signal,
         nodes,
     })
 }

@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 
 use cli::{run, worker_log, Cli};
+use sheaf_plugins::HostError;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -48,9 +49,14 @@ fn main() -> ExitCode {
     match run(cli, &mut std::io::stdout()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // A preemption is no failure: the run stopped where asked, checkpointed.
+            let line = match e {
+                HostError::Preempted { .. } => format!("{e}"),
+                _ => format!("error: {e}"),
+            };
+            eprintln!("{line}");
             if let Some(mut f) = log {
-                let _ = std::io::Write::write_all(&mut f, format!("error: {e}\n").as_bytes());
+                let _ = std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes());
             }
             ExitCode::from(e.exit_code())
         }

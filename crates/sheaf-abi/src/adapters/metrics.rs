@@ -40,6 +40,9 @@ where
             self.inner.save(step, params.as_slice(), &state_from_abi_owned(optimizer)).map_err(AbiError::from)
         })
     }
+    fn preempted(&mut self, step: u64) -> RResult<bool, AbiError> {
+        guard(self.plugin, "checkpoint preempted", || self.inner.preempted(step).map_err(AbiError::from))
+    }
 }
 
 pub(crate) struct LoadedCheckpoints<'a, P: GetPointerKind>(pub(crate) CheckpointSinkAbi_TO<'a, P>);
@@ -47,5 +50,8 @@ pub(crate) struct LoadedCheckpoints<'a, P: GetPointerKind>(pub(crate) Checkpoint
 impl<P: AsMutPtr<PtrTarget = ()>> CheckpointSink for LoadedCheckpoints<'_, P> {
     fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> Result<()> {
         Ok(self.0.save(step, RSlice::from_slice(params), state_to_abi(optimizer.clone())).into_result()?)
+    }
+    fn preempted(&mut self, step: u64) -> Result<bool> {
+        Ok(self.0.preempted(step).into_result()?)
     }
 }

@@ -97,6 +97,7 @@ fn errors_round_trip() {
         Error::BadState("z".into()),
         Error::Plugin { plugin: "p".into(), detail: "d".into() },
         Error::Other("o".into()),
+        Error::Preempted { step: 17 },
     ];
     for e in other {
         assert_eq!(Error::from(AbiError::from(e.clone())), e);
