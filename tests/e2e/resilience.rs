@@ -594,23 +594,115 @@ fn ranks_without_a_secret_are_told_to_set_one() {
     assert!(err.contains("SHEAF_JOB_TOKEN is not set"), "{err}");
 }
 
-/// A run resumes only with the world and strategy that wrote its checkpoints (their
-/// optimizer shards are laid out for them): another world size is refused before
-/// training, naming both and `--init-from`, and leaves the run's files as they were.
+/// Resuming with another global batch is refused, saying why and what to set; the
+/// run directory is left as it was.
 #[test]
-fn resuming_with_another_world_is_refused() {
+fn resuming_with_another_global_batch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    ok(&sheaf(
-        &["launch", "-n", "2", "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2"],
-        dir.path(),
-    ));
+    let sets =
+        ["--set", "train.max_steps=4", "--set", "train.checkpoint_every=2", "--set", "train.batch_size=32"];
+    let mut first = vec!["launch", "-n", "2"];
+    first.extend(sets);
+    ok(&sheaf(&first, dir.path()));
     let before = std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap();
-    let out = sheaf(&["launch", "-n", "1", "--resume", &dir.path().display().to_string()], dir.path());
+    let resume = dir.path().display().to_string();
+    let out = sheaf(&["launch", "-n", "1", "--resume", &resume, "--set", "train.batch_size=64"], dir.path());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("written by 2 ranks") && err.contains("this run is 1") && err.contains("--init-from"),
+        err.contains("global batch of 32 samples")
+            && err.contains("this run has 64")
+            && err.contains("train.batch_size = 32")
+            && err.contains("--init-from"),
         "{err}"
     );
     assert_eq!(std::fs::read(dir.path().join("checkpoint.safetensors")).unwrap(), before);
+}
+
+/// The largest difference between two runs' final parameters.
+fn final_diff(a: &Path, b: &Path) -> f32 {
+    let (x, y) = (crate::training::checkpoint(a), crate::training::checkpoint(b));
+    assert_eq!(x.len(), y.len());
+    x.iter()
+        .zip(&y)
+        .flat_map(|((n, s, p), (m, t, q))| {
+            assert_eq!((n, s), (m, t));
+            p.iter().zip(q).map(|(a, b)| (a - b).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+/// The resharding law: a run of 12 steps under one layout, and the same run resumed
+/// from its checkpoint at step 6 under another (another world size, strategy, ZeRO
+/// stage, mesh), end within 1e-5 of each other: AdamW with a cosine schedule and
+/// clipping, the same global batches.
+fn reshard_law(job: Option<&Path>, first: (usize, &[&str]), then: (usize, &[&str])) {
+    let base = [
+        "train.max_steps=12",
+        "train.checkpoint_every=6",
+        "train.batch_size=64",
+        "train.lr=0.01",
+        "train.optimizer=\"adamw\"",
+        "train.lr_schedule=\"cosine\"",
+        "train.warmup_steps=2",
+        "train.grad_clip=0.5",
+    ];
+    let mut sets: Vec<&str> = base.to_vec();
+    if job.is_none() {
+        sets.push("model.layers=[64, 96, 80, 64, 10]");
+    }
+    sets.extend(first.1);
+    let whole = tempfile::tempdir().unwrap();
+    let n = first.0.to_string();
+    let mut a = args(&n, &sets);
+    let job = job.map(|j| j.display().to_string());
+    a.extend(job.as_deref());
+    ok(&sheaf(&a, whole.path()));
+    // The run as it stood at step 6: its job and that checkpoint.
+    let cut = tempfile::tempdir().unwrap();
+    std::fs::copy(whole.path().join("job.toml"), cut.path().join("job.toml")).unwrap();
+    let from = whole.path().join("checkpoints/step-00000006");
+    let to = cut.path().join("checkpoints/step-00000006");
+    std::fs::create_dir_all(&to).unwrap();
+    for f in std::fs::read_dir(&from).unwrap().flatten() {
+        std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+    }
+    let n = then.0.to_string();
+    let resume = cut.path().display().to_string();
+    let mut again = vec!["launch", "-n", &n, "--resume", &resume];
+    for s in then.1 {
+        again.extend(["--set", s]);
+    }
+    ok(&sheaf(&again, cut.path()));
+    let case = format!("{first:?} resumed as {then:?}");
+    assert_eq!(summary(cut.path())["resumed_from_step"], 6, "{case}");
+    assert_eq!(summary(cut.path())["steps"], 12, "{case}");
+    let d = final_diff(whole.path(), cut.path());
+    assert!(d <= 1e-5, "{case}: max abs diff {d}");
+}
+
+#[test]
+fn checkpoints_reshard_across_world_sizes_and_strategies() {
+    const DP: &str = "parallel.strategy=\"data-parallel\"";
+    const PIPE: &str = "parallel.strategy=\"pipeline\"";
+    const TENSOR: &str = "parallel.strategy=\"tensor-parallel\"";
+    // D4 with ZeRO 1 resumed as D2.
+    reshard_law(
+        None,
+        (4, &[DP, "parallel.options.data-parallel.zero=1"]),
+        (2, &["parallel.options.data-parallel.zero=0"]),
+    );
+    // 2 pipelines of 2 stages resumed as 2 tensor slices.
+    reshard_law(None, (4, &[PIPE, "parallel.data=2"]), (2, &[TENSOR, "parallel.data=1"]));
+    // ZeRO 3 over 3 ranks (uneven rows) resumed as plain data parallelism over 2.
+    reshard_law(
+        None,
+        (3, &[DP, "parallel.options.data-parallel.zero=3"]),
+        (2, &["parallel.options.data-parallel.zero=0"]),
+    );
+    // A GPT's 2 stages of 2 tensor slices each (fused q, k, v sliced by heads, tied
+    // embeddings on both ends) resumed as one process.
+    let data = tempfile::tempdir().unwrap();
+    let gpt = crate::gpt::job(data.path(), &crate::gpt::text_file(data.path()), "", "");
+    reshard_law(Some(&gpt), (4, &[PIPE, "parallel.options.pipeline.tensor=2"]), (1, &[DP]));
 }

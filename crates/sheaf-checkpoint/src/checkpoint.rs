@@ -1,21 +1,22 @@
-//! Checkpoints a run can resume from: `RUN_DIR/checkpoints/step-NNNNNNNN/` holds
-//! `model.safetensors` (the whole model, as one process would hold it),
-//! `optimizer-rank-R.safetensors` (the optimizer state of each rank whose state is its
-//! own: every rank under ZeRO, the lowest rank holding each distinct piece otherwise;
-//! the step count in the metadata) and `state.json` (step, data position, the seed
-//! every random stream derives from, the world and the resolved job).
+//! Checkpoints a run can resume from: `RUN_DIR/checkpoints/step-NNNNNNNN/` holds a
+//! universal checkpoint ([`crate::universal`]: `rank-R.safetensors` and `rank-R.json`
+//! from each rank that owns parameters or optimizer state, `index.json`) and
+//! `state.json` (step, data position, global batch, the seed every random stream
+//! derives from, the world and the resolved job).
 //!
-//! Rank 0 writes everything: the others send it their pieces, a parameter at a time
-//! as it writes the model (`whole`), and their state shards, so writing needs no
-//! filesystem shared between hosts and no rank holds the whole model. It writes into
-//! `step-N.partial-PID/`, syncs each file and the directory, and renames it into place,
-//! so a crash at any moment leaves the previous checkpoints whole and the partial one
-//! ignored (and removed by the next save). Then only the newest `keep` are kept.
+//! Every rank writes its own parts (no rank gathers the model) into
+//! `step-N.partial/`, which rank 0 made afresh; once every rank reports its files
+//! synced, rank 0 merges the index, writes `state.json`, syncs the directory and
+//! renames it into place, so a crash at any moment leaves the previous checkpoints
+//! whole and the partial one ignored (and removed by the next save). Then only the
+//! newest `keep` are kept. Writing and resuming a world spread over hosts needs the
+//! run directory on a shared filesystem.
 //!
-//! Resuming reads the newest complete checkpoint on every rank (so resuming a world
-//! spread over hosts needs the run directory on a shared filesystem).
+//! Resuming reads the newest complete checkpoint on every rank, each reading the parts
+//! it now owns: any world size, strategy and layout, the same global batch. Format 1
+//! (the whole model written by rank 0, the optimizer state by rank) is still read, by
+//! the same world and strategy.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,14 +26,14 @@ use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
 use sheaf_core::{CheckpointSink, Communicator, DType, Deadline, OptimState, ReduceOp, TrainConfig};
 
-use crate::whole::{receive_state, send_state, write_whole};
 use sheaf_job::plan::Plan;
 use sheaf_plugins::HostError;
-use sheaf_report::outputs::{write_atomic, write_safetensors, NamedTensor, TensorFile};
+use sheaf_report::outputs::{write_atomic, TensorFile};
 
 /// The run directory's subdirectory of checkpoints.
 pub const CHECKPOINTS: &str = "checkpoints";
-const FORMAT: &str = "sheaf-checkpoint-1";
+const FORMAT_1: &str = "sheaf-checkpoint-1";
+const FORMAT: &str = "sheaf-checkpoint-2";
 
 /// `state.json`: what a checkpoint is besides its tensors.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -55,6 +56,15 @@ pub struct CheckpointState {
     pub optimizer_files: Vec<String>,
     /// The resolved job that wrote it.
     pub job: serde_json::Value,
+    /// (Format 2.) The global batch of a micro-step and the micro-steps of an optimizer
+    /// step: a resumed run must keep both, or its data order and steps would differ.
+    #[serde(default)]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub grad_accum: usize,
+    /// (Format 2.) The optimizer's own step count.
+    #[serde(default)]
+    pub optimizer_step: u64,
 }
 
 /// Where rank `rank` finds its optimizer state: its own file when its state is a
@@ -68,10 +78,6 @@ fn state_source(plan: &Plan, rank: usize) -> usize {
     plan.ranks.iter().position(|r| &r.piece == piece).unwrap_or(rank)
 }
 
-fn state_file(rank: usize) -> String {
-    format!("optimizer-rank-{rank}.safetensors")
-}
-
 fn step_dir(root: &Path, step: u64) -> PathBuf {
     root.join(CHECKPOINTS).join(format!("step-{step:08}"))
 }
@@ -81,15 +87,12 @@ fn sync_dir(dir: &Path) -> Result<(), HostError> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| HostError::io(dir, e))
 }
 
-/// An optimizer state's buffers as tensors, and its step as metadata.
-fn state_tensors(state: &OptimState) -> (impl Iterator<Item = NamedTensor<'_>>, HashMap<String, String>) {
-    let meta = HashMap::from([("step".to_string(), state.step.to_string())]);
-    (state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice())), meta)
-}
-
+/// A format-1 optimizer state file's bytes: its buffers as tensors, its step as
+/// metadata.
 #[cfg(test)]
 pub(crate) fn state_bytes(state: &OptimState) -> Result<Vec<u8>, HostError> {
-    let (tensors, meta) = state_tensors(state);
+    let meta = std::collections::HashMap::from([("step".to_string(), state.step.to_string())]);
+    let tensors = state.buffers.iter().map(|(name, b)| (name.as_str(), vec![b.len()], b.as_slice()));
     sheaf_report::outputs::safetensors_of(tensors, Some(meta))
 }
 
@@ -137,7 +140,7 @@ impl Checkpointer<'_> {
         Deadline::after(self.timeout)
     }
 
-    fn state(&self, step: u64) -> CheckpointState {
+    fn state(&self, step: u64, optimizer_step: u64) -> CheckpointState {
         let micro_step = step * self.config.grad_accum.max(1) as u64;
         let per_epoch = self.train_len.div_ceil(self.config.batch_size.max(1)).max(1) as u64;
         CheckpointState {
@@ -149,8 +152,11 @@ impl Checkpointer<'_> {
             seed: self.config.seed,
             world_size: self.world_size,
             strategy: self.strategy.clone(),
-            optimizer_files: (0..self.world_size).map(|r| state_file(state_source(self.plan, r))).collect(),
+            optimizer_files: Vec::new(),
             job: self.job.clone(),
+            batch_size: self.config.batch_size,
+            grad_accum: self.config.grad_accum.max(1),
+            optimizer_step,
         }
     }
 
@@ -160,6 +166,15 @@ impl Checkpointer<'_> {
         self.run_dir.is_some() && self.saved != Some(step)
     }
 
+    /// Whether `mine` succeeded on every rank (a collective: every rank calls it).
+    fn everyone(&self, mine: &Result<(), HostError>) -> Result<bool, HostError> {
+        let mut ok = [if mine.is_ok() { 1f32 } else { 0.0 }];
+        self.comm
+            .allreduce(bytemuck::cast_slice_mut(&mut ok), DType::F32, ReduceOp::Min, self.deadline())
+            .map_err(|e| HostError::Train { rank: self.comm.rank(), detail: format!("checkpoint: {e}") })?;
+        Ok(ok[0] > 0.0)
+    }
+
     /// The checkpoint after `step` steps from every rank's `params` (its piece) and
     /// optimizer `state`; every rank calls it.
     pub fn write(&mut self, step: u64, params: &[f32], state: &OptimState) -> Result<(), HostError> {
@@ -167,35 +182,54 @@ impl Checkpointer<'_> {
             return Ok(());
         }
         let rank = self.comm.rank();
-        let writers: Vec<usize> = (0..self.world_size).filter(|&r| state_source(self.plan, r) == r).collect();
+        let root = self.run_dir.clone().expect("checked above");
+        let checkpoints = root.join(CHECKPOINTS);
+        let partial = checkpoints.join(format!("step-{step:08}.partial"));
+        // Rank 0 makes the directory afresh before any rank writes into it.
+        let made = match rank {
+            0 => std::fs::create_dir_all(&checkpoints)
+                .and_then(|()| match std::fs::remove_dir_all(&partial) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => std::fs::create_dir(&partial),
+                })
+                .map_err(|e| HostError::io(&partial, e)),
+            _ => Ok(()),
+        };
+        if !self.everyone(&made)? {
+            made?;
+            return Err(HostError::Output(format!(
+                "checkpoint at step {step}: rank 0 could not make {}",
+                partial.display()
+            )));
+        }
+        let owns_params = self.plan.representatives().contains(&rank);
+        let owns_state = state_source(self.plan, rank) == rank;
+        let written = if owns_params || owns_state {
+            crate::universal::RankParts::new(
+                self.plan.layout_of(rank),
+                &self.plan.info.layout,
+                owns_params.then_some(params),
+                owns_state.then_some(state),
+            )
+            .and_then(|parts| parts.write(&partial, rank).map(drop))
+        } else {
+            Ok(())
+        };
+        if !self.everyone(&written)? {
+            written?;
+            return Err(HostError::Output(format!(
+                "checkpoint at step {step}: another rank could not write its part; the previous checkpoint stays"
+            )));
+        }
         if rank != 0 {
-            write_whole(self.comm, params, self.plan, None, || self.deadline())?;
-            if writers.contains(&rank) {
-                send_state(self.comm, state, || self.deadline())?;
-            }
             self.saved = Some(step);
             return Ok(());
         }
-        let root = self.run_dir.clone().expect("checked above");
-        let checkpoints = root.join(CHECKPOINTS);
-        std::fs::create_dir_all(&checkpoints).map_err(|e| HostError::io(&checkpoints, e))?;
-        let partial = checkpoints.join(format!("step-{step:08}.partial-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir(&partial).map_err(|e| HostError::io(&partial, e))?;
-        write_whole(self.comm, params, self.plan, Some(&partial.join("model.safetensors")), || {
-            self.deadline()
-        })?;
-        for &w in &writers {
-            let path = partial.join(state_file(w));
-            if w == 0 {
-                // Rank 0's own state streams from its buffers.
-                let (tensors, meta) = state_tensors(state);
-                write_safetensors(&path, tensors, Some(meta))?;
-            } else {
-                receive_state(self.comm, w, &path, || self.deadline())?;
-            }
-        }
-        let json = serde_json::to_vec_pretty(&self.state(step)).expect("state serialises");
+        let writers: Vec<usize> = (0..self.world_size)
+            .filter(|&r| self.plan.representatives().contains(&r) || state_source(self.plan, r) == r)
+            .collect();
+        crate::universal::merge_index(&partial, &writers)?;
+        let json = serde_json::to_vec_pretty(&self.state(step, state.step)).expect("state serialises");
         write_synced(&partial.join("state.json"), &json)?;
         sync_dir(&partial)?;
         let done = step_dir(&root, step);
@@ -253,7 +287,7 @@ impl CheckpointSink for Checkpointer<'_> {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), HostError> {
     use std::io::Write;
     let mut f = std::fs::File::create(path).map_err(|e| HostError::io(path, e))?;
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| HostError::io(path, e))
@@ -281,35 +315,103 @@ pub fn latest(run_dir: &Path) -> Result<Option<(u64, PathBuf)>, HostError> {
     Ok(complete_steps(&run_dir.join(CHECKPOINTS))?.into_iter().max_by_key(|(s, _)| *s))
 }
 
-/// What a rank resumes from: its piece's parameters, its optimizer state, the step.
+/// What a rank resumes from: its piece's parameters, its optimizer's state, the step.
 pub struct Resumed {
     pub state: CheckpointState,
     pub params: Vec<f32>,
-    pub optimizer: OptimState,
+    pub optimizer: ResumedState,
     pub dir: PathBuf,
+}
+
+/// A resumed optimizer's state: as this rank's optimizer held it (format 1, the same
+/// layout), or a universal checkpoint to cut it from as the strategy hands the
+/// optimizer its parameters ([`crate::universal::Resharding`]).
+pub enum ResumedState {
+    Whole(OptimState),
+    Universal(crate::universal::Universal),
 }
 
 /// Whether `file`, a name `state.json` gives, names a file in the checkpoint's own
 /// directory: no separator, no parent, so a crafted `state.json` reads nothing else.
-fn is_plain_file_name(file: &str) -> bool {
+pub(crate) fn is_plain_file_name(file: &str) -> bool {
     !(file.is_empty() || file.contains('/') || file.contains(".."))
 }
 
-/// Reads checkpoint `dir` for `rank` of a world laid out by `plan`: fails when it was
-/// written by another world size or strategy (its optimizer shards would not fit).
-pub fn read(dir: &Path, plan: &Plan, rank: usize, strategy: &str) -> Result<Resumed, HostError> {
+/// Reads checkpoint `dir` for `rank` of a world laid out by `plan`, training under
+/// `config`: any world and strategy (format 2), the same global batch; a format-1
+/// checkpoint only by the world size and strategy that wrote it.
+pub fn read(
+    dir: &Path,
+    plan: &Plan,
+    rank: usize,
+    strategy: &str,
+    config: &TrainConfig,
+) -> Result<Resumed, HostError> {
     let bad = |detail: String| HostError::Data(format!("checkpoint {}: {detail}", dir.display()));
     let json = std::fs::read(dir.join("state.json")).map_err(|e| bad(format!("state.json: {e}")))?;
     let state: CheckpointState =
         serde_json::from_slice(&json).map_err(|e| bad(format!("state.json: {e}")))?;
-    if state.format != FORMAT {
-        return Err(bad(format!("format `{}`, this sheaf reads `{FORMAT}`", state.format)));
+    if state.format == FORMAT_1 {
+        return read_format_1(dir, plan, rank, strategy, state);
     }
+    if state.format != FORMAT {
+        return Err(bad(format!("format `{}`, this sheaf reads `{FORMAT}` and `{FORMAT_1}`", state.format)));
+    }
+    same_global_batch(dir, &state, config)?;
+    let mut universal = crate::universal::Universal::open(dir)?;
+    let params = universal.params(plan.layout_of(rank), &plan.info.layout)?;
+    Ok(Resumed { state, params, optimizer: ResumedState::Universal(universal), dir: dir.to_path_buf() })
+}
+
+/// Refuses to resume checkpoint `dir` (written as `state` says) under `config` with
+/// another global batch.
+fn same_global_batch(dir: &Path, state: &CheckpointState, config: &TrainConfig) -> Result<(), HostError> {
+    let accum = config.grad_accum.max(1);
+    if (state.batch_size, state.grad_accum) == (config.batch_size, accum) {
+        return Ok(());
+    }
+    Err(HostError::Usage(format!(
+        "checkpoint {}: written with a global batch of {} samples, {} micro-steps a step; this run has {} \
+         and {accum}: the same steps would take other samples, so the run would not go on as it was. Resume \
+         with train.batch_size = {} and train.grad_accum = {} (any world size and layout), or start from its \
+         parameters alone with --init-from",
+        dir.display(),
+        state.batch_size,
+        state.grad_accum,
+        config.batch_size,
+        state.batch_size,
+        state.grad_accum
+    )))
+}
+
+/// What a launcher checks before it resumes `run_dir` under `config`: that its newest
+/// checkpoint (if any) can be resumed with this global batch.
+pub fn check_resumable(run_dir: &Path, config: &TrainConfig) -> Result<(), HostError> {
+    let Some((_, dir)) = latest(run_dir)? else { return Ok(()) };
+    let json = std::fs::read(dir.join("state.json")).map_err(|e| HostError::io(dir.join("state.json"), e))?;
+    let state: CheckpointState =
+        serde_json::from_slice(&json).map_err(|e| HostError::input(dir.join("state.json").display(), e))?;
+    match state.format == FORMAT {
+        true => same_global_batch(&dir, &state, config),
+        false => Ok(()),
+    }
+}
+
+/// A format-1 checkpoint: the whole model in `model.safetensors`, each rank's
+/// optimizer state in the file `state.json` names for it.
+fn read_format_1(
+    dir: &Path,
+    plan: &Plan,
+    rank: usize,
+    strategy: &str,
+    state: CheckpointState,
+) -> Result<Resumed, HostError> {
+    let bad = |detail: String| HostError::Data(format!("checkpoint {}: {detail}", dir.display()));
     let world = plan.ranks.len();
     if state.world_size != world || state.strategy != strategy {
         return Err(bad(format!(
-            "written by {} ranks of `{}`, this run is {world} of `{strategy}`: resume with the same \
-             world and strategy (--init-from starts any layout from its parameters alone)",
+            "written by {} ranks of `{}` in format 1, this run is {world} of `{strategy}`: resume with the \
+             same world and strategy (--init-from starts any layout from its parameters alone)",
             state.world_size, state.strategy
         )));
     }
@@ -321,7 +423,7 @@ pub fn read(dir: &Path, plan: &Plan, rank: usize, strategy: &str) -> Result<Resu
         return Err(bad(format!("optimizer file `{file}` is not a file name")));
     }
     let optimizer = state_from_file(&TensorFile::read(&dir.join(file))?)?;
-    Ok(Resumed { state, params, optimizer, dir: dir.to_path_buf() })
+    Ok(Resumed { state, params, optimizer: ResumedState::Whole(optimizer), dir: dir.to_path_buf() })
 }
 
 /// Whether `dir` already holds a run's outputs (which a new run must not overwrite).

@@ -40,7 +40,7 @@ fn checkpoint_tensors() {
 #[test]
 fn checkpoint_state() {
     let state = CheckpointState {
-        format: "sheaf-checkpoint-1".into(),
+        format: "sheaf-checkpoint-2".into(),
         step: 20,
         micro_step: 40,
         epoch: 1,
@@ -48,12 +48,37 @@ fn checkpoint_state() {
         seed: 3,
         world_size: 2,
         strategy: "data-parallel".into(),
-        optimizer_files: vec!["optimizer-rank-0.safetensors".into(), "optimizer-rank-0.safetensors".into()],
+        optimizer_files: Vec::new(),
         job: serde_json::json!({"seed": 3, "train": {"lr": 0.1, "batch_size": 64}}),
+        batch_size: 64,
+        grad_accum: 1,
+        optimizer_step: 20,
     };
     let seed = serde_json::to_vec_pretty(&state).unwrap();
     fuzz("checkpoint state.json", inputs(vec![seed]), |b| {
         let _ = serde_json::from_slice::<CheckpointState>(b);
+    });
+}
+
+#[test]
+fn checkpoint_index() {
+    let mut index = crate::universal::Index::default();
+    index.tensors.insert(
+        "l.weight".into(),
+        crate::universal::Tensor {
+            param: "l.weight".into(),
+            slot: None,
+            shape: vec![2, 3],
+            fragments: vec![crate::universal::Fragment {
+                file: "rank-0.safetensors".into(),
+                tensor: "f0".into(),
+                runs: vec![[0, 2, 3, 2]],
+            }],
+        },
+    );
+    let seed = serde_json::to_vec(&index).unwrap();
+    fuzz("checkpoint index.json", inputs(vec![seed]), |b| {
+        let _ = serde_json::from_slice::<crate::universal::Index>(b);
     });
 }
 

@@ -4,4 +4,5 @@
 pub mod checkpoint;
 #[cfg(test)]
 mod fuzz;
+pub mod universal;
 pub mod whole;

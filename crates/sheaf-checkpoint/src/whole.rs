@@ -1,8 +1,7 @@
 //! Files rank 0 writes from tensors other ranks hold, fetched a tensor at a time as
 //! the `safetensors` crate writes them, so no rank ever holds more than one of them
 //! besides its own: the whole model from every rank's piece (a model cut into stages,
-//! slices or ZeRO 3 row shards may be larger than any rank's memory), and each rank's
-//! optimizer state.
+//! slices or ZeRO 3 row shards may be larger than any rank's memory).
 //!
 //! A rank that holds tensors answers rank 0's requests (the index of a tensor) until
 //! rank 0 says it is done, whatever order the crate writes in. For the model, rank 0
@@ -17,9 +16,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::{Dtype, View};
-use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
-use sheaf_core::{CommError, Communicator, Deadline, Op, OptimState, ParamLayout, PieceLayout, ShardSource};
+use sheaf_core::{CommError, Communicator, Deadline, Op, ParamLayout, PieceLayout, ShardSource};
 
 use sheaf_job::plan::Plan;
 use sheaf_plugins::HostError;
@@ -27,7 +25,6 @@ use sheaf_report::outputs::{layout_tensors, write_safetensors};
 
 const ASK_TAG: u32 = 0x5EAF_0003;
 const TENSOR_TAG: u32 = 0x5EAF_0001;
-const STATE_TAG: u32 = 0x5EAF_0002;
 /// The request that ends a rank's answering.
 const DONE: u64 = u64::MAX;
 
@@ -115,57 +112,6 @@ fn gather_param(
         }
     }
     Ok(out)
-}
-
-/// What a rank's optimizer state file holds besides its buffers.
-#[derive(Serialize, Deserialize)]
-struct StateHeader {
-    step: u64,
-    names: Vec<String>,
-    lens: Vec<usize>,
-}
-
-/// Rank `rank`'s side of writing its optimizer `state` on rank 0: what it holds, then
-/// each buffer as rank 0 asks for it.
-pub fn send_state(comm: &Group, state: &OptimState, dl: impl Fn() -> Deadline) -> Result<(), HostError> {
-    let err = write_err(comm.rank(), "the optimizer state");
-    let header = StateHeader {
-        step: state.step,
-        names: state.buffers.iter().map(|(n, _)| n.clone()).collect(),
-        lens: state.buffers.iter().map(|(_, b)| b.len()).collect(),
-    };
-    let bytes = serde_json::to_vec(&header).expect("a header serialises");
-    comm.send(0, STATE_TAG, &bytes, dl()).map_err(&err)?;
-    let tensors: Vec<&[f32]> = state.buffers.iter().map(|(_, b)| b.as_slice()).collect();
-    answer(comm, &tensors, &dl).map_err(err)
-}
-
-/// Rank 0's side of [`send_state`]: writes rank `peer`'s optimizer state to `path`.
-pub fn receive_state(
-    comm: &Group,
-    peer: usize,
-    path: &Path,
-    dl: impl Fn() -> Deadline,
-) -> Result<(), HostError> {
-    let err = write_err(0, "the optimizer state");
-    let bytes = comm.recv(peer, STATE_TAG, dl()).map_err(&err)?;
-    let header: StateHeader = serde_json::from_slice(&bytes)
-        .map_err(|e| err(protocol(peer, format!("an optimizer state header that does not parse: {e}"))))?;
-    if header.names.len() != header.lens.len() {
-        done(comm, peer, &dl).map_err(&err)?;
-        return Err(err(protocol(peer, "an optimizer state header of unequal lists".into())));
-    }
-    let dl = &dl;
-    let tensors = header.names.iter().zip(&header.lens).enumerate().map(|(k, (name, &len))| {
-        let fetch: Box<dyn Fn() -> Result<Vec<f32>, CommError> + '_> =
-            Box::new(move || ask(comm, peer, k, len, dl));
-        (name.clone(), vec![len], fetch)
-    });
-    let meta = HashMap::from([("step".to_string(), header.step.to_string())]);
-    let written =
-        write_fetched(path, tensors.collect(), Some(meta)).map_err(|e| e.into_host(0, "the optimizer state"));
-    done(comm, peer, dl).map_err(&err)?;
-    written
 }
 
 /// Answers rank 0's requests for `tensors` by index until it says it is done.

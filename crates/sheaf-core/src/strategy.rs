@@ -28,8 +28,11 @@ pub trait MetricsSink {
 /// Where a strategy hands its state every `checkpoint_every` steps. Every rank calls
 /// [`CheckpointSink::save`] after the same optimizer step with what it holds: its
 /// piece's parameters (the whole model's under data parallelism) and its optimizer's
-/// state (its shard under ZeRO). The sink may talk to the other ranks (it gathers the
-/// whole model), so a strategy calls it on every rank or on none. See
+/// state (its shard under ZeRO). The sink may talk to the other ranks (they agree that
+/// every rank's part is written), so a strategy calls it on every rank or on none. The
+/// optimizer's buffers are named `<param>.<slot>`, or `<param>@<first index>.<slot>`
+/// for part of a parameter, after the parameters the strategy hands it, so the host can
+/// save and restore them by parameter under any layout. See
 /// [`save_checkpoint_if_due`].
 pub trait CheckpointSink {
     /// `step` optimizer steps are done; `params` are the rank's piece's, in its layout.

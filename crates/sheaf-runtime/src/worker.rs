@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sheaf_checkpoint::checkpoint::Checkpointer;
+use sheaf_checkpoint::checkpoint::{Checkpointer, ResumedState};
+use sheaf_checkpoint::universal::{Resharding, Universal};
 use sheaf_collectives::Group;
 use sheaf_core::{
     Communicator, DataPartitioner, Deadline, Link, Model, Optimizer, Strategy, TrainConfig, TrainContext,
@@ -71,6 +72,9 @@ pub struct Prepared<'j> {
     config: TrainConfig,
     /// The step resumed from (`Some(0)`: asked to resume, nothing to resume from).
     resumed: Option<u64>,
+    /// A universal checkpoint resumed from, and its optimizer step: the optimizer's
+    /// state is cut from it as the strategy hands the optimizer its parameters.
+    reshard: Option<(Universal, u64)>,
     /// The run directory, on rank 0 only.
     run_dir: Option<PathBuf>,
     /// What this process held before its model: plugins, the dataset, the runtime.
@@ -123,12 +127,18 @@ pub fn prepare<'j>(job: &'j Job, registry: &Registry, opts: &RunOptions) -> Resu
         model.write_params(&plan.layout_of(env.rank).slice(whole, &full))?;
     }
     let mut config = job.train.config(job.seed);
+    let mut reshard = None;
     let resumed = match (&opts.run_dir, opts.resume) {
         (Some(dir), true) => match sheaf_checkpoint::checkpoint::latest(dir)? {
             Some((_, at)) => {
-                let r = sheaf_checkpoint::checkpoint::read(&at, &plan, env.rank, &job.parallel.strategy)?;
+                let strategy = &job.parallel.strategy;
+                let r = sheaf_checkpoint::checkpoint::read(&at, &plan, env.rank, strategy, &config)?;
                 model.write_params(&r.params)?;
-                optimizer.load_state(&r.optimizer)?;
+                match r.optimizer {
+                    ResumedState::Whole(state) => optimizer.load_state(&state)?,
+                    // Cut as the strategy hands the optimizer its parameters.
+                    ResumedState::Universal(u) => reshard = Some((u, r.state.optimizer_step)),
+                }
                 config.start_step = r.state.step;
                 tracing::info!("rank {}: resuming from {} (step {})", env.rank, at.display(), r.state.step);
                 Some(r.state.step)
@@ -170,6 +180,7 @@ pub fn prepare<'j>(job: &'j Job, registry: &Registry, opts: &RunOptions) -> Resu
         plan,
         config,
         resumed,
+        reshard,
         run_dir,
         baseline_rss,
     })
@@ -250,7 +261,10 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
         let comm: &dyn Communicator = &world.comm;
         let traced = TracedComm::world(comm, recorder.clone());
         let mut model = TracedModel { inner: p.model.as_mut(), rec: recorder.clone() };
-        let mut optimizer = TracedOptimizer { inner: p.optimizer.as_mut(), rec: recorder.clone() };
+        let local = p.plan.layout_of(rank).clone();
+        let from = p.reshard.take().map(|(u, step)| (u, local, p.plan.info.layout.clone(), step));
+        let mut resharding = Resharding::new(p.optimizer.as_mut(), from);
+        let mut optimizer = TracedOptimizer { inner: &mut resharding, rec: recorder.clone() };
         p.strategy.train(TrainContext {
             config: p.config.clone(),
             comm: &traced,

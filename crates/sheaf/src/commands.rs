@@ -391,6 +391,9 @@ fn launch_job(
         )));
     }
     let mut parsed = sheaf_job::job::load_job(job_file.as_deref(), &job.overrides)?;
+    if resume {
+        sheaf_checkpoint::checkpoint::check_resumable(run_dir, &parsed.train.config(parsed.seed))?;
+    }
     let registry = cli.registry_for(&parsed);
     parsed.transport.resolve(nodes.nnodes > 1, &registry)?;
     // The plan below is the one the workers make, read from the variables each of them

@@ -1,0 +1,646 @@
+//! Universal checkpoints: every tensor named by its whole-model name and shape, each
+//! rank writing the parts it owns, so a run resumes at any world size, strategy and
+//! layout.
+//!
+//! A tensor is a parameter of the whole model (`layers.0.weight`) or one slot of its
+//! optimizer state (`layers.0.weight.exp_avg`: the slot of the optimizer's buffer
+//! `<param>.<slot>`, or `<param>@<first index>.<slot>` for a part of it, as ZeRO
+//! shards name theirs). A rank's part of one is a *fragment*: its values in the
+//! rank's order and where they lie in the whole tensor's row-major values, as runs
+//! (`[start, len, stride, count]`: `count` runs of `len` values, `stride` apart: one
+//! for a row shard, one per row for a column slice). Rank `R` writes its fragments
+//! to `rank-R.safetensors` and their places to `rank-R.json`; rank 0 merges those
+//! into `index.json` once every rank has written its own. A rank resuming reads the
+//! index, and of each file only the fragments that hold values it now owns.
+//!
+//! Parameters are written by the lowest rank holding each distinct piece or shard;
+//! optimizer state by each rank whose state is its own (a ZeRO shard) or the lowest
+//! holding each piece.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sheaf_core::{OptimState, Optimizer, Param, ParamLayout, PieceLayout};
+use sheaf_plugins::HostError;
+use sheaf_report::outputs::{write_safetensors, TensorFile};
+
+/// The merged index of a checkpoint's fragments.
+pub const INDEX: &str = "index.json";
+
+/// A rank's fragments: where its values lie in the whole tensors.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Fragment {
+    /// The file (in the checkpoint's directory) and the tensor in it.
+    pub file: String,
+    pub tensor: String,
+    /// `[start, len, stride, count]` each, in the whole tensor's flat values.
+    pub runs: Vec<[u64; 4]>,
+}
+
+/// One whole tensor: the parameter it is or belongs to, its optimizer slot (none for
+/// the parameter itself), its shape and the fragments that hold it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Tensor {
+    pub param: String,
+    pub slot: Option<String>,
+    pub shape: Vec<usize>,
+    pub fragments: Vec<Fragment>,
+}
+
+/// `index.json`: every tensor of the checkpoint by name.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Index {
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// Runs of `indices` (flat, in the order the values lie): consecutive indices make a
+/// run, runs of one length at one stride make one entry.
+pub fn runs_of(indices: &[usize]) -> Vec<[u64; 4]> {
+    let mut plain: Vec<(u64, u64)> = Vec::new();
+    for &i in indices {
+        match plain.last_mut() {
+            Some((s, l)) if *s + *l == i as u64 => *l += 1,
+            _ => plain.push((i as u64, 1)),
+        }
+    }
+    let mut out: Vec<[u64; 4]> = Vec::new();
+    for (s, l) in plain {
+        match out.last_mut() {
+            Some([start, len, stride, count])
+                if *len == l && (*count == 1 || *start + *stride * *count == s) && s > *start =>
+            {
+                if *count == 1 {
+                    *stride = s - *start;
+                }
+                *count += 1;
+            }
+            _ => out.push([s, l, l, 1]),
+        }
+    }
+    out
+}
+
+/// Every run of `runs` as `(start, len)`, in order.
+fn each_run(runs: &[[u64; 4]]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    runs.iter().flat_map(|&[start, len, stride, count]| (0..count).map(move |k| (start + k * stride, len)))
+}
+
+/// Where a rank's local values come from: for each parameter of its layout, its
+/// whole parameter's index and each local value's index in the whole parameter.
+struct Places {
+    whole_param: Vec<usize>,
+    within: Vec<Vec<usize>>,
+}
+
+impl Places {
+    fn new(local: &PieceLayout, whole: &ParamLayout) -> Places {
+        let full = local.full_indices(whole);
+        let mut within = Vec::with_capacity(local.sources.len());
+        for (k, src) in local.sources.iter().enumerate() {
+            let base = whole.range(src.param).start;
+            within.push(full[local.layout.range(k)].iter().map(|i| i - base).collect());
+        }
+        Places { whole_param: local.sources.iter().map(|s| s.param).collect(), within }
+    }
+}
+
+/// A tensor's name: its parameter's, and for optimizer state `.<slot>` after it.
+pub fn key_of(param: &str, slot: Option<&str>) -> String {
+    match slot {
+        Some(s) => format!("{param}.{s}"),
+        None => param.to_owned(),
+    }
+}
+
+/// An optimizer buffer's name taken apart: the local parameter it belongs to, the
+/// first of that parameter's values it holds, and its slot.
+fn parse_buffer(name: &str, local: &ParamLayout) -> Option<(usize, usize, String)> {
+    let mut best: Option<(usize, usize, String)> = None;
+    for (k, spec) in local.specs().iter().enumerate() {
+        let Some(rest) = name.strip_prefix(spec.name.as_str()) else { continue };
+        let parsed = match rest.strip_prefix('@') {
+            Some(tail) => {
+                let (lo, slot) = tail.split_once('.')?;
+                lo.parse().ok().map(|lo| (lo, slot))
+            }
+            None => rest.strip_prefix('.').map(|slot| (0, slot)),
+        };
+        if let Some((lo, slot)) = parsed {
+            let longer = best.as_ref().is_none_or(|(b, _, _)| local.specs()[*b].name.len() < spec.name.len());
+            if longer && !slot.is_empty() {
+                best = Some((k, lo, slot.to_owned()));
+            }
+        }
+    }
+    best
+}
+
+/// What one rank writes: its fragments' values and places.
+pub struct RankParts {
+    /// Each fragment's whole parameter, slot and shape.
+    names: Vec<(String, Option<String>, Vec<usize>)>,
+    values: Vec<Vec<f32>>,
+    runs: Vec<Vec<[u64; 4]>>,
+}
+
+impl RankParts {
+    /// The parts of rank `rank`'s `params` (when `write_params`: it is the first
+    /// holding its piece) and optimizer `state` (when `write_state`), its layout
+    /// `local` a part of `whole`.
+    pub fn new(
+        local: &PieceLayout,
+        whole: &ParamLayout,
+        params: Option<&[f32]>,
+        state: Option<&OptimState>,
+    ) -> Result<RankParts, HostError> {
+        let places = Places::new(local, whole);
+        let mut parts = RankParts { names: Vec::new(), values: Vec::new(), runs: Vec::new() };
+        let shape = |p: usize| whole.specs()[p].shape.clone();
+        if let Some(params) = params {
+            if params.len() != local.layout.total() {
+                return Err(HostError::Output(format!(
+                    "{} parameter values for a layout of {}",
+                    params.len(),
+                    local.layout.total()
+                )));
+            }
+            for k in 0..local.sources.len() {
+                let p = places.whole_param[k];
+                let values = params[local.layout.range(k)].to_vec();
+                parts.push((whole.specs()[p].name.clone(), None, shape(p)), values, &places.within[k]);
+            }
+        }
+        for (name, values) in state.map_or(&[][..], |s| &s.buffers[..]) {
+            let (k, lo, slot) = parse_buffer(name, &local.layout).ok_or_else(|| {
+                HostError::Output(format!(
+                    "optimizer state `{name}` names no parameter of this rank as `<param>[@<index>].<slot>`: \
+                     it cannot be saved by parameter"
+                ))
+            })?;
+            let within = &places.within[k];
+            let Some(at) = within.get(lo..lo + values.len()) else {
+                return Err(HostError::Output(format!(
+                    "optimizer state `{name}` holds {} values from {lo}, but its parameter has {}",
+                    values.len(),
+                    within.len()
+                )));
+            };
+            let p = places.whole_param[k];
+            parts.push((whole.specs()[p].name.clone(), Some(slot), shape(p)), values.clone(), at);
+        }
+        Ok(parts)
+    }
+
+    fn push(&mut self, name: (String, Option<String>, Vec<usize>), values: Vec<f32>, within: &[usize]) {
+        self.names.push(name);
+        self.values.push(values);
+        self.runs.push(runs_of(within));
+    }
+
+    /// Writes `rank-R.safetensors` (synced) into `dir`, and returns the rank's part of
+    /// the index, which it writes as `rank-R.json`.
+    pub fn write(&self, dir: &Path, rank: usize) -> Result<Index, HostError> {
+        let file = format!("rank-{rank}.safetensors");
+        let tensors: Vec<String> = (0..self.values.len()).map(|i| format!("f{i}")).collect();
+        write_safetensors(
+            &dir.join(&file),
+            tensors.iter().zip(&self.values).map(|(t, v)| (t.as_str(), vec![v.len()], v.as_slice())),
+            None,
+        )?;
+        let mut index = Index::default();
+        for (((param, slot, shape), tensor), runs) in self.names.iter().zip(&tensors).zip(&self.runs) {
+            let entry = index.tensors.entry(key_of(param, slot.as_deref())).or_default();
+            (entry.param, entry.slot, entry.shape) = (param.clone(), slot.clone(), shape.clone());
+            entry.fragments.push(Fragment { file: file.clone(), tensor: tensor.clone(), runs: runs.clone() });
+        }
+        let json = serde_json::to_vec(&index).map_err(|e| HostError::encode("index", e))?;
+        crate::checkpoint::write_synced(&dir.join(format!("rank-{rank}.json")), &json)?;
+        Ok(index)
+    }
+}
+
+/// Merges the `rank-R.json` of every rank in `writers` in `dir` into `index.json`.
+pub fn merge_index(dir: &Path, writers: &[usize]) -> Result<(), HostError> {
+    let mut index = Index::default();
+    for r in writers {
+        let path = dir.join(format!("rank-{r}.json"));
+        let bytes = std::fs::read(&path).map_err(|e| HostError::io(&path, e))?;
+        let part: Index = serde_json::from_slice(&bytes).map_err(|e| HostError::input(path.display(), e))?;
+        for (key, t) in part.tensors {
+            let entry = index.tensors.entry(key).or_default();
+            (entry.param, entry.slot, entry.shape) = (t.param, t.slot, t.shape);
+            entry.fragments.extend(t.fragments);
+        }
+    }
+    let json = serde_json::to_vec(&index).map_err(|e| HostError::encode("index.json", e))?;
+    crate::checkpoint::write_synced(&dir.join(INDEX), &json)
+}
+
+/// A universal checkpoint opened for reading.
+pub struct Universal {
+    dir: PathBuf,
+    index: Index,
+    files: HashMap<String, TensorFile>,
+}
+
+impl Universal {
+    pub fn open(dir: &Path) -> Result<Universal, HostError> {
+        let path = dir.join(INDEX);
+        let bytes = std::fs::read(&path).map_err(|e| HostError::input(path.display(), e))?;
+        let index: Index = serde_json::from_slice(&bytes).map_err(|e| HostError::input(path.display(), e))?;
+        let bad = |detail: String| HostError::Data(format!("{}: {detail}", path.display()));
+        for (key, t) in &index.tensors {
+            let numel = t.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+            let numel = numel.ok_or_else(|| bad(format!("`{key}` has a shape too large: {:?}", t.shape)))?;
+            for f in &t.fragments {
+                if !crate::checkpoint::is_plain_file_name(&f.file) {
+                    return Err(bad(format!("`{}` is not a file name", f.file)));
+                }
+                for &[start, len, stride, count] in &f.runs {
+                    let end = count
+                        .checked_sub(1)
+                        .and_then(|c| c.checked_mul(stride))
+                        .and_then(|o| o.checked_add(start))
+                        .and_then(|o| o.checked_add(len));
+                    if len == 0 || end.is_none_or(|e| e > numel) {
+                        return Err(bad(format!(
+                            "`{key}`: runs [{start}, {len}, {stride}, {count}] outside its {numel} values"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(Universal { dir: dir.to_path_buf(), index, files: HashMap::new() })
+    }
+
+    /// The optimizer slots saved for whole parameter `param`.
+    pub fn slots(&self, param: &str) -> Vec<String> {
+        self.index.tensors.values().filter(|t| t.param == param).filter_map(|t| t.slot.clone()).collect()
+    }
+
+    /// Tensor `key`'s values at `want` (indices of its flat values), in that order,
+    /// checked against `shape`.
+    pub fn gather(&mut self, key: &str, shape: &[usize], want: &[usize]) -> Result<Vec<f32>, HostError> {
+        let bad = |detail: String| HostError::Data(format!("checkpoint {}: {detail}", self.dir.display()));
+        let tensor = self.index.tensors.get(key).ok_or_else(|| bad(format!("no tensor `{key}`")))?.clone();
+        if tensor.shape != shape {
+            return Err(bad(format!("`{key}` is {:?}, this model's is {shape:?}", tensor.shape)));
+        }
+        // Every run of every fragment: (start, len, fragment, offset in its values).
+        let mut runs: Vec<(u64, u64, usize, usize)> = Vec::new();
+        for (f, frag) in tensor.fragments.iter().enumerate() {
+            let mut at = 0;
+            for (start, len) in each_run(&frag.runs) {
+                runs.push((start, len, f, at));
+                at += len as usize;
+            }
+        }
+        runs.sort_unstable();
+        let mut loaded: HashMap<usize, Vec<f32>> = HashMap::new();
+        let mut out = Vec::with_capacity(want.len());
+        for &i in want {
+            let i = i as u64;
+            let pos = runs.partition_point(|r| r.0 <= i);
+            let hit = pos.checked_sub(1).map(|p| runs[p]).filter(|(s, l, _, _)| i < s + l);
+            let Some((start, _, f, at)) = hit else {
+                return Err(bad(format!("no fragment holds value {i} of `{key}`")));
+            };
+            if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(f) {
+                let frag = &tensor.fragments[f];
+                let file = match self.files.entry(frag.file.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(TensorFile::read(&self.dir.join(&frag.file))?)
+                    }
+                };
+                let values = file.f32s(&frag.tensor, None)?;
+                let held: u64 = each_run(&frag.runs).map(|(_, l)| l).sum();
+                if values.len() as u64 != held {
+                    return Err(bad(format!(
+                        "{} `{}` holds {} values, its runs {held}",
+                        frag.file,
+                        frag.tensor,
+                        values.len()
+                    )));
+                }
+                slot.insert(values);
+            }
+            out.push(loaded[&f][at + (i - start) as usize]);
+        }
+        Ok(out)
+    }
+
+    /// This rank's parameters, laid out as `local`.
+    pub fn params(&mut self, local: &PieceLayout, whole: &ParamLayout) -> Result<Vec<f32>, HostError> {
+        let places = Places::new(local, whole);
+        let mut out = Vec::with_capacity(local.layout.total());
+        for (k, within) in places.within.iter().enumerate() {
+            let spec = &whole.specs()[places.whole_param[k]];
+            out.extend(self.gather(&spec.name, &spec.shape, within)?);
+        }
+        Ok(out)
+    }
+}
+
+/// The optimizer of a rank resumed from a universal checkpoint: before each step it
+/// gives the optimizer the saved state of every parameter it has not seen yet, cut
+/// to what the step hands it (a whole parameter of this rank's layout, `<param>`, or
+/// part of one, `<param>@<first index>`), whatever layout wrote it.
+pub struct Resharding<'o> {
+    pub inner: &'o mut dyn Optimizer,
+    source: Option<Source>,
+}
+
+struct Source {
+    universal: Universal,
+    local: PieceLayout,
+    whole: ParamLayout,
+    step: u64,
+    loaded: HashSet<String>,
+}
+
+impl<'o> Resharding<'o> {
+    /// `inner`, resumed from `universal` at optimizer step `step` (`None`: not resumed).
+    pub fn new(
+        inner: &'o mut dyn Optimizer,
+        from: Option<(Universal, PieceLayout, ParamLayout, u64)>,
+    ) -> Resharding<'o> {
+        let source = from.map(|(universal, local, whole, step)| Source {
+            universal,
+            local,
+            whole,
+            step,
+            loaded: HashSet::new(),
+        });
+        Resharding { inner, source }
+    }
+
+    fn load_missing(&mut self, params: &[Param<'_>]) -> sheaf_core::Result<()> {
+        let Some(src) = self.source.as_mut() else { return Ok(()) };
+        let missing: Vec<&Param<'_>> = params.iter().filter(|p| !src.loaded.contains(p.name)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let places = Places::new(&src.local, &src.whole);
+        let mut state = match src.loaded.is_empty() {
+            true => OptimState { step: src.step, buffers: Vec::new() },
+            false => self.inner.state()?,
+        };
+        for p in missing {
+            let (base, lo) = match p.name.split_once('@') {
+                Some((base, lo)) => (base, lo.parse::<usize>().ok()),
+                None => (p.name, Some(0)),
+            };
+            let k = src.local.layout.specs().iter().position(|s| s.name == base);
+            let (Some(k), Some(lo)) = (k, lo) else {
+                return Err(sheaf_core::Error::BadState(format!(
+                    "resuming: the optimizer is handed `{}`, no parameter of this rank's layout",
+                    p.name
+                )));
+            };
+            let Some(within) = places.within[k].get(lo..lo + p.value.len()) else {
+                return Err(sheaf_core::Error::BadState(format!(
+                    "resuming: `{}` lies outside its parameter",
+                    p.name
+                )));
+            };
+            let spec = &src.whole.specs()[places.whole_param[k]];
+            for slot in src.universal.slots(&spec.name) {
+                let key = key_of(&spec.name, Some(&slot));
+                let values = src
+                    .universal
+                    .gather(&key, &spec.shape, within)
+                    .map_err(|e| sheaf_core::Error::BadState(e.to_string()))?;
+                state.buffers.push((format!("{}.{slot}", p.name), values));
+            }
+            src.loaded.insert(p.name.to_owned());
+        }
+        self.inner.load_state(&state)
+    }
+}
+
+impl Optimizer for Resharding<'_> {
+    fn step(&mut self, params: &mut [Param<'_>]) -> sheaf_core::Result<()> {
+        self.load_missing(params)?;
+        self.inner.step(params)
+    }
+    fn learning_rate(&self) -> f64 {
+        self.inner.learning_rate()
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.inner.set_learning_rate(lr);
+    }
+    fn state(&self) -> sheaf_core::Result<OptimState> {
+        self.inner.state()
+    }
+    fn load_state(&mut self, state: &OptimState) -> sheaf_core::Result<()> {
+        self.inner.load_state(state)
+    }
+    fn take_state(&mut self) -> sheaf_core::Result<OptimState> {
+        self.inner.take_state()
+    }
+    fn state_bytes(&self) -> sheaf_core::Result<u64> {
+        self.inner.state_bytes()
+    }
+    fn state_values_per_param(&self) -> Option<u32> {
+        self.inner.state_values_per_param()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use sheaf_core::{chunk_range, ParamShard, ParamSpec, ShardSource};
+
+    /// A whole model of a `[rows, cols]` weight and a `[rows]` bias.
+    fn whole(rows: usize, cols: usize) -> ParamLayout {
+        ParamLayout::new(vec![
+            ParamSpec { name: "l.weight".into(), shape: vec![rows, cols] },
+            ParamSpec { name: "l.bias".into(), shape: vec![rows] },
+        ])
+    }
+
+    /// Piece `k` of `n` of `whole`: the weight's columns (a tensor-parallel slice, the
+    /// bias whole), or every parameter's rows (a ZeRO 3 shard).
+    fn piece(whole: &ParamLayout, by_columns: bool, k: usize, n: usize) -> PieceLayout {
+        if !by_columns {
+            return PieceLayout::row_shard(whole, ParamShard { index: k, count: n }, 0);
+        }
+        let (rows, cols) = (whole.specs()[0].shape[0], whole.specs()[0].shape[1]);
+        let own = chunk_range(cols, n, k);
+        PieceLayout {
+            layout: ParamLayout::new(vec![
+                ParamSpec { name: "l.weight".into(), shape: vec![rows, own.len()] },
+                ParamSpec { name: "l.bias".into(), shape: vec![rows] },
+            ]),
+            sources: vec![
+                ShardSource { param: 0, by_columns: true, ranges: vec![own] },
+                ShardSource::whole(1, rows),
+            ],
+            activation_bytes_per_sample: 0,
+        }
+    }
+
+    /// A piece's optimizer state, one slot, as a strategy holding it in `chunks` of its
+    /// flat values (ZeRO 1) would name it: `<param>@<first index>.m`.
+    fn state_of(local: &PieceLayout, values: &[f32], chunks: usize, mine: usize) -> OptimState {
+        let mut buffers = Vec::new();
+        for (k, spec) in local.layout.specs().iter().enumerate() {
+            let r = local.layout.range(k);
+            let own = chunk_range(r.len(), chunks, mine);
+            let name = match chunks {
+                1 => format!("{}.m", spec.name),
+                _ => format!("{}@{}.m", spec.name, own.start),
+            };
+            buffers.push((name, values[r.start + own.start..r.start + own.end].to_vec()));
+        }
+        OptimState { step: 3, buffers }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(sheaf_testkit::proptest_cases(24)))]
+
+        /// Runs give back the indices they were made of, whatever their order.
+        #[test]
+        fn runs_expand_to_their_indices(indices in proptest::collection::vec(0usize..300, 0..80)) {
+            let back: Vec<usize> =
+                each_run(&runs_of(&indices)).flat_map(|(s, l)| s as usize..(s + l) as usize).collect();
+            prop_assert_eq!(back, indices);
+        }
+
+        /// The law: parameters and state written under one layout (slices or row shards
+        /// of `n` pieces, the state in ZeRO chunks) and read under another are what the
+        /// other layout's slice of the whole model is.
+        #[test]
+        fn any_layout_reads_what_any_layout_wrote(
+            rows in 1usize..7,
+            cols in 1usize..7,
+            n in 1usize..4,
+            m in 1usize..4,
+            columns_then in any::<bool>(),
+            columns_now in any::<bool>(),
+            chunks in 1usize..3,
+        ) {
+            let whole = whole(rows, cols);
+            let params: Vec<f32> = (0..whole.total()).map(|i| i as f32).collect();
+            let moments: Vec<f32> = (0..whole.total()).map(|i| -(i as f32) - 0.5).collect();
+            let dir = tempfile::tempdir().unwrap();
+            let mut writers = Vec::new();
+            for k in 0..n {
+                let local = piece(&whole, columns_then, k, n);
+                let (mine, m_mine) = (local.slice(&whole, &params), local.slice(&whole, &moments));
+                for c in 0..chunks {
+                    let rank = k * chunks + c;
+                    let state = state_of(&local, &m_mine, chunks, c);
+                    let owns_params = (c == 0).then_some(&mine[..]);
+                    RankParts::new(&local, &whole, owns_params, Some(&state)).unwrap().write(dir.path(), rank).unwrap();
+                    writers.push(rank);
+                }
+            }
+            merge_index(dir.path(), &writers).unwrap();
+            let mut u = Universal::open(dir.path()).unwrap();
+            for k in 0..m {
+                let local = piece(&whole, columns_now, k, m);
+                prop_assert_eq!(u.params(&local, &whole).unwrap(), local.slice(&whole, &params));
+                prop_assert_eq!(u.slots("l.weight"), vec!["m".to_string()]);
+                // The state, cut as a resumed optimizer is handed its parameters.
+                let want = local.slice(&whole, &moments);
+                let mut optimizer = Keep::default();
+                let source = Universal::open(dir.path()).unwrap();
+                let mut resharding =
+                    Resharding::new(&mut optimizer, Some((source, local.clone(), whole.clone(), 3)));
+                let mut values = vec![0f32; local.layout.total()];
+                let grads = vec![0f32; values.len()];
+                // A ZeRO chunk of each parameter: `<param>@<first index>`.
+                let mut named: Vec<Param<'_>> = Vec::new();
+                let mut rest = &mut values[..];
+                for (i, spec) in local.layout.specs().iter().enumerate() {
+                    let (value, tail) = rest.split_at_mut(spec.numel());
+                    rest = tail;
+                    let own = chunk_range(value.len(), 2, 1);
+                    let name: &'static str = Box::leak(format!("{}@{}", spec.name, own.start).into_boxed_str());
+                    let r = local.layout.range(i);
+                    named.push(Param { name, value: &mut value[own.clone()], grad: &grads[r.start + own.start..r.start + own.end] });
+                }
+                resharding.step(&mut named).unwrap();
+                let got = optimizer.0.unwrap();
+                prop_assert_eq!(got.step, 3);
+                for (i, spec) in local.layout.specs().iter().enumerate() {
+                    let r = local.layout.range(i);
+                    let own = chunk_range(r.len(), 2, 1);
+                    let name = format!("{}@{}.m", spec.name, own.start);
+                    let buf = got.get(&name).map(<[f32]>::to_vec);
+                    prop_assert_eq!(buf, Some(want[r.start + own.start..r.start + own.end].to_vec()), "{}", name);
+                }
+            }
+        }
+    }
+
+    /// An optimizer that keeps the state it is given.
+    #[derive(Default)]
+    struct Keep(Option<OptimState>);
+
+    impl Optimizer for Keep {
+        fn step(&mut self, _: &mut [Param<'_>]) -> sheaf_core::Result<()> {
+            Ok(())
+        }
+        fn learning_rate(&self) -> f64 {
+            0.1
+        }
+        fn set_learning_rate(&mut self, _: f64) {}
+        fn state(&self) -> sheaf_core::Result<OptimState> {
+            Ok(self.0.clone().unwrap_or_default())
+        }
+        fn load_state(&mut self, state: &OptimState) -> sheaf_core::Result<()> {
+            self.0 = Some(state.clone());
+            Ok(())
+        }
+    }
+
+    /// Buffer names come apart into the longest parameter name, the first index and
+    /// the slot; a name of no parameter does not.
+    #[test]
+    fn buffer_names_name_their_parameter() {
+        let local = ParamLayout::new(vec![
+            ParamSpec { name: "h.0.ln".into(), shape: vec![2] },
+            ParamSpec { name: "h.0.ln.weight".into(), shape: vec![2] },
+        ]);
+        assert_eq!(parse_buffer("h.0.ln.weight.exp_avg", &local), Some((1, 0, "exp_avg".into())));
+        assert_eq!(parse_buffer("h.0.ln@1.exp_avg", &local), Some((0, 1, "exp_avg".into())));
+        assert_eq!(parse_buffer("h.0.ln.exp_avg_sq", &local), Some((0, 0, "exp_avg_sq".into())));
+        for bad in ["h.1.ln.exp_avg", "h.0.ln", "h.0.ln@x.m", "h.0.ln.", "step"] {
+            assert_eq!(parse_buffer(bad, &local), None, "{bad}");
+        }
+    }
+
+    /// What cannot be read is an error naming it: a tensor no fragment covers, a file
+    /// name outside the checkpoint, state naming no parameter of the rank.
+    #[test]
+    fn what_cannot_be_read_is_named() {
+        let whole = whole(2, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let half = piece(&whole, true, 0, 2);
+        assert!(RankParts::new(&half, &whole, Some(&[1.0; 5]), None).is_err(), "5 values for a piece of 6");
+        RankParts::new(&half, &whole, Some(&[1.0; 6]), None).unwrap().write(dir.path(), 0).unwrap();
+        merge_index(dir.path(), &[0]).unwrap();
+        let mut u = Universal::open(dir.path()).unwrap();
+        let e = u.params(&piece(&whole, true, 1, 2), &whole).unwrap_err().to_string();
+        assert!(e.contains("no fragment holds value 2 of `l.weight`"), "{e}");
+        let state = OptimState { step: 1, buffers: vec![("other.m".into(), vec![0.0])] };
+        let e = RankParts::new(&half, &whole, None, Some(&state)).err().unwrap().to_string();
+        assert!(e.contains("`other.m` names no parameter"), "{e}");
+        let mut index: Index =
+            serde_json::from_slice(&std::fs::read(dir.path().join(INDEX)).unwrap()).unwrap();
+        index.tensors.get_mut("l.weight").unwrap().fragments[0].file = "../x".into();
+        std::fs::write(dir.path().join(INDEX), serde_json::to_vec(&index).unwrap()).unwrap();
+        let e = Universal::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("`../x` is not a file name"), "{e}");
+        index.tensors.get_mut("l.weight").unwrap().fragments[0].file = "rank-0.safetensors".into();
+        index.tensors.get_mut("l.weight").unwrap().fragments[0].runs = vec![[0, 2, u64::MAX, 2]];
+        std::fs::write(dir.path().join(INDEX), serde_json::to_vec(&index).unwrap()).unwrap();
+        let e = Universal::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("outside its 6 values"), "{e}");
+    }
+}
