@@ -194,6 +194,66 @@ fn resumed_data_parallel_runs_are_bit_identical() {
         "3",
         &["train.optimizer=\"adamw\"", "train.grad_clip=1.0", "parallel.options.data-parallel.zero=3"],
     );
+    // Saved on a thread while training goes on: the same files.
+    resume_law("2", &["train.optimizer=\"adamw\"", "train.checkpoint_async=true"]);
+}
+
+/// A crash during a save leaves the previous checkpoint whole: runs saving every 2
+/// steps (synchronously, and on a thread) SIGKILLed, launcher and workers, the moment
+/// a save is seen in progress (its `.partial` directory), then resumed, end bit for bit where the uninterrupted run ends; the
+/// summary lists every committed save with its stall and write times.
+#[test]
+fn a_crash_during_a_save_leaves_the_previous_checkpoint_whole() {
+    let mut rng = SplitMix64::new(7);
+    let mut mid_save = 0;
+    for (trial, asynchronous) in [false, true, false, true].into_iter().enumerate() {
+        let flag = format!("train.checkpoint_async={asynchronous}");
+        let mut sets: Vec<&str> = SLOW.to_vec();
+        sets.extend(["train.max_steps=60", "train.checkpoint_every=2", "train.optimizer=\"adamw\"", &flag]);
+        let whole = tempfile::tempdir().unwrap();
+        ok(&sheaf(&args("2", &sets), whole.path()));
+        let saves = summary(whole.path())["checkpoint_saves"].as_array().unwrap().clone();
+        let steps: Vec<u64> = saves.iter().map(|s| s["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, (1..=30).map(|k| 2 * k).collect::<Vec<_>>(), "trial {trial}");
+        assert!(saves
+            .iter()
+            .all(|s| s["stall_s"].as_f64().unwrap() > 0.0 && s["write_s"].as_f64().unwrap() > 0.0));
+
+        let cut = tempfile::tempdir().unwrap();
+        let mut run = launch_bg(&args("2", &sets), cut.path());
+        let workers: Vec<u32> =
+            (0..2).map(|_| run.pids.recv_timeout(Duration::from_secs(60)).unwrap()).collect();
+        // Past a random number of saves, the first moment one is in progress.
+        let checkpoints = cut.path().join("checkpoints");
+        let skip = 1 + rng.next_u64() % 8;
+        let saving = || {
+            let names: Vec<String> = std::fs::read_dir(&checkpoints)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            let newest =
+                names.iter().filter_map(|n| n.strip_prefix("step-")?.get(..8)?.parse::<u64>().ok()).max();
+            newest.is_some_and(|s| s > 2 * skip) && names.iter().any(|n| n.contains(".partial"))
+        };
+        wait_for("a save in progress", Duration::from_secs(60), || {
+            saving() || matches!(run.child.try_wait(), Ok(Some(_)))
+        });
+        run.child.kill().unwrap();
+        run.child.wait().unwrap();
+        wait_for("the workers to die", Duration::from_secs(10), || workers.iter().all(|&p| !alive(p)));
+        let partial = std::fs::read_dir(cut.path().join("checkpoints"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains(".partial"));
+        eprintln!("trial {trial} (async {asynchronous}): killed with a save in progress: {partial}");
+        mid_save += usize::from(partial);
+        let resume = cut.path().display().to_string();
+        ok(&sheaf(&["launch", "-n", "2", "--resume", &resume], cut.path()));
+        assert_same_state(whole.path(), cut.path(), &format!("trial {trial}"));
+    }
+    assert!(mid_save >= 2, "only {mid_save} of 4 kills landed during a save");
 }
 
 #[test]

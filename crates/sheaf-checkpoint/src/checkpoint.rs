@@ -20,12 +20,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
 use sheaf_core::{CheckpointSink, Communicator, DType, Deadline, OptimState, ReduceOp, TrainConfig};
 
+use crate::universal::RankParts;
 use sheaf_job::plan::Plan;
 use sheaf_plugins::HostError;
 use sheaf_report::outputs::{write_atomic, TensorFile};
@@ -133,6 +134,46 @@ pub struct Checkpointer<'a> {
     pub preempt: Option<Arc<AtomicBool>>,
     /// Where a preemption's checkpoint goes when the job saves none otherwise.
     pub preempt_dir: Option<PathBuf>,
+    /// Write checkpoints on a thread while training goes on (`train.checkpoint_async`).
+    pub asynchronous: bool,
+    /// The save in flight.
+    pub pending: Option<Pending>,
+    /// An asynchronous save's copy of the rank's parts, kept for the next save (one
+    /// checkpoint's worth of memory, the price of saving while training goes on).
+    pub staging: Option<RankParts<'static>>,
+    /// Every save this run committed: how long training stopped for it, how long its
+    /// files took to write, and when it was committed.
+    pub saves: Vec<SaveTiming>,
+}
+
+/// A save written but not yet committed.
+pub struct Pending {
+    step: u64,
+    optimizer_step: u64,
+    partial: PathBuf,
+    started: Instant,
+    /// Seconds training stopped for an asynchronous save: the copy and the writer's
+    /// start (a synchronous save stops it to its commit).
+    handed_over: Option<f64>,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    /// On its thread, which hands back the staging buffers with the outcome.
+    Writing(std::thread::JoinHandle<(Result<f64, HostError>, Option<RankParts<'static>>)>),
+    Done(Result<f64, HostError>),
+}
+
+/// One committed save, as `summary.json` lists them.
+#[derive(Clone, Debug, Serialize)]
+pub struct SaveTiming {
+    pub step: u64,
+    /// Seconds the training loop stopped for it.
+    pub stall_s: f64,
+    /// Seconds this rank took to write and sync its files.
+    pub write_s: f64,
+    /// Seconds from the save's start to its commit.
+    pub committed_s: f64,
 }
 
 impl Checkpointer<'_> {
@@ -176,11 +217,17 @@ impl Checkpointer<'_> {
     }
 
     /// The checkpoint after `step` steps from every rank's `params` (its piece) and
-    /// optimizer `state`; every rank calls it.
+    /// optimizer `state`; every rank calls it. A save still in flight is finished
+    /// first. With `asynchronous`, the rank's parts are copied (the staging buffer) and
+    /// written on a thread while training goes on; the checkpoint is committed at a
+    /// later step boundary, once every rank's files are synced ([`Checkpointer::settle`]).
     pub fn write(&mut self, step: u64, params: &[f32], state: &OptimState) -> Result<(), HostError> {
         if !self.due(step) {
             return Ok(());
         }
+        // Training waits for a save still in flight: part of this save's stall.
+        let started = Instant::now();
+        self.settle(true)?;
         let rank = self.comm.rank();
         let root = self.run_dir.clone().expect("checked above");
         let checkpoints = root.join(CHECKPOINTS);
@@ -204,40 +251,124 @@ impl Checkpointer<'_> {
         }
         let owns_params = self.plan.representatives().contains(&rank);
         let owns_state = state_source(self.plan, rank) == rank;
-        let written = if owns_params || owns_state {
-            crate::universal::RankParts::new(
+        let parts = match owns_params || owns_state {
+            true => Some(crate::universal::RankParts::new(
                 self.plan.layout_of(rank),
                 &self.plan.info.layout,
                 owns_params.then_some(params),
                 owns_state.then_some(state),
-            )
-            .and_then(|parts| parts.write(&partial, rank).map(drop))
-        } else {
-            Ok(())
+            )?),
+            false => None,
         };
-        if !self.everyone(&written)? {
-            written?;
+        let pending = |outcome, handed_over| Pending {
+            step,
+            optimizer_step: state.step,
+            partial: partial.clone(),
+            started,
+            handed_over,
+            outcome,
+        };
+        self.saved = Some(step);
+        if self.asynchronous {
+            // The step's state copied into the staging buffers, then written on a thread.
+            let staged = parts.map(|p| p.to_owned_in(self.staging.take()));
+            let dir = partial.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("checkpoint-{step}"))
+                .spawn(move || {
+                    let t = Instant::now();
+                    let written = match &staged {
+                        Some(p) => p.write(&dir, rank).map(drop),
+                        None => Ok(()),
+                    };
+                    (written.map(|()| t.elapsed().as_secs_f64()), staged)
+                })
+                .map_err(|e| HostError::os("cannot start the checkpoint writer", e))?;
+            self.pending = Some(pending(Outcome::Writing(thread), Some(started.elapsed().as_secs_f64())));
+            return Ok(());
+        }
+        let t = Instant::now();
+        let written = match &parts {
+            Some(p) => p.write(&partial, rank).map(drop),
+            None => Ok(()),
+        };
+        self.pending = Some(pending(Outcome::Done(written.map(|()| t.elapsed().as_secs_f64())), None));
+        self.settle(true)
+    }
+
+    /// Finishes the save in flight, if any, where every rank has written its parts:
+    /// a collective every rank calls at the same step boundary. With `wait` it waits
+    /// for this rank's writer; without, a save some rank is still writing stays in
+    /// flight. Once all have written, rank 0 merges the index, writes `state.json`,
+    /// syncs the directory and renames it into place; a rank that failed fails the
+    /// save on every rank (the previous checkpoint stays).
+    pub fn settle(&mut self, wait: bool) -> Result<(), HostError> {
+        let Some(mut p) = self.pending.take() else { return Ok(()) };
+        if let Outcome::Writing(thread) = p.outcome {
+            p.outcome = match wait || thread.is_finished() {
+                true => {
+                    let (written, staging) = thread.join().unwrap_or_else(|_| {
+                        (Err(HostError::Output("the checkpoint writer panicked".into())), None)
+                    });
+                    self.staging = staging;
+                    Outcome::Done(written)
+                }
+                false => Outcome::Writing(thread),
+            };
+        }
+        let (writing, failed) = match &p.outcome {
+            Outcome::Writing(_) => (1f32, 0f32),
+            Outcome::Done(r) => (0.0, if r.is_ok() { 0.0 } else { 1.0 }),
+        };
+        let mut flags = [writing, failed];
+        self.comm
+            .allreduce(bytemuck::cast_slice_mut(&mut flags), DType::F32, ReduceOp::Max, self.deadline())
+            .map_err(|e| HostError::Train { rank: self.comm.rank(), detail: format!("checkpoint: {e}") })?;
+        if flags[1] > 0.0 {
+            let step = p.step;
+            if let Outcome::Done(Err(e)) = p.outcome {
+                return Err(e);
+            }
             return Err(HostError::Output(format!(
                 "checkpoint at step {step}: another rank could not write its part; the previous checkpoint stays"
             )));
         }
-        if rank != 0 {
-            self.saved = Some(step);
+        if flags[0] > 0.0 {
+            self.pending = Some(p);
             return Ok(());
         }
+        let write_s = match &p.outcome {
+            Outcome::Done(Ok(s)) => *s,
+            _ => 0.0,
+        };
+        if self.comm.rank() == 0 {
+            self.commit(p.step, p.optimizer_step, &p.partial)?;
+        }
+        self.saves.push(SaveTiming {
+            step: p.step,
+            stall_s: p.handed_over.unwrap_or_else(|| p.started.elapsed().as_secs_f64()),
+            write_s,
+            committed_s: p.started.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+
+    /// Rank 0's last part of a save every rank has written.
+    fn commit(&self, step: u64, optimizer_step: u64, partial: &Path) -> Result<(), HostError> {
+        let root = self.run_dir.clone().expect("a save in flight has a directory");
+        let checkpoints = root.join(CHECKPOINTS);
         let writers: Vec<usize> = (0..self.world_size)
             .filter(|&r| self.plan.representatives().contains(&r) || state_source(self.plan, r) == r)
             .collect();
-        crate::universal::merge_index(&partial, &writers)?;
-        let json = serde_json::to_vec_pretty(&self.state(step, state.step)).expect("state serialises");
+        crate::universal::merge_index(partial, &writers)?;
+        let json = serde_json::to_vec_pretty(&self.state(step, optimizer_step)).expect("state serialises");
         write_synced(&partial.join("state.json"), &json)?;
-        sync_dir(&partial)?;
+        sync_dir(partial)?;
         let done = step_dir(&root, step);
         let _ = std::fs::remove_dir_all(&done);
-        std::fs::rename(&partial, &done).map_err(|e| HostError::io(&done, e))?;
+        std::fs::rename(partial, &done).map_err(|e| HostError::io(&done, e))?;
         sync_dir(&checkpoints)?;
         self.prune(&checkpoints)?;
-        self.saved = Some(step);
         tracing::info!("checkpoint at step {step}: {}", done.display());
         Ok(())
     }
@@ -268,6 +399,9 @@ impl CheckpointSink for Checkpointer<'_> {
     /// Whether a preemption signal reached any rank: the flag allreduced over the world
     /// at every step boundary (one value), so every rank stops after the same step.
     fn preempted(&mut self, step: u64) -> sheaf_core::Result<bool> {
+        // A save in flight is committed at the first step boundary where every rank
+        // has written its part.
+        self.settle(false).map_err(|e| sheaf_core::Error::Other(e.to_string()))?;
         let Some(flag) = &self.preempt else { return Ok(false) };
         let mut any = [f32::from(u8::from(flag.load(Ordering::SeqCst)))];
         self.comm.allreduce(
@@ -282,6 +416,9 @@ impl CheckpointSink for Checkpointer<'_> {
         if self.run_dir.is_none() {
             self.run_dir = self.preempt_dir.clone();
         }
+        // The preemption's own save is written before the process exits.
+        self.asynchronous = false;
+        self.settle(true).map_err(|e| sheaf_core::Error::Other(e.to_string()))?;
         tracing::info!("preempted: stopping after step {step} with a checkpoint");
         Ok(true)
     }

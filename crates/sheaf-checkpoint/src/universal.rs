@@ -17,6 +17,7 @@
 //! optimizer state by each rank whose state is its own (a ZeRO shard) or the lowest
 //! holding each piece.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -59,11 +60,48 @@ pub struct Index {
 pub fn runs_of(indices: &[usize]) -> Vec<[u64; 4]> {
     let mut plain: Vec<(u64, u64)> = Vec::new();
     for &i in indices {
-        match plain.last_mut() {
-            Some((s, l)) if *s + *l == i as u64 => *l += 1,
-            _ => plain.push((i as u64, 1)),
+        extend(&mut plain, i as u64, 1);
+    }
+    grouped(plain)
+}
+
+/// `len` values from `start` after `plain`'s: one run with the last where they follow it.
+fn extend(plain: &mut Vec<(u64, u64)>, start: u64, len: u64) {
+    match plain.last_mut() {
+        Some((s, l)) if *s + *l == start => *l += len,
+        _ => plain.push((start, len)),
+    }
+}
+
+/// Where values `[lo, lo + n)` of a piece's parameter (taken from its whole parameter,
+/// shaped `shape`, as `src` says) lie in the whole parameter's flat values, as runs;
+/// the same places as [`PieceLayout::full_indices`] gives, without one index a value.
+fn runs_within(src: &sheaf_core::ShardSource, shape: &[usize], lo: usize, n: usize) -> Vec<[u64; 4]> {
+    let rows = shape.first().copied().unwrap_or(1).max(1);
+    let cols = shape.iter().product::<usize>() / rows;
+    let segments: Box<dyn Iterator<Item = (usize, usize)> + '_> = match src.by_columns {
+        true => Box::new(
+            (0..rows).flat_map(move |row| src.ranges.iter().map(move |r| (row * cols + r.start, r.len()))),
+        ),
+        false => Box::new(src.ranges.iter().map(move |r| (r.start * cols, r.len() * cols))),
+    };
+    let (end, mut at) = (lo + n, 0);
+    let mut plain = Vec::new();
+    for (start, len) in segments {
+        let (a, b) = (at.max(lo), (at + len).min(end));
+        if a < b {
+            extend(&mut plain, (start + a - at) as u64, (b - a) as u64);
+        }
+        at += len;
+        if at >= end {
+            break;
         }
     }
+    grouped(plain)
+}
+
+/// Runs of one length at one stride, as one entry each.
+fn grouped(plain: Vec<(u64, u64)>) -> Vec<[u64; 4]> {
     let mut out: Vec<[u64; 4]> = Vec::new();
     for (s, l) in plain {
         match out.last_mut() {
@@ -136,27 +174,33 @@ fn parse_buffer(name: &str, local: &ParamLayout) -> Option<(usize, usize, String
     best
 }
 
-/// What one rank writes: its fragments' values and places.
-pub struct RankParts {
-    /// Each fragment's whole parameter, slot and shape.
-    names: Vec<(String, Option<String>, Vec<usize>)>,
-    values: Vec<Vec<f32>>,
-    runs: Vec<Vec<[u64; 4]>>,
+/// What one rank writes: copies of its values (taken on the training thread, the
+/// staging buffer of an asynchronous save), each with where it lies in the rank's
+/// layout; where that is in the whole tensors is worked out as they are written.
+pub struct RankParts<'a> {
+    local: PieceLayout,
+    whole: ParamLayout,
+    /// Each fragment: its local parameter, the first of that parameter's values it
+    /// holds, its optimizer slot (none for the parameter), its values (lent by the
+    /// rank for a synchronous save, copied for one written on a thread).
+    parts: Vec<Part<'a>>,
 }
 
-impl RankParts {
-    /// The parts of rank `rank`'s `params` (when `write_params`: it is the first
-    /// holding its piece) and optimizer `state` (when `write_state`), its layout
-    /// `local` a part of `whole`.
+/// A fragment to write: its local parameter, the first of its values, its slot, the
+/// values.
+type Part<'a> = (usize, usize, Option<String>, Cow<'a, [f32]>);
+
+impl<'a> RankParts<'a> {
+    /// The parts of a rank's `params` (when it is the first holding its piece) and
+    /// optimizer `state` (when the state is its own), its layout `local` a part of
+    /// `whole`.
     pub fn new(
         local: &PieceLayout,
         whole: &ParamLayout,
-        params: Option<&[f32]>,
-        state: Option<&OptimState>,
-    ) -> Result<RankParts, HostError> {
-        let places = Places::new(local, whole);
-        let mut parts = RankParts { names: Vec::new(), values: Vec::new(), runs: Vec::new() };
-        let shape = |p: usize| whole.specs()[p].shape.clone();
+        params: Option<&'a [f32]>,
+        state: Option<&'a OptimState>,
+    ) -> Result<RankParts<'a>, HostError> {
+        let mut parts = Vec::new();
         if let Some(params) = params {
             if params.len() != local.layout.total() {
                 return Err(HostError::Output(format!(
@@ -166,9 +210,7 @@ impl RankParts {
                 )));
             }
             for k in 0..local.sources.len() {
-                let p = places.whole_param[k];
-                let values = params[local.layout.range(k)].to_vec();
-                parts.push((whole.specs()[p].name.clone(), None, shape(p)), values, &places.within[k]);
+                parts.push((k, 0, None, Cow::Borrowed(&params[local.layout.range(k)])));
             }
         }
         for (name, values) in state.map_or(&[][..], |s| &s.buffers[..]) {
@@ -178,41 +220,57 @@ impl RankParts {
                      it cannot be saved by parameter"
                 ))
             })?;
-            let within = &places.within[k];
-            let Some(at) = within.get(lo..lo + values.len()) else {
+            let held = local.layout.range(k).len();
+            if lo + values.len() > held {
                 return Err(HostError::Output(format!(
-                    "optimizer state `{name}` holds {} values from {lo}, but its parameter has {}",
-                    values.len(),
-                    within.len()
+                    "optimizer state `{name}` holds {} values from {lo}, but its parameter has {held}",
+                    values.len()
                 )));
-            };
-            let p = places.whole_param[k];
-            parts.push((whole.specs()[p].name.clone(), Some(slot), shape(p)), values.clone(), at);
+            }
+            parts.push((k, lo, Some(slot), Cow::Borrowed(&values[..])));
         }
-        Ok(parts)
+        Ok(RankParts { local: local.clone(), whole: whole.clone(), parts })
     }
 
-    fn push(&mut self, name: (String, Option<String>, Vec<usize>), values: Vec<f32>, within: &[usize]) {
-        self.names.push(name);
-        self.values.push(values);
-        self.runs.push(runs_of(within));
+    /// The same parts with their values copied, into `staging`'s buffers where it has
+    /// them (an earlier save's, whose pages are already the process's: a copy into
+    /// them is a `memcpy`, not a page fault a page).
+    pub fn to_owned_in(&self, staging: Option<RankParts<'static>>) -> RankParts<'static> {
+        let mut spare = staging.map(|s| s.parts).unwrap_or_default().into_iter();
+        let parts = self
+            .parts
+            .iter()
+            .map(|(k, lo, slot, values)| {
+                let mut buf = match spare.next() {
+                    Some((_, _, _, Cow::Owned(v))) => v,
+                    _ => Vec::new(),
+                };
+                buf.clear();
+                buf.extend_from_slice(values);
+                (*k, *lo, slot.clone(), Cow::Owned(buf))
+            })
+            .collect();
+        RankParts { local: self.local.clone(), whole: self.whole.clone(), parts }
     }
 
     /// Writes `rank-R.safetensors` (synced) into `dir`, and returns the rank's part of
     /// the index, which it writes as `rank-R.json`.
     pub fn write(&self, dir: &Path, rank: usize) -> Result<Index, HostError> {
         let file = format!("rank-{rank}.safetensors");
-        let tensors: Vec<String> = (0..self.values.len()).map(|i| format!("f{i}")).collect();
+        let tensors: Vec<String> = (0..self.parts.len()).map(|i| format!("f{i}")).collect();
         write_safetensors(
             &dir.join(&file),
-            tensors.iter().zip(&self.values).map(|(t, v)| (t.as_str(), vec![v.len()], v.as_slice())),
+            tensors.iter().zip(&self.parts).map(|(t, (_, _, _, v))| (t.as_str(), vec![v.len()], &v[..])),
             None,
         )?;
         let mut index = Index::default();
-        for (((param, slot, shape), tensor), runs) in self.names.iter().zip(&tensors).zip(&self.runs) {
-            let entry = index.tensors.entry(key_of(param, slot.as_deref())).or_default();
-            (entry.param, entry.slot, entry.shape) = (param.clone(), slot.clone(), shape.clone());
-            entry.fragments.push(Fragment { file: file.clone(), tensor: tensor.clone(), runs: runs.clone() });
+        for ((k, lo, slot, values), tensor) in self.parts.iter().zip(&tensors) {
+            let src = &self.local.sources[*k];
+            let spec = &self.whole.specs()[src.param];
+            let runs = runs_within(src, &spec.shape, *lo, values.len());
+            let entry = index.tensors.entry(key_of(&spec.name, slot.as_deref())).or_default();
+            (entry.param, entry.slot, entry.shape) = (spec.name.clone(), slot.clone(), spec.shape.clone());
+            entry.fragments.push(Fragment { file: file.clone(), tensor: tensor.clone(), runs });
         }
         let json = serde_json::to_vec(&index).map_err(|e| HostError::encode("index", e))?;
         crate::checkpoint::write_synced(&dir.join(format!("rank-{rank}.json")), &json)?;
@@ -508,6 +566,32 @@ mod tests {
             let back: Vec<usize> =
                 each_run(&runs_of(&indices)).flat_map(|(s, l)| s as usize..(s + l) as usize).collect();
             prop_assert_eq!(back, indices);
+        }
+
+        /// Runs worked out from a piece's source are where the piece's values lie, value
+        /// by value ([`PieceLayout::full_indices`]), for any part of them.
+        #[test]
+        fn runs_from_sources_are_the_full_indices(
+            rows in 1usize..7,
+            cols in 1usize..7,
+            n in 1usize..4,
+            by_columns in any::<bool>(),
+            cut in (0usize..100, 0usize..100),
+        ) {
+            let whole = whole(rows, cols);
+            for k in 0..n {
+                let local = piece(&whole, by_columns, k, n);
+                let full = local.full_indices(&whole);
+                for (p, src) in local.sources.iter().enumerate() {
+                    let r = local.layout.range(p);
+                    let lo = cut.0 % (r.len() + 1);
+                    let len = cut.1 % (r.len() - lo + 1);
+                    let base = whole.range(src.param).start;
+                    let want: Vec<usize> = full[r.start + lo..r.start + lo + len].iter().map(|i| i - base).collect();
+                    let got = runs_within(src, &whole.specs()[src.param].shape, lo, len);
+                    prop_assert_eq!(got, runs_of(&want));
+                }
+            }
         }
 
         /// The law: parameters and state written under one layout (slices or row shards

@@ -143,6 +143,11 @@ pub struct TrainSection {
     /// Checkpoints kept, the newest.
     #[serde(default = "two")]
     pub keep_checkpoints: usize,
+    /// Write each checkpoint on a thread while training goes on: the step's state is
+    /// copied, and the checkpoint exists once every rank's files are synced (committed
+    /// at a later step boundary).
+    #[serde(default)]
+    pub checkpoint_async: bool,
     /// Activation recomputation: `"none"`, `"blocks"` (every block keeps only its
     /// input in the forward pass and runs its forward again in the backward pass), or
     /// `N` (every N-th block does). Passed to the compute plugin with the model's

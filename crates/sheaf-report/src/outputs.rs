@@ -88,6 +88,11 @@ pub struct Summary {
     /// rank, why, and the step it resumed from (`RUN_DIR/restarts.jsonl`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restarts: Vec<serde_json::Value>,
+    /// Each checkpoint this run committed (rank 0's): its step, the seconds the
+    /// training loop stopped for it, the seconds its files took to write, and the
+    /// seconds to its commit.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub checkpoint_saves: Vec<serde_json::Value>,
     /// Each component of the run and the library that supplied it (its plugin's
     /// name, file, version and ABI), as rank 0 built them.
     pub components: Vec<sheaf_plugins::ComponentSource>,

@@ -87,10 +87,12 @@ pub struct World {
     link: Arc<dyn Link>,
 }
 
-/// What training left: the strategy's summary and the collectives' record.
+/// What training left: the strategy's summary, the collectives' record and the
+/// checkpoints committed.
 pub struct Trained {
     summary: TrainSummary,
     recorder: Arc<Recorder>,
+    saves: Vec<serde_json::Value>,
 }
 
 /// The phase without communication: every component built and every input checked,
@@ -254,6 +256,10 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
         saved: p.resumed,
         preempt: opts.preempt.clone(),
         preempt_dir: opts.run_dir.clone(),
+        asynchronous: job.train.checkpoint_async,
+        pending: None,
+        staging: None,
+        saves: Vec::new(),
     };
     // What the strategy is lent records where the time goes (trace.json).
     let recorder = Recorder::new(rank);
@@ -285,6 +291,8 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
                 let json = serde_json::json!({ "preempted_at_step": step, "world_size": p.env.world_size });
                 write_atomic(&dir.join("summary.json"), json.to_string().as_bytes())?;
             }
+            // Said goodbye, so no rank's last message is lost with a process that exits.
+            world.link.close(p.deadline()()).map_err(p.failed())?;
             let run_dir = opts.run_dir.clone().unwrap_or_default();
             return Err(HostError::Preempted { step: Some(step), run_dir });
         }
@@ -319,9 +327,12 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
         // The optimizer's last use: its state is moved out, not copied.
         checkpoints.write(summary.steps, mine, &p.optimizer.take_state()?)?;
     }
+    // A save still in flight is committed before the run ends.
+    checkpoints.settle(true)?;
     let path = p.run_dir.as_ref().map(|d| d.join("checkpoint.safetensors"));
     sheaf_checkpoint::whole::write_whole(&world.comm, mine, &p.plan, path.as_deref(), dl)?;
-    Ok(Trained { summary, recorder })
+    let saves = checkpoints.saves.iter().map(|s| serde_json::to_value(s).unwrap_or_default()).collect();
+    Ok(Trained { summary, recorder, saves })
 }
 
 /// The phase that reports: every rank's parameter count, peak activations, busy and
@@ -336,7 +347,7 @@ pub fn report(
 ) -> Result<Summary, HostError> {
     let (job, env, comm) = (p.job, &p.env, &world.comm);
     let (dl, failed) = (p.deadline(), p.failed());
-    let Trained { summary: trained, recorder } = trained;
+    let Trained { summary: trained, recorder, saves } = trained;
     let peak = match trained.peak_activation_bytes {
         0 => sheaf_job::plan::need_bytes(&p.plan, env.rank).1,
         measured => measured,
@@ -399,6 +410,7 @@ pub fn report(
             .unwrap_or_else(|| std::env::args().collect()),
         hosts: host_names(comm, dl()).map_err(&failed)?,
         restarts: p.run_dir.as_ref().map(|d| restarts(d)).unwrap_or_default(),
+        checkpoint_saves: saves,
         components: registry.used(),
         job: serde_json::to_value(job).unwrap_or_default(),
     };
