@@ -766,3 +766,79 @@ fn checkpoints_reshard_across_world_sizes_and_strategies() {
     let gpt = crate::gpt::job(data.path(), &crate::gpt::text_file(data.path()), "", "");
     reshard_law(Some(&gpt), (4, &[PIPE, "parallel.options.pipeline.tensor=2"]), (1, &[DP]));
 }
+
+/// The flight recorder of a world that stopped: the launcher asks every worker still
+/// running for its record (SIGUSR2) and says who stopped where. `sets` slow or stall a
+/// rank; returns the launcher's standard error.
+fn stalled_world(n: &str, args_of: impl FnOnce(&Path) -> Vec<String>, env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let args = args_of(dir.path());
+    let started = Instant::now();
+    let out = Command::new(sheaf_bin())
+        .args(["launch", "-n", n])
+        .args(&args)
+        .args(["--set", "transport.timeout_s=3", "--run-dir"])
+        .arg(dir.path())
+        .envs(env.iter().copied())
+        .env_remove("SHEAF_PLUGIN_PATH")
+        .env_remove("MASTER_PORT")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{err}");
+    let records = std::fs::read_dir(dir.path().join("flight")).map_or(0, |d| d.flatten().count());
+    assert_eq!(records, n.parse::<usize>().unwrap(), "every rank's record: {err}");
+    err
+}
+
+/// A rank that never enters a collective (the `local-sgd` fixture's skipping rank,
+/// waiting elsewhere at step 3): the report names it, the last call it left and the
+/// one it never entered, and the rank that waited there until its deadline.
+#[test]
+fn the_flight_recorder_names_a_rank_that_skipped_a_collective() {
+    let plugins = tempfile::tempdir().unwrap();
+    let src = sheaf_tests::library("fixture-local-sgd");
+    std::fs::copy(&src, plugins.path().join(src.file_name().unwrap())).unwrap();
+    let err = stalled_world(
+        "2",
+        |_| {
+            [
+                "--plugin-dir",
+                plugins.path().to_str().unwrap(),
+                "--set",
+                "parallel.strategy=\"local-sgd\"",
+                "--set",
+                "parallel.options.local-sgd.sync_every=100",
+                "--set",
+                "parallel.options.local-sgd.skipping_rank=1",
+            ]
+            .map(String::from)
+            .to_vec()
+        },
+        &[],
+    );
+    // Broadcast #0, then each step's loss allreduce: step 3's is #3.
+    assert!(err.contains("rank 1 left allreduce #2 of group world and never entered #3"), "{err}");
+    assert!(err.contains("rank 0 waited in allreduce #3 of group world"), "{err}");
+}
+
+/// A pipeline stage that sleeps in its forward pass (the test-only slowdown on rank
+/// 0): the report names the last call the sleeping stage left and the receive its
+/// neighbour waited in, by number and peer.
+#[test]
+fn the_flight_recorder_names_a_stage_that_stopped() {
+    let err = stalled_world(
+        "2",
+        |_| {
+            ["--set", "parallel.strategy=\"pipeline\"", "--set", "model.layers=[64, 96, 80, 64, 10]"]
+                .map(String::from)
+                .to_vec()
+        },
+        &[("SHEAF_TEST_SLOW_RANK", "0"), ("SHEAF_TEST_SLOW_MS", "60000")],
+    );
+    // Stage 0 left the step's barrier and sleeps before its first forward pass; stage
+    // 1 waited for its activations.
+    assert!(err.contains("rank 0 left barrier #1 of group world/0.0 and never entered #2"), "{err}");
+    assert!(err.contains("rank 1 waited in recv #1 from rank 0 3."), "{err}");
+}

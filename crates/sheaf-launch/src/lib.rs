@@ -477,6 +477,9 @@ fn run_world(
     let progress = std::io::stderr().is_terminal();
     let logs = opts.run_dir.join("logs");
     std::fs::create_dir_all(&logs).map_err(|e| HostError::io(&logs, e))?;
+    // The flight records are this world's: an earlier world's would mislead.
+    let flight = opts.run_dir.join(sheaf_report::flight::DIR);
+    let _ = std::fs::remove_dir_all(&flight);
     let launcher = std::process::id();
     let mut children: Vec<(usize, Child)> = Vec::new();
     let mut forwarders = Vec::new();
@@ -575,11 +578,28 @@ fn run_world(
     match ended {
         // Stopped above.
         Ended::Done | Ended::Signalled(_) | Ended::Preempted => {}
-        // The others are waiting on the dead rank: no grace needed.
-        Ended::Failed { .. } => terminate(&mut children, Duration::from_millis(500)),
+        // The others are waiting on the dead rank: no grace needed. First every worker
+        // still running writes its flight recorder (SIGUSR2).
+        Ended::Failed { .. } => {
+            signal_all(&children, libc::SIGUSR2);
+            std::thread::sleep(Duration::from_millis(300));
+            terminate(&mut children, Duration::from_millis(500));
+        }
     }
     for f in forwarders {
         let _ = f.join();
+    }
+    // What the ranks' flight recorders say of a failed world: who stopped where.
+    if let Ended::Failed { rank, message } = ended {
+        let lines = sheaf_report::flight::report(&sheaf_report::flight::read_records(&flight));
+        for line in &lines {
+            eprintln!("[launch] flight recorder: {line}");
+        }
+        let message = match lines.is_empty() {
+            true => message,
+            false => format!("{message}; the flight recorders say: {}", lines.join("; ")),
+        };
+        return Ok(Ended::Failed { rank, message });
     }
     Ok(ended)
 }

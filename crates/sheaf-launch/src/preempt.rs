@@ -64,6 +64,19 @@ pub fn watch(extra: i32) -> Result<Arc<AtomicBool>, HostError> {
     Ok(FLAG.get_or_init(|| flag).clone())
 }
 
+/// Raises the returned flag on SIGUSR2: a worker then writes its flight recorder.
+/// Registered once per process.
+pub fn watch_flight() -> Result<Arc<AtomicBool>, HostError> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(flag.clone());
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(libc::SIGUSR2, flag.clone())
+        .map_err(|e| HostError::os("cannot watch SIGUSR2", e))?;
+    Ok(FLAG.get_or_init(|| flag).clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_signal;

@@ -41,8 +41,11 @@ pub struct Span {
     pub bytes: Option<u64>,
 }
 
-/// A rank's spans, from every thread that works for it.
+/// A rank's spans, from every thread that works for it, and its flight recorder.
 pub struct Recorder {
+    rank: usize,
+    /// The last calls on the communicators the strategy is lent ([`crate::flight`]).
+    pub flight: crate::flight::Flight,
     spans: Mutex<Vec<Span>>,
     origin: (Instant, f64),
     dropped: AtomicUsize,
@@ -91,6 +94,8 @@ impl Recorder {
             + test_clock_skew_us(rank);
         let slow = test_slowdown(rank);
         Arc::new(Recorder {
+            rank,
+            flight: crate::flight::Flight::default(),
             spans: Mutex::new(Vec::new()),
             origin: (Instant::now(), unix_us),
             dropped: AtomicUsize::new(0),
@@ -132,28 +137,86 @@ impl Recorder {
         out
     }
 
+    /// Writes the flight recorder's calls (`RUN_DIR/flight/rank-N.json`).
+    pub fn write_flight(&self) {
+        self.flight.write(self.rank, self.now_us());
+    }
+
+    /// Runs `f`, a call of group `group`, in the flight recorder; a call that fails
+    /// writes the record.
+    fn flown<T>(
+        &self,
+        group: &str,
+        (op, seq, peer, bytes): (&str, u64, Option<usize>, usize),
+        f: impl FnOnce() -> std::result::Result<T, CommError>,
+    ) -> std::result::Result<T, CommError> {
+        let call = crate::flight::Call {
+            group: group.to_owned(),
+            op: op.to_owned(),
+            seq,
+            peer,
+            bytes: bytes as u64,
+            enter_us: self.now_us(),
+            leave_us: None,
+            error: None,
+        };
+        let id = self.flight.enter(call);
+        let out = f();
+        self.flight.leave(id, self.now_us(), out.as_ref().err().map(ToString::to_string));
+        if out.is_err() {
+            self.write_flight();
+        }
+        out
+    }
+
     /// This rank's spans as JSON (to gather on rank 0).
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(&*self.spans.lock().unwrap_or_else(|e| e.into_inner())).unwrap_or_default()
     }
 }
 
-/// A communicator whose calls are spans of `rec`; the world's collectives are numbered.
+/// A communicator whose calls are spans of `rec` and calls of its flight recorder;
+/// collectives are numbered per group, point-to-point calls per peer.
 pub struct TracedComm<C> {
     inner: C,
     rec: Arc<Recorder>,
-    /// `Some` on the world group: collectives so far.
-    world_calls: Option<AtomicU64>,
+    /// `world`, or `<parent>/<split call>.<color>`: the same on every rank of the group.
+    group: String,
+    /// Collectives so far.
+    calls: AtomicU64,
+    /// Sends to and receives from each peer so far.
+    p2p: Mutex<std::collections::HashMap<(bool, usize), u64>>,
+    world: bool,
 }
 
 impl<C> TracedComm<C> {
     pub fn world(inner: C, rec: Arc<Recorder>) -> TracedComm<C> {
-        TracedComm { inner, rec, world_calls: Some(AtomicU64::new(0)) }
+        TracedComm::group(inner, rec, "world".into(), true)
     }
 
-    fn collective<T>(&self, name: &str, bytes: usize, f: impl FnOnce() -> T) -> T {
-        let seq = self.world_calls.as_ref().map(|c| c.fetch_add(1, Ordering::Relaxed));
-        self.rec.span(name, "collective", Some(bytes as u64), seq, f)
+    fn group(inner: C, rec: Arc<Recorder>, group: String, world: bool) -> TracedComm<C> {
+        TracedComm { inner, rec, group, calls: AtomicU64::new(0), p2p: Mutex::default(), world }
+    }
+
+    fn collective<T>(
+        &self,
+        name: &str,
+        bytes: usize,
+        f: impl FnOnce() -> std::result::Result<T, CommError>,
+    ) -> std::result::Result<T, CommError> {
+        let seq = self.calls.fetch_add(1, Ordering::Relaxed);
+        let world_seq = self.world.then_some(seq);
+        self.rec.flown(&self.group, (name, seq, None, bytes), || {
+            self.rec.span(name, "collective", Some(bytes as u64), world_seq, f)
+        })
+    }
+
+    /// The number of this rank's next send to (`sending`) or receive from `peer`.
+    fn p2p_seq(&self, sending: bool, peer: usize) -> u64 {
+        let mut counts = self.p2p.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry((sending, peer)).or_insert(0);
+        *n += 1;
+        *n
     }
 }
 
@@ -165,11 +228,18 @@ impl<'a, C: Deref<Target = dyn Communicator + 'a> + Send + Sync> Communicator fo
         self.inner.world_size()
     }
     fn send(&self, peer: usize, tag: u32, data: &[u8], dl: Deadline) -> std::result::Result<(), CommError> {
-        self.rec.span("send", "p2p", Some(data.len() as u64), None, || self.inner.send(peer, tag, data, dl))
+        let seq = self.p2p_seq(true, peer);
+        self.rec.flown(&self.group, ("send", seq, Some(peer), data.len()), || {
+            self.rec
+                .span("send", "p2p", Some(data.len() as u64), None, || self.inner.send(peer, tag, data, dl))
+        })
     }
     fn recv(&self, peer: usize, tag: u32, dl: Deadline) -> std::result::Result<Vec<u8>, CommError> {
         // Time in a receive is time waiting for the peer.
-        self.rec.span("recv (waiting)", "wait", None, None, || self.inner.recv(peer, tag, dl))
+        let seq = self.p2p_seq(false, peer);
+        self.rec.flown(&self.group, ("recv", seq, Some(peer), 0), || {
+            self.rec.span("recv (waiting)", "wait", None, None, || self.inner.recv(peer, tag, dl))
+        })
     }
     fn allreduce(
         &self,
@@ -243,10 +313,11 @@ impl<'a, C: Deref<Target = dyn Communicator + 'a> + Send + Sync> Communicator fo
         key: u32,
         dl: Deadline,
     ) -> std::result::Result<Option<Box<dyn Communicator>>, CommError> {
+        let seq = self.calls.load(Ordering::Relaxed);
         let sub = self.collective("split", 0, || self.inner.split(color, key, dl))?;
         Ok(sub.map(|s| {
-            Box::new(TracedComm { inner: s, rec: self.rec.clone(), world_calls: None })
-                as Box<dyn Communicator>
+            let group = format!("{}/{seq}.{}", self.group, color.unwrap_or(0));
+            Box::new(TracedComm::group(s, self.rec.clone(), group, false)) as Box<dyn Communicator>
         }))
     }
 }

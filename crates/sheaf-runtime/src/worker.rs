@@ -38,6 +38,9 @@ pub struct RunOptions {
     /// Raised by a preemption signal (`sheaf_launch::preempt::watch`): the ranks stop
     /// together at the next step boundary, checkpointed. `None`: not watched.
     pub preempt: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Raised by SIGUSR2: write the flight recorder's calls
+    /// (`RUN_DIR/flight/rank-N.json`) now. `None`: not watched.
+    pub dump_flight: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RunOptions {
@@ -261,8 +264,15 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
         staging: None,
         saves: Vec::new(),
     };
-    // What the strategy is lent records where the time goes (trace.json).
+    // What the strategy is lent records where the time goes (trace.json), and its
+    // last calls (the flight recorder), written on a failed call, a failed run, or
+    // SIGUSR2.
     let recorder = Recorder::new(rank);
+    if let Some(dir) = &opts.run_dir {
+        let path = dir.join(sheaf_report::flight::DIR).join(format!("rank-{rank}.json"));
+        recorder.flight.set_path(path);
+    }
+    let _watching = opts.dump_flight.clone().map(|flag| FlightWatch::start(flag, recorder.clone()));
     let result = {
         let comm: &dyn Communicator = &world.comm;
         let traced = TracedComm::world(comm, recorder.clone());
@@ -297,6 +307,7 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
             return Err(HostError::Preempted { step: Some(step), run_dir });
         }
         Err(e) => {
+            recorder.write_flight();
             // Tell the other ranks at once instead of leaving them to time out.
             world.link.abort(rank, &e.to_string());
             return Err(HostError::Train { rank, detail: e.to_string() });
@@ -526,4 +537,35 @@ fn gather_trace(
     let mut stragglers = sheaf_report::trace::stragglers(&ranks);
     stragglers.clock_offsets_ms = offsets.iter().map(|o| o / 1e3).collect();
     Ok((Some(sheaf_report::trace::chrome_trace(&ranks)), Some(stragglers)))
+}
+
+/// Writes the flight recorder whenever `flag` (raised by SIGUSR2) is up, until dropped.
+struct FlightWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FlightWatch {
+    fn start(flag: Arc<std::sync::atomic::AtomicBool>, recorder: Arc<Recorder>) -> FlightWatch {
+        use std::sync::atomic::Ordering;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = stop.clone();
+        let watch = move || {
+            while !done.load(Ordering::Relaxed) {
+                if flag.swap(false, Ordering::SeqCst) {
+                    recorder.write_flight();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        if let Err(e) = std::thread::Builder::new().name("flight-recorder".into()).spawn(watch) {
+            tracing::warn!("cannot watch for SIGUSR2 (the flight recorder): {e}");
+        }
+        FlightWatch { stop }
+    }
+}
+
+impl Drop for FlightWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -17,6 +17,7 @@ pub fn run_worker(cli: &Cli, args: &JobArgs, out: &mut dyn Write) -> Result<(), 
     }
     // First, so a preemption from here on stops the run at a step boundary.
     let preempt = sheaf_launch::preempt::watch(sheaf_launch::preempt::parse_signal(&args.preempt_signal)?)?;
+    let dump_flight = sheaf_launch::preempt::watch_flight()?;
     let (job_file, run_dir, resume) = args.resolve()?;
     let mut job = sheaf_job::job::load_job(job_file.as_deref(), &args.overrides)?;
     let env = sheaf_runtime::WorkerEnv::from_env()?;
@@ -29,6 +30,7 @@ pub fn run_worker(cli: &Cli, args: &JobArgs, out: &mut dyn Write) -> Result<(), 
         init_from: args.init_from.clone(),
         resume,
         preempt: Some(preempt),
+        dump_flight: Some(dump_flight),
     };
     sheaf_runtime::worker::run_worker(&job, &registry, &opts)?;
     if opts.env.rank == 0 {
