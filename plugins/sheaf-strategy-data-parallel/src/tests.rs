@@ -28,6 +28,9 @@ struct Softmax {
     fail_in: Option<usize>,
     /// Whether it lends its parameter buffer ([`Model::params_mut`]).
     lends: bool,
+    /// Whether every pass drifts its first parameter by a bit (a replica gone astray,
+    /// as a nondeterministic kernel would send it).
+    drifts: bool,
 }
 
 impl Softmax {
@@ -38,7 +41,17 @@ impl Softmax {
         ]);
         let mut g = sheaf_testkit::conformance::SplitMix::new(seed);
         let params = (0..layout.total()).map(|_| g.next_f32() * 0.1).collect();
-        Softmax { layout, params, d, k, stepped: false, pending: Vec::new(), fail_in: None, lends: false }
+        Softmax {
+            layout,
+            params,
+            d,
+            k,
+            stepped: false,
+            pending: Vec::new(),
+            fail_in: None,
+            lends: false,
+            drifts: false,
+        }
     }
 
     fn probs(&self, x: &[f32]) -> Vec<f64> {
@@ -72,6 +85,9 @@ impl Model for Softmax {
         Ok(self.lends.then_some(&mut self.params[..]))
     }
     fn forward_backward(&mut self, batch: &Batch<'_>, grads: &mut [f32]) -> Result<f32> {
+        if self.drifts {
+            self.params[0] = f32::from_bits(self.params[0].to_bits() ^ 1);
+        }
         let Batch::Rows { inputs, labels, .. } = *batch else { panic!("rows") };
         let n = batch.len();
         let mut g = vec![0f64; grads.len()];
@@ -620,6 +636,43 @@ fn a_model_failing_mid_pass_fails_the_run_on_either_exchange_path() {
         let e1 = outcomes[1].as_ref().unwrap_err().to_string();
         assert!(e1.contains("allreduce") && e1.contains("waiting for rank 0"), "overlap {overlap}: {e1}");
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "overlap {overlap}");
+    }
+}
+
+/// A replica whose parameters drift (one bit of one value at every pass) is found by
+/// the checksum every `checksum_every` steps, every rank told the step; without
+/// checksums along the way, by the check at the end.
+#[test]
+fn drifting_replicas_are_found_at_the_checksum_step() {
+    let data = sheaf_data::teacher(300, 8, 3, 5);
+    let (train, test) = data.split(0.2, 1);
+    for every in [0u64, 3] {
+        let outcomes = run_world(2, |comm| {
+            let mut model = Softmax::new(8, 3, 100);
+            // It lends its buffer, so what the checksum reads is what it runs on.
+            (model.drifts, model.lends) = (sheaf_core::Communicator::rank(&comm) == 1, true);
+            let config = DataParallelConfig { checksum_every: every, ..DataParallelConfig::default() };
+            let mut strategy = DataParallel::new(config);
+            sheaf_testkit::train::run_rank(
+                &mut strategy,
+                &comm,
+                &mut model,
+                TrainConfig::basic(9, 1, 16, Some(5), 0.5),
+                (&train, &test),
+            )
+            .summary
+            .map(|s| s.steps)
+            .map_err(|e| e.to_string())
+        });
+        // Checked every 3 steps: found at step 3; else only by the check at the end.
+        let at = if every == 3 { 3 } else { 5 };
+        for (rank, o) in outcomes.iter().enumerate() {
+            let e = o.as_ref().unwrap_err();
+            assert!(
+                e.contains(&format!("diverged by step {at}")) && e.contains(&format!("rank {rank} ")),
+                "{e}"
+            );
+        }
     }
 }
 

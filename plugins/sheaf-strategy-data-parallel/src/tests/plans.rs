@@ -40,6 +40,13 @@ fn zero_2_plans_its_chunk_and_window() {
     assert_eq!(with, vec![4 * (total / 4 + bucket + (3 << 20) + 3 * bucket); 4]);
     let without = planned(r#"{"zero": 2, "bucket_mb": 1, "overlap": false}"#).unwrap();
     assert_eq!(without, vec![4 * (total / 4 + bucket + (3 << 20) + bucket); 4]);
+    // A world of one has no communication thread to plan for, overlap or not.
+    let alone = sheaf_core::PlanInput { world: 1, ..input };
+    let s = DataParallel {
+        config: DataParallelConfig::parse(r#"{"zero": 2, "bucket_mb": 1, "overlap": true}"#).unwrap(),
+    };
+    let one = sheaf_core::Strategy::planned_gradient_bytes(&s, &alone).unwrap().unwrap();
+    assert_eq!(one, vec![4 * (total + bucket + (3 << 20) + bucket)]);
     // Buckets as large as the model: no window is smaller than the whole sum.
     let whole = planned(r#"{"zero": 2, "bucket_mb": 64}"#).unwrap();
     assert_eq!(whole, vec![4 * (total / 4 + total); 4]);
