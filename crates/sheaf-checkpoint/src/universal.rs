@@ -283,7 +283,14 @@ pub fn merge_index(dir: &Path, writers: &[usize]) -> Result<(), HostError> {
     let mut index = Index::default();
     for r in writers {
         let path = dir.join(format!("rank-{r}.json"));
-        let bytes = std::fs::read(&path).map_err(|e| HostError::io(&path, e))?;
+        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => HostError::Output(format!(
+                "{}: rank {r} reported its part written, but it is not here: a world spread over hosts \
+                 writes checkpoints into a run directory every host shares (a shared filesystem)",
+                path.display()
+            )),
+            _ => HostError::io(&path, e),
+        })?;
         let part: Index = serde_json::from_slice(&bytes).map_err(|e| HostError::input(path.display(), e))?;
         for (key, t) in part.tensors {
             let entry = index.tensors.entry(key).or_default();
@@ -726,5 +733,7 @@ mod tests {
         std::fs::write(dir.path().join(INDEX), serde_json::to_vec(&index).unwrap()).unwrap();
         let e = Universal::open(dir.path()).err().unwrap().to_string();
         assert!(e.contains("outside its 6 values"), "{e}");
+        let e = merge_index(dir.path(), &[0, 1]).unwrap_err().to_string();
+        assert!(e.contains("rank 1 reported its part written") && e.contains("shared filesystem"), "{e}");
     }
 }
