@@ -39,7 +39,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("crates/sheaf-data", &["sheaf-core", "flate2", "memmap2", "thiserror"]),
     ("crates/sheaf-doctor", &["bytemuck", "serde", "serde_json", "tracing", "sheaf-core", "sheaf-collectives", "sheaf-auth", "sheaf-testkit", "sheaf-plugins", "sheaf-job", "sheaf-report", "sheaf-launch", "sheaf-runtime"]),
     ("crates/sheaf-job", &["serde", "serde_json", "serde_path_to_error", "toml", "libc", "sheaf-core", "sheaf-collectives", "sheaf-data", "sheaf-plugins"]),
-    ("crates/sheaf-launch", &["serde_json", "libc", "signal-hook", "sheaf-core", "sheaf-auth", "sheaf-plugins", "sheaf-report", "sheaf-checkpoint"]),
+    ("crates/sheaf-launch", &["serde", "serde_json", "libc", "signal-hook", "sheaf-core", "sheaf-auth", "sheaf-plugins", "sheaf-report", "sheaf-checkpoint"]),
     ("crates/sheaf-plugins", &["abi_stable", "serde", "serde_json", "thiserror", "tracing", "libloading", "sheaf-core", "sheaf-abi", "sheaf-collectives"]),
     ("crates/sheaf-pool", &["rayon"]),
     ("crates/sheaf-report", &["bytemuck", "serde", "serde_json", "safetensors", "plotters", "indicatif", "console", "sheaf-core", "sheaf-plugins", "sheaf-job"]),

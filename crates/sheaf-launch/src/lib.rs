@@ -10,6 +10,7 @@
 //! dies (`PR_SET_PDEATHSIG`).
 
 pub mod preempt;
+pub mod rendezvous;
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::process::CommandExt;
@@ -57,6 +58,11 @@ pub struct Nodes {
     pub master_port: Option<u16>,
     /// The address this host's workers are reached at (default: found by each rank).
     pub advertise_addr: Option<String>,
+    /// How few hosts a world may go on with when the others do not come back (torchrun's
+    /// `--nnodes MIN:MAX`); `nnodes` is the most.
+    pub min_nodes: usize,
+    /// How long node 0's launcher waits for the others before each world.
+    pub rejoin: Duration,
 }
 
 impl Nodes {
@@ -68,15 +74,23 @@ impl Nodes {
             master_addr: "127.0.0.1".into(),
             master_port: None,
             advertise_addr: None,
+            min_nodes: 1,
+            rejoin: Duration::from_secs(60),
         }
     }
 
     /// Checks torchrun's flags against each other, naming the flag that is wrong.
-    pub fn check(&self, max_restarts: usize) -> Result<(), HostError> {
+    pub fn check(&self) -> Result<(), HostError> {
         if self.nnodes == 0 || self.node_rank >= self.nnodes {
             return Err(HostError::Usage(format!(
                 "--node-rank {} is not below --nnodes {}",
                 self.node_rank, self.nnodes
+            )));
+        }
+        if self.min_nodes == 0 || self.min_nodes > self.nnodes {
+            return Err(HostError::Usage(format!(
+                "--nnodes {}:{}: the fewest hosts must be at least 1 and at most the most",
+                self.min_nodes, self.nnodes
             )));
         }
         if self.nnodes > 1 {
@@ -89,12 +103,6 @@ impl Nodes {
                      `openssl rand -hex 32`)",
                     sheaf_auth::TOKEN_ENV
                 )));
-            }
-            if max_restarts > 0 {
-                return Err(HostError::Usage(
-                    "--max-restarts restarts one host's world; with --nnodes above 1 it is not supported yet"
-                        .into(),
-                ));
             }
         }
         use std::net::ToSocketAddrs;
@@ -462,12 +470,12 @@ pub const RESTARTS: &str = "restarts.jsonl";
 /// Starts one world of workers and waits for it to end.
 fn run_world(
     opts: &LaunchOptions,
+    nodes: &Nodes,
     exe: &std::path::Path,
     attempt: usize,
     resume: bool,
     signals: &AtomicUsize,
 ) -> Result<Ended, HostError> {
-    let nodes = &opts.nodes;
     let port = match (nodes.master_port, std::env::var("MASTER_PORT").ok().and_then(|p| p.parse().ok())) {
         (Some(p), _) | (None, Some(p)) => p,
         (None, None) => free_port()?,
@@ -604,6 +612,27 @@ fn run_world(
     Ok(ended)
 }
 
+/// This world's hosts: as given on one host; over several, what the launchers agree
+/// on before world `round` ([`rendezvous`]): the hosts that came, renumbered.
+fn agree_on_hosts(opts: &LaunchOptions, round: u64) -> Result<Nodes, HostError> {
+    let nodes = &opts.nodes;
+    if nodes.nnodes == 1 {
+        return Ok(nodes.clone());
+    }
+    let port = nodes.master_port.expect("checked: several hosts have a master port").wrapping_add(1);
+    let settled = match nodes.node_rank {
+        0 => rendezvous::host(port, round, nodes.nnodes, nodes.min_nodes, nodes.rejoin)?,
+        r => rendezvous::join(&nodes.master_addr, port, round, r, nodes.rejoin)?,
+    };
+    if settled.nnodes < nodes.nnodes {
+        eprintln!(
+            "[launch] world {round}: {} of {} hosts, this one node {} (from {})",
+            settled.nnodes, nodes.nnodes, settled.node_rank, nodes.node_rank
+        );
+    }
+    Ok(Nodes { nnodes: settled.nnodes, node_rank: settled.node_rank, ..nodes.clone() })
+}
+
 /// Starts the workers and waits for them. When one fails the others are stopped, and
 /// the world is started again from the run's newest checkpoint, up to `max_restarts`
 /// times (each recorded in `RUN_DIR/restarts.jsonl`); then the error names the rank
@@ -621,7 +650,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<(), HostError> {
     let mut resume = opts.resume;
     loop {
         let started = Instant::now();
-        match run_world(opts, &exe, attempt, resume, &signals)? {
+        let nodes = agree_on_hosts(opts, attempt as u64)?;
+        match run_world(opts, &nodes, &exe, attempt, resume, &signals)? {
             Ended::Done => return Ok(()),
             Ended::Signalled(signal) => {
                 return Err(HostError::Stopped { signal, run_dir: opts.run_dir.clone() });

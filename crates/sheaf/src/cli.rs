@@ -188,9 +188,18 @@ pub struct LaunchArgs {
     /// Workers on this host.
     #[arg(short = 'n', long = "nproc-per-node", visible_alias = "nproc", value_name = "N")]
     pub workers: usize,
-    /// Hosts in the job, one launcher each (torchrun's flag).
-    #[arg(long, value_name = "M", default_value_t = 1)]
-    pub nnodes: usize,
+    /// Hosts in the job, one launcher each (torchrun's flag): `M`, or `MIN:MAX` for a
+    /// world that goes on with at least MIN hosts when others do not come back (with
+    /// --max-restarts, from the newest checkpoint, resharded; global batch unchanged).
+    #[arg(long, value_name = "M", default_value = "1")]
+    pub nnodes: String,
+    /// The fewest hosts a world may go on with (as `--nnodes MIN:MAX` sets it).
+    #[arg(long, value_name = "M")]
+    pub min_nodes: Option<usize>,
+    /// Seconds node 0's launcher waits for the other hosts' launchers before each world
+    /// (they meet on --master-port + 1).
+    #[arg(long, value_name = "S", default_value_t = 60.0)]
+    pub rejoin_s: f64,
     /// This host's place among them, from 0; its workers are ranks R*N .. R*N+N-1.
     #[arg(long, value_name = "R", default_value_t = 0)]
     pub node_rank: usize,

@@ -48,18 +48,33 @@ pub fn launch(cli: &Cli, args: &LaunchArgs, out: &mut dyn Write) -> Result<(), H
         max_restarts,
         grace_s,
         nnodes,
+        min_nodes,
+        rejoin_s,
         node_rank,
         master_addr,
         master_port,
         advertise_addr,
     } = args;
     let (_, run_dir, _) = job.resolve()?;
+    let bad = || HostError::Usage(format!("--nnodes {nnodes}: not a number of hosts, nor MIN:MAX"));
+    let (fewest, most) = match nnodes.split_once(':') {
+        Some((lo, hi)) => (lo.trim().parse().map_err(|_| bad())?, hi.trim().parse().map_err(|_| bad())?),
+        None => {
+            let n: usize = nnodes.trim().parse().map_err(|_| bad())?;
+            (n, n)
+        }
+    };
+    if !(rejoin_s.is_finite() && *rejoin_s > 0.0) {
+        return Err(HostError::Usage(format!("--rejoin-s {rejoin_s}: not a number of seconds")));
+    }
     let nodes = sheaf_launch::Nodes {
-        nnodes: *nnodes,
+        nnodes: most,
         node_rank: *node_rank,
         master_addr: master_addr.clone(),
         master_port: *master_port,
         advertise_addr: advertise_addr.clone(),
+        min_nodes: min_nodes.unwrap_or(fewest),
+        rejoin: std::time::Duration::from_secs_f64(*rejoin_s),
     };
     launch_job(cli, *workers, job, &run_dir, false, (*max_restarts, *grace_s), nodes)?;
     if *node_rank > 0 {
@@ -380,7 +395,7 @@ fn launch_job(
                 .into(),
         ));
     }
-    nodes.check(max_restarts)?;
+    nodes.check()?;
     if !(grace_s.is_finite() && grace_s >= 0.0) {
         return Err(HostError::Usage(format!("--grace-s {grace_s}: not a number of seconds")));
     }
