@@ -219,10 +219,11 @@ pub struct LaunchArgs {
     /// newest checkpoint (train.checkpoint_every), at most K times.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub max_restarts: usize,
-    /// Seconds workers get to stop after the launcher forwards SIGINT or SIGTERM,
-    /// before they are killed.
-    #[arg(long, value_name = "S", default_value_t = 10.0)]
-    pub grace_s: f64,
+    /// Seconds workers get to stop after the launcher forwards SIGINT, SIGTERM or the
+    /// preemption signal, before they are killed (default: what a checkpoint of this
+    /// run takes to write at 100 MB/s, plus 10 s; printed).
+    #[arg(long, value_name = "S")]
+    pub grace_s: Option<f64>,
 }
 
 /// `sheaf sample`'s options.

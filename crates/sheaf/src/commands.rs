@@ -160,7 +160,7 @@ pub fn bench_train(
     let mut rows = Vec::new();
     for k in 0..runs {
         let dir = base.join(format!("run-{k}"));
-        launch_job(cli, workers, job, &dir, true, (0, 10.0), sheaf_launch::Nodes::single())?;
+        launch_job(cli, workers, job, &dir, true, (0, Some(10.0)), sheaf_launch::Nodes::single())?;
         let path = dir.join("summary.json");
         let text = std::fs::read_to_string(&path).map_err(|e| HostError::io(&path, e))?;
         let v: serde_json::Value =
@@ -385,7 +385,7 @@ fn launch_job(
     job: &JobArgs,
     run_dir: &std::path::Path,
     workers_to_stderr: bool,
-    supervision: (usize, f64),
+    supervision: (usize, Option<f64>),
     nodes: sheaf_launch::Nodes,
 ) -> Result<(), HostError> {
     let (max_restarts, grace_s) = supervision;
@@ -396,8 +396,8 @@ fn launch_job(
         ));
     }
     nodes.check()?;
-    if !(grace_s.is_finite() && grace_s >= 0.0) {
-        return Err(HostError::Usage(format!("--grace-s {grace_s}: not a number of seconds")));
+    if let Some(g) = grace_s.filter(|g| !(g.is_finite() && *g >= 0.0)) {
+        return Err(HostError::Usage(format!("--grace-s {g}: not a number of seconds")));
     }
     let (job_file, _, resume) = job.resolve()?;
     let preempt_signal = sheaf_launch::preempt::parse_signal(&job.preempt_signal)?;
@@ -457,6 +457,15 @@ fn launch_job(
     let mine = nodes.node_rank * workers..(nodes.node_rank + 1) * workers;
     let local: Vec<_> = mine.map(|r| sheaf_job::memory::planned(&parsed, &plan, r)).collect();
     sheaf_job::memory::check_host(&local, sheaf_job::memory::peak_rss_bytes())?;
+    // Time for a preemption's checkpoint: what this host's ranks write (their
+    // parameters and optimizer state, at most), at 100 MB/s, and 10 s besides.
+    let save_bytes: u64 = local.iter().map(|p| p.parameters + p.optimizer_state).sum();
+    let grace_s = grace_s.unwrap_or(10.0 + save_bytes as f64 / 100e6);
+    eprintln!(
+        "[launch] a preemption signal gives the workers {grace_s:.0} s to checkpoint (this host's ranks \
+         save at most {:.1} MB; --grace-s sets it)",
+        save_bytes as f64 / 1e6
+    );
     if let Some(f) = &job.init_from {
         if !f.is_file() {
             return Err(HostError::Data(format!("--init-from {}: no such file", f.display())));
