@@ -17,6 +17,7 @@
 //! (the whole model written by rank 0, the optimizer state by rank) is still read, by
 //! the same world and strategy.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -222,6 +223,21 @@ impl Checkpointer<'_> {
     /// written on a thread while training goes on; the checkpoint is committed at a
     /// later step boundary, once every rank's files are synced ([`Checkpointer::settle`]).
     pub fn write(&mut self, step: u64, params: &[f32], state: &OptimState) -> Result<(), HostError> {
+        self.write_state(step, params, Cow::Borrowed(state))
+    }
+
+    /// [`Checkpointer::write`] with the optimizer's state handed over (a save on a
+    /// thread then takes it without a copy).
+    pub fn write_owned(&mut self, step: u64, params: &[f32], state: OptimState) -> Result<(), HostError> {
+        self.write_state(step, params, Cow::Owned(state))
+    }
+
+    fn write_state(
+        &mut self,
+        step: u64,
+        params: &[f32],
+        state: Cow<'_, OptimState>,
+    ) -> Result<(), HostError> {
         if !self.due(step) {
             return Ok(());
         }
@@ -251,6 +267,7 @@ impl Checkpointer<'_> {
         }
         let owns_params = self.plan.representatives().contains(&rank);
         let owns_state = state_source(self.plan, rank) == rank;
+        let optimizer_step = state.step;
         let parts = match owns_params || owns_state {
             true => Some(crate::universal::RankParts::new(
                 self.plan.layout_of(rank),
@@ -262,7 +279,7 @@ impl Checkpointer<'_> {
         };
         let pending = |outcome, handed_over| Pending {
             step,
-            optimizer_step: state.step,
+            optimizer_step,
             partial: partial.clone(),
             started,
             handed_over,
@@ -271,7 +288,7 @@ impl Checkpointer<'_> {
         self.saved = Some(step);
         if self.asynchronous {
             // The step's state copied into the staging buffers, then written on a thread.
-            let staged = parts.map(|p| p.to_owned_in(self.staging.take()));
+            let staged = parts.map(|p| p.into_staged(self.staging.take()));
             let dir = partial.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("checkpoint-{step}"))
@@ -281,7 +298,7 @@ impl Checkpointer<'_> {
                         Some(p) => p.write(&dir, rank).map(drop),
                         None => Ok(()),
                     };
-                    (written.map(|()| t.elapsed().as_secs_f64()), staged)
+                    (written.map(|()| t.elapsed().as_secs_f64()), staged.map(RankParts::into_staging))
                 })
                 .map_err(|e| HostError::os("cannot start the checkpoint writer", e))?;
             self.pending = Some(pending(Outcome::Writing(thread), Some(started.elapsed().as_secs_f64())));
@@ -394,6 +411,10 @@ impl Checkpointer<'_> {
 impl CheckpointSink for Checkpointer<'_> {
     fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> sheaf_core::Result<()> {
         self.write(step, params, optimizer).map_err(|e| sheaf_core::Error::Other(e.to_string()))
+    }
+
+    fn save_owned(&mut self, step: u64, params: &[f32], optimizer: OptimState) -> sheaf_core::Result<()> {
+        self.write_owned(step, params, optimizer).map_err(|e| sheaf_core::Error::Other(e.to_string()))
     }
 
     /// Whether a preemption signal reached any rank: the flag allreduced over the world

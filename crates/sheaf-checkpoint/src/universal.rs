@@ -198,7 +198,7 @@ impl<'a> RankParts<'a> {
         local: &PieceLayout,
         whole: &ParamLayout,
         params: Option<&'a [f32]>,
-        state: Option<&'a OptimState>,
+        state: Option<Cow<'a, OptimState>>,
     ) -> Result<RankParts<'a>, HostError> {
         let mut parts = Vec::new();
         if let Some(params) = params {
@@ -213,8 +213,16 @@ impl<'a> RankParts<'a> {
                 parts.push((k, 0, None, Cow::Borrowed(&params[local.layout.range(k)])));
             }
         }
-        for (name, values) in state.map_or(&[][..], |s| &s.buffers[..]) {
-            let (k, lo, slot) = parse_buffer(name, &local.layout).ok_or_else(|| {
+        // A state handed over is moved in, buffer by buffer; a lent one is borrowed.
+        let buffers: Vec<(String, Cow<'a, [f32]>)> = match state {
+            None => Vec::new(),
+            Some(Cow::Borrowed(s)) => {
+                s.buffers.iter().map(|(n, b)| (n.clone(), Cow::Borrowed(&b[..]))).collect()
+            }
+            Some(Cow::Owned(s)) => s.buffers.into_iter().map(|(n, b)| (n, Cow::Owned(b))).collect(),
+        };
+        for (name, values) in buffers {
+            let (k, lo, slot) = parse_buffer(&name, &local.layout).ok_or_else(|| {
                 HostError::Output(format!(
                     "optimizer state `{name}` names no parameter of this rank as `<param>[@<index>].<slot>`: \
                      it cannot be saved by parameter"
@@ -227,30 +235,52 @@ impl<'a> RankParts<'a> {
                     values.len()
                 )));
             }
-            parts.push((k, lo, Some(slot), Cow::Borrowed(&values[..])));
+            parts.push((k, lo, Some(slot), values));
         }
         Ok(RankParts { local: local.clone(), whole: whole.clone(), parts })
     }
 
-    /// The same parts with their values copied, into `staging`'s buffers where it has
-    /// them (an earlier save's, whose pages are already the process's: a copy into
-    /// them is a `memcpy`, not a page fault a page).
-    pub fn to_owned_in(&self, staging: Option<RankParts<'static>>) -> RankParts<'static> {
+    /// The same parts owned: what was handed over moved, what was lent copied into
+    /// `staging`'s buffers where it has them (an earlier save's, whose pages are
+    /// already the process's: a copy into them is a `memcpy`, not a page fault a page).
+    pub fn into_staged(self, staging: Option<RankParts<'static>>) -> RankParts<'static> {
         let mut spare = staging.map(|s| s.parts).unwrap_or_default().into_iter();
         let parts = self
             .parts
-            .iter()
+            .into_iter()
             .map(|(k, lo, slot, values)| {
-                let mut buf = match spare.next() {
-                    Some((_, _, _, Cow::Owned(v))) => v,
-                    _ => Vec::new(),
+                let spare = spare.next();
+                let values = match values {
+                    Cow::Owned(v) => v,
+                    Cow::Borrowed(lent) => {
+                        let mut buf = match spare {
+                            Some((_, _, _, Cow::Owned(v))) => v,
+                            _ => Vec::new(),
+                        };
+                        buf.clear();
+                        buf.extend_from_slice(lent);
+                        buf
+                    }
                 };
-                buf.clear();
-                buf.extend_from_slice(values);
-                (*k, *lo, slot.clone(), Cow::Owned(buf))
+                (k, lo, slot, Cow::Owned(values))
             })
             .collect();
-        RankParts { local: self.local.clone(), whole: self.whole.clone(), parts }
+        RankParts { local: self.local, whole: self.whole, parts }
+    }
+
+    /// What is worth keeping as staging for the next save once this one is written:
+    /// the buffers of the parameters (lent at every save); the optimizer's, handed
+    /// over at every save, are freed.
+    pub fn into_staging(mut self) -> RankParts<'static>
+    where
+        'a: 'static,
+    {
+        for part in &mut self.parts {
+            if part.2.is_some() {
+                part.3 = Cow::Owned(Vec::new());
+            }
+        }
+        self
     }
 
     /// Writes `rank-R.safetensors` (synced) into `dir`, and returns the rank's part of
@@ -626,7 +656,7 @@ mod tests {
                     let rank = k * chunks + c;
                     let state = state_of(&local, &m_mine, chunks, c);
                     let owns_params = (c == 0).then_some(&mine[..]);
-                    RankParts::new(&local, &whole, owns_params, Some(&state)).unwrap().write(dir.path(), rank).unwrap();
+                    RankParts::new(&local, &whole, owns_params, Some(Cow::Borrowed(&state))).unwrap().write(dir.path(), rank).unwrap();
                     writers.push(rank);
                 }
             }
@@ -720,7 +750,7 @@ mod tests {
         let e = u.params(&piece(&whole, true, 1, 2), &whole).unwrap_err().to_string();
         assert!(e.contains("no fragment holds value 2 of `l.weight`"), "{e}");
         let state = OptimState { step: 1, buffers: vec![("other.m".into(), vec![0.0])] };
-        let e = RankParts::new(&half, &whole, None, Some(&state)).err().unwrap().to_string();
+        let e = RankParts::new(&half, &whole, None, Some(Cow::Owned(state))).err().unwrap().to_string();
         assert!(e.contains("`other.m` names no parameter"), "{e}");
         let mut index: Index =
             serde_json::from_slice(&std::fs::read(dir.path().join(INDEX)).unwrap()).unwrap();

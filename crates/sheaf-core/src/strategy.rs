@@ -38,6 +38,13 @@ pub trait CheckpointSink {
     /// `step` optimizer steps are done; `params` are the rank's piece's, in its layout.
     fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> Result<()>;
 
+    /// (1.3.) [`CheckpointSink::save`] handed the optimizer's state to keep, so a
+    /// sink that writes it later (on a thread) takes it without a copy. The default
+    /// lends it to `save`.
+    fn save_owned(&mut self, step: u64, params: &[f32], optimizer: OptimState) -> Result<()> {
+        self.save(step, params, &optimizer)
+    }
+
     /// (1.3.) Whether the world stops after optimizer step `step`, preempted: every
     /// rank calls it after each step (after any [`CheckpointSink::save`]), so the
     /// sink may agree with the other ranks (the host allreduces whether a preemption

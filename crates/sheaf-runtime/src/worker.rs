@@ -336,7 +336,7 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
     // (the optimizer's state is copied out only when one is written).
     if checkpoints.due(summary.steps) {
         // The optimizer's last use: its state is moved out, not copied.
-        checkpoints.write(summary.steps, mine, &p.optimizer.take_state()?)?;
+        checkpoints.write_owned(summary.steps, mine, p.optimizer.take_state()?)?;
     }
     // A save still in flight is committed before the run ends.
     checkpoints.settle(true)?;

@@ -33,7 +33,27 @@ fn save_checkpoint(
 ) -> Result<()> {
     let mut params = vec![0f32; model.layout().total()];
     model.read_params(&mut params)?;
-    sink.save(step, &params, &optimizer.state()?)
+    sink.save_owned(step, &params, optimizer.state()?)
+}
+
+/// [`save_checkpoint`] from the model's own buffer where it lends it (no copy of the
+/// parameters), the optimizer's state handed over.
+fn save_lent(
+    sink: &mut dyn CheckpointSink,
+    step: u64,
+    model: &mut dyn Model,
+    optimizer: &dyn Optimizer,
+) -> Result<()> {
+    let state = optimizer.state()?;
+    let total = model.layout().total();
+    match model.params_mut()? {
+        Some(params) if params.len() == total => sink.save_owned(step, params, state),
+        _ => {
+            let mut params = vec![0f32; total];
+            model.read_params(&mut params)?;
+            sink.save_owned(step, &params, state)
+        }
+    }
 }
 
 /// After step `step` (and its checkpoint, if one was due): when the world agrees it
@@ -43,14 +63,14 @@ pub fn stop_if_preempted(
     sink: &mut dyn CheckpointSink,
     config: &TrainConfig,
     step: u64,
-    model: &dyn Model,
+    model: &mut dyn Model,
     optimizer: &dyn Optimizer,
 ) -> Result<()> {
     if !sink.preempted(step)? {
         return Ok(());
     }
     if !config.checkpoint_due(step) {
-        save_checkpoint(sink, step, model, optimizer)?;
+        save_lent(sink, step, model, optimizer)?;
     }
     Err(Error::Preempted { step })
 }
@@ -137,7 +157,9 @@ impl<'a> RunTally<'a> {
             grad_norm: done.grad_norm,
             val_loss,
         });
-        save_checkpoint_if_due(checkpoints, config, step, model, optimizer)?;
+        if config.checkpoint_due(step) {
+            save_lent(checkpoints, step, model, optimizer)?;
+        }
         stop_if_preempted(checkpoints, config, step, model, optimizer)?;
         Ok(val_loss)
     }

@@ -37,7 +37,9 @@ where
         optimizer: AbiOptimState,
     ) -> RResult<(), AbiError> {
         guard(self.plugin, "checkpoint save", || {
-            self.inner.save(step, params.as_slice(), &state_from_abi_owned(optimizer)).map_err(AbiError::from)
+            self.inner
+                .save_owned(step, params.as_slice(), state_from_abi_owned(optimizer))
+                .map_err(AbiError::from)
         })
     }
     fn preempted(&mut self, step: u64) -> RResult<bool, AbiError> {
@@ -50,6 +52,10 @@ pub(crate) struct LoadedCheckpoints<'a, P: GetPointerKind>(pub(crate) Checkpoint
 impl<P: AsMutPtr<PtrTarget = ()>> CheckpointSink for LoadedCheckpoints<'_, P> {
     fn save(&mut self, step: u64, params: &[f32], optimizer: &OptimState) -> Result<()> {
         Ok(self.0.save(step, RSlice::from_slice(params), state_to_abi(optimizer.clone())).into_result()?)
+    }
+    fn save_owned(&mut self, step: u64, params: &[f32], optimizer: OptimState) -> Result<()> {
+        // The state crosses by value anyway: no copy of it on this side.
+        Ok(self.0.save(step, RSlice::from_slice(params), state_to_abi(optimizer)).into_result()?)
     }
     fn preempted(&mut self, step: u64) -> Result<bool> {
         Ok(self.0.preempted(step).into_result()?)
