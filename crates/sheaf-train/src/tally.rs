@@ -140,7 +140,11 @@ impl<'a> RunTally<'a> {
         self.last_loss = done.loss;
         let (config, step) = (self.config, self.steps);
         // Steps count from 1, and no step is a multiple of 0.
-        let evaluates = config.eval_every.is_some_and(|every| step.is_multiple_of(every));
+        let mut evaluates = config.eval_every.is_some_and(|every| step.is_multiple_of(every));
+        // A preemption does not wait for an evaluation: asked before one too (the
+        // world agrees, so every rank skips it alike).
+        let preempted = evaluates && checkpoints.preempted(step)?;
+        evaluates &= !preempted;
         let val_loss = if evaluates {
             let eval = validate(model)?;
             self.last_eval = Some((step, eval));
@@ -159,6 +163,12 @@ impl<'a> RunTally<'a> {
         });
         if config.checkpoint_due(step) {
             save_lent(checkpoints, step, model, optimizer)?;
+        }
+        if preempted {
+            if !config.checkpoint_due(step) {
+                save_lent(checkpoints, step, model, optimizer)?;
+            }
+            return Err(Error::Preempted { step });
         }
         stop_if_preempted(checkpoints, config, step, model, optimizer)?;
         Ok(val_loss)
@@ -432,5 +442,33 @@ mod tests {
             assert_eq!(sink.saved, saved, "every {every:?}");
             assert_eq!(metrics.0.len() as u64, at, "the preempted step's metrics are recorded");
         }
+        // Evaluating every step: asked before each evaluation too, and a preempted step
+        // is not evaluated (the world stops at once); its metrics say so.
+        let config = TrainConfig { eval_every: Some(1), ..TrainConfig::basic(0, 100, 4, None, 0.25) };
+        let mut tally = RunTally::new(&config);
+        let (mut metrics, mut sink) = (Sinks::default(), Preempting { at: 2, saved: vec![], asked: vec![] });
+        let mut evaluated = Vec::new();
+        let mut stopped = None;
+        for _ in 0..5 {
+            let done = StepDone {
+                epoch: 0,
+                loss: 1.0,
+                grad_norm: 1.0,
+                samples: 4,
+                started: std::time::Instant::now(),
+            };
+            let step = tally.steps() + 1;
+            let result = tally.end_step(done, &mut metrics, &mut sink, &mut model, &Still, |_| {
+                evaluated.push(step);
+                Ok((0.0, 0.0))
+            });
+            if let Err(e) = result {
+                stopped = Some(e);
+                break;
+            }
+        }
+        assert_eq!(stopped, Some(sheaf_core::Error::Preempted { step: 2 }));
+        assert_eq!((sink.asked, sink.saved, evaluated), (vec![1, 1, 2], vec![2], vec![1]));
+        assert_eq!(metrics.0.iter().map(|m| m.val_loss.is_some()).collect::<Vec<_>>(), [true, false]);
     }
 }
