@@ -58,8 +58,8 @@ pub struct JobArgs {
     pub init_from: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its newest checkpoint (parameters, optimizer
     /// state, step, data position), with its job (RUN_DIR/job.toml) unless a job file
-    /// is given; --set still applies. Same world size and strategy. (--init-from then
-    /// counts only while the run has no checkpoint yet.)
+    /// is given; --set still applies. Any world size, strategy and layout, the same
+    /// global batch. (--init-from then counts only while the run has no checkpoint yet.)
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
     /// The signal that preempts the run besides SIGTERM and SIGINT (as SLURM's
