@@ -268,15 +268,22 @@ fn one_step_is_the_definition() {
             let out: Vec<_> = ranks
                 .into_iter()
                 .map(|r| {
-                    let peak = r.ran.summary.unwrap().peak_activation_bytes;
-                    (r.params, r.ran.metrics[0].loss, peak, r.ran.momentum.len())
+                    let summary = r.ran.summary.unwrap();
+                    let grad_bytes = summary.gradient_bytes_per_rank.unwrap_or(0.0) as usize;
+                    (
+                        r.params,
+                        r.ran.metrics[0].loss,
+                        summary.peak_activation_bytes,
+                        r.ran.momentum.len(),
+                        grad_bytes,
+                    )
                 })
                 .collect();
             for (d, whole) in wholes.iter().enumerate() {
                 let diff = max_abs_diff(whole, &want);
                 assert!(diff < 1e-6, "clip {clip:?}, {l:?}: pipeline {d} is {diff} from the step by hand");
             }
-            for (rank, (params, loss, peak, momentum)) in out.iter().enumerate() {
+            for (rank, (params, loss, peak, momentum, grad_bytes)) in out.iter().enumerate() {
                 assert!((loss - loss_sum / n as f64).abs() < 1e-6, "{l:?}: rank {rank} reports loss {loss}");
                 let (d, p) = (rank / stages, rank % stages);
                 let share = sheaf_core::chunk_range(n, pipelines, d).len();
@@ -305,6 +312,14 @@ fn one_step_is_the_definition() {
                 if zero == 3 {
                     let rows: usize = (0..pipelines).map(|q| out[q * stages + p].0.len()).sum();
                     assert_eq!(rows, piece, "{l:?}: stage {p}'s rows");
+                    // Its rows' summed gradient and a wire of every replica's part of a
+                    // unit (each at most the piece), no more.
+                    let values = grad_bytes / 4;
+                    let most = params.len() + (pipelines + 1) * piece;
+                    assert!(
+                        values > params.len() && values <= most,
+                        "{l:?}: rank {rank} holds {values} gradient values"
+                    );
                 }
             }
         }
