@@ -118,7 +118,7 @@ pub(crate) fn state_from_file(file: &TensorFile) -> Result<OptimState, HostError
 pub struct Checkpointer<'a> {
     pub comm: &'a Group,
     pub plan: &'a Plan,
-    /// The run directory (rank 0 writes into it; `None`: no checkpoints).
+    /// The run directory (every rank writes its parts into it; `None`: no checkpoints).
     pub run_dir: Option<PathBuf>,
     /// Checkpoints kept (the newest).
     pub keep: usize,
