@@ -13,6 +13,7 @@ set -euo pipefail
 
 runs=${1:-5}
 dir=${2:-$(mktemp -d)}
+mkdir -p "$dir"
 root=$(cd "$(dirname "$0")/../.." && pwd)
 sheaf=$root/target/release/sheaf
 [[ -x $sheaf ]] || { echo "build first: cargo build --release" >&2; exit 2; }
