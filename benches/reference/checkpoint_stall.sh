@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What a checkpoint costs the training loop, saved synchronously and on a thread
 # (`train.checkpoint_async`), beside no checkpoints at all: a 25.2M-parameter MLP with
-# AdamW (a checkpoint of about 290 MB), one rank, a save every 2 steps (6 a run), RUNS
-# runs a mode, interleaved. Prints, per mode, the median wall time of a run and the
+# AdamW (a checkpoint of about 290 MB), one rank, a save every EVERY steps (default 4)
+# of STEPS (default 24), RUNS runs a mode, interleaved. A save every 2 steps here comes
+# before the last one is written, and then waits for it. Prints, per mode, the median wall time of a run and the
 # median of summary.json's per-save stall and write times; then the stall a save adds
 # to the wall time, and the asynchronous stall as a share of the synchronous one.
 # Outside CI; quote medians from an otherwise idle machine:
@@ -18,12 +19,12 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 sheaf=$root/target/release/sheaf
 [[ -x $sheaf ]] || { echo "build first: cargo build --release" >&2; exit 2; }
 job=(--set 'data.dataset="synthetic"' --set data.samples=512 --set 'model.layers=[1024, 4096, 4096, 1024, 10]'
-    --set train.batch_size=64 --set train.max_steps=12 --set train.keep_checkpoints=2 --set 'train.optimizer="adamw"')
+    --set train.batch_size=64 --set train.max_steps=${STEPS:-24} --set train.keep_checkpoints=2 --set 'train.optimizer="adamw"')
 for i in $(seq "$runs"); do
     for mode in async sync none; do
         case $mode in
-            async) extra=(--set train.checkpoint_every=2 --set train.checkpoint_async=true) ;;
-            sync) extra=(--set train.checkpoint_every=2) ;;
+            async) extra=(--set train.checkpoint_every=${EVERY:-4} --set train.checkpoint_async=true) ;;
+            sync) extra=(--set train.checkpoint_every=${EVERY:-4}) ;;
             none) extra=() ;;
         esac
         rm -rf "$dir/$mode-$i"
