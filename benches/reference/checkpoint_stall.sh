@@ -29,6 +29,8 @@ for i in $(seq "$runs"); do
         esac
         rm -rf "$dir/$mode-$i"
         "$sheaf" launch -n 1 "${job[@]}" "${extra[@]}" --run-dir "$dir/$mode-$i" >"$dir/$mode-$i.log" 2>&1
+        # Only summary.json is read: each run's checkpoints (about 600 MB) go at once.
+        rm -rf "$dir/$mode-$i/checkpoints" "$dir/$mode-$i/checkpoint.safetensors"
     done
 done
 python3 - "$dir" "$runs" <<'PY'
