@@ -544,7 +544,7 @@ impl Optimizer for Resharding<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use sheaf_core::{chunk_range, ParamShard, ParamSpec, ShardSource};
@@ -699,9 +699,9 @@ mod tests {
         }
     }
 
-    /// An optimizer that keeps the state it is given.
+    /// An optimizer that keeps the state it is given (the checkpointer's tests use it too).
     #[derive(Default)]
-    struct Keep(Option<OptimState>);
+    pub(crate) struct Keep(pub(crate) Option<OptimState>);
 
     impl Optimizer for Keep {
         fn step(&mut self, _: &mut [Param<'_>]) -> sheaf_core::Result<()> {

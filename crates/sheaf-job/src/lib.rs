@@ -6,5 +6,7 @@ pub mod job;
 pub mod memory;
 pub mod plan;
 
-#[cfg(test)]
-mod fixture;
+/// A small model and plans of it, for tests here and in the crates above (feature
+/// `fixture`).
+#[cfg(any(test, feature = "fixture"))]
+pub mod fixture;
