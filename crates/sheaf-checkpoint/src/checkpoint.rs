@@ -709,7 +709,7 @@ mod sink {
                     assert!(!sink.due(step), "a step is saved once");
                 }
                 sink.settle(true).unwrap();
-                sink.saves.iter().map(|s| (s.step, s.stall_s >= 0.0 && s.write_s >= 0.0)).collect::<Vec<_>>()
+                sink.saves.iter().map(|s| (s.step, s.stall_s >= 0.0 && s.write_s > 0.0)).collect::<Vec<_>>()
             });
             assert_eq!(saves, vec![vec![(2, true), (4, true), (6, true)]; 2], "async {asynchronous}");
             let checkpoints = dir.path().join(super::CHECKPOINTS);
@@ -779,6 +779,17 @@ mod sink {
             "{outcomes:?}"
         );
         assert_eq!(latest(dir.path()).unwrap().unwrap().0, 2);
+        // Rank 0 cannot make the save's directory (the run directory is a file): every
+        // rank is told, and no rank writes.
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"not a directory").unwrap();
+        let outcomes = sheaf_testkit::run_world(2, |comm| {
+            let mut sink = checkpointer(&comm, &plan, Some(&file), false);
+            let (params, state) = state_at(&plan, 2, comm.rank());
+            sink.write(2, &params, &state).map_err(|e| e.to_string())
+        });
+        assert!(outcomes[0].as_ref().unwrap_err().contains("a-file"), "{outcomes:?}");
+        assert!(outcomes[1].as_ref().unwrap_err().contains("rank 0 could not make"), "{outcomes:?}");
     }
 
     /// A preemption signal on one rank stops every rank at the same step; the save goes
@@ -805,5 +816,9 @@ mod sink {
         let e = check_resumable(dir.path(), &other).unwrap_err();
         assert!(e.to_string().contains("global batch of 4 samples") && e.exit_code() == 2, "{e}");
         check_resumable(dir.path(), &config()).unwrap();
+        // A run directory with no checkpoint yet resumes from the start.
+        let fresh = tempfile::tempdir().unwrap();
+        check_resumable(fresh.path(), &other).unwrap();
+        assert!(latest(fresh.path()).unwrap().is_none());
     }
 }
