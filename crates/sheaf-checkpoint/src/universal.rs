@@ -720,6 +720,17 @@ pub(crate) mod tests {
         }
     }
 
+    /// Runs of one length at one stride are one entry: a column slice of a matrix is
+    /// one, whatever its rows; runs that break the stride start another.
+    #[test]
+    fn strided_runs_are_grouped() {
+        assert_eq!(runs_of(&[0, 1, 5, 6, 10, 11]), [[0, 2, 5, 3]]);
+        assert_eq!(runs_of(&[3, 4, 5]), [[3, 3, 3, 1]]);
+        assert_eq!(runs_of(&[0, 1, 5, 6, 12, 13]), [[0, 2, 5, 2], [12, 2, 2, 1]]);
+        assert_eq!(runs_of(&[7, 2]), [[7, 1, 1, 1], [2, 1, 1, 1]]);
+        assert_eq!(runs_of(&[0, 4, 8, 9]), [[0, 1, 4, 2], [8, 2, 2, 1]]);
+    }
+
     /// Buffer names come apart into the longest parameter name, the first index and
     /// the slot; a name of no parameter does not.
     #[test]
