@@ -720,6 +720,56 @@ pub(crate) mod tests {
         }
     }
 
+    /// An optimizer whose every answer is its own, to see the wrapper pass them on.
+    struct Probe {
+        lr: f64,
+        loaded: Option<OptimState>,
+    }
+
+    impl Optimizer for Probe {
+        fn step(&mut self, _: &mut [Param<'_>]) -> sheaf_core::Result<()> {
+            Ok(())
+        }
+        fn learning_rate(&self) -> f64 {
+            self.lr
+        }
+        fn set_learning_rate(&mut self, lr: f64) {
+            self.lr = lr;
+        }
+        fn state(&self) -> sheaf_core::Result<OptimState> {
+            Ok(OptimState { step: 9, buffers: vec![("w.m".into(), vec![1.0, 2.0])] })
+        }
+        fn load_state(&mut self, state: &OptimState) -> sheaf_core::Result<()> {
+            self.loaded = Some(state.clone());
+            Ok(())
+        }
+        fn take_state(&mut self) -> sheaf_core::Result<OptimState> {
+            Ok(OptimState { step: 10, buffers: Vec::new() })
+        }
+        fn state_bytes(&self) -> sheaf_core::Result<u64> {
+            Ok(12)
+        }
+        fn state_values_per_param(&self) -> Option<u32> {
+            Some(2)
+        }
+    }
+
+    /// Besides cutting the state before a step, the wrapper hands every call to the
+    /// optimizer it wraps and every answer back.
+    #[test]
+    fn resharding_hands_everything_else_to_its_optimizer() {
+        let mut probe = Probe { lr: 0.25, loaded: None };
+        let mut r = Resharding::new(&mut probe, None);
+        assert_eq!(r.learning_rate(), 0.25);
+        r.set_learning_rate(0.5);
+        assert_eq!(r.learning_rate(), 0.5);
+        assert_eq!(r.state().unwrap().buffers[0].1, [1.0, 2.0]);
+        assert_eq!(r.take_state().unwrap().step, 10);
+        assert_eq!((r.state_bytes().unwrap(), r.state_values_per_param()), (12, Some(2)));
+        r.load_state(&OptimState { step: 3, buffers: Vec::new() }).unwrap();
+        assert_eq!(probe.loaded.map(|s| s.step), Some(3));
+    }
+
     /// Runs of one length at one stride are one entry: a column slice of a matrix is
     /// one, whatever its rows; runs that break the stride start another.
     #[test]
