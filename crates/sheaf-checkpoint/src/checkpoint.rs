@@ -792,6 +792,53 @@ mod sink {
         assert!(outcomes[1].as_ref().unwrap_err().contains("rank 0 could not make"), "{outcomes:?}");
     }
 
+    /// A checkpoint of format 1 (the whole model, each rank's optimizer state in the
+    /// file `state.json` names), as runs before format 2 wrote them, is read by the
+    /// world and strategy that wrote it, and refused by another, naming both.
+    #[test]
+    fn format_1_checkpoints_are_still_read_by_their_own_world() {
+        let plan = sheaf_job::fixture::plan(&[0..3, 0..3], 1, &[None, None]);
+        let dir = tempfile::tempdir().unwrap();
+        let (params, _) = state_at(&plan, 3, 0);
+        let bytes = sheaf_report::outputs::safetensors_bytes(&plan.info.layout, &params).unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), bytes).unwrap();
+        let state = OptimState { step: 3, buffers: vec![("e.m".into(), vec![0.5; 40])] };
+        std::fs::write(dir.path().join("optimizer-rank-0.safetensors"), super::state_bytes(&state).unwrap())
+            .unwrap();
+        let written = super::CheckpointState {
+            format: "sheaf-checkpoint-1".into(),
+            step: 3,
+            micro_step: 3,
+            epoch: 0,
+            batch_in_epoch: 3,
+            seed: 1,
+            world_size: 2,
+            strategy: "any".into(),
+            optimizer_files: vec!["optimizer-rank-0.safetensors".into(); 2],
+            job: serde_json::json!({}),
+            batch_size: 0,
+            grad_accum: 0,
+            optimizer_step: 0,
+        };
+        let json = |s: &super::CheckpointState| serde_json::to_vec(s).unwrap();
+        std::fs::write(dir.path().join("state.json"), json(&written)).unwrap();
+        for rank in 0..2 {
+            let r = read(dir.path(), &plan, rank, "any", &config()).unwrap();
+            assert_eq!((r.params, r.state.step), (params.clone(), 3), "rank {rank}");
+            let ResumedState::Whole(got) = r.optimizer else { panic!("format 1 is read whole") };
+            assert_eq!(got, state, "rank {rank}");
+        }
+        let e = read(dir.path(), &plan, 0, "pipeline", &config()).err().unwrap().to_string();
+        assert!(e.contains("written by 2 ranks of `any` in format 1, this run is 2 of `pipeline`"), "{e}");
+        let one = sheaf_job::fixture::plan(std::slice::from_ref(&(0..3)), 1, &[None]);
+        let e = read(dir.path(), &one, 0, "any", &config()).err().unwrap().to_string();
+        assert!(e.contains("this run is 1 of `any`"), "{e}");
+        let outside = super::CheckpointState { optimizer_files: vec!["../x".into(); 2], ..written };
+        std::fs::write(dir.path().join("state.json"), json(&outside)).unwrap();
+        let e = read(dir.path(), &plan, 1, "any", &config()).err().unwrap().to_string();
+        assert!(e.contains("optimizer file `../x` is not a file name"), "{e}");
+    }
+
     /// A preemption signal on one rank stops every rank at the same step; the save goes
     /// to the preemption's directory when the job saves no checkpoints; another
     /// global batch is refused on resuming.
