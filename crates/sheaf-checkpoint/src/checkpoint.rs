@@ -828,8 +828,8 @@ mod sink {
             let ResumedState::Whole(got) = r.optimizer else { panic!("format 1 is read whole") };
             assert_eq!(got, state, "rank {rank}");
         }
-        let e = read(dir.path(), &plan, 0, "pipeline", &config()).err().unwrap().to_string();
-        assert!(e.contains("written by 2 ranks of `any` in format 1, this run is 2 of `pipeline`"), "{e}");
+        let e = read(dir.path(), &plan, 0, "another", &config()).err().unwrap().to_string();
+        assert!(e.contains("written by 2 ranks of `any` in format 1, this run is 2 of `another`"), "{e}");
         let one = sheaf_job::fixture::plan(std::slice::from_ref(&(0..3)), 1, &[None]);
         let e = read(dir.path(), &one, 0, "any", &config()).err().unwrap().to_string();
         assert!(e.contains("this run is 1 of `any`"), "{e}");
