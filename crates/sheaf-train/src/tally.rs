@@ -66,9 +66,21 @@ pub fn stop_if_preempted(
     model: &mut dyn Model,
     optimizer: &dyn Optimizer,
 ) -> Result<()> {
-    if !sink.preempted(step)? {
-        return Ok(());
+    match sink.preempted(step)? {
+        true => stop_here(sink, config, step, model, optimizer),
+        false => Ok(()),
     }
+}
+
+/// The world stops after `step`, preempted: saved there (unless the step's own
+/// checkpoint already was), the run ended with [`Error::Preempted`].
+fn stop_here(
+    sink: &mut dyn CheckpointSink,
+    config: &TrainConfig,
+    step: u64,
+    model: &mut dyn Model,
+    optimizer: &dyn Optimizer,
+) -> Result<()> {
     if !config.checkpoint_due(step) {
         save_lent(sink, step, model, optimizer)?;
     }
@@ -164,13 +176,11 @@ impl<'a> RunTally<'a> {
         if config.checkpoint_due(step) {
             save_lent(checkpoints, step, model, optimizer)?;
         }
-        if preempted {
-            if !config.checkpoint_due(step) {
-                save_lent(checkpoints, step, model, optimizer)?;
-            }
-            return Err(Error::Preempted { step });
+        // Asked again after the step's checkpoint, unless the answer came before the
+        // evaluation.
+        if preempted || checkpoints.preempted(step)? {
+            stop_here(checkpoints, config, step, model, optimizer)?;
         }
-        stop_if_preempted(checkpoints, config, step, model, optimizer)?;
         Ok(val_loss)
     }
 
@@ -413,30 +423,10 @@ mod tests {
     /// `Preempted` naming the step, its metrics recorded.
     #[test]
     fn a_preemption_saves_the_step_once_and_stops_the_run() {
-        let layout =
-            sheaf_core::ParamLayout::new(vec![sheaf_core::ParamSpec { name: "w".into(), shape: vec![2] }]);
-        let mut model = Two(layout, [1.0, 2.0]);
         for (every, at, saved) in [(None, 3u64, vec![3u64]), (Some(2), 3, vec![2, 3]), (Some(3), 3, vec![3])]
         {
             let config = TrainConfig { checkpoint_every: every, ..TrainConfig::basic(0, 100, 4, None, 0.25) };
-            let mut tally = RunTally::new(&config);
-            let (mut metrics, mut sink) = (Sinks::default(), Preempting { at, saved: vec![], asked: vec![] });
-            let mut stopped = None;
-            for _ in 0..5 {
-                let done = StepDone {
-                    epoch: 0,
-                    loss: 1.0,
-                    grad_norm: 1.0,
-                    samples: 4,
-                    started: std::time::Instant::now(),
-                };
-                if let Err(e) =
-                    tally.end_step(done, &mut metrics, &mut sink, &mut model, &Still, |_| Ok((0.0, 0.0)))
-                {
-                    stopped = Some(e);
-                    break;
-                }
-            }
+            let (stopped, metrics, sink, _) = run_until_preempted(&config, at);
             assert_eq!(stopped, Some(sheaf_core::Error::Preempted { step: at }), "every {every:?}");
             assert_eq!(sink.asked, (1..=at).collect::<Vec<_>>(), "every {every:?}");
             assert_eq!(sink.saved, saved, "every {every:?}");
@@ -445,10 +435,24 @@ mod tests {
         // Evaluating every step: asked before each evaluation too, and a preempted step
         // is not evaluated (the world stops at once); its metrics say so.
         let config = TrainConfig { eval_every: Some(1), ..TrainConfig::basic(0, 100, 4, None, 0.25) };
-        let mut tally = RunTally::new(&config);
-        let (mut metrics, mut sink) = (Sinks::default(), Preempting { at: 2, saved: vec![], asked: vec![] });
+        let (stopped, metrics, sink, evaluated) = run_until_preempted(&config, 2);
+        assert_eq!(stopped, Some(sheaf_core::Error::Preempted { step: 2 }));
+        assert_eq!((sink.asked, sink.saved, evaluated), (vec![1, 1, 2], vec![2], vec![1]));
+        assert_eq!(metrics.0.iter().map(|m| m.val_loss.is_some()).collect::<Vec<_>>(), [true, false]);
+    }
+
+    /// Up to 5 steps under `config` into a sink that says preempted from step `at`: the
+    /// error that stopped them, the metrics, the sink, and the steps evaluated.
+    fn run_until_preempted(
+        config: &TrainConfig,
+        at: u64,
+    ) -> (Option<sheaf_core::Error>, Sinks, Preempting, Vec<u64>) {
+        let layout =
+            sheaf_core::ParamLayout::new(vec![sheaf_core::ParamSpec { name: "w".into(), shape: vec![2] }]);
+        let mut model = Two(layout, [1.0, 2.0]);
+        let mut tally = RunTally::new(config);
+        let (mut metrics, mut sink) = (Sinks::default(), Preempting { at, saved: vec![], asked: vec![] });
         let mut evaluated = Vec::new();
-        let mut stopped = None;
         for _ in 0..5 {
             let done = StepDone {
                 epoch: 0,
@@ -463,12 +467,9 @@ mod tests {
                 Ok((0.0, 0.0))
             });
             if let Err(e) = result {
-                stopped = Some(e);
-                break;
+                return (Some(e), metrics, sink, evaluated);
             }
         }
-        assert_eq!(stopped, Some(sheaf_core::Error::Preempted { step: 2 }));
-        assert_eq!((sink.asked, sink.saved, evaluated), (vec![1, 1, 2], vec![2], vec![1]));
-        assert_eq!(metrics.0.iter().map(|m| m.val_loss.is_some()).collect::<Vec<_>>(), [true, false]);
+        (None, metrics, sink, evaluated)
     }
 }
