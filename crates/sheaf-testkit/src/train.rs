@@ -145,6 +145,19 @@ pub fn run_rank(
     Ran { summary, metrics: metrics.0, momentum: momentum.buf }
 }
 
+/// One step of a global batch of `batch` on this rank (as [`run_rank`] runs it): the
+/// error the strategy refused it with, if any. What the strategies' refusal tests ask.
+pub fn refusal(
+    strategy: &mut dyn Strategy,
+    comm: &dyn Communicator,
+    model: &mut dyn Model,
+    batch: usize,
+    data: (&dyn Dataset, &dyn Dataset),
+) -> Option<String> {
+    let config = TrainConfig::basic(1, 1, batch, Some(1), 0.1);
+    run_rank(strategy, comm, model, config, data).summary.err().map(|e| e.to_string())
+}
+
 /// A strategy plugin's factory against what it says it provides: each strategy it
 /// lists builds from empty settings under its own name; a name it does not list is
 /// refused naming `parallel.strategy` and the names it has.

@@ -360,15 +360,7 @@ fn bad_contexts_are_refused() {
             // Rank 0 waits for a refused rank 1 until its deadline.
             let config = TensorParallelConfig { timeout_ms: 500, ..Default::default() };
             let mut strategy = TensorParallel { config };
-            let result = run_rank(
-                &mut strategy,
-                &comm,
-                &mut model,
-                TrainConfig::basic(1, 1, batch, Some(1), 0.1),
-                (&train, &test),
-            )
-            .summary;
-            result.err().map(|e| e.to_string())
+            sheaf_testkit::train::refusal(&mut strategy, &comm, &mut model, batch, (&train, &test))
         })
     };
     let errors = run(0, 1);

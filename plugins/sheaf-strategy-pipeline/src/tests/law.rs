@@ -207,15 +207,7 @@ fn bad_contexts_are_refused() {
             // A stage waits for a refused one until its deadline.
             let config = PipelineConfig { timeout_ms: 500, micro_batches: 2, ..Default::default() };
             let mut strategy = Pipeline { config };
-            let result = run_rank(
-                &mut strategy,
-                &comm,
-                &mut model,
-                TrainConfig::basic(1, 1, batch, Some(1), 0.1),
-                (&train, &test),
-            )
-            .summary;
-            result.err().map(|e| e.to_string())
+            sheaf_testkit::train::refusal(&mut strategy, &comm, &mut model, batch, (&train, &test))
         })
     };
     let errors = run(0, 0..2);
