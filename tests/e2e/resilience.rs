@@ -768,16 +768,16 @@ fn checkpoints_reshard_across_world_sizes_and_strategies() {
 }
 
 /// The flight recorder of a world that stopped: the launcher asks every worker still
-/// running for its record (SIGUSR2) and says who stopped where. `sets` slow or stall a
-/// rank; returns the launcher's standard error.
-fn stalled_world(n: &str, args_of: impl FnOnce(&Path) -> Vec<String>, env: &[(&str, &str)]) -> String {
+/// running for its record (SIGUSR2) and says who stopped where. `args` slow or stall a
+/// rank, `timeout_s` is the transport's deadline; returns the launcher's standard
+/// error, which comes within 60 s.
+fn stalled_world(n: &str, timeout_s: u32, args: &[String], env: &[(&str, &str)]) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let args = args_of(dir.path());
     let started = Instant::now();
     let out = Command::new(sheaf_bin())
         .args(["launch", "-n", n])
-        .args(&args)
-        .args(["--set", "transport.timeout_s=3", "--run-dir"])
+        .args(args)
+        .args(["--set", &format!("transport.timeout_s={timeout_s}"), "--run-dir"])
         .arg(dir.path())
         .envs(env.iter().copied())
         .env_remove("SHEAF_PLUGIN_PATH")
@@ -792,35 +792,51 @@ fn stalled_world(n: &str, args_of: impl FnOnce(&Path) -> Vec<String>, env: &[(&s
     err
 }
 
+/// The `local-sgd` fixture in a plugin directory of its own, and the arguments that
+/// train it with `options` set.
+fn local_sgd(options: &[&str]) -> (tempfile::TempDir, Vec<String>) {
+    let plugins = tempfile::tempdir().unwrap();
+    let src = sheaf_tests::library("fixture-local-sgd");
+    std::fs::copy(&src, plugins.path().join(src.file_name().unwrap())).unwrap();
+    let mut args = vec!["--plugin-dir".to_string(), plugins.path().to_str().unwrap().to_string()];
+    args.extend(["--set".into(), "parallel.strategy=\"local-sgd\"".into()]);
+    for o in options {
+        args.extend(["--set".into(), format!("parallel.options.local-sgd.{o}")]);
+    }
+    (plugins, args)
+}
+
 /// A rank that never enters a collective (the `local-sgd` fixture's skipping rank,
 /// waiting elsewhere at step 3): the report names it, the last call it left and the
 /// one it never entered, and the rank that waited there until its deadline.
 #[test]
 fn the_flight_recorder_names_a_rank_that_skipped_a_collective() {
-    let plugins = tempfile::tempdir().unwrap();
-    let src = sheaf_tests::library("fixture-local-sgd");
-    std::fs::copy(&src, plugins.path().join(src.file_name().unwrap())).unwrap();
-    let err = stalled_world(
-        "2",
-        |_| {
-            [
-                "--plugin-dir",
-                plugins.path().to_str().unwrap(),
-                "--set",
-                "parallel.strategy=\"local-sgd\"",
-                "--set",
-                "parallel.options.local-sgd.sync_every=100",
-                "--set",
-                "parallel.options.local-sgd.skipping_rank=1",
-            ]
-            .map(String::from)
-            .to_vec()
-        },
-        &[],
-    );
+    let (_plugins, args) = local_sgd(&["sync_every=100", "skipping_rank=1"]);
+    let err = stalled_world("2", 3, &args, &[]);
     // Broadcast #0, then each step's loss allreduce: step 3's is #3.
     assert!(err.contains("rank 1 left allreduce #2 of group world and never entered #3"), "{err}");
     assert!(err.contains("rank 0 waited in allreduce #3 of group world"), "{err}");
+}
+
+/// Point-to-point calls carry signatures once a strategy promises NCCL's rule (the
+/// fixture passes each step's number around the ring through the plugin ABI): a
+/// send tagged other than its receiver expects, and two ranks each waiting to receive
+/// from the other, fail at once, far inside the 120 s deadline, naming both calls.
+#[test]
+fn ranks_that_disagree_point_to_point_fail_at_once_naming_both_calls() {
+    let cases = [
+        (
+            "mistagging_rank=1",
+            "point-to-point out of step: rank 0's recv #3 from rank 1 wants tag 3; rank 1's send #3 to \
+             rank 0 was tag 4 (8 bytes)",
+        ),
+        ("recv_first_at=3", "in recv #3 of tag 3 from rank 0: neither will send"),
+    ];
+    for (misstep, want) in cases {
+        let (_plugins, args) = local_sgd(&["ring_pass=true", "timeout_ms=120000", misstep]);
+        let err = stalled_world("2", 120, &args, &[]);
+        assert!(err.contains(want), "{misstep}: {err}");
+    }
 }
 
 /// A pipeline stage that sleeps in its forward pass (the test-only slowdown on rank
@@ -828,15 +844,9 @@ fn the_flight_recorder_names_a_rank_that_skipped_a_collective() {
 /// neighbour waited in, by number and peer.
 #[test]
 fn the_flight_recorder_names_a_stage_that_stopped() {
-    let err = stalled_world(
-        "2",
-        |_| {
-            ["--set", "parallel.strategy=\"pipeline\"", "--set", "model.layers=[64, 96, 80, 64, 10]"]
-                .map(String::from)
-                .to_vec()
-        },
-        &[("SHEAF_TEST_SLOW_RANK", "0"), ("SHEAF_TEST_SLOW_MS", "60000")],
-    );
+    let args = ["--set", "parallel.strategy=\"pipeline\"", "--set", "model.layers=[64, 96, 80, 64, 10]"];
+    let args = args.map(String::from);
+    let err = stalled_world("2", 3, &args, &[("SHEAF_TEST_SLOW_RANK", "0"), ("SHEAF_TEST_SLOW_MS", "60000")]);
     // Stage 0 left the step's barrier and sleeps before its first forward pass; stage
     // 1 waited for its activations.
     assert!(err.contains("rank 0 left barrier #1 of group world/0.0 and never entered #2"), "{err}");

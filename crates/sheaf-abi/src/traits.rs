@@ -287,6 +287,11 @@ pub trait CommunicatorAbi: Send + Sync {
         output: RSliceMut<'_, u8>,
         timeout_ns: u64,
     ) -> RResult<(), AbiError>;
+    /// (1.4.) [`sheaf_core::Communicator::order_point_to_point`]; a communicator from
+    /// a host built before 1.4 gets this default: unchecked.
+    fn order_point_to_point(&self) -> RResult<bool, AbiError> {
+        RResult::ROk(false)
+    }
 }
 
 #[sabi_trait]

@@ -11,6 +11,7 @@ use crate::{reduce, Algorithm, BroadcastAlgorithm};
 mod chain;
 mod direct;
 mod halving_doubling;
+mod p2p;
 mod ring;
 mod signature;
 mod tree;
@@ -44,6 +45,8 @@ pub struct Group {
     unchecked: Mutex<Option<Signature>>,
     /// The world's hosts, when known ([`Group::with_hosts`]).
     hosts: Option<Arc<Hosts>>,
+    /// Point-to-point signatures, once promised ([`Communicator::order_point_to_point`]).
+    ordered: p2p::Ordered,
 }
 
 /// A world group's hosts: the group of this host's ranks, and (on its first rank) the
@@ -76,6 +79,7 @@ impl Group {
             in_call: AtomicBool::new(false),
             unchecked: Mutex::new(None),
             hosts: None,
+            ordered: p2p::Ordered::default(),
         }
     }
 
@@ -409,6 +413,17 @@ impl Group {
             .collect()
     }
 
+    /// Where an ordered point-to-point call with group rank `peer` goes.
+    fn wire(&self, peer: usize, tag: u32) -> p2p::Wire<'_> {
+        p2p::Wire {
+            link: &*self.link,
+            data: self.tag(TagClass::User, tag),
+            records: self.tag(TagClass::Signature, 1),
+            me: self.members[self.rank],
+            peer: self.members[peer],
+        }
+    }
+
     fn is_whole_world(&self) -> bool {
         self.size() == self.link.world_size() && self.members.iter().enumerate().all(|(i, &m)| i == m)
     }
@@ -449,12 +464,26 @@ impl Communicator for Group {
 
     fn send(&self, peer: usize, tag: u32, data: &[u8], dl: Deadline) -> Result<(), CommError> {
         self.check_peer(peer, Op::Send)?;
+        if self.ordered.is_on() {
+            return self.guarded(Op::Send, || self.ordered.send(peer, &self.wire(peer, tag), data, dl));
+        }
         self.guarded(Op::Send, || self.send_to(peer, TagClass::User, tag, data, dl))
     }
 
     fn recv(&self, peer: usize, tag: u32, dl: Deadline) -> Result<Vec<u8>, CommError> {
         self.check_peer(peer, Op::Recv)?;
+        if self.ordered.is_on() {
+            return self.guarded(Op::Recv, || {
+                self.waiting_on.store(self.members[peer], Ordering::Relaxed);
+                self.ordered.recv(peer, &self.wire(peer, tag), dl)
+            });
+        }
         self.guarded(Op::Recv, || self.recv_from(peer, TagClass::User, tag, dl))
+    }
+
+    fn order_point_to_point(&self) -> Result<bool, CommError> {
+        self.ordered.enable(self.size());
+        Ok(true)
     }
 
     fn allreduce(&self, buf: &mut [u8], dtype: DType, op: ReduceOp, dl: Deadline) -> Result<(), CommError> {

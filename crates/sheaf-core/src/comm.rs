@@ -27,7 +27,7 @@ pub enum TagClass {
     AllToAll = 9,
     Reduce = 10,
     /// A collective call's signature, sent to the right neighbour ahead of the call's
-    /// messages. The sending thread always makes another call on the link after it
+    /// messages (value 0), or a point-to-point signature (value 1). The sending thread always makes another call on the link after it
     /// (a send or a receive of the same collective), so a transport may hold such a
     /// message until then and write it together with what follows.
     Signature = 11,
@@ -81,6 +81,9 @@ impl fmt::Debug for Tag {
 ///   for flow control, but no later than `deadline`.
 /// - Messages from one rank with one tag are received in the order they were sent.
 /// - `recv` returns by `deadline` with the message, or with an error naming the peer.
+///   A `recv` that times out takes nothing: a message that comes later is there for
+///   the next `recv`, and a `recv` whose deadline has already passed still returns a
+///   message that is there (a poll).
 ///   Once any rank of the world is known dead or has called [`Link::abort`], every
 ///   pending and later `recv` fails with [`CommError::PeerFailed`] naming the culprit.
 pub trait Link: Send + Sync {
@@ -165,6 +168,20 @@ pub trait Communicator: Send + Sync {
 
     fn send(&self, peer: usize, tag: u32, data: &[u8], deadline: Deadline) -> Result<(), CommError>;
     fn recv(&self, peer: usize, tag: u32, deadline: Deadline) -> Result<Vec<u8>, CommError>;
+
+    /// (1.4.) The caller promises NCCL's rule for this communicator's point-to-point
+    /// calls from now on: between two ranks, each one's sends are received by the
+    /// other in the order they were sent, whatever their tags, and a rank makes its
+    /// calls toward one peer from one thread at a time. (Without the promise a message
+    /// of another tag may come first.) Every rank of the communicator promises, before
+    /// its first point-to-point call. A communicator that checks the promise returns
+    /// `true`: each send then carries a signature (its number, tag and length), and a
+    /// receive fails at once with [`CommError::Protocol`] naming both calls when the
+    /// peer's next send has another tag, or when the two ranks each wait to receive
+    /// from the other. The default checks nothing and returns `false`.
+    fn order_point_to_point(&self) -> Result<bool, CommError> {
+        Ok(false)
+    }
 
     /// Combine `buf` across all ranks in place; every rank ends with the same bytes.
     fn allreduce(

@@ -241,6 +241,9 @@ impl<'a, C: Deref<Target = dyn Communicator + 'a> + Send + Sync> Communicator fo
             self.rec.span("recv (waiting)", "wait", None, None, || self.inner.recv(peer, tag, dl))
         })
     }
+    fn order_point_to_point(&self) -> std::result::Result<bool, CommError> {
+        self.inner.order_point_to_point()
+    }
     fn allreduce(
         &self,
         buf: &mut [u8],

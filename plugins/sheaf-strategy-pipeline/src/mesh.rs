@@ -38,6 +38,9 @@ impl Mesh3 {
             comm.split(Some(color as u32), key as u32, dl)?.ok_or_else(|| Error::BadState("no group".into()))
         };
         let pipe = group(replica * width + slice, stage)?;
+        // Stages receive each neighbour's activations and gradients in the order they
+        // were sent, so stages that disagree on the schedule fail at once, by name.
+        pipe.order_point_to_point()?;
         let tensor = group(replica * stages + stage, slice)?;
         let replicas = group(stage * width + slice, replica)?;
         Ok(Mesh3 { replica, stage, slice, pipe, tensor, replicas })

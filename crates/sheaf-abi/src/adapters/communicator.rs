@@ -103,6 +103,9 @@ where
             Ok(self.inner.all_to_all(&input, &mut output, deadline(timeout_ns))?)
         })
     }
+    fn order_point_to_point(&self) -> RResult<bool, AbiError> {
+        guard(self.plugin, "communicator order_point_to_point", || Ok(self.inner.order_point_to_point()?))
+    }
     fn split(
         &self,
         color: ROption<u32>,
@@ -213,6 +216,9 @@ impl<P: AsPtr<PtrTarget = ()> + Send + Sync> Communicator for LoadedCommunicator
             .all_to_all(RSlice::from_slice(input), RSliceMut::from_mut_slice(output), timeout_ns(dl))
             .into_result()
             .map_err(comm_err)
+    }
+    fn order_point_to_point(&self) -> Result<bool, CommError> {
+        self.inner.order_point_to_point().into_result().map_err(comm_err)
     }
     fn split(
         &self,

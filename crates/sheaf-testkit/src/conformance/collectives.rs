@@ -171,6 +171,33 @@ pub fn check_send_recv(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Ch
     Ok(())
 }
 
+/// Under NCCL's rule (`order_point_to_point`, on a sub-communicator so that the
+/// laws after this one keep the unordered contract) messages of several tags come in
+/// the order sent, a receive that outwaits its probe included: the transport's
+/// timed-out receives take nothing (the [`sheaf_core::Link`] contract).
+pub fn check_ordered_send_recv(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check {
+    let sub = comm.split(Some(0), 0, dl).map_err(|e| e.to_string())?.ok_or("no group")?;
+    let (n, r) = (sub.world_size(), sub.rank());
+    if n == 1 || !sub.order_point_to_point().map_err(|e| e.to_string())? {
+        return Ok(());
+    }
+    let (right, left) = ((r + 1) % n, (r + n - 1) % n);
+    for (i, tag) in [7u32, 9, 7].into_iter().enumerate() {
+        if i == 1 {
+            // Longer than the probe: the left neighbour's receive hears of it.
+            std::thread::sleep(std::time::Duration::from_millis(80));
+        }
+        let mut msg = input(case, r);
+        msg.push(i as u8);
+        sub.send(right, tag, &msg, dl).map_err(|e| e.to_string())?;
+        let got = sub.recv(left, tag, dl).map_err(|e| e.to_string())?;
+        let mut want = input(case, left);
+        want.push(i as u8);
+        compare(&format!("ordered send/recv message {i}"), &got, &want)?;
+    }
+    sub.barrier(dl).map_err(|e| e.to_string())
+}
+
 pub fn check_barrier(comm: &dyn Communicator, dl: Deadline) -> Check {
     comm.barrier(dl).map_err(|e| e.to_string())
 }
@@ -270,6 +297,7 @@ pub fn check_all(comm: &dyn Communicator, case: &Case, dl: Deadline) -> Check {
     check_scatter(comm, case, dl)?;
     check_all_to_all(comm, case, dl)?;
     check_send_recv(comm, case, dl)?;
+    check_ordered_send_recv(comm, case, dl)?;
     check_barrier(comm, dl)?;
     check_split(comm, case, dl)
 }

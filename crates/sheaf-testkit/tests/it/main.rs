@@ -2,11 +2,13 @@
 //! equals its naive definition, allreduce equals reduce-scatter then allgather, a
 //! sub-communicator behaves like a world of its size, and a rank that dies or stalls
 //! mid-collective makes every other rank fail in time, naming it; and the algorithms
-//! against each other on arbitrary floats (`agreement`).
+//! against each other on arbitrary floats (`agreement`); point-to-point signatures
+//! (`p2p`).
 
 mod agreement;
 mod coverage;
 mod faults;
+mod p2p;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
