@@ -22,8 +22,14 @@ struct Running {
 }
 
 fn launch_bg(args: &[&str], run_dir: &Path) -> Running {
+    launch_bg_with(args, run_dir, &[])
+}
+
+/// [`launch_bg`] with `env` set for the launcher and its workers.
+fn launch_bg_with(args: &[&str], run_dir: &Path, env: &[(&str, &str)]) -> Running {
     let mut child = Command::new(sheaf_bin())
         .args(args)
+        .envs(env.iter().copied())
         .arg("--run-dir")
         .arg(run_dir)
         .env_remove("SHEAF_PLUGIN_PATH")
@@ -460,6 +466,42 @@ fn preempted_runs_resume_bit_identical() {
         assert_same_state(whole.path(), dir.path(), &case);
     }
     assert!(2 * preempted > trials, "{preempted} of {trials} runs were preempted: make the steps slower");
+}
+
+/// A signal during an evaluation stops it between two passes: with every step
+/// evaluating, and each pass made 150 ms long (about 2 s an evaluation), the run stops
+/// after the step whose evaluation the signal interrupted, that step without a
+/// validation loss and every earlier one with its own, and resumed ends bit for bit
+/// where the uninterrupted run ends.
+#[test]
+fn a_preemption_during_an_evaluation_stops_it_between_passes() {
+    let mut sets: Vec<&str> = SLOW.to_vec();
+    sets.extend(["data.samples=8192", "train.batch_size=64", "train.max_steps=8", "train.eval_every=1"]);
+    sets.push("train.checkpoint_every=1000");
+    let whole = tempfile::tempdir().unwrap();
+    ok(&sheaf(&args("2", &sets), whole.path()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = launch_bg_with(&args("2", &sets), dir.path(), &[("SHEAF_TEST_SLOW_EVAL_MS", "150")]);
+    let metrics = dir.path().join("metrics.jsonl");
+    wait_for("the first step", Duration::from_secs(60), || lines(&metrics) > 0);
+    std::thread::sleep(Duration::from_millis(700));
+    let t = Instant::now();
+    kill(run.child.id(), libc::SIGTERM);
+    let status = run.child.wait().unwrap();
+    let took = t.elapsed();
+    assert_eq!(status.code(), Some(75), "{}", run.lines.lock().unwrap().join("\n"));
+    let at = summary(dir.path())["preempted_at_step"].as_u64().expect("preempted_at_step");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let val: Vec<bool> = text
+        .lines()
+        .map(|l| !serde_json::from_str::<serde_json::Value>(l).unwrap()["val_loss"].is_null())
+        .collect();
+    let mut want = vec![true; at as usize];
+    want[at as usize - 1] = false;
+    assert_eq!(val, want, "stopped after step {at}");
+    eprintln!("preempted during step {at}'s evaluation; the launcher exited {took:?} after the signal");
+    ok(&sheaf(&["launch", "-n", "2", "--resume", &dir.path().display().to_string()], dir.path()));
+    assert_same_state(whole.path(), dir.path(), "preempted in an evaluation");
 }
 
 /// An existing run directory is never overwritten; `--resume` needs a run there.

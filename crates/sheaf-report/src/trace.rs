@@ -52,6 +52,9 @@ pub struct Recorder {
     /// A test-only delay before each forward pass (`SHEAF_TEST_SLOW_MS` on the rank
     /// `SHEAF_TEST_SLOW_RANK`): a straggler made on purpose.
     slow: Option<std::time::Duration>,
+    /// A test-only delay before each evaluation pass, on every rank
+    /// (`SHEAF_TEST_SLOW_EVAL_MS`): an evaluation long enough to be preempted in.
+    slow_eval: Option<std::time::Duration>,
 }
 
 /// The test-only delay for `rank`: `SHEAF_TEST_SLOW_MS` when `SHEAF_TEST_SLOW_RANK`
@@ -100,6 +103,10 @@ impl Recorder {
             origin: (Instant::now(), unix_us),
             dropped: AtomicUsize::new(0),
             slow,
+            slow_eval: std::env::var("SHEAF_TEST_SLOW_EVAL_MS")
+                .ok()
+                .and_then(|m| m.parse().ok())
+                .map(std::time::Duration::from_millis),
         })
     }
 
@@ -382,6 +389,9 @@ impl Model for TracedModel<'_> {
         self.timed("backward", |m| m.backward_next_into(window, end))
     }
     fn evaluate(&mut self, batch: &Batch<'_>) -> Result<(f64, usize)> {
+        if let Some(d) = self.rec.slow_eval {
+            std::thread::sleep(d);
+        }
         self.timed("evaluate", |m| m.evaluate(batch))
     }
     fn predict(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {

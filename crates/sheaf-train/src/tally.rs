@@ -87,6 +87,47 @@ fn stop_here(
     Err(Error::Preempted { step })
 }
 
+/// An evaluation's passes, each preceded by [`Passes::ask`], which asks the world
+/// whether it is preempted ([`CheckpointSink::preempted`], a collective), so that a
+/// signal arriving during a long evaluation stops the run within one pass. Every rank
+/// of the world calls `next` equally often in one evaluation (a rank with fewer
+/// passes of its own calls it for the others' too: [`Passes::pad`]).
+pub struct Passes<'s> {
+    sink: Option<&'s mut dyn CheckpointSink>,
+    step: u64,
+    preempted: bool,
+}
+
+impl<'s> Passes<'s> {
+    /// The passes of step `step`'s evaluation, asking `sink`.
+    pub fn asking(sink: &'s mut dyn CheckpointSink, step: u64) -> Passes<'s> {
+        Passes { sink: Some(sink), step, preempted: false }
+    }
+
+    /// Passes that ask nothing: an evaluation no preemption interrupts (the run's final
+    /// one, a test's).
+    pub fn unasked() -> Passes<'static> {
+        Passes { sink: None, step: 0, preempted: false }
+    }
+
+    /// Before a pass: [`Error::Preempted`] when the world is preempted, which the
+    /// evaluation returns as it is.
+    pub fn ask(&mut self) -> Result<()> {
+        let Some(sink) = self.sink.as_deref_mut() else { return Ok(()) };
+        if sink.preempted(self.step)? {
+            self.preempted = true;
+            return Err(Error::Preempted { step: self.step });
+        }
+        Ok(())
+    }
+
+    /// [`Passes::ask`] for each of the `rounds - done` passes that other ranks run
+    /// after this one's `done`.
+    pub fn pad(&mut self, done: usize, rounds: usize) -> Result<()> {
+        (done..rounds).try_for_each(|_| self.ask())
+    }
+}
+
 /// What one optimizer step did, for [`RunTally::end_step`].
 #[derive(Clone, Debug)]
 pub struct StepDone {
@@ -135,9 +176,10 @@ impl<'a> RunTally<'a> {
     }
 
     /// The end of an optimizer step: counts it; on the steps that evaluate
-    /// (`train.eval_every`) takes `validate`'s accuracy and validation loss; records
-    /// the step's metrics to `metrics`, then checkpoints when one is due. Returns the
-    /// validation loss when there was one.
+    /// (`train.eval_every`) takes `validate`'s accuracy and validation loss (its passes
+    /// ask whether the world is preempted: one that is stops the evaluation and the
+    /// run); records the step's metrics to `metrics`, then checkpoints when one is due.
+    /// Returns the validation loss when there was one.
     pub fn end_step(
         &mut self,
         done: StepDone,
@@ -145,7 +187,7 @@ impl<'a> RunTally<'a> {
         checkpoints: &mut dyn CheckpointSink,
         model: &mut dyn Model,
         optimizer: &dyn Optimizer,
-        validate: impl FnOnce(&mut dyn Model) -> Result<(f64, f64)>,
+        validate: impl FnOnce(&mut dyn Model, &mut Passes<'_>) -> Result<(f64, f64)>,
     ) -> Result<Option<f64>> {
         self.steps += 1;
         self.samples += done.samples;
@@ -155,12 +197,22 @@ impl<'a> RunTally<'a> {
         let mut evaluates = config.eval_every.is_some_and(|every| step.is_multiple_of(every));
         // A preemption does not wait for an evaluation: asked before one too (the
         // world agrees, so every rank skips it alike).
-        let preempted = evaluates && checkpoints.preempted(step)?;
+        let mut preempted = evaluates && checkpoints.preempted(step)?;
         evaluates &= !preempted;
         let val_loss = if evaluates {
-            let eval = validate(model)?;
-            self.last_eval = Some((step, eval));
-            Some(eval.1)
+            let mut passes = Passes::asking(&mut *checkpoints, step);
+            match validate(model, &mut passes) {
+                Ok(eval) => {
+                    self.last_eval = Some((step, eval));
+                    Some(eval.1)
+                }
+                // The world stopped it between two passes: no validation loss.
+                Err(Error::Preempted { .. }) if passes.preempted => {
+                    preempted = true;
+                    None
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             None
         };
@@ -176,8 +228,8 @@ impl<'a> RunTally<'a> {
         if config.checkpoint_due(step) {
             save_lent(checkpoints, step, model, optimizer)?;
         }
-        // Asked again after the step's checkpoint, unless the answer came before the
-        // evaluation.
+        // Asked again after the step's checkpoint, unless the answer came before or
+        // during the evaluation.
         if preempted || checkpoints.preempted(step)? {
             stop_here(checkpoints, config, step, model, optimizer)?;
         }
@@ -186,8 +238,8 @@ impl<'a> RunTally<'a> {
 
     /// The run's summary, its wall time ending now: the test accuracy and loss from the
     /// last step's evaluation, or from `validate` (the one [`RunTally::end_step`] takes)
-    /// when the last step did not evaluate; `gradient_bytes` as the strategy measured
-    /// them. What a strategy does not measure is 0 (activations, busy and idle time),
+    /// when the last step did not evaluate (with [`Passes::unasked`]: the run is done);
+    /// `gradient_bytes` as the strategy measured them. What a strategy does not measure is 0 (activations, busy and idle time),
     /// for it to fill in.
     pub fn summary(
         self,
@@ -195,12 +247,12 @@ impl<'a> RunTally<'a> {
         model: &mut dyn Model,
         optimizer: &dyn Optimizer,
         gradient_bytes: u64,
-        validate: impl FnOnce(&mut dyn Model) -> Result<(f64, f64)>,
+        validate: impl FnOnce(&mut dyn Model, &mut Passes<'_>) -> Result<(f64, f64)>,
     ) -> Result<TrainSummary> {
         let wall = self.start.elapsed().as_secs_f64();
         let (test_accuracy, test_loss) = match self.last_eval {
             Some((at, eval)) if at == self.steps => eval,
-            _ => validate(model)?,
+            _ => validate(model, &mut Passes::unasked())?,
         };
         Ok(TrainSummary {
             epochs: epochs_done(self.steps, train_len, self.config),
@@ -238,16 +290,30 @@ pub fn test_totals(comm: &dyn Communicator, mut totals: [f64; 3], dl: Deadline) 
     Ok(if totals[2] > 0.0 { (totals[1] / totals[2], totals[0] / totals[2]) } else { (f64::NAN, f64::NAN) })
 }
 
+/// The most passes any rank of `comm` runs, from this rank's `mine`: what each pads to
+/// ([`Passes::pad`]).
+pub fn most_passes(comm: &dyn Communicator, mine: usize, dl: Deadline) -> Result<usize> {
+    let mut most = [mine as f64];
+    comm.allreduce(bytemuck::cast_slice_mut(&mut most), DType::F64, ReduceOp::Max, dl)?;
+    Ok(most[0] as usize)
+}
+
 /// `[loss sum, correct, predictions]` of `model` on the samples `indices` of `data`,
-/// evaluated `chunk` samples at a time.
+/// evaluated `chunk` samples at a time, each pass after [`Passes::ask`], padded to
+/// `rounds` (the most passes any rank runs).
 pub fn evaluate_indices(
     model: &mut dyn Model,
     data: &dyn Dataset,
     indices: &[usize],
     chunk: usize,
+    passes: &mut Passes<'_>,
+    rounds: usize,
 ) -> Result<[f64; 3]> {
     let mut totals = [0f64; 3];
-    for part in indices.chunks(chunk.max(1)) {
+    let parts = indices.chunks(chunk.max(1));
+    let done = parts.len();
+    for part in parts {
+        passes.ask()?;
         let samples = data.gather(part)?;
         let batch = samples.batch();
         let (loss, correct) = model.evaluate(&batch)?;
@@ -255,6 +321,7 @@ pub fn evaluate_indices(
         totals[1] += correct as f64;
         totals[2] += batch.predictions() as f64;
     }
+    passes.pad(done, rounds)?;
     Ok(totals)
 }
 
@@ -284,6 +351,24 @@ mod tests {
         }
         fn evaluate(&mut self, _: &sheaf_core::Batch<'_>) -> Result<(f64, usize)> {
             Ok((0.0, 0))
+        }
+    }
+
+    /// A step of loss 1 on 4 samples, begun now.
+    fn a_step() -> StepDone {
+        StepDone { epoch: 0, loss: 1.0, grad_norm: 1.0, samples: 4, started: std::time::Instant::now() }
+    }
+
+    /// `n` rows of one input each.
+    struct Rows(usize);
+
+    impl sheaf_core::Dataset for Rows {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn gather(&self, indices: &[usize]) -> Result<sheaf_core::Samples> {
+            let inputs = indices.iter().map(|&i| i as f32).collect();
+            Ok(sheaf_core::Samples::Rows { inputs, labels: vec![0; indices.len()], input_dim: 1 })
         }
     }
 
@@ -352,7 +437,7 @@ mod tests {
                     started: std::time::Instant::now(),
                 };
                 let val = tally
-                    .end_step(done, &mut metrics, &mut checkpoints, &mut model, &Still, |_| {
+                    .end_step(done, &mut metrics, &mut checkpoints, &mut model, &Still, |_, _| {
                         validations += 1;
                         Ok((0.5, validations as f64))
                     })
@@ -369,7 +454,7 @@ mod tests {
             assert_eq!(checkpoints.1, (6..6 + steps).filter(|s| s % 3 == 0).collect::<Vec<_>>());
             let mut evaluated = false;
             let summary = tally
-                .summary(400, &mut model, &Still, 8, |_| {
+                .summary(400, &mut model, &Still, 8, |_, _| {
                     evaluated = true;
                     Ok((0.75, 9.0))
                 })
@@ -391,7 +476,7 @@ mod tests {
             StepDone { epoch: 1, loss: 0.0, grad_norm: 0.0, samples: 1, started: std::time::Instant::now() };
         let (mut metrics, mut checkpoints) = (Sinks::default(), Sinks::default());
         let e = tally
-            .end_step(done, &mut metrics, &mut checkpoints, &mut model, &Still, |_| {
+            .end_step(done, &mut metrics, &mut checkpoints, &mut model, &Still, |_, _| {
                 Err(sheaf_core::Error::BadState("no validation split".into()))
             })
             .unwrap_err();
@@ -441,6 +526,74 @@ mod tests {
         assert_eq!(metrics.0.iter().map(|m| m.val_loss.is_some()).collect::<Vec<_>>(), [true, false]);
     }
 
+    /// A signal during an evaluation: the world says preempted at the third question
+    /// of step 2 (after the step, then before its evaluation's first two passes), so
+    /// the evaluation stops before its second pass, the step is saved and the run
+    /// stops with no validation loss for it. Every pass asked first.
+    #[test]
+    fn a_preemption_during_an_evaluation_stops_it_between_passes() {
+        struct Third(Vec<u64>, Vec<u64>);
+        impl CheckpointSink for Third {
+            fn save(&mut self, step: u64, _: &[f32], _: &OptimState) -> Result<()> {
+                self.1.push(step);
+                Ok(())
+            }
+            fn preempted(&mut self, step: u64) -> Result<bool> {
+                self.0.push(step);
+                Ok(step == 2 && self.0.iter().filter(|&&s| s == 2).count() == 3)
+            }
+        }
+        let config = TrainConfig { eval_every: Some(2), ..TrainConfig::basic(0, 100, 4, None, 0.25) };
+        let layout =
+            sheaf_core::ParamLayout::new(vec![sheaf_core::ParamSpec { name: "w".into(), shape: vec![2] }]);
+        let mut model = Two(layout, [1.0, 2.0]);
+        let mut tally = RunTally::new(&config);
+        let (mut metrics, mut sink) = (Sinks::default(), Third(vec![], vec![]));
+        let mut passes_run = 0;
+        let mut outcome = Ok(None);
+        for _ in 0..2 {
+            let done = a_step();
+            outcome = tally.end_step(done, &mut metrics, &mut sink, &mut model, &Still, |_, passes| {
+                for _ in 0..4 {
+                    passes.ask()?;
+                    passes_run += 1;
+                }
+                Ok((1.0, 1.0))
+            });
+        }
+        assert_eq!(outcome, Err(sheaf_core::Error::Preempted { step: 2 }));
+        assert_eq!(passes_run, 1, "one pass ran before the signal was heard");
+        assert_eq!((sink.0, sink.1), (vec![1, 2, 2, 2], vec![2]));
+        assert_eq!(metrics.0.iter().map(|m| m.val_loss).collect::<Vec<_>>(), [None, None]);
+    }
+
+    /// Every rank asks equally often: a rank with fewer passes of its own pads to the
+    /// world's most, and an unasked evaluation asks nothing.
+    #[test]
+    fn evaluations_ask_once_a_pass_padded_to_the_world() {
+        struct Count(u64);
+        impl CheckpointSink for Count {
+            fn save(&mut self, _: u64, _: &[f32], _: &OptimState) -> Result<()> {
+                Ok(())
+            }
+            fn preempted(&mut self, _: u64) -> Result<bool> {
+                self.0 += 1;
+                Ok(false)
+            }
+        }
+        let data = Rows(10);
+        let layout =
+            sheaf_core::ParamLayout::new(vec![sheaf_core::ParamSpec { name: "w".into(), shape: vec![2] }]);
+        let mut model = Two(layout, [1.0, 2.0]);
+        let mut sink = Count(0);
+        let totals =
+            evaluate_indices(&mut model, &data, &[0, 1, 2, 3, 4], 2, &mut Passes::asking(&mut sink, 1), 4)
+                .unwrap();
+        assert_eq!(totals[2], 5.0, "every sample evaluated");
+        assert_eq!(sink.0, 4, "3 passes of its own and one for the others");
+        evaluate_indices(&mut model, &data, &[0, 1, 2], 2, &mut Passes::unasked(), 4).unwrap();
+    }
+
     /// Up to 5 steps under `config` into a sink that says preempted from step `at`: the
     /// error that stopped them, the metrics, the sink, and the steps evaluated.
     fn run_until_preempted(
@@ -454,15 +607,9 @@ mod tests {
         let (mut metrics, mut sink) = (Sinks::default(), Preempting { at, saved: vec![], asked: vec![] });
         let mut evaluated = Vec::new();
         for _ in 0..5 {
-            let done = StepDone {
-                epoch: 0,
-                loss: 1.0,
-                grad_norm: 1.0,
-                samples: 4,
-                started: std::time::Instant::now(),
-            };
+            let done = a_step();
             let step = tally.steps() + 1;
-            let result = tally.end_step(done, &mut metrics, &mut sink, &mut model, &Still, |_| {
+            let result = tally.end_step(done, &mut metrics, &mut sink, &mut model, &Still, |_, _| {
                 evaluated.push(step);
                 Ok((0.0, 0.0))
             });

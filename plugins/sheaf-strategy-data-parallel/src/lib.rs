@@ -35,8 +35,8 @@ use sheaf_core::{
     ReduceOp, Result, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 use sheaf_train::{
-    clip_to, evaluate_indices, prefetched_steps, sum_of_squares, test_totals, ModelParams, Prefetch,
-    RunTally, Shards, StepDone,
+    clip_to, evaluate_indices, most_passes, prefetched_steps, sum_of_squares, test_totals, ModelParams,
+    Passes, Prefetch, RunTally, Shards, StepDone,
 };
 
 /// The plugin as exported to the host.
@@ -405,8 +405,9 @@ impl Strategy for DataParallel {
         // A resumed run goes on from its checkpoint's step (the host restored the
         // parameters and optimizer state; `optimizer_steps` starts after it).
         let mut tally = RunTally::new(&config);
-        let validate =
-            |model: &mut dyn Model| self.evaluate(comm, model, partitioner, test, config.batch_size);
+        let validate = |model: &mut dyn Model, passes: &mut Passes<'_>| {
+            self.evaluate(comm, model, partitioner, test, config.batch_size, passes)
+        };
         // The next step's samples are gathered while this one trains.
         let ask = ask_shares(partitioner, config.start_micro_step(), rank, world);
         prefetched_steps(train, &config, ask, |loader, group, ()| {
@@ -529,7 +530,7 @@ impl Strategy for DataParallel {
 
 impl DataParallel {
     /// Accuracy and mean loss per prediction on the test split: each rank evaluates
-    /// its share, `chunk` samples at a time.
+    /// its share, `chunk` samples at a time, as many `passes` as the rank with the most.
     fn evaluate(
         &self,
         comm: &dyn Communicator,
@@ -537,9 +538,11 @@ impl DataParallel {
         partitioner: &dyn DataPartitioner,
         test: &dyn Dataset,
         chunk: usize,
+        passes: &mut Passes<'_>,
     ) -> Result<(f64, f64)> {
         let shard = partitioner.shard(0, test.len(), comm.rank(), comm.world_size())?;
-        let totals = evaluate_indices(model, test, &shard, chunk)?;
+        let rounds = most_passes(comm, shard.len().div_ceil(chunk.max(1)), self.deadline())?;
+        let totals = evaluate_indices(model, test, &shard, chunk, passes, rounds)?;
         test_totals(comm, totals, self.deadline())
     }
 }

@@ -26,7 +26,10 @@ use sheaf_core::{
     Batch, Communicator, DType, DataPartitioner, Dataset, Deadline, Error, Model, ParamLayout, ReduceOp,
     Result, TrainContext, TrainSummary,
 };
-use sheaf_train::{clip_to, prefetched_steps, rows_by_rank, sum_of_squares, test_totals, RunTally, StepDone};
+use sheaf_train::{
+    clip_to, most_passes, prefetched_steps, rows_by_rank, sum_of_squares, test_totals, Passes, RunTally,
+    StepDone,
+};
 
 use crate::{DataParallel, GradDType};
 
@@ -64,9 +67,10 @@ impl DataParallel {
         // Evaluated in chunks of a training micro-batch's share, so an evaluation pass
         // holds no more activations than a training pass.
         let chunk = config.batch_size.div_ceil(world);
-        let validate = |model: &mut dyn Model| {
+        let validate = |model: &mut dyn Model, passes: &mut Passes<'_>| {
             let b = &mut bufs.borrow_mut();
-            let totals = units.evaluate(model, test, partitioner, chunk, b, (comm, shard_comm), &dl)?;
+            let comms = (comm, shard_comm);
+            let totals = units.evaluate(model, test, partitioner, (chunk, passes), b, comms, &dl)?;
             test_totals(comm, totals, dl())
         };
         let ask = crate::ask_shares(partitioner, config.start_micro_step(), rank, world);
@@ -479,14 +483,14 @@ impl Units {
     /// `[loss sum, correct, predictions]` on this rank's share of `test` (its share
     /// over the world, `comms.0`), `chunk` samples at a time, its units gathered over
     /// `comms.1` into the training's `bufs`; every rank runs as many passes as the rank
-    /// with the most.
+    /// with the most, each after [`Passes::ask`].
     #[allow(clippy::too_many_arguments)]
     pub fn evaluate(
         &self,
         model: &mut dyn Model,
         test: &dyn Dataset,
         partitioner: &dyn DataPartitioner,
-        chunk: usize,
+        (chunk, passes): (usize, &mut Passes<'_>),
         bufs: &mut PassBufs,
         comms: (&dyn Communicator, &dyn Communicator),
         deadline: &dyn Fn() -> Deadline,
@@ -494,10 +498,10 @@ impl Units {
         let (world, comm) = comms;
         let chunk = chunk.max(1);
         let indices = partitioner.shard(0, test.len(), world.rank(), world.world_size())?;
-        let mut passes = [indices.len().div_ceil(chunk) as f64];
-        world.allreduce(bytemuck::cast_slice_mut(&mut passes), DType::F64, ReduceOp::Max, deadline())?;
+        let rounds = most_passes(world, indices.len().div_ceil(chunk), deadline())?;
         let mut totals = [0f64; 3];
-        for c in 0..passes[0] as usize {
+        for c in 0..rounds {
+            passes.ask()?;
             let part = indices.get(c * chunk..((c + 1) * chunk).min(indices.len())).unwrap_or(&[]);
             let samples = if part.is_empty() { None } else { Some(test.gather(part)?) };
             let batch = samples.as_ref().map(|s| s.batch());

@@ -30,7 +30,7 @@ use sheaf_core::{
 };
 use sheaf_train::{
     backward_segments, forward_segments, mean_loss, prefetched_steps, test_totals, zero_release, ModelParams,
-    Prefetch, ReplicaStep, RunTally, SegmentParams, Shards, StageInput, StepDone, Whole,
+    Passes, Prefetch, ReplicaStep, RunTally, SegmentParams, Shards, StageInput, StepDone, Whole,
 };
 
 mod config;
@@ -228,13 +228,18 @@ impl Pipeline {
         model: &mut dyn Model,
         params: &mut dyn SegmentParams,
         test: &dyn sheaf_core::Dataset,
+        passes: &mut Passes<'_>,
     ) -> Result<[f64; 3]> {
         let mut totals = [0.0f64; 3];
+        // Every rank asks before each of the evaluating ranks' passes.
+        let rounds = test.len().div_ceil(eval.batch.max(1));
         if !eval.evaluating {
+            passes.pad(0, rounds)?;
             return Ok(totals);
         }
         let all: Vec<usize> = (0..test.len()).collect();
-        for (k, chunk) in all.chunks(eval.batch).enumerate() {
+        for (k, chunk) in all.chunks(eval.batch.max(1)).enumerate() {
+            passes.ask()?;
             let micros = micro_batches(test, chunk, 1, eval.first, eval.last)?;
             let id = u64::MAX / 2 + k as u64;
             let mut scratch = StageClock::default();
@@ -409,13 +414,13 @@ impl Strategy for Pipeline {
 
         let mut tally = RunTally::new(&config);
         // The validation split's accuracy and mean loss over the world.
-        let validate = |model: &mut dyn Model| {
+        let validate = |model: &mut dyn Model, passes: &mut Passes<'_>| {
             let (mut whole, mut held) = (Whole, stage.borrow_mut());
             let units: &mut dyn SegmentParams = match held.as_mut() {
                 Some(s) => s,
                 None => &mut whole,
             };
-            test_totals(comm, self.evaluate(&eval, model, units, test)?, self.deadline())
+            test_totals(comm, self.evaluate(&eval, model, units, test, passes)?, self.deadline())
         };
         let mut grads = vec![0f32; if fully_sharded { 0 } else { layout.total() }];
         // ZeRO 1 across the pipelines: this replica's chunk of the piece, one bucket.

@@ -23,7 +23,7 @@ use sheaf_core::{
 };
 use sheaf_train::{
     backward_segments, check_piece_zero_stage, forward_segments, mean_loss, prefetched_steps, test_totals,
-    zero_release, Mesh, Prefetch, ReplicaStep, RunTally, Shards, StageInput, StepDone, Whole,
+    zero_release, Mesh, Passes, Prefetch, ReplicaStep, RunTally, Shards, StageInput, StepDone, Whole,
 };
 
 /// The plugin as exported to the host.
@@ -133,13 +133,18 @@ impl TensorParallel {
         eval: &Eval<'_>,
         model: &mut dyn Model,
         test: &dyn sheaf_core::Dataset,
+        passes: &mut Passes<'_>,
     ) -> Result<[f64; 3]> {
         let mut totals = [0.0f64; 3];
+        // Every rank asks before each of the evaluating ranks' passes.
+        let rounds = test.len().div_ceil(eval.batch.max(1));
         if !eval.evaluating {
+            passes.pad(0, rounds)?;
             return Ok(totals);
         }
         let all: Vec<usize> = (0..test.len()).collect();
-        for (k, chunk) in all.chunks(eval.batch).enumerate() {
+        for (k, chunk) in all.chunks(eval.batch.max(1)).enumerate() {
+            passes.ask()?;
             let samples = test.gather(chunk)?;
             let targets = samples.targets();
             let id = u64::MAX / 2 + k as u64;
@@ -218,8 +223,9 @@ impl Strategy for TensorParallel {
 
         let mut tally = RunTally::new(&config);
         // The validation split's accuracy and mean loss over the world.
-        let validate =
-            |model: &mut dyn Model| test_totals(comm, self.evaluate(&eval, model, test)?, self.deadline());
+        let validate = |model: &mut dyn Model, passes: &mut Passes<'_>| {
+            test_totals(comm, self.evaluate(&eval, model, test, passes)?, self.deadline())
+        };
         let mut grads = vec![0f32; layout.total()];
         // ZeRO 1 across the groups: this replica's chunk of the slice, one bucket.
         let shards = (self.config.zero >= 1)
