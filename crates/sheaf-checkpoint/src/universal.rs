@@ -391,36 +391,46 @@ impl Universal {
             }
         }
         runs.sort_unstable();
-        let mut loaded: HashMap<usize, Vec<f32>> = HashMap::new();
-        let mut out = Vec::with_capacity(want.len());
-        for &i in want {
-            let i = i as u64;
+        // The run holding value `i`: (its start, its fragment, its offset there).
+        let find = |i: u64| {
             let pos = runs.partition_point(|r| r.0 <= i);
             let hit = pos.checked_sub(1).map(|p| runs[p]).filter(|(s, l, _, _)| i < s + l);
-            let Some((start, _, f, at)) = hit else {
-                return Err(bad(format!("no fragment holds value {i} of `{key}`")));
-            };
-            if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(f) {
-                let frag = &tensor.fragments[f];
-                let file = match self.files.entry(frag.file.clone()) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(TensorFile::read(&self.dir.join(&frag.file))?)
-                    }
-                };
-                let values = file.f32s(&frag.tensor, None)?;
-                let held: u64 = each_run(&frag.runs).map(|(_, l)| l).sum();
-                if values.len() as u64 != held {
-                    return Err(bad(format!(
-                        "{} `{}` holds {} values, its runs {held}",
-                        frag.file,
-                        frag.tensor,
-                        values.len()
-                    )));
-                }
-                slot.insert(values);
+            hit.map(|(s, _, f, at)| (s, f, at))
+                .ok_or_else(|| bad(format!("no fragment holds value {i} of `{key}`")))
+        };
+        // The files of the fragments wanted, memory-mapped: a rank reads the pages of
+        // the values it now owns, not whole fragments.
+        let mut wanted = vec![false; tensor.fragments.len()];
+        for &i in want {
+            wanted[find(i as u64)?.1] = true;
+        }
+        let needed: Vec<usize> = (0..wanted.len()).filter(|&f| wanted[f]).collect();
+        for &f in &needed {
+            let file = &tensor.fragments[f].file;
+            if !self.files.contains_key(file) {
+                self.files.insert(file.clone(), TensorFile::map(&self.dir.join(file))?);
             }
-            out.push(loaded[&f][at + (i - start) as usize]);
+        }
+        let mut data: HashMap<usize, &[u8]> = HashMap::new();
+        for &f in &needed {
+            let frag = &tensor.fragments[f];
+            let bytes = self.files[&frag.file].f32_bytes(&frag.tensor, None)?;
+            let held: u64 = each_run(&frag.runs).map(|(_, l)| l).sum();
+            if bytes.len() as u64 != 4 * held {
+                return Err(bad(format!(
+                    "{} `{}` holds {} values, its runs {held}",
+                    frag.file,
+                    frag.tensor,
+                    bytes.len() / 4
+                )));
+            }
+            data.insert(f, bytes);
+        }
+        let mut out = Vec::with_capacity(want.len());
+        for &i in want {
+            let (start, f, at) = find(i as u64)?;
+            let k = 4 * (at + (i as u64 - start) as usize);
+            out.push(f32::from_le_bytes(data[&f][k..k + 4].try_into().expect("4 bytes")));
         }
         Ok(out)
     }

@@ -170,12 +170,28 @@ pub fn safetensors_bytes(layout: &ParamLayout, params: &[f32]) -> Result<Vec<u8>
     safetensors_of(layout_tensors(layout, params), None)
 }
 
-/// A safetensors file read whole and parsed by the `safetensors` crate (which checks
-/// the header's length, offsets and shapes against the file before anything is
-/// allocated from them).
+/// A safetensors file, read whole or memory-mapped, parsed by the `safetensors` crate
+/// (which checks the header's length, offsets and shapes against the file before
+/// anything is allocated from them).
 pub struct TensorFile {
     path: PathBuf,
-    bytes: Vec<u8>,
+    bytes: Held,
+}
+
+/// A file's bytes: read into memory, or mapped (only the pages touched are read).
+enum Held {
+    Read(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl std::ops::Deref for Held {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Held::Read(v) => v,
+            Held::Mapped(m) => m,
+        }
+    }
 }
 
 impl TensorFile {
@@ -185,9 +201,24 @@ impl TensorFile {
         TensorFile::from_bytes(path, bytes)
     }
 
+    /// The file memory-mapped: what is read from disk is the header and the pages of
+    /// the values asked for. For files no one writes again (a committed checkpoint's).
+    pub fn map(path: &Path) -> Result<TensorFile, HostError> {
+        let cannot = |e| HostError::input(format!("{}: cannot read", path.display()), e);
+        let file = std::fs::File::open(path).map_err(cannot)?;
+        // SAFETY: a committed checkpoint's files are written once, synced and renamed
+        // into place before the index names them, and never written again; a file
+        // truncated under the map by someone else would fault, as reading it would
+        // fail. The map is only read.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot)?;
+        let file = TensorFile { path: path.to_path_buf(), bytes: Held::Mapped(map) };
+        file.parse()?;
+        Ok(file)
+    }
+
     /// A file's bytes, read elsewhere from `path`.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<TensorFile, HostError> {
-        let file = TensorFile { path: path.to_path_buf(), bytes };
+        let file = TensorFile { path: path.to_path_buf(), bytes: Held::Read(bytes) };
         file.parse()?;
         Ok(file)
     }
@@ -214,6 +245,14 @@ impl TensorFile {
 
     /// Tensor `name`'s values, which must be f32 of `shape` (any shape when `None`).
     pub fn f32s(&self, name: &str, shape: Option<&[usize]>) -> Result<Vec<f32>, HostError> {
+        let data = self.f32_bytes(name, shape)?;
+        Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+
+    /// Tensor `name`'s values as they lie in the file (little-endian f32), which must
+    /// be f32 of `shape` (any shape when `None`): nothing is copied or read beyond the
+    /// pages a caller touches.
+    pub fn f32_bytes(&self, name: &str, shape: Option<&[usize]>) -> Result<&[u8], HostError> {
         let tensors = self.parse()?;
         let t = tensors.tensor(name).map_err(|_| self.bad(format!("no tensor `{name}`")))?;
         if t.dtype() != Dtype::F32 || shape.is_some_and(|s| s != t.shape()) {
@@ -227,7 +266,7 @@ impl TensorFile {
                 }
             )));
         }
-        Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+        Ok(t.data())
     }
 
     /// The parameters `layout` names, as one flat buffer in its order, each tensor
