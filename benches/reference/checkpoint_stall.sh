@@ -6,7 +6,8 @@
 # before the last one is written, and then waits for it. Prints, per mode, the median wall time of a run and the
 # median of summary.json's per-save stall and write times; then the stall a save adds
 # to the wall time, and the asynchronous stall as a share of the synchronous one.
-# Outside CI; quote medians from an otherwise idle machine:
+# THREADS sets the rank's compute threads (default: the launcher's), so that a core
+# can be left to the writer (THREADS=1 on two cores). Outside CI; quote medians from an otherwise idle machine:
 #
 #   cargo build --release
 #   benches/reference/checkpoint_stall.sh [RUNS] [DIR]
@@ -28,7 +29,7 @@ for i in $(seq "$runs"); do
             none) extra=() ;;
         esac
         rm -rf "$dir/$mode-$i"
-        "$sheaf" launch -n 1 "${job[@]}" "${extra[@]}" --run-dir "$dir/$mode-$i" >"$dir/$mode-$i.log" 2>&1
+        "$sheaf" launch -n 1 ${THREADS:+--threads-per-worker "$THREADS"} "${job[@]}" "${extra[@]}" --run-dir "$dir/$mode-$i" >"$dir/$mode-$i.log" 2>&1
         # Only summary.json is read: each run's checkpoints (about 600 MB) go at once.
         rm -rf "$dir/$mode-$i/checkpoints" "$dir/$mode-$i/checkpoint.safetensors"
     done
