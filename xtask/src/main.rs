@@ -19,8 +19,12 @@
 //!   non-test file.
 //! - `new-plugin NAME --kind KIND [--path DIR] [--git URL]`: an out-of-tree plugin
 //!   crate that builds and passes `sheaf plugin check` as generated (docs/plugins.md).
+//! - `perf [--record] [--rounds R]`: the performance regression guard (`perf.rs`):
+//!   collectives per transport and the reference jobs as ratios against memcpy and MPI
+//!   measured in the same run, compared with `benches/perf/last.json`. Not in CI.
 
 mod new_plugin;
+mod perf;
 mod size;
 mod tidy;
 
@@ -38,6 +42,7 @@ fn main() -> Result<()> {
         Some("check-cuda") => check_cuda(&root, args.get(1).is_some_and(|a| a == "--nvcc")),
         Some("test") => test(&root, &args[1..]),
         Some("new-plugin") => new_plugin::new_plugin(&root, &args[1..]),
+        Some("perf") => perf::perf(&root, &args[1..]),
         Some("size") => {
             print!("{}", size::report(&root)?);
             Ok(())
@@ -53,7 +58,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <demo [launch args] | ci | test [cargo test args] | check-cuda [--nvcc] | tidy | size | \
+                "usage: cargo xtask <demo [launch args] | ci | test [cargo test args] | check-cuda [--nvcc] | tidy | size | perf [--record] [--rounds R] | \
                  new-plugin NAME --kind KIND [--path DIR] [--git URL]>"
             );
             std::process::exit(2)

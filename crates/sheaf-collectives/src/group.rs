@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use sheaf_core::{chunk_range, CommError, Communicator, DType, Deadline, Link, Op, ReduceOp, Tag, TagClass};
 
-use crate::{reduce, Algorithm, BroadcastAlgorithm};
+use crate::{reduce, Algorithm, BroadcastAlgorithm, Tuning};
 
 mod chain;
 mod direct;
@@ -47,6 +47,9 @@ pub struct Group {
     hosts: Option<Arc<Hosts>>,
     /// Point-to-point signatures, once promised ([`Communicator::order_point_to_point`]).
     ordered: p2p::Ordered,
+    /// What `auto` runs, measured on this group ([`crate::calibrate`]); the fixed rule
+    /// ([`Algorithm::choose`]) without it.
+    tuning: Option<Arc<Tuning>>,
 }
 
 /// A world group's hosts: the group of this host's ranks, and (on its first rank) the
@@ -80,6 +83,7 @@ impl Group {
             unchecked: Mutex::new(None),
             hosts: None,
             ordered: p2p::Ordered::default(),
+            tuning: None,
         }
     }
 
@@ -155,6 +159,37 @@ impl Group {
 
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// The same group, `auto` running what `tuning` measured (a tuning measured at
+    /// another group size is ignored). Sub-communicators of the same size inherit it.
+    /// Every rank must pass the same.
+    pub fn with_tuning(mut self, tuning: Tuning) -> Group {
+        if tuning.world == self.size() {
+            self.tuning = Some(Arc::new(tuning));
+        }
+        self
+    }
+
+    /// What `auto` runs, when measured.
+    pub fn tuning(&self) -> Option<&Tuning> {
+        self.tuning.as_deref()
+    }
+
+    /// The allreduce algorithm for a `bytes`-long buffer: the fixed one, or `auto`'s
+    /// by the tuning where there is one, by the fixed rule otherwise.
+    pub fn choice(&self, bytes: usize) -> Algorithm {
+        match (self.algorithm, &self.tuning) {
+            (Algorithm::Auto, Some(t)) => t.choose(bytes),
+            (a, _) => a.choose(bytes, self.size()),
+        }
+    }
+
+    /// The same ranks on a context of their own, running `algorithm`: what
+    /// calibration measures, apart from the group's own traffic.
+    pub(crate) fn probe(&self, algorithm: Algorithm) -> Group {
+        let context = child_context(self.context, u32::MAX - 2);
+        Group::new(self.link.clone(), self.members.clone(), self.rank, context).with_algorithm(algorithm)
     }
 
     /// The link this group talks over.
@@ -502,7 +537,10 @@ impl Communicator for Group {
             // Hierarchical when asked, or by `Auto` where a flat allreduce would take the
             // ring: below that, one direct round beats three phases of latency.
             if let Some(hosts) = &self.hosts {
-                let flat_direct = Algorithm::Auto.choose(buf.len(), n) == Algorithm::Direct;
+                let flat_direct = match &self.tuning {
+                    Some(t) => t.choose(buf.len()) == Algorithm::Direct,
+                    None => Algorithm::Auto.choose(buf.len(), n) == Algorithm::Direct,
+                };
                 match self.algorithm {
                     Algorithm::Hierarchical => return self.hierarchical_allreduce(hosts, buf, dtype, op, dl),
                     Algorithm::Auto if !flat_direct => {
@@ -511,7 +549,7 @@ impl Communicator for Group {
                     _ => {}
                 }
             }
-            match self.algorithm.choose(buf.len(), n) {
+            match self.choice(buf.len()) {
                 Algorithm::Direct => self.direct_allreduce(buf, dtype, op, dl),
                 Algorithm::HalvingDoubling => self.halving_doubling_allreduce(buf, elems, dtype, op, dl),
                 _ => self.ring_allreduce(buf, elems, dtype, op, dl),
@@ -718,7 +756,10 @@ impl Communicator for Group {
             let members: Arc<[usize]> = same.iter().map(|&(_, r)| self.members[r]).collect();
             let rank = same.iter().position(|&(_, r)| r == self.rank).expect("own entry present");
             let ctx = child_context(self.context, seq);
-            let sub = Group::new(self.link.clone(), members, rank, ctx).with_algorithm(self.algorithm);
+            let mut sub = Group::new(self.link.clone(), members, rank, ctx).with_algorithm(self.algorithm);
+            if let Some(t) = self.tuning.as_deref() {
+                sub = sub.with_tuning(t.clone());
+            }
             Ok(Some(Box::new(sub) as Box<dyn Communicator>))
         })
     }

@@ -20,8 +20,10 @@ mod group;
 mod hybrid;
 mod policy;
 pub mod reduce;
+mod tuning;
 
 pub use group::{Group, BLAME_GRACE};
 pub use hybrid::HybridLink;
 pub use policy::{Algorithm, BroadcastAlgorithm, CHAIN_MIN_BYTES};
 pub use sheaf_core::Link;
+pub use tuning::{calibrate, Tuning};

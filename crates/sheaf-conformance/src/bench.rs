@@ -141,10 +141,11 @@ pub fn bench_worker(registry: &Registry, env: &WorkerEnv, spec: &BenchSpec) -> R
     let connected =
         env.connect(registry, &spec.transport, Duration::from_secs(60), Duration::from_secs(30))?;
     let algorithm: Algorithm = spec.algorithm.parse().map_err(HostError::Usage)?;
-    let g = connected.group(algorithm);
-    let link = connected.link.clone();
     let err = comm_err(env.rank);
     let dl = || Deadline::after(Duration::from_secs(120));
+    // `auto` as a run would tune it, measured afresh.
+    let (g, _) = sheaf_runtime::tuning::tune(connected.group(algorithm), &spec.transport, None, dl())?;
+    let link = connected.link.clone();
     let n = g.world_size();
     let mut rows = Vec::new();
     if spec.op == "p2p" {

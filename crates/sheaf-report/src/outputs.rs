@@ -88,6 +88,11 @@ pub struct Summary {
     /// rank, why, and the step it resumed from (`RUN_DIR/restarts.jsonl`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restarts: Vec<serde_json::Value>,
+    /// What `collectives.algorithm = "auto"` runs for the world's allreduce, by size,
+    /// as measured on this transport and world size (`RUN_DIR/tuning.json`), and
+    /// whether it was measured in this run (and in how many seconds) or read back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collectives_tuning: Option<serde_json::Value>,
     /// Each checkpoint this run committed (rank 0's): its step, the seconds the
     /// training loop stopped for it, the seconds its files took to write, and the
     /// seconds to its commit.

@@ -3,6 +3,7 @@
 
 mod connect;
 pub mod sample;
+pub mod tuning;
 pub mod worker;
 pub mod world;
 

@@ -88,6 +88,8 @@ pub struct Prepared<'j> {
 pub struct World {
     comm: Group,
     link: Arc<dyn Link>,
+    /// What `auto` runs for allreduce and whether it was measured now (`summary.json`).
+    tuning: Option<serde_json::Value>,
 }
 
 /// What training left: the strategy's summary, the collectives' record and the
@@ -206,7 +208,11 @@ pub fn connect(prepared: &Prepared, registry: &Registry) -> Result<World, HostEr
         prepared.model.layout().total(),
         prepared.data.train.len()
     );
-    Ok(World { comm: connected.group(algorithm), link: connected.link })
+    let dl = Deadline::after(job.transport.timeout());
+    let run_dir = prepared.run_dir.as_deref();
+    let (comm, tuning) =
+        crate::tuning::tune(connected.group(algorithm), job.transport.plugin(), run_dir, dl)?;
+    Ok(World { comm, link: connected.link, tuning })
 }
 
 impl Prepared<'_> {
@@ -421,6 +427,7 @@ pub fn report(
             .unwrap_or_else(|| std::env::args().collect()),
         hosts: host_names(comm, dl()).map_err(&failed)?,
         restarts: p.run_dir.as_ref().map(|d| restarts(d)).unwrap_or_default(),
+        collectives_tuning: world.tuning.clone(),
         checkpoint_saves: saves,
         components: registry.used(),
         job: serde_json::to_value(job).unwrap_or_default(),

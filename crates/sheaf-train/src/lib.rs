@@ -26,6 +26,6 @@ pub use prefetch::{prefetched_steps, with_prefetch, Prefetch};
 pub use segments::{backward_segments, forward_segments, SegmentParams, StageInput, Whole};
 pub use shards::{check_piece_zero_stage, rows_by_rank, ReplicaStep, Shards};
 pub use tally::{
-    evaluate_indices, mean_loss, most_passes, optimizer_state_bytes, save_checkpoint_if_due,
+    evaluate_indices, evaluate_passes, mean_loss, most_passes, optimizer_state_bytes, save_checkpoint_if_due,
     stop_if_preempted, test_totals, Passes, RunTally, StepDone,
 };

@@ -299,9 +299,19 @@ pub fn most_passes(comm: &dyn Communicator, mine: usize, dl: Deadline) -> Result
 }
 
 /// `[loss sum, correct, predictions]` of `model` on the samples `indices` of `data`,
-/// evaluated `chunk` samples at a time, each pass after [`Passes::ask`], padded to
-/// `rounds` (the most passes any rank runs).
+/// evaluated `chunk` samples at a time (no preemption asked: [`evaluate_passes`]).
 pub fn evaluate_indices(
+    model: &mut dyn Model,
+    data: &dyn Dataset,
+    indices: &[usize],
+    chunk: usize,
+) -> Result<[f64; 3]> {
+    evaluate_passes(model, data, indices, chunk, &mut Passes::unasked(), 0)
+}
+
+/// [`evaluate_indices`] with each pass after [`Passes::ask`], padded to `rounds` (the
+/// most passes any rank runs).
+pub fn evaluate_passes(
     model: &mut dyn Model,
     data: &dyn Dataset,
     indices: &[usize],
@@ -587,11 +597,11 @@ mod tests {
         let mut model = Two(layout, [1.0, 2.0]);
         let mut sink = Count(0);
         let totals =
-            evaluate_indices(&mut model, &data, &[0, 1, 2, 3, 4], 2, &mut Passes::asking(&mut sink, 1), 4)
+            evaluate_passes(&mut model, &data, &[0, 1, 2, 3, 4], 2, &mut Passes::asking(&mut sink, 1), 4)
                 .unwrap();
         assert_eq!(totals[2], 5.0, "every sample evaluated");
         assert_eq!(sink.0, 4, "3 passes of its own and one for the others");
-        evaluate_indices(&mut model, &data, &[0, 1, 2], 2, &mut Passes::unasked(), 4).unwrap();
+        evaluate_passes(&mut model, &data, &[0, 1, 2], 2, &mut Passes::unasked(), 4).unwrap();
     }
 
     /// Up to 5 steps under `config` into a sink that says preempted from step `at`: the

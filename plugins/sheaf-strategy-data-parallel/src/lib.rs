@@ -35,7 +35,7 @@ use sheaf_core::{
     ReduceOp, Result, Strategy, StrategyPlan, TrainContext, TrainSummary,
 };
 use sheaf_train::{
-    clip_to, evaluate_indices, most_passes, prefetched_steps, sum_of_squares, test_totals, ModelParams,
+    clip_to, evaluate_passes, most_passes, prefetched_steps, sum_of_squares, test_totals, ModelParams,
     Passes, Prefetch, RunTally, Shards, StepDone,
 };
 
@@ -542,7 +542,7 @@ impl DataParallel {
     ) -> Result<(f64, f64)> {
         let shard = partitioner.shard(0, test.len(), comm.rank(), comm.world_size())?;
         let rounds = most_passes(comm, shard.len().div_ceil(chunk.max(1)), self.deadline())?;
-        let totals = evaluate_indices(model, test, &shard, chunk, passes, rounds)?;
+        let totals = evaluate_passes(model, test, &shard, chunk, passes, rounds)?;
         test_totals(comm, totals, self.deadline())
     }
 }

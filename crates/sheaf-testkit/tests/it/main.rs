@@ -9,6 +9,7 @@ mod agreement;
 mod coverage;
 mod faults;
 mod p2p;
+mod tuning;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
