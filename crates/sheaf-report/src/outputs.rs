@@ -94,8 +94,9 @@ pub struct Summary {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub collectives_tuning: Option<serde_json::Value>,
     /// Each checkpoint this run committed (rank 0's): its step, the seconds the
-    /// training loop stopped for it, the seconds its files took to write, and the
-    /// seconds to its commit.
+    /// training loop spent in the checkpoint sink for it (`stall_s`; the optimizer's
+    /// copy of its state, taken by the strategy just before, is not in it), the seconds
+    /// its files took to write, and the seconds to its commit.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub checkpoint_saves: Vec<serde_json::Value>,
     /// Each component of the run and the library that supplied it (its plugin's
