@@ -27,11 +27,11 @@ pub use module::{
 pub use traits::{
     AbiBatch, AbiBlock, AbiBuf, AbiEval, AbiLossGrad, AbiModelInfo, AbiModelSpec, AbiNamedValue,
     AbiOptimState, AbiParam, AbiParamShard, AbiParamSpec, AbiPiece, AbiPieceLayout, AbiPlanInput, AbiRange,
-    AbiSamples, AbiShardSource, AbiStrategyPlan, AbiTrainConfig, AbiTrainContext, CheckpointSinkAbi,
-    CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox, DataPartitionerAbi, DataPartitionerBox,
-    DatasetAbi, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox, ModelPartitionerAbi,
-    ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox, BATCH_ROWS, BATCH_TOKENS,
-    RECV_COPY,
+    AbiSamples, AbiShardSource, AbiStateViews, AbiStrategyPlan, AbiTrainConfig, AbiTrainContext,
+    CheckpointSinkAbi, CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox, DataPartitionerAbi,
+    DataPartitionerBox, DatasetAbi, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox,
+    ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox,
+    BATCH_ROWS, BATCH_TOKENS, RECV_COPY,
 };
 
 #[doc(hidden)]

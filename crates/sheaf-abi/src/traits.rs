@@ -30,6 +30,16 @@ pub struct AbiOptimState {
     pub buffers: RVec<RVec<f32>>,
 }
 
+/// (1.4.) An optimizer's state lent across the boundary: its step count and its
+/// buffers as they are, valid for the call that lends them.
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiStateViews<'a> {
+    pub step: u64,
+    pub names: RVec<RString>,
+    pub buffers: RVec<RSlice<'a, f32>>,
+}
+
 /// A half-open range of layer indices.
 #[repr(C)]
 #[derive(StableAbi, Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +68,11 @@ pub trait OptimizerAbi: Send {
     fn state_bytes(&self) -> RResult<u64, AbiError>;
     /// (1.1.) A 1.0 plugin's vtable lacks it: calls get this default, `RNone`.
     fn state_values_per_param(&self) -> RResult<ROption<u32>, AbiError> {
+        RResult::ROk(ROption::RNone)
+    }
+    /// (1.4.) [`sheaf_core::Optimizer::state_views`]; a plugin built before 1.4 gets
+    /// this default, `RNone` (not lent: the state is copied).
+    fn state_views(&self) -> RResult<ROption<AbiStateViews<'_>>, AbiError> {
         RResult::ROk(ROption::RNone)
     }
 }
@@ -439,6 +454,17 @@ pub trait CheckpointSinkAbi {
     fn preempted(&mut self, step: u64) -> RResult<bool, AbiError> {
         let _ = step;
         RResult::ROk(false)
+    }
+    /// (1.4.) [`sheaf_core::CheckpointSink::save_views`]; a sink from a host built
+    /// before 1.4 gets this default, which copies the state and calls `save`.
+    fn save_views(
+        &mut self,
+        step: u64,
+        params: RSlice<'_, f32>,
+        optimizer: AbiStateViews<'_>,
+    ) -> RResult<(), AbiError> {
+        let buffers = optimizer.buffers.iter().map(|b| b.to_vec().into()).collect();
+        self.save(step, params, AbiOptimState { step: optimizer.step, names: optimizer.names, buffers })
     }
 }
 

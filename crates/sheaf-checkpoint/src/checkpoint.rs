@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sheaf_collectives::Group;
-use sheaf_core::{CheckpointSink, Communicator, DType, Deadline, OptimState, ReduceOp, TrainConfig};
+use sheaf_core::{
+    CheckpointSink, Communicator, DType, Deadline, OptimState, ReduceOp, StateViews, TrainConfig,
+};
 
 use crate::universal::RankParts;
 use sheaf_job::plan::Plan;
@@ -229,20 +231,36 @@ impl Checkpointer<'_> {
     /// written on a thread while training goes on; the checkpoint is committed at a
     /// later step boundary, once every rank's files are synced ([`Checkpointer::settle`]).
     pub fn write(&mut self, step: u64, params: &[f32], state: &OptimState) -> Result<(), HostError> {
-        self.write_state(step, params, Cow::Borrowed(state))
+        self.write_state(step, params, state.step, crate::universal::lent(state))
     }
 
     /// [`Checkpointer::write`] with the optimizer's state handed over (a save on a
     /// thread then takes it without a copy).
     pub fn write_owned(&mut self, step: u64, params: &[f32], state: OptimState) -> Result<(), HostError> {
-        self.write_state(step, params, Cow::Owned(state))
+        let step_count = state.step;
+        self.write_state(step, params, step_count, crate::universal::owned(state))
     }
 
+    /// [`Checkpointer::write`] from the optimizer's state as it lends it: written as it
+    /// is, or (on a thread) first copied into the staging buffers kept between saves.
+    pub fn write_views(
+        &mut self,
+        step: u64,
+        params: &[f32],
+        state: &StateViews<'_>,
+    ) -> Result<(), HostError> {
+        let lent = state.buffers.iter().map(|(n, b)| (n.clone(), Cow::Borrowed(*b))).collect();
+        self.write_state(step, params, state.step, lent)
+    }
+
+    /// The save of `step`: `params`, and the optimizer's `state` buffers by name after
+    /// `optimizer_step` of its steps.
     fn write_state(
         &mut self,
         step: u64,
         params: &[f32],
-        state: Cow<'_, OptimState>,
+        optimizer_step: u64,
+        state: Vec<(String, Cow<'_, [f32]>)>,
     ) -> Result<(), HostError> {
         if !self.due(step) {
             return Ok(());
@@ -272,7 +290,6 @@ impl Checkpointer<'_> {
             )));
         }
         let (owns_params, owns_state) = self.owns(rank);
-        let optimizer_step = state.step;
         let parts = match owns_params || owns_state {
             true => Some(crate::universal::RankParts::new(
                 self.plan.layout_of(rank),
@@ -312,7 +329,8 @@ impl Checkpointer<'_> {
                         Some(p) => p.write(&dir, rank).map(drop),
                         None => Ok(()),
                     };
-                    (written.map(|()| t.elapsed().as_secs_f64()), staged.map(RankParts::into_staging))
+                    // Every buffer is kept as the next save's staging: refilled, not allocated.
+                    (written.map(|()| t.elapsed().as_secs_f64()), staged)
                 })
                 .map_err(|e| HostError::os("cannot start the checkpoint writer", e))?;
             self.pending = Some(pending(Outcome::Writing(thread), Some(started.elapsed().as_secs_f64())));
@@ -427,6 +445,15 @@ impl CheckpointSink for Checkpointer<'_> {
 
     fn save_owned(&mut self, step: u64, params: &[f32], optimizer: OptimState) -> sheaf_core::Result<()> {
         self.write_owned(step, params, optimizer).map_err(|e| sheaf_core::Error::Other(e.to_string()))
+    }
+
+    fn save_views(
+        &mut self,
+        step: u64,
+        params: &[f32],
+        optimizer: &StateViews<'_>,
+    ) -> sheaf_core::Result<()> {
+        self.write_views(step, params, optimizer).map_err(|e| sheaf_core::Error::Other(e.to_string()))
     }
 
     /// Whether a preemption signal reached any rank: the flag allreduced over the world

@@ -190,18 +190,14 @@ pub struct RankParts<'a> {
 /// values.
 type Part<'a> = (usize, usize, Option<String>, Cow<'a, [f32]>);
 
-impl RankParts<'static> {
-    /// What is worth keeping as staging for the next save once this one is written:
-    /// the buffers of the parameters (lent at every save); the optimizer's, handed
-    /// over at every save, are freed.
-    pub fn into_staging(mut self) -> RankParts<'static> {
-        for part in &mut self.parts {
-            if part.2.is_some() {
-                part.3 = Cow::Owned(Vec::new());
-            }
-        }
-        self
-    }
+/// An optimizer state's buffers by name, lent.
+pub fn lent(state: &OptimState) -> Vec<(String, Cow<'_, [f32]>)> {
+    state.buffers.iter().map(|(n, b)| (n.clone(), Cow::Borrowed(&b[..]))).collect()
+}
+
+/// An optimizer state's buffers by name, handed over.
+pub fn owned(state: OptimState) -> Vec<(String, Cow<'static, [f32]>)> {
+    state.buffers.into_iter().map(|(n, b)| (n, Cow::Owned(b))).collect()
 }
 
 impl<'a> RankParts<'a> {
@@ -212,7 +208,7 @@ impl<'a> RankParts<'a> {
         local: &PieceLayout,
         whole: &ParamLayout,
         params: Option<&'a [f32]>,
-        state: Option<Cow<'a, OptimState>>,
+        state: Option<Vec<(String, Cow<'a, [f32]>)>>,
     ) -> Result<RankParts<'a>, HostError> {
         let mut parts = Vec::new();
         if let Some(params) = params {
@@ -227,15 +223,8 @@ impl<'a> RankParts<'a> {
                 parts.push((k, 0, None, Cow::Borrowed(&params[local.layout.range(k)])));
             }
         }
-        // A state handed over is moved in, buffer by buffer; a lent one is borrowed.
-        let buffers: Vec<(String, Cow<'a, [f32]>)> = match state {
-            None => Vec::new(),
-            Some(Cow::Borrowed(s)) => {
-                s.buffers.iter().map(|(n, b)| (n.clone(), Cow::Borrowed(&b[..]))).collect()
-            }
-            Some(Cow::Owned(s)) => s.buffers.into_iter().map(|(n, b)| (n, Cow::Owned(b))).collect(),
-        };
-        for (name, values) in buffers {
+        // Each buffer of the state handed over (owned) or lent (borrowed).
+        for (name, values) in state.unwrap_or_default() {
             let (k, lo, slot) = parse_buffer(&name, &local.layout).ok_or_else(|| {
                 HostError::Output(format!(
                     "optimizer state `{name}` names no parameter of this rank as `<param>[@<index>].<slot>`: \
@@ -543,6 +532,9 @@ impl Optimizer for Resharding<'_> {
     }
     fn take_state(&mut self) -> sheaf_core::Result<OptimState> {
         self.inner.take_state()
+    }
+    fn state_views(&self) -> sheaf_core::Result<Option<sheaf_core::StateViews<'_>>> {
+        self.inner.state_views()
     }
     fn state_bytes(&self) -> sheaf_core::Result<u64> {
         self.inner.state_bytes()

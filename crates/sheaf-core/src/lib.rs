@@ -29,7 +29,7 @@ pub use compute::{
 pub use deadline::Deadline;
 pub use dtype::{DType, ReduceOp};
 pub use error::{CommError, Error, Op, Result};
-pub use optim::{OptimState, Optimizer, Param};
+pub use optim::{OptimState, Optimizer, Param, StateViews};
 pub use partition::{DataPartitioner, ModelPartitioner};
 pub use piece::Piece;
 pub use plugin::{PluginKind, Provided, Reach, TransportInfo};

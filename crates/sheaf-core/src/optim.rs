@@ -26,6 +26,24 @@ impl OptimState {
     }
 }
 
+/// (1.4.) An optimizer's state lent, not copied: its step count and its buffers as
+/// they are (names as in [`OptimState`]), valid while the optimizer is not stepped.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StateViews<'a> {
+    pub step: u64,
+    pub buffers: Vec<(String, &'a [f32])>,
+}
+
+impl StateViews<'_> {
+    /// The state copied out.
+    pub fn copied(&self) -> OptimState {
+        OptimState {
+            step: self.step,
+            buffers: self.buffers.iter().map(|(n, b)| (n.clone(), b.to_vec())).collect(),
+        }
+    }
+}
+
 /// Updates parameters from gradients.
 pub trait Optimizer: Send {
     /// Apply one update to every parameter. `value` and `grad` of each have equal
@@ -42,6 +60,13 @@ pub trait Optimizer: Send {
 
     /// Restore state saved by [`Optimizer::state`] of the same kind of optimizer.
     fn load_state(&mut self, state: &OptimState) -> Result<()>;
+
+    /// (1.4.) The state lent as it is, for a checkpoint to copy where it keeps it
+    /// (warm staging) or write straight away: no copy is made here. `None`, the
+    /// default: the optimizer does not lend it, and [`Optimizer::state`] copies it.
+    fn state_views(&self) -> Result<Option<StateViews<'_>>> {
+        Ok(None)
+    }
 
     /// The state moved out, leaving the optimizer as if new: what a run's
     /// last checkpoint takes, so the state (AdamW's two moments: 8 bytes a parameter)

@@ -45,6 +45,14 @@ pub trait CheckpointSink {
         self.save(step, params, &optimizer)
     }
 
+    /// (1.4.) [`CheckpointSink::save`] from the optimizer's state lent as it is
+    /// ([`crate::Optimizer::state_views`]): a sink that writes later copies it into
+    /// buffers it keeps, one that writes now writes it as it is. The default copies it
+    /// out and hands it to `save_owned`.
+    fn save_views(&mut self, step: u64, params: &[f32], optimizer: &crate::StateViews<'_>) -> Result<()> {
+        self.save_owned(step, params, optimizer.copied())
+    }
+
     /// (1.3.) Whether the world stops after optimizer step `step`, preempted: every
     /// rank calls it after each step (after any [`CheckpointSink::save`]), so the
     /// sink may agree with the other ranks (the host allreduces whether a preemption

@@ -479,6 +479,9 @@ impl Optimizer for TracedOptimizer<'_> {
     fn take_state(&mut self) -> Result<OptimState> {
         self.inner.take_state()
     }
+    fn state_views(&self) -> Result<Option<sheaf_core::StateViews<'_>>> {
+        self.inner.state_views()
+    }
     fn state_bytes(&self) -> Result<u64> {
         self.inner.state_bytes()
     }

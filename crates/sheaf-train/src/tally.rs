@@ -37,22 +37,28 @@ fn save_checkpoint(
 }
 
 /// [`save_checkpoint`] from the model's own buffer where it lends it (no copy of the
-/// parameters), the optimizer's state handed over.
+/// parameters) and the optimizer's state as it lends it (no copy either: the sink
+/// copies what it keeps, into buffers it keeps); an optimizer that does not lend its
+/// state hands a copy over.
 fn save_lent(
     sink: &mut dyn CheckpointSink,
     step: u64,
     model: &mut dyn Model,
     optimizer: &dyn Optimizer,
 ) -> Result<()> {
-    let state = optimizer.state()?;
     let total = model.layout().total();
-    match model.params_mut()? {
-        Some(params) if params.len() == total => sink.save_owned(step, params, state),
+    let mut read;
+    let params: &[f32] = match model.params_mut()? {
+        Some(params) if params.len() == total => params,
         _ => {
-            let mut params = vec![0f32; total];
-            model.read_params(&mut params)?;
-            sink.save_owned(step, &params, state)
+            read = vec![0f32; total];
+            model.read_params(&mut read)?;
+            &read
         }
+    };
+    match optimizer.state_views()? {
+        Some(views) => sink.save_views(step, params, &views),
+        None => sink.save_owned(step, params, optimizer.state()?),
     }
 }
 

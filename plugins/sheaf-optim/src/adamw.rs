@@ -105,6 +105,15 @@ impl Optimizer for AdamW {
         Ok(OptimState { step: self.step, buffers })
     }
 
+    fn state_views(&self) -> Result<Option<sheaf_core::StateViews<'_>>> {
+        let buffers = self
+            .moments
+            .iter()
+            .flat_map(|(n, (m, v))| [(format!("{n}{M}"), &m[..]), (format!("{n}{V}"), &v[..])])
+            .collect();
+        Ok(Some(sheaf_core::StateViews { step: self.step, buffers }))
+    }
+
     fn state_bytes(&self) -> Result<u64> {
         Ok(self.moments.values().map(|(m, v)| 4 * (m.len() + v.len()) as u64).sum())
     }

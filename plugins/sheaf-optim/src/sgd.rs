@@ -138,6 +138,11 @@ impl Optimizer for Sgd {
         })
     }
 
+    fn state_views(&self) -> Result<Option<sheaf_core::StateViews<'_>>> {
+        let buffers = self.momentum.iter().map(|(n, b)| (format!("{n}{SLOT}"), &b[..])).collect();
+        Ok(Some(sheaf_core::StateViews { step: self.step, buffers }))
+    }
+
     fn state_bytes(&self) -> Result<u64> {
         Ok(self.momentum.values().map(|b| 4 * b.len() as u64).sum())
     }

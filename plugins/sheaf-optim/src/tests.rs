@@ -244,3 +244,20 @@ fn the_state_it_announces_is_the_state_it_keeps() {
         assert_eq!(opt.state_bytes().unwrap(), 4 * u64::from(values) * 307, "{name} {config}");
     }
 }
+
+/// Both optimizers lend their state, also through the plugin ABI (where the lent
+/// buffers are the optimizer's own memory, not copies).
+#[test]
+fn both_optimizers_lend_their_state_through_the_abi() {
+    for (name, config) in [("adamw", "{}"), ("sgd", r#"{"momentum": 0.9}"#)] {
+        let exported = sheaf_abi::to_abi::optimizer("sheaf-optim", new_optimizer(name, config).unwrap());
+        let mut opt = sheaf_abi::from_abi::optimizer(exported).unwrap();
+        let (mut value, grad) = (vec![1.0f32; 100], vec![0.5f32; 100]);
+        opt.step(&mut [sheaf_core::Param { name: "w", value: &mut value, grad: &grad }]).unwrap();
+        let views = opt.state_views().unwrap().expect("lent");
+        assert_eq!(views.copied(), opt.state().unwrap(), "{name}");
+        let first = views.buffers[0].1.as_ptr();
+        let again = opt.state_views().unwrap().expect("lent");
+        assert_eq!(again.buffers[0].1.as_ptr(), first, "{name}: lent twice, the same memory");
+    }
+}

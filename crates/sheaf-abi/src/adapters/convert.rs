@@ -19,6 +19,23 @@ pub(crate) fn state_from_abi_owned(s: AbiOptimState) -> OptimState {
     OptimState { step, buffers }
 }
 
+/// Views crossing: the names copied (short), the buffers lent.
+pub(crate) fn views_to_abi<'a>(v: &StateViews<'a>) -> AbiStateViews<'a> {
+    AbiStateViews {
+        step: v.step,
+        names: v.buffers.iter().map(|(n, _)| RString::from(n.as_str())).collect(),
+        buffers: v.buffers.iter().map(|(_, b)| RSlice::from_slice(b)).collect(),
+    }
+}
+
+pub(crate) fn views_from_abi(v: AbiStateViews<'_>) -> StateViews<'_> {
+    let AbiStateViews { step, names, buffers } = v;
+    StateViews {
+        step,
+        buffers: names.into_iter().zip(buffers).map(|(n, b)| (n.into_string(), b.as_slice())).collect(),
+    }
+}
+
 pub(crate) fn state_from_abi(s: &AbiOptimState) -> OptimState {
     OptimState {
         step: s.step,

@@ -45,6 +45,16 @@ where
     fn preempted(&mut self, step: u64) -> RResult<bool, AbiError> {
         guard(self.plugin, "checkpoint preempted", || self.inner.preempted(step).map_err(AbiError::from))
     }
+    fn save_views(
+        &mut self,
+        step: u64,
+        params: RSlice<'_, f32>,
+        optimizer: AbiStateViews<'_>,
+    ) -> RResult<(), AbiError> {
+        guard(self.plugin, "checkpoint save_views", || {
+            self.inner.save_views(step, params.as_slice(), &views_from_abi(optimizer)).map_err(AbiError::from)
+        })
+    }
 }
 
 pub(crate) struct LoadedCheckpoints<'a, P: GetPointerKind>(pub(crate) CheckpointSinkAbi_TO<'a, P>);
@@ -59,5 +69,8 @@ impl<P: AsMutPtr<PtrTarget = ()>> CheckpointSink for LoadedCheckpoints<'_, P> {
     }
     fn preempted(&mut self, step: u64) -> Result<bool> {
         Ok(self.0.preempted(step).into_result()?)
+    }
+    fn save_views(&mut self, step: u64, params: &[f32], optimizer: &StateViews<'_>) -> Result<()> {
+        Ok(self.0.save_views(step, RSlice::from_slice(params), views_to_abi(optimizer)).into_result()?)
     }
 }

@@ -33,15 +33,15 @@ mod prelude {
         Batch, Block, CheckpointSink, CommError, Communicator, ComputeBackend, DType, DataPartitioner,
         Dataset, Deadline, Error, Link, LrSchedule, MetricsSink, Model, ModelInfo, ModelInput,
         ModelPartitioner, ModelSpec, OptimState, Optimizer, Param, ParamLayout, ParamShard, ParamSpec, Piece,
-        PieceLayout, PlanInput, RankPlan, ReduceOp, Result, Samples, ShardSource, StepMetrics, Strategy,
-        StrategyPlan, Tag, TrainConfig, TrainContext, TrainSummary,
+        PieceLayout, PlanInput, RankPlan, ReduceOp, Result, Samples, ShardSource, StateViews, StepMetrics,
+        Strategy, StrategyPlan, Tag, TrainConfig, TrainContext, TrainSummary,
     };
 
     pub(crate) use super::{
         communicator::*, convert::*, dataset::*, metrics::*, model::*, optimizer::*, partitioner::*, *,
     };
     pub(crate) use crate::traits::*;
-    pub(crate) use crate::{AbiError, AbiOptimState, AbiParam, AbiRange};
+    pub(crate) use crate::{AbiError, AbiOptimState, AbiParam, AbiRange, AbiStateViews};
 }
 
 use prelude::*;

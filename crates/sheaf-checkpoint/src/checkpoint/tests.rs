@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sheaf_collectives::Group;
-use sheaf_core::{chunk_range, CheckpointSink, Communicator, OptimState, Optimizer, Param, TrainConfig};
+use sheaf_core::{
+    chunk_range, CheckpointSink, Communicator, OptimState, Optimizer, Param, StateViews, TrainConfig,
+};
 use sheaf_job::plan::Plan;
 
 use super::{check_resumable, latest, read, Checkpointer, ResumedState};
@@ -68,33 +70,43 @@ fn state_at(plan: &Plan, step: u64, rank: usize) -> (Vec<f32>, OptimState) {
     (params, OptimState { step, buffers })
 }
 
-/// Saves at steps 2, 4 and 6, on a thread or not: every rank writes its part, the
-/// newest two are kept, and each rank reads back its parameters and, cut as its
-/// optimizer is handed them, its moments; every save is timed.
+/// Saves at steps 2, 4 and 6, on a thread or not, the state handed over or lent as
+/// views (then copied into the staging an earlier save left): every rank writes its
+/// part, the newest two are kept, and each rank reads back its parameters and, cut as
+/// its optimizer is handed them, its moments; every save is timed.
 #[test]
 fn every_rank_writes_its_part_and_rank_0_commits() {
     let plan = plan();
-    for asynchronous in [false, true] {
+    for (asynchronous, views) in [(false, false), (true, false), (false, true), (true, true)] {
         let dir = tempfile::tempdir().unwrap();
         let saves = sheaf_testkit::run_world(2, |comm| {
             let mut sink = checkpointer(&comm, &plan, Some(dir.path()), asynchronous);
             for step in [2, 4, 6] {
                 let (params, state) = state_at(&plan, step, comm.rank());
                 assert!(sink.due(step));
-                sink.save_owned(step, &params, state).unwrap();
+                if views {
+                    let lent = state.buffers.iter().map(|(n, b)| (n.clone(), &b[..])).collect();
+                    sink.save_views(step, &params, &StateViews { step: state.step, buffers: lent }).unwrap();
+                } else {
+                    sink.save_owned(step, &params, state).unwrap();
+                }
                 assert!(!sink.due(step), "a step is saved once");
             }
             sink.settle(true).unwrap();
             sink.saves.iter().map(|s| (s.step, s.stall_s >= 0.0 && s.write_s > 0.0)).collect::<Vec<_>>()
         });
-        assert_eq!(saves, vec![vec![(2, true), (4, true), (6, true)]; 2], "async {asynchronous}");
+        assert_eq!(
+            saves,
+            vec![vec![(2, true), (4, true), (6, true)]; 2],
+            "async {asynchronous}, views {views}"
+        );
         let checkpoints = dir.path().join(super::CHECKPOINTS);
         let mut names: Vec<String> = std::fs::read_dir(&checkpoints)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["step-00000004", "step-00000006"], "async {asynchronous}");
+        assert_eq!(names, ["step-00000004", "step-00000006"], "async {asynchronous}, views {views}");
         let (step, newest) = latest(dir.path()).unwrap().unwrap();
         assert_eq!(step, 6);
         for rank in 0..2 {

@@ -113,7 +113,7 @@ proptest! {
                 let rank = k * chunks + c;
                 let state = state_of(&local, &m_mine, chunks, c);
                 let owns_params = (c == 0).then_some(&mine[..]);
-                RankParts::new(&local, &whole, owns_params, Some(Cow::Borrowed(&state))).unwrap().write(dir.path(), rank).unwrap();
+                RankParts::new(&local, &whole, owns_params, Some(lent(&state))).unwrap().write(dir.path(), rank).unwrap();
                 writers.push(rank);
             }
         }
@@ -268,7 +268,7 @@ fn what_cannot_be_read_is_named() {
     let e = u.params(&piece(&whole, true, 1, 2), &whole).unwrap_err().to_string();
     assert!(e.contains("no fragment holds value 2 of `l.weight`"), "{e}");
     let state = OptimState { step: 1, buffers: vec![("other.m".into(), vec![0.0])] };
-    let e = RankParts::new(&half, &whole, None, Some(Cow::Owned(state))).err().unwrap().to_string();
+    let e = RankParts::new(&half, &whole, None, Some(owned(state))).err().unwrap().to_string();
     assert!(e.contains("`other.m` names no parameter"), "{e}");
     let mut index: Index = serde_json::from_slice(&std::fs::read(dir.path().join(INDEX)).unwrap()).unwrap();
     index.tensors.get_mut("l.weight").unwrap().fragments[0].file = "../x".into();

@@ -72,6 +72,22 @@ pub fn check_resume(make: &dyn Fn() -> Box<dyn Optimizer>, problem: &Problem, sp
     Ok(())
 }
 
+/// The state an optimizer lends (`state_views`, where it lends it) is its state: the
+/// same step count and the same buffers by name as `state` copies, after every step.
+pub fn check_state_views(make: &dyn Fn() -> Box<dyn Optimizer>, problem: &Problem) -> Check {
+    let mut opt = make();
+    let mut values = problem.values.clone();
+    for step in 0..problem.grads.len() {
+        run_steps(opt.as_mut(), problem, &mut values, step..step + 1)?;
+        let want = opt.state().map_err(|e| format!("state: {e}"))?;
+        let Some(views) = opt.state_views().map_err(|e| format!("state_views: {e}"))? else { return Ok(()) };
+        if views.copied() != want {
+            return Err(format!("after step {step}, the state lent differs from state()"));
+        }
+    }
+    Ok(())
+}
+
 /// A gradient of the wrong length is an error, and leaves the parameter alone.
 pub fn check_rejects_mismatched_lengths(make: &dyn Fn() -> Box<dyn Optimizer>) -> Check {
     let mut opt = make();
@@ -150,6 +166,7 @@ pub fn check_quadratic_descends(make: &dyn Fn() -> Box<dyn Optimizer>, seed: u64
 pub fn check_all(make: &dyn Fn() -> Box<dyn Optimizer>, seed: u64) -> Check {
     let problem = Problem::generate(seed, &[17, 1, 64], 6);
     check_resume(make, &problem, 3)?;
+    check_state_views(make, &problem)?;
     check_zero_gradient(make, &problem)?;
     check_quadratic_descends(make, seed)?;
     check_rejects_mismatched_lengths(make)?;
