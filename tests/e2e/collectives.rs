@@ -70,3 +70,50 @@ fn every_transport_between_three_processes() {
         run_world(3, transport, 42, 12).unwrap();
     }
 }
+
+/// Each transport's `auto` is measured on it: a 2-process run on shared memory and one
+/// on ZeroMQ each report in `summary.json` the tuning measured there (every size up to
+/// the last, ring beyond, only measured algorithms), kept in `tuning.json`; a resumed
+/// run on the same transport reads it back instead of measuring again.
+#[test]
+fn each_transport_runs_what_its_calibration_measured() {
+    use crate::training::{ok, sheaf, summary};
+    for transport in ["shm", "zmq-tcp"] {
+        let dir = tempfile::tempdir().unwrap();
+        let set = format!("transport.plugin=\"{transport}\"");
+        let args = [
+            "launch",
+            "-n",
+            "2",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.checkpoint_every=2",
+            "--set",
+            &set,
+        ];
+        ok(&sheaf(&args, dir.path()));
+        let tuning = summary(dir.path())["collectives_tuning"].clone();
+        assert_eq!(tuning["measured"], true, "{transport}: {tuning}");
+        let auto = tuning["auto"].as_array().unwrap_or_else(|| panic!("{transport}: {tuning}"));
+        let last = auto.last().unwrap();
+        assert!(last["upto_bytes"].is_null() && last["algorithm"] == "ring", "{transport}: {tuning}");
+        assert!(
+            auto.iter()
+                .all(|a| ["ring", "direct", "halving-doubling"].contains(&a["algorithm"].as_str().unwrap())),
+            "{transport}: {tuning}"
+        );
+        let kept: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("tuning.json")).unwrap()).unwrap();
+        assert_eq!((kept["transport"].as_str(), &kept["auto"]), (Some(transport), &tuning["auto"]));
+        let resumed =
+            ["launch", "-n", "2", "--resume", dir.path().to_str().unwrap(), "--set", "train.max_steps=4"];
+        ok(&sheaf(&resumed, dir.path()));
+        let again = summary(dir.path())["collectives_tuning"].clone();
+        assert_eq!(
+            (again["measured"].clone(), &again["auto"]),
+            (serde_json::json!(false), &tuning["auto"]),
+            "{transport}"
+        );
+    }
+}

@@ -162,13 +162,20 @@ impl Group {
     }
 
     /// The same group, `auto` running what `tuning` measured (a tuning measured at
-    /// another group size is ignored). Sub-communicators of the same size inherit it.
-    /// Every rank must pass the same.
+    /// another group size is ignored, and so is one for a group that knows its hosts,
+    /// whose `auto` stays hierarchical by the fixed rule). Sub-communicators of the
+    /// same size inherit it. Every rank must pass the same.
     pub fn with_tuning(mut self, tuning: Tuning) -> Group {
-        if tuning.world == self.size() {
+        if tuning.world == self.size() && self.hosts.is_none() {
             self.tuning = Some(Arc::new(tuning));
         }
         self
+    }
+
+    /// Whether the group knows its hosts ([`Group::with_hosts`]): its `auto` is then
+    /// hierarchical, which calibration does not measure.
+    pub fn knows_hosts(&self) -> bool {
+        self.hosts.is_some()
     }
 
     /// What `auto` runs, when measured.
@@ -537,10 +544,7 @@ impl Communicator for Group {
             // Hierarchical when asked, or by `Auto` where a flat allreduce would take the
             // ring: below that, one direct round beats three phases of latency.
             if let Some(hosts) = &self.hosts {
-                let flat_direct = match &self.tuning {
-                    Some(t) => t.choose(buf.len()) == Algorithm::Direct,
-                    None => Algorithm::Auto.choose(buf.len(), n) == Algorithm::Direct,
-                };
+                let flat_direct = Algorithm::Auto.choose(buf.len(), n) == Algorithm::Direct;
                 match self.algorithm {
                     Algorithm::Hierarchical => return self.hierarchical_allreduce(hosts, buf, dtype, op, dl),
                     Algorithm::Auto if !flat_direct => {

@@ -2,7 +2,9 @@
 //! start every rank calibrates together ([`sheaf_collectives::calibrate`]) and rank 0
 //! keeps the result in `RUN_DIR/tuning.json`; a restart or resume on the same
 //! transport and world size reads it back (rank 0 reads, every rank gets it by
-//! broadcast). `summary.json` shows it as `collectives_tuning`.
+//! broadcast). `summary.json` shows it as `collectives_tuning`. A world that knows
+//! its hosts (`auto` transport across hosts) keeps its hierarchical allreduce by the
+//! fixed rule: calibration measures flat algorithms only.
 
 use std::path::Path;
 use std::time::Instant;
@@ -24,7 +26,8 @@ pub fn tune(
     dl: Deadline,
 ) -> Result<(Group, Option<Value>), HostError> {
     let (rank, world) = (group.rank(), group.world_size());
-    if group.algorithm() != Algorithm::Auto || world == 1 {
+    // A group that knows its hosts reduces hierarchically, which is not measured here.
+    if group.algorithm() != Algorithm::Auto || world == 1 || group.knows_hosts() {
         return Ok((group, None));
     }
     let failed =
