@@ -33,13 +33,25 @@ fn save_checkpoint(
 ) -> Result<()> {
     let mut params = vec![0f32; model.layout().total()];
     model.read_params(&mut params)?;
-    sink.save_owned(step, &params, optimizer.state()?)
+    save_with_state(sink, step, &params, optimizer)
+}
+
+/// Saves `params` and the optimizer's state: lent as it is where the optimizer lends
+/// it (the sink copies what it keeps, into buffers it keeps), else a copy handed over.
+fn save_with_state(
+    sink: &mut dyn CheckpointSink,
+    step: u64,
+    params: &[f32],
+    optimizer: &dyn Optimizer,
+) -> Result<()> {
+    match optimizer.state_views()? {
+        Some(views) => sink.save_views(step, params, &views),
+        None => sink.save_owned(step, params, optimizer.state()?),
+    }
 }
 
 /// [`save_checkpoint`] from the model's own buffer where it lends it (no copy of the
-/// parameters) and the optimizer's state as it lends it (no copy either: the sink
-/// copies what it keeps, into buffers it keeps); an optimizer that does not lend its
-/// state hands a copy over.
+/// parameters).
 fn save_lent(
     sink: &mut dyn CheckpointSink,
     step: u64,
@@ -56,10 +68,7 @@ fn save_lent(
             &read
         }
     };
-    match optimizer.state_views()? {
-        Some(views) => sink.save_views(step, params, &views),
-        None => sink.save_owned(step, params, optimizer.state()?),
-    }
+    save_with_state(sink, step, params, optimizer)
 }
 
 /// After step `step` (and its checkpoint, if one was due): when the world agrees it
@@ -96,7 +105,7 @@ fn stop_here(
 /// An evaluation's passes, each preceded by [`Passes::ask`], which asks the world
 /// whether it is preempted ([`CheckpointSink::preempted`], a collective), so that a
 /// signal arriving during a long evaluation stops the run within one pass. Every rank
-/// of the world calls `next` equally often in one evaluation (a rank with fewer
+/// of the world calls `ask` equally often in one evaluation (a rank with fewer
 /// passes of its own calls it for the others' too: [`Passes::pad`]).
 pub struct Passes<'s> {
     sink: Option<&'s mut dyn CheckpointSink>,
