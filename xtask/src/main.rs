@@ -13,7 +13,8 @@
 //!   `target/cuda/venv` (about 10 minutes more on 2 cores).
 //! - `test`: builds the whole workspace (the `sheaf` binary, every plugin `.so`, the
 //!   test fixtures), then runs every test: in parallel, then the e2e tests that
-//!   measure time (ignored in the parallel run) one at a time.
+//!   measure time (ignored in the parallel run) one at a time, and the unit tests of
+//!   the patched zeromq in `third_party/`.
 //! - `tidy`: the repository conventions (also run as a test).
 //! - `size`: every crate's lines of code and of tests, its dependencies and its largest
 //!   non-test file.
@@ -93,6 +94,22 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     if extra.is_empty() {
         // `--workspace`, as above: the same features, so the test binary is not rebuilt.
         cargo(root, &["test", "--workspace", "--test", "e2e", "--", "--ignored", "--test-threads=1"])?;
+        // The patched zeromq (third_party/README.md) is outside the workspace: its own
+        // unit tests, the patch's among them, with the features the transport uses.
+        cargo(
+            root,
+            &[
+                "test",
+                "--manifest-path",
+                "third_party/zeromq/Cargo.toml",
+                "--target-dir",
+                "target/third_party",
+                "--lib",
+                "--no-default-features",
+                "--features",
+                "tokio-runtime,all-transport",
+            ],
+        )?;
     }
     Ok(())
 }

@@ -154,24 +154,27 @@ impl Decoder for ZmqCodec {
     }
 }
 
-fn encode_frame(frame: &Bytes, dst: &mut BytesMut, more: bool) {
+pub(crate) fn encode_frame(frame: &Bytes, dst: &mut BytesMut, more: bool) {
+    dst.reserve(frame.len() + 9);
+    encode_frame_header(frame.len(), dst, more);
+    dst.extend_from_slice(frame.as_ref());
+}
+
+/// Encodes the header of a message frame of `len` bytes: its flags and its length.
+pub(crate) fn encode_frame_header(len: usize, dst: &mut BytesMut, more: bool) {
     let mut flags: u8 = 0;
     if more {
         flags |= 0b0000_0001;
     }
-    let len = frame.len();
     if len > 255 {
         flags |= 0b0000_0010;
-        dst.reserve(len + 9);
         let mut header = [0u8; 9];
         header[0] = flags;
         header[1..].copy_from_slice(&(len as u64).to_be_bytes());
         dst.extend_from_slice(&header);
     } else {
-        dst.reserve(len + 2);
         dst.extend_from_slice(&[flags, len as u8]);
     }
-    dst.extend_from_slice(frame.as_ref());
 }
 
 impl Encoder for ZmqCodec {

@@ -143,13 +143,51 @@ fn make_framed<T>(stream: T, options: Arc<crate::SocketOptions>) -> FramedIo
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + 'static,
 {
-    use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
     let (read, write) = tokio::io::split(stream);
     FramedIo::new(
-        Box::new(read.compat()),
-        Box::new(write.compat_write()),
+        Box::new(crate::codec::TokioRead(read)),
+        Box::new(VectoredWrite(write)),
         options,
     )
+}
+
+/// A tokio writer as a `futures` writer, as `tokio_util::compat` makes one, but
+/// with vectored writes passed through (`Compat` writes the first buffer only), so
+/// a frame's header and its body leave in one system call.
+#[cfg(feature = "tokio-runtime")]
+struct VectoredWrite<T>(T);
+
+#[cfg(feature = "tokio-runtime")]
+impl<T: tokio::io::AsyncWrite + Unpin> futures::AsyncWrite for VectoredWrite<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 #[allow(unused)]
