@@ -1,5 +1,5 @@
-//! The GPT language model through the real binary: token data from a text file and a
-//! `.bin` file, data-parallel runs over ZeroMQ and shared memory ending where one
+//! The GPT language model through the real binary: token data from a text file, a
+//! `.bin` file and a directory `sheaf prepare` wrote with GPT-2's tokenizer, data-parallel runs over ZeroMQ and shared memory ending where one
 //! process ends, the training loop's metrics, `sheaf sample`, and bad input refused
 //! before any worker starts.
 
@@ -310,6 +310,72 @@ fn bin_token_files_train_and_are_checked() {
     assert!(e.contains("model.vocab_size") && e.contains("required"), "{e}");
     let e = fail(&no_vocab, &["model.vocab_size=40"]);
     assert!(e.contains("token id 4") && e.contains("offset") && e.contains("vocab_size 40"), "{e}");
+}
+
+/// `sheaf prepare` encodes a text with GPT-2's tokenizer into a directory a job
+/// trains on (a vocab_size rounded up as nanoGPT's 50304 is allowed); `sheaf sample`
+/// encodes the prompt and decodes with it. Bad input is refused by name.
+#[test]
+fn gpt2_tokens_prepare_train_and_sample() {
+    let data = tempfile::tempdir().unwrap();
+    let corpus = text_file(data.path());
+    let dir = data.path().join("gpt2");
+    let prepare = |args: &[&str]| {
+        std::process::Command::new(sheaf_tests::sheaf_bin())
+            .arg("prepare")
+            .arg(&corpus)
+            .args(["--out", &dir.display().to_string()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = prepare(&["--tokenizer", "gpt2"]);
+    ok(&out);
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta, on_disk);
+    assert_eq!((meta["tokenizer"].as_str(), meta["vocab_size"].as_u64()), (Some("gpt2"), Some(50257)));
+    for (file, key) in [("train.bin", "train_tokens"), ("val.bin", "val_tokens")] {
+        let bytes = std::fs::metadata(dir.join(file)).unwrap().len();
+        assert_eq!(Some(bytes / 2), meta[key].as_u64(), "{file}");
+    }
+    // Whole words: far fewer tokens than characters, about a tenth validating.
+    let (train, val) = (meta["train_tokens"].as_u64().unwrap(), meta["val_tokens"].as_u64().unwrap());
+    assert!(train + val < 24_000 / 3 && val * 12 > train && val * 8 < train, "{meta}");
+
+    let job_path = job(data.path(), &dir, "vocab_size = 50304", "");
+    let run = launch(2, &job_path, &["train.max_steps=3"]);
+    assert!(summary(run.path())["val_loss"].as_f64().unwrap().is_finite());
+    let vocab: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.path().join("vocab.json")).unwrap()).unwrap();
+    assert_eq!(vocab["tokenizer"], "gpt2");
+    let sample = || {
+        std::process::Command::new(sheaf_tests::sheaf_bin())
+            .arg("sample")
+            .arg(run.path())
+            .args(["--prompt", "the king shall", "--tokens", "6", "--temperature", "0"])
+            .output()
+            .unwrap()
+    };
+    let a = sample();
+    ok(&a);
+    let text = String::from_utf8_lossy(&a.stdout);
+    assert!(text.starts_with("the king shall") && text.trim_end().len() > "the king shall".len(), "{text}");
+    assert_eq!(a.stdout, sample().stdout, "greedy decoding repeats");
+
+    let out = prepare(&["--tokenizer", "bert"]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--tokenizer") && e.contains("unknown tokenizer") && e.contains("gpt2"), "{e}");
+    let e = launch_fails(&job_path, &["model.vocab_size=50000"]);
+    assert!(e.contains("model.vocab_size") && e.contains("50257"), "{e}");
+    // An id the tokenizer does not have, in the validation file.
+    let mut val_bin = std::fs::read(dir.join("val.bin")).unwrap();
+    val_bin[2..4].copy_from_slice(&60000u16.to_le_bytes());
+    std::fs::write(dir.join("val.bin"), &val_bin).unwrap();
+    let e = launch_fails(&job_path, &[]);
+    assert!(e.contains("val.bin") && e.contains("token id 60000 at token offset 1"), "{e}");
 }
 
 #[test]

@@ -8,12 +8,16 @@
 //! - `synthetic`: random inputs labelled by a fixed random "teacher" network, seeded.
 //! - Token data for language models ([`TokenFile`]): the bundled Shakespeare text,
 //!   `.txt` files (characters) and `.bin` files (nanoGPT's `u16` ids, memory-mapped),
-//!   split by position and read window by window ([`TokenWindows`]).
+//!   split by position and read window by window ([`TokenWindows`]), and directories
+//!   that `sheaf prepare` wrote: text encoded with a [`Tokenizer`] (GPT-2's) into
+//!   `train.bin`, `val.bin` and `meta.json` ([`prepare`]).
 //!
 //! Every malformed input is an error naming the file and what was wrong.
 
 mod idx;
+pub mod prepare;
 mod synthetic;
+pub mod tokenizer;
 mod tokens;
 
 use std::io::Read;
@@ -22,8 +26,10 @@ use std::path::PathBuf;
 use sheaf_core::SplitMix64;
 
 pub use idx::{labels_path_for, load_idx_pair, open_idx_pair, read_idx, IdxArray, IdxRows};
+pub use prepare::{prepare, read_meta, Meta};
 pub use synthetic::teacher;
-pub use tokens::{token_split, TokenFile, TokenWindows};
+pub use tokenizer::Tokenizer;
+pub use tokens::{token_split, token_split_prepared, TokenFile, TokenWindows};
 
 /// Why a dataset could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -176,3 +182,5 @@ fn parse_csv(name: &str, text: &str, dim: usize, classes: usize) -> Result<Datas
 mod fuzz;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_prepare;

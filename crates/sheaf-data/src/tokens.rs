@@ -275,6 +275,47 @@ pub fn token_split(
     Ok((train, test))
 }
 
+/// The splits of a prepared directory: every training window of `train` (drawn from
+/// `seed`, as [`token_split`] draws them) and the non-overlapping windows of `val`.
+/// Fails when either file is shorter than a window.
+pub fn token_split_prepared(
+    train: Arc<TokenFile>,
+    val: Arc<TokenFile>,
+    block_size: usize,
+    seed: u64,
+) -> Result<(TokenWindows, TokenWindows)> {
+    let window = block_size + 1;
+    for (what, file) in [("training", &train), ("validation", &val)] {
+        if file.len() < window {
+            return Err(DataError::Corrupt {
+                what: file.name().to_owned(),
+                detail: format!(
+                    "the {what} split has {} tokens, fewer than one window of block_size + 1 = {window}",
+                    file.len()
+                ),
+            });
+        }
+    }
+    let (n, m) = (train.len(), val.len());
+    let train = TokenWindows {
+        file: train,
+        start: 0,
+        end: n,
+        block_size,
+        count: ((n - 1) / block_size).max(1),
+        starts: Starts::Drawn { seed },
+    };
+    let test = TokenWindows {
+        file: val,
+        start: 0,
+        end: m,
+        block_size,
+        count: (m - 1) / block_size,
+        starts: Starts::Strided,
+    };
+    Ok((train, test))
+}
+
 impl TokenWindows {
     /// Where window `i` starts in the file.
     fn window_start(&self, i: usize) -> usize {

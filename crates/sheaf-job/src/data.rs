@@ -18,8 +18,90 @@ pub struct JobData {
     pub info: ModelInfo,
     pub train: Box<dyn Dataset>,
     pub test: Box<dyn Dataset>,
-    /// The characters behind the token ids, for a text dataset.
-    pub vocab: Option<Vec<char>>,
+    /// What the token ids stand for, for a text dataset.
+    pub vocab: Option<Vocab>,
+}
+
+/// What a text dataset's token ids stand for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vocab {
+    /// Id `i` is the `i`-th character (a character-level text).
+    Chars(Vec<char>),
+    /// Ids of a tokenizer (a directory `sheaf prepare` wrote).
+    Tokenizer(sheaf_data::Tokenizer),
+}
+
+impl Vocab {
+    /// `vocab.json` in a run directory, which `sheaf sample` reads.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Vocab::Chars(chars) => {
+                let tokens: Vec<String> = chars.iter().map(char::to_string).collect();
+                serde_json::json!({ "kind": "characters", "tokens": tokens })
+            }
+            Vocab::Tokenizer(t) => serde_json::json!({
+                "kind": "tokenizer",
+                "tokenizer": t.name(),
+                "vocab_size": t.vocab_size(),
+            }),
+        }
+    }
+
+    /// The vocabulary a `vocab.json` describes.
+    pub fn from_json(v: &serde_json::Value) -> Result<Vocab, String> {
+        if let Some(name) = v["tokenizer"].as_str() {
+            return sheaf_data::Tokenizer::named(name).map(Vocab::Tokenizer).map_err(|e| e.to_string());
+        }
+        let tokens = v["tokens"].as_array().ok_or("no `tokens` array and no `tokenizer`")?;
+        tokens
+            .iter()
+            .map(|t| {
+                let mut chars = t.as_str().unwrap_or_default().chars();
+                match (chars.next(), chars.next()) {
+                    (Some(c), None) => Ok(c),
+                    _ => Err(format!("token {t} is not one character")),
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(Vocab::Chars)
+    }
+
+    /// Token ids below this.
+    pub fn size(&self) -> usize {
+        match self {
+            Vocab::Chars(chars) => chars.len(),
+            Vocab::Tokenizer(t) => t.vocab_size(),
+        }
+    }
+
+    /// The ids of `text`; a character outside a character vocabulary is an error.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
+        match self {
+            Vocab::Chars(chars) => text
+                .chars()
+                .map(|c| {
+                    chars
+                        .binary_search(&c)
+                        .map(|i| i as u32)
+                        .map_err(|_| format!("the character {c:?} is not in the model's vocabulary"))
+                })
+                .collect(),
+            Vocab::Tokenizer(t) => Ok(t.encode(text)),
+        }
+    }
+
+    /// The text of `ids` (each below [`Vocab::size`]).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, String> {
+        match self {
+            Vocab::Chars(chars) => ids
+                .iter()
+                .map(|&i| {
+                    chars.get(i as usize).copied().ok_or(format!("token id {i} outside the vocabulary"))
+                })
+                .collect(),
+            Vocab::Tokenizer(t) => t.decode(ids).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 impl JobData {
@@ -37,6 +119,11 @@ enum Source {
     Synthetic,
     Idx(PathBuf),
     Tokens(Arc<TokenFile>, Option<PathBuf>),
+    /// A directory `sheaf prepare` wrote: its train and validation files.
+    Prepared {
+        dir: PathBuf,
+        tokenizer: sheaf_data::Tokenizer,
+    },
 }
 
 fn data_err(e: sheaf_data::DataError) -> HostError {
@@ -51,6 +138,11 @@ fn open(job: &Job) -> Result<Source, HostError> {
         path if path.ends_with(".txt") || path.ends_with(".bin") => {
             let p = PathBuf::from(path);
             Source::Tokens(Arc::new(TokenFile::open(&p).map_err(data_err)?), Some(p))
+        }
+        path if Path::new(path).join("meta.json").is_file() => {
+            let dir = PathBuf::from(path);
+            let (_, tokenizer) = sheaf_data::read_meta(&dir).map_err(data_err)?;
+            Source::Prepared { dir, tokenizer }
         }
         path => Source::Idx(PathBuf::from(path)),
     })
@@ -110,6 +202,7 @@ fn load_source(job: &Job, registry: &Registry, compute: &dyn ComputeBackend) -> 
     let source = open(job)?;
     let vocab_size = match &source {
         Source::Tokens(file, _) => file.vocab_size(),
+        Source::Prepared { tokenizer, .. } => Some(tokenizer.vocab_size()),
         _ => None,
     };
     let spec = model_spec(job, vocab_size);
@@ -124,12 +217,24 @@ fn load_source(job: &Job, registry: &Registry, compute: &dyn ComputeBackend) -> 
         (Source::Tokens(file, path), ModelInput::Tokens { vocab_size, block_size }) => {
             file.check_ids(vocab_size, path.as_deref()).map_err(data_err)?;
             let fraction = job.data.test_fraction.unwrap_or(0.1);
-            let vocab = file.vocab().map(<[char]>::to_vec);
+            let vocab = file.vocab().map(|c| Vocab::Chars(c.to_vec()));
             let (train, test) =
                 sheaf_data::token_split(file, fraction, block_size, job.seed).map_err(data_err)?;
             (Box::new(train), Box::new(test), vocab)
         }
-        (Source::Tokens(..), ModelInput::Rows { .. }) => {
+        (Source::Prepared { dir, tokenizer }, ModelInput::Tokens { vocab_size, block_size }) => {
+            let open = |name: &str| -> Result<Arc<TokenFile>, HostError> {
+                let path = dir.join(name);
+                let file = TokenFile::open(&path).map_err(data_err)?;
+                file.check_ids(vocab_size.min(tokenizer.vocab_size()), Some(&path)).map_err(data_err)?;
+                Ok(Arc::new(file))
+            };
+            let (train, test) =
+                sheaf_data::token_split_prepared(open("train.bin")?, open("val.bin")?, block_size, job.seed)
+                    .map_err(data_err)?;
+            (Box::new(train), Box::new(test), Some(Vocab::Tokenizer(tokenizer)))
+        }
+        (Source::Tokens(..) | Source::Prepared { .. }, ModelInput::Rows { .. }) => {
             return Err(mismatch("token ids, but the model takes rows of features"))
         }
         (_, ModelInput::Tokens { .. }) => {
@@ -190,7 +295,7 @@ fn load_rows(
         Source::Synthetic => {
             sheaf_data::teacher(data.samples, features, classes, job.seed).split(fraction, job.seed)
         }
-        Source::Idx(..) | Source::Tokens(..) => {
+        Source::Idx(..) | Source::Tokens(..) | Source::Prepared { .. } => {
             return Err(HostError::Data("IDX files and token data are not in-memory rows".into()))
         }
     };
@@ -263,7 +368,7 @@ mod tests {
         let d = load_job(&["model.kind=tokens", "data.dataset=shakespeare", "model.block_size=8"]).unwrap();
         assert_eq!(d.tokens_per_sample(), Some(8));
         let vocab = d.vocab.as_ref().expect("characters");
-        assert_eq!(Some(vocab.len()), d.spec.vocab_size);
+        assert_eq!(Some(vocab.size()), d.spec.vocab_size);
         assert!(
             d.test.len() * 8 < d.train.len(),
             "about a tenth held out: {} {}",
@@ -312,7 +417,10 @@ mod tests {
         std::fs::write(&text, "abcabcabcabc".repeat(20)).unwrap();
         let set = format!("data.dataset=\"{}\"", text.display());
         let d = load_job(&["model.kind=tokens", &set, "model.block_size=4"]).unwrap();
-        assert_eq!((d.spec.vocab_size, d.vocab.as_deref()), (Some(3), Some(&['a', 'b', 'c'][..])));
+        assert_eq!(
+            (d.spec.vocab_size, d.vocab.as_ref()),
+            (Some(3), Some(&Vocab::Chars(vec!['a', 'b', 'c'])))
+        );
         let bin = dir.join("t.bin");
         std::fs::write(&bin, [1u8, 0].repeat(100)).unwrap();
         let set = format!("data.dataset=\"{}\"", bin.display());

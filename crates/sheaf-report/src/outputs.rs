@@ -523,3 +523,34 @@ pub fn outcome(run_dir: &std::path::Path) -> String {
         run_dir.display()
     )
 }
+
+/// A progress bar over bytes on stderr (`sheaf prepare`): drawn at most 4 times a
+/// second when stderr is a terminal, hidden otherwise.
+pub struct ByteProgress {
+    bar: indicatif::ProgressBar,
+}
+
+impl ByteProgress {
+    pub fn new(total: u64, what: &str) -> ByteProgress {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(total),
+            indicatif::ProgressDrawTarget::stderr_with_hz(4),
+        );
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes}  {bytes_per_sec}  ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("#>-");
+        bar.set_style(style);
+        bar.set_prefix(what.to_owned());
+        ByteProgress { bar }
+    }
+
+    pub fn set(&self, done: u64) {
+        self.bar.set_position(done);
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,5 +1,7 @@
 //! `sheaf sample`: text from a trained language model. The checkpoint's run directory
-//! holds the job (`summary.json`) and the vocabulary (`vocab.json`); the model is
+//! holds the job (`summary.json`) and the vocabulary (`vocab.json`: characters, or
+//! the tokenizer the dataset's `meta.json` named, which encodes the prompt and decodes
+//! the text); the model is
 //! rebuilt by the job's compute plugin, loaded from the checkpoint, and asked for the
 //! next token's logits one token at a time.
 
@@ -7,6 +9,7 @@ use std::path::Path;
 
 use sheaf_core::{Batch, SplitMix64};
 
+use sheaf_job::data::Vocab;
 use sheaf_job::job::Job;
 use sheaf_plugins::{HostError, Registry};
 use sheaf_report::outputs::read_safetensors;
@@ -26,22 +29,12 @@ fn data_err(path: &Path, detail: impl std::fmt::Display) -> HostError {
     HostError::Data(format!("{}: {detail}", path.display()))
 }
 
-/// The characters of `vocab.json`.
-fn read_vocab(path: &Path) -> Result<Vec<char>, HostError> {
+/// The vocabulary of `vocab.json`: characters, or a tokenizer's name.
+fn read_vocab(path: &Path) -> Result<Vocab, HostError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| data_err(path, format!("cannot read the vocabulary: {e}")))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| data_err(path, e))?;
-    let tokens = v["tokens"].as_array().ok_or_else(|| data_err(path, "no `tokens` array"))?;
-    tokens
-        .iter()
-        .map(|t| {
-            let mut chars = t.as_str().unwrap_or_default().chars();
-            match (chars.next(), chars.next()) {
-                (Some(c), None) => Ok(c),
-                _ => Err(data_err(path, format!("token {t} is not one character"))),
-            }
-        })
-        .collect()
+    Vocab::from_json(&v).map_err(|e| data_err(path, e))
 }
 
 /// The prompt followed by `opts.tokens` generated characters.
@@ -81,24 +74,16 @@ pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> R
         }
     }
     let vocab = read_vocab(&vocab_path)?;
-    let spec = sheaf_job::data::model_spec(&job, Some(vocab.len()));
+    let spec = sheaf_job::data::model_spec(&job, Some(vocab.size()));
     let compute =
         registry.compute(&job.compute.backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
     let info = sheaf_job::data::describe(&job, &spec, registry, compute.as_ref())?;
     let mut model = compute.build_model(&spec, job.seed)?;
     model.write_params(&read_safetensors(checkpoint, &info.layout)?)?;
 
-    let mut ids: Vec<u32> = opts
-        .prompt
-        .chars()
-        .map(|c| {
-            vocab.binary_search(&c).map(|i| i as u32).map_err(|_| {
-                HostError::Usage(format!("--prompt: the character {c:?} is not in the model's vocabulary"))
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    let mut ids = vocab.encode(&opts.prompt).map_err(|e| HostError::Usage(format!("--prompt: {e}")))?;
     if ids.is_empty() {
-        return Err(HostError::Usage("--prompt: give at least one character".into()));
+        return Err(HostError::Usage("--prompt: give at least one token's worth of text".into()));
     }
     let block_size = match info.input {
         sheaf_core::ModelInput::Tokens { block_size, .. } => block_size,
@@ -112,7 +97,14 @@ pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> R
         let logits = model.predict(&Batch::Tokens { windows: context, window: context.len() })?;
         ids.push(pick(&logits, opts, &mut rng) as u32);
     }
-    Ok(ids.iter().map(|&i| vocab[i as usize]).collect())
+    // A model whose vocab_size is rounded up may pick an id no text has.
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab.size()) {
+        return Err(HostError::Data(format!(
+            "the model sampled token id {bad}, which its vocabulary ({} ids) has no text for: train it longer, or lower --temperature",
+            vocab.size()
+        )));
+    }
+    vocab.decode(&ids).map_err(|e| data_err(&vocab_path, e))
 }
 
 /// A token from `logits`: the likeliest at temperature 0, else drawn from the softmax

@@ -247,9 +247,7 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
     )?
     .with_tokens_per_sample(p.data.tokens_per_sample());
     if let (Some(dir), Some(vocab)) = (&p.run_dir, &p.data.vocab) {
-        let tokens: Vec<String> = vocab.iter().map(char::to_string).collect();
-        let json = serde_json::json!({ "kind": "characters", "tokens": tokens });
-        write_atomic(&dir.join("vocab.json"), json.to_string().as_bytes())?;
+        write_atomic(&dir.join("vocab.json"), vocab.to_json().to_string().as_bytes())?;
     }
     let mut checkpoints = Checkpointer {
         comm: &world.comm,

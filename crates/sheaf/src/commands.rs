@@ -6,7 +6,7 @@ use std::path::Path;
 
 use sheaf_plugins::{HostError, PluginInfo};
 
-use crate::cli::{BenchWhat, Cli, JobArgs, LaunchArgs, SampleArgs};
+use crate::cli::{BenchWhat, Cli, JobArgs, LaunchArgs, PrepareArgs, SampleArgs};
 
 /// `sheaf run`: this process as one rank of a world its launcher placed.
 pub fn run_worker(cli: &Cli, args: &JobArgs, out: &mut dyn Write) -> Result<(), HostError> {
@@ -142,6 +142,24 @@ pub fn sample(cli: &Cli, args: &SampleArgs, out: &mut dyn Write) -> Result<(), H
         },
     )?;
     writeln!(out, "{text}").map_err(HostError::output)
+}
+
+/// `sheaf prepare`: a text file encoded into a dataset directory; prints `meta.json`.
+pub fn prepare(args: &PrepareArgs, out: &mut dyn Write) -> Result<(), HostError> {
+    let PrepareArgs { input, tokenizer, out: dir, val_fraction } = args;
+    let usage = |e: sheaf_data::DataError| HostError::Usage(e.to_string());
+    let tokenizer =
+        sheaf_data::Tokenizer::named(tokenizer).map_err(|e| HostError::Usage(format!("--tokenizer: {e}")))?;
+    let size = std::fs::metadata(input).map_err(|e| HostError::io(input, e))?.len();
+    let bar = sheaf_report::outputs::ByteProgress::new(size, "prepare");
+    let meta = sheaf_data::prepare(input, tokenizer, dir, *val_fraction, &mut |done, _| bar.set(done));
+    bar.finish();
+    let meta = meta.map_err(|e| match e {
+        e @ sheaf_data::DataError::Corrupt { .. } if e.to_string().starts_with("--val-fraction") => usage(e),
+        e => HostError::input("cannot prepare the dataset", e),
+    })?;
+    let json = serde_json::to_string(&meta).expect("meta serializes");
+    writeln!(out, "{json}").map_err(HostError::output)
 }
 
 /// `sheaf bench train`: the median throughput of several runs of a job.
