@@ -254,6 +254,68 @@ fn the_training_loop_writes_its_metrics() {
     assert!(lines.iter().all(|l| l["grad_norm"].as_f64().unwrap() > 0.0));
 }
 
+/// `[outputs] tensorboard = true`: the run's scalars as TensorBoard event files that
+/// read back as metrics.jsonl says, each rank's step time beside them; `sheaf eval`
+/// gives the run's own val_loss from its checkpoint, on the first batches when asked,
+/// and refuses data of another vocabulary.
+#[test]
+fn tensorboard_files_and_eval_agree_with_the_run() {
+    let data = tempfile::tempdir().unwrap();
+    let job = job(data.path(), &text_file(data.path()), "", "eval_every = 3");
+    std::fs::write(&job, std::fs::read_to_string(&job).unwrap() + "[outputs]\ntensorboard = true\n").unwrap();
+    let run = launch(2, &job, &["train.max_steps=6"]);
+    let board = run.path().join("tensorboard");
+    let scalars = sheaf_report::tensorboard::read_scalars(&board).unwrap();
+    let of = |tag: &str| -> Vec<(u64, f32)> {
+        scalars.iter().filter(|s| s.tag == tag).map(|s| (s.step, s.value)).collect()
+    };
+    let loss = metric(run.path(), "loss");
+    assert_eq!(of("loss"), (1..=6).zip(loss.iter().map(|&l| l as f32)).collect::<Vec<_>>());
+    let val = metric(run.path(), "val_loss");
+    assert_eq!(of("val_loss"), vec![(3, val[2] as f32), (6, val[5] as f32)]);
+    for tag in ["lr", "grad_norm", "tokens_per_sec"] {
+        let v = of(tag);
+        assert!(v.len() == 6 && v.iter().all(|&(_, x)| x > 0.0), "{tag}: {v:?}");
+    }
+    for rank in 0..2 {
+        let times = sheaf_report::tensorboard::read_scalars(&board.join(format!("rank-{rank}"))).unwrap();
+        assert_eq!(
+            times.iter().map(|s| s.step).collect::<Vec<_>>(),
+            (1..=6).collect::<Vec<_>>(),
+            "rank {rank}"
+        );
+        assert!(times.iter().all(|s| s.tag == "step_time_s" && s.value > 0.0 && s.value < 60.0), "{times:?}");
+    }
+
+    let eval = |args: &[&str]| {
+        std::process::Command::new(sheaf_tests::sheaf_bin())
+            .arg("eval")
+            .arg(run.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = eval(&[]);
+    ok(&out);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (got, want) = (line["val_loss"].as_f64().unwrap(), summary(run.path())["val_loss"].as_f64().unwrap());
+    assert!((got - want).abs() <= 1e-6 * want, "eval {got}, the run {want}");
+    assert!((line["perplexity"].as_f64().unwrap() - got.exp()).abs() < 1e-9 * got.exp());
+    let tokens = line["tokens"].as_u64().unwrap();
+    assert!(
+        tokens > 0 && tokens.is_multiple_of(16) && line["tokens_per_sec"].as_f64().unwrap() > 0.0,
+        "{line}"
+    );
+    let out = eval(&["--batches", "1"]);
+    ok(&out);
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((first["tokens"].as_u64(), first["batches"].as_u64()), (Some(8 * 16), Some(1)), "{first}");
+    let out = eval(&["--data", "shakespeare"]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--data") && e.contains("characters, but the model was trained on"), "{e}");
+}
+
 fn metric(dir: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()

@@ -25,10 +25,29 @@ pub struct Job {
     pub compute: ComputeSection,
     #[serde(default)]
     pub collectives: CollectivesSection,
+    #[serde(default, skip_serializing_if = "OutputsSection::is_default")]
+    pub outputs: OutputsSection,
     /// Which library supplies a component that more than one provides:
     /// `[plugins.<kind>] <name> = "<plugin name or file name>"`.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub plugins: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>,
+}
+
+/// `[outputs]`: what a run writes besides its summary, metrics and checkpoints.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutputsSection {
+    /// TensorBoard event files under `RUN_DIR/tensorboard/`: the run's scalars (loss,
+    /// val_loss, lr, grad_norm, tokens/s or samples/s, step time), and each rank's step
+    /// time under `tensorboard/rank-N/`.
+    #[serde(default)]
+    pub tensorboard: bool,
+}
+
+impl OutputsSection {
+    fn is_default(&self) -> bool {
+        *self == OutputsSection::default()
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

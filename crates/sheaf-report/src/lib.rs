@@ -4,4 +4,5 @@
 pub mod flight;
 pub mod outputs;
 pub mod plot;
+pub mod tensorboard;
 pub mod trace;

@@ -314,6 +314,10 @@ pub struct Metrics {
     /// between epochs' lines (`SHEAF_PROGRESS_EVERY_S`, [`PROGRESS_EVERY`] by default).
     last_line: std::time::Instant,
     every: std::time::Duration,
+    /// TensorBoard: the run's scalars (rank 0), and this rank's step time with when
+    /// and at which step it last recorded.
+    tensorboard: Option<crate::tensorboard::EventWriter>,
+    rank_board: Option<(crate::tensorboard::EventWriter, std::time::Instant, u64)>,
     pub error: Option<HostError>,
 }
 
@@ -378,6 +382,8 @@ impl Metrics {
                 .and_then(|v| v.parse::<f64>().ok())
                 .filter(|s| s.is_finite() && *s >= 0.0)
                 .map_or(PROGRESS_EVERY, std::time::Duration::from_secs_f64),
+            tensorboard: None,
+            rank_board: None,
             error: None,
         })
     }
@@ -386,6 +392,44 @@ impl Metrics {
     pub fn with_tokens_per_sample(mut self, tokens: Option<usize>) -> Metrics {
         self.tokens_per_sample = tokens;
         self
+    }
+
+    /// TensorBoard event files: the run's scalars in `run` (rank 0's), this rank's
+    /// step time (wall seconds between the steps it records) in `rank`.
+    pub fn with_tensorboard(mut self, run: Option<&Path>, rank: Option<&Path>) -> Result<Metrics, HostError> {
+        self.tensorboard = run.map(crate::tensorboard::EventWriter::create).transpose()?;
+        self.rank_board = match rank {
+            Some(dir) => Some((crate::tensorboard::EventWriter::create(dir)?, std::time::Instant::now(), 0)),
+            None => None,
+        };
+        Ok(self)
+    }
+
+    fn board(&mut self, m: &StepMetrics) -> Result<(), HostError> {
+        if let Some(tb) = &mut self.tensorboard {
+            let (rate, per_sample) = match self.tokens_per_sample {
+                Some(t) => ("tokens_per_sec", t as f64),
+                None => ("samples_per_sec", 1.0),
+            };
+            tb.scalars(
+                m.step,
+                &[
+                    ("loss", m.loss),
+                    ("val_loss", m.val_loss.unwrap_or(f64::NAN)),
+                    ("lr", m.lr),
+                    ("grad_norm", m.grad_norm),
+                    (rate, m.samples_per_sec * per_sample),
+                ],
+            )?;
+            tb.flush()?;
+        }
+        if let Some((tb, last, last_step)) = &mut self.rank_board {
+            let steps = m.step.saturating_sub(*last_step).max(1);
+            tb.scalars(m.step, &[("step_time_s", last.elapsed().as_secs_f64() / steps as f64)])?;
+            tb.flush()?;
+            (*last, *last_step) = (std::time::Instant::now(), m.step);
+        }
+        Ok(())
     }
 
     /// The rate of `samples_per_sec`, as this run's kind measures it.
@@ -466,6 +510,9 @@ impl MetricsSink for Metrics {
             if let Err(e) = writeln!(f, "{line}") {
                 self.error.get_or_insert(HostError::io(path, e));
             }
+        }
+        if let Err(e) = self.board(m) {
+            self.error.get_or_insert(e);
         }
         if let Some(prev) = self.last_epoch.filter(|&e| e != m.epoch) {
             self.end_epoch(prev);

@@ -2,7 +2,9 @@
 //! the world it joins (`world`), and sampling from a trained model (`sample`).
 
 mod connect;
+pub mod eval;
 pub mod sample;
+pub mod trained;
 pub mod tuning;
 pub mod worker;
 pub mod world;

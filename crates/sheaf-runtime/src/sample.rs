@@ -9,10 +9,9 @@ use std::path::Path;
 
 use sheaf_core::{Batch, SplitMix64};
 
-use sheaf_job::data::Vocab;
-use sheaf_job::job::Job;
 use sheaf_plugins::{HostError, Registry};
-use sheaf_report::outputs::read_safetensors;
+
+use crate::trained::{data_err, Trained};
 
 /// How to sample.
 #[derive(Clone, Debug)]
@@ -25,61 +24,32 @@ pub struct SampleOptions {
     pub seed: u64,
 }
 
-fn data_err(path: &Path, detail: impl std::fmt::Display) -> HostError {
-    HostError::Data(format!("{}: {detail}", path.display()))
-}
-
-/// The vocabulary of `vocab.json`: characters, or a tokenizer's name.
-fn read_vocab(path: &Path) -> Result<Vocab, HostError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| data_err(path, format!("cannot read the vocabulary: {e}")))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| data_err(path, e))?;
-    Vocab::from_json(&v).map_err(|e| data_err(path, e))
-}
-
-/// The prompt followed by `opts.tokens` generated characters.
+/// The prompt followed by `opts.tokens` generated tokens, as text.
 pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> Result<String, HostError> {
-    // A run directory stands for its checkpoint.
-    let in_dir;
-    let checkpoint = if checkpoint.is_dir() {
-        in_dir = checkpoint.join("checkpoint.safetensors");
-        &in_dir
-    } else {
-        checkpoint
-    };
-    let dir = checkpoint.parent().unwrap_or(Path::new("."));
-    let summary_path = dir.join("summary.json");
-    let summary = std::fs::read_to_string(&summary_path)
-        .map_err(|e| data_err(&summary_path, format!("cannot read the run's summary (its job): {e}")))?;
-    let summary: serde_json::Value =
-        serde_json::from_str(&summary).map_err(|e| data_err(&summary_path, e))?;
-    let job: Job = serde_json::from_value(summary["job"].clone())
-        .map_err(|e| data_err(&summary_path, format!("its job does not parse: {e}")))?;
-    let vocab_path = dir.join("vocab.json");
-    if !vocab_path.exists() {
+    let trained = Trained::open(checkpoint)?;
+    let job = &trained.job;
+    let Some(vocab) = trained.vocab()? else {
         // No vocabulary: a classifier's run says so, rather than that a file is missing.
         let compute = registry.compute(&job.compute.backend, "")?;
-        let spec = sheaf_job::data::model_spec(&job, None);
+        let spec = sheaf_job::data::model_spec(job, None);
         if let Ok(sheaf_core::ModelInput::Rows { .. }) =
-            sheaf_job::data::describe(&job, &spec, registry, compute.as_ref()).map(|i| i.input)
+            sheaf_job::data::describe(job, &spec, registry, compute.as_ref()).map(|i| i.input)
         {
             return Err(HostError::Usage(format!(
                 "{}: this run trained a classifier (model kind `{}` on `{}`), which has no text to \
                  sample; `sheaf sample` continues text with a language model (model.kind = \"gpt\" \
                  on a text dataset: examples/shakespeare-gpt.toml)",
-                checkpoint.display(),
+                trained.checkpoint.display(),
                 job.model.kind,
                 job.data.dataset
             )));
         }
-    }
-    let vocab = read_vocab(&vocab_path)?;
-    let spec = sheaf_job::data::model_spec(&job, Some(vocab.size()));
-    let compute =
-        registry.compute(&job.compute.backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
-    let info = sheaf_job::data::describe(&job, &spec, registry, compute.as_ref())?;
-    let mut model = compute.build_model(&spec, job.seed)?;
-    model.write_params(&read_safetensors(checkpoint, &info.layout)?)?;
+        return Err(data_err(&trained.dir.join("vocab.json"), "cannot read the vocabulary: no such file"));
+    };
+    let spec = sheaf_job::data::model_spec(job, Some(vocab.size()));
+    let compute = trained.compute(registry)?;
+    let info = sheaf_job::data::describe(job, &spec, registry, compute.as_ref())?;
+    let mut model = trained.model(compute.as_ref(), &spec, &info)?;
 
     let mut ids = vocab.encode(&opts.prompt).map_err(|e| HostError::Usage(format!("--prompt: {e}")))?;
     if ids.is_empty() {
@@ -104,7 +74,7 @@ pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> R
             vocab.size()
         )));
     }
-    vocab.decode(&ids).map_err(|e| data_err(&vocab_path, e))
+    vocab.decode(&ids).map_err(|e| data_err(&trained.dir.join("vocab.json"), e))
 }
 
 /// A token from `logits`: the likeliest at temperature 0, else drawn from the softmax

@@ -246,6 +246,13 @@ pub fn train(p: &mut Prepared, world: &World, opts: &RunOptions) -> Result<Train
         p.resumed,
     )?
     .with_tokens_per_sample(p.data.tokens_per_sample());
+    if job.outputs.tensorboard {
+        let board = |d: &PathBuf| d.join("tensorboard");
+        metrics = metrics.with_tensorboard(
+            p.run_dir.as_ref().map(board).as_deref(),
+            opts.run_dir.as_ref().map(|d| board(d).join(format!("rank-{rank}"))).as_deref(),
+        )?;
+    }
     if let (Some(dir), Some(vocab)) = (&p.run_dir, &p.data.vocab) {
         write_atomic(&dir.join("vocab.json"), vocab.to_json().to_string().as_bytes())?;
     }

@@ -178,6 +178,19 @@ pub enum Command {
     /// `data.dataset`: DIR/train.bin and DIR/val.bin (u16 ids, as nanoGPT writes
     /// them) and DIR/meta.json. Streams: any size of input in bounded memory.
     Prepare(PrepareArgs),
+    /// Print a trained model's loss on the validation split of its job's dataset (or
+    /// of --data, of the same vocabulary) as one JSON line: val_loss, perplexity,
+    /// tokens, tokens_per_sec (a classifier's: val_loss, accuracy, samples).
+    Eval {
+        /// A checkpoint.safetensors a run wrote, or its run directory.
+        checkpoint: PathBuf,
+        /// A dataset in place of the job's, as `data.dataset` names one.
+        #[arg(long)]
+        data: Option<String>,
+        /// Evaluate the first N batches of the job's batch_size only.
+        #[arg(long, value_name = "N")]
+        batches: Option<usize>,
+    },
     /// List every plugin library found, with its kinds, versions and whether it loads.
     Plugins {
         /// Print a JSON array instead of a table.
@@ -402,6 +415,11 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
         }
         Command::Sample(args) => commands::sample(&cli, args, out),
         Command::Prepare(args) => commands::prepare(args, out),
+        Command::Eval { checkpoint, data, batches } => {
+            let opts = sheaf_runtime::eval::EvalOptions { data: data.clone(), batches: *batches };
+            let line = sheaf_runtime::eval::eval(&cli.registry(), checkpoint, &opts)?;
+            writeln!(out, "{line}").map_err(HostError::output)
+        }
         Command::Bench { what: BenchWhat::Train { workers, runs, json, job } } => {
             commands::bench_train(&cli, *workers, *runs, *json, job, out)
         }
