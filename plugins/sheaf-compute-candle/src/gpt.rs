@@ -26,7 +26,7 @@ pub(crate) mod kind;
 mod spec;
 
 pub(crate) use spec::init_piece;
-pub use spec::{init_params, GptSpec};
+pub use spec::{init_params, Gelu, GptSpec};
 pub(crate) use spec::{After, Segment};
 
 /// A GPT, or a pipeline stage of one (a range of its blocks), held as candle `Var`s
@@ -165,7 +165,15 @@ impl Gpt {
         let y = att.matmul(&v)?.transpose(1, 2)?.reshape((n * t, c))?;
         let x = (x + self.linear(&y, &format!("{h}.attn.c_proj"))?)?;
         let m = self.linear(&self.layer_norm(&x, &format!("{h}.ln_2"))?, &format!("{h}.mlp.c_fc"))?;
-        x + self.linear(&m.gelu_erf()?, &format!("{h}.mlp.c_proj"))?
+        x + self.linear(&self.gelu(&m)?, &format!("{h}.mlp.c_proj"))?
+    }
+
+    /// GELU in the spec's form.
+    fn gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.spec.gelu {
+            spec::Gelu::Erf => x.gelu_erf(),
+            spec::Gelu::Tanh => x.gelu(),
+        }
     }
 
     /// This piece's blocks on `input` of `n` windows of `t` positions: the residual
@@ -300,7 +308,7 @@ impl Gpt {
             }
             Segment::Mlp(i) => {
                 let name = format!("transformer.h.{i}");
-                let m = self.linear(h, &format!("{name}.mlp.c_fc"))?.gelu_erf()?;
+                let m = self.gelu(&self.linear(h, &format!("{name}.mlp.c_fc"))?)?;
                 self.matmul_weight(&m, &format!("{name}.mlp.c_proj"))
             }
             _ => candle_core::bail!("segment {seg:?} is not a partial one"),

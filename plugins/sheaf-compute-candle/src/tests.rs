@@ -340,7 +340,7 @@ fn every_entry_point_goes_through_the_table_of_kinds() {
     assert_eq!(provided, backend.model_kinds());
 }
 
-mod gpt;
+pub(crate) mod gpt;
 mod units;
 
 /// A model's stepped backward pass over `batch` into a buffer of NaNs: the loss, the

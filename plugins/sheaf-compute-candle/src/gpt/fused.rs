@@ -321,7 +321,8 @@ impl FusedGpt {
     fn block(&mut self, l: usize, backward: bool, lent: Option<&[f32]>) {
         let FusedGpt { spec, params, at, threads, n, t, residual, blocks, scratch, d, .. } = self;
         let params = lent.unwrap_or(params);
-        let shape = Shape { n: *n, t: *t, c: spec.n_embd, n_head: spec.n_head, threads: *threads };
+        let shape =
+            Shape { n: *n, t: *t, c: spec.n_embd, n_head: spec.n_head, gelu: spec.gelu, threads: *threads };
         let (before, after) = residual.split_at_mut(l + 1);
         // Without a backward pass every block runs in the buffers of one: the first
         // block's own where it keeps them (sized by the last training pass), else the
@@ -488,6 +489,7 @@ impl FusedGpt {
             t: self.t,
             c: self.spec.n_embd,
             n_head: self.spec.n_head,
+            gelu: self.spec.gelu,
             threads: self.threads,
         };
         let recomputes = self.spec.recomputes(l);

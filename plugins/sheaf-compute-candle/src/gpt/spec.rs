@@ -22,6 +22,10 @@ struct GptConfig {
     bias: bool,
     #[serde(default = "yes")]
     tie_embeddings: bool,
+    /// GELU's form: `erf` (exact, nanoGPT's and PyTorch's default) or `tanh` (GPT-2's
+    /// approximation, transformers' `gelu_new`).
+    #[serde(default)]
+    gelu: Gelu,
     /// Which blocks keep only their input in the forward pass and run it again in the
     /// backward pass: every `N`-th (1: all). The host passes `train.activation_checkpointing` here.
     #[serde(default)]
@@ -30,6 +34,15 @@ struct GptConfig {
 
 fn yes() -> bool {
     true
+}
+
+/// GELU as `erf` or as GPT-2's `tanh` approximation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gelu {
+    #[default]
+    Erf,
+    Tanh,
 }
 
 /// A GPT's shape, checked, with its vocabulary size resolved.
@@ -42,6 +55,7 @@ pub struct GptSpec {
     pub vocab_size: usize,
     pub bias: bool,
     pub tie_embeddings: bool,
+    pub gelu: Gelu,
     /// Blocks `l` with `l % recompute_every == 0` recompute their activations in the
     /// backward pass (0: none do).
     pub recompute_every: usize,
@@ -99,6 +113,7 @@ impl GptSpec {
             vocab_size,
             bias: c.bias,
             tie_embeddings: c.tie_embeddings,
+            gelu: c.gelu,
             recompute_every: match c.activation_checkpointing {
                 Some(0) => {
                     return Err(Error::config(

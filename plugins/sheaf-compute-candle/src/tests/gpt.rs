@@ -114,7 +114,7 @@ fn bad_settings_are_errors_naming_the_key() {
 
 #[test]
 fn gradients_match_finite_differences() {
-    for extra in ["", r#", "bias": false, "tie_embeddings": false"#] {
+    for extra in ["", r#", "bias": false, "tie_embeddings": false"#, r#", "gelu": "tanh""#] {
         let spec = spec(extra);
         let mut m = CandleBackend::new("cpu").unwrap().build_model(&spec, 7).unwrap();
         let w = windows(3, 7, 11);
@@ -188,7 +188,13 @@ fn reference_loss(
             .map(|(i, a)| (a - mean) / (var + 1e-5).sqrt() * w[i] + b.as_ref().map_or(0.0, |b| b[i]))
             .collect()
     };
-    let gelu = |x: f64| 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2));
+    let gelu = |x: f64| match spec.gelu {
+        crate::gpt::Gelu::Erf => 0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2)),
+        // GPT-2's: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+        crate::gpt::Gelu::Tanh => {
+            0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        }
+    };
     let (wte, wpe) = (p("transformer.wte.weight").unwrap(), p("transformer.wpe.weight").unwrap());
     let head = if spec.tie_embeddings { wte.clone() } else { p("lm_head.weight").unwrap() };
     let mut total = 0.0;
@@ -245,7 +251,7 @@ fn reference_loss(
 }
 
 /// erf by Abramowitz and Stegun 7.1.26 (|error| < 1.5e-7).
-fn erf(x: f64) -> f64 {
+pub(crate) fn erf(x: f64) -> f64 {
     let s = x.signum();
     let x = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * x);
@@ -259,7 +265,7 @@ fn erf(x: f64) -> f64 {
 
 #[test]
 fn loss_equals_the_reference_definition() {
-    for extra in ["", r#", "bias": false, "tie_embeddings": false"#] {
+    for extra in ["", r#", "bias": false, "tie_embeddings": false"#, r#", "gelu": "tanh""#] {
         let spec = spec(extra);
         let g = GptSpec::parse(&spec).unwrap();
         let mut m = CandleBackend::new("cpu").unwrap().build_model(&spec, 5).unwrap();

@@ -12,6 +12,7 @@ use crate::cpu::kernels::{
     column_sums, dot, elementwise, erf, exp, fill_rows, matmul, matmul_to, max, rows_per_thread, sum,
     sum_sq_dev, View,
 };
+use crate::gpt::spec::Gelu;
 
 /// LayerNorm's epsilon, as nanoGPT's.
 const EPS: f32 = 1e-5;
@@ -24,6 +25,7 @@ pub(super) struct Shape {
     pub(super) t: usize,
     pub(super) c: usize,
     pub(super) n_head: usize,
+    pub(super) gelu: Gelu,
     pub(super) threads: usize,
 }
 
@@ -40,7 +42,7 @@ pub(super) fn block_forward(
     b: &BlockAt,
     s: Shape,
 ) {
-    let Shape { n, t, c, n_head, threads } = s;
+    let Shape { n, t, c, n_head, gelu: form, threads } = s;
     let rows = n * t;
     layer_norm(&mut tmp.ln, &mut acts.ln_1_stats, x, p, &b.ln_1, c, threads);
     linear(&mut acts.qkv, &tmp.ln, p, &b.c_attn, rows, c, 3 * c, threads);
@@ -50,7 +52,7 @@ pub(super) fn block_forward(
     layer_norm(&mut tmp.ln, &mut acts.ln_2_stats, &acts.res_2, p, &b.ln_2, c, threads);
     linear(&mut acts.fc, &tmp.ln, p, &b.c_fc, rows, c, 4 * c, threads);
     if let Some(out) = out {
-        gelu(&mut tmp.gelu, &acts.fc, threads);
+        gelu(&mut tmp.gelu, &acts.fc, form, threads);
         linear(out, &tmp.gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
         add_into(out, &acts.res_2, threads);
     }
@@ -87,7 +89,7 @@ pub(super) fn block_backward(
     b: &BlockAt,
     s: Shape,
 ) {
-    let Shape { n, t, c, n_head: nh, threads } = s;
+    let Shape { n, t, c, n_head: nh, gelu: form, threads } = s;
     let rows = n * t;
     let a = match kept {
         Some(a) => a,
@@ -97,10 +99,10 @@ pub(super) fn block_backward(
         }
     };
     // out = res_2 + mlp_proj(gelu(c_fc(ln_2(res_2)))); GELU's output recomputed.
-    gelu(&mut d.gelu, &a.fc, threads);
+    gelu(&mut d.gelu, &a.fc, form, threads);
     d.wide.resize(rows * 4 * c, 0.0);
     linear_backward(pending, &mut d.wide, &d.res, &d.gelu, p, &b.mlp_proj, rows, 4 * c, c, threads);
-    gelu_backward(&mut d.wide, &a.fc, threads);
+    gelu_backward(&mut d.wide, &a.fc, form, threads);
     d.narrow.resize(rows * c, 0.0);
     renormalize(&mut d.ln, &a.res_2, &a.ln_2_stats, p, &b.ln_2, c, threads);
     linear_backward(pending, &mut d.narrow, &d.wide, &d.ln, p, &b.c_fc, rows, c, 4 * c, threads);
@@ -377,10 +379,14 @@ pub(super) fn normalize_backward(
     part
 }
 
-/// Exact (erf) GELU, as PyTorch's default and candle's `gelu_erf`.
-pub(super) fn gelu(out: &mut Vec<f32>, x: &[f32], threads: usize) {
+/// GELU: exact (erf), as PyTorch's default and candle's `gelu_erf`, or GPT-2's tanh
+/// approximation, as transformers' `gelu_new` and candle's `gelu`.
+pub(super) fn gelu(out: &mut Vec<f32>, x: &[f32], form: Gelu, threads: usize) {
     out.resize(x.len(), 0.0);
-    elementwise(out, x, threads, gelu_values);
+    match form {
+        Gelu::Erf => elementwise(out, x, threads, gelu_values),
+        Gelu::Tanh => elementwise(out, x, threads, gelu_tanh_values),
+    }
 }
 
 #[multiversion(targets = "simd")]
@@ -388,9 +394,29 @@ pub(super) fn gelu_values(out: &mut [f32], x: &[f32]) {
     out.iter_mut().zip(x).for_each(|(o, &x)| *o = 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)))
 }
 
+/// sqrt(2 / pi), and the cubic term's weight of GPT-2's GELU.
+const GELU_K: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// `tanh(u)` as `1 - 2 / (e^(2u) + 1)`, with the branch-free [`exp`].
+#[inline(always)]
+fn tanh(u: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
+}
+
+#[multiversion(targets = "simd")]
+pub(super) fn gelu_tanh_values(out: &mut [f32], x: &[f32]) {
+    out.iter_mut()
+        .zip(x)
+        .for_each(|(o, &x)| *o = 0.5 * x * (1.0 + tanh(GELU_K * (x + GELU_CUBIC * x * x * x))))
+}
+
 /// `d *= gelu'(x)`, in place.
-pub(super) fn gelu_backward(d: &mut [f32], x: &[f32], threads: usize) {
-    elementwise(d, x, threads, gelu_backward_values);
+pub(super) fn gelu_backward(d: &mut [f32], x: &[f32], form: Gelu, threads: usize) {
+    match form {
+        Gelu::Erf => elementwise(d, x, threads, gelu_backward_values),
+        Gelu::Tanh => elementwise(d, x, threads, gelu_tanh_backward_values),
+    }
 }
 
 #[multiversion(targets = "simd")]
@@ -401,6 +427,15 @@ pub(super) fn gelu_backward_values(d: &mut [f32], x: &[f32]) {
         let cdf = 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2));
         let pdf = exp(-0.5 * x * x) * INV_SQRT_2PI;
         *d *= cdf + x * pdf;
+    })
+}
+
+#[multiversion(targets = "simd")]
+pub(super) fn gelu_tanh_backward_values(d: &mut [f32], x: &[f32]) {
+    d.iter_mut().zip(x).for_each(|(d, &x)| {
+        let th = tanh(GELU_K * (x + GELU_CUBIC * x * x * x));
+        let du = GELU_K * (1.0 + 3.0 * GELU_CUBIC * x * x);
+        *d *= 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du;
     })
 }
 
@@ -525,5 +560,36 @@ pub(super) fn causal_softmax_backward(d: &mut [f32], a: &[f32], t: usize, scale:
         let dot = dot(&d[..keep], &a[..keep]);
         d[..keep].iter_mut().zip(&a[..keep]).for_each(|(d, a)| *d = scale * a * (*d - dot));
         d[keep..].fill(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each GELU and its derivative against its definition in f64 (the derivative by
+    /// central differences), across the range activations take; the two forms differ.
+    #[test]
+    fn gelu_forms_match_their_definitions() {
+        let xs: Vec<f32> = (-80..=80).map(|i| i as f32 / 10.0).collect();
+        let tanh_gelu = |x: f64| {
+            0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        };
+        let erf_gelu = |x: f64| 0.5 * x * (1.0 + crate::tests::gpt::erf(x / std::f64::consts::SQRT_2));
+        let mut apart = 0f64;
+        for (form, f) in [(Gelu::Erf, &erf_gelu as &dyn Fn(f64) -> f64), (Gelu::Tanh, &tanh_gelu)] {
+            let mut out = Vec::new();
+            gelu(&mut out, &xs, form, 1);
+            let mut d = vec![1f32; xs.len()];
+            gelu_backward(&mut d, &xs, form, 1);
+            for ((&x, &y), &dy) in xs.iter().zip(&out).zip(&d) {
+                let x = f64::from(x);
+                assert!((f64::from(y) - f(x)).abs() < 2e-6 * x.abs().max(1.0), "{form:?} gelu({x}) = {y}");
+                let slope = (f(x + 1e-6) - f(x - 1e-6)) / 2e-6;
+                assert!((f64::from(dy) - slope).abs() < 2e-5, "{form:?} gelu'({x}) = {dy}, not {slope}");
+                apart = apart.max((tanh_gelu(x) - erf_gelu(x)).abs());
+            }
+        }
+        assert!(apart > 1e-4, "the forms are told apart: {apart}");
     }
 }

@@ -239,7 +239,14 @@ impl FusedPiece {
     }
 
     fn shape(&self, n: usize, t: usize) -> Shape {
-        Shape { n, t, c: self.spec.n_embd, n_head: self.spec.n_head, threads: self.threads }
+        Shape {
+            n,
+            t,
+            c: self.spec.n_embd,
+            n_head: self.spec.n_head,
+            gelu: self.spec.gelu,
+            threads: self.threads,
+        }
     }
 
     /// Keeps what segment `seg` of micro-batch `micro` needs for its backward pass.
@@ -409,7 +416,7 @@ impl FusedPiece {
                     linear(&mut out, &acts.atty, p, &proj, rows, acts.atty.len() / rows, c, threads);
                 } else {
                     self.mlp_acts(acts, j, input, rows);
-                    gelu(&mut self.d.gelu, &acts.fc, threads);
+                    gelu(&mut self.d.gelu, &acts.fc, self.spec.gelu, threads);
                     let proj = Affine { w: b.mlp_proj.w.clone(), b: None };
                     linear(&mut out, &self.d.gelu, p, &proj, rows, acts.fc.len() / rows, c, threads);
                 }
@@ -536,9 +543,9 @@ impl FusedPiece {
                 d.wide.resize(rows * wide, 0.0);
                 let proj = Affine { w: b.mlp_proj.w.clone(), b: None };
                 // GELU's output, not kept: again from its input.
-                gelu(&mut d.gelu, &a.fc, threads);
+                gelu(&mut d.gelu, &a.fc, self.spec.gelu, threads);
                 linear_backward(&mut g, &mut d.wide, grad, &d.gelu, params, &proj, rows, wide, c, threads);
-                gelu_backward(&mut d.wide, &a.fc, threads);
+                gelu_backward(&mut d.wide, &a.fc, self.spec.gelu, threads);
                 let mut dh = vec![0.0; rows * c];
                 linear_backward(&mut g, &mut dh, &d.wide, h, params, &b.c_fc, rows, c, wide, threads);
                 self.scratch = scratch;
