@@ -26,7 +26,9 @@ pub(crate) mod kind;
 mod spec;
 
 pub(crate) use spec::init_piece;
-pub use spec::{init_params, Gelu, GptSpec};
+#[cfg(test)]
+pub(crate) use spec::Gelu;
+pub use spec::{init_params, GptSpec};
 pub(crate) use spec::{After, Segment};
 
 /// A GPT, or a pipeline stage of one (a range of its blocks), held as candle `Var`s
