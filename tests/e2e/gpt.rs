@@ -316,6 +316,95 @@ fn tensorboard_files_and_eval_agree_with_the_run() {
     assert!(e.contains("--data") && e.contains("characters, but the model was trained on"), "{e}");
 }
 
+/// `sheaf export --format hf` writes transformers' layout (config.json, and
+/// model.safetensors with GPT-2's Conv1D weights transposed, its metadata saying
+/// PyTorch), and `--init-from` that directory starts a run whose job names only the
+/// kind at exactly the exported weights (a step at learning rate 0 changes nothing).
+/// A job key the config contradicts, another architecture and a missing tensor are
+/// refused by name.
+#[test]
+fn hugging_face_directories_go_out_and_come_back() {
+    let data = tempfile::tempdir().unwrap();
+    let corpus = text_file(data.path());
+    let job_path = job(data.path(), &corpus, "gelu = \"tanh\"", "");
+    let run = launch(2, &job_path, &["train.max_steps=3"]);
+    let hf = data.path().join("hf");
+    let out = std::process::Command::new(sheaf_tests::sheaf_bin())
+        .args([
+            "export",
+            &run.path().display().to_string(),
+            "--format",
+            "hf",
+            "--out",
+            &hf.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    ok(&out);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["model_type"].as_str(), config["n_layer"].as_u64()), (Some("gpt2"), Some(2)));
+    assert_eq!(config["activation_function"], "gelu_new");
+    let bytes = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+    assert_eq!(
+        file.tensor("transformer.h.0.attn.c_attn.weight").unwrap().shape(),
+        [16, 48],
+        "Conv1D: [in, out]"
+    );
+    assert_eq!(file.tensor("transformer.h.1.mlp.c_proj.weight").unwrap().shape(), [64, 16]);
+    assert_eq!(file.tensor("transformer.wte.weight").unwrap().shape().len(), 2);
+
+    // A job that names the kind alone; the shape comes from config.json.
+    let bare = data.path().join("bare.toml");
+    let body = std::fs::read_to_string(&job_path).unwrap();
+    let body = body
+        .lines()
+        .filter(|l| !["n_layer", "n_head", "n_embd", "block_size", "gelu"].iter().any(|k| l.starts_with(k)))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("lr = 3e-3", "lr = 0.0");
+    std::fs::write(&bare, body).unwrap();
+    let start = |sets: &[&str], from: &Path| {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["launch".to_string(), "-n".into(), "2".into(), bare.display().to_string()];
+        args.extend(["--init-from".to_string(), from.display().to_string()]);
+        for s in sets {
+            args.extend(["--set".to_string(), s.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (sheaf(&args, dir.path()), dir)
+    };
+    let (out, again) = start(&["train.max_steps=1"], &hf);
+    ok(&out);
+    assert_eq!(max_abs_diff(&checkpoint(again.path()), &checkpoint(run.path())), 0.0);
+
+    let fails = |sets: &[&str], from: &Path| {
+        let (out, _dir) = start(sets, from);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = fails(&["model.n_layer=3"], &hf);
+    assert!(e.contains("key `model.n_layer`: 3 in the job") && e.contains("config.json says 2"), "{e}");
+    let llama = data.path().join("llama");
+    std::fs::create_dir_all(&llama).unwrap();
+    std::fs::write(
+        llama.join("config.json"),
+        r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}"#,
+    )
+    .unwrap();
+    let e = fails(&[], &llama);
+    assert!(e.contains("LlamaForCausalLM") && e.contains("reads GPT2LMHeadModel"), "{e}");
+    // One more layer than the file holds.
+    let mut bigger = config.clone();
+    bigger["n_layer"] = 3.into();
+    std::fs::write(hf.join("config.json"), bigger.to_string()).unwrap();
+    let e = fails(&[], &hf);
+    assert!(e.contains("no tensor `transformer.h.2.ln_1.weight`") && e.contains("model.safetensors"), "{e}");
+}
+
 fn metric(dir: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()

@@ -25,11 +25,11 @@ pub use module::{
     abi_version_compatible, root_module, AbiProvided, Manifest, Plugin, PluginMod, PluginModRef,
 };
 pub use traits::{
-    AbiBatch, AbiBlock, AbiBuf, AbiEval, AbiLossGrad, AbiModelInfo, AbiModelSpec, AbiNamedValue,
-    AbiOptimState, AbiParam, AbiParamShard, AbiParamSpec, AbiPiece, AbiPieceLayout, AbiPlanInput, AbiRange,
-    AbiSamples, AbiShardSource, AbiStateViews, AbiStrategyPlan, AbiTrainConfig, AbiTrainContext,
-    CheckpointSinkAbi, CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox, DataPartitionerAbi,
-    DataPartitionerBox, DatasetAbi, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox,
+    AbiBatch, AbiBlock, AbiBuf, AbiEval, AbiHfLayout, AbiHfTensor, AbiLossGrad, AbiModelInfo, AbiModelSpec,
+    AbiNamedValue, AbiOptimState, AbiParam, AbiParamShard, AbiParamSpec, AbiPiece, AbiPieceLayout,
+    AbiPlanInput, AbiRange, AbiSamples, AbiShardSource, AbiStateViews, AbiStrategyPlan, AbiTrainConfig,
+    AbiTrainContext, CheckpointSinkAbi, CommunicatorAbi, CommunicatorBox, ComputeAbi, ComputeBox,
+    DataPartitionerAbi, DataPartitionerBox, DatasetAbi, LinkAbi, LinkBox, MetricsSinkAbi, ModelAbi, ModelBox,
     ModelPartitionerAbi, ModelPartitionerBox, OptimizerAbi, OptimizerBox, StrategyAbi, StrategyBox,
     BATCH_ROWS, BATCH_TOKENS, RECV_COPY,
 };

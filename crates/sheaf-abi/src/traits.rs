@@ -181,6 +181,23 @@ pub struct AbiModelSpec {
     pub vocab_size: u64,
 }
 
+/// (1.5.) [`sheaf_core::HfLayout`].
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiHfLayout {
+    pub config: RString,
+    pub tensors: RVec<AbiHfTensor>,
+}
+
+/// (1.5.) [`sheaf_core::HfTensor`].
+#[repr(C)]
+#[derive(StableAbi, Clone, Debug, PartialEq)]
+pub struct AbiHfTensor {
+    pub name: RString,
+    pub aliases: RVec<RString>,
+    pub transposed: bool,
+}
+
 /// One block a pipeline may cut between.
 #[repr(C)]
 #[derive(StableAbi, Clone, Debug, PartialEq)]
@@ -433,6 +450,22 @@ pub trait ComputeAbi: Send + Sync {
             "this compute plugin (built before plugin ABI 1.2) cannot shard the parameters of model \
              pieces (ZeRO stage 3 inside a pipeline stage)"
                 .into(),
+        )))
+    }
+    /// (1.5.) [`sheaf_core::ComputeBackend::hf_layout`]. A plugin built before 1.5
+    /// gets this default.
+    fn hf_layout(&self, spec: AbiModelSpec) -> RResult<AbiHfLayout, AbiError> {
+        RResult::RErr(AbiError::from(sheaf_core::Error::Unsupported(format!(
+            "this compute plugin (built before plugin ABI 1.5) has no Hugging Face layout for `{}` models",
+            spec.kind
+        ))))
+    }
+    /// (1.5.) [`sheaf_core::ComputeBackend::hf_model`]. A plugin built before 1.5
+    /// gets this default.
+    fn hf_model(&self, config_json: RString) -> RResult<AbiModelSpec, AbiError> {
+        let _ = config_json;
+        RResult::RErr(AbiError::from(sheaf_core::Error::Unsupported(
+            "this compute plugin (built before plugin ABI 1.5) reads no Hugging Face configurations".into(),
         )))
     }
 }

@@ -687,6 +687,51 @@ pub trait ComputeBackend: Send + Sync {
             spec.kind
         )))
     }
+
+    /// (1.5.) How `spec`'s model is laid out as Hugging Face transformers saves it
+    /// (`save_pretrained`: `config.json` and `model.safetensors`), for
+    /// `sheaf export --format hf` and `--init-from` a transformers directory.
+    fn hf_layout(&self, spec: &ModelSpec) -> Result<HfLayout> {
+        Err(Error::Unsupported(format!(
+            "compute backend `{}` has no Hugging Face layout for `{}` models",
+            self.device(),
+            spec.kind
+        )))
+    }
+
+    /// (1.5.) The model a transformers `config.json` describes, as a model kind and its
+    /// `[model]` settings (JSON): what `--init-from DIR` fills a job's `[model]` with.
+    /// An architecture the backend does not build is an error naming it.
+    fn hf_model(&self, config_json: &str) -> Result<ModelSpec> {
+        let _ = config_json;
+        Err(Error::Unsupported(format!(
+            "compute backend `{}` reads no Hugging Face configurations",
+            self.device()
+        )))
+    }
+}
+
+/// (1.5.) A model as transformers saves it: its `config.json`, and for each
+/// parameter of the model's [`ParamLayout`], in that order, its tensor's name in
+/// `model.safetensors`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfLayout {
+    /// `config.json` (a JSON object).
+    pub config: String,
+    pub tensors: Vec<HfTensor>,
+}
+
+/// (1.5.) Where one parameter goes in a transformers checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HfTensor {
+    /// The tensor's name there.
+    pub name: String,
+    /// Other names a file may hold it under (a base model's, saved without the
+    /// head's prefix), tried in order when `name` is missing.
+    pub aliases: Vec<String>,
+    /// Stored transposed (`[in, out]`: GPT-2's `Conv1D`) rather than as the
+    /// parameter's `[out, in]`.
+    pub transposed: bool,
 }
 
 #[cfg(test)]

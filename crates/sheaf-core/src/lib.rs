@@ -23,8 +23,8 @@ mod strategy;
 
 pub use comm::{check_link_peer, chunk_range, Communicator, Link, Tag, TagClass, MAX_USER_TAG};
 pub use compute::{
-    Batch, Block, ComputeBackend, Dataset, Model, ModelInfo, ModelInput, ModelSpec, ParamLayout, ParamShard,
-    ParamSpec, PieceLayout, Samples, ShardSource,
+    Batch, Block, ComputeBackend, Dataset, HfLayout, HfTensor, Model, ModelInfo, ModelInput, ModelSpec,
+    ParamLayout, ParamShard, ParamSpec, PieceLayout, Samples, ShardSource,
 };
 pub use deadline::Deadline;
 pub use dtype::{DType, ReduceOp};

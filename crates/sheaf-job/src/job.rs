@@ -83,6 +83,34 @@ impl ModelSection {
     pub fn config_json(&self) -> String {
         serde_json::to_value(&self.settings).map(|v| v.to_string()).unwrap_or_else(|_| "{}".into())
     }
+
+    /// Fills the section from a model `source` describes (a transformers
+    /// `config.json`): its `kind` and its settings (a JSON object), each key the job
+    /// leaves out; a key the job sets to another value is an error naming it.
+    pub fn fill(&mut self, kind: &str, settings: &str, source: &str) -> Result<(), HostError> {
+        let mismatch = |key: &str, ours: String, theirs: String| {
+            HostError::Usage(format!("key `model.{key}`: {ours} in the job, but {source} says {theirs}"))
+        };
+        if self.kind != kind {
+            return Err(mismatch("kind", format!("{:?}", self.kind), format!("{kind:?}")));
+        }
+        let settings: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(settings).map_err(|e| {
+                HostError::Data(format!("model settings from {source} are not a JSON object: {e}"))
+            })?;
+        for (key, value) in settings {
+            let theirs: toml::Value = serde_json::from_value(value.clone())
+                .map_err(|e| HostError::Data(format!("model setting `{key}` from {source}: {e}")))?;
+            match self.settings.get(&key) {
+                None => {
+                    self.settings.insert(key, theirs);
+                }
+                Some(ours) if *ours == theirs => {}
+                Some(ours) => return Err(mismatch(&key, ours.to_string(), value.to_string())),
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

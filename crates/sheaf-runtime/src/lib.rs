@@ -3,6 +3,7 @@
 
 mod connect;
 pub mod eval;
+pub mod hf;
 pub mod sample;
 pub mod trained;
 pub mod tuning;

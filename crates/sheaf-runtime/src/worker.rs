@@ -19,7 +19,7 @@ use sheaf_job::data::JobData;
 use sheaf_job::job::Job;
 use sheaf_job::plan::Plan;
 use sheaf_plugins::{HostError, Registry};
-use sheaf_report::outputs::{json_number, read_safetensors, write_atomic, Metrics, Summary};
+use sheaf_report::outputs::{json_number, write_atomic, Metrics, Summary};
 use sheaf_report::trace::{Recorder, TracedComm, TracedModel, TracedOptimizer};
 
 use crate::world::WorkerEnv;
@@ -130,7 +130,7 @@ pub fn prepare<'j>(job: &'j Job, registry: &Registry, opts: &RunOptions) -> Resu
     };
     if let Some(path) = &opts.init_from {
         let whole = &plan.info.layout;
-        let full = read_safetensors(path, whole)?;
+        let full = crate::hf::init_params(path, compute.as_ref(), &plan.spec, whole)?;
         model.write_params(&plan.layout_of(env.rank).slice(whole, &full))?;
     }
     let mut config = job.train.config(job.seed);

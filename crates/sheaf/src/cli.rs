@@ -53,7 +53,9 @@ pub struct JobArgs {
     #[arg(long, value_name = "T")]
     pub threads_per_worker: Option<usize>,
     /// Start from this checkpoint (a checkpoint.safetensors any run wrote, under any
-    /// strategy or world size).
+    /// strategy or world size), or from a Hugging Face transformers directory
+    /// (config.json and model.safetensors, as save_pretrained writes them), whose
+    /// config.json fills the [model] keys the job leaves out.
     #[arg(long, value_name = "FILE")]
     pub init_from: Option<PathBuf>,
     /// Continue the run in RUN_DIR from its newest checkpoint (parameters, optimizer
@@ -178,6 +180,19 @@ pub enum Command {
     /// `data.dataset`: DIR/train.bin and DIR/val.bin (u16 ids, as nanoGPT writes
     /// them) and DIR/meta.json. Streams: any size of input in bounded memory.
     Prepare(PrepareArgs),
+    /// Write a run's checkpoint in another framework's layout: `--format hf`, a
+    /// directory that Hugging Face transformers opens with from_pretrained
+    /// (config.json and model.safetensors).
+    Export {
+        /// A checkpoint.safetensors a run wrote, or its run directory.
+        checkpoint: PathBuf,
+        /// The layout: hf (Hugging Face transformers).
+        #[arg(long, default_value = "hf")]
+        format: String,
+        /// The directory to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print a trained model's loss on the validation split of its job's dataset (or
     /// of --data, of the same vocabulary) as one JSON line: val_loss, perplexity,
     /// tokens, tokens_per_sec (a classifier's: val_loss, accuracy, samples).
@@ -415,6 +430,13 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), HostError> {
         }
         Command::Sample(args) => commands::sample(&cli, args, out),
         Command::Prepare(args) => commands::prepare(args, out),
+        Command::Export { checkpoint, format, out: dir } => {
+            if format != "hf" {
+                return Err(HostError::Usage(format!("--format {format}: the formats are: hf")));
+            }
+            let line = sheaf_runtime::hf::export(&cli.registry(), checkpoint, dir)?;
+            writeln!(out, "{line}").map_err(HostError::output)
+        }
         Command::Eval { checkpoint, data, batches } => {
             let opts = sheaf_runtime::eval::EvalOptions { data: data.clone(), batches: *batches };
             let line = sheaf_runtime::eval::eval(&cli.registry(), checkpoint, &opts)?;

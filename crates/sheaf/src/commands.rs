@@ -22,6 +22,9 @@ pub fn run_worker(cli: &Cli, args: &JobArgs, out: &mut dyn Write) -> Result<(), 
     let mut job = sheaf_job::job::load_job(job_file.as_deref(), &args.overrides)?;
     let env = sheaf_runtime::WorkerEnv::from_env()?;
     let registry = cli.registry_for(&job);
+    if let Some(dir) = args.init_from.as_deref().filter(|p| sheaf_runtime::hf::is_hf_dir(p)) {
+        sheaf_runtime::hf::fill_model(&mut job, dir, &registry)?;
+    }
     job.transport.resolve(env.spans_hosts, &registry)?;
     let opts = sheaf_runtime::worker::RunOptions {
         run_dir: Some(run_dir),
@@ -430,6 +433,9 @@ fn launch_job(
         sheaf_checkpoint::checkpoint::check_resumable(run_dir, &parsed.train.config(parsed.seed))?;
     }
     let registry = cli.registry_for(&parsed);
+    if let Some(dir) = job.init_from.as_deref().filter(|p| sheaf_runtime::hf::is_hf_dir(p)) {
+        sheaf_runtime::hf::fill_model(&mut parsed, dir, &registry)?;
+    }
     parsed.transport.resolve(nodes.nnodes > 1, &registry)?;
     // The plan below is the one the workers make, read from the variables each of them
     // gets: a strategy that shards within a host (ZeRO 3's `zero_scope = "host"`) or
@@ -485,8 +491,11 @@ fn launch_job(
         save_bytes as f64 / 1e6
     );
     if let Some(f) = &job.init_from {
-        if !f.is_file() {
-            return Err(HostError::Data(format!("--init-from {}: no such file", f.display())));
+        if !f.is_file() && !sheaf_runtime::hf::is_hf_dir(f) {
+            return Err(HostError::Data(format!(
+                "--init-from {}: neither a checkpoint file nor a directory with a transformers config.json",
+                f.display()
+            )));
         }
         worker_args.push("--init-from".into());
         worker_args.push(std::path::absolute(f).unwrap_or_else(|_| f.clone()).display().to_string());

@@ -22,6 +22,7 @@ use crate::{
 };
 
 pub(crate) mod fused;
+pub(crate) mod hf;
 pub(crate) mod kind;
 mod spec;
 

@@ -3,7 +3,7 @@
 //! names no kind.
 
 use candle_core::Device;
-use sheaf_core::{Error, Model, ModelInfo, ModelSpec, ParamShard, Piece, PieceLayout, Result};
+use sheaf_core::{Error, HfLayout, Model, ModelInfo, ModelSpec, ParamShard, Piece, PieceLayout, Result};
 
 /// One model kind: what it is made of (without building it), and its models on a
 /// device. `spec.kind` is this kind's name; its settings are parsed by each call.
@@ -46,6 +46,21 @@ pub(crate) trait Kind: Sync {
         )))
     }
 }
+
+/// transformers' layout of a kind's model, and the model a `config.json` of its
+/// architecture describes; none unless the kind has one.
+pub(crate) trait Hf: Sync {
+    /// The model kind.
+    fn kind(&self) -> &'static str;
+    /// The transformers architecture (`GPT2LMHeadModel`).
+    fn architecture(&self) -> &'static str;
+    fn describes(&self, config: &serde_json::Value) -> bool;
+    fn layout(&self, spec: &ModelSpec) -> Result<HfLayout>;
+    fn model(&self, config: &serde_json::Value) -> Result<ModelSpec>;
+}
+
+/// Every kind with a transformers architecture.
+pub(crate) const HF: [&dyn Hf; 1] = [&crate::gpt::kind::GptKind];
 
 /// Every kind this plugin builds, in the order `sheaf plugins` lists them.
 pub(crate) const KINDS: [&dyn Kind; 2] = [&crate::mlp::kind::MlpKind, &crate::gpt::kind::GptKind];

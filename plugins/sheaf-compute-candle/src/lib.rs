@@ -15,8 +15,8 @@ mod mlp;
 use candle_core::{Device, Tensor, Var, D};
 use serde::Deserialize;
 use sheaf_core::{
-    ComputeBackend, Error, Model, ModelInfo, ModelSpec, ParamLayout, ParamShard, Piece, PieceLayout,
-    PluginKind, Provided, Result,
+    ComputeBackend, Error, HfLayout, Model, ModelInfo, ModelSpec, ParamLayout, ParamShard, Piece,
+    PieceLayout, PluginKind, Provided, Result,
 };
 
 pub use gpt::fused::{FusedGpt, FusedPiece};
@@ -134,6 +134,31 @@ impl ComputeBackend for CandleBackend {
 
     fn piece_layout(&self, spec: &ModelSpec, piece: &Piece) -> Result<PieceLayout> {
         kind::of(spec)?.piece_layout(spec, piece)
+    }
+
+    fn hf_layout(&self, spec: &ModelSpec) -> Result<HfLayout> {
+        kind::of(spec)?;
+        let hf = kind::HF.iter().find(|k| k.kind() == spec.kind).ok_or_else(|| {
+            Error::Unsupported(format!("`{}` models have no Hugging Face transformers layout", spec.kind))
+        })?;
+        hf.layout(spec)
+    }
+
+    fn hf_model(&self, config_json: &str) -> Result<ModelSpec> {
+        let config: serde_json::Value = serde_json::from_str(config_json)
+            .map_err(|e| Error::config("config.json", format!("not JSON: {e}")))?;
+        match kind::HF.iter().find(|k| k.describes(&config)) {
+            Some(hf) => hf.model(&config),
+            None => Err(Error::config(
+                "config.json",
+                format!(
+                    "architecture {} (model_type {}): sheaf-compute-candle reads {}",
+                    config["architectures"],
+                    config["model_type"],
+                    kind::HF.iter().map(|k| k.architecture()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        }
     }
 
     fn build_model(&self, spec: &ModelSpec, seed: u64) -> Result<Box<dyn Model>> {

@@ -341,6 +341,7 @@ fn every_entry_point_goes_through_the_table_of_kinds() {
 }
 
 pub(crate) mod gpt;
+mod hf;
 mod units;
 
 /// A model's stepped backward pass over `batch` into a buffer of NaNs: the loss, the

@@ -31,10 +31,10 @@ mod prelude {
     pub(crate) use abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
     pub(crate) use sheaf_core::{
         Batch, Block, CheckpointSink, CommError, Communicator, ComputeBackend, DType, DataPartitioner,
-        Dataset, Deadline, Error, Link, LrSchedule, MetricsSink, Model, ModelInfo, ModelInput,
-        ModelPartitioner, ModelSpec, OptimState, Optimizer, Param, ParamLayout, ParamShard, ParamSpec, Piece,
-        PieceLayout, PlanInput, RankPlan, ReduceOp, Result, Samples, ShardSource, StateViews, StepMetrics,
-        Strategy, StrategyPlan, Tag, TrainConfig, TrainContext, TrainSummary,
+        Dataset, Deadline, Error, HfLayout, HfTensor, Link, LrSchedule, MetricsSink, Model, ModelInfo,
+        ModelInput, ModelPartitioner, ModelSpec, OptimState, Optimizer, Param, ParamLayout, ParamShard,
+        ParamSpec, Piece, PieceLayout, PlanInput, RankPlan, ReduceOp, Result, Samples, ShardSource,
+        StateViews, StepMetrics, Strategy, StrategyPlan, Tag, TrainConfig, TrainContext, TrainSummary,
     };
 
     pub(crate) use super::{

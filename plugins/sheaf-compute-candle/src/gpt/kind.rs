@@ -58,3 +58,25 @@ impl Kind for GptKind {
         Ok(Box::new(FusedPiece::new_shard(&GptSpec::parse(spec)?, piece, shard, seed)?))
     }
 }
+
+impl crate::kind::Hf for GptKind {
+    fn kind(&self) -> &'static str {
+        "gpt"
+    }
+
+    fn architecture(&self) -> &'static str {
+        super::hf::ARCHITECTURE
+    }
+
+    fn describes(&self, config: &serde_json::Value) -> bool {
+        super::hf::describes(config)
+    }
+
+    fn layout(&self, spec: &ModelSpec) -> Result<sheaf_core::HfLayout> {
+        super::hf::layout(spec)
+    }
+
+    fn model(&self, config: &serde_json::Value) -> Result<ModelSpec> {
+        super::hf::model(config)
+    }
+}
