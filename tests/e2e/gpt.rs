@@ -310,6 +310,23 @@ fn tensorboard_files_and_eval_agree_with_the_run() {
     ok(&out);
     let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((first["tokens"].as_u64(), first["batches"].as_u64()), (Some(8 * 16), Some(1)), "{first}");
+    // A classifier's evaluation is its run's test accuracy and loss.
+    let classifier = tempfile::tempdir().unwrap();
+    ok(&sheaf(&["run", "--set", "train.max_steps=4"], classifier.path()));
+    let out = std::process::Command::new(sheaf_tests::sheaf_bin())
+        .arg("eval")
+        .arg(classifier.path())
+        .output()
+        .unwrap();
+    ok(&out);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = summary(classifier.path());
+    assert!(
+        (line["accuracy"].as_f64().unwrap() - run["test_accuracy"].as_f64().unwrap()).abs() < 1e-12,
+        "{line}"
+    );
+    assert!((line["val_loss"].as_f64().unwrap() - run["test_loss"].as_f64().unwrap()).abs() < 1e-6, "{line}");
+    assert!(line["perplexity"].is_null() && line["samples"].as_u64() > Some(0), "{line}");
     let out = eval(&["--data", "shakespeare"]);
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
@@ -519,6 +536,8 @@ fn gpt2_tokens_prepare_train_and_sample() {
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("--tokenizer") && e.contains("unknown tokenizer") && e.contains("gpt2"), "{e}");
+    let e = launch_fails(&job_path, &["data.test_fraction=0.2"]);
+    assert!(e.contains("data.test_fraction") && e.contains("val.bin"), "{e}");
     let e = launch_fails(&job_path, &["model.vocab_size=50000"]);
     assert!(e.contains("model.vocab_size") && e.contains("50257"), "{e}");
     // An id the tokenizer does not have, in the validation file.

@@ -223,6 +223,13 @@ fn load_source(job: &Job, registry: &Registry, compute: &dyn ComputeBackend) -> 
             (Box::new(train), Box::new(test), vocab)
         }
         (Source::Prepared { dir, tokenizer }, ModelInput::Tokens { vocab_size, block_size }) => {
+            if let Some(f) = job.data.test_fraction {
+                return Err(HostError::Job(format!(
+                    "key `data.test_fraction` = {f}: {} validates on its val.bin, split when it was prepared \
+                     (sheaf prepare --val-fraction); leave the key out",
+                    dir.display()
+                )));
+            }
             let open = |name: &str| -> Result<Arc<TokenFile>, HostError> {
                 let path = dir.join(name);
                 let file = TokenFile::open(&path).map_err(data_err)?;
