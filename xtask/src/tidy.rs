@@ -42,7 +42,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("crates/sheaf-launch", &["serde", "serde_json", "libc", "signal-hook", "sheaf-core", "sheaf-auth", "sheaf-plugins", "sheaf-report", "sheaf-checkpoint"]),
     ("crates/sheaf-plugins", &["abi_stable", "serde", "serde_json", "thiserror", "tracing", "libloading", "sheaf-core", "sheaf-abi", "sheaf-collectives"]),
     ("crates/sheaf-pool", &["rayon"]),
-    ("crates/sheaf-report", &["bytemuck", "serde", "serde_json", "safetensors", "memmap2", "plotters", "indicatif", "console", "prost", "crc32c", "sheaf-core", "sheaf-plugins", "sheaf-job"]),
+    ("crates/sheaf-report", &["bytemuck", "serde", "serde_json", "safetensors", "memmap2", "plotters", "indicatif", "console", "prost", "crc32c", "half", "sheaf-core", "sheaf-plugins", "sheaf-job"]),
     ("crates/sheaf-runtime", &["bytemuck", "serde_json", "tracing", "sheaf-core", "sheaf-collectives", "sheaf-auth", "sheaf-plugins", "sheaf-job", "sheaf-report", "sheaf-checkpoint", "sheaf-launch"]),
     ("crates/sheaf-testkit", &["sheaf-core", "sheaf-collectives", "bytemuck", "half", "proptest", "libc"]),
     ("crates/sheaf-train", &["sheaf-core", "bytemuck", "multiversion", "libc"]),

@@ -255,6 +255,25 @@ impl TensorFile {
         Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
     }
 
+    /// Tensor `name`'s values as f32, from f32, f16 or bf16 (each widens exactly), of
+    /// `shape`: what weights saved in half precision (most Hugging Face checkpoints)
+    /// start a run from.
+    pub fn widened(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, HostError> {
+        let tensors = self.parse()?;
+        let t = tensors.tensor(name).map_err(|_| self.bad(format!("no tensor `{name}`")))?;
+        if t.shape() != shape {
+            return Err(self.bad(format!("`{name}` is {:?} {:?}, {shape:?} needed", t.dtype(), t.shape())));
+        }
+        let halves =
+            |widen: fn([u8; 2]) -> f32| t.data().chunks_exact(2).map(|c| widen([c[0], c[1]])).collect();
+        match t.dtype() {
+            Dtype::F32 => self.f32s(name, Some(shape)),
+            Dtype::F16 => Ok(halves(|b| half::f16::from_le_bytes(b).to_f32())),
+            Dtype::BF16 => Ok(halves(|b| half::bf16::from_le_bytes(b).to_f32())),
+            other => Err(self.bad(format!("`{name}` is {other:?}: F32, F16 or BF16 needed"))),
+        }
+    }
+
     /// Tensor `name`'s values as they lie in the file (little-endian f32), which must
     /// be f32 of `shape` (any shape when `None`): nothing is copied or read beyond the
     /// pages a caller touches.
@@ -599,5 +618,35 @@ impl ByteProgress {
 
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Half-precision tensors widen to exactly their f32 values; a wrong shape or an
+    /// integer tensor is an error naming the tensor.
+    #[test]
+    fn half_precision_tensors_widen_exactly() {
+        let values = [1.5f32, -0.0078125, 65504.0, 3.0e-5];
+        let f16: Vec<u8> = values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let bf16: Vec<u8> = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let ints = [7u8; 8];
+        let views = vec![
+            ("h", TensorView::new(Dtype::F16, vec![2, 2], &f16).unwrap()),
+            ("b", TensorView::new(Dtype::BF16, vec![4], &bf16).unwrap()),
+            ("i", TensorView::new(Dtype::I32, vec![2], &ints).unwrap()),
+        ];
+        let bytes = safetensors::serialize(views, None).unwrap();
+        let file = TensorFile::from_bytes(Path::new("w.safetensors"), bytes).unwrap();
+        let want = |round: fn(f32) -> f32| values.iter().map(|&v| round(v)).collect::<Vec<f32>>();
+        assert_eq!(file.widened("h", &[2, 2]).unwrap(), want(|v| half::f16::from_f32(v).to_f32()));
+        assert_eq!(file.widened("b", &[4]).unwrap(), want(|v| half::bf16::from_f32(v).to_f32()));
+        assert_eq!(file.widened("h", &[2, 2]).unwrap()[..2], [1.5, -0.0078125]);
+        let e = file.widened("h", &[4]).unwrap_err().to_string();
+        assert!(e.contains("`h`") && e.contains("[4] needed"), "{e}");
+        let e = file.widened("i", &[2]).unwrap_err().to_string();
+        assert!(e.contains("`i` is I32") && e.contains("F16 or BF16"), "{e}");
     }
 }

@@ -106,8 +106,8 @@ pub fn fill_model(job: &mut Job, dir: &Path, registry: &Registry) -> Result<(), 
 
 /// The whole model's parameters (in `layout`) from the transformers directory `dir`:
 /// each tensor under its name there (or an alias), shaped as the layout says (or
-/// transposed where it is stored so); a missing or misshapen tensor is an error
-/// naming it.
+/// transposed where it is stored so), in f32, f16 or bf16 (widened); a missing or
+/// misshapen tensor is an error naming it.
 pub fn read_params(
     dir: &Path,
     compute: &dyn ComputeBackend,
@@ -132,10 +132,10 @@ pub fn read_params(
             })?;
         match (t.transposed, p.shape.as_slice()) {
             (true, &[rows, cols]) => {
-                let stored = file.f32s(name, Some(&[cols, rows]))?;
+                let stored = file.widened(name, &[cols, rows])?;
                 out.extend(transpose(&stored, cols, rows));
             }
-            _ => out.extend(file.f32s(name, Some(&p.shape))?),
+            _ => out.extend(file.widened(name, &p.shape)?),
         }
     }
     Ok(out)
