@@ -536,6 +536,16 @@ fn gpt2_tokens_prepare_train_and_sample() {
     assert_eq!(out.status.code(), Some(2));
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("--tokenizer") && e.contains("unknown tokenizer") && e.contains("gpt2"), "{e}");
+    // Exported, the run's directory carries the tokenizer's files for transformers.
+    let hf = data.path().join("hf");
+    let out = std::process::Command::new(sheaf_tests::sheaf_bin())
+        .args(["export", &run.path().display().to_string(), "--out", &hf.display().to_string()])
+        .output()
+        .unwrap();
+    ok(&out);
+    for file in ["config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"] {
+        assert!(hf.join(file).is_file(), "{file}");
+    }
     let e = launch_fails(&job_path, &["data.test_fraction=0.2"]);
     assert!(e.contains("data.test_fraction") && e.contains("val.bin"), "{e}");
     let e = launch_fails(&job_path, &["model.vocab_size=50000"]);

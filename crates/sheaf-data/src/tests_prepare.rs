@@ -145,3 +145,46 @@ fn prepared_splits_read_train_and_val_files_as_windows() {
     let e = token_split_prepared(train, val, 20, 3).unwrap_err().to_string();
     assert!(e.contains("validation split has 20 tokens") && e.contains("21"), "{e}");
 }
+
+/// transformers' files for GPT-2's tokenizer, recovered from the ranks: GPT-2's own
+/// ids and first merge, and byte-pair encoding by these merges (as transformers does:
+/// the pair merged earliest first) gives tiktoken's ids.
+#[test]
+fn gpt2_tokenizer_files_encode_as_tiktoken() {
+    let files = Tokenizer::Gpt2.hf_files().unwrap();
+    let get = |name: &str| files.iter().find(|(n, _)| *n == name).map(|(_, t)| t.clone()).unwrap();
+    let vocab: serde_json::Value = serde_json::from_str(&get("vocab.json")).unwrap();
+    assert_eq!(vocab.as_object().unwrap().len(), 50257);
+    for (token, id) in [("Hello", 15496), ("\u{120}world", 995), ("\u{10a}", 198), ("<|endoftext|>", 50256)] {
+        assert_eq!(vocab[token].as_u64(), Some(id), "{token}");
+    }
+    let merges_text = get("merges.txt");
+    let merges: Vec<(String, String)> = merges_text
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.to_string(), b.to_string())
+        })
+        .collect();
+    assert_eq!(merges.len(), 50000);
+    assert_eq!(merges[0], ("\u{120}".to_string(), "t".to_string()), "GPT-2's first merge is `Ġ t`");
+    let order: std::collections::HashMap<(String, String), usize> =
+        merges.iter().cloned().enumerate().map(|(i, m)| (m, i)).collect();
+    let chars = super::tokenizer::tests_byte_chars();
+    for piece in
+        [" the", "Hello", " world", "\n\n", " Shakespeare", "ROMEO", " thou", "'s", " 1937", " naïve", "!?"]
+    {
+        let mut parts: Vec<String> = piece.bytes().map(|b| chars[b as usize].to_string()).collect();
+        loop {
+            let best = (0..parts.len().saturating_sub(1))
+                .filter_map(|i| order.get(&(parts[i].clone(), parts[i + 1].clone())).map(|&r| (r, i)))
+                .min();
+            let Some((_, i)) = best else { break };
+            let joined = format!("{}{}", parts[i], parts[i + 1]);
+            parts.splice(i..i + 2, [joined]);
+        }
+        let ids: Vec<u32> = parts.iter().map(|p| vocab[p].as_u64().unwrap() as u32).collect();
+        assert_eq!(ids, Tokenizer::Gpt2.encode(piece), "{piece:?}");
+    }
+}

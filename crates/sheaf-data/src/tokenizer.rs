@@ -75,3 +75,88 @@ impl Tokenizer {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 }
+
+/// GPT-2's map from bytes to printable characters, which its `vocab.json` and
+/// `merges.txt` spell tokens in (`bytes_to_unicode` of OpenAI's `encoder.py`).
+fn byte_chars() -> [char; 256] {
+    let printable: Vec<u32> =
+        (u32::from(b'!')..=u32::from(b'~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+    let mut out = ['\0'; 256];
+    let mut extra = 0;
+    for b in 0..256u32 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        out[b as usize] = char::from_u32(c).expect("a character");
+    }
+    out
+}
+
+impl Tokenizer {
+    /// The tokenizer as transformers' `GPT2Tokenizer` reads it from a model
+    /// directory: `vocab.json`, `merges.txt` and `tokenizer_config.json`. The merges
+    /// are recovered from the ranks: each token's pair is what byte-pair merging of
+    /// its bytes with the lower ranks alone leaves.
+    pub fn hf_files(self) -> Result<Vec<(&'static str, String)>> {
+        let bpe = self.bpe();
+        let bad =
+            |detail: String| DataError::Corrupt { what: format!("tokenizer `{}`", self.name()), detail };
+        let n = self.end_of_text() as usize;
+        let mut tokens: Vec<Vec<u8>> = Vec::with_capacity(n);
+        for id in 0..n as u32 {
+            tokens.push(bpe.decode_bytes(&[id]).map_err(|e| bad(e.to_string()))?);
+        }
+        let rank: std::collections::HashMap<&[u8], u32> =
+            tokens.iter().enumerate().map(|(i, t)| (t.as_slice(), i as u32)).collect();
+        let chars = byte_chars();
+        let spell = |bytes: &[u8]| -> String { bytes.iter().map(|&b| chars[b as usize]).collect() };
+        let mut merges = String::from("#version: 0.2\n");
+        for (id, token) in tokens.iter().enumerate().filter(|(_, t)| t.len() > 1) {
+            let mut parts: Vec<&[u8]> = token.chunks(1).collect();
+            while parts.len() > 2 {
+                let best = (0..parts.len() - 1)
+                    .filter_map(|i| {
+                        let joined = [parts[i], parts[i + 1]].concat();
+                        rank.get(joined.as_slice()).filter(|&&r| (r as usize) < id).map(|&r| (r, i))
+                    })
+                    .min();
+                let Some((_, i)) = best else { break };
+                let joined_len = parts[i].len() + parts[i + 1].len();
+                let start = parts[..i].iter().map(|p| p.len()).sum::<usize>();
+                parts[i] = &token[start..start + joined_len];
+                parts.remove(i + 1);
+            }
+            if parts.len() != 2 {
+                return Err(bad(format!("token {id} does not split into one pair of lower-ranked tokens")));
+            }
+            merges.push_str(&format!("{} {}\n", spell(parts[0]), spell(parts[1])));
+        }
+        let mut vocab = serde_json::Map::new();
+        for (id, token) in tokens.iter().enumerate() {
+            vocab.insert(spell(token), id.into());
+        }
+        vocab.insert("<|endoftext|>".into(), self.end_of_text().into());
+        let config = serde_json::json!({
+            "tokenizer_class": "GPT2Tokenizer",
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "add_prefix_space": false,
+            "model_max_length": 1024,
+        });
+        Ok(vec![
+            ("vocab.json", serde_json::Value::Object(vocab).to_string()),
+            ("merges.txt", merges),
+            ("tokenizer_config.json", serde_json::to_string_pretty(&config).expect("JSON")),
+        ])
+    }
+}
+
+/// [`byte_chars`], for the tests.
+#[cfg(test)]
+pub(crate) fn tests_byte_chars() -> [char; 256] {
+    byte_chars()
+}

@@ -82,11 +82,21 @@ pub fn export(registry: &Registry, checkpoint: &Path, out: &Path) -> Result<serd
         Some(metadata),
     )?;
     write_atomic(&out.join("config.json"), (hf.config.clone() + "\n").as_bytes())?;
+    // A tokenizer's run: its files too, so transformers' AutoTokenizer opens the
+    // directory as well.
+    let mut tokenizer = None;
+    if let Some(sheaf_job::data::Vocab::Tokenizer(t)) = &vocab {
+        for (name, text) in t.hf_files().map_err(|e| HostError::Data(e.to_string()))? {
+            write_atomic(&out.join(name), text.as_bytes())?;
+        }
+        tokenizer = Some(t.name());
+    }
     Ok(serde_json::json!({
         "out": out.display().to_string(),
         "format": "hf",
         "tensors": owned.len(),
         "parameters": info.layout.total(),
+        "tokenizer": tokenizer,
         "config": serde_json::from_str::<serde_json::Value>(&hf.config).unwrap_or_default(),
     }))
 }
