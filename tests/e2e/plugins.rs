@@ -322,6 +322,58 @@ fn sheaf_with(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A library with a model kind of its own: `model.kind` alone picks its compute
+/// backend (the job names none), and the run trains to better than chance. A kind two
+/// libraries provide must be chosen, by `[plugins.model]` or by `compute.backend`,
+/// and an unknown kind names the kinds loaded.
+#[test]
+fn model_kind_alone_picks_the_library_that_provides_it() {
+    let dir = dir_with(&["fixture-compute-line"]);
+    let run = tempfile::tempdir().unwrap();
+    let line =
+        ["--set", "model={kind = \"line\", features = 64, classes = 10}", "--set", "train.max_steps=60"];
+    let out =
+        sheaf_with(dir.path(), &[&["run"][..], &line, &["--run-dir", run.path().to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: Value = serde_json::from_slice(&std::fs::read(run.path().join("summary.json")).unwrap()).unwrap();
+    let compute =
+        s["components"].as_array().unwrap().iter().find(|c| c["kind"] == "compute").unwrap().clone();
+    assert_eq!(
+        (compute["name"].as_str(), compute["plugin"].as_str()),
+        (Some("line"), Some("fixture-compute-line"))
+    );
+    assert!(s["test_accuracy"].as_f64().unwrap() > 0.5, "ten digits: chance is a tenth; {s}");
+
+    // The default job's kind, mlp, is claimed by both libraries.
+    let run = tempfile::tempdir().unwrap();
+    let out = sheaf_with(
+        dir.path(),
+        &["run", "--set", "train.max_steps=2", "--run-dir", run.path().to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("model `mlp` is provided by more than one library")
+            && err.contains("sheaf-compute-candle (")
+            && err.contains("fixture-compute-line (")
+            && err.contains("[plugins.model] mlp"),
+        "{err}"
+    );
+    for choice in ["plugins.model.mlp=\"sheaf-compute-candle\"", "compute.backend=\"candle\""] {
+        let run = tempfile::tempdir().unwrap();
+        let args =
+            ["run", "--set", "train.max_steps=2", "--set", choice, "--run-dir", run.path().to_str().unwrap()];
+        let out = sheaf_with(dir.path(), &args);
+        assert!(out.status.success(), "{choice}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = sheaf_with(dir.path(), &["run", "--set", "model.kind=\"mamba\""]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown model kind `mamba`") && err.contains("kinds loaded: ") && err.contains("line"),
+        "{err}"
+    );
+}
+
 /// A vendor library that also provides optimizer `sgd`: `sheaf plugins` shows the
 /// conflict and fails; a job using `sgd` is an error naming both libraries until the
 /// job chooses (`[plugins.optimizer] sgd = "..."`), and `summary.json` then says which

@@ -92,7 +92,8 @@ pub fn doctor(
 ) -> Result<(), HostError> {
     let mut problems: Vec<String> = Vec::new();
     // The job and its layout over this world, each rank's memory against the budget.
-    let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
+    let backend = job.compute.backend_for(&job.model.kind, registry)?;
+    let compute = registry.compute(&backend, &job.compute.config_json())?;
     let data = sheaf_job::data::load(job, registry, compute.as_ref())?;
     let timeout_ms = job.transport.timeout().as_millis() as u64;
     let mut unbounded = job.clone();

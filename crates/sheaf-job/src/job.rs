@@ -412,7 +412,9 @@ impl TransportSection {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ComputeSection {
-    #[serde(default = "candle")]
+    /// The compute plugin's backend; `auto` (the default): the one of the library that
+    /// provides `model.kind`.
+    #[serde(default = "auto")]
     pub backend: String,
     #[serde(default = "cpu")]
     pub device: String,
@@ -422,14 +424,23 @@ pub struct ComputeSection {
     pub memory_limit_mb: Option<f64>,
 }
 
-fn candle() -> String {
-    "candle".into()
+fn auto() -> String {
+    "auto".into()
 }
 fn cpu() -> String {
     "cpu".into()
 }
 
 impl ComputeSection {
+    /// The backend that builds `kind`: the one named, or under `auto` the one of the
+    /// library providing the kind ([`sheaf_plugins::Registry::compute_for_kind`]).
+    pub fn backend_for(&self, kind: &str, registry: &sheaf_plugins::Registry) -> Result<String, HostError> {
+        match self.backend.as_str() {
+            "auto" => registry.compute_for_kind(kind),
+            named => Ok(named.to_string()),
+        }
+    }
+
     /// The compute plugin's settings (JSON).
     pub fn config_json(&self) -> String {
         serde_json::json!({ "device": self.device }).to_string()
@@ -438,7 +449,7 @@ impl ComputeSection {
 
 impl Default for ComputeSection {
     fn default() -> Self {
-        ComputeSection { backend: candle(), device: cpu(), memory_limit_mb: None }
+        ComputeSection { backend: auto(), device: cpu(), memory_limit_mb: None }
     }
 }
 
@@ -650,7 +661,7 @@ mod tests {
             (60.0, 15.0, "auto")
         );
         assert_eq!(job.compute, ComputeSection::default());
-        assert_eq!((job.compute.backend.as_str(), job.compute.device.as_str()), ("candle", "cpu"));
+        assert_eq!((job.compute.backend.as_str(), job.compute.device.as_str()), ("auto", "cpu"));
         assert_eq!(job.compute.memory_limit_mb, None);
         assert_eq!(job.collectives.algorithm(), Ok(sheaf_collectives::Algorithm::Auto));
         // A job written back (the run directory's job.toml) reads as itself.

@@ -333,6 +333,39 @@ impl Registry {
         self.component(PluginKind::ModelPartitioner, name, |p| p.model_partitioner(name, config_json))
     }
 
+    /// The compute backend that builds model kind `kind`: the compute component of the
+    /// library providing the kind (the only one, or the one the job chose under
+    /// `[plugins.model]`). An error names every library when several provide the kind
+    /// and the job chose none, and when the library has no compute backend or several.
+    pub fn compute_for_kind(&self, kind: &str) -> Result<String, HostError> {
+        let library = match self.provider(PluginKind::Model, kind) {
+            Err(HostError::Missing { available, searched, unusable, .. }) => {
+                return Err(HostError::Job(format!(
+                    "key `model.kind`: unknown model kind `{kind}` (kinds loaded: {available}); searched \
+                     {searched}{unusable}"
+                )))
+            }
+            found => found?,
+        };
+        let computes: Vec<&str> = library
+            .manifest
+            .provides
+            .iter()
+            .filter(|p| p.kind == PluginKind::Compute)
+            .map(|p| p.name.as_str())
+            .collect();
+        match computes.as_slice() {
+            [one] => Ok((*one).to_string()),
+            _ => Err(HostError::Job(format!(
+                "key `compute.backend`: `auto` takes the compute backend of the library providing model kind \
+                 `{kind}`, {} ({}), which provides {}: name one",
+                library.manifest.name,
+                library.file.display(),
+                if computes.is_empty() { "none".to_string() } else { computes.join(", ") }
+            ))),
+        }
+    }
+
     pub fn compute(&self, name: &str, config_json: &str) -> Result<Box<dyn ComputeBackend>, HostError> {
         self.component(PluginKind::Compute, name, |p| p.compute(name, config_json))
     }

@@ -106,8 +106,10 @@ pub fn export(registry: &Registry, checkpoint: &Path, out: &Path) -> Result<serd
 pub fn fill_model(job: &mut Job, dir: &Path, registry: &Registry) -> Result<(), HostError> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| HostError::io(&path, e))?;
-    let compute =
-        registry.compute(&job.compute.backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
+    // The library that reads config.json: the one providing the job's kind, or the
+    // backend the job names.
+    let backend = job.compute.backend_for(&job.model.kind, registry)?;
+    let compute = registry.compute(&backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
     let spec = compute
         .hf_model(&text)
         .map_err(|e| HostError::Usage(format!("--init-from {}: {e}", dir.display())))?;

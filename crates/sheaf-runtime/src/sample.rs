@@ -30,7 +30,7 @@ pub fn sample(registry: &Registry, checkpoint: &Path, opts: &SampleOptions) -> R
     let job = &trained.job;
     let Some(vocab) = trained.vocab()? else {
         // No vocabulary: a classifier's run says so, rather than that a file is missing.
-        let compute = registry.compute(&job.compute.backend, "")?;
+        let compute = registry.compute(&job.compute.backend_for(&job.model.kind, registry)?, "")?;
         let spec = sheaf_job::data::model_spec(job, None);
         if let Ok(sheaf_core::ModelInput::Rows { .. }) =
             sheaf_job::data::describe(job, &spec, registry, compute.as_ref()).map(|i| i.input)

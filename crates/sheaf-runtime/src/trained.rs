@@ -51,7 +51,8 @@ impl Trained {
 
     /// The job's compute backend, on the CPU.
     pub fn compute(&self, registry: &Registry) -> Result<Box<dyn ComputeBackend>, HostError> {
-        registry.compute(&self.job.compute.backend, &serde_json::json!({ "device": "cpu" }).to_string())
+        let backend = self.job.compute.backend_for(&self.job.model.kind, registry)?;
+        registry.compute(&backend, &serde_json::json!({ "device": "cpu" }).to_string())
     }
 
     /// The model of `spec` with the checkpoint's parameters.

@@ -108,6 +108,7 @@ pub fn prepare<'j>(job: &'j Job, registry: &Registry, opts: &RunOptions) -> Resu
     // expect. Only the compute plugin is told: the job (job.toml, the summary, what a
     // resumed world reads) keeps what was asked, the same for every rank.
     let mut local = job.compute.clone();
+    local.backend = job.compute.backend_for(&job.model.kind, registry)?;
     if local.device == "cuda" {
         local.device = format!("cuda:{}", env.local_rank);
     }

@@ -106,7 +106,8 @@ pub fn plan(
     }
     let registry = cli.registry_for(&job);
     job.transport.resolve(false, &registry)?;
-    let compute = registry.compute(&job.compute.backend, &job.compute.config_json())?;
+    let backend = job.compute.backend_for(&job.model.kind, &registry)?;
+    let compute = registry.compute(&backend, &job.compute.config_json())?;
     let data = sheaf_job::data::load(&job, &registry, compute.as_ref())?;
     // The budget is checked below, after the table is printed.
     let mut unbounded = job.clone();
@@ -459,7 +460,8 @@ fn launch_job(
         registry.provider(sheaf_core::PluginKind::Transport, &t)?;
     }
     let mut worker_args: Vec<String> = Vec::new();
-    let compute = registry.compute(&parsed.compute.backend, &parsed.compute.config_json())?;
+    let backend = parsed.compute.backend_for(&parsed.model.kind, &registry)?;
+    let compute = registry.compute(&backend, &parsed.compute.config_json())?;
     let data = sheaf_job::data::load(&parsed, &registry, compute.as_ref())?;
     if parsed.parallel.balance == "time" && parsed.parallel.layer_costs.is_none() {
         // Measured once here, so that every worker cuts the model the same way.
