@@ -340,10 +340,14 @@ impl Registry {
     pub fn compute_for_kind(&self, kind: &str) -> Result<String, HostError> {
         let library = match self.provider(PluginKind::Model, kind) {
             Err(HostError::Missing { available, searched, unusable, .. }) => {
+                let mut kinds: Vec<&str> = available.split(", ").collect();
+                kinds.sort_unstable();
+                kinds.dedup();
+                let available = kinds.join(", ");
                 return Err(HostError::Job(format!(
                     "key `model.kind`: unknown model kind `{kind}` (kinds loaded: {available}); searched \
                      {searched}{unusable}"
-                )))
+                )));
             }
             found => found?,
         };
