@@ -280,7 +280,7 @@ pub fn check(file: &Path, cases: u64, worlds: &[usize], seed: u64) -> Result<Vec
                 record(
                     provided.kind,
                     name,
-                    "seeded init, gradients, pieces equal the whole".into(),
+                    "seeded init, gradients, pieces, transformers layout".into(),
                     start,
                     r,
                 );

@@ -2,7 +2,8 @@
 //! function of the seed; gradients are the loss's derivatives (against central finite
 //! differences); the pieces a pipeline cuts the model into hold exactly the whole
 //! model's parameters and, run stage after stage, give the whole model's loss and
-//! gradients.
+//! gradients; a transformers layout, where the kind has one, covers every parameter
+//! and reads back as the same model.
 
 use sheaf_core::{Batch, ComputeBackend, ModelInfo, ModelInput, ModelSpec, Piece, Samples};
 
@@ -193,11 +194,53 @@ pub fn check_pieces_equal_whole(backend: &dyn ComputeBackend, spec: &ModelSpec, 
     Ok(())
 }
 
+/// (1.5.) A kind with a Hugging Face transformers layout names one tensor per
+/// parameter, no name twice (aliases included), transposes only matrices, and its
+/// `config.json` read back ([`ComputeBackend::hf_model`]) is a model of the same kind
+/// with the same parameters. A kind without a layout (`Unsupported`) passes.
+pub fn check_hf_layout(backend: &dyn ComputeBackend, spec: &ModelSpec) -> Check {
+    let hf = match backend.hf_layout(spec) {
+        Err(sheaf_core::Error::Unsupported(_)) => return Ok(()),
+        Err(e) => return Err(format!("hf_layout: {e}")),
+        Ok(hf) => hf,
+    };
+    let layout = backend.describe(spec).map_err(|e| format!("describe: {e}"))?.layout;
+    if hf.tensors.len() != layout.specs().len() {
+        return Err(format!(
+            "hf_layout names {} tensors for {} parameters",
+            hf.tensors.len(),
+            layout.specs().len()
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (t, p) in hf.tensors.iter().zip(layout.specs()) {
+        for name in std::iter::once(&t.name).chain(&t.aliases) {
+            if !seen.insert(name.clone()) {
+                return Err(format!("hf_layout names `{name}` twice"));
+            }
+        }
+        if t.transposed && p.shape.len() != 2 {
+            return Err(format!("hf_layout stores `{}` of shape {:?} transposed", p.name, p.shape));
+        }
+    }
+    let back =
+        backend.hf_model(&hf.config).map_err(|e| format!("hf_model of hf_layout's config.json: {e}"))?;
+    let again = backend.describe(&back).map_err(|e| format!("describe of hf_model's spec: {e}"))?.layout;
+    if back.kind != spec.kind || again != layout {
+        return Err(format!(
+            "hf_layout's config.json reads back as a `{}` model of other parameters than the `{}` model it came from",
+            back.kind, spec.kind
+        ));
+    }
+    Ok(())
+}
+
 /// Every compute law for one model spec.
 pub fn check_all(backend: &dyn ComputeBackend, spec: &ModelSpec, seed: u64) -> Check {
     check_deterministic_init(backend, spec)?;
     check_gradients(backend, spec, seed)?;
-    check_pieces_equal_whole(backend, spec, seed)
+    check_pieces_equal_whole(backend, spec, seed)?;
+    check_hf_layout(backend, spec)
 }
 
 #[cfg(test)]
@@ -252,6 +295,8 @@ mod tests {
 
     struct Backend {
         skew: f32,
+        /// Tensors `hf_layout` names (none: no layout).
+        hf: Option<Vec<sheaf_core::HfTensor>>,
     }
 
     fn info() -> ModelInfo {
@@ -277,14 +322,40 @@ mod tests {
             let w = (0..6).map(|_| g.next_f32() - 0.5).collect();
             Ok(Box::new(Linear { layout: info().layout, w, skew: self.skew }))
         }
+        fn hf_layout(&self, _spec: &ModelSpec) -> Result<sheaf_core::HfLayout> {
+            match &self.hf {
+                Some(tensors) => Ok(sheaf_core::HfLayout { config: "{}".into(), tensors: tensors.clone() }),
+                None => Err(sheaf_core::Error::Unsupported("no layout".into())),
+            }
+        }
+        fn hf_model(&self, _config: &str) -> Result<ModelSpec> {
+            Ok(tiny_spec("linear"))
+        }
+    }
+
+    fn tensor(name: &str, transposed: bool) -> sheaf_core::HfTensor {
+        sheaf_core::HfTensor { name: name.into(), aliases: vec![], transposed }
+    }
+
+    /// A layout covering the one matrix passes, stored either way; none passes; one
+    /// that names two tensors for one parameter fails.
+    #[test]
+    fn the_hf_law_holds_layouts_to_the_parameters() {
+        let spec = tiny_spec("linear");
+        for hf in [None, Some(vec![tensor("w", false)]), Some(vec![tensor("w", true)])] {
+            check_hf_layout(&Backend { skew: 1.0, hf }, &spec).unwrap();
+        }
+        let two = Backend { skew: 1.0, hf: Some(vec![tensor("w", false), tensor("b", false)]) };
+        let e = check_hf_layout(&two, &spec).unwrap_err();
+        assert!(e.contains("2 tensors for 1 parameters"), "{e}");
     }
 
     /// The laws hold for a right model and catch a gradient 10% off.
     #[test]
     fn the_gradient_law_catches_a_wrong_gradient() {
         let spec = tiny_spec("linear");
-        check_all(&Backend { skew: 1.0 }, &spec, 3).unwrap();
-        let e = check_gradients(&Backend { skew: 1.1 }, &spec, 3).unwrap_err();
+        check_all(&Backend { skew: 1.0, hf: None }, &spec, 3).unwrap();
+        let e = check_gradients(&Backend { skew: 1.1, hf: None }, &spec, 3).unwrap_err();
         assert!(e.contains("central difference"), "{e}");
     }
 }
