@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use crate::{Error, Piece, Result};
+use crate::{Error, HfLayout, Piece, Result};
 
 /// A model to build: its kind (`"mlp"`, `"gpt"`, ...) and the kind's own settings
 /// as a JSON object, which only the compute plugin providing the kind interprets (and
@@ -709,29 +709,6 @@ pub trait ComputeBackend: Send + Sync {
             self.device()
         )))
     }
-}
-
-/// (1.5.) A model as transformers saves it: its `config.json`, and for each
-/// parameter of the model's [`ParamLayout`], in that order, its tensor's name in
-/// `model.safetensors`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HfLayout {
-    /// `config.json` (a JSON object).
-    pub config: String,
-    pub tensors: Vec<HfTensor>,
-}
-
-/// (1.5.) Where one parameter goes in a transformers checkpoint.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HfTensor {
-    /// The tensor's name there.
-    pub name: String,
-    /// Other names a file may hold it under (a base model's, saved without the
-    /// head's prefix), tried in order when `name` is missing.
-    pub aliases: Vec<String>,
-    /// Stored transposed (`[in, out]`: GPT-2's `Conv1D`) rather than as the
-    /// parameter's `[out, in]`.
-    pub transposed: bool,
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod compute;
 mod deadline;
 mod dtype;
 mod error;
+mod hf;
 mod optim;
 mod partition;
 mod piece;
@@ -23,12 +24,13 @@ mod strategy;
 
 pub use comm::{check_link_peer, chunk_range, Communicator, Link, Tag, TagClass, MAX_USER_TAG};
 pub use compute::{
-    Batch, Block, ComputeBackend, Dataset, HfLayout, HfTensor, Model, ModelInfo, ModelInput, ModelSpec,
-    ParamLayout, ParamShard, ParamSpec, PieceLayout, Samples, ShardSource,
+    Batch, Block, ComputeBackend, Dataset, Model, ModelInfo, ModelInput, ModelSpec, ParamLayout, ParamShard,
+    ParamSpec, PieceLayout, Samples, ShardSource,
 };
 pub use deadline::Deadline;
 pub use dtype::{DType, ReduceOp};
 pub use error::{CommError, Error, Op, Result};
+pub use hf::{HfLayout, HfTensor};
 pub use optim::{OptimState, Optimizer, Param, StateViews};
 pub use partition::{DataPartitioner, ModelPartitioner};
 pub use piece::Piece;
