@@ -101,38 +101,41 @@ pub fn prepare_in_blocks(
     }
     let file = File::open(input).map_err(io_err(input))?;
     let total = file.metadata().map_err(io_err(input))?.len();
-    let cut = ((1.0 - val_fraction) * total as f64).floor() as u64;
+    // Where the validation split is to begin (at the first boundary at or after it).
+    let cut = (val_fraction > 0.0).then(|| ((1.0 - val_fraction) * total as f64).floor() as u64);
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     // A directory being written again is not whole until its new meta.json is there.
     let meta_path = out.join("meta.json");
     if meta_path.exists() {
         std::fs::remove_file(&meta_path).map_err(io_err(&meta_path))?;
     }
-    let part = |name: &str| out.join(format!("{name}.partial"));
-    let written = write_splits(file, input, tokenizer, out, cut, val_fraction > 0.0, block_bytes, progress);
+    let written = write_splits(file, total, cut, input, tokenizer, out, block_bytes, progress);
     if written.is_err() {
         for name in ["train.bin", "val.bin", "meta.json"] {
-            let _ = std::fs::remove_file(part(name));
+            let _ = std::fs::remove_file(partial(out, name));
         }
     }
     written
 }
 
+/// Where `name` is written in `out` until it is whole.
+fn partial(out: &Path, name: &str) -> PathBuf {
+    out.join(format!("{name}.partial"))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn write_splits(
     file: File,
+    total: u64,
+    cut: Option<u64>,
     input: &Path,
     tokenizer: Tokenizer,
     out: &Path,
-    cut: u64,
-    split: bool,
     block_bytes: usize,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Meta> {
-    let total = file.metadata().map_err(io_err(input))?.len();
-    let part = |name: &str| out.join(format!("{name}.partial"));
-    let mut train = Sink::create(part("train.bin"))?;
-    let mut val = Sink::create(part("val.bin"))?;
+    let mut train = Sink::create(partial(out, "train.bin"))?;
+    let mut val = Sink::create(partial(out, "val.bin"))?;
 
     let threads = rayon::current_num_threads().max(1);
     let mut blocks = Blocks {
@@ -141,8 +144,8 @@ fn write_splits(
         pending: Vec::new(),
         offset: 0,
         eof: false,
-        cut: split.then_some(cut),
-        in_val: split && cut == 0,
+        cut,
+        in_val: cut == Some(0),
         block_bytes,
     };
     loop {
@@ -186,7 +189,7 @@ fn write_splits(
     train.finish(&out.join("train.bin"))?;
     val.finish(&out.join("val.bin"))?;
     let text = serde_json::to_string_pretty(&meta).expect("meta serializes");
-    let meta_part = part("meta.json");
+    let meta_part = partial(out, "meta.json");
     std::fs::write(&meta_part, text + "\n").map_err(io_err(&meta_part))?;
     std::fs::rename(&meta_part, out.join("meta.json")).map_err(io_err(out))?;
     Ok(meta)

@@ -171,7 +171,7 @@ fn gpt2_tokenizer_files_encode_as_tiktoken() {
     assert_eq!(merges[0], ("\u{120}".to_string(), "t".to_string()), "GPT-2's first merge is `Ġ t`");
     let order: std::collections::HashMap<(String, String), usize> =
         merges.iter().cloned().enumerate().map(|(i, m)| (m, i)).collect();
-    let chars = super::tokenizer::tests_byte_chars();
+    let chars = super::tokenizer::byte_chars();
     for piece in
         [" the", "Hello", " world", "\n\n", " Shakespeare", "ROMEO", " thou", "'s", " 1937", " naïve", "!?"]
     {

@@ -78,7 +78,7 @@ impl Tokenizer {
 
 /// GPT-2's map from bytes to printable characters, which its `vocab.json` and
 /// `merges.txt` spell tokens in (`bytes_to_unicode` of OpenAI's `encoder.py`).
-fn byte_chars() -> [char; 256] {
+pub(crate) fn byte_chars() -> [char; 256] {
     let printable: Vec<u32> =
         (u32::from(b'!')..=u32::from(b'~')).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
     let mut out = ['\0'; 256];
@@ -153,10 +153,4 @@ impl Tokenizer {
             ("tokenizer_config.json", serde_json::to_string_pretty(&config).expect("JSON")),
         ])
     }
-}
-
-/// [`byte_chars`], for the tests.
-#[cfg(test)]
-pub(crate) fn tests_byte_chars() -> [char; 256] {
-    byte_chars()
 }
