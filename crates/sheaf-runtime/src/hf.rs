@@ -5,6 +5,7 @@
 //! and laid out there ([`ComputeBackend::hf_layout`], [`ComputeBackend::hf_model`]);
 //! the host moves the tensors and fills the job's `[model]` from `config.json`.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -57,18 +58,20 @@ pub fn export(registry: &Registry, checkpoint: &Path, out: &Path) -> Result<serd
     let info = sheaf_job::data::describe(&trained.job, &spec, registry, compute.as_ref())?;
     let hf = layout_of(compute.as_ref(), &spec, &info.layout)?;
     let params = read_safetensors(&trained.checkpoint, &info.layout)?;
-    let mut owned: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    // Tensors stored as they are borrow the checkpoint's buffer; only transposed ones
+    // are copied.
+    let mut owned: Vec<(String, Vec<usize>, Cow<'_, [f32]>)> = Vec::new();
     for (i, (p, t)) in info.layout.specs().iter().zip(&hf.tensors).enumerate() {
         let values = &params[info.layout.range(i)];
         let (shape, values) = match (t.transposed, p.shape.as_slice()) {
-            (true, &[rows, cols]) => (vec![cols, rows], transpose(values, rows, cols)),
+            (true, &[rows, cols]) => (vec![cols, rows], Cow::Owned(transpose(values, rows, cols))),
             (true, shape) => {
                 return Err(HostError::Data(format!(
                     "Hugging Face layout: `{}` of shape {shape:?} is to be stored transposed, but is not a matrix",
                     p.name
                 )))
             }
-            (false, _) => (p.shape.clone(), values.to_vec()),
+            (false, _) => (p.shape.clone(), Cow::Borrowed(values)),
         };
         owned.push((t.name.clone(), shape, values));
     }
@@ -76,11 +79,7 @@ pub fn export(registry: &Registry, checkpoint: &Path, out: &Path) -> Result<serd
     // transformers reads only files whose metadata says the tensors are PyTorch's.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let file = out.join("model.safetensors");
-    write_safetensors(
-        &file,
-        owned.iter().map(|(n, s, v)| (n.as_str(), s.clone(), v.as_slice())),
-        Some(metadata),
-    )?;
+    write_safetensors(&file, owned.iter().map(|(n, s, v)| (n.as_str(), s.clone(), &v[..])), Some(metadata))?;
     write_atomic(&out.join("config.json"), (hf.config.clone() + "\n").as_bytes())?;
     // A tokenizer's run: its files too, so transformers' AutoTokenizer opens the
     // directory as well.
@@ -108,8 +107,7 @@ pub fn fill_model(job: &mut Job, dir: &Path, registry: &Registry) -> Result<(), 
     let text = std::fs::read_to_string(&path).map_err(|e| HostError::io(&path, e))?;
     // The library that reads config.json: the one providing the job's kind, or the
     // backend the job names.
-    let backend = job.compute.backend_for(&job.model.kind, registry)?;
-    let compute = registry.compute(&backend, &serde_json::json!({ "device": "cpu" }).to_string())?;
+    let compute = crate::trained::cpu_compute(job, registry)?;
     let spec = compute
         .hf_model(&text)
         .map_err(|e| HostError::Usage(format!("--init-from {}: {e}", dir.display())))?;

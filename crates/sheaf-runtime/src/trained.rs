@@ -15,6 +15,13 @@ pub(crate) fn data_err(path: &Path, detail: impl std::fmt::Display) -> HostError
     HostError::Data(format!("{}: {detail}", path.display()))
 }
 
+/// `job`'s compute backend (the one building its kind, or the one it names), on the
+/// CPU: what reads a trained model back, whatever device trained it.
+pub(crate) fn cpu_compute(job: &Job, registry: &Registry) -> Result<Box<dyn ComputeBackend>, HostError> {
+    let backend = job.compute.backend_for(&job.model.kind, registry)?;
+    registry.compute(&backend, &serde_json::json!({ "device": "cpu" }).to_string())
+}
+
 /// A run's checkpoint and what was read beside it.
 pub struct Trained {
     pub checkpoint: PathBuf,
@@ -51,8 +58,7 @@ impl Trained {
 
     /// The job's compute backend, on the CPU.
     pub fn compute(&self, registry: &Registry) -> Result<Box<dyn ComputeBackend>, HostError> {
-        let backend = self.job.compute.backend_for(&self.job.model.kind, registry)?;
-        registry.compute(&backend, &serde_json::json!({ "device": "cpu" }).to_string())
+        cpu_compute(&self.job, registry)
     }
 
     /// The model of `spec` with the checkpoint's parameters.
