@@ -253,6 +253,8 @@ impl Registry {
                     .filter(|x| x.kind == kind)
                     .map(|x| x.name.clone())
                     .collect();
+                // In order, and each once though several libraries provide it.
+                available.sort();
                 available.dedup();
                 let mut unusable: Vec<String> =
                     self.failed.iter().map(|(_, e)| format!("failed to load {e}")).collect();
@@ -340,10 +342,6 @@ impl Registry {
     pub fn compute_for_kind(&self, kind: &str) -> Result<String, HostError> {
         let library = match self.provider(PluginKind::Model, kind) {
             Err(HostError::Missing { available, searched, unusable, .. }) => {
-                let mut kinds: Vec<&str> = available.split(", ").collect();
-                kinds.sort_unstable();
-                kinds.dedup();
-                let available = kinds.join(", ");
                 return Err(HostError::Job(format!(
                     "key `model.kind`: unknown model kind `{kind}` (kinds loaded: {available}); searched \
                      {searched}{unusable}"
