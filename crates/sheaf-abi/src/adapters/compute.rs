@@ -70,18 +70,7 @@ where
     }
     fn hf_layout(&self, spec: AbiModelSpec) -> RResult<AbiHfLayout, AbiError> {
         guard(self.plugin, "compute hf_layout", || {
-            let HfLayout { config, tensors } = self.inner.hf_layout(&spec_from_abi(&spec)?)?;
-            Ok(AbiHfLayout {
-                config: config.into(),
-                tensors: tensors
-                    .into_iter()
-                    .map(|t| AbiHfTensor {
-                        name: t.name.into(),
-                        aliases: t.aliases.into_iter().map(RString::from).collect(),
-                        transposed: t.transposed,
-                    })
-                    .collect(),
-            })
+            Ok(hf_layout_to_abi(self.inner.hf_layout(&spec_from_abi(&spec)?)?))
         })
     }
     fn hf_model(&self, config_json: RString) -> RResult<AbiModelSpec, AbiError> {
@@ -137,18 +126,7 @@ impl ComputeBackend for LoadedCompute {
         piece_layout_from_abi(&self.inner.piece_layout(spec_to_abi(spec), piece_to_abi(piece)).into_result()?)
     }
     fn hf_layout(&self, spec: &ModelSpec) -> Result<HfLayout> {
-        let AbiHfLayout { config, tensors } = self.inner.hf_layout(spec_to_abi(spec)).into_result()?;
-        Ok(HfLayout {
-            config: config.into_string(),
-            tensors: tensors
-                .into_iter()
-                .map(|t| HfTensor {
-                    name: t.name.into_string(),
-                    aliases: t.aliases.into_iter().map(RString::into_string).collect(),
-                    transposed: t.transposed,
-                })
-                .collect(),
-        })
+        Ok(hf_layout_from_abi(self.inner.hf_layout(spec_to_abi(spec)).into_result()?))
     }
     fn hf_model(&self, config_json: &str) -> Result<ModelSpec> {
         spec_from_abi(&self.inner.hf_model(config_json.into()).into_result()?)

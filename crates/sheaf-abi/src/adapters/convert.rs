@@ -146,6 +146,36 @@ pub(crate) fn info_from_abi(i: &AbiModelInfo) -> Result<ModelInfo> {
     })
 }
 
+pub(crate) fn hf_layout_to_abi(l: HfLayout) -> AbiHfLayout {
+    AbiHfLayout {
+        config: l.config.into(),
+        tensors: l
+            .tensors
+            .into_iter()
+            .map(|t| AbiHfTensor {
+                name: t.name.into(),
+                aliases: t.aliases.into_iter().map(RString::from).collect(),
+                transposed: t.transposed,
+            })
+            .collect(),
+    }
+}
+
+pub(crate) fn hf_layout_from_abi(l: AbiHfLayout) -> HfLayout {
+    HfLayout {
+        config: l.config.into_string(),
+        tensors: l
+            .tensors
+            .into_iter()
+            .map(|t| HfTensor {
+                name: t.name.into_string(),
+                aliases: t.aliases.into_iter().map(RString::into_string).collect(),
+                transposed: t.transposed,
+            })
+            .collect(),
+    }
+}
+
 pub(crate) fn piece_layout_to_abi(p: &PieceLayout) -> AbiPieceLayout {
     AbiPieceLayout {
         layout: layout_to_abi(&p.layout),
